@@ -1,0 +1,5 @@
+"""``python -m enforcer`` runs the command line."""
+
+from enforcer.cli import main
+
+raise SystemExit(main())
