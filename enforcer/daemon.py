@@ -1,0 +1,278 @@
+"""Lifecycle of the running enforcer: start in order, serve, reload, stop cleanly.
+
+Start-up order: config and definitions (fatal if invalid) -> certificates -> session
+store -> flow log -> IdP discovery (in the background, retried; ``/readyz`` waits for
+it) -> TLS listener -> admin listener.  SIGHUP reopens the flow log and reloads the
+definitions (the old set stays if the new one is invalid); SIGTERM/SIGINT stop
+accepting, drain in-flight requests, flush the flow log and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from enforcer import certs, config, listener, oidc, proxy
+from enforcer import session as sessions
+from enforcer.flowlog import FlowLog
+from enforcer.handler import Gate, Runtime
+from enforcer.metrics import Metrics
+
+log = logging.getLogger("enforcer.daemon")
+
+DRAIN_SECONDS = 20.0
+
+
+def build_providers(
+    definitions: config.Definitions,
+    settings: config.Settings,
+    http: aiohttp.ClientSession,
+    previous: dict[str, oidc.Provider] | None = None,
+) -> dict[str, oidc.Provider]:
+    """One Provider per (issuer, CA file); reused across reloads to keep caches."""
+    s = settings.model.oidc
+    shared: dict[tuple[str, str | None], oidc.Provider] = {}
+    for p in (previous or {}).values():
+        shared[(p.issuer, getattr(p, "_ca_key", None))] = p
+    out: dict[str, oidc.Provider] = {}
+    for svc in definitions.services:
+        ca = svc.idp_ca_file or s.caFile
+        key = (svc.issuer, str(ca) if ca else None)
+        provider = shared.get(key)
+        if provider is None:
+            provider = oidc.Provider(
+                issuer=svc.issuer,
+                http=http,
+                ssl_context=oidc.client_ssl_context(str(ca) if ca else None),
+                timeout=s.httpTimeout,
+                allow_http_loopback=s.allowHttpLoopbackIssuer,
+                jwks_refresh_interval=s.jwksRefreshInterval,
+            )
+            provider._ca_key = key[1]  # type: ignore[attr-defined]
+            shared[key] = provider
+        out[svc.name] = provider
+    return out
+
+
+def build_tls(definitions: config.Definitions, store: certs.CertStore) -> ssl.SSLContext:
+    """Certificates for every host (operator-supplied ones win) and the SNI context."""
+    leaves: dict[str, certs.LeafPaths] = {}
+    for svc in definitions.services:
+        if svc.tls is not None:
+            leaf = store.operator_leaf(svc.tls.cert, svc.tls.key)
+        else:
+            leaf = store.ensure_leaf(svc.name, list(svc.hosts))
+        for h in svc.hosts:
+            leaves[h] = leaf
+    default = definitions.services[0].hosts[0] if definitions.services else None
+    return listener.server_ssl_context(leaves, default)
+
+
+@dataclass
+class Daemon:
+    """The running enforcer and everything it owns."""
+
+    settings: config.Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    ready: bool = False
+    listen_port: int = 0
+    admin_port: int = 0
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def run(self, *, on_ready: asyncio.Future[None] | None = None) -> int:
+        """Serve until SIGTERM/SIGINT (or :meth:`stop`); returns the exit code."""
+        s = self.settings.model
+        definitions = config.load_definitions(self.settings)
+        for w in definitions.warnings:
+            log.warning("%s", w)
+        s.stateDir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cert_store = certs.CertStore(s.stateDir)
+        ssl_ctx = build_tls(definitions, cert_store)
+        if s.sessions.store == "sqlite":
+            store: sessions.SessionStore = sessions.SQLiteSessionStore(
+                s.stateDir / "sessions.db", idle_timeout=s.sessions.idleTimeout, max_sessions=s.sessions.maxSessions
+            )
+        else:
+            store = sessions.MemorySessionStore(idle_timeout=s.sessions.idleTimeout, max_sessions=s.sessions.maxSessions)
+        flowlog = FlowLog(
+            self.settings.flow_log,
+            on_dropped=self.metrics.flowlog_dropped.inc,
+            on_write_error=self.metrics.flowlog_write_errors.inc,
+        )
+        http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            headers={"User-Agent": "enforcer"},
+        )
+        upstream = proxy.Upstream(
+            connect_timeout=s.limits.upstreamConnectTimeout,
+            read_timeout=s.limits.upstreamReadTimeout,
+            max_body=s.limits.maxBodyBytes,
+        )
+        runtime = Runtime(definitions, build_providers(definitions, self.settings, http))
+        sock = listener.make_listen_socket(s.listen.address, s.listen.port)
+        self.listen_port = sock.getsockname()[1]
+        gate = Gate(
+            settings=self.settings, runtime=runtime, store=store, flowlog=flowlog,
+            metrics=self.metrics, upstream=upstream, listen_port=self.listen_port,
+        )
+        self.gate = gate
+        server = web.Server(
+            gate.handle,
+            keepalive_timeout=s.limits.idleTimeout,
+            max_line_size=8190,
+            max_field_size=8190,
+            max_headers=100,
+            lingering_time=5.0,
+            auto_decompress=False,
+            access_log=None,
+        )
+        loop = asyncio.get_running_loop()
+        self._spawn(flowlog.run(), "flowlog")
+        self._spawn(self._warm_up(runtime), "discovery")
+        self._spawn(self._housekeeping(store), "housekeeping")
+        tls_server = await loop.create_server(server, sock=sock, ssl=ssl_ctx, ssl_handshake_timeout=10.0, backlog=1024)
+        admin = await self._start_admin(runtime)
+        self._install_signals(loop, flowlog)
+        self.metrics.services.set(len(definitions.services))
+        log.info(
+            "enforcer listening on %s port %d for %d service(s): %s",
+            s.listen.address, self.listen_port, len(definitions.services),
+            ", ".join(f"{svc.name} ({', '.join(svc.hosts)})" for svc in definitions.services) or "none",
+        )
+        if on_ready is not None and not on_ready.done():
+            on_ready.set_result(None)
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("stopping: draining in-flight requests (up to %.0f s)", DRAIN_SECONDS)
+            tls_server.close()
+            await server.shutdown(DRAIN_SECONDS)
+            with contextlib.suppress(Exception):
+                await tls_server.wait_closed()
+            await admin.cleanup()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await flowlog.close()
+            await upstream.close()
+            await http.close()
+            await store.close()
+            log.info("stopped")
+        return 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop, flowlog: FlowLog) -> None:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGTERM, self.stop)
+            loop.add_signal_handler(signal.SIGINT, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._on_hup(flowlog))
+
+    def _on_hup(self, flowlog: FlowLog) -> None:
+        flowlog.reopen()
+        self.reload()
+
+    def reload(self) -> bool:
+        """Re-read the definitions; keep the old set if the new one is invalid."""
+        try:
+            definitions = config.load_definitions(self.settings)
+        except config.ConfigError as exc:
+            log.error("reload rejected, keeping the current definitions:\n%s", exc)
+            self.metrics.reloads.labels("rejected").inc()
+            return False
+        old = self.gate.runtime
+        http = next(iter(old.providers.values())).http if old.providers else None
+        if http is None:
+            log.error("reload needs a restart (no IdP client yet)")
+            return False
+        self.gate.runtime = Runtime(definitions, build_providers(definitions, self.settings, http, old.providers))
+        self.metrics.reloads.labels("success").inc()
+        self.metrics.services.set(len(definitions.services))
+        log.info("reloaded definitions: %d service(s)", len(definitions.services))
+        return True
+
+    async def _warm_up(self, runtime: Runtime) -> None:
+        """Discover every IdP (retrying with backoff) so /readyz can report readiness."""
+        delay = 1.0
+        while True:
+            pending = []
+            for name, provider in runtime.providers.items():
+                try:
+                    await provider.discover()
+                except oidc.OIDCError as exc:
+                    pending.append(name)
+                    log.warning("service %s: identity provider not ready: %s", name, exc)
+            if not pending:
+                self.ready = True
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+
+    async def _housekeeping(self, store: sessions.SessionStore) -> None:
+        while True:
+            await asyncio.sleep(60)
+            try:
+                await store.purge_expired(time.time())
+                self.metrics.sessions.set(await store.count())
+            except Exception:  # keep serving even if the store hiccups
+                log.exception("session housekeeping failed")
+
+    async def _start_admin(self, runtime: Runtime) -> web.AppRunner:
+        s = self.settings.model.admin
+        app = web.Application()
+
+        async def metrics(_: web.Request) -> web.Response:
+            body, ctype = self.metrics.render()
+            return web.Response(body=body, headers={"Content-Type": ctype})
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response({"status": "ok"})
+
+        async def readyz(_: web.Request) -> web.Response:
+            providers = self.gate.runtime.providers
+            problems = {n: p.last_error or "discovery pending" for n, p in providers.items() if p.metadata is None}
+            ok = self.ready and not problems
+            return web.json_response({"ready": ok, "problems": problems}, status=200 if ok else 503)
+
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        family = socket.AF_INET6 if ":" in s.address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((s.address, s.port))
+        self.admin_port = sock.getsockname()[1]
+        site = web.SockSite(runner, sock)
+        await site.start()
+        return runner
+
+
+def run_forever(config_path: Path) -> int:
+    """Entry point of ``enforcer run``."""
+    settings = config.load_settings(config_path)
+    try:
+        import uvloop  # noqa: PLC0415  (optional speed-up)
+    except ImportError:  # pragma: no cover
+        return asyncio.run(Daemon(settings).run())
+    return uvloop.run(Daemon(settings).run())

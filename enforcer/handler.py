@@ -1,0 +1,498 @@
+"""The request path, top to bottom: route -> canonicalise -> identify -> decide -> act.
+
+:meth:`Gate.handle` is the one function every request goes through; it writes exactly
+one flow record per request whatever happens (including 400s and crashes, which fail
+closed with a 500 that reaches nothing).  The OpenID Connect callback and logout
+endpoints are handled here too, as explicit steps calling into ``oidc`` and ``session``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import logging
+import secrets
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from enforcer import oidc, pages, policy, proxy
+from enforcer import session as sessions
+from enforcer.config import Definitions, Service, Settings, normalise_host
+from enforcer.flowlog import FlowLog, FlowRecord
+from enforcer.listener import sni_of
+from enforcer.metrics import Metrics
+
+log = logging.getLogger("enforcer.handler")
+
+TX_COOKIE_PREFIX = "__Host-enforcertx-"
+MAX_PENDING_PER_BROWSER = 5
+MAX_RETURN_TO = 2048
+MAX_CALLBACK_QUERY = 8192
+FORBIDDEN_METHODS = frozenset({"TRACE", "TRACK", "CONNECT"})
+
+
+@dataclass
+class Runtime:
+    """Everything derived from one definitions set; replaced as a whole on reload."""
+
+    definitions: Definitions
+    providers: dict[str, oidc.Provider]  # by service name
+    by_host: dict[str, Service] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.by_host = self.definitions.by_host()
+
+
+def is_api_request(headers: web.BaseRequest) -> bool:
+    """mod_auth_openidc's heuristics: who must get a 401 instead of a redirect."""
+    h = headers.headers
+    if "X-Requested-With" in h or "Upgrade" in h:
+        return True
+    mode = h.get("Sec-Fetch-Mode")
+    if mode is not None and mode != "navigate":
+        return True
+    dest = h.get("Sec-Fetch-Dest")
+    if dest is not None and dest not in ("document", ""):
+        return True
+    accept = h.get("Accept", "*/*").lower()
+    return not any(t in accept for t in ("text/html", "application/xhtml+xml", "*/*"))
+
+
+def _split_host(value: str) -> tuple[str, int | None] | None:
+    """``Host`` header -> (normalised host, port or None); None if malformed."""
+    if not value or any(c in value for c in " \t,@/\\?#"):
+        return None
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return None
+        host, rest = value[: end + 1], value[end + 1 :]
+    else:
+        host, _, port_text = value.partition(":")
+        rest = ":" + port_text if _ else ""
+    port: int | None = None
+    if rest:
+        if not rest.startswith(":") or not rest[1:].isdigit() or len(rest) > 6 or rest[1] == "0":
+            return None
+        port = int(rest[1:])
+    return normalise_host(host), port
+
+
+class Gate:
+    """Decides and acts on every request arriving at the TLS listener."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        runtime: Runtime,
+        store: sessions.SessionStore,
+        flowlog: FlowLog,
+        metrics: Metrics,
+        upstream: proxy.Upstream,
+        listen_port: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.store = store
+        self.flowlog = flowlog
+        self.metrics = metrics
+        self.upstream = upstream
+        self.listen_port = listen_port
+        self.clock = clock
+        s = settings.model
+        self.transactions = oidc.TransactionStore(ttl=s.oidc.loginTimeout)
+        self.absolute_timeout = s.sessions.absoluteTimeout
+        self.max_body = s.limits.maxBodyBytes
+        self._callback_inflight: set[str] = set()
+
+    # ------------------------------------------------------------------ entry
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Handle one request; exactly one flow record is written, whatever happens."""
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        client_ip = str(peer[0]) if peer else "-"
+        flow = FlowRecord.begin(
+            client=f"{client_ip}:{peer[1]}" if peer else "-",
+            sni=sni_of(ssl_object),
+            host=request.headers.get("Host"),
+            method=request.method,
+            path="-",
+            now=self.clock(),
+            tls_version=ssl_object.version() if ssl_object is not None else None,
+            user_agent=request.headers.get("User-Agent"),
+        )
+        response: web.StreamResponse | None = None
+        try:
+            response = await self._handle(request, flow, client_ip)
+            return response
+        except proxy.UpstreamError as exc:
+            flow.record(decision="error", reason=f"upstream_{exc.kind}", endpoint=flow.endpoint, user=flow.user)
+            if flow.service:
+                self.metrics.upstream_errors.labels(flow.service, exc.kind).inc()
+            response = pages.error_page(exc.status, f"upstream_{exc.kind}", flow.flow_id,
+                                        message="The application did not answer properly.")
+            return response
+        except Exception:
+            log.exception("internal error in flow %s", flow.flow_id)
+            flow.record(decision="error", reason="internal_error")
+            response = pages.error_page(500, "internal_error", flow.flow_id, close=True)
+            return response
+        finally:
+            status = response.status if response is not None else None
+            if flow.upstream_status is None and flow.decision == "allow":
+                flow.upstream_status = status
+            self.flowlog.write(flow.finish(now=self.clock(), status=status))
+            self.metrics.observe_flow(flow)
+
+    async def _handle(self, request: web.BaseRequest, flow: FlowRecord, client_ip: str) -> web.StreamResponse:
+        # 1. framing the HTTP parser cannot see: names with '_', odd methods, Host
+        for name in request.headers:
+            if "_" in name:
+                flow.record(decision="bad_request", reason="underscore_header")
+                return pages.plain_close(400, "header names with '_' are not accepted")
+        if request.method in FORBIDDEN_METHODS:
+            flow.record(decision="bad_request", reason="method_not_supported")
+            return pages.plain_close(405, "method not supported")
+        hosts = request.headers.getall("Host", [])
+        if len(hosts) != 1 and request.version >= (1, 1):
+            flow.record(decision="bad_request", reason="bad_host")
+            return pages.plain_close(400, "exactly one Host header is required")
+        raw_target = request.raw_path
+        host_value = hosts[0] if hosts else ""
+        if not raw_target.startswith("/"):
+            if raw_target == "*" and request.method == "OPTIONS":
+                flow.record(decision="bad_request", reason="asterisk_form")
+                return web.Response(status=200, headers={"Allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS", "Content-Length": "0"})
+            absolute = urllib.parse.urlsplit(raw_target)
+            if absolute.scheme.lower() != "https" or not absolute.netloc:
+                flow.record(decision="bad_request", reason="bad_target")
+                return pages.plain_close(400, "bad request target")
+            host_value = absolute.netloc
+            raw_target = urllib.parse.urlunsplit(("", "", absolute.path or "/", absolute.query, ""))
+
+        # 2. which service: SNI and Host must agree
+        split = _split_host(host_value)
+        if split is None:
+            flow.record(decision="bad_request", reason="bad_host")
+            return pages.plain_close(400, "malformed Host header")
+        host, port = split
+        runtime = self.runtime
+        service = runtime.by_host.get(host)
+        if service is None or (port is not None and port not in (service.exposed_port, self.listen_port)):
+            flow.record(decision="bad_request", reason="unknown_host")
+            return pages.plain_close(421, "this host is not served here")
+        if flow.sni is not None and runtime.by_host.get(flow.sni) is not service:
+            flow.record(decision="bad_request", reason="sni_host_mismatch")
+            return pages.plain_close(421, "TLS server name and Host do not match")
+        flow.service = service.name
+
+        # 3. one canonical path: logged, matched and forwarded
+        try:
+            path, query = policy.canonical_path(raw_target)
+        except policy.PathError as exc:
+            flow.record(decision="bad_request", reason=exc.code)
+            return pages.plain_close(exc.status, f"bad request target ({exc.code})")
+        flow.path = path
+        if request.content_length is not None and request.content_length > self.max_body:
+            flow.record(decision="bad_request", reason="body_too_large")
+            return pages.plain_close(413, "request body too large")
+
+        # 4. the enforcer's own endpoints
+        if path == service.callback_path:
+            return await self._callback(request, flow, service, query)
+        if path == service.logout_path:
+            return await self._logout(request, flow, service)
+
+        # 5. who is asking
+        now = self.clock()
+        identity = await self._session(request, service, now)
+        tags = identity.tags if identity is not None else None
+        if identity is not None:
+            flow.user, flow.email = identity.sub, identity.email
+
+        # 6. decide
+        decision = policy.decide(request.method, path, tags, service.table)
+        endpoint = decision.endpoint.rule if decision.endpoint else None
+        if decision.verdict is policy.Verdict.LOGIN:
+            flow.record(decision="login", reason=decision.reason.value, endpoint=endpoint)
+            return await self._begin_login(request, flow, service, path, query)
+        if decision.verdict is policy.Verdict.DENY:
+            flow.record(decision="deny", reason=decision.reason.value, endpoint=endpoint)
+            return self._close_if_body(request, pages.error_page(
+                403, decision.reason.value, flow.flow_id,
+                message="You are signed in, but this request is not allowed for you.",
+                would_allow=decision.would_allow, missing=decision.missing,
+            ))
+        flow.record(decision="allow", reason=decision.reason.value, endpoint=endpoint)
+
+        # 7. forward
+        identity_headers: dict[str, str] = {}
+        names = service.identity_headers
+        if identity is not None:
+            identity_headers[names.user] = identity.username or identity.sub
+            if identity.email:
+                identity_headers[names.email] = identity.email
+            if names.groups:
+                groups = sorted(t.split("=", 1)[1] for t in identity.tags if t.startswith("groups="))
+                identity_headers[names.groups] = ",".join(groups)
+        websocket = (
+            request.headers.get("Upgrade", "").lower() == "websocket"
+            and "upgrade" in request.headers.get("Connection", "").lower()
+        )
+        headers = proxy.request_headers(
+            request.headers, identity=identity_headers, client_ip=client_ip, host=host_value, websocket=websocket
+        )
+        target = path + ("?" + query if query else "")
+        transfer = proxy.Transfer()
+        try:
+            if websocket:
+                return await self.upstream.websocket(
+                    request, upstream_host=service.upstream_host, port=service.port, target=target,
+                    headers=headers, transfer=transfer,
+                )
+            return await self.upstream.forward(
+                request, upstream_host=service.upstream_host, port=service.port, target=target,
+                headers=headers, public_origin=service.origin, transfer=transfer,
+            )
+        finally:
+            flow.upstream_status = transfer.status
+            flow.upstream_ms = transfer.upstream_ms
+            flow.bytes_in, flow.bytes_out = transfer.bytes_in, transfer.bytes_out
+            if transfer.upstream_ms is not None:
+                self.metrics.upstream_seconds.labels(service.name).observe(transfer.upstream_ms / 1000)
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _close_if_body(request: web.BaseRequest, response: web.Response) -> web.Response:
+        """A request whose body we will not read must not leave bytes on the connection."""
+        if request.body_exists:
+            response.force_close()
+        return response
+
+    async def _session(self, request: web.BaseRequest, service: Service, now: float) -> sessions.Session | None:
+        found, handle = sessions.find_cookie(request.headers.getall("Cookie", []), sessions.session_cookie_name(service.name))
+        if found is not sessions.CookieLookup.FOUND or handle is None:
+            return None
+        return await self.store.get(handle, service.name, now)
+
+    def _provider(self, service: Service) -> oidc.Provider:
+        return self.runtime.providers[service.name]
+
+    async def _begin_login(
+        self, request: web.BaseRequest, flow: FlowRecord, service: Service, path: str, query: str
+    ) -> web.StreamResponse:
+        """Unauthenticated: a 302 to the IdP for browsers, 401 for API clients."""
+        login_url = service.origin + path
+        if is_api_request(request) or request.method not in ("GET", "HEAD"):
+            resp = pages.json_error(401, "login_required", flow.flow_id, login_url=login_url)
+            return self._close_if_body(request, resp)
+        try:
+            metadata = await self._provider(service).discover()
+        except oidc.OIDCError as exc:
+            flow.record(decision="error", reason="idp_unavailable")
+            log.warning("service %s: cannot start a login: %s", service.name, exc)
+            return pages.error_page(503, "idp_unavailable", flow.flow_id,
+                                    message="The identity provider cannot be reached; try again shortly.")
+        return_to = path + ("?" + query if query else "")
+        if len(return_to) > MAX_RETURN_TO:
+            return_to = "/"
+        now = self.clock()
+        url, txn, binding = oidc.start_login(
+            metadata=metadata, client_id=service.client_id, redirect_uri=service.callback_url,
+            scopes=service.scopes, service=service.name, return_to=return_to, now=now,
+        )
+        self.transactions.add(txn)
+        self.metrics.logins.labels(service.name, "started").inc()
+        cookies = self._expire_old_tx_cookies(request)
+        cookies.append(sessions.set_cookie_header(
+            _tx_cookie_name(txn.state), f"{int(now)}.{binding}", max_age=int(self.transactions.ttl)
+        ))
+        return pages.redirect(url, set_cookies=cookies)
+
+    @staticmethod
+    def _expire_old_tx_cookies(request: web.BaseRequest) -> list[str]:
+        """Keep at most MAX_PENDING_PER_BROWSER pending logins per browser (oldest go)."""
+        pending: list[tuple[int, str]] = []
+        for header in request.headers.getall("Cookie", []):
+            for pair in header.split(";"):
+                name, _, value = pair.strip().partition("=")
+                if name.startswith(TX_COOKIE_PREFIX):
+                    stamp = value.split(".", 1)[0]
+                    pending.append((int(stamp) if stamp.isdigit() else 0, name))
+        pending.sort()
+        excess = len(pending) - (MAX_PENDING_PER_BROWSER - 1)
+        return [sessions.clear_cookie_header(name) for _, name in pending[: max(0, excess)]]
+
+    # ------------------------------------------------------------------ callback
+
+    async def _callback(
+        self, request: web.BaseRequest, flow: FlowRecord, service: Service, query: str
+    ) -> web.StreamResponse:
+        """The IdP sent the browser back: check everything, then create a session."""
+        flow.record(decision="callback", reason="login_failed")
+
+        def fail(code: str, status: int = 400, *, clear: str | None = None, show: str = "") -> web.Response:
+            flow.record(decision="callback", reason=code)
+            self.metrics.logins.labels(service.name, "failure").inc()
+            log.info("login failed for service %s: %s (flow %s)", service.name, code, flow.flow_id)
+            resp = pages.error_page(status, code, flow.flow_id, message=show or "Sign-in did not complete.",
+                                    retry_url=service.origin + "/")
+            if clear:
+                resp.headers.add("Set-Cookie", sessions.clear_cookie_header(clear))
+            return resp
+
+        if request.method != "GET":
+            return self._close_if_body(request, fail("callback_method", 405))
+        if len(query) > MAX_CALLBACK_QUERY:
+            return fail("callback_too_large", 414)
+        try:
+            pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query), max_num_fields=20)
+        except ValueError:
+            return fail("callback_malformed")
+        params: dict[str, str] = {}
+        for k, v in pairs:
+            if k in params:
+                return fail("callback_duplicate_parameter")
+            params[k] = v
+        state = params.get("state")
+        if not state:
+            return fail("callback_no_state")
+        tx_name = _tx_cookie_name(state)
+        now = self.clock()
+        if state in self._callback_inflight:
+            return fail("callback_replayed", clear=None)
+        txn = self.transactions.pop(state, now)
+        if txn is None or txn.service != service.name:
+            return fail("callback_unknown_state", clear=tx_name)
+        found, cookie = sessions.find_cookie(request.headers.getall("Cookie", []), tx_name)
+        binding = cookie.split(".", 1)[1] if cookie and "." in cookie else ""
+        if found is not sessions.CookieLookup.FOUND or not secrets.compare_digest(oidc.binding_hash(binding), txn.binding):
+            return fail("callback_not_bound", clear=tx_name)
+        provider = self._provider(service)
+        metadata = await provider.discover()
+        iss = params.get("iss")
+        if iss is not None and iss != txn.issuer:
+            return fail("callback_iss_mismatch", clear=tx_name)
+        if iss is None and metadata.iss_parameter_supported:
+            return fail("callback_iss_missing", clear=tx_name)
+        if "error" in params:
+            error = params["error"][:64]
+            return fail("idp_error", 403, clear=tx_name,
+                        show=f"The identity provider refused the sign-in ({error}).")
+        code = params.get("code")
+        if not code:
+            return fail("callback_no_code", clear=tx_name)
+        self._callback_inflight.add(state)
+        try:
+            tokens = await provider.exchange_code(
+                code=code, redirect_uri=txn.redirect_uri, code_verifier=txn.code_verifier,
+                client_id=service.client_id, client_secret=service.client_secret,
+            )
+            verified = await provider.verify(tokens.id_token)
+            oidc.check_claims(
+                verified.claims, issuer=txn.issuer, client_id=service.client_id, nonce=txn.nonce,
+                now=self.clock(), leeway=self.settings.model.oidc.leeway,
+                max_age=self.settings.model.oidc.maxIdTokenAge,
+            )
+            oidc.check_at_hash(verified.claims, str(verified.header.get("alg")), tokens.access_token)
+            claims = dict(verified.claims)
+            if tokens.token_type.lower() == "bearer" and oidc.needs_userinfo(service.userinfo, service.scopes, claims):
+                info = await provider.userinfo(tokens.access_token)
+                if info is not None:
+                    if info.get("sub") != claims["sub"]:
+                        raise oidc.OIDCError("userinfo_sub_mismatch", "UserInfo sub differs from the ID token")
+                    for k, v in info.items():
+                        claims.setdefault(k, v)
+            tags = oidc.claims_to_tags(claims)
+        except oidc.OIDCError as exc:
+            return fail(exc.code, 502 if exc.status >= 500 else 400, clear=tx_name)
+        finally:
+            self._callback_inflight.discard(state)
+
+        email = claims.get("email") if claims.get("email_verified") is True else None
+        username = claims.get("preferred_username")
+        now = self.clock()
+        new = sessions.Session(
+            service=service.name, issuer=txn.issuer, sub=claims["sub"],
+            email=email if isinstance(email, str) else None,
+            username=username if isinstance(username, str) else None,
+            tags=tags, sid=claims.get("sid") if isinstance(claims.get("sid"), str) else None,
+            id_token=tokens.id_token, created=now, last_seen=now, expires=now + self.absolute_timeout,
+            refresh_token=tokens.refresh_token,
+        )
+        old_found, old_handle = sessions.find_cookie(
+            request.headers.getall("Cookie", []), sessions.session_cookie_name(service.name)
+        )
+        if old_found is sessions.CookieLookup.FOUND and old_handle:
+            await self.store.delete(old_handle)  # a new handle at each login (no fixation)
+        handle = await self.store.create(new)
+        flow.record(decision="callback", reason="login_success", user=new.sub, email=new.email)
+        self.metrics.logins.labels(service.name, "success").inc()
+        return pages.redirect(
+            service.origin + txn.return_to,
+            set_cookies=[
+                sessions.clear_cookie_header(tx_name),
+                sessions.set_cookie_header(
+                    sessions.session_cookie_name(service.name), handle, max_age=int(self.absolute_timeout)
+                ),
+            ],
+        )
+
+    # ------------------------------------------------------------------ logout
+
+    async def _logout(self, request: web.BaseRequest, flow: FlowRecord, service: Service) -> web.StreamResponse:
+        """End the session here and, when the IdP offers it, at the IdP too."""
+        flow.record(decision="logout", reason="logout")
+        fetch_site = request.headers.get("Sec-Fetch-Site")
+        origin = request.headers.get("Origin")
+        same_site = fetch_site in (None, "same-origin", "none")
+        if request.method == "POST":
+            allowed = fetch_site == "same-origin" or origin == service.origin
+        elif request.method in ("GET", "HEAD"):
+            allowed = same_site and (origin is None or origin == service.origin)
+        else:
+            return pages.plain_close(405, "method not allowed")
+        if not allowed:
+            flow.record(decision="logout", reason="logout_confirm")
+            form = (
+                f"<form method=post action='{html.escape(service.logout_path, quote=True)}'>"
+                "<p>Do you want to sign out?</p><button type=submit>Sign out</button></form>"
+            )
+            return pages.info_page("Sign out", form)
+        cookie_name = sessions.session_cookie_name(service.name)
+        found, handle = sessions.find_cookie(request.headers.getall("Cookie", []), cookie_name)
+        current = None
+        if found is sessions.CookieLookup.FOUND and handle:
+            current = await self.store.get(handle, service.name, self.clock())
+            await self.store.delete(handle)
+        if current is not None:
+            flow.user, flow.email = current.sub, current.email
+        clear = [sessions.clear_cookie_header(cookie_name)]
+        metadata = self._provider(service).metadata
+        if current is not None and metadata is not None and metadata.end_session_endpoint:
+            params = {"client_id": service.client_id, "id_token_hint": current.id_token, "state": secrets.token_urlsafe(16)}
+            if service.post_logout_redirect:
+                params["post_logout_redirect_uri"] = service.post_logout_redirect
+            sep = "&" if "?" in metadata.end_session_endpoint else "?"
+            resp = pages.redirect(metadata.end_session_endpoint + sep + urllib.parse.urlencode(params), set_cookies=clear)
+        else:
+            resp = pages.info_page(
+                "Signed out",
+                "<p>You are signed out of this application.</p>"
+                f"<p><a href='{html.escape(service.origin, quote=True)}/'>Sign in again</a></p>",
+                set_cookies=clear,
+            )
+
+        return resp
+
+
+def _tx_cookie_name(state: str) -> str:
+    return TX_COOKIE_PREFIX + hashlib.sha256(state.encode()).hexdigest()[:16]

@@ -1,0 +1,167 @@
+"""Every Prometheus collector of the enforcer, on one dedicated registry, and the /metrics body.
+
+Label values are bounded: ``service`` comes from the configuration, ``decision`` / ``reason`` /
+``outcome`` / ``kind`` are closed sets of codes. Paths, users, clients and hosts are never
+labels — they belong in the flow log. As a guard against a caller passing free text, label
+values that do not look like a code are reported as ``other`` and the number of distinct
+request label sets is capped.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+if TYPE_CHECKING:
+    from enforcer.flowlog import FlowRecord
+
+__all__ = ["LATENCY_BUCKETS", "Metrics", "label"]
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+"""Seconds: a proxy hop costs well under a millisecond; apps take up to seconds."""
+
+MAX_REQUEST_SERIES = 2000
+"""Distinct (service, decision, reason) sets before new ones are folded into ``other``."""
+
+NO_SERVICE = "none"
+"""Label for requests that matched no service (unknown SNI/Host/destination)."""
+
+OTHER = "other"
+
+_CODE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def label(value: str | None, *, empty: str = NO_SERVICE) -> str:
+    """A safe label value: the code itself, ``empty`` for None/"", ``other`` for free text."""
+    if not value:
+        return empty
+    return value if _CODE_RE.fullmatch(value) else OTHER
+
+
+class Metrics:
+    """The collectors; construct one per daemon (tests make fresh ones)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        """Register every collector on ``registry`` (a new private one by default)."""
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "enforcer_requests",
+            "Requests handled, by service, decision and reason code.",
+            ["service", "decision", "reason"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "enforcer_request_duration_seconds",
+            "Time from request arrival to the end of the response.",
+            ["service"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "enforcer_upstream_duration_seconds",
+            "Time the app took to answer (until response headers).",
+            ["service"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "enforcer_upstream_errors",
+            "Failures talking to the app, by kind (connect, timeout, protocol, reset).",
+            ["service", "kind"],
+            registry=r,
+        )
+        self.logins = Counter(
+            "enforcer_logins",
+            "OpenID Connect logins: started, success, or a failure reason code.",
+            ["service", "outcome"],
+            registry=r,
+        )
+        self.sessions = Gauge("enforcer_sessions", "Live sessions in the store.", registry=r)
+        self.active_connections = Gauge(
+            "enforcer_active_connections", "Client connections currently open.", registry=r
+        )
+        self.reloads = Counter(
+            "enforcer_reloads", "Definition reloads, by outcome.", ["outcome"], registry=r
+        )
+        self.services = Gauge(
+            "enforcer_services", "Services in the active definitions.", registry=r
+        )
+        self.definitions_info = Gauge(
+            "enforcer_definitions_info",
+            "Always 1; the label names the digest of the active definitions.",
+            ["digest"],
+            registry=r,
+        )
+        self.flowlog_dropped = Counter(
+            "enforcer_flowlog_dropped_records",
+            "Flow records lost because the flow-log sink failed for too long.",
+            registry=r,
+        )
+        self.flowlog_write_errors = Counter(
+            "enforcer_flowlog_write_errors", "Failed writes to the flow-log sink.", registry=r
+        )
+        self.jwks_refresh = Counter(
+            "enforcer_jwks_refreshes",
+            "JWKS fetches, by service and outcome.",
+            ["service", "outcome"],
+            registry=r,
+        )
+        self._request_children: dict[tuple[str, str, str], Counter] = {}
+        self._duration_children: dict[str, tuple[Histogram, Histogram]] = {}
+
+    def render(self) -> tuple[bytes, str]:
+        """Body and content type for the /metrics admin endpoint."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def observe_flow(self, record: FlowRecord) -> None:
+        """Count a finished request and observe its durations (cached children: cheap)."""
+        key = (label(record.service), label(record.decision), label(record.reason))
+        counter = self._request_children.get(key)
+        if counter is None:
+            if len(self._request_children) >= MAX_REQUEST_SERIES:
+                key = (key[0], OTHER, OTHER)
+            counter = self.requests.labels(*key)
+            self._request_children.setdefault(key, counter)
+        counter.inc()
+
+        durations = self._duration_children.get(key[0])
+        if durations is None:
+            durations = (
+                self.request_seconds.labels(key[0]),
+                self.upstream_seconds.labels(key[0]),
+            )
+            self._duration_children[key[0]] = durations
+        durations[0].observe(record.duration_ms / 1000.0)
+        if record.upstream_ms is not None:
+            durations[1].observe(record.upstream_ms / 1000.0)
+
+    def set_definitions(self, digest: str, services: int) -> None:
+        """Publish the active definitions (only one digest series exists at a time)."""
+        self.definitions_info.clear()
+        self.definitions_info.labels(digest[:64]).set(1)
+        self.services.set(services)

@@ -1,0 +1,346 @@
+"""Forward an allowed request to the app and stream the answer back.
+
+Header hygiene happens here and only here, in a fixed order: (1) drop hop-by-hop
+headers and every header the client's ``Connection:`` names, (2) drop every client
+copy of an identity or forwarding header (all case variants; names with ``_`` never
+get this far, the handler rejects them), (3) drop the enforcer's own cookies, and only
+then (4) add our ``X-Forwarded-*`` and identity headers.  Bodies are streamed both ways
+through one keep-alive connection pool per app; nothing is buffered whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy, istr
+from yarl import URL
+
+from enforcer import session as sessions
+
+log = logging.getLogger("enforcer.proxy")
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "http2-settings",
+        "expect",
+    }
+)
+
+#: Headers only the enforcer may set towards the app: identity and forwarding data.
+SPOOFABLE = frozenset(
+    {
+        "forwarded",
+        "x-real-ip",
+        "true-client-ip",
+        "client-ip",
+        "x-client-ip",
+        "x-cluster-client-ip",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-host",
+        "x-original-uri",
+        "x-original-method",
+        "x-remote-user",
+        "remote-user",
+        "x-remote-email",
+        "x-remote-group",
+        "x-user",
+        "x-email",
+        "x-username",
+        "x-webauth-user",
+        "x-authenticated-user",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "oidc-access-token",
+        "oidc-id-token",
+    }
+)
+SPOOFABLE_PREFIXES = ("x-forwarded-", "x-auth-request-", "oidc-claim-", "x-oidc-", "x-enforcer-")
+
+CHUNK = 64 * 1024
+
+
+def is_spoofable(name: str, extra: frozenset[str] = frozenset()) -> bool:
+    """True for any header name a client must never be able to send to the app."""
+    n = name.lower().replace("_", "-")
+    return n in SPOOFABLE or n in extra or n.startswith(SPOOFABLE_PREFIXES)
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", []):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def clean_value(value: str) -> str:
+    """A header-safe rendering of an identity value: controls removed, non-ASCII as
+    RFC 3986 percent-encoded UTF-8 (documented for app authors)."""
+    out = []
+    for ch in value:
+        o = ord(ch)
+        if o < 0x20 or o == 0x7F:
+            continue
+        if o < 0x80 and ch != "%":
+            out.append(ch)
+        else:
+            out.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
+    return "".join(out)[:4096]
+
+
+def request_headers(
+    client: CIMultiDictProxy[str],
+    *,
+    identity: Mapping[str, str],
+    client_ip: str,
+    host: str,
+    websocket: bool = False,
+) -> CIMultiDict[str]:
+    """The headers the app receives: the client's, cleaned, then ours."""
+    named = _connection_tokens(client)
+    ours = frozenset(n.lower() for n in identity)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in client.items():
+        low = name.lower()
+        if low in HOP_BY_HOP or low in named or low == "host" or is_spoofable(low, ours):
+            continue
+        if low == "cookie":
+            continue
+        out.add(name, value)
+    cookie = sessions.strip_cookies(client.getall("Cookie", []), _is_enforcer_cookie)
+    if cookie:
+        out["Cookie"] = cookie
+    out["Host"] = host
+    out["X-Forwarded-For"] = client_ip
+    out["X-Forwarded-Proto"] = "https"
+    out["X-Forwarded-Host"] = host
+    for name, value in identity.items():
+        out[name] = clean_value(value)
+    if websocket:
+        out["Connection"] = "Upgrade"
+        out["Upgrade"] = "websocket"
+    return out
+
+
+def _is_enforcer_cookie(name: str) -> bool:
+    return name.lower().startswith("__host-enforcer")
+
+
+def response_headers(
+    upstream: CIMultiDictProxy[str], *, public_origin: str, internal_origins: tuple[str, ...]
+) -> CIMultiDict[str]:
+    """The headers the client receives from the app's answer."""
+    named = _connection_tokens(upstream)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        low = name.lower()
+        if low in HOP_BY_HOP or low in named or low == "content-length":
+            continue
+        if low == "set-cookie" and _is_enforcer_cookie(value.split("=", 1)[0].strip()):
+            continue  # the app may not overwrite or fix our session
+        if low == "location":
+            for internal in internal_origins:
+                if value.startswith(internal) and value[len(internal) : len(internal) + 1] in ("", "/", "?"):
+                    value = public_origin + value[len(internal) :]
+                    break
+        out.add(name, value)
+    return out
+
+
+class UpstreamError(Exception):
+    """The app could not be reached or answered garbage; ``kind`` labels the metric."""
+
+    def __init__(self, kind: str, status: int) -> None:
+        self.kind = kind
+        self.status = status
+        super().__init__(kind)
+
+
+@dataclass
+class Transfer:
+    """What one forwarded request moved (for the flow record)."""
+
+    status: int | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    upstream_ms: float | None = None
+
+
+class Upstream:
+    """A keep-alive connection pool to the apps, and the forwarding itself."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 300.0,
+        max_body: int = 1 << 30,
+        limit_per_host: int = 256,
+    ) -> None:
+        self._connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=limit_per_host, keepalive_timeout=30, enable_cleanup_closed=False
+        )
+        self._session = aiohttp.ClientSession(
+            connector=self._connector,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout),
+        )
+        self.max_body = max_body
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        *,
+        upstream_host: str,
+        port: int,
+        target: str,
+        headers: CIMultiDict[str],
+        public_origin: str,
+        transfer: Transfer,
+    ) -> web.StreamResponse:
+        """Send the request to the app and stream its response to the client."""
+        url = URL.build(scheme="http", host=upstream_host, port=port, encoded=True).join(URL(target, encoded=True))
+        body: AsyncIterator[bytes] | None = None
+        if request.body_exists:
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            body = self._count_body(request, transfer)
+            if request.content_length is not None:
+                headers[istr("Content-Length")] = str(request.content_length)
+        started = time.perf_counter()
+        try:
+            upstream = await self._session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                compress=None,
+                chunked=None,
+                skip_auto_headers=("Content-Type",),
+            )
+        except TimeoutError:
+            raise UpstreamError("timeout", 504) from None
+        except aiohttp.ClientConnectorError:
+            raise UpstreamError("connect", 502) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            log.info("upstream %s:%s failed: %s", upstream_host, port, type(exc).__name__)
+            raise UpstreamError("protocol", 502) from None
+        transfer.upstream_ms = (time.perf_counter() - started) * 1000
+        transfer.status = upstream.status
+        internal = (
+            f"http://{upstream_host}:{port}",
+            f"http://127.0.0.1:{port}",
+            f"http://localhost:{port}",
+        )
+        try:
+            resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            resp.headers.extend(response_headers(upstream.headers, public_origin=public_origin, internal_origins=internal))
+            length = upstream.content_length
+            no_body = request.method == "HEAD" or upstream.status in (204, 304) or upstream.status < 200
+            if length is not None and not no_body:
+                resp.content_length = length
+            elif request.method == "HEAD" and upstream.headers.get("Content-Length"):
+                resp.headers["Content-Length"] = upstream.headers["Content-Length"]
+            await resp.prepare(request)
+            if not no_body:
+                try:
+                    async for chunk in upstream.content.iter_chunked(CHUNK):
+                        transfer.bytes_out += len(chunk)
+                        await resp.write(chunk)
+                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError):
+                    # truncated body: never let the client take it for complete
+                    transfer.status = 502
+                    if request.transport is not None:
+                        request.transport.abort()
+                    raise UpstreamError("reset", 502) from None
+            await resp.write_eof()
+            return resp
+        finally:
+            upstream.release()
+
+    async def _count_body(self, request: web.BaseRequest, transfer: Transfer) -> AsyncIterator[bytes]:
+        async for chunk in request.content.iter_chunked(CHUNK):
+            transfer.bytes_in += len(chunk)
+            if transfer.bytes_in > self.max_body:
+                raise UpstreamError("body_too_large", 413)
+            yield chunk
+
+    async def websocket(
+        self,
+        request: web.BaseRequest,
+        *,
+        upstream_host: str,
+        port: int,
+        target: str,
+        headers: CIMultiDict[str],
+        transfer: Transfer,
+    ) -> web.StreamResponse:
+        """Relay a WebSocket (only called after the request was allowed)."""
+        url = URL.build(scheme="ws", host=upstream_host, port=port, encoded=True).join(URL(target, encoded=True))
+        protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", []) for p in v.split(",") if p.strip()]
+        fwd = CIMultiDict(
+            (k, v)
+            for k, v in headers.items()
+            if k.lower() not in ("connection", "upgrade") and not k.lower().startswith("sec-websocket-")
+        )
+        started = time.perf_counter()
+        try:
+            up = await self._session.ws_connect(url, headers=fwd, protocols=protocols, autoping=False, max_msg_size=16 << 20)
+        except aiohttp.WSServerHandshakeError as exc:
+            transfer.status = exc.status
+            raise UpstreamError("websocket_refused", 502 if exc.status < 400 else exc.status) from None
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            raise UpstreamError("connect", 502) from None
+        transfer.upstream_ms = (time.perf_counter() - started) * 1000
+        transfer.status = 101
+        down = web.WebSocketResponse(protocols=[up.protocol] if up.protocol else (), autoping=False, max_msg_size=16 << 20)
+        await down.prepare(request)
+
+        async def pump(src: aiohttp.ClientWebSocketResponse | web.WebSocketResponse, dst: aiohttp.ClientWebSocketResponse | web.WebSocketResponse, outbound: bool) -> None:
+            async for msg in src:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    await dst.send_str(msg.data)
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    await dst.send_bytes(msg.data)
+                elif msg.type == aiohttp.WSMsgType.PING:
+                    await dst.ping(msg.data)
+                elif msg.type == aiohttp.WSMsgType.PONG:
+                    await dst.pong(msg.data)
+                else:
+                    break
+                size = len(msg.data) if isinstance(msg.data, bytes | str) else 0
+                if outbound:
+                    transfer.bytes_in += size
+                else:
+                    transfer.bytes_out += size
+            await dst.close()
+
+        try:
+            await asyncio.gather(pump(down, up, True), pump(up, down, False))
+        finally:
+            await up.close()
+            await down.close()
+        return down

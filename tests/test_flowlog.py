@@ -1,0 +1,837 @@
+"""Tests for enforcer.flowlog: record serialization, the buffered writer and the flows reader."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from enforcer.flowlog import (
+    FILE_MODE,
+    FlowFilter,
+    FlowLog,
+    FlowRecord,
+    ReadStats,
+    flows_command,
+    follow_flows,
+    format_summary,
+    format_table,
+    is_denied,
+    parse_since,
+    read_flows,
+)
+
+T0 = 1_714_564_800.123  # 2024-05-01T12:00:00.123Z
+NASTY = 'a\r\nb\x1b[31mred\x1b[0m "q" \\ \x00 \x7f \u2028 \u202e é'
+
+
+def make(
+    *,
+    path: str = "/x",
+    user_agent: str | None = "curl/8",
+    now: float = T0,
+    **kw: Any,
+) -> FlowRecord:
+    """Build a finished record with sensible defaults."""
+    rec = FlowRecord.begin(
+        client="192.0.2.1:5555",
+        sni="app.example",
+        host="app.example",
+        method="GET",
+        path=path,
+        now=now,
+        destination="10.0.0.1:443",
+        service=kw.pop("service", "app"),
+        tls_version="TLSv1.3",
+        user_agent=user_agent,
+    )
+    rec.record(
+        decision=kw.pop("decision", "allow"),
+        reason=kw.pop("reason", "rule"),
+        endpoint="all",
+        user=kw.pop("user", "sub-1"),
+        email=kw.pop("email", "alice@example.com"),
+    )
+    for key, value in kw.items():
+        setattr(rec, key, value)
+    return rec.finish(now=now + 0.0125, status=kw.get("status", 200))
+
+
+def write_sample(path: Path, records: list[FlowRecord]) -> None:
+    """Write records as a flow log file."""
+    path.write_text("".join(r.to_json() + "\n" for r in records))
+
+
+# -- FlowRecord ------------------------------------------------------------------------------
+
+
+def test_begin_generates_16_hex_flow_id() -> None:
+    """begin() gives each flow a fresh 16-hex-character id."""
+    a, b = make(), make()
+    assert len(a.flow_id) == 16
+    int(a.flow_id, 16)
+    assert a.flow_id != b.flow_id
+
+
+def test_json_round_trip() -> None:
+    """to_json followed by from_dict restores an equal record."""
+    rec = make(upstream_status=201, upstream_ms=3.5, bytes_in=10, bytes_out=20)
+    line = rec.to_json()
+    data = json.loads(line)
+    assert FlowRecord.from_dict(data) == rec
+
+
+def test_json_has_fixed_key_order_and_iso_time() -> None:
+    """Keys come in a fixed order with an ISO-8601 UTC millisecond time first."""
+    data = json.loads(make().to_json())
+    keys = list(data)
+    assert keys[:3] == ["time", "flow_id", "start"]
+    assert keys[-1] == "user_agent"
+    assert data["time"] == "2024-05-01T12:00:00.123Z"
+    assert data["duration_ms"] == pytest.approx(12.5)
+    assert list(json.loads(make(path="/y").to_json())) == keys
+
+
+def test_control_characters_stay_on_one_line() -> None:
+    """CR, LF, ANSI escapes and quotes in path, user agent and user are escaped in one line."""
+    rec = make(path="/p" + NASTY, user_agent=NASTY, user=NASTY, email=NASTY)
+    line = rec.to_json()
+    assert "\n" not in line
+    assert "\r" not in line
+    assert "\x1b" not in line
+    assert line.isascii()
+    assert line.isprintable()
+    data = json.loads(line)
+    assert data["path"] == "/p" + NASTY
+    assert data["user_agent"] == NASTY
+    assert data["user"] == NASTY
+
+
+@given(st.text(), st.text())
+def test_any_text_serializes_to_one_printable_line(path: str, ua: str) -> None:
+    """Whatever a client sends, the serialized record is one printable ASCII line."""
+    line = make(path=path, user_agent=ua).to_json()
+    assert line.isascii()
+    assert line.isprintable()
+    assert json.loads(line)["path"] == path
+
+
+def test_path_is_kept_exactly_as_given() -> None:
+    """Serialization neither adds nor strips anything from the canonical path."""
+    data = json.loads(make(path="/a/b%20c").to_json())
+    assert data["path"] == "/a/b%20c"
+    assert "?" not in data["path"]
+
+
+def test_user_agent_truncated_to_256() -> None:
+    """A huge User-Agent is cut to 256 characters, also when assigned after begin()."""
+    rec = make(user_agent="x" * 10_000)
+    assert rec.user_agent == "x" * 256
+    rec.user_agent = "y" * 1000
+    assert json.loads(rec.to_json())["user_agent"] == "y" * 256
+
+
+def test_finish_never_negative_duration() -> None:
+    """A clock step backwards yields duration 0, not a negative number."""
+    rec = make()
+    rec.finish(now=T0 - 5)
+    assert rec.duration_ms == 0.0
+
+
+# -- FlowLog writer ---------------------------------------------------------------------------
+
+
+def lines_of(path: Path) -> list[str]:
+    """The lines of a file."""
+    return path.read_text().splitlines()
+
+
+async def test_close_writes_every_record_exactly_once(tmp_path: Path) -> None:
+    """10k records written then close() give exactly 10k distinct lines."""
+    target = tmp_path / "logs" / "flows.jsonl"
+    flog = FlowLog(target, flush_interval=0.01, max_buffer=100)
+    task = asyncio.create_task(flog.run())
+    ids = []
+    for i in range(10_000):
+        rec = make(path=f"/{i}")
+        ids.append(rec.flow_id)
+        flog.write(rec)
+        if i % 500 == 0:
+            await asyncio.sleep(0)
+    await flog.close()
+    await asyncio.wait_for(task, 5)
+    lines = lines_of(target)
+    assert len(lines) == 10_000
+    assert [json.loads(line)["flow_id"] for line in lines] == ids
+    assert flog.written == 10_000
+    assert flog.dropped == 0
+
+
+async def test_run_flushes_periodically(tmp_path: Path) -> None:
+    """run() writes buffered records without close() within a few flush intervals."""
+    target = tmp_path / "flows.jsonl"
+    flog = FlowLog(target, flush_interval=0.02)
+    task = asyncio.create_task(flog.run())
+    flog.write(make())
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if target.exists() and lines_of(target):
+            break
+    assert len(lines_of(target)) == 1
+    flog.write(make())
+    await flog.close()
+    await task
+    assert len(lines_of(target)) == 2
+
+
+def test_write_makes_no_io(tmp_path: Path) -> None:
+    """write() only buffers: the file is not even created until a flush."""
+    target = tmp_path / "flows.jsonl"
+    flog = FlowLog(target)
+    flog.write(make())
+    assert not target.exists()
+    assert flog.pending == 1
+
+
+async def test_file_mode_is_0640(tmp_path: Path) -> None:
+    """The flow log is created with mode 0640 regardless of the umask."""
+    target = tmp_path / "d" / "flows.jsonl"
+    flog = FlowLog(target)
+    old = os.umask(0o077)
+    try:
+        flog.write(make())
+        await flog.close()
+    finally:
+        os.umask(old)
+    assert target.stat().st_mode & 0o777 == FILE_MODE
+
+
+async def test_appends_to_existing_file(tmp_path: Path) -> None:
+    """An existing log is appended to, never truncated."""
+    target = tmp_path / "flows.jsonl"
+    write_sample(target, [make()])
+    flog = FlowLog(target)
+    flog.write(make())
+    await flog.close()
+    assert len(lines_of(target)) == 2
+
+
+async def test_reopen_after_rotation(tmp_path: Path) -> None:
+    """After logrotate renames the file, reopen() sends new records to a fresh file."""
+    target = tmp_path / "flows.jsonl"
+    rotated = tmp_path / "flows.jsonl.1"
+    flog = FlowLog(target)
+    first = [make(path="/old1"), make(path="/old2")]
+    for rec in first:
+        flog.write(rec)
+    flog.flush()
+    flog.write(make(path="/old3"))  # buffered when the rename happens
+    target.rename(rotated)
+    flog.reopen()
+    flog.write(make(path="/new"))
+    await flog.close()
+    assert [json.loads(x)["path"] for x in lines_of(rotated)] == ["/old1", "/old2", "/old3"]
+    assert [json.loads(x)["path"] for x in lines_of(target)] == ["/new"]
+
+
+class FailingStream(io.StringIO):
+    """A stream whose writes fail while ``broken`` is set."""
+
+    broken = True
+
+    def write(self, s: str) -> int:
+        """Raise like a full disk, or write normally once repaired."""
+        if self.broken:
+            raise OSError(28, "No space left on device")
+        return super().write(s)
+
+
+async def test_stream_errors_are_counted_not_raised() -> None:
+    """A failing sink never raises into write(); lines are kept and written once it recovers."""
+    stream = FailingStream()
+    errors: list[int] = []
+    flog = FlowLog(None, stream=stream, on_write_error=lambda: errors.append(1))
+    for _ in range(3):
+        flog.write(make())
+        flog.flush()
+    assert flog.write_errors == 3 == len(errors)
+    assert flog.pending == 3
+    stream.broken = False
+    await flog.close()
+    assert len(stream.getvalue().splitlines()) == 3
+    assert flog.written == 3
+
+
+async def test_hard_cap_drops_oldest_and_counts() -> None:
+    """While the sink is down the buffer keeps the newest hard_cap lines and counts drops."""
+    stream = FailingStream()
+    drops: list[int] = []
+    flog = FlowLog(None, stream=stream, max_buffer=5, hard_cap=10, on_dropped=drops.append)
+    for i in range(25):
+        flog.write(make(path=f"/{i}"))
+        flog.flush()
+    assert flog.dropped == 15 == sum(drops)
+    stream.broken = False
+    await flog.close()
+    paths = [json.loads(x)["path"] for x in stream.getvalue().splitlines()]
+    assert paths == [f"/{i}" for i in range(15, 25)]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+async def test_read_only_directory_does_not_raise(tmp_path: Path) -> None:
+    """A flow log in a read-only directory counts errors and writes once it becomes writable."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    flog = FlowLog(ro / "flows.jsonl", flush_interval=0.01)
+    task = asyncio.create_task(flog.run())
+    try:
+        flog.write(make())
+        await asyncio.sleep(0.05)
+        assert flog.write_errors >= 1
+        assert flog.pending == 1
+    finally:
+        ro.chmod(0o700)
+    await flog.close()
+    await task
+    assert len(lines_of(ro / "flows.jsonl")) == 1
+
+
+async def test_parent_path_not_a_directory_does_not_raise(tmp_path: Path) -> None:
+    """A log path under a regular file fails to open; errors are counted until it is fixed."""
+    blocker = tmp_path / "logs"
+    blocker.write_text("not a directory")
+    flog = FlowLog(blocker / "flows.jsonl", flush_interval=0.01)
+    task = asyncio.create_task(flog.run())
+    flog.write(make())
+    await asyncio.sleep(0.05)
+    assert flog.write_errors >= 1
+    assert flog.pending == 1
+    blocker.unlink()
+    await flog.close()
+    await task
+    assert len(lines_of(blocker / "flows.jsonl")) == 1
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_full_disk_does_not_raise() -> None:
+    """Writing to a full device (ENOSPC) is counted and keeps the lines buffered."""
+    flog = FlowLog(Path("/dev/full"))
+    flog.write(make())
+    flog.flush()
+    flog.flush()
+    assert flog.write_errors == 2
+    assert flog.pending == 1
+    assert flog.written == 0
+
+
+async def test_errors_logged_once_per_minute(caplog: pytest.LogCaptureFixture) -> None:
+    """Repeated sink failures produce one log message per minute, not one per flush."""
+    clock = [1000.0]
+    flog = FlowLog(None, stream=FailingStream(), monotonic=lambda: clock[0])
+    for _ in range(5):
+        flog.write(make())
+        flog.flush()
+    clock[0] += 61
+    flog.flush()
+    messages = [r for r in caplog.records if "write failed" in r.getMessage()]
+    assert len(messages) == 2
+
+
+class ShortWriteFd:
+    """Patch os.write to accept only part of the data once, then fail."""
+
+    def __init__(self, accept: int) -> None:
+        """Accept ``accept`` bytes on the first call, then raise once."""
+        self.accept = accept
+        self.calls = 0
+        self.real = os.write
+
+    def __call__(self, fd: int, data: Any) -> int:
+        """First call: short write; second call: ENOSPC; later: real write."""
+        self.calls += 1
+        if self.calls == 1:
+            return self.real(fd, bytes(data)[: self.accept])
+        if self.calls == 2:
+            raise OSError(28, "No space left on device")
+        return self.real(fd, data)
+
+
+async def test_torn_write_is_isolated_and_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that stops mid-line leaves one corrupt line and every record written whole."""
+    target = tmp_path / "flows.jsonl"
+    flog = FlowLog(target)
+    recs = [make(path=f"/{i}") for i in range(3)]
+    for rec in recs:
+        flog.write(rec)
+    first_len = len(recs[0].to_json()) + 1
+    monkeypatch.setattr(os, "write", ShortWriteFd(first_len + 10))
+    flog.flush()
+    monkeypatch.undo()
+    await flog.close()
+    stats = ReadStats()
+    rows = list(read_flows(target, FlowFilter(), stats=stats))
+    assert [r["path"] for r in rows] == ["/0", "/1", "/2"]
+    assert stats.corrupt == 1
+    assert flog.written == 3
+
+
+async def test_write_after_close_is_not_lost(tmp_path: Path) -> None:
+    """A record finishing after close() is still written."""
+    target = tmp_path / "flows.jsonl"
+    flog = FlowLog(target)
+    await flog.close()
+    flog.write(make())
+    assert len(lines_of(target)) == 1
+
+
+async def test_cancelled_run_flushes(tmp_path: Path) -> None:
+    """Cancelling run() (TaskGroup shutdown) still flushes the buffer."""
+    target = tmp_path / "flows.jsonl"
+    flog = FlowLog(target, flush_interval=10)
+    task = asyncio.create_task(flog.run())
+    await asyncio.sleep(0)
+    flog.write(make())
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(lines_of(target)) == 1
+
+
+def test_needs_path_or_stream() -> None:
+    """FlowLog refuses to be built with neither or both sinks."""
+    with pytest.raises(ValueError, match="exactly one"):
+        FlowLog(None)
+    with pytest.raises(ValueError, match="exactly one"):
+        FlowLog(Path("x"), stream=io.StringIO())
+
+
+# -- reader -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sample(tmp_path: Path) -> Path:
+    """A flow log with a mix of services, users, decisions and times."""
+    path = tmp_path / "flows.jsonl"
+    write_sample(
+        path,
+        [
+            make(service="app", decision="allow", reason="rule", now=T0),
+            make(service="app", decision="deny", reason="no_tag", path="/admin", now=T0 + 60),
+            make(
+                service="wiki",
+                decision="login",
+                reason="no_session",
+                user=None,
+                email=None,
+                now=T0 + 120,
+            ),
+            make(
+                service="wiki",
+                decision="allow",
+                user="sub-2",
+                email="Bob@Example.com",
+                now=T0 + 180,
+            ),
+            make(service="app", decision="error", reason="upstream_connect", now=T0 + 240),
+            make(service="app", decision="callback", reason="login_ok", status=302, now=T0 + 300),
+            make(
+                service="app", decision="callback", reason="iss_mismatch", status=403, now=T0 + 360
+            ),
+        ],
+    )
+    return path
+
+
+def paths(rows: Iterator[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(service, decision) pairs of rows."""
+    return [(r["service"], r["decision"]) for r in rows]
+
+
+def test_filter_none_returns_everything(sample: Path) -> None:
+    """An empty filter yields every record in file order."""
+    assert len(list(read_flows(sample, FlowFilter()))) == 7
+
+
+def test_filter_service(sample: Path) -> None:
+    """service= keeps only that service's records."""
+    assert paths(read_flows(sample, FlowFilter(service="wiki"))) == [
+        ("wiki", "login"),
+        ("wiki", "allow"),
+    ]
+
+
+def test_filter_user_matches_sub_or_email(sample: Path) -> None:
+    """user= matches the sub exactly or the email case-insensitively."""
+    assert len(list(read_flows(sample, FlowFilter(user="sub-2")))) == 1
+    assert len(list(read_flows(sample, FlowFilter(user="bob@example.com")))) == 1
+    assert len(list(read_flows(sample, FlowFilter(user="nobody")))) == 0
+
+
+def test_filter_denied(sample: Path) -> None:
+    """denied=True keeps everything not served: deny, login, error and failed callbacks."""
+    assert paths(read_flows(sample, FlowFilter(denied=True))) == [
+        ("app", "deny"),
+        ("wiki", "login"),
+        ("app", "error"),
+        ("app", "callback"),
+    ]
+
+
+def test_is_denied_treats_unknown_decisions_as_not_served() -> None:
+    """A decision the reader does not know counts as denied, so --denied never hides it."""
+    assert is_denied({"decision": "bad_request"})
+    assert is_denied({"decision": "something_new"})
+    assert not is_denied({"decision": "logout", "status": 302})
+
+
+def test_filter_since_and_decision(sample: Path) -> None:
+    """since= drops older records and decision= keeps one decision."""
+    since = datetime.fromtimestamp(T0 + 150, UTC)
+    assert len(list(read_flows(sample, FlowFilter(since=since)))) == 4
+    assert len(list(read_flows(sample, FlowFilter(decision="allow")))) == 2
+    naive = since.replace(tzinfo=None)
+    assert len(list(read_flows(sample, FlowFilter(since=naive, decision="allow")))) == 1
+
+
+def test_corrupt_lines_are_skipped_and_counted(tmp_path: Path) -> None:
+    """Garbage, truncated JSON and non-object lines are skipped and counted."""
+    path = tmp_path / "flows.jsonl"
+    good = make().to_json()
+    path.write_bytes(
+        (
+            good
+            + "\n"
+            + '{"time": "x", "pa'
+            + "\n"
+            + "[1,2]\n\n"
+            + "\xff\xfe garbage\n"
+            + good
+            + "\n"
+        ).encode("utf-8", "surrogateescape")
+        + b"\xff\xfe\n"
+    )
+    stats = ReadStats()
+    rows = list(read_flows(path, FlowFilter(), stats=stats))
+    assert len(rows) == 2
+    assert stats.corrupt == 4
+    assert stats.matched == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "delta"),
+    [
+        ("30s", timedelta(seconds=30)),
+        ("10m", timedelta(minutes=10)),
+        ("2h", timedelta(hours=2)),
+        ("1d", timedelta(days=1)),
+        ("1w", timedelta(weeks=1)),
+    ],
+)
+def test_parse_since_durations(text: str, delta: timedelta) -> None:
+    """Relative durations count back from now."""
+    now = datetime(2024, 5, 1, 12, tzinfo=UTC)
+    assert parse_since(text, now) == now - delta
+
+
+def test_parse_since_iso() -> None:
+    """ISO-8601 times are accepted; a time without zone is UTC."""
+    now = datetime(2024, 5, 1, 12, tzinfo=UTC)
+    assert parse_since("2024-04-30T10:00:00Z", now) == datetime(2024, 4, 30, 10, tzinfo=UTC)
+    assert parse_since("2024-04-30T10:00:00", now) == datetime(2024, 4, 30, 10, tzinfo=UTC)
+    assert parse_since("2024-04-30T12:00:00+02:00", now) == datetime(2024, 4, 30, 10, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("text", ["", "10", "m10", "10x", "yesterday", "-5m"])
+def test_parse_since_rejects_garbage(text: str) -> None:
+    """Anything else raises ValueError with a message naming the accepted forms."""
+    with pytest.raises(ValueError, match="expected a duration like"):
+        parse_since(text, datetime(2024, 5, 1, tzinfo=UTC))
+
+
+# -- follow -----------------------------------------------------------------------------------
+
+
+class Follower:
+    """Run follow_flows in a thread, collecting rows, until stopped."""
+
+    def __init__(self, path: Path, **kw: Any) -> None:
+        """Start following ``path``."""
+        self.rows: list[dict[str, Any]] = []
+        self.stopped = threading.Event()
+        self.started = threading.Event()
+
+        def stop() -> bool:
+            self.started.set()
+            return self.stopped.is_set()
+
+        def target() -> None:
+            for row in follow_flows(path, FlowFilter(), poll=0.01, stop=stop, **kw):
+                self.rows.append(row)
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+        assert self.started.wait(5)
+        time.sleep(0.05)  # let it open the file and seek to the end
+
+    def wait_for(self, n: int) -> list[str]:
+        """Wait (bounded) until ``n`` rows arrived; return their paths."""
+        deadline = time.monotonic() + 5
+        while len(self.rows) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return [r["path"] for r in self.rows]
+
+    def stop(self) -> None:
+        """Stop the follower and join its thread."""
+        self.stopped.set()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+
+
+def append(path: Path, *recs: FlowRecord) -> None:
+    """Append records to a file."""
+    with path.open("a") as f:
+        f.write("".join(r.to_json() + "\n" for r in recs))
+
+
+def test_follow_picks_up_appended_lines(tmp_path: Path) -> None:
+    """Follow starts at the end and yields each appended record once."""
+    path = tmp_path / "flows.jsonl"
+    append(path, make(path="/before"))
+    fol = Follower(path)
+    try:
+        append(path, make(path="/a"))
+        assert fol.wait_for(1) == ["/a"]
+        with path.open("a") as f:  # a line written in two pieces
+            line = make(path="/b").to_json()
+            f.write(line[:20])
+            f.flush()
+            time.sleep(0.05)
+            f.write(line[20:] + "\n")
+        assert fol.wait_for(2) == ["/a", "/b"]
+    finally:
+        fol.stop()
+
+
+def test_follow_survives_rotation(tmp_path: Path) -> None:
+    """After a rename-and-recreate rotation, follow drains the old file and reads the new one."""
+    path = tmp_path / "flows.jsonl"
+    path.touch()
+    fol = Follower(path)
+    try:
+        append(path, make(path="/1"))
+        assert fol.wait_for(1) == ["/1"]
+        path.rename(tmp_path / "flows.jsonl.1")
+        append(tmp_path / "flows.jsonl.1", make(path="/2"))  # writer not yet reopened
+        time.sleep(0.05)
+        append(path, make(path="/3"), make(path="/4"))
+        assert fol.wait_for(4) == ["/1", "/2", "/3", "/4"]
+    finally:
+        fol.stop()
+
+
+def test_follow_survives_truncation(tmp_path: Path) -> None:
+    """After copytruncate, follow reads the file again from the start."""
+    path = tmp_path / "flows.jsonl"
+    append(path, make(path="/old1"), make(path="/old2"))
+    fol = Follower(path)
+    try:
+        append(path, make(path="/1"))
+        assert fol.wait_for(1) == ["/1"]
+        path.write_text("")
+        time.sleep(0.05)
+        append(path, make(path="/2"))
+        assert fol.wait_for(2) == ["/1", "/2"]
+    finally:
+        fol.stop()
+
+
+def test_follow_waits_for_missing_file(tmp_path: Path) -> None:
+    """A file that does not exist yet is read from its start once it appears."""
+    path = tmp_path / "flows.jsonl"
+    fol = Follower(path)
+    try:
+        append(path, make(path="/first"))
+        assert fol.wait_for(1) == ["/first"]
+    finally:
+        fol.stop()
+
+
+def test_follow_from_start_applies_filter(tmp_path: Path) -> None:
+    """from_start reads existing lines and the filter applies to followed lines."""
+    path = tmp_path / "flows.jsonl"
+    append(path, make(path="/a", service="app"), make(path="/b", service="wiki"))
+    rows: list[str] = []
+    gen = follow_flows(
+        path, FlowFilter(service="wiki"), poll=0.01, from_start=True, stop=lambda: len(rows) >= 1
+    )
+    rows.extend(r["path"] for r in gen)
+    assert rows == ["/b"]
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def test_table_escapes_control_characters(sample: Path) -> None:
+    """Control characters in any field are shown escaped, never sent to the terminal."""
+    rec = make(path="/\x1b[2J" + "\r\n", user=None, email="e\x1b]0;pwned\x07", reason="r\x00")
+    rec.client = "\x9b31m"
+    out = io.StringIO()
+    format_table([json.loads(rec.to_json())], out)
+    text = out.getvalue()
+    assert "\x1b" not in text
+    assert "\r" not in text
+    assert "\x07" not in text
+    assert "\x9b" not in text
+    assert "\\x1b[2J" in text
+    assert "\\x07" in text
+    assert len(text.splitlines()) == 2
+
+
+def test_table_columns_are_fixed_width(sample: Path) -> None:
+    """Every row has the same column layout; long paths are cut."""
+    out = io.StringIO()
+    rows = list(read_flows(sample, FlowFilter()))
+    rows[0]["path"] = "/" + "x" * 500
+    format_table(rows, out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("TIME")
+    assert len(lines) == 8
+    assert "x" * 500 not in lines[1]
+    assert "…" in lines[1]
+    col = lines[0].index("METHOD")
+    assert all(line[col : col + 3] == "GET" for line in lines[1:])
+    assert "2024-05-01 12:00:00.123" in lines[1]
+
+
+def test_table_color_only_wraps_decision(sample: Path) -> None:
+    """Color mode adds ANSI codes around the decision column only."""
+    out = io.StringIO()
+    format_table(read_flows(sample, FlowFilter(decision="deny")), out, color=True)
+    row = out.getvalue().splitlines()[1]
+    assert "\x1b[31mdeny" in row
+    assert row.count("\x1b[") == 2
+
+
+def test_summary_counts(sample: Path) -> None:
+    """The summary counts records by service/decision/reason and lists top denied paths/users."""
+    out = io.StringIO()
+    format_summary(read_flows(sample, FlowFilter()), out)
+    text = out.getvalue()
+    assert "records: 7" in text
+    section = text.split("by service:")[1].split("\n\n")[0]
+    assert "5  app" in section
+    assert "2  wiki" in section
+    decisions = text.split("by decision:")[1].split("\n\n")[0]
+    assert "2  allow" in decisions
+    assert "2  callback" in decisions
+    denied_paths = text.split("top denied paths:")[1].split("\n\n")[0]
+    assert "/admin" in denied_paths
+    assert "3  /x" in denied_paths
+    denied_users = text.split("top denied users:")[1]
+    assert "3  alice@example.com" in denied_users
+    assert "1  -" in denied_users
+
+
+def test_summary_empty() -> None:
+    """An empty log gives zero records and (none) sections."""
+    out = io.StringIO()
+    format_summary([], out)
+    assert "records: 0" in out.getvalue()
+    assert "(none)" in out.getvalue()
+
+
+# -- flows_command ----------------------------------------------------------------------------
+
+
+def test_command_missing_file(tmp_path: Path) -> None:
+    """A missing log file gives exit code 2 and a message on stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    code = flows_command(
+        tmp_path / "nope",
+        FlowFilter(),
+        follow=False,
+        as_json=False,
+        summary=False,
+        out=out,
+        err=err,
+    )
+    assert code == 2
+    assert "no such flow log" in err.getvalue()
+    assert out.getvalue() == ""
+
+
+def test_command_json_output(sample: Path) -> None:
+    """--json prints one escaped JSON object per matching record."""
+    out, err = io.StringIO(), io.StringIO()
+    code = flows_command(
+        sample, FlowFilter(denied=True), follow=False, as_json=True, summary=False, out=out, err=err
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["decision"] for r in rows] == ["deny", "login", "error", "callback"]
+
+
+def test_command_table_and_corrupt_report(sample: Path) -> None:
+    """The table mode prints a header and rows and reports skipped corrupt lines on stderr."""
+    with sample.open("a") as f:
+        f.write("not json\n")
+    out, err = io.StringIO(), io.StringIO()
+    code = flows_command(
+        sample, FlowFilter(), follow=False, as_json=False, summary=False, out=out, err=err
+    )
+    assert code == 0
+    assert len(out.getvalue().splitlines()) == 8
+    assert "\x1b" not in out.getvalue()
+    assert "skipped 1 corrupt line" in err.getvalue()
+
+
+def test_command_summary(sample: Path) -> None:
+    """--summary prints the summary."""
+    out = io.StringIO()
+    code = flows_command(
+        sample, FlowFilter(), follow=False, as_json=False, summary=True, out=out, err=io.StringIO()
+    )
+    assert code == 0
+    assert "records: 7" in out.getvalue()
+
+
+def test_command_summary_with_follow_is_rejected(sample: Path) -> None:
+    """--summary with --follow is a usage error (exit 2)."""
+    err = io.StringIO()
+    code = flows_command(
+        sample, FlowFilter(), follow=True, as_json=False, summary=True, out=io.StringIO(), err=err
+    )
+    assert code == 2
+    assert "--summary" in err.getvalue()
+
+
+def test_command_follow_with_since_reads_existing(sample: Path) -> None:
+    """--follow with --since starts at the file start and stops via the stop callback."""
+    out = io.StringIO()
+    flt = FlowFilter(since=datetime.fromtimestamp(T0 + 350, UTC))
+    code = flows_command(
+        sample,
+        flt,
+        follow=True,
+        as_json=True,
+        summary=False,
+        out=out,
+        err=io.StringIO(),
+        stop=lambda: bool(out.getvalue()),
+    )
+    assert code == 0
+    assert [json.loads(x)["reason"] for x in out.getvalue().splitlines()] == ["iss_mismatch"]
