@@ -85,7 +85,7 @@ def parse_duration(value: object) -> float:
         raise ValueError("a duration such as 30s, 10m, 8h or 1d")
     if isinstance(value, int | float):
         if value < 0:
-            raise ValueError("a duration must not be negative")
+            raise ValueError("a duration such as 30s, 10m, 8h or 1d (not negative)")
         return float(value)
     if isinstance(value, str):
         m = _DURATION.match(value)

@@ -143,7 +143,7 @@ async def _run(port: int, state: Path, exit_after: float | None) -> int:
             "token_endpoint_auth_method": "client_secret_basic",
         }],
         users={name: localidp.OPUser(u["password"], u["claims"]) for name, u in USERS.items()},  # type: ignore[arg-type]
-        cert_file=idp_leaf.cert, key_file=idp_leaf.key,
+        cert_file=idp_leaf.cert, key_file=idp_leaf.key, ca_file=store.ca_dir / "ca.crt",
     )
     try:
         (state / "definitions.yaml").write_text(

@@ -641,3 +641,14 @@ async def test_op_exits_when_parent_dies(tmp_path: Path) -> None:
         await asyncio.sleep(0.05)
     os.kill(op_pid, signal.SIGKILL)
     pytest.fail("OP outlived its parent")
+
+
+@pytest.mark.e2e
+async def test_invalid_client_fails_the_start(tmp_path: Path) -> None:
+    """oidc-provider only accepts ASCII client secrets; op.mjs checks clients at start."""
+    with pytest.raises(RuntimeError, match="invalid client_secret value"):
+        await start_op(
+            tmp_path / "op",
+            clients=[{"client_id": "c", "client_secret": "sécret", "redirect_uris": []}],
+            users={},
+        )

@@ -340,7 +340,22 @@ server.listen(config.port ?? 0, host, () => {
   provider = new Provider(issuer, providerConfiguration());
   provider.on('server_error', (_ctx, err) => console.error(`server_error: ${err?.stack ?? err}`));
   providerCallback = provider.callback();
-  process.stdout.write(`READY ${issuer}\n`);
+  // oidc-provider validates static clients lazily (at the first request); do it
+  // now so a bad client (e.g. a non-ASCII client_secret) fails the start.
+  Promise.all(clients.map(async (c) => {
+    try {
+      if (!(await provider.Client.find(c.client_id))) throw new Error('not found');
+    } catch (err) {
+      const why = err?.error_description ?? err?.message ?? String(err);
+      throw new Error(`client ${JSON.stringify(c.client_id)}: ${why}`);
+    }
+  })).then(
+    () => process.stdout.write(`READY ${issuer}\n`),
+    (err) => {
+      console.error(`invalid configuration: ${err.message}`);
+      process.exit(1);
+    },
+  );
 });
 
 server.on('error', (err) => {

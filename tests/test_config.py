@@ -1,0 +1,231 @@
+"""Config and definitions loading: resolution semantics and key-path error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from enforcer import config
+from enforcer.config import ConfigError, parse_duration, parse_documents, resolve_definitions
+
+SERVICE = {
+    "kind": "service",
+    "name": "private-app",
+    "authorizationType": "OIDC",
+    "OIDCClientID": "0oannpib3fQEeUWzD4x6",
+    "OIDCClientSecret": "qcnc1ZFABmwmFwFZD_BAffNRFUn5aYQhvrx4XsxU",
+    "OIDCProviderURL": "https://idp.example.com/oauth2/default",
+    "OIDCCallbackURL": "https://app.example.com",
+    "OIDCScopes": ["email", "openid"],
+    "hosts": ["app.example.com"],
+    "port": 80,
+    "exposedPort": 443,
+    "selectors": [["app=frontend", "$identity=processingunit"]],
+    "associatedTags": ["service:name=nginx"],
+    "type": "HTTP",
+    "exposedAPIs": [["httpresourcespec:name=private-app"]],
+    "propagate": True,
+}
+SPEC = {
+    "kind": "httpresourcespec",
+    "name": "nginx",
+    "endpoints": [{"URI": "/*", "methods": ["GET"], "public": False, "allowedScopes": [["email=alice@example.com"]]}],
+    "associatedTags": ["httpresourcespec:name=private-app"],
+    "propagate": True,
+}
+
+
+def _resolve(*docs: dict[str, object], tags: tuple[str, ...] = ("app=frontend",)) -> config.Definitions:
+    text = yaml.safe_dump_all(list(docs))
+    parsed = parse_documents(text, "defs.yaml")
+    assert isinstance(parsed, list)
+    return resolve_definitions(parsed, tags)
+
+
+def _issues(*docs: dict[str, object], tags: tuple[str, ...] = ("app=frontend",)) -> list[config.ConfigIssue]:
+    with pytest.raises(ConfigError) as exc:
+        _resolve(*docs, tags=tags)
+    return list(exc.value.issues)
+
+
+def test_seed_objects_resolve_into_a_service_with_endpoints() -> None:
+    """The service and httpresourcespec of the product guide load unchanged and link up."""
+    defs = _resolve(SERVICE, SPEC)
+    [svc] = defs.services
+    assert svc.name == "private-app"
+    assert svc.callback_url == "https://app.example.com/oauth2/callback"
+    assert svc.origin == "https://app.example.com"
+    assert [e.uri for e in svc.endpoints] == ["/*"]
+    assert svc.specs == ("nginx",)
+    assert svc.client_secret.startswith("qcnc")
+
+
+def test_selectors_that_do_not_match_this_enforcer_ignore_the_service() -> None:
+    """A service whose selectors do not match this enforcer's tags is not served here."""
+    defs = _resolve(SERVICE, SPEC, tags=("app=backend",))
+    assert defs.services == ()
+    assert defs.ignored == ("private-app",)
+
+
+def test_exposed_apis_pick_specs_by_associated_tags_or_of_ands() -> None:
+    """Only httpresourcespecs whose associatedTags satisfy one exposedAPIs clause contribute endpoints."""
+    other = {**SPEC, "name": "other", "associatedTags": ["httpresourcespec:name=other"]}
+    defs = _resolve(SERVICE, SPEC, other)
+    assert defs.services[0].specs == ("nginx",)
+
+
+def test_service_without_matching_specs_warns_that_everything_is_denied() -> None:
+    """A service whose exposedAPIs match nothing loads with a warning."""
+    defs = _resolve(SERVICE)
+    assert "match no httpresourcespec" in defs.warnings[0]
+
+
+def test_secret_from_file_is_read(tmp_path: Path) -> None:
+    """OIDCClientSecret: {file: ...} reads the secret from that file."""
+    secret = tmp_path / "s"
+    secret.write_text("from-file\n")
+    defs = _resolve({**SERVICE, "OIDCClientSecret": {"file": str(secret)}}, SPEC)
+    assert defs.services[0].client_secret == "from-file"
+
+
+def test_missing_secret_file_names_key_and_fix(tmp_path: Path) -> None:
+    """An unreadable secret file is an error naming the key path and what to do."""
+    [issue] = _issues({**SERVICE, "OIDCClientSecret": {"file": str(tmp_path / "nope")}}, SPEC)
+    assert issue.path == "service[private-app].OIDCClientSecret.file"
+    assert "create the file" in issue.fix
+
+
+@pytest.mark.parametrize(
+    ("patch", "path", "needle"),
+    [
+        ({"OIDCScopes": ["email"]}, "service[private-app].OIDCScopes", "openid"),
+        ({"port": 70000}, "service[private-app].port", "less than or equal"),
+        ({"OIDCProviderURL": "http://idp.example.com"}, "service[private-app].OIDCProviderURL", "https"),
+        ({"OIDCCallbackURL": "https://other.example.com"}, "service[private-app].OIDCCallbackURL", "hosts"),
+        ({"hosts": ["bad host"]}, "service[private-app].hosts", "DNS name"),
+        ({"selectors": [["notatag"]]}, "service[private-app].selectors[0][0]", "key=value"),
+        ({"name": "Private_App"}, "service[Private_App].name", "lower-case"),
+        ({"OIDCClientSecrt": "x"}, "service[private-app].OIDCClientSecrt", "unknown key"),
+    ],
+)
+def test_invalid_service_fields_name_the_key_path(patch: dict[str, object], path: str, needle: str) -> None:
+    """Each invalid service field yields one issue with its key path and a message saying what is wrong."""
+    issues = _issues({**SERVICE, **patch}, SPEC)
+    assert any(i.path == path and needle in (i.message + i.fix) for i in issues), [str(i) for i in issues]
+
+
+def test_unknown_key_suggests_the_close_match() -> None:
+    """A misspelt key is reported with a did-you-mean suggestion."""
+    [issue] = _issues({**SERVICE, "OIDCClientSecrt": "x"}, SPEC)
+    assert "OIDCClientSecret" in issue.fix
+
+
+def test_secret_values_are_never_echoed_in_errors() -> None:
+    """An error about the client secret never prints the secret."""
+    issues = _issues({**SERVICE, "OIDCClientSecret": 12345}, SPEC)
+    assert all("12345" not in str(i) for i in issues)
+
+
+def test_bad_endpoint_uri_is_reported_inside_the_spec() -> None:
+    """A non-canonical endpoint URI is reported at endpoints[i].URI."""
+    bad = {**SPEC, "endpoints": [{"URI": "/a/../b", "methods": ["GET"]}]}
+    issues = _issues(SERVICE, bad)
+    assert issues[0].path == "httpresourcespec[nginx].endpoints[0].URI"
+
+
+def test_duplicate_hosts_across_services_are_rejected() -> None:
+    """Two services may not claim the same host on the same exposed port."""
+    second = {**SERVICE, "name": "second"}
+    issues = _issues(SERVICE, second, SPEC)
+    assert any("already served" in i.message for i in issues)
+
+
+def test_unknown_kind_is_an_error() -> None:
+    """A document with an unknown kind is rejected with the allowed kinds."""
+    [issue] = _issues({"kind": "networkpolicy", "name": "x"})
+    assert issue.path.endswith("kind") and "service" in issue.fix
+
+
+def test_invalid_yaml_reports_line_and_column() -> None:
+    """A YAML syntax error names the line and column."""
+    result = parse_documents("kind: service\nname: [unclosed\n", "x.yaml")
+    assert isinstance(result, config.ConfigIssue)
+    assert "line" in result.path
+
+
+def test_daemon_config_resolves_relative_paths(tmp_path: Path) -> None:
+    """Relative paths in enforcer.yaml are relative to its folder; defaults are filled in."""
+    (tmp_path / "defs.yaml").write_text(yaml.safe_dump_all([SERVICE, SPEC]))
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text("tags: [app=frontend]\nstateDir: state\nlogsDir: logs\ndefinitions: [{file: defs.yaml}]\n")
+    settings = config.load_settings(cfg)
+    assert settings.state_dir == tmp_path / "state"
+    assert settings.flow_log == tmp_path / "logs" / "flows.jsonl"
+    defs = config.load_definitions(settings)
+    assert defs.services[0].name == "private-app"
+
+
+def test_admin_listener_must_be_loopback(tmp_path: Path) -> None:
+    """The admin address must be a loopback address; the error says so."""
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text("definitions: [{file: d.yaml}]\nadmin: {address: 0.0.0.0}\n")
+    with pytest.raises(ConfigError) as exc:
+        config.load_settings(cfg)
+    assert exc.value.issues[0].path == "admin.address"
+    assert "loopback" in exc.value.issues[0].message
+
+
+def test_idle_timeout_longer_than_absolute_is_rejected(tmp_path: Path) -> None:
+    """sessions.idleTimeout may not exceed sessions.absoluteTimeout."""
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text("definitions: [{file: d.yaml}]\nsessions: {idleTimeout: 2d, absoluteTimeout: 1d}\n")
+    with pytest.raises(ConfigError) as exc:
+        config.load_settings(cfg)
+    assert exc.value.issues[0].path == "sessions.idleTimeout"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30", 30.0), (45, 45.0), ("10m", 600.0), ("8h", 28800.0), ("1d", 86400.0), ("250ms", 0.25)]
+)
+def test_durations_parse(text: object, seconds: float) -> None:
+    """Durations accept plain seconds and s/m/h/d/ms suffixes."""
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "1w", "-5", "ten", True, None, -1])
+def test_bad_durations_are_rejected(text: object) -> None:
+    """Anything else is a ValueError with an example of a valid duration."""
+    with pytest.raises(ValueError, match="30s"):
+        parse_duration(text)
+
+
+yaml_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20))
+yaml_values = st.recursive(
+    yaml_scalars,
+    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(st.text(max_size=10), children, max_size=4)),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from([*SERVICE.keys(), "junk"]), yaml_values, max_size=12))
+def test_loader_is_total_on_arbitrary_service_documents(doc: dict[str, object]) -> None:
+    """Any document either resolves or raises ConfigError whose issues all have a source and a message."""
+    doc = {"kind": "service", **doc}
+    try:
+        resolve_definitions([config.RawDocument("h.yaml", 0, doc)], ("app=frontend",))
+    except ConfigError as exc:
+        assert exc.issues
+        assert all(i.source and i.message for i in exc.issues)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_yaml_parser_is_total(text: str) -> None:
+    """parse_documents returns documents or one issue for any text; it never raises."""
+    result = parse_documents(text, "t.yaml")
+    assert isinstance(result, list | config.ConfigIssue)
