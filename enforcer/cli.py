@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     explain = sub.add_parser("explain", help="show which rule decides a request for given tags")
     with_config(explain)
     explain.add_argument("--service", required=True)
-    explain.add_argument("--tags", default=None, help="comma-separated tags, e.g. email=a@b.c,groups=admins; omit for an anonymous user")
+    explain.add_argument(
+        "--tags", default=None, help="comma-separated tags, e.g. email=a@b.c,groups=admins; omit for an anonymous user"
+    )
     explain.add_argument("method")
     explain.add_argument("path")
 
@@ -76,7 +78,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     match args.command:
         case "run":
             logging.basicConfig(
-                level=args.log_level.upper(), stream=sys.stderr,
+                level=args.log_level.upper(),
+                stream=sys.stderr,
                 format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             )
             from enforcer import daemon  # noqa: PLC0415  (keep `check`/`flows` start-up light)
@@ -143,7 +146,10 @@ def _explain(args: argparse.Namespace) -> int:
     try:
         path, _query = policy.canonical_path(args.path)
     except policy.PathError as exc:
-        print(f"{args.method.upper()} {args.path}: rejected with {exc.status} ({exc.code}) before any rule", file=sys.stdout)
+        print(
+            f"{args.method.upper()} {args.path}: rejected with {exc.status} ({exc.code}) before any rule",
+            file=sys.stdout,
+        )
         return 0
     tags = None if args.tags is None else frozenset(t.strip() for t in args.tags.split(",") if t.strip())
     decision = policy.decide(args.method.upper(), path, tags, service.table)

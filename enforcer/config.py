@@ -375,9 +375,7 @@ def _known_fields(model: type[BaseModel], loc: Sequence[int | str]) -> list[str]
         ann = f.annotation
         args = getattr(ann, "__args__", ())
         candidates = [ann, *args, *(a for x in args for a in getattr(x, "__args__", ()))]
-        current = next(
-            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
-        )
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
         if current is None:
             return []
     return sorted(current.model_fields)
@@ -447,9 +445,7 @@ def _read_secret(secret: SecretStr | SecretFile, source: str, key: str) -> str:
             ]
         ) from None
     if not text:
-        raise ConfigError(
-            [ConfigIssue(source, key + ".file", "secret file is empty", str(secret.file))]
-        )
+        raise ConfigError([ConfigIssue(source, key + ".file", "secret file is empty", str(secret.file))])
     return text
 
 
@@ -489,9 +485,7 @@ class RawDocument:
 def load_documents(path: Path) -> list[RawDocument]:
     """Read every YAML document of a file, or of every *.yaml/*.yml file in a directory."""
     files = (
-        sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
-        if path.is_dir()
-        else [path]
+        sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()) if path.is_dir() else [path]
     )
     docs: list[RawDocument] = []
     issues: list[ConfigIssue] = []
@@ -581,21 +575,36 @@ def resolve_definitions(
         cb = urllib.parse.urlsplit(svc.OIDCCallbackURL)
         if cb.scheme == "https" and cb.hostname and normalise_host(cb.hostname) not in svc.hosts:
             issues.append(
-                ConfigIssue(doc.where, prefix + "OIDCCallbackURL", "host is not one of the service's hosts",
-                            svc.OIDCCallbackURL, f"use https://{svc.hosts[0]} or add the host to hosts")
+                ConfigIssue(
+                    doc.where,
+                    prefix + "OIDCCallbackURL",
+                    "host is not one of the service's hosts",
+                    svc.OIDCCallbackURL,
+                    f"use https://{svc.hosts[0]} or add the host to hosts",
+                )
             )
         cb_port = cb.port if cb.scheme == "https" and cb.hostname else None
         if cb_port is not None and cb_port != svc.exposedPort:
             issues.append(
-                ConfigIssue(doc.where, prefix + "OIDCCallbackURL", "port differs from exposedPort",
-                            svc.OIDCCallbackURL, f"use port {svc.exposedPort} or change exposedPort")
+                ConfigIssue(
+                    doc.where,
+                    prefix + "OIDCCallbackURL",
+                    "port differs from exposedPort",
+                    svc.OIDCCallbackURL,
+                    f"use port {svc.exposedPort} or change exposedPort",
+                )
             )
         for h in svc.hosts:
             other = seen_hosts.get((h, svc.exposedPort))
             if other is not None:
                 issues.append(
-                    ConfigIssue(doc.where, prefix + "hosts", f"host is already served by service {other!r} on the same exposedPort",
-                                h, "give each service its own hosts")
+                    ConfigIssue(
+                        doc.where,
+                        prefix + "hosts",
+                        f"host is already served by service {other!r} on the same exposedPort",
+                        h,
+                        "give each service its own hosts",
+                    )
                 )
             seen_hosts[(h, svc.exposedPort)] = svc.name
         secret = ""
@@ -621,10 +630,13 @@ def resolve_definitions(
                     )
                 )
         for i, p in enumerate(svc.bypassPaths):
-            endpoints.append(policy.Endpoint(uri=p, methods=frozenset({"*"}), public=True, rule=f"{svc.name}.bypassPaths[{i}]"))
+            endpoints.append(
+                policy.Endpoint(uri=p, methods=frozenset({"*"}), public=True, rule=f"{svc.name}.bypassPaths[{i}]")
+            )
         if not spec_names:
             warnings.append(
-                f"service {svc.name!r}: exposedAPIs {svc.exposedAPIs} match no httpresourcespec; every request will be denied"
+                f"service {svc.name!r}: exposedAPIs {svc.exposedAPIs} match no httpresourcespec; "
+                "every request will be denied"
             )
         origin = f"https://{svc.hosts[0]}" + ("" if svc.exposedPort == 443 else f":{svc.exposedPort}")
         if cb.scheme == "https" and cb.hostname:
@@ -665,8 +677,13 @@ def _check_unique(issues: list[ConfigIssue], items: Sequence[tuple[RawDocument, 
     for doc, obj in items:
         if obj.name in seen:
             issues.append(
-                ConfigIssue(doc.where, f"{kind}[{obj.name}].name", f"duplicate {kind} name (also in {seen[obj.name]})",
-                            obj.name, "names must be unique within a definitions set")
+                ConfigIssue(
+                    doc.where,
+                    f"{kind}[{obj.name}].name",
+                    f"duplicate {kind} name (also in {seen[obj.name]})",
+                    obj.name,
+                    "names must be unique within a definitions set",
+                )
             )
         seen.setdefault(obj.name, doc.where)
 
@@ -782,7 +799,9 @@ def load_settings(path: Path) -> Settings:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([ConfigIssue(source, "", f"cannot read: {exc.strerror}", fix="pass -c /path/to/enforcer.yaml")]) from None
+        raise ConfigError(
+            [ConfigIssue(source, "", f"cannot read: {exc.strerror}", fix="pass -c /path/to/enforcer.yaml")]
+        ) from None
     docs = parse_documents(text, source)
     if isinstance(docs, ConfigIssue):
         raise ConfigError([docs])
@@ -811,8 +830,15 @@ def load_settings(path: Path) -> Settings:
     )
     if model.sessions.idleTimeout > model.sessions.absoluteTimeout:
         raise ConfigError(
-            [ConfigIssue(source, "sessions.idleTimeout", "is longer than sessions.absoluteTimeout",
-                         model.sessions.idleTimeout, "make idleTimeout <= absoluteTimeout")]
+            [
+                ConfigIssue(
+                    source,
+                    "sessions.idleTimeout",
+                    "is longer than sessions.absoluteTimeout",
+                    model.sessions.idleTimeout,
+                    "make idleTimeout <= absoluteTimeout",
+                )
+            ]
         )
     return Settings(path=path, model=model)
 
@@ -823,8 +849,15 @@ def load_definitions(settings: Settings) -> Definitions:
     issues: list[ConfigIssue] = []
     for src in settings.sources:
         if not src.exists():
-            issues.append(ConfigIssue(str(settings.path), "definitions", "source does not exist", str(src),
-                                      "create the file or fix the path"))
+            issues.append(
+                ConfigIssue(
+                    str(settings.path),
+                    "definitions",
+                    "source does not exist",
+                    str(src),
+                    "create the file or fix the path",
+                )
+            )
             continue
         try:
             docs.extend(load_documents(src))

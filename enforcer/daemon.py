@@ -106,7 +106,9 @@ class Daemon:
                 s.stateDir / "sessions.db", idle_timeout=s.sessions.idleTimeout, max_sessions=s.sessions.maxSessions
             )
         else:
-            store = sessions.MemorySessionStore(idle_timeout=s.sessions.idleTimeout, max_sessions=s.sessions.maxSessions)
+            store = sessions.MemorySessionStore(
+                idle_timeout=s.sessions.idleTimeout, max_sessions=s.sessions.maxSessions
+            )
         flowlog = FlowLog(
             self.settings.flow_log,
             on_dropped=self.metrics.flowlog_dropped.inc,
@@ -126,8 +128,13 @@ class Daemon:
         sock = listener.make_listen_socket(s.listen.address, s.listen.port)
         self.listen_port = sock.getsockname()[1]
         gate = Gate(
-            settings=self.settings, runtime=runtime, store=store, flowlog=flowlog,
-            metrics=self.metrics, upstream=upstream, listen_port=self.listen_port,
+            settings=self.settings,
+            runtime=runtime,
+            store=store,
+            flowlog=flowlog,
+            metrics=self.metrics,
+            upstream=upstream,
+            listen_port=self.listen_port,
         )
         self.gate = gate
         server = web.Server(
@@ -150,7 +157,9 @@ class Daemon:
         self.metrics.services.set(len(definitions.services))
         log.info(
             "enforcer listening on %s port %d for %d service(s): %s",
-            s.listen.address, self.listen_port, len(definitions.services),
+            s.listen.address,
+            self.listen_port,
+            len(definitions.services),
             ", ".join(f"{svc.name} ({', '.join(svc.hosts)})" for svc in definitions.services) or "none",
         )
         if on_ready is not None and not on_ready.done():

@@ -24,14 +24,36 @@ from enforcer import certs, config
 from enforcer.daemon import Daemon
 
 USERS = {
-    "alice": {"password": "alice", "claims": {"email": "alice@example.com", "email_verified": True,
-                                             "groups": ["admins", "staff"], "name": "Alice Admin",
-                                             "preferred_username": "alice"}},
-    "bob": {"password": "bob", "claims": {"email": "bob@example.com", "email_verified": True,
-                                         "groups": ["staff"], "name": "Bob Staff", "preferred_username": "bob"}},
-    "eve": {"password": "eve", "claims": {"email": "eve@example.com", "email_verified": False,
-                                         "groups": ["contractors"], "name": "Eve Outsider",
-                                         "preferred_username": "eve"}},
+    "alice": {
+        "password": "alice",
+        "claims": {
+            "email": "alice@example.com",
+            "email_verified": True,
+            "groups": ["admins", "staff"],
+            "name": "Alice Admin",
+            "preferred_username": "alice",
+        },
+    },
+    "bob": {
+        "password": "bob",
+        "claims": {
+            "email": "bob@example.com",
+            "email_verified": True,
+            "groups": ["staff"],
+            "name": "Bob Staff",
+            "preferred_username": "bob",
+        },
+    },
+    "eve": {
+        "password": "eve",
+        "claims": {
+            "email": "eve@example.com",
+            "email_verified": False,
+            "groups": ["contractors"],
+            "name": "Eve Outsider",
+            "preferred_username": "eve",
+        },
+    },
 }
 
 
@@ -43,7 +65,8 @@ def sample_app() -> web.Application:
         rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in ident.items())
         body = (
             "<!doctype html><meta charset=utf-8><title>Sample app</title>"
-            "<style>body{font-family:system-ui;max-width:44rem;margin:3rem auto}td{padding:.2rem .6rem;border-bottom:1px solid #ddd}</style>"
+            "<style>body{font-family:system-ui;max-width:44rem;margin:3rem auto}"
+            "td{padding:.2rem .6rem;border-bottom:1px solid #ddd}</style>"
             f"<h1>Hello from the sample app</h1><p>You asked for <code>{html.escape(request.path_qs)}</code>.</p>"
             f"<p>The enforcer told me who you are:</p><table>{rows}</table>"
             "<p>Try <a href='/admin/'>/admin/</a> (admins only), <a href='/healthz'>/healthz</a> (public) "
@@ -62,10 +85,14 @@ def sample_app() -> web.Application:
                     await ws.send_bytes(msg.data)
             return ws
         data = await request.read()
-        return web.json_response({
-            "method": request.method, "path": request.raw_path, "headers": list(request.headers.items()),
-            "body_bytes": len(data),
-        })
+        return web.json_response(
+            {
+                "method": request.method,
+                "path": request.raw_path,
+                "headers": list(request.headers.items()),
+                "body_bytes": len(data),
+            }
+        )
 
     async def health(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -118,7 +145,7 @@ oidc:
 async def _run(port: int, state: Path, exit_after: float | None) -> int:
     from enforcer import localidp  # noqa: PLC0415  (needs node; only the demo and tests use it)
 
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240  (start-up, before serving)
     store = certs.CertStore(state)
     store.ca_pem()
     idp_leaf = store.ensure_leaf("demo-idp", ["localhost", "127.0.0.1"])
@@ -137,13 +164,19 @@ async def _run(port: int, state: Path, exit_after: float | None) -> int:
     callback = f"https://localhost:{port}/oauth2/callback"
     op = await localidp.start_op(
         state / "idp",
-        clients=[{
-            "client_id": "demo-app", "client_secret": secret, "redirect_uris": [callback],
-            "post_logout_redirect_uris": [f"https://localhost:{port}/"],
-            "token_endpoint_auth_method": "client_secret_basic",
-        }],
+        clients=[
+            {
+                "client_id": "demo-app",
+                "client_secret": secret,
+                "redirect_uris": [callback],
+                "post_logout_redirect_uris": [f"https://localhost:{port}/"],
+                "token_endpoint_auth_method": "client_secret_basic",
+            }
+        ],
         users={name: localidp.OPUser(u["password"], u["claims"]) for name, u in USERS.items()},  # type: ignore[arg-type]
-        cert_file=idp_leaf.cert, key_file=idp_leaf.key, ca_file=store.ca_dir / "ca.crt",
+        cert_file=idp_leaf.cert,
+        key_file=idp_leaf.key,
+        ca_file=store.ca_dir / "ca.crt",
     )
     try:
         (state / "definitions.yaml").write_text(
@@ -158,19 +191,22 @@ async def _run(port: int, state: Path, exit_after: float | None) -> int:
         if task.done():
             return task.result()
         print(
-            "\n".join([
-                "",
-                "enforcer demo is running",
-                f"  open          https://localhost:{port}/",
-                "  users         alice/alice (admins, staff)  bob/bob (staff)  eve/eve (no access)",
-                f"  trust the CA  {state}/ca/ca.crt   (or: curl --cacert {state}/ca/ca.crt ...)",
-                f"  flow log      enforcer flows -c {state}/enforcer.yaml --follow",
-                f"  explain       enforcer explain -c {state}/enforcer.yaml --service demo-app --tags groups=staff GET /admin/",
-                f"  metrics       http://127.0.0.1:{daemon.admin_port}/metrics",
-                f"  identity provider {op.issuer}   sample app http://127.0.0.1:{app_port}/",
-                "Stop with Ctrl-C.",
-                "",
-            ]),
+            "\n".join(
+                [
+                    "",
+                    "enforcer demo is running",
+                    f"  open          https://localhost:{port}/",
+                    "  users         alice/alice (admins, staff)  bob/bob (staff)  eve/eve (no access)",
+                    f"  trust the CA  {state}/ca/ca.crt   (or: curl --cacert {state}/ca/ca.crt ...)",
+                    f"  flow log      enforcer flows -c {state}/enforcer.yaml --follow",
+                    f"  explain       enforcer explain -c {state}/enforcer.yaml --service demo-app"
+                    " --tags groups=staff GET /admin/",
+                    f"  metrics       http://127.0.0.1:{daemon.admin_port}/metrics",
+                    f"  identity provider {op.issuer}   sample app http://127.0.0.1:{app_port}/",
+                    "Stop with Ctrl-C.",
+                    "",
+                ]
+            ),
             flush=True,
         )
         if exit_after is not None:

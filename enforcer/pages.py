@@ -19,7 +19,9 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'",
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
+    ),
     "Strict-Transport-Security": "max-age=31536000",
 }
 
@@ -75,15 +77,11 @@ def error_page(
     parts.append(f"<p>Reason: <code>{html.escape(reason)}</code></p>")
     sets = [sorted(s) for s in would_allow]
     if sets:
-        items = "".join(
-            "<li>" + " and ".join(f"<code>{html.escape(t)}</code>" for t in s) + "</li>" for s in sets
-        )
+        items = "".join("<li>" + " and ".join(f"<code>{html.escape(t)}</code>" for t in s) + "</li>" for s in sets)
         parts.append(f"<p>Any one of these tag sets would allow this request:</p><ul>{items}</ul>")
     miss = sorted(missing)
     if miss:
-        parts.append(
-            "<p>You are missing: " + ", ".join(f"<code>{html.escape(t)}</code>" for t in miss) + "</p>"
-        )
+        parts.append("<p>You are missing: " + ", ".join(f"<code>{html.escape(t)}</code>" for t in miss) + "</p>")
     if retry_url:
         parts.append(f"<p><a href='{html.escape(retry_url, quote=True)}'>Sign in again</a></p>")
     parts.append(f"<p><small>Flow id {html.escape(flow_id)}</small></p>")

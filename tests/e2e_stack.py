@@ -28,12 +28,23 @@ from tests.harness.browser import ScriptedBrowser
 from tests.harness.op import OPUser, RunningOP, start_op
 
 USERS = {
-    "alice": OPUser("alice-pw", {"email": "alice@example.com", "email_verified": True, "groups": ["admins", "staff"],
-                                 "preferred_username": "alice", "name": "Alice"}),
-    "bob": OPUser("bob-pw", {"email": "bob@example.com", "email_verified": True, "groups": ["staff"],
-                             "preferred_username": "bob"}),
-    "eve": OPUser("eve-pw", {"email": "eve@example.com", "email_verified": False, "groups": ["contractors"],
-                             "preferred_username": "eve"}),
+    "alice": OPUser(
+        "alice-pw",
+        {
+            "email": "alice@example.com",
+            "email_verified": True,
+            "groups": ["admins", "staff"],
+            "preferred_username": "alice",
+            "name": "Alice",
+        },
+    ),
+    "bob": OPUser(
+        "bob-pw", {"email": "bob@example.com", "email_verified": True, "groups": ["staff"], "preferred_username": "bob"}
+    ),
+    "eve": OPUser(
+        "eve-pw",
+        {"email": "eve@example.com", "email_verified": False, "groups": ["contractors"], "preferred_username": "eve"},
+    ),
 }
 HOST = "app.test"
 
@@ -206,7 +217,10 @@ class Stack:
         with open(self.workdir / "enforcer.log", "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "enforcer", "run", "-c", str(self.config), "--log-level", "info"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
             )
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
@@ -274,12 +288,15 @@ async def start_stack(workdir: Path) -> Stack:
     await upstream.start()
     op = await start_op(
         workdir / "op",
-        clients=[{
-            "client_id": "app-client", "client_secret": secret,
-            "redirect_uris": [f"https://{HOST}:{port}/oauth2/callback"],
-            "post_logout_redirect_uris": [f"https://{HOST}:{port}/"],
-            "token_endpoint_auth_method": "client_secret_basic",
-        }],
+        clients=[
+            {
+                "client_id": "app-client",
+                "client_secret": secret,
+                "redirect_uris": [f"https://{HOST}:{port}/oauth2/callback"],
+                "post_logout_redirect_uris": [f"https://{HOST}:{port}/"],
+                "token_endpoint_auth_method": "client_secret_basic",
+            }
+        ],
         users=USERS,
     )
     state = workdir / "state"
@@ -289,9 +306,7 @@ async def start_stack(workdir: Path) -> Stack:
     (state / "definitions.yaml").write_text(
         DEFINITIONS.format(secret=secret_file, issuer=op.issuer, host=HOST, port=port, app_port=upstream.port)
     )
-    (state / "enforcer.yaml").write_text(
-        CONFIG.format(port=port, admin_port=admin_port, state=state, op_ca=op.ca_file)
-    )
+    (state / "enforcer.yaml").write_text(CONFIG.format(port=port, admin_port=admin_port, state=state, op_ca=op.ca_file))
     stack = Stack(workdir=workdir, op=op, upstream=upstream, port=port, admin_port=admin_port)
     stack.start_enforcer()
     try:

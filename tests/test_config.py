@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from enforcer import config
-from enforcer.config import ConfigError, parse_duration, parse_documents, resolve_definitions
+from enforcer.config import ConfigError, parse_documents, parse_duration, resolve_definitions
 
 SERVICE = {
     "kind": "service",
@@ -206,7 +206,9 @@ def test_bad_durations_are_rejected(text: object) -> None:
 yaml_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20))
 yaml_values = st.recursive(
     yaml_scalars,
-    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(st.text(max_size=10), children, max_size=4)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=20,
 )
 

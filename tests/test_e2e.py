@@ -82,9 +82,16 @@ async def test_public_endpoint_needs_no_login_and_strips_spoofed_identity(stack:
         before = len(stack.upstream.seen)
         async with http.get(
             stack.base.replace(HOST, "127.0.0.1") + "/public/info",
-            ssl=stack.client_ssl(), server_hostname=HOST,
-            headers={"Host": f"{HOST}:{stack.port}", "X-Forwarded-User": "admin", "x-forwarded-email": "a@b",
-                     "X-Remote-User": "root", "Forwarded": "for=1.2.3.4", "Connection": "X-Forwarded-For"},
+            ssl=stack.client_ssl(),
+            server_hostname=HOST,
+            headers={
+                "Host": f"{HOST}:{stack.port}",
+                "X-Forwarded-User": "admin",
+                "x-forwarded-email": "a@b",
+                "X-Remote-User": "root",
+                "Forwarded": "for=1.2.3.4",
+                "Connection": "X-Forwarded-For",
+            },
         ) as r:
             assert r.status == 200
         seen = _seen_since(stack, before)
@@ -190,7 +197,9 @@ async def test_100_megabytes_stream_both_ways(stack: Stack) -> None:
                 digest.update(block)
                 yield block
 
-        async with http.post(stack.base + "/upload", data=body(), headers={"Cookie": cookie, "Accept": "application/json"}) as r:
+        async with http.post(
+            stack.base + "/upload", data=body(), headers={"Cookie": cookie, "Accept": "application/json"}
+        ) as r:
             assert r.status == 200, await r.text()
             result = await r.json()
         assert result == {"bytes": size, "sha256": digest.hexdigest()}
@@ -244,12 +253,16 @@ async def test_every_request_gets_exactly_one_flow_record(stack: Stack) -> None:
     assert any(f["reason"] == "encoded_separator" for f in stack.flows())
     out = subprocess.run(
         [sys.executable, "-m", "enforcer", "flows", "-c", str(stack.config), "--json", "--service", "app"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert marker in out.stdout
     summary = subprocess.run(
         [sys.executable, "-m", "enforcer", "flows", "-c", str(stack.config), "--summary"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "login_required" in summary.stdout
 
@@ -276,8 +289,11 @@ async def test_headless_chromium_logs_in_through_real_redirects(stack: Stack) ->
     started = time.monotonic()
     result = await run_chromium_login(
         stack.base + "/chromium-page",
-        username="alice", password=USERS["alice"].password, expect_text="chromium-page",
-        spki=spki_hashes(leaf, stack.op.tls.cert_file), resolve={HOST: "127.0.0.1"},
+        username="alice",
+        password=USERS["alice"].password,
+        expect_text="chromium-page",
+        spki=spki_hashes(leaf, stack.op.tls.cert_file),
+        resolve={HOST: "127.0.0.1"},
     )
     elapsed = time.monotonic() - started
     assert result["ok"], result
