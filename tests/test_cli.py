@@ -1,0 +1,103 @@
+"""The command line: check, explain, certs export-ca and flows, run as real subprocesses."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_config import SERVICE, SPEC
+
+
+def _enforcer(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "enforcer", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Path:
+    import yaml  # noqa: PLC0415
+
+    admin = {**SPEC, "name": "admin", "endpoints": [
+        {"URI": "/admin/*", "methods": ["GET"], "allowedScopes": [["groups=admins"]]},
+        {"URI": "/healthz", "methods": ["GET"], "public": True},
+    ]}
+    (tmp_path / "defs.yaml").write_text(yaml.safe_dump_all([SERVICE, SPEC, admin]))
+    path = tmp_path / "enforcer.yaml"
+    path.write_text("tags: [app=frontend]\nstateDir: state\nlogsDir: logs\ndefinitions: [{file: defs.yaml}]\n")
+    return path
+
+
+def test_check_accepts_a_valid_config_and_lists_services(cfg: Path) -> None:
+    """`enforcer check` exits 0 and summarises each service."""
+    out = _enforcer("check", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "service private-app" in out.stdout
+    assert "3 endpoint(s)" in out.stdout
+
+
+def test_check_rejects_a_broken_config_with_a_key_path(cfg: Path) -> None:
+    """`enforcer check` exits 2 and names the file, key path, value and fix of each problem."""
+    defs = cfg.parent / "defs.yaml"
+    defs.write_text(defs.read_text().replace("port: 80", "port: eighty").replace("OIDCClientID", "OIDCClientId"))
+    out = _enforcer("check", "-c", str(cfg))
+    assert out.returncode == 2
+    assert "service[private-app].port" in out.stderr
+    assert "'eighty'" in out.stderr
+    assert "unknown key 'OIDCClientId'" in out.stderr
+    assert "did you mean 'OIDCClientID'" in out.stderr
+
+
+def test_check_reports_a_missing_config_file(tmp_path: Path) -> None:
+    """A missing config file is a clear error, not a traceback."""
+    out = _enforcer("check", "-c", str(tmp_path / "nope.yaml"))
+    assert out.returncode == 2
+    assert "cannot read" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_explain_names_the_rule_and_the_missing_tags(cfg: Path) -> None:
+    """`enforcer explain` prints the decision, the rule that decided and what is missing."""
+    out = _enforcer("explain", "-c", str(cfg), "--service", "private-app", "--tags", "groups=staff", "GET", "/admin/x")
+    assert out.returncode == 0, out.stderr
+    assert "admin#0" in out.stdout
+    assert "groups=admins" in out.stdout
+    allowed = _enforcer("explain", "-c", str(cfg), "--service", "private-app", "GET", "/healthz")
+    assert "public" in allowed.stdout.lower()
+
+
+def test_explain_reports_a_rejected_path(cfg: Path) -> None:
+    """A path the canonicaliser rejects is explained as a 400 before any rule."""
+    out = _enforcer("explain", "-c", str(cfg), "--service", "private-app", "GET", "/a%2fb")
+    assert "400" in out.stdout and "encoded_separator" in out.stdout
+
+
+def test_explain_unknown_service_lists_the_known_ones(cfg: Path) -> None:
+    """Asking about a service this enforcer does not serve exits 2 and lists the services."""
+    out = _enforcer("explain", "-c", str(cfg), "--service", "nope", "GET", "/")
+    assert out.returncode == 2
+    assert "private-app" in out.stderr
+
+
+def test_certs_export_ca_prints_a_pem_certificate(cfg: Path) -> None:
+    """`enforcer certs export-ca` creates the CA on first use and prints it as PEM."""
+    out = _enforcer("certs", "export-ca", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("-----BEGIN CERTIFICATE-----")
+    again = _enforcer("certs", "export-ca", "-c", str(cfg))
+    assert again.stdout == out.stdout
+
+
+def test_flows_without_a_log_file_exits_2(cfg: Path) -> None:
+    """`enforcer flows` on a host with no flow log yet says so and exits 2."""
+    out = _enforcer("flows", "-c", str(cfg))
+    assert out.returncode == 2
+    assert "flows.jsonl" in out.stderr
+
+
+def test_flows_bad_since_is_a_usage_error(cfg: Path) -> None:
+    """An unparsable --since is rejected with the accepted forms."""
+    out = _enforcer("flows", "-c", str(cfg), "--since", "yesterday-ish")
+    assert out.returncode == 2
+    assert "--since" in out.stderr
