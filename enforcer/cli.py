@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate enforcer.yaml and every definition")
     with_config(check)
 
+    reload = sub.add_parser("reload", help="make the running daemon re-read its definitions now")
+    with_config(reload)
+
     flows = sub.add_parser("flows", help="read the flow log")
     with_config(flows)
     flows.add_argument("--file", type=Path, help="flow log file (default: from the config)")
@@ -89,6 +92,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _check(args.config)
         case "flows":
             return _flows(args)
+        case "reload":
+            return _reload(args.config)
         case "explain":
             return _explain(args)
         case "certs":
@@ -104,9 +109,35 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 2
 
 
+def _load_all_definitions(settings: config.Settings) -> config.Definitions:
+    """Every source, HTTP ones included, validated exactly as the daemon would."""
+    import asyncio  # noqa: PLC0415
+
+    import aiohttp  # noqa: PLC0415
+
+    from enforcer import definitions  # noqa: PLC0415
+
+    async def load() -> config.Definitions:
+        async with aiohttp.ClientSession() as http:
+            sources = definitions.build_sources(settings, http)
+            docs = []
+            for src in sources:
+                try:
+                    docs.extend(await src.poll() or [])
+                except definitions.SourceError as exc:
+                    raise config.ConfigError(
+                        [config.ConfigIssue(str(settings.path), "definitions", f"source unreadable: {exc}")]
+                    ) from None
+            return config.resolve_definitions(
+                docs, settings.tags, allow_http_loopback_idp=settings.model.oidc.allowHttpLoopbackIssuer
+            )
+
+    return asyncio.run(load())
+
+
 def _check(path: Path) -> int:
     settings = config.load_settings(path)
-    definitions = config.load_definitions(settings)
+    definitions = _load_all_definitions(settings)
     print(f"{path}: OK")
     for svc in definitions.services:
         print(
@@ -117,6 +148,28 @@ def _check(path: Path) -> int:
         print(f"  service {name}: not for this enforcer (selectors do not match tags {list(settings.tags)})")
     for w in definitions.warnings:
         print(f"  warning: {w}")
+    return 0
+
+
+def _reload(path: Path) -> int:
+    import json  # noqa: PLC0415
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    admin = config.load_settings(path).model.admin
+    host = f"[{admin.address}]" if ":" in admin.address else admin.address
+    url = f"http://{host}:{admin.port}/reload"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="POST"), timeout=60) as resp:
+            body = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        body = json.loads(exc.read() or b"{}")
+        print(f"enforcer reload: {body.get('outcome', exc.code)} (see the daemon's log for why)", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"enforcer reload: cannot reach the daemon at {url}: {exc}", file=sys.stderr)
+        return 2
+    print(f"reload: {body['outcome']}")
     return 0
 
 
@@ -137,7 +190,7 @@ def _flows(args: argparse.Namespace) -> int:
 
 def _explain(args: argparse.Namespace) -> int:
     settings = config.load_settings(args.config)
-    definitions = config.load_definitions(settings)
+    definitions = _load_all_definitions(settings)
     service = definitions.get(args.service)
     if service is None:
         names = ", ".join(s.name for s in definitions.services) or "none"

@@ -33,6 +33,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from enforcer import policy
@@ -738,9 +739,26 @@ class OIDCSettingsModel(_Strict):
 
 
 class SourceModel(_Strict):
-    """A definitions source: a YAML file or a directory of YAML files."""
+    """A definitions source: a YAML file or directory (``file``), or an HTTP(S) ``url``."""
 
-    file: Path
+    file: Path | None = None
+    url: str | None = None
+    tokenFile: Path | None = None
+    caFile: Path | None = None
+    interval: Duration = 30.0
+    timeout: Duration = 10.0
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SourceModel:
+        if (self.file is None) == (self.url is None):
+            raise ValueError("give exactly one of file: /path or url: https://...")
+        if self.url is not None:
+            problem = _https_url(self.url, allow_http_loopback=True)
+            if problem:
+                raise ValueError(f"url {problem} (plain http is accepted only on loopback)")
+        if self.interval < 1:
+            raise ValueError("interval must be at least 1s")
+        return self
 
 
 class LimitsModel(_Strict):
@@ -790,7 +808,8 @@ class Settings:
 
     @property
     def sources(self) -> tuple[Path, ...]:
-        return tuple(s.file for s in self.model.definitions)
+        """The file sources (HTTP sources are read by ``enforcer.definitions``)."""
+        return tuple(s.file for s in self.model.definitions if s.file is not None)
 
 
 def load_settings(path: Path) -> Settings:
@@ -822,7 +841,16 @@ def load_settings(path: Path) -> Settings:
             "stateDir": absolute(model.stateDir),
             "logsDir": absolute(model.logsDir),
             "flowLog": absolute(model.flowLog) if model.flowLog else None,
-            "definitions": [SourceModel(file=absolute(s.file)) for s in model.definitions],
+            "definitions": [
+                s.model_copy(
+                    update={
+                        "file": absolute(s.file) if s.file else None,
+                        "tokenFile": absolute(s.tokenFile) if s.tokenFile else None,
+                        "caFile": absolute(s.caFile) if s.caFile else None,
+                    }
+                )
+                for s in model.definitions
+            ],
             "oidc": model.oidc.model_copy(
                 update={"caFile": absolute(model.oidc.caFile) if model.oidc.caFile else None}
             ),

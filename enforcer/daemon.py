@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
-import ssl
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -24,9 +24,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from enforcer import certs, config, listener, oidc, proxy
+from enforcer import certs, config, httpserver, listener, oidc, proxy
 from enforcer import session as sessions
-from enforcer.flowlog import FlowLog
+from enforcer.definitions import DefinitionsManager, build_sources
+from enforcer.flowlog import FlowLog, FlowRecord
 from enforcer.handler import Gate, Runtime
 from enforcer.metrics import Metrics
 
@@ -66,8 +67,10 @@ def build_providers(
     return out
 
 
-def build_tls(definitions: config.Definitions, store: certs.CertStore) -> ssl.SSLContext:
-    """Certificates for every host (operator-supplied ones win) and the SNI context."""
+def build_leaves(
+    definitions: config.Definitions, store: certs.CertStore
+) -> tuple[dict[str, certs.LeafPaths], str | None]:
+    """Certificates for every host (operator-supplied ones win) and the no-SNI default host."""
     leaves: dict[str, certs.LeafPaths] = {}
     for svc in definitions.services:
         if svc.tls is not None:
@@ -77,7 +80,33 @@ def build_tls(definitions: config.Definitions, store: certs.CertStore) -> ssl.SS
         for h in svc.hosts:
             leaves[h] = leaf
     default = definitions.services[0].hosts[0] if definitions.services else None
-    return listener.server_ssl_context(leaves, default)
+    return leaves, default
+
+
+def sd_notify(message: str) -> bool:
+    """Tell systemd about our state (Type=notify); a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("sd_notify failed: %s", exc)
+        return False
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Half of systemd's WatchdogSec, if it is watching this process."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or not usec.isdigit() or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2_000_000
 
 
 @dataclass
@@ -95,12 +124,26 @@ class Daemon:
     async def run(self, *, on_ready: asyncio.Future[None] | None = None) -> int:
         """Serve until SIGTERM/SIGINT (or :meth:`stop`); returns the exit code."""
         s = self.settings.model
-        definitions = config.load_definitions(self.settings)
+        s.stateDir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            headers={"User-Agent": "enforcer"},
+        )
+        self.http = http
+        self.manager = DefinitionsManager(
+            self.settings, build_sources(self.settings, http), on_change=self._apply, on_outcome=self._reload_outcome
+        )
+        try:
+            definitions = await self.manager.load_initial()
+        except BaseException:
+            await http.close()
+            raise
         for w in definitions.warnings:
             log.warning("%s", w)
-        s.stateDir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        cert_store = certs.CertStore(s.stateDir)
-        ssl_ctx = build_tls(definitions, cert_store)
+        self.cert_store = certs.CertStore(s.stateDir)
+        self.tls = listener.TLSDispatch(*build_leaves(definitions, self.cert_store))
+        ssl_ctx = self.tls.context
         if s.sessions.store == "sqlite":
             store: sessions.SessionStore = sessions.SQLiteSessionStore(
                 s.stateDir / "sessions.db", idle_timeout=s.sessions.idleTimeout, max_sessions=s.sessions.maxSessions
@@ -113,11 +156,6 @@ class Daemon:
             self.settings.flow_log,
             on_dropped=self.metrics.flowlog_dropped.inc,
             on_write_error=self.metrics.flowlog_write_errors.inc,
-        )
-        http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=64),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            headers={"User-Agent": "enforcer"},
         )
         upstream = proxy.Upstream(
             connect_timeout=s.limits.upstreamConnectTimeout,
@@ -137,8 +175,10 @@ class Daemon:
             listen_port=self.listen_port,
         )
         self.gate = gate
-        server = web.Server(
+        server = httpserver.Server(
             gate.handle,
+            header_timeout=s.limits.headerTimeout,
+            body_timeout=s.limits.idleTimeout,
             keepalive_timeout=s.limits.idleTimeout,
             max_line_size=8190,
             max_field_size=8190,
@@ -151,6 +191,8 @@ class Daemon:
         self._spawn(flowlog.run(), "flowlog")
         self._spawn(self._warm_up(runtime), "discovery")
         self._spawn(self._housekeeping(store), "housekeeping")
+        self._spawn(self.manager.run(), "definitions")
+        self.flowlog = flowlog
         tls_server = await loop.create_server(server, sock=sock, ssl=ssl_ctx, ssl_handshake_timeout=10.0, backlog=1024)
         admin = await self._start_admin(runtime)
         self._install_signals(loop, flowlog)
@@ -164,9 +206,14 @@ class Daemon:
         )
         if on_ready is not None and not on_ready.done():
             on_ready.set_result(None)
+        sd_notify(f"READY=1\nSTATUS=serving {len(definitions.services)} service(s)")
+        watchdog = watchdog_interval()
+        if watchdog is not None:
+            self._spawn(self._feed_watchdog(watchdog), "watchdog")
         try:
             await self._stop.wait()
         finally:
+            sd_notify("STOPPING=1\nSTATUS=draining")
             log.info("stopping: draining in-flight requests (up to %.0f s)", DRAIN_SECONDS)
             tls_server.close()
             await server.shutdown(DRAIN_SECONDS)
@@ -200,24 +247,41 @@ class Daemon:
         flowlog.reopen()
         self.reload()
 
-    def reload(self) -> bool:
-        """Re-read the definitions; keep the old set if the new one is invalid."""
-        try:
-            definitions = config.load_definitions(self.settings)
-        except config.ConfigError as exc:
-            log.error("reload rejected, keeping the current definitions:\n%s", exc)
-            self.metrics.reloads.labels("rejected").inc()
-            return False
+    def reload(self) -> None:
+        """Re-read every definitions source now (SIGHUP, `enforcer reload`)."""
+        self.manager.trigger()
+
+    async def _apply(self, definitions: config.Definitions, reason: str) -> None:
+        """Swap in a validated set: certificates first, then the request path's runtime."""
+        leaves, default = await asyncio.to_thread(build_leaves, definitions, self.cert_store)
+        self.tls.update(leaves, default)
         old = self.gate.runtime
-        http = next(iter(old.providers.values())).http if old.providers else None
-        if http is None:
-            log.error("reload needs a restart (no IdP client yet)")
-            return False
-        self.gate.runtime = Runtime(definitions, build_providers(definitions, self.settings, http, old.providers))
-        self.metrics.reloads.labels("success").inc()
+        runtime = Runtime(definitions, build_providers(definitions, self.settings, self.http, old.providers))
+        self.gate.runtime = runtime
+        self._spawn(self._warm_up(runtime), "discovery")
         self.metrics.services.set(len(definitions.services))
-        log.info("reloaded definitions: %d service(s)", len(definitions.services))
-        return True
+        sd_notify(f"STATUS=serving {len(definitions.services)} service(s)")
+        log.info(
+            "definitions applied (%s): %s", reason, ", ".join(svc.name for svc in definitions.services) or "no services"
+        )
+
+    def _reload_outcome(self, outcome: str, detail: str) -> None:
+        """Each reload is counted and leaves one flow record with its outcome."""
+        self.metrics.reloads.labels(outcome).inc()
+        flowlog = getattr(self, "flowlog", None)
+        if flowlog is None:
+            return
+        now = time.time()
+        record = FlowRecord.begin(client="-", sni=None, host=None, method="RELOAD", path="-", now=now)
+        record.record(decision="reload", reason=f"reload_{outcome}")
+        record.endpoint = detail[:200] or None
+        flowlog.write(record.finish(now=now, status=200 if outcome in ("success", "last_known_good") else 500))
+
+    async def _feed_watchdog(self, interval: float) -> None:
+        """Ping systemd's watchdog from the event loop: a wedged loop stops the pings."""
+        while True:
+            sd_notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
 
     async def _warm_up(self, runtime: Runtime) -> None:
         """Discover every IdP (retrying with backoff) so /readyz can report readiness."""
@@ -262,6 +326,11 @@ class Daemon:
             ok = self.ready and not problems
             return web.json_response({"ready": ok, "problems": problems}, status=200 if ok else 503)
 
+        async def reload(_: web.Request) -> web.Response:
+            outcome = await self.manager.refresh(reason="admin")
+            return web.json_response({"outcome": outcome}, status=200 if outcome in ("success", "unchanged") else 409)
+
+        app.router.add_post("/reload", reload)
         app.router.add_get("/metrics", metrics)
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from enforcer import oidc, pages, policy, proxy
 from enforcer import session as sessions
@@ -33,6 +34,39 @@ MAX_PENDING_PER_BROWSER = 5
 MAX_RETURN_TO = 2048
 MAX_CALLBACK_QUERY = 8192
 FORBIDDEN_METHODS = frozenset({"TRACE", "TRACK", "CONNECT"})
+
+#: Set by the server protocol (daemon.py) on the stand-in request it makes when aiohttp's
+#: parser refused the bytes: (status, reason code).  :meth:`Gate.handle` answers it, so a
+#: malformed request gets one flow record and a fixed page that echoes nothing back.
+FRAMING_ERROR: web.RequestKey[tuple[int, str]] = web.RequestKey("enforcer_framing_error", tuple)
+
+
+def framing_error(exc: BaseException) -> tuple[int, str]:
+    """aiohttp parser error -> (status, reason code); the parser's text is never shown."""
+    if isinstance(exc, LineTooLong):
+        # the C parser reports the request-target as a bytearray, header lines as bytes
+        if exc.args and isinstance(exc.args[0], bytearray):
+            return 414, "target_too_long"
+        return 431, "header_too_large"
+    if isinstance(exc, HttpProcessingError) and "Too many headers" in str(exc.message):
+        return 431, "too_many_headers"
+    return 400, "malformed_request"
+
+
+def transfer_coding_problem(request: web.BaseRequest) -> tuple[int, str] | None:
+    """Framing the parser accepted but the enforcer refuses (RFC 9112 §6.1, §2.3)."""
+    if request.version not in ((1, 0), (1, 1)):
+        return 505, "bad_version"
+    codings = [
+        t.strip().lower() for v in request.headers.getall("Transfer-Encoding", []) for t in v.split(",")
+    ]
+    if not codings:
+        return None
+    if request.version < (1, 1):
+        return 400, "te_in_http10"  # faulty framing: the length cannot be trusted
+    if codings != ["chunked"]:
+        return 501, "unsupported_transfer_coding"  # only a plain ``chunked`` is forwarded
+    return None
 
 
 @dataclass
@@ -152,6 +186,12 @@ class Gate:
             self.metrics.observe_flow(flow)
 
     async def _handle(self, request: web.BaseRequest, flow: FlowRecord, client_ip: str) -> web.StreamResponse:
+        # 0. the parser refused the bytes, or framing it let through that we do not accept
+        refused = request.get(FRAMING_ERROR) or transfer_coding_problem(request)
+        if refused is not None:
+            status, reason = refused
+            flow.record(decision="bad_request", reason=reason)
+            return pages.plain_close(status, pages.TITLES.get(status, "Bad request"))
         # 1. framing the HTTP parser cannot see: names with '_', odd methods, Host
         for name in request.headers:
             if "_" in name:

@@ -65,9 +65,7 @@ NUM_TICKETS = 2
 _IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15 if sys.platform == "linux" else None)
 _IPV6_FREEBIND = getattr(socket, "IPV6_FREEBIND", 78 if sys.platform == "linux" else None)
 
-_sni_by_object: weakref.WeakKeyDictionary[ssl.SSLObject | ssl.SSLSocket, str] = (
-    weakref.WeakKeyDictionary()
-)
+_sni_by_object: weakref.WeakKeyDictionary[ssl.SSLObject | ssl.SSLSocket, str] = weakref.WeakKeyDictionary()
 
 
 def normalise_sni(name: str | None) -> str | None:
@@ -112,10 +110,7 @@ def _base_context() -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.options |= (
-        ssl.OP_NO_COMPRESSION
-        | ssl.OP_NO_RENEGOTIATION
-        | ssl.OP_CIPHER_SERVER_PREFERENCE
-        | ssl.OP_SINGLE_ECDH_USE
+        ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_SINGLE_ECDH_USE
     )
     ctx.options &= ~ssl.OP_NO_TICKET
     ctx.verify_mode = ssl.CERT_NONE
@@ -133,49 +128,59 @@ def _lookup(contexts: Mapping[str, ssl.SSLContext], name: str) -> ssl.SSLContext
     return ctx
 
 
-def server_ssl_context(leaves: Mapping[str, LeafPaths], default: str | None) -> ssl.SSLContext:
-    """The listener's SSLContext: presents ``leaves[SNI]``, or ``leaves[default]`` without SNI.
+class TLSDispatch:
+    """The listener's one SSLContext, whose SNI table can be replaced on reload.
 
     ``leaves`` maps a host name (compared case-insensitively, without trailing dot; ``*.x``
-    covers one label under ``x``) to its leaf. Hosts sharing a ``LeafPaths`` share one context.
-    Raises CertError if a certificate/key pair cannot be loaded, ValueError if ``default`` is
-    not one of ``leaves``.
+    covers one label under ``x``) to its leaf; hosts sharing a ``LeafPaths`` share one context.
+    The dispatch context itself never changes, so session resumption survives reloads.
     """
-    by_leaf: dict[LeafPaths, ssl.SSLContext] = {}
-    contexts: dict[str, ssl.SSLContext] = {}
-    for host, leaf in leaves.items():
-        name = normalise_sni(host)
-        if name is None:
-            raise ValueError(
-                f"leaves: {host!r} is not a host name (IP literals never arrive as SNI)"
-            )
-        if leaf not in by_leaf:
-            by_leaf[leaf] = _leaf_context(leaf)
-        contexts[name] = by_leaf[leaf]
 
-    default_ctx: ssl.SSLContext | None = None
-    if default is not None:
-        default_name = normalise_sni(default)
-        if default_name is None or default_name not in contexts:
-            raise ValueError(f"default host {default!r} is not one of the configured hosts")
-        default_ctx = contexts[default_name]
+    def __init__(self, leaves: Mapping[str, LeafPaths], default: str | None) -> None:
+        # No certificate of its own: OpenSSL runs the servername callback on every ClientHello
+        # (CPython passes None without SNI), and the callback always switches or aborts.
+        self.context = _base_context()
+        self._contexts: dict[str, ssl.SSLContext] = {}
+        self._default: ssl.SSLContext | None = None
+        self._by_leaf: dict[LeafPaths, ssl.SSLContext] = {}
+        self.update(leaves, default)
+        self.context.sni_callback = self._on_sni
 
-    # No certificate of its own: OpenSSL runs the servername callback on every ClientHello
-    # (CPython passes None without SNI), and the callback always switches or aborts.
-    dispatch = _base_context()
+    def update(self, leaves: Mapping[str, LeafPaths], default: str | None) -> None:
+        """Swap in a new host -> certificate table (atomically: one attribute assignment each).
 
-    def on_sni(
-        ssl_obj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _ctx: ssl.SSLContext
+        Raises CertError if a certificate/key pair cannot be loaded, ValueError if ``default``
+        is not one of ``leaves``; the previous table then stays in force.
+        """
+        by_leaf: dict[LeafPaths, ssl.SSLContext] = {}
+        contexts: dict[str, ssl.SSLContext] = {}
+        for host, leaf in leaves.items():
+            name = normalise_sni(host)
+            if name is None:
+                raise ValueError(f"leaves: {host!r} is not a host name (IP literals never arrive as SNI)")
+            if leaf not in by_leaf:
+                by_leaf[leaf] = self._by_leaf.get(leaf) or _leaf_context(leaf)
+            contexts[name] = by_leaf[leaf]
+        default_ctx: ssl.SSLContext | None = None
+        if default is not None:
+            default_name = normalise_sni(default)
+            if default_name is None or default_name not in contexts:
+                raise ValueError(f"default host {default!r} is not one of the configured hosts")
+            default_ctx = contexts[default_name]
+        self._by_leaf, self._contexts, self._default = by_leaf, contexts, default_ctx
+
+    def _on_sni(
+        self, ssl_obj: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _ctx: ssl.SSLContext
     ) -> int | None:
         # Must never raise: CPython would print the exception and abort with internal_error.
         try:
             name = normalise_sni(server_name)
             if name is None:
-                if default_ctx is None:
+                if self._default is None:
                     return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
-                ssl_obj.context = default_ctx
+                ssl_obj.context = self._default
                 return None
-            ctx = _lookup(contexts, name)
+            ctx = _lookup(self._contexts, name)
             if ctx is None:
                 return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
             ssl_obj.context = ctx
@@ -184,13 +189,17 @@ def server_ssl_context(leaves: Mapping[str, LeafPaths], default: str | None) -> 
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
         return None
 
-    dispatch.sni_callback = on_sni
-    return dispatch
+
+def server_ssl_context(leaves: Mapping[str, LeafPaths], default: str | None) -> ssl.SSLContext:
+    """The listener's SSLContext: presents ``leaves[SNI]``, or ``leaves[default]`` without SNI.
+
+    Raises CertError if a certificate/key pair cannot be loaded, ValueError if ``default`` is
+    not one of ``leaves``. Use :class:`TLSDispatch` to be able to change the table later.
+    """
+    return TLSDispatch(leaves, default).context
 
 
-def make_listen_socket(
-    host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024
-) -> socket.socket:
+def make_listen_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> socket.socket:
     """A bound, listening, non-blocking TCP socket for ``host``:``port``.
 
     ``"::"`` is dual-stack (IPV6_V6ONLY=0, IPv4 arrives as ``::ffff:a.b.c.d``); any other IPv6

@@ -41,6 +41,7 @@ TITLES = {
     502: "Application unavailable",
     503: "Service unavailable",
     504: "Application timed out",
+    505: "HTTP version not supported",
 }
 
 _STYLE = (
@@ -85,16 +86,16 @@ def error_page(
     if retry_url:
         parts.append(f"<p><a href='{html.escape(retry_url, quote=True)}'>Sign in again</a></p>")
     parts.append(f"<p><small>Flow id {html.escape(flow_id)}</small></p>")
-    headers = dict(SECURITY_HEADERS)
-    if close:
-        headers["Connection"] = "close"
-    return web.Response(
+    resp = web.Response(
         status=status,
         text=_page(title, "".join(parts)),
         content_type="text/html",
         charset="utf-8",
-        headers=headers,
+        headers=SECURITY_HEADERS,
     )
+    if close:
+        resp.force_close()  # a ``Connection: close`` header alone leaves aiohttp's socket open
+    return resp
 
 
 def json_error(status: int, reason: str, flow_id: str, *, login_url: str | None = None) -> web.Response:
@@ -110,9 +111,9 @@ def json_error(status: int, reason: str, flow_id: str, *, login_url: str | None 
 
 def plain_close(status: int, text: str) -> web.Response:
     """A minimal response that closes the connection (framing problems, bad hosts)."""
-    headers = dict(SECURITY_HEADERS)
-    headers["Connection"] = "close"
-    return web.Response(status=status, text=text + "\n", content_type="text/plain", headers=headers)
+    resp = web.Response(status=status, text=text + "\n", content_type="text/plain", headers=SECURITY_HEADERS)
+    resp.force_close()  # sends ``Connection: close`` *and* closes the socket after the response
+    return resp
 
 
 def redirect(location: str, *, set_cookies: Iterable[str] = ()) -> web.Response:

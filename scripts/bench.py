@@ -1,1 +1,1038 @@
-import sys; print("driver", sys.argv)
+#!/usr/bin/env python3
+"""Benchmark driver behind ``scripts/bench`` (run that: it installs the Debian tools first).
+
+Everything runs on 127.0.0.1; every process this script starts is stopped by its PID at the
+end (and gets SIGTERM from the kernel if this script dies: PR_SET_PDEATHSIG).
+
+Columns (``--columns``):
+
+* ``bare``     -- the upstream itself: nginx returning a fixed 100-byte body over plain HTTP
+                  (no TLS, no auth).  Its "new connection" figure is a new TCP connection.
+* ``nginx``    -- nginx as a TLS reverse proxy in front of the upstream, no auth (the ceiling).
+* ``apache``   -- Apache 2.4 (mpm_event) + mod_auth_openidc as a TLS reverse proxy with OIDC
+                  login against the same OP (its own client registration), ``Require valid-user``.
+* ``enforcer`` -- ``python -m enforcer run`` with production defaults: flow log on, SQLite
+                  sessions, uvloop, the policy allowing ``GET /*`` to ``groups=staff``.
+
+Servers (upstream, proxies, OP) are pinned to core 0, the load generator (wrk) and this
+driver (which runs the scripted-browser logins) to core 1.  Per column and repetition:
+
+(a) keep-alive load: ``wrk -t1 -c64`` with the session cookie, every response checked (200
+    and exactly the upstream's body) by scripts/bench-wrk.lua; any miss makes the run INVALID;
+(b) a new connection per request: the same with ``Connection: close`` (``-c16``); the server
+    CPU time divided by the connections is the cost of one TLS handshake plus one request;
+(c) ``--logins`` complete login round trips, one after the other, each with a fresh client:
+    GET protected -> OP -> login form -> POST -> callback -> app page (checked).
+
+Server CPU is utime+stime of the server's process tree (all threads, live children and reaped
+ones) from /proc over the run, divided by the requests wrk completed.  For the proxies the
+upstream's own CPU is reported separately (it is the same work for every column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import datetime as dt
+import json
+import os
+import platform
+import re
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.harness.browser import ScriptedBrowser  # noqa: E402
+from tests.harness.op import OPUser, RunningOP, make_tls_material, start_op  # noqa: E402
+
+ALL_COLUMNS = ("bare", "nginx", "apache", "enforcer")
+AUTH_COLUMNS = ("apache", "enforcer")
+HOST = "localhost"  # resolves to 127.0.0.1 only (/etc/hosts); wrk sends it as SNI
+USER, PASSWORD = "alice", "alice-pw"
+USERS = {
+    USER: OPUser(PASSWORD, {"email": "alice@example.com", "email_verified": True,
+                            "groups": ["staff"], "preferred_username": "alice", "name": "Alice"}),
+}
+BODY = ("enforcer-bench upstream body " + "0123456789" * 10)[:99] + "\n"
+assert len(BODY.encode()) == 100
+WRK_SCRIPT = REPO / "scripts" / "bench-wrk.lua"
+APACHE_MODULES = Path("/usr/lib/apache2/modules")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+STOP_GRACE = 10.0
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------- CPU pinning
+
+
+@dataclass(frozen=True)
+class Cores:
+    server: str | None  # taskset -c argument, None = no pinning
+    client: str | None
+
+    def wrap(self, cmd: Sequence[str], server: bool = True) -> list[str]:
+        cpu = self.server if server else self.client
+        return ["taskset", "-c", cpu, *cmd] if cpu is not None else list(cmd)
+
+
+def pick_cores() -> Cores:
+    available = sorted(os.sched_getaffinity(0))
+    if len(available) < 2 or shutil.which("taskset") is None:
+        log("fewer than 2 cores (or no taskset): servers and load generator are not pinned")
+        return Cores(None, None)
+    return Cores(str(available[0]), str(available[1]))
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+# ---------------------------------------------------------------- /proc
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) may contain spaces: split after its closing paren
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def tree_pids(root: int) -> list[int]:
+    """``root`` and all its live descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        st = _stat(int(entry))
+        if st is not None:
+            children.setdefault(int(st[1]), []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """utime+stime of the tree, plus cutime+cstime (children already reaped) of each member."""
+    ticks = 0
+    for pid in tree_pids(root):
+        st = _stat(pid)
+        if st is None:
+            continue
+        # after the paren: state(0) ppid(1) ... utime(11) stime(12) cutime(13) cstime(14)
+        ticks += int(st[11]) + int(st[12]) + int(st[13]) + int(st[14])
+    return ticks / CLK_TCK
+
+
+def tree_memory(root: int) -> dict[str, float]:
+    """RSS and PSS (MiB) summed over the tree; PSS splits pages shared between workers."""
+    rss = pss = 0
+    for pid in tree_pids(root):
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+    return {"rss_mib": round(rss / 1024, 1), "pss_mib": round(pss / 1024, 1)}
+
+
+# ---------------------------------------------------------------- processes
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_file: Path
+    stop_signal: int = signal.SIGTERM
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, n: int = 3000) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.popen.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, self.stop_signal)
+        try:
+            self.popen.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self.popen.wait()
+
+
+def spawn(name: str, cmd: Sequence[str], log_file: Path, *, cwd: Path | None = None,
+          env: dict[str, str] | None = None, stop_signal: int = signal.SIGTERM) -> Proc:
+    with open(log_file, "ab") as out:
+        popen = subprocess.Popen(  # noqa: S603  (fixed argv, no shell)
+            list(cmd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=cwd, env=env, preexec_fn=_die_with_parent,  # noqa: PLW1509
+        )
+    log(f"started {name} pid {popen.pid}")
+    return Proc(name, popen, log_file, stop_signal)
+
+
+async def wait_http(url: str, proc: Proc, *, timeout: float = 30.0,
+                    ssl_ctx: ssl.SSLContext | bool = False, accept: Callable[[int], bool]) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.tail()}")
+            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                async with http.get(url, ssl=ssl_ctx, allow_redirects=False,
+                                    timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    if accept(r.status):
+                        return
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{proc.name} not ready at {url} in {timeout:.0f}s:\n{proc.tail()}")
+
+
+# ---------------------------------------------------------------- server configs
+
+
+def _nginx_common(d: Path) -> str:
+    return f"""\
+daemon off;
+master_process on;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+"""
+
+
+def _nginx_temp_paths(d: Path) -> str:
+    return "\n".join(
+        f"  {k}_temp_path {d}/tmp-{k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+
+
+def nginx_upstream_conf(d: Path, port: int) -> str:
+    return _nginx_common(d) + f"""\
+http {{
+{_nginx_temp_paths(d)}
+  access_log off;
+  keepalive_requests 1000000;
+  server {{
+    listen 127.0.0.1:{port} reuseport backlog=4096;
+    location / {{
+      default_type text/plain;
+      return 200 "{BODY[:-1]}\\n";
+    }}
+  }}
+}}
+"""
+
+
+def nginx_proxy_conf(d: Path, port: int, upstream: int, cert: Path, key: Path) -> str:
+    return _nginx_common(d) + f"""\
+http {{
+{_nginx_temp_paths(d)}
+  access_log {d}/access.log combined;
+  keepalive_requests 1000000;
+  upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port} ssl backlog=4096;
+    server_name {HOST};
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_session_cache shared:SSL:10m;
+    location / {{
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+    }}
+  }}
+}}
+"""
+
+
+def apache_conf(d: Path, port: int, upstream: int, cert: Path, key: Path, op: RunningOP,
+                client_id: str, client_secret: str, run_user: str | None) -> str:
+    # mod_unixd and mod_log_config are built into Debian's apache2
+    mods = ["mpm_event", "authz_core", "authz_user", "authn_core", "socache_shmcb", "ssl", "proxy", "proxy_http", "auth_openidc"]
+    load = "\n".join(f"LoadModule {m}_module {APACHE_MODULES}/mod_{m}.so" for m in mods)
+    user = f"User {run_user}\nGroup {run_user}\n" if run_user else ""
+    return f"""\
+ServerRoot {d}
+ServerName {HOST}
+{load}
+{user}PidFile {d}/httpd.pid
+Mutex file:{d} default
+ErrorLog {d}/error.log
+LogLevel warn
+LogFormat "%h %l %u %t \\"%r\\" %>s %b \\"%{{Referer}}i\\" \\"%{{User-Agent}}i\\"" combined
+CustomLog {d}/access.log combined
+Listen 127.0.0.1:{port}
+ListenBacklog 4096
+StartServers 2
+ServerLimit 2
+ThreadsPerChild 64
+MaxRequestWorkers 128
+MinSpareThreads 64
+MaxSpareThreads 128
+KeepAlive On
+MaxKeepAliveRequests 0
+KeepAliveTimeout 75
+SSLSessionCache shmcb:{d}/ssl_scache(512000)
+SSLRandomSeed startup builtin
+<VirtualHost 127.0.0.1:{port}>
+  ServerName {HOST}
+  SSLEngine on
+  SSLCertificateFile {cert}
+  SSLCertificateKeyFile {key}
+  OIDCProviderMetadataURL {op.discovery_url}
+  OIDCCABundlePath {d}/op-ca.crt
+  OIDCClientID {client_id}
+  OIDCClientSecret {client_secret}
+  OIDCProviderTokenEndpointAuth client_secret_basic
+  OIDCRedirectURI https://{HOST}:{port}/redirect_uri
+  OIDCCryptoPassphrase {secrets.token_hex(16)}
+  OIDCScope "openid email profile groups"
+  OIDCPKCEMethod S256
+  OIDCSessionInactivityTimeout 28800
+  OIDCSessionMaxDuration 86400
+  <Location />
+    AuthType openid-connect
+    Require valid-user
+  </Location>
+  ProxyPass /redirect_uri !
+  ProxyPass / http://127.0.0.1:{upstream}/
+  ProxyPassReverse / http://127.0.0.1:{upstream}/
+</VirtualHost>
+"""
+
+
+ENFORCER_DEFINITIONS = """\
+kind: service
+name: app
+authorizationType: OIDC
+OIDCClientID: {client_id}
+OIDCClientSecret: {{file: {secret}}}
+OIDCProviderURL: {issuer}
+OIDCCallbackURL: https://{host}:{port}
+OIDCScopes: [openid, email, profile, groups]
+hosts: [{host}]
+port: {app_port}
+exposedPort: {port}
+selectors: [[role=web]]
+exposedAPIs: [[httpresourcespec:name=app]]
+type: HTTP
+associatedTags: [service:name=app]
+---
+kind: httpresourcespec
+name: app
+associatedTags: [httpresourcespec:name=app]
+endpoints:
+  - {{URI: /*, methods: [GET], allowedScopes: [[groups=staff]]}}
+"""
+
+ENFORCER_CONFIG = """\
+tags: [role=web]
+listen: {{address: 127.0.0.1, port: {port}}}
+admin: {{address: 127.0.0.1, port: {admin_port}}}
+stateDir: {state}
+logsDir: {state}/logs
+definitions:
+  - file: {state}/definitions.yaml
+oidc:
+  caFile: {op_ca}
+"""
+
+
+# ---------------------------------------------------------------- columns
+
+
+@dataclass
+class Column:
+    name: str
+    url: str  # what wrk loads
+    proc: Proc | None = None  # the server measured (None: column not started)
+    cookie: str = ""
+    logins: int = 0  # how many times we (re)logged in for the load runs
+    error: str = ""
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def auth(self) -> bool:
+        return self.name in AUTH_COLUMNS
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.cores = pick_cores()
+        self.procs: list[Proc] = []
+        self.op: RunningOP | None = None
+        self.upstream: Proc | None = None
+        self.columns: dict[str, Column] = {}
+        self.trust = ssl.create_default_context()
+        self.versions: dict[str, str] = {}
+
+    # ------------------------------------------------------------ start
+
+    def _spawn(self, name: str, cmd: Sequence[str], **kw: Any) -> Proc:
+        proc = spawn(name, self.cores.wrap(cmd), self.workdir / f"{name}.log", **kw)
+        self.procs.append(proc)
+        return proc
+
+    async def start(self) -> None:
+        wanted = self.args.columns
+        up_dir = self.workdir / "upstream"
+        up_dir.mkdir()
+        up_port = free_port()
+        (up_dir / "nginx.conf").write_text(nginx_upstream_conf(up_dir, up_port))
+        self.upstream = self._spawn("upstream", ["nginx", "-p", str(up_dir), "-c", str(up_dir / "nginx.conf")])
+        up_url = f"http://127.0.0.1:{up_port}/"
+        await wait_http(up_url, self.upstream, accept=lambda s: s == 200)
+        self.up_port = up_port
+
+        tls = make_tls_material(self.workdir / "proxy-tls", name="proxy", dns_names=(HOST,))
+        self.trust.load_verify_locations(cadata=tls.ca_pem.decode())
+        self.proxy_tls = tls
+
+        if "bare" in wanted:
+            self.columns["bare"] = Column("bare", up_url, proc=self.upstream)
+        if "nginx" in wanted:
+            await self._start_column("nginx", self._start_nginx)
+        if any(c in wanted for c in AUTH_COLUMNS):
+            await self._start_op()
+        if "apache" in wanted:
+            await self._start_column("apache", self._start_apache)
+        if "enforcer" in wanted:
+            await self._start_column("enforcer", self._start_enforcer)
+
+    async def _start_column(self, name: str, starter: Callable[[], Any]) -> None:
+        try:
+            self.columns[name] = await starter()
+        except Exception as exc:  # a broken column is reported, the others still run
+            log(f"{name}: could not start: {exc}")
+            self.columns[name] = Column(name, "", error=f"start failed: {exc}")
+
+    async def _start_nginx(self) -> Column:
+        d = self.workdir / "nginx"
+        d.mkdir()
+        port = free_port()
+        (d / "nginx.conf").write_text(
+            nginx_proxy_conf(d, port, self.up_port, self.proxy_tls.cert_file, self.proxy_tls.key_file)
+        )
+        proc = self._spawn("nginx", ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")])
+        url = f"https://{HOST}:{port}/"
+        await wait_http(url, proc, ssl_ctx=self.trust, accept=lambda s: s == 200)
+        return Column("nginx", url, proc=proc)
+
+    def _pin_all_threads(self, pid: int) -> None:
+        if self.cores.server is not None:
+            subprocess.run(  # noqa: S603
+                ["taskset", "-a", "-p", "-c", self.cores.server, str(pid)],  # noqa: S607
+                check=False, capture_output=True,
+            )
+
+    async def _start_op(self) -> None:
+        self.apache_client = ("apache-client", "apache-" + secrets.token_hex(12))
+        self.enforcer_client = ("enforcer-client", "enforcer-" + secrets.token_hex(12))
+        self.apache_port, self.enforcer_port = free_port(), free_port()
+        clients = [
+            {"client_id": self.apache_client[0], "client_secret": self.apache_client[1],
+             "redirect_uris": [f"https://{HOST}:{self.apache_port}/redirect_uri"],
+             "token_endpoint_auth_method": "client_secret_basic"},
+            {"client_id": self.enforcer_client[0], "client_secret": self.enforcer_client[1],
+             "redirect_uris": [f"https://{HOST}:{self.enforcer_port}/oauth2/callback"],
+             "post_logout_redirect_uris": [f"https://{HOST}:{self.enforcer_port}/"],
+             "token_endpoint_auth_method": "client_secret_basic"},
+        ]
+        self.op = await start_op(self.workdir / "op", clients=clients, users=USERS)
+        self._pin_all_threads(self.op.pid)
+        self.trust.load_verify_locations(cadata=self.op.ca_pem.decode())
+        log(f"started OP pid {self.op.pid} at {self.op.issuer}")
+
+    async def _start_apache(self) -> Column:
+        if self.op is None:
+            raise RuntimeError("no OP")
+        d = self.workdir / "apache"
+        d.mkdir()
+        shutil.copy(self.op.ca_file, d / "op-ca.crt")
+        run_user = None
+        if os.geteuid() == 0:
+            # Apache refuses to serve as root; its children (www-data) read the OP CA
+            run_user = "www-data"
+            for p in (self.workdir, d):
+                p.chmod(0o755)
+            (d / "op-ca.crt").chmod(0o644)
+        port = self.apache_port
+        (d / "httpd.conf").write_text(apache_conf(
+            d, port, self.up_port, self.proxy_tls.cert_file, self.proxy_tls.key_file, self.op,
+            *self.apache_client, run_user,
+        ))
+        (d / "httpd.conf").chmod(0o600)  # holds the client secret and crypto passphrase
+        proc = self._spawn("apache", ["apache2", "-d", str(d), "-f", str(d / "httpd.conf"), "-DFOREGROUND"],
+                           stop_signal=signal.SIGTERM)
+        url = f"https://{HOST}:{port}/"
+        # an unauthenticated GET must be redirected to the OP
+        await wait_http(url, proc, ssl_ctx=self.trust, accept=lambda s: s == 302)
+        return Column("apache", url, proc=proc)
+
+    async def _start_enforcer(self) -> Column:
+        if self.op is None:
+            raise RuntimeError("no OP")
+        state = self.workdir / "enforcer"
+        state.mkdir()
+        port, admin_port = self.enforcer_port, free_port()
+        secret_file = state / "client-secret"
+        secret_file.write_text(self.enforcer_client[1])
+        secret_file.chmod(0o600)
+        (state / "definitions.yaml").write_text(ENFORCER_DEFINITIONS.format(
+            client_id=self.enforcer_client[0], secret=secret_file, issuer=self.op.issuer,
+            host=HOST, port=port, app_port=self.up_port,
+        ))
+        (state / "enforcer.yaml").write_text(ENFORCER_CONFIG.format(
+            port=port, admin_port=admin_port, state=state, op_ca=self.op.ca_file,
+        ))
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = self._spawn(
+            "enforcer",
+            [sys.executable, "-m", "enforcer", "run", "-c", str(state / "enforcer.yaml"),
+             "--log-level", "warning"],
+            cwd=REPO, env=env,
+        )
+        await wait_http(f"http://127.0.0.1:{admin_port}/readyz", proc, timeout=60,
+                        accept=lambda s: s == 200)
+        self.trust.load_verify_locations(cafile=str(state / "ca" / "ca.crt"))
+        self.enforcer_state = state
+        return Column("enforcer", f"https://{HOST}:{port}/", proc=proc)
+
+    # ------------------------------------------------------------ stop
+
+    async def stop(self) -> None:
+        for proc in reversed(self.procs):
+            try:
+                proc.stop()
+                log(f"stopped {proc.name} pid {proc.pid} (exit {proc.popen.returncode})")
+            except Exception as exc:
+                log(f"stopping {proc.name} pid {proc.pid}: {exc}")
+        if self.op is not None:
+            await self.op.stop()
+            log(f"stopped OP pid {self.op.pid}")
+
+    # ------------------------------------------------------------ login
+
+    def browser(self) -> ScriptedBrowser:
+        return ScriptedBrowser(self.trust, resolve={HOST: "127.0.0.1"}, timeout=30)
+
+    async def login_once(self, col: Column) -> tuple[float, ScriptedBrowser]:
+        """One complete login round trip with a fresh client; returns (seconds, browser)."""
+        browser = self.browser()
+        t0 = time.perf_counter()
+        try:
+            resp = await asyncio.wait_for(browser.login(col.url, USER, PASSWORD), 60)
+        except BaseException:
+            await browser.close()
+            raise
+        elapsed = time.perf_counter() - t0
+        if resp.status != 200 or resp.text != BODY:
+            await browser.close()
+            raise RuntimeError(
+                f"{col.name}: login ended on {resp.url} with {resp.status}, "
+                f"{len(resp.text)} bytes: {resp.text[:200]!r} (hops: {resp.urls})"
+            )
+        if len(resp.history) < 4:
+            await browser.close()
+            raise RuntimeError(f"{col.name}: login did not go through the OP: {resp.urls}")
+        return elapsed, browser
+
+    async def ensure_cookie(self, col: Column) -> None:
+        """(Re)login when the column's cookie no longer yields the upstream page."""
+        if not col.auth:
+            return
+        if col.cookie and await self.check(col):
+            return
+        _, browser = await self.login_once(col)
+        col.cookie = browser.cookies.header_for(col.url, same_site=True, method="GET")
+        await browser.close()
+        col.logins += 1
+        if not await self.check(col):
+            raise RuntimeError(f"{col.name}: the session cookie from the login does not work")
+
+    async def check(self, col: Column) -> bool:
+        headers = {"Cookie": col.cookie} if col.cookie else {}
+        connector = aiohttp.TCPConnector(ssl=self.trust)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            try:
+                async with http.get(col.url, headers=headers, allow_redirects=False,
+                                    timeout=aiohttp.ClientTimeout(total=10)) as r:
+                    return r.status == 200 and await r.text() == BODY
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                return False
+
+    # ------------------------------------------------------------ load
+
+    async def wrk(self, col: Column, *, close: bool, duration: float, connections: int) -> dict[str, Any]:
+        env = dict(os.environ, BENCH_COOKIE=col.cookie, BENCH_BODY=BODY,
+                   BENCH_CLOSE="1" if close else "0")
+        cmd = self.cores.wrap(
+            ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
+             "--timeout", "10s", "-s", str(WRK_SCRIPT), col.url],
+            server=False,
+        )
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509
+        )
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), duration + 60)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise RuntimeError(f"wrk against {col.name} did not finish") from None
+        text = out.decode(errors="replace")
+        m = re.search(r"^BENCHJSON (\{.*\})$", text, re.M)
+        if proc.returncode != 0 or m is None:
+            raise RuntimeError(f"wrk failed ({proc.returncode}): {text[-800:]} {err.decode()[-800:]}")
+        result: dict[str, Any] = json.loads(m.group(1))
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk is the only child reaped meanwhile
+        result["client_cpu_s"] = round(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime, 3)
+        bad = re.search(r"^BENCHBAD (.*)$", text, re.M)
+        if bad:
+            result["bad_sample"] = bad.group(1)[:200]
+        return result
+
+    async def load_run(self, col: Column, *, close: bool, duration: float) -> dict[str, Any]:
+        assert col.proc is not None and self.upstream is not None
+        connections = self.args.newconn_connections if close else self.args.connections
+        await self.ensure_cookie(col)
+        if not close and self.args.warmup > 0:
+            await self.wrk(col, close=False, duration=self.args.warmup, connections=connections)
+        up_measured = col.proc is not self.upstream
+        cpu0 = tree_cpu_seconds(col.proc.pid)
+        up0 = tree_cpu_seconds(self.upstream.pid) if up_measured else 0.0
+        t0 = time.monotonic()
+        result = await self.wrk(col, close=close, duration=duration, connections=connections)
+        wall = time.monotonic() - t0
+        cpu = tree_cpu_seconds(col.proc.pid) - cpu0
+        up_cpu = (tree_cpu_seconds(self.upstream.pid) - up0) if up_measured else None
+        mem = tree_memory(col.proc.pid)
+        n = result["requests"]
+        invalid = []
+        if n == 0:
+            invalid.append("no request completed")
+        if result["bad_status"] or result["bad_body"]:
+            invalid.append(f"{result['bad_status']} non-200, {result['bad_body']} wrong bodies"
+                           + (f" (first: {result.get('bad_sample', '')})" if result.get("bad_sample") else ""))
+        if result["ok"] != n:
+            invalid.append(f"{n - result['ok']} responses not checked as 200 + body")
+        errors = sum(result[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts"))
+        run = {
+            "column": col.name,
+            "mode": "newconn" if close else "keepalive",
+            "connections": connections,
+            "duration_s": round(result["duration_us"] / 1e6, 3),
+            "wall_s": round(wall, 3),
+            "requests": n,
+            "rps": round(n / (result["duration_us"] / 1e6), 1) if result["duration_us"] else 0.0,
+            "p50_ms": result["p50_us"] / 1000,
+            "p90_ms": result["p90_us"] / 1000,
+            "p99_ms": result["p99_us"] / 1000,
+            "max_ms": result["max_us"] / 1000,
+            "socket_errors": errors,
+            "cpu_s": round(cpu, 3),
+            "cpu_util": round(cpu / wall, 3) if wall else None,
+            # wrk's own CPU (cores): near 1.0 means the load generator, not the server, was the limit
+            "client_cpu_util": round(result["client_cpu_s"] / wall, 3) if wall else None,
+            "cpu_us_per_req": round(cpu * 1e6 / n, 1) if n else None,
+            "upstream_cpu_us_per_req": round(up_cpu * 1e6 / n, 1) if (n and up_cpu is not None) else None,
+            **mem,
+            "valid": not invalid,
+            "invalid_reason": "; ".join(invalid),
+            "wrk": result,
+        }
+        flag = "" if run["valid"] else f"  INVALID: {run['invalid_reason']}"
+        log(f"{col.name:8s} {run['mode']:9s} {run['rps']:9.0f} req/s  p50 {run['p50_ms']:.2f} ms"
+            f"  p99 {run['p99_ms']:.2f} ms  cpu {run['cpu_us_per_req']} us/req"
+            f"  rss {mem['rss_mib']} MiB{flag}")
+        return run
+
+    async def login_runs(self, col: Column, count: int) -> dict[str, Any]:
+        assert col.proc is not None
+        times: list[float] = []
+        errors: list[str] = []
+        cpu0 = tree_cpu_seconds(col.proc.pid)
+        for _ in range(count):
+            try:
+                elapsed, browser = await self.login_once(col)
+                await browser.close()
+                times.append(elapsed)
+            except Exception as exc:
+                errors.append(str(exc)[:300])
+        cpu = tree_cpu_seconds(col.proc.pid) - cpu0
+        run = {
+            "column": col.name,
+            "mode": "login",
+            "count": count,
+            "ok": len(times),
+            "median_ms": round(statistics.median(times) * 1000, 2) if times else None,
+            "min_ms": round(min(times) * 1000, 2) if times else None,
+            "max_ms": round(max(times) * 1000, 2) if times else None,
+            "cpu_us_per_login": round(cpu * 1e6 / len(times), 1) if times else None,
+            "valid": not errors and bool(times),
+            "invalid_reason": "; ".join(errors[:3]),
+        }
+        flag = "" if run["valid"] else f"  INVALID: {run['invalid_reason']}"
+        log(f"{col.name:8s} login     median {run['median_ms']} ms over {len(times)}/{count}{flag}")
+        return run
+
+    async def run_all(self) -> None:
+        args = self.args
+        ready = [c for c in self.columns.values() if c.proc is not None]
+        for rep in range(args.reps):
+            order = ready[rep % len(ready):] + ready[: rep % len(ready)] if ready else []
+            log(f"repetition {rep + 1}/{args.reps}: {', '.join(c.name for c in order)}")
+            for col in order:
+                if col.error and not col.runs:
+                    continue
+                try:
+                    col.runs.append({**await self.load_run(col, close=False, duration=args.duration), "rep": rep})
+                    col.runs.append({**await self.load_run(col, close=True, duration=args.newconn_duration),
+                                     "rep": rep})
+                    if col.auth and args.logins > 0:
+                        col.runs.append({**await self.login_runs(col, args.logins), "rep": rep})
+                except Exception as exc:
+                    log(f"{col.name}: run failed: {exc}")
+                    col.error = f"run failed: {exc}"[:1000]
+                    if col.proc is not None and not col.proc.alive():
+                        log(f"{col.name} died:\n{col.proc.tail()}")
+                        break
+
+
+# ---------------------------------------------------------------- report
+
+
+def _spread(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+METRICS: list[tuple[str, str, str, str]] = [
+    # key, mode, run field, label
+    ("ka_rps", "keepalive", "rps", "keep-alive req/s (64 conns)"),
+    ("ka_p50_ms", "keepalive", "p50_ms", "keep-alive p50 latency, ms"),
+    ("ka_p99_ms", "keepalive", "p99_ms", "keep-alive p99 latency, ms"),
+    ("ka_cpu_us", "keepalive", "cpu_us_per_req", "server CPU µs / request (keep-alive)"),
+    ("ka_cpu_util", "keepalive", "cpu_util", "server CPU busy (cores) during keep-alive"),
+    ("ka_client_util", "keepalive", "client_cpu_util", "wrk CPU busy (cores) during keep-alive"),
+    ("nc_rps", "newconn", "rps", "new connection per request: req/s"),
+    ("nc_cpu_us", "newconn", "cpu_us_per_req", "server CPU µs / new connection (+1 request)"),
+    ("nc_p50_ms", "newconn", "p50_ms", "new connection p50 latency, ms"),
+    ("login_ms", "login", "median_ms", "login round trip, median ms"),
+    ("login_cpu_us", "login", "cpu_us_per_login", "server CPU µs / login (excl. OP)"),
+    ("rss_mib", "keepalive", "rss_mib", "RSS of the server tree, MiB (after load)"),
+    ("pss_mib", "keepalive", "pss_mib", "PSS of the server tree, MiB (after load)"),
+]
+RATIO_KEYS = ("ka_rps", "ka_cpu_us", "nc_cpu_us", "login_ms", "rss_mib")
+
+
+def summarise(col: Column) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    valid = not col.error and bool(col.runs) and all(r["valid"] for r in col.runs)
+    for key, mode, fld, _ in METRICS:
+        values = [r[fld] for r in col.runs if r["mode"] == mode and r.get(fld) is not None]
+        summary[key] = _spread(values)
+    return {"valid": valid, "error": col.error, "logins_for_load": col.logins, **summary}
+
+
+def ratios(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    out: dict[str, dict[str, float | None]] = {}
+    enf = summaries.get("enforcer")
+    if not enf:
+        return out
+    for other in ("nginx", "apache", "bare"):
+        base = summaries.get(other)
+        if not base:
+            continue
+        row: dict[str, float | None] = {}
+        for key in RATIO_KEYS:
+            a, b = enf.get(key), base.get(key)
+            row[key] = round(a["median"] / b["median"], 3) if a and b and b["median"] else None
+        out[f"enforcer/{other}"] = row
+    return out
+
+
+def _fmt(v: float) -> str:
+    if v >= 1000:
+        return f"{v:,.0f}"
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def _cell(s: dict[str, float] | None, valid: bool) -> str:
+    if s is None:
+        return "–"
+    text = _fmt(s["median"])
+    if s["n"] > 1:
+        text += f" ({_fmt(s['min'])}–{_fmt(s['max'])})"
+    return text if valid else f"INVALID {text}"
+
+
+def machine_info() -> dict[str, str]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": model or platform.processor(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "openssl": ssl.OPENSSL_VERSION,
+    }
+
+
+def tool_versions() -> dict[str, str]:
+    def run(cmd: list[str], pattern: str) -> str:
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)  # noqa: S603
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+        m = re.search(pattern, p.stdout + p.stderr)
+        return m.group(1) if m else "?"
+
+    def deb(pkg: str) -> str:
+        return run(["dpkg-query", "-W", "-f=${Version}", pkg], r"(\S+)")
+
+    return {
+        "nginx": run(["nginx", "-v"], r"nginx/(\S+)"),
+        "apache2": run(["apache2", "-v"], r"Apache/(\S+)"),
+        "mod_auth_openidc": deb("libapache2-mod-auth-openidc"),
+        "wrk": run(["wrk", "-v"], r"wrk (\S+)"),
+        "node": run(["node", "--version"], r"v(\S+)"),
+    }
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    cols = [c for c in ALL_COLUMNS if c in report["columns"]]
+    m, a = report["machine"], report["settings"]
+    lines = [
+        f"# Enforcer benchmark, {report['date']}",
+        "",
+        f"Machine: {m['nproc']} CPUs ({m['cpu']}), kernel {m['kernel']}, Python {m['python']}, "
+        f"{m['openssl']}; " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
+        "",
+        f"Mode: {'quick' if a['quick'] else 'full'}; {a['reps']} repetition(s), columns interleaved "
+        f"(order rotated each repetition); keep-alive {a['duration']} s with {a['connections']} "
+        f"connections (after {a['warmup']} s warm-up), new-connection runs {a['newconn_duration']} s "
+        f"with {a['newconn_connections']} connections, {a['logins']} login round trips per repetition. "
+        f"Servers pinned to CPU {a['server_cpu']}, wrk and the login client to CPU {a['client_cpu']}. "
+        "Cells: median (min–max) over repetitions.",
+        "",
+        "| metric | " + " | ".join(cols) + " | " + " | ".join(report["ratios"]) + " |",
+        "|---|" + "---:|" * (len(cols) + len(report["ratios"])),
+    ]
+    ratio_labels = {k: k for k in RATIO_KEYS}
+    for key, _, _, label in METRICS:
+        cells = [_cell(report["columns"][c]["summary"].get(key), report["columns"][c]["summary"]["valid"])
+                 for c in cols]
+        rcells = []
+        for r in report["ratios"].values():
+            v = r.get(key) if key in ratio_labels else None
+            rcells.append(f"{v:.2f}×" if v is not None else "")
+        if all(c == "–" for c in cells):
+            continue
+        lines.append(f"| {label} | " + " | ".join(cells) + (" | " + " | ".join(rcells) if rcells else "") + " |")
+    lines += ["", "Validity: " + "; ".join(
+        f"{c}: {'valid' if report['columns'][c]['summary']['valid'] else 'INVALID ' + report['columns'][c]['summary']['error']}"
+        for c in cols
+    ) + "."]
+    lines += [
+        "",
+        "Notes: `bare` is the upstream nginx over plain HTTP (its new-connection figure is a TCP "
+        "connect, no TLS); `nginx` is a TLS reverse proxy without auth (access log on, upstream "
+        "keep-alive pool); `apache` is Apache 2.4 mpm_event + mod_auth_openidc (shm session cache, "
+        "access log on); `enforcer` runs with production defaults (flow log, SQLite sessions, "
+        "uvloop, one process). Server CPU is the server's process tree only (for the proxies the "
+        "upstream's own CPU is in the JSON as `upstream_cpu_us_per_req`). Every response of every "
+        "run is checked to be a 200 with the upstream's 100-byte body; a run with any other is "
+        "marked INVALID. Ratios are enforcer ÷ baseline of the medians (for req/s higher is better "
+        "for the enforcer, for CPU, latency and memory lower is).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run (~1 min): 1 repetition, short runs")
+    p.add_argument("--columns", default=",".join(ALL_COLUMNS),
+                   help=f"comma-separated subset of {','.join(ALL_COLUMNS)}")
+    p.add_argument("--duration", type=float, help="seconds per keep-alive run (default 10, quick 2)")
+    p.add_argument("--newconn-duration", type=float, help="seconds per new-connection run (default: --duration)")
+    p.add_argument("--reps", type=int, help="repetitions (default 3, quick 1)")
+    p.add_argument("--logins", type=int, help="login round trips per repetition (default 20, quick 3)")
+    p.add_argument("--warmup", type=float, help="warm-up seconds before each keep-alive run (default 2, quick 1)")
+    p.add_argument("--connections", type=int, default=64, help="keep-alive connections (default 64)")
+    p.add_argument("--newconn-connections", type=int, default=16,
+                   help="concurrent clients in the new-connection runs (default 16)")
+    p.add_argument("--out", type=Path, default=REPO / "results", help="results folder (default results/)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
+    args = p.parse_args(argv)
+    cols = [c.strip() for c in args.columns.split(",") if c.strip()]
+    unknown = [c for c in cols if c not in ALL_COLUMNS]
+    if unknown or not cols:
+        p.error(f"--columns: unknown {unknown}; choose from {','.join(ALL_COLUMNS)}")
+    args.columns = [c for c in ALL_COLUMNS if c in cols]
+    q = args.quick
+    args.duration = args.duration if args.duration is not None else (2.0 if q else 10.0)
+    args.newconn_duration = args.newconn_duration if args.newconn_duration is not None else args.duration
+    args.reps = args.reps if args.reps is not None else (1 if q else 3)
+    args.logins = args.logins if args.logins is not None else (3 if q else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1.0 if q else 2.0)
+    for name in ("duration", "newconn_duration"):
+        if not 1 <= getattr(args, name) <= 600:
+            p.error(f"--{name.replace('_', '-')} must be between 1 and 600 seconds")
+    if not 1 <= args.reps <= 50 or not 0 <= args.logins <= 1000:
+        p.error("--reps must be 1..50 and --logins 0..1000")
+    return args
+
+
+def check_tools(columns: Sequence[str]) -> None:
+    need = {"nginx", "wrk"}
+    if "apache" in columns:
+        need.add("apache2")
+    if any(c in AUTH_COLUMNS for c in columns):
+        need.add("node")
+    missing = sorted(t for t in need if shutil.which(t) is None)
+    if "apache" in columns and not (APACHE_MODULES / "mod_auth_openidc.so").exists():
+        missing.append("mod_auth_openidc.so")
+    if missing:
+        raise SystemExit(f"bench: missing {', '.join(missing)}: run scripts/bench (it installs them)")
+
+
+async def amain(args: argparse.Namespace) -> int:
+    check_tools(args.columns)
+    started = dt.datetime.now(dt.UTC).astimezone()
+    workdir = Path(tempfile.mkdtemp(prefix="enforcer-bench-"))
+    bench = Bench(args, workdir)
+    if bench.cores.client is not None:
+        # this process runs the login client: keep it off the servers' core
+        os.sched_setaffinity(0, {int(bench.cores.client)})
+    t0 = time.monotonic()
+    try:
+        await bench.start()
+        await bench.run_all()
+    finally:
+        await bench.stop()
+        if args.keep:
+            log(f"work directory kept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    summaries = {name: summarise(col) for name, col in bench.columns.items()}
+    report = {
+        "date": started.isoformat(timespec="seconds"),
+        "elapsed_s": round(time.monotonic() - t0, 1),
+        "machine": machine_info(),
+        "versions": tool_versions(),
+        "settings": {
+            "quick": args.quick, "columns": args.columns, "reps": args.reps,
+            "duration": args.duration, "newconn_duration": args.newconn_duration,
+            "warmup": args.warmup, "connections": args.connections,
+            "newconn_connections": args.newconn_connections, "logins": args.logins,
+            "server_cpu": bench.cores.server, "client_cpu": bench.cores.client,
+            "body_bytes": len(BODY),
+        },
+        "columns": {name: {"summary": summaries[name], "runs": col.runs}
+                    for name, col in bench.columns.items()},
+        "ratios": ratios(summaries),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-{started:%Y-%m-%d}" + ("-quick" if args.quick else "")
+    md = render_markdown(report)
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(md)
+    print(md)
+    log(f"wrote {args.out / stem}.md and .json in {report['elapsed_s']} s")
+    bad = [n for n, s in summaries.items() if not s["valid"]]
+    if bad:
+        log(f"INVALID or failed columns: {', '.join(bad)}")
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        return asyncio.run(amain(args))
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""aiohttp's low-level HTTP/1 server, plus what it lacks on a public listener.
+
+* A header deadline: a request's header block must be complete ``header_timeout`` seconds
+  after its first byte (after the TLS handshake for a connection's first request), else
+  the enforcer answers 408 and closes (slowloris, X-LIM-06).  aiohttp itself only has
+  the keep-alive timer, which a client resets by sending one request at a time.
+* A body stall limit: a request body that receives no byte for ``body_timeout`` seconds
+  while the enforcer is ready to read closes the connection (slow POST, X-LIM-07).
+* Parser errors go through the gate (one flow record, a fixed page that echoes nothing)
+  instead of aiohttp's error page, which quotes the offending request bytes back and logs
+  a traceback for every malformed request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import StreamReader, web
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
+
+from enforcer.handler import FRAMING_ERROR, framing_error
+
+log = logging.getLogger("enforcer.httpserver")
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+TIMEOUT_408 = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+
+class Protocol(RequestHandler):
+    """One client connection (see the module docstring)."""
+
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        header_timeout: float,
+        body_timeout: float,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(manager, loop=loop, **kwargs)
+        self._header_timeout = header_timeout
+        self._body_timeout = body_timeout
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body: StreamReader | None = None  # body of the newest parsed request
+        self._body_seen = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_timers()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._upgraded or self._payload_parser is not None or self._force_close or self._close:
+            super().data_received(data)  # WebSocket frames, or a connection already closing
+            return
+        queued = len(self._messages)
+        count = self._request_count
+        super().data_received(data)
+        if self._request_count != count:  # a header block completed (or was refused)
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+            if len(self._messages) > queued:
+                payload = self._messages[-1][1]
+                self._body = payload if isinstance(payload, StreamReader) else None
+        body = self._body
+        if body is not None and not body.is_eof():
+            self._body_seen = self._loop.time()
+            if self._body_timer is None and self._body_timeout > 0:
+                self._body_timer = self._loop.call_at(self._body_seen + self._body_timeout, self._check_body)
+        elif data and self._request_count == count:
+            self._arm_header_timer()  # bytes of a new request's header block
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None and self._header_timeout > 0:
+            self._header_timer = self._loop.call_later(self._header_timeout, self._header_expired)
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._header_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
+        self._header_timer = self._body_timer = None
+
+    def _header_expired(self) -> None:
+        self._header_timer = None
+        if self.transport is None or self._force_close:
+            return
+        if self._request_in_progress or self._messages:
+            self._arm_header_timer()  # still answering an earlier request: check again later
+            return
+        log.debug("closing a connection whose request header did not complete in %.0f s", self._header_timeout)
+        self.transport.write(TIMEOUT_408)
+        self.force_close()
+
+    def _check_body(self) -> None:
+        self._body_timer = None
+        body = self._body
+        if self.transport is None or body is None or body.is_eof():
+            return
+        now = self._loop.time()
+        if self._reading_paused or self._buffer_paused:
+            self._body_seen = now  # the enforcer is not reading (the app is slow): not the client's fault
+        due = self._body_seen + self._body_timeout
+        if now < due:
+            self._body_timer = self._loop.call_at(due, self._check_body)
+            return
+        log.info("closing a connection whose request body stalled for %.0f s", self._body_timeout)
+        self.force_close()
+
+    def _make_error_handler(self, err_info: _ErrInfo) -> Handler:
+        gate = self._request_handler
+        assert gate is not None
+
+        async def handler(request: web.BaseRequest) -> web.StreamResponse:
+            request[FRAMING_ERROR] = framing_error(err_info.exc)
+            return await gate(request)
+
+        return handler
+
+
+class Server(web.Server):
+    """``web.Server`` whose connections are :class:`Protocol` instances."""
+
+    def __init__(self, handler: Handler, *, header_timeout: float, body_timeout: float, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._timeouts = {"header_timeout": header_timeout, "body_timeout": body_timeout}
+
+    def __call__(self) -> RequestHandler:
+        return Protocol(self, loop=self._loop, **self._timeouts, **self._kwargs)
