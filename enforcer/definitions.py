@@ -322,13 +322,12 @@ class DefinitionsManager:
                 for f in failures:
                     log.warning("definitions source unavailable: %s", f)
                 return "source_unavailable"
-            if self.using_lkg and not failures and len(self._latest) == len(self.sources):
-                changed = True
-            if not changed and reason == "poll":
+            recovering = self.using_lkg and not failures and len(self._latest) == len(self.sources)
+            if not (changed or recovering) and reason == "poll":
                 return "unchanged"
             docs = self._merged()
             digest = fingerprint(docs)
-            if digest == self.digest and reason == "poll":
+            if digest == self.digest and reason == "poll" and not recovering:
                 return "unchanged"
             try:
                 definitions = self._resolve(docs)

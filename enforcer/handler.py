@@ -209,7 +209,8 @@ class Gate:
         if not raw_target.startswith("/"):
             if raw_target == "*" and request.method == "OPTIONS":
                 flow.record(decision="bad_request", reason="asterisk_form")
-                return web.Response(status=200, headers={"Allow": "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS", "Content-Length": "0"})
+                allow = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+                return web.Response(status=200, headers={"Allow": allow, "Content-Length": "0"})
             absolute = urllib.parse.urlsplit(raw_target)
             if absolute.scheme.lower() != "https" or not absolute.netloc:
                 flow.record(decision="bad_request", reason="bad_target")
@@ -318,7 +319,8 @@ class Gate:
         return response
 
     async def _session(self, request: web.BaseRequest, service: Service, now: float) -> sessions.Session | None:
-        found, handle = sessions.find_cookie(request.headers.getall("Cookie", []), sessions.session_cookie_name(service.name))
+        cookies = request.headers.getall("Cookie", [])
+        found, handle = sessions.find_cookie(cookies, sessions.session_cookie_name(service.name))
         if found is not sessions.CookieLookup.FOUND or handle is None:
             return None
         return await self.store.get(handle, service.name, now)

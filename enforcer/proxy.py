@@ -156,12 +156,21 @@ def response_headers(
         if low == "set-cookie" and _is_enforcer_cookie(value.split("=", 1)[0].strip()):
             continue  # the app may not overwrite or fix our session
         if low == "location":
-            for internal in internal_origins:
-                if value.startswith(internal) and value[len(internal) : len(internal) + 1] in ("", "/", "?"):
-                    value = public_origin + value[len(internal) :]
-                    break
+            out.add(name, _public_location(value, public_origin, internal_origins))
+            continue
         out.add(name, value)
     return out
+
+
+def _public_location(value: str, public_origin: str, internal_origins: tuple[str, ...]) -> str:
+    """An app redirect to its own internal address points at the public origin instead."""
+    for internal in internal_origins:
+        if value.startswith(internal) and value[len(internal) : len(internal) + 1] in ("", "/", "?"):
+            return public_origin + value[len(internal) :]
+    return value
+
+
+_WS = aiohttp.ClientWebSocketResponse | web.WebSocketResponse
 
 
 class UpstreamError(Exception):
@@ -257,7 +266,8 @@ class Upstream:
         )
         try:
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            resp.headers.extend(response_headers(upstream.headers, public_origin=public_origin, internal_origins=internal))
+            out = response_headers(upstream.headers, public_origin=public_origin, internal_origins=internal)
+            resp.headers.extend(out)
             length = upstream.content_length
             no_body = request.method == "HEAD" or upstream.status in (204, 304) or upstream.status < 200
             if length is not None and not no_body:
@@ -300,7 +310,8 @@ class Upstream:
     ) -> web.StreamResponse:
         """Relay a WebSocket (only called after the request was allowed)."""
         url = URL.build(scheme="ws", host=upstream_host, port=port, encoded=True).join(URL(target, encoded=True))
-        protocols = [p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", []) for p in v.split(",") if p.strip()]
+        offered = request.headers.getall("Sec-WebSocket-Protocol", [])
+        protocols = [p.strip() for v in offered for p in v.split(",") if p.strip()]
         fwd = CIMultiDict(
             (k, v)
             for k, v in headers.items()
@@ -308,7 +319,9 @@ class Upstream:
         )
         started = time.perf_counter()
         try:
-            up = await self._session.ws_connect(url, headers=fwd, protocols=protocols, autoping=False, max_msg_size=16 << 20)
+            up = await self._session.ws_connect(
+                url, headers=fwd, protocols=protocols, autoping=False, max_msg_size=16 << 20
+            )
         except aiohttp.WSServerHandshakeError as exc:
             transfer.status = exc.status
             raise UpstreamError("websocket_refused", 502 if exc.status < 400 else exc.status) from None
@@ -316,10 +329,11 @@ class Upstream:
             raise UpstreamError("connect", 502) from None
         transfer.upstream_ms = (time.perf_counter() - started) * 1000
         transfer.status = 101
-        down = web.WebSocketResponse(protocols=[up.protocol] if up.protocol else (), autoping=False, max_msg_size=16 << 20)
+        chosen = [up.protocol] if up.protocol else []
+        down = web.WebSocketResponse(protocols=chosen, autoping=False, max_msg_size=16 << 20)
         await down.prepare(request)
 
-        async def pump(src: aiohttp.ClientWebSocketResponse | web.WebSocketResponse, dst: aiohttp.ClientWebSocketResponse | web.WebSocketResponse, outbound: bool) -> None:
+        async def pump(src: _WS, dst: _WS, outbound: bool) -> None:
             async for msg in src:
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     await dst.send_str(msg.data)

@@ -55,6 +55,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -78,8 +79,8 @@ assert len(BODY.encode()) == 100
 WRK_SCRIPT = REPO / "scripts" / "bench-wrk.lua"
 APACHE_MODULES = Path("/usr/lib/apache2/modules")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 STOP_GRACE = 10.0
+DASH, TIMES = "\u2013", "\u00d7"  # for the Markdown table
 
 
 def log(msg: str) -> None:
@@ -162,6 +163,34 @@ def tree_cpu_seconds(root: int) -> float:
     return ticks / CLK_TCK
 
 
+def cpu_steal() -> float:
+    """Seconds of steal time (the hypervisor ran someone else) over all CPUs so far."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+        return int(fields[8]) / CLK_TCK
+    return 0.0
+
+
+def parse_http_response(raw: bytes) -> tuple[int, bytes]:
+    """(status, body) of one HTTP/1.1 response read to EOF; chunked bodies are decoded."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    try:
+        status = int(lines[0].split()[1])
+    except (IndexError, ValueError):
+        return 0, raw[:120]
+    if any(line.lower().startswith(b"transfer-encoding:") and b"chunked" in line.lower() for line in lines):
+        out, rest = b"", body
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0] or b"0", 16)
+            if size == 0:
+                break
+            out, rest = out + rest[:size], rest[size + 2:]
+        body = out
+    return status, body
+
+
 def tree_memory(root: int) -> dict[str, float]:
     """RSS and PSS (MiB) summed over the tree; PSS splits pages shared between workers."""
     rss = pss = 0
@@ -214,7 +243,7 @@ class Proc:
 def spawn(name: str, cmd: Sequence[str], log_file: Path, *, cwd: Path | None = None,
           env: dict[str, str] | None = None, stop_signal: int = signal.SIGTERM) -> Proc:
     with open(log_file, "ab") as out:
-        popen = subprocess.Popen(  # noqa: S603  (fixed argv, no shell)
+        popen = subprocess.Popen(
             list(cmd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=cwd, env=env, preexec_fn=_die_with_parent,  # noqa: PLW1509
         )
@@ -287,6 +316,7 @@ http {{
     server_name {HOST};
     ssl_certificate {cert};
     ssl_certificate_key {key};
+    ssl_protocols TLSv1.2 TLSv1.3;
     ssl_session_cache shared:SSL:10m;
     location / {{
       proxy_pass http://app;
@@ -476,8 +506,8 @@ class Bench:
 
     def _pin_all_threads(self, pid: int) -> None:
         if self.cores.server is not None:
-            subprocess.run(  # noqa: S603
-                ["taskset", "-a", "-p", "-c", self.cores.server, str(pid)],  # noqa: S607
+            subprocess.run(
+                ["taskset", "-a", "-p", "-c", self.cores.server, str(pid)],
                 check=False, capture_output=True,
             )
 
@@ -629,7 +659,7 @@ class Bench:
         )
         proc = await asyncio.create_subprocess_exec(
             *cmd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509
+            preexec_fn=_die_with_parent,
         )
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         try:
@@ -650,8 +680,74 @@ class Bench:
             result["bad_sample"] = bad.group(1)[:200]
         return result
 
-    async def load_run(self, col: Column, *, close: bool, duration: float) -> dict[str, Any]:
-        assert col.proc is not None and self.upstream is not None
+    async def fullhs_client(self, col: Column, *, duration: float, concurrency: int) -> dict[str, Any]:
+        """New connection per request with a *full* TLS handshake each time (no session is
+        offered: Python's ssl never resumes unless asked); every response checked."""
+        parts = urlsplit(col.url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 443
+        tls: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            tls.check_hostname = False
+            tls.verify_mode = ssl.CERT_NONE  # like wrk: the client's verify cost is not the server's
+        cookie = f"Cookie: {col.cookie}\r\n" if col.cookie else ""
+        request = (f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n{cookie}"
+                   "User-Agent: enforcer-bench\r\nConnection: close\r\n\r\n").encode()
+        latencies: list[float] = []
+        counts = {"ok": 0, "bad": 0, "errors": 0}
+        sample: list[str] = []
+        deadline = time.monotonic() + duration
+
+        async def one() -> None:
+            t0 = time.perf_counter()
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                    "127.0.0.1", port, ssl=tls, server_hostname=host if tls else None), 10)
+                writer.write(request)
+                raw = await asyncio.wait_for(reader.read(), 10)
+                writer.close()
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    await writer.wait_closed()
+            except (OSError, ssl.SSLError, TimeoutError) as exc:
+                counts["errors"] += 1
+                if not sample:
+                    sample.append(f"error {exc!r}")
+                return
+            latencies.append(time.perf_counter() - t0)
+            status, body = parse_http_response(raw)
+            if status == 200 and body == BODY.encode():
+                counts["ok"] += 1
+            else:
+                counts["bad"] += 1
+                if not sample:
+                    sample.append(f"{status} {body[:120]!r}")
+
+        async def worker() -> None:
+            while time.monotonic() < deadline:
+                await one()
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.monotonic() - t0
+        latencies.sort()
+
+        def pct(q: float) -> int:
+            return int(latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1e6) if latencies else 0
+
+        n = counts["ok"] + counts["bad"]
+        return {
+            "requests": n, "duration_us": int(elapsed * 1e6), "ok": counts["ok"],
+            "bad_status": counts["bad"], "bad_body": 0, "connect_errors": counts["errors"],
+            "read_errors": 0, "write_errors": 0, "timeouts": 0,
+            "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99),
+            "max_us": int(latencies[-1] * 1e6) if latencies else 0,
+            "bad_sample": sample[0] if sample else "",
+        }
+
+    async def load_run(self, col: Column, *, close: bool, duration: float,
+                       full_handshake: bool = False) -> dict[str, Any]:
+        assert col.proc is not None
+        assert self.upstream is not None
         connections = self.args.newconn_connections if close else self.args.connections
         await self.ensure_cookie(col)
         if not close and self.args.warmup > 0:
@@ -659,12 +755,20 @@ class Bench:
         up_measured = col.proc is not self.upstream
         cpu0 = tree_cpu_seconds(col.proc.pid)
         up0 = tree_cpu_seconds(self.upstream.pid) if up_measured else 0.0
+        steal0 = cpu_steal()
         t0 = time.monotonic()
-        result = await self.wrk(col, close=close, duration=duration, connections=connections)
+        if full_handshake:
+            own0 = resource.getrusage(resource.RUSAGE_SELF)
+            result = await self.fullhs_client(col, duration=duration, concurrency=connections)
+            own1 = resource.getrusage(resource.RUSAGE_SELF)
+            result["client_cpu_s"] = own1.ru_utime + own1.ru_stime - own0.ru_utime - own0.ru_stime
+        else:
+            result = await self.wrk(col, close=close, duration=duration, connections=connections)
         wall = time.monotonic() - t0
         cpu = tree_cpu_seconds(col.proc.pid) - cpu0
         up_cpu = (tree_cpu_seconds(self.upstream.pid) - up0) if up_measured else None
         mem = tree_memory(col.proc.pid)
+        steal = cpu_steal() - steal0
         n = result["requests"]
         invalid = []
         if n == 0:
@@ -672,12 +776,14 @@ class Bench:
         if result["bad_status"] or result["bad_body"]:
             invalid.append(f"{result['bad_status']} non-200, {result['bad_body']} wrong bodies"
                            + (f" (first: {result.get('bad_sample', '')})" if result.get("bad_sample") else ""))
+        if result["connect_errors"] and full_handshake:
+            invalid.append(f"{result['connect_errors']} connections failed")
         if result["ok"] != n:
             invalid.append(f"{n - result['ok']} responses not checked as 200 + body")
         errors = sum(result[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts"))
         run = {
             "column": col.name,
-            "mode": "newconn" if close else "keepalive",
+            "mode": "fullhs" if full_handshake else ("newconn" if close else "keepalive"),
             "connections": connections,
             "duration_s": round(result["duration_us"] / 1e6, 3),
             "wall_s": round(wall, 3),
@@ -695,6 +801,7 @@ class Bench:
             "cpu_us_per_req": round(cpu * 1e6 / n, 1) if n else None,
             "upstream_cpu_us_per_req": round(up_cpu * 1e6 / n, 1) if (n and up_cpu is not None) else None,
             **mem,
+            "steal_s": round(steal, 3),
             "valid": not invalid,
             "invalid_reason": "; ".join(invalid),
             "wrk": result,
@@ -747,6 +854,8 @@ class Bench:
                     col.runs.append({**await self.load_run(col, close=False, duration=args.duration), "rep": rep})
                     col.runs.append({**await self.load_run(col, close=True, duration=args.newconn_duration),
                                      "rep": rep})
+                    col.runs.append({**await self.load_run(col, close=True, duration=args.newconn_duration,
+                                                           full_handshake=True), "rep": rep})
                     if col.auth and args.logins > 0:
                         col.runs.append({**await self.login_runs(col, args.logins), "rep": rep})
                 except Exception as exc:
@@ -774,15 +883,18 @@ METRICS: list[tuple[str, str, str, str]] = [
     ("ka_cpu_us", "keepalive", "cpu_us_per_req", "server CPU µs / request (keep-alive)"),
     ("ka_cpu_util", "keepalive", "cpu_util", "server CPU busy (cores) during keep-alive"),
     ("ka_client_util", "keepalive", "client_cpu_util", "wrk CPU busy (cores) during keep-alive"),
-    ("nc_rps", "newconn", "rps", "new connection per request: req/s"),
-    ("nc_cpu_us", "newconn", "cpu_us_per_req", "server CPU µs / new connection (+1 request)"),
-    ("nc_p50_ms", "newconn", "p50_ms", "new connection p50 latency, ms"),
+    ("nc_rps", "newconn", "rps", "new conn/request, TLS resumed (wrk): req/s"),
+    ("nc_cpu_us", "newconn", "cpu_us_per_req", "server CPU µs / new conn, TLS resumed (+1 request)"),
+    ("nc_p50_ms", "newconn", "p50_ms", "new conn, TLS resumed: p50 latency, ms"),
+    ("fh_rps", "fullhs", "rps", "new conn/request, full TLS handshake: req/s"),
+    ("fh_cpu_us", "fullhs", "cpu_us_per_req", "server CPU µs / new conn, full handshake (+1 request)"),
+    ("fh_client_util", "fullhs", "client_cpu_util", "client CPU busy (cores) during full handshakes"),
     ("login_ms", "login", "median_ms", "login round trip, median ms"),
     ("login_cpu_us", "login", "cpu_us_per_login", "server CPU µs / login (excl. OP)"),
     ("rss_mib", "keepalive", "rss_mib", "RSS of the server tree, MiB (after load)"),
     ("pss_mib", "keepalive", "pss_mib", "PSS of the server tree, MiB (after load)"),
 ]
-RATIO_KEYS = ("ka_rps", "ka_cpu_us", "nc_cpu_us", "login_ms", "rss_mib")
+RATIO_KEYS = ("ka_rps", "ka_p50_ms", "ka_cpu_us", "nc_cpu_us", "fh_cpu_us", "login_ms", "rss_mib")
 
 
 def summarise(col: Column) -> dict[str, Any]:
@@ -823,10 +935,10 @@ def _fmt(v: float) -> str:
 
 def _cell(s: dict[str, float] | None, valid: bool) -> str:
     if s is None:
-        return "–"
+        return DASH
     text = _fmt(s["median"])
     if s["n"] > 1:
-        text += f" ({_fmt(s['min'])}–{_fmt(s['max'])})"
+        text += f" ({_fmt(s['min'])}{DASH}{_fmt(s['max'])})"
     return text if valid else f"INVALID {text}"
 
 
@@ -849,7 +961,7 @@ def machine_info() -> dict[str, str]:
 def tool_versions() -> dict[str, str]:
     def run(cmd: list[str], pattern: str) -> str:
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)  # noqa: S603
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
         except (OSError, subprocess.TimeoutExpired):
             return "?"
         m = re.search(pattern, p.stdout + p.stderr)
@@ -881,7 +993,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"connections (after {a['warmup']} s warm-up), new-connection runs {a['newconn_duration']} s "
         f"with {a['newconn_connections']} connections, {a['logins']} login round trips per repetition. "
         f"Servers pinned to CPU {a['server_cpu']}, wrk and the login client to CPU {a['client_cpu']}. "
-        "Cells: median (min–max) over repetitions.",
+        "Cells: median (min" + DASH + "max) over repetitions.",
         "",
         "| metric | " + " | ".join(cols) + " | " + " | ".join(report["ratios"]) + " |",
         "|---|" + "---:|" * (len(cols) + len(report["ratios"])),
@@ -893,8 +1005,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         rcells = []
         for r in report["ratios"].values():
             v = r.get(key) if key in ratio_labels else None
-            rcells.append(f"{v:.2f}×" if v is not None else "")
-        if all(c == "–" for c in cells):
+            rcells.append(f"{v:.2f}{TIMES}" if v is not None else "")
+        if all(c == DASH for c in cells):
             continue
         lines.append(f"| {label} | " + " | ".join(cells) + (" | " + " | ".join(rcells) if rcells else "") + " |")
     lines += ["", "Validity: " + "; ".join(

@@ -1,0 +1,146 @@
+"""The running daemon: hot reload under load, services added and removed, clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import statistics
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from enforcer.daemon import sd_notify, watchdog_interval
+from tests.e2e_stack import HOST, Stack
+from tests.harness.browser import StaticResolver
+
+pytestmark = pytest.mark.e2e
+
+
+async def _reload(stack: Stack) -> tuple[str, float]:
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as http, http.post(f"http://127.0.0.1:{stack.admin_port}/reload") as r:
+        body = await r.json()
+    return body["outcome"], time.monotonic() - started
+
+
+async def test_ten_reloads_under_load_lose_nothing(stack: Stack) -> None:
+    """Authenticated requests and an open WebSocket run across 10 reloads with zero failures and sessions intact."""
+    defs = stack.state / "definitions.yaml"
+    original = defs.read_text()
+    async with stack.browser() as b:
+        assert (await stack.login(b, "bob", "/")).status == 200
+        cookie = b.cookies.header_for(stack.base + "/", same_site=True, method="GET")
+    conn = aiohttp.TCPConnector(ssl=stack.client_ssl(), resolver=StaticResolver({HOST: "127.0.0.1"}))
+    failures: list[str] = []
+    done = asyncio.Event()
+    count = 0
+    latencies: list[float] = []
+    async with aiohttp.ClientSession(connector=conn) as http:
+        ws = await http.ws_connect(stack.base + "/ws", headers={"Cookie": cookie})
+
+        async def load() -> None:
+            nonlocal count
+            while not done.is_set():
+                async with http.get(stack.base + f"/load/{count}", headers={"Cookie": cookie}) as r:
+                    if r.status != 200:
+                        failures.append(f"{r.status} {await r.text()}"[:200])
+                    count += 1
+
+        workers = [asyncio.ensure_future(load()) for _ in range(4)]
+        try:
+            for i in range(10):
+                defs.write_text(original + f"  - {{URI: /reload-{i}, methods: [GET], public: true}}\n")
+                outcome, seconds = await _reload(stack)
+                assert outcome == "success", outcome
+                latencies.append(seconds)
+                await ws.send_str(f"ping{i}")
+                msg = await asyncio.wait_for(ws.receive(), 10)
+                assert msg.data == f"echo:ping{i}"
+                await asyncio.sleep(0.05)
+        finally:
+            done.set()
+            await asyncio.gather(*workers, return_exceptions=True)
+            defs.write_text(original)
+            await _reload(stack)
+        assert not ws.closed
+        await ws.close()
+    assert failures == []
+    assert count > 20
+    print(f"reload latency median {statistics.median(latencies) * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms")
+    for _ in range(50):
+        if sum(f["reason"] == "reload_success" for f in stack.flows()) >= 10:
+            break
+        await asyncio.sleep(0.1)
+    assert sum(f["reason"] == "reload_success" for f in stack.flows()) >= 10
+
+
+async def test_invalid_reload_keeps_serving_the_old_set(stack: Stack) -> None:
+    """A broken definitions file is rejected on reload and requests keep being decided by the old set."""
+    defs = stack.state / "definitions.yaml"
+    original = defs.read_text()
+    try:
+        broken = "\n".join("port: eighty" if line.startswith("port:") else line for line in original.splitlines())
+        defs.write_text(broken)
+        outcome, _ = await _reload(stack)
+        assert outcome == "rejected"
+        async with stack.browser() as b:
+            r = await b.get(stack.base + "/public/still-here")
+            assert r.status == 200
+    finally:
+        defs.write_text(original)
+        await _reload(stack)
+    await stack.wait_flow(lambda f: f["reason"] == "reload_rejected")
+
+
+async def test_added_service_gets_a_certificate_and_removed_one_stops(stack: Stack) -> None:
+    """A service added by reload is served on its new host with a minted certificate; removing it stops that."""
+    defs = stack.state / "definitions.yaml"
+    original = defs.read_text()
+    extra = (
+        original.split("---")[0]
+        .replace("name: app\n", "name: app-two\n")
+        .replace(f"hosts: [{HOST}]", "hosts: [two.test]")
+    )
+    extra = extra.replace(f"https://{HOST}:", "https://two.test:")
+    try:
+        defs.write_text(original + "\n---\n" + extra)
+        outcome, _ = await _reload(stack)
+        assert outcome == "success"
+        ctx = stack.client_ssl()
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.port, ssl=ctx, server_hostname="two.test")
+        writer.write(f"GET /public/x HTTP/1.1\r\nHost: two.test:{stack.port}\r\nConnection: close\r\n\r\n".encode())
+        head = await reader.read(100)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 200"), head
+    finally:
+        defs.write_text(original)
+        assert (await _reload(stack))[0] == "success"
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        _, w = await asyncio.open_connection(
+            "127.0.0.1", stack.port, ssl=stack.client_ssl(), server_hostname="two.test"
+        )
+        w.close()
+
+
+def test_sd_notify_sends_datagrams_to_the_notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sd_notify writes the message to $NOTIFY_SOCKET and is a no-op without it."""
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        assert sd_notify("READY=1")
+        assert server.recv(100) == b"READY=1"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert not sd_notify("READY=1")
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watchdog is fed at half of WatchdogSec, and only for our own PID."""
+    monkeypatch.setenv("WATCHDOG_USEC", "10000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert watchdog_interval() == 5.0
+    monkeypatch.setenv("WATCHDOG_PID", "1")
+    assert watchdog_interval() is None
