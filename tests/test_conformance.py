@@ -629,7 +629,8 @@ async def test_P_CB_11_post_callback_and_fragment_only_code_are_rejected(env: En
     q = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(cb).query))
     resp = await browser.post(env.callback, q, follow=False, referrer=env.op.issuer + "/authorize")
     env.assert_reject_cb(resp, "callback_method", status=405)
-    resp = await browser.get(env.callback + "?state=" + q["state"] + "#code=" + q["code"], follow=False)
+    frag = env.callback + "?" + urllib.parse.urlencode({"state": q["state"], "iss": q["iss"]}) + "#code=" + q["code"]
+    resp = await browser.get(frag, follow=False)
     env.assert_reject_cb(resp, "callback_no_code")
     env.assert_no_token_request()
 

@@ -126,7 +126,7 @@ async def test_http_source_errors_are_source_errors(plane: ControlPlane) -> None
         with pytest.raises(SourceError, match="HTTP 503"):
             await HTTPSource(plane.url, http).poll()
         plane.status, plane.delay = 200, 2.0
-        with pytest.raises(SourceError, match="127.0.0.1"):
+        with pytest.raises(SourceError, match=r"127\.0\.0\.1"):
             await HTTPSource(plane.url, http, timeout=0.3).poll()
 
 
