@@ -193,7 +193,10 @@ class Daemon:
         self._spawn(self._housekeeping(store), "housekeeping")
         self._spawn(self.manager.run(), "definitions")
         self.flowlog = flowlog
-        tls_server = await loop.create_server(server, sock=sock, ssl=ssl_ctx, ssl_handshake_timeout=10.0, backlog=1024)
+        handshake_timeout = min(10.0, s.limits.headerTimeout)  # a silent or partial ClientHello (X-LIM-10)
+        tls_server = await loop.create_server(
+            server, sock=sock, ssl=ssl_ctx, ssl_handshake_timeout=handshake_timeout, backlog=1024
+        )
         admin = await self._start_admin(runtime)
         self._install_signals(loop, flowlog)
         self.metrics.services.set(len(definitions.services))

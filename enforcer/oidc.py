@@ -23,6 +23,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -136,6 +137,8 @@ class ProviderMetadata:
                 status=502,
             )
 
+        issuer_loopback = _host_class(urllib.parse.urlsplit(issuer).hostname) == "loopback"
+
         def url(key: str, required: bool) -> str | None:
             value = doc.get(key)
             if value is None and not required:
@@ -144,6 +147,16 @@ class ProviderMetadata:
                 raise OIDCError(
                     "discovery_bad_endpoint",
                     f"{key} must be an https URL (got {str(value)[:100]!r})",
+                    status=502,
+                )
+            host = _host_class(urllib.parse.urlsplit(value).hostname)
+            if host == "internal" or (host == "loopback" and not issuer_loopback):
+                # SSRF through metadata (P-JWKS-11): never the cloud metadata address or the
+                # like, and loopback only for an issuer that is itself on loopback.
+                raise OIDCError(
+                    "discovery_bad_endpoint",
+                    f"{key} points to a {host} address, which is not allowed for this issuer "
+                    f"(got {value[:100]!r})",
                     status=502,
                 )
             return value
@@ -174,6 +187,24 @@ class ProviderMetadata:
             token_auth_method=auth,
             iss_parameter_supported=doc.get("authorization_response_iss_parameter_supported") is True,
         )
+
+
+def _host_class(host: str | None) -> str:
+    """``loopback``, ``internal`` (link-local, unspecified, multicast, reserved: never an
+    IdP endpoint, e.g. the cloud metadata address) or ``public`` (names and other IPs)."""
+    if not host:
+        return "internal"
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return "loopback"
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return "public"
+    if ip.is_loopback:
+        return "loopback"
+    if ip.is_link_local or ip.is_unspecified or ip.is_multicast or ip.is_reserved:
+        return "internal"
+    return "public"
 
 
 def _acceptable_url(value: str, allow_http_loopback: bool) -> bool:
@@ -240,6 +271,9 @@ def parse_jwks(doc: Mapping[str, Any]) -> list[JWK]:
         if kid is not None and (not isinstance(kid, str) or len(kid) > 256):
             continue
         public = {k: v for k, v in raw.items() if k in ("kty", "n", "e", "crv", "x", "y")}
+        if kty == "RSA" and _rsa_modulus_bits(public.get("n")) < 2048:
+            log.warning("ignoring RSA JWK kid=%r: modulus shorter than 2048 bits", kid)
+            continue
         try:
             key = import_key(public)
         except (JoseError, ValueError, TypeError) as exc:
@@ -254,6 +288,16 @@ def parse_jwks(doc: Mapping[str, Any]) -> list[JWK]:
     if not out:
         raise OIDCError("jwks_invalid", "no usable signing key", status=502)
     return out
+
+
+def _rsa_modulus_bits(n: object) -> int:
+    """Bit length of a JWK ``n`` (0 if it is not base64url), checked before any import."""
+    if not isinstance(n, str) or len(n) > 4096:
+        return 0
+    try:
+        return int.from_bytes(_b64url_decode(n), "big").bit_length()
+    except ValueError:
+        return 0
 
 
 # ---------------------------------------------------------------------------
@@ -328,7 +372,10 @@ def verify_signature(token: str, keys: list[JWK]) -> VerifiedToken:
             result = jws.deserialize_compact(token, candidate.key, algorithms=[alg])
         except (JoseError, ValueError, TypeError):
             continue
-        claims = strict_json_object(result.payload, "id_token_payload")
+        try:
+            claims = strict_json_object(result.payload, "id_token_payload")
+        except OIDCError as exc:
+            raise OIDCError(exc.code, exc.detail, status=400) from None
         return VerifiedToken(claims=claims, header=dict(header), raw=token)
     raise OIDCError("id_token_bad_signature", "signature does not verify")
 

@@ -171,6 +171,18 @@ def cpu_steal() -> float:
     return 0.0
 
 
+def core_times(core: str | None) -> tuple[float, float]:
+    """(busy, total) jiffies of one CPU (all CPUs when None) from /proc/stat."""
+    name = "cpu" if core is None else f"cpu{core}"
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/stat").read_text().splitlines():
+            f = line.split()
+            if f and f[0] == name:
+                v = [int(x) for x in f[1:9]]  # user nice system idle iowait irq softirq steal
+                return float(sum(v) - v[3] - v[4]), float(sum(v))
+    return 0.0, 0.0
+
+
 def parse_http_response(raw: bytes) -> tuple[int, bytes]:
     """(status, body) of one HTTP/1.1 response read to EOF; chunked bodies are decoded."""
     head, _, body = raw.partition(b"\r\n\r\n")
@@ -756,6 +768,7 @@ class Bench:
         cpu0 = tree_cpu_seconds(col.proc.pid)
         up0 = tree_cpu_seconds(self.upstream.pid) if up_measured else 0.0
         steal0 = cpu_steal()
+        core0 = core_times(self.cores.server)
         t0 = time.monotonic()
         if full_handshake:
             own0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -769,6 +782,8 @@ class Bench:
         up_cpu = (tree_cpu_seconds(self.upstream.pid) - up0) if up_measured else None
         mem = tree_memory(col.proc.pid)
         steal = cpu_steal() - steal0
+        core1 = core_times(self.cores.server)
+        core_busy = (core1[0] - core0[0]) / (core1[1] - core0[1]) if core1[1] > core0[1] else None
         n = result["requests"]
         invalid = []
         if n == 0:
@@ -802,6 +817,8 @@ class Bench:
             "upstream_cpu_us_per_req": round(up_cpu * 1e6 / n, 1) if (n and up_cpu is not None) else None,
             **mem,
             "steal_s": round(steal, 3),
+            # the whole server core (proxy + upstream + OP + kernel): below 1.0 means idle gaps
+            "server_core_busy": round(core_busy, 3) if core_busy is not None else None,
             "valid": not invalid,
             "invalid_reason": "; ".join(invalid),
             "wrk": result,
@@ -883,6 +900,7 @@ METRICS: list[tuple[str, str, str, str]] = [
     ("ka_cpu_us", "keepalive", "cpu_us_per_req", "server CPU µs / request (keep-alive)"),
     ("ka_cpu_util", "keepalive", "cpu_util", "server CPU busy (cores) during keep-alive"),
     ("ka_client_util", "keepalive", "client_cpu_util", "wrk CPU busy (cores) during keep-alive"),
+    ("ka_core_busy", "keepalive", "server_core_busy", "server core busy (all tasks) during keep-alive"),
     ("nc_rps", "newconn", "rps", "new conn/request, TLS resumed (wrk): req/s"),
     ("nc_cpu_us", "newconn", "cpu_us_per_req", "server CPU µs / new conn, TLS resumed (+1 request)"),
     ("nc_p50_ms", "newconn", "p50_ms", "new conn, TLS resumed: p50 latency, ms"),

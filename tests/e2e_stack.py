@@ -168,7 +168,21 @@ class Upstream:
             resp.headers.add("Set-Cookie", "__Host-enforcer-app=evil; Path=/; Secure")
             resp.headers.add("Set-Cookie", "appcookie=1; Path=/")
             return resp
+        if request.path in RAW_ANSWERS:  # broken framing from the app (X-SMG-14)
+            assert request.transport is not None
+            request.transport.write(RAW_ANSWERS[request.path])
+            request.transport.close()
+            return web.Response()  # never sent: the transport is closed
+        if request.path == "/ws-refuse":  # an app that refuses an upgrade (X-SMG-13)
+            return web.Response(status=403, text="no upgrade for you")
         return web.json_response({"path": request.raw_path, "user": request.headers.get("X-Forwarded-User")})
+
+
+RAW_ANSWERS = {
+    "/bad-framing": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nSMUGGLED",
+    "/dup-length": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello!!",
+    "/truncated": b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\nContent-Type: text/plain\r\n\r\n" + b"t" * 10,
+}
 
 
 @dataclass
