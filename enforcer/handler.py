@@ -113,6 +113,8 @@ def _split_host(value: str) -> tuple[str, int | None] | None:
         if not rest.startswith(":") or not rest[1:].isdigit() or len(rest) > 6 or rest[1] == "0":
             return None
         port = int(rest[1:])
+        if port > 65535:
+            return None
     return normalise_host(host), port
 
 
@@ -354,6 +356,11 @@ class Gate:
         self.transactions.add(txn)
         self.metrics.logins.labels(service.name, "started").inc()
         cookies = self._expire_old_tx_cookies(request)
+        session_cookie = sessions.session_cookie_name(service.name)
+        stale, _ = sessions.find_cookie(request.headers.getall("Cookie", []), session_cookie)
+        if stale is not sessions.CookieLookup.ABSENT:
+            # We only get here without a live session: drop the dead or planted one (S-ID-02).
+            cookies.append(sessions.clear_cookie_header(session_cookie))
         cookies.append(sessions.set_cookie_header(
             _tx_cookie_name(txn.state), f"{int(now)}.{binding}", max_age=int(self.transactions.ttl)
         ))
@@ -393,6 +400,10 @@ class Gate:
 
         if request.method != "GET":
             return self._close_if_body(request, fail("callback_method", 405))
+        if urllib.parse.urlsplit(request.raw_path).path != service.callback_path:
+            # Exact redirect_uri matching (RFC 9700 §2.1, P-CB-14): '//cb', '/x/../cb' and
+            # the like canonicalise to the callback path but are not the registered URI.
+            return fail("callback_path_not_exact")
         if len(query) > MAX_CALLBACK_QUERY:
             return fail("callback_too_large", 414)
         try:
@@ -419,7 +430,11 @@ class Gate:
         if found is not sessions.CookieLookup.FOUND or not secrets.compare_digest(oidc.binding_hash(binding), txn.binding):
             return fail("callback_not_bound", clear=tx_name)
         provider = self._provider(service)
-        metadata = await provider.discover()
+        try:
+            metadata = await provider.discover()
+        except oidc.OIDCError as exc:
+            log.warning("service %s: callback without IdP metadata: %s", service.name, exc)
+            return fail("idp_unavailable", 502, clear=tx_name)
         iss = params.get("iss")
         if iss is not None and iss != txn.issuer:
             return fail("callback_iss_mismatch", clear=tx_name)
