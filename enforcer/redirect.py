@@ -1,4 +1,4 @@
-"""Send traffic for the exposed ports to the enforcer's listener; the only module that touches netfilter.
+"""Redirect the exposed ports to the enforcer's listener: the only module touching netfilter.
 
 Users keep their DNS, ports and app: nftables (programmed over netlink with pyroute2, no ``nft``
 or ``iptables`` binary at run time) redirects ``tcp dport <exposedPort>`` to the TLS listener and
@@ -54,6 +54,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import functools
 import ipaddress
 import os
 import re
@@ -193,7 +194,7 @@ class Ruleset:
         return tuple(r for r in self.rules if r.chain == chain)
 
     def block_only(self) -> Ruleset:
-        """This ruleset without the redirects: only the app-port block (for a stop that keeps it)."""
+        """Only the app-port block, without redirects (for a clean stop that keeps the block)."""
         return replace(
             self,
             chains=tuple(c for c in self.chains if c.type == "filter"),
@@ -219,7 +220,7 @@ class Ruleset:
         return "\n".join(lines) + "\n"
 
     def render_bytecode(self) -> str:
-        """Each rule with its netlink expressions (like ``nft --debug=netlink``), for golden tests."""
+        """Each rule with its netlink expressions (like ``nft --debug=netlink``); golden tests."""
         out: list[str] = []
         for rule in self.rules:
             out.append(f"{self.family} {self.table} {rule.chain}: {rule.text}")
@@ -533,7 +534,8 @@ def _render_expr(name: str, a: Mapping[str, Any]) -> str:
     if name == "meta" and "DREG" in a:
         return f"meta load {_named(_META_KEYS, a.get('KEY'))} => reg {a['DREG']}"
     if name == "cmp":
-        return f"cmp {_named(_CMP_OPS, a.get('OP'))} reg {a.get('SREG')} {_data_text(a.get('DATA'))}"
+        op = _named(_CMP_OPS, a.get("OP"))
+        return f"cmp {op} reg {a.get('SREG')} {_data_text(a.get('DATA'))}"
     if name == "payload" and "DREG" in a:
         return (
             f"payload load {a.get('LEN')}b @ {_named(_PAYLOAD_BASES, a.get('BASE'))} header "
@@ -818,17 +820,39 @@ def _parse_error(msg: bytes, flags: int) -> tuple[int, str]:
     return -code, text
 
 
-def _transact(netns: str | None, messages: Sequence[_Message]) -> None:
-    """Send ``messages`` as one nfnetlink batch; raise RedirectError naming every failure."""
+def _encode_messages(messages: Iterable[_Message]) -> tuple[tuple[str, bytes], ...]:
+    """Each message's description and its bytes (sequence number 0, patched in when sent)."""
+    return tuple(
+        (m.what, _encode(m.cls, m.type, m.flags | NLM_F_ACK, 0, m.attrs)) for m in messages
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _encoded_ruleset(ruleset: Ruleset) -> tuple[tuple[str, bytes], ...]:
+    # pyroute2's pure-Python encoding is most of an apply's CPU time; reloads mostly resend
+    # the same ruleset, and a Ruleset is immutable.
+    return _encode_messages(_batch_messages(ruleset))
+
+
+def _close_later(sock: socket.socket) -> None:
+    # close() of a netlink socket that committed a table replacement waits for the kernel to
+    # free the old table (an RCU grace period, ~10 ms); the new rules are live already.
+    threading.Thread(target=sock.close, name="nft-close", daemon=True).start()
+
+
+def _transact(netns: str | None, messages: Sequence[tuple[str, bytes]]) -> None:
+    """Send encoded ``messages`` as one nfnetlink batch; raise RedirectError naming failures."""
     sock = _nft_socket(netns)
     try:
         base = int.from_bytes(os.urandom(2), "big") << 8 | 1
         data = bytearray(_batch_marker(_NFNL_MSG_BATCH_BEGIN, base))
         by_seq: dict[int, str] = {base: "the batch"}
-        for i, m in enumerate(messages, 1):
+        for i, (what, encoded) in enumerate(messages, 1):
             seq = base + i
-            by_seq[seq] = m.what
-            data += _encode(m.cls, m.type, m.flags | NLM_F_ACK, seq, m.attrs)
+            by_seq[seq] = what
+            start = len(data)
+            data += encoded
+            struct.pack_into("=I", data, start + 8, seq)
         data += _batch_marker(_NFNL_MSG_BATCH_END, base + len(messages) + 1)
         try:
             sock.send(bytes(data))
@@ -863,11 +887,11 @@ def _transact(netns: str | None, messages: Sequence[_Message]) -> None:
                 f"unacknowledged: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
             )
     finally:
-        sock.close()
+        _close_later(sock)
 
 
 def _apply_blocking(ruleset: Ruleset, netns: str | None) -> None:
-    _transact(netns, _batch_messages(ruleset))
+    _transact(netns, _encoded_ruleset(ruleset))
 
 
 async def apply(ruleset: Ruleset, *, netns: str | None = None) -> None:
@@ -884,7 +908,7 @@ def _remove_blocking(table: str, netns: str | None) -> bool:
     msg = _Message(f"table {table}", nft.nft_table_msg, nft.NFT_MSG_DELTABLE, 0,
                    (("NFTA_TABLE_NAME", table),))
     try:
-        _transact(netns, [msg])
+        _transact(netns, _encode_messages([msg]))
     except RedirectError as e:
         if e.failures and all(f.errno == errno.ENOENT for f in e.failures):
             return False
