@@ -29,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate enforcer.yaml and every definition")
     with_config(check)
 
+    doctor = sub.add_parser("doctor", help="check IdP, certificates, listener and nftables from this host")
+    with_config(doctor)
+    doctor.add_argument("--rules", action="store_true", help="only print the intended nftables ruleset")
+
+    rules = sub.add_parser("rules", help="print the nftables ruleset this config installs (nft syntax)")
+    with_config(rules)
+
     reload = sub.add_parser("reload", help="make the running daemon re-read its definitions now")
     with_config(reload)
 
@@ -85,15 +92,28 @@ def _dispatch(args: argparse.Namespace) -> int:
                 stream=sys.stderr,
                 format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             )
-            from enforcer import daemon  # noqa: PLC0415  (keep `check`/`flows` start-up light)
+            from enforcer import daemon, redirect  # noqa: PLC0415  (keep `check`/`flows` start-up light)
 
-            return daemon.run_forever(args.config)
+            try:
+                return daemon.run_forever(args.config)
+            except redirect.RedirectError as exc:
+                print(f"enforcer: cannot install the redirect: {exc}", file=sys.stderr)
+                return 1
+            except OSError as exc:
+                print(f"enforcer: cannot start: {exc}", file=sys.stderr)
+                return 1
         case "check":
             return _check(args.config)
         case "flows":
             return _flows(args)
         case "reload":
             return _reload(args.config)
+        case "rules":
+            return _rules(args.config)
+        case "doctor":
+            if args.rules:
+                return _rules(args.config)
+            return _doctor(args.config)
         case "explain":
             return _explain(args)
         case "certs":
@@ -149,6 +169,26 @@ def _check(path: Path) -> int:
     for w in definitions.warnings:
         print(f"  warning: {w}")
     return 0
+
+
+def _rules(path: Path) -> int:
+    from enforcer import doctor  # noqa: PLC0415
+
+    settings = config.load_settings(path)
+    ruleset = doctor.expected_ruleset(settings, _load_all_definitions(settings))
+    if not settings.model.redirect.enabled:
+        print("# redirect is disabled in this config (redirect: {enabled: false}); this is what it would install")
+    sys.stdout.write(ruleset.render_nft())
+    return 0
+
+
+def _doctor(path: Path) -> int:
+    import asyncio  # noqa: PLC0415
+
+    from enforcer import doctor  # noqa: PLC0415
+
+    settings = config.load_settings(path)
+    return asyncio.run(doctor.run(settings, _load_all_definitions(settings), sys.stdout))
 
 
 def _reload(path: Path) -> int:

@@ -761,6 +761,19 @@ class SourceModel(_Strict):
         return self
 
 
+class RedirectModel(_Strict):
+    """The transparent redirect (nftables): exposed ports land on the listener.
+
+    Off unless enabled, so that a development or test run never touches the host's
+    firewall; ``scripts/install``'s sample config turns it on."""
+
+    enabled: bool = False
+    table: str = Field(default="enforcer", pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    mark: int = Field(default=0x454E, ge=1, le=0xFFFFFFFF)
+    blockAppPort: bool = True
+    keepBlockOnStop: bool = False
+
+
 class LimitsModel(_Strict):
     """Bounds on what a client controls."""
 
@@ -784,6 +797,7 @@ class DaemonModel(_Strict):
     sessions: SessionsModel = Field(default_factory=SessionsModel)
     oidc: OIDCSettingsModel = Field(default_factory=OIDCSettingsModel)
     limits: LimitsModel = Field(default_factory=LimitsModel)
+    redirect: RedirectModel = Field(default_factory=RedirectModel)
     flowLog: Path | None = None  # default: <logsDir>/flows.jsonl
 
 

@@ -16,7 +16,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from enforcer import certs, config, httpserver, listener, oidc, proxy
+from enforcer import certs, config, httpserver, listener, oidc, proxy, redirect
 from enforcer import session as sessions
 from enforcer.definitions import DefinitionsManager, build_sources
 from enforcer.flowlog import FlowLog, FlowRecord
@@ -83,6 +83,24 @@ def build_leaves(
     return leaves, default
 
 
+LOCAL_UPSTREAMS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def build_redirect(definitions: config.Definitions, settings: config.Settings, listen_port: int) -> redirect.Ruleset:
+    """The nftables ruleset for these services (the app port is blocked only for local apps)."""
+    r = settings.model.redirect
+    targets = [
+        redirect.RedirectTarget(
+            svc.name, svc.exposed_port, svc.port if svc.upstream_host in LOCAL_UPSTREAMS else None
+        )
+        for svc in definitions.services
+    ]
+    return redirect.build_ruleset(
+        targets,
+        redirect.RedirectSettings(listen_port=listen_port, table=r.table, mark=r.mark, block_app_port=r.blockAppPort),
+    )
+
+
 def sd_notify(message: str) -> bool:
     """Tell systemd about our state (Type=notify); a no-op outside systemd."""
     address = os.environ.get("NOTIFY_SOCKET")
@@ -116,6 +134,7 @@ class Daemon:
     settings: config.Settings
     metrics: Metrics = field(default_factory=Metrics)
     ready: bool = False
+    ruleset: redirect.Ruleset | None = None
     listen_port: int = 0
     admin_port: int = 0
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -126,7 +145,7 @@ class Daemon:
         s = self.settings.model
         s.stateDir.mkdir(parents=True, exist_ok=True, mode=0o700)
         http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=64),
+            connector=aiohttp.TCPConnector(limit=64, socket_factory=self._socket_factory()),
             cookie_jar=aiohttp.DummyCookieJar(),
             headers={"User-Agent": "enforcer"},
         )
@@ -161,10 +180,24 @@ class Daemon:
             connect_timeout=s.limits.upstreamConnectTimeout,
             read_timeout=s.limits.upstreamReadTimeout,
             max_body=s.limits.maxBodyBytes,
+            socket_factory=self._socket_factory(),
         )
         runtime = Runtime(definitions, build_providers(definitions, self.settings, http))
         sock = listener.make_listen_socket(s.listen.address, s.listen.port)
         self.listen_port = sock.getsockname()[1]
+        if s.redirect.enabled:
+            self.ruleset = build_redirect(definitions, self.settings, self.listen_port)
+            try:
+                started = time.perf_counter()
+                await redirect.apply(self.ruleset)
+            except redirect.RedirectError:
+                sock.close()
+                await http.close()
+                raise
+            log.info(
+                "redirect table inet %s applied in %.1f ms (%d rules)",
+                s.redirect.table, (time.perf_counter() - started) * 1000, len(self.ruleset.rules),
+            )
         gate = Gate(
             settings=self.settings,
             runtime=runtime,
@@ -230,11 +263,39 @@ class Daemon:
             await upstream.close()
             await http.close()
             await store.close()
+            await self._remove_redirect()
             log.info("stopped")
         return 0
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _socket_factory(self) -> Callable[[Any], socket.socket] | None:
+        """Outgoing sockets (IdP, app) carry our mark so the output chain never loops them."""
+        r = self.settings.model.redirect
+        if not r.enabled:
+            return None
+
+        def make(addr_info: Any) -> socket.socket:
+            family, type_, proto, _, _ = addr_info
+            sock = socket.socket(family=family, type=type_, proto=proto)
+            redirect.mark_socket(sock, r.mark)
+            return sock
+
+        return make
+
+    async def _remove_redirect(self) -> None:
+        """Clean stop: remove the table, or keep only the app-port block if configured."""
+        r = self.settings.model.redirect
+        if not r.enabled or self.ruleset is None:
+            return
+        try:
+            if r.keepBlockOnStop:
+                await redirect.apply(self.ruleset.block_only())
+            else:
+                await redirect.remove(r.table)
+        except redirect.RedirectError as exc:
+            log.error("could not remove the redirect table on stop: %s", exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -255,9 +316,24 @@ class Daemon:
         self.manager.trigger()
 
     async def _apply(self, definitions: config.Definitions, reason: str) -> None:
-        """Swap in a validated set: certificates first, then the request path's runtime."""
-        leaves, default = await asyncio.to_thread(build_leaves, definitions, self.cert_store)
-        self.tls.update(leaves, default)
+        """Swap in a validated set: redirect rules, then certificates, then the request path.
+
+        A failing step raises, and the manager keeps the previous set (the nftables batch is
+        atomic: a refused one leaves the old table untouched)."""
+        previous = self.ruleset
+        if self.settings.model.redirect.enabled:
+            ruleset = build_redirect(definitions, self.settings, self.listen_port)
+            if ruleset != previous:
+                await redirect.apply(ruleset)
+                self.ruleset = ruleset
+        try:
+            leaves, default = await asyncio.to_thread(build_leaves, definitions, self.cert_store)
+            self.tls.update(leaves, default)
+        except Exception:
+            if previous is not None and self.ruleset is not previous:
+                await redirect.apply(previous)
+                self.ruleset = previous
+            raise
         old = self.gate.runtime
         runtime = Runtime(definitions, build_providers(definitions, self.settings, self.http, old.providers))
         self.gate.runtime = runtime

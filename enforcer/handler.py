@@ -8,19 +8,22 @@ endpoints are handled here too, as explicit steps calling into ``oidc`` and ``se
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import html
+import json
 import logging
 import secrets
 import time
 import urllib.parse
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
-from enforcer import oidc, pages, policy, proxy
+from enforcer import oidc, pages, policy, proxy, redirect
 from enforcer import session as sessions
 from enforcer.config import Definitions, Service, Settings, normalise_host
 from enforcer.flowlog import FlowLog, FlowRecord
@@ -33,6 +36,8 @@ TX_COOKIE_PREFIX = "__Host-enforcertx-"
 MAX_PENDING_PER_BROWSER = 5
 MAX_RETURN_TO = 2048
 MAX_CALLBACK_QUERY = 8192
+BACKCHANNEL_SUFFIX = "/backchannel"  # back-channel logout endpoint: <logout path>/backchannel
+MAX_LOGOUT_TOKEN_BODY = 64 << 10
 FORBIDDEN_METHODS = frozenset({"TRACE", "TRACK", "CONNECT"})
 
 #: Set by the server protocol (daemon.py) on the stand-in request it makes when aiohttp's
@@ -146,6 +151,10 @@ class Gate:
         self.absolute_timeout = s.sessions.absoluteTimeout
         self.max_body = s.limits.maxBodyBytes
         self._callback_inflight: set[str] = set()
+        self.redirect_enabled = settings.model.redirect.enabled
+        self._destinations: weakref.WeakKeyDictionary[asyncio.BaseTransport, tuple[str, int] | None] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # ------------------------------------------------------------------ entry
 
@@ -154,8 +163,10 @@ class Gate:
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
         peer = request.transport.get_extra_info("peername") if request.transport else None
         client_ip = str(peer[0]) if peer else "-"
+        destination = self._destination(request.transport) if self.redirect_enabled else None
         flow = FlowRecord.begin(
             client=f"{client_ip}:{peer[1]}" if peer else "-",
+            destination=f"{destination[0]}:{destination[1]}" if destination else None,
             sni=sni_of(ssl_object),
             host=request.headers.get("Host"),
             method=request.method,
@@ -166,7 +177,7 @@ class Gate:
         )
         response: web.StreamResponse | None = None
         try:
-            response = await self._handle(request, flow, client_ip)
+            response = await self._handle(request, flow, client_ip, destination)
             return response
         except proxy.UpstreamError as exc:
             flow.record(decision="error", reason=f"upstream_{exc.kind}", endpoint=flow.endpoint, user=flow.user)
@@ -187,7 +198,9 @@ class Gate:
             self.flowlog.write(flow.finish(now=self.clock(), status=status))
             self.metrics.observe_flow(flow)
 
-    async def _handle(self, request: web.BaseRequest, flow: FlowRecord, client_ip: str) -> web.StreamResponse:
+    async def _handle(
+        self, request: web.BaseRequest, flow: FlowRecord, client_ip: str, destination: tuple[str, int] | None = None
+    ) -> web.StreamResponse:
         # 0. the parser refused the bytes, or framing it let through that we do not accept
         refused = request.get(FRAMING_ERROR) or transfer_coding_problem(request)
         if refused is not None:
@@ -234,6 +247,11 @@ class Gate:
         if flow.sni is not None and runtime.by_host.get(flow.sni) is not service:
             flow.record(decision="bad_request", reason="sni_host_mismatch")
             return pages.plain_close(421, "TLS server name and Host do not match")
+        if destination is not None and destination[1] != service.exposed_port:
+            # redirected from another service's exposed port: SNI/Host and the original
+            # destination must name the same service
+            flow.record(decision="bad_request", reason="destination_mismatch")
+            return pages.plain_close(421, "this host is not served on this port")
         flow.service = service.name
 
         # 3. one canonical path: logged, matched and forwarded
@@ -252,6 +270,8 @@ class Gate:
             return await self._callback(request, flow, service, query)
         if path == service.logout_path:
             return await self._logout(request, flow, service)
+        if path == service.logout_path + BACKCHANNEL_SUFFIX:
+            return await self._backchannel_logout(request, flow, service)
 
         # 5. who is asking
         now = self.clock()
@@ -312,6 +332,22 @@ class Gate:
                 self.metrics.upstream_seconds.labels(service.name).observe(transfer.upstream_ms / 1000)
 
     # ------------------------------------------------------------------ helpers
+
+    def _destination(self, transport: asyncio.BaseTransport | None) -> tuple[str, int] | None:
+        """Where a redirected connection was going (cached per connection: one syscall)."""
+        if transport is None:
+            return None
+        try:
+            return self._destinations[transport]
+        except KeyError:
+            pass
+        except TypeError:  # a transport that cannot be weakly referenced (uvloop)
+            sock = transport.get_extra_info("socket")
+            return redirect.redirected_destination(sock) if sock is not None else None
+        sock = transport.get_extra_info("socket")
+        found = redirect.redirected_destination(sock) if sock is not None else None
+        self._destinations[transport] = found
+        return found
 
     @staticmethod
     def _close_if_body(request: web.BaseRequest, response: web.Response) -> web.Response:
@@ -427,7 +463,8 @@ class Gate:
             return fail("callback_unknown_state", clear=tx_name)
         found, cookie = sessions.find_cookie(request.headers.getall("Cookie", []), tx_name)
         binding = cookie.split(".", 1)[1] if cookie and "." in cookie else ""
-        if found is not sessions.CookieLookup.FOUND or not secrets.compare_digest(oidc.binding_hash(binding), txn.binding):
+        bound = secrets.compare_digest(oidc.binding_hash(binding), txn.binding)
+        if found is not sessions.CookieLookup.FOUND or not bound:
             return fail("callback_not_bound", clear=tx_name)
         provider = self._provider(service)
         try:
@@ -535,11 +572,16 @@ class Gate:
         clear = [sessions.clear_cookie_header(cookie_name)]
         metadata = self._provider(service).metadata
         if current is not None and metadata is not None and metadata.end_session_endpoint:
-            params = {"client_id": service.client_id, "id_token_hint": current.id_token, "state": secrets.token_urlsafe(16)}
+            params = {
+                "client_id": service.client_id,
+                "id_token_hint": current.id_token,
+                "state": secrets.token_urlsafe(16),
+            }
             if service.post_logout_redirect:
                 params["post_logout_redirect_uri"] = service.post_logout_redirect
             sep = "&" if "?" in metadata.end_session_endpoint else "?"
-            resp = pages.redirect(metadata.end_session_endpoint + sep + urllib.parse.urlencode(params), set_cookies=clear)
+            end_session = metadata.end_session_endpoint + sep + urllib.parse.urlencode(params)
+            resp = pages.redirect(end_session, set_cookies=clear)
         else:
             resp = pages.info_page(
                 "Signed out",
@@ -549,6 +591,58 @@ class Gate:
             )
 
         return resp
+
+    async def _backchannel_logout(
+        self, request: web.BaseRequest, flow: FlowRecord, service: Service
+    ) -> web.StreamResponse:
+        """OIDC Back-Channel Logout 1.0: the IdP POSTs a signed logout token; the sessions it
+        names (by ``sid``, else every session of ``sub``) end.  No cookie plays any role."""
+        headers = dict(pages.SECURITY_HEADERS)
+
+        def answer(status: int, reason: str, error: str | None = None) -> web.Response:
+            flow.record(decision="logout", reason=reason)
+            body = json.dumps({"error": error}) if error else ""
+            resp = web.Response(status=status, text=body, headers=headers,
+                                content_type="application/json" if error else "text/plain")
+            return self._close_if_body(request, resp) if status >= 400 else resp
+
+        if request.method != "POST":
+            headers["Allow"] = "POST"
+            return answer(405, "backchannel_method", "invalid_request")
+        if request.content_type != "application/x-www-form-urlencoded":
+            return answer(400, "backchannel_content_type", "invalid_request")
+        if request.content_length is not None and request.content_length > MAX_LOGOUT_TOKEN_BODY:
+            return answer(413, "backchannel_too_large", "invalid_request")
+        raw = await request.content.read(MAX_LOGOUT_TOKEN_BODY + 1)
+        if len(raw) > MAX_LOGOUT_TOKEN_BODY:
+            return answer(413, "backchannel_too_large", "invalid_request")
+        try:
+            pairs = urllib.parse.parse_qsl(raw.decode("ascii"), keep_blank_values=True, strict_parsing=True,
+                                           max_num_fields=10)
+        except (ValueError, UnicodeDecodeError):
+            return answer(400, "backchannel_malformed", "invalid_request")
+        tokens = [v for k, v in pairs if k == "logout_token"]
+        if len(tokens) != 1 or not tokens[0]:
+            return answer(400, "backchannel_no_token", "invalid_request")
+        provider = self._provider(service)
+        s = self.settings.model.oidc
+        try:
+            verified = await provider.verify(tokens[0], logout=True)
+            sub, sid = oidc.check_logout_claims(
+                verified.claims, issuer=service.issuer, client_id=service.client_id,
+                now=self.clock(), leeway=s.leeway, max_age=s.maxIdTokenAge,
+            )
+        except oidc.OIDCError as exc:
+            code = exc.code.replace("id_token_", "logout_token_")
+            log.info("back-channel logout refused for service %s: %s (flow %s)", service.name, code, flow.flow_id)
+            return answer(400, code, "invalid_request")
+        # With a sid only that IdP session ends; with only a sub every session of the user.
+        ended = await self.store.delete_matching(issuer=service.issuer, sub=sub, sid=sid)
+        if sub is not None:
+            flow.user = sub
+        log.info("back-channel logout for service %s ended %d session(s) (flow %s)", service.name, ended,
+                 flow.flow_id)
+        return answer(200, "backchannel_logout")
 
 
 def _tx_cookie_name(state: str) -> str:

@@ -31,6 +31,7 @@ import secrets
 import ssl
 import time
 import urllib.parse
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from typing import Any
 
 import aiohttp
 from joserfc import jws
-from joserfc.errors import JoseError
+from joserfc.errors import JoseError, SecurityWarning
 from joserfc.jwk import ECKey, OKPKey, RSAKey, import_key
 
 log = logging.getLogger("enforcer.oidc")
@@ -57,6 +58,9 @@ ALLOWED_ALGS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
 _EC_ALG = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
+
+#: The one event a back-channel logout token carries (Back-Channel Logout 1.0 §2.4).
+BACKCHANNEL_EVENT = "http://schemas.openid.net/event/backchannel-logout"
 
 #: Claims that change at every login and never make sense in a policy.
 PER_LOGIN_CLAIMS = frozenset({"nonce", "at_hash", "c_hash", "jti", "auth_time", "iat", "exp", "nbf"})
@@ -345,31 +349,41 @@ def split_jws(token: str) -> tuple[dict[str, Any], bytes]:
     return header, payload
 
 
-def check_header(header: Mapping[str, Any]) -> str:
-    """Return the algorithm if the JWS header is acceptable for an ID token."""
+def check_header(header: Mapping[str, Any], *, logout: bool = False) -> str:
+    """Return the algorithm if the JWS header is acceptable for an ID token (or, with
+    ``logout``, for a logout token, which must say ``typ: logout+jwt``)."""
     alg = header.get("alg")
     if not isinstance(alg, str) or alg not in ALLOWED_ALGS:
         raise OIDCError("id_token_bad_alg", f"algorithm {str(alg)[:20]!r} is not allowed")
     if "crit" in header or header.get("b64") is False:
         raise OIDCError("id_token_bad_header", "critical header parameters are not supported")
     typ = header.get("typ")
-    if typ is not None and (not isinstance(typ, str) or typ.lower() not in ("jwt", "application/jwt")):
+    if logout:
+        # Back-Channel Logout §2.4 recommends the explicit type; we require it so that no
+        # other JWT of the IdP (an ID token above all) can pass as a logout token.
+        if not isinstance(typ, str) or typ.lower() not in ("logout+jwt", "application/logout+jwt"):
+            raise OIDCError("id_token_bad_typ", "typ is not logout+jwt")
+    elif typ is not None and (not isinstance(typ, str) or typ.lower() not in ("jwt", "application/jwt")):
         raise OIDCError("id_token_bad_typ", "typ is not JWT")
     if "enc" in header or "zip" in header:
         raise OIDCError("id_token_encrypted", "encrypted ID tokens are not configured")
     return alg
 
 
-def verify_signature(token: str, keys: list[JWK]) -> VerifiedToken:
+def verify_signature(token: str, keys: list[JWK], *, logout: bool = False) -> VerifiedToken:
     """Verify the JWS with a key from ``keys`` (joserfc does the cryptography)."""
     header, _payload = split_jws(token)
-    alg = check_header(header)
+    alg = check_header(header, logout=logout)
     candidates = select_key(keys, header)
     if not candidates:
         raise OIDCError("id_token_unknown_key", "no key in the JWKS matches kid and alg")
     for candidate in candidates:
         try:
-            result = jws.deserialize_compact(token, candidate.key, algorithms=[alg])
+            with warnings.catch_warnings():
+                # joserfc flags "EdDSA" as deprecated by RFC 9864; we allow it on purpose
+                # (it is in ALLOWED_ALGS), and a warning must not become an exception.
+                warnings.simplefilter("ignore", SecurityWarning)
+                result = jws.deserialize_compact(token, candidate.key, algorithms=[alg])
         except (JoseError, ValueError, TypeError):
             continue
         try:
@@ -407,7 +421,7 @@ def check_claims(
     if claims.get("iss") != issuer:
         raise OIDCError("id_token_bad_iss", "iss does not equal the configured issuer")
     aud = claims.get("aud")
-    if not (aud == client_id or aud == [client_id]):
+    if aud not in (client_id, [client_id]):
         raise OIDCError("id_token_bad_aud", "aud is not exactly this client")
     azp = claims.get("azp")
     if azp is not None and azp != client_id:
@@ -415,7 +429,8 @@ def check_claims(
     exp = _numeric_date(claims, "exp", required=True)
     iat = _numeric_date(claims, "iat", required=True)
     nbf = _numeric_date(claims, "nbf", required=False)
-    assert exp is not None and iat is not None
+    assert exp is not None
+    assert iat is not None
     if now > exp + leeway:
         raise OIDCError("id_token_expired", "exp is in the past")
     if iat > now + leeway:
@@ -435,6 +450,54 @@ def check_claims(
         or not sub.isprintable()
     ):
         raise OIDCError("id_token_bad_sub", "sub is missing or not 1-255 printable ASCII characters")
+
+
+def check_logout_claims(
+    claims: Mapping[str, Any],
+    *,
+    issuer: str,
+    client_id: str,
+    now: float,
+    leeway: float,
+    max_age: float,
+) -> tuple[str | None, str | None]:
+    """Back-Channel Logout §2.6 checks on a verified logout token; returns (sub, sid).
+
+    iss and aud as for ID tokens; iat, exp and jti required; ``events`` must be an object
+    holding the back-channel event (an object); no ``nonce``; ``sub`` and/or ``sid``.
+    """
+    if claims.get("iss") != issuer:
+        raise OIDCError("logout_token_bad_iss", "iss does not equal the configured issuer")
+    if claims.get("aud") not in (client_id, [client_id]):
+        raise OIDCError("logout_token_bad_aud", "aud is not exactly this client")
+    try:
+        exp = _numeric_date(claims, "exp", required=True)
+        iat = _numeric_date(claims, "iat", required=True)
+    except OIDCError as exc:
+        raise OIDCError(exc.code.replace("id_token_", "logout_token_"), exc.detail) from None
+    assert exp is not None
+    assert iat is not None
+    if now > exp + leeway:
+        raise OIDCError("logout_token_expired", "exp is in the past")
+    if iat > now + leeway or iat < now - max_age - leeway:
+        raise OIDCError("logout_token_bad_iat", "iat is in the future or too old")
+    jti = claims.get("jti")
+    if not isinstance(jti, str) or not jti or len(jti) > 256:
+        raise OIDCError("logout_token_no_jti", "jti is missing")
+    events = claims.get("events")
+    if not isinstance(events, dict) or not isinstance(events.get(BACKCHANNEL_EVENT), dict):
+        raise OIDCError("logout_token_bad_events", "events lacks the back-channel logout event")
+    if "nonce" in claims:
+        raise OIDCError("logout_token_has_nonce", "a logout token must not contain a nonce")
+    sub, sid = claims.get("sub"), claims.get("sid")
+    if sub is None and sid is None:
+        raise OIDCError("logout_token_no_subject", "neither sub nor sid")
+    for name, value in (("sub", sub), ("sid", sid)):
+        if value is not None and (
+            not isinstance(value, str) or not 0 < len(value) <= MAX_SUB_LENGTH or not value.isprintable()
+        ):
+            raise OIDCError(f"logout_token_bad_{name}", f"{name} is not a short printable string")
+    return sub, sid
 
 
 def check_at_hash(claims: Mapping[str, Any], alg: str, access_token: str | None) -> None:
@@ -641,9 +704,16 @@ class Provider:
     timeout: float = 10.0
     allow_http_loopback: bool = False
     jwks_refresh_interval: float = 60.0
+    #: A key set older than this is refetched before it verifies anything, so a key the
+    #: IdP removed stops working (P-JWKS-05); if the refetch fails the old set is kept.
+    jwks_max_age: float = 3600.0
     metadata: ProviderMetadata | None = None
     keys: list[JWK] = field(default_factory=list)
-    keys_fetched: float = 0.0
+    keys_fetched: float = 0.0  # monotonic time the current key set was fetched
+    #: Monotonic time of the last refetch *attempt* not forced by discovery (unknown kid or
+    #: stale set): these are throttled to one per ``jwks_refresh_interval``.  The discovery
+    #: fetch does not count, so keys rotated right after start-up still work (P-JWKS-01).
+    keys_missed: float = float("-inf")
     _keys_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _discover_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_error: str | None = None
@@ -685,13 +755,16 @@ class Provider:
             self.last_error = None
             return metadata
 
-    async def _refresh_keys(self, metadata: ProviderMetadata, *, force: bool) -> bool:
-        """Refetch the JWKS unless one was fetched within the throttle interval."""
+    async def _refresh_keys(self, metadata: ProviderMetadata, *, force: bool, stale_only: bool = False) -> bool:
+        """Refetch the JWKS (unforced: at most once per throttle interval); True if replaced."""
         async with self._keys_lock:  # coalesces concurrent misses
             now = time.monotonic()
-            if not force and now - self.keys_fetched < self.jwks_refresh_interval:
-                return False
-            self.keys_fetched = now
+            if not force:
+                if stale_only and now - self.keys_fetched <= self.jwks_max_age:
+                    return False  # someone refreshed it while we waited for the lock
+                if now - self.keys_missed < self.jwks_refresh_interval:
+                    return False
+                self.keys_missed = now
             try:
                 keys = parse_jwks(await self._get_json(metadata.jwks_uri, "jwks"))
             except OIDCError as exc:
@@ -700,18 +773,23 @@ class Provider:
                 log.warning("keeping the previous JWKS of %s: %s", self.issuer, exc)
                 return False
             self.keys = keys
+            self.keys_fetched = now
             return True
 
-    async def verify(self, token: str) -> VerifiedToken:
-        """Verify an ID token's signature, refetching the JWKS once for an unknown kid."""
+    async def verify(self, token: str, *, logout: bool = False) -> VerifiedToken:
+        """Verify an ID (or logout) token's signature, refetching the JWKS once for an unknown kid."""
         metadata = await self.discover()
+        if time.monotonic() - self.keys_fetched > self.jwks_max_age:
+            await self._refresh_keys(metadata, force=False, stale_only=True)
+        before = self.keys
         try:
-            return verify_signature(token, self.keys)
+            return verify_signature(token, before, logout=logout)
         except OIDCError as exc:
             if exc.code != "id_token_unknown_key":
                 raise
-        if await self._refresh_keys(metadata, force=False):
-            return verify_signature(token, self.keys)
+        await self._refresh_keys(metadata, force=False)
+        if self.keys is not before:  # refreshed by us or by a concurrent miss
+            return verify_signature(token, self.keys, logout=logout)
         raise OIDCError("id_token_unknown_key", "no key in the JWKS matches kid and alg")
 
     async def exchange_code(
@@ -726,7 +804,7 @@ class Provider:
             "code_verifier": code_verifier,
         }
         headers = {"Accept": "application/json"}
-        if metadata.token_auth_method == "client_secret_basic":
+        if metadata.token_auth_method == "client_secret_basic":  # noqa: S105 (a method name)
             pair = f"{urllib.parse.quote_plus(client_id)}:{urllib.parse.quote_plus(client_secret)}"
             headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
         else:
@@ -743,6 +821,7 @@ class Provider:
             ) as resp:
                 body = await _read_bounded(resp, "token")
                 status = resp.status
+                content_type = resp.content_type
         except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
             raise OIDCError("token_unreachable", type(exc).__name__, status=502) from None
         if status != 200:
@@ -755,8 +834,14 @@ class Provider:
                 pass
             code_name = "token_" + ("".join(c for c in error if c.isalnum() or c == "_") or "error")
             if error == "invalid_client":
-                log.error("the IdP rejected the client credentials of %s (invalid_client): check OIDCClientID/OIDCClientSecret", client_id)
+                log.error(
+                    "the IdP rejected the client credentials of %s (invalid_client): "
+                    "check OIDCClientID/OIDCClientSecret",
+                    client_id,
+                )
             raise OIDCError(code_name, f"token endpoint answered HTTP {status}", status=502 if status >= 500 else 400)
+        if content_type != "application/json":  # RFC 6749 §5.1 (P-TOK-07)
+            raise OIDCError("token_bad_content_type", f"token response is {content_type[:60]!r}, not JSON", status=502)
         return parse_token_response(strict_json_object(body, "token"))
 
     async def userinfo(self, access_token: str) -> dict[str, Any] | None:
@@ -765,7 +850,9 @@ class Provider:
         if metadata.userinfo_endpoint is None:
             return None
         return await self._get_json(
-            metadata.userinfo_endpoint, "userinfo", headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"}
+            metadata.userinfo_endpoint,
+            "userinfo",
+            headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
         )
 
 

@@ -94,6 +94,7 @@ def error_page(
         headers=SECURITY_HEADERS,
     )
     if close:
+        resp.headers["Connection"] = "close"
         resp.force_close()  # a ``Connection: close`` header alone leaves aiohttp's socket open
     return resp
 
@@ -112,6 +113,7 @@ def json_error(status: int, reason: str, flow_id: str, *, login_url: str | None 
 def plain_close(status: int, text: str) -> web.Response:
     """A minimal response that closes the connection (framing problems, bad hosts)."""
     resp = web.Response(status=status, text=text + "\n", content_type="text/plain", headers=SECURITY_HEADERS)
+    resp.headers["Connection"] = "close"  # also on HTTP/1.0 answers (parser errors are answered as 1.0)
     resp.force_close()  # sends ``Connection: close`` *and* closes the socket after the response
     return resp
 

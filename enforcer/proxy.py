@@ -11,10 +11,12 @@ through one keep-alive connection pool per app; nothing is buffered whole.
 from __future__ import annotations
 
 import asyncio
+import socket
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -202,9 +204,14 @@ class Upstream:
         read_timeout: float = 300.0,
         max_body: int = 1 << 30,
         limit_per_host: int = 256,
+        socket_factory: Callable[[Any], socket.socket] | None = None,
     ) -> None:
         self._connector = aiohttp.TCPConnector(
-            limit=0, limit_per_host=limit_per_host, keepalive_timeout=30, enable_cleanup_closed=False
+            limit=0,
+            limit_per_host=limit_per_host,
+            keepalive_timeout=30,
+            enable_cleanup_closed=False,
+            socket_factory=socket_factory,
         )
         self._session = aiohttp.ClientSession(
             connector=self._connector,

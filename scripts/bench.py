@@ -973,6 +973,7 @@ def machine_info() -> dict[str, str]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "openssl": ssl.OPENSSL_VERSION,
+        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
@@ -1004,7 +1005,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"# Enforcer benchmark, {report['date']}",
         "",
         f"Machine: {m['nproc']} CPUs ({m['cpu']}), kernel {m['kernel']}, Python {m['python']}, "
-        f"{m['openssl']}; " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
+        f"{m['openssl']}; " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ". "
+        f"Load average before/after: {m['loadavg_before']} / {m['loadavg']} (other work on the "
+        "machine adds noise to req/s and latency; CPU per request is the steadier figure).",
         "",
         f"Mode: {'quick' if a['quick'] else 'full'}; {a['reps']} repetition(s), columns interleaved "
         f"(order rotated each repetition); keep-alive {a['duration']} s with {a['connections']} "
@@ -1102,6 +1105,7 @@ def check_tools(columns: Sequence[str]) -> None:
 async def amain(args: argparse.Namespace) -> int:
     check_tools(args.columns)
     started = dt.datetime.now(dt.UTC).astimezone()
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     workdir = Path(tempfile.mkdtemp(prefix="enforcer-bench-"))
     bench = Bench(args, workdir)
     if bench.cores.client is not None:
@@ -1122,7 +1126,7 @@ async def amain(args: argparse.Namespace) -> int:
     report = {
         "date": started.isoformat(timespec="seconds"),
         "elapsed_s": round(time.monotonic() - t0, 1),
-        "machine": machine_info(),
+        "machine": {**machine_info(), "loadavg_before": load_before},
         "versions": tool_versions(),
         "settings": {
             "quick": args.quick, "columns": args.columns, "reps": args.reps,

@@ -19,6 +19,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import io
 import json
 import ssl
 import time
@@ -30,6 +31,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import yarl
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
@@ -646,7 +648,7 @@ async def test_P_CB_12_neither_code_nor_error(env: Env, browser: ScriptedBrowser
 async def test_P_CB_13_oversized_parameters(env: Env, browser: ScriptedBrowser) -> None:
     """P-CB-13: a 64 KiB code or state is refused with 4xx and NO-TOKEN-REQ."""
     cb = await env.to_callback(browser)
-    for change in ({"code": "A" * 65536}, {"state": "S" * 65536}, {"code": "A" * 7000}):
+    for change in ({"code": "A" * 65536}, {"state": "S" * 65536}):
         resp = await browser.get(_with(cb, **change), follow=False)
         assert 400 <= resp.status < 500, resp.status
         assert env.session_value(browser) is None
@@ -671,12 +673,18 @@ async def test_P_CB_14_callback_path_variants_are_not_callbacks(env: Env, browse
 
 
 async def test_P_CB_14_dot_segment_callback_is_the_callback(env: Env, browser: ScriptedBrowser) -> None:
-    """P-CB-14: /x/../oauth2/callback is handled exactly like /oauth2/callback (one canonical path)."""
+    """P-CB-14: /x/../oauth2/callback is a 400 (exact redirect_uri matching) and leaves the transaction usable."""
     cb = await env.to_callback(browser)
-    resp = await browser.get(env.base + "/x/../oauth2/callback?" + urllib.parse.urlsplit(cb).query, follow=False)
-    assert resp.status in (302, 400)
-    if resp.status == 302:
-        assert env.session_value(browser)
+    url = yarl.URL(env.base + "/x/../oauth2/callback?" + urllib.parse.urlsplit(cb).query, encoded=True)
+    cookie = browser.cookies.header_for(env.callback, same_site=False, method="GET")
+    async with browser._get_session().get(url, headers={"Cookie": cookie, "Accept": "text/html"},
+                                          allow_redirects=False) as raw:
+        resp = Response(raw.status, str(url), dict(raw.headers), await raw.text(),
+                        set_cookies=raw.headers.getall("Set-Cookie", []))
+    env.assert_reject_cb(resp, "callback_path_not_exact")
+    env.assert_no_token_request()
+    ok = await browser.get(cb, follow=False)
+    assert ok.status == 302 and env.session_value(browser)
 
 
 async def test_P_CB_16_failed_callback_keeps_existing_session(env: Env, browser: ScriptedBrowser) -> None:
@@ -1154,7 +1162,8 @@ async def test_P_JOSE_05_embedded_keys_and_key_urls_are_ignored(env: Env, browse
 @pytest.mark.parametrize("kid", ["../../etc/passwd", "' OR 1=1--", "k" * 10240, 7])
 async def test_P_JOSE_06_hostile_kids(env: Env, browser: ScriptedBrowser, kid: Any) -> None:
     """P-JOSE-06: odd kids are opaque bounded lookups; unknown ones fail closed after at most one JWKS re-fetch."""
-    env.op.behaviour.header_overrides = {"kid": kid}
+    env.op.behaviour.id_token_factory = lambda claims: rsa_sign_raw(
+        env.op, json.dumps({"alg": "RS256", "kid": kid}).encode(), claims_json(claims))
     await expect_reject(env, browser, None)
     assert env.flow_reasons()[-1] in ("id_token_unknown_key", "id_token_too_large", "token_too_large")
     assert len(env.op.seen("/jwks")) <= 2
@@ -1728,7 +1737,6 @@ async def test_S_ID_02_session_fixation(env: Env, browser: ScriptedBrowser) -> N
     browser.cookies.set_from_header(f"{SESSION_COOKIE}={'A' * 43}; Path=/; Secure", env.base + "/")
     start, _ = await env.start_login(browser)
     assert any(sc.startswith(SESSION_COOKIE + "=;") for sc in start.set_cookies), "sign-in start expires the stale cookie"
-    browser.cookies.set_from_header(f"{SESSION_COOKIE}={planted}; Path=/; Secure", env.base + "/")
     cb = await env.to_callback(browser)
     browser.cookies.set_from_header(f"{SESSION_COOKIE}={planted}; Path=/; Secure", env.base + "/")
     resp = await browser.get(cb, follow=False)
@@ -1780,3 +1788,191 @@ async def test_S_ID_07_S_LT_01_S_LT_02_expiry(env: Env, browser: ScriptedBrowser
             assert (await b2.get(env.base + "/x", follow=False)).status == 200, t
         env.gate.clock = lambda: real() + s.absoluteTimeout + 1
         assert (await b2.get(env.base + "/x", follow=False)).status == 302
+
+
+# =============================================================================================
+# back-channel logout (P-BCL-*)
+
+
+async def bcl_post(env: Env, body: bytes | str, *, content_type: str = "application/x-www-form-urlencoded",
+                   method: str = "POST", cookie: str | None = None) -> Response:
+    """POST to the back-channel logout endpoint the way an OP does (no browser headers)."""
+    url = env.base + "/oauth2/logout/backchannel"
+    headers = {"Content-Type": content_type}
+    if cookie:
+        headers["Cookie"] = cookie
+    async with env.browser() as b, b._get_session().request(
+        method, url, data=io.BytesIO(body if isinstance(body, bytes) else body.encode()) if method == "POST" else None,
+        headers=headers, allow_redirects=False
+    ) as raw:
+        return Response(raw.status, url, dict(raw.headers), await raw.text(),
+                        set_cookies=raw.headers.getall("Set-Cookie", []))
+
+
+def form(token: str) -> str:
+    return urllib.parse.urlencode({"logout_token": token})
+
+
+async def logged_in(env: Env, sub: str = "user-1", sid: str | None = None) -> ScriptedBrowser:
+    """A browser with a live session for (sub, sid) at OP A."""
+    env.op.sub = sub
+    if sid is not None:
+        env.op.session_id = sid
+    b = env.browser()
+    page = await run_login(env, b)
+    assert page.status == 200
+    return b
+
+
+async def is_live(env: Env, b: ScriptedBrowser) -> bool:
+    resp = await b.get(env.base + "/probe", follow=False)
+    return resp.status == 200
+
+
+@pytest.fixture
+def op_identity(env: Env) -> Any:
+    """Restore the OP's default sub and sid after a test that changes them."""
+    sub, sid = env.op.sub, env.op.session_id
+    yield
+    env.op.sub, env.op.session_id = sub, sid
+
+
+@pytest.mark.usefixtures("op_identity")
+async def test_P_BCL_01_valid_logout_token_by_sid_ends_that_session(env: Env) -> None:
+    """P-BCL-01 / rp-backchannel-rpinitlogout / S-ID-07 (b): a valid token with sid (plus an unknown claim) gets 200 no-store and that session ends."""
+    victim = await logged_in(env, "u-a", "sid-a")
+    other = await logged_in(env, "u-a", "sid-other")
+    try:
+        token = env.op.logout_token(sid="sid-a", overrides={"sub": "u-a", "ignored_claim": "x"})
+        resp = await bcl_post(env, form(token))
+        assert resp.status == 200, resp.text
+        assert resp.headers["Cache-Control"] == "no-store"
+        assert not await is_live(env, victim)
+        assert await is_live(env, other), "another IdP session of the same user survives"
+        assert "backchannel_logout" in env.flow_reasons("/oauth2/logout/backchannel")
+    finally:
+        await victim.close()
+        await other.close()
+
+
+@pytest.mark.usefixtures("op_identity")
+async def test_P_BCL_01_sub_only_ends_every_session_of_the_user(env: Env) -> None:
+    """P-BCL-01: a token with only sub ends all sessions of (iss, sub), and nobody else's."""
+    a1 = await logged_in(env, "u-b", "sid-1")
+    a2 = await logged_in(env, "u-b", "sid-2")
+    bystander = await logged_in(env, "u-c", "sid-3")
+    try:
+        resp = await bcl_post(env, form(env.op.logout_token(overrides={"sub": "u-b", "sid": DELETE})))
+        assert resp.status == 200
+        assert not await is_live(env, a1) and not await is_live(env, a2)
+        assert await is_live(env, bystander)
+    finally:
+        for b in (a1, a2, bystander):
+            await b.close()
+
+
+def _bad_tokens(op: FakeOP) -> dict[str, Callable[[], str]]:
+    now = int(time.time())
+    ok = {"sub": "u-d", "sid": "sid-d"}
+
+    def lt(**o: Any) -> Callable[[], str]:
+        return lambda: op.logout_token(overrides={**ok, **o})
+
+    def scrambled() -> str:
+        h, p, s = op.logout_token(overrides=ok).split(".")
+        raw = bytearray(base64.urlsafe_b64decode(s + "=="))
+        raw[5] ^= 0xFF
+        return f"{h}.{p}.{b64url(bytes(raw))}"
+
+    claims = {"iss": op.issuer, "aud": op.client_id, "iat": now, "exp": now + 120, "jti": "j1",
+              "events": {"http://schemas.openid.net/event/backchannel-logout": {}}, **ok}
+    return {
+        "alg_none": lambda: compact({"alg": "none", "typ": "logout+jwt"}, claims),
+        "hs256": lambda: op.sign(claims, how="hs256-secret", header={"typ": "logout+jwt"}),
+        "bad_signature": scrambled,
+        "unknown_key": lambda: op.logout_token(overrides=ok, how="unknown"),
+        "wrong_aud": lt(aud="someone-else"),
+        "secondary_aud": lt(aud=[op.client_id, "x"]),
+        "wrong_iss": lt(iss="https://evil.example"),
+        "expired": lt(exp=now - 600, iat=now - 720),
+        "iat_old": lt(iat=now - 86400, exp=now + 60),
+        "iat_future": lt(iat=now + 3600, exp=now + 3700),
+        "no_events": lt(events=DELETE),
+        "wrong_event": lt(events={"http://schemas.openid.net/event/foobar": {}}),
+        "events_array": lt(events=["http://schemas.openid.net/event/backchannel-logout"]),
+        "event_not_object": lt(events={"http://schemas.openid.net/event/backchannel-logout": "yes"}),
+        "with_nonce": lt(nonce="n"),
+        "no_sub_no_sid": lt(sub=DELETE, sid=DELETE),
+        "no_jti": lt(jti=DELETE),
+        "no_iat": lt(iat=DELETE),
+        "no_exp": lt(exp=DELETE),
+        "typ_jwt": lambda: op.logout_token(overrides=ok, header={"typ": "JWT"}),
+        "typ_absent": lambda: op.logout_token(overrides=ok, header={}),
+        "id_token": lambda: op.sign({**op.id_token_claims(None, None), **ok, "nonce": "n"}),  # P-BCL-03
+    }
+
+
+BAD_LOGOUT_TOKENS = ["alg_none", "hs256", "bad_signature", "unknown_key", "wrong_aud", "secondary_aud", "wrong_iss",
+                     "expired", "iat_old", "iat_future", "no_events", "wrong_event", "events_array",
+                     "event_not_object", "with_nonce", "no_sub_no_sid", "no_jti", "no_iat", "no_exp", "typ_jwt",
+                     "typ_absent", "id_token"]
+
+
+@pytest.mark.usefixtures("op_identity")
+@pytest.mark.parametrize("case", BAD_LOGOUT_TOKENS)
+async def test_P_BCL_02_P_BCL_03_invalid_logout_tokens_are_400(env: Env, case: str) -> None:
+    """P-BCL-02 / P-BCL-03 / rp-backchannel-rpinitlogout-lt-*: every invalid logout token (or an ID token) is a 400 and the live session survives."""
+    b = await logged_in(env, "u-d", "sid-d")
+    try:
+        resp = await bcl_post(env, form(_bad_tokens(env.op)[case]()))
+        assert resp.status == 400, (case, resp.status, resp.text)
+        assert json.loads(resp.text) == {"error": "invalid_request"}
+        assert resp.headers["Cache-Control"] == "no-store"
+        assert await is_live(env, b)
+    finally:
+        await b.close()
+
+
+@pytest.mark.usefixtures("op_identity")
+async def test_P_BCL_04_P_BCL_05_replay_and_unknown_sid(env: Env) -> None:
+    """P-BCL-04 / P-BCL-05: replaying a used token, or naming an unknown sid, is a harmless 200."""
+    b = await logged_in(env, "u-e", "sid-e")
+    try:
+        token = env.op.logout_token(sid="sid-e", overrides={"sub": "u-e"})
+        assert (await bcl_post(env, form(token))).status == 200
+        assert (await bcl_post(env, form(token))).status == 200
+        assert not await is_live(env, b)
+        assert (await bcl_post(env, form(env.op.logout_token(sid="never-seen")))).status == 200
+    finally:
+        await b.close()
+
+
+@pytest.mark.parametrize(("method", "body", "ctype", "status"), [
+    ("GET", b"", "application/x-www-form-urlencoded", 405),
+    ("POST", b'{"logout_token": "x"}', "application/json", 400),
+    ("POST", b"--b\r\nContent-Disposition: form-data; name=logout_token\r\n\r\nx\r\n--b--", "multipart/form-data; boundary=b", 400),
+    ("POST", b"other=1", "application/x-www-form-urlencoded", 400),
+    ("POST", b"logout_token=a.b.c&logout_token=d.e.f", "application/x-www-form-urlencoded", 400),
+    ("POST", b"logout_token=" + b"A" * (10 << 20), "application/x-www-form-urlencoded", 413),
+])
+async def test_P_BCL_06_wrong_requests(env: Env, method: str, body: bytes, ctype: str, status: int) -> None:
+    """P-BCL-06: GET, JSON, multipart, a missing or repeated logout_token and a 10 MiB body are refused."""
+    resp = await bcl_post(env, body, content_type=ctype, method=method)
+    assert resp.status == status, resp.text
+    assert resp.headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.usefixtures("op_identity")
+async def test_P_BCL_08_cookie_is_irrelevant(env: Env) -> None:
+    """P-BCL-08: a request carrying a session cookie plus a logout token for another user ends only the named sessions."""
+    carrier = await logged_in(env, "u-f", "sid-f")
+    target = await logged_in(env, "u-g", "sid-g")
+    try:
+        cookie = f"{SESSION_COOKIE}={env.session_value(carrier)}"
+        resp = await bcl_post(env, form(env.op.logout_token(sid="sid-g", overrides={"sub": "u-g"})), cookie=cookie)
+        assert resp.status == 200
+        assert await is_live(env, carrier)
+        assert not await is_live(env, target)
+    finally:
+        await carrier.close()
+        await target.close()

@@ -1,0 +1,171 @@
+"""``enforcer doctor``: check, from this host, everything a working enforcer depends on.
+
+Each check prints one line (``ok`` / ``warn`` / ``FAIL``) and what to do about a failure:
+configuration, IdP discovery and JWKS (with clock skew against the IdP's ``Date``),
+certificates and their expiry, the listener and admin endpoint, and the nftables table
+read back over netlink next to the intended one (with packet counters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TextIO
+
+import aiohttp
+from cryptography import x509
+
+from enforcer import config, oidc, redirect
+
+
+@dataclass
+class Report:
+    """Check results, printed as they come."""
+
+    out: TextIO
+    failures: int = 0
+    warnings: int = 0
+    lines: list[str] = field(default_factory=list)
+
+    def ok(self, what: str) -> None:
+        self._say("ok  ", what)
+
+    def warn(self, what: str, fix: str = "") -> None:
+        self.warnings += 1
+        self._say("warn", what, fix)
+
+    def fail(self, what: str, fix: str = "") -> None:
+        self.failures += 1
+        self._say("FAIL", what, fix)
+
+    def _say(self, level: str, what: str, fix: str = "") -> None:
+        line = f"{level}  {what}" + (f"\n      fix: {fix}" if fix else "")
+        self.lines.append(line)
+        print(line, file=self.out, flush=True)
+
+
+def expected_ruleset(settings: config.Settings, definitions: config.Definitions) -> redirect.Ruleset:
+    """The table the daemon would install for this config."""
+    from enforcer.daemon import build_redirect  # noqa: PLC0415  (daemon imports aiohttp server bits)
+
+    return build_redirect(definitions, settings, settings.model.listen.port)
+
+
+async def _check_idp(
+    report: Report, settings: config.Settings, svc: config.Service, http: aiohttp.ClientSession
+) -> None:
+    ca = svc.idp_ca_file or settings.model.oidc.caFile
+    provider = oidc.Provider(
+        issuer=svc.issuer,
+        http=http,
+        ssl_context=oidc.client_ssl_context(str(ca) if ca else None),
+        timeout=settings.model.oidc.httpTimeout,
+        allow_http_loopback=settings.model.oidc.allowHttpLoopbackIssuer,
+    )
+    started = time.monotonic()
+    try:
+        metadata = await provider.discover()
+    except oidc.OIDCError as exc:
+        report.fail(
+            f"service {svc.name}: identity provider {svc.issuer}: {exc.code}: {exc.detail}",
+            "check OIDCProviderURL, DNS, the firewall towards the IdP and oidc.caFile",
+        )
+        return
+    ms = (time.monotonic() - started) * 1000
+    keys = len(provider.keys)
+    report.ok(f"service {svc.name}: discovery and JWKS of {metadata.issuer} ({keys} key(s), {ms:.0f} ms)")
+    if metadata.end_session_endpoint is None:
+        report.warn(f"service {svc.name}: the IdP has no end_session_endpoint; logout is local only")
+    try:
+        async with http.head(metadata.jwks_uri, ssl=provider.ssl_context or True, allow_redirects=False) as resp:
+            date = resp.headers.get("Date")
+        if date:
+            skew = time.time() - email.utils.parsedate_to_datetime(date).timestamp()
+            leeway = settings.model.oidc.leeway
+            if abs(skew) > leeway:
+                report.fail(
+                    f"clock skew against the IdP is {skew:+.0f} s (leeway {leeway:.0f} s)",
+                    "synchronise this host's clock (chrony/systemd-timesyncd)",
+                )
+            else:
+                report.ok(f"clock skew against the IdP {skew:+.1f} s (leeway {leeway:.0f} s)")
+    except (aiohttp.ClientError, TimeoutError, ValueError, TypeError):
+        pass
+
+
+def _check_certs(report: Report, settings: config.Settings, definitions: config.Definitions) -> None:
+    now = datetime.now(UTC)
+    for svc in definitions.services:
+        path = svc.tls.cert if svc.tls else settings.state_dir / "certs" / f"{svc.name}.crt"
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+        except (OSError, ValueError):
+            report.warn(f"service {svc.name}: no certificate yet at {path}", "it is created when the daemon starts")
+            continue
+        days = (cert.not_valid_after_utc - now).days
+        if days < 0:
+            report.fail(f"service {svc.name}: certificate {path} expired {-days} day(s) ago", "restart the daemon")
+        elif days < 14:
+            report.warn(f"service {svc.name}: certificate expires in {days} day(s)")
+        else:
+            report.ok(f"service {svc.name}: certificate valid for {days} more day(s)")
+
+
+def _check_port(report: Report, what: str, host: str, port: int) -> None:
+    target = "127.0.0.1" if host in ("::", "0.0.0.0") else host  # noqa: S104  (a bind address, compared)
+    try:
+        with socket.create_connection((target, port), timeout=2):
+            report.ok(f"{what} is accepting connections on {target}:{port}")
+    except OSError as exc:
+        report.fail(
+            f"{what} on {target}:{port}: {exc.strerror or exc}", "is the daemon running? journalctl -u enforcer"
+        )
+
+
+async def _check_redirect(report: Report, settings: config.Settings, definitions: config.Definitions) -> None:
+    r = settings.model.redirect
+    if not r.enabled:
+        report.warn(
+            "redirect is disabled: users must connect to the listener port directly",
+            "set redirect: {enabled: true} in enforcer.yaml",
+        )
+        return
+    expected = expected_ruleset(settings, definitions)
+    try:
+        live = await redirect.read_live(r.table)
+    except (OSError, redirect.RedirectError) as exc:
+        report.fail(f"cannot read nftables: {exc}", "run doctor as root (CAP_NET_ADMIN)")
+        return
+    problems = redirect.diff(expected, live)
+    if problems:
+        report.fail(
+            f"nftables table inet {r.table} differs from the configuration:\n        " + "\n        ".join(problems),
+            "systemctl reload enforcer (or restart it)",
+        )
+    else:
+        packets = sum(rule.packets or 0 for rule in live.rules)
+        report.ok(
+            f"nftables table inet {r.table} matches the configuration ({len(live.rules)} rules, "
+            f"{packets} packets so far)"
+        )
+    print(live.render(), file=report.out)
+
+
+async def run(settings: config.Settings, definitions: config.Definitions, out: TextIO) -> int:
+    """All checks; exit code 1 if any failed."""
+    report = Report(out)
+    report.ok(f"configuration {settings.path}: {len(definitions.services)} service(s) for tags {list(settings.tags)}")
+    for w in definitions.warnings:
+        report.warn(w)
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        await asyncio.gather(*(_check_idp(report, settings, svc, http) for svc in definitions.services))
+    _check_certs(report, settings, definitions)
+    _check_port(report, "TLS listener", settings.model.listen.address, settings.model.listen.port)
+    _check_port(report, "admin endpoint", settings.model.admin.address, settings.model.admin.port)
+    await _check_redirect(report, settings, definitions)
+    print(f"\n{report.failures} failure(s), {report.warnings} warning(s)", file=out)
+    return 1 if report.failures else 0

@@ -1,0 +1,1061 @@
+"""Attack inputs from conformance.md §4 (and advisories.md §3.6) sent as exact bytes over a
+raw TLS connection to the real stack.
+
+Oracle for every row: the status the enforcer answers, what the recording upstream saw
+(UP-SEES), whether the connection is closed (400-CLOSE) and whether a request pipelined
+after the attack on the same connection is processed (it must not be after a 400-CLOSE,
+and must be served normally otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import pytest_asyncio
+
+from tests.e2e_stack import HOST, Seen, Stack
+
+pytestmark = pytest.mark.e2e
+
+# ------------------------------------------------------------------ raw client
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    raw_head: bytes
+
+    def header(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name.lower()]
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+
+class Raw:
+    """One TLS connection that writes exact bytes and parses HTTP/1.1 answers by hand."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, stack: Stack, *, sni: str = HOST, ctx: ssl.SSLContext | None = None) -> Raw:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", stack.port, ssl=ctx or stack.client_ssl(), server_hostname=sni, limit=1 << 22
+        )
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def reply(self, *, head: bool = False, timeout: float = 10.0) -> Reply | None:
+        """The next response, or None if the connection ended first."""
+        try:
+            raw = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), timeout)
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            return None
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ")[1])
+        headers = [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in lines[1:] if line)]
+        rep = Reply(status, headers, b"", raw)
+        if head or status in (204, 304) or status < 200:
+            return rep
+        if "chunked" in ",".join(rep.header("Transfer-Encoding")).lower():
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    await self.reader.readuntil(b"\r\n")
+                    break
+                rep.body += (await self.reader.readexactly(size + 2))[:-2]
+        elif rep.header("Content-Length"):
+            rep.body = await asyncio.wait_for(self.reader.readexactly(int(rep.header("Content-Length")[0])), timeout)
+        else:
+            rep.body = await asyncio.wait_for(self.reader.read(), timeout)
+        return rep
+
+    async def closed(self, timeout: float = 5.0) -> bool:
+        """True if the server closes the connection within ``timeout`` (and sends nothing more)."""
+        try:
+            data = await asyncio.wait_for(self.reader.read(1), timeout)
+        except TimeoutError:
+            return False
+        except (ConnectionError, ssl.SSLError):
+            return True
+        return data == b""
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), 2)
+        except (TimeoutError, ConnectionError, ssl.SSLError):
+            pass
+
+
+def request(first: str, *headers: str, host: str | None = HOST, body: bytes = b"", port: int | None = None) -> bytes:
+    """Exact request bytes: request-line, Host (unless None), the given header lines, CRLF, body."""
+    lines = [first]
+    if host is not None:
+        lines.append(f"Host: {host}" + (f":{port}" if port else ""))
+    lines.extend(headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
+
+
+def marker() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@dataclass
+class Outcome:
+    first: Reply | None
+    follow: Reply | None
+    closed: bool
+    seen: list[Seen]
+    follow_path: str
+
+    @property
+    def follow_seen(self) -> bool:
+        return any(s.target == self.follow_path for s in self.seen)
+
+    @property
+    def attack_seen(self) -> list[Seen]:
+        return [s for s in self.seen if s.target != self.follow_path]
+
+
+async def attack(stack: Stack, payload: bytes, *, head: bool = False, settle: float = 0.3, **open_kw: object) -> Outcome:
+    """Send ``payload`` then, in the same write, a harmless public GET; collect what happened."""
+    follow_path = f"/public/after-{marker()}"
+    before = len(stack.upstream.seen)
+    conn = await Raw.open(stack, **open_kw)  # type: ignore[arg-type]
+    try:
+        await conn.send(payload + request(f"GET {follow_path} HTTP/1.1", port=stack.port))
+        first = await conn.reply(head=head)
+        follow = await conn.reply(timeout=8.0) if first is not None else None
+        closed = await conn.closed(2.0) if follow is not None else True
+    finally:
+        await conn.close()
+    await asyncio.sleep(settle)
+    return Outcome(first, follow, closed, stack.upstream.seen[before:], follow_path)
+
+
+def assert_close(out: Outcome, *statuses: int) -> None:
+    """400-CLOSE: the named status, the connection ends, nothing (not even the follow-up) reaches the app."""
+    assert out.first is not None, "no answer at all"
+    assert out.first.status in (statuses or (400,)), (out.first.status, out.first.text[:200])
+    assert out.first.header("Connection") == ["close"], out.first.headers
+    assert out.follow is None, f"request after a {out.first.status} was processed: {out.follow}"
+    assert out.closed
+    assert out.seen == [], [(s.method, s.target) for s in out.seen]
+
+
+def assert_served_then_next(out: Outcome, status: int = 200) -> None:
+    """The request got ``status`` and the pipelined follow-up was served, unpoisoned, as its own request."""
+    assert out.first is not None and out.first.status == status, out.first and (out.first.status, out.first.text[:200])
+    assert out.follow is not None and out.follow.status == 200, out.follow and out.follow.text[:200]
+    assert json.loads(out.follow.body)["path"] == out.follow_path
+    assert [s.target for s in out.seen].count(out.follow_path) == 1
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest_asyncio.fixture(scope="module")
+async def cookies(stack: Stack) -> dict[str, str]:
+    """Session cookie headers for bob (staff) and alice (admins, staff)."""
+    out = {}
+    for user in ("bob", "alice"):
+        async with stack.browser() as b:
+            page = await stack.login(b, user, "/")
+            assert page.status == 200, page.text[:300]
+            out[user] = b.cookies.header_for(stack.base + "/", same_site=True, method="GET")
+    return out
+
+
+@pytest_asyncio.fixture
+async def tight_limits(stack: Stack) -> AsyncIterator[Stack]:
+    """The enforcer restarted with short header/idle timeouts and a small body limit; restored afterwards."""
+    original = stack.config.read_text()
+    stack.config.write_text(original + "limits: {headerTimeout: 2, idleTimeout: 3, maxBodyBytes: 100000}\n")
+    await stack.restart()
+    try:
+        yield stack
+    finally:
+        stack.config.write_text(original)
+        await stack.restart()
+
+
+JSON = "Accept: application/json"
+
+
+# ------------------------------------------------------------------ §4.1 headers
+
+IDENTITY_SPOOF = [
+    "X-Forwarded-User: admin", "X-Forwarded-Email: root@example.com", "X-Forwarded-Groups: admins",
+    "X-Forwarded-Preferred-Username: admin", "X-Forwarded-Access-Token: forged", "X-Auth-Request-User: admin",
+    "X-Auth-Request-Email: root@example.com", "X-Auth-Request-Groups: admins", "X-Auth-Request-Access-Token: t",
+    "X-Remote-User: admin", "Remote-User: admin", "X-User: admin", "X-Email: root@example.com",
+    "X-WEBAUTH-USER: admin", "OIDC-Claim-Sub: admin", "x-forwarded-user: admin2", "X-FORWARDED-USER: admin3",
+]
+
+
+def _spoofed(seen: Seen) -> list[tuple[str, str]]:
+    spoof_values = {"admin", "admin2", "admin3", "root@example.com", "admins", "forged", "t"}
+    return [(k, v) for k, v in seen.headers if v in spoof_values]
+
+
+async def test_x_hdr_01_spoofed_identity_never_reaches_the_app_anonymous(stack: Stack) -> None:
+    """X-HDR-01/02: on a public path without a session no client identity header (any case) reaches the app."""
+    out = await attack(stack, request("GET /public/hdr01 HTTP/1.1", *IDENTITY_SPOOF, port=stack.port))
+    assert_served_then_next(out)
+    (seen,) = out.attack_seen
+    assert _spoofed(seen) == []
+    assert seen.header("X-Forwarded-User") == [] and seen.header("X-Forwarded-Email") == []
+
+
+async def test_x_hdr_01_spoofed_identity_replaced_by_ours_signed_in(stack: Stack, cookies: dict[str, str]) -> None:
+    """X-HDR-01/03: with a session the app sees only the enforcer's values, once each, whatever the client sent."""
+    out = await attack(stack, request(
+        "GET /hdr01 HTTP/1.1", f"Cookie: {cookies['bob']}", *IDENTITY_SPOOF,
+        "X-Forwarded-User: admin, alice", "X-Forwarded-User:", port=stack.port,
+    ))
+    assert_served_then_next(out)
+    (seen,) = out.attack_seen
+    assert _spoofed(seen) == []
+    assert seen.header("X-Forwarded-User") == ["bob"]
+    assert seen.header("X-Forwarded-Email") == ["bob@example.com"]
+
+
+@pytest.mark.parametrize("name", ["X_Forwarded_User", "x_forwarded_email", "X-Forwarded_User", "OIDC_CLAIM_sub",
+                                  "OIDC_access_token", "Remote_User"])
+async def test_x_hdr_02_underscore_names_are_refused(stack: Stack, cookies: dict[str, str], name: str) -> None:
+    """X-HDR-02: a header name with '_' (which CGI/WSGI apps map to '-') gets 400-CLOSE, signed in or not."""
+    assert_close(await attack(stack, request("GET /public/u HTTP/1.1", f"{name}: admin", port=stack.port)))
+    assert_close(await attack(stack, request(
+        "GET /u HTTP/1.1", f"Cookie: {cookies['bob']}", f"{name}: admin", port=stack.port)))
+
+
+async def test_x_hdr_04_connection_cannot_remove_our_headers(stack: Stack, cookies: dict[str, str]) -> None:
+    """X-HDR-04: headers named in Connection are dropped from the client's set; our identity still reaches the app."""
+    out = await attack(stack, request(
+        "GET /hdr04 HTTP/1.1", f"Cookie: {cookies['bob']}", "X-Forwarded-User: admin", "X-Custom: 1",
+        "Connection: keep-alive, X-Forwarded-User, X-Forwarded-Email, X-Forwarded-For, Authorization, X-Custom",
+        "Authorization: Bearer forged", port=stack.port,
+    ))
+    assert_served_then_next(out)
+    (seen,) = out.attack_seen
+    assert seen.header("X-Forwarded-User") == ["bob"]
+    assert seen.header("X-Forwarded-Email") == ["bob@example.com"]
+    assert seen.header("X-Forwarded-For") == ["127.0.0.1"]
+    assert seen.header("X-Custom") == [] and seen.header("Authorization") == []
+
+
+async def test_x_hdr_05_trailers_are_not_merged(stack: Stack, cookies: dict[str, str]) -> None:
+    """X-HDR-05: an identity header in chunked trailers never reaches the app; our value does."""
+    body = b"5\r\nhello\r\n0\r\nX-Forwarded-User: admin\r\nX-Forwarded-Email: root@example.com\r\n\r\n"
+    out = await attack(stack, request(
+        "POST /upload HTTP/1.1", f"Cookie: {cookies['bob']}", JSON, "Transfer-Encoding: chunked",
+        "Trailer: X-Forwarded-User, X-Forwarded-Email", port=stack.port, body=body,
+    ))
+    assert_served_then_next(out)
+    assert json.loads(out.first.body)["bytes"] == 5  # type: ignore[union-attr]
+    (seen,) = out.attack_seen
+    assert seen.header("X-Forwarded-User") == ["bob"]
+    assert _spoofed(seen) == [] and seen.header("Trailer") == []
+
+
+@pytest.mark.parametrize("lines", [("X-Forwarded-User: a", " admin"), ("X-Forwarded-User : admin",),
+                                   ("X-Forwarded-User\t: admin",)])
+async def test_x_hdr_06_obs_fold_and_space_before_colon(stack: Stack, lines: tuple[str, ...]) -> None:
+    """X-HDR-06: obs-fold and whitespace before the colon get 400-CLOSE."""
+    assert_close(await attack(stack, request("GET /public/h6 HTTP/1.1", *lines, port=stack.port)))
+
+
+async def test_x_hdr_07_forwarding_metadata_is_ours(stack: Stack, cookies: dict[str, str]) -> None:
+    """X-HDR-07: client forwarding metadata is never passed on; the app sees only the enforcer's values."""
+    spoof = ["X-Forwarded-For: 6.6.6.6", "X-Forwarded-Host: evil.example", "X-Forwarded-Proto: http",
+             "X-Forwarded-Port: 80", "X-Forwarded-Prefix: /admin", "X-Forwarded-Uri: /admin",
+             "Forwarded: for=6.6.6.6;host=evil.example", "X-Real-IP: 6.6.6.6", "True-Client-IP: 6.6.6.6",
+             "X-Original-URL: /admin/x", "X-Rewrite-URL: /admin/x", "X-Original-Host: evil.example",
+             "X-HTTP-Method-Override: DELETE"]
+    out = await attack(stack, request("GET /hdr07 HTTP/1.1", f"Cookie: {cookies['bob']}", *spoof, port=stack.port))
+    assert_served_then_next(out)
+    (seen,) = out.attack_seen
+    assert seen.header("X-Forwarded-For") == ["127.0.0.1"]
+    assert seen.header("X-Forwarded-Host") == [f"{HOST}:{stack.port}"]
+    assert seen.header("X-Forwarded-Proto") == ["https"]
+    assert seen.header("Host") == [f"{HOST}:{stack.port}"]
+    assert not [v for _, v in seen.headers if "6.6.6.6" in v or "evil" in v or v in ("/admin", "/admin/x", "DELETE")]
+    assert seen.target == "/hdr07"
+
+
+# ------------------------------------------------------------------ §4.2 paths
+
+# raw target -> the one canonical path the enforcer decides on, or an error status
+PATHS: list[tuple[str, str, str | int]] = [
+    ("X-PATH-01", "/public/../admin/x", "/admin/x"),
+    ("X-PATH-01", "/public/./../admin/x", "/admin/x"),
+    ("X-PATH-01", "/public/%2e%2e/admin/x", "/admin/x"),
+    ("X-PATH-01", "/public/%2E%2E/admin/x", "/admin/x"),
+    ("X-PATH-01", "/public/.%2e/admin/x", "/admin/x"),
+    ("X-PATH-01", "/%2e%2e/admin/x", "/admin/x"),
+    ("X-PATH-01", "/public/..%2fadmin/x", 400),
+    ("X-PATH-01", "/public/%252e%252e/admin/x", 400),
+    ("X-PATH-02", "//admin/x", "/admin/x"),
+    ("X-PATH-02", "///admin/x", "/admin/x"),
+    ("X-PATH-02", "/public//../admin/x", "/admin/x"),
+    ("X-PATH-02", "/./admin/x", "/admin/x"),
+    ("X-PATH-02", "/admin/.", "/admin/"),
+    ("X-PATH-02", "/admin/x/..", "/admin/"),
+    ("X-PATH-03", "/admin%2f", 400),
+    ("X-PATH-03", "/admin%2F", 400),
+    ("X-PATH-03", "/public%2F..%2Fadmin", 400),
+    ("X-PATH-03", "/public/..%5Cadmin", 400),
+    ("X-PATH-03", "/admin%5C", 400),
+    ("X-PATH-03", "\\admin", 400),
+    ("X-PATH-03", "/public\\..\\admin", 400),
+    ("X-PATH-04", "/admin;jsessionid=x", 400),
+    ("X-PATH-04", "/public/..;/admin", 400),
+    ("X-PATH-04", "/admin;/", 400),
+    ("X-PATH-04", "/public;x=/../admin", 400),
+    ("X-PATH-04", "/admin%3B", 400),
+    ("X-PATH-05", "/ADMIN/x", "/ADMIN/x"),
+    ("X-PATH-05", "/Admin/x", "/Admin/x"),
+    ("X-PATH-05", "/admin/", "/admin/"),
+    ("X-PATH-05", "/admin", "/admin"),
+    ("X-PATH-05", "/admin%20", "/admin%20"),
+    ("X-PATH-05", "/admin.", "/admin."),
+    ("X-PATH-05", "/admin%00", 400),
+    ("X-PATH-05", "/admin%0a", 400),
+    ("X-PATH-05", "/admin%0D", 400),
+    ("X-PATH-06", "/admin%23/public", 400),
+    ("X-PATH-06", "/foo/secret%23/bar", 400),
+    ("X-PATH-08", "/%c0%ae%c0%ae/admin", 400),
+    ("X-PATH-08", "/public/%c0%af../admin", 400),
+    ("X-PATH-08", "/public/%ef%bc%8f..%ef%bc%8fadmin", "/public/%EF%BC%8F..%EF%BC%8Fadmin"),
+    ("X-PATH-08", "/%EF%BD%81dmin", "/%EF%BD%81dmin"),
+    ("X-PATH-08", "/\uff41dmin", 400),
+    ("X-PATH-10", "/" + "a" * 9000, 414),
+    ("advisories-3.6", "/a/%2e%2e/b", "/b"),
+    ("advisories-3.6", "/a%25", 400),
+    ("advisories-3.6", "/public/%7Euser/%41", "/public/~user/A"),
+]
+
+
+def _policy(path: str) -> str:
+    """What the test definitions say about a canonical path: public, admins or staff."""
+    if path.startswith("/public/"):
+        return "public"
+    if path == "/admin" or path.startswith("/admin/"):
+        return "admins"
+    return "staff"
+
+
+@pytest.mark.parametrize(("row", "target", "expected"), PATHS, ids=[f"{r}:{t[:40]}" for r, t, _ in PATHS])
+async def test_x_path_one_canonical_path_anonymous(stack: Stack, row: str, target: str, expected: str | int) -> None:
+    """X-PATH-01..08/10: unauthenticated, every vector is refused or decided on one canonical path (public -> that path upstream, else LOGIN)."""
+    out = await attack(stack, request(f"GET {target} HTTP/1.1", "Accept: text/html", port=stack.port))
+    if isinstance(expected, int):
+        assert_close(out, expected)
+        return
+    if _policy(expected) == "public":
+        assert_served_then_next(out)
+        assert [s.target for s in out.attack_seen] == [expected]
+    else:
+        assert_served_then_next(out, 302)
+        assert out.first.header("Location")[0].startswith(stack.op.issuer)  # type: ignore[union-attr]
+        assert out.attack_seen == []
+
+
+@pytest.mark.parametrize(("row", "target", "expected"), [p for p in PATHS if isinstance(p[2], str)],
+                         ids=[f"{r}:{t[:40]}" for r, t, e in PATHS if isinstance(e, str)])
+async def test_x_path_11_policy_and_upstream_see_the_same_path(
+    stack: Stack, cookies: dict[str, str], row: str, target: str, expected: str
+) -> None:
+    """X-PATH-11: signed in as bob (staff), the path logged and matched is exactly the one the app receives."""
+    tag = marker()
+    out = await attack(stack, request(f"GET {target}?m={tag} HTTP/1.1", f"Cookie: {cookies['bob']}",
+                                      port=stack.port))
+    flow = await stack.wait_flow(lambda f: f.get("path") == expected and f.get("user") is not None
+                                 and f["ts"] >= 0 and f.get("flow_id") and True)
+    assert flow["path"] == expected
+    if _policy(expected) == "admins":
+        assert_served_then_next(out, 403)
+        assert out.attack_seen == []
+    else:
+        assert_served_then_next(out)
+        assert [s.target for s in out.attack_seen] == [f"{expected}?m={tag}"]
+
+
+async def test_x_path_06_raw_fragment_is_refused(stack: Stack) -> None:
+    """X-PATH-06: a raw '#' in the request-target gets 400-CLOSE (never cut into a different path)."""
+    for target in ("/admin#/public", "/public#/../admin"):
+        assert_close(await attack(stack, request(f"GET {target} HTTP/1.1", port=stack.port)))
+
+
+async def test_x_path_07_query_never_widens_a_rule(stack: Stack, cookies: dict[str, str]) -> None:
+    """X-PATH-07: a query that looks like a path never changes which rule matches (LOGIN / 403)."""
+    for target in ("/admin/x?/public/", "/admin?x=/public/", "/admin/x?path=/public/y"):
+        out = await attack(stack, request(f"GET {target} HTTP/1.1", port=stack.port))
+        assert_served_then_next(out, 302)
+        assert out.attack_seen == []
+        out = await attack(stack, request(f"GET {target} HTTP/1.1", f"Cookie: {cookies['bob']}", port=stack.port))
+        assert_served_then_next(out, 403)
+        assert out.attack_seen == []
+
+
+async def test_x_path_09_absolute_asterisk_and_authority_forms(stack: Stack, cookies: dict[str, str]) -> None:
+    """X-PATH-09: absolute-form uses its own authority (checked), OPTIONS * is answered locally, CONNECT is refused."""
+    base = f"https://{HOST}:{stack.port}"
+    out = await attack(stack, request(f"GET {base}/admin/x HTTP/1.1", port=stack.port))
+    assert_served_then_next(out, 302)
+    assert out.attack_seen == []
+    out = await attack(stack, request(f"GET {base}/abs HTTP/1.1", f"Cookie: {cookies['bob']}", host="evil.example"))
+    assert_served_then_next(out)
+    assert [s.target for s in out.attack_seen] == ["/abs"]
+    assert out.attack_seen[0].header("Host") == [f"{HOST}:{stack.port}"]
+    assert_close(await attack(stack, request("GET https://other.example/public/x HTTP/1.1", port=stack.port)), 421)
+    assert_close(await attack(stack, request(f"GET http://{HOST}:{stack.port}/public/x HTTP/1.1", port=stack.port)))
+    out = await attack(stack, request("OPTIONS * HTTP/1.1", port=stack.port))
+    assert_served_then_next(out)
+    assert out.first is not None and "GET" in out.first.header("Allow")[0] and out.attack_seen == []
+    assert_close(await attack(stack, request(f"CONNECT {HOST}:443 HTTP/1.1", port=stack.port)), 400, 405)
+
+
+async def test_x_path_10_bad_targets(stack: Stack) -> None:
+    """X-PATH-10: a target without '/', an empty target and a 64 KiB target get 400 / 400 / 414, then close."""
+    assert_close(await attack(stack, request("GET admin HTTP/1.1", port=stack.port)))
+    assert_close(await attack(stack, request("GET  HTTP/1.1", port=stack.port)))
+    assert_close(await attack(stack, request("GET /" + "a" * 65536 + " HTTP/1.1", port=stack.port)), 414)
+
+
+async def test_x_path_12_methods(stack: Stack, cookies: dict[str, str]) -> None:
+    """X-PATH-12: POST via a public prefix still needs login, HEAD follows GET rules, TRACE is 405, a GET body is not a request."""
+    out = await attack(stack, request("POST /public/../admin/x HTTP/1.1", "Content-Length: 0", port=stack.port))
+    assert_served_then_next(out, 401)
+    assert out.attack_seen == []
+    out = await attack(stack, request("HEAD /admin/x HTTP/1.1", f"Cookie: {cookies['bob']}", port=stack.port),
+                       head=True)
+    assert_served_then_next(out, 403)
+    out = await attack(stack, request("HEAD /admin/x HTTP/1.1", f"Cookie: {cookies['alice']}", port=stack.port),
+                       head=True)
+    assert_served_then_next(out)
+    assert [(s.method, s.target) for s in out.attack_seen] == [("HEAD", "/admin/x")]
+    assert_close(await attack(stack, request("TRACE /admin HTTP/1.1", port=stack.port)), 405)
+    smuggled = request("GET /public/smuggled-in-body HTTP/1.1", port=stack.port)
+    out = await attack(stack, request("GET /admin/x HTTP/1.1", f"Content-Length: {len(smuggled)}",
+                                      port=stack.port, body=smuggled))
+    assert out.first is not None and out.first.status == 302
+    assert not any("smuggled" in s.target for s in out.seen)
+
+
+# ------------------------------------------------------------------ §4.3 hosts
+
+
+async def test_x_host_01_sni_and_host_must_agree(stack: Stack) -> None:
+    """X-HOST-01: a connection whose SNI names another host cannot reach app.test's upstream (421, close)."""
+    ctx = stack.client_ssl()
+    ctx.check_hostname = False
+    assert_close(await attack(stack, request("GET /public/x HTTP/1.1", port=stack.port), sni="other.test", ctx=ctx),
+                 421)
+
+
+@pytest.mark.parametrize(
+    ("host", "outcome"),
+    [("APP.Test:{port}", 200), ("app.test.:{port}", 200), ("app.test", 200), ("app.test:443", 421),
+     ("app.test:8443", 421), ("app.test:0{port}", 400), ("xn--pp-ula.test:{port}", 421), ("app.test@evil:{port}", 400),
+     ("[::1]:{port}", 421), ("127.0.0.1:{port}", 421), ("evil.example", 421), ("app.test:{port}:1", 400),
+     ("app.test:", 400), ("app.test:99999", 400)],
+)
+async def test_x_host_02_host_variants(stack: Stack, host: str, outcome: int) -> None:
+    """X-HOST-02: Host is compared case-insensitively with one trailing dot and this port normalised; others get 421/400 and close."""
+    out = await attack(stack, request("GET /public/host HTTP/1.1", host=host.format(port=stack.port)))
+    if outcome == 200:
+        assert_served_then_next(out)
+        assert [s.target for s in out.attack_seen] == ["/public/host"]
+    else:
+        assert_close(out, outcome)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [(), ("Host: {h}", "Host: {h}"), ("Host: app.test :{p}",), ("Host: app.test, evil.example",), ("Host:",)],
+    ids=["none", "two", "space", "comma", "empty"],
+)
+async def test_x_host_03_missing_duplicate_or_malformed_host(stack: Stack, headers: tuple[str, ...]) -> None:
+    """X-HOST-03: no Host, two Hosts, or a Host with a space or comma get 400-CLOSE."""
+    lines = [h.format(h=f"{HOST}:{stack.port}", p=stack.port) for h in headers]
+    assert_close(await attack(stack, request("GET /public/x HTTP/1.1", *lines, host=None)))
+
+
+async def test_x_host_04_redirects_use_configured_origins(stack: Stack) -> None:
+    """X-HOST-04: a foreign Host never shapes a redirect (421), and forwarding headers do not shape the login redirect."""
+    out = await attack(stack, request("GET /x HTTP/1.1", "Accept: text/html", host="evil.example"))
+    assert_close(out, 421)
+    assert not out.first.header("Location")  # type: ignore[union-attr]
+    out = await attack(stack, request("GET /x HTTP/1.1", "Accept: text/html", "X-Forwarded-Host: evil.example",
+                                      "Forwarded: host=evil.example", "X-Original-Host: evil.example",
+                                      host="APP.TEST.", port=stack.port))
+    assert_served_then_next(out, 302)
+    location = out.first.header("Location")[0]  # type: ignore[union-attr]
+    assert "evil" not in location
+    assert f"redirect_uri=https%3A%2F%2F{HOST}%3A{stack.port}%2Foauth2%2Fcallback" in location
+
+
+async def test_x_host_08_admin_listener_is_unreachable(stack: Stack, cookies: dict[str, str]) -> None:
+    """X-HOST-08: Host or absolute-form naming the admin port never reaches the admin service or the app."""
+    for payload in (
+        request("GET /metrics HTTP/1.1", f"Cookie: {cookies['bob']}", host=f"127.0.0.1:{stack.admin_port}"),
+        request(f"GET https://127.0.0.1:{stack.admin_port}/metrics HTTP/1.1", f"Cookie: {cookies['bob']}"),
+        request(f"GET http://127.0.0.1:{stack.admin_port}/metrics HTTP/1.1", f"Cookie: {cookies['bob']}"),
+    ):
+        out = await attack(stack, payload)
+        assert_close(out, 400, 421)
+        assert "enforcer_requests_total" not in out.first.text  # type: ignore[union-attr]
+    out = await attack(stack, request("GET /metrics HTTP/1.1", f"Cookie: {cookies['bob']}", port=stack.port))
+    assert_served_then_next(out)
+    assert json.loads(out.first.body)["path"] == "/metrics"  # type: ignore[union-attr]  # the app's, fixed by config
+
+
+# ------------------------------------------------------------------ §4.4 smuggling
+
+
+def post(*headers: str, body: bytes, path: str = "/public/smg", port: int = 0) -> bytes:
+    return request(f"POST {path} HTTP/1.1", *headers, port=port, body=body)
+
+
+async def test_x_smg_01_cl_te(stack: Stack) -> None:
+    """X-SMG-01: Content-Length plus Transfer-Encoding (CL.TE) gets 400-CLOSE; the smuggled prefix reaches nothing."""
+    body = b"0\r\n\r\nGET /public/smuggled HTTP/1.1\r\nX: "
+    assert_close(await attack(stack, post(f"Content-Length: {len(body)}", "Transfer-Encoding: chunked",
+                                          body=body, port=stack.port)))
+
+
+async def test_x_smg_02_te_cl(stack: Stack) -> None:
+    """X-SMG-02: the mirror case (TE.CL, TE first) gets 400-CLOSE."""
+    body = b"1d\r\nGET /public/smuggled HTTP/1.1\r\n\r\n0\r\n\r\n"
+    assert_close(await attack(stack, post("Transfer-Encoding: chunked", "Content-Length: 4", body=body,
+                                          port=stack.port)))
+
+
+@pytest.mark.parametrize(
+    ("lines", "statuses"),
+    [(("Transfer-Encoding: xchunked",), (400, 501)),
+     (("Transfer-Encoding: chunked, identity",), (400,)),
+     (("Transfer-Encoding: identity, chunked",), (400, 501)),
+     (("Transfer-Encoding: gzip, chunked",), (400, 501)),
+     (("Transfer-Encoding : chunked",), (400,)),
+     (("Transfer-Encoding: chunked", "Transfer-Encoding: x"), (400, 501)),
+     (("Transfer-Encoding:", " chunked"), (400,)),
+     (("Transfer-Encoding: chunked", "Transfer-Encoding: chunked"), (400, 501))],
+    ids=["xchunked", "chunked-identity", "identity-chunked", "gzip-chunked", "space-colon", "two-lines", "obs-fold",
+         "chunked-twice"],
+)
+async def test_x_smg_03_te_obfuscation(stack: Stack, lines: tuple[str, ...], statuses: tuple[int, ...]) -> None:
+    """X-SMG-03: unknown or non-final codings (501/400), space before colon and obs-fold (400) all close the connection."""
+    assert_close(await attack(stack, post(*lines, body=b"3\r\nabc\r\n0\r\n\r\n", port=stack.port)), *statuses)
+
+
+@pytest.mark.parametrize("te", ["Transfer-Encoding: CHUNKED", "Transfer-Encoding:\tchunked", "Transfer-Encoding: Chunked "])
+async def test_x_smg_03_chunked_spelled_validly(stack: Stack, te: str) -> None:
+    """X-SMG-03: 'CHUNKED' and tab/space around the value are valid chunked framing; the next request is unaffected."""
+    out = await attack(stack, post(te, body=b"3\r\nabc\r\n0\r\n\r\n", port=stack.port))
+    assert_served_then_next(out)
+    assert [s.method for s in out.attack_seen] == ["POST"]
+
+
+async def test_x_smg_04_te_in_http10(stack: Stack) -> None:
+    """X-SMG-04: Transfer-Encoding in an HTTP/1.0 request is faulty framing: 400-CLOSE."""
+    payload = request("POST /public/smg HTTP/1.0", "Transfer-Encoding: chunked", port=stack.port,
+                      body=b"3\r\nabc\r\n0\r\n\r\n")
+    assert_close(await attack(stack, payload))
+
+
+@pytest.mark.parametrize("lines", [("Content-Length: 5", "Content-Length: 6"), ("Content-Length: 5", "Content-Length: 5"),
+                                   ("Content-Length: 5, 5",), ("Content-Length: +5",), ("Content-Length: 0x5",),
+                                   ("Content-Length: -1",), ("Content-Length: 99999999999999999999",),
+                                   ("Content-Length: 5a",), ("Content-Length:",)],
+                         ids=["dup-diff", "dup-same", "list", "plus", "hex", "neg", "huge", "junk", "empty"])
+async def test_x_smg_05_bad_content_length(stack: Stack, lines: tuple[str, ...]) -> None:
+    """X-SMG-05: duplicate, listed, signed, hex, negative, overflowing or empty Content-Length gets 400-CLOSE."""
+    assert_close(await attack(stack, post(*lines, body=b"hello", port=stack.port)))
+
+
+async def test_x_smg_05_whitespace_around_content_length_is_ows(stack: Stack) -> None:
+    """X-SMG-05 (deliberate): spaces around the value are OWS, not part of it (RFC 9112 §5.1); the body is exactly 5 bytes."""
+    for line in ("Content-Length:  5", "Content-Length: 5 "):
+        out = await attack(stack, post(line, body=b"hello", port=stack.port))
+        assert_served_then_next(out)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"3\nabc\r\n0\r\n\r\n", b"3;a\nb\r\nabc\r\n0\r\n\r\n", b"3\r\nabcXX0\r\n\r\n", b"ffffffffffffffff1\r\nabc\r\n0\r\n\r\n",
+     b"0x3\r\nabc\r\n0\r\n\r\n", b" 3\r\nabc\r\n0\r\n\r\n", b"3 \r\nabc\r\n0\r\n\r\n", b"-3\r\nabc\r\n0\r\n\r\n",
+     b"3\r\nabc\n0\r\n\r\n", b"3\r\nabc\r\n0\r\n\n"],
+    ids=["size-bare-lf", "ext-lf", "data-not-crlf", "overflow", "0x", "lead-space", "trail-space", "negative",
+         "data-bare-lf", "last-bare-lf"],
+)
+async def test_x_smg_06_bad_chunks(stack: Stack, body: bytes) -> None:
+    """X-SMG-06: malformed chunk sizes, extensions and chunk terminators get 400 and the connection is closed."""
+    out = await attack(stack, post("Transfer-Encoding: chunked", body=body, port=stack.port))
+    assert out.first is not None and out.first.status == 400
+    assert out.follow is None and out.closed
+    # the headers were fine, so the app may have started receiving the (then aborted) body; never the next request
+    assert not out.follow_seen
+    assert all(s.target == "/public/smg" for s in out.seen)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"GET /public/x HTTP/1.1\r\nHost: app.test\r\nX-Abc: \rxTransfer-Encoding: chunked\r\n\r\n",
+     b"GET /public/x HTTP/1.1\nHost: app.test\n\n",
+     b"GET /public/x HTTP/1.1\r\nHost: app.test\nX-A: b\r\n\r\n",
+     b"GET /public/x HTTP/1.1\r\nHost: app.test\r\nX-Abc: a\x00b\r\n\r\n",
+     b"GET /public/x HTTP/1.1\r\nHost: app.test\r\nX-Abc: a\rb\r\n\r\n",
+     b"GET /public/x HTTP/1.1\r\n \r\nHost: app.test\r\n\r\n",
+     b"GET /public/x HTTP/1.1\r\n\tX: y\r\nHost: app.test\r\n\r\n"],
+    ids=["bare-cr-te", "bare-lf", "mixed-lf", "nul", "cr-in-value", "ws-line", "leading-fold"],
+)
+async def test_x_smg_07_bare_cr_lf_nul(stack: Stack, payload: bytes) -> None:
+    """X-SMG-07: bare CR, bare LF, NUL in a value, or a whitespace line after the request-line gets 400-CLOSE."""
+    assert_close(await attack(stack, payload))
+
+
+@pytest.mark.parametrize(
+    ("line", "statuses"),
+    [("GET\t/public/x HTTP/1.1", (400,)), ("GET /public/x HTTP/1.1 ", (400,)), ("GET /public/x http/1.1", (400,)),
+     ("GET /public/x HTTP/1.\U0001d7d9", (400,)), ("GET /public/x HTTP/2.0", (400, 505)),
+     ("GET /public/x HTTP/3.0", (400, 505)), ("GET /public/x HTTP/0.9", (400, 505)), ("get /public/x HTTP/1.1", (400,)),
+     ("G:ET /public/x HTTP/1.1", (400,)), ("FOO /public/x HTTP/1.1", (400, 501)), ("GET /public/x", (400,)),
+     ("GET /public/x HTTP/1.1 extra", (400,)), ("PRI * HTTP/2.0", (400, 505))],
+)
+async def test_x_smg_08_malformed_request_lines(stack: Stack, line: str, statuses: tuple[int, ...]) -> None:
+    """X-SMG-08: tabs, trailing spaces, bad versions, lower-case or odd methods in the request-line get 400/501/505 and close."""
+    assert_close(await attack(stack, request(line, port=stack.port)), *statuses)
+
+
+async def test_x_smg_08_double_space_is_reparsed_not_smuggled(stack: Stack) -> None:
+    """X-SMG-08 (deliberate): llhttp tolerates 'GET  /x'; the enforcer re-serialises the request so the app sees one clean target."""
+    out = await attack(stack, request("GET  /public/x2 HTTP/1.1", port=stack.port))
+    assert_served_then_next(out)
+    assert [s.target for s in out.attack_seen] == ["/public/x2"]
+
+
+async def test_x_smg_09_cl0_desync_on_unauthenticated_post(stack: Stack) -> None:
+    """X-SMG-09: an unauthenticated POST's body holding a full request is never parsed as a second request."""
+    inner = request("GET /public/desync-smuggled HTTP/1.1", port=stack.port)
+    out = await attack(stack, request("POST /admin/x HTTP/1.1", f"Content-Length: {len(inner)}", JSON,
+                                      port=stack.port, body=inner))
+    assert out.first is not None and out.first.status == 401
+    assert not any("desync-smuggled" in s.target for s in out.seen)
+    if out.follow is not None:  # drained the body and kept going: then the follow-up is its own request
+        assert json.loads(out.follow.body)["path"] == out.follow_path
+    assert out.attack_seen == []
+
+
+async def test_x_smg_10_expect_continue_unauthenticated(stack: Stack) -> None:
+    """X-SMG-10: an unauthenticated POST with Expect: 100-continue gets its 401 without a 100 Continue, then the connection closes."""
+    conn = await Raw.open(stack)
+    before = len(stack.upstream.seen)
+    try:
+        await conn.send(request("POST /admin/x HTTP/1.1", "Content-Length: 10000000", "Expect: 100-continue", JSON,
+                                port=stack.port))
+        first = await conn.reply()
+        assert first is not None and first.status == 401
+        assert b"100 Continue" not in first.raw_head
+        assert first.header("Connection") == ["close"]
+        assert await conn.closed(timeout=8.0)  # lingering drain is bounded (5 s)
+    finally:
+        await conn.close()
+    assert stack.upstream.seen[before:] == []
+
+
+async def test_x_smg_11_pipelined_identities_do_not_mix(stack: Stack, cookies: dict[str, str]) -> None:
+    """X-SMG-11: pipelined anonymous and signed-in requests are each authorised on their own and answered in order."""
+    tag = marker()
+    anon = request(f"GET /pipe-{tag}-anon HTTP/1.1", JSON, port=stack.port)
+    bob = request(f"GET /pipe-{tag}-bob HTTP/1.1", f"Cookie: {cookies['bob']}", port=stack.port)
+    for order in ((anon, bob, anon), (bob, anon, bob)):
+        before = len(stack.upstream.seen)
+        conn = await Raw.open(stack)
+        try:
+            await conn.send(b"".join(order))
+            replies = [await conn.reply() for _ in order]
+        finally:
+            await conn.close()
+        assert [r.status for r in replies if r] == [401 if p is anon else 200 for p in order]
+        seen = stack.upstream.seen[before:]
+        assert [s.target for s in seen] == [f"/pipe-{tag}-bob"] * order.count(bob)
+        assert all(s.header("X-Forwarded-User") == ["bob"] for s in seen)
+
+
+async def test_x_smg_12_pooled_upstream_connections_keep_identities_apart(stack: Stack, cookies: dict[str, str]) -> None:
+    """X-SMG-12: interleaved requests of alice and bob over the pooled upstream connections each carry only their own identity."""
+    tag = marker()
+
+    async def one(user: str, i: int) -> None:
+        out = await attack(stack, request(f"GET /pool-{tag}/{user}/{i} HTTP/1.1", f"Cookie: {cookies[user]}",
+                                          port=stack.port), settle=0)
+        assert_served_then_next(out)
+
+    await asyncio.gather(*(one(u, i) for i in range(10) for u in ("alice", "bob")))
+    seen = [s for s in stack.upstream.seen if s.target.startswith(f"/pool-{tag}/")]
+    assert len(seen) == 20
+    for s in seen:
+        user = s.target.split("/")[2]
+        assert s.header("X-Forwarded-User") == [user], (s.target, s.header("X-Forwarded-User"))
+
+
+async def test_x_smg_13_h2c_upgrade_is_stripped(stack: Stack) -> None:
+    """X-SMG-13: an h2c upgrade is answered as plain HTTP/1.1 and Upgrade/HTTP2-Settings never reach the app."""
+    out = await attack(stack, request("GET /public/h2c HTTP/1.1", "Connection: Upgrade, HTTP2-Settings",
+                                      "Upgrade: h2c", "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA", port=stack.port))
+    assert_served_then_next(out)
+    (seen,) = out.attack_seen
+    assert seen.header("Upgrade") == [] and seen.header("HTTP2-Settings") == [] and seen.header("Connection") == []
+
+
+async def test_x_smg_13_websocket_unauthenticated_and_refused_upgrade(stack: Stack, cookies: dict[str, str]) -> None:
+    """X-SMG-13: an anonymous WebSocket gets 401; an upgrade the app refuses does not become a tunnel and the next request is authorised again."""
+    ws = ("Connection: Upgrade", "Upgrade: websocket", "Sec-WebSocket-Version: 13",
+          "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==")
+    out = await attack(stack, request("GET /ws HTTP/1.1", *ws, port=stack.port))
+    assert out.first is not None and out.first.status == 401
+    assert out.attack_seen == []
+    conn = await Raw.open(stack)
+    before = len(stack.upstream.seen)
+    try:
+        await conn.send(request("GET /ws-refuse HTTP/1.1", *ws, f"Cookie: {cookies['bob']}", port=stack.port))
+        refused = await conn.reply()
+        assert refused is not None and refused.status != 101
+        await conn.send(request("GET /admin/x HTTP/1.1", JSON, port=stack.port))
+        again = await conn.reply()
+        assert again is None or again.status == 401  # either closed, or authorised anew (anonymous)
+    finally:
+        await conn.close()
+    assert [s.target for s in stack.upstream.seen[before:]] == ["/ws-refuse"]
+
+
+@pytest.mark.parametrize("path", ["/bad-framing", "/dup-length"])
+async def test_x_smg_14_ambiguous_upstream_response(stack: Stack, cookies: dict[str, str], path: str) -> None:
+    """X-SMG-14: an app answer with CL+TE or two Content-Lengths is not forwarded: 502, and the next request is clean."""
+    out = await attack(stack, request(f"GET {path} HTTP/1.1", f"Cookie: {cookies['bob']}", port=stack.port))
+    assert out.first is not None and out.first.status == 502, out.first and out.first.text[:200]
+    assert b"SMUGGLED" not in out.first.body and b"hello" not in out.first.body
+    assert out.follow is not None and json.loads(out.follow.body)["path"] == out.follow_path
+
+
+async def test_x_smg_14_truncated_upstream_body(stack: Stack, cookies: dict[str, str]) -> None:
+    """X-SMG-14: when the app dies mid-body the client gets an incomplete body and a closed connection, never a 'complete' one."""
+    conn = await Raw.open(stack)
+    try:
+        await conn.send(request("GET /truncated HTTP/1.1", f"Cookie: {cookies['bob']}", port=stack.port))
+        head = await conn.reply(head=True)
+        assert head is not None
+        if head.status == 200:
+            assert head.header("Content-Length") == ["1000"]
+            with pytest.raises((asyncio.IncompleteReadError, ConnectionError, ssl.SSLError)):
+                await asyncio.wait_for(conn.reader.readexactly(1000), 10)
+        else:
+            assert head.status == 502
+        assert await conn.closed()
+    finally:
+        await conn.close()
+    await stack.wait_flow(lambda f: f.get("path") == "/truncated" and f.get("reason") == "upstream_reset")
+
+
+# ------------------------------------------------------------------ §4.5 limits
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [("X-Big: " + "a" * 65536,), tuple(f"X-H{i}: " + "b" * 1000 for i in range(1000)),
+     tuple(f"X-H{i}: a" for i in range(10000)), ("X" * 65536 + ": a",)],
+    ids=["64k-value", "1MiB-total", "10000-headers", "64k-name"],
+)
+async def test_x_lim_01_header_sizes(stack: Stack, lines: tuple[str, ...]) -> None:
+    """X-LIM-01: a 64 KiB header, 1 MiB of headers, 10,000 headers or a 64 KiB name get 431 and close."""
+    assert_close(await attack(stack, request("GET /public/x HTTP/1.1", *lines, port=stack.port)), 431)
+
+
+async def test_x_lim_02_huge_target(stack: Stack) -> None:
+    """X-LIM-02: a 1 MiB request-target gets 414 and close."""
+    assert_close(await attack(stack, request("GET /" + "t" * (1 << 20) + " HTTP/1.1", port=stack.port)), 414)
+
+
+async def test_x_lim_03_cookie_abuse(stack: Stack, cookies: dict[str, str]) -> None:
+    """X-LIM-03: a 64 KiB Cookie gets 431; 1,000 cookies are ignored (LOGIN); malformed pairs do not hide a valid session."""
+    assert_close(await attack(stack, request("GET /x HTTP/1.1", "Cookie: " + "a=b; " * 13000, port=stack.port)), 431)
+    many = "; ".join(f"c{i}=v" for i in range(1000))
+    out = await attack(stack, request("GET /x HTTP/1.1", f"Cookie: {many}; {cookies['bob']}", "Accept: text/html",
+                                      port=stack.port))
+    assert_served_then_next(out, 302)
+    out = await attack(stack, request("GET /lim03 HTTP/1.1", f"Cookie: ;; =x; a; b=\"unbal; {cookies['bob']}",
+                                      port=stack.port))
+    assert_served_then_next(out)
+    assert out.attack_seen[0].header("X-Forwarded-User") == ["bob"]
+
+
+async def test_x_lim_04_body_over_the_limit(tight_limits: Stack, cookies: dict[str, str]) -> None:
+    """X-LIM-04: a declared body over maxBodyBytes gets 413 and close before any byte reaches the app; a streamed one is cut off."""
+    stack = tight_limits
+    uploads = len(stack.upstream.upload_sha256)
+    out = await attack(stack, request("POST /upload HTTP/1.1", f"Cookie: {cookies['bob']}", JSON,
+                                      "Content-Length: 200000", port=stack.port, body=b"x" * 200000))
+    assert_close(out, 413)
+    out = await attack(stack, request("POST /oauth2/callback HTTP/1.1", "Content-Length: 200000", port=stack.port,
+                                      body=b"x" * 200000))
+    assert_close(out, 413)
+    conn = await Raw.open(stack)
+    try:
+        chunk = b"%x\r\n%s\r\n" % (50000, b"y" * 50000)
+        await conn.send(request("POST /upload HTTP/1.1", f"Cookie: {cookies['bob']}", JSON,
+                                "Transfer-Encoding: chunked", port=stack.port) + chunk * 4 + b"0\r\n\r\n")
+        reply = await conn.reply()
+        assert reply is None or reply.status == 413
+        assert await conn.closed()
+    finally:
+        await conn.close()
+    await asyncio.sleep(0.3)
+    assert len(stack.upstream.upload_sha256) == uploads, "the app never receives a complete oversized body"
+
+
+async def test_x_lim_06_slowloris(tight_limits: Stack) -> None:
+    """X-LIM-06: connections trickling header bytes are closed at the header deadline (408) while others are served."""
+    stack = tight_limits
+    header = request("GET /public/slow HTTP/1.1", port=stack.port)
+    conns = [await Raw.open(stack) for _ in range(20)]
+    started = time.monotonic()
+
+    async def trickle(conn: Raw) -> float:
+        try:
+            for byte in header[:-2]:
+                await conn.send(bytes([byte]))
+                await asyncio.sleep(0.5)
+        except (ConnectionError, ssl.SSLError):
+            pass
+        return time.monotonic() - started
+
+    tasks = [asyncio.create_task(trickle(c)) for c in conns]
+    await asyncio.sleep(0.5)
+    legit = await attack(stack, request("GET /public/legit HTTP/1.1", port=stack.port))
+    assert_served_then_next(legit)
+    try:
+        replies = await asyncio.gather(*(c.reply(timeout=10) for c in conns))
+        elapsed = time.monotonic() - started
+        assert all(r is None or r.status == 408 for r in replies)
+        assert elapsed < 2 + 2.5, f"closed after {elapsed:.1f} s, header deadline 2 s"
+        assert all([await c.closed(2) for c in conns])
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in conns:
+            await c.close()
+    assert not any(s.target == "/public/slow" for s in stack.upstream.seen)
+
+
+async def test_x_lim_06_header_deadline_does_not_cut_idle_or_slow_responses(tight_limits: Stack) -> None:
+    """X-LIM-06: the header deadline only runs while a header block is arriving; keep-alive between requests is unaffected."""
+    stack = tight_limits
+    conn = await Raw.open(stack)
+    try:
+        await conn.send(request("GET /public/ka1 HTTP/1.1", port=stack.port))
+        assert (await conn.reply()).status == 200  # type: ignore[union-attr]
+        await asyncio.sleep(2.5)  # longer than headerTimeout, shorter than idleTimeout
+        await conn.send(request("GET /public/ka2 HTTP/1.1", port=stack.port))
+        assert (await conn.reply()).status == 200  # type: ignore[union-attr]
+        assert await conn.closed(5.0), "idle keep-alive connections close after idleTimeout"
+    finally:
+        await conn.close()
+
+
+async def test_x_lim_07_slow_post(tight_limits: Stack, cookies: dict[str, str]) -> None:
+    """X-LIM-07: a request body that stops arriving is cut at the idle timeout; the app does not get a complete body."""
+    stack = tight_limits
+    uploads = len(stack.upstream.upload_sha256)
+    conn = await Raw.open(stack)
+    started = time.monotonic()
+    try:
+        await conn.send(request("POST /upload HTTP/1.1", f"Cookie: {cookies['bob']}", JSON, "Content-Length: 100",
+                                port=stack.port, body=b"z"))
+        reply = await conn.reply(timeout=10)
+        assert reply is None or reply.status >= 400
+        assert await conn.closed(5)
+    finally:
+        await conn.close()
+    assert time.monotonic() - started < 3 + 3
+    await asyncio.sleep(0.3)
+    assert len(stack.upstream.upload_sha256) == uploads
+
+
+async def test_x_lim_10_silent_and_partial_client_hello(tight_limits: Stack) -> None:
+    """X-LIM-10: a TCP connection that sends no (or half a) ClientHello is closed by the handshake timeout."""
+    stack = tight_limits
+    for prefix in (b"", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.port)
+        started = time.monotonic()
+        writer.write(prefix)
+        data = await asyncio.wait_for(reader.read(), 10)
+        assert time.monotonic() - started < 2 + 2
+        assert b"HTTP" not in data
+        writer.close()
+
+
+# ------------------------------------------------------------------ §4.6 TLS
+
+
+async def _raw_tcp(stack: Stack, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(65536), 15)
+    except ConnectionError:
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_x_tls_01_plain_http_on_the_tls_port(stack: Stack) -> None:
+    """X-TLS-01: plain-text HTTP on the TLS port is closed without an HTTP answer and the listener keeps serving."""
+    data = await _raw_tcp(stack, request("GET /public/x HTTP/1.1", port=stack.port))
+    assert not data.startswith(b"HTTP/1.1 200")
+    out = await attack(stack, request("GET /public/after-plain HTTP/1.1", port=stack.port))
+    assert_served_then_next(out)
+
+
+async def test_x_tls_02_garbage_bytes(stack: Stack) -> None:
+    """X-TLS-02: 64 KiB of random bytes and repeated handshake records end in an alert/close; the listener keeps serving."""
+    await _raw_tcp(stack, os.urandom(65536))
+    hello = b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00"
+    await _raw_tcp(stack, hello * 50)
+    await _raw_tcp(stack, b"\x80\x2e\x01\x00\x02\x00\x15\x00\x00\x00\x10" + os.urandom(37))  # SSLv2-style hello
+    out = await attack(stack, request("GET /public/after-garbage HTTP/1.1", port=stack.port))
+    assert_served_then_next(out)
+    assert "Traceback" not in stack.log_tail()
+
+
+async def test_x_tls_03_old_protocol_versions_are_refused(stack: Stack) -> None:
+    """X-TLS-03: a TLS 1.0/1.1-only client cannot complete a handshake."""
+    for version in (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1):
+        ctx = stack.client_ssl()
+        with _allow_old_tls():
+            ctx.minimum_version = version
+            ctx.maximum_version = version
+        ctx.set_ciphers("ALL:@SECLEVEL=0")
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await Raw.open(stack, ctx=ctx)
+
+
+class _allow_old_tls:  # noqa: N801  (a tiny context manager silencing ssl's deprecation warnings)
+    def __enter__(self) -> None:
+        import warnings  # noqa: PLC0415
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore", DeprecationWarning)
+
+    def __exit__(self, *exc: object) -> None:
+        self._w.__exit__(*exc)
+
+
+async def test_x_tls_06_alpn_h2_only(stack: Stack) -> None:
+    """X-TLS-06: a client offering only h2 never gets h2; it gets HTTP/1.1 or a no_application_protocol alert."""
+    ctx = stack.client_ssl()
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        conn = await Raw.open(stack, ctx=ctx)
+    except ssl.SSLError as exc:
+        assert "NO_APPLICATION_PROTOCOL" in str(exc).upper() or "ALERT" in str(exc).upper()
+        return
+    try:
+        assert conn.writer.get_extra_info("ssl_object").selected_alpn_protocol() in (None, "http/1.1")
+        await conn.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00")
+        reply = await conn.reply()
+        assert reply is None or reply.status in (400, 505)
+        assert await conn.closed()
+    finally:
+        await conn.close()
+
+
+# ------------------------------------------------------------------ §4.7 upstream hygiene
+
+
+async def test_x_net_06_internal_location_is_rewritten(stack: Stack, cookies: dict[str, str]) -> None:
+    """X-NET-06: an app redirect to its internal address reaches the client as the public origin."""
+    out = await attack(stack, request("GET /redirect-internal HTTP/1.1", f"Cookie: {cookies['bob']}", port=stack.port))
+    assert_served_then_next(out, 302)
+    assert out.first.header("Location") == [f"{stack.base}/landing"]  # type: ignore[union-attr]
+
+
+async def test_x_net_07_app_cannot_set_our_cookie(stack: Stack, cookies: dict[str, str]) -> None:
+    """X-NET-07: an app Set-Cookie with the enforcer's cookie name is dropped; the app's own cookie passes."""
+    out = await attack(stack, request("GET /set-cookie HTTP/1.1", f"Cookie: {cookies['bob']}", port=stack.port))
+    assert_served_then_next(out)
+    assert out.first.header("Set-Cookie") == ["appcookie=1; Path=/"]  # type: ignore[union-attr]
+
+
+# ------------------------------------------------------------------ §4.8 logging
+
+
+async def test_x_log_01_error_pages_reveal_nothing(stack: Stack, cookies: dict[str, str]) -> None:
+    """X-LOG-01: error pages echo no request bytes, stack trace, token, secret or internal address; framing errors are logged with a reason."""
+    secret_cookie = cookies["bob"].split("=", 1)[1]
+    payloads = [
+        request("GET /public/x HTTP/1.1", f"Cookie: {cookies['bob']}", "X-Evil : <script>", port=stack.port),
+        request("GET /public/x HTTP/1.1", f"Cookie: {cookies['bob']}", "X-Big: " + "s" * 9000, port=stack.port),
+        request("POST /public/x HTTP/1.1", "Content-Length: 1", "Transfer-Encoding: chunked", port=stack.port),
+        request("GET /admin/x HTTP/1.1", f"Cookie: {cookies['bob']}", port=stack.port),
+        request("GET /a%2fb HTTP/1.1", port=stack.port),
+        request("GET /x HTTP/1.1", host="evil.example"),
+        request("GET /bad-framing HTTP/1.1", f"Cookie: {cookies['bob']}", port=stack.port),
+    ]
+    upstream_addr = f"127.0.0.1:{stack.upstream.port}"
+    for payload in payloads:
+        out = await attack(stack, payload)
+        assert out.first is not None and out.first.status >= 400
+        text = out.first.raw_head.decode("latin-1") + out.first.text
+        for leak in ("Traceback", 'File "', "<script>", "sss", secret_cookie, upstream_addr, "aiohttp", "llhttp",
+                     "Transfer-Encoding can't", stack.op.issuer):
+            assert leak not in text, (leak, text[:300])
+        assert out.first.header("Cache-Control") == ["no-store"]
+    await stack.wait_flow(lambda f: f.get("reason") == "malformed_request")
+    await stack.wait_flow(lambda f: f.get("reason") == "header_too_large")
+    assert "Error handling request" not in stack.log_tail()
+
+
+async def test_x_log_03_hostile_bytes_keep_one_flow_line(stack: Stack) -> None:
+    """X-LOG-03: quotes, backslashes, JSON and C1/Unicode line breaks in the path and User-Agent stay inside one flow record."""
+    tag = marker()
+    ua = f'ua-{tag} "}}{{"x":1}} \\ \u2028 \u0085 \u009b31m'.encode()
+    payload = (b"GET /public/log-" + tag.encode() + b'/"%7B%7D HTTP/1.1\r\nHost: app.test:' + str(stack.port).encode()
+               + b"\r\nUser-Agent: " + ua + b"\r\n\r\n")
+    encoded = request(f"GET /public/log-{tag}/%0d%0a%1b[31m HTTP/1.1", f"User-Agent: ua2-{tag}", port=stack.port)
+    lines_before = len(stack.flow_log.read_text().splitlines()) if stack.flow_log.exists() else 0
+    out = await attack(stack, payload)
+    assert out.first is not None
+    assert_close(await attack(stack, encoded))
+    row = await stack.wait_flow(lambda f: f"ua-{tag}" in (f.get("user_agent") or ""))
+    await stack.wait_flow(lambda f: f"ua2-{tag}" in (f.get("user_agent") or ""))
+    assert "\u2028" in row["user_agent"] or "\\u2028" in row["user_agent"] or "%" in row["user_agent"]
+    text = stack.flow_log.read_text()
+    assert all(json.loads(line) for line in text.splitlines()[lines_before:])
+    assert sum(1 for line in text.splitlines() if f"ua-{tag}" in line) == 1
+    assert "\x1b" not in text
+    shown = subprocess.run([sys.executable, "-m", "enforcer", "flows", "-c", str(stack.config)],
+                           capture_output=True, text=True, check=True).stdout
+    assert "\x1b" not in shown and "\x9b" not in shown and "\u2028" not in shown
