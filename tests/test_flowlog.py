@@ -288,13 +288,11 @@ async def test_hard_cap_drops_oldest_and_counts() -> None:
     assert paths == [f"/{i}" for i in range(15, 25)]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
-async def test_read_only_directory_does_not_raise(tmp_path: Path) -> None:
-    """A flow log in a read-only directory counts errors and writes once it becomes writable."""
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o500)
-    flog = FlowLog(ro / "flows.jsonl", flush_interval=0.01)
+async def test_unwritable_location_does_not_raise_and_recovers(tmp_path: Path) -> None:
+    """A flow log whose directory cannot be created counts errors and writes once it can (even as root)."""
+    blocker = tmp_path / "logs"
+    blocker.write_text("a file where the log directory should be")
+    flog = FlowLog(blocker / "flows.jsonl", flush_interval=0.01)
     task = asyncio.create_task(flog.run())
     try:
         flog.write(make())
@@ -302,10 +300,11 @@ async def test_read_only_directory_does_not_raise(tmp_path: Path) -> None:
         assert flog.write_errors >= 1
         assert flog.pending == 1
     finally:
-        ro.chmod(0o700)
+        blocker.unlink()
+        blocker.mkdir()
     await flog.close()
     await task
-    assert len(lines_of(ro / "flows.jsonl")) == 1
+    assert len(lines_of(blocker / "flows.jsonl")) == 1
 
 
 async def test_parent_path_not_a_directory_does_not_raise(tmp_path: Path) -> None:
