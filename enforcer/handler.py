@@ -162,7 +162,10 @@ class Gate:
         """Handle one request; exactly one flow record is written, whatever happens."""
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
         peer = request.transport.get_extra_info("peername") if request.transport else None
+        # the dual-stack [::] listener the redirect needs reports IPv4 clients as ::ffff:a.b.c.d
         client_ip = str(peer[0]) if peer else "-"
+        if client_ip.startswith("::ffff:") and "." in client_ip:
+            client_ip = client_ip[7:]
         destination = self._destination(request.transport) if self.redirect_enabled else None
         flow = FlowRecord.begin(
             client=f"{client_ip}:{peer[1]}" if peer else "-",
@@ -184,14 +187,24 @@ class Gate:
             if flow.service:
                 self.metrics.upstream_errors.labels(flow.service, exc.kind).inc()
             response = pages.error_page(exc.status, f"upstream_{exc.kind}", flow.flow_id,
-                                        message="The application did not answer properly.")
+                                        message="The application did not answer properly.",
+                                        close=exc.status == 413)  # the rest of the body is not read
             return response
+        except ConnectionResetError:
+            # the client went away while we were answering: not our error, nothing to send
+            flow.record(decision=flow.decision, reason="client_aborted", endpoint=flow.endpoint)
+            flow.status = 499
+            raise
         except Exception:
             log.exception("internal error in flow %s", flow.flow_id)
             flow.record(decision="error", reason="internal_error")
             response = pages.error_page(500, "internal_error", flow.flow_id, close=True)
             return response
         finally:
+            if response is not None and not response.prepared and "Upgrade" in request.headers:
+                # aiohttp stops parsing after an upgrade request: an answer other than 101
+                # must end the connection, or the next request would sit there unread
+                response.force_close()
             status = response.status if response is not None else None
             if flow.upstream_status is None and flow.decision == "allow":
                 flow.upstream_status = status
@@ -215,6 +228,10 @@ class Gate:
         if request.method in FORBIDDEN_METHODS:
             flow.record(decision="bad_request", reason="method_not_supported")
             return pages.plain_close(405, "method not supported")
+        upgrade = request.headers.get("Upgrade")
+        if upgrade is not None and upgrade.strip().lower() != "websocket":
+            flow.record(decision="bad_request", reason="upgrade_not_supported")  # h2c smuggling (X-SMG-13)
+            return pages.plain_close(400, "only WebSocket upgrades are supported")
         hosts = request.headers.getall("Host", [])
         if len(hosts) != 1 and request.version >= (1, 1):
             flow.record(decision="bad_request", reason="bad_host")
