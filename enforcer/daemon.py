@@ -118,6 +118,12 @@ def sd_notify(message: str) -> bool:
     return True
 
 
+def status_text(definitions: config.Definitions) -> str:
+    """systemd's STATUS= line: how many services, and which (``systemctl status`` shows it)."""
+    names = ", ".join(svc.name for svc in definitions.services)
+    return f"serving {len(definitions.services)} service(s)" + (f": {names}"[:200] if names else "")
+
+
 def watchdog_interval() -> float | None:
     """Half of systemd's WatchdogSec, if it is watching this process."""
     usec = os.environ.get("WATCHDOG_USEC")
@@ -242,7 +248,7 @@ class Daemon:
         )
         if on_ready is not None and not on_ready.done():
             on_ready.set_result(None)
-        sd_notify(f"READY=1\nSTATUS=serving {len(definitions.services)} service(s)")
+        sd_notify(f"READY=1\nSTATUS={status_text(definitions)}")
         watchdog = watchdog_interval()
         if watchdog is not None:
             self._spawn(self._feed_watchdog(watchdog), "watchdog")
@@ -339,7 +345,7 @@ class Daemon:
         self.gate.runtime = runtime
         self._spawn(self._warm_up(runtime), "discovery")
         self.metrics.services.set(len(definitions.services))
-        sd_notify(f"STATUS=serving {len(definitions.services)} service(s)")
+        sd_notify(f"STATUS={status_text(definitions)}")
         log.info(
             "definitions applied (%s): %s", reason, ", ".join(svc.name for svc in definitions.services) or "no services"
         )
