@@ -149,6 +149,11 @@ class Daemon:
     async def run(self, *, on_ready: asyncio.Future[None] | None = None) -> int:
         """Serve until SIGTERM/SIGINT (or :meth:`stop`); returns the exit code."""
         s = self.settings.model
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            # logrotate may send SIGHUP while we start: never let it kill the daemon
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, lambda: log.info("SIGHUP during start-up ignored: definitions are being read now")
+            )
         s.stateDir.mkdir(parents=True, exist_ok=True, mode=0o700)
         http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=64, socket_factory=self._socket_factory()),

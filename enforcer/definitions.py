@@ -59,6 +59,9 @@ class Source(Protocol):
     async def poll(self) -> list[RawDocument] | None:
         """The current documents, or None if unchanged since the last successful poll."""
 
+    def reset(self) -> None:
+        """Forget what was seen, so the next poll reads everything again."""
+
 
 @dataclass
 class FileSource:
@@ -82,6 +85,9 @@ class FileSource:
             st = f.stat()
             out.append((str(f), st.st_ino, st.st_size, st.st_mtime_ns))
         return tuple(out)
+
+    def reset(self) -> None:
+        self._stamp = None
 
     async def poll(self) -> list[RawDocument] | None:
         try:
@@ -114,6 +120,9 @@ class HTTPSource:
 
     def __post_init__(self) -> None:
         self.name = self.name or self.url
+
+    def reset(self) -> None:
+        self._etag = None
 
     async def poll(self) -> list[RawDocument] | None:
         headers = {"Accept": "application/yaml, application/json;q=0.9, */*;q=0.1"}
@@ -310,6 +319,8 @@ class DefinitionsManager:
             changed = False
             failures = []
             for i, src in enumerate(self.sources):
+                if reason != "poll":
+                    src.reset()  # an explicit reload re-reads even an unchanged-looking file
                 try:
                     docs = await src.poll()
                 except SourceError as exc:

@@ -56,6 +56,7 @@ import ctypes
 import errno
 import functools
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -65,15 +66,19 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
-from pyroute2.netlink import (
+# pyroute2 warns at import about /proc/net/psched when ProcSubset=pid hides it (systemd
+# hardening); we use no tc, so its warnings are noise in the journal.
+logging.getLogger("pyroute2").setLevel(logging.ERROR)
+
+from pyroute2.netlink import (  # noqa: E402
     NLM_F_ACK,
     NLM_F_APPEND,
     NLM_F_CREATE,
     NLM_F_DUMP,
     NLM_F_REQUEST,
 )
-from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
-from pyroute2.netlink.nfnetlink import nftsocket as nft
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg  # noqa: E402
+from pyroute2.netlink.nfnetlink import nftsocket as nft  # noqa: E402
 
 __all__ = [
     "DEFAULT_MARK",
@@ -104,6 +109,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
 
 DEFAULT_TABLE = "enforcer"
 DEFAULT_MARK = 0x454E

@@ -239,7 +239,7 @@ kind: service
 name: app
 authorizationType: OIDC
 OIDCClientID: app-client
-OIDCClientSecret: {secret}
+OIDCClientSecret: {{file: /etc/enforcer/secrets/app}}
 OIDCProviderURL: {issuer}
 OIDCCallbackURL: https://{host}
 OIDCScopes: [openid, email, profile, groups]
@@ -343,6 +343,13 @@ async def _boot(rootfs: Path, workdir: Path) -> Boot:
     _write(etc / "enforcer/enforcer.yaml", CONFIG)
     _write(etc / "enforcer/op-ca.crt", tls.ca_pem.decode())
     _write(etc / "enforcer/definitions.d/app.yaml", definitions(op.issuer))
+    # the client secret as an operator keeps it: root:enforcer-secrets 0640, read by the
+    # service's dynamic user through its supplementary group
+    secret = etc / "enforcer/secrets/app"
+    _write(secret, CLIENT_SECRET + "\n")
+    group = next(ln for ln in (etc / "group").read_text().splitlines() if ln.startswith("enforcer-secrets:"))
+    os.chown(secret, 0, int(group.split(":")[2]))
+    secret.chmod(0o640)
     _write(merged / "srv/app/index.html", "hello from the app behind the enforcer\n")
     _write(merged / "srv/app/open/hello.txt", "public hello\n")
     _write(etc / "systemd/system/enforcer-test-app.service", APP_UNIT)
@@ -354,7 +361,7 @@ async def _boot(rootfs: Path, workdir: Path) -> Boot:
 
 def definitions(issuer: str, *, public: bool = False) -> str:
     extra = "  - {URI: /open/*, methods: [GET], public: true}\n" if public else ""
-    return DEFINITIONS.format(secret=CLIENT_SECRET, issuer=issuer, host=HOST, extra=extra)
+    return DEFINITIONS.format(issuer=issuer, host=HOST, extra=extra)
 
 
 async def _start_container(boot: Boot) -> None:
