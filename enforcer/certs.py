@@ -245,10 +245,7 @@ class CertStore:
         cert_file, key_file = ca_dir / "ca.crt", ca_dir / "ca.key"
         with _locked(ca_dir / ".lock"):
             # The certificate is written after the key, so its presence means both are complete.
-            if cert_file.exists():
-                ca = self._read_ca(cert_file, key_file)
-            else:
-                ca = self._create_ca(cert_file, key_file)
+            ca = self._read_ca(cert_file, key_file) if cert_file.exists() else self._create_ca(cert_file, key_file)
         self._ca = ca
         return ca
 

@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8443)
     demo.add_argument("--state-dir", type=Path, default=None)
     demo.add_argument("--exit-after", type=float, default=None, help=argparse.SUPPRESS)
+    demo.add_argument(
+        "--no-netns",
+        action="store_true",
+        help="stay on loopback even as root (root's default: client and app network namespaces + nftables)",
+    )
+    demo.add_argument("--netns-child", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -125,7 +131,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         case "demo":
             from enforcer import demo  # noqa: PLC0415
 
-            return int(demo.main(port=args.port, state_dir=args.state_dir, exit_after=args.exit_after))
+            return int(
+                demo.main(
+                    port=args.port,
+                    state_dir=args.state_dir,
+                    exit_after=args.exit_after,
+                    netns=False if args.no_netns else None,
+                    netns_child=args.netns_child,
+                )
+            )
     return 2
 
 

@@ -305,6 +305,7 @@ async def start_op(
     key_file: Path | None = None,
     ca_file: Path | None = None,
     op_script: Path | None = None,
+    netns: str | None = None,
 ) -> RunningOP:
     """Start ``node scripts/op/op.mjs`` on ``host:port`` (0 = a free port chosen by
     the OP itself, no race) and wait for its ``READY <issuer>`` line.
@@ -317,6 +318,10 @@ async def start_op(
     ``extra_ca_file`` is given to node as NODE_EXTRA_CA_CERTS (for back-channel
     logout calls to an https RP signed by a test CA).  ``op_script`` (or the
     environment variable ENFORCER_OP_SCRIPT) overrides scripts/op/op.mjs.
+
+    ``netns`` runs node inside that network namespace (``ip netns exec <netns> node ...``;
+    needs root): with ``host`` set to an address of that namespace, the OP serves there. A
+    ``host`` that is a specific IP address is added to the default certificate's SANs.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -325,7 +330,12 @@ async def start_op(
     if cert_file is not None and key_file is not None:
         tls = _existing_tls_material(Path(cert_file), Path(key_file), ca_file)
     else:
-        tls = make_tls_material(workdir / "op-tls", name="op")
+        ips: tuple[str, ...] = ("127.0.0.1", "::1")
+        with contextlib.suppress(ValueError):
+            bound = ipaddress.ip_address(host.strip("[]"))
+            if not bound.is_unspecified and str(bound) not in ips:
+                ips += (str(bound),)
+        tls = make_tls_material(workdir / "op-tls", name="op", ips=ips)
     script = Path(op_script or os.environ.get("ENFORCER_OP_SCRIPT") or OP_SCRIPT)
     _check_script(script)
     config: dict[str, Any] = {
@@ -348,7 +358,10 @@ async def start_op(
     if extra_ca_file is not None:
         env["NODE_EXTRA_CA_CERTS"] = str(extra_ca_file)
 
+    # `ip netns exec` switches namespace and then exec()s node: the PID stays node's own
+    prefix = ["ip", "netns", "exec", netns] if netns is not None else []
     proc = await asyncio.create_subprocess_exec(
+        *prefix,
         node,
         str(script),
         str(config_file),

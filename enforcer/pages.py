@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from aiohttp import web
 
 SECURITY_HEADERS = {
+    "Server": "enforcer",  # instead of aiohttp's version banner
     "Cache-Control": "no-store",
     "Pragma": "no-cache",
     "Referrer-Policy": "no-referrer",

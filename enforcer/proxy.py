@@ -11,8 +11,8 @@ through one keep-alive connection pool per app; nothing is buffered whole.
 from __future__ import annotations
 
 import asyncio
-import socket
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -77,6 +77,7 @@ SPOOFABLE = frozenset(
 SPOOFABLE_PREFIXES = ("x-forwarded-", "x-auth-request-", "oidc-claim-", "x-oidc-", "x-enforcer-")
 
 CHUNK = 64 * 1024
+SERVER = "enforcer"
 
 
 def is_spoofable(name: str, extra: frozenset[str] = frozenset()) -> bool:
@@ -262,6 +263,8 @@ class Upstream:
         except aiohttp.ClientConnectorError:
             raise UpstreamError("connect", 502) from None
         except (aiohttp.ClientError, OSError) as exc:
+            if transfer.bytes_in > self.max_body:  # our body counter stopped the upload
+                raise UpstreamError("body_too_large", 413) from None
             log.info("upstream %s:%s failed: %s", upstream_host, port, type(exc).__name__)
             raise UpstreamError("protocol", 502) from None
         transfer.upstream_ms = (time.perf_counter() - started) * 1000
@@ -275,6 +278,7 @@ class Upstream:
             resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             out = response_headers(upstream.headers, public_origin=public_origin, internal_origins=internal)
             resp.headers.extend(out)
+            resp.headers.setdefault("Server", SERVER)  # not aiohttp's version banner
             length = upstream.content_length
             no_body = request.method == "HEAD" or upstream.status in (204, 304) or upstream.status < 200
             if length is not None and not no_body:

@@ -10,6 +10,7 @@ and must be served normally otherwise).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import ssl
@@ -99,10 +100,8 @@ class Raw:
 
     async def close(self) -> None:
         self.writer.close()
-        try:
+        with contextlib.suppress(TimeoutError, ConnectionError, ssl.SSLError):
             await asyncio.wait_for(self.writer.wait_closed(), 2)
-        except (TimeoutError, ConnectionError, ssl.SSLError):
-            pass
 
 
 def request(first: str, *headers: str, host: str | None = HOST, body: bytes = b"", port: int | None = None) -> bytes:
@@ -141,7 +140,7 @@ async def attack(stack: Stack, payload: bytes, *, head: bool = False, settle: fl
     before = len(stack.upstream.seen)
     conn = await Raw.open(stack, **open_kw)  # type: ignore[arg-type]
     try:
-        await conn.send(payload + request(f"GET {follow_path} HTTP/1.1", port=stack.port))
+        await conn.send(payload + request(f"GET {follow_path} HTTP/1.1", "Connection: close", port=stack.port))
         first = await conn.reply(head=head)
         follow = await conn.reply(timeout=8.0) if first is not None else None
         closed = await conn.closed(2.0) if follow is not None else True
@@ -388,9 +387,8 @@ async def test_x_path_11_policy_and_upstream_see_the_same_path(
     tag = marker()
     out = await attack(stack, request(f"GET {target}?m={tag} HTTP/1.1", f"Cookie: {cookies['bob']}",
                                       port=stack.port))
-    flow = await stack.wait_flow(lambda f: f.get("path") == expected and f.get("user") is not None
-                                 and f["ts"] >= 0 and f.get("flow_id") and True)
-    assert flow["path"] == expected
+    flow = await stack.wait_flow(lambda f: f.get("path") == expected and f.get("user") is not None)
+    assert flow["service"] == "app"
     if _policy(expected) == "admins":
         assert_served_then_next(out, 403)
         assert out.attack_seen == []
@@ -465,11 +463,16 @@ async def test_x_path_12_methods(stack: Stack, cookies: dict[str, str]) -> None:
 
 
 async def test_x_host_01_sni_and_host_must_agree(stack: Stack) -> None:
-    """X-HOST-01: a connection whose SNI names another host cannot reach app.test's upstream (421, close)."""
+    """X-HOST-01: a connection whose SNI names another host never reaches app.test's upstream (handshake refused, or 421 and close)."""
     ctx = stack.client_ssl()
     ctx.check_hostname = False
-    assert_close(await attack(stack, request("GET /public/x HTTP/1.1", port=stack.port), sni="other.test", ctx=ctx),
-                 421)
+    before = len(stack.upstream.seen)
+    try:
+        out = await attack(stack, request("GET /public/x HTTP/1.1", port=stack.port), sni="other.test", ctx=ctx)
+    except (ssl.SSLError, ConnectionError):
+        assert stack.upstream.seen[before:] == []  # refused during the handshake (unknown SNI)
+        return
+    assert_close(out, 421)
 
 
 @pytest.mark.parametrize(
@@ -719,13 +722,12 @@ async def test_x_smg_12_pooled_upstream_connections_keep_identities_apart(stack:
         assert s.header("X-Forwarded-User") == [user], (s.target, s.header("X-Forwarded-User"))
 
 
-async def test_x_smg_13_h2c_upgrade_is_stripped(stack: Stack) -> None:
-    """X-SMG-13: an h2c upgrade is answered as plain HTTP/1.1 and Upgrade/HTTP2-Settings never reach the app."""
-    out = await attack(stack, request("GET /public/h2c HTTP/1.1", "Connection: Upgrade, HTTP2-Settings",
-                                      "Upgrade: h2c", "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA", port=stack.port))
-    assert_served_then_next(out)
-    (seen,) = out.attack_seen
-    assert seen.header("Upgrade") == [] and seen.header("HTTP2-Settings") == [] and seen.header("Connection") == []
+@pytest.mark.parametrize("upgrade", ["h2c", "H2C", "websocketx", "TLS/1.2"])
+async def test_x_smg_13_h2c_upgrade_is_refused(stack: Stack, upgrade: str) -> None:
+    """X-SMG-13: an h2c (or any non-WebSocket) upgrade gets 400-CLOSE; nothing is tunnelled or reaches the app."""
+    assert_close(await attack(stack, request("GET /public/h2c HTTP/1.1", "Connection: Upgrade, HTTP2-Settings",
+                                             f"Upgrade: {upgrade}", "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
+                                             port=stack.port)))
 
 
 async def test_x_smg_13_websocket_unauthenticated_and_refused_upgrade(stack: Stack, cookies: dict[str, str]) -> None:
@@ -740,13 +742,22 @@ async def test_x_smg_13_websocket_unauthenticated_and_refused_upgrade(stack: Sta
     try:
         await conn.send(request("GET /ws-refuse HTTP/1.1", *ws, f"Cookie: {cookies['bob']}", port=stack.port))
         refused = await conn.reply()
-        assert refused is not None and refused.status != 101
-        await conn.send(request("GET /admin/x HTTP/1.1", JSON, port=stack.port))
-        again = await conn.reply()
-        assert again is None or again.status == 401  # either closed, or authorised anew (anonymous)
+        assert refused is not None and refused.status == 403
+        assert refused.header("Connection") == ["close"]  # the parser stopped at the upgrade: end the connection
+        assert await conn.closed()
     finally:
         await conn.close()
-    assert [s.target for s in stack.upstream.seen[before:]] == ["/ws-refuse"]
+    out = await attack(stack, request("GET /admin/x HTTP/1.1", JSON, port=stack.port))
+    assert_served_then_next(out, 401)  # the next request is authorised anew (anonymous)
+    conn = await Raw.open(stack)
+    try:
+        await conn.send(request("GET /ws HTTP/1.1", *ws, port=stack.port) + b"GET /public/tunnelled HTTP/1.1\r\n\r\n")
+        denied = await conn.reply()
+        assert denied is not None and denied.status == 401
+        assert await conn.closed()
+    finally:
+        await conn.close()
+    assert [s.target for s in stack.upstream.seen[before:] if "after-" not in s.target] == ["/ws-refuse"]
 
 
 @pytest.mark.parametrize("path", ["/bad-framing", "/dup-length"])
@@ -961,7 +972,7 @@ async def test_x_tls_03_old_protocol_versions_are_refused(stack: Stack) -> None:
             await Raw.open(stack, ctx=ctx)
 
 
-class _allow_old_tls:  # noqa: N801  (a tiny context manager silencing ssl's deprecation warnings)
+class _allow_old_tls:  # a tiny context manager silencing ssl's deprecation warnings for old versions
     def __enter__(self) -> None:
         import warnings  # noqa: PLC0415
 

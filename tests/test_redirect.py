@@ -40,6 +40,7 @@ from enforcer.redirect import (
     diff,
     parse_original_dst,
 )
+from tests.netns import Hosts, require_root, veth_hosts
 
 REPO = Path(__file__).resolve().parents[1]
 APP4, CLI4 = "10.99.0.1", "10.99.0.2"
@@ -256,35 +257,6 @@ def test_run_in_netns_never_creates_a_namespace() -> None:
 # namespaces (root)
 
 
-def _root_missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces and nftables)"
-    if shutil.which("ip") is None:
-        return "needs iproute2 (`ip`)"
-    return None
-
-
-def require_root() -> None:
-    """Skip locally without root; with CI=true a privileged test that cannot run fails."""
-    why = _root_missing()
-    if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"privileged test cannot run in CI: {why}")
-        pytest.skip(why)
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
-
-
-@dataclasses.dataclass(frozen=True)
-class Hosts:
-    """A client namespace and an app namespace joined by a veth."""
-
-    cli: str
-    app: str
-
-
 _ns_counter = itertools.count()
 
 
@@ -293,22 +265,10 @@ def hosts() -> Iterator[Hosts]:
     """Two fresh namespaces with v4 and v6 addresses, deleted afterwards even on failure."""
     require_root()
     n = next(_ns_counter)
-    h = Hosts(cli=f"enfc-{os.getpid()}-{n}", app=f"enfa-{os.getpid()}-{n}")
-    try:
-        _ip("netns", "add", h.cli)
-        _ip("netns", "add", h.app)
-        # the veth is created inside the app namespace: host interfaces are never touched
-        _ip("-n", h.app, "link", "add", "veth-app", "type", "veth", "peer", "name", "veth-cli",
-            "netns", h.cli)  # fmt: skip
-        for ns, dev, v4, v6 in ((h.app, "veth-app", APP4, APP6), (h.cli, "veth-cli", CLI4, CLI6)):
-            _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
-            _ip("-n", ns, "addr", "add", f"{v6}/64", "dev", dev, "nodad")
-            _ip("-n", ns, "link", "set", dev, "up")
+    with veth_hosts(
+        f"enfc-{os.getpid()}-{n}", f"enfa-{os.getpid()}-{n}", app4=APP4, cli4=CLI4, app6=APP6, cli6=CLI6
+    ) as h:
         yield h
-    finally:
-        for ns in (h.cli, h.app):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
 
 def _fmt(addr: tuple[str, int] | None) -> str:
