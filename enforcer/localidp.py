@@ -10,7 +10,6 @@ import asyncio
 import atexit
 import base64
 import contextlib
-import datetime as dt
 import ipaddress
 import json
 import os
@@ -23,8 +22,8 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from enforcer.certs import CertStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OP_SCRIPT = REPO_ROOT / "scripts" / "op" / "op.mjs"
@@ -166,99 +165,22 @@ def make_tls_material(
     name: str = "leaf",
     ips: tuple[str, ...] = ("127.0.0.1", "::1"),
     dns_names: tuple[str, ...] = ("localhost",),
-    ca_name: str = "enforcer test CA",
 ) -> TLSMaterial:
-    """Write ``ca.crt``, ``<name>.crt`` and ``<name>.key`` (EC P-256) into directory."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.UTC)
-    not_before = now - dt.timedelta(minutes=5)
-    not_after = now + dt.timedelta(days=7)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_name)])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_subject)
-        .issuer_name(ca_subject)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-    sans += [x509.DNSName(d) for d in dns_names]
-    cn = dns_names[0] if dns_names else ips[0]
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-        .issuer_name(ca_subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
-    ca_file = directory / "ca.crt"
-    cert_file = directory / f"{name}.crt"
-    key_file = directory / f"{name}.key"
-    ca_file.write_bytes(ca_pem)
-    # chain: leaf then CA (node serves the whole chain)
-    cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM) + ca_pem)
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_file.chmod(0o600)
+    """A throwaway CA and a leaf for ``dns_names`` + ``ips`` (EC P-256), made by the
+    enforcer's own :class:`~enforcer.certs.CertStore` in ``directory``; the leaf file holds
+    the chain (leaf, then CA) because node serves whatever the file contains."""
+    store = CertStore(directory)
+    leaf = store.ensure_leaf(name, [*dns_names, *ips])
+    ca_pem = store.ca_pem()
+    chain_file = directory / f"{name}-chain.crt"
+    leaf_pem = leaf.cert.read_bytes()
+    chain_file.write_bytes(leaf_pem + ca_pem)
     return TLSMaterial(
         ca_pem=ca_pem,
-        ca_file=ca_file,
-        cert_file=cert_file,
-        key_file=key_file,
-        leaf_der=leaf.public_bytes(serialization.Encoding.DER),
+        ca_file=store.ca_dir / "ca.crt",
+        cert_file=chain_file,
+        key_file=leaf.key,
+        leaf_der=x509.load_pem_x509_certificate(leaf_pem).public_bytes(serialization.Encoding.DER),
     )
 
 

@@ -596,7 +596,7 @@ async def test_redirect_history_and_sec_fetch_site(receiver: Receiver) -> None:
 async def test_op_with_caller_certificate(tmp_path: Path, receiver: Receiver) -> None:
     """start_op(cert_file=, key_file=) serves a certificate made by the caller
     (the demo uses the enforcer's own CA); ca_pem is the chain's CA."""
-    tls = make_tls_material(tmp_path / "own", name="idp", ca_name="caller CA")
+    tls = make_tls_material(tmp_path / "own", name="idp")
     op = await start_op(
         tmp_path / "op",
         clients=[{"client_id": "c", "client_secret": "s", "redirect_uris": [receiver.callback]}],
