@@ -317,3 +317,25 @@ async def _restart_upstream(stack: Stack, port: int) -> None:
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     stack.upstream.runner = runner
+
+
+async def test_logs_never_contain_secrets_tokens_or_session_handles(stack: Stack) -> None:
+    """X-LOG-02: after logins, the daemon log and the flow log hold no client secret, code, token or session handle."""
+    async with stack.browser() as b:
+        page = await stack.login(b, "alice", "/secret-check")
+        assert page.status == 200
+        handle = b.cookies.get("__Host-enforcer-app")
+        assert handle is not None
+        callback = next(h.url for h in page.history if "/oauth2/callback" in h.url)
+    code = urllib.parse.parse_qs(urllib.parse.urlsplit(callback).query)["code"][0]
+    await stack.wait_flow(lambda f: f["path"] == "/secret-check")
+    secret = (stack.state / "client-secret").read_text()
+    texts = {
+        "daemon log": (stack.workdir / "enforcer.log").read_text(errors="replace"),
+        "flow log": stack.flow_log.read_text(errors="replace"),
+    }
+    for name, text in texts.items():
+        assert secret not in text, f"client secret in the {name}"
+        assert handle.value not in text, f"session handle in the {name}"
+        assert code not in text, f"authorization code in the {name}"
+        assert "eyJ" not in text, f"something JWT-shaped in the {name}"
