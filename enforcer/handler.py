@@ -9,6 +9,7 @@ endpoints are handled here too, as explicit steps calling into ``oidc`` and ``se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import html
 import json
@@ -101,6 +102,14 @@ def is_api_request(headers: web.BaseRequest) -> bool:
     return not any(t in accept for t in ("text/html", "application/xhtml+xml", "*/*"))
 
 
+_ConnFacts = tuple[str, str, tuple[str, int] | None, str | None, str | None]
+"""(client ip, client ip:port, original destination, SNI, TLS version) of one connection."""
+
+_HOST_CACHE: dict[str, tuple[str, int | None]] = {}
+"""Host header value -> :func:`_split_host` result (pure; bounded, cleared when full)."""
+_HOST_CACHE_MAX = 1024
+
+
 def _split_host(value: str) -> tuple[str, int | None] | None:
     """``Host`` header -> (normalised host, port or None); None if malformed."""
     if not value or any(c in value for c in " \t,@/\\?#"):
@@ -160,23 +169,19 @@ class Gate:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Handle one request; exactly one flow record is written, whatever happens."""
-        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        # the dual-stack [::] listener the redirect needs reports IPv4 clients as ::ffff:a.b.c.d
-        client_ip = str(peer[0]) if peer else "-"
-        if client_ip.startswith("::ffff:") and "." in client_ip:
-            client_ip = client_ip[7:]
-        destination = self._destination(request.transport) if self.redirect_enabled else None
+        conn = self._connection_facts(request)
+        client_ip, client, destination, sni, tls_version = conn
+        headers = request.headers
         flow = FlowRecord.begin(
-            client=f"{client_ip}:{peer[1]}" if peer else "-",
+            client=client,
             destination=f"{destination[0]}:{destination[1]}" if destination else None,
-            sni=sni_of(ssl_object),
-            host=request.headers.get("Host"),
+            sni=sni,
+            host=headers.get("Host"),
             method=request.method,
             path="-",
             now=self.clock(),
-            tls_version=ssl_object.version() if ssl_object is not None else None,
-            user_agent=request.headers.get("User-Agent"),
+            tls_version=tls_version,
+            user_agent=headers.get("User-Agent"),
         )
         response: web.StreamResponse | None = None
         try:
@@ -215,7 +220,8 @@ class Gate:
         self, request: web.BaseRequest, flow: FlowRecord, client_ip: str, destination: tuple[str, int] | None = None
     ) -> web.StreamResponse:
         # 0. the parser refused the bytes, or framing it let through that we do not accept
-        refused = request.get(FRAMING_ERROR) or transfer_coding_problem(request)
+        # (len() first: BaseRequest.get pays for a KeyError when the key is absent)
+        refused = (request.get(FRAMING_ERROR) if len(request) else None) or transfer_coding_problem(request)
         if refused is not None:
             status, reason = refused
             flow.record(decision="bad_request", reason=reason)
@@ -251,7 +257,13 @@ class Gate:
             raw_target = urllib.parse.urlunsplit(("", "", absolute.path or "/", absolute.query, ""))
 
         # 2. which service: SNI and Host must agree
-        split = _split_host(host_value)
+        split = _HOST_CACHE.get(host_value)
+        if split is None:
+            split = _split_host(host_value)
+            if split is not None:
+                if len(_HOST_CACHE) >= _HOST_CACHE_MAX:
+                    _HOST_CACHE.clear()
+                _HOST_CACHE[host_value] = split
         if split is None:
             flow.record(decision="bad_request", reason="bad_host")
             return pages.plain_close(400, "malformed Host header")
@@ -345,10 +357,36 @@ class Gate:
             flow.upstream_status = transfer.status
             flow.upstream_ms = transfer.upstream_ms
             flow.bytes_in, flow.bytes_out = transfer.bytes_in, transfer.bytes_out
-            if transfer.upstream_ms is not None:
-                self.metrics.upstream_seconds.labels(service.name).observe(transfer.upstream_ms / 1000)
+            # (the upstream duration is observed once, by metrics.observe_flow)
 
     # ------------------------------------------------------------------ helpers
+
+    def _connection_facts(self, request: web.BaseRequest) -> _ConnFacts:
+        """Peer, SNI, TLS version and original destination: per connection, so computed once
+        and kept on the server protocol object (one per client connection)."""
+        protocol = request.protocol
+        facts = getattr(protocol, "enforcer_facts", None)
+        if type(facts) is tuple:
+            return facts
+        transport = request.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        peer = transport.get_extra_info("peername") if transport else None
+        # the dual-stack [::] listener the redirect needs reports IPv4 clients as ::ffff:a.b.c.d
+        client_ip = str(peer[0]) if peer else "-"
+        if client_ip.startswith("::ffff:") and "." in client_ip:
+            client_ip = client_ip[7:]
+        destination = self._destination(transport) if self.redirect_enabled else None
+        facts = (
+            client_ip,
+            f"{client_ip}:{peer[1]}" if peer else "-",
+            destination,
+            sni_of(ssl_object),
+            ssl_object.version() if ssl_object is not None else None,
+        )
+        if transport is not None and protocol is not None:
+            with contextlib.suppress(AttributeError):  # a protocol without a __dict__: no cache
+                protocol.enforcer_facts = facts  # type: ignore[attr-defined]
+        return facts
 
     def _destination(self, transport: asyncio.BaseTransport | None) -> tuple[str, int] | None:
         """Where a redirected connection was going (cached per connection: one syscall)."""

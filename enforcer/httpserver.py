@@ -49,6 +49,7 @@ class Protocol(RequestHandler):
         self._body_timer: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None  # body of the newest parsed request
         self._body_seen = 0.0
+        self.enforcer_facts: tuple[Any, ...] | None = None  # per-connection facts, cached by the gate
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

@@ -11,6 +11,7 @@ through one keep-alive connection pool per app; nothing is buffered whole.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import time
@@ -24,6 +25,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
 from enforcer import session as sessions
+from enforcer import upstream as upstream_client
 
 log = logging.getLogger("enforcer.proxy")
 
@@ -93,6 +95,7 @@ def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set
     return tokens
 
 
+@functools.lru_cache(maxsize=4096)
 def clean_value(value: str) -> str:
     """A header-safe rendering of an identity value: controls removed, non-ASCII as
     RFC 3986 percent-encoded UTF-8 (documented for app authors)."""
@@ -147,7 +150,7 @@ def _is_enforcer_cookie(name: str) -> bool:
 
 
 def response_headers(
-    upstream: CIMultiDictProxy[str], *, public_origin: str, internal_origins: tuple[str, ...]
+    upstream: CIMultiDictProxy[str] | CIMultiDict[str], *, public_origin: str, internal_origins: tuple[str, ...]
 ) -> CIMultiDict[str]:
     """The headers the client receives from the app's answer."""
     named = _connection_tokens(upstream)
@@ -173,6 +176,15 @@ def _public_location(value: str, public_origin: str, internal_origins: tuple[str
     return value
 
 
+def serialise_head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
+    """The request line and header block towards the app (values were cleaned already)."""
+    text = f"{method} {target} HTTP/1.1\r\n" + "".join([f"{k}: {v}\r\n" for k, v in headers.items()]) + "\r\n"
+    lines = len(headers) + 2
+    if text.count("\n") != lines or text.count("\r") != lines:
+        raise UpstreamError("protocol", 502)  # a CR or LF inside a value: never split a header
+    return text.encode("utf-8", "surrogateescape")
+
+
 _WS = aiohttp.ClientWebSocketResponse | web.WebSocketResponse
 
 
@@ -195,8 +207,14 @@ class Transfer:
     upstream_ms: float | None = None
 
 
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # no "Content-Length: 0" without a body
+
+
 class Upstream:
-    """A keep-alive connection pool to the apps, and the forwarding itself."""
+    """A keep-alive connection pool to the apps, and the forwarding itself.
+
+    Plain HTTP goes through :mod:`enforcer.upstream` (httptools); WebSockets through aiohttp.
+    """
 
     def __init__(
         self,
@@ -207,24 +225,39 @@ class Upstream:
         limit_per_host: int = 256,
         socket_factory: Callable[[Any], socket.socket] | None = None,
     ) -> None:
-        self._connector = aiohttp.TCPConnector(
-            limit=0,
+        self._pool = upstream_client.Pool(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             limit_per_host=limit_per_host,
-            keepalive_timeout=30,
-            enable_cleanup_closed=False,
             socket_factory=socket_factory,
         )
-        self._session = aiohttp.ClientSession(
-            connector=self._connector,
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout, sock_read=read_timeout),
-        )
+        self._ws_args: dict[str, Any] = {
+            "connect_timeout": connect_timeout, "read_timeout": read_timeout, "socket_factory": socket_factory,
+        }
+        self._ws_session: aiohttp.ClientSession | None = None
         self.max_body = max_body
 
+    def _session(self) -> aiohttp.ClientSession:
+        """The aiohttp session WebSockets are relayed with (made on first use)."""
+        if self._ws_session is None:
+            a = self._ws_args
+            self._ws_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=0, enable_cleanup_closed=False, socket_factory=a["socket_factory"], force_close=True,
+                ),
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=a["connect_timeout"], sock_read=a["read_timeout"]
+                ),
+            )
+        return self._ws_session
+
     async def close(self) -> None:
-        await self._session.close()
+        self._pool.close()
+        if self._ws_session is not None:
+            await self._ws_session.close()
 
     async def forward(
         self,
@@ -238,69 +271,116 @@ class Upstream:
         transfer: Transfer,
     ) -> web.StreamResponse:
         """Send the request to the app and stream its response to the client."""
-        url = URL.build(scheme="http", host=upstream_host, port=port, encoded=True).join(URL(target, encoded=True))
-        body: AsyncIterator[bytes] | None = None
-        if request.body_exists:
+        method = request.method
+        has_body = request.body_exists
+        chunked = False
+        if has_body:
             if request.headers.get("Expect", "").lower() == "100-continue":
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            body = self._count_body(request, transfer)
             if request.content_length is not None:
                 headers[istr("Content-Length")] = str(request.content_length)
+            else:
+                headers[istr("Transfer-Encoding")] = "chunked"
+                chunked = True
+        elif method not in _NO_BODY_METHODS and "Content-Length" not in headers:
+            headers[istr("Content-Length")] = "0"
+        head = serialise_head(method, target, headers)
+        no_body = method == "HEAD"
         started = time.perf_counter()
-        try:
-            upstream = await self._session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                compress=None,
-                chunked=None,
-                skip_auto_headers=("Content-Type",),
-            )
-        except TimeoutError:
-            raise UpstreamError("timeout", 504) from None
-        except aiohttp.ClientConnectorError:
-            raise UpstreamError("connect", 502) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            if transfer.bytes_in > self.max_body:  # our body counter stopped the upload
-                raise UpstreamError("body_too_large", 413) from None
-            log.info("upstream %s:%s failed: %s", upstream_host, port, type(exc).__name__)
-            raise UpstreamError("protocol", 502) from None
-        transfer.upstream_ms = (time.perf_counter() - started) * 1000
-        transfer.status = upstream.status
-        internal = (
-            f"http://{upstream_host}:{port}",
-            f"http://127.0.0.1:{port}",
-            f"http://localhost:{port}",
+        conn, resp_head, body_task = await self._exchange(
+            request, upstream_host, port, head, no_body=no_body, has_body=has_body, chunked=chunked,
+            transfer=transfer,
         )
+        reusable = False
         try:
-            resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            out = response_headers(upstream.headers, public_origin=public_origin, internal_origins=internal)
+            transfer.upstream_ms = (time.perf_counter() - started) * 1000
+            status = resp_head.status
+            transfer.status = status
+            internal = (
+                f"http://{upstream_host}:{port}",
+                f"http://127.0.0.1:{port}",
+                f"http://localhost:{port}",
+            )
+            up_headers = CIMultiDict(resp_head.headers)
+            resp = web.StreamResponse(status=status, reason=resp_head.reason or None)
+            out = response_headers(up_headers, public_origin=public_origin, internal_origins=internal)
             resp.headers.extend(out)
             resp.headers.setdefault("Server", SERVER)  # not aiohttp's version banner
-            length = upstream.content_length
-            no_body = request.method == "HEAD" or upstream.status in (204, 304) or upstream.status < 200
+            length = resp_head.content_length
+            no_body = no_body or status in (204, 304)
             if length is not None and not no_body:
                 resp.content_length = length
-            elif request.method == "HEAD" and upstream.headers.get("Content-Length"):
-                resp.headers["Content-Length"] = upstream.headers["Content-Length"]
+            elif method == "HEAD" and "Content-Length" in up_headers:
+                resp.headers["Content-Length"] = up_headers["Content-Length"]
             await resp.prepare(request)
             if not no_body:
                 try:
-                    async for chunk in upstream.content.iter_chunked(CHUNK):
+                    while chunk := await conn.read():
                         transfer.bytes_out += len(chunk)
                         await resp.write(chunk)
-                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError):
+                except (upstream_client.Closed, upstream_client.ReadTimeout, upstream_client.ProtocolError):
                     # truncated body: never let the client take it for complete
                     transfer.status = 502
                     if request.transport is not None:
                         request.transport.abort()
                     raise UpstreamError("reset", 502) from None
             await resp.write_eof()
+            reusable = body_task is None or (body_task.done() and not body_task.cancelled())
             return resp
         finally:
-            upstream.release()
+            if body_task is not None and not body_task.done():
+                body_task.cancel()
+            conn.finish(reusable)
+
+    async def _exchange(
+        self,
+        request: web.BaseRequest,
+        host: str,
+        port: int,
+        head: bytes,
+        *,
+        no_body: bool,
+        has_body: bool,
+        chunked: bool,
+        transfer: Transfer,
+    ) -> tuple[upstream_client.Connection, upstream_client.Head, asyncio.Task[None] | None]:
+        """Connect (or reuse), send the request, and wait for the response head.
+
+        A pooled connection the app closed while idle is retried once on a new connection,
+        provided nothing of the request body was consumed and no response byte arrived.
+        """
+        fresh = False
+        while True:
+            try:
+                conn = await self._pool.acquire(host, port, fresh=fresh)
+            except upstream_client.ConnectError as exc:
+                log.info("upstream %s:%s: %s", host, port, exc)
+                raise UpstreamError("connect", 502) from None
+            conn.start(head, no_body=no_body)
+            body_task = None
+            if has_body:
+                body_task = asyncio.get_running_loop().create_task(
+                    conn.send_body(self._count_body(request, transfer), chunked=chunked)
+                )
+            try:
+                return conn, await conn.response(), body_task
+            except BaseException as exc:
+                if body_task is not None and not body_task.done():
+                    body_task.cancel()
+                conn.finish(False)
+                if isinstance(exc, UpstreamError):
+                    raise
+                if isinstance(exc, upstream_client.ReadTimeout):
+                    raise UpstreamError("timeout", 504) from None
+                if transfer.bytes_in > self.max_body:
+                    raise UpstreamError("body_too_large", 413) from None
+                if isinstance(exc, upstream_client.Closed) and conn.reused and not exc.got_bytes and not has_body:
+                    fresh = True  # the app had closed the idle connection: once more on a new one
+                    continue
+                if isinstance(exc, upstream_client.Closed | upstream_client.ProtocolError | OSError):
+                    log.info("upstream %s:%s failed: %s", host, port, exc)
+                    raise UpstreamError("protocol", 502) from None
+                raise
 
     async def _count_body(self, request: web.BaseRequest, transfer: Transfer) -> AsyncIterator[bytes]:
         async for chunk in request.content.iter_chunked(CHUNK):
@@ -330,7 +410,7 @@ class Upstream:
         )
         started = time.perf_counter()
         try:
-            up = await self._session.ws_connect(
+            up = await self._session().ws_connect(
                 url, headers=fwd, protocols=protocols, autoping=False, max_msg_size=16 << 20
             )
         except aiohttp.WSServerHandshakeError as exc:

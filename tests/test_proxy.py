@@ -3,14 +3,17 @@ receives from the app (conformance.md §4.1 X-HDR-*, §4.7 X-NET-06/07)."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import string
+from collections.abc import AsyncIterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from enforcer import proxy
+from enforcer import proxy, upstream
 
 IDENTITY = {"X-Forwarded-User": "alice", "X-Forwarded-Email": "alice@example.com", "X-Forwarded-Groups": "staff"}
 OURS = {"x-forwarded-user", "x-forwarded-email", "x-forwarded-groups", "x-forwarded-for", "x-forwarded-proto",
@@ -278,3 +281,316 @@ def test_injected_identity_survives_a_hostile_connection_header(listed: list[str
     assert out.getall("X-Forwarded-Proto") == ["https"]
     assert out.getall("Host") == ["app.test:8443"]
     assert "Connection" not in out
+
+
+# ---------------------------------------------------------------- the upstream client (enforcer.upstream)
+
+
+class FakeApp:
+    """A real asyncio server on 127.0.0.1 answering each request head with the next scripted bytes."""
+
+    def __init__(self, answers: list[bytes], *, close_after: bool = False, delay: float = 0.0) -> None:
+        self.answers = list(answers)
+        self.close_after = close_after
+        self.delay = delay
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> FakeApp:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while self.answers:
+                head = await reader.readuntil(b"\r\n\r\n")
+                body = b""
+                if b"transfer-encoding: chunked" in head.lower():
+                    body = await reader.readuntil(b"0\r\n\r\n")
+                elif b"content-length: " in head.lower():
+                    n = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                    body = await reader.readexactly(n)
+                self.requests.append(head + body)
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                writer.write(self.answers.pop(0))
+                await writer.drain()
+                if self.close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def pool(**kw: float) -> upstream.Pool:
+    return upstream.Pool(connect_timeout=kw.get("connect_timeout", 2.0), read_timeout=kw.get("read_timeout", 5.0))
+
+
+async def fetch(p: upstream.Pool, port: int, method: str = "GET", target: str = "/") -> tuple[upstream.Head, bytes, upstream.Connection]:
+    conn = await p.acquire("127.0.0.1", port)
+    conn.start(f"{method} {target} HTTP/1.1\r\nHost: app\r\n\r\n".encode(), no_body=method == "HEAD")
+    head = await conn.response()
+    body = b""
+    if method != "HEAD":
+        while chunk := await conn.read():
+            body += chunk
+    return head, body, conn
+
+
+OK5 = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello"
+
+
+async def test_upstream_keep_alive_connection_is_reused() -> None:
+    """Two sequential requests with complete responses go over one pooled connection."""
+    async with FakeApp([OK5, OK5]) as app:
+        p = pool()
+        for _ in range(2):
+            head, body, conn = await fetch(p, app.port)
+            assert (head.status, head.reason, body) == (200, "OK", b"hello")
+            assert ("X-A", "1") in head.headers and head.content_length == 5
+            conn.finish(True)
+        assert app.connections == 1
+        p.close()
+
+
+async def test_upstream_connection_close_is_honoured() -> None:
+    """A response with ``Connection: close`` is not followed by reuse of that connection."""
+    answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi"
+    async with FakeApp([answer, answer]) as app:
+        p = pool()
+        for _ in range(2):
+            _, body, conn = await fetch(p, app.port)
+            assert body == b"hi"
+            conn.finish(True)
+        assert app.connections == 2
+        p.close()
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nSMUGGLED",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello!!",
+    b"HTTP/1.1 200 OK\r\nX: a\r\n folded\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
+], ids=["cl-te", "dup-cl", "obs-fold", "unasked-101"])
+async def test_upstream_ambiguous_framing_is_a_protocol_error(answer: bytes) -> None:
+    """CL+TE, duplicate Content-Length, folded headers and an unrequested 101 raise ProtocolError."""
+    async with FakeApp([answer]) as app:
+        p = pool()
+        with pytest.raises(upstream.ProtocolError):
+            await fetch(p, app.port)
+        p.close()
+
+
+async def test_upstream_truncated_body_raises_closed() -> None:
+    """A body shorter than its Content-Length ends in Closed, not in a short 'complete' body."""
+    async with FakeApp([b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"t" * 10], close_after=True) as app:
+        p = pool()
+        conn = await p.acquire("127.0.0.1", app.port)
+        conn.start(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n", no_body=False)
+        assert (await conn.response()).content_length == 1000
+        got: list[bytes] = []
+
+        async def drain() -> None:
+            while chunk := await conn.read():
+                got.append(chunk)
+
+        with pytest.raises(upstream.Closed):
+            await drain()
+        assert b"".join(got) == b"t" * 10
+        conn.finish(True)
+        assert p._idle.get(("127.0.0.1", app.port), []) == []
+        p.close()
+
+
+async def test_upstream_interim_responses_are_skipped() -> None:
+    """100 Continue and 103 Early Hints are skipped; the final 200 and its headers are returned."""
+    answer = (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"
+              b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    async with FakeApp([answer, OK5]) as app:
+        p = pool()
+        head, body, conn = await fetch(p, app.port)
+        assert (head.status, body) == (200, b"ok") and ("Link", "</a>") not in head.headers
+        conn.finish(True)
+        head, body, conn = await fetch(p, app.port)
+        assert body == b"hello" and app.connections == 1
+        conn.finish(True)
+        p.close()
+
+
+async def test_upstream_head_response_has_no_body_and_is_not_reused() -> None:
+    """A HEAD response with Content-Length is complete at its head; the connection is then closed."""
+    async with FakeApp([b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", OK5]) as app:
+        p = pool()
+        head, _, conn = await fetch(p, app.port, "HEAD")
+        assert head.content_length == 5 and await conn.read() == b""
+        conn.finish(True)
+        _, body, conn = await fetch(p, app.port)
+        assert body == b"hello" and app.connections == 2
+        conn.finish(True)
+        p.close()
+
+
+@pytest.mark.parametrize("status", [204, 304])
+async def test_upstream_204_304_have_no_body(status: int) -> None:
+    """204 and 304 end at their head even with a Content-Length, and the connection is reused."""
+    async with FakeApp([b"HTTP/1.1 %d X\r\nContent-Length: 5\r\n\r\n" % status, OK5]) as app:
+        p = pool()
+        head, body, conn = await fetch(p, app.port)
+        assert (head.status, body) == (status, b"")
+        conn.finish(True)
+        _, body, conn = await fetch(p, app.port)
+        assert body == b"hello" and app.connections == 1
+        conn.finish(True)
+        p.close()
+
+
+async def test_upstream_body_until_close() -> None:
+    """A response without Content-Length or chunking is delimited by the end of the connection."""
+    async with FakeApp([b"HTTP/1.0 200 OK\r\n\r\nall of it"], close_after=True) as app:
+        p = pool()
+        _, body, conn = await fetch(p, app.port)
+        assert body == b"all of it"
+        conn.finish(True)
+        p.close()
+
+
+async def test_upstream_chunked_response_is_decoded() -> None:
+    """A chunked response body arrives de-chunked and complete."""
+    async with FakeApp([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"]) as app:
+        p = pool()
+        head, body, conn = await fetch(p, app.port)
+        assert body == b"abcde" and head.content_length is None
+        conn.finish(True)
+        p.close()
+
+
+async def test_upstream_read_timeout() -> None:
+    """An app that sends nothing within the read timeout raises ReadTimeout."""
+    async with FakeApp([OK5], delay=2.0) as app:
+        p = pool(read_timeout=0.2)
+        with pytest.raises(upstream.ReadTimeout):
+            await fetch(p, app.port)
+        p.close()
+
+
+async def test_upstream_connect_refused() -> None:
+    """A port nobody listens on raises ConnectError."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    p = pool()
+    with pytest.raises(upstream.ConnectError):
+        await p.acquire("127.0.0.1", port)
+    p.close()
+
+
+async def test_upstream_unsolicited_bytes_poison_the_connection() -> None:
+    """Bytes after a complete response (a second answer) mean the connection is never reused."""
+    async with FakeApp([OK5 + OK5, OK5]) as app:
+        p = pool()
+        _, body, conn = await fetch(p, app.port)
+        assert body == b"hello"
+        conn.finish(True)
+        _, body, conn = await fetch(p, app.port)
+        assert body == b"hello" and app.connections == 2
+        conn.finish(True)
+        p.close()
+
+
+async def test_upstream_backpressure_pauses_reading() -> None:
+    """A consumer that does not read keeps at most about HIGH_WATER bytes buffered, then gets everything."""
+    size = 16 << 20
+    async with FakeApp([b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size]) as app:
+        p = pool()
+        conn = await p.acquire("127.0.0.1", app.port)
+        conn.start(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n", no_body=False)
+        await conn.response()
+        await asyncio.sleep(0.3)
+        assert conn._buffered < upstream.HIGH_WATER + (1 << 20)
+        total = 0
+        while chunk := await conn.read():
+            total += len(chunk)
+        assert total == size
+        conn.finish(True)
+        p.close()
+
+
+async def _body(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+async def test_upstream_request_body_is_streamed(chunked: bool) -> None:
+    """The request body reaches the app chunk-encoded or as-is after its Content-Length head."""
+    async with FakeApp([OK5]) as app:
+        p = pool()
+        conn = await p.acquire("127.0.0.1", app.port)
+        framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: 8"
+        conn.start(b"POST / HTTP/1.1\r\nHost: app\r\n" + framing + b"\r\n\r\n", no_body=False)
+        task = asyncio.create_task(conn.send_body(_body(b"abc", b"defgh"), chunked=chunked))
+        await conn.response()
+        while await conn.read():
+            pass
+        await task
+        conn.finish(True)
+        expected = b"3\r\nabc\r\n5\r\ndefgh\r\n0\r\n\r\n" if chunked else b"abcdefgh"
+        assert app.requests[0].endswith(b"\r\n\r\n" + expected)
+        p.close()
+
+
+async def test_upstream_socket_factory_is_used() -> None:
+    """Outgoing connections are made from the socket_factory's sockets (the enforcer's mark)."""
+    made: list[socket.socket] = []
+
+    def factory(info: tuple[int, int, int, str, tuple[str, int]]) -> socket.socket:
+        sock = socket.socket(info[0], info[1], info[2])
+        made.append(sock)
+        return sock
+
+    async with FakeApp([OK5]) as app:
+        p = upstream.Pool(connect_timeout=2.0, read_timeout=5.0, socket_factory=factory)
+        _, body, conn = await fetch(p, app.port)
+        assert body == b"hello" and len(made) == 1
+        conn.finish(True)
+        p.close()
+
+
+def test_serialise_head_refuses_line_breaks_in_values() -> None:
+    """A CR or LF inside a header value never reaches the app as a second header line."""
+    ok = proxy.serialise_head("GET", "/x", CIMultiDict([("Host", "app"), ("A", "b")]))
+    assert ok == b"GET /x HTTP/1.1\r\nHost: app\r\nA: b\r\n\r\n"
+    with pytest.raises(proxy.UpstreamError):
+        proxy.serialise_head("GET", "/x", CIMultiDict([("Host", "app"), ("A", "b\r\nX-Forwarded-User: root")]))
+
+
+async def test_upstream_stale_pooled_connection_is_retried_once() -> None:
+    """A pooled connection the app closed while idle is not handed out again; a new one serves the request."""
+    async with FakeApp([OK5], close_after=True) as app:
+        app.answers = [OK5]
+        up = proxy.Upstream(connect_timeout=2.0, read_timeout=5.0)
+        transfer = proxy.Transfer()
+        conn, _, _ = await up._exchange(None, "127.0.0.1", app.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",  # type: ignore[arg-type]
+                                        no_body=False, has_body=False, chunked=False, transfer=transfer)
+        assert await conn.read() == b"hello"
+        conn._reusable = True
+        conn._complete = True
+        conn.finish(True)  # pooled, but the app closes it right after answering
+        await asyncio.sleep(0.1)
+        app.answers = [OK5]
+        conn, head, _ = await up._exchange(None, "127.0.0.1", app.port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",  # type: ignore[arg-type]
+                                           no_body=False, has_body=False, chunked=False, transfer=transfer)
+        assert head.status == 200 and app.connections == 2
+        conn.finish(False)
+        await up.close()

@@ -1,0 +1,451 @@
+"""A lean HTTP/1.1 client towards the apps: one keep-alive pool of asyncio Protocols per
+(host, port), requests serialised from the already-cleaned headers, responses parsed by
+httptools (llhttp, strict: CL+TE and duplicate Content-Length are errors), bodies streamed
+both ways with backpressure.
+
+A connection goes back to the pool only after a complete, well-framed response to a request
+whose body was sent in full, with keep-alive allowed by the app; anything else (errors,
+truncation, ``Connection: close``, HEAD, bytes the app sent unasked) closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import socket
+from collections.abc import AsyncIterable, Callable
+from typing import Any, cast
+
+import httptools
+
+HIGH_WATER = 256 * 1024  # stop reading from the app when this much is waiting for the client
+LOW_WATER = 64 * 1024
+KEEPALIVE = 30.0  # seconds an idle pooled connection is kept
+
+
+class ConnectError(Exception):
+    """The app could not be connected to (refused, unreachable, connect timeout)."""
+
+
+class ReadTimeout(Exception):
+    """The app sent nothing for ``read_timeout`` seconds while an answer was due."""
+
+
+class ProtocolError(Exception):
+    """The app answered with bytes that are not one well-framed HTTP/1.1 response."""
+
+
+class Closed(Exception):
+    """The connection ended before the response was complete."""
+
+    def __init__(self, got_bytes: bool) -> None:
+        super().__init__("upstream connection closed")
+        self.got_bytes = got_bytes
+
+
+class Head:
+    """Status line and headers of the app's final (non-1xx) response."""
+
+    __slots__ = ("content_length", "headers", "keep_alive", "reason", "status")
+
+    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]], content_length: int | None) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.content_length = content_length
+        self.keep_alive = True
+
+
+def _decode(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+class Connection(asyncio.Protocol):
+    """One connection to an app; serves one exchange at a time."""
+
+    def __init__(self, pool: Pool, key: tuple[str, int]) -> None:
+        self._pool = pool
+        self._loop = pool.loop
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.reused = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._busy = False
+        self._reset()
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+
+    def _reset(self) -> None:
+        self._head: Head | None = None
+        self._headers: list[tuple[str, str]] = []
+        self._reason = b""
+        self._content_length: int | None = None
+        self._framed = False  # Content-Length or Transfer-Encoding seen
+        self._interim = False
+        self._skip_body = False
+        self._complete = False
+        self._got_bytes = False
+        self._reusable = True
+        self._exc: BaseException | None = None
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._reading_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    # ---------------------------------------------------------------- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        self._pool.forget(self)
+        if self._busy and not self._complete and self._exc is None:
+            head = self._head
+            if head is not None and not self._framed and not self._skip_body:
+                self._complete = True  # body delimited by the end of the connection
+                self._reusable = False
+            else:
+                self._exc = Closed(self._got_bytes)
+        self._wake()
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._busy or self._complete:
+            self._poison()  # bytes nobody asked for: never hand this connection out again
+            return
+        self._got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            if self._exc is None and not self._complete:
+                self._exc = ProtocolError(str(exc))
+            self._poison()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        return False  # close the transport; connection_lost does the accounting
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    # ---------------------------------------------------------------- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self._head is not None:
+            self._reusable = False  # a second response to one request: the app is out of step
+            self._skip_body = True
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) in (14, 17):
+            low = name.lower()
+            if low == b"content-length":
+                self._framed = True
+                self._content_length = int(value)  # llhttp has validated the digits
+            elif low == b"transfer-encoding":
+                self._framed = True
+        self._headers.append((_decode(name), _decode(value)))
+
+    def on_headers_complete(self) -> None:
+        if self._head is not None:
+            return
+        status = self._parser.get_status_code()
+        if status < 200:
+            if status == 101:  # we never ask for an upgrade on this path
+                self._exc = ProtocolError("unrequested 101")
+                self._poison()
+                return
+            self._interim = True  # 100 Continue, 103 Early Hints: not forwarded
+            self._headers = []
+            self._reason = b""
+            self._framed = False
+            self._content_length = None
+            return
+        head = Head(status, _decode(self._reason), self._headers, self._content_length)
+        head.keep_alive = self._parser.should_keep_alive()
+        self._head = head
+        if self._skip_body:  # HEAD: llhttp cannot be told there is no body
+            self._complete = True
+            self._reusable = False
+
+    def on_body(self, body: bytes) -> None:
+        if self._skip_body:
+            return
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > HIGH_WATER and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if self._head is None or self._complete:
+            return
+        self._complete = True
+        if not self._parser.should_keep_alive():
+            self._reusable = False
+
+    # ---------------------------------------------------------------- exchange
+
+    def _poison(self) -> None:
+        self._reusable = False
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        """Abort the exchange (e.g. the request body could not be read)."""
+        if self._exc is None and not self._complete:
+            self._exc = exc
+        self._poison()
+        self._wake()
+
+    def start(self, head: bytes, *, no_body: bool) -> None:
+        """Send a request head; the response is awaited with :meth:`response`."""
+        self._busy = True
+        self._skip_body = no_body
+        assert self.transport is not None
+        self.transport.write(head)
+
+    async def _wait(self) -> None:
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        timer = self._loop.call_later(self._pool.read_timeout, self._timed_out, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _timed_out(self, waiter: asyncio.Future[None]) -> None:
+        if waiter is self._waiter and not waiter.done():
+            self.fail(ReadTimeout())
+
+    async def response(self) -> Head:
+        """The final response head (1xx skipped); raises on errors and timeouts."""
+        while self._head is None:
+            if self._exc is not None:
+                raise self._exc
+            await self._wait()
+        return self._head
+
+    async def read(self) -> bytes:
+        """The next body chunk; ``b""`` once the body is complete."""
+        while True:
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._buffered -= len(chunk)
+                if self._reading_paused and self._buffered <= LOW_WATER and self.transport is not None:
+                    self._reading_paused = False
+                    self.transport.resume_reading()
+                return chunk
+            if self._exc is not None:
+                raise self._exc
+            if self._complete:
+                return b""
+            await self._wait()
+
+    async def send_body(self, body: AsyncIterable[bytes], *, chunked: bool) -> None:
+        """Stream the request body (run as a task next to :meth:`response`)."""
+        transport = self.transport
+        assert transport is not None
+        try:
+            async for chunk in body:
+                if self.closed:
+                    return
+                if chunked:
+                    if chunk:
+                        transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                else:
+                    transport.write(chunk)
+                if self._write_paused:
+                    self._drain = self._loop.create_future()
+                    await self._drain
+                    self._drain = None
+            if chunked and not self.closed:
+                transport.write(b"0\r\n\r\n")
+        except asyncio.CancelledError:
+            self._poison()
+            raise
+        except Exception as exc:  # handed to the reader, which raises it
+            self.fail(exc)
+
+    def finish(self, reusable: bool) -> None:
+        """End the exchange: back into the pool or closed."""
+        ok = reusable and self._complete and self._reusable and self._exc is None and not self.closed
+        self._busy = False
+        if self._head is not None and not self._head.keep_alive:
+            ok = False
+        self._reset()
+        self._pool.release(self, ok)
+
+
+class Pool:
+    """Keep-alive connections per (host, port), at most ``limit_per_host`` in use at once."""
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        limit_per_host: int = 256,
+        socket_factory: Callable[[Any], socket.socket] | None = None,
+        keepalive: float = KEEPALIVE,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.limit = limit_per_host
+        self.keepalive = keepalive
+        self._socket_factory = socket_factory
+        self._idle: dict[tuple[str, int], list[Connection]] = {}
+        self._active: dict[tuple[str, int], int] = {}
+        self._waiting: dict[tuple[str, int], collections.deque[asyncio.Future[None]]] = {}
+        self._all: set[Connection] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    async def acquire(self, host: str, port: int, *, fresh: bool = False) -> Connection:
+        """A connection to ``host:port``: a pooled idle one unless ``fresh``, else a new one."""
+        key = (host, port)
+        while self._active.get(key, 0) >= self.limit:
+            fut: asyncio.Future[None] = self.loop.create_future()
+            self._waiting.setdefault(key, collections.deque()).append(fut)
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._wake_one(key)
+                raise
+        self._active[key] = self._active.get(key, 0) + 1
+        try:
+            idle = self._idle.get(key)
+            if idle and not fresh:
+                now = self.loop.time()
+                while idle:
+                    conn = idle.pop()
+                    if not conn.closed and now - conn.idle_since < self.keepalive:
+                        conn.reused = True
+                        return conn
+                    self._discard(conn)
+            return await self._connect(key)
+        except BaseException:
+            self._done(key)
+            raise
+
+    async def _connect(self, key: tuple[str, int]) -> Connection:
+        host, port = key
+        conn = Connection(self, key)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                if self._socket_factory is None:
+                    await self.loop.create_connection(lambda: conn, host, port)
+                else:
+                    await self._connect_marked(conn, host, port)
+        except TimeoutError:
+            raise ConnectError(f"connect to {host}:{port} timed out") from None
+        except OSError as exc:
+            raise ConnectError(f"connect to {host}:{port}: {exc}") from None
+        self._all.add(conn)
+        return conn
+
+    async def _connect_marked(self, conn: Connection, host: str, port: int) -> None:
+        assert self._socket_factory is not None
+        infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        last: OSError = OSError(f"no address for {host}")
+        for info in infos:
+            sock = self._socket_factory(info)
+            try:
+                sock.setblocking(False)
+                await self.loop.sock_connect(sock, info[4])
+            except OSError as exc:
+                sock.close()
+                last = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            await self.loop.create_connection(lambda: conn, sock=sock)
+            return
+        raise last
+
+    def release(self, conn: Connection, reusable: bool) -> None:
+        self._done(conn.key)
+        if not reusable or self._closed or conn.closed:
+            self._discard(conn)
+            return
+        conn.idle_since = self.loop.time()
+        self._idle.setdefault(conn.key, []).append(conn)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self.keepalive, self._sweep)
+
+    def _done(self, key: tuple[str, int]) -> None:
+        self._active[key] -= 1
+        self._wake_one(key)
+
+    def _wake_one(self, key: tuple[str, int]) -> None:
+        waiting = self._waiting.get(key)
+        while waiting:
+            fut = waiting.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def _discard(self, conn: Connection) -> None:
+        self._all.discard(conn)
+        if conn.transport is not None and not conn.closed:
+            conn.transport.close()
+
+    def forget(self, conn: Connection) -> None:
+        """A connection closed: drop it from the idle list."""
+        self._all.discard(conn)
+        idle = self._idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = self.loop.time()
+        left = False
+        for idle in self._idle.values():
+            for conn in [c for c in idle if now - c.idle_since >= self.keepalive]:
+                idle.remove(conn)
+                self._discard(conn)
+            left = left or bool(idle)
+        if left and not self._closed:
+            self._sweeper = self.loop.call_later(self.keepalive / 2, self._sweep)
+
+    def close(self) -> None:
+        """Close every connection (idle and in use)."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for conn in list(self._all):
+            if conn.transport is not None:
+                conn.transport.abort()
+        self._all.clear()
+        self._idle.clear()
