@@ -783,6 +783,7 @@ class LimitsModel(_Strict):
     upstreamConnectTimeout: Duration = 5.0
     upstreamReadTimeout: Duration = 300.0
     maxConnections: int = Field(default=10_000, ge=1)
+    maxConnectionsPerIP: int = Field(default=512, ge=1)
 
 
 class DaemonModel(_Strict):

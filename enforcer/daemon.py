@@ -223,6 +223,8 @@ class Daemon:
             gate.handle,
             header_timeout=s.limits.headerTimeout,
             body_timeout=s.limits.idleTimeout,
+            max_connections=s.limits.maxConnections,
+            max_per_ip=s.limits.maxConnectionsPerIP,
             keepalive_timeout=s.limits.idleTimeout,
             max_line_size=8190,
             max_field_size=8190,

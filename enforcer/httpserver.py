@@ -6,6 +6,9 @@
   the keep-alive timer, which a client resets by sending one request at a time.
 * A body stall limit: a request body that receives no byte for ``body_timeout`` seconds
   while the enforcer is ready to read closes the connection (slow POST, X-LIM-07).
+* Connection caps: at most ``max_connections`` established connections in all and
+  ``max_per_ip`` from one client address; a connection over a cap is closed at once
+  (X-LIM-06/09: legitimate clients keep being served while one source floods).
 * Parser errors go through the gate (one flow record, a fixed page that echoes nothing)
   instead of aiohttp's error page, which quotes the offending request bytes back and logs
   a traceback for every malformed request.
@@ -52,10 +55,24 @@ class Protocol(RequestHandler):
         self.enforcer_facts: tuple[Any, ...] | None = None  # per-connection facts, cached by the gate
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server = self._manager
+        peer = transport.get_extra_info("peername")
+        self._peer_ip: str | None = str(peer[0]) if peer else None
+        if isinstance(server, Server) and not server.admit(self._peer_ip):
+            self._peer_ip = None
+            self._refused = True
+            transport.close()
+            return
+        self._refused = False
         super().connection_made(transport)
         self._arm_header_timer()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if getattr(self, "_refused", False):
+            return
+        server = self._manager
+        if isinstance(server, Server):
+            server.release(self._peer_ip)
         self._cancel_timers()
         super().connection_lost(exc)
 
@@ -131,9 +148,49 @@ class Protocol(RequestHandler):
 class Server(web.Server):
     """``web.Server`` whose connections are :class:`Protocol` instances."""
 
-    def __init__(self, handler: Handler, *, header_timeout: float, body_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        header_timeout: float,
+        body_timeout: float,
+        max_connections: int = 10_000,
+        max_per_ip: int = 512,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(handler, **kwargs)
         self._timeouts = {"header_timeout": header_timeout, "body_timeout": body_timeout}
+        self.max_connections = max_connections
+        self.max_per_ip = max_per_ip
+        self.open_connections = 0
+        self.refused_connections = 0
+        self._per_ip: dict[str, int] = {}
+
+    def admit(self, ip: str | None) -> bool:
+        """Count a new connection in, or refuse it when a cap is reached."""
+        per_ip = self._per_ip.get(ip, 0) if ip else 0
+        if self.open_connections >= self.max_connections or per_ip >= self.max_per_ip:
+            self.refused_connections += 1
+            if self.refused_connections % 1000 == 1:
+                log.warning(
+                    "connection cap reached (%d open, %d from %s): refusing (%d refused so far)",
+                    self.open_connections, per_ip, ip, self.refused_connections,
+                )
+            return False
+        self.open_connections += 1
+        if ip:
+            self._per_ip[ip] = per_ip + 1
+        return True
+
+    def release(self, ip: str | None) -> None:
+        """A counted connection ended."""
+        self.open_connections -= 1
+        if ip:
+            left = self._per_ip.get(ip, 1) - 1
+            if left > 0:
+                self._per_ip[ip] = left
+            else:
+                self._per_ip.pop(ip, None)
 
     def __call__(self) -> RequestHandler:
         return Protocol(self, loop=self._loop, **self._timeouts, **self._kwargs)

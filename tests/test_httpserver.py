@@ -1,0 +1,68 @@
+"""The HTTP server wrapper: connection caps per client address and in all."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest_asyncio
+from aiohttp import web
+
+from enforcer import httpserver
+
+
+async def _ok(_: web.BaseRequest) -> web.StreamResponse:
+    return web.Response(text="ok")
+
+
+@pytest_asyncio.fixture
+async def capped() -> AsyncIterator[tuple[httpserver.Server, int]]:
+    server = httpserver.Server(_ok, header_timeout=5, body_timeout=5, max_connections=3, max_per_ip=2)
+    loop = asyncio.get_running_loop()
+    tcp = await loop.create_server(server, "127.0.0.1", 0)
+    port = tcp.sockets[0].getsockname()[1]
+    yield server, port
+    tcp.close()
+    await server.shutdown(1)
+
+
+async def _served(port: int) -> tuple[bool, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    try:
+        line = await asyncio.wait_for(reader.readline(), 5)
+    except (ConnectionError, TimeoutError):
+        return False, writer
+    return line.startswith(b"HTTP/1.1 200"), writer
+
+
+async def test_connections_over_the_per_ip_cap_are_closed(capped: tuple[httpserver.Server, int]) -> None:
+    """A third connection from one address is closed at once; after one ends, a new one is served."""
+    server, port = capped
+    ok1, w1 = await _served(port)
+    ok2, w2 = await _served(port)
+    ok3, w3 = await _served(port)
+    assert (ok1, ok2, ok3) == (True, True, False)
+    assert server.refused_connections == 1
+    w1.close()
+    await asyncio.sleep(0.1)
+    ok4, w4 = await _served(port)
+    assert ok4
+    for w in (w2, w3, w4):
+        w.close()
+    await asyncio.sleep(0.1)
+    assert server.open_connections == 0
+
+
+async def test_admit_and_release_keep_counts_exact() -> None:
+    """The global cap holds across addresses and counts return to zero."""
+    server = httpserver.Server(_ok, header_timeout=5, body_timeout=5, max_connections=2, max_per_ip=5)
+    assert server.admit("a") and server.admit("b")
+    assert not server.admit("c")
+    server.release("a")
+    assert server.admit("c")
+    server.release("b")
+    server.release("c")
+    assert server.open_connections == 0
+    assert server._per_ip == {}
