@@ -25,6 +25,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -70,9 +71,50 @@ logout / login callback). Every other decision — ``deny``, ``login`` (challeng
 ``bad_request`` and any decision added later — counts as *not served* for ``--denied``."""
 
 
-def _iso_ms(ts: float) -> str:
+def _iso_ms_slow(ts: float) -> str:
     """Unix time -> ISO-8601 UTC with milliseconds, e.g. ``2024-05-01T12:00:00.123Z``."""
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_iso_second: list[Any] = [None, ""]
+"""(whole second, its ``YYYY-MM-DDTHH:MM:SS.`` prefix) of the last :func:`_iso_ms` call."""
+
+
+def _iso_ms(ts: float) -> str:
+    """:func:`_iso_ms_slow`, with the date and time of day formatted once per second.
+
+    The split into whole seconds and microseconds is the one ``datetime.fromtimestamp``
+    makes (fraction rounded half-to-even, carried into the second), so the text is identical.
+    """
+    if not 0.0 <= ts < 253402300799.0:
+        return _iso_ms_slow(ts)
+    frac, whole = math.modf(ts)
+    us = round(frac * 1e6)
+    if us >= 1_000_000:
+        us -= 1_000_000
+        whole += 1.0
+    cache = _iso_second
+    if cache[0] != whole:
+        cache[1] = _iso_ms_slow(whole)[:-4]  # "YYYY-MM-DDTHH:MM:SS." (".000Z" cut to ".")
+        cache[0] = whole
+    return f"{cache[1]}{us // 1000:03d}Z"
+
+
+# One C encoder for every line: json.dumps(..., separators=...) builds a JSONEncoder and a C
+# encoder per call.  Same arguments as JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+# uses for a one-shot encode (no circular check needed: a record is a flat dict).
+_JSON_ARGS: dict[str, Any] = {"ensure_ascii": True, "separators": (",", ":")}
+_c_encoder = getattr(json.encoder, "c_make_encoder", None)
+_encode_line: Callable[[dict[str, Any]], str]
+if _c_encoder is not None:
+    _c_line = _c_encoder(
+        None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True
+    )
+
+    def _encode_line(data: dict[str, Any]) -> str:
+        return "".join(_c_line(data, 0))
+else:  # pragma: no cover - CPython always has the C accelerator
+    _encode_line = json.JSONEncoder(**_JSON_ARGS).encode
 
 
 @dataclass(slots=True, kw_only=True)
@@ -197,7 +239,7 @@ class FlowRecord:
 
     def to_json(self) -> str:
         """One log line (without the newline); ASCII-only so no value can split or color it."""
-        return json.dumps(self.to_dict(), ensure_ascii=True, separators=(",", ":"))
+        return _encode_line(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FlowRecord:

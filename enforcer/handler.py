@@ -63,6 +63,8 @@ def transfer_coding_problem(request: web.BaseRequest) -> tuple[int, str] | None:
     """Framing the parser accepted but the enforcer refuses (RFC 9112 §6.1, §2.3)."""
     if request.version not in ((1, 0), (1, 1)):
         return 505, "bad_version"
+    if "Transfer-Encoding" not in request.headers:
+        return None
     codings = [
         t.strip().lower() for v in request.headers.getall("Transfer-Encoding", []) for t in v.split(",")
     ]
@@ -416,7 +418,12 @@ class Gate:
         found, handle = sessions.find_cookie(cookies, sessions.session_cookie_name(service.name))
         if found is not sessions.CookieLookup.FOUND or handle is None:
             return None
-        return await self.store.get(handle, service.name, now)
+        store = self.store
+        if type(store) is sessions.SQLiteSessionStore:  # cache hit, no touch due: no coroutine
+            cached = store.get_cached(handle, service.name, now)
+            if cached is not None:
+                return cached
+        return await store.get(handle, service.name, now)
 
     def _provider(self, service: Service) -> oidc.Provider:
         return self.runtime.providers[service.name]

@@ -133,6 +133,10 @@ class Metrics:
         )
         self._request_children: dict[tuple[str, str, str], Counter] = {}
         self._duration_children: dict[str, tuple[Histogram, Histogram]] = {}
+        self._raw_children: dict[
+            tuple[str | None, str, str], tuple[Counter, tuple[Histogram, Histogram]]
+        ] = {}
+        """Raw (service, decision, reason) -> children: no label checks on the hot path."""
 
     def render(self) -> tuple[bytes, str]:
         """Body and content type for the /metrics admin endpoint."""
@@ -140,15 +144,27 @@ class Metrics:
 
     def observe_flow(self, record: FlowRecord) -> None:
         """Count a finished request and observe its durations (cached children: cheap)."""
-        key = (label(record.service), label(record.decision), label(record.reason))
+        raw = (record.service, record.decision, record.reason)
+        children = self._raw_children.get(raw)
+        if children is None:
+            children = self._children_for(raw)
+        counter, durations = children
+        counter.inc()
+        durations[0].observe(record.duration_ms / 1000.0)
+        if record.upstream_ms is not None:
+            durations[1].observe(record.upstream_ms / 1000.0)
+
+    def _children_for(self, raw: tuple[str | None, str, str]) -> tuple[Counter, tuple[Histogram, Histogram]]:
+        """The collectors' children for one raw (service, decision, reason): labels are made
+        safe with :func:`label` and the series cap applied, then the result is remembered
+        under the raw values (bounded too: it is cleared when full, which only costs a redo)."""
+        key = (label(raw[0]), label(raw[1]), label(raw[2]))
         counter = self._request_children.get(key)
         if counter is None:
             if len(self._request_children) >= MAX_REQUEST_SERIES:
                 key = (key[0], OTHER, OTHER)
             counter = self.requests.labels(*key)
-            self._request_children.setdefault(key, counter)
-        counter.inc()
-
+            counter = self._request_children.setdefault(key, counter)
         durations = self._duration_children.get(key[0])
         if durations is None:
             durations = (
@@ -156,9 +172,11 @@ class Metrics:
                 self.upstream_seconds.labels(key[0]),
             )
             self._duration_children[key[0]] = durations
-        durations[0].observe(record.duration_ms / 1000.0)
-        if record.upstream_ms is not None:
-            durations[1].observe(record.upstream_ms / 1000.0)
+        if len(self._raw_children) >= 2 * MAX_REQUEST_SERIES:
+            self._raw_children.clear()
+        children = (counter, durations)
+        self._raw_children[raw] = children
+        return children
 
     def set_definitions(self, digest: str, services: int) -> None:
         """Publish the active definitions (only one digest series exists at a time)."""

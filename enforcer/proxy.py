@@ -88,9 +88,25 @@ def is_spoofable(name: str, extra: frozenset[str] = frozenset()) -> bool:
     return n in SPOOFABLE or n in extra or n.startswith(SPOOFABLE_PREFIXES)
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+_NO_TOKENS: frozenset[str] = frozenset()
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str] | frozenset[str]:
+    if "Connection" not in headers:
+        return _NO_TOKENS
     tokens: set[str] = set()
     for value in headers.getall("Connection", []):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def _pair_connection_tokens(pairs: list[tuple[str, str]]) -> set[str] | frozenset[str]:
+    """:func:`_connection_tokens` of a raw header list (name case as received)."""
+    values = [v for k, v in pairs if len(k) == 10 and k.lower() == "connection"]
+    if not values:
+        return _NO_TOKENS
+    tokens: set[str] = set()
+    for value in values:
         tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
     return tokens
 
@@ -125,10 +141,14 @@ def request_headers(
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in client.items():
         low = name.lower()
-        if low in HOP_BY_HOP or low in named or low == "host" or is_spoofable(low, ours):
-            continue
-        if low == "cookie":
-            continue
+        if (
+            low in _DROP_FROM_CLIENT
+            or low in named
+            or low in ours
+            or low.startswith(SPOOFABLE_PREFIXES)
+            or ("_" in low and is_spoofable(low, ours))
+        ):
+            continue  # (the same set as HOP_BY_HOP, Host, Cookie and is_spoofable(low, ours))
         out.add(name, value)
     cookie = sessions.strip_cookies(client.getall("Cookie", []), _is_enforcer_cookie)
     if cookie:
@@ -145,17 +165,30 @@ def request_headers(
     return out
 
 
+_DROP_FROM_CLIENT = HOP_BY_HOP | SPOOFABLE | {"host", "cookie"}
+
+
 def _is_enforcer_cookie(name: str) -> bool:
     return name.lower().startswith("__host-enforcer")
 
 
 def response_headers(
-    upstream: CIMultiDictProxy[str] | CIMultiDict[str], *, public_origin: str, internal_origins: tuple[str, ...]
+    upstream: CIMultiDictProxy[str] | CIMultiDict[str] | list[tuple[str, str]],
+    *,
+    public_origin: str,
+    internal_origins: tuple[str, ...],
+    into: CIMultiDict[str] | None = None,
 ) -> CIMultiDict[str]:
-    """The headers the client receives from the app's answer."""
-    named = _connection_tokens(upstream)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
+    """The headers the client receives from the app's answer (added to ``into`` if given:
+    the response's own header dict, so they are built once from the parser's raw list)."""
+    if isinstance(upstream, list):
+        named = _pair_connection_tokens(upstream)
+        pairs: Any = upstream
+    else:
+        named = _connection_tokens(upstream)
+        pairs = upstream.items()
+    out: CIMultiDict[str] = CIMultiDict() if into is None else into
+    for name, value in pairs:
         low = name.lower()
         if low in HOP_BY_HOP or low in named or low == "content-length":
             continue
@@ -174,6 +207,20 @@ def _public_location(value: str, public_origin: str, internal_origins: tuple[str
         if value.startswith(internal) and value[len(internal) : len(internal) + 1] in ("", "/", "?"):
             return public_origin + value[len(internal) :]
     return value
+
+
+@functools.lru_cache(maxsize=256)
+def _internal_origins(upstream_host: str, port: int) -> tuple[str, str, str]:
+    """The app's own addresses, as it may write them in a ``Location``."""
+    return (f"http://{upstream_host}:{port}", f"http://127.0.0.1:{port}", f"http://localhost:{port}")
+
+
+def _first(pairs: list[tuple[str, str]], low_name: str) -> str | None:
+    """The first value of a header in a raw list (case-insensitive), like CIMultiDict[...]."""
+    for k, v in pairs:
+        if k.lower() == low_name:
+            return v
+    return None
 
 
 def serialise_head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
@@ -296,22 +343,20 @@ class Upstream:
             transfer.upstream_ms = (time.perf_counter() - started) * 1000
             status = resp_head.status
             transfer.status = status
-            internal = (
-                f"http://{upstream_host}:{port}",
-                f"http://127.0.0.1:{port}",
-                f"http://localhost:{port}",
-            )
-            up_headers = CIMultiDict(resp_head.headers)
             resp = web.StreamResponse(status=status, reason=resp_head.reason or None)
-            out = response_headers(up_headers, public_origin=public_origin, internal_origins=internal)
-            resp.headers.extend(out)
+            response_headers(
+                resp_head.headers, public_origin=public_origin, internal_origins=_internal_origins(upstream_host, port),
+                into=resp.headers,
+            )
             resp.headers.setdefault("Server", SERVER)  # not aiohttp's version banner
             length = resp_head.content_length
             no_body = no_body or status in (204, 304)
             if length is not None and not no_body:
                 resp.content_length = length
-            elif method == "HEAD" and "Content-Length" in up_headers:
-                resp.headers["Content-Length"] = up_headers["Content-Length"]
+            elif method == "HEAD":
+                up_length = _first(resp_head.headers, "content-length")
+                if up_length is not None:
+                    resp.headers["Content-Length"] = up_length
             await resp.prepare(request)
             if not no_body:
                 try:

@@ -87,6 +87,9 @@ _CTL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
 _OWS: Final = " \t"
 """Optional whitespace around a cookie pair (RFC 6265bis §5.6); nothing else is trimmed."""
 
+_SPACE_RE: Final = re.compile(r"\s")
+"""Any character ``str.isspace`` accepts (``\\s`` on str patterns is Py_UNICODE_ISSPACE)."""
+
 _COOKIE_VALUE_RE: Final = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
 """RFC 6265 ``cookie-octet``: what we are willing to put in a value we emit."""
 
@@ -137,7 +140,7 @@ def _split_pair(piece: str) -> tuple[str, str] | None:
     """
     name, eq, value = piece.partition("=")
     name = name.rstrip(_OWS)
-    if not eq or not name or _CTL_RE.search(piece) or any(c.isspace() for c in name):
+    if not eq or not name or _CTL_RE.search(piece) or _SPACE_RE.search(name):
         return None
     return name, value.lstrip(_OWS)
 
@@ -760,6 +763,23 @@ class SQLiteSessionStore:
             self._forget(evicted)
         self._cache_put(key, session)
         return handle
+
+    def get_cached(self, handle: str, service: str, now: float) -> Session | None:
+        """The hot path of :meth:`get` without a coroutine: the session when the cache holds
+        it live for ``service`` and no ``last_seen`` write is due; otherwise None, and the
+        caller must ask :meth:`get` (which decides expiry, wrong service and the touch)."""
+        key = _handle_key(handle)
+        if key is None:
+            return None
+        session = self._cache.get(key)
+        if (
+            session is None
+            or self._life.verdict(session, service, now) is not _Verdict.LIVE
+            or self._life.touched(session, now) is not None
+        ):
+            return None
+        self._cache.move_to_end(key)
+        return session
 
     async def get(self, handle: str, service: str, now: float) -> Session | None:
         """The live session for ``handle`` on ``service``, or None; slides ``last_seen``."""

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from enforcer import flowlog as flowlog_mod
 from enforcer.flowlog import (
     FILE_MODE,
     FlowFilter,
@@ -834,3 +835,26 @@ def test_command_follow_with_since_reads_existing(sample: Path) -> None:
     )
     assert code == 0
     assert [json.loads(x)["reason"] for x in out.getvalue().splitlines()] == ["iss_mismatch"]
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [0.0, 0.0005, 0.0004999, 0.9995, 0.9999995, 0.9999994999, 1_700_000_000.0, 1_700_000_000.9999996,
+     1_764_000_000.123456, 2**31 + 0.5, 253402300798.9999, -1.5],
+)
+def test_iso_ms_matches_datetime(ts: float) -> None:
+    """The once-per-second cache renders exactly what datetime renders (rounding, carry)."""
+    slow = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert flowlog_mod._iso_ms(ts) == slow
+    assert flowlog_mod._iso_ms(ts) == slow  # cached prefix
+
+
+@given(st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_iso_ms_matches_datetime_everywhere(ts: float) -> None:
+    assert flowlog_mod._iso_ms(ts) == flowlog_mod._iso_ms_slow(ts)
+
+
+def test_to_json_is_json_dumps_of_to_dict() -> None:
+    rec = make(path="/\u00e9\x1b[31m\n", user_agent='x"\u2028')
+    rec.upstream_ms = 1.23456
+    assert rec.to_json() == json.dumps(rec.to_dict(), ensure_ascii=True, separators=(",", ":"))

@@ -147,3 +147,14 @@ def test_flowlog_callbacks_feed_counters() -> None:
     m.flowlog_write_errors.inc()
     assert sample(m, "enforcer_flowlog_dropped_records_total") == 3
     assert sample(m, "enforcer_flowlog_write_errors_total") == 1
+
+
+def test_observe_flow_caches_by_raw_values_with_the_same_labels() -> None:
+    """Repeated and free-text values land on the same series as the label checks give."""
+    m = Metrics()
+    for _ in range(3):
+        m.observe_flow(flow())
+        m.observe_flow(flow(service=None, decision="bad_request", reason="has space"))
+    assert sample(m, "enforcer_requests_total", {"service": "app", "decision": "allow", "reason": "rule"}) == 3
+    assert sample(m, "enforcer_requests_total", {"service": "none", "decision": "bad_request", "reason": "other"}) == 3
+    assert sample(m, "enforcer_request_duration_seconds_count", {"service": "none"}) == 3

@@ -594,3 +594,27 @@ async def test_upstream_stale_pooled_connection_is_retried_once() -> None:
         assert head.status == 200 and app.connections == 2
         conn.finish(False)
         await up.close()
+
+
+def test_response_headers_from_the_parsers_raw_list_match_the_multidict_path() -> None:
+    """forward() hands the parser's raw list straight in (built once, into the response)."""
+    pairs = [("Content-Type", "text/plain"), ("connection", "keep-alive, X-Drop"), ("X-Drop", "1"),
+             ("Location", "http://127.0.0.1:8081/next"), ("Set-Cookie", "__Host-enforcer-app=evil"),
+             ("Set-Cookie", "app=1"), ("Content-Length", "5"), ("Keep-Alive", "timeout=5"), ("x-b", "2")]
+    via_dict = back(*pairs)
+    into: CIMultiDict[str] = CIMultiDict()
+    via_list = proxy.response_headers(list(pairs), public_origin=PUBLIC, internal_origins=INTERNAL, into=into)
+    assert via_list is into
+    assert list(via_list.items()) == list(via_dict.items())
+    assert list(via_list.items()) == [("Content-Type", "text/plain"), ("Location", PUBLIC + "/next"),
+                                      ("Set-Cookie", "app=1"), ("x-b", "2")]
+
+
+def test_request_headers_drop_set_is_unchanged() -> None:
+    """The merged drop set equals the rules one by one (hop-by-hop, spoofable, Host, Cookie)."""
+    names = [*sorted(proxy.HOP_BY_HOP | proxy.SPOOFABLE), "Host", "Cookie", "X-Forwarded-Foo",
+             "X-Auth-Request-User", "X-User", "accept", "x-ok"]
+    out = forward(*[(n, "v") for n in names], identity={"X-Ok": "me"})
+    added = {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-ok"}
+    assert {k.lower() for k in out if k.lower() not in added} == {"accept"}
+    assert out.getall("X-Ok") == ["me"] and out.getall("Host") == ["app.test:8443"]

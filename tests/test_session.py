@@ -737,3 +737,25 @@ async def test_sqlite_corruption_found_at_runtime_is_recovered(
         assert await store.count() == 1
     finally:
         await store.close()
+
+
+async def test_get_cached_is_the_hot_path_of_get_only(sqlite_store: SQLiteSessionStore) -> None:
+    """get_cached answers only a live, cached, same-service session with no touch due;
+    everything else (touch, expiry, wrong service, junk, unknown) is left to get()."""
+    handle = await sqlite_store.create(make_session())
+    got = sqlite_store.get_cached(handle, "app", T0 + TOUCH / 2)
+    assert got is not None and got.last_seen == T0
+    assert got == await sqlite_store.get(handle, "app", T0 + TOUCH / 2)
+    assert sqlite_store.get_cached(handle, "other", T0 + 1) is None
+    assert sqlite_store.get_cached(handle, "app", T0 + TOUCH + 1) is None  # a touch is due
+    assert sqlite_store.get_cached(handle, "app", T0 + 9 * 3600) is None  # expired
+    assert sqlite_store.get_cached("x" * 43, "app", T0) is None
+    assert sqlite_store.get_cached("not a handle", "app", T0) is None
+    touched = await sqlite_store.get(handle, "app", T0 + TOUCH + 1)
+    assert touched is not None and sqlite_store.get_cached(handle, "app", T0 + TOUCH + 2) == touched
+
+
+def test_cookie_names_with_any_unicode_space_are_malformed() -> None:
+    for space in (" ", "\u00a0", "\u2003", "\u3000", "\x85"):
+        assert find_cookie([f"a{space}b=1; {OURS}=v"], "a" + space + "b") == (CookieLookup.ABSENT, None)
+        assert strip_cookies([f"a{space}b=1; k=v"], lambda _: False) == "k=v"
