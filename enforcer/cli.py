@@ -98,16 +98,19 @@ def _dispatch(args: argparse.Namespace) -> int:
                 stream=sys.stderr,
                 format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             )
-            from enforcer import daemon, redirect  # noqa: PLC0415  (keep `check`/`flows` start-up light)
+            from enforcer import daemon  # noqa: PLC0415  (keep `check`/`flows` start-up light)
 
             try:
                 return daemon.run_forever(args.config)
-            except redirect.RedirectError as exc:
-                print(f"enforcer: cannot install the redirect: {exc}", file=sys.stderr)
-                return 1
             except OSError as exc:
                 print(f"enforcer: cannot start: {exc}", file=sys.stderr)
                 return 1
+            except Exception as exc:
+                redirect = sys.modules.get("enforcer.redirect")  # loaded only if the redirect is enabled
+                if redirect is not None and isinstance(exc, redirect.RedirectError):
+                    print(f"enforcer: cannot install the redirect: {exc}", file=sys.stderr)
+                    return 1
+                raise
         case "check":
             return _check(args.config)
         case "flows":

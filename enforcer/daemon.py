@@ -19,17 +19,20 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 
-from enforcer import certs, config, httpserver, listener, oidc, proxy, redirect
+from enforcer import certs, config, httpserver, listener, oidc, proxy
 from enforcer import session as sessions
 from enforcer.definitions import DefinitionsManager, build_sources
 from enforcer.flowlog import FlowLog, FlowRecord
 from enforcer.handler import Gate, Runtime
 from enforcer.metrics import Metrics
+
+if TYPE_CHECKING:
+    from enforcer import redirect  # imported at run time only when the redirect is enabled (pyroute2 is big)
 
 log = logging.getLogger("enforcer.daemon")
 
@@ -88,6 +91,8 @@ LOCAL_UPSTREAMS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 def build_redirect(definitions: config.Definitions, settings: config.Settings, listen_port: int) -> redirect.Ruleset:
     """The nftables ruleset for these services (the app port is blocked only for local apps)."""
+    from enforcer import redirect  # noqa: PLC0415
+
     r = settings.model.redirect
     targets = [
         redirect.RedirectTarget(
@@ -197,6 +202,8 @@ class Daemon:
         sock = listener.make_listen_socket(s.listen.address, s.listen.port)
         self.listen_port = sock.getsockname()[1]
         if s.redirect.enabled:
+            from enforcer import redirect  # noqa: PLC0415
+
             self.ruleset = build_redirect(definitions, self.settings, self.listen_port)
             try:
                 started = time.perf_counter()
@@ -289,6 +296,8 @@ class Daemon:
         if not r.enabled:
             return None
 
+        from enforcer import redirect  # noqa: PLC0415
+
         def make(addr_info: Any) -> socket.socket:
             family, type_, proto, _, _ = addr_info
             sock = socket.socket(family=family, type=type_, proto=proto)
@@ -302,6 +311,8 @@ class Daemon:
         r = self.settings.model.redirect
         if not r.enabled or self.ruleset is None:
             return
+        from enforcer import redirect  # noqa: PLC0415
+
         try:
             if r.keepBlockOnStop:
                 await redirect.apply(self.ruleset.block_only())
@@ -335,6 +346,8 @@ class Daemon:
         atomic: a refused one leaves the old table untouched)."""
         previous = self.ruleset
         if self.settings.model.redirect.enabled:
+            from enforcer import redirect  # noqa: PLC0415
+
             ruleset = build_redirect(definitions, self.settings, self.listen_port)
             if ruleset != previous:
                 await redirect.apply(ruleset)

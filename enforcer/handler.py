@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
-from enforcer import oidc, pages, policy, proxy, redirect
+from enforcer import oidc, pages, policy, proxy
 from enforcer import session as sessions
 from enforcer.config import Definitions, Service, Settings, normalise_host
 from enforcer.flowlog import FlowLog, FlowRecord
@@ -394,6 +394,8 @@ class Gate:
         """Where a redirected connection was going (cached per connection: one syscall)."""
         if transport is None:
             return None
+        from enforcer import redirect  # noqa: PLC0415  (only with the redirect enabled: pyroute2 is big)
+
         try:
             return self._destinations[transport]
         except KeyError:
