@@ -12,6 +12,7 @@ import base64
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import signal
 import ssl
@@ -212,7 +213,7 @@ def _existing_tls_material(cert_file: Path, key_file: Path, ca_file: Path | None
 # ---------------------------------------------------------------- start
 
 
-async def start_op(
+async def _start_op_once(
     workdir: Path,
     *,
     clients: list[dict[str, Any]],
@@ -356,3 +357,22 @@ async def start_op(
 
 
 _BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+START_ATTEMPTS = 2
+
+
+async def start_op(workdir: Path, **kwargs: Any) -> RunningOP:
+    """Start the OP (see :func:`_start_op_once` for the parameters), retrying once.
+
+    On a loaded machine node has been seen, rarely, to stall before its start-up code
+    ran (no READY, killed by our SIGTERM with its handlers not yet installed); a second
+    attempt starts cleanly, so one hiccup does not fail a whole test run."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            return await _start_op_once(workdir, **kwargs)
+        except RuntimeError as exc:
+            if attempt == START_ATTEMPTS or "did not become ready" not in str(exc):
+                raise
+            logging.getLogger("enforcer.localidp").warning("OP start attempt %d failed, retrying: %s", attempt, exc)
+    raise AssertionError("unreachable")  # pragma: no cover

@@ -428,7 +428,9 @@ async def test_stop_leaves_no_process(op: RunningOP) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.browser
-@pytest.mark.skipif(not chromium_available(), reason="needs node, /usr/bin/chromium, playwright")
+@pytest.mark.skipif(
+    not chromium_available() and not os.environ.get("CI"), reason="needs node, /usr/bin/chromium, playwright (run scripts/setup)"
+)
 async def test_chromium_login(op: RunningOP, receiver: Receiver, tmp_path: Path) -> None:
     meta = await discovery(op)
     url, state, _ = auth_url(meta, receiver, pkce_pair()[1])
@@ -456,7 +458,9 @@ async def test_chromium_login(op: RunningOP, receiver: Receiver, tmp_path: Path)
 
 @pytest.mark.e2e
 @pytest.mark.browser
-@pytest.mark.skipif(not chromium_available(), reason="needs node, /usr/bin/chromium, playwright")
+@pytest.mark.skipif(
+    not chromium_available() and not os.environ.get("CI"), reason="needs node, /usr/bin/chromium, playwright (run scripts/setup)"
+)
 async def test_chromium_rejects_untrusted_certificate(op: RunningOP, receiver: Receiver) -> None:
     """Without the SPKI allow list Chromium refuses the OP: TLS is really checked."""
     meta = await discovery(op)
