@@ -40,7 +40,7 @@ from enforcer.redirect import (
     diff,
     parse_original_dst,
 )
-from tests.netns import Hosts, require_root, veth_hosts
+from tests.netns import Hosts, connect, require_root, veth_hosts
 
 REPO = Path(__file__).resolve().parents[1]
 APP4, CLI4 = "10.99.0.1", "10.99.0.2"
@@ -333,19 +333,7 @@ def serving(netns: str, port: int, tag: str) -> Iterator[Server]:
 
 
 def _open(netns: str, host: str, port: int, mark: int | None = None) -> socket.socket:
-    def go() -> socket.socket:
-        s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        s.settimeout(3)
-        try:
-            if mark is not None:
-                redirect.mark_socket(s, mark)
-            s.connect((host, port))
-        except BaseException:
-            s.close()
-            raise
-        return s
-
-    return redirect.run_in_netns(netns, go)
+    return connect(netns, host, port, mark=mark, timeout=3)
 
 
 def _readline(s: socket.socket) -> str:
