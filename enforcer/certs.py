@@ -166,6 +166,18 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
         os.close(dir_fd)
 
 
+def _write_pair(
+    key_file: Path, key: ec.EllipticCurvePrivateKey, cert_file: Path, cert: x509.Certificate, what: str
+) -> None:
+    """Write a key (0600) and its certificate (0644) atomically, key first: a reader that
+    sees the new certificate also finds its key."""
+    try:
+        _write_atomic(key_file, _key_pem(key), 0o600)
+        _write_atomic(cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    except OSError as e:
+        raise CertError(f"{what} ({e}); make {cert_file.parent} writable by the enforcer user") from e
+
+
 def _private_dir(path: Path) -> Path:
     """Create ``path`` (mode 0700) or tighten an existing one to 0700; CertError if we cannot."""
     try:
@@ -311,14 +323,7 @@ class CertStore:
             )
             .sign(key, hashes.SHA256())
         )
-        try:
-            _write_atomic(key_file, _key_pem(key), 0o600)
-            _write_atomic(cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-        except OSError as e:
-            raise CertError(
-                f"{self.ca_dir}: cannot write the local CA ({e}); "
-                f"make the state directory writable by the enforcer user"
-            ) from e
+        _write_pair(key_file, key, cert_file, cert, f"{self.ca_dir}: cannot write the local CA")
         return cert, key
 
     # -- leaves -----------------------------------------------------------------------------
@@ -423,15 +428,7 @@ class CertStore:
             )
             .sign(ca_key, hashes.SHA256())
         )
-        try:
-            # Key first: a reader that sees the new certificate also finds its key.
-            _write_atomic(key_file, _key_pem(key), 0o600)
-            _write_atomic(cert_file, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-        except OSError as e:
-            raise CertError(
-                f"{cert_file}: cannot write the certificate ({e}); "
-                f"make {cert_file.parent} writable by the enforcer user"
-            ) from e
+        _write_pair(key_file, key, cert_file, cert, f"{cert_file}: cannot write the certificate")
         return LeafPaths(cert_file, key_file, cert.not_valid_after_utc)
 
     # -- operator-supplied ------------------------------------------------------------------
