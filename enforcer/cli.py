@@ -25,6 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon")
     with_config(run)
     run.add_argument("--log-level", default=os.environ.get("ENFORCER_LOG_LEVEL", "info"))
+    run.add_argument(
+        "--workers", type=int, default=None,
+        help="serving processes sharing the port (overrides listen.workers; default 1)",
+    )
 
     check = sub.add_parser("check", help="validate enforcer.yaml and every definition")
     with_config(check)
@@ -101,7 +105,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             from enforcer import daemon  # noqa: PLC0415  (keep `check`/`flows` start-up light)
 
             try:
-                return daemon.run_forever(args.config)
+                return daemon.run_forever(args.config, args.workers)
             except OSError as exc:
                 print(f"enforcer: cannot start: {exc}", file=sys.stderr)
                 return 1

@@ -698,6 +698,8 @@ class ListenModel(_Strict):
 
     address: str = "::"
     port: int = Field(default=8443, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+    """Serving processes sharing the port (SO_REUSEPORT); more than one needs the SQLite store."""
 
 
 class AdminModel(_Strict):
@@ -883,7 +885,34 @@ def load_settings(path: Path) -> Settings:
                 )
             ]
         )
-    return Settings(path=path, model=model)
+    settings = Settings(path=path, model=model)
+    check_workers(settings, model.listen.workers, "listen.workers")
+    return settings
+
+
+def check_workers(settings: Settings, workers: int, where: str) -> None:
+    """Several serving processes must share sessions and pending logins (raises ConfigError)."""
+    if workers > 1 and settings.model.sessions.store != "sqlite":
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    str(settings.path),
+                    where,
+                    f"{workers} workers cannot share the in-memory session store (sessions.store: memory)",
+                    workers,
+                    "use sessions.store: sqlite (the default) or a single worker",
+                )
+            ]
+        )
+
+
+def with_workers(settings: Settings, workers: int) -> Settings:
+    """``settings`` with ``listen.workers`` replaced (the ``--workers`` option; checked)."""
+    if not 1 <= workers <= 64:
+        raise ConfigError([ConfigIssue("--workers", "", "must be between 1 and 64", workers, "e.g. --workers 2")])
+    check_workers(settings, workers, "--workers")
+    listen = settings.model.listen.model_copy(update={"workers": workers})
+    return Settings(path=settings.path, model=settings.model.model_copy(update={"listen": listen}))
 
 
 def load_definitions(settings: Settings) -> Definitions:

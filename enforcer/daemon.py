@@ -15,6 +15,8 @@ import logging
 import os
 import signal
 import socket
+import ssl
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -37,6 +39,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("enforcer.daemon")
 
 DRAIN_SECONDS = 20.0
+
+RELOAD_SIBLINGS = signal.SIGUSR1
+"""Primary -> master: the admin API reloaded; master -> workers: re-read the definitions."""
 
 
 def build_providers(
@@ -150,6 +155,17 @@ class Daemon:
     admin_port: int = 0
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    role: str = "single"
+    """``single`` (one process does everything), or under a :class:`Master`: ``primary`` (worker
+    0: also the redirect, the admin listener and housekeeping) or ``worker`` (serves only)."""
+    listen_socket: socket.socket | None = None
+    tls_context: ssl.SSLContext | None = None
+    """Made by the master before forking, so every worker has the same session-ticket keys."""
+
+    @property
+    def owns_host(self) -> bool:
+        """This process installs the redirect and runs the admin listener and housekeeping."""
+        return self.role in ("single", "primary")
 
     async def run(self, *, on_ready: asyncio.Future[None] | None = None) -> int:
         """Serve until SIGTERM/SIGINT (or :meth:`stop`); returns the exit code."""
@@ -177,12 +193,17 @@ class Daemon:
         for w in definitions.warnings:
             log.warning("%s", w)
         self.cert_store = certs.CertStore(s.stateDir)
-        self.tls = listener.TLSDispatch(*build_leaves(definitions, self.cert_store))
+        self.tls = listener.TLSDispatch(*build_leaves(definitions, self.cert_store), context=self.tls_context)
         ssl_ctx = self.tls.context
+        shared_logins: oidc.SharedTransactionStore | None = None
         if s.sessions.store == "sqlite":
-            store: sessions.SessionStore = sessions.SQLiteSessionStore(
-                s.stateDir / "sessions.db", idle_timeout=s.sessions.idleTimeout, max_sessions=s.sessions.maxSessions
+            sqlite_store = sessions.SQLiteSessionStore(
+                s.stateDir / "sessions.db", idle_timeout=s.sessions.idleTimeout, max_sessions=s.sessions.maxSessions,
+                shared=self.role != "single",
             )
+            if self.role != "single":
+                shared_logins = oidc.SharedTransactionStore(sqlite_store, ttl=s.oidc.loginTimeout)
+            store: sessions.SessionStore = sqlite_store
         else:
             store = sessions.MemorySessionStore(
                 idle_timeout=s.sessions.idleTimeout, max_sessions=s.sessions.maxSessions
@@ -199,9 +220,9 @@ class Daemon:
             socket_factory=self._socket_factory(),
         )
         runtime = Runtime(definitions, build_providers(definitions, self.settings, http))
-        sock = listener.make_listen_socket(s.listen.address, s.listen.port)
+        sock = self.listen_socket or listener.make_listen_socket(s.listen.address, s.listen.port)
         self.listen_port = sock.getsockname()[1]
-        if s.redirect.enabled:
+        if s.redirect.enabled and self.owns_host:
             from enforcer import redirect  # noqa: PLC0415
 
             self.ruleset = build_redirect(definitions, self.settings, self.listen_port)
@@ -224,6 +245,7 @@ class Daemon:
             metrics=self.metrics,
             upstream=upstream,
             listen_port=self.listen_port,
+            shared_logins=shared_logins,
         )
         self.gate = gate
         server = httpserver.Server(
@@ -243,18 +265,20 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._spawn(flowlog.run(), "flowlog")
         self._spawn(self._warm_up(runtime), "discovery")
-        self._spawn(self._housekeeping(store), "housekeeping")
+        if self.owns_host:
+            self._spawn(self._housekeeping(store), "housekeeping")
         self._spawn(self.manager.run(), "definitions")
         self.flowlog = flowlog
         handshake_timeout = min(10.0, s.limits.headerTimeout)  # a silent or partial ClientHello (X-LIM-10)
         tls_server = await loop.create_server(
             server, sock=sock, ssl=ssl_ctx, ssl_handshake_timeout=handshake_timeout, backlog=1024
         )
-        admin = await self._start_admin(runtime)
+        admin = await self._start_admin(runtime) if self.owns_host else None
         self._install_signals(loop, flowlog)
         self.metrics.services.set(len(definitions.services))
         log.info(
-            "enforcer listening on %s port %d for %d service(s): %s",
+            "enforcer%s listening on %s port %d for %d service(s): %s",
+            "" if self.role == "single" else f" {self.role} (pid {os.getpid()})",
             s.listen.address,
             self.listen_port,
             len(definitions.services),
@@ -262,20 +286,23 @@ class Daemon:
         )
         if on_ready is not None and not on_ready.done():
             on_ready.set_result(None)
-        sd_notify(f"READY=1\nSTATUS={status_text(definitions)}")
-        watchdog = watchdog_interval()
-        if watchdog is not None:
-            self._spawn(self._feed_watchdog(watchdog), "watchdog")
+        if self.role == "single":
+            sd_notify(f"READY=1\nSTATUS={status_text(definitions)}")
+            watchdog = watchdog_interval()
+            if watchdog is not None:
+                self._spawn(self._feed_watchdog(watchdog), "watchdog")
         try:
             await self._stop.wait()
         finally:
-            sd_notify("STOPPING=1\nSTATUS=draining")
+            if self.role == "single":
+                sd_notify("STOPPING=1\nSTATUS=draining")
             log.info("stopping: draining in-flight requests (up to %.0f s)", DRAIN_SECONDS)
             tls_server.close()
             await server.shutdown(DRAIN_SECONDS)
             with contextlib.suppress(Exception):
                 await tls_server.wait_closed()
-            await admin.cleanup()
+            if admin is not None:
+                await admin.cleanup()
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -309,7 +336,7 @@ class Daemon:
     async def _remove_redirect(self) -> None:
         """Clean stop: remove the table, or keep only the app-port block if configured."""
         r = self.settings.model.redirect
-        if not r.enabled or self.ruleset is None:
+        if not r.enabled or self.ruleset is None or not self.owns_host:
             return
         from enforcer import redirect  # noqa: PLC0415
 
@@ -330,10 +357,18 @@ class Daemon:
             loop.add_signal_handler(signal.SIGTERM, self.stop)
             loop.add_signal_handler(signal.SIGINT, self.stop)
             loop.add_signal_handler(signal.SIGHUP, lambda: self._on_hup(flowlog))
+            if self.role != "single":
+                loop.add_signal_handler(RELOAD_SIBLINGS, self.reload)
 
     def _on_hup(self, flowlog: FlowLog) -> None:
         flowlog.reopen()
         self.reload()
+
+    def _tell_siblings(self) -> None:
+        """Under a master: ask it to have every other worker re-read the definitions too."""
+        if self.role == "primary":
+            with contextlib.suppress(OSError):
+                os.kill(os.getppid(), RELOAD_SIBLINGS)
 
     def reload(self) -> None:
         """Re-read every definitions source now (SIGHUP, `enforcer reload`)."""
@@ -345,7 +380,7 @@ class Daemon:
         A failing step raises, and the manager keeps the previous set (the nftables batch is
         atomic: a refused one leaves the old table untouched)."""
         previous = self.ruleset
-        if self.settings.model.redirect.enabled:
+        if self.settings.model.redirect.enabled and self.owns_host:
             from enforcer import redirect  # noqa: PLC0415
 
             ruleset = build_redirect(definitions, self.settings, self.listen_port)
@@ -365,7 +400,8 @@ class Daemon:
         self.gate.runtime = runtime
         self._spawn(self._warm_up(runtime), "discovery")
         self.metrics.services.set(len(definitions.services))
-        sd_notify(f"STATUS={status_text(definitions)}")
+        if self.role == "single":
+            sd_notify(f"STATUS={status_text(definitions)}")
         log.info(
             "definitions applied (%s): %s", reason, ", ".join(svc.name for svc in definitions.services) or "no services"
         )
@@ -433,6 +469,7 @@ class Daemon:
 
         async def reload(_: web.Request) -> web.Response:
             outcome = await self.manager.refresh(reason="admin")
+            self._tell_siblings()
             return web.json_response({"outcome": outcome}, status=200 if outcome in ("success", "unchanged") else 409)
 
         app.router.add_post("/reload", reload)
@@ -451,11 +488,293 @@ class Daemon:
         return runner
 
 
-def run_forever(config_path: Path) -> int:
-    """Entry point of ``enforcer run``."""
-    settings = config.load_settings(config_path)
+def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop  # noqa: PLC0415  (optional speed-up)
     except ImportError:  # pragma: no cover
-        return asyncio.run(Daemon(settings).run())
-    return uvloop.run(Daemon(settings).run())
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def run_forever(config_path: Path, workers: int | None = None) -> int:
+    """Entry point of ``enforcer run`` (``workers`` overrides ``listen.workers``)."""
+    settings = config.load_settings(config_path)
+    if workers is not None:
+        settings = config.with_workers(settings, workers)
+    if settings.model.listen.workers > 1:
+        return Master(settings).run()
+    return _run_loop(Daemon(settings).run())
+
+
+# ---------------------------------------------------------------------------------------------
+# several worker processes
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the master dies, so no orphan keeps serving unsupervised."""
+    with contextlib.suppress(Exception):
+        import ctypes  # noqa: PLC0415
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
+class Master:
+    """``listen.workers`` > 1: fork the serving processes, watch them, restart the ones that
+    die, forward signals, and speak to systemd for all of them.
+
+    Made before the first fork, so every worker shares them: one listening socket per worker
+    on the same port (SO_REUSEPORT, the kernel spreads new connections), and the TLS dispatch
+    context (its session-ticket keys, so a ticket from one worker resumes on another). The
+    master keeps its copies of the sockets: connections queued for a worker that died wait
+    for its replacement instead of being reset. The master runs no event loop and no thread
+    (forking is then safe at any time); worker 0 (``primary``) also owns the redirect, the
+    admin listener (whose /metrics adds up all workers) and session housekeeping. Sessions,
+    their revocations and pending logins are shared through the SQLite store.
+
+    Start-up fails as a whole if a worker exits before it listens (a bad config, a busy port);
+    later a dead worker is replaced after a back-off (0.5 s doubling to 30 s, reset once it
+    has run a minute). SIGTERM/SIGINT stop every worker (each drains) and exit 0; SIGHUP is
+    forwarded (flow-log reopen + reload); the systemd watchdog is fed only while every worker
+    reports in.
+    """
+
+    HEARTBEAT = 1.0
+
+    def __init__(self, settings: config.Settings) -> None:
+        self.settings = settings
+        self.count = settings.model.listen.workers
+        self.pids: dict[int, int] = {}  # pid -> worker index
+        self.pipes: dict[int, int] = {}  # read end -> worker index
+        self.ready: set[int] = set()
+        self.beats: dict[int, float] = {}
+        self.started: dict[int, float] = {}
+        self.backoff: dict[int, float] = {}
+        self.respawn_at: dict[int, float] = {}
+        self.exit_code = 0
+        self.serving = False  # every worker has listened once: from now on dead ones are replaced
+        self._signals: list[int] = []
+
+    def run(self) -> int:
+        s = self.settings.model
+        from enforcer import metrics as metrics_module  # noqa: PLC0415
+
+        metrics_module.enable_multiprocess(s.stateDir / "metrics")
+        s.stateDir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.context = listener.dispatch_context()
+        self.sockets = [
+            listener.make_listen_socket(s.listen.address, s.listen.port, reuse_port=True) for _ in range(self.count)
+        ]
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        previous = signal.set_wakeup_fd(wake_w)
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, RELOAD_SIBLINGS)
+        old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        try:
+            for index in range(self.count):
+                self._spawn(index)
+            return self._supervise(wake_r)
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            signal.set_wakeup_fd(previous)
+            for fd in (wake_r, wake_w, *self.pipes):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            for sock in self.sockets:
+                sock.close()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._signals.append(signum)
+
+    def _spawn(self, index: int) -> None:
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                os.close(read_fd)
+                code = self._worker(index, write_fd)
+            except config.ConfigError as exc:
+                print(f"enforcer: configuration error ({len(exc.issues)} problem(s)):", file=sys.stderr)
+                for issue in exc.issues:
+                    print(f"  {issue}", file=sys.stderr)
+                code = 2
+            except BaseException:  # report, and leave without running the master's clean-up
+                log.exception("worker %d failed", index)
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stderr.flush()
+                    logging.shutdown()
+                os._exit(code)
+        os.close(write_fd)
+        os.set_blocking(read_fd, False)
+        self.pids[pid] = index
+        self.pipes[read_fd] = index
+        self.started[index] = time.monotonic()
+        self.beats[index] = time.monotonic()
+        log.info("started worker %d (pid %d)", index, pid)
+
+    def _worker(self, index: int, write_fd: int) -> int:
+        master = os.getppid()
+        _die_with_parent()
+        if os.getppid() != master:  # the master died before prctl took effect
+            return 1
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, RELOAD_SIBLINGS):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # only the master speaks to systemd
+            os.environ.pop(key, None)
+        for i, sock in enumerate(self.sockets):
+            if i != index:
+                sock.close()
+        for fd in self.pipes:
+            os.close(fd)
+        daemon = Daemon(
+            self.settings, role="primary" if index == 0 else "worker",
+            listen_socket=self.sockets[index], tls_context=self.context,
+        )
+
+        async def serve() -> int:
+            ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(daemon.run(on_ready=ready))
+            await asyncio.wait((task, ready), return_when=asyncio.FIRST_COMPLETED)
+            if ready.done():
+                beat = asyncio.create_task(self._heartbeat(write_fd, daemon))
+                try:
+                    return await task
+                finally:
+                    beat.cancel()
+            return await task
+
+        return _run_loop(serve())
+
+    async def _heartbeat(self, write_fd: int, daemon: Daemon) -> None:
+        """Tell the master we listen ("R"), then that the event loop still turns ("H"/"D":
+        discovery done)."""
+        os.set_blocking(write_fd, False)
+        message = b"R"
+        while True:
+            with contextlib.suppress(BlockingIOError, BrokenPipeError):
+                os.write(write_fd, message)
+            message = b"D" if daemon.ready else b"H"
+            await asyncio.sleep(self.HEARTBEAT)
+
+    def _supervise(self, wake_r: int) -> int:
+        import select  # noqa: PLC0415
+
+        stopping = False
+        stop_deadline = 0.0
+        watchdog = watchdog_interval()
+        next_watchdog = time.monotonic()
+        while True:
+            try:
+                readable, _, _ = select.select([wake_r, *self.pipes], [], [], 0.5)
+            except InterruptedError:
+                readable = []
+            now = time.monotonic()
+            if wake_r in readable:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(wake_r, 512):
+                        pass
+            for fd in readable:
+                if fd in self.pipes:
+                    self._read_pipe(fd, now)
+            signals, self._signals = self._signals, []
+            for sig in signals:
+                if sig in (signal.SIGTERM, signal.SIGINT) and not stopping:
+                    stopping = True
+                    stop_deadline = now + DRAIN_SECONDS + 10
+                    sd_notify("STOPPING=1\nSTATUS=draining")
+                    log.info("stopping %d worker(s)", len(self.pids))
+                    self._kill_all(signal.SIGTERM)
+                elif sig in (signal.SIGHUP, RELOAD_SIBLINGS) and not stopping:
+                    self._kill_all(sig)
+            failed_start = self._reap(stopping, now)
+            if failed_start is not None and not stopping:
+                log.error("worker failed to start (exit %d): stopping", failed_start)
+                self.exit_code = failed_start or 1
+                stopping = True
+                stop_deadline = now + DRAIN_SECONDS + 10
+                self._kill_all(signal.SIGTERM)
+            if stopping:
+                if not self.pids:
+                    return self.exit_code
+                if now > stop_deadline:
+                    log.error("workers did not stop in time: killing them")
+                    self._kill_all(signal.SIGKILL)
+                    stop_deadline = now + 5
+                continue
+            for index, when in list(self.respawn_at.items()):
+                if now >= when:
+                    del self.respawn_at[index]
+                    self._spawn(index)
+            if not self.serving and len(self.ready) == self.count:
+                self.serving = True
+                sd_notify(f"READY=1\nSTATUS={self.count} workers serving")
+                log.info("all %d workers are listening", self.count)
+            if watchdog is not None and self.serving and now >= next_watchdog:
+                stale = [i for i, t in self.beats.items() if now - t > 2 * watchdog and i not in self.respawn_at]
+                if not stale:
+                    sd_notify("WATCHDOG=1")
+                else:
+                    log.warning("worker(s) %s stopped reporting: not feeding the watchdog", stale)
+                next_watchdog = now + watchdog
+
+    def _read_pipe(self, fd: int, now: float) -> None:
+        index = self.pipes[fd]
+        try:
+            data = os.read(fd, 512)
+        except BlockingIOError:
+            return
+        if not data:  # the worker closed its end: it is exiting; _reap handles it
+            del self.pipes[fd]
+            os.close(fd)
+            return
+        self.beats[index] = now
+        if b"R" in data:
+            self.ready.add(index)
+
+    def _kill_all(self, sig: int) -> None:
+        for pid in list(self.pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def _reap(self, stopping: bool, now: float) -> int | None:
+        """Collect exited workers; schedule replacements. Returns an exit code if one died
+        before it ever listened during start-up."""
+        from enforcer import metrics as metrics_module  # noqa: PLC0415
+
+        failed: int | None = None
+        while self.pids:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            index = self.pids.pop(pid, None)
+            if index is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            metrics_module.process_gone(pid)
+            for fd, i in list(self.pipes.items()):
+                if i == index:
+                    del self.pipes[fd]
+                    os.close(fd)
+            if stopping:
+                log.info("worker %d (pid %d) exited (%d)", index, pid, code)
+                if code not in (0, -signal.SIGTERM):
+                    self.exit_code = self.exit_code or 1
+                continue
+            self.ready.discard(index)
+            if not self.serving:  # still starting up: a worker that cannot start fails the start
+                failed = code if code > 0 else 1
+                continue
+            ran = now - self.started.get(index, now)
+            delay = 0.5 if ran > 60 else min(30.0, self.backoff.get(index, 0.25) * 2)
+            self.backoff[index] = delay
+            self.respawn_at[index] = now + delay
+            log.error("worker %d (pid %d) exited unexpectedly (%d); restarting it in %.1f s", index, pid, code, delay)
+        return failed
+

@@ -148,6 +148,7 @@ class Gate:
         upstream: proxy.Upstream,
         listen_port: int,
         clock: Callable[[], float] = time.time,
+        shared_logins: oidc.SharedTransactionStore | None = None,
     ) -> None:
         self.settings = settings
         self.runtime = runtime
@@ -159,6 +160,8 @@ class Gate:
         self.clock = clock
         s = settings.model
         self.transactions = oidc.TransactionStore(ttl=s.oidc.loginTimeout)
+        self.shared_logins = shared_logins
+        """Set when several worker processes serve: pending logins then live in the session file."""
         self.absolute_timeout = s.sessions.absoluteTimeout
         self.max_body = s.limits.maxBodyBytes
         self._callback_inflight: set[str] = set()
@@ -453,7 +456,16 @@ class Gate:
             metadata=metadata, client_id=service.client_id, redirect_uri=service.callback_url,
             scopes=service.scopes, service=service.name, return_to=return_to, now=now,
         )
-        self.transactions.add(txn)
+        if self.shared_logins is not None:
+            try:
+                await self.shared_logins.add(txn)
+            except Exception:
+                log.exception("service %s: cannot store a pending login", service.name)
+                flow.record(decision="error", reason="session_store_error")
+                return pages.error_page(503, "session_store_error", flow.flow_id,
+                                        message="Sign-in is unavailable right now; try again shortly.")
+        else:
+            self.transactions.add(txn)
         self.metrics.logins.labels(service.name, "started").inc()
         cookies = self._expire_old_tx_cookies(request)
         session_cookie = sessions.session_cookie_name(service.name)
@@ -522,7 +534,14 @@ class Gate:
         now = self.clock()
         if state in self._callback_inflight:
             return fail("callback_replayed", clear=None)
-        txn = self.transactions.pop(state, now)
+        if self.shared_logins is not None:
+            self._callback_inflight.add(state)
+            try:
+                txn = await self.shared_logins.pop(state, now)
+            finally:
+                self._callback_inflight.discard(state)
+        else:
+            txn = self.transactions.pop(state, now)
         if txn is None or txn.service != service.name:
             return fail("callback_unknown_state", clear=tx_name)
         found, cookie = sessions.find_cookie(request.headers.getall("Cookie", []), tx_name)

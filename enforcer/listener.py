@@ -136,10 +136,15 @@ class TLSDispatch:
     The dispatch context itself never changes, so session resumption survives reloads.
     """
 
-    def __init__(self, leaves: Mapping[str, LeafPaths], default: str | None) -> None:
+    def __init__(
+        self, leaves: Mapping[str, LeafPaths], default: str | None, *, context: ssl.SSLContext | None = None
+    ) -> None:
         # No certificate of its own: OpenSSL runs the servername callback on every ClientHello
         # (CPython passes None without SNI), and the callback always switches or aborts.
-        self.context = _base_context()
+        # ``context``: one made by :func:`dispatch_context` before the worker processes were
+        # forked, so that they all hold the same session-ticket keys (a ticket from one worker
+        # resumes on another).
+        self.context = context if context is not None else _base_context()
         self._contexts: dict[str, ssl.SSLContext] = {}
         self._default: ssl.SSLContext | None = None
         self._by_leaf: dict[LeafPaths, ssl.SSLContext] = {}
@@ -188,6 +193,12 @@ class TLSDispatch:
         except Exception:  # pragma: no cover - defensive
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
         return None
+
+
+def dispatch_context() -> ssl.SSLContext:
+    """A bare dispatch context for :class:`TLSDispatch` (``context=``); OpenSSL draws its
+    session-ticket keys now, so processes forked afterwards share them."""
+    return _base_context()
 
 
 def server_ssl_context(leaves: Mapping[str, LeafPaths], default: str | None) -> ssl.SSLContext:

@@ -9,7 +9,10 @@ request label sets is capped.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -19,6 +22,8 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
+    values,
 )
 
 if TYPE_CHECKING:
@@ -53,6 +58,28 @@ NO_SERVICE = "none"
 OTHER = "other"
 
 _CODE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+_multiprocess: dict[str, Path] = {}
+"""``{"dir": path}`` once :func:`enable_multiprocess` ran in this process (or its parent)."""
+
+
+def enable_multiprocess(directory: Path) -> None:
+    """Several worker processes: every collector made from now on keeps its values in a
+    per-process file in ``directory`` (prometheus_client's multiprocess mode), and
+    :meth:`Metrics.render` adds up all processes. Call once in the parent, before forking;
+    ``directory`` is emptied first (files of a previous run would be counted again)."""
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(mode=0o700, parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    _multiprocess["dir"] = directory
+
+
+def process_gone(pid: int) -> None:
+    """A worker exited: drop its live-gauge files (its counters keep counting in the sum)."""
+    if "dir" in _multiprocess:
+        multiprocess.mark_process_dead(pid, str(_multiprocess["dir"]))  # type: ignore[no-untyped-call]
 
 
 def label(value: str | None, *, empty: str = NO_SERVICE) -> str:
@@ -101,21 +128,25 @@ class Metrics:
             ["service", "outcome"],
             registry=r,
         )
-        self.sessions = Gauge("enforcer_sessions", "Live sessions in the store.", registry=r)
+        self.sessions = Gauge(
+            "enforcer_sessions", "Live sessions in the store.", registry=r, multiprocess_mode="livemax"
+        )
         self.active_connections = Gauge(
-            "enforcer_active_connections", "Client connections currently open.", registry=r
+            "enforcer_active_connections", "Client connections currently open.", registry=r,
+            multiprocess_mode="livesum",
         )
         self.reloads = Counter(
             "enforcer_reloads", "Definition reloads, by outcome.", ["outcome"], registry=r
         )
         self.services = Gauge(
-            "enforcer_services", "Services in the active definitions.", registry=r
+            "enforcer_services", "Services in the active definitions.", registry=r, multiprocess_mode="livemax"
         )
         self.definitions_info = Gauge(
             "enforcer_definitions_info",
             "Always 1; the label names the digest of the active definitions.",
             ["digest"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.flowlog_dropped = Counter(
             "enforcer_flowlog_dropped_records",
@@ -139,7 +170,12 @@ class Metrics:
         """Raw (service, decision, reason) -> children: no label checks on the hot path."""
 
     def render(self) -> tuple[bytes, str]:
-        """Body and content type for the /metrics admin endpoint."""
+        """Body and content type for the /metrics admin endpoint (all workers' sum when
+        several processes serve)."""
+        if "dir" in _multiprocess:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, str(_multiprocess["dir"]))  # type: ignore[no-untyped-call]
+            return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def observe_flow(self, record: FlowRecord) -> None:
@@ -180,6 +216,9 @@ class Metrics:
 
     def set_definitions(self, digest: str, services: int) -> None:
         """Publish the active definitions (only one digest series exists at a time)."""
+        if "dir" in _multiprocess:  # the old series' file value stays: make it 0
+            for labels in list(self.definitions_info._metrics):
+                self.definitions_info.labels(*labels).set(0)
         self.definitions_info.clear()
         self.definitions_info.labels(digest[:64]).set(1)
         self.services.set(services)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -35,7 +36,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from joserfc import jws
@@ -647,6 +648,44 @@ class TransactionStore:
             if now - first.created <= self.ttl:
                 break
             self._items.popitem(last=False)
+
+
+class PendingBackend(Protocol):
+    """Where :class:`SharedTransactionStore` keeps pending logins (the SQLite session store)."""
+
+    async def put_pending(self, state: str, data: str, created: float, *, max_pending: int) -> None: ...
+
+    async def take_pending(self, state: str, now: float, ttl: float) -> str | None: ...
+
+
+class SharedTransactionStore:
+    """Pending logins in a store every worker process sees: the callback may land on any of
+    them. Same contract as :class:`TransactionStore` (single use, TTL, capped), but async."""
+
+    def __init__(self, backend: PendingBackend, *, ttl: float, max_pending: int = 10_000) -> None:
+        self.backend = backend
+        self.ttl = ttl
+        self.max_pending = max_pending
+
+    async def add(self, txn: LoginTransaction) -> None:
+        data = json.dumps(dataclasses.asdict(txn), separators=(",", ":"))
+        await self.backend.put_pending(txn.state, data, txn.created, max_pending=self.max_pending)
+
+    async def pop(self, state: str, now: float) -> LoginTransaction | None:
+        data = await self.backend.take_pending(state, now, self.ttl)
+        if data is None:
+            return None
+        try:
+            fields = json.loads(data)
+            txn = LoginTransaction(**fields)
+            if not isinstance(txn.created, int | float) or not all(
+                isinstance(getattr(txn, f.name), str) for f in dataclasses.fields(txn) if f.name != "created"
+            ):
+                raise TypeError("a field has the wrong type")
+        except (ValueError, TypeError) as exc:
+            log.warning("dropping an unreadable pending login: %s", exc)
+            return None
+        return txn if txn.state == state else None
 
 
 # ---------------------------------------------------------------------------

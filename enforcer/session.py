@@ -469,7 +469,24 @@ CREATE INDEX IF NOT EXISTS sessions_issuer_sub ON sessions (issuer, sub);
 CREATE INDEX IF NOT EXISTS sessions_issuer_sid ON sessions (issuer, sid);
 CREATE INDEX IF NOT EXISTS sessions_last_seen ON sessions (last_seen);
 CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires);
+CREATE TABLE IF NOT EXISTS revocations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key BLOB NOT NULL,             -- a session deleted before its time (logout, eviction)
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending_logins (
+    state TEXT PRIMARY KEY,
+    data TEXT NOT NULL,            -- JSON of the login transaction
+    created REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pending_logins_created ON pending_logins (created);
 """
+
+PENDING_KEEP: Final = 3600.0
+"""Seconds after which an abandoned pending login row is removed (the TTL check is separate)."""
+
+REVOCATION_KEEP: Final = 600.0
+"""Seconds a revocation row is kept for other workers to see (they look at least every request)."""
 
 _COLUMNS: Final = (
     "service, issuer, sub, email, username, tags, sid, id_token, "
@@ -583,6 +600,16 @@ class SQLiteSessionStore:
       call) is moved aside to ``<name>.corrupt-<unix time>``, a fresh empty database takes
       its place and a warning is logged; users sign in again, the daemon keeps running.
       No integrity scan at startup: it would read the whole file (lazy loading is the point).
+    * Several worker processes (``shared=True``): each has its own cache, so a session deleted
+      by one (logout, back-channel logout, eviction) is also written to a ``revocations``
+      table. Before a worker serves anything from its cache it asks SQLite whether another
+      connection committed since it last looked (``PRAGMA data_version`` on a second,
+      read-only connection of the event-loop thread: a shared-memory read, no disk I/O) and
+      if so drops the cached copies of newly revoked sessions first, so revocation takes
+      effect on the very next request in every worker. A cached copy that looks idle-expired
+      is re-read before it is deleted: another worker may have slid ``last_seen`` meanwhile.
+      Pending logins live in the same file (:meth:`put_pending` / :meth:`take_pending`), so
+      the callback may land on any worker; taking one is a single ``DELETE ... RETURNING``.
     """
 
     def __init__(
@@ -593,6 +620,7 @@ class SQLiteSessionStore:
         touch_interval: float = 60.0,
         max_sessions: int = 100_000,
         cache_size: int = 10_000,
+        shared: bool = False,
     ) -> None:
         """Open (creating if needed) the database at ``path``.
 
@@ -620,16 +648,32 @@ class SQLiteSessionStore:
         except BaseException:
             self._executor.shutdown(wait=True)
             raise
+        self.shared = shared
+        self._watch: sqlite3.Connection | None = None
+        self._data_version = -1
+        self._revocation_id = 0
+        if shared:
+            self._open_watch()
+
+    def _open_watch(self) -> None:
+        """The loop thread's read-only connection that notices other workers' commits."""
+        watch = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True, isolation_level=None,
+                                check_same_thread=False)
+        watch.execute("PRAGMA busy_timeout=1000")
+        (self._data_version,) = watch.execute("PRAGMA data_version").fetchone()
+        (self._revocation_id,) = watch.execute("SELECT COALESCE(MAX(id), 0) FROM revocations").fetchone()
+        self._watch = watch
 
     # -- worker thread ------------------------------------------------------------------------
 
     def _open(self) -> None:
         _create_private_file(self._path)
-        conn = sqlite3.connect(self._path, isolation_level=None)
+        # busy timeout first: several workers may open (and switch to WAL) at the same moment
+        conn = sqlite3.connect(self._path, isolation_level=None, timeout=5.0)
         try:
+            conn.execute("PRAGMA busy_timeout=5000")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=5000")
             conn.execute("BEGIN IMMEDIATE")
             self._migrate(conn)
             conn.execute("COMMIT")
@@ -720,6 +764,35 @@ class SQLiteSessionStore:
                 self._seen_recoveries = self._recoveries
                 self._cache.clear()
                 self._epoch += 1
+                if self._watch is not None:  # it still reads the file that was moved aside
+                    self._watch.close()
+                    self._open_watch()
+
+    def _sync(self) -> None:
+        """Shared mode: drop cached sessions other workers revoked since we last looked.
+
+        Fails closed: if SQLite cannot answer, the whole cache is dropped (every request then
+        reads through, and a read that fails is an error, never a stale allow)."""
+        watch = self._watch
+        if watch is None:
+            return
+        try:
+            (version,) = watch.execute("PRAGMA data_version").fetchone()
+            if version == self._data_version:
+                return
+            rows = watch.execute(
+                "SELECT id, key FROM revocations WHERE id > ? ORDER BY id", (self._revocation_id,)
+            ).fetchall()
+        except sqlite3.Error as exc:
+            log.warning("cannot check for revoked sessions (%s): dropping the session cache", exc)
+            self._cache.clear()
+            self._epoch += 1
+            self._data_version = -1
+            return
+        self._data_version = version
+        if rows:
+            self._revocation_id = int(rows[-1][0])
+            self._forget(bytes(k) for _, k in rows)
 
     def _cache_put(self, key: bytes, session: Session) -> None:
         self._cache[key] = session
@@ -756,6 +829,7 @@ class SQLiteSessionStore:
                     )
                 ]
                 conn.executemany("DELETE FROM sessions WHERE key = ?", [(k,) for k in evicted])
+                self._revoke(conn, evicted)
                 return evicted
 
         evicted = await self._run(insert)
@@ -771,6 +845,8 @@ class SQLiteSessionStore:
         key = _handle_key(handle)
         if key is None:
             return None
+        if self._watch is not None:
+            self._sync()
         session = self._cache.get(key)
         if (
             session is None
@@ -786,7 +862,13 @@ class SQLiteSessionStore:
         key = _handle_key(handle)
         if key is None:
             return None
+        if self._watch is not None:
+            self._sync()
         session = self._cache.get(key)
+        if session is not None and self.shared and self._life.verdict(session, service, now) is _Verdict.EXPIRED:
+            # another worker may have slid last_seen since we cached it: ask the file
+            self._forget([key])
+            session = None
         if session is None:
             epoch = self._epoch
 
@@ -842,6 +924,7 @@ class SQLiteSessionStore:
         def delete(conn: sqlite3.Connection) -> int:
             with _transaction(conn):
                 cur = conn.executemany("DELETE FROM sessions WHERE key = ?", [(k,) for k in keys])
+                self._revoke(conn, keys)
                 return cur.rowcount
 
         return await self._run(delete)
@@ -880,6 +963,7 @@ class SQLiteSessionStore:
                     for (k,) in conn.execute(f"SELECT key FROM sessions WHERE {where}", params)  # noqa: S608 — fixed fragments
                 ]
                 conn.executemany("DELETE FROM sessions WHERE key = ?", [(k,) for k in keys])
+                self._revoke(conn, keys)
                 return keys
 
         keys = await self._run(delete)
@@ -896,12 +980,60 @@ class SQLiteSessionStore:
         return await self._run(count)
 
     async def purge_expired(self, now: float) -> int:
-        """Delete idle and absolutely expired sessions; return how many."""
-        return await self._delete_where(
+        """Delete idle and absolutely expired sessions, old revocation rows and abandoned
+        pending logins; return how many sessions."""
+        n = await self._delete_where(
             "expires <= ? OR last_seen < ?",
             [now, now - self._life.idle_timeout],
             lambda s: self._life.verdict(s, s.service, now) is _Verdict.EXPIRED,
         )
+
+        def prune(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute("DELETE FROM revocations WHERE at < ?", (now - REVOCATION_KEEP,))
+                conn.execute("DELETE FROM pending_logins WHERE created < ?", (now - PENDING_KEEP,))
+
+        await self._run(prune)
+        return n
+
+    def _revoke(self, conn: sqlite3.Connection, keys: Sequence[bytes]) -> None:
+        """Worker thread, inside a transaction: tell the other workers (shared mode only)."""
+        if self.shared and keys:
+            at = time.time()
+            conn.executemany("INSERT INTO revocations (key, at) VALUES (?, ?)", [(k, at) for k in keys])
+
+    async def put_pending(self, state: str, data: str, created: float, *, max_pending: int) -> None:
+        """Remember a pending login under its ``state`` (the oldest go beyond ``max_pending``)."""
+
+        def put(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute(
+                    "INSERT OR REPLACE INTO pending_logins (state, data, created) VALUES (?, ?, ?)",
+                    (state, data, created),
+                )
+                (total,) = conn.execute("SELECT COUNT(*) FROM pending_logins").fetchone()
+                if int(total) > max_pending:
+                    conn.execute(
+                        "DELETE FROM pending_logins WHERE state IN "
+                        "(SELECT state FROM pending_logins ORDER BY created ASC, state ASC LIMIT ?)",
+                        (int(total) - max_pending,),
+                    )
+
+        await self._run(put)
+
+    async def take_pending(self, state: str, now: float, ttl: float) -> str | None:
+        """Consume the pending login for ``state``: its data once, then never again; None when
+        unknown or older than ``ttl`` seconds. Atomic across workers (one ``DELETE ... RETURNING``)."""
+
+        def take(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "DELETE FROM pending_logins WHERE state = ? RETURNING data, created", (state,)
+            ).fetchone()
+            if row is None or not isinstance(row[0], str) or not isinstance(row[1], int | float):
+                return None
+            return row[0] if now - float(row[1]) <= ttl else None
+
+        return await self._run(take)
 
     async def close(self) -> None:
         """Close the connection and stop the worker thread."""
@@ -912,5 +1044,8 @@ class SQLiteSessionStore:
 
         if self._conn is not None:
             await self._run(close)
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         self._cache.clear()
         self._executor.shutdown(wait=False)

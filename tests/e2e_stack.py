@@ -195,6 +195,8 @@ class Stack:
     port: int
     admin_port: int
     process: subprocess.Popen[bytes] | None = None
+    run_args: tuple[str, ...] = ()
+    """Extra ``enforcer run`` arguments, e.g. ``("--workers", "2")``."""
 
     @property
     def state(self) -> Path:
@@ -230,7 +232,8 @@ class Stack:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.workdir / "enforcer.log", "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "enforcer", "run", "-c", str(self.config), "--log-level", "info"],
+                [sys.executable, "-m", "enforcer", "run", "-c", str(self.config), "--log-level", "info",
+                 *self.run_args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -293,7 +296,7 @@ class Stack:
         return [json.loads(line) for line in self.flow_log.read_text().splitlines() if line.strip()]
 
 
-async def start_stack(workdir: Path) -> Stack:
+async def start_stack(workdir: Path, run_args: tuple[str, ...] = ()) -> Stack:
     """OP + upstream + enforcer, configured for each other; ready to serve."""
     workdir.mkdir(parents=True, exist_ok=True)
     port, admin_port = free_port(), free_port()
@@ -321,7 +324,7 @@ async def start_stack(workdir: Path) -> Stack:
         DEFINITIONS.format(secret=secret_file, issuer=op.issuer, host=HOST, port=port, app_port=upstream.port)
     )
     (state / "enforcer.yaml").write_text(CONFIG.format(port=port, admin_port=admin_port, state=state, op_ca=op.ca_file))
-    stack = Stack(workdir=workdir, op=op, upstream=upstream, port=port, admin_port=admin_port)
+    stack = Stack(workdir=workdir, op=op, upstream=upstream, port=port, admin_port=admin_port, run_args=run_args)
     stack.start_enforcer()
     try:
         await stack.wait_ready()

@@ -188,6 +188,35 @@ def test_idle_timeout_longer_than_absolute_is_rejected(tmp_path: Path) -> None:
     assert exc.value.issues[0].path == "sessions.idleTimeout"
 
 
+def test_several_workers_need_the_sqlite_store(tmp_path: Path) -> None:
+    """listen.workers > 1 with the in-memory session store is refused at listen.workers, with the fix."""
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text("definitions: [{file: d.yaml}]\nlisten: {workers: 2}\nsessions: {store: memory}\n")
+    with pytest.raises(ConfigError) as exc:
+        config.load_settings(cfg)
+    issue = exc.value.issues[0]
+    assert issue.path == "listen.workers" and issue.value == 2
+    assert "sessions.store: sqlite" in issue.fix
+
+
+@pytest.mark.parametrize("workers", [0, 65])
+def test_workers_option_out_of_range_is_refused(tmp_path: Path, workers: int) -> None:
+    """--workers outside 1..64 is a configuration error naming the option and the value."""
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text("definitions: [{file: d.yaml}]\n")
+    with pytest.raises(ConfigError) as exc:
+        config.with_workers(config.load_settings(cfg), workers)
+    assert exc.value.issues[0].source == "--workers" and exc.value.issues[0].value == workers
+
+
+def test_workers_option_overrides_the_config(tmp_path: Path) -> None:
+    """--workers replaces listen.workers and leaves every other setting alone."""
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text("definitions: [{file: d.yaml}]\nlisten: {port: 9443}\n")
+    settings = config.with_workers(config.load_settings(cfg), 3)
+    assert settings.model.listen.workers == 3 and settings.model.listen.port == 9443
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"), [("30", 30.0), (45, 45.0), ("10m", 600.0), ("8h", 28800.0), ("1d", 86400.0), ("250ms", 0.25)]
 )

@@ -591,6 +591,44 @@ def test_transaction_store_single_use_expiry_and_bound() -> None:
     assert store.pop("unknown", NOW) is None
 
 
+class _FakePendingBackend:
+    """The PendingBackend interface over a dict (the real one is the SQLite session store)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[str, float]] = {}
+
+    async def put_pending(self, state: str, data: str, created: float, *, max_pending: int) -> None:
+        self.rows[state] = (data, created)
+
+    async def take_pending(self, state: str, now: float, ttl: float) -> str | None:
+        row = self.rows.pop(state, None)
+        return row[0] if row is not None and now - row[1] <= ttl else None
+
+
+async def test_shared_transaction_store_round_trips_and_is_single_use() -> None:
+    """A pending login put in the shared store comes back equal, once; expired ones do not come back."""
+    store = oidc.SharedTransactionStore(_FakePendingBackend(), ttl=600)
+    await store.add(_txn("a", NOW))
+    assert await store.pop("a", NOW + 1) == _txn("a", NOW)
+    assert await store.pop("a", NOW + 1) is None
+    await store.add(_txn("b", NOW))
+    assert await store.pop("b", NOW + 601) is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    ["not json", "[]", '{"state": "a"}', '{"state": 1, "nonce": "n", "code_verifier": "v", "binding": "b", '
+     '"service": "app", "issuer": "i", "redirect_uri": "r", "return_to": "/", "created": 1}',
+     '{"state": "other", "nonce": "n", "code_verifier": "v", "binding": "b", "service": "app", "issuer": "i", '
+     '"redirect_uri": "r", "return_to": "/", "created": 1}'],
+)
+async def test_shared_transaction_store_refuses_unreadable_rows(data: str) -> None:
+    """A row that is not a complete, well-typed transaction for this very state counts as no transaction."""
+    backend = _FakePendingBackend()
+    backend.rows["a"] = (data, NOW)
+    assert await oidc.SharedTransactionStore(backend, ttl=600).pop("a", NOW) is None
+
+
 # ------------------------------------------------------------------------------ logout tokens
 
 

@@ -759,3 +759,112 @@ def test_cookie_names_with_any_unicode_space_are_malformed() -> None:
     for space in (" ", "\u00a0", "\u2003", "\u3000", "\x85"):
         assert find_cookie([f"a{space}b=1; {OURS}=v"], "a" + space + "b") == (CookieLookup.ABSENT, None)
         assert strip_cookies([f"a{space}b=1; k=v"], lambda _: False) == "k=v"
+
+
+# --- several worker processes: shared=True --------------------------------------------------
+
+
+@pytest.fixture
+async def two_workers(tmp_path: Path) -> AsyncIterator[tuple[SQLiteSessionStore, SQLiteSessionStore]]:
+    """Two shared stores on one file, as two worker processes have them."""
+    a = SQLiteSessionStore(tmp_path / "sessions.db", idle_timeout=IDLE, touch_interval=TOUCH, shared=True)
+    b = SQLiteSessionStore(tmp_path / "sessions.db", idle_timeout=IDLE, touch_interval=TOUCH, shared=True)
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+async def test_shared_a_session_made_by_one_worker_is_found_by_the_other(
+    two_workers: tuple[SQLiteSessionStore, SQLiteSessionStore],
+) -> None:
+    """A session created in one worker is read through by the other and then served from its cache."""
+    a, b = two_workers
+    handle = await a.create(make_session())
+    assert b.get_cached(handle, "app", T0 + 1) is None  # not cached yet: read through
+    assert await b.get(handle, "app", T0 + 1) == make_session()
+    assert b.get_cached(handle, "app", T0 + 1) == make_session()
+
+
+async def test_shared_logout_in_one_worker_is_seen_by_the_other_at_once(
+    two_workers: tuple[SQLiteSessionStore, SQLiteSessionStore],
+) -> None:
+    """A deletion in one worker removes the other worker's cached copy before its next lookup."""
+    a, b = two_workers
+    handle = await a.create(make_session())
+    assert await b.get(handle, "app", T0 + 1) is not None
+    await a.delete(handle)
+    assert b.get_cached(handle, "app", T0 + 2) is None
+    assert await b.get(handle, "app", T0 + 2) is None
+
+
+async def test_shared_backchannel_logout_reaches_the_other_worker(
+    two_workers: tuple[SQLiteSessionStore, SQLiteSessionStore],
+) -> None:
+    """delete_matching (back-channel logout by sid) in one worker revokes the other worker's cached copy."""
+    a, b = two_workers
+    handle = await a.create(make_session())
+    assert await b.get(handle, "app", T0 + 1) is not None
+    assert await a.delete_matching(issuer=ISSUER, sid="sid-1") == 1
+    assert b.get_cached(handle, "app", T0 + 2) is None
+    assert await b.get(handle, "app", T0 + 2) is None
+
+
+async def test_shared_idle_looking_cached_copy_is_reread_not_deleted(
+    two_workers: tuple[SQLiteSessionStore, SQLiteSessionStore],
+) -> None:
+    """A session kept alive by one worker is not expired by another whose cached copy is older."""
+    a, b = two_workers
+    handle = await a.create(make_session())
+    assert await b.get(handle, "app", T0 + 1) is not None  # b caches last_seen = T0
+    for step in range(1, 5):  # a keeps the user active past b's idea of the idle timeout
+        assert await a.get(handle, "app", T0 + step * IDLE / 2) is not None
+    later = T0 + 2.2 * IDLE
+    assert await b.get(handle, "app", later) is not None
+    assert await a.get(handle, "app", later) is not None
+
+
+async def test_shared_evicted_session_is_dropped_by_the_other_worker(tmp_path: Path) -> None:
+    """When the session cap evicts the oldest session, other workers stop serving it from their cache too."""
+    a = SQLiteSessionStore(tmp_path / "s.db", idle_timeout=IDLE, max_sessions=1, shared=True)
+    b = SQLiteSessionStore(tmp_path / "s.db", idle_timeout=IDLE, max_sessions=1, shared=True)
+    try:
+        first = await a.create(make_session())
+        assert await b.get(first, "app", T0 + 1) is not None
+        await a.create(make_session(sub="user-2", last_seen=T0 + 2))
+        assert await b.get(first, "app", T0 + 3) is None
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_shared_pending_login_is_taken_once_by_any_worker(
+    two_workers: tuple[SQLiteSessionStore, SQLiteSessionStore],
+) -> None:
+    """A pending login stored by one worker is consumed once by another; a second take gets nothing."""
+    a, b = two_workers
+    await a.put_pending("state-1", '{"x": 1}', T0, max_pending=10)
+    assert await b.take_pending("state-1", T0 + 5, ttl=600) == '{"x": 1}'
+    assert await a.take_pending("state-1", T0 + 5, ttl=600) is None
+    assert await b.take_pending("unknown", T0 + 5, ttl=600) is None
+
+
+async def test_shared_pending_login_expires_and_is_capped(sqlite_store: SQLiteSessionStore) -> None:
+    """A pending login older than the TTL is refused, and beyond the cap the oldest are dropped."""
+    await sqlite_store.put_pending("old", "{}", T0, max_pending=2)
+    assert await sqlite_store.take_pending("old", T0 + 601, ttl=600) is None
+    for i in range(3):
+        await sqlite_store.put_pending(f"s{i}", "{}", T0 + i, max_pending=2)
+    assert await sqlite_store.take_pending("s0", T0 + 5, ttl=600) is None
+    assert await sqlite_store.take_pending("s2", T0 + 5, ttl=600) == "{}"
+
+
+async def test_shared_cache_is_dropped_when_the_revocation_check_fails(
+    two_workers: tuple[SQLiteSessionStore, SQLiteSessionStore],
+) -> None:
+    """If the file cannot be asked about revocations, the cache is dropped (fail closed), not trusted."""
+    a, b = two_workers
+    handle = await a.create(make_session())
+    assert await b.get(handle, "app", T0 + 1) is not None
+    assert b._watch is not None
+    b._watch.close()  # every query on it now raises sqlite3.ProgrammingError
+    assert b.get_cached(handle, "app", T0 + 2) is None

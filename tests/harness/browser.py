@@ -421,8 +421,10 @@ class ScriptedBrowser:
         headers: Mapping[str, str] | None = None,
         resolve: Mapping[str, str] | None = None,
         timeout: float = 30.0,
+        new_connection_per_request: bool = False,
     ) -> None:
         self.ssl_context = ssl_context or ssl.create_default_context()
+        self.force_close = new_connection_per_request
         self.headers = dict(DEFAULT_HEADERS if headers is None else headers)
         self.resolve = dict(resolve or {})
         self.timeout = timeout
@@ -440,7 +442,7 @@ class ScriptedBrowser:
             connector = aiohttp.TCPConnector(
                 ssl=self.ssl_context,
                 resolver=StaticResolver(self.resolve),
-                force_close=False,
+                force_close=self.force_close,
                 limit=10,
             )
             self._session = aiohttp.ClientSession(
