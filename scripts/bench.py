@@ -13,6 +13,10 @@ Columns (``--columns``):
                   login against the same OP (its own client registration), ``Require valid-user``.
 * ``enforcer`` -- ``python -m enforcer run`` with production defaults: flow log on, SQLite
                   sessions, uvloop, the policy allowing ``GET /*`` to ``groups=staff``.
+* ``enforcer-2w`` -- the same with ``--workers 2`` (a supervisor and two worker processes
+                  sharing the port with SO_REUSEPORT; own state dir, port and OP client).
+                  Pinned to the one server core like everything else, two workers cannot go
+                  faster there: see the scaling runs (d) below.
 
 Servers (upstream, proxies, OP) are pinned to core 0, the load generator (wrk) and this
 driver (which runs the scripted-browser logins) to core 1.  Per column and repetition:
@@ -24,6 +28,21 @@ driver (which runs the scripted-browser logins) to core 1.  Per column and repet
 (c) ``--logins`` complete login round trips, one after the other, each with a fresh client:
     GET protected -> OP -> login form -> POST -> callback -> app page (checked).
 
+Once at the end, after all repetitions (so the per-repetition figures above are never
+measured with the extra sessions in memory):
+
+(d) workers scaling, when both ``enforcer`` and ``enforcer-2w`` run: per repetition, the
+    keep-alive load (a) once more for each, *unpinned*: the servers (upstream and enforcer)
+    and wrk may all use every core, so wrk shares the cores with the servers.  Reported as
+    the separate "workers scaling (unpinned)" table: req/s and CPU per request, 2w / 1w.
+(e) ``--sessions N`` live sessions (default 10,000; quick 1,000; 0 = off) for each enforcer
+    column: N realistic sessions (unique users, tags from the enforcer's own claims_to_tags,
+    an ID token of the real one's shape, about its size) are written to the enforcer's SQLite
+    session store with its own ``SQLiteSessionStore.create``, then each is used once for a GET
+    through the enforcer over TLS (8 keep-alive connections; every answer must be 200 + the upstream
+    body), which loads it into the enforcer's in-process session cache; then the RSS/PSS of
+    the enforcer's process tree is recorded ("RSS with N live sessions"; target <= 80 MB).
+
 Server CPU is utime+stime of the server's process tree (all threads, live children and reaped
 ones) from /proc over the run, divided by the requests wrk completed.  For the proxies the
 upstream's own CPU is reported separately (it is the same work for every column).
@@ -33,9 +52,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import ctypes
+import dataclasses
 import datetime as dt
+import functools
+import hashlib
 import json
 import os
 import platform
@@ -45,12 +68,14 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +91,12 @@ if str(REPO) not in sys.path:
 from tests.harness.browser import ScriptedBrowser  # noqa: E402
 from tests.harness.op import OPUser, RunningOP, make_tls_material, start_op  # noqa: E402
 
-ALL_COLUMNS = ("bare", "nginx", "apache", "enforcer")
-AUTH_COLUMNS = ("apache", "enforcer")
+ALL_COLUMNS = ("bare", "nginx", "apache", "enforcer", "enforcer-2w")
+ENFORCER_WORKERS = {"enforcer": 1, "enforcer-2w": 2}  # enforcer columns -> --workers
+AUTH_COLUMNS = ("apache", *ENFORCER_WORKERS)
+SERVICE = "app"  # the enforcer's service name in ENFORCER_DEFINITIONS
+TOUCH_CONNECTIONS = 8  # keep-alive connections that use each live session once
+RSS_TARGET_MIB = 80e6 / 2**20  # issue #5: RSS <= 80 MB with 10,000 live sessions
 HOST = "localhost"  # resolves to 127.0.0.1 only (/etc/hosts); wrk sends it as SNI
 USER, PASSWORD = "alice", "alice-pw"
 USERS = {
@@ -201,6 +230,19 @@ def parse_http_response(raw: bytes) -> tuple[int, bytes]:
             out, rest = out + rest[:size], rest[size + 2:]
         body = out
     return status, body
+
+
+def set_tree_affinity(root: int, cpus: set[int]) -> None:
+    """Move every thread of every process in the tree to ``cpus`` (new threads and forked
+    children inherit it from their creator)."""
+    for pid in tree_pids(root):
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            with contextlib.suppress(OSError, ValueError):
+                os.sched_setaffinity(int(tid), cpus)
 
 
 def tree_memory(root: int) -> dict[str, float]:
@@ -463,6 +505,11 @@ class Bench:
         self.columns: dict[str, Column] = {}
         self.trust = ssl.create_default_context()
         self.versions: dict[str, str] = {}
+        # every core this process may use, before amain() pins it to the client core
+        self.all_cpus = set(os.sched_getaffinity(0))
+        self.enforcer_clients: dict[str, tuple[str, str]] = {}  # column -> (client id, secret)
+        self.enforcer_ports: dict[str, int] = {}
+        self.enforcer_state: dict[str, Path] = {}
 
     # ------------------------------------------------------------ start
 
@@ -494,8 +541,9 @@ class Bench:
             await self._start_op()
         if "apache" in wanted:
             await self._start_column("apache", self._start_apache)
-        if "enforcer" in wanted:
-            await self._start_column("enforcer", self._start_enforcer)
+        for name, workers in ENFORCER_WORKERS.items():
+            if name in wanted:
+                await self._start_column(name, functools.partial(self._start_enforcer, name, workers))
 
     async def _start_column(self, name: str, starter: Callable[[], Any]) -> None:
         try:
@@ -525,17 +573,21 @@ class Bench:
 
     async def _start_op(self) -> None:
         self.apache_client = ("apache-client", "apache-" + secrets.token_hex(12))
-        self.enforcer_client = ("enforcer-client", "enforcer-" + secrets.token_hex(12))
-        self.apache_port, self.enforcer_port = free_port(), free_port()
-        clients = [
+        self.apache_port = free_port()
+        clients: list[dict[str, Any]] = [
             {"client_id": self.apache_client[0], "client_secret": self.apache_client[1],
              "redirect_uris": [f"https://{HOST}:{self.apache_port}/redirect_uri"],
              "token_endpoint_auth_method": "client_secret_basic"},
-            {"client_id": self.enforcer_client[0], "client_secret": self.enforcer_client[1],
-             "redirect_uris": [f"https://{HOST}:{self.enforcer_port}/oauth2/callback"],
-             "post_logout_redirect_uris": [f"https://{HOST}:{self.enforcer_port}/"],
-             "token_endpoint_auth_method": "client_secret_basic"},
         ]
+        for name in ENFORCER_WORKERS:  # one client registration per enforcer column
+            client = (f"{name}-client", f"{name}-" + secrets.token_hex(12))
+            port = free_port()
+            self.enforcer_clients[name], self.enforcer_ports[name] = client, port
+            clients.append(
+                {"client_id": client[0], "client_secret": client[1],
+                 "redirect_uris": [f"https://{HOST}:{port}/oauth2/callback"],
+                 "post_logout_redirect_uris": [f"https://{HOST}:{port}/"],
+                 "token_endpoint_auth_method": "client_secret_basic"})
         self.op = await start_op(self.workdir / "op", clients=clients, users=USERS)
         self._pin_all_threads(self.op.pid)
         self.trust.load_verify_locations(cadata=self.op.ca_pem.decode())
@@ -567,34 +619,34 @@ class Bench:
         await wait_http(url, proc, ssl_ctx=self.trust, accept=lambda s: s == 302)
         return Column("apache", url, proc=proc)
 
-    async def _start_enforcer(self) -> Column:
+    async def _start_enforcer(self, name: str, workers: int) -> Column:
+        """An enforcer column: ``workers`` > 1 adds ``--workers N`` (supervisor + N workers)."""
         if self.op is None:
             raise RuntimeError("no OP")
-        state = self.workdir / "enforcer"
+        state = self.workdir / name
         state.mkdir()
-        port, admin_port = self.enforcer_port, free_port()
+        client_id, client_secret = self.enforcer_clients[name]
+        port, admin_port = self.enforcer_ports[name], free_port()
         secret_file = state / "client-secret"
-        secret_file.write_text(self.enforcer_client[1])
+        secret_file.write_text(client_secret)
         secret_file.chmod(0o600)
         (state / "definitions.yaml").write_text(ENFORCER_DEFINITIONS.format(
-            client_id=self.enforcer_client[0], secret=secret_file, issuer=self.op.issuer,
+            client_id=client_id, secret=secret_file, issuer=self.op.issuer,
             host=HOST, port=port, app_port=self.up_port,
         ))
         (state / "enforcer.yaml").write_text(ENFORCER_CONFIG.format(
             port=port, admin_port=admin_port, state=state, op_ca=self.op.ca_file,
         ))
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = self._spawn(
-            "enforcer",
-            [sys.executable, "-m", "enforcer", "run", "-c", str(state / "enforcer.yaml"),
-             "--log-level", "warning"],
-            cwd=REPO, env=env,
-        )
+        cmd = [sys.executable, "-m", "enforcer", "run", "-c", str(state / "enforcer.yaml"), "--log-level", "warning"]
+        if workers > 1:
+            cmd += ["--workers", str(workers)]  # an enforcer without the option exits: "start failed"
+        proc = self._spawn(name, cmd, cwd=REPO, env=env)
         await wait_http(f"http://127.0.0.1:{admin_port}/readyz", proc, timeout=60,
                         accept=lambda s: s == 200)
         self.trust.load_verify_locations(cafile=str(state / "ca" / "ca.crt"))
-        self.enforcer_state = state
-        return Column("enforcer", f"https://{HOST}:{port}/", proc=proc)
+        self.enforcer_state[name] = state
+        return Column(name, f"https://{HOST}:{port}/", proc=proc)
 
     # ------------------------------------------------------------ stop
 
@@ -661,14 +713,17 @@ class Bench:
 
     # ------------------------------------------------------------ load
 
-    async def wrk(self, col: Column, *, close: bool, duration: float, connections: int) -> dict[str, Any]:
+    def all_cpus_arg(self) -> str:
+        return ",".join(str(c) for c in sorted(self.all_cpus))
+
+    async def wrk(self, col: Column, *, close: bool, duration: float, connections: int,
+                  unpinned: bool = False) -> dict[str, Any]:
         env = dict(os.environ, BENCH_COOKIE=col.cookie, BENCH_BODY=BODY,
                    BENCH_CLOSE="1" if close else "0")
-        cmd = self.cores.wrap(
-            ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
-             "--timeout", "10s", "-s", str(WRK_SCRIPT), col.url],
-            server=False,
-        )
+        cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
+               "--timeout", "10s", "-s", str(WRK_SCRIPT), col.url]
+        # unpinned: every core (this process itself is pinned to the client core, wrk would inherit it)
+        cmd = ["taskset", "-c", self.all_cpus_arg(), *cmd] if unpinned else self.cores.wrap(cmd, server=False)
         proc = await asyncio.create_subprocess_exec(
             *cmd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             preexec_fn=_die_with_parent,
@@ -757,18 +812,21 @@ class Bench:
         }
 
     async def load_run(self, col: Column, *, close: bool, duration: float,
-                       full_handshake: bool = False) -> dict[str, Any]:
+                       full_handshake: bool = False, unpinned: bool = False) -> dict[str, Any]:
+        """One measured run.  ``unpinned`` (keep-alive only): the caller has let the servers
+        use every core; wrk runs on every core too and "server core busy" is all cores."""
         assert col.proc is not None
         assert self.upstream is not None
         connections = self.args.newconn_connections if close else self.args.connections
         await self.ensure_cookie(col)
         if not close and self.args.warmup > 0:
-            await self.wrk(col, close=False, duration=self.args.warmup, connections=connections)
+            await self.wrk(col, close=False, duration=self.args.warmup, connections=connections, unpinned=unpinned)
         up_measured = col.proc is not self.upstream
         cpu0 = tree_cpu_seconds(col.proc.pid)
         up0 = tree_cpu_seconds(self.upstream.pid) if up_measured else 0.0
         steal0 = cpu_steal()
-        core0 = core_times(self.cores.server)
+        server_core = None if unpinned else self.cores.server
+        core0 = core_times(server_core)
         t0 = time.monotonic()
         if full_handshake:
             own0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -776,13 +834,14 @@ class Bench:
             own1 = resource.getrusage(resource.RUSAGE_SELF)
             result["client_cpu_s"] = own1.ru_utime + own1.ru_stime - own0.ru_utime - own0.ru_stime
         else:
-            result = await self.wrk(col, close=close, duration=duration, connections=connections)
+            result = await self.wrk(col, close=close, duration=duration, connections=connections,
+                                    unpinned=unpinned)
         wall = time.monotonic() - t0
         cpu = tree_cpu_seconds(col.proc.pid) - cpu0
         up_cpu = (tree_cpu_seconds(self.upstream.pid) - up0) if up_measured else None
         mem = tree_memory(col.proc.pid)
         steal = cpu_steal() - steal0
-        core1 = core_times(self.cores.server)
+        core1 = core_times(server_core)
         core_busy = (core1[0] - core0[0]) / (core1[1] - core0[1]) if core1[1] > core0[1] else None
         n = result["requests"]
         invalid = []
@@ -798,7 +857,8 @@ class Bench:
         errors = sum(result[k] for k in ("connect_errors", "read_errors", "write_errors", "timeouts"))
         run = {
             "column": col.name,
-            "mode": "fullhs" if full_handshake else ("newconn" if close else "keepalive"),
+            "mode": "fullhs" if full_handshake else ("newconn" if close else
+                                                     ("scaling" if unpinned else "keepalive")),
             "connections": connections,
             "duration_s": round(result["duration_us"] / 1e6, 3),
             "wall_s": round(wall, 3),
@@ -824,7 +884,7 @@ class Bench:
             "wrk": result,
         }
         flag = "" if run["valid"] else f"  INVALID: {run['invalid_reason']}"
-        log(f"{col.name:8s} {run['mode']:9s} {run['rps']:9.0f} req/s  p50 {run['p50_ms']:.2f} ms"
+        log(f"{col.name:11s} {run['mode']:9s} {run['rps']:9.0f} req/s  p50 {run['p50_ms']:.2f} ms"
             f"  p99 {run['p99_ms']:.2f} ms  cpu {run['cpu_us_per_req']} us/req"
             f"  rss {mem['rss_mib']} MiB{flag}")
         return run
@@ -855,8 +915,114 @@ class Bench:
             "invalid_reason": "; ".join(errors[:3]),
         }
         flag = "" if run["valid"] else f"  INVALID: {run['invalid_reason']}"
-        log(f"{col.name:8s} login     median {run['median_ms']} ms over {len(times)}/{count}{flag}")
+        log(f"{col.name:11s} login     median {run['median_ms']} ms over {len(times)}/{count}{flag}")
         return run
+
+    # ------------------------------------------------------------ (d) workers scaling
+
+    async def scaling_run(self, col: Column) -> dict[str, Any]:
+        """Keep-alive load with the servers (this column's tree and the upstream) and wrk
+        allowed on every core; the servers are pinned back afterwards."""
+        assert col.proc is not None
+        assert self.upstream is not None
+        trees = (col.proc.pid, self.upstream.pid)
+        for pid in trees:
+            set_tree_affinity(pid, self.all_cpus)
+        try:
+            return await self.load_run(col, close=False, duration=self.args.duration, unpinned=True)
+        finally:
+            if self.cores.server is not None:
+                for pid in trees:
+                    set_tree_affinity(pid, {int(self.cores.server)})
+
+    # ------------------------------------------------------------ (e) live sessions
+
+    async def sessions_run(self, col: Column, count: int) -> dict[str, Any]:
+        """Create ``count`` sessions in the column's SQLite store, use each once through the
+        enforcer (into its session cache), then measure the memory of the process tree."""
+        from enforcer import session as sessions  # noqa: PLC0415 -- only this phase needs the package
+
+        assert col.proc is not None
+        await self.ensure_cookie(col)
+        found, handle = sessions.find_cookie([col.cookie], sessions.session_cookie_name(SERVICE))
+        if found is not sessions.CookieLookup.FOUND or not handle:
+            raise RuntimeError(f"{col.name}: no session cookie in {col.cookie[:80]!r}")
+        mem0 = tree_memory(col.proc.pid)
+        db = self.enforcer_state[col.name] / "sessions.db"
+        store = sessions.SQLiteSessionStore(db, idle_timeout=8 * 3600.0, max_sessions=max(100_000, 2 * count))
+        t0 = time.monotonic()
+        try:
+            # the bench user's real session (from the login through the OP) is the template
+            template = await store.get(handle, SERVICE, time.time())
+            if template is None:
+                raise RuntimeError(f"{col.name}: the bench session is not in {db}")
+            # get() may leave the ID token out (the store's cache keeps sessions without it)
+            real_token = template.id_token if template.id_token.count(".") == 2 else raw_id_token(db, handle)
+            factory = SyntheticSessions(template, real_token)
+            cookie_name = sessions.session_cookie_name(SERVICE)
+            cookies = [f"{cookie_name}={await store.create(factory.make(i, time.time()))}" for i in range(count)]
+            stored = await store.count()
+        finally:
+            await store.close()
+        created_s = time.monotonic() - t0
+        log(f"{col.name:11s} sessions  created {count} in {created_s:.1f} s ({stored} in the store); "
+            f"ID token {len(factory.real_token)} bytes (real) / {factory.sample_token_len} (synthetic)")
+        cpu0 = tree_cpu_seconds(col.proc.pid)
+        t1 = time.monotonic()
+        touched = await self.touch_sessions(col, cookies)
+        touch_s = time.monotonic() - t1
+        cpu = tree_cpu_seconds(col.proc.pid) - cpu0
+        await asyncio.sleep(0.5)  # let the last responses' buffers go
+        mem = tree_memory(col.proc.pid)
+        invalid = []
+        if touched["ok"] != count:
+            invalid.append(f"{touched['ok']}/{count} touches were 200 + body; {touched['bad']} other answers, "
+                           f"{touched['errors']} errors (first: {touched['sample']})")
+        run = {
+            "column": col.name, "mode": "sessions", "sessions": count, "stored": stored,
+            "ok": touched["ok"], "bad": touched["bad"], "errors": touched["errors"],
+            "bad_sample": touched["sample"],
+            "create_s": round(created_s, 3), "touch_s": round(touch_s, 3),
+            "touch_rps": round(count / touch_s, 1) if touch_s else None,
+            "cpu_us_per_touch": round(cpu * 1e6 / count, 1) if count else None,
+            "rss_before_mib": mem0["rss_mib"], "pss_before_mib": mem0["pss_mib"], **mem,
+            "id_token_bytes": factory.sample_token_len, "real_id_token_bytes": len(factory.real_token),
+            "valid": not invalid, "invalid_reason": "; ".join(invalid),
+        }
+        flag = "" if run["valid"] else f"  INVALID: {run['invalid_reason']}"
+        log(f"{col.name:11s} sessions  touched {touched['ok']}/{count} in {touch_s:.1f} s "
+            f"({run['touch_rps']}/s, {run['cpu_us_per_touch']} us cpu each); RSS {mem0['rss_mib']} -> "
+            f"{mem['rss_mib']} MiB, PSS {mem0['pss_mib']} -> {mem['pss_mib']} MiB{flag}")
+        return run
+
+    async def touch_sessions(self, col: Column, cookies: Sequence[str]) -> dict[str, Any]:
+        """One GET per cookie over TOUCH_CONNECTIONS keep-alive TLS connections; counts answers."""
+        counts = {"ok": 0, "bad": 0, "errors": 0}
+        sample: list[str] = []
+        todo = iter(cookies)
+        body = BODY.encode()
+        connector = aiohttp.TCPConnector(ssl=self.trust, limit=TOUCH_CONNECTIONS)
+        async with aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as http:
+
+            async def worker() -> None:
+                for cookie in todo:  # shared: each cookie is used by exactly one worker, once
+                    try:
+                        async with http.get(col.url, headers={"Cookie": cookie}, allow_redirects=False,
+                                            timeout=aiohttp.ClientTimeout(total=30)) as r:
+                            got = await r.read()
+                            if r.status == 200 and got == body:
+                                counts["ok"] += 1
+                                continue
+                            counts["bad"] += 1
+                            if not sample:
+                                sample.append(f"{r.status} {r.headers.get('Location', '')} {got[:120]!r}")
+                    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                        counts["errors"] += 1
+                        if not sample:
+                            sample.append(f"error {exc!r}")
+
+            await asyncio.gather(*(worker() for _ in range(TOUCH_CONNECTIONS)))
+        return {**counts, "sample": sample[0] if sample else ""}
 
     async def run_all(self) -> None:
         args = self.args
@@ -881,6 +1047,111 @@ class Bench:
                     if col.proc is not None and not col.proc.alive():
                         log(f"{col.name} died:\n{col.proc.tail()}")
                         break
+        await self.run_scaling()
+        await self.run_sessions()
+
+    def _usable(self, name: str) -> Column | None:
+        col = self.columns.get(name)
+        if col is None or col.proc is None or col.error or not col.proc.alive():
+            return None
+        return col
+
+    async def run_scaling(self) -> None:
+        pair = [c for c in (self._usable(n) for n in ENFORCER_WORKERS) if c is not None]
+        if len(pair) < 2:
+            if len(self.args.columns) > 1 and any(n in self.args.columns for n in ENFORCER_WORKERS):
+                log("workers scaling: skipped (needs both enforcer and enforcer-2w running)")
+            return
+        log(f"workers scaling: keep-alive runs with servers and wrk on CPUs {self.all_cpus_arg()} (unpinned)")
+        for rep in range(self.args.reps):
+            for col in pair[rep % 2:] + pair[: rep % 2]:
+                if col.error:
+                    continue
+                try:
+                    col.runs.append({**await self.scaling_run(col), "rep": rep})
+                except Exception as exc:
+                    log(f"{col.name}: scaling run failed: {exc}")
+                    col.error = f"scaling run failed: {exc}"[:1000]
+
+    async def run_sessions(self) -> None:
+        if self.args.sessions <= 0:
+            return
+        for name in ENFORCER_WORKERS:
+            col = self._usable(name)
+            if col is None:
+                continue
+            try:
+                col.runs.append({**await self.sessions_run(col, self.args.sessions), "rep": 0})
+            except Exception as exc:
+                log(f"{col.name}: sessions run failed: {exc!r}")
+                col.error = f"sessions run failed: {exc!r}"[:1000]
+
+
+def raw_id_token(db: Path, handle: str) -> str:
+    """The stored ID token of a session, read from the file (rows are keyed by SHA-256(handle))."""
+    key = hashlib.sha256(handle.encode("ascii")).digest()
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        row = conn.execute("SELECT id_token FROM sessions WHERE key = ?", (key,)).fetchone()
+    if row is None or not isinstance(row[0], str) or row[0].count(".") != 2:
+        raise RuntimeError(f"no ID token (JWS) stored for the bench session in {db}")
+    return row[0]
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _random_like(value: str) -> str:
+    """A random URL-safe string as long as ``value`` (a signature, sid, nonce ...)."""
+    return secrets.token_urlsafe(len(value) + 3)[: len(value)]
+
+
+class SyntheticSessions:
+    """Realistic sessions of distinct users, modelled on the bench user's real one: the same
+    service, issuer and lifetime; a UUID ``sub``, ``userN@example.com``, ``groups`` staff
+    (what the bench policy allows) plus a team; tags from the enforcer's own claims_to_tags
+    of the user's claims; and an ID token of the real one's shape and about its size (the real claims
+    with this user's values, a random signature of the same length)."""
+
+    def __init__(self, template: Any, real_token: str) -> None:
+        from enforcer.oidc import claims_to_tags  # noqa: PLC0415
+
+        self.template = template
+        self.claims_to_tags = claims_to_tags
+        self.real_token = real_token
+        header, payload, signature = self.real_token.split(".")
+        self.header, self.signature = header, signature
+        self.claims: dict[str, Any] = json.loads(_b64url_decode(payload))
+        self.sample_token_len = 0
+
+    def make(self, i: int, now: float) -> Any:
+        t = self.template
+        user = f"user{i}"
+        claims = dict(self.claims)
+        for key in ("sid", "nonce", "at_hash", "jti"):  # per-user / per-login values
+            if isinstance(claims.get(key), str):
+                claims[key] = _random_like(claims[key])
+        claims.update({
+            "sub": str(uuid.uuid4()), "email": f"{user}@example.com", "email_verified": True,
+            "preferred_username": user, "name": f"User {i}", "groups": ["staff", f"team-{i % 100}"],
+            "iat": int(now), "exp": int(now) + 600,
+        })
+        if "auth_time" in claims:
+            claims["auth_time"] = int(now)
+        payload = _b64url(json.dumps(claims, separators=(",", ":")).encode())
+        id_token = f"{self.header}.{payload}.{_random_like(self.signature)}"
+        self.sample_token_len = len(id_token)
+        sid = claims.get("sid")
+        return dataclasses.replace(
+            t, sub=claims["sub"], email=claims["email"], username=user, tags=self.claims_to_tags(claims),
+            sid=sid if isinstance(sid, str) else None, id_token=id_token,
+            created=now, last_seen=now, expires=now + (t.expires - t.created),
+            refresh_token=_random_like(t.refresh_token) if t.refresh_token else None,
+        )
 
 
 # ---------------------------------------------------------------- report
@@ -911,17 +1182,45 @@ METRICS: list[tuple[str, str, str, str]] = [
     ("login_cpu_us", "login", "cpu_us_per_login", "server CPU µs / login (excl. OP)"),
     ("rss_mib", "keepalive", "rss_mib", "RSS of the server tree, MiB (after load)"),
     ("pss_mib", "keepalive", "pss_mib", "PSS of the server tree, MiB (after load)"),
+    # (e), enforcer columns only; no ratio (no baseline has sessions); {sessions} = --sessions
+    ("sess_rss_mib", "sessions", "rss_mib", "RSS with {sessions:,} live sessions, MiB"),
+    ("sess_pss_mib", "sessions", "pss_mib", "PSS with {sessions:,} live sessions, MiB"),
+    ("sess_touch_cpu_us", "sessions", "cpu_us_per_touch", "server CPU µs / first request of a session"),
 ]
 RATIO_KEYS = ("ka_rps", "ka_p50_ms", "ka_cpu_us", "nc_cpu_us", "fh_cpu_us", "login_ms", "rss_mib")
+# (d) the separate "workers scaling (unpinned)" table: enforcer vs enforcer-2w
+SCALING_METRICS: list[tuple[str, str, str, str]] = [
+    ("sc_rps", "scaling", "rps", "keep-alive req/s (64 conns)"),
+    ("sc_cpu_us", "scaling", "cpu_us_per_req", "server CPU µs / request"),
+    ("sc_p50_ms", "scaling", "p50_ms", "keep-alive p50 latency, ms"),
+    ("sc_cpu_util", "scaling", "cpu_util", "server CPU busy (cores)"),
+    ("sc_client_util", "scaling", "client_cpu_util", "wrk CPU busy (cores)"),
+    ("sc_cores_busy", "scaling", "server_core_busy", "all CPUs busy (fraction, all tasks)"),
+]
 
 
 def summarise(col: Column) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     valid = not col.error and bool(col.runs) and all(r["valid"] for r in col.runs)
-    for key, mode, fld, _ in METRICS:
+    for key, mode, fld, _ in METRICS + SCALING_METRICS:
         values = [r[fld] for r in col.runs if r["mode"] == mode and r.get(fld) is not None]
         summary[key] = _spread(values)
     return {"valid": valid, "error": col.error, "logins_for_load": col.logins, **summary}
+
+
+def workers_scaling(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """(d): per scaling metric the medians of 1 and 2 workers and their ratio 2w / 1w."""
+    one, two = summaries.get("enforcer"), summaries.get("enforcer-2w")
+    if not one or not two or not one.get("sc_rps") or not two.get("sc_rps"):
+        return {}
+    out: dict[str, dict[str, float | None]] = {}
+    for key, _, _, _ in SCALING_METRICS:
+        a, b = one.get(key), two.get(key)
+        out[key] = {
+            "1w": a["median"] if a else None, "2w": b["median"] if b else None,
+            "ratio": round(b["median"] / a["median"], 3) if a and b and a["median"] else None,
+        }
+    return out
 
 
 def ratios(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -1020,7 +1319,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|" + "---:|" * (len(cols) + len(report["ratios"])),
     ]
     ratio_labels = {k: k for k in RATIO_KEYS}
-    for key, _, _, label in METRICS:
+    for key, _, _, label_template in METRICS:
+        label = label_template.format(sessions=a.get("sessions", 0))
         cells = [_cell(report["columns"][c]["summary"].get(key), report["columns"][c]["summary"]["valid"])
                  for c in cols]
         rcells = []
@@ -1030,6 +1330,24 @@ def render_markdown(report: dict[str, Any]) -> str:
         if all(c == DASH for c in cells):
             continue
         lines.append(f"| {label} | " + " | ".join(cells) + (" | " + " | ".join(rcells) if rcells else "") + " |")
+    scaling = report.get("workers_scaling") or {}
+    if scaling:
+        one, two = report["columns"]["enforcer"]["summary"], report["columns"]["enforcer-2w"]["summary"]
+        lines += [
+            "",
+            f"Workers scaling (unpinned): the keep-alive run once more per repetition with the servers "
+            f"and wrk free to use every CPU ({a.get('all_cpus', '?')}), so wrk shares the cores with "
+            f"the servers; with {m['nproc']} CPUs a second worker can gain at most what wrk, the "
+            "upstream and the kernel leave free.",
+            "",
+            "| workers scaling (unpinned) | enforcer (1 worker) | enforcer-2w (2 workers) | 2w / 1w |",
+            "|---|---:|---:|---:|",
+        ]
+        for key, _, _, label in SCALING_METRICS:
+            row = scaling.get(key, {})
+            ratio = row.get("ratio")
+            lines.append(f"| {label} | {_cell(one.get(key), one['valid'])} | {_cell(two.get(key), two['valid'])} | "
+                         + (f"{ratio:.2f}{TIMES}" if ratio is not None else "") + " |")
     lines += ["", "Validity: " + "; ".join(
         f"{c}: {'valid' if report['columns'][c]['summary']['valid'] else 'INVALID ' + report['columns'][c]['summary']['error']}"
         for c in cols
@@ -1040,13 +1358,30 @@ def render_markdown(report: dict[str, Any]) -> str:
         "connect, no TLS); `nginx` is a TLS reverse proxy without auth (access log on, upstream "
         "keep-alive pool); `apache` is Apache 2.4 mpm_event + mod_auth_openidc (shm session cache, "
         "access log on); `enforcer` runs with production defaults (flow log, SQLite sessions, "
-        "uvloop, one process). Server CPU is the server's process tree only (for the proxies the "
+        "uvloop, one process); `enforcer-2w` is the same with `--workers 2` (a supervisor and two "
+        "workers on one SO_REUSEPORT port; its process tree is measured), pinned to the same single "
+        "server core, where a second worker cannot add throughput (see the unpinned table). Server CPU is the server's process tree only (for the proxies the "
         "upstream's own CPU is in the JSON as `upstream_cpu_us_per_req`). Every response of every "
         "run is checked to be a 200 with the upstream's 100-byte body; a run with any other is "
         "marked INVALID. Ratios are enforcer ÷ baseline of the medians (for req/s higher is better "
         "for the enforcer, for CPU, latency and memory lower is).",
         "",
     ]
+    if a.get("sessions"):
+        lines[-1:] = [
+            "",
+            f"Live sessions (once, after all repetitions): {a['sessions']:,} sessions of distinct users "
+            "(tags like `email=user123@example.com`, `groups=staff`, `groups=team-23`; an ID token of "
+            "the real one's shape, about its size) are written to the enforcer's SQLite store with its own "
+            "`SQLiteSessionStore.create`, then each is used once for a GET through the enforcer over "
+            f"TLS ({TOUCH_CONNECTIONS} keep-alive connections, every answer checked to be 200 + body), "
+            "which puts it into the enforcer's in-process session cache (10,000 entries by default); "
+            "then the RSS/PSS of the process tree is read. The rows \"RSS/PSS after load\" are the "
+            "same processes with the one bench session. Target (issue #5): RSS <= 80 MB "
+            f"= {RSS_TARGET_MIB:.1f} MiB with 10,000 live sessions. No ratio: no baseline keeps sessions "
+            "this way.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -1067,6 +1402,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=64, help="keep-alive connections (default 64)")
     p.add_argument("--newconn-connections", type=int, default=16,
                    help="concurrent clients in the new-connection runs (default 16)")
+    p.add_argument("--sessions", type=int,
+                   help="live sessions for the memory phase of the enforcer columns (default 10000, quick 1000; "
+                        "0 = off)")
     p.add_argument("--out", type=Path, default=REPO / "results", help="results folder (default results/)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     args = p.parse_args(argv)
@@ -1081,6 +1419,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.reps = args.reps if args.reps is not None else (1 if q else 3)
     args.logins = args.logins if args.logins is not None else (3 if q else 20)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if q else 2.0)
+    args.sessions = args.sessions if args.sessions is not None else (1000 if q else 10_000)
+    if not 0 <= args.sessions <= 200_000:
+        p.error("--sessions must be 0..200000")
     for name in ("duration", "newconn_duration"):
         if not 1 <= getattr(args, name) <= 600:
             p.error(f"--{name.replace('_', '-')} must be between 1 and 600 seconds")
@@ -1134,11 +1475,13 @@ async def amain(args: argparse.Namespace) -> int:
             "warmup": args.warmup, "connections": args.connections,
             "newconn_connections": args.newconn_connections, "logins": args.logins,
             "server_cpu": bench.cores.server, "client_cpu": bench.cores.client,
-            "body_bytes": len(BODY),
+            "all_cpus": bench.all_cpus_arg(), "sessions": args.sessions,
+            "rss_target_mib": round(RSS_TARGET_MIB, 1), "body_bytes": len(BODY),
         },
         "columns": {name: {"summary": summaries[name], "runs": col.runs}
                     for name, col in bench.columns.items()},
         "ratios": ratios(summaries),
+        "workers_scaling": workers_scaling(summaries),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{started:%Y-%m-%d}" + ("-quick" if args.quick else "")

@@ -36,17 +36,26 @@ def test_quick_bench_enforcer_column_is_valid(tmp_path: Path) -> None:
     enforcer = report["columns"]["enforcer"]
     assert enforcer["summary"]["valid"], detail
     modes = {run["mode"] for run in enforcer["runs"]}
-    assert modes == {"keepalive", "newconn", "fullhs", "login"}, modes
+    assert modes == {"keepalive", "newconn", "fullhs", "login", "sessions"}, modes
     for run in enforcer["runs"]:
         assert run["valid"], run
         if run["mode"] == "login":
             assert run["ok"] == run["count"] > 0
+        elif run["mode"] == "sessions":
+            # --quick: 1,000 live sessions, each used once through the enforcer (200 + body)
+            assert run["sessions"] == report["settings"]["sessions"] == 1000
+            assert run["ok"] == 1000
+            assert run["bad"] == run["errors"] == 0
+            assert run["stored"] >= 1000
+            assert run["rss_mib"] > 0
         else:
             assert run["requests"] > 0
             assert run["cpu_us_per_req"] is not None
             assert run["wrk"]["bad_status"] == run["wrk"]["bad_body"] == 0
     assert enforcer["summary"]["ka_rps"]["median"] > 0
     assert enforcer["summary"]["rss_mib"]["median"] > 0
+    assert enforcer["summary"]["sess_rss_mib"]["median"] > 0
+    assert "RSS with 1,000 live sessions, MiB" in (out / reports[0].name.replace(".json", ".md")).read_text()
     assert report["columns"]["bare"]["summary"]["valid"], detail
     assert "enforcer/bare" in report["ratios"]
     assert proc.returncode == 0, detail
