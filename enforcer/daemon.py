@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -284,6 +285,7 @@ class Daemon:
             len(definitions.services),
             ", ".join(f"{svc.name} ({', '.join(svc.hosts)})" for svc in definitions.services) or "none",
         )
+        tune_gc()
         if on_ready is not None and not on_ready.done():
             on_ready.set_result(None)
         if self.role == "single":
@@ -488,6 +490,21 @@ class Daemon:
         return runner
 
 
+GC_THRESHOLDS = (20_000, 50, 100)
+"""CPython's default (700, 10, 10) runs a young-generation collection every few proxied
+requests (each allocates hundreds of containers that reference counting frees anyway).
+A collection scans only what is still alive, so rarer ones cost about the same each:
+measured ~3 % of the CPU of a keep-alive request before this change."""
+
+
+def tune_gc() -> None:
+    """Once the daemon is set up: move everything made so far out of the collector's way
+    (``gc.freeze``: also keeps forked workers from dirtying shared pages) and collect less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop  # noqa: PLC0415  (optional speed-up)
@@ -563,6 +580,8 @@ class Master:
         metrics_module.enable_multiprocess(s.stateDir / "metrics")
         s.stateDir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.context = listener.dispatch_context()
+        gc.collect()
+        gc.freeze()  # the imports and settings stay shared with the workers instead of being copied
         self.sockets = [
             listener.make_listen_socket(s.listen.address, s.listen.port, reuse_port=True) for _ in range(self.count)
         ]

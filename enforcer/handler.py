@@ -648,8 +648,7 @@ class Gate:
         found, handle = sessions.find_cookie(request.headers.getall("Cookie", []), cookie_name)
         current = None
         if found is sessions.CookieLookup.FOUND and handle:
-            current = await self.store.get(handle, service.name, self.clock())
-            await self.store.delete(handle)
+            current = await self.store.pop(handle, service.name, self.clock())
         if current is not None:
             flow.user, flow.email = current.sub, current.email
         clear = [sessions.clear_cookie_header(cookie_name)]

@@ -31,6 +31,7 @@ import re
 import secrets
 import sqlite3
 import stat
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -243,7 +244,9 @@ class Session:
     sid: str | None
     """IdP session id, for back-channel logout by ``sid``."""
     id_token: str
-    """Raw ID token; needed only as ``id_token_hint`` for RP-initiated logout."""
+    """Raw ID token; needed only as ``id_token_hint`` for RP-initiated logout, so
+    :meth:`SessionStore.pop` returns it but the SQLite store's ``get`` may not (``""``):
+    its cache keeps sessions without it (about 1 KiB each, half of a cached session)."""
     created: float
     last_seen: float
     """Last recorded activity; moves forward at most once per ``touch_interval``."""
@@ -273,6 +276,11 @@ class SessionStore(Protocol):
 
     async def delete(self, handle: str) -> None:
         """Forget the session for ``handle`` (logout); unknown handles are ignored."""
+        ...
+
+    async def pop(self, handle: str, service: str, now: float) -> Session | None:
+        """Logout: delete the session for ``handle`` (whatever its state) and return it whole,
+        raw ID token included, if it was live for ``service``."""
         ...
 
     async def delete_matching(
@@ -411,6 +419,12 @@ class MemorySessionStore:
         if (key := _handle_key(handle)) is not None:
             self._sessions.pop(key, None)
 
+    async def pop(self, handle: str, service: str, now: float) -> Session | None:
+        """Delete the session for ``handle``; return it if it was live for ``service``."""
+        session = await self.get(handle, service, now)
+        await self.delete(handle)
+        return session
+
     async def delete_matching(
         self, *, issuer: str, sub: str | None = None, sid: str | None = None
     ) -> int:
@@ -528,6 +542,18 @@ def _req_float(value: object) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     raise TypeError(f"expected a number, got {type(value).__name__}")
+
+
+def _lean(session: Session) -> Session:
+    """The copy a cache keeps: no raw ID token, and the strings many sessions repeat (service,
+    issuer, tags such as ``groups=staff``) interned, so 10,000 cached sessions stay small."""
+    return dataclasses.replace(
+        session,
+        service=sys.intern(session.service),
+        issuer=sys.intern(session.issuer),
+        tags=frozenset(sys.intern(t) for t in session.tags),
+        id_token="",
+    )
 
 
 def _decode(row: _Row) -> Session:
@@ -794,11 +820,14 @@ class SQLiteSessionStore:
             self._revocation_id = int(rows[-1][0])
             self._forget(bytes(k) for _, k in rows)
 
-    def _cache_put(self, key: bytes, session: Session) -> None:
-        self._cache[key] = session
+    def _cache_put(self, key: bytes, session: Session) -> Session:
+        """Cache the lean copy of ``session`` (see :func:`_lean`) and return it."""
+        lean = _lean(session)
+        self._cache[key] = lean
         self._cache.move_to_end(key)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
+        return lean
 
     def _forget(self, keys: Iterable[bytes]) -> None:
         self._epoch += 1
@@ -883,13 +912,13 @@ class SQLiteSessionStore:
             if row is None:
                 return None
             try:
-                session = _decode(row)
+                session = _lean(_decode(row))
             except (ValueError, TypeError) as exc:
                 log.warning("dropping unreadable session row: %s", exc)
                 await self._delete_keys([key])
                 return None
             if epoch == self._epoch:
-                self._cache_put(key, session)
+                session = self._cache_put(key, session)
         else:
             self._cache.move_to_end(key)
 
@@ -933,6 +962,32 @@ class SQLiteSessionStore:
         """Forget the session for ``handle``; unknown or malformed handles are ignored."""
         if (key := _handle_key(handle)) is not None:
             await self._delete_keys([key])
+
+    async def pop(self, handle: str, service: str, now: float) -> Session | None:
+        """Delete the session for ``handle``; return it, raw ID token included (read from
+        the file, not the cache), if it was live for ``service``."""
+        key = _handle_key(handle)
+        if key is None:
+            return None
+        self._forget([key])
+
+        def take(conn: sqlite3.Connection) -> _Row | None:
+            with _transaction(conn):
+                row: _Row | None = conn.execute(
+                    f"DELETE FROM sessions WHERE key = ? RETURNING {_COLUMNS}",  # noqa: S608 — constant
+                    (key,),
+                ).fetchone()
+                self._revoke(conn, [key])
+                return row
+
+        row = await self._run(take)
+        if row is None:
+            return None
+        try:
+            session = _decode(row)
+        except (ValueError, TypeError):
+            return None
+        return session if self._life.verdict(session, service, now) is _Verdict.LIVE else None
 
     async def delete_matching(
         self, *, issuer: str, sub: str | None = None, sid: str | None = None

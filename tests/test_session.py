@@ -333,8 +333,32 @@ async def test_get_returns_the_stored_session(make_store: StoreFactory) -> None:
     store = make_store()
     original = make_session(refresh_token="rt", claims_expire=T0 + 300, email=None)
     handle = await store.create(original)
-    assert await store.get(handle, "app", T0 + 1) == original
+    got = await store.get(handle, "app", T0 + 1)
+    assert got is not None and got.id_token in (original.id_token, "")  # caches may drop the raw token
+    assert dataclasses.replace(got, id_token=original.id_token) == original
     assert await store.count() == 1
+
+
+async def test_pop_returns_the_whole_session_once_and_deletes_it(make_store: StoreFactory) -> None:
+    """Logout's pop gives back the session with its raw ID token, deletes it, and a second pop gets nothing."""
+    store = make_store()
+    original = make_session()
+    handle = await store.create(original)
+    assert await store.get(handle, "app", T0 + 1) is not None  # now cached
+    assert await store.pop(handle, "app", T0 + 2) == original
+    assert await store.pop(handle, "app", T0 + 2) is None
+    assert await store.get(handle, "app", T0 + 2) is None
+    assert await store.count() == 0
+
+
+async def test_pop_of_another_service_or_expired_session_deletes_but_returns_none(make_store: StoreFactory) -> None:
+    """pop deletes whatever the handle names, but returns a session only if it was live for that service."""
+    store = make_store()
+    other = await store.create(make_session())
+    assert await store.pop(other, "elsewhere", T0 + 1) is None
+    expired = await store.create(make_session())
+    assert await store.pop(expired, "app", T0 + 9 * 3600) is None
+    assert await store.count() == 0
 
 
 async def test_get_for_other_service_is_none(make_store: StoreFactory) -> None:
@@ -524,9 +548,10 @@ async def test_sqlite_restart_keeps_sessions(tmp_path: Path) -> None:
     await first.close()
     second = SQLiteSessionStore(path, idle_timeout=IDLE)
     try:
-        assert await second.get(kept, "app", T0 + 1) == original
+        assert await second.get(kept, "app", T0 + 1) == dataclasses.replace(original, id_token="")
         assert await second.get(gone, "app", T0 + 1) is None
         assert await second.count() == 1
+        assert await second.pop(kept, "app", T0 + 1) == original  # the raw ID token survived too
     finally:
         await second.close()
 
@@ -781,8 +806,9 @@ async def test_shared_a_session_made_by_one_worker_is_found_by_the_other(
     a, b = two_workers
     handle = await a.create(make_session())
     assert b.get_cached(handle, "app", T0 + 1) is None  # not cached yet: read through
-    assert await b.get(handle, "app", T0 + 1) == make_session()
-    assert b.get_cached(handle, "app", T0 + 1) == make_session()
+    lean = make_session(id_token="")  # caches keep no raw ID token (pop returns it)
+    assert await b.get(handle, "app", T0 + 1) == lean
+    assert b.get_cached(handle, "app", T0 + 1) == lean
 
 
 async def test_shared_logout_in_one_worker_is_seen_by_the_other_at_once(
