@@ -547,6 +547,40 @@ async def test_frozen_event_loop_is_killed_by_the_watchdog_and_restarted(boot: B
     assert anon["status"] == 302, anon
 
 
+async def test_two_workers_under_systemd(boot: Boot) -> None:
+    """listen.workers: 2 under the real unit: READY after both listen, logins work, SIGHUP reaches the workers, a killed worker is replaced."""
+    await boot.sh(
+        "sed -i 's/^listen: {address: \"::\", port: 8443}$/listen: {address: \"::\", port: 8443, workers: 2}/' "
+        "/etc/enforcer/enforcer.yaml && grep -q 'workers: 2' /etc/enforcer/enforcer.yaml && "
+        "rm -f /etc/systemd/system/enforcer.service.d/watchdog.conf && systemctl daemon-reload && "
+        "systemctl restart enforcer.service"
+    )
+    state = await boot.wait_active()
+    assert state["ActiveState"] == "active", state
+    master = state["MainPID"]
+    assert (await boot.show("StatusText"))["StatusText"] == "2 workers serving"
+    workers = (await boot.sh(f"pgrep -P {master}")).out.split()
+    assert len(workers) == 2, workers
+    page = await boot.client("login", "/", USER, PASSWORD)
+    assert page["status"] == 200 and "hello from the app behind the enforcer" in str(page["text"]), page
+    await boot.sh("systemctl reload enforcer.service")
+    await boot.sh(f"kill -KILL {workers[1]}")
+    deadline = time.monotonic() + 15
+    while True:
+        now = (await boot.sh(f"pgrep -P {master}", check=False)).out.split()
+        if len(now) == 2 and workers[1] not in now:
+            break
+        assert time.monotonic() < deadline, now
+        await asyncio.sleep(0.2)
+    after = await boot.show("MainPID", "ActiveState")
+    assert after == {"MainPID": master, "ActiveState": "active"}, after  # replaced, not restarted
+    anon = await boot.client("get", "/")
+    assert anon["status"] == 302, anon
+    journal = await boot.journal()
+    assert "exited unexpectedly" in journal and "all 2 workers are listening" in journal, journal[-2000:]
+    await boot.sh("sed -i 's/, workers: 2}$/}/' /etc/enforcer/enforcer.yaml")  # the config as installed again
+
+
 async def test_stop_removes_the_table(boot: Boot) -> None:
     """`systemctl stop`: STOPPING, drain, the nft table is gone, the unit is inactive (not failed)."""
     await boot.sh("systemctl stop enforcer.service", timeout=60)
