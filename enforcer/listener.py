@@ -73,6 +73,8 @@ def normalise_sni(name: str | None) -> str | None:
     if not name:
         return None
     name = name.lower().removesuffix(".")
+    if ":" not in name and name.strip("0123456789."):
+        return name  # no IPv6 colon and not only digits and dots: cannot be an IP literal (fast path)
     try:
         ipaddress.ip_address(name)
     except ValueError:
