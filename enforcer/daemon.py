@@ -260,6 +260,7 @@ class Daemon:
             max_field_size=8190,
             max_headers=100,
             lingering_time=5.0,
+            tcp_keepalive=False,  # idleTimeout closes idle connections long before TCP keep-alive would probe
             auto_decompress=False,
             access_log=None,
         )
