@@ -578,8 +578,8 @@ class Master:
         s = self.settings.model
         from enforcer import metrics as metrics_module  # noqa: PLC0415
 
-        metrics_module.enable_multiprocess(s.stateDir / "metrics")
         s.stateDir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        metrics_module.enable_multiprocess(s.stateDir / "metrics")
         self.context = listener.dispatch_context()
         gc.collect()
         gc.freeze()  # the imports and settings stay shared with the workers instead of being copied
