@@ -254,6 +254,15 @@ class Transfer:
     upstream_ms: float | None = None
 
 
+class _Relayed(web.StreamResponse):
+    """The app's answer on its way to the client.  Its head is not written on its own
+    (``web.StreamResponse`` would) but together with the first body bytes, or with the end
+    of a bodiless response: one TLS record and one system call less per small response.
+    :meth:`Upstream.forward` writes the head at once when no body bytes are there yet."""
+
+    _send_headers_immediately = False
+
+
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # no "Content-Length: 0" without a body
 
 
@@ -343,7 +352,7 @@ class Upstream:
             transfer.upstream_ms = (time.perf_counter() - started) * 1000
             status = resp_head.status
             transfer.status = status
-            resp = web.StreamResponse(status=status, reason=resp_head.reason or None)
+            resp = _Relayed(status=status, reason=resp_head.reason or None)
             response_headers(
                 resp_head.headers, public_origin=public_origin, internal_origins=_internal_origins(upstream_host, port),
                 into=resp.headers,
@@ -357,19 +366,29 @@ class Upstream:
                 up_length = _first(resp_head.headers, "content-length")
                 if up_length is not None:
                     resp.headers["Content-Length"] = up_length
-            await resp.prepare(request)
+            writer = await resp.prepare(request)  # the head is held for the first body bytes
+            chunk = b""
             if not no_body:
                 try:
-                    while chunk := await conn.read():
+                    if not conn.ready():
+                        # nothing of the body has arrived (a slow app, a stream, a long poll):
+                        # the client gets the head now, not when the first byte comes
+                        assert writer is not None
+                        writer.send_headers()
+                    chunk = await conn.read()
+                    while chunk:
                         transfer.bytes_out += len(chunk)
-                        await resp.write(chunk)
+                        if conn.drained():
+                            break  # the last chunk: written with the end of the response below
+                        await resp.write(chunk)  # (the first one together with the head)
+                        chunk = await conn.read()
                 except (upstream_client.Closed, upstream_client.ReadTimeout, upstream_client.ProtocolError):
                     # truncated body: never let the client take it for complete
                     transfer.status = 502
                     if request.transport is not None:
                         request.transport.abort()
                     raise UpstreamError("reset", 502) from None
-            await resp.write_eof()
+            await resp.write_eof(chunk)  # head (if still held), last chunk and end: one write
             reusable = body_task is None or (body_task.done() and not body_task.cancelled())
             return resp
         finally:

@@ -253,6 +253,14 @@ class Connection(asyncio.Protocol):
             await self._wait()
         return self._head
 
+    def ready(self) -> bool:
+        """True when :meth:`read` would answer without waiting (a chunk, the end, an error)."""
+        return bool(self._chunks) or self._complete or self._exc is not None
+
+    def drained(self) -> bool:
+        """True when the body is complete and every chunk was read: :meth:`read` gives ``b""``."""
+        return self._complete and not self._chunks and self._exc is None
+
     async def read(self) -> bytes:
         """The next body chunk; ``b""`` once the body is complete."""
         while True:

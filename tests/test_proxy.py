@@ -9,6 +9,7 @@ import string
 from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -618,3 +619,169 @@ def test_request_headers_drop_set_is_unchanged() -> None:
     added = {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-ok"}
     assert {k.lower() for k in out if k.lower() not in added} == {"accept"}
     assert out.getall("X-Ok") == ["me"] and out.getall("Host") == ["app.test:8443"]
+
+
+# ---------------------------------------------------------------- Upstream.forward, end to end over TCP
+
+
+class StagedApp:
+    """An app that answers every request head with ``head``, then (once ``release`` is set) ``body``."""
+
+    def __init__(self, head: bytes, body: bytes = b"") -> None:
+        self.head, self.body = head, body
+        self.release = asyncio.Event()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> StagedApp:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.release.set()
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(self.head)
+                await writer.drain()
+                await self.release.wait()
+                writer.write(self.body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+class Relay:
+    """An aiohttp low-level server on 127.0.0.1 that forwards every request with Upstream.forward;
+    counts the transport writes of each response."""
+
+    def __init__(self, app_port: int) -> None:
+        self.app_port = app_port
+        self.up = proxy.Upstream(connect_timeout=2.0, read_timeout=5.0)
+        self.writes: list[int] = []
+        self.port = 0
+
+    async def handler(self, request: web.BaseRequest) -> web.StreamResponse:
+        transport = request.transport
+        assert transport is not None
+        count = len(self.writes)
+        self.writes.append(0)
+        plain_write = type(transport).write
+
+        def counting(data: bytes | bytearray | memoryview) -> None:
+            self.writes[count] += 1
+            plain_write(transport, data)
+
+        transport.write = counting  # type: ignore[method-assign]
+        try:
+            headers = proxy.request_headers(request.headers, identity={}, client_ip="127.0.0.1", host="app.test")
+            return await self.up.forward(
+                request, upstream_host="127.0.0.1", port=self.app_port, target=request.raw_path,
+                headers=headers, public_origin=PUBLIC, transfer=proxy.Transfer(),
+            )
+        finally:
+            del transport.write
+
+    async def __aenter__(self) -> Relay:
+        self.server = web.Server(self.handler)
+        self.listener = await asyncio.get_running_loop().create_server(self.server, "127.0.0.1", 0)
+        self.port = self.listener.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.listener.close()
+        await self.server.shutdown(1.0)
+        await self.up.close()
+
+
+async def _read_head(reader: asyncio.StreamReader, timeout: float = 2.0) -> bytes:
+    return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+
+
+async def _nothing_more(reader: asyncio.StreamReader, wait: float = 0.3) -> bool:
+    try:
+        await asyncio.wait_for(reader.read(1), wait)
+    except TimeoutError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("head", "body", "expected"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"hello", b"hello"),
+        (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+         b"5\r\nhello\r\n0\r\n\r\n", b"5\r\nhello\r\n0\r\n\r\n"),
+    ],
+    ids=["content-length", "chunked-stream"],
+)
+async def test_forward_sends_the_head_before_a_late_body(head: bytes, body: bytes, expected: bytes) -> None:
+    """A streaming / long-poll answer: the client gets the app's head at once, not with the first body byte."""
+    async with StagedApp(head, body) as app, Relay(app.port) as relay:
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        writer.write(b"GET /stream HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        got = await _read_head(reader)  # while the app still holds its body back
+        assert got.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert await _nothing_more(reader)
+        app.release.set()
+        assert await asyncio.wait_for(reader.readexactly(len(expected)), 2.0) == expected
+        writer.close()
+
+
+async def test_forward_sends_a_small_answer_in_one_write() -> None:
+    """Head and body of a small answer go to the client in one write, and the connection stays usable."""
+    async with StagedApp(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello") as app, Relay(app.port) as relay:
+        app.release.set()
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        for _ in range(2):
+            writer.write(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            head = await _read_head(reader)
+            assert b"\r\nContent-Length: 5\r\n" in head
+            assert await asyncio.wait_for(reader.readexactly(5), 2.0) == b"hello"
+        assert relay.writes == [1, 1]
+        writer.close()
+
+
+async def test_forward_chunked_answer_ends_in_the_same_write() -> None:
+    """An app answer without a length, complete at once: head, chunk and last-chunk in one write."""
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    async with StagedApp(answer) as app, Relay(app.port) as relay:
+        app.release.set()
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        head = await _read_head(reader)
+        assert b"\r\nTransfer-Encoding: chunked\r\n" in head
+        assert await asyncio.wait_for(reader.readexactly(15), 2.0) == b"5\r\nhello\r\n0\r\n\r\n"
+        assert relay.writes == [1]
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "answer", "length"),
+    [
+        ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"5"),
+        ("GET", b"HTTP/1.1 204 No Content\r\n\r\n", None),
+        ("GET", b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n", None),
+        ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b"0"),
+    ],
+    ids=["head", "204", "304", "empty"],
+)
+async def test_forward_bodiless_answers_are_sent_at_once(method: str, answer: bytes, length: bytes | None) -> None:
+    """HEAD, 204, 304 and an empty body: the head goes out at once, in one write, with nothing after it."""
+    async with StagedApp(answer) as app, Relay(app.port) as relay:
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+        writer.write(f"{method} / HTTP/1.1\r\nHost: app.test\r\n\r\n".encode())
+        head = await _read_head(reader)  # the app's "body" stays held back: none is due
+        assert (b"\r\nContent-Length: " + length + b"\r\n" in head) if length else b"Content-Length" not in head
+        assert b"Transfer-Encoding" not in head
+        assert await _nothing_more(reader)
+        assert relay.writes == [1]
+        writer.close()
