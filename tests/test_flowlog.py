@@ -858,3 +858,81 @@ def test_to_json_is_json_dumps_of_to_dict() -> None:
     rec = make(path="/\u00e9\x1b[31m\n", user_agent='x"\u2028')
     rec.upstream_ms = 1.23456
     assert rec.to_json() == json.dumps(rec.to_dict(), ensure_ascii=True, separators=(",", ":"))
+
+
+_OPT_TEXT = st.one_of(st.none(), st.text(max_size=40))
+_OPT_INT = st.one_of(st.none(), st.integers(min_value=-(2**70), max_value=2**70))
+_FLOAT = st.floats(allow_nan=True, allow_infinity=True)
+
+
+@given(
+    start=st.one_of(st.floats(min_value=-1e9, max_value=2.5e11), st.integers(min_value=0, max_value=2**36)),
+    texts=st.tuples(*[_OPT_TEXT] * 9),
+    required=st.tuples(*[st.text(max_size=40)] * 6),
+    statuses=st.tuples(_OPT_INT, _OPT_INT),
+    sizes=st.tuples(st.integers(min_value=0, max_value=2**70), st.integers(min_value=0, max_value=2**70)),
+    duration=st.one_of(_FLOAT, st.integers(min_value=0, max_value=10**6)),
+    upstream_ms=st.one_of(st.none(), _FLOAT),
+)
+def test_to_json_is_the_generic_encoding_for_any_field_values(
+    start: float, texts: tuple[str | None, ...], required: tuple[str, ...], statuses: tuple[int | None, int | None],
+    sizes: tuple[int, int], duration: float, upstream_ms: float | None,
+) -> None:
+    """The field-by-field line is exactly the generic JSON encoding of to_dict(), whatever the values
+    (odd types and non-finite numbers take the generic path)."""
+    rec = FlowRecord(flow_id=required[0], start=start, client=required[1], method=required[2], path=required[3])
+    rec.decision, rec.reason = required[4], required[5]
+    (rec.service, rec.sni, rec.host, rec.destination, rec.user, rec.email, rec.endpoint, rec.tls_version,
+     rec.user_agent) = texts
+    rec.upstream_status, rec.status = statuses
+    rec.bytes_in, rec.bytes_out = sizes
+    rec.duration_ms, rec.upstream_ms = duration, upstream_ms
+    assert rec.to_json() == json.dumps(rec.to_dict(), ensure_ascii=True, separators=(",", ":"))
+
+
+@pytest.mark.parametrize("field", ["status", "upstream_status", "bytes_in"])
+def test_to_json_of_a_bool_or_str_number_matches_json(field: str) -> None:
+    """A field of an unexpected type (a bool status, a text size) is still rendered as json would."""
+    for odd in (True, "7", 7.5):
+        rec = make()
+        setattr(rec, field, odd)
+        assert rec.to_json() == json.dumps(rec.to_dict(), ensure_ascii=True, separators=(",", ":"))
+
+
+def test_to_json_of_a_non_text_field_matches_json() -> None:
+    rec = make(service=7, user=("a",))
+    assert rec.to_json() == json.dumps(rec.to_dict(), ensure_ascii=True, separators=(",", ":"))
+
+
+def test_flow_ids_are_unique_and_fresh_after_fork() -> None:
+    """Ids are made ahead in batches; a forked child never hands out one its parent has in stock."""
+    ids = {FlowRecord.begin(client="c", sni=None, host=None, method="GET", path="/", now=T0).flow_id
+           for _ in range(2000)}
+    assert len(ids) == 2000 and all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
+    stock = set(flowlog_mod._flow_ids)
+    assert stock
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            child = [flowlog_mod._new_flow_id() for _ in range(len(stock))]
+            os.write(write, "\n".join(child).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        child_ids = set(f.read().split("\n"))
+    os.waitpid(pid, 0)
+    assert len(child_ids) == len(stock) and not child_ids & stock and not child_ids & ids
+
+
+def test_to_json_of_an_ordinary_record_is_written_field_by_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request path's records (floats, ints, text, None) never need the generic encoder."""
+    expected = [make(upstream_ms=1.5, upstream_status=200), make(user=None, email=None, user_agent=None)]
+    lines = [r.to_json() for r in expected]
+
+    def generic(_: dict[str, Any]) -> str:
+        raise AssertionError("generic encoder used")
+
+    monkeypatch.setattr(flowlog_mod, "_encode_line", generic)
+    assert [r.to_json() for r in expected] == lines
