@@ -91,24 +91,29 @@ def is_spoofable(name: str, extra: frozenset[str] = frozenset()) -> bool:
 _NO_TOKENS: frozenset[str] = frozenset()
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str] | frozenset[str]:
+@functools.lru_cache(maxsize=256)
+def _tokens(value: str) -> frozenset[str]:
+    """The lower-cased tokens of one ``Connection`` value (the same few values all day)."""
+    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
     if "Connection" not in headers:
         return _NO_TOKENS
-    tokens: set[str] = set()
-    for value in headers.getall("Connection", []):
-        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return tokens
+    values = headers.getall("Connection")
+    if len(values) == 1:
+        return _tokens(values[0])
+    return frozenset().union(*map(_tokens, values))
 
 
-def _pair_connection_tokens(pairs: list[tuple[str, str]]) -> set[str] | frozenset[str]:
+def _pair_connection_tokens(pairs: list[tuple[str, str]]) -> frozenset[str]:
     """:func:`_connection_tokens` of a raw header list (name case as received)."""
     values = [v for k, v in pairs if len(k) == 10 and k.lower() == "connection"]
     if not values:
         return _NO_TOKENS
-    tokens: set[str] = set()
-    for value in values:
-        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return tokens
+    if len(values) == 1:
+        return _tokens(values[0])
+    return frozenset().union(*map(_tokens, values))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -225,7 +230,7 @@ def _first(pairs: list[tuple[str, str]], low_name: str) -> str | None:
 
 def serialise_head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
     """The request line and header block towards the app (values were cleaned already)."""
-    text = f"{method} {target} HTTP/1.1\r\n" + "".join([f"{k}: {v}\r\n" for k, v in headers.items()]) + "\r\n"
+    text = "\r\n".join([f"{method} {target} HTTP/1.1", *map(": ".join, headers.items()), "", ""])
     lines = len(headers) + 2
     if text.count("\n") != lines or text.count("\r") != lines:
         raise UpstreamError("protocol", 502)  # a CR or LF inside a value: never split a header

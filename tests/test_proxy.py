@@ -576,6 +576,20 @@ def test_serialise_head_refuses_line_breaks_in_values() -> None:
         proxy.serialise_head("GET", "/x", CIMultiDict([("Host", "app"), ("A", "b\r\nX-Forwarded-User: root")]))
 
 
+@given(st.lists(st.tuples(_TOKEN, st.text(alphabet=string.printable + "\u00e9\u2028", max_size=20)), max_size=6))
+def test_serialise_head_is_the_header_block_or_refused(pairs: list[tuple[str, str]]) -> None:
+    """Request line, one "name: value" line per header in order, blank line; a CR or LF anywhere refuses."""
+    headers: CIMultiDict[str] = CIMultiDict(pairs)
+    expected = "GET /x HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in pairs) + "\r\n"
+    if any(c in v for _, v in pairs for c in "\r\n"):
+        with pytest.raises(proxy.UpstreamError):
+            proxy.serialise_head("GET", "/x", headers)
+    else:
+        assert proxy.serialise_head("GET", "/x", headers) == expected.encode()
+    with pytest.raises(proxy.UpstreamError):
+        proxy.serialise_head("GET", "/x\r\nX-Evil: 1", headers)
+
+
 async def test_upstream_stale_pooled_connection_is_retried_once() -> None:
     """A pooled connection the app closed while idle is not handed out again; a new one serves the request."""
     async with FakeApp([OK5], close_after=True) as app:
