@@ -77,6 +77,8 @@ class Connection(asyncio.Protocol):
         self._reset()
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
+        self._deadline = 0.0  # loop time by which the awaited bytes must have come
+        self._timer: asyncio.TimerHandle | None = None
 
     def _reset(self) -> None:
         self._head: Head | None = None
@@ -106,6 +108,9 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._pool.forget(self)
         if self._busy and not self._complete and self._exc is None:
             head = self._head
@@ -232,18 +237,30 @@ class Connection(asyncio.Protocol):
         self.transport.write(head)
 
     async def _wait(self) -> None:
-        waiter = self._loop.create_future()
+        """Wait for bytes (or the end, or an error), at most ``read_timeout`` seconds.
+
+        One timer per connection, not one per wait: it fires at the earliest deadline it
+        was armed for and, if the current wait started later, re-arms for its deadline."""
+        loop = self._loop
+        waiter = loop.create_future()
         self._waiter = waiter
-        timer = self._loop.call_later(self._pool.read_timeout, self._timed_out, waiter)
+        self._deadline = loop.time() + self._pool.read_timeout
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._check_deadline)
         try:
             await waiter
         finally:
-            timer.cancel()
             self._waiter = None
 
-    def _timed_out(self, waiter: asyncio.Future[None]) -> None:
-        if waiter is self._waiter and not waiter.done():
+    def _check_deadline(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done() or self.closed:
+            return  # not waiting now: the next wait arms a new timer
+        if self._loop.time() >= self._deadline:
             self.fail(ReadTimeout())
+        else:
+            self._timer = self._loop.call_at(self._deadline, self._check_deadline)
 
     async def response(self) -> Head:
         """The final response head (1xx skipped); raises on errors and timeouts."""

@@ -484,6 +484,50 @@ async def test_upstream_read_timeout() -> None:
         p.close()
 
 
+async def test_upstream_read_timeout_is_per_wait_not_per_response() -> None:
+    """A body that keeps trickling (each gap shorter than the read timeout) is read in full,
+    however long it takes in all."""
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n")
+        for part in (b"ab", b"cd", b"ef"):
+            await asyncio.sleep(0.15)
+            writer.write(part)
+            await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    p = pool(read_timeout=0.25)
+    try:
+        head, body, conn = await fetch(p, port)  # 0.45 s in all
+        assert (head.status, body) == (200, b"abcdef")
+        conn.finish(True)
+    finally:
+        p.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_upstream_read_timeout_on_a_reused_connection() -> None:
+    """A pooled connection that sat idle past the read timeout still times out a later slow answer,
+    and still serves a prompt one."""
+    async with FakeApp([OK5, OK5, OK5]) as app:
+        p = pool(read_timeout=0.2)
+        _, body, conn = await fetch(p, app.port)
+        conn.finish(True)
+        await asyncio.sleep(0.3)  # idle past the timeout: nothing fails meanwhile
+        _, body, conn = await fetch(p, app.port)
+        assert body == b"hello" and conn.reused and app.connections == 1
+        conn.finish(True)
+        app.delay = 1.0
+        with pytest.raises(upstream.ReadTimeout):
+            await fetch(p, app.port)
+        p.close()
+
+
 async def test_upstream_connect_refused() -> None:
     """A port nobody listens on raises ConnectError."""
     sock = socket.socket()
