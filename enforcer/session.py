@@ -507,6 +507,9 @@ _COLUMNS: Final = (
     "created, last_seen, expires, refresh_token, claims_expire"
 )
 
+_LEAN_COLUMNS: Final = _COLUMNS.replace("id_token", "'' AS id_token")
+"""What a cache read needs: never the raw ID token (it would be allocated only to be dropped)."""
+
 _INSERT: Final = f"INSERT INTO sessions (key, {_COLUMNS}) VALUES ({', '.join('?' * 14)})"  # noqa: S608 — constants only
 
 _Row = tuple[object, ...]
@@ -903,7 +906,7 @@ class SQLiteSessionStore:
 
             def select(conn: sqlite3.Connection) -> _Row | None:
                 row: _Row | None = conn.execute(
-                    f"SELECT {_COLUMNS} FROM sessions WHERE key = ?",  # noqa: S608 — constant
+                    f"SELECT {_LEAN_COLUMNS} FROM sessions WHERE key = ?",  # noqa: S608 — constant
                     (key,),
                 ).fetchone()
                 return row
