@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import signal
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("enforcer.daemon")
 
 DRAIN_SECONDS = 20.0
+
+WORKERS_STATE = "workers.json"
+"""Written by the master in the state dir: which workers listen and are ready."""
 
 RELOAD_SIBLINGS = signal.SIGUSR1
 """Primary -> master: the admin API reloaded; master -> workers: re-read the definitions."""
@@ -367,6 +371,15 @@ class Daemon:
         flowlog.reopen()
         self.reload()
 
+    def _workers_not_ready(self) -> str | None:
+        """Under a master: why not every worker is ready (from its ``workers.json``), or None."""
+        try:
+            state = json.loads((self.settings.model.stateDir / WORKERS_STATE).read_text(encoding="utf-8"))
+            ready, count = len(state["ready"]), int(state["workers"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return "worker state unknown (the master has not written workers.json yet)"
+        return None if ready >= count else f"{ready} of {count} workers ready"
+
     def _tell_siblings(self) -> None:
         """Under a master: ask it to have every other worker re-read the definitions too."""
         if self.role == "primary":
@@ -467,6 +480,10 @@ class Daemon:
         async def readyz(_: web.Request) -> web.Response:
             providers = self.gate.runtime.providers
             problems = {n: p.last_error or "discovery pending" for n, p in providers.items() if p.metadata is None}
+            if self.role == "primary":
+                waiting = self._workers_not_ready()
+                if waiting:
+                    problems["workers"] = waiting
             ok = self.ready and not problems
             return web.json_response({"ready": ok, "problems": problems}, status=200 if ok else 503)
 
@@ -572,6 +589,8 @@ class Master:
         self.respawn_at: dict[int, float] = {}
         self.exit_code = 0
         self.serving = False  # every worker has listened once: from now on dead ones are replaced
+        self.discovered: set[int] = set()  # workers whose identity providers are all discovered
+        self._published: dict[str, Any] | None = None
         self._signals: list[int] = []
 
     def run(self) -> int:
@@ -603,6 +622,7 @@ class Master:
                     os.close(fd)
             for sock in self.sockets:
                 sock.close()
+            (s.stateDir / WORKERS_STATE).unlink(missing_ok=True)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._signals.append(signum)
@@ -634,6 +654,7 @@ class Master:
         self.started[index] = time.monotonic()
         self.beats[index] = time.monotonic()
         log.info("started worker %d (pid %d)", index, pid)
+        self._publish()
 
     def _worker(self, index: int, write_fd: int) -> int:
         master = os.getppid()
@@ -754,6 +775,30 @@ class Master:
         self.beats[index] = now
         if b"R" in data:
             self.ready.add(index)
+        if b"D" in data:
+            self.discovered.add(index)
+        self._publish()
+
+    def _publish(self) -> None:
+        """Write ``workers.json`` in the state dir when the workers' state changed: the
+        primary's ``/readyz`` reads it, so a probe sees every worker, not only worker 0."""
+        state = {
+            "master": os.getpid(),
+            "workers": self.count,
+            "listening": sorted(self.ready),
+            "ready": sorted(self.ready & self.discovered),
+            "pids": {str(i): pid for pid, i in sorted(self.pids.items(), key=lambda item: item[1])},
+        }
+        if state == self._published:
+            return
+        self._published = state
+        path = self.settings.model.stateDir / WORKERS_STATE
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(state), encoding="utf-8")
+            tmp.replace(path)
+        except OSError as exc:
+            log.warning("cannot write %s: %s", path, exc)
 
     def _kill_all(self, sig: int) -> None:
         for pid in list(self.pids):
@@ -788,6 +833,8 @@ class Master:
                     self.exit_code = self.exit_code or 1
                 continue
             self.ready.discard(index)
+            self.discovered.discard(index)
+            self._publish()
             if not self.serving:  # still starting up: a worker that cannot start fails the start
                 failed = code if code > 0 else 1
                 continue

@@ -141,3 +141,26 @@ def test_watchdog_interval_is_half_of_watchdog_usec(monkeypatch: pytest.MonkeyPa
     assert watchdog_interval() == 5.0
     monkeypatch.setenv("WATCHDOG_PID", "1")
     assert watchdog_interval() is None
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "worker state unknown"),
+        ("not json", "worker state unknown"),
+        ('{"workers": 2, "ready": [0], "listening": [0, 1], "pids": {}}', "1 of 2 workers ready"),
+        ('{"workers": 2, "ready": [0, 1], "listening": [0, 1], "pids": {}}', None),
+    ],
+)
+def test_primary_readiness_reads_the_masters_worker_state(tmp_path: Path, content: str | None,
+                                                          expected: str | None) -> None:
+    """Worker 0's /readyz counts a worker that is not ready (or an unreadable workers.json) as a problem."""
+    from enforcer import config  # noqa: PLC0415
+    from enforcer.daemon import WORKERS_STATE, Daemon  # noqa: PLC0415
+
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text(f"stateDir: {tmp_path}\ndefinitions: [{{file: d.yaml}}]\n")
+    if content is not None:
+        (tmp_path / WORKERS_STATE).write_text(content)
+    problem = Daemon(config.load_settings(cfg), role="primary")._workers_not_ready()
+    assert problem == expected if expected is None else (problem or "").startswith(expected)

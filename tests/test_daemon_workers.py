@@ -168,6 +168,18 @@ async def test_tls_sessions_resume_on_every_worker(wstack: Stack) -> None:
     assert reused == [True] * ROUNDS
 
 
+async def test_readiness_covers_every_worker(wstack: Stack) -> None:
+    """The master publishes each worker's state; /readyz is 200 only when both workers are ready."""
+    import json  # noqa: PLC0415
+
+    assert wstack.process is not None
+    state = json.loads((wstack.state / "workers.json").read_text())
+    assert state["master"] == wstack.process.pid and state["workers"] == 2
+    assert state["ready"] == [0, 1] and sorted(state["pids"].values()) == children(wstack.process.pid)
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{wstack.admin_port}/readyz") as r:
+        assert r.status == 200, await r.text()
+
+
 async def test_metrics_add_up_every_worker(wstack: Stack) -> None:
     """The admin /metrics counts the requests of all workers, not only the primary's."""
     async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{wstack.admin_port}/metrics") as r:
@@ -195,6 +207,15 @@ async def test_a_killed_worker_is_replaced_and_service_continues(wstack: Stack) 
     assert set(after) - set(before)
     assert await fresh_gets(wstack, f"{COOKIE}={cookie.value}") == [200] * ROUNDS
     assert "exited unexpectedly" in wstack.log_tail()
+
+    async def ready() -> bool:
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{wstack.admin_port}/readyz") as r:
+            return r.status == 200
+
+    deadline = time.monotonic() + 10
+    while not await ready():  # the replacement discovers its IdP, then the master says so
+        assert time.monotonic() < deadline, (wstack.state / "workers.json").read_text()
+        await asyncio.sleep(0.1)
 
 
 async def test_sigterm_stops_every_worker_and_exits_zero(wstack: Stack) -> None:
