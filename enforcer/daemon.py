@@ -605,7 +605,7 @@ class Master:
         self.sockets = [
             listener.make_listen_socket(s.listen.address, s.listen.port, reuse_port=True) for _ in range(self.count)
         ]
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        wake_r, wake_w = self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         previous = signal.set_wakeup_fd(wake_w)
         handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, RELOAD_SIBLINGS)
         old_handlers = {sig: signal.signal(sig, self._on_signal) for sig in handled}
@@ -661,9 +661,13 @@ class Master:
         _die_with_parent()
         if os.getppid() != master:  # the master died before prctl took effect
             return 1
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, RELOAD_SIBLINGS):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
+        for sig in (signal.SIGHUP, RELOAD_SIBLINGS):  # a reload (logrotate) while starting must not kill it
+            signal.signal(sig, signal.SIG_IGN)
         signal.set_wakeup_fd(-1)
+        for fd in self._wake:
+            os.close(fd)
         for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # only the master speaks to systemd
             os.environ.pop(key, None)
         for i, sock in enumerate(self.sockets):
