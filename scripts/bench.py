@@ -91,7 +91,9 @@ if str(REPO) not in sys.path:
 from tests.harness.browser import ScriptedBrowser  # noqa: E402
 from tests.harness.op import OPUser, RunningOP, make_tls_material, start_op  # noqa: E402
 
-ALL_COLUMNS = ("bare", "nginx", "apache", "enforcer", "enforcer-2w")
+ALL_COLUMNS = ("bare", "nginx", "apache", "enforcer", "enforcer-2w", "floor-raw", "floor-aiohttp", "floor-proxy")
+DEFAULT_COLUMNS = ("bare", "nginx", "apache", "enforcer", "enforcer-2w")
+FLOOR_COLUMNS = ("floor-raw", "floor-aiohttp", "floor-proxy")  # opt-in: scripts/bench_floor.py
 ENFORCER_WORKERS = {"enforcer": 1, "enforcer-2w": 2}  # enforcer columns -> --workers
 AUTH_COLUMNS = ("apache", *ENFORCER_WORKERS)
 SERVICE = "app"  # the enforcer's service name in ENFORCER_DEFINITIONS
@@ -544,6 +546,23 @@ class Bench:
         for name, workers in ENFORCER_WORKERS.items():
             if name in wanted:
                 await self._start_column(name, functools.partial(self._start_enforcer, name, workers))
+        for name in FLOOR_COLUMNS:
+            if name in wanted:
+                await self._start_column(name, functools.partial(self._start_floor, name))
+
+    async def _start_floor(self, name: str) -> Column:
+        """A reference server from scripts/bench_floor.py (no auth: what the stack costs)."""
+        port = free_port()
+        env = dict(os.environ, PYTHONUNBUFFERED="1", BENCH_BODY=BODY)
+        proc = self._spawn(
+            name,
+            [sys.executable, str(REPO / "scripts" / "bench_floor.py"), name.removeprefix("floor-"), str(port),
+             str(self.proxy_tls.cert_file), str(self.proxy_tls.key_file), str(self.up_port)],
+            cwd=REPO, env=env,
+        )
+        url = f"https://{HOST}:{port}/"
+        await wait_http(url, proc, ssl_ctx=self.trust, accept=lambda s: s == 200)
+        return Column(name, url, proc=proc)
 
     async def _start_column(self, name: str, starter: Callable[[], Any]) -> None:
         try:
@@ -1392,8 +1411,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run (~1 min): 1 repetition, short runs")
-    p.add_argument("--columns", default=",".join(ALL_COLUMNS),
-                   help=f"comma-separated subset of {','.join(ALL_COLUMNS)}")
+    p.add_argument("--columns", default=",".join(DEFAULT_COLUMNS),
+                   help=f"comma-separated subset of {','.join(ALL_COLUMNS)} (default: {','.join(DEFAULT_COLUMNS)}; "
+                        "the floor-* columns are reference servers showing what the server stack itself costs)")
     p.add_argument("--duration", type=float, help="seconds per keep-alive run (default 10, quick 2)")
     p.add_argument("--newconn-duration", type=float, help="seconds per new-connection run (default: --duration)")
     p.add_argument("--reps", type=int, help="repetitions (default 3, quick 1)")

@@ -61,3 +61,22 @@ def test_quick_bench_enforcer_column_is_valid(tmp_path: Path) -> None:
     assert proc.returncode == 0, detail
     for key in ("nproc", "cpu", "kernel", "python"):
         assert report["machine"][key]
+
+
+def test_floor_columns_serve_the_upstream_body(tmp_path: Path) -> None:
+    """The opt-in floor-* reference servers start, answer every request with the upstream's body and are measured."""
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [str(REPO / "scripts" / "bench"), "--quick", "--columns", "floor-raw,floor-aiohttp,floor-proxy",
+         "--newconn-duration", "1", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL, check=False,
+    )
+    detail = f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    reports = sorted(out.glob("bench-*-quick.json"))
+    assert reports, "no JSON report written\n" + detail
+    report = json.loads(reports[0].read_text())
+    assert set(report["columns"]) == {"floor-raw", "floor-aiohttp", "floor-proxy"}, detail
+    for name, column in report["columns"].items():
+        assert column["summary"]["valid"], (name, detail)
+        assert {run["mode"] for run in column["runs"]} == {"keepalive", "newconn", "fullhs"}, name
+        assert column["summary"]["ka_cpu_us"]["median"] > 0, name
