@@ -17,6 +17,11 @@ Columns (``--columns``):
                   sharing the port with SO_REUSEPORT; own state dir, port and OP client).
                   Pinned to the one server core like everything else, two workers cannot go
                   faster there: see the scaling runs (d) below.
+* ``floor-raw``, ``floor-aiohttp``, ``floor-proxy`` -- opt-in reference servers from
+                  scripts/bench_floor.py on the same uvloop + TLS, no auth: a raw httptools
+                  protocol, aiohttp's low-level server, and a lean proxy through the enforcer's
+                  upstream pool. They show what the server stack costs before the enforcer's
+                  own request path.
 
 Servers (upstream, proxies, OP) are pinned to core 0, the load generator (wrk) and this
 driver (which runs the scripted-browser logins) to core 1.  Per column and repetition:
