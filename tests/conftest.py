@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import pytest_asyncio
 
 from tests.e2e_stack import Stack, start_stack, stop_stack
+from tests.prereq import missing
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,11 +26,9 @@ def _prerequisites_missing() -> list[str]:
 
 def require_e2e() -> None:
     """Skip locally when the e2e prerequisites are absent; in CI that is a failure."""
-    missing = _prerequisites_missing()
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"e2e prerequisites missing in CI: {', '.join(missing)}")
-        pytest.skip(f"e2e prerequisites missing: {', '.join(missing)} (run scripts/setup)")
+    absent = _prerequisites_missing()
+    if absent:
+        missing(f"e2e: {', '.join(absent)}")
 
 
 @pytest_asyncio.fixture(scope="session")

@@ -20,9 +20,8 @@ import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
-import pytest
-
 from enforcer import redirect
+from tests.prereq import missing
 
 T = TypeVar("T")
 
@@ -40,9 +39,7 @@ def require_root() -> None:
     """Skip locally without root; with CI=true a privileged test that cannot run fails."""
     why = root_missing()
     if why:
-        if os.environ.get("CI"):
-            pytest.fail(f"privileged test cannot run in CI: {why}")
-        pytest.skip(why)
+        missing(why)
 
 
 def ip(*args: str) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from tests.e2e_stack import HOST, USERS, Stack
 from tests.harness.chromium import chromium_available, run_chromium_login, spki_hashes
+from tests.prereq import require
 
 pytestmark = pytest.mark.e2e
 
@@ -284,8 +285,7 @@ async def test_admin_endpoints_report_health_and_metrics(stack: Stack) -> None:
 @pytest.mark.browser
 async def test_headless_chromium_logs_in_through_real_redirects(stack: Stack) -> None:
     """Debian's Chromium follows the real redirects, fills the IdP's form and reaches the app over trusted TLS."""
-    if not chromium_available():
-        pytest.fail("chromium or playwright-core missing: run scripts/setup")
+    require(chromium_available(), "chromium or playwright-core")
     leaf = stack.state / "certs" / "app.crt"
     started = time.monotonic()
     result = await run_chromium_login(

@@ -32,6 +32,7 @@ from enforcer.flowlog import (
     parse_since,
     read_flows,
 )
+from tests.prereq import require
 
 T0 = 1_714_564_800.123  # 2024-05-01T12:00:00.123Z
 NASTY = 'a\r\nb\x1b[31mred\x1b[0m "q" \\ \x00 \x7f \u2028 \u202e é'
@@ -324,9 +325,9 @@ async def test_parent_path_not_a_directory_does_not_raise(tmp_path: Path) -> Non
     assert len(lines_of(blocker / "flows.jsonl")) == 1
 
 
-@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_full_disk_does_not_raise() -> None:
     """Writing to a full device (ENOSPC) is counted and keeps the lines buffered."""
+    require(Path("/dev/full").exists(), "/dev/full")
     flog = FlowLog(Path("/dev/full"))
     flog.write(make())
     flog.flush()

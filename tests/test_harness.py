@@ -25,6 +25,8 @@ from aiohttp import web
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
+from tests.prereq import require
+
 # `tests.harness` is imported from the repository root (also by `enforcer demo`);
 # pytest's default import mode only puts tests/ itself on sys.path.
 if str(Path(__file__).resolve().parents[1]) not in sys.path:
@@ -428,10 +430,8 @@ async def test_stop_leaves_no_process(op: RunningOP) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.browser
-@pytest.mark.skipif(
-    not chromium_available() and not os.environ.get("CI"), reason="needs node, /usr/bin/chromium, playwright (run scripts/setup)"
-)
 async def test_chromium_login(op: RunningOP, receiver: Receiver, tmp_path: Path) -> None:
+    require(chromium_available(), "node, /usr/bin/chromium, playwright-core")
     meta = await discovery(op)
     url, state, _ = auth_url(meta, receiver, pkce_pair()[1])
     started = time.monotonic()
@@ -458,11 +458,9 @@ async def test_chromium_login(op: RunningOP, receiver: Receiver, tmp_path: Path)
 
 @pytest.mark.e2e
 @pytest.mark.browser
-@pytest.mark.skipif(
-    not chromium_available() and not os.environ.get("CI"), reason="needs node, /usr/bin/chromium, playwright (run scripts/setup)"
-)
 async def test_chromium_rejects_untrusted_certificate(op: RunningOP, receiver: Receiver) -> None:
     """Without the SPKI allow list Chromium refuses the OP: TLS is really checked."""
+    require(chromium_available(), "node, /usr/bin/chromium, playwright-core")
     meta = await discovery(op)
     url, _, _ = auth_url(meta, receiver, pkce_pair()[1])
     result = await run_chromium_login(

@@ -28,6 +28,7 @@ from enforcer.listener import (
     server_ssl_context,
     sni_of,
 )
+from tests.prereq import require
 
 # -- helpers ---------------------------------------------------------------------------------
 
@@ -417,11 +418,11 @@ async def test_session_resumption(
     assert second.server_says == "sni=b.example alpn=None"
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
 async def test_no_tls13_early_data(
     leaves: Mapping[str, LeafPaths], ca: bytes, tmp_path: Path
 ) -> None:
     """Our TLS 1.3 tickets allow no 0-RTT, so a resuming client sends no early data."""
+    require(shutil.which("openssl") is not None, "the openssl CLI (package openssl)")
     ca_file, sess, early = tmp_path / "ca.pem", tmp_path / "sess.pem", tmp_path / "early.txt"
     ca_file.write_bytes(ca)
     early.write_bytes(b"POST /logout HTTP/1.1\r\nHost: a.example\r\n\r\n")
@@ -475,11 +476,11 @@ def _has_ipv6_loopback() -> bool:
     return True
 
 
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
 async def test_dual_stack_socket_accepts_v4_and_v6(
     leaves: Mapping[str, LeafPaths], ca: bytes
 ) -> None:
     """make_listen_socket('::', 0) accepts TLS from both 127.0.0.1 and ::1."""
+    require(_has_ipv6_loopback(), "an IPv6 loopback address (::1)")
     sock = make_listen_socket("::", 0)
     assert sock.family == socket.AF_INET6
     assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from tests.prereq import missing
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "enforcer.service"
@@ -18,9 +17,7 @@ MAX_EXPOSURE = 2.5
 def _analyze() -> str:
     tool = shutil.which("systemd-analyze")
     if tool is None:
-        if os.environ.get("CI"):
-            pytest.fail("systemd-analyze is missing in CI (package systemd)")
-        pytest.skip("systemd-analyze not installed")
+        missing("systemd-analyze (package systemd)")
     return tool
 
 

@@ -35,6 +35,7 @@ import pytest_asyncio
 
 from tests.conftest import require_e2e
 from tests.harness.op import OPUser, RunningOP, make_tls_material, start_op
+from tests.prereq import missing
 
 pytestmark = [pytest.mark.root, pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -54,9 +55,7 @@ CAP_NET_ADMIN_BIND_SERVICE = 0x1400  # (1 << 12) | (1 << 10)
 
 
 def _missing(what: str) -> None:
-    if os.environ.get("CI", "").lower() == "true" or os.environ.get("CI") == "1":
-        pytest.fail(f"systemd boot test prerequisite missing in CI: {what}")
-    pytest.skip(f"systemd boot test prerequisite missing: {what}")
+    missing(f"systemd boot test: {what}")
 
 
 def _host_tools() -> None:
