@@ -604,13 +604,18 @@ def read_flows(
     """Records of ``path`` that match ``flt``; corrupt lines are skipped and counted."""
     st = stats if stats is not None else ReadStats()
     with path.open("rb") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            row = _parse_line(line, st)
-            if row is not None and flt.matches(row):
-                st.matched += 1
-                yield row
+        yield from _matching(f, flt, st)
+
+
+def _matching(lines: Iterable[bytes], flt: FlowFilter, st: ReadStats) -> Iterator[dict[str, Any]]:
+    """The records of ``lines`` that match ``flt`` (blank lines ignored, corrupt ones counted)."""
+    for line in lines:
+        if not line.strip():
+            continue
+        row = _parse_line(line, st)
+        if row is not None and flt.matches(row):
+            st.matched += 1
+            yield row
 
 
 def follow_flows(
@@ -644,13 +649,7 @@ def follow_flows(
                 return
             partial += chunk
             *complete, partial = partial.split(b"\n")
-            for line in complete:
-                if not line.strip():
-                    continue
-                row = _parse_line(line, st)
-                if row is not None and flt.matches(row):
-                    st.matched += 1
-                    yield row
+            yield from _matching(complete, flt, st)
 
     try:
         while not should_stop():
