@@ -534,12 +534,8 @@ class Gate:
         now = self.clock()
         if state in self._callback_inflight:
             return fail("callback_replayed", clear=None)
-        if self.shared_logins is not None:
-            self._callback_inflight.add(state)
-            try:
-                txn = await self.shared_logins.pop(state, now)
-            finally:
-                self._callback_inflight.discard(state)
+        if self.shared_logins is not None:  # one DELETE ... RETURNING: a second pop gets None
+            txn = await self.shared_logins.pop(state, now)
         else:
             txn = self.transactions.pop(state, now)
         if txn is None or txn.service != service.name:

@@ -870,15 +870,20 @@ class SQLiteSessionStore:
         self._cache_put(key, session)
         return handle
 
+    def _lookup_key(self, handle: str) -> bytes | None:
+        """The cache key of a well-formed handle, after dropping what other workers revoked."""
+        key = _handle_key(handle)
+        if key is not None and self._watch is not None:
+            self._sync()
+        return key
+
     def get_cached(self, handle: str, service: str, now: float) -> Session | None:
         """The hot path of :meth:`get` without a coroutine: the session when the cache holds
         it live for ``service`` and no ``last_seen`` write is due; otherwise None, and the
         caller must ask :meth:`get` (which decides expiry, wrong service and the touch)."""
-        key = _handle_key(handle)
+        key = self._lookup_key(handle)
         if key is None:
             return None
-        if self._watch is not None:
-            self._sync()
         session = self._cache.get(key)
         if (
             session is None
@@ -891,11 +896,9 @@ class SQLiteSessionStore:
 
     async def get(self, handle: str, service: str, now: float) -> Session | None:
         """The live session for ``handle`` on ``service``, or None; slides ``last_seen``."""
-        key = _handle_key(handle)
+        key = self._lookup_key(handle)
         if key is None:
             return None
-        if self._watch is not None:
-            self._sync()
         session = self._cache.get(key)
         if session is not None and self.shared and self._life.verdict(session, service, now) is _Verdict.EXPIRED:
             # another worker may have slid last_seen since we cached it: ask the file
