@@ -33,7 +33,7 @@ from enforcer import session as sessions
 from enforcer.definitions import DefinitionsManager, build_sources
 from enforcer.flowlog import FlowLog, FlowRecord
 from enforcer.handler import Gate, Runtime
-from enforcer.metrics import Metrics
+from enforcer.metrics import Metrics, enable_multiprocess, process_gone
 
 if TYPE_CHECKING:
     from enforcer import redirect  # imported at run time only when the redirect is enabled (pyroute2 is big)
@@ -281,7 +281,7 @@ class Daemon:
         )
         admin = await self._start_admin(runtime) if self.owns_host else None
         self._install_signals(loop, flowlog)
-        self.metrics.services.set(len(definitions.services))
+        self._publish_definitions()
         log.info(
             "enforcer%s listening on %s port %d for %d service(s): %s",
             "" if self.role == "single" else f" {self.role} (pid {os.getpid()})",
@@ -415,16 +415,23 @@ class Daemon:
         runtime = Runtime(definitions, build_providers(definitions, self.settings, self.http, old.providers))
         self.gate.runtime = runtime
         self._spawn(self._warm_up(runtime), "discovery")
-        self.metrics.services.set(len(definitions.services))
         if self.role == "single":
             sd_notify(f"STATUS={status_text(definitions)}")
         log.info(
             "definitions applied (%s): %s", reason, ", ".join(svc.name for svc in definitions.services) or "no services"
         )
 
+    def _publish_definitions(self) -> None:
+        """enforcer_definitions_info{digest} and enforcer_services for the set in force."""
+        current = self.manager.current
+        if current is not None:
+            self.metrics.set_definitions(self.manager.digest, len(current.services))
+
     def _reload_outcome(self, outcome: str, detail: str) -> None:
         """Each reload is counted and leaves one flow record with its outcome."""
         self.metrics.reloads.labels(outcome).inc()
+        if outcome in ("success", "last_known_good"):
+            self._publish_definitions()
         flowlog = getattr(self, "flowlog", None)
         if flowlog is None:
             return
@@ -595,10 +602,8 @@ class Master:
 
     def run(self) -> int:
         s = self.settings.model
-        from enforcer import metrics as metrics_module  # noqa: PLC0415
-
         s.stateDir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        metrics_module.enable_multiprocess(s.stateDir / "metrics")
+        enable_multiprocess(s.stateDir / "metrics")
         self.context = listener.dispatch_context()
         gc.collect()
         gc.freeze()  # the imports and settings stay shared with the workers instead of being copied
@@ -812,8 +817,6 @@ class Master:
     def _reap(self, stopping: bool, now: float) -> int | None:
         """Collect exited workers; schedule replacements. Returns an exit code if one died
         before it ever listened during start-up."""
-        from enforcer import metrics as metrics_module  # noqa: PLC0415
-
         failed: int | None = None
         while self.pids:
             try:
@@ -826,7 +829,7 @@ class Master:
             if index is None:
                 continue
             code = os.waitstatus_to_exitcode(status)
-            metrics_module.process_gone(pid)
+            process_gone(pid)
             for fd, i in list(self.pipes.items()):
                 if i == index:
                     del self.pipes[fd]

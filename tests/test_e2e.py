@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -280,6 +281,9 @@ async def test_admin_endpoints_report_health_and_metrics(stack: Stack) -> None:
         async with http.get(base + "/metrics") as r:
             text = await r.text()
             assert "enforcer_requests_total" in text
+            # the set in force is published: its digest and how many services it has
+            assert re.search(r'^enforcer_definitions_info\{digest="[0-9a-f]{16}"\} 1\.0$', text, re.M), text
+            assert re.search(r"^enforcer_services 1\.0$", text, re.M)
 
 
 @pytest.mark.browser
