@@ -20,6 +20,19 @@ from tests.harness.browser import ScriptedBrowser
 pytestmark = pytest.mark.e2e
 
 
+
+async def _banner(proc: asyncio.subprocess.Process) -> str:
+    """The demo's start-up text, up to the line that says it serves (fails if it exits first)."""
+    assert proc.stdout is not None
+    banner = ""
+    async with asyncio.timeout(60):
+        while "Stop with Ctrl-C" not in banner:
+            line = await proc.stdout.readline()
+            if not line:
+                pytest.fail("demo exited early:\n" + banner)
+            banner += line.decode()
+    return banner
+
 async def test_demo_serves_the_sample_app_behind_a_login(tmp_path: Path) -> None:
     """The demo prints its URL; alice logs in and sees the sample app, eve is denied, /healthz is public."""
     require_e2e()
@@ -31,14 +44,7 @@ async def test_demo_serves_the_sample_app_behind_a_login(tmp_path: Path) -> None
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        assert proc.stdout is not None
-        banner = ""
-        async with asyncio.timeout(60):
-            while "Stop with Ctrl-C" not in banner:
-                line = await proc.stdout.readline()
-                if not line:
-                    pytest.fail("demo exited early:\n" + banner)
-                banner += line.decode()
+        banner = await _banner(proc)
         assert f"https://localhost:{port}/" in banner
         ctx = ssl.create_default_context(cafile=str(tmp_path / "demo" / "ca" / "ca.crt"))
         base = f"https://localhost:{port}"
@@ -90,14 +96,7 @@ async def test_demo_as_root_runs_behind_the_real_redirect_in_namespaces(tmp_path
     )  # fmt: skip
     client: NetnsLoop | None = None
     try:
-        assert proc.stdout is not None
-        banner = ""
-        async with asyncio.timeout(60):
-            while "Stop with Ctrl-C" not in banner:
-                line = await proc.stdout.readline()
-                if not line:
-                    pytest.fail("demo exited early:\n" + banner)
-                banner += line.decode()
+        banner = await _banner(proc)
         assert f"--resolve {demo.DEMO_HOST}:443:{demo.APP4} https://{demo.DEMO_HOST}/" in banner, banner
         assert {demo.CLIENT_NS, demo.APP_NS} <= set(netns_names())
         cadata = (state / "ca" / "ca.crt").read_text()
