@@ -700,6 +700,9 @@ class ListenModel(_Strict):
     port: int = Field(default=8443, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=64)
     """Serving processes sharing the port (SO_REUSEPORT); more than one needs the SQLite store."""
+    fastPath: bool = True
+    """Serve allowed GET/HEAD requests with a cached session on the lean HTTP/1.1 path
+    (enforcer/fastpath.py); everything else, and everything when off, goes through aiohttp."""
 
 
 class AdminModel(_Strict):
