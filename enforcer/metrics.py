@@ -122,6 +122,16 @@ class Metrics:
             ["service", "kind"],
             registry=r,
         )
+        self.fast_requests = Counter(
+            "enforcer_fast_path_requests",
+            "Requests answered on the lean HTTP/1.1 path (allowed GET/HEAD with a cached session).",
+            registry=r,
+        )
+        self.fast_handoffs = Counter(
+            "enforcer_fast_path_handoffs",
+            "Client connections handed from the lean path to the full HTTP stack (any other request).",
+            registry=r,
+        )
         self.logins = Counter(
             "enforcer_logins",
             "OpenID Connect logins: started, success, or a failure reason code.",
