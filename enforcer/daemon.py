@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from enforcer import certs, config, httpserver, listener, oidc, proxy
+from enforcer import certs, config, fastpath, httpserver, listener, oidc, proxy
 from enforcer import session as sessions
 from enforcer.definitions import DefinitionsManager, build_sources
 from enforcer.flowlog import FlowLog, FlowRecord
@@ -268,6 +268,10 @@ class Daemon:
             auto_decompress=False,
             access_log=None,
         )
+        if s.listen.fastPath:
+            fast = fastpath.FastPath(gate, header_timeout=s.limits.headerTimeout, idle_timeout=s.limits.idleTimeout,
+                                     max_head=8190, max_headers=100)
+            server.fast = fastpath.protocol_factory(fast, server)
         loop = asyncio.get_running_loop()
         self._spawn(flowlog.run(), "flowlog")
         self._spawn(self._warm_up(runtime), "discovery")

@@ -134,6 +134,18 @@ def _split_host(value: str) -> tuple[str, int | None] | None:
     return normalise_host(host), port
 
 
+def _host_split(value: str) -> tuple[str, int | None] | None:
+    """:func:`_split_host`, remembered per header value."""
+    split = _HOST_CACHE.get(value)
+    if split is None:
+        split = _split_host(value)
+        if split is not None:
+            if len(_HOST_CACHE) >= _HOST_CACHE_MAX:
+                _HOST_CACHE.clear()
+            _HOST_CACHE[value] = split
+    return split
+
+
 class Gate:
     """Decides and acts on every request arriving at the TLS listener."""
 
@@ -262,13 +274,7 @@ class Gate:
             raw_target = urllib.parse.urlunsplit(("", "", absolute.path or "/", absolute.query, ""))
 
         # 2. which service: SNI and Host must agree
-        split = _HOST_CACHE.get(host_value)
-        if split is None:
-            split = _split_host(host_value)
-            if split is not None:
-                if len(_HOST_CACHE) >= _HOST_CACHE_MAX:
-                    _HOST_CACHE.clear()
-                _HOST_CACHE[host_value] = split
+        split = _host_split(host_value)
         if split is None:
             flow.record(decision="bad_request", reason="bad_host")
             return pages.plain_close(400, "malformed Host header")
@@ -330,15 +336,7 @@ class Gate:
         flow.record(decision="allow", reason=decision.reason.value, endpoint=endpoint)
 
         # 7. forward
-        identity_headers: dict[str, str] = {}
-        names = service.identity_headers
-        if identity is not None:
-            identity_headers[names.user] = identity.username or identity.sub
-            if identity.email:
-                identity_headers[names.email] = identity.email
-            if names.groups:
-                groups = sorted(t.split("=", 1)[1] for t in identity.tags if t.startswith("groups="))
-                identity_headers[names.groups] = ",".join(groups)
+        identity_headers = _identity_headers(service, identity)
         websocket = (
             request.headers.get("Upgrade", "").lower() == "websocket"
             and "upgrade" in request.headers.get("Connection", "").lower()
@@ -364,6 +362,62 @@ class Gate:
             flow.bytes_in, flow.bytes_out = transfer.bytes_in, transfer.bytes_out
             # (the upstream duration is observed once, by metrics.observe_flow)
 
+    # ------------------------------------------------------------------ fast path
+
+    def fast_plan(
+        self, method: str, raw_target: str, host_value: str, cookies: list[str], facts: _ConnFacts
+    ) -> FastPlan | None:
+        """The plan for a request :mod:`enforcer.fastpath` may forward itself, or None.
+
+        The caller has checked the framing (a GET or HEAD in HTTP/1.1 with one Host, no body,
+        no upgrade, an origin-form target, plain header names and values).  This runs the
+        same steps as :meth:`_handle` -- route, canonicalise, identify, decide -- with the
+        same helpers, and answers None wherever :meth:`_handle` would do anything but
+        forward at once (a refusal, an enforcer endpoint, a session not in the cache or due
+        a touch, a verdict other than allow).  None has no side effects: the request then
+        goes, unchanged, to :meth:`handle`, which gives the one authoritative answer.
+        """
+        split = _host_split(host_value)
+        if split is None:
+            return None
+        host, port = split
+        runtime = self.runtime
+        service = runtime.by_host.get(host)
+        if service is None or (port is not None and port not in (service.exposed_port, self.listen_port)):
+            return None
+        _, _, destination, sni, _ = facts
+        if sni is not None and runtime.by_host.get(sni) is not service:
+            return None
+        if destination is not None and destination[1] != service.exposed_port:
+            return None
+        try:
+            path, query = policy.canonical_path(raw_target)
+        except policy.PathError:
+            return None
+        if path == service.callback_path or path.startswith(service.logout_path):
+            return None  # the enforcer's own endpoints (logout and <logout>/backchannel)
+        identity: sessions.Session | None = None
+        found, handle = sessions.find_cookie(cookies, sessions.session_cookie_name(service.name))
+        if found is sessions.CookieLookup.FOUND and handle is not None:
+            store = self.store
+            if type(store) is not sessions.SQLiteSessionStore:
+                return None
+            identity = store.get_cached(handle, service.name, self.clock())
+            if identity is None:
+                return None  # not cached, expired, revoked or due a touch: the slow path decides
+        decision = policy.decide(method, path, identity.tags if identity is not None else None, service.table)
+        if decision.verdict is not policy.Verdict.ALLOW:
+            return None
+        return FastPlan(
+            service=service,
+            path=path,
+            target=path + ("?" + query if query else ""),
+            identity=identity,
+            endpoint=decision.endpoint.rule if decision.endpoint else None,
+            reason=decision.reason.value,
+            identity_headers=_identity_headers(service, identity),
+        )
+
     # ------------------------------------------------------------------ helpers
 
     def _connection_facts(self, request: web.BaseRequest) -> _ConnFacts:
@@ -373,7 +427,14 @@ class Gate:
         facts = getattr(protocol, "enforcer_facts", None)
         if type(facts) is tuple:
             return facts
-        transport = request.transport
+        facts = self.connection_facts(request.transport)
+        if request.transport is not None and protocol is not None:
+            with contextlib.suppress(AttributeError):  # a protocol without a __dict__: no cache
+                protocol.enforcer_facts = facts  # type: ignore[attr-defined]
+        return facts
+
+    def connection_facts(self, transport: asyncio.BaseTransport | None) -> _ConnFacts:
+        """(client ip, client ip:port, original destination, SNI, TLS version) of a connection."""
         ssl_object = transport.get_extra_info("ssl_object") if transport else None
         peer = transport.get_extra_info("peername") if transport else None
         # the dual-stack [::] listener the redirect needs reports IPv4 clients as ::ffff:a.b.c.d
@@ -381,17 +442,13 @@ class Gate:
         if client_ip.startswith("::ffff:") and "." in client_ip:
             client_ip = client_ip[7:]
         destination = self._destination(transport) if self.redirect_enabled else None
-        facts = (
+        return (
             client_ip,
             f"{client_ip}:{peer[1]}" if peer else "-",
             destination,
             sni_of(ssl_object),
             ssl_object.version() if ssl_object is not None else None,
         )
-        if transport is not None and protocol is not None:
-            with contextlib.suppress(AttributeError):  # a protocol without a __dict__: no cache
-                protocol.enforcer_facts = facts  # type: ignore[attr-defined]
-        return facts
 
     def _destination(self, transport: asyncio.BaseTransport | None) -> tuple[str, int] | None:
         """Where a redirected connection was going (cached per connection: one syscall)."""
@@ -721,6 +778,34 @@ class Gate:
         log.info("back-channel logout for service %s ended %d session(s) (flow %s)", service.name, ended,
                  flow.flow_id)
         return answer(200, "backchannel_logout")
+
+
+@dataclass(slots=True)
+class FastPlan:
+    """What :meth:`Gate.fast_plan` decided for an allowed request: where and as whom to forward."""
+
+    service: Service
+    path: str  # canonical path (logged and matched)
+    target: str  # path and query towards the app
+    identity: sessions.Session | None
+    endpoint: str | None
+    reason: str
+    identity_headers: dict[str, str]
+
+
+def _identity_headers(service: Service, identity: sessions.Session | None) -> dict[str, str]:
+    """The identity headers the app receives for this session (none when anonymous)."""
+    out: dict[str, str] = {}
+    if identity is None:
+        return out
+    names = service.identity_headers
+    out[names.user] = identity.username or identity.sub
+    if identity.email:
+        out[names.email] = identity.email
+    if names.groups:
+        groups = sorted(t.split("=", 1)[1] for t in identity.tags if t.startswith("groups="))
+        out[names.groups] = ",".join(groups)
+    return out
 
 
 def _tx_cookie_name(state: str) -> str:

@@ -53,12 +53,13 @@ class Protocol(RequestHandler):
         self._body: StreamReader | None = None  # body of the newest parsed request
         self._body_seen = 0.0
         self.enforcer_facts: tuple[Any, ...] | None = None  # per-connection facts, cached by the gate
+        self.admitted = False  # set when the connection was counted already (a fast-path hand-over)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         server = self._manager
         peer = transport.get_extra_info("peername")
         self._peer_ip: str | None = str(peer[0]) if peer else None
-        if isinstance(server, Server) and not server.admit(self._peer_ip):
+        if isinstance(server, Server) and not self.admitted and not server.admit(self._peer_ip):
             self._peer_ip = None
             self._refused = True
             transport.close()
@@ -165,6 +166,10 @@ class Server(web.Server):
         self.open_connections = 0
         self.refused_connections = 0
         self._per_ip: dict[str, int] = {}
+        self.fast: Callable[[], asyncio.Protocol] | None = None
+        """Set to serve connections through :mod:`enforcer.fastpath` first (daemon.py)."""
+        self.fast_connections: set[Any] = set()
+        """The fast-path connections now open (each has ``shutdown()`` and ``abort()``)."""
 
     def admit(self, ip: str | None) -> bool:
         """Count a new connection in, or refuse it when a cap is reached."""
@@ -192,5 +197,27 @@ class Server(web.Server):
             else:
                 self._per_ip.pop(ip, None)
 
-    def __call__(self) -> RequestHandler:
-        return Protocol(self, loop=self._loop, **self._timeouts, **self._kwargs)
+    def protocol(self, *, admitted: bool = False) -> Protocol:
+        """An aiohttp connection protocol; ``admitted``: the connection was counted in already."""
+        protocol = Protocol(self, loop=self._loop, **self._timeouts, **self._kwargs)
+        protocol.admitted = admitted
+        return protocol
+
+    def __call__(self) -> asyncio.Protocol:  # type: ignore[override]  # a fast connection is no RequestHandler
+        fast = self.fast
+        if fast is not None:
+            return fast()
+        return self.protocol()
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's signature)
+        """Stop: fast-path connections close when idle or once their answer is out, then
+        aiohttp's connections drain; whatever is still open when ``timeout`` is over is cut."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout if timeout is not None else 60.0)
+        for conn in list(self.fast_connections):
+            conn.shutdown()
+        while self.fast_connections and loop.time() < deadline:  # noqa: ASYNC110 (a poll at stop only)
+            await asyncio.sleep(0.02)
+        for conn in list(self.fast_connections):
+            conn.abort()
+        await super().shutdown(max(0.0, deadline - loop.time()) if timeout is not None else None)

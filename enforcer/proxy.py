@@ -11,8 +11,11 @@ through one keep-alive connection pool per app; nothing is buffered whole.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import functools
+import http
 import logging
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -133,7 +136,7 @@ def clean_value(value: str) -> str:
 
 
 def request_headers(
-    client: CIMultiDictProxy[str],
+    client: CIMultiDictProxy[str] | CIMultiDict[str],
     *,
     identity: Mapping[str, str],
     client_ip: str,
@@ -235,6 +238,66 @@ def serialise_head(method: str, target: str, headers: CIMultiDict[str]) -> bytes
     if text.count("\n") != lines or text.count("\r") != lines:
         raise UpstreamError("protocol", 502)  # a CR or LF inside a value: never split a header
     return text.encode("utf-8", "surrogateescape")
+
+
+_FORBIDDEN_IN_HEAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # as aiohttp's header writer refuses
+_REASONS = {s.value: s.phrase for s in http.HTTPStatus}
+_date: list[Any] = [0, ""]  # [second, its formatted Date value]
+
+
+def http_date() -> str:
+    """The ``Date`` header value for now (formatted once per second)."""
+    now = int(time.time())
+    if _date[0] != now:
+        _date[:] = [now, email.utils.formatdate(now, usegmt=True)]
+    return str(_date[1])
+
+
+def relay_head(
+    head: upstream_client.Head, *, method: str, public_origin: str, upstream_host: str, port: int, keep_alive: bool
+) -> tuple[bytes, bool, bool]:
+    """The HTTP/1.1 head the client receives for the app's answer, and (chunked, no_body).
+
+    The same head :meth:`Upstream.forward` has aiohttp write: the app's headers cleaned by
+    :func:`response_headers`; ``Content-Length`` when the app framed the body by length,
+    else chunked; none of either for HEAD's and 204/304's empty body except the app's length
+    on a HEAD; ``Content-Type``, ``Date`` and ``Server`` defaults; ``Connection: close`` when
+    the client connection ends after this answer.  Raises UpstreamError if the app's status
+    line or a header value holds a control character.
+    """
+    status = head.status
+    headers: CIMultiDict[str] = CIMultiDict()
+    response_headers(
+        head.headers, public_origin=public_origin, internal_origins=_internal_origins(upstream_host, port),
+        into=headers,
+    )
+    headers.setdefault("Server", SERVER)
+    chunked = False
+    no_body = method == "HEAD" or status in (204, 304)
+    if not no_body:
+        length = head.content_length
+        if length is None:
+            headers["Transfer-Encoding"] = "chunked"
+            chunked = True
+        else:
+            headers["Content-Length"] = str(length)
+        if length != 0:
+            headers.setdefault("Content-Type", "application/octet-stream")
+    elif status not in (204, 304):  # a HEAD: the length the GET would have
+        up_length = _first(head.headers, "content-length")
+        if up_length is not None:
+            headers["Content-Length"] = up_length
+    if "Date" not in headers:
+        headers["Date"] = http_date()
+    if not keep_alive and "Connection" not in headers:
+        headers["Connection"] = "close"
+    reason = head.reason or _REASONS.get(status, "")
+    lines = [f"HTTP/1.1 {status} {reason}", *map(": ".join, headers.items())]
+    for line in lines:
+        if _FORBIDDEN_IN_HEAD.search(line) is not None:
+            raise UpstreamError("protocol", 502)
+    lines += ("", "")
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape"), chunked, no_body
 
 
 _WS = aiohttp.ClientWebSocketResponse | web.WebSocketResponse
@@ -401,9 +464,22 @@ class Upstream:
                 body_task.cancel()
             conn.finish(reusable)
 
+    async def send(
+        self, *, upstream_host: str, port: int, head: bytes, no_body: bool, transfer: Transfer
+    ) -> tuple[upstream_client.Connection, upstream_client.Head]:
+        """Send a bodiless request head (the fast path's GET or HEAD); the response head.
+
+        The caller reads the body from the connection and must call ``conn.finish(...)``.
+        Raises UpstreamError like :meth:`forward`.
+        """
+        conn, answer, _ = await self._exchange(
+            None, upstream_host, port, head, no_body=no_body, has_body=False, chunked=False, transfer=transfer
+        )
+        return conn, answer
+
     async def _exchange(
         self,
-        request: web.BaseRequest,
+        request: web.BaseRequest | None,
         host: str,
         port: int,
         head: bytes,
@@ -427,7 +503,7 @@ class Upstream:
                 raise UpstreamError("connect", 502) from None
             conn.start(head, no_body=no_body)
             body_task = None
-            if has_body:
+            if has_body and request is not None:
                 body_task = asyncio.get_running_loop().create_task(
                     conn.send_body(self._count_body(request, transfer), chunked=chunked)
                 )

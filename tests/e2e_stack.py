@@ -173,9 +173,40 @@ class Upstream:
             request.transport.write(RAW_ANSWERS[request.path])
             request.transport.close()
             return web.Response()  # never sent: the transport is closed
+        if request.path == "/shape":  # an answer shaped by the query (fast-path differential tests)
+            return await self._shape(request)
         if request.path == "/ws-refuse":  # an app that refuses an upgrade (X-SMG-13)
             return web.Response(status=403, text="no upgrade for you")
         return web.json_response({"path": request.raw_path, "user": request.headers.get("X-Forwarded-User")})
+
+
+    async def _shape(self, request: web.Request) -> web.StreamResponse:
+        """?status=&body=&reason=&ctype=&date=1&location=&chunked=1&delay=: an app answer of that shape."""
+        q = request.query
+        status = int(q.get("status", "200"))
+        body = q.get("body", "shaped body").encode()
+        headers: dict[str, str] = {}
+        if "ctype" in q:
+            headers["Content-Type"] = q["ctype"]
+        if "date" in q:
+            headers["Date"] = "Mon, 01 Jan 2024 00:00:00 GMT"
+        if "location" in q:
+            headers["Location"] = f"http://127.0.0.1:{self.port}{q['location']}"
+        if "delay" in q:
+            await asyncio.sleep(float(q["delay"]))
+        reason = q.get("reason")
+        if q.get("chunked"):
+            resp = web.StreamResponse(status=status, reason=reason, headers=headers)
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for part in (body[:4], body[4:]):
+                if part:
+                    await resp.write(part)
+                    await asyncio.sleep(0.01)
+            await resp.write_eof()
+            return resp
+        empty = status in (204, 304) or request.method == "HEAD"
+        return web.Response(status=status, reason=reason, body=None if empty else body, headers=headers)
 
 
 RAW_ANSWERS = {

@@ -1,0 +1,503 @@
+"""Serve the common request without aiohttp: an allowed GET or HEAD, in plain HTTP/1.1.
+
+Every TLS connection starts with a :class:`Connection`.  For each request it waits for the
+complete header block, parses exactly those bytes with httptools (llhttp, strict) and asks
+:meth:`enforcer.handler.Gate.fast_plan` whether the gate would forward it at once.  Only a
+request that passes every one of these is served here:
+
+* ``GET`` or ``HEAD``, ``HTTP/1.1``, an origin-form target of printable ASCII without ``#``;
+* a header block of at most ``max_head`` bytes and ``max_headers`` fields, CRLF line ends,
+  no folding, names of letters, digits and ``-`` only, values of printable ASCII or tab
+  without leading or trailing blanks;
+* exactly one ``Host``; no ``Content-Length``, ``Transfer-Encoding``, ``Upgrade`` or
+  ``Expect`` (so no body, no upgrade, nothing to continue);
+* the gate's own routing (SNI, Host, port, original destination), path canonicalisation,
+  session (from the in-process cache only) and policy all end in *allow*.
+
+Anything else -- the first byte that does not fit -- hands the connection over for good to
+aiohttp's protocol (:class:`enforcer.httpserver.Protocol`) with every unconsumed byte, so
+aiohttp's parser and :meth:`Gate.handle` answer it exactly as before: refusals, logins, the
+enforcer's endpoints, bodies, WebSockets and every malformed input.  Nothing is consumed or
+written for a request before it is known to be served here.
+
+A served request gets what :meth:`Gate.handle` would give it: the same header hygiene
+(:func:`enforcer.proxy.request_headers`), the same upstream pool, the same response head
+(:func:`enforcer.proxy.relay_head`), error pages for an unreachable or misbehaving app, and
+exactly one flow record.  The connection keeps the listener's limits: the connection caps,
+the header deadline (408), the keep-alive idle timeout and back-pressure both ways.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import socket
+import time
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import httptools
+from aiohttp import web
+from multidict import CIMultiDict
+
+from enforcer import pages, proxy
+from enforcer import upstream as upstream_client
+from enforcer.flowlog import FlowRecord
+
+if TYPE_CHECKING:
+    from enforcer.handler import FastPlan, Gate, _ConnFacts
+    from enforcer.httpserver import Server
+
+log = logging.getLogger("enforcer.fastpath")
+
+TIMEOUT_408 = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+MAX_PIPELINED = 256 * 1024  # stop reading while this much of later requests waits
+_NAME = re.compile(rb"[A-Za-z0-9-]+")
+_VALUE = re.compile(rb"[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?|")
+_TARGET = re.compile(rb"/[\x21-\x22\x24-\x7e]*")  # printable ASCII without '#', starting with '/'
+_HANDOFF = frozenset({b"content-length", b"transfer-encoding", b"upgrade", b"expect"})
+_METHODS = {b"GET": "GET", b"HEAD": "HEAD"}
+
+
+class _Request(NamedTuple):
+    method: str
+    headers: CIMultiDict[str]
+    host: str
+    keep_alive: bool
+
+
+class FastPath:
+    """What a listener's fast connections share: the gate, the upstream and the limits."""
+
+    def __init__(
+        self,
+        gate: Gate,
+        *,
+        header_timeout: float,
+        idle_timeout: float,
+        max_head: int = 8190,
+        max_headers: int = 100,
+    ) -> None:
+        self.gate = gate
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.max_head = max_head
+        self.max_headers = max_headers
+        self.served = gate.metrics.fast_requests
+        self.handed_off = gate.metrics.fast_handoffs
+
+
+class Connection(asyncio.Protocol):
+    """One client connection until (if ever) it is handed over to aiohttp."""
+
+    def __init__(self, fast: FastPath, server: Server, loop: asyncio.AbstractEventLoop) -> None:
+        self._fast = fast
+        self._server = server
+        self._loop = loop
+        self.transport: asyncio.Transport | None = None
+        self._peer_ip: str | None = None
+        self._admitted = False
+        self._facts: _ConnFacts | None = None
+        self._buf = bytearray()
+        self._busy = False  # a request is being answered
+        self._closing = False  # close once the current answer is out
+        self._closed = False
+        self._handed = False
+        self._head_started = False  # bytes of a header block wait (the header deadline runs)
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._complete = False
+        self._keep_alive = True
+        self._upgrade = False
+        self._written = False  # a byte of the current answer went out
+
+    # ---------------------------------------------------------------- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        self._peer_ip = str(peer[0]) if peer else None
+        if not self._server.admit(self._peer_ip):
+            transport.close()
+            self._closed = True
+            return
+        self._admitted = True
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self._server.fast_connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._head_started = True  # the first request's header block is due from now
+        self._set_deadline(self._fast.header_timeout)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._admitted:
+            self._admitted = False
+            self._server.release(self._peer_ip)
+            self._server.fast_connections.discard(self)
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if self._busy:
+            if len(self._buf) > MAX_PIPELINED and not self._reading_paused and self.transport is not None:
+                self._reading_paused = True
+                self.transport.pause_reading()
+            return
+        self._next()
+
+    def eof_received(self) -> bool | None:
+        return False  # the client is done sending: close (TLS cannot half-close anyway)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    # ---------------------------------------------------------------- httptools callbacks
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields.append((name, value))
+
+    def on_message_complete(self) -> None:
+        # (read now: once the whole head is fed, llhttp has reset its flags for the next message)
+        parser = self._parser
+        self._complete = True
+        self._keep_alive = parser.should_keep_alive()
+        self._upgrade = parser.should_upgrade()
+
+    # ---------------------------------------------------------------- requests
+
+    def _next(self) -> None:
+        """Start on the next buffered request, if its header block is complete."""
+        if self._closed or self._handed or self._busy:
+            return
+        buf = self._buf
+        if not buf:
+            self._head_started = False
+            self._set_deadline(self._fast.idle_timeout)
+            return
+        if not self._head_started:
+            self._head_started = True
+            self._set_deadline(self._fast.header_timeout)
+        end = buf.find(b"\r\n\r\n")
+        fast = self._fast
+        if end < 0:
+            if len(buf) > fast.max_head:
+                self._hand_off()
+            return
+        end += 4
+        if end > fast.max_head:
+            self._hand_off()
+            return
+        head = bytes(buf[:end])
+        request = self._parse(head)
+        if request is None:
+            self._hand_off()
+            return
+        method, target, headers, keep_alive = request
+        hosts = headers.getall("Host", ())
+        if len(hosts) != 1:
+            self._hand_off()
+            return
+        facts = self._facts
+        if facts is None:
+            facts = self._facts = fast.gate.connection_facts(self.transport)
+        plan = fast.gate.fast_plan(method, target, hosts[0], headers.getall("Cookie", []), facts)
+        if plan is None:
+            self._hand_off()
+            return
+        del buf[:end]
+        self._busy = True
+        self._head_started = False
+        fast.served.inc()
+        self._loop.create_task(self._serve(plan, _Request(method, headers, hosts[0], keep_alive), facts))
+
+    def _parse(self, head: bytes) -> tuple[str, str, CIMultiDict[str], bool] | None:
+        """A head's method, target, headers and keep-alive if it fits the fast path, else None."""
+        if head[0] in b"\r\n" or b"\r\n " in head or b"\r\n\t" in head:
+            return None  # leading empty lines, obsolete line folding
+        if head.count(b"\n") != head.count(b"\r\n") or head.count(b"\r") != head.count(b"\r\n"):
+            return None  # a bare CR or LF
+        self._url = b""
+        self._fields = []
+        self._complete = False
+        parser = self._parser
+        try:
+            parser.feed_data(head)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            return None
+        if not self._complete or self._upgrade or parser.get_http_version() != "1.1":
+            return None
+        method = _METHODS.get(parser.get_method())
+        url = self._url
+        fields = self._fields
+        if method is None or len(fields) > self._fast.max_headers or _TARGET.fullmatch(url) is None:
+            return None
+        pairs = []
+        for name, value in fields:
+            if _NAME.fullmatch(name) is None or _VALUE.fullmatch(value) is None or name.lower() in _HANDOFF:
+                return None
+            pairs.append((name.decode("ascii"), value.decode("ascii")))
+        return method, url.decode("ascii"), CIMultiDict(pairs), self._keep_alive
+
+    def _hand_off(self) -> None:
+        """Give the connection, with every byte not yet answered, to aiohttp's protocol."""
+        transport = self.transport
+        if self._handed or self._closed or transport is None:
+            return
+        self._handed = True
+        self._fast.handed_off.inc()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._server.fast_connections.discard(self)
+        self._admitted = False  # the new protocol releases the connection's place
+        protocol = self._server.protocol(admitted=True)
+        if self._facts is not None:
+            protocol.enforcer_facts = self._facts
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        data = bytes(self._buf)
+        self._buf.clear()
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        if data:
+            protocol.data_received(data)
+
+    async def _serve(self, plan: FastPlan, request: _Request, facts: _ConnFacts) -> None:
+        """Forward one allowed request and relay the answer; one flow record, whatever happens."""
+        method, headers, host, keep_alive = request
+        if not keep_alive:
+            self._closing = True  # the client asked to close after this answer
+        gate = self._fast.gate
+        service = plan.service
+        flow = FlowRecord.begin(
+            client=facts[1],
+            destination=f"{facts[2][0]}:{facts[2][1]}" if facts[2] else None,
+            sni=facts[3],
+            host=host,
+            method=method,
+            path=plan.path,
+            now=gate.clock(),
+            tls_version=facts[4],
+            user_agent=headers.get("User-Agent"),
+        )
+        flow.service = service.name
+        identity = plan.identity
+        if identity is not None:
+            flow.user, flow.email = identity.sub, identity.email
+        flow.record(decision="allow", reason=plan.reason, endpoint=plan.endpoint)
+        transfer = proxy.Transfer()
+        status: int | None = None
+        self._written = False
+        try:
+            try:
+                status = await self._forward(plan, request, facts, transfer)
+            except proxy.UpstreamError as exc:
+                flow.record(decision="error", reason=f"upstream_{exc.kind}", endpoint=flow.endpoint, user=flow.user)
+                gate.metrics.upstream_errors.labels(service.name, exc.kind).inc()
+                status = exc.status
+                if not self._written:
+                    self._page(pages.error_page(exc.status, f"upstream_{exc.kind}", flow.flow_id,
+                                                message="The application did not answer properly."))
+            except ConnectionResetError:
+                flow.record(decision=flow.decision, reason="client_aborted", endpoint=flow.endpoint)
+                status = 499
+            except Exception:
+                log.exception("internal error in flow %s", flow.flow_id)
+                flow.record(decision="error", reason="internal_error")
+                status = 500
+                if not self._written:
+                    self._closing = True
+                    self._page(pages.error_page(500, "internal_error", flow.flow_id, close=True))
+                elif self.transport is not None:
+                    self.transport.abort()
+        finally:
+            flow.upstream_status = transfer.status
+            flow.upstream_ms = transfer.upstream_ms
+            flow.bytes_in, flow.bytes_out = transfer.bytes_in, transfer.bytes_out
+            if flow.upstream_status is None and flow.decision == "allow":
+                flow.upstream_status = status
+            gate.flowlog.write(flow.finish(now=gate.clock(), status=status))
+            gate.metrics.observe_flow(flow)
+            self._done(keep_alive)
+
+    async def _forward(self, plan: FastPlan, request: _Request, facts: _ConnFacts, transfer: proxy.Transfer) -> int:
+        method, headers, host, _ = request
+        service = plan.service
+        towards = proxy.request_headers(headers, identity=plan.identity_headers, client_ip=facts[0], host=host)
+        head = proxy.serialise_head(method, plan.target, towards)
+        started = time.perf_counter()
+        conn, answer = await self._fast.gate.upstream.send(
+            upstream_host=service.upstream_host, port=service.port, head=head, no_body=method == "HEAD",
+            transfer=transfer,
+        )
+        reusable = False
+        try:
+            transfer.upstream_ms = (time.perf_counter() - started) * 1000
+            transfer.status = answer.status
+            reply, chunked, no_body = proxy.relay_head(
+                answer, method=method, public_origin=service.origin, upstream_host=service.upstream_host,
+                port=service.port, keep_alive=not self._closing,
+            )
+            if no_body:
+                self._write(reply)
+            else:
+                pending = reply
+                if not conn.ready():
+                    # nothing of the body has come yet (a slow app, a stream): the head goes now
+                    self._write(reply)
+                    pending = b""
+                try:
+                    chunk = await conn.read()
+                    while chunk:
+                        transfer.bytes_out += len(chunk)
+                        if conn.drained():
+                            break  # the last chunk: written with the end of the answer below
+                        self._write_body(pending, chunk, chunked)
+                        pending = b""
+                        if self._write_paused:
+                            await self._drained()
+                        chunk = await conn.read()
+                except (upstream_client.Closed, upstream_client.ReadTimeout, upstream_client.ProtocolError):
+                    # a truncated body: the client must never take it for complete
+                    transfer.status = 502
+                    self._closing = True
+                    if self.transport is not None:
+                        self.transport.abort()
+                    raise proxy.UpstreamError("reset", 502) from None
+                self._write_body(pending, chunk, chunked, last=True)
+            reusable = True
+            return answer.status
+        finally:
+            conn.finish(reusable)
+
+    # ---------------------------------------------------------------- writing
+
+    def _write(self, data: bytes) -> None:
+        if self._closed or self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the client connection is closed")
+        self._written = True
+        self.transport.write(data)
+
+    def _write_body(self, head: bytes, chunk: bytes, chunked: bool, *, last: bool = False) -> None:
+        if chunked:
+            parts = [head, b"%x\r\n" % len(chunk), chunk, b"\r\n"] if chunk else [head]
+            if last:
+                parts.append(b"0\r\n\r\n")
+            self._write(b"".join(parts))
+        elif head:
+            self._write(head + chunk)
+        elif chunk:
+            self._write(chunk)
+
+    async def _drained(self) -> None:
+        if self._closed:
+            raise ConnectionResetError("the client connection is closed")
+        self._drain = self._loop.create_future()
+        try:
+            await self._drain
+        finally:
+            self._drain = None
+        if self._closed:
+            raise ConnectionResetError("the client connection is closed")
+
+    def _page(self, response: web.Response) -> None:
+        """Write one of the enforcer's own pages (an error before any byte of the answer)."""
+        body = response.body
+        assert isinstance(body, bytes)
+        headers = response.headers
+        lines = [f"HTTP/1.1 {response.status} {response.reason}", *map(": ".join, headers.items())]
+        lines.append(f"Content-Length: {len(body)}")
+        if "Date" not in headers:
+            lines.append(f"Date: {proxy.http_date()}")
+        if "Server" not in headers:
+            lines.append(f"Server: {proxy.SERVER}")
+        if self._closing or response.keep_alive is False:
+            self._closing = True
+            lines.append("Connection: close")
+        with contextlib.suppress(ConnectionResetError):
+            self._write("\r\n".join([*lines, "", ""]).encode() + body)
+
+    def _done(self, keep_alive: bool) -> None:
+        """The answer is out: close, or go on with the next request."""
+        self._busy = False
+        transport = self.transport
+        if transport is None or self._closed:
+            return
+        if self._closing or not keep_alive:
+            transport.close()
+            return
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        self._next()
+
+    # ---------------------------------------------------------------- deadlines
+
+    def _set_deadline(self, seconds: float) -> None:
+        """One timer per connection: it re-arms itself for a later deadline when it fires."""
+        if seconds <= 0:
+            self._deadline = float("inf")
+            return
+        self._deadline = deadline = self._loop.time() + seconds
+        timer = self._timer
+        if timer is not None and timer.when() > deadline:
+            timer.cancel()  # (the header deadline is sooner than the idle one it replaces)
+            timer = None
+        if timer is None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closed or self._handed or self._busy or self.transport is None:
+            return  # (an answer in progress: the deadline is set again when it is out)
+        if self._deadline == float("inf"):
+            return
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            return
+        if self._head_started:
+            log.debug("closing a connection whose request header did not complete in time")
+            with contextlib.suppress(Exception):
+                self.transport.write(TIMEOUT_408)
+        self.transport.close()
+
+    def shutdown(self) -> None:
+        """Server stop: close when idle now, else once the current answer is out."""
+        self._closing = True
+        if not self._busy and self.transport is not None and not self._closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Server stop, drain time over."""
+        if self.transport is not None and not self._closed:
+            self.transport.abort()
+
+
+def protocol_factory(fast: FastPath, server: Server) -> Any:
+    """The listener's protocol factory: a fast connection per accepted socket."""
+    loop = asyncio.get_running_loop()
+    return lambda: Connection(fast, server, loop)

@@ -1,0 +1,347 @@
+"""The lean HTTP/1.1 path (enforcer/fastpath.py) against the real stack.
+
+Oracle: the full path.  Every request is sent twice -- once on a fresh connection, where the
+lean path may take it, and once on a connection already handed to aiohttp (a first request
+with a header name the lean path never takes) -- and both answers, what the app saw and the
+flow records must be the same.  The fast-path counters in /metrics say which path answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import ssl
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.e2e_stack import HOST, Seen, Stack
+from tests.test_attacks import Raw, Reply, request
+
+pytestmark = pytest.mark.e2e
+
+HANDOFF = "X.Handoff: 1"  # a token character the lean path does not take: the connection goes to aiohttp
+_VOLATILE_HEADERS = {"date"}
+_FLOW_ID = re.compile(rb"[0-9a-f]{16}")
+
+
+@pytest_asyncio.fixture(scope="module")
+async def cookie(stack: Stack) -> str:
+    """A session cookie header for bob (groups=staff)."""
+    async with stack.browser() as b:
+        page = await stack.login(b, "bob", "/")
+        assert page.status == 200, page.text[:300]
+        return str(b.cookies.header_for(stack.base + "/", same_site=True, method="GET"))
+
+
+async def counters(stack: Stack) -> tuple[float, float]:
+    """(requests served on the lean path, connections handed off) from /metrics."""
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{stack.admin_port}/metrics") as r:
+        text = await r.text()
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("enforcer_fast_path_requests_total", "enforcer_fast_path_handoffs_total"):
+            values[name] = float(value)
+    return values["enforcer_fast_path_requests_total"], values["enforcer_fast_path_handoffs_total"]
+
+
+_RANDOM = re.compile(r"(state|nonce|code_challenge)=[^&;\s]+|__Host-enforcertx-[0-9a-f]+=[^;]+")
+
+
+def shape(reply: Reply | None) -> tuple[Any, ...] | None:
+    """What must be equal between the two paths: status, headers but Date, body (flow ids and a
+    login's random state, nonce, PKCE challenge and transaction cookie masked)."""
+    if reply is None:
+        return None
+    headers = [(k.lower(), _RANDOM.sub("<random>", v)) for k, v in reply.headers if k.lower() not in _VOLATILE_HEADERS]
+    return reply.status, sorted(headers), _FLOW_ID.sub(b"<flow>", reply.body)
+
+
+async def send(stack: Stack, payload: bytes, *, handed_off: bool, head: bool = False) -> tuple[Reply | None, list[Seen]]:
+    """``payload`` on a new connection (first handed to aiohttp if ``handed_off``): reply, app's view."""
+    conn = await Raw.open(stack)
+    try:
+        if handed_off:
+            await conn.send(request("GET /public/warm HTTP/1.1", HANDOFF))
+            warm = await conn.reply()
+            assert warm is not None and warm.status == 200
+        before = len(stack.upstream.seen)
+        await conn.send(payload)
+        try:
+            reply = await conn.reply(head=head, timeout=5.0)
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            reply = None  # the connection was cut inside a body (a truncated answer)
+        return reply, stack.upstream.seen[before:]
+    finally:
+        await conn.close()
+
+
+async def both(stack: Stack, payload: bytes, *, head: bool = False) -> tuple[Reply | None, bool]:
+    """Send on both paths; assert the same answer and the same request at the app; (reply, taken fast)."""
+    served0, _ = await counters(stack)
+    fast, fast_seen = await send(stack, payload, handed_off=False, head=head)
+    served1, _ = await counters(stack)
+    full, full_seen = await send(stack, payload, handed_off=True, head=head)
+    assert shape(fast) == shape(full)
+    assert [(s.method, s.target, s.headers) for s in fast_seen] == [(s.method, s.target, s.headers) for s in full_seen]
+    return fast, served1 > served0
+
+
+# ------------------------------------------------------------------ which path answers
+
+
+async def test_allowed_get_with_a_cached_session_is_answered_on_the_lean_path(stack: Stack, cookie: str) -> None:
+    """An allowed GET with a cached session is served fast and the app sees the user's identity."""
+    served, handed = await counters(stack)
+    reply, seen = await send(stack, request("GET /shape?x=1 HTTP/1.1", f"Cookie: {cookie}"), handed_off=False)
+    assert reply is not None and reply.status == 200 and reply.body == b"shaped body"
+    assert seen[0].header("X-Forwarded-User") == ["bob"]
+    assert await counters(stack) == (served + 1, handed)
+
+
+async def test_a_keep_alive_connection_stays_on_the_lean_path(stack: Stack, cookie: str) -> None:
+    """Twenty requests on one connection, some pipelined in one write, are all served fast, in order."""
+    served, handed = await counters(stack)
+    conn = await Raw.open(stack)
+    try:
+        for i in range(10):
+            await conn.send(request(f"GET /shape?body=one-{i} HTTP/1.1", f"Cookie: {cookie}"))
+            reply = await conn.reply()
+            assert reply is not None and reply.body == f"one-{i}".encode()
+        await conn.send(b"".join(request(f"GET /shape?body=pipe-{i} HTTP/1.1", f"Cookie: {cookie}") for i in range(10)))
+        for i in range(10):
+            reply = await conn.reply()
+            assert reply is not None and reply.body == f"pipe-{i}".encode()
+    finally:
+        await conn.close()
+    assert await counters(stack) == (served + 20, handed)
+
+
+@pytest.mark.parametrize(
+    ("why", "payload"),
+    [
+        ("a POST", request("POST /public/p HTTP/1.1", "Content-Length: 2", body=b"hi")),
+        ("HTTP/1.0", request("GET /public/p HTTP/1.0")),
+        ("a Content-Length on a GET", request("GET /public/p HTTP/1.1", "Content-Length: 0")),
+        ("an Expect", request("GET /public/p HTTP/1.1", "Expect: 100-continue")),
+        ("an Upgrade", request("GET /public/p HTTP/1.1", "Upgrade: h2c", "Connection: Upgrade")),
+        ("an underscore header", request("GET /public/p HTTP/1.1", "X_Forwarded_User: admin")),
+        ("a blank before the colon", request("GET /public/p HTTP/1.1", "X-A : 1")),
+        ("obsolete line folding", request("GET /public/p HTTP/1.1", "X-A: 1", " folded")),
+        ("a bare LF", b"GET /public/p HTTP/1.1\nHost: " + HOST.encode() + b"\r\n\r\n"),
+        ("a trailing blank in a value", request("GET /public/p HTTP/1.1", "X-A: 1 ")),
+        ("a non-ASCII target", request("GET /public/\xe9 HTTP/1.1")),
+        ("a fragment", request("GET /public/p#frag HTTP/1.1")),
+        ("two Host headers", request("GET /public/p HTTP/1.1", f"Host: {HOST}")),
+        ("no Host", request("GET /public/p HTTP/1.1", host=None)),
+        ("an unknown Host", request("GET /public/p HTTP/1.1", host="other.example")),
+        ("an absolute-form target", request(f"GET https://{HOST}/public/p HTTP/1.1")),
+        ("a dot segment", request("GET /public/../secret HTTP/1.1")),
+        ("an encoded slash", request("GET /public/a%2fb HTTP/1.1")),
+        ("no session on a protected path", request("GET /shape HTTP/1.1", "Accept: application/json")),
+        ("the logout endpoint", request("GET /oauth2/logout HTTP/1.1")),
+        ("the callback endpoint", request("GET /oauth2/callback?state=x&code=y HTTP/1.1")),
+        ("a TRACE", request("TRACE /public/p HTTP/1.1")),
+        ("a lower-case method", request("get /public/p HTTP/1.1")),
+    ],
+)
+async def test_anything_else_is_handed_to_the_full_path_unchanged(stack: Stack, why: str, payload: bytes) -> None:
+    """A request outside the lean path's subset is answered by the full path exactly as before."""
+    _, handed = await counters(stack)
+    reply, fast = await both(stack, payload)
+    assert not fast, why
+    assert reply is not None, why
+    _, handed_after = await counters(stack)
+    assert handed_after >= handed + 2, why  # (both connections were handed over)
+
+
+async def test_a_denied_request_is_handed_over_and_gets_the_403_page(stack: Stack, cookie: str) -> None:
+    """bob may not see /admin: the full path answers the 403 with its reason, the app sees nothing."""
+    reply, fast = await both(stack, request("GET /admin/x HTTP/1.1", f"Cookie: {cookie}"))
+    assert not fast and reply is not None and reply.status == 403 and b"missing_tags" in reply.body
+
+
+async def test_a_revoked_session_is_not_served_from_the_lean_path(stack: Stack) -> None:
+    """After logout the cookie no longer passes on the lean path: the login redirect comes instead."""
+    async with stack.browser() as b:
+        page = await stack.login(b, "bob", "/")
+        assert page.status == 200
+        own = b.cookies.header_for(stack.base + "/", same_site=True, method="GET")
+        reply, seen = await send(stack, request("GET /shape HTTP/1.1", f"Cookie: {own}"), handed_off=False)
+        assert reply is not None and reply.status == 200
+        out = await b.get(stack.base + "/oauth2/logout")
+        assert out.status in (200, 302, 303)
+    served, _ = await counters(stack)
+    reply, seen = await send(stack, request("GET /shape HTTP/1.1", f"Cookie: {own}", "Accept: application/json"),
+                             handed_off=False)
+    assert reply is not None and reply.status == 401 and seen == []
+    assert (await counters(stack))[0] == served
+
+
+# ------------------------------------------------------------------ same answers
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/shape",
+        "/shape?chunked=1&body=a+streamed+body",
+        "/shape?status=204",
+        "/shape?status=304",
+        "/shape?status=404&body=missing",
+        "/shape?status=500&body=boom",
+        "/shape?body=",
+        "/shape?ctype=text/plain;charset=utf-8&date=1",
+        "/shape?reason=Quite+Fine",
+        "/shape?status=302&location=/elsewhere%3Fa=1",
+        "/shape?delay=0.2&chunked=1",
+        "/redirect-internal",
+        "/set-cookie",
+        "/big?size=300000",
+        "/bad-framing",
+        "/dup-length",
+        "/truncated",
+        "/public/%7Euser/a%20b?q=%2F&r=1",
+        "/public//double//slashes",
+    ],
+)
+@pytest.mark.parametrize("connection", [None, "close", "keep-alive", "Close, X-A"])
+async def test_the_lean_path_answers_exactly_like_the_full_path(
+    stack: Stack, cookie: str, target: str, connection: str | None
+) -> None:
+    """Status, headers (but Date), body and the request the app received are the same on both paths."""
+    extra = [f"Connection: {connection}"] if connection else []
+    reply, fast = await both(stack, request(f"GET {target} HTTP/1.1", f"Cookie: {cookie}", *extra))
+    assert reply is not None or target == "/truncated"
+    if target not in ("/public//double//slashes",):
+        assert fast, target
+
+
+@pytest.mark.parametrize("target", ["/shape", "/shape?status=204", "/big?size=1000", "/shape?chunked=1"])
+async def test_head_answers_like_the_full_path(stack: Stack, cookie: str, target: str) -> None:
+    """HEAD: the same head (with the app's Content-Length) and no body, on both paths."""
+    reply, fast = await both(stack, request(f"HEAD {target} HTTP/1.1", f"Cookie: {cookie}"), head=True)
+    assert fast and reply is not None and reply.body == b""
+
+
+async def test_client_headers_are_cleaned_the_same_way(stack: Stack, cookie: str) -> None:
+    """Spoofed identity and forwarding headers, Connection-named headers and our cookies never reach the app."""
+    reply, fast = await both(stack, request(
+        "GET /shape HTTP/1.1",
+        f"Cookie: {cookie}; app=1",
+        "Cookie: other=2",
+        "X-Forwarded-User: admin",
+        "X-Forwarded-For: 10.0.0.1",
+        "X-Auth-Request-Email: boss@example.com",
+        "Forwarded: for=1.2.3.4",
+        "Connection: keep-alive, X-Secret",
+        "X-Secret: hop",
+        "Keep-Alive: timeout=5",
+        "Remote-User: admin",
+    ))
+    assert fast and reply is not None and reply.status == 200
+    seen = stack.upstream.seen[-1]
+    assert seen.header("X-Forwarded-User") == ["bob"]
+    assert seen.header("X-Forwarded-For") == ["127.0.0.1"]
+    assert seen.header("X-Secret") == [] and seen.header("Remote-User") == [] and seen.header("Forwarded") == []
+    assert "__Host-enforcer" not in ";".join(seen.header("Cookie"))
+
+
+async def test_connection_close_is_honoured(stack: Stack, cookie: str) -> None:
+    """``Connection: close`` gets ``Connection: close`` back and the connection ends after the answer."""
+    conn = await Raw.open(stack)
+    try:
+        await conn.send(request("GET /shape HTTP/1.1", f"Cookie: {cookie}", "Connection: close"))
+        reply = await conn.reply()
+        assert reply is not None and reply.status == 200 and reply.header("Connection") == ["close"]
+        assert await conn.closed(3.0)
+    finally:
+        await conn.close()
+
+
+async def test_flow_records_are_the_same_on_both_paths(stack: Stack, cookie: str) -> None:
+    """One flow record per request, with the same fields whichever path answered it."""
+    target = "/shape?body=flowcheck"
+    records = []
+    for handed_off in (False, True):
+        reply, _ = await send(stack, request(f"GET {target} HTTP/1.1", f"Cookie: {cookie}", "User-Agent: ua/1"),
+                              handed_off=handed_off)
+        assert reply is not None and reply.status == 200
+        known = {r["flow_id"] for r in records}
+        records.append(await stack.wait_flow(
+            lambda f, known=known: f.get("user_agent") == "ua/1" and f["flow_id"] not in known
+        ))
+    volatile = {"time", "flow_id", "start", "duration_ms", "upstream_ms", "client"}
+    fast, full = ({k: v for k, v in r.items() if k not in volatile} for r in records)
+    assert fast == full
+    assert fast["decision"] == "allow" and fast["user"] and fast["status"] == 200 and fast["upstream_status"] == 200
+
+
+async def test_a_slow_header_on_a_lean_connection_gets_408(stack: Stack) -> None:
+    """A header block still incomplete after headerTimeout is answered 408 and closed (slowloris)."""
+    original = stack.config.read_text()
+    stack.config.write_text(original + "limits: {headerTimeout: 1, idleTimeout: 3}\n")
+    await stack.restart()
+    try:
+        conn = await Raw.open(stack)
+        try:
+            await conn.send(b"GET /public/p HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\n")
+            reply = await conn.reply(timeout=5.0)
+            assert reply is not None and reply.status == 408
+            assert await conn.closed(3.0)
+        finally:
+            await conn.close()
+        idle = await Raw.open(stack)  # keep-alive idle: closed silently after idleTimeout
+        try:
+            await idle.send(request("GET /public/p HTTP/1.1"))
+            assert (await idle.reply()) is not None
+            await asyncio.sleep(1.5)  # longer than headerTimeout, shorter than idleTimeout: still open
+            await idle.send(request("GET /public/q HTTP/1.1"))
+            assert (await idle.reply()) is not None
+            assert await idle.closed(6.0)
+        finally:
+            await idle.close()
+    finally:
+        stack.config.write_text(original)
+        await stack.restart()
+
+
+# ------------------------------------------------------------------ generated requests
+
+_methods = st.sampled_from(["GET", "GET", "GET", "HEAD", "POST", "OPTIONS", "get", "PUT"])
+_versions = st.sampled_from(["HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.1 "])
+_targets = st.sampled_from([
+    "/shape", "/public/a", "/public/a?b=c", "/admin/x", "/shape?chunked=1", "/public/%2e%2e/x", "/public/a%00b",
+    "//public/a", "/public/a/./b", "/PUBLIC/a", "/public/;a", "*", "/oauth2/logout", "/public/\x7f", "/x y",
+    "/public/a\tb", "/shape?status=304", "/set-cookie",
+])
+_fields = st.sampled_from([
+    "Accept: */*", "User-Agent: hyp", "X-Forwarded-User: mallory", "Connection: close", "Connection: X-A",
+    "X-A: b", "Transfer-Encoding: chunked", "Content-Length: 0", "Content-Length: 3", "X_A: 1", "X-A:", "X-A:  b",
+    "Host: evil.example", "Cookie: a=b", "Cookie: __Host-enforcer-app=forged", "Expect: 100-continue",
+    "Upgrade: websocket", "X-A: \x01", "Accept: application/json", "Sec-Fetch-Mode: navigate", "Te: trailers",
+])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(method=_methods, target=_targets, version=_versions, fields=st.lists(_fields, max_size=4),
+       with_cookie=st.booleans())
+async def test_generated_requests_answer_the_same_on_both_paths(
+    stack: Stack, cookie: str, method: str, target: str, version: str, fields: list[str], with_cookie: bool
+) -> None:
+    """For generated request heads, the lean path's answer and the app's view equal the full path's."""
+    lines = [*fields, *([f"Cookie: {cookie}"] if with_cookie else [])]
+    body = b"abc" if "Content-Length: 3" in fields else b""
+    await both(stack, request(f"{method} {target} {version}", *lines, body=body), head=method == "HEAD")
+    await asyncio.sleep(0)  # (the stack's upstream runs in this loop)
+
+
+def test_flow_id_mask_matches_flow_ids() -> None:
+    """The mask used to compare error pages covers a flow id (16 hex characters)."""
+    assert _FLOW_ID.sub(b"<flow>", json.dumps({"id": "0123456789abcdef"}).encode()) == b'{"id": "<flow>"}'
