@@ -110,7 +110,9 @@ class Connection(asyncio.Protocol):
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._reading_paused = False
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        """(It holds this protocol for its callbacks: the cycle is broken when the connection
+        ends or is handed over, so the transport's TLS buffers are freed at once, not by GC.)"""
         self._url = b""
         self._fields: list[tuple[bytes, bytes]] = []
         self._complete = False
@@ -139,6 +141,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._closed = True
+        self._parser = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -182,6 +185,7 @@ class Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         # (read now: once the whole head is fed, llhttp has reset its flags for the next message)
         parser = self._parser
+        assert parser is not None
         self._complete = True
         self._keep_alive = parser.should_keep_alive()
         self._upgrade = parser.should_upgrade()
@@ -243,6 +247,8 @@ class Connection(asyncio.Protocol):
         self._fields = []
         self._complete = False
         parser = self._parser
+        if parser is None:
+            return None
         try:
             parser.feed_data(head)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
@@ -267,6 +273,8 @@ class Connection(asyncio.Protocol):
         if self._handed or self._closed or transport is None:
             return
         self._handed = True
+        self._parser = None
+        self.transport = None
         self._fast.handed_off.inc()
         if self._timer is not None:
             self._timer.cancel()

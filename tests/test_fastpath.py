@@ -9,9 +9,11 @@ flow records must be the same.  The fast-path counters in /metrics say which pat
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 import ssl
+import weakref
 from typing import Any
 
 import aiohttp
@@ -20,6 +22,7 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from enforcer.fastpath import Connection, FastPath
 from tests.e2e_stack import HOST, Seen, Stack
 from tests.test_attacks import Raw, Reply, request
 
@@ -345,3 +348,39 @@ async def test_generated_requests_answer_the_same_on_both_paths(
 def test_flow_id_mask_matches_flow_ids() -> None:
     """The mask used to compare error pages covers a flow id (16 hex characters)."""
     assert _FLOW_ID.sub(b"<flow>", json.dumps({"id": "0123456789abcdef"}).encode()) == b'{"id": "<flow>"}'
+
+
+def test_a_closed_connection_is_freed_without_the_cycle_collector() -> None:
+    """After connection_lost nothing keeps the protocol (and its transport's TLS buffers) alive:
+    plain reference counting frees it, so memory does not wait for a full GC pass."""
+    class Admitting:
+        def __init__(self) -> None:
+            self.fast_connections: set[Any] = set()
+
+        def admit(self, ip: str | None) -> bool:
+            return True
+
+        def release(self, ip: str | None) -> None:
+            pass
+
+    class Transport(asyncio.Transport):
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return ("127.0.0.1", 5555) if name == "peername" else default
+
+    class Gate:
+        metrics = type("M", (), {"fast_requests": None, "fast_handoffs": None})()
+
+    loop = asyncio.new_event_loop()
+    gc.disable()
+    try:
+        fast = FastPath(Gate(), header_timeout=5, idle_timeout=5)  # type: ignore[arg-type]
+        conn = Connection(fast, Admitting(), loop)  # type: ignore[arg-type]
+        conn.connection_made(Transport())
+        conn.data_received(b"GET /partial HTTP/1.1\r\n")
+        conn.connection_lost(None)
+        ref = weakref.ref(conn)
+        del conn
+        assert ref() is None
+    finally:
+        gc.enable()
+        loop.close()
