@@ -253,6 +253,11 @@ def http_date() -> str:
     return str(_date[1])
 
 
+_RELAY_HEADS: dict[tuple[Any, ...], tuple[bytes, bool, bool, bool]] = {}
+"""Built response heads by everything they depend on (apps repeat the same few all day)."""
+_RELAY_HEADS_MAX = 512
+
+
 def relay_head(
     head: upstream_client.Head, *, method: str, public_origin: str, upstream_host: str, port: int, keep_alive: bool
 ) -> tuple[bytes, bool, bool]:
@@ -263,8 +268,29 @@ def relay_head(
     else chunked; none of either for HEAD's and 204/304's empty body except the app's length
     on a HEAD; ``Content-Type``, ``Date`` and ``Server`` defaults; ``Connection: close`` when
     the client connection ends after this answer.  Raises UpstreamError if the app's status
-    line or a header value holds a control character.
+    line or a header value holds a control character.  A head is built once per distinct
+    input and remembered (bounded); only our own ``Date`` is added fresh each time.
     """
+    key = (head.status, head.reason, tuple(head.headers), head.content_length, method, keep_alive,
+           public_origin, upstream_host, port)
+    built = _RELAY_HEADS.get(key)
+    if built is None:
+        built = _build_relay_head(
+            head, method, public_origin, upstream_host=upstream_host, port=port, keep_alive=keep_alive
+        )
+        if len(_RELAY_HEADS) >= _RELAY_HEADS_MAX:
+            _RELAY_HEADS.clear()
+        _RELAY_HEADS[key] = built
+    lines, chunked, no_body, add_date = built
+    if add_date:
+        return b"%sDate: %s\r\n\r\n" % (lines, http_date().encode()), chunked, no_body
+    return lines + b"\r\n", chunked, no_body
+
+
+def _build_relay_head(
+    head: upstream_client.Head, method: str, public_origin: str, *, upstream_host: str, port: int, keep_alive: bool
+) -> tuple[bytes, bool, bool, bool]:
+    """(status line and header lines, each ending in CRLF; chunked; no_body; Date to add)."""
     status = head.status
     headers: CIMultiDict[str] = CIMultiDict()
     response_headers(
@@ -287,8 +313,6 @@ def relay_head(
         up_length = _first(head.headers, "content-length")
         if up_length is not None:
             headers["Content-Length"] = up_length
-    if "Date" not in headers:
-        headers["Date"] = http_date()
     if not keep_alive and "Connection" not in headers:
         headers["Connection"] = "close"
     reason = head.reason or _REASONS.get(status, "")
@@ -296,8 +320,8 @@ def relay_head(
     for line in lines:
         if _FORBIDDEN_IN_HEAD.search(line) is not None:
             raise UpstreamError("protocol", 502)
-    lines += ("", "")
-    return "\r\n".join(lines).encode("utf-8", "surrogateescape"), chunked, no_body
+    lines.append("")
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape"), chunked, no_body, "Date" not in headers
 
 
 _WS = aiohttp.ClientWebSocketResponse | web.WebSocketResponse

@@ -843,3 +843,64 @@ async def test_forward_bodiless_answers_are_sent_at_once(method: str, answer: by
         assert await _nothing_more(reader)
         assert relay.writes == [1]
         writer.close()
+
+
+# ------------------------------------------------------------------ relay_head (the fast path's response head)
+
+
+def _relay(status: int, headers: list[tuple[str, str]], *, method: str = "GET", keep_alive: bool = True,
+           length: int | None = None, reason: str = "") -> tuple[str, bool, bool]:
+    head = upstream.Head(status, reason, headers, length)
+    raw, chunked, no_body = proxy.relay_head(
+        head, method=method, public_origin="https://app.test", upstream_host="10.0.0.5", port=8080,
+        keep_alive=keep_alive,
+    )
+    return raw.decode(), chunked, no_body
+
+
+def test_relay_head_frames_by_length_or_chunked_and_adds_defaults() -> None:
+    """A length-framed answer keeps its length, an unframed one is chunked; Server, Date and
+    Content-Type defaults are added and hop-by-hop headers dropped."""
+    raw, chunked, no_body = _relay(200, [("Content-Length", "5"), ("Connection", "keep-alive")], length=5)
+    assert raw.startswith("HTTP/1.1 200 OK\r\n") and raw.endswith("\r\n\r\n")
+    assert "Content-Length: 5\r\n" in raw and "Server: enforcer\r\n" in raw and "Date: " in raw
+    assert "Content-Type: application/octet-stream" in raw and "Connection" not in raw
+    assert (chunked, no_body) == (False, False)
+    raw, chunked, _ = _relay(200, [("Content-Type", "text/plain")])
+    assert "Transfer-Encoding: chunked\r\n" in raw and chunked
+
+
+def test_relay_head_for_head_204_and_304_has_no_body_framing() -> None:
+    """HEAD keeps the app's length; 204 and 304 carry neither length nor chunked."""
+    raw, _, no_body = _relay(200, [("Content-Length", "1234")], method="HEAD", length=1234)
+    assert no_body and "Content-Length: 1234\r\n" in raw
+    for status in (204, 304):
+        raw, chunked, no_body = _relay(status, [("Content-Length", "0")], length=0)
+        assert no_body and not chunked and "Content-Length" not in raw and "Transfer-Encoding" not in raw
+
+
+def test_relay_head_is_remembered_but_its_own_date_is_fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repeated answer reuses the built head; the Date we add follows the clock."""
+    monkeypatch.setattr(proxy, "http_date", lambda: "Mon, 01 Jan 2024 00:00:00 GMT")
+    first, _, _ = _relay(200, [("Content-Length", "2"), ("X-Same", "1")], length=2)
+    monkeypatch.setattr(proxy, "http_date", lambda: "Tue, 02 Jan 2024 00:00:00 GMT")
+    second, _, _ = _relay(200, [("Content-Length", "2"), ("X-Same", "1")], length=2)
+    assert "2024 00:00:00" in first and first.replace("Mon, 01", "Tue, 02") == second
+    own, _, _ = _relay(200, [("Content-Length", "2"), ("Date", "Sun, 07 Jan 2024 00:00:00 GMT")], length=2)
+    assert own.count("Date: ") == 1 and "Sun, 07 Jan 2024" in own
+
+
+def test_relay_head_rewrites_internal_locations_and_closes_when_asked() -> None:
+    """An app redirect to its internal address points at the public origin; keep_alive=False says close."""
+    raw, _, _ = _relay(302, [("Location", "http://10.0.0.5:8080/next"), ("Content-Length", "0")], length=0,
+                       keep_alive=False)
+    assert "Location: https://app.test/next\r\n" in raw and "Connection: close\r\n" in raw
+
+
+def test_relay_head_refuses_control_characters_from_the_app() -> None:
+    """A control character in the app's reason phrase or a header value is a protocol error (502)."""
+    with pytest.raises(proxy.UpstreamError) as err:
+        _relay(200, [("X-Bad", "a\x01b")], length=None)
+    assert err.value.status == 502
+    with pytest.raises(proxy.UpstreamError):
+        _relay(200, [], reason="OK\x7f")
