@@ -321,7 +321,7 @@ _methods = st.sampled_from(["GET", "GET", "GET", "HEAD", "POST", "OPTIONS", "get
 _versions = st.sampled_from(["HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.1 "])
 _targets = st.sampled_from([
     "/shape", "/public/a", "/public/a?b=c", "/admin/x", "/shape?chunked=1", "/public/%2e%2e/x", "/public/a%00b",
-    "//public/a", "/public/a/./b", "/PUBLIC/a", "/public/;a", "*", "/oauth2/logout", "/public/\x7f", "/x y",
+    "//public/a", "/public/a/./b", "/PUBLIC/a", "/public/;a", "*", "/oauth2/logou", "/public/\x7f", "/x y",
     "/public/a\tb", "/shape?status=304", "/set-cookie",
 ])
 _fields = st.sampled_from([
@@ -338,7 +338,8 @@ _fields = st.sampled_from([
 async def test_generated_requests_answer_the_same_on_both_paths(
     stack: Stack, cookie: str, method: str, target: str, version: str, fields: list[str], with_cookie: bool
 ) -> None:
-    """For generated request heads, the lean path's answer and the app's view equal the full path's."""
+    """For generated request heads, the lean path's answer and the app's view equal the full path's.
+    (No logout target: it would end the shared session between the two sends.)"""
     lines = [*fields, *([f"Cookie: {cookie}"] if with_cookie else [])]
     body = b"abc" if "Content-Length: 3" in fields else b""
     await both(stack, request(f"{method} {target} {version}", *lines, body=body), head=method == "HEAD")
