@@ -17,6 +17,8 @@ Columns (``--columns``):
                   sharing the port with SO_REUSEPORT; own state dir, port and OP client).
                   Pinned to the one server core like everything else, two workers cannot go
                   faster there: see the scaling runs (d) below.
+* ``enforcer-full`` -- opt-in: the ``enforcer`` column with ``listen.fastPath: false``, every
+                  request through aiohttp and the full gate (what the lean path saves).
 * ``floor-raw``, ``floor-aiohttp``, ``floor-proxy`` -- opt-in reference servers from
                   scripts/bench_floor.py on the same uvloop + TLS, no auth: a raw httptools
                   protocol, aiohttp's low-level server, and a lean proxy through the enforcer's
@@ -96,10 +98,13 @@ if str(REPO) not in sys.path:
 from tests.harness.browser import ScriptedBrowser  # noqa: E402
 from tests.harness.op import OPUser, RunningOP, make_tls_material, start_op  # noqa: E402
 
-ALL_COLUMNS = ("bare", "nginx", "apache", "enforcer", "enforcer-2w", "floor-raw", "floor-aiohttp", "floor-proxy")
+ALL_COLUMNS = (
+    "bare", "nginx", "apache", "enforcer", "enforcer-2w", "enforcer-full", "floor-raw", "floor-aiohttp", "floor-proxy",
+)
 DEFAULT_COLUMNS = ("bare", "nginx", "apache", "enforcer", "enforcer-2w")
 FLOOR_COLUMNS = ("floor-raw", "floor-aiohttp", "floor-proxy")  # opt-in: scripts/bench_floor.py
-ENFORCER_WORKERS = {"enforcer": 1, "enforcer-2w": 2}  # enforcer columns -> --workers
+ENFORCER_WORKERS = {"enforcer": 1, "enforcer-2w": 2, "enforcer-full": 1}  # enforcer columns -> --workers
+NO_FAST_PATH = frozenset({"enforcer-full"})  # listen.fastPath: false (every request through aiohttp)
 AUTH_COLUMNS = ("apache", *ENFORCER_WORKERS)
 SERVICE = "app"  # the enforcer's service name in ENFORCER_DEFINITIONS
 TOUCH_CONNECTIONS = 8  # keep-alive connections that use each live session once
@@ -658,9 +663,10 @@ class Bench:
             client_id=client_id, secret=secret_file, issuer=self.op.issuer,
             host=HOST, port=port, app_port=self.up_port,
         ))
-        (state / "enforcer.yaml").write_text(ENFORCER_CONFIG.format(
-            port=port, admin_port=admin_port, state=state, op_ca=self.op.ca_file,
-        ))
+        config = ENFORCER_CONFIG.format(port=port, admin_port=admin_port, state=state, op_ca=self.op.ca_file)
+        if name in NO_FAST_PATH:
+            config = config.replace(f"port: {port}}}", f"port: {port}, fastPath: false}}")
+        (state / "enforcer.yaml").write_text(config)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         cmd = [sys.executable, "-m", "enforcer", "run", "-c", str(state / "enforcer.yaml"), "--log-level", "warning"]
         if workers > 1:
@@ -1081,7 +1087,7 @@ class Bench:
         return col
 
     async def run_scaling(self) -> None:
-        pair = [c for c in (self._usable(n) for n in ENFORCER_WORKERS) if c is not None]
+        pair = [c for c in (self._usable(n) for n in ("enforcer", "enforcer-2w")) if c is not None]
         if len(pair) < 2:
             if len(self.args.columns) > 1 and any(n in self.args.columns for n in ENFORCER_WORKERS):
                 log("workers scaling: skipped (needs both enforcer and enforcer-2w running)")
