@@ -126,6 +126,41 @@ async def test_a_keep_alive_connection_stays_on_the_lean_path(stack: Stack, cook
     assert await counters(stack) == (served + 20, handed)
 
 
+async def test_a_connection_served_fast_can_be_handed_over_mid_stream(stack: Stack, cookie: str) -> None:
+    """Pipelined on one connection: a fast GET, a POST with a body (hands over), then GETs: all
+    answered in order with their own bodies, the POST body reaches the app intact."""
+    served, handed = await counters(stack)
+    before = len(stack.upstream.seen)
+    conn = await Raw.open(stack)
+    try:
+        await conn.send(
+            request("GET /shape?body=first HTTP/1.1", f"Cookie: {cookie}")
+            + request("POST /upload HTTP/1.1", f"Cookie: {cookie}", "Content-Length: 11", body=b"hello world")
+            + request("GET /shape?body=third HTTP/1.1", f"Cookie: {cookie}")
+        )
+        first, second, third = [await conn.reply() for _ in range(3)]
+        assert first is not None and first.body == b"first"
+        assert second is not None and json.loads(second.body)["bytes"] == 11
+        assert third is not None and third.body == b"third"
+        await conn.send(request("GET /shape?body=fourth HTTP/1.1", f"Cookie: {cookie}"))
+        fourth = await conn.reply()
+        assert fourth is not None and fourth.body == b"fourth"
+    finally:
+        await conn.close()
+    assert [s.method for s in stack.upstream.seen[before:]] == ["GET", "POST", "GET", "GET"]
+    assert await counters(stack) == (served + 1, handed + 1)
+
+
+async def test_a_client_that_leaves_mid_answer_is_recorded_as_aborted(stack: Stack, cookie: str) -> None:
+    """A client closing while a large answer streams: the flow record says client_aborted (499)."""
+    conn = await Raw.open(stack)
+    await conn.send(request("GET /big?size=50000000 HTTP/1.1", f"Cookie: {cookie}", "User-Agent: leaver/1"))
+    await conn.reader.readexactly(4096)
+    conn.writer.transport.abort()
+    flow = await stack.wait_flow(lambda f: f.get("user_agent") == "leaver/1", timeout=15.0)
+    assert flow["status"] == 499 and flow["reason"] == "client_aborted" and flow["decision"] == "allow"
+
+
 @pytest.mark.parametrize(
     ("why", "payload"),
     [
