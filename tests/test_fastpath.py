@@ -420,3 +420,79 @@ def test_a_closed_connection_is_freed_without_the_cycle_collector() -> None:
     finally:
         gc.enable()
         loop.close()
+
+
+# ------------------------------------------------------------------ the head gate, in isolation
+
+_pieces = st.sampled_from([
+    b"GET", b"HEAD", b"POST", b"get", b" ", b"  ", b"/", b"/a", b"?q=1", b"#f", b"%2F", b"\x00", b"\x7f", b"\xe9",
+    b"HTTP/1.1", b"HTTP/1.0", b"\r\n", b"\n", b"\r", b"\t", b":", b"Host", b"host", b"Content-Length", b"0",
+    b"Transfer-Encoding", b"chunked", b"Upgrade", b"Expect", b"X_A", b"X-A", b"Cookie", b"a=b", b",", b";",
+])
+
+
+class _Probe(Connection):
+    """A Connection whose parsing is exercised without a transport."""
+
+    def __init__(self) -> None:
+        fast = FastPath.__new__(FastPath)
+        fast.max_headers = 100
+        super().__init__(fast, None, None)  # type: ignore[arg-type]
+
+
+@settings(max_examples=400, deadline=None)
+@given(start=st.sampled_from([b"GET / HTTP/1.1\r\n", b"HEAD /a?b HTTP/1.1\r\n", b""]),
+       middle=st.lists(_pieces, max_size=14), host=st.booleans())
+def test_whatever_the_head_gate_admits_is_a_plain_bodiless_get_or_head(
+    start: bytes, middle: list[bytes], host: bool
+) -> None:
+    """An admitted head is GET/HEAD in HTTP/1.1 with an origin-form ASCII target, token-only
+    header names, no body, upgrade or expectation field, and llhttp parsed all of it."""
+    head = start + (b"Host: app.test\r\n" if host else b"") + b"".join(middle) + b"\r\n\r\n"
+    parsed = _Probe()._parse(head)
+    if parsed is None:
+        return
+    method, target, headers, _ = parsed
+    assert method in ("GET", "HEAD")
+    assert target.startswith("/") and target.isascii() and "#" not in target and " " not in target
+    for name, value in headers.items():
+        assert re.fullmatch(r"[A-Za-z0-9-]+", name), name
+        assert name.lower() not in ("content-length", "transfer-encoding", "upgrade", "expect")
+        assert all(0x20 <= ord(c) < 0x7F or c == "\t" for c in value) and value == value.rstrip(" \t")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
+        b"GET / HTTP/1.1\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a \r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
+        b"GET / HTTP/1.1\r\ncontent-LENGTH: 0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nTransfer-Encoding : chunked\r\n\r\n",
+        b"GET /a#b HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.0\r\nHost: a\r\n\r\n",
+        b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX\xe9: a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nX-A: \xe9\r\n\r\n",
+    ],
+)
+def test_the_head_gate_refuses_unusual_heads(head: bytes) -> None:
+    """Leading CRLF, folding, bare LF/CR, trailing blanks, blank before ':', a body field,
+    a fragment, absolute-form, HTTP/1.0, asterisk-form and non-ASCII all go to the full path."""
+    assert _Probe()._parse(head) is None
+
+
+def test_the_head_gate_admits_a_browser_get() -> None:
+    """A typical browser GET is admitted with its fields as sent."""
+    parsed = _Probe()._parse(
+        b"GET /a/b?c=d HTTP/1.1\r\nHost: app.test\r\nUser-Agent: Mozilla/5.0 (X11)\r\nAccept: */*\r\n"
+        b"Cookie: a=b; c=d\r\nConnection: keep-alive\r\n\r\n"
+    )
+    assert parsed is not None
+    method, target, headers, keep_alive = parsed
+    assert (method, target, keep_alive) == ("GET", "/a/b?c=d", True)
+    assert headers["User-Agent"] == "Mozilla/5.0 (X11)" and headers["Cookie"] == "a=b; c=d"
