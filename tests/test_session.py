@@ -894,3 +894,49 @@ async def test_shared_cache_is_dropped_when_the_revocation_check_fails(
     assert b._watch is not None
     b._watch.close()  # every query on it now raises sqlite3.ProgrammingError
     assert b.get_cached(handle, "app", T0 + 2) is None
+
+
+_opt_text = st.none() | st.text(max_size=12)
+
+
+@given(
+    sub=st.text(max_size=12),
+    email=_opt_text,
+    username=_opt_text,
+    sid=_opt_text,
+    refresh_token=_opt_text,
+    tags=st.frozensets(st.text(max_size=12), max_size=6),
+    claims_expire=st.none() | st.floats(allow_nan=False),
+)
+def test_compact_cache_entries_expand_to_an_equal_session(
+    sub: str, email: str | None, username: str | None, sid: str | None,
+    refresh_token: str | None, tags: frozenset[str], claims_expire: float | None,
+) -> None:
+    """A cold cache entry expands to a session equal to the lean one it was made from, or the session is kept whole."""
+    lean = make_session(sub=sub, email=email, username=username, sid=sid, refresh_token=refresh_token,
+                        tags=tags, claims_expire=claims_expire, id_token="")  # fmt: skip
+    compact = session_mod._compact(lean)
+    if compact is None:  # a NUL in a value, or a value that is the lone SOH marker
+        assert any("\x00" in t for t in (sub, *tags, *(v for v in (email, username, sid, refresh_token) if v)))\
+            or "\x01" in (email, username, sid, refresh_token)
+    else:
+        assert session_mod._expand(compact) == lean
+
+
+async def test_sqlite_cache_keeps_cold_sessions_compact_and_serves_them(tmp_path: Path) -> None:
+    """Beyond the hot tier, cached sessions are stored compact, still served from the cache without I/O, and revocable."""
+    store = SQLiteSessionStore(tmp_path / "sessions.db", idle_timeout=IDLE, touch_interval=TOUCH)
+    store._cache = session_mod._SessionCache(10, hot_size=2)
+    try:
+        handles = [await store.create(make_session(sub=f"user-{i}", sid=f"sid-{i}")) for i in range(5)]
+        entries = store._cache._entries
+        assert sum(type(e) is Session for e in entries.values()) == 2  # the two most recent
+        assert all(store.get_cached(h, "app", T0 + 1) is not None for h in handles)  # no read-through
+        got = store.get_cached(handles[0], "app", T0 + 1)
+        assert got == make_session(sub="user-0", sid="sid-0", id_token="")
+        assert await store.delete_matching(issuer=ISSUER, sid="sid-3") == 1
+        assert store.get_cached(handles[3], "app", T0 + 1) is None
+        assert await store.purge_expired(T0 + 9 * 3600) == 4
+        assert len(store._cache) == 0
+    finally:
+        await store.close()
