@@ -499,6 +499,11 @@ CREATE TABLE IF NOT EXISTS pending_logins (
 CREATE INDEX IF NOT EXISTS pending_logins_created ON pending_logins (created);
 """
 
+PAGE_CACHE_KIB: Final = 256
+"""SQLite's page cache of the store's connection (its default is 2 MiB). Hot sessions are
+served from our own cache, so SQLite only sees misses and writes; the B-tree's inner pages
+stay cached and a leaf it has to re-read comes from the OS page cache (one ``pread``)."""
+
 PENDING_KEEP: Final = 3600.0
 """Seconds after which an abandoned pending login row is removed (the TTL check is separate)."""
 
@@ -852,6 +857,7 @@ class SQLiteSessionStore:
             conn.execute("PRAGMA busy_timeout=5000")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA cache_size=-{PAGE_CACHE_KIB}")
             conn.execute("BEGIN IMMEDIATE")
             self._migrate(conn)
             conn.execute("COMMIT")
