@@ -21,7 +21,7 @@ enforcer's endpoints, bodies, WebSockets and every malformed input.  Nothing is 
 written for a request before it is known to be served here.
 
 A served request gets what :meth:`Gate.handle` would give it: the same header hygiene
-(:func:`enforcer.proxy.request_headers`), the same upstream pool, the same response head
+(:func:`enforcer.proxy.request_head`, equal to ``request_headers``), the same upstream pool, the same response head
 (:func:`enforcer.proxy.relay_head`), error pages for an unreachable or misbehaving app, and
 exactly one flow record.  The connection keeps the listener's limits: the connection caps,
 the header deadline (408), the keep-alive idle timeout and back-pressure both ways.
@@ -33,13 +33,12 @@ import asyncio
 import contextlib
 import logging
 import re
-import socket
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import httptools
+from aiohttp import http_parser as aiohttp_http_parser
 from aiohttp import web
-from multidict import CIMultiDict
 
 from enforcer import pages, proxy
 from enforcer import upstream as upstream_client
@@ -64,12 +63,21 @@ without trailing blanks."""
 _HANDOFF = re.compile(rb"\n(?i:content-length|transfer-encoding|upgrade|expect)[ \t]*:")
 """Fields that mean a body, an upgrade or an expectation: the full path handles those."""
 _METHODS = {b"GET": "GET", b"HEAD": "HEAD"}
+_SINGLETONS: frozenset[str] = frozenset(
+    getattr(aiohttp_http_parser, "SINGLETON_HEADERS", ())
+) | {"content-length", "content-location", "content-range", "content-type", "etag", "host", "max-forwards",
+     "server", "transfer-encoding", "user-agent"}
+"""Fields that may appear once: aiohttp's strict request parser refuses a duplicate (400),
+so a head with one goes to the full path (its list, plus RFC 9110's as of aiohttp 3.14)."""
 
 
 class _Request(NamedTuple):
     method: str
-    headers: CIMultiDict[str]
+    target: str
+    pairs: list[tuple[str, str]]  # the header fields as received
     host: str
+    cookies: list[str]
+    user_agent: str | None
     keep_alive: bool
 
 
@@ -138,10 +146,7 @@ class Connection(asyncio.Protocol):
         self._admitted = True
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         self._server.fast_connections.add(self)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # (no TCP_NODELAY here: uvloop and asyncio set it on every TCP transport already)
         self._head_started = True  # the first request's header block is due from now
         self._set_deadline(self._fast.header_timeout)
 
@@ -225,15 +230,10 @@ class Connection(asyncio.Protocol):
         if request is None:
             self._hand_off()
             return
-        method, target, headers, keep_alive = request
-        hosts = headers.getall("Host", ())
-        if len(hosts) != 1:
-            self._hand_off()
-            return
         facts = self._facts
         if facts is None:
             facts = self._facts = fast.gate.connection_facts(self.transport)
-        plan = fast.gate.fast_plan(method, target, hosts[0], headers.getall("Cookie", []), facts)
+        plan = fast.gate.fast_plan(request.method, request.target, request.host, request.cookies, facts)
         if plan is None:
             self._hand_off()
             return
@@ -241,10 +241,10 @@ class Connection(asyncio.Protocol):
         self._busy = True
         self._head_started = False
         fast.served.inc()
-        self._loop.create_task(self._serve(plan, _Request(method, headers, hosts[0], keep_alive), facts))
+        self._loop.create_task(self._serve(plan, request, facts))
 
-    def _parse(self, head: bytes) -> tuple[str, str, CIMultiDict[str], bool] | None:
-        """A head's method, target, headers and keep-alive if it fits the fast path, else None.
+    def _parse(self, head: bytes) -> _Request | None:
+        """The request in ``head`` if it fits the fast path (with exactly one Host), else None.
 
         :data:`_HEAD` admits the subset (one C-speed match over the whole block); llhttp then
         parses it, and its verdict and fields are what is used."""
@@ -267,8 +267,25 @@ class Connection(asyncio.Protocol):
             or len(fields) > self._fast.max_headers
         ):
             return None
-        pairs = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in fields]
-        return method, self._url.decode("latin-1"), CIMultiDict(pairs), self._keep_alive
+        pairs = []
+        cookies = []
+        singles: dict[str, str] = {}
+        for raw_name, raw_value in fields:
+            name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+            pairs.append((name, value))
+            low = name.lower()
+            if low in _SINGLETONS:
+                if low in singles:
+                    return None  # a second Host, User-Agent, ...: aiohttp refuses it (400)
+                singles[low] = value
+            elif low == "cookie":
+                cookies.append(value)
+        host = singles.get("host")
+        if host is None:
+            return None
+        return _Request(
+            method, self._url.decode("latin-1"), pairs, host, cookies, singles.get("user-agent"), self._keep_alive
+        )
 
     def _hand_off(self) -> None:
         """Give the connection, with every byte not yet answered, to aiohttp's protocol."""
@@ -299,7 +316,7 @@ class Connection(asyncio.Protocol):
 
     async def _serve(self, plan: FastPlan, request: _Request, facts: _ConnFacts) -> None:
         """Forward one allowed request and relay the answer; one flow record, whatever happens."""
-        method, headers, host, keep_alive = request
+        method, host, keep_alive = request.method, request.host, request.keep_alive
         if not keep_alive:
             self._closing = True  # the client asked to close after this answer
         gate = self._fast.gate
@@ -313,7 +330,7 @@ class Connection(asyncio.Protocol):
             path=plan.path,
             now=gate.clock(),
             tls_version=facts[4],
-            user_agent=headers.get("User-Agent"),
+            user_agent=request.user_agent,
         )
         flow.service = service.name
         identity = plan.identity
@@ -356,10 +373,11 @@ class Connection(asyncio.Protocol):
             self._done(keep_alive)
 
     async def _forward(self, plan: FastPlan, request: _Request, facts: _ConnFacts, transfer: proxy.Transfer) -> int:
-        method, headers, host, _ = request
+        method = request.method
         service = plan.service
-        towards = proxy.request_headers(headers, identity=plan.identity_headers, client_ip=facts[0], host=host)
-        head = proxy.serialise_head(method, plan.target, towards)
+        head = proxy.request_head(
+            method, plan.target, request.pairs, identity=plan.identity_headers, client_ip=facts[0], host=request.host
+        )
         started = time.perf_counter()
         conn, answer = await self._fast.gate.upstream.send(
             upstream_host=service.upstream_host, port=service.port, head=head, no_body=method == "HEAD",
