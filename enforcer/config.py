@@ -16,18 +16,25 @@ operator fixes a file in one pass.  Unknown keys are errors (with a did-you-mean
 from __future__ import annotations
 
 import difflib
-import inspect
 import ipaddress
 import re
-import types
-import typing
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Final, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from enforcer import policy
 
@@ -64,331 +71,6 @@ class ConfigError(Exception):
     def __init__(self, issues: Sequence[ConfigIssue]) -> None:
         self.issues = tuple(issues)
         super().__init__("\n".join(str(i) for i in self.issues))
-
-
-# ---------------------------------------------------------------------------
-# strict models: the small part of pydantic's interface this module uses, without pydantic
-# (importing pydantic and building these models cost the daemon ~10 MiB of RSS for ~20
-# classes validated a few times a day). Validation is strict like the models always were:
-# unknown keys are errors, values are checked against their annotation and constraints, and
-# every problem is reported with its location, as pydantic's ``errors()`` did.
-
-_MISSING: Final = object()
-_BAD: Final = object()
-_Loc = tuple[int | str, ...]
-_Errors = list[dict[str, Any]]
-
-
-class ValidationError(ValueError):
-    """One or more problems found by ``model_validate`` (``errors()`` lists them)."""
-
-    def __init__(self, errors: _Errors) -> None:
-        super().__init__(f"{len(errors)} validation error(s)")
-        self._errors = errors
-
-    def errors(self, *, include_url: bool = False) -> _Errors:
-        return list(self._errors)
-
-
-class SecretStr:
-    """A secret given inline; its value is never shown by ``repr`` or ``str``."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def get_secret_value(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "SecretStr('**********')"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, SecretStr) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
-
-@dataclass(frozen=True)
-class BeforeValidator:
-    """``Annotated[T, BeforeValidator(f)]``: ``f`` sees the raw value before the type check."""
-
-    func: Callable[[Any], Any]
-
-
-@dataclass(frozen=True)
-class _FieldInfo:
-    default: Any = _MISSING
-    default_factory: Callable[[], Any] | None = None
-    ge: float | None = None
-    le: float | None = None
-    min_length: int | None = None
-    pattern: str | None = None
-
-    @property
-    def required(self) -> bool:
-        return self.default is _MISSING and self.default_factory is None
-
-    def make_default(self) -> Any:
-        return self.default_factory() if self.default_factory is not None else self.default
-
-
-def Field(
-    default: Any = _MISSING, *, default_factory: Callable[[], Any] | None = None, ge: float | None = None,
-    le: float | None = None, min_length: int | None = None, pattern: str | None = None,
-) -> Any:
-    return _FieldInfo(default, default_factory, ge, le, min_length, pattern)
-
-
-@dataclass(frozen=True)
-class _FieldCheck:
-    names: tuple[str, ...]
-    func: Any  # a classmethod
-
-
-@dataclass(frozen=True)
-class _ModelCheck:
-    func: Callable[[Any], Any]
-
-
-def field_validator(*names: str) -> Callable[[Any], Any]:
-    """After the type check of each named field: ``cls.f(value) -> value`` or ValueError."""
-    return lambda func: _FieldCheck(names, func)
-
-
-def model_validator(*, mode: Literal["after"]) -> Callable[[Any], Any]:
-    """After every field is valid: ``self.f() -> self`` or ValueError."""
-    return _ModelCheck
-
-
-def ConfigDict(**kwargs: Any) -> dict[str, Any]:
-    return kwargs  # models are always strict, frozen records
-
-
-class BaseModel:
-    """A frozen record whose fields are declared by annotations (``Field`` for constraints)."""
-
-    model_config: ClassVar[dict[str, Any]] = {}
-    model_fields: ClassVar[dict[str, _FieldInfo]] = {}
-    _field_checks: ClassVar[dict[str, list[Any]]] = {}
-    _model_checks: ClassVar[list[Callable[[Any], Any]]] = []
-    _types: ClassVar[dict[str, Any] | None] = None
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        fields: dict[str, _FieldInfo] = {}
-        checks: dict[str, list[Any]] = {}
-        model_checks: list[Callable[[Any], Any]] = []
-        for base in reversed(cls.__mro__[1:]):
-            if issubclass(base, BaseModel):
-                fields.update(base.model_fields)
-        for name in inspect.get_annotations(cls):
-            if name.startswith("_") or name in ("model_config", "model_fields"):
-                continue
-            value = cls.__dict__.get(name, _MISSING)
-            fields[name] = value if isinstance(value, _FieldInfo) else _FieldInfo(default=value)
-            if name in cls.__dict__:
-                delattr(cls, name)
-        for attr, value in list(cls.__dict__.items()):
-            if isinstance(value, _FieldCheck):
-                setattr(cls, attr, value.func)
-                for name in value.names:
-                    checks.setdefault(name, []).append(attr)
-            elif isinstance(value, _ModelCheck):
-                setattr(cls, attr, value.func)
-                model_checks.append(value.func)
-        cls.model_fields = fields
-        cls._field_checks = checks
-        cls._model_checks = model_checks
-        cls._types = None
-
-    def __init__(self, **values: Any) -> None:
-        for name, info in self.model_fields.items():
-            object.__setattr__(self, name, values[name] if name in values else info.make_default())
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise TypeError(f"{type(self).__name__} is frozen")
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and all(
-            getattr(self, n) == getattr(other, n) for n in self.model_fields
-        )
-
-    def __hash__(self) -> int:
-        return hash(tuple(_hashable(getattr(self, n)) for n in self.model_fields))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{n}={getattr(self, n)!r}' for n in self.model_fields)})"
-
-    def model_copy(self, *, update: Mapping[str, Any] | None = None) -> Any:
-        """A copy with some fields replaced (not validated, like pydantic's)."""
-        values = {n: getattr(self, n) for n in self.model_fields}
-        values.update(update or {})
-        return type(self)(**values)
-
-    @classmethod
-    def model_validate(cls, data: object) -> Any:
-        errors: _Errors = []
-        result = _check_model(cls, data, (), errors)
-        if errors or result is _BAD:
-            raise ValidationError(errors)
-        return result
-
-    @classmethod
-    def _annotation(cls, name: str) -> Any:
-        if cls._types is None:
-            cls._types = typing.get_type_hints(cls, include_extras=True)
-        return cls._types[name]
-
-
-def _hashable(value: object) -> object:
-    return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
-
-
-def _err(errors: _Errors, loc: _Loc, msg: str, kind: str) -> object:
-    errors.append({"loc": loc, "msg": msg, "type": kind})
-    return _BAD
-
-
-def _check_model(cls: type[BaseModel], data: object, loc: _Loc, errors: _Errors) -> object:
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, Mapping):
-        return _err(errors, loc, f"Input should be a valid dictionary or instance of {cls.__name__}", "model_type")
-    before = len(errors)
-    for key in data:
-        if key not in cls.model_fields:
-            _err(errors, (*loc, key), "Extra inputs are not permitted", "extra_forbidden")
-    values: dict[str, Any] = {}
-    for name, info in cls.model_fields.items():
-        if name not in data:
-            if info.required:
-                _err(errors, (*loc, name), "Field required", "missing")
-            continue
-        value = _check(cls._annotation(name), info, data[name], (*loc, name), errors)
-        for attr in cls._field_checks.get(name, ()):
-            if value is _BAD:
-                break
-            try:
-                value = getattr(cls, attr)(value)
-            except ValueError as exc:
-                value = _err(errors, (*loc, name), f"Value error, {exc}", "value_error")
-        values[name] = value
-    if len(errors) > before:
-        return _BAD
-    obj = cls(**values)
-    for check in cls._model_checks:
-        try:
-            obj = check(obj)
-        except ValueError as exc:
-            return _err(errors, loc, f"Value error, {exc}", "value_error")
-    return obj
-
-
-_BOOLS: Final = {"true": True, "yes": True, "on": True, "1": True, "t": True, "y": True,
-                 "false": False, "no": False, "off": False, "0": False, "f": False, "n": False}  # fmt: skip
-_NO_INFO: Final = _FieldInfo()
-
-
-def _check(tp: Any, info: _FieldInfo, value: object, loc: _Loc, errors: _Errors) -> Any:
-    """``value`` checked against the annotation ``tp`` and the field's constraints, or _BAD."""
-    origin = typing.get_origin(tp)
-    if origin is Annotated:
-        inner, *extras = typing.get_args(tp)
-        for extra in extras:
-            if isinstance(extra, BeforeValidator):
-                try:
-                    value = extra.func(value)
-                except ValueError as exc:
-                    return _err(errors, loc, f"Value error, {exc}", "value_error")
-        return _check(inner, info, value, loc, errors)
-    if origin in (types.UnionType, typing.Union):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        for option in options[:-1]:  # the first that accepts the value wins; errors of the last
-            trial: _Errors = []
-            result = _check(option, info, value, loc, trial)
-            if result is not _BAD:
-                return result
-        return _check(options[-1], info, value, loc, errors)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if isinstance(value, str) and value in allowed:
-            return value
-        shown = ", ".join(repr(a) for a in allowed[:-1]) + (" or " if len(allowed) > 1 else "") + repr(allowed[-1])
-        return _err(errors, loc, f"Input should be {shown}", "literal_error")
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list | tuple):
-            return _err(errors, loc, "Input should be a valid list", "list_type")
-        items = [_check(item_tp, _NO_INFO, v, (*loc, i), errors) for i, v in enumerate(value)]
-        if any(v is _BAD for v in items):
-            return _BAD
-        if info.min_length is not None and len(items) < info.min_length:
-            n = info.min_length
-            return _err(errors, loc, f"List should have at least {n} item{'s' if n != 1 else ''} after validation, "
-                        f"not {len(items)}", "too_short")  # fmt: skip
-        return items
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return _check_model(tp, value, loc, errors)
-    if tp is SecretStr:
-        if isinstance(value, str):
-            return SecretStr(value)
-        return _err(errors, loc, "Input should be a valid string", "string_type")
-    if tp is str:
-        if not isinstance(value, str):
-            return _err(errors, loc, "Input should be a valid string", "string_type")
-        if info.min_length is not None and len(value) < info.min_length:
-            n = info.min_length
-            plural = "s" if n != 1 else ""
-            return _err(errors, loc, f"String should have at least {n} character{plural}", "string_too_short")
-        if info.pattern is not None and not re.search(info.pattern, value):
-            return _err(errors, loc, f"String should match pattern '{info.pattern}'", "string_pattern_mismatch")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.lower() in _BOOLS:
-            return _BOOLS[value.lower()]
-        if isinstance(value, str | int) or (isinstance(value, float) and value.is_integer()):
-            return _err(errors, loc, "Input should be a valid boolean, unable to interpret input", "bool_parsing")
-        return _err(errors, loc, "Input should be a valid boolean", "bool_type")
-    if tp is int or tp is float:
-        number: int | float
-        what = "integer" if tp is int else "number"
-        if (isinstance(value, bool) and tp is float) or not isinstance(value, int | float | str):
-            return _err(errors, loc, f"Input should be a valid {what}", f"{tp.__name__}_type")
-        if isinstance(value, float) and value != value:  # noqa: PLR0124 -- NaN
-            return _err(errors, loc, "Input should be a finite number", "finite_number")
-        try:
-            number = tp(value)
-        except (ValueError, OverflowError):
-            kind = "an integer" if tp is int else "a number"
-            msg = f"Input should be a valid {what}, unable to parse string as {kind}"
-            return _err(errors, loc, msg, f"{tp.__name__}_parsing")
-        if tp is int and number != value and not isinstance(value, str):
-            msg = "Input should be a valid integer, got a number with a fractional part"
-            return _err(errors, loc, msg, "int_from_float")
-        if info.ge is not None and number < info.ge:
-            return _err(errors, loc, f"Input should be greater than or equal to {info.ge}", "greater_than_equal")
-        if info.le is not None and number > info.le:
-            return _err(errors, loc, f"Input should be less than or equal to {info.le}", "less_than_equal")
-        return number
-    if tp is Path:
-        if isinstance(value, Path):
-            return value
-        if isinstance(value, str) and "\x00" not in value:
-            return Path(value)
-        return _err(errors, loc, "Input is not a valid path", "path_type")
-    raise TypeError(f"unsupported annotation {tp!r}")  # a programming error in the models above
 
 
 # ---------------------------------------------------------------------------
@@ -688,11 +370,12 @@ def _known_fields(model: type[BaseModel], loc: Sequence[int | str]) -> list[str]
     for part in loc:
         if isinstance(part, int):
             continue
-        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+        f = current.model_fields.get(part) if hasattr(current, "model_fields") else None
+        if f is None:
             return []
-        ann = current._annotation(part)
-        args = typing.get_args(ann)
-        candidates = [ann, *args, *(a for x in args for a in typing.get_args(x))]
+        ann = f.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args, *(a for x in args for a in getattr(x, "__args__", ()))]
         current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
         if current is None:
             return []
