@@ -340,9 +340,9 @@ def _issues_from_validation(
 ) -> list[ConfigIssue]:
     issues = []
     for err in exc.errors(include_url=False):
-        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
-        # pydantic reports union branches as extra loc parts (e.g. 'str', 'SecretFile')
-        loc = [p for p in loc if p not in ("SecretStr", "SecretFile", "str", "list[str]")]
+        # pydantic reports validators and union branches as extra loc parts ('function-after[..]',
+        # 'str', 'SecretFile', 'lax-or-strict[...]'): they are not keys of the file
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and (p in _BRANCH_TAGS or "[" in p or "(" in p))]
         key_path = prefix + _loc_to_path(loc)
         last = next((p for p in reversed(loc) if isinstance(p, str)), "")
         fix = _FIX.get(last, "")
@@ -362,7 +362,32 @@ def _issues_from_validation(
         if last == "OIDCClientSecret" or "Secret" in key_path:
             value = None  # never echo secrets
         issues.append(ConfigIssue(source, key_path, msg, value, fix))
-    return issues
+    return _merge_branches(issues)
+
+
+_BRANCH_TAGS = frozenset({"SecretStr", "SecretFile", "str", "int", "float", "bool", "list", "dict"})
+
+
+def _merge_branches(issues: list[ConfigIssue]) -> list[ConfigIssue]:
+    """One issue per key for a value no branch of a union accepted: a mapping given for a
+    ``string or {file: ...}`` key is reported by its own keys only, and two type errors for
+    one key become one naming both choices."""
+    paths = {i.path for i in issues}
+    out: list[ConfigIssue] = []
+    for issue in issues:
+        if issue.message == "Input should be a valid string" and any(
+            p.startswith(issue.path + ".") for p in paths
+        ):
+            continue  # the mapping branch was meant: its own issues say what is wrong
+        merged = issue
+        if out and out[-1].path == issue.path and out[-1].source == issue.source:
+            last = out.pop()
+            other = issue.message[:1].lower() + issue.message[1:]
+            merged = ConfigIssue(
+                last.source, last.path, f"{last.message}, or {other}", last.value, last.fix or issue.fix
+            )
+        out.append(merged)
+    return out
 
 
 def _known_fields(model: type[BaseModel], loc: Sequence[int | str]) -> list[str]:

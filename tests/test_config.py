@@ -130,6 +130,18 @@ def test_secret_values_are_never_echoed_in_errors() -> None:
     assert all("12345" not in str(i) for i in issues)
 
 
+@pytest.mark.parametrize("secret", [12345, ["a"], {"fil": "/x"}])
+def test_a_bad_client_secret_is_one_clear_issue_per_key(secret: object) -> None:
+    """A client secret that is neither a string nor {file: ...} is reported at the key itself
+    (or at the mapping's own keys), never at pydantic's internal union-branch names."""
+    issues = _issues({**SERVICE, "OIDCClientSecret": secret}, SPEC)
+    assert issues
+    for issue in issues:
+        assert issue.path.startswith("service[private-app].OIDCClientSecret"), issue.path
+        assert "[" not in issue.path.removeprefix("service[private-app]") and "lax" not in issue.path
+    assert len({i.path for i in issues}) == len(issues)
+
+
 def test_bad_endpoint_uri_is_reported_inside_the_spec() -> None:
     """A non-canonical endpoint URI is reported at endpoints[i].URI."""
     bad = {**SPEC, "endpoints": [{"URI": "/a/../b", "methods": ["GET"]}]}
