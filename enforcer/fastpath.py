@@ -226,15 +226,22 @@ class Connection(asyncio.Protocol):
             self._hand_off()
             return
         head = bytes(buf[:end])
-        request = self._parse(head)
-        if request is None:
-            self._hand_off()
-            return
-        facts = self._facts
-        if facts is None:
-            facts = self._facts = fast.gate.connection_facts(self.transport)
-        plan = fast.gate.fast_plan(request.method, request.target, request.host, request.cookies, facts)
-        if plan is None:
+        request: _Request | None = None
+        facts: _ConnFacts | None = None
+        try:
+            request = self._parse(head)
+            if request is None:
+                self._hand_off()
+                return
+            facts = self._facts
+            if facts is None:
+                facts = self._facts = fast.gate.connection_facts(self.transport)
+            plan = fast.gate.fast_plan(request.method, request.target, request.host, request.cookies, facts)
+        except Exception:
+            # a bug here must not cost the request: the full path answers it (and records it)
+            log.exception("fast path: cannot analyse a request head; handing the connection over")
+            plan = None
+        if plan is None or request is None or facts is None:
             self._hand_off()
             return
         del buf[:end]

@@ -504,3 +504,63 @@ def test_the_head_gate_admits_a_browser_get() -> None:
     assert (parsed.method, parsed.target, parsed.keep_alive, parsed.host) == ("GET", "/a/b?c=d", True, "app.test")
     assert parsed.user_agent == "Mozilla/5.0 (X11)" and parsed.cookies == ["a=b; c=d"]
     assert ("Connection", "keep-alive") in parsed.pairs
+
+
+def test_a_fault_while_analysing_a_head_hands_the_request_over_intact() -> None:
+    """If deciding on the lean path raises, the connection and every byte of the request go to
+    the full path (which answers and records it) instead of being lost."""
+    received: list[bytes] = []
+
+    class FullProtocol(asyncio.Protocol):
+        enforcer_facts: Any = None
+
+        def data_received(self, data: bytes) -> None:
+            received.append(data)
+
+    class Server:
+        def __init__(self) -> None:
+            self.fast_connections: set[Any] = set()
+
+        def admit(self, ip: str | None) -> bool:
+            return True
+
+        def release(self, ip: str | None) -> None:
+            pass
+
+        def protocol(self, *, admitted: bool) -> FullProtocol:
+            assert admitted
+            return FullProtocol()
+
+    class Transport(asyncio.Transport):
+        protocol: Any = None
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return ("127.0.0.1", 5555) if name == "peername" else default
+
+        def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+            self.protocol = protocol
+
+    class Counter:
+        def inc(self) -> None:
+            pass
+
+    class Gate:
+        metrics = type("M", (), {"fast_requests": Counter(), "fast_handoffs": Counter()})()
+
+        def connection_facts(self, transport: Any) -> Any:
+            return ("127.0.0.1", "127.0.0.1:5555", None, "app.test", "TLSv1.3")
+
+        def fast_plan(self, *args: Any) -> Any:
+            raise RuntimeError("a bug")
+
+    loop = asyncio.new_event_loop()
+    try:
+        transport = Transport()
+        conn = Connection(FastPath(Gate(), header_timeout=5, idle_timeout=5), Server(), loop)  # type: ignore[arg-type]
+        conn.connection_made(transport)
+        head = b"GET /x HTTP/1.1\r\nHost: app.test\r\n\r\nGET /y HTTP/1.1\r\n"
+        conn.data_received(head)
+        assert isinstance(transport.protocol, FullProtocol)
+        assert received == [head]
+    finally:
+        loop.close()
