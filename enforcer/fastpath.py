@@ -102,7 +102,7 @@ class FastPath:
         self.handed_off = gate.metrics.fast_handoffs
 
 
-class Connection(asyncio.Protocol):
+class Connection(upstream_client.WriteFlow, asyncio.Protocol):
     """One client connection until (if ever) it is handed over to aiohttp."""
 
     def __init__(self, fast: FastPath, server: Server, loop: asyncio.AbstractEventLoop) -> None:
@@ -160,9 +160,7 @@ class Connection(asyncio.Protocol):
             self._admitted = False
             self._server.release(self._peer_ip)
             self._server.fast_connections.discard(self)
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+        self._wake_drain()
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
@@ -175,15 +173,6 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         return False  # the client is done sending: close (TLS cannot half-close anyway)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_result(None)
 
     # ---------------------------------------------------------------- httptools callbacks
 

@@ -148,16 +148,8 @@ def request_headers(
     ours = frozenset(n.lower() for n in identity)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in client.items():
-        low = name.lower()
-        if (
-            low in _DROP_FROM_CLIENT
-            or low in named
-            or low in ours
-            or low.startswith(SPOOFABLE_PREFIXES)
-            or ("_" in low and is_spoofable(low, ours))
-        ):
-            continue  # (the same set as HOP_BY_HOP, Host, Cookie and is_spoofable(low, ours))
-        out.add(name, value)
+        if not _dropped(name.lower(), named, ours):
+            out.add(name, value)
     cookie = sessions.strip_cookies(client.getall("Cookie", []), _is_enforcer_cookie)
     if cookie:
         out["Cookie"] = cookie
@@ -176,6 +168,18 @@ def request_headers(
 _DROP_FROM_CLIENT = HOP_BY_HOP | SPOOFABLE | {"host", "cookie"}
 
 
+def _dropped(low: str, named: frozenset[str], ours: frozenset[str]) -> bool:
+    """Whether a client header (lower-case name) stays away from the app: hop-by-hop, named
+    by ``Connection``, one of our identity headers, spoofable, Host or Cookie (re-added)."""
+    return (
+        low in _DROP_FROM_CLIENT
+        or low in named
+        or low in ours
+        or low.startswith(SPOOFABLE_PREFIXES)
+        or ("_" in low and is_spoofable(low, ours))
+    )
+
+
 def request_head(
     method: str, target: str, client: list[tuple[str, str]], *, identity: Mapping[str, str], client_ip: str, host: str
 ) -> bytes:
@@ -190,16 +194,8 @@ def request_head(
         low = name.lower()
         if low == "cookie":
             cookies.append(value)
-            continue
-        if (
-            low in _DROP_FROM_CLIENT
-            or low in named
-            or low in ours
-            or low.startswith(SPOOFABLE_PREFIXES)
-            or ("_" in low and is_spoofable(low, ours))
-        ):
-            continue
-        lines.append(f"{name}: {value}")
+        elif not _dropped(low, named, ours):
+            lines.append(f"{name}: {value}")
     cookie = sessions.strip_cookies(cookies, _is_enforcer_cookie) if cookies else None
     if cookie:
         lines.append(f"Cookie: {cookie}")

@@ -61,7 +61,29 @@ def _decode(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
 
-class Connection(asyncio.Protocol):
+class WriteFlow:
+    """Write flow control for a protocol: the transport's pause/resume, and a wait for it.
+
+    The protocol sets ``_write_paused = False`` and ``_drain = None`` in ``__init__`` and calls
+    :meth:`_wake_drain` from ``connection_lost`` (a closed transport never resumes)."""
+
+    _write_paused: bool
+    _drain: asyncio.Future[None] | None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drain()
+
+    def _wake_drain(self) -> None:
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+
+class Connection(WriteFlow, asyncio.Protocol):
     """One connection to an app; serves one exchange at a time."""
 
     def __init__(self, pool: Pool, key: tuple[str, int]) -> None:
@@ -120,9 +142,7 @@ class Connection(asyncio.Protocol):
             else:
                 self._exc = Closed(self._got_bytes)
         self._wake()
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+        self._wake_drain()
 
     def data_received(self, data: bytes) -> None:
         if not self._busy or self._complete:
@@ -139,15 +159,6 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         return False  # close the transport; connection_lost does the accounting
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_result(None)
 
     # ---------------------------------------------------------------- httptools callbacks
 

@@ -388,42 +388,6 @@ def test_flow_id_mask_matches_flow_ids() -> None:
     assert _FLOW_ID.sub(b"<flow>", json.dumps({"id": "0123456789abcdef"}).encode()) == b'{"id": "<flow>"}'
 
 
-def test_a_closed_connection_is_freed_without_the_cycle_collector() -> None:
-    """After connection_lost nothing keeps the protocol (and its transport's TLS buffers) alive:
-    plain reference counting frees it, so memory does not wait for a full GC pass."""
-    class Admitting:
-        def __init__(self) -> None:
-            self.fast_connections: set[Any] = set()
-
-        def admit(self, ip: str | None) -> bool:
-            return True
-
-        def release(self, ip: str | None) -> None:
-            pass
-
-    class Transport(asyncio.Transport):
-        def get_extra_info(self, name: str, default: Any = None) -> Any:
-            return ("127.0.0.1", 5555) if name == "peername" else default
-
-    class Gate:
-        metrics = type("M", (), {"fast_requests": None, "fast_handoffs": None})()
-
-    loop = asyncio.new_event_loop()
-    gc.disable()
-    try:
-        fast = FastPath(Gate(), header_timeout=5, idle_timeout=5)  # type: ignore[arg-type]
-        conn = Connection(fast, Admitting(), loop)  # type: ignore[arg-type]
-        conn.connection_made(Transport())
-        conn.data_received(b"GET /partial HTTP/1.1\r\n")
-        conn.connection_lost(None)
-        ref = weakref.ref(conn)
-        del conn
-        assert ref() is None
-    finally:
-        gc.enable()
-        loop.close()
-
-
 # ------------------------------------------------------------------ the head gate, in isolation
 
 _pieces = st.sampled_from([
@@ -506,61 +470,96 @@ def test_the_head_gate_admits_a_browser_get() -> None:
     assert ("Connection", "keep-alive") in parsed.pairs
 
 
+# ------------------------------------------------------------------ fakes for the protocol alone
+
+
+class _FullProtocol(asyncio.Protocol):
+    """Stands in for aiohttp's protocol after a hand-over: records what it is given."""
+
+    def __init__(self) -> None:
+        self.enforcer_facts: Any = None
+        self.received: list[bytes] = []
+
+    def data_received(self, data: bytes) -> None:
+        self.received.append(data)
+
+
+class _Server:
+    """The listener's side of httpserver.Server that a fast connection uses."""
+
+    def __init__(self) -> None:
+        self.fast_connections: set[Any] = set()
+
+    def admit(self, ip: str | None) -> bool:
+        return True
+
+    def release(self, ip: str | None) -> None:
+        pass
+
+    def protocol(self, *, admitted: bool) -> _FullProtocol:
+        assert admitted
+        return _FullProtocol()
+
+
+class _Transport(asyncio.Transport):
+    """A transport that only answers get_extra_info and remembers set_protocol."""
+
+    protocol: Any = None
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 5555) if name == "peername" else default
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+
+class _Counter:
+    def inc(self) -> None:
+        pass
+
+
+class _Gate:
+    """A gate whose fast_plan always raises (a bug on the lean path)."""
+
+    metrics = type("M", (), {"fast_requests": _Counter(), "fast_handoffs": _Counter()})()
+
+    def connection_facts(self, transport: Any) -> Any:
+        return ("127.0.0.1", "127.0.0.1:5555", None, "app.test", "TLSv1.3")
+
+    def fast_plan(self, *args: Any) -> Any:
+        raise RuntimeError("a bug")
+
+
+def test_a_closed_connection_is_freed_without_the_cycle_collector() -> None:
+    """After connection_lost nothing keeps the protocol (and its transport's TLS buffers) alive:
+    plain reference counting frees it, so memory does not wait for a full GC pass."""
+    loop = asyncio.new_event_loop()
+    gc.disable()
+    try:
+        fast = FastPath(_Gate(), header_timeout=5, idle_timeout=5)  # type: ignore[arg-type]
+        conn = Connection(fast, _Server(), loop)  # type: ignore[arg-type]
+        conn.connection_made(_Transport())
+        conn.data_received(b"GET /partial HTTP/1.1\r\n")
+        conn.connection_lost(None)
+        ref = weakref.ref(conn)
+        del conn
+        assert ref() is None
+    finally:
+        gc.enable()
+        loop.close()
+
+
 def test_a_fault_while_analysing_a_head_hands_the_request_over_intact() -> None:
     """If deciding on the lean path raises, the connection and every byte of the request go to
     the full path (which answers and records it) instead of being lost."""
-    received: list[bytes] = []
-
-    class FullProtocol(asyncio.Protocol):
-        enforcer_facts: Any = None
-
-        def data_received(self, data: bytes) -> None:
-            received.append(data)
-
-    class Server:
-        def __init__(self) -> None:
-            self.fast_connections: set[Any] = set()
-
-        def admit(self, ip: str | None) -> bool:
-            return True
-
-        def release(self, ip: str | None) -> None:
-            pass
-
-        def protocol(self, *, admitted: bool) -> FullProtocol:
-            assert admitted
-            return FullProtocol()
-
-    class Transport(asyncio.Transport):
-        protocol: Any = None
-
-        def get_extra_info(self, name: str, default: Any = None) -> Any:
-            return ("127.0.0.1", 5555) if name == "peername" else default
-
-        def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-            self.protocol = protocol
-
-    class Counter:
-        def inc(self) -> None:
-            pass
-
-    class Gate:
-        metrics = type("M", (), {"fast_requests": Counter(), "fast_handoffs": Counter()})()
-
-        def connection_facts(self, transport: Any) -> Any:
-            return ("127.0.0.1", "127.0.0.1:5555", None, "app.test", "TLSv1.3")
-
-        def fast_plan(self, *args: Any) -> Any:
-            raise RuntimeError("a bug")
-
     loop = asyncio.new_event_loop()
     try:
-        transport = Transport()
-        conn = Connection(FastPath(Gate(), header_timeout=5, idle_timeout=5), Server(), loop)  # type: ignore[arg-type]
+        transport = _Transport()
+        conn = Connection(FastPath(_Gate(), header_timeout=5, idle_timeout=5), _Server(), loop)  # type: ignore[arg-type]
         conn.connection_made(transport)
         head = b"GET /x HTTP/1.1\r\nHost: app.test\r\n\r\nGET /y HTTP/1.1\r\n"
         conn.data_received(head)
-        assert isinstance(transport.protocol, FullProtocol)
-        assert received == [head]
+        assert isinstance(transport.protocol, _FullProtocol)
+        assert transport.protocol.received == [head]
     finally:
         loop.close()
