@@ -322,6 +322,32 @@ async def test_flow_records_are_the_same_on_both_paths(stack: Stack, cookie: str
     assert fast["decision"] == "allow" and fast["user"] and fast["status"] == 200 and fast["upstream_status"] == 200
 
 
+async def test_stopping_lets_an_answer_in_flight_finish_and_records_it(stack: Stack, cookie: str) -> None:
+    """SIGTERM during a slow answer on the lean path: the answer completes, its flow record is
+    written, an idle keep-alive connection is closed, and the enforcer exits 0."""
+    idle = await Raw.open(stack)
+    busy = await Raw.open(stack)
+    try:
+        await idle.send(request("GET /shape?body=idle HTTP/1.1", f"Cookie: {cookie}"))
+        assert (await idle.reply()) is not None
+        await busy.send(request("GET /shape?delay=1.5&body=late HTTP/1.1", f"Cookie: {cookie}", "User-Agent: drain/1"))
+        await asyncio.sleep(0.5)
+        stopping = asyncio.create_task(stack.stop_enforcer())
+        reply = await busy.reply(timeout=10.0)
+        assert reply is not None and reply.status == 200 and reply.body == b"late"
+        assert reply.header("Connection") == ["close"]
+        assert await idle.closed(5.0)
+        assert await stopping == 0
+        records = [json.loads(line) for line in stack.flow_log.read_text().splitlines() if line.strip()]
+        assert [r["status"] for r in records if r.get("user_agent") == "drain/1"] == [200]
+    finally:
+        await idle.close()
+        await busy.close()
+        if stack.process is None:
+            stack.start_enforcer()
+            await stack.wait_ready()
+
+
 async def test_a_slow_header_on_a_lean_connection_gets_408(stack: Stack) -> None:
     """A header block still incomplete after headerTimeout is answered 408 and closed (slowloris)."""
     original = stack.config.read_text()
