@@ -810,6 +810,9 @@ class LimitsModel(_Strict):
     maxBodyBytes: int = Field(default=1 << 30, ge=0)
     headerTimeout: Duration = 30.0
     idleTimeout: Duration = 75.0
+    writeTimeout: Duration = 60.0
+    """A client that takes none of our answer for this long (its window stays shut while we
+    have bytes for it: a slow-read attack, X-LIM-08) is disconnected; 0 turns it off."""
     upstreamConnectTimeout: Duration = 5.0
     upstreamReadTimeout: Duration = 300.0
     maxConnections: int = Field(default=10_000, ge=1)

@@ -257,6 +257,7 @@ class Daemon:
             gate.handle,
             header_timeout=s.limits.headerTimeout,
             body_timeout=s.limits.idleTimeout,
+            write_timeout=s.limits.writeTimeout,
             max_connections=s.limits.maxConnections,
             max_per_ip=s.limits.maxConnectionsPerIP,
             keepalive_timeout=s.limits.idleTimeout,
@@ -270,7 +271,7 @@ class Daemon:
         )
         if s.listen.fastPath:
             fast = fastpath.FastPath(gate, header_timeout=s.limits.headerTimeout, idle_timeout=s.limits.idleTimeout,
-                                     max_head=8190, max_headers=100)
+                                     write_timeout=s.limits.writeTimeout, max_head=8190, max_headers=100)
             server.fast = fastpath.protocol_factory(fast, server)
         loop = asyncio.get_running_loop()
         self._spawn(flowlog.run(), "flowlog")

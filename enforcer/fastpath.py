@@ -24,7 +24,8 @@ A served request gets what :meth:`Gate.handle` would give it: the same header hy
 (:func:`enforcer.proxy.request_head`, equal to ``request_headers``), the same upstream pool, the same response head
 (:func:`enforcer.proxy.relay_head`), error pages for an unreachable or misbehaving app, and
 exactly one flow record.  The connection keeps the listener's limits: the connection caps,
-the header deadline (408), the keep-alive idle timeout and back-pressure both ways.
+the header deadline (408), the keep-alive idle timeout, the write timeout and back-pressure
+both ways.
 """
 
 from __future__ import annotations
@@ -90,12 +91,14 @@ class FastPath:
         *,
         header_timeout: float,
         idle_timeout: float,
+        write_timeout: float = 60.0,
         max_head: int = 8190,
         max_headers: int = 100,
     ) -> None:
         self.gate = gate
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
+        self.write_timeout = write_timeout
         self.max_head = max_head
         self.max_headers = max_headers
         self.served = gate.metrics.fast_requests
@@ -123,6 +126,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
+        self._write_timeout = fast.write_timeout  # (a client that takes nothing is cut: X-LIM-08)
         self._reading_paused = False
         self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         """(It holds this protocol for its callbacks: the cycle is broken when the connection
@@ -156,6 +160,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._cancel_write_timer()
         if self._admitted:
             self._admitted = False
             self._server.release(self._peer_ip)
@@ -291,6 +296,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         self._handed = True
         self._parser = None
         self.transport = None
+        self._cancel_write_timer()
         self._fast.handed_off.inc()
         if self._timer is not None:
             self._timer.cancel()

@@ -6,6 +6,8 @@
   the keep-alive timer, which a client resets by sending one request at a time.
 * A body stall limit: a request body that receives no byte for ``body_timeout`` seconds
   while the enforcer is ready to read closes the connection (slow POST, X-LIM-07).
+* A write timeout: a client that takes none of our bytes for ``write_timeout`` seconds
+  while we have some for it (its TCP window stays shut: slow read, X-LIM-08) is cut off.
 * Connection caps: at most ``max_connections`` established connections in all and
   ``max_per_ip`` from one client address; a connection over a cap is closed at once
   (X-LIM-06/09: legitimate clients keep being served while one source floods).
@@ -43,11 +45,14 @@ class Protocol(RequestHandler):
         loop: asyncio.AbstractEventLoop,
         header_timeout: float,
         body_timeout: float,
+        write_timeout: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, loop=loop, **kwargs)
         self._header_timeout = header_timeout
         self._body_timeout = body_timeout
+        self._write_timeout = write_timeout
+        self._write_timer: asyncio.TimerHandle | None = None
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None  # body of the newest parsed request
@@ -99,15 +104,32 @@ class Protocol(RequestHandler):
         elif data and self._request_count == count:
             self._arm_header_timer()  # bytes of a new request's header block
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timeout > 0 and self._write_timer is None:
+            self._write_timer = self._loop.call_later(self._write_timeout, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            log.info("closing a connection that took none of our bytes for %.0f s", self._write_timeout)
+            self.transport.abort()
+
     def _arm_header_timer(self) -> None:
         if self._header_timer is None and self._header_timeout > 0:
             self._header_timer = self._loop.call_later(self._header_timeout, self._header_expired)
 
     def _cancel_timers(self) -> None:
-        for timer in (self._header_timer, self._body_timer):
+        for timer in (self._header_timer, self._body_timer, self._write_timer):
             if timer is not None:
                 timer.cancel()
-        self._header_timer = self._body_timer = None
+        self._header_timer = self._body_timer = self._write_timer = None
 
     def _header_expired(self) -> None:
         self._header_timer = None
@@ -155,12 +177,15 @@ class Server(web.Server):
         *,
         header_timeout: float,
         body_timeout: float,
+        write_timeout: float = 0.0,
         max_connections: int = 10_000,
         max_per_ip: int = 512,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
-        self._timeouts = {"header_timeout": header_timeout, "body_timeout": body_timeout}
+        self._timeouts = {
+            "header_timeout": header_timeout, "body_timeout": body_timeout, "write_timeout": write_timeout,
+        }
         self.max_connections = max_connections
         self.max_per_ip = max_per_ip
         self.open_connections = 0

@@ -13,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
 import socket
 from collections.abc import AsyncIterable, Callable
 from typing import Any, cast
 
 import httptools
+
+log = logging.getLogger("enforcer.upstream")
 
 HIGH_WATER = 256 * 1024  # stop reading from the app when this much is waiting for the client
 LOW_WATER = 64 * 1024
@@ -65,17 +68,37 @@ class WriteFlow:
     """Write flow control for a protocol: the transport's pause/resume, and a wait for it.
 
     The protocol sets ``_write_paused = False`` and ``_drain = None`` in ``__init__`` and calls
-    :meth:`_wake_drain` from ``connection_lost`` (a closed transport never resumes)."""
+    :meth:`_wake_drain` from ``connection_lost`` (a closed transport never resumes).  A
+    protocol with a ``_write_timeout`` above 0 (and ``transport`` and ``_loop``) aborts its
+    transport when writing stays paused that long: the peer takes none of our bytes."""
 
     _write_paused: bool
     _drain: asyncio.Future[None] | None
+    _write_timeout: float = 0.0
+    _write_timer: asyncio.TimerHandle | None = None
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self._write_timeout > 0 and self._write_timer is None:
+            loop: asyncio.AbstractEventLoop = self._loop  # type: ignore[attr-defined]
+            self._write_timer = loop.call_later(self._write_timeout, self._write_stalled)
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._cancel_write_timer()
         self._wake_drain()
+
+    def _cancel_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        transport = getattr(self, "transport", None)
+        if self._write_paused and transport is not None and not transport.is_closing():
+            log.info("closing a connection that took none of our bytes for %.0f s", self._write_timeout)
+            transport.abort()
 
     def _wake_drain(self) -> None:
         drain = self._drain
