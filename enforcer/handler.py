@@ -804,8 +804,35 @@ def _identity_headers(service: Service, identity: sessions.Session | None) -> di
         out[names.email] = identity.email
     if names.groups:
         groups = sorted(t.split("=", 1)[1] for t in identity.tags if t.startswith("groups="))
-        out[names.groups] = ",".join(groups)
+        out[names.groups] = _whole_items(groups, identity.sub)
     return out
+
+
+_CUT_WARNED: set[str] = set()
+
+
+def _whole_items(items: list[str], sub: str) -> str:
+    """``items`` comma-joined, as many *whole* items as fit the identity header limit once
+    percent-encoded (conformance X-LIM-05). A cut item could name another group (``admin``
+    out of ``administrators``), so an item is sent whole or not at all; what is left out is
+    logged (once per user and process)."""
+    kept: list[str] = []
+    size = -1
+    for item in items:
+        rendered = len(proxy.clean_value(item))
+        if rendered >= proxy.MAX_IDENTITY_VALUE or size + 1 + rendered > proxy.MAX_IDENTITY_VALUE:
+            continue
+        size += 1 + rendered
+        kept.append(item)
+    if len(kept) < len(items) and sub not in _CUT_WARNED:
+        if len(_CUT_WARNED) >= 1000:
+            _CUT_WARNED.clear()
+        _CUT_WARNED.add(sub)
+        log.warning(
+            "user %s: %d of %d groups do not fit the %d-byte groups header and are not sent to the app",
+            sub, len(items) - len(kept), len(items), proxy.MAX_IDENTITY_VALUE,
+        )
+    return ",".join(kept)
 
 
 def _tx_cookie_name(state: str) -> str:

@@ -119,6 +119,10 @@ def _pair_connection_tokens(pairs: list[tuple[str, str]]) -> frozenset[str]:
     return frozenset().union(*map(_tokens, values))
 
 
+MAX_IDENTITY_VALUE = 4096
+"""Longest identity header value sent to the app (after percent-encoding)."""
+
+
 @functools.lru_cache(maxsize=4096)
 def clean_value(value: str) -> str:
     """A header-safe rendering of an identity value: controls removed, non-ASCII as
@@ -132,7 +136,7 @@ def clean_value(value: str) -> str:
             out.append(ch)
         else:
             out.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
-    return "".join(out)[:4096]
+    return "".join(out)[:MAX_IDENTITY_VALUE]
 
 
 def request_headers(

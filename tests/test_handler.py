@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import types
+from typing import Any
+
 import pytest
 from aiohttp.test_utils import make_mocked_request
 from hypothesis import given
 from hypothesis import strategies as st
 
-from enforcer.handler import _split_host, is_api_request
+from enforcer.config import IdentityHeaders
+from enforcer.handler import _identity_headers, _split_host, is_api_request
+from enforcer.proxy import MAX_IDENTITY_VALUE, clean_value
+from enforcer.session import Session
 
 
 @pytest.mark.parametrize(
@@ -60,3 +66,45 @@ def test_host_parsing_is_total(value: str) -> None:
     """_split_host never raises, whatever the client sends."""
     result = _split_host(value)
     assert result is None or (isinstance(result[0], str) and (result[1] is None or 0 < result[1] <= 65535))
+
+
+# ------------------------------------------------------------------ identity headers (X-LIM-05)
+
+
+def _session_with_groups(groups: list[str]) -> Session:
+    return Session(
+        service="app", issuer="https://idp", sub="u1", email="u1@example.com", username="u1",
+        tags=frozenset(f"groups={g}" for g in groups), sid=None, id_token="", created=0.0, last_seen=0.0,
+        expires=1.0,
+    )
+
+
+def _service_with_groups_header() -> Any:
+    return types.SimpleNamespace(identity_headers=IdentityHeaders(groups="X-Forwarded-Groups"))
+
+
+def test_a_huge_group_list_is_cut_at_whole_groups_never_inside_one() -> None:
+    """Groups that do not fit the header limit are left out whole: every group the app sees
+    is one the user has, and the value fits without being truncated."""
+    groups = [f"team-{i:04d}-administrators" for i in range(400)]
+    value = _identity_headers(_service_with_groups_header(), _session_with_groups(groups))["X-Forwarded-Groups"]
+    sent = value.split(",")
+    assert set(sent) <= set(groups) and 0 < len(sent) < len(groups)
+    assert len(clean_value(value)) <= MAX_IDENTITY_VALUE and clean_value(value) == value
+
+
+def test_a_single_group_longer_than_the_limit_is_left_out() -> None:
+    """A group name longer than the limit (after percent-encoding) is not sent cut short."""
+    groups = ["staff", "\u00e9" * 2000]  # 2,000 characters, 12,000 once percent-encoded
+    value = _identity_headers(_service_with_groups_header(), _session_with_groups(groups))["X-Forwarded-Groups"]
+    assert value == "staff"
+
+
+@given(st.lists(st.text(min_size=1, max_size=300), max_size=60))
+def test_groups_header_is_always_whole_groups_within_the_limit(groups: list[str]) -> None:
+    """For any group names, the header holds only whole names of the user and fits the limit."""
+    value = _identity_headers(_service_with_groups_header(), _session_with_groups(groups))["X-Forwarded-Groups"]
+    assert len(clean_value(value)) <= MAX_IDENTITY_VALUE
+    kept = sorted(set(groups))
+    joined = [g for g in kept if g in value.split(",")] if value else []
+    assert ",".join(joined) == value or any("," in g for g in groups)
