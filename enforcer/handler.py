@@ -274,24 +274,12 @@ class Gate:
             raw_target = urllib.parse.urlunsplit(("", "", absolute.path or "/", absolute.query, ""))
 
         # 2. which service: SNI and Host must agree
-        split = _host_split(host_value)
-        if split is None:
-            flow.record(decision="bad_request", reason="bad_host")
-            return pages.plain_close(400, "malformed Host header")
-        host, port = split
-        runtime = self.runtime
-        service = runtime.by_host.get(host)
-        if service is None or (port is not None and port not in (service.exposed_port, self.listen_port)):
-            flow.record(decision="bad_request", reason="unknown_host")
-            return pages.plain_close(421, "this host is not served here")
-        if flow.sni is not None and runtime.by_host.get(flow.sni) is not service:
-            flow.record(decision="bad_request", reason="sni_host_mismatch")
-            return pages.plain_close(421, "TLS server name and Host do not match")
-        if destination is not None and destination[1] != service.exposed_port:
-            # redirected from another service's exposed port: SNI/Host and the original
-            # destination must name the same service
-            flow.record(decision="bad_request", reason="destination_mismatch")
-            return pages.plain_close(421, "this host is not served on this port")
+        routed = self._route(host_value, flow.sni, destination)
+        if not isinstance(routed, Service):
+            status, reason, text = routed
+            flow.record(decision="bad_request", reason=reason)
+            return pages.plain_close(status, text)
+        service = routed
         flow.service = service.name
 
         # 3. one canonical path: logged, matched and forwarded
@@ -362,6 +350,27 @@ class Gate:
             flow.bytes_in, flow.bytes_out = transfer.bytes_in, transfer.bytes_out
             # (the upstream duration is observed once, by metrics.observe_flow)
 
+    def _route(
+        self, host_value: str, sni: str | None, destination: tuple[str, int] | None
+    ) -> Service | tuple[int, str, str]:
+        """The service a request is for, or why it is refused: (status, reason code, text).
+        Host must name a service (on its exposed port or ours), the TLS server name the same
+        one, and a redirected connection must have been going to that service's port."""
+        split = _host_split(host_value)
+        if split is None:
+            return 400, "bad_host", "malformed Host header"
+        host, port = split
+        by_host = self.runtime.by_host
+        service = by_host.get(host)
+        if service is None or (port is not None and port not in (service.exposed_port, self.listen_port)):
+            return 421, "unknown_host", "this host is not served here"
+        if sni is not None and by_host.get(sni) is not service:
+            return 421, "sni_host_mismatch", "TLS server name and Host do not match"
+        if destination is not None and destination[1] != service.exposed_port:
+            # redirected from another service's exposed port
+            return 421, "destination_mismatch", "this host is not served on this port"
+        return service
+
     # ------------------------------------------------------------------ fast path
 
     def fast_plan(
@@ -377,18 +386,9 @@ class Gate:
         a touch, a verdict other than allow).  None has no side effects: the request then
         goes, unchanged, to :meth:`handle`, which gives the one authoritative answer.
         """
-        split = _host_split(host_value)
-        if split is None:
-            return None
-        host, port = split
-        runtime = self.runtime
-        service = runtime.by_host.get(host)
-        if service is None or (port is not None and port not in (service.exposed_port, self.listen_port)):
-            return None
         _, _, destination, sni, _ = facts
-        if sni is not None and runtime.by_host.get(sni) is not service:
-            return None
-        if destination is not None and destination[1] != service.exposed_port:
+        service = self._route(host_value, sni, destination)
+        if not isinstance(service, Service):
             return None
         try:
             path, query = policy.canonical_path(raw_target)
@@ -397,8 +397,8 @@ class Gate:
         if path == service.callback_path or path.startswith(service.logout_path):
             return None  # the enforcer's own endpoints (logout and <logout>/backchannel)
         identity: sessions.Session | None = None
-        found, handle = sessions.find_cookie(cookies, sessions.session_cookie_name(service.name))
-        if found is sessions.CookieLookup.FOUND and handle is not None:
+        handle = _session_handle(cookies, service)
+        if handle is not None:
             store = self.store
             if type(store) is not sessions.SQLiteSessionStore:
                 return None
@@ -476,9 +476,8 @@ class Gate:
         return response
 
     async def _session(self, request: web.BaseRequest, service: Service, now: float) -> sessions.Session | None:
-        cookies = request.headers.getall("Cookie", [])
-        found, handle = sessions.find_cookie(cookies, sessions.session_cookie_name(service.name))
-        if found is not sessions.CookieLookup.FOUND or handle is None:
+        handle = _session_handle(request.headers.getall("Cookie", []), service)
+        if handle is None:
             return None
         store = self.store
         if type(store) is sessions.SQLiteSessionStore:  # cache hit, no touch due: no coroutine
@@ -833,6 +832,12 @@ def _whole_items(items: list[str], sub: str) -> str:
             sub, len(items) - len(kept), len(items), proxy.MAX_IDENTITY_VALUE,
         )
     return ",".join(kept)
+
+
+def _session_handle(cookies: list[str], service: Service) -> str | None:
+    """The session handle in the service's cookie, if exactly one well-formed one was sent."""
+    found, handle = sessions.find_cookie(cookies, sessions.session_cookie_name(service.name))
+    return handle if found is sessions.CookieLookup.FOUND else None
 
 
 def _tx_cookie_name(state: str) -> str:
