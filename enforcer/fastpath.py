@@ -160,7 +160,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._cancel_write_timer()
+        self._cancel_write_deadline()
         if self._admitted:
             self._admitted = False
             self._server.release(self._peer_ip)
@@ -296,7 +296,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         self._handed = True
         self._parser = None
         self.transport = None
-        self._cancel_write_timer()
+        self._cancel_write_deadline()
         self._fast.handed_off.inc()
         if self._timer is not None:
             self._timer.cancel()

@@ -27,6 +27,7 @@ from aiohttp import StreamReader, web
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from enforcer.handler import FRAMING_ERROR, framing_error
+from enforcer.upstream import WriteDeadline
 
 log = logging.getLogger("enforcer.httpserver")
 
@@ -35,7 +36,7 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 TIMEOUT_408 = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
 
-class Protocol(RequestHandler):
+class Protocol(WriteDeadline, RequestHandler):
     """One client connection (see the module docstring)."""
 
     def __init__(
@@ -52,7 +53,6 @@ class Protocol(RequestHandler):
         self._header_timeout = header_timeout
         self._body_timeout = body_timeout
         self._write_timeout = write_timeout
-        self._write_timer: asyncio.TimerHandle | None = None
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None  # body of the newest parsed request
@@ -106,30 +106,22 @@ class Protocol(RequestHandler):
 
     def pause_writing(self) -> None:
         super().pause_writing()
-        if self._write_timeout > 0 and self._write_timer is None:
-            self._write_timer = self._loop.call_later(self._write_timeout, self._write_stalled)
+        self._arm_write_deadline()
 
     def resume_writing(self) -> None:
         super().resume_writing()
-        if self._write_timer is not None:
-            self._write_timer.cancel()
-            self._write_timer = None
-
-    def _write_stalled(self) -> None:
-        self._write_timer = None
-        if self.transport is not None and not self.transport.is_closing():
-            log.info("closing a connection that took none of our bytes for %.0f s", self._write_timeout)
-            self.transport.abort()
+        self._cancel_write_deadline()
 
     def _arm_header_timer(self) -> None:
         if self._header_timer is None and self._header_timeout > 0:
             self._header_timer = self._loop.call_later(self._header_timeout, self._header_expired)
 
     def _cancel_timers(self) -> None:
-        for timer in (self._header_timer, self._body_timer, self._write_timer):
+        for timer in (self._header_timer, self._body_timer):
             if timer is not None:
                 timer.cancel()
-        self._header_timer = self._body_timer = self._write_timer = None
+        self._header_timer = self._body_timer = None
+        self._cancel_write_deadline()
 
     def _header_expired(self) -> None:
         self._header_timer = None

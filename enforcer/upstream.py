@@ -64,41 +64,52 @@ def _decode(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
 
-class WriteFlow:
-    """Write flow control for a protocol: the transport's pause/resume, and a wait for it.
+class WriteDeadline:
+    """Cut a peer that takes none of our bytes: when the transport pauses our writing, a timer
+    of ``_write_timeout`` seconds (0: none) starts; a resume cancels it, expiry aborts the
+    transport.  The protocol calls :meth:`_arm_write_deadline` from ``pause_writing``,
+    :meth:`_cancel_write_deadline` from ``resume_writing`` and ``connection_lost``, and has
+    ``transport`` and ``_loop`` attributes."""
 
-    The protocol sets ``_write_paused = False`` and ``_drain = None`` in ``__init__`` and calls
-    :meth:`_wake_drain` from ``connection_lost`` (a closed transport never resumes).  A
-    protocol with a ``_write_timeout`` above 0 (and ``transport`` and ``_loop``) aborts its
-    transport when writing stays paused that long: the peer takes none of our bytes."""
-
-    _write_paused: bool
-    _drain: asyncio.Future[None] | None
     _write_timeout: float = 0.0
     _write_timer: asyncio.TimerHandle | None = None
 
-    def pause_writing(self) -> None:
-        self._write_paused = True
+    def _arm_write_deadline(self) -> None:
         if self._write_timeout > 0 and self._write_timer is None:
             loop: asyncio.AbstractEventLoop = self._loop  # type: ignore[attr-defined]
             self._write_timer = loop.call_later(self._write_timeout, self._write_stalled)
 
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        self._cancel_write_timer()
-        self._wake_drain()
-
-    def _cancel_write_timer(self) -> None:
+    def _cancel_write_deadline(self) -> None:
         if self._write_timer is not None:
             self._write_timer.cancel()
             self._write_timer = None
 
     def _write_stalled(self) -> None:
         self._write_timer = None
-        transport = getattr(self, "transport", None)
-        if self._write_paused and transport is not None and not transport.is_closing():
+        transport: asyncio.BaseTransport | None = getattr(self, "transport", None)
+        if transport is not None and not transport.is_closing():
             log.info("closing a connection that took none of our bytes for %.0f s", self._write_timeout)
-            transport.abort()
+            transport.abort()  # type: ignore[attr-defined]
+
+
+class WriteFlow(WriteDeadline):
+    """Write flow control for a protocol: the transport's pause/resume, and a wait for it.
+
+    The protocol sets ``_write_paused = False`` and ``_drain = None`` in ``__init__`` and calls
+    :meth:`_wake_drain` from ``connection_lost`` (a closed transport never resumes).  With a
+    ``_write_timeout`` above 0 a pause that lasts that long aborts the transport."""
+
+    _write_paused: bool
+    _drain: asyncio.Future[None] | None
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._arm_write_deadline()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._cancel_write_deadline()
+        self._wake_drain()
 
     def _wake_drain(self) -> None:
         drain = self._drain
