@@ -270,9 +270,7 @@ class Daemon:
             access_log=None,
         )
         if s.listen.fastPath:
-            fast = fastpath.FastPath(gate, header_timeout=s.limits.headerTimeout, idle_timeout=s.limits.idleTimeout,
-                                     write_timeout=s.limits.writeTimeout, max_head=8190, max_headers=100)
-            server.fast = fastpath.protocol_factory(fast, server)
+            server.fast = fastpath.FastPath(gate, server).protocol_factory()
         loop = asyncio.get_running_loop()
         self._spawn(flowlog.run(), "flowlog")
         self._spawn(self._warm_up(runtime), "discovery")

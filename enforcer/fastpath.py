@@ -35,7 +35,8 @@ import contextlib
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import httptools
 from aiohttp import http_parser as aiohttp_http_parser
@@ -83,34 +84,33 @@ class _Request(NamedTuple):
 
 
 class FastPath:
-    """What a listener's fast connections share: the gate, the upstream and the limits."""
+    """What a listener's fast connections share: the gate, and the listener whose limits they
+    keep (its connection caps, header, idle and write timeouts, line and header-count limits;
+    a whole head must fit in one of aiohttp's lines, so no per-line limit can differ)."""
 
-    def __init__(
-        self,
-        gate: Gate,
-        *,
-        header_timeout: float,
-        idle_timeout: float,
-        write_timeout: float = 60.0,
-        max_head: int = 8190,
-        max_headers: int = 100,
-    ) -> None:
+    def __init__(self, gate: Gate, server: Server) -> None:
         self.gate = gate
-        self.header_timeout = header_timeout
-        self.idle_timeout = idle_timeout
-        self.write_timeout = write_timeout
-        self.max_head = max_head
-        self.max_headers = max_headers
+        self.server = server
+        self.header_timeout = server.header_timeout
+        self.idle_timeout = server.idle_timeout
+        self.write_timeout = server.write_timeout
+        self.max_head = server.max_line_size
+        self.max_headers = server.max_headers
         self.served = gate.metrics.fast_requests
         self.handed_off = gate.metrics.fast_handoffs
+
+    def protocol_factory(self) -> Callable[[], Connection]:
+        """The listener's protocol factory: a fast connection per accepted socket."""
+        loop = asyncio.get_running_loop()
+        return lambda: Connection(self, loop)
 
 
 class Connection(upstream_client.WriteFlow, asyncio.Protocol):
     """One client connection until (if ever) it is handed over to aiohttp."""
 
-    def __init__(self, fast: FastPath, server: Server, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, fast: FastPath, loop: asyncio.AbstractEventLoop) -> None:
         self._fast = fast
-        self._server = server
+        self._server = fast.server
         self._loop = loop
         self.transport: asyncio.Transport | None = None
         self._peer_ip: str | None = None
@@ -527,8 +527,3 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         if self.transport is not None and not self._closed:
             self.transport.abort()
 
-
-def protocol_factory(fast: FastPath, server: Server) -> Any:
-    """The listener's protocol factory: a fast connection per accepted socket."""
-    loop = asyncio.get_running_loop()
-    return lambda: Connection(fast, server, loop)

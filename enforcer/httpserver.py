@@ -175,6 +175,11 @@ class Server(web.Server):
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
+        self.header_timeout = header_timeout
+        self.write_timeout = write_timeout
+        self.idle_timeout: float = kwargs.get("keepalive_timeout", 3630.0)  # (aiohttp's defaults)
+        self.max_line_size: int = kwargs.get("max_line_size", 8190)
+        self.max_headers: int = kwargs.get("max_headers", 128)
         self._timeouts = {
             "header_timeout": header_timeout, "body_timeout": body_timeout, "write_timeout": write_timeout,
         }

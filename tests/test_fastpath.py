@@ -460,10 +460,7 @@ class _Probe(Connection):
     """A Connection whose parsing is exercised without a transport."""
 
     def __init__(self) -> None:
-        fast = FastPath.__new__(FastPath)
-        fast.max_headers = 100
-        fast.write_timeout = 0.0
-        super().__init__(fast, None, None)  # type: ignore[arg-type]
+        super().__init__(FastPath(_Gate(), _Server()), None)  # type: ignore[arg-type]
 
 
 @settings(max_examples=400, deadline=None)
@@ -547,6 +544,11 @@ class _FullProtocol(asyncio.Protocol):
 class _Server:
     """The listener's side of httpserver.Server that a fast connection uses."""
 
+    header_timeout = idle_timeout = 5.0
+    write_timeout = 0.0
+    max_line_size = 8190
+    max_headers = 100
+
     def __init__(self) -> None:
         self.fast_connections: set[Any] = set()
 
@@ -596,8 +598,7 @@ def test_a_closed_connection_is_freed_without_the_cycle_collector() -> None:
     loop = asyncio.new_event_loop()
     gc.disable()
     try:
-        fast = FastPath(_Gate(), header_timeout=5, idle_timeout=5)  # type: ignore[arg-type]
-        conn = Connection(fast, _Server(), loop)  # type: ignore[arg-type]
+        conn = Connection(FastPath(_Gate(), _Server()), loop)  # type: ignore[arg-type]
         conn.connection_made(_Transport())
         conn.data_received(b"GET /partial HTTP/1.1\r\n")
         conn.connection_lost(None)
@@ -615,7 +616,7 @@ def test_a_fault_while_analysing_a_head_hands_the_request_over_intact() -> None:
     loop = asyncio.new_event_loop()
     try:
         transport = _Transport()
-        conn = Connection(FastPath(_Gate(), header_timeout=5, idle_timeout=5), _Server(), loop)  # type: ignore[arg-type]
+        conn = Connection(FastPath(_Gate(), _Server()), loop)  # type: ignore[arg-type]
         conn.connection_made(transport)
         head = b"GET /x HTTP/1.1\r\nHost: app.test\r\n\r\nGET /y HTTP/1.1\r\n"
         conn.data_received(head)
