@@ -477,7 +477,7 @@ endpoints:
 
 ENFORCER_CONFIG = """\
 tags: [role=web]
-listen: {{address: 127.0.0.1, port: {port}}}
+listen: {{address: 127.0.0.1, port: {port}, fastPath: {fast_path}}}
 admin: {{address: 127.0.0.1, port: {admin_port}}}
 stateDir: {state}
 logsDir: {state}/logs
@@ -663,10 +663,10 @@ class Bench:
             client_id=client_id, secret=secret_file, issuer=self.op.issuer,
             host=HOST, port=port, app_port=self.up_port,
         ))
-        config = ENFORCER_CONFIG.format(port=port, admin_port=admin_port, state=state, op_ca=self.op.ca_file)
-        if name in NO_FAST_PATH:
-            config = config.replace(f"port: {port}}}", f"port: {port}, fastPath: false}}")
-        (state / "enforcer.yaml").write_text(config)
+        (state / "enforcer.yaml").write_text(ENFORCER_CONFIG.format(
+            port=port, admin_port=admin_port, state=state, op_ca=self.op.ca_file,
+            fast_path="false" if name in NO_FAST_PATH else "true",
+        ))
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         cmd = [sys.executable, "-m", "enforcer", "run", "-c", str(state / "enforcer.yaml"), "--log-level", "warning"]
         if workers > 1:

@@ -7,6 +7,7 @@ import asyncio
 import socket
 import string
 from collections.abc import AsyncIterator
+from typing import Self
 
 import pytest
 from aiohttp import web
@@ -287,19 +288,14 @@ def test_injected_identity_survives_a_hostile_connection_header(listed: list[str
 # ---------------------------------------------------------------- the upstream client (enforcer.upstream)
 
 
-class FakeApp:
-    """A real asyncio server on 127.0.0.1 answering each request head with the next scripted bytes."""
+class LoopbackApp:
+    """A real asyncio server on 127.0.0.1 for the duration of an ``async with``; subclasses
+    answer in ``_serve``."""
 
-    def __init__(self, answers: list[bytes], *, close_after: bool = False, delay: float = 0.0) -> None:
-        self.answers = list(answers)
-        self.close_after = close_after
-        self.delay = delay
-        self.connections = 0
-        self.requests: list[bytes] = []
-        self.server: asyncio.Server | None = None
-        self.port = 0
+    server: asyncio.Server | None = None
+    port = 0
 
-    async def __aenter__(self) -> FakeApp:
+    async def __aenter__(self) -> Self:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
@@ -308,6 +304,20 @@ class FakeApp:
         assert self.server is not None
         self.server.close()
         await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class FakeApp(LoopbackApp):
+    """Answers each request head with the next scripted bytes."""
+
+    def __init__(self, answers: list[bytes], *, close_after: bool = False, delay: float = 0.0) -> None:
+        self.answers = list(answers)
+        self.close_after = close_after
+        self.delay = delay
+        self.connections = 0
+        self.requests: list[bytes] = []
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -682,25 +692,16 @@ def test_request_headers_drop_set_is_unchanged() -> None:
 # ---------------------------------------------------------------- Upstream.forward, end to end over TCP
 
 
-class StagedApp:
+class StagedApp(LoopbackApp):
     """An app that answers every request head with ``head``, then (once ``release`` is set) ``body``."""
 
     def __init__(self, head: bytes, body: bytes = b"") -> None:
         self.head, self.body = head, body
         self.release = asyncio.Event()
-        self.server: asyncio.Server | None = None
-        self.port = 0
-
-    async def __aenter__(self) -> StagedApp:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
         self.release.set()
-        self.server.close()
-        await self.server.wait_closed()
+        await super().__aexit__(*exc)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
