@@ -219,30 +219,32 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         if end > fast.max_head:
             self._hand_off()
             return
-        head = bytes(buf[:end])
-        request: _Request | None = None
-        facts: _ConnFacts | None = None
-        try:
-            request = self._parse(head)
-            if request is None:
-                self._hand_off()
-                return
-            facts = self._facts
-            if facts is None:
-                facts = self._facts = fast.gate.connection_facts(self.transport)
-            plan = fast.gate.fast_plan(request.method, request.target, request.host, request.cookies, facts)
-        except Exception:
-            # a bug here must not cost the request: the full path answers it (and records it)
-            log.exception("fast path: cannot analyse a request head; handing the connection over")
-            plan = None
-        if plan is None or request is None or facts is None:
+        analysed = self._analyse(bytes(buf[:end]))
+        if analysed is None:
             self._hand_off()
             return
         del buf[:end]
         self._busy = True
         self._head_started = False
         fast.served.inc()
-        self._loop.create_task(self._serve(plan, request, facts))
+        self._loop.create_task(self._serve(*analysed))
+
+    def _analyse(self, head: bytes) -> tuple[FastPlan, _Request, _ConnFacts] | None:
+        """What to serve for ``head`` on this path, or None to hand the connection over."""
+        gate = self._fast.gate
+        try:
+            request = self._parse(head)
+            if request is None:
+                return None
+            facts = self._facts
+            if facts is None:
+                facts = self._facts = gate.connection_facts(self.transport)
+            plan = gate.fast_plan(request.method, request.target, request.host, request.cookies, facts)
+        except Exception:
+            # a bug here must not cost the request: the full path answers it (and records it)
+            log.exception("fast path: cannot analyse a request head; handing the connection over")
+            return None
+        return None if plan is None else (plan, request, facts)
 
     def _parse(self, head: bytes) -> _Request | None:
         """The request in ``head`` if it fits the fast path (with exactly one Host), else None.
