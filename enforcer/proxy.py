@@ -11,7 +11,6 @@ through one keep-alive connection pool per app; nothing is buffered whole.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import functools
 import http
 import logging
@@ -24,6 +23,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
@@ -206,12 +206,7 @@ def request_head(
     lines += (f"Host: {host}", f"X-Forwarded-For: {client_ip}", "X-Forwarded-Proto: https", f"X-Forwarded-Host: {host}")
     for name, value in identity.items():
         lines.append(f"{name}: {clean_value(value)}")
-    lines += ("", "")
-    text = "\r\n".join(lines)
-    count = len(lines) - 1
-    if text.count("\n") != count or text.count("\r") != count:
-        raise UpstreamError("protocol", 502)  # a CR or LF inside a value: never split a header
-    return text.encode("utf-8", "surrogateescape")
+    return _encode_head(lines)
 
 
 def _is_enforcer_cookie(name: str) -> bool:
@@ -271,24 +266,23 @@ def _first(pairs: list[tuple[str, str]], low_name: str) -> str | None:
 
 def serialise_head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
     """The request line and header block towards the app (values were cleaned already)."""
-    text = "\r\n".join([f"{method} {target} HTTP/1.1", *map(": ".join, headers.items()), "", ""])
-    lines = len(headers) + 2
-    if text.count("\n") != lines or text.count("\r") != lines:
-        raise UpstreamError("protocol", 502)  # a CR or LF inside a value: never split a header
+    return _encode_head([f"{method} {target} HTTP/1.1", *map(": ".join, headers.items())])
+
+
+def _encode_head(lines: list[str]) -> bytes:
+    """A request head from its lines; UpstreamError if a value holds a CR or LF (a header
+    is never split in two)."""
+    text = "\r\n".join([*lines, "", ""])
+    count = len(lines) + 1
+    if text.count("\n") != count or text.count("\r") != count:
+        raise UpstreamError("protocol", 502)
     return text.encode("utf-8", "surrogateescape")
 
 
 _FORBIDDEN_IN_HEAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # as aiohttp's header writer refuses
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
-_date: list[Any] = [0, ""]  # [second, its formatted Date value]
-
-
-def http_date() -> str:
-    """The ``Date`` header value for now (formatted once per second)."""
-    now = int(time.time())
-    if _date[0] != now:
-        _date[:] = [now, email.utils.formatdate(now, usegmt=True)]
-    return str(_date[1])
+http_date = rfc822_formatted_time
+"""The ``Date`` header value for now (aiohttp's, formatted once per second)."""
 
 
 _RELAY_HEADS: dict[tuple[Any, ...], tuple[bytes, bool, bool, bool]] = {}
