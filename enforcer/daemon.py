@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from enforcer import certs, config, fastpath, httpserver, listener, oidc, proxy
+from enforcer import certs, config, fastpath, httpserver, listener, memory, oidc, proxy
 from enforcer import session as sessions
 from enforcer.definitions import DefinitionsManager, build_sources
 from enforcer.flowlog import FlowLog, FlowRecord
@@ -166,6 +166,8 @@ class Daemon:
     listen_socket: socket.socket | None = None
     tls_context: ssl.SSLContext | None = None
     """Made by the master before forking, so every worker has the same session-ticket keys."""
+    trimmer: memory.Trimmer = field(default_factory=memory.Trimmer)
+    """Returns the C heap's free pages to the OS when the listener goes idle and from housekeeping."""
 
     @property
     def owns_host(self) -> bool:
@@ -271,6 +273,7 @@ class Daemon:
         )
         if s.listen.fastPath:
             server.fast = fastpath.FastPath(gate, server).protocol_factory()
+        server.on_idle = self.trimmer.maybe_trim
         loop = asyncio.get_running_loop()
         self._spawn(flowlog.run(), "flowlog")
         self._spawn(self._warm_up(runtime), "discovery")
@@ -475,6 +478,7 @@ class Daemon:
                 self.metrics.sessions.set(await store.count())
             except Exception:  # keep serving even if the store hiccups
                 log.exception("session housekeeping failed")
+            self.trimmer.maybe_trim()  # under steady load the server may never go idle
 
     async def _start_admin(self, runtime: Runtime) -> web.AppRunner:
         s = self.settings.model.admin

@@ -192,6 +192,8 @@ class Server(web.Server):
         """Set to serve connections through :mod:`enforcer.fastpath` first (daemon.py)."""
         self.fast_connections: set[Any] = set()
         """The fast-path connections now open (each has ``shutdown()`` and ``abort()``)."""
+        self.on_idle: Callable[[], object] | None = None
+        """Called when the last open connection has ended (daemon.py: trim the C heap)."""
 
     def admit(self, ip: str | None) -> bool:
         """Count a new connection in, or refuse it when a cap is reached."""
@@ -212,6 +214,8 @@ class Server(web.Server):
     def release(self, ip: str | None) -> None:
         """A counted connection ended."""
         self.open_connections -= 1
+        if not self.open_connections and self.on_idle is not None:
+            self.on_idle()
         if ip:
             left = self._per_ip.get(ip, 1) - 1
             if left > 0:

@@ -66,3 +66,15 @@ async def test_admit_and_release_keep_counts_exact() -> None:
     server.release("c")
     assert server.open_connections == 0
     assert server._per_ip == {}
+
+
+async def test_on_idle_runs_when_the_last_connection_ends() -> None:
+    """on_idle (the daemon's heap trim) is called once the open-connection count reaches zero."""
+    server = httpserver.Server(_ok, header_timeout=5, body_timeout=5)
+    idle: list[int] = []
+    server.on_idle = lambda: idle.append(server.open_connections)
+    assert server.admit("a") and server.admit("b")
+    server.release("a")
+    assert idle == []
+    server.release("b")
+    assert idle == [0]

@@ -1,0 +1,79 @@
+"""Give the C heap's freed memory back to the operating system when the load falls.
+
+CPython hands objects over 512 bytes, OpenSSL its per-connection state and SQLite its rows
+to the C allocator. glibc keeps what they free for reuse: after a burst of connections the
+process can hold several MiB of free heap pages that count in its RSS until the next burst.
+``malloc_trim(0)`` returns those pages (measured: about 5 MiB of an 87 MiB enforcer after
+load, in 0.2 ms). :class:`Trimmer` calls it when the server has gone idle (the last
+connection closed) and from housekeeping, never more often than ``min_interval``.
+
+On a C library without ``malloc_trim`` (musl, macOS) the trimmer does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import time
+from collections.abc import Callable
+from typing import Final
+
+log = logging.getLogger(__name__)
+
+MIN_INTERVAL: Final = 1.0
+"""Seconds between two trims at least: a trim scans the heap (about 0.2 ms for 20 MiB)."""
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        fn = libc.malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    trim: Callable[[int], int] = fn
+    return trim
+
+
+class Trimmer:
+    """Trims the C heap when asked, at most once per ``min_interval`` seconds."""
+
+    def __init__(
+        self,
+        *,
+        min_interval: float = MIN_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+        trim: Callable[[int], int] | None = None,
+    ) -> None:
+        self._trim = trim if trim is not None else _find_malloc_trim()
+        self._min_interval = min_interval
+        self._clock = clock
+        self._last = float("-inf")
+        self.trims = 0
+        """How many trims ran (for tests and the debug log)."""
+
+    @property
+    def available(self) -> bool:
+        """The C library can trim (glibc)."""
+        return self._trim is not None
+
+    def maybe_trim(self) -> bool:
+        """Trim now unless one ran less than ``min_interval`` ago; True when it ran."""
+        trim = self._trim
+        if trim is None:
+            return False
+        now = self._clock()
+        if now - self._last < self._min_interval:
+            return False
+        self._last = now
+        try:
+            trim(0)
+        except Exception:  # a trim is an optimisation: never let it break serving
+            log.debug("malloc_trim failed", exc_info=True)
+            return False
+        self.trims += 1
+        return True
