@@ -31,6 +31,7 @@ import re
 import secrets
 import sqlite3
 import stat
+import struct
 import sys
 import time
 from collections import OrderedDict
@@ -590,18 +591,37 @@ def _decode(row: _Row) -> Session:
     )
 
 
-_Compact = tuple[str, str, str, float, float, float, float | None]
-"""A cold cache entry: (service, issuer, blob, created, last_seen, expires, claims_expire).
-The blob is sub, email, username, sid, refresh token and then every tag, joined by NUL
-(an absent optional value is a lone SOH): one string instead of a Session, its frozenset
-(~730 bytes for 9 tags) and a dozen small strings, so a cold entry is ~500 bytes, not ~1.7 KB."""
+_Compact = bytes
+"""A cold cache entry, one bytes object: :data:`_HEAD` (created, last_seen, expires,
+claims_expire, whether claims_expire is set, and the index of the (service, issuer) pair in
+:data:`_PAIRS`), then sub, email, username, sid, refresh token and every tag, joined by NUL
+and UTF-8 encoded (an absent optional value is a lone SOH). One object instead of a Session,
+its frozenset (~730 bytes for 9 tags) and a dozen small strings and floats: a cold entry is
+~330 bytes, not ~1.7 KB (and ~500 as the tuple of a str and four floats it used to be)."""
 
+_HEAD: Final = struct.Struct("<ddddBH")
 _SEP: Final = "\x00"
 _NONE: Final = "\x01"
+_PAIRS: list[tuple[str, str]] = []
+"""(service, issuer) pairs of compact entries, by index (a handful: one per service and IdP)."""
+_PAIR_INDEX: dict[tuple[str, str], int] = {}
+_MAX_PAIRS: Final = 0xFFFF
 
 HOT_SESSIONS: Final = 1024
 """Cached sessions kept as ready Session objects (the most recently used ones); the rest of
 the cache holds :data:`_Compact` entries, turned back into a Session on their next use."""
+
+
+def _pair(service: str, issuer: str) -> int | None:
+    """The index of (service, issuer) in :data:`_PAIRS`, added when new; None when full."""
+    key = (service, issuer)
+    i = _PAIR_INDEX.get(key)
+    if i is None:
+        if len(_PAIRS) >= _MAX_PAIRS:
+            return None
+        i = _PAIR_INDEX[key] = len(_PAIRS)
+        _PAIRS.append((sys.intern(service), sys.intern(issuer)))
+    return i
 
 
 def _compact(s: Session) -> _Compact | None:
@@ -610,7 +630,12 @@ def _compact(s: Session) -> _Compact | None:
     parts = [s.sub, *(_NONE if v is None else v for v in opt), *s.tags]
     if s.id_token or _NONE in opt or any(_SEP in p for p in parts):
         return None
-    return (s.service, s.issuer, _SEP.join(parts), s.created, s.last_seen, s.expires, s.claims_expire)
+    pair = _pair(s.service, s.issuer)
+    if pair is None:
+        return None
+    ce = s.claims_expire
+    head = _HEAD.pack(s.created, s.last_seen, s.expires, 0.0 if ce is None else ce, ce is not None, pair)
+    return head + _SEP.join(parts).encode("utf-8", "surrogatepass")
 
 
 _NEW: Final = object.__new__
@@ -621,36 +646,39 @@ them, twice as fast as its frozen ``__init__`` (one ``object.__setattr__`` call 
 
 def _expand(c: _Compact) -> Session:
     """The Session a :func:`_compact` entry stands for (equal to the one it was made from)."""
-    sub, email, username, sid, refresh_token, *tags = c[2].split(_SEP)
+    created, last_seen, expires, ce, has_ce, pair = _HEAD.unpack_from(c)
+    service, issuer = _PAIRS[pair]
+    sub, email, username, sid, refresh_token, *tags = c[_HEAD.size :].decode("utf-8", "surrogatepass").split(_SEP)
     s: Session = _NEW(Session)
     st = _SET
-    st[0](s, c[0])
-    st[1](s, c[1])
+    st[0](s, service)
+    st[1](s, issuer)
     st[2](s, sub)
     st[3](s, None if email == _NONE else email)
     st[4](s, None if username == _NONE else username)
     st[5](s, frozenset(tags))
     st[6](s, None if sid == _NONE else sid)
     st[7](s, "")
-    st[8](s, c[3])
-    st[9](s, c[4])
-    st[10](s, c[5])
+    st[8](s, created)
+    st[9](s, last_seen)
+    st[10](s, expires)
     st[11](s, None if refresh_token == _NONE else refresh_token)
-    st[12](s, c[6])
+    st[12](s, ce if has_ce else None)
     return s
 
 
 def _entry_times(e: Session | _Compact) -> tuple[str, float, float]:
     """(service, last_seen, expires) of a cache entry, without expanding a cold one."""
-    if type(e) is tuple:
-        return e[0], e[4], e[5]
+    if type(e) is bytes:
+        _, last_seen, expires, _, _, pair = _HEAD.unpack_from(e)
+        return _PAIRS[pair][0], last_seen, expires
     assert isinstance(e, Session)
     return e.service, e.last_seen, e.expires
 
 
 def _entry_matches(e: Session | _Compact, issuer: str, sub: str | None, sid: str | None) -> bool:
-    if type(e) is tuple:
-        if e[1] != issuer:
+    if type(e) is bytes:
+        if _PAIRS[_HEAD.unpack_from(e)[5]][1] != issuer:
             return False
         e = _expand(e)
     assert isinstance(e, Session)
@@ -683,7 +711,7 @@ class _SessionCache:
         e = self._entries.get(key)
         if e is None or type(e) is Session:
             return e
-        assert type(e) is tuple
+        assert type(e) is bytes
         session = _expand(e)
         self._entries[key] = session  # an existing key keeps its place
         self._heat(key, e)

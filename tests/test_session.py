@@ -907,20 +907,36 @@ _opt_text = st.none() | st.text(max_size=12)
     refresh_token=_opt_text,
     tags=st.frozensets(st.text(max_size=12), max_size=6),
     claims_expire=st.none() | st.floats(allow_nan=False),
+    service=st.text(max_size=8),
+    issuer=st.text(max_size=8),
+    times=st.tuples(*[st.floats(allow_nan=False)] * 3),
 )
 def test_compact_cache_entries_expand_to_an_equal_session(
     sub: str, email: str | None, username: str | None, sid: str | None,
     refresh_token: str | None, tags: frozenset[str], claims_expire: float | None,
+    service: str, issuer: str, times: tuple[float, float, float],
 ) -> None:
     """A cold cache entry expands to a session equal to the lean one it was made from, or the session is kept whole."""
     lean = make_session(sub=sub, email=email, username=username, sid=sid, refresh_token=refresh_token,
-                        tags=tags, claims_expire=claims_expire, id_token="")  # fmt: skip
+                        tags=tags, claims_expire=claims_expire, id_token="", service=service, issuer=issuer,
+                        created=times[0], last_seen=times[1], expires=times[2])  # fmt: skip
     compact = session_mod._compact(lean)
     if compact is None:  # a NUL in a value, or a value that is the lone SOH marker
         assert any("\x00" in t for t in (sub, *tags, *(v for v in (email, username, sid, refresh_token) if v)))\
             or "\x01" in (email, username, sid, refresh_token)
     else:
         assert session_mod._expand(compact) == lean
+        assert session_mod._entry_times(compact) == (service, times[1], times[2])
+        assert session_mod._entry_matches(compact, issuer, sub, None) == session_mod._matches(lean, issuer, sub, None)
+
+
+def test_a_cold_entry_is_one_small_bytes_object() -> None:
+    """A typical session's cold form is a single bytes object of its text plus a 35-byte head (no per-field objects)."""
+    lean = session_mod._lean(make_session(id_token=""))
+    compact = session_mod._compact(lean)
+    assert type(compact) is bytes
+    text = "\x00".join([lean.sub, "bob@example.com", "bob", "sid-1", "\x01", *lean.tags])
+    assert len(compact) == session_mod._HEAD.size + len(text)
 
 
 async def test_sqlite_cache_keeps_cold_sessions_compact_and_serves_them(tmp_path: Path) -> None:
