@@ -167,7 +167,7 @@ class Daemon:
     tls_context: ssl.SSLContext | None = None
     """Made by the master before forking, so every worker has the same session-ticket keys."""
     trimmer: memory.Trimmer = field(default_factory=memory.Trimmer)
-    """Returns the C heap's free pages to the OS when the listener goes idle and from housekeeping."""
+    """Returns the C heap's free pages to the OS when a burst of connections is over and from housekeeping."""
 
     @property
     def owns_host(self) -> bool:

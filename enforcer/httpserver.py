@@ -193,7 +193,9 @@ class Server(web.Server):
         self.fast_connections: set[Any] = set()
         """The fast-path connections now open (each has ``shutdown()`` and ``abort()``)."""
         self.on_idle: Callable[[], object] | None = None
-        """Called when the last open connection has ended (daemon.py: trim the C heap)."""
+        """Called when a burst is over: the open connections fell to a quarter of their peak
+        since the last call, or to none (daemon.py: trim the C heap)."""
+        self._peak = 0
 
     def admit(self, ip: str | None) -> bool:
         """Count a new connection in, or refuse it when a cap is reached."""
@@ -207,6 +209,7 @@ class Server(web.Server):
                 )
             return False
         self.open_connections += 1
+        self._peak = max(self._peak, self.open_connections)
         if ip:
             self._per_ip[ip] = per_ip + 1
         return True
@@ -214,7 +217,8 @@ class Server(web.Server):
     def release(self, ip: str | None) -> None:
         """A counted connection ended."""
         self.open_connections -= 1
-        if not self.open_connections and self.on_idle is not None:
+        if self.open_connections * 4 <= self._peak and self.on_idle is not None:
+            self._peak = self.open_connections
             self.on_idle()
         if ip:
             left = self._per_ip.get(ip, 1) - 1

@@ -4,8 +4,10 @@ CPython hands objects over 512 bytes, OpenSSL its per-connection state and SQLit
 to the C allocator. glibc keeps what they free for reuse: after a burst of connections the
 process can hold several MiB of free heap pages that count in its RSS until the next burst.
 ``malloc_trim(0)`` returns those pages (measured: about 5 MiB of an 87 MiB enforcer after
-load, in 0.2 ms). :class:`Trimmer` calls it when the server has gone idle (the last
-connection closed) and from housekeeping, never more often than ``min_interval``.
+load, in 0.2 ms; 29 MiB after 500 idle TLS connections closed). :class:`Trimmer` calls
+it when a burst of connections is over (httpserver.Server.on_idle: the open connections
+fell to a quarter of their peak) and from housekeeping, never more often than
+``min_interval``.
 
 On a C library without ``malloc_trim`` (musl, macOS) the trimmer does nothing.
 """

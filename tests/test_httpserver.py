@@ -68,13 +68,24 @@ async def test_admit_and_release_keep_counts_exact() -> None:
     assert server._per_ip == {}
 
 
-async def test_on_idle_runs_when_the_last_connection_ends() -> None:
-    """on_idle (the daemon's heap trim) is called once the open-connection count reaches zero."""
+async def test_on_idle_runs_when_a_burst_of_connections_is_over() -> None:
+    """on_idle (the daemon's heap trim) is called when the open connections fall to a quarter of their peak, or to none."""
     server = httpserver.Server(_ok, header_timeout=5, body_timeout=5)
     idle: list[int] = []
     server.on_idle = lambda: idle.append(server.open_connections)
-    assert server.admit("a") and server.admit("b")
+    for _ in range(100):
+        assert server.admit("a")
+    for _ in range(74):
+        server.release("a")
+    assert idle == []  # 26 of a peak of 100 still open
     server.release("a")
-    assert idle == []
-    server.release("b")
-    assert idle == [0]
+    assert idle == [25]
+    for _ in range(5):
+        server.release("a")
+    assert idle == [25]  # 20 open: not a quarter of the new peak (25) yet
+    for _ in range(14):
+        server.release("a")
+    assert idle == [25, 6]
+    for _ in range(6):
+        server.release("a")
+    assert idle[-1] == 0 and server.open_connections == 0
