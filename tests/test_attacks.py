@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -53,9 +54,12 @@ class Raw:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, stack: Stack, *, sni: str = HOST, ctx: ssl.SSLContext | None = None) -> Raw:
+    async def open(cls, stack: Stack, *, sni: str = HOST, ctx: ssl.SSLContext | None = None,
+                   source: str | None = None) -> Raw:
+        """Connect (from the loopback address ``source``, e.g. 127.0.0.2, if given) and handshake."""
         reader, writer = await asyncio.open_connection(
-            "127.0.0.1", stack.port, ssl=ctx or stack.client_ssl(), server_hostname=sni, limit=1 << 22
+            "127.0.0.1", stack.port, ssl=ctx or stack.client_ssl(), server_hostname=sni, limit=1 << 22,
+            local_addr=(source, 0) if source else None,
         )
         return cls(reader, writer)
 
@@ -225,7 +229,8 @@ async def test_x_hdr_01_spoofed_identity_never_reaches_the_app_anonymous(stack: 
 
 
 async def test_x_hdr_01_spoofed_identity_replaced_by_ours_signed_in(stack: Stack, cookies: dict[str, str]) -> None:
-    """X-HDR-01/03: with a session the app sees only the enforcer's values, once each, whatever the client sent."""
+    """X-HDR-01 / X-HDR-03: with a session the app sees only the enforcer's values, once each, whatever the client sent
+    (duplicates in any case, a comma-joined value and an empty value included)."""
     out = await attack(stack, request(
         "GET /hdr01 HTTP/1.1", f"Cookie: {cookies['bob']}", *IDENTITY_SPOOF,
         "X-Forwarded-User: admin, alice", "X-Forwarded-User:", port=stack.port,
@@ -298,6 +303,51 @@ async def test_x_hdr_07_forwarding_metadata_is_ours(stack: Stack, cookies: dict[
     assert seen.header("Host") == [f"{HOST}:{stack.port}"]
     assert not [v for _, v in seen.headers if "6.6.6.6" in v or "evil" in v or v in ("/admin", "/admin/x", "DELETE")]
     assert seen.target == "/hdr07"
+
+
+FOREIGN_JWT = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSIsImdyb3VwcyI6WyJhZG1pbnMiXX0."  # alg none, groups=admins
+
+
+async def test_x_hdr_09_bearer_token_is_not_authentication(stack: Stack, cookies: dict[str, str]) -> None:
+    """X-HDR-09: an Authorization: Bearer header (garbage or a foreign token) never authenticates; policy follows the enforcer session only."""
+    for token in ("garbage", FOREIGN_JWT):
+        out = await attack(stack, request("GET /admin/hdr09 HTTP/1.1", f"Authorization: Bearer {token}",
+                                          "Accept: text/html", port=stack.port))
+        assert_served_then_next(out, 302)  # LOGIN for a browser
+        assert out.first.header("Location")[0].startswith(stack.op.issuer)  # type: ignore[union-attr]
+        assert out.attack_seen == []
+        out = await attack(stack, request("GET /hdr09 HTTP/1.1", f"Authorization: Bearer {token}", JSON,
+                                          port=stack.port))
+        assert_served_then_next(out, 401)  # LOGIN for an API client
+        assert out.attack_seen == []
+        out = await attack(stack, request("GET /admin/hdr09 HTTP/1.1", f"Cookie: {cookies['bob']}",
+                                          f"Authorization: Bearer {token}", port=stack.port))
+        assert_served_then_next(out, 403)  # bob (staff) stays bob: the token claims admins in vain
+        assert out.attack_seen == []
+    out = await attack(stack, request("GET /hdr09 HTTP/1.1", f"Cookie: {cookies['bob']}",
+                                      f"Authorization: Bearer {FOREIGN_JWT}", port=stack.port))
+    assert_served_then_next(out)
+    (seen,) = out.attack_seen
+    assert seen.header("X-Forwarded-User") == ["bob"]  # decided on (and identified by) the session
+    assert seen.header("Authorization") in ([], [f"Bearer {FOREIGN_JWT}"])  # the app's own credential, if any
+
+
+PROBE_AGENTS = ["kube-probe/1.29", "ELB-HealthChecker/2.0", "GoogleHC/1.0", "Envoy/HC", "Consul Health Check",
+                "Prometheus/2.45.0", "Blackbox Exporter/0.24.0", "Go-http-client/1.1", "curl/8.5.0"]
+
+
+@pytest.mark.parametrize("agent", PROBE_AGENTS)
+async def test_x_hdr_10_health_check_user_agents_get_login(stack: Stack, agent: str) -> None:
+    """X-HDR-10: a health-check/probe User-Agent on a protected path (even /healthz) is LOGIN like anyone else."""
+    for path in ("/healthz", "/admin/x"):
+        out = await attack(stack, request(f"GET {path} HTTP/1.1", f"User-Agent: {agent}", "Accept: text/html",
+                                          port=stack.port))
+        assert_served_then_next(out, 302)
+        assert out.first.header("Location")[0].startswith(stack.op.issuer)  # type: ignore[union-attr]
+        assert out.attack_seen == []
+        out = await attack(stack, request(f"GET {path} HTTP/1.1", f"User-Agent: {agent}", port=stack.port))
+        assert out.first is not None and out.first.status in (302, 401)
+        assert out.attack_seen == []
 
 
 # ------------------------------------------------------------------ §4.2 paths
@@ -530,6 +580,62 @@ async def test_x_host_08_admin_listener_is_unreachable(stack: Stack, cookies: di
     out = await attack(stack, request("GET /metrics HTTP/1.1", f"Cookie: {cookies['bob']}", port=stack.port))
     assert_served_then_next(out)
     assert json.loads(out.first.body)["path"] == "/metrics"  # type: ignore[union-attr]  # the app's, fixed by config
+
+
+def _enforcer_pid(stack: Stack) -> int:
+    assert stack.process is not None and stack.process.poll() is None
+    return stack.process.pid
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def _state_files(stack: Stack) -> set[str]:
+    """Every file in the state dir except the flow log and SQLite's own files."""
+    return {str(p.relative_to(stack.state)) for p in stack.state.rglob("*")
+            if p.is_file() and "logs" not in p.parts and not p.name.startswith("sessions.db")}
+
+
+async def _handshake(stack: Stack, sni: str) -> bool:
+    """True if a TLS handshake naming ``sni`` completes (and the connection is closed again)."""
+    try:
+        conn = await Raw.open(stack, sni=sni)
+    except (ssl.SSLError, ConnectionError):
+        return False
+    await conn.close()
+    return True
+
+
+async def _flood_sni(stack: Stack, names: list[str], parallel: int = 64) -> int:
+    gate = asyncio.Semaphore(parallel)
+
+    async def one(name: str) -> bool:
+        async with gate:
+            return await _handshake(stack, name)
+
+    return sum(await asyncio.gather(*(one(n) for n in names)))
+
+
+async def test_x_host_07_distinct_sni_flood_mints_nothing(stack: Stack) -> None:
+    """X-HOST-07: 3,000 distinct unknown SNI values all fail the handshake; no certificate is minted, nothing is written, memory stays flat."""
+    pid = _enforcer_pid(stack)
+    files = _state_files(stack)
+    assert await _flood_sni(stack, [f"warm-{i}.flood.test" for i in range(2000)]) == 0  # allocator warm-up
+    rss = _rss_kib(pid)
+    tag = marker()
+    assert await _flood_sni(stack, [f"h{i}-{tag}.flood.test" for i in range(3000)]) == 0
+    assert _state_files(stack) == files
+    grown = _rss_kib(pid) - rss
+    assert grown < 6 * 1024, f"RSS grew by {grown} KiB over 3,000 unknown SNI handshakes"
+    assert await _handshake(stack, HOST)
+    out = await attack(stack, request("GET /public/after-sni-flood HTTP/1.1", port=stack.port))
+    assert_served_then_next(out)
 
 
 # ------------------------------------------------------------------ §4.4 smuggling
@@ -926,6 +1032,84 @@ async def test_x_lim_10_silent_and_partial_client_hello(tight_limits: Stack) -> 
         writer.close()
 
 
+async def test_x_lim_09_idle_keep_alive_connections_are_closed(tight_limits: Stack) -> None:
+    """X-LIM-09: 150 idle connections (after one request, or silent after the handshake) are all closed and the enforcer's descriptors return to their baseline."""
+    stack = tight_limits
+    pid = _enforcer_pid(stack)
+    baseline = _open_fds(pid)
+    conns = [await Raw.open(stack) for _ in range(150)]
+    try:
+        for conn in conns[:100]:
+            await conn.send(request("GET /lim09 HTTP/1.1", JSON, port=stack.port))
+            reply = await conn.reply()
+            assert reply is not None and reply.status == 401 and reply.header("Connection") != ["close"]
+        assert _open_fds(pid) >= baseline + 150
+        silent = await asyncio.gather(*(c.reply(timeout=15) for c in conns[100:]))
+        assert all(r is None or r.status == 408 for r in silent)  # the header deadline of a first request
+        assert all(await asyncio.gather(*(c.closed(timeout=15) for c in conns)))
+    finally:
+        for conn in conns:
+            await conn.close()
+    for _ in range(100):
+        if _open_fds(pid) <= baseline + 2:
+            break
+        await asyncio.sleep(0.1)
+    assert _open_fds(pid) <= baseline + 2, (baseline, _open_fds(pid))
+
+
+@pytest_asyncio.fixture
+async def per_ip_cap(stack: Stack) -> AsyncIterator[Stack]:
+    """The enforcer restarted with maxConnectionsPerIP: 20; restored afterwards."""
+    original = stack.config.read_text()
+    stack.config.write_text(original + "limits: {maxConnectionsPerIP: 20}\n")
+    await stack.restart()
+    try:
+        yield stack
+    finally:
+        stack.config.write_text(original)
+        await stack.restart()
+
+
+async def _refused(stack: Stack, source: str | None = None) -> bool:
+    """True if a new connection (from ``source``) is closed without an answer to a request."""
+    try:
+        conn = await Raw.open(stack, source=source)
+    except (ssl.SSLError, ConnectionError):
+        return True
+    try:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await conn.send(request("GET /public/cap HTTP/1.1", port=stack.port))
+        return await conn.reply() is None
+    finally:
+        await conn.close()
+
+
+async def test_x_tls_08_handshake_flood_hits_the_per_ip_cap(per_ip_cap: Stack, cookies: dict[str, str]) -> None:
+    """X-TLS-08: one address holding maxConnectionsPerIP connections gets further ones closed at once; another address and an established session are unaffected."""
+    stack = per_ip_cap
+    established = await Raw.open(stack)
+    held = [await Raw.open(stack) for _ in range(19)]
+    try:
+        await established.send(request("GET /tls08-before HTTP/1.1", f"Cookie: {cookies['bob']}", port=stack.port))
+        assert (await established.reply()).status == 200  # type: ignore[union-attr]
+        flood = await asyncio.gather(*(_refused(stack) for _ in range(200)))
+        assert all(flood), f"{flood.count(False)} connections over the cap were served"
+        assert not await _refused(stack, source="127.0.0.2")  # another client address
+        await established.send(request("GET /tls08-after HTTP/1.1", f"Cookie: {cookies['bob']}", port=stack.port))
+        reply = await established.reply()
+        assert reply is not None and reply.status == 200
+        assert json.loads(reply.body)["user"] == "bob"
+    finally:
+        for conn in (established, *held):
+            await conn.close()
+    for _ in range(50):  # the slots come back once the connections are gone
+        if not await _refused(stack):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the per-IP slots never came back")
+
+
 # ------------------------------------------------------------------ §4.6 TLS
 
 
@@ -1003,6 +1187,144 @@ async def test_x_tls_06_alpn_h2_only(stack: Stack) -> None:
         await conn.close()
 
 
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # an empty SETTINGS frame
+
+
+def _h2_headers_frame(*fields: tuple[bytes, bytes]) -> bytes:
+    """One HEADERS frame (END_STREAM|END_HEADERS, stream 1) of HPACK literals without indexing (test input)."""
+    block = b"".join(b"\x00" + bytes([len(n)]) + n + bytes([len(v)]) + v for n, v in fields)
+    return len(block).to_bytes(3, "big") + b"\x01\x05\x00\x00\x00\x01" + block
+
+
+H2_BAD_HEADERS = _h2_headers_frame(
+    (b":method", b"GET"), (b":scheme", b"https"), (b":authority", HOST.encode()), (b":path", b"/public/h2"),
+    (b"X-Forwarded-User", b"admin"), (b"transfer-encoding", b"chunked"), (b"connection", b"keep-alive"),
+    (b"x-crlf", b"a\r\nX-Forwarded-User: admin"), (b"content-length", b"5"),
+)
+
+
+@pytest.mark.parametrize("alpn", [["h2"], ["http/1.1"], None], ids=["h2-only", "http1.1", "no-alpn"])
+async def test_x_hdr_11_x_smg_15_http2_is_not_spoken(stack: Stack, alpn: list[str] | None) -> None:
+    """X-HDR-11 / X-SMG-15 (not applicable: HTTP/1.1 only): ALPN never selects h2, and an h2 preface with hostile HEADERS is refused without reaching the app."""
+    ctx = stack.client_ssl()
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    before = len(stack.upstream.seen)
+    try:
+        conn = await Raw.open(stack, ctx=ctx)
+    except ssl.SSLError as exc:  # a no_application_protocol alert is the other allowed answer
+        assert alpn == ["h2"] and "ALERT" in str(exc).upper()
+    else:
+        try:
+            assert conn.writer.get_extra_info("ssl_object").selected_alpn_protocol() in (None, "http/1.1")
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await conn.send(H2_PREFACE + H2_SETTINGS + H2_BAD_HEADERS + b"\x00\x00\x05\x00\x01\x00\x00\x00\x01hello")
+            reply = await conn.reply()
+            assert reply is None or reply.status in (400, 505)
+            assert await conn.closed()
+        finally:
+            await conn.close()
+    await asyncio.sleep(0.3)
+    assert stack.upstream.seen[before:] == []
+    out = await attack(stack, request("GET /public/after-h2 HTTP/1.1", port=stack.port))
+    assert_served_then_next(out)
+
+
+def _s_client_renegotiate(stack: Stack) -> str:
+    """openssl s_client over TLS 1.2, then its interactive 'R' (client-initiated renegotiation); its output."""
+    argv = ["openssl", "s_client", "-connect", f"127.0.0.1:{stack.port}", "-tls1_2", "-servername", HOST,
+            "-CAfile", str(stack.state / "ca" / "ca.crt"), "-no_ign_eof"]
+    with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b"R\n")
+        proc.stdin.flush()  # stdin stays open: only the server's answer may end the connection
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        out = proc.stdout.read().decode(errors="replace")
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+    return out
+
+
+async def test_x_tls_04_renegotiation_and_compression_refused(stack: Stack) -> None:
+    """X-TLS-04: a client-initiated TLS 1.2 renegotiation is answered with no_renegotiation and the connection ends; no compression is negotiated."""
+    out = await asyncio.to_thread(_s_client_renegotiate, stack)
+    assert "Verification: OK" in out and "Protocol  : TLSv1.2" in out, out[-2000:]
+    assert "Compression: NONE" in out
+    assert "RENEGOTIATING" in out
+    assert "no renegotiation" in out, out[-1000:]
+    conn = await Raw.open(stack)
+    try:
+        assert conn.writer.get_extra_info("ssl_object").compression() is None
+    finally:
+        await conn.close()
+    # OpenSSL 3 has no heartbeat extension at all (removed in 3.0)
+    assert ssl.OPENSSL_VERSION_INFO >= (3, 0)
+    out_after = await attack(stack, request("GET /public/after-reneg HTTP/1.1", port=stack.port))
+    assert_served_then_next(out_after)
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+async def test_x_tls_07_truncated_body_is_not_forwarded_as_complete(
+    stack: Stack, cookies: dict[str, str], framing: str
+) -> None:
+    """X-TLS-07: a connection cut without close_notify in the middle of a request body never gives the app a complete body."""
+    ua = f"tls07-{framing}-{marker()}"
+    uploads = len(stack.upstream.upload_sha256)
+    head = ("Content-Length: 200000",) if framing == "content-length" else ("Transfer-Encoding: chunked",)
+    body = b"x" * 20000 if framing == "content-length" else b"%x\r\n%s\r\n" % (20000, b"x" * 20000)
+    conn = await Raw.open(stack)
+    await conn.send(request("POST /upload HTTP/1.1", f"Cookie: {cookies['bob']}", JSON, f"User-Agent: {ua}",
+                            *head, port=stack.port, body=body))
+    await asyncio.sleep(0.5)  # let the enforcer start streaming the body to the app
+    conn.writer.transport.abort()  # TCP close, no TLS close_notify
+    flow = await stack.wait_flow(lambda f: f.get("user_agent") == ua, timeout=15)
+    await asyncio.sleep(0.5)
+    assert len(stack.upstream.upload_sha256) == uploads, "the app received a truncated body as complete"
+    assert flow["status"] != 200 and flow["upstream_status"] != 200, flow
+
+
+def _client_cert(tmp_path: Path) -> tuple[str, str]:
+    """A self-signed client certificate and key (PEM files) no one asked for."""
+    import datetime  # noqa: PLC0415
+
+    from cryptography import x509  # noqa: PLC0415
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import NameOID  # noqa: PLC0415
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "admin")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1)).sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "client.crt", tmp_path / "client.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_file), str(key_file)
+
+
+async def test_x_tls_09_unrequested_client_certificate_is_ignored(
+    stack: Stack, cookies: dict[str, str], tmp_path: Path
+) -> None:
+    """X-TLS-09: the enforcer requests no client certificate; a client holding one (CN=admin) is treated exactly like one without."""
+    ctx = stack.client_ssl()
+    ctx.load_cert_chain(*_client_cert(tmp_path))
+    out = await attack(stack, request("GET /admin/tls09 HTTP/1.1", "Accept: text/html", port=stack.port), ctx=ctx)
+    assert_served_then_next(out, 302)
+    assert out.attack_seen == []
+    out = await attack(stack, request("GET /tls09 HTTP/1.1", f"Cookie: {cookies['bob']}", port=stack.port), ctx=ctx)
+    assert_served_then_next(out)
+    (seen,) = out.attack_seen
+    assert seen.header("X-Forwarded-User") == ["bob"]
+    assert not [v for _, v in seen.headers if "admin" in v or "CERTIFICATE" in v]
+
+
 # ------------------------------------------------------------------ §4.7 upstream hygiene
 
 
@@ -1070,3 +1392,115 @@ async def test_x_log_03_hostile_bytes_keep_one_flow_line(stack: Stack) -> None:
     shown = subprocess.run([sys.executable, "-m", "enforcer", "flows", "-c", str(stack.config)],
                            capture_output=True, text=True, check=True).stdout
     assert "\x1b" not in shown and "\x9b" not in shown and "\u2028" not in shown
+
+
+async def test_x_log_04_every_security_decision_has_a_flow_record_with_a_reason(
+    stack: Stack, cookies: dict[str, str]
+) -> None:
+    """X-LOG-04: login, deny, path, smuggling, Host, header-size, header-name, callback-state and logout-token rejections each write one flow record with their reason code."""
+    tag = marker()
+    ua = f"User-Agent: log04-{tag}"
+    cases: dict[str, tuple[bytes, int, str, str]] = {
+        "login": (request("GET /log04 HTTP/1.1", ua, "Accept: text/html", port=stack.port),
+                  302, "login", "login_required"),
+        "deny": (request("GET /admin/log04 HTTP/1.1", ua, f"Cookie: {cookies['bob']}", port=stack.port),
+                 403, "deny", "missing_tags"),
+        "path": (request("GET /log04%2fx HTTP/1.1", ua, port=stack.port), 400, "bad_request", "encoded_separator"),
+        "smuggling": (request("POST /public/log04 HTTP/1.1", ua, "Content-Length: 3", "Transfer-Encoding: chunked",
+                              port=stack.port, body=b"0\r\n\r\n"), 400, "bad_request", "malformed_request"),
+        "header_size": (request("GET /public/log04 HTTP/1.1", ua, "X-Big: " + "a" * 70000, port=stack.port),
+                        431, "bad_request", "header_too_large"),
+        "host": (request("GET /public/log04 HTTP/1.1", ua, host="evil.example"), 421, "bad_request", "unknown_host"),
+        "underscore": (request("GET /public/log04 HTTP/1.1", ua, "X_Forwarded_User: a", port=stack.port),
+                       400, "bad_request", "underscore_header"),
+        "callback": (request(f"GET /oauth2/callback?state=s{tag}&code=c HTTP/1.1", ua, port=stack.port),
+                     400, "callback", "callback_unknown_state"),
+        "logout_token": (request("POST /oauth2/logout/backchannel HTTP/1.1", ua,
+                                 "Content-Type: application/x-www-form-urlencoded", "Content-Length: 16",
+                                 port=stack.port, body=b"logout_token=abc"), 400, "logout", "logout_token_malformed"),
+    }
+    unparsed = {"smuggling", "header_size"}  # the head never parsed: no User-Agent to find the record by
+    await asyncio.sleep(0.5)
+    before = len(stack.flows())
+    for name, (payload, status, _, _) in cases.items():
+        out = await attack(stack, payload.replace(b"log04-", f"log04-{name}-".encode()))
+        assert out.first is not None and out.first.status == status, (name, out.first and out.first.status)
+    await stack.wait_flow(lambda f: f.get("user_agent") == f"log04-logout_token-{tag}")
+    new = [f for f in stack.flows()[before:] if not f["path"].startswith("/public/after-")]
+    assert len(new) == len(cases), [(f["path"], f["reason"]) for f in new]
+    for name, (_, status, decision, reason) in cases.items():
+        agent = None if name in unparsed else f"log04-{name}-{tag}"
+        rows = [f for f in new if f.get("user_agent") == agent and f["reason"] == reason]
+        assert len(rows) == 1, (name, [(f["path"], f["reason"], f["user_agent"]) for f in new])
+        assert (rows[0]["status"], rows[0]["decision"]) == (status, decision), (name, rows[0])
+
+
+# ------------------------------------------------------------------ sessions and logout (§2.8, §3)
+
+
+async def test_s_id_04_oversized_bomb_or_chunked_session_cookies_are_no_session(stack: Stack) -> None:
+    """S-ID-04 (not applicable: sessions are server-side, the cookie is a 43-character handle): a 4 MiB gzip bomb, chunk-counter names or an overlong value are LOGIN without decoding, 64 KiB of Cookie is 431."""
+    import base64  # noqa: PLC0415
+    import gzip  # noqa: PLC0415
+
+    name = "__Host-enforcer-app"
+    bomb = base64.urlsafe_b64encode(gzip.compress(b"\0" * (4 << 20))).decode()  # ~5.5 KB, inflates to 4 MiB
+    assert len(bomb) < 7000
+    for cookie in (f"{name}={bomb}", f"{name}=" + "A" * 6000, f"{name}.0=a; {name}.1=b",
+                   f"{name}.-1=a", f"{name}.99999999999999999999=a", f"{name}_9999999999=a"):
+        out = await attack(stack, request("GET /sid04 HTTP/1.1", f"Cookie: {cookie}", "Accept: text/html",
+                                          port=stack.port))
+        assert_served_then_next(out, 302)
+        assert out.attack_seen == []
+    out = await attack(stack, request("GET /sid04 HTTP/1.1", f"Cookie: {name}=" + "A" * (64 << 10), port=stack.port))
+    assert_close(out, 431)
+
+
+async def test_s_id_08_cookie_used_from_another_address_is_logged(stack: Stack, cookies: dict[str, str]) -> None:
+    """S-ID-08: sessions are not bound to IP or User-Agent (documented); a cookie replayed from another address and agent is served, and its flow record names the same user with the new address and agent."""
+    tag = marker()
+    rows = []
+    for source, agent in (("127.0.0.1", f"owner-{tag}"), ("127.0.0.2", f"thief-{tag}")):
+        conn = await Raw.open(stack, source=source)
+        try:
+            await conn.send(request(f"GET /sid08-{tag} HTTP/1.1", f"Cookie: {cookies['bob']}",
+                                    f"User-Agent: {agent}", port=stack.port))
+            reply = await conn.reply()
+        finally:
+            await conn.close()
+        assert reply is not None and reply.status == 200
+        assert json.loads(reply.body)["user"] == "bob"
+        rows.append(await stack.wait_flow(lambda f, agent=agent: f.get("user_agent") == agent))
+    owner, thief = rows
+    assert thief["client"].startswith("127.0.0.2:") and owner["client"].startswith("127.0.0.1:")
+    assert thief["user"] == owner["user"] is not None
+    assert thief["decision"] == "allow"
+
+
+async def test_p_fcl_01_02_front_channel_logout_does_not_exist(stack: Stack, cookies: dict[str, str]) -> None:
+    """P-FCL-01 / P-FCL-02 (not applicable: only back-channel logout is offered): an OP-style front-channel logout request, with the right or a wrong iss/sid, ends no session."""
+    iframe = ("Sec-Fetch-Dest: iframe", "Sec-Fetch-Site: cross-site", "Sec-Fetch-Mode: navigate",
+              f"Referer: {stack.op.issuer}/")
+    for path in ("/oauth2/frontchannel_logout", "/oauth2/logout/frontchannel", "/frontchannel_logout"):
+        for query in (f"iss={stack.op.issuer}&sid=any", "iss=https%3A%2F%2Fevil.example&sid=x", ""):
+            out = await attack(stack, request(f"GET {path}?{query} HTTP/1.1", f"Cookie: {cookies['bob']}", *iframe,
+                                              port=stack.port))
+            assert out.first is not None and out.first.status == 200, (path, out.first and out.first.status)
+            assert not any(sc.startswith("__Host-enforcer") for sc in out.first.header("Set-Cookie"))
+            (seen,) = out.attack_seen  # an ordinary app path, forwarded as bob
+            assert seen.header("X-Forwarded-User") == ["bob"]
+    for user in ("bob", "alice"):
+        out = await attack(stack, request("GET /after-fcl HTTP/1.1", f"Cookie: {cookies[user]}", port=stack.port))
+        assert_served_then_next(out)
+        assert out.attack_seen[0].header("X-Forwarded-User") == [user]
+
+
+async def test_p_fcl_03_session_cookie_is_samesite_lax(stack: Stack) -> None:
+    """P-FCL-03: the session cookie is SameSite=Lax, so a front-channel iframe would not carry it; logout is back-channel (POST <logout>/backchannel) only."""
+    async with stack.browser() as b:
+        page = await stack.login(b, "bob", "/fcl03")
+        assert page.status == 200
+        set_cookies = [sc for r in page.history for sc in r.set_cookies if sc.startswith("__Host-enforcer-app=")]
+    assert set_cookies and all("SameSite=Lax" in sc for sc in set_cookies)
+    out = await attack(stack, request("GET /oauth2/logout/backchannel HTTP/1.1", port=stack.port))
+    assert out.first is not None and out.first.status == 405 and out.first.header("Allow") == ["POST"]

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from enforcer import config, daemon
+from enforcer import config, daemon, oidc
 from enforcer.flowlog import FlowRecord
 from enforcer.oidc import Provider
 from tests.e2e_stack import Upstream, free_port
@@ -1976,3 +1976,50 @@ async def test_P_BCL_08_cookie_is_irrelevant(env: Env) -> None:
     finally:
         await carrier.close()
         await target.close()
+
+
+@pytest.mark.usefixtures("op_identity")
+async def test_P_BCL_07_X_LIM_12_junk_logout_flood_is_bounded(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """P-BCL-07 / X-LIM-12: 240 concurrent junk logout requests are all 400, cost at most one signature check each and one JWKS fetch, while a live session keeps being served and survives."""
+    live = await logged_in(env, "u-h", "sid-h")
+    checks: list[int] = []
+    select_key = oidc.select_key
+
+    def counting(keys: Any, header: Any) -> Any:
+        found = select_key(keys, header)
+        checks.append(len(found))
+        return found
+
+    monkeypatch.setattr(oidc, "select_key", counting)
+    ok = {"sub": "u-h", "sid": "sid-h"}
+
+    def scrambled() -> str:
+        h, p, s = env.op.logout_token(overrides=ok).split(".")
+        raw = bytearray(base64.urlsafe_b64decode(s + "=="))
+        raw[7] ^= 0xFF
+        return f"{h}.{p}.{b64url(bytes(raw))}"
+
+    junk: list[Callable[[], str]] = [
+        lambda: "garbage", lambda: "a.b.c", scrambled, lambda: env.op.logout_token(overrides=ok, how="unknown"),
+    ]
+    jwks_before = len(env.op.seen("/jwks"))
+    sem = asyncio.Semaphore(40)
+
+    async def one(i: int) -> int:
+        async with sem:
+            return (await bcl_post(env, form(junk[i % len(junk)]()))).status
+
+    async def keep_browsing() -> list[int]:
+        return [(await live.get(env.base + f"/during-flood-{i}", follow=False)).status for i in range(20)]
+
+    try:
+        statuses, browsing = await asyncio.gather(asyncio.gather(*(one(i) for i in range(240))), keep_browsing())
+        assert set(statuses) == {400}
+        assert browsing == [200] * 20
+        assert await is_live(env, live)
+        assert len(checks) >= 120, len(checks)  # the scrambled and unknown-kid tokens reached key selection
+        assert all(n <= 1 for n in checks), checks  # one key per token: never a try-every-key loop
+        assert sum(checks) <= 240
+        assert len(env.op.seen("/jwks")) - jwks_before <= 1  # unknown kids share one throttled refetch
+    finally:
+        await live.close()

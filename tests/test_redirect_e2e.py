@@ -382,7 +382,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
 
 
 async def test_login_through_the_redirect_v4_and_v6(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
-    """client -> https://app.test/ on 443 (v4, v6) lands on the enforcer, logs in at the OP, sees app a."""
+    """X-NET-01: client -> https://app.test/ on 443 (v4, v6) lands on the enforcer, logs in at the OP, sees app a."""
     with capsys.disabled():
         print(f"\n[redirect e2e] enforcer log: redirect table applied in {stack.apply_ms} ms")
     assert stack.apply_ms, stack.log_tail()
@@ -408,7 +408,7 @@ async def test_login_through_the_redirect_v4_and_v6(stack: Stack, capsys: pytest
 
 
 async def test_app_port_refused_from_client_open_on_loopback(stack: Stack) -> None:
-    """The apps' own ports reset connections from the client host (v4, v6), not on loopback."""
+    """X-NET-02: the apps' own ports reset connections from the client host (v4, v6), not on loopback."""
     before = await stack.live()
     for port in (PORT_A, PORT_B):
         for address in (APP4, APP6):
@@ -425,7 +425,7 @@ async def test_app_port_refused_from_client_open_on_loopback(stack: Stack) -> No
 
 
 async def test_local_connection_redirected_but_enforcer_reaches_idp_on_443(stack: Stack) -> None:
-    """On the app host, :443 lands on the enforcer, except for the enforcer's own marked sockets.
+    """X-NET-03: on the app host, :443 lands on the enforcer, except for the enforcer's own marked sockets.
 
     An unmarked local connection even to the IdP's address lands on the enforcer, yet the
     enforcer is ready (it discovered the OP on IDP4:443) and logins work: its own sockets pass.
@@ -450,6 +450,45 @@ async def test_local_connection_redirected_but_enforcer_reaches_idp_on_443(stack
     assert "meta load mark => reg 1" in mark_rule.bytecode
     # NAT chains see a connection's first packet only: packets = marked connections (IdP, apps)
     assert mark_rule.packets, "the enforcer's own connections (IdP, app) never matched the mark rule"
+
+
+UNPRIVILEGED_CLIENT = r"""
+import socket, ssl, sys
+address, host, mark = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+try:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+    print("mark=set")
+except PermissionError:
+    print("mark=refused")
+s.settimeout(10)
+s.connect((address, 443))
+ctx = ssl.create_default_context(cadata=sys.stdin.read())
+with ctx.wrap_socket(s, server_hostname=host) as tls:
+    tls.sendall(b"GET /local-unprivileged HTTP/1.1\r\nHost: " + host.encode()
+                + b"\r\nX-Forwarded-User: admin\r\nConnection: close\r\n\r\n")
+    data = b""
+    while chunk := tls.recv(65536):
+        data += chunk
+print(data.split(b"\r\n")[0].decode())
+"""
+
+
+async def test_local_unprivileged_process_cannot_bypass_the_redirect(stack: Stack) -> None:
+    """X-NET-04: a local process running as nobody cannot set the enforcer's mark, so its connections to :443 (even to the IdP's address) land on the enforcer and get LOGIN."""
+    ca_enforcer = (stack.state / "ca" / "ca.crt").read_text()
+    seen = len(stack.seen())
+    for address in (APP4, APP6, IDP4):
+        run = await asyncio.to_thread(
+            subprocess.run,
+            ["ip", "netns", "exec", stack.hosts.app, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             "/usr/bin/python3", "-I", "-c", UNPRIVILEGED_CLIENT, address, HOST_A, str(redirect.DEFAULT_MARK)],
+            input=ca_enforcer, capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert run.returncode == 0, (address, run.stderr[-1000:])
+        # only the enforcer's CA is trusted: the handshake itself proves the enforcer answered
+        assert run.stdout.splitlines() == ["mark=refused", "HTTP/1.1 302 Found"], (address, run.stdout)
+    assert len(stack.seen()) == seen  # nothing reached the apps, spoofed identity header or not
 
 
 async def test_two_services_picked_by_original_destination(stack: Stack) -> None:
@@ -502,7 +541,7 @@ exposedAPIs: [[httpresourcespec:name=staff-only]]
 
 
 async def test_reload_replaces_the_table_and_open_connections_keep_flowing(stack: Stack) -> None:
-    """SIGHUP with a new service: its port is redirected and blocked at once; a live connection survives."""
+    """X-NET-05: SIGHUP with a new service: its port is redirected and blocked at once; a live connection survives."""
     assert stack.enforcer is not None
     ctx = ssl.create_default_context(cadata=stack.cadata())
     conn = ctx.wrap_socket(connect(stack.hosts.cli, APP4, 443), server_hostname=HOST_A)
@@ -536,7 +575,7 @@ async def test_reload_replaces_the_table_and_open_connections_keep_flowing(stack
 async def test_kill_9_fails_closed_restart_adopts_clean_stop_removes(
     stack: Stack, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """kill -9: 443 refused, app ports blocked, nothing reaches the apps; restart resumes the session."""
+    """X-NET-05: kill -9: 443 refused, app ports blocked, nothing reaches the apps; restart resumes the session."""
     browser = await stack.browser(APP4)
     try:
         page = await stack.login(browser, f"https://{HOST_A}/before-kill")
