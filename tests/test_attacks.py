@@ -187,17 +187,24 @@ async def cookies(stack: Stack) -> dict[str, str]:
     return out
 
 
-@pytest_asyncio.fixture
-async def tight_limits(stack: Stack) -> AsyncIterator[Stack]:
-    """The enforcer restarted with short header/idle timeouts and a small body limit; restored afterwards."""
+@contextlib.asynccontextmanager
+async def _restarted_with(stack: Stack, extra_config: str) -> AsyncIterator[Stack]:
+    """The enforcer restarted with ``extra_config`` appended to its config; restored afterwards."""
     original = stack.config.read_text()
-    stack.config.write_text(original + "limits: {headerTimeout: 2, idleTimeout: 3, maxBodyBytes: 100000}\n")
+    stack.config.write_text(original + extra_config)
     await stack.restart()
     try:
         yield stack
     finally:
         stack.config.write_text(original)
         await stack.restart()
+
+
+@pytest_asyncio.fixture
+async def tight_limits(stack: Stack) -> AsyncIterator[Stack]:
+    """The enforcer restarted with short header/idle timeouts and a small body limit; restored afterwards."""
+    async with _restarted_with(stack, "limits: {headerTimeout: 2, idleTimeout: 3, maxBodyBytes: 100000}\n") as s:
+        yield s
 
 
 JSON = "Accept: application/json"
@@ -1060,14 +1067,8 @@ async def test_x_lim_09_idle_keep_alive_connections_are_closed(tight_limits: Sta
 @pytest_asyncio.fixture
 async def per_ip_cap(stack: Stack) -> AsyncIterator[Stack]:
     """The enforcer restarted with maxConnectionsPerIP: 20; restored afterwards."""
-    original = stack.config.read_text()
-    stack.config.write_text(original + "limits: {maxConnectionsPerIP: 20}\n")
-    await stack.restart()
-    try:
-        yield stack
-    finally:
-        stack.config.write_text(original)
-        await stack.restart()
+    async with _restarted_with(stack, "limits: {maxConnectionsPerIP: 20}\n") as s:
+        yield s
 
 
 async def _refused(stack: Stack, source: str | None = None) -> bool:
