@@ -177,6 +177,12 @@ def test_clean_value(raw: str, clean: str) -> None:
     assert proxy.clean_value(raw) == clean
 
 
+@given(st.text(max_size=40) | st.text(alphabet=st.characters(max_codepoint=0x80), max_size=5000))
+def test_clean_value_shortcut_equals_the_character_by_character_encoding(raw: str) -> None:
+    """The no-copy shortcut for plain ASCII gives exactly what the per-character encoder gives."""
+    assert proxy.clean_value(raw) == proxy._encode_value.__wrapped__(raw)
+
+
 @given(st.text())
 def test_clean_value_is_always_a_safe_header_value(value: str) -> None:
     """Whatever a claim contains, the header value is printable ASCII without CR/LF/NUL."""
