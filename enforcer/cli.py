@@ -14,6 +14,16 @@ from enforcer import __version__, config, policy
 DEFAULT_CONFIG = Path(os.environ.get("ENFORCER_CONFIG", "/etc/enforcer/enforcer.yaml"))
 
 
+def _workers_arg(text: str) -> int | str:
+    """``--workers``: a number, or ``auto`` (resolved and range-checked with the config)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'auto'") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="enforcer", description="Protect web apps with OpenID Connect and tag policies.")
     p.add_argument("--version", action="version", version=f"enforcer {__version__}")
@@ -26,8 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     with_config(run)
     run.add_argument("--log-level", default=os.environ.get("ENFORCER_LOG_LEVEL", "info"))
     run.add_argument(
-        "--workers", type=int, default=None,
-        help="serving processes sharing the port (overrides listen.workers; default 1)",
+        "--workers", type=_workers_arg, default=None,
+        help="serving processes sharing the port, or 'auto' for one per usable CPU "
+        "(overrides listen.workers; default 1)",
     )
 
     check = sub.add_parser("check", help="validate enforcer.yaml and every definition")

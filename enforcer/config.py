@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
@@ -717,14 +718,50 @@ def _check_unique(issues: list[ConfigIssue], items: Sequence[tuple[RawDocument, 
 # ---------------------------------------------------------------------------
 # daemon config (enforcer.yaml)
 
+MAX_WORKERS = 64
+
+
+def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process can keep busy: its CPU affinity (taskset, cpuset), lowered to the
+    cgroup v2 CPU quota rounded up (a Kubernetes CPU limit of 1500m gives 2), at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            cpus = min(cpus, -(-int(quota) // int(period)))
+    except (OSError, ValueError):  # no cgroup v2 CPU controller here, or an unexpected format
+        pass
+    return max(1, cpus)
+
+
+def resolve_workers(value: object) -> object:
+    """``listen.workers`` / ``--workers``: ``auto`` becomes :func:`usable_cpus` (at most
+    MAX_WORKERS); anything else is left for the int check."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return min(MAX_WORKERS, usable_cpus())
+        if not text.isdigit():
+            raise ValueError(f"must be a number from 1 to {MAX_WORKERS}, or auto (one per usable CPU)")
+    return value
+
 
 class ListenModel(_Strict):
     """Where the TLS listener binds (redirected traffic arrives here)."""
 
     address: str = "::"
     port: int = Field(default=8443, ge=1, le=65535)
-    workers: int = Field(default=1, ge=1, le=64)
-    """Serving processes sharing the port (SO_REUSEPORT); more than one needs the SQLite store."""
+    workers: int = Field(default=1, ge=1, le=MAX_WORKERS)
+    """Serving processes sharing the port (SO_REUSEPORT); more than one needs the SQLite store.
+    ``auto``: one per CPU this process may use (:func:`usable_cpus`)."""
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: object) -> object:
+        return resolve_workers(value)
     fastPath: bool = True
     """Serve allowed GET/HEAD requests with a cached session on the lean HTTP/1.1 path
     (enforcer/fastpath.py); everything else, and everything when off, goes through aiohttp."""
@@ -937,10 +974,18 @@ def check_workers(settings: Settings, workers: int, where: str) -> None:
         )
 
 
-def with_workers(settings: Settings, workers: int) -> Settings:
-    """``settings`` with ``listen.workers`` replaced (the ``--workers`` option; checked)."""
-    if not 1 <= workers <= 64:
-        raise ConfigError([ConfigIssue("--workers", "", "must be between 1 and 64", workers, "e.g. --workers 2")])
+def with_workers(settings: Settings, workers: int | str) -> Settings:
+    """``settings`` with ``listen.workers`` replaced (the ``--workers`` option: a number or
+    ``auto``; checked)."""
+    try:
+        resolved = resolve_workers(workers)
+    except ValueError:
+        resolved = None
+    if not isinstance(resolved, int) or not 1 <= resolved <= MAX_WORKERS:
+        raise ConfigError([ConfigIssue(
+            "--workers", "", f"must be a number from 1 to {MAX_WORKERS}, or auto", workers, "e.g. --workers 2",
+        )])
+    workers = resolved
     check_workers(settings, workers, "--workers")
     listen = settings.model.listen.model_copy(update={"workers": workers})
     return Settings(path=settings.path, model=settings.model.model_copy(update={"listen": listen}))

@@ -545,8 +545,8 @@ def _run_loop(coro: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(coro)
 
 
-def run_forever(config_path: Path, workers: int | None = None) -> int:
-    """Entry point of ``enforcer run`` (``workers`` overrides ``listen.workers``)."""
+def run_forever(config_path: Path, workers: int | str | None = None) -> int:
+    """Entry point of ``enforcer run`` (``workers``, a number or ``auto``, overrides ``listen.workers``)."""
     settings = config.load_settings(config_path)
     if workers is not None:
         settings = config.with_workers(settings, workers)

@@ -103,3 +103,13 @@ def test_flows_bad_since_is_a_usage_error(cfg: Path) -> None:
     out = _enforcer("flows", "-c", str(cfg), "--since", "yesterday-ish")
     assert out.returncode == 2
     assert "--since" in out.stderr
+
+
+def test_run_refuses_a_workers_value_that_is_neither_number_nor_auto(capsys: pytest.CaptureFixture[str]) -> None:
+    """`enforcer run --workers banana` stops at argument parsing (exit 2) and says what is accepted."""
+    from enforcer import cli  # noqa: PLC0415
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "--workers", "banana"])
+    assert exc.value.code == 2
+    assert "neither a number nor 'auto'" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -219,6 +220,45 @@ def test_workers_option_out_of_range_is_refused(tmp_path: Path, workers: int) ->
     with pytest.raises(ConfigError) as exc:
         config.with_workers(config.load_settings(cfg), workers)
     assert exc.value.issues[0].source == "--workers" and exc.value.issues[0].value == workers
+
+
+def test_workers_auto_is_one_per_usable_cpu(tmp_path: Path) -> None:
+    """listen.workers: auto and --workers auto both become the number of CPUs this process may use."""
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text("definitions: [{file: d.yaml}]\nlisten: {workers: auto}\n")
+    expected = min(config.MAX_WORKERS, config.usable_cpus())
+    assert config.load_settings(cfg).model.listen.workers == expected
+    cfg.write_text("definitions: [{file: d.yaml}]\n")
+    assert config.with_workers(config.load_settings(cfg), "auto").model.listen.workers == expected
+
+
+def test_workers_neither_number_nor_auto_names_the_key(tmp_path: Path) -> None:
+    """A listen.workers value that is neither a number nor auto is refused at listen.workers."""
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text("definitions: [{file: d.yaml}]\nlisten: {workers: lots}\n")
+    with pytest.raises(ConfigError) as exc:
+        config.load_settings(cfg)
+    assert exc.value.issues[0].path == "listen.workers" and exc.value.issues[0].value == "lots"
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "limit"),
+    [
+        ("150000 100000\n", 2),  # a 1500m Kubernetes limit: two processes can keep it busy
+        ("100000 100000\n", 1),
+        ("50000 100000\n", 1),
+        ("max 100000\n", None),  # no quota: the affinity decides
+        ("garbage\n", None),
+        (None, None),  # no cgroup v2 CPU controller
+    ],
+)
+def test_usable_cpus_honours_the_cgroup_quota(tmp_path: Path, cpu_max: str | None, limit: int | None) -> None:
+    """usable_cpus is the CPU affinity, lowered to the cgroup v2 quota rounded up; at least 1."""
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    affinity = len(os.sched_getaffinity(0))
+    assert config.usable_cpus(path) == (affinity if limit is None else min(affinity, limit))
 
 
 def test_workers_option_overrides_the_config(tmp_path: Path) -> None:
