@@ -593,11 +593,13 @@ def _decode(row: _Row) -> Session:
 
 _Compact = bytes
 """A cold cache entry, one bytes object: :data:`_HEAD` (created, last_seen, expires,
-claims_expire, whether claims_expire is set, and the index of the (service, issuer) pair in
-:data:`_PAIRS`), then sub, email, username, sid, refresh token and every tag, joined by NUL
-and UTF-8 encoded (an absent optional value is a lone SOH). One object instead of a Session,
-its frozenset (~730 bytes for 9 tags) and a dozen small strings and floats: a cold entry is
-~330 bytes, not ~1.7 KB (and ~500 as the tuple of a str and four floats it used to be)."""
+claims_expire, flags, and the index of the (service, issuer) pair in :data:`_PAIRS`), then
+sub, email, username, sid, refresh token and the tags, joined by NUL and UTF-8 encoded (an
+absent optional value is a lone SOH). Tags that repeat a field (``sub=<sub>``,
+``email=<email>``, ``iss=<issuer>``, ``preferred_username=<username>``: most users have all
+four) are a flag bit each instead of text. One object instead of a Session, its frozenset
+(~730 bytes for 9 tags) and a dozen small strings and floats: a typical cold entry is ~230
+bytes, not ~3.3 KB (and ~500 as the tuple of a str and four floats it used to be)."""
 
 _HEAD: Final = struct.Struct("<ddddBH")
 _SEP: Final = "\x00"
@@ -626,17 +628,40 @@ def _pair(service: str, issuer: str) -> int | None:
     return i
 
 
+_HAS_CE: Final = 1
+"""Flag: claims_expire is set (else the packed value is a placeholder)."""
+_DERIVED: Final = (
+    (2, "sub=", 2),  # (flag, tag prefix, index of the field in (service, issuer, sub, email, username))
+    (4, "email=", 3),
+    (8, "iss=", 1),
+    (16, "preferred_username=", 4),
+)
+"""Tags that are a prefix plus a field of the session, stored as a flag bit instead of text."""
+
+
+def _derived_tags(flags: int, fields: tuple[str, str, str, str | None, str | None]) -> list[str]:
+    return [prefix + str(fields[i]) for bit, prefix, i in _DERIVED if flags & bit]
+
+
 def _compact(s: Session) -> _Compact | None:
     """The cold form of a lean session, or None when it cannot be represented exactly."""
     opt = (s.email, s.username, s.sid, s.refresh_token)
-    parts = [s.sub, *(_NONE if v is None else v for v in opt), *s.tags]
+    fields = (s.service, s.issuer, s.sub, s.email, s.username)
+    flags = 0 if s.claims_expire is None else _HAS_CE
+    tags = set(s.tags)
+    for bit, prefix, i in _DERIVED:
+        value = fields[i]
+        if value is not None and (tag := prefix + value) in tags:
+            tags.discard(tag)
+            flags |= bit
+    parts = [s.sub, *(_NONE if v is None else v for v in opt), *tags]
     if s.id_token or _NONE in opt or any(_SEP in p for p in parts):
         return None
     pair = _pair(s.service, s.issuer)
     if pair is None:
         return None
     ce = s.claims_expire
-    head = _HEAD.pack(s.created, s.last_seen, s.expires, 0.0 if ce is None else ce, ce is not None, pair)
+    head = _HEAD.pack(s.created, s.last_seen, s.expires, 0.0 if ce is None else ce, flags, pair)
     return head + _SEP.join(parts).encode("utf-8", "surrogatepass")
 
 
@@ -648,16 +673,20 @@ them, twice as fast as its frozen ``__init__`` (one ``object.__setattr__`` call 
 
 def _expand(c: _Compact) -> Session:
     """The Session a :func:`_compact` entry stands for (equal to the one it was made from)."""
-    created, last_seen, expires, ce, has_ce, pair = _HEAD.unpack_from(c)
+    created, last_seen, expires, ce, flags, pair = _HEAD.unpack_from(c)
     service, issuer = _PAIRS[pair]
     sub, email, username, sid, refresh_token, *tags = c[_HEAD.size :].decode("utf-8", "surrogatepass").split(_SEP)
+    email_v = None if email == _NONE else email
+    username_v = None if username == _NONE else username
+    if flags > _HAS_CE:
+        tags += _derived_tags(flags, (service, issuer, sub, email_v, username_v))
     s: Session = _NEW(Session)
     st = _SET
     st[0](s, service)
     st[1](s, issuer)
     st[2](s, sub)
-    st[3](s, None if email == _NONE else email)
-    st[4](s, None if username == _NONE else username)
+    st[3](s, email_v)
+    st[4](s, username_v)
     st[5](s, frozenset(tags))
     st[6](s, None if sid == _NONE else sid)
     st[7](s, "")
@@ -665,7 +694,7 @@ def _expand(c: _Compact) -> Session:
     st[9](s, last_seen)
     st[10](s, expires)
     st[11](s, None if refresh_token == _NONE else refresh_token)
-    st[12](s, ce if has_ce else None)
+    st[12](s, ce if flags & _HAS_CE else None)
     return s
 
 

@@ -910,13 +910,18 @@ _opt_text = st.none() | st.text(max_size=12)
     service=st.text(max_size=8),
     issuer=st.text(max_size=8),
     times=st.tuples(*[st.floats(allow_nan=False)] * 3),
+    derived=st.tuples(*[st.booleans()] * 4),
 )
 def test_compact_cache_entries_expand_to_an_equal_session(
     sub: str, email: str | None, username: str | None, sid: str | None,
     refresh_token: str | None, tags: frozenset[str], claims_expire: float | None,
-    service: str, issuer: str, times: tuple[float, float, float],
+    service: str, issuer: str, times: tuple[float, float, float], derived: tuple[bool, bool, bool, bool],
 ) -> None:
     """A cold cache entry expands to a session equal to the lean one it was made from, or the session is kept whole."""
+    # tags that repeat a field (stored as flag bits), present or not
+    extra = [f"{p}{v}" for want, p, v in zip(derived, ("sub=", "email=", "iss=", "preferred_username="),
+                                             (sub, email, issuer, username), strict=True) if want and v is not None]
+    tags = tags | frozenset(extra)
     lean = make_session(sub=sub, email=email, username=username, sid=sid, refresh_token=refresh_token,
                         tags=tags, claims_expire=claims_expire, id_token="", service=service, issuer=issuer,
                         created=times[0], last_seen=times[1], expires=times[2])  # fmt: skip
@@ -931,12 +936,14 @@ def test_compact_cache_entries_expand_to_an_equal_session(
 
 
 def test_a_cold_entry_is_one_small_bytes_object() -> None:
-    """A typical session's cold form is a single bytes object of its text plus a 35-byte head (no per-field objects)."""
-    lean = session_mod._lean(make_session(id_token=""))
+    """A cold entry is one bytes object: its fields and the tags that do not repeat a field, plus a 35-byte head."""
+    tags = frozenset({"sub=user-1", "email=bob@example.com", f"iss={ISSUER}", "preferred_username=bob", "group=admins"})
+    lean = session_mod._lean(make_session(id_token="", username="bob", tags=tags))
     compact = session_mod._compact(lean)
     assert type(compact) is bytes
-    text = "\x00".join([lean.sub, "bob@example.com", "bob", "sid-1", "\x01", *lean.tags])
+    text = "\x00".join([lean.sub, "bob@example.com", "bob", "sid-1", "\x01", "group=admins"])
     assert len(compact) == session_mod._HEAD.size + len(text)
+    assert session_mod._expand(compact) == lean
 
 
 async def test_sqlite_cache_keeps_cold_sessions_compact_and_serves_them(tmp_path: Path) -> None:
