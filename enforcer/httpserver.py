@@ -217,15 +217,15 @@ class Server(web.Server):
     def release(self, ip: str | None) -> None:
         """A counted connection ended."""
         self.open_connections -= 1
-        if self.open_connections * 4 <= self._peak and self.on_idle is not None:
-            self._peak = self.open_connections
-            self.on_idle()
         if ip:
             left = self._per_ip.get(ip, 1) - 1
             if left > 0:
                 self._per_ip[ip] = left
             else:
                 self._per_ip.pop(ip, None)
+        if self.open_connections * 4 <= self._peak and self.on_idle is not None:
+            self._peak = self.open_connections
+            self.on_idle()  # (last: the counts are already right whatever it does)
 
     def protocol(self, *, admitted: bool = False) -> Protocol:
         """An aiohttp connection protocol; ``admitted``: the connection was counted in already."""
