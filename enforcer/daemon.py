@@ -282,9 +282,7 @@ class Daemon:
         self._spawn(self.manager.run(), "definitions")
         self.flowlog = flowlog
         handshake_timeout = min(10.0, s.limits.headerTimeout)  # a silent or partial ClientHello (X-LIM-10)
-        tls_server = await loop.create_server(
-            server, sock=sock, ssl=ssl_ctx, ssl_handshake_timeout=handshake_timeout, backlog=1024
-        )
+        tls_server = httpserver.TLSListener(server, sock, ssl_ctx, handshake_timeout)
         admin = await self._start_admin(runtime) if self.owns_host else None
         self._install_signals(loop, flowlog)
         self._publish_definitions()
@@ -312,8 +310,6 @@ class Daemon:
             log.info("stopping: draining in-flight requests (up to %.0f s)", DRAIN_SECONDS)
             tls_server.close()
             await server.shutdown(DRAIN_SECONDS)
-            with contextlib.suppress(Exception):
-                await tls_server.wait_closed()
             if admin is not None:
                 await admin.cleanup()
             for task in self._tasks:

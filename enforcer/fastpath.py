@@ -114,6 +114,8 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         self._loop = loop
         self.transport: asyncio.Transport | None = None
         self._peer_ip: str | None = None
+        self.admitted = False
+        """Counted in against the caps already (at the TCP accept: httpserver.TLSListener)."""
         self._admitted = False
         self._facts: _ConnFacts | None = None
         self._buf = bytearray()
@@ -143,7 +145,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
         self._peer_ip = str(peer[0]) if peer else None
-        if not self._server.admit(self._peer_ip):
+        if not self.admitted and not self._server.admit(self._peer_ip):
             transport.close()
             self._closed = True
             return

@@ -8,9 +8,11 @@
   while the enforcer is ready to read closes the connection (slow POST, X-LIM-07).
 * A write timeout: a client that takes none of our bytes for ``write_timeout`` seconds
   while we have some for it (its TCP window stays shut: slow read, X-LIM-08) is cut off.
-* Connection caps: at most ``max_connections`` established connections in all and
-  ``max_per_ip`` from one client address; a connection over a cap is closed at once
-  (X-LIM-06/09: legitimate clients keep being served while one source floods).
+* Connection caps: at most ``max_connections`` connections in all and ``max_per_ip`` from
+  one client address, counted from the TCP accept (:class:`TLSListener`), so a connection
+  still in its TLS handshake (silent, or trickling its ClientHello) counts too; one over a
+  cap is closed at once, before any TLS work (X-LIM-06/09/10, X-TLS-08: legitimate clients
+  keep being served while one source floods).
 * Parser errors go through the gate (one flow record, a fixed page that echoes nothing)
   instead of aiohttp's error page, which quotes the offending request bytes back and logs
   a traceback for every malformed request.
@@ -19,7 +21,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -239,6 +244,12 @@ class Server(web.Server):
             return fast()
         return self.protocol()
 
+    def admitted_protocol(self) -> asyncio.Protocol:
+        """A serving protocol for a connection :class:`TLSListener` counted in already."""
+        protocol = self()
+        protocol.admitted = True  # type: ignore[attr-defined]  # (both serving protocols have it)
+        return protocol
+
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's signature)
         """Stop: fast-path connections close when idle or once their answer is out, then
         aiohttp's connections drain; whatever is still open when ``timeout`` is over is cut."""
@@ -251,3 +262,87 @@ class Server(web.Server):
         for conn in list(self.fast_connections):
             conn.abort()
         await super().shutdown(max(0.0, deadline - loop.time()) if timeout is not None else None)
+
+
+ACCEPT_BATCH = 128
+"""Connections accepted per wake-up at most, so a flood cannot starve the event loop."""
+
+_ACCEPT_PAUSE = 0.1
+"""Seconds to stop accepting when the process is out of file descriptors or memory."""
+
+
+class TLSListener:
+    """Accepts the listening socket's connections itself, so each is counted against the
+    server's caps by its client address *before* its TLS handshake: a connection over a cap
+    is closed at once, one within is handed to uvloop with TLS
+    (``loop.connect_accepted_socket``, handshake at most ``handshake_timeout`` seconds) and
+    its serving protocol (:meth:`Server.admitted_protocol`) gives the count back when it ends;
+    a failed handshake gives it back here. (uvloop's own TLS server calls the protocol only
+    after the handshake, too late to count silent and slow handshakes.)"""
+
+    def __init__(
+        self, server: Server, sock: socket.socket, context: ssl.SSLContext, handshake_timeout: float
+    ) -> None:
+        self._server = server
+        self._sock = sock
+        self._context = context
+        self._handshake_timeout = handshake_timeout
+        self._loop = asyncio.get_running_loop()
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._accept_errors = 0
+        sock.setblocking(False)
+        self._loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        server = self._server
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, addr = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._accept_errors += 1
+                    if self._accept_errors % 1000 == 1:
+                        log.warning("cannot accept connections (%s): pausing %.1f s", exc, _ACCEPT_PAUSE)
+                    self._loop.remove_reader(self._sock.fileno())
+                    self._loop.call_later(_ACCEPT_PAUSE, self._resume)
+                return  # (ECONNABORTED and the like: that client is gone)
+            ip = str(addr[0]) if addr else None
+            if not server.admit(ip):
+                conn.close()
+                continue
+            task = self._loop.create_task(self._start(conn, ip))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    def _resume(self) -> None:
+        if not self._closed:
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    async def _start(self, conn: socket.socket, ip: str | None) -> None:
+        try:
+            await self._loop.connect_accepted_socket(
+                self._server.admitted_protocol,
+                conn,
+                ssl=self._context,
+                ssl_handshake_timeout=self._handshake_timeout,
+            )
+        except BaseException as exc:
+            # the serving protocol never started (no connection_made): the count is ours
+            self._server.release(ip)
+            conn.close()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.debug("TLS handshake with %s failed: %r", ip, exc)
+
+    def close(self) -> None:
+        """Stop accepting, close the listening socket and cut the handshakes in progress."""
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        for task in list(self._handshakes):
+            task.cancel()

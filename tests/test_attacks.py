@@ -1111,6 +1111,33 @@ async def test_x_tls_08_handshake_flood_hits_the_per_ip_cap(per_ip_cap: Stack, c
         raise AssertionError("the per-IP slots never came back")
 
 
+async def test_x_tls_08_connections_still_in_their_handshake_count_against_the_cap(per_ip_cap: Stack) -> None:
+    """X-TLS-08/X-LIM-10: silent TCP connections that never send a ClientHello fill one address's maxConnectionsPerIP; the next from it is closed at once, other addresses are served, and the slots return when they go."""
+    stack = per_ip_cap
+    silent = [await asyncio.open_connection("127.0.0.1", stack.port) for _ in range(20)]
+    try:
+        await asyncio.sleep(0.2)  # (the enforcer has accepted and counted them)
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.port)
+        try:  # the 21st is closed before any TLS: it reads EOF (or a reset) and no ServerHello
+            got = await asyncio.wait_for(reader.read(1), 5)
+        except ConnectionError:
+            got = b""
+        finally:
+            writer.close()
+        assert got == b""
+        assert await _refused(stack)  # a real TLS client from the same address too
+        assert not await _refused(stack, source="127.0.0.2")  # another client address is served
+    finally:
+        for _, w in silent:
+            w.close()
+    for _ in range(50):  # the slots come back once the silent connections are gone
+        if not await _refused(stack):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the per-IP slots never came back")
+
+
 # ------------------------------------------------------------------ §4.6 TLS
 
 
