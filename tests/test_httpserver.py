@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import socket
+import ssl
 from collections.abc import AsyncIterator
 
 import pytest_asyncio
@@ -89,3 +93,68 @@ async def test_on_idle_runs_when_a_burst_of_connections_is_over() -> None:
     for _ in range(6):
         server.release("a")
     assert idle[-1] == 0 and server.open_connections == 0
+
+
+class _NoFilesSocket:
+    """A listening socket whose accept fails as in a process out of file descriptors."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+        self.accepts = 0
+
+    def setblocking(self, flag: bool) -> None:
+        self.real.setblocking(flag)
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def accept(self) -> tuple[socket.socket, object]:
+        self.accepts += 1
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    def close(self) -> None:
+        self.real.close()
+
+
+async def test_listener_pauses_accepting_when_out_of_file_descriptors() -> None:
+    """When accept fails with EMFILE the listener stops watching the socket for a moment instead of spinning, then tries again."""
+    real = socket.create_server(("127.0.0.1", 0))
+    fake = _NoFilesSocket(real)
+    server = httpserver.Server(_ok, header_timeout=5, body_timeout=5)
+    listener = httpserver.TLSListener(server, fake, ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), 5)  # type: ignore[arg-type]
+    client = socket.create_connection(real.getsockname())  # the listening socket stays readable
+    try:
+        await asyncio.sleep(0.05)
+        assert fake.accepts == 1  # one attempt, then paused: no busy loop on a readable socket
+        await asyncio.sleep(httpserver._ACCEPT_PAUSE * 2)
+        assert fake.accepts >= 2  # accepting resumed after the pause
+        assert server.open_connections == 0
+    finally:
+        listener.close()
+        client.close()
+
+
+async def test_listener_counts_a_connection_from_accept_to_close() -> None:
+    """A TCP connection is counted from its accept, through a handshake that fails, back to zero."""
+    server = httpserver.Server(_ok, header_timeout=5, body_timeout=5)
+    sock = socket.create_server(("127.0.0.1", 0))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no certificate: every handshake fails
+    listener = httpserver.TLSListener(server, sock, ctx, 5)
+    try:
+        reader, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        for _ in range(50):
+            if server.open_connections == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert server.open_connections == 1  # counted while no TLS byte has been sent yet
+        writer.write(b"\x16\x03\x01\x00\x05hello")  # not a valid ClientHello
+        with contextlib.suppress(ConnectionError):
+            await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        for _ in range(100):
+            if server.open_connections == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert server.open_connections == 0 and server._per_ip == {}
+    finally:
+        listener.close()
