@@ -115,8 +115,8 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._peer_ip: str | None = None
         self.admitted = False
-        """Counted in against the caps already (at the TCP accept: httpserver.TLSListener)."""
-        self._admitted = False
+        """Counted against the caps (by httpserver.TLSListener at the TCP accept): the place
+        is given back when the connection ends, or passed on with a hand-over."""
         self._facts: _ConnFacts | None = None
         self._buf = bytearray()
         self._busy = False  # a request is being answered
@@ -145,11 +145,6 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
         self._peer_ip = str(peer[0]) if peer else None
-        if not self.admitted and not self._server.admit(self._peer_ip):
-            transport.close()
-            self._closed = True
-            return
-        self._admitted = True
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         self._server.fast_connections.add(self)
         # (no TCP_NODELAY here: uvloop and asyncio set it on every TCP transport already)
@@ -163,10 +158,10 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._cancel_write_deadline()
-        if self._admitted:
-            self._admitted = False
+        self._server.fast_connections.discard(self)
+        if self.admitted:
+            self.admitted = False
             self._server.release(self._peer_ip)
-            self._server.fast_connections.discard(self)
         self._wake_drain()
 
     def data_received(self, data: bytes) -> None:
@@ -306,7 +301,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._server.fast_connections.discard(self)
-        self._admitted = False  # the new protocol releases the connection's place
+        self.admitted = False  # the new protocol releases the connection's place
         protocol = self._server.protocol(admitted=True)
         if self._facts is not None:
             protocol.enforcer_facts = self._facts

@@ -63,26 +63,21 @@ class Protocol(WriteDeadline, RequestHandler):
         self._body: StreamReader | None = None  # body of the newest parsed request
         self._body_seen = 0.0
         self.enforcer_facts: tuple[Any, ...] | None = None  # per-connection facts, cached by the gate
-        self.admitted = False  # set when the connection was counted already (a fast-path hand-over)
+        self.admitted = False
+        """Counted against the server's caps (by TLSListener, or before a fast-path hand-over):
+        this protocol gives the place back when the connection ends."""
+        self._peer_ip: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        server = self._manager
         peer = transport.get_extra_info("peername")
-        self._peer_ip: str | None = str(peer[0]) if peer else None
-        if isinstance(server, Server) and not self.admitted and not server.admit(self._peer_ip):
-            self._peer_ip = None
-            self._refused = True
-            transport.close()
-            return
-        self._refused = False
+        self._peer_ip = str(peer[0]) if peer else None
         super().connection_made(transport)
         self._arm_header_timer()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if getattr(self, "_refused", False):
-            return
         server = self._manager
-        if isinstance(server, Server):
+        if self.admitted and isinstance(server, Server):
+            self.admitted = False
             server.release(self._peer_ip)
         self._cancel_timers()
         super().connection_lost(exc)

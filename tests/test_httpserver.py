@@ -8,53 +8,75 @@ import errno
 import socket
 import ssl
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest_asyncio
 from aiohttp import web
 
 from enforcer import httpserver
+from enforcer.certs import CertStore
 
 
 async def _ok(_: web.BaseRequest) -> web.StreamResponse:
     return web.Response(text="ok")
 
 
+@dataclass
+class Capped:
+    server: httpserver.Server
+    port: int
+    client: ssl.SSLContext
+
+
 @pytest_asyncio.fixture
-async def capped() -> AsyncIterator[tuple[httpserver.Server, int]]:
+async def capped(tmp_path: Path) -> AsyncIterator[Capped]:
+    """A TLS listener (TLSListener, as the daemon runs it) with at most 3 connections, 2 per address."""
+    store = CertStore(tmp_path)
+    leaf = store.ensure_leaf("app", ["app.test"])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(leaf.cert, leaf.key)
+    client = ssl.create_default_context(cadata=store.ca_pem().decode())
     server = httpserver.Server(_ok, header_timeout=5, body_timeout=5, max_connections=3, max_per_ip=2)
-    loop = asyncio.get_running_loop()
-    tcp = await loop.create_server(server, "127.0.0.1", 0)
-    port = tcp.sockets[0].getsockname()[1]
-    yield server, port
-    tcp.close()
+    sock = socket.create_server(("127.0.0.1", 0))
+    listener = httpserver.TLSListener(server, sock, ctx, 5)
+    yield Capped(server, sock.getsockname()[1], client)
+    listener.close()
     await server.shutdown(1)
 
 
-async def _served(port: int) -> tuple[bool, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def _served(capped: Capped) -> tuple[bool, asyncio.StreamWriter | None]:
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", capped.port, ssl=capped.client, server_hostname="app.test"
+        )
+    except (ConnectionError, ssl.SSLError):
+        return False, None  # closed before the handshake: over a cap
     writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     await writer.drain()
     try:
         line = await asyncio.wait_for(reader.readline(), 5)
-    except (ConnectionError, TimeoutError):
+    except (ConnectionError, TimeoutError, ssl.SSLError):
         return False, writer
     return line.startswith(b"HTTP/1.1 200"), writer
 
 
-async def test_connections_over_the_per_ip_cap_are_closed(capped: tuple[httpserver.Server, int]) -> None:
+async def test_connections_over_the_per_ip_cap_are_closed(capped: Capped) -> None:
     """A third connection from one address is closed at once; after one ends, a new one is served."""
-    server, port = capped
-    ok1, w1 = await _served(port)
-    ok2, w2 = await _served(port)
-    ok3, w3 = await _served(port)
+    server = capped.server
+    ok1, w1 = await _served(capped)
+    ok2, w2 = await _served(capped)
+    ok3, w3 = await _served(capped)
     assert (ok1, ok2, ok3) == (True, True, False)
     assert server.refused_connections == 1
+    assert w1 is not None
     w1.close()
     await asyncio.sleep(0.1)
-    ok4, w4 = await _served(port)
+    ok4, w4 = await _served(capped)
     assert ok4
     for w in (w2, w3, w4):
-        w.close()
+        if w is not None:
+            w.close()
     await asyncio.sleep(0.1)
     assert server.open_connections == 0
 
