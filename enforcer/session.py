@@ -612,8 +612,8 @@ _MAX_PAIRS: Final = 0xFFFF
 HOT_SESSIONS: Final = 256
 """Cached sessions kept as ready Session objects (the most recently used ones); the rest of
 the cache holds :data:`_Compact` entries, turned back into a Session on their next use.
-A hot session costs ~3.3 KB (its frozenset of tags alone ~1.2 KB), a cold one ~0.35 KB plus
-~2 us to expand on its next use: 256 keeps a busy site's active users hot for 0.8 MiB."""
+A hot session costs ~3.3 KB (its frozenset of tags alone ~1.2 KB), a cold one ~0.3 KB plus
+~3 us to expand on its next use: 256 keeps a busy site's active users hot for 0.8 MiB."""
 
 
 def _pair(service: str, issuer: str) -> int | None:
@@ -830,8 +830,8 @@ class SQLiteSessionStore:
       SQLite, write-through on create/delete/touch. A ``get()`` that hits the cache and is not
       due for a touch does no I/O at all; misses read through. Nothing is loaded at startup.
       The cache keeps the :data:`HOT_SESSIONS` most recently used sessions as Session
-      objects and the others in a compact form (:class:`_SessionCache`): ~0.35 KB a cached
-      session instead of ~3.3 KB, for ~2 us more on the first use of a cold entry.
+      objects and the others in a compact form (:class:`_SessionCache`): ~0.3 KB a cached
+      session instead of ~3.3 KB, for ~3 us more on the first use of a cold entry.
     * Threading: every SQLite call runs in one dedicated worker thread
       (``ThreadPoolExecutor(max_workers=1)``) that owns the only connection. Chosen over
       synchronous calls because reads are sub-millisecond but writes are not bounded: a
