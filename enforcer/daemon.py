@@ -273,8 +273,9 @@ class Daemon:
         )
         if s.listen.fastPath:
             server.fast = fastpath.FastPath(gate, server).protocol_factory()
-        server.on_idle = self.trimmer.maybe_trim
         loop = asyncio.get_running_loop()
+        self.trimmer.call_later = loop.call_later
+        server.on_idle = self.trimmer.maybe_trim
         self._spawn(flowlog.run(), "flowlog")
         self._spawn(self._warm_up(runtime), "discovery")
         if self.owns_host:
@@ -310,6 +311,7 @@ class Daemon:
             log.info("stopping: draining in-flight requests (up to %.0f s)", DRAIN_SECONDS)
             tls_server.close()
             await server.shutdown(DRAIN_SECONDS)
+            self.trimmer.close()
             if admin is not None:
                 await admin.cleanup()
             for task in self._tasks:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import platform
+from collections.abc import Callable
 
 import pytest
 
@@ -31,6 +32,62 @@ def test_trims_at_most_once_per_interval() -> None:
     clock.now += 0.6
     assert t.maybe_trim() is True
     assert calls == [0, 0]
+    assert t.trims == 2
+
+
+class FakeTimers:
+    """loop.call_later's shape: records (delay, callback); a handle can be cancelled."""
+
+    def __init__(self) -> None:
+        self.pending: list[FakeTimers.Handle] = []
+
+    class Handle:
+        def __init__(self, delay: float, callback: Callable[[], object]) -> None:
+            self.delay, self.callback, self.cancelled = delay, callback, False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    def __call__(self, delay: float, callback: Callable[[], object]) -> FakeTimers.Handle:
+        handle = FakeTimers.Handle(delay, callback)
+        self.pending.append(handle)
+        return handle
+
+
+def test_a_request_within_the_interval_is_deferred_to_its_end_once() -> None:
+    """Requests within min_interval schedule one trim at the interval's end, which then runs."""
+    calls: list[int] = []
+    clock = FakeClock()
+    timers = FakeTimers()
+    t = memory.Trimmer(min_interval=1.0, clock=clock, trim=lambda pad: calls.append(pad) or 1, call_later=timers)
+    assert t.maybe_trim() is True
+    clock.now += 0.25
+    assert t.maybe_trim() is False
+    assert t.maybe_trim() is False  # coalesced: still one pending trim
+    assert [h.delay for h in timers.pending] == [0.75]
+    clock.now += 0.75
+    timers.pending[0].callback()
+    assert calls == [0, 0]
+    clock.now += 0.1
+    assert t.maybe_trim() is False  # a new request after the deferred trim defers again
+    assert len(timers.pending) == 2 and timers.pending[1].delay == pytest.approx(0.9)
+
+
+def test_a_trim_that_runs_cancels_the_deferred_one_and_close_drops_it() -> None:
+    """A trim running on its own (e.g. housekeeping) cancels the pending one; close() drops it."""
+    clock = FakeClock()
+    timers = FakeTimers()
+    t = memory.Trimmer(min_interval=1.0, clock=clock, trim=lambda pad: 1, call_later=timers)
+    t.maybe_trim()
+    clock.now += 0.5
+    t.maybe_trim()
+    clock.now += 0.6
+    assert t.maybe_trim() is True
+    assert timers.pending[0].cancelled
+    clock.now += 0.1
+    t.maybe_trim()
+    t.close()
+    assert timers.pending[1].cancelled
     assert t.trims == 2
 
 
