@@ -946,6 +946,57 @@ def test_a_cold_entry_is_one_small_bytes_object() -> None:
     assert session_mod._expand(compact) == lean
 
 
+def _cached(n: int) -> Session:
+    return session_mod._lean(make_session(sub=f"user-{n}", sid=f"sid-{n}", id_token=""))
+
+
+def test_full_cache_evicts_the_entry_used_longest_ago() -> None:
+    """When the cache is full the oldest entry not used since goes; a cold entry used again moves to the young end."""
+    cache = session_mod._SessionCache(3, hot_size=1)
+    for n in range(3):
+        cache.put(bytes([n]), _cached(n))
+    assert cache.peek(b"\x00") == _cached(0)  # cold, used again: now the youngest (and hot)
+    cache.put(b"\x03", _cached(3))
+    assert b"\x01" not in cache  # the oldest not used since
+    assert {k for k in (b"\x00", b"\x02", b"\x03") if k in cache} == {b"\x00", b"\x02", b"\x03"}
+
+
+def test_a_hot_entry_at_the_old_end_gets_a_second_chance() -> None:
+    """A hot entry (used since it was added) is not evicted when it is the oldest: the next oldest goes."""
+    cache = session_mod._SessionCache(3, hot_size=2)
+    for n in range(3):
+        cache.put(bytes([n]), _cached(n))
+    assert cache.peek(b"\x00") is not None  # hot again (it was demoted), and moved to the young end
+    cache.refresh(b"\x00")
+    cache.put(b"\x03", _cached(3))
+    cache.put(b"\x04", _cached(4))  # hot tier: 3, 4; oldest entries: 2, 0
+    assert len(cache) == 3
+    assert b"\x01" not in cache and b"\x02" not in cache
+    assert cache.peek(b"\x00") == _cached(0)
+
+
+def test_eviction_ends_when_every_entry_is_hot() -> None:
+    """With the hot tier as large as the cache, eviction still ends and keeps the newest entry."""
+    cache = session_mod._SessionCache(2, hot_size=8)
+    for n in range(10):
+        cache.put(bytes([n]), _cached(n))
+        assert len(cache) <= 2
+        assert bytes([n]) in cache
+    assert cache.peek(b"\x09") == _cached(9)
+
+
+def test_a_hit_on_a_hot_entry_leaves_the_big_dict_alone() -> None:
+    """Serving a hot session reorders only the hot tier: the entries' order (and dict) are untouched."""
+    cache = session_mod._SessionCache(100, hot_size=4)
+    for n in range(10):
+        cache.put(bytes([n]), _cached(n))
+    order = list(cache._entries)
+    for _ in range(50):
+        assert cache.peek(b"\x09") is not None
+        cache.refresh(b"\x09")
+    assert list(cache._entries) == order
+
+
 async def test_sqlite_cache_keeps_cold_sessions_compact_and_serves_them(tmp_path: Path) -> None:
     """Beyond the hot tier, cached sessions are stored compact, still served from the cache without I/O, and revocable."""
     store = SQLiteSessionStore(tmp_path / "sessions.db", idle_timeout=IDLE, touch_interval=TOUCH)
