@@ -597,13 +597,28 @@ claims_expire, flags, and the index of the (service, issuer) pair in :data:`_PAI
 sub, email, username, sid, refresh token and the tags, joined by NUL and UTF-8 encoded (an
 absent optional value is a lone SOH). Tags that repeat a field (``sub=<sub>``,
 ``email=<email>``, ``iss=<issuer>``, ``preferred_username=<username>``: most users have all
-four) are a flag bit each instead of text. One object instead of a Session, its frozenset
-(~730 bytes for 9 tags) and a dozen small strings and floats: a typical cold entry is ~230
-bytes, not ~3.3 KB (and ~500 as the tuple of a str and four floats it used to be)."""
+four) are a flag bit each instead of text, and tags that several users have (``groups=staff``,
+``aud=<client>``, ``email_verified=true``) are a reference into :data:`_SHARED` instead of
+text: one last field, STX followed by one character per shared tag. One object instead of a
+Session, its frozenset (~730 bytes for 9 tags) and a dozen small strings and floats: a
+typical cold entry is ~180 bytes, not ~3.3 KB (and ~500 as the tuple of a str and four floats
+it used to be)."""
 
 _HEAD: Final = struct.Struct("<ddddBH")
 _SEP: Final = "\x00"
 _NONE: Final = "\x01"
+_REF: Final = "\x02"
+_REF_BASE: Final = 0x80
+_SHARED: list[str] = []
+"""Tags that more than one cold entry has, by index (an entry refers to ``chr(_REF_BASE + i)``)."""
+_SHARED_INDEX: dict[str, int] = {}
+_MAX_SHARED: Final = 4096
+"""At most this many shared tags (~0.5 MB at worst); beyond it new ones stay inline."""
+_CANDIDATES: dict[str, None] = {}
+"""Tags seen once in a cold entry since the last reset: a second sighting makes one shared."""
+_MAX_CANDIDATES: Final = 2048
+"""Candidates kept at most; then the set starts afresh (a tag that many users have is seen
+twice long before that, one unique to a user -- a name -- never becomes shared)."""
 _PAIRS: list[tuple[str, str]] = []
 """(service, issuer) pairs of compact entries, by index (a handful: one per service and IdP)."""
 _PAIR_INDEX: dict[tuple[str, str], int] = {}
@@ -639,6 +654,23 @@ _DERIVED: Final = (
 """Tags that are a prefix plus a field of the session, stored as a flag bit instead of text."""
 
 
+def _shared_ref(tag: str) -> str | None:
+    """The reference character of ``tag`` if it is (or has just become) shared, else None."""
+    i = _SHARED_INDEX.get(tag)
+    if i is None:
+        if tag not in _CANDIDATES:
+            if len(_CANDIDATES) >= _MAX_CANDIDATES:
+                _CANDIDATES.clear()
+            _CANDIDATES[tag] = None
+            return None
+        if len(_SHARED) >= _MAX_SHARED:
+            return None
+        del _CANDIDATES[tag]
+        i = _SHARED_INDEX[tag] = len(_SHARED)
+        _SHARED.append(sys.intern(tag))
+    return chr(_REF_BASE + i)
+
+
 def _derived_tags(flags: int, fields: tuple[str, str, str, str | None, str | None]) -> list[str]:
     return [prefix + str(fields[i]) for bit, prefix, i in _DERIVED if flags & bit]
 
@@ -654,9 +686,19 @@ def _compact(s: Session) -> _Compact | None:
         if value is not None and (tag := prefix + value) in tags:
             tags.discard(tag)
             flags |= bit
-    parts = [s.sub, *(_NONE if v is None else v for v in opt), *tags]
-    if s.id_token or _NONE in opt or any(_SEP in p for p in parts):
+    inline: list[str] = []
+    refs: list[str] = []
+    for tag in tags:
+        ref = _shared_ref(tag)
+        if ref is None:
+            inline.append(tag)
+        else:
+            refs.append(ref)
+    parts = [s.sub, *(_NONE if v is None else v for v in opt), *inline]
+    if s.id_token or _NONE in opt or any(_SEP in p for p in parts) or any(t[:1] == _REF for t in inline):
         return None
+    if refs:
+        parts.append(_REF + "".join(refs))
     pair = _pair(s.service, s.issuer)
     if pair is None:
         return None
@@ -678,6 +720,9 @@ def _expand(c: _Compact) -> Session:
     sub, email, username, sid, refresh_token, *tags = c[_HEAD.size :].decode("utf-8", "surrogatepass").split(_SEP)
     email_v = None if email == _NONE else email
     username_v = None if username == _NONE else username
+    if tags and tags[-1][:1] == _REF:
+        shared = _SHARED
+        tags += [shared[ord(c) - _REF_BASE] for c in tags.pop()[1:]]
     if flags > _HAS_CE:
         tags += _derived_tags(flags, (service, issuer, sub, email_v, username_v))
     s: Session = _NEW(Session)

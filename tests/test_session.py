@@ -10,6 +10,7 @@ import os
 import re
 import sqlite3
 import stat
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -926,9 +927,9 @@ def test_compact_cache_entries_expand_to_an_equal_session(
                         tags=tags, claims_expire=claims_expire, id_token="", service=service, issuer=issuer,
                         created=times[0], last_seen=times[1], expires=times[2])  # fmt: skip
     compact = session_mod._compact(lean)
-    if compact is None:  # a NUL in a value, or a value that is the lone SOH marker
+    if compact is None:  # a NUL in a value, a value that is the lone SOH marker, a tag kept inline starting with STX
         assert any("\x00" in t for t in (sub, *tags, *(v for v in (email, username, sid, refresh_token) if v)))\
-            or "\x01" in (email, username, sid, refresh_token)
+            or "\x01" in (email, username, sid, refresh_token) or any(t.startswith("\x02") for t in tags)
     else:
         assert session_mod._expand(compact) == lean
         assert session_mod._entry_times(compact) == (service, times[1], times[2])
@@ -937,13 +938,34 @@ def test_compact_cache_entries_expand_to_an_equal_session(
 
 def test_a_cold_entry_is_one_small_bytes_object() -> None:
     """A cold entry is one bytes object: its fields and the tags that do not repeat a field, plus a 35-byte head."""
-    tags = frozenset({"sub=user-1", "email=bob@example.com", f"iss={ISSUER}", "preferred_username=bob", "group=admins"})
+    own = f"team={uuid.uuid4()}"  # seen for the first time: kept inline
+    tags = frozenset({"sub=user-1", "email=bob@example.com", f"iss={ISSUER}", "preferred_username=bob", own})
     lean = session_mod._lean(make_session(id_token="", username="bob", tags=tags))
     compact = session_mod._compact(lean)
     assert type(compact) is bytes
-    text = "\x00".join([lean.sub, "bob@example.com", "bob", "sid-1", "\x01", "group=admins"])
+    text = "\x00".join([lean.sub, "bob@example.com", "bob", "sid-1", "\x01", own])
     assert len(compact) == session_mod._HEAD.size + len(text)
     assert session_mod._expand(compact) == lean
+
+
+def test_a_tag_several_users_have_becomes_a_two_byte_reference() -> None:
+    """From its second cold entry on, a tag that several users have is stored as a short reference and expands back."""
+    shared = f"groups=staff-{uuid.uuid4()}"
+    own = [f"name=User {uuid.uuid4()}" for _ in range(3)]
+    leans = [session_mod._lean(make_session(sub=f"user-{i}", id_token="", tags=frozenset({shared, own[i]})))
+             for i in range(3)]
+    first, second, third = (session_mod._compact(lean) for lean in leans)
+    assert first is not None and second is not None and third is not None
+    assert shared.encode() in first  # the first sighting stays inline
+    assert shared.encode() not in second and shared.encode() not in third
+    assert len(first) - len(second) >= len(shared) - 3  # NUL + text became STX + a 2- or 3-byte character
+    assert [session_mod._expand(c) for c in (first, second, third)] == leans
+
+
+def test_a_tag_starting_with_the_reference_marker_keeps_the_session_whole() -> None:
+    """A tag that starts with STX cannot be told from a reference: such a session is not compacted."""
+    lean = session_mod._lean(make_session(id_token="", tags=frozenset({f"\x02{uuid.uuid4()}"})))
+    assert session_mod._compact(lean) is None
 
 
 def _cached(n: int) -> Session:
