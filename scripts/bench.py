@@ -258,8 +258,11 @@ def set_tree_affinity(root: int, cpus: set[int]) -> None:
 
 
 def tree_memory(root: int) -> dict[str, float]:
-    """RSS and PSS (MiB) summed over the tree; PSS splits pages shared between workers."""
-    rss = pss = 0
+    """RSS and PSS (MiB) summed over the tree; PSS splits pages shared between workers. Also
+    the anonymous part of the RSS (heap, stacks: what the process itself allocated); the rest
+    is file-backed (the pages of shared libraries it has touched, plus those the kernel maps
+    around each fault from the page cache, so it varies a little with what else ran)."""
+    rss = pss = anon = 0
     for pid in tree_pids(root):
         with contextlib.suppress(OSError, ValueError):
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
@@ -267,7 +270,9 @@ def tree_memory(root: int) -> dict[str, float]:
                     rss += int(line.split()[1])
                 elif line.startswith("Pss:"):
                     pss += int(line.split()[1])
-    return {"rss_mib": round(rss / 1024, 1), "pss_mib": round(pss / 1024, 1)}
+                elif line.startswith("Anonymous:"):
+                    anon += int(line.split()[1])
+    return {"rss_mib": round(rss / 1024, 1), "pss_mib": round(pss / 1024, 1), "rss_anon_mib": round(anon / 1024, 1)}
 
 
 # ---------------------------------------------------------------- processes
@@ -1212,9 +1217,11 @@ METRICS: list[tuple[str, str, str, str]] = [
     ("login_cpu_us", "login", "cpu_us_per_login", "server CPU µs / login (excl. OP)"),
     ("rss_mib", "keepalive", "rss_mib", "RSS of the server tree, MiB (after load)"),
     ("pss_mib", "keepalive", "pss_mib", "PSS of the server tree, MiB (after load)"),
+    ("rss_anon_mib", "keepalive", "rss_anon_mib", "of that RSS, anonymous (heap, stacks), MiB (after load)"),
     # (e), enforcer columns only; no ratio (no baseline has sessions); {sessions} = --sessions
     ("sess_rss_mib", "sessions", "rss_mib", "RSS with {sessions:,} live sessions, MiB"),
     ("sess_pss_mib", "sessions", "pss_mib", "PSS with {sessions:,} live sessions, MiB"),
+    ("sess_anon_mib", "sessions", "rss_anon_mib", "of that RSS, anonymous (heap, stacks), MiB"),
     ("sess_touch_cpu_us", "sessions", "cpu_us_per_touch", "server CPU µs / first request of a session"),
 ]
 RATIO_KEYS = ("ka_rps", "ka_p50_ms", "ka_cpu_us", "nc_cpu_us", "fh_cpu_us", "login_ms", "rss_mib")
