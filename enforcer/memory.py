@@ -110,7 +110,8 @@ class Trimmer:
         self.maybe_trim()
 
     def close(self) -> None:
-        """Drop a pending deferred trim (the loop is going away)."""
+        """Drop a pending deferred trim and defer no more (the loop is going away)."""
+        self.call_later = None
         if self._pending is not None:
             self._pending.cancel()
             self._pending = None

@@ -962,6 +962,16 @@ def test_a_tag_several_users_have_becomes_a_two_byte_reference() -> None:
     assert [session_mod._expand(c) for c in (first, second, third)] == leans
 
 
+def test_one_users_tags_do_not_become_shared_by_compacting_the_same_session_again() -> None:
+    """Compacting one user's session again (after each touch) does not make its own tags shared."""
+    own = f"name=User {uuid.uuid4()}"
+    lean = session_mod._lean(make_session(sub=f"user-{uuid.uuid4()}", id_token="", tags=frozenset({own})))
+    for _ in range(3):
+        compact = session_mod._compact(lean)
+        assert compact is not None and own.encode() in compact
+    assert own not in session_mod._SHARED_INDEX
+
+
 def test_a_tag_starting_with_the_reference_marker_keeps_the_session_whole() -> None:
     """A tag that starts with STX cannot be told from a reference: such a session is not compacted."""
     lean = session_mod._lean(make_session(id_token="", tags=frozenset({f"\x02{uuid.uuid4()}"})))
@@ -985,16 +995,38 @@ def test_full_cache_evicts_the_entry_used_longest_ago() -> None:
 
 def test_a_hot_entry_at_the_old_end_gets_a_second_chance() -> None:
     """A hot entry (used since it was added) is not evicted when it is the oldest: the next oldest goes."""
-    cache = session_mod._SessionCache(3, hot_size=2)
-    for n in range(3):
+    cache = session_mod._SessionCache(2, hot_size=2)
+    cache.put(b"\x00", _cached(0))
+    cache.put(b"\x01", _cached(1))
+    assert cache.peek(b"\x00") is not None
+    cache.refresh(b"\x00")  # hot tier: 1, 0 -- entry 0 stays the oldest in the big dict
+    cache.put(b"\x02", _cached(2))  # demotes 1; 0 is the oldest but hot: 1 goes instead
+    assert b"\x00" in cache and b"\x02" in cache and b"\x01" not in cache
+
+
+def test_a_session_that_cannot_be_compacted_survives_while_it_is_used() -> None:
+    """A whole Session outside the hot tier (no compact form) moves to the young end when used, so it is not evicted."""
+    cache = session_mod._SessionCache(3, hot_size=1)
+    odd = session_mod._lean(make_session(sub="odd", refresh_token="\x01", id_token=""))  # the SOH marker: no cold form
+    assert session_mod._compact(odd) is None
+    cache.put(b"odd", odd)
+    for n in range(10):
+        assert cache.peek(b"odd") == odd
+        cache.refresh(b"odd")
         cache.put(bytes([n]), _cached(n))
-    assert cache.peek(b"\x00") is not None  # hot again (it was demoted), and moved to the young end
-    cache.refresh(b"\x00")
-    cache.put(b"\x03", _cached(3))
-    cache.put(b"\x04", _cached(4))  # hot tier: 3, 4; oldest entries: 2, 0
-    assert len(cache) == 3
-    assert b"\x01" not in cache and b"\x02" not in cache
-    assert cache.peek(b"\x00") == _cached(0)
+        assert len(cache) <= 3
+    assert b"odd" in cache
+
+
+def test_evicting_many_keeps_order_and_rebuilds_the_dict() -> None:
+    """Thousands of evictions keep exactly the newest entries, and the dict is rebuilt so holes do not pile up."""
+    cache = session_mod._SessionCache(100, hot_size=4)
+    lean = _cached(0)
+    for n in range(3000):
+        cache.put(n.to_bytes(2, "big"), lean)
+    assert len(cache) == 100
+    assert list(cache._entries) == [n.to_bytes(2, "big") for n in range(2900, 3000)]
+    assert cache._holes < session_mod._REBUILD_AFTER
 
 
 def test_eviction_ends_when_every_entry_is_hot() -> None:
