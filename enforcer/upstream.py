@@ -25,6 +25,11 @@ log = logging.getLogger("enforcer.upstream")
 HIGH_WATER = 256 * 1024  # stop reading from the app when this much is waiting for the client
 LOW_WATER = 64 * 1024
 KEEPALIVE = 30.0  # seconds an idle pooled connection is kept
+MAX_IDLE_PER_HOST = 64
+"""Idle connections kept per app address at most (like nginx's ``keepalive N``): after a
+burst of thousands of concurrent requests the pool does not hold thousands of idle sockets
+(file descriptors, ~10 KiB of buffers and objects each, and the app's connection slots) for
+:data:`KEEPALIVE` seconds; a connection released beyond it is closed."""
 
 
 class ConnectError(Exception):
@@ -375,7 +380,8 @@ class Connection(WriteFlow, asyncio.Protocol):
 
 
 class Pool:
-    """Keep-alive connections per (host, port), at most ``limit_per_host`` in use at once."""
+    """Keep-alive connections per (host, port), at most ``limit_per_host`` in use at once and
+    ``max_idle_per_host`` idle."""
 
     def __init__(
         self,
@@ -385,8 +391,10 @@ class Pool:
         limit_per_host: int = 256,
         socket_factory: Callable[[Any], socket.socket] | None = None,
         keepalive: float = KEEPALIVE,
+        max_idle_per_host: int = MAX_IDLE_PER_HOST,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self.max_idle = max_idle_per_host
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.limit = limit_per_host
@@ -468,8 +476,12 @@ class Pool:
         if not reusable or self._closed or conn.closed:
             self._discard(conn)
             return
+        idle = self._idle.setdefault(conn.key, [])
+        if len(idle) >= self.max_idle:
+            self._discard(conn)
+            return
         conn.idle_since = self.loop.time()
-        self._idle.setdefault(conn.key, []).append(conn)
+        idle.append(conn)
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(self.keepalive, self._sweep)
 

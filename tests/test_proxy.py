@@ -380,6 +380,22 @@ async def test_upstream_keep_alive_connection_is_reused() -> None:
         p.close()
 
 
+async def test_upstream_pool_keeps_at_most_max_idle_connections_per_host() -> None:
+    """Connections released beyond max_idle_per_host are closed, not kept idle; the kept ones are reused."""
+    async with FakeApp([OK5] * 6) as app:
+        p = upstream.Pool(connect_timeout=2.0, read_timeout=5.0, max_idle_per_host=2)
+        fetched = [await fetch(p, app.port) for _ in range(3)]  # three in use at once
+        for _, body, conn in fetched:
+            assert body == b"hello"
+            conn.finish(True)
+        assert app.connections == 3
+        assert [c.transport is not None and c.transport.is_closing() for _, _, c in fetched] == [False, False, True]
+        again = [await fetch(p, app.port) for _ in range(2)]
+        assert {id(c) for _, _, c in again} == {id(c) for _, _, c in fetched[:2]}
+        assert app.connections == 3
+        p.close()
+
+
 async def test_upstream_connection_close_is_honoured() -> None:
     """A response with ``Connection: close`` is not followed by reuse of that connection."""
     answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi"
