@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -242,23 +243,47 @@ def test_workers_neither_number_nor_auto_names_the_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("cpu_max", "limit"),
+    ("proc_cgroup", "files", "limit"),
     [
-        ("150000 100000\n", 2),  # a 1500m Kubernetes limit: two processes can keep it busy
-        ("100000 100000\n", 1),
-        ("50000 100000\n", 1),
-        ("max 100000\n", None),  # no quota: the affinity decides
-        ("garbage\n", None),
-        (None, None),  # no cgroup v2 CPU controller
+        # cgroup v2 in a container (cgroup namespace): the mount root is the pod's cgroup
+        ("0::/\n", {"cpu.max": "150000 100000\n"}, 1.5),  # a 1500m Kubernetes limit
+        ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+        ("0::/\n", {"cpu.max": "garbage\n"}, None),
+        ("0::/\n", {}, None),  # no CPU controller
+        # cgroup v2 on a host: systemd CPUQuota= on the unit, or on a parent slice
+        ("0::/system.slice/enforcer.service\n", {"system.slice/enforcer.service/cpu.max": "50000 100000"}, 0.5),
+        ("0::/system.slice/enforcer.service\n",
+         {"system.slice/cpu.max": "100000 100000", "system.slice/enforcer.service/cpu.max": "max 100000"}, 1.0),
+        ("0::/system.slice/enforcer.service\n",
+         {"system.slice/cpu.max": "300000 100000", "system.slice/enforcer.service/cpu.max": "200000 100000"}, 2.0),
+        # cgroup v1: Docker's bind mount (the host path does not exist inside), and a host unit
+        ("12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n",
+         {"cpu,cpuacct/cpu.cfs_quota_us": "250000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 2.5),
+        ("4:cpu,cpuacct:/system.slice/enforcer.service\n",
+         {"cpu,cpuacct/system.slice/enforcer.service/cpu.cfs_quota_us": "100000",
+          "cpu,cpuacct/system.slice/enforcer.service/cpu.cfs_period_us": "100000"}, 1.0),
+        ("4:cpu,cpuacct:/\n", {"cpu,cpuacct/cpu.cfs_quota_us": "-1", "cpu,cpuacct/cpu.cfs_period_us": "100000"}, None),
+        (None, {}, None),  # no /proc/self/cgroup (not Linux)
     ],
+    ids=["v2-pod", "v2-max", "v2-junk", "v2-none", "v2-unit", "v2-parent-slice", "v2-smallest", "v1-docker",
+         "v1-unit", "v1-unlimited", "no-cgroups"],
 )
-def test_usable_cpus_honours_the_cgroup_quota(tmp_path: Path, cpu_max: str | None, limit: int | None) -> None:
-    """usable_cpus is the CPU affinity, lowered to the cgroup v2 quota rounded up; at least 1."""
-    path = tmp_path / "cpu.max"
-    if cpu_max is not None:
-        path.write_text(cpu_max)
+def test_cgroup_cpu_limit_reads_the_processs_own_cgroup(
+    tmp_path: Path, proc_cgroup: str | None, files: dict[str, str], limit: float | None
+) -> None:
+    """The CPU quota is the smallest along the process's own cgroup and its parents, v2 or v1; none when unlimited."""
+    proc = tmp_path / "proc-self-cgroup"
+    if proc_cgroup is not None:
+        proc.write_text(proc_cgroup)
+    root = tmp_path / "sys-fs-cgroup"
+    root.mkdir()
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    assert config.cgroup_cpu_limit(proc, root) == limit
     affinity = len(os.sched_getaffinity(0))
-    assert config.usable_cpus(path) == (affinity if limit is None else min(affinity, limit))
+    expected = affinity if limit is None else max(1, min(affinity, math.ceil(limit)))
+    assert config.usable_cpus(proc, root) == expected  # rounded up: 1.5 CPUs keep 2 processes busy
 
 
 def test_workers_option_overrides_the_config(tmp_path: Path) -> None:
