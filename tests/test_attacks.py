@@ -1050,7 +1050,10 @@ async def test_x_lim_09_idle_keep_alive_connections_are_closed(tight_limits: Sta
             await conn.send(request("GET /lim09 HTTP/1.1", JSON, port=stack.port))
             reply = await conn.reply()
             assert reply is not None and reply.status == 401 and reply.header("Connection") != ["close"]
-        assert _open_fds(pid) >= baseline + 150
+        # they are held open (a few of the first may already have met the 3 s idle timeout on a
+        # slow machine, and the baseline may have counted a descriptor that closed since)
+        held = _open_fds(pid)
+        assert held >= baseline + 140, (baseline, held)
         silent = await asyncio.gather(*(c.reply(timeout=15) for c in conns[100:]))
         assert all(r is None or r.status == 408 for r in silent)  # the header deadline of a first request
         assert all(await asyncio.gather(*(c.closed(timeout=15) for c in conns)))
