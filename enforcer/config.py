@@ -850,6 +850,10 @@ class SessionsModel(_Strict):
     idleTimeout: Duration = 8 * 3600.0
     absoluteTimeout: Duration = 24 * 3600.0
     maxSessions: int = Field(default=100_000, ge=1)
+    cacheSize: int = Field(default=10_000, ge=1, le=10_000_000)
+    """Sessions the SQLite store keeps in memory (~0.3 KB each, the 256 most recently used
+    ~3 KB): a request of a cached session needs no disk read; one beyond it costs a SQLite
+    read (~0.3 ms of CPU) and enters the cache."""
 
 
 class OIDCSettingsModel(_Strict):

@@ -139,6 +139,17 @@ def status_text(definitions: config.Definitions) -> str:
     return f"serving {len(definitions.services)} service(s)" + (f": {names}"[:200] if names else "")
 
 
+def session_store(s: config.DaemonModel, *, shared: bool) -> sessions.SessionStore:
+    """The session store ``sessions:`` asks for: SQLite in the state dir (``shared`` when
+    several worker processes use it) or in memory."""
+    if s.sessions.store == "sqlite":
+        return sessions.SQLiteSessionStore(
+            s.stateDir / "sessions.db", idle_timeout=s.sessions.idleTimeout, max_sessions=s.sessions.maxSessions,
+            cache_size=s.sessions.cacheSize, shared=shared,
+        )
+    return sessions.MemorySessionStore(idle_timeout=s.sessions.idleTimeout, max_sessions=s.sessions.maxSessions)
+
+
 def watchdog_interval() -> float | None:
     """Half of systemd's WatchdogSec, if it is watching this process."""
     usec = os.environ.get("WATCHDOG_USEC")
@@ -203,18 +214,9 @@ class Daemon:
         self.tls = listener.TLSDispatch(*build_leaves(definitions, self.cert_store), context=self.tls_context)
         ssl_ctx = self.tls.context
         shared_logins: oidc.SharedTransactionStore | None = None
-        if s.sessions.store == "sqlite":
-            sqlite_store = sessions.SQLiteSessionStore(
-                s.stateDir / "sessions.db", idle_timeout=s.sessions.idleTimeout, max_sessions=s.sessions.maxSessions,
-                shared=self.role != "single",
-            )
-            if self.role != "single":
-                shared_logins = oidc.SharedTransactionStore(sqlite_store, ttl=s.oidc.loginTimeout)
-            store: sessions.SessionStore = sqlite_store
-        else:
-            store = sessions.MemorySessionStore(
-                idle_timeout=s.sessions.idleTimeout, max_sessions=s.sessions.maxSessions
-            )
+        store = session_store(s, shared=self.role != "single")
+        if isinstance(store, sessions.SQLiteSessionStore) and self.role != "single":
+            shared_logins = oidc.SharedTransactionStore(store, ttl=s.oidc.loginTimeout)
         flowlog = FlowLog(
             self.settings.flow_log,
             on_dropped=self.metrics.flowlog_dropped.inc,

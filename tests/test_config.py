@@ -202,6 +202,17 @@ def test_idle_timeout_longer_than_absolute_is_rejected(tmp_path: Path) -> None:
     assert exc.value.issues[0].path == "sessions.idleTimeout"
 
 
+def test_session_cache_size_must_be_positive(tmp_path: Path) -> None:
+    """sessions.cacheSize below 1 is refused, naming the key; the default is 10,000."""
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text("definitions: [{file: d.yaml}]\nsessions: {cacheSize: 0}\n")
+    with pytest.raises(ConfigError) as exc:
+        config.load_settings(cfg)
+    assert exc.value.issues[0].path == "sessions.cacheSize"
+    cfg.write_text("definitions: [{file: d.yaml}]\n")
+    assert config.load_settings(cfg).model.sessions.cacheSize == 10_000
+
+
 def test_several_workers_need_the_sqlite_store(tmp_path: Path) -> None:
     """listen.workers > 1 with the in-memory session store is refused at listen.workers, with the fix."""
     cfg = tmp_path / "enforcer.yaml"

@@ -12,7 +12,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from enforcer.daemon import sd_notify, watchdog_interval
+from enforcer import config as config_mod
+from enforcer import session as sessions_mod
+from enforcer.daemon import sd_notify, session_store, watchdog_interval
 from tests.e2e_stack import HOST, Stack
 from tests.harness.browser import StaticResolver
 
@@ -164,3 +166,19 @@ def test_primary_readiness_reads_the_masters_worker_state(tmp_path: Path, conten
         (tmp_path / WORKERS_STATE).write_text(content)
     problem = Daemon(config.load_settings(cfg), role="primary")._workers_not_ready()
     assert problem == expected if expected is None else (problem or "").startswith(expected)
+
+
+async def test_session_store_follows_the_sessions_settings(tmp_path: Path) -> None:
+    """sessions.cacheSize, maxSessions and the store kind reach the session store the daemon makes."""
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text(f"definitions: [{{file: d.yaml}}]\nstateDir: {tmp_path}\n"
+                   "sessions: {cacheSize: 7, maxSessions: 50}\n")
+    s = config_mod.load_settings(cfg).model
+    store = session_store(s, shared=False)
+    try:
+        assert isinstance(store, sessions_mod.SQLiteSessionStore)
+        assert store._cache._size == 7 and store._max == 50
+    finally:
+        await store.close()
+    cfg.write_text("definitions: [{file: d.yaml}]\nsessions: {store: memory}\n")
+    assert isinstance(session_store(config_mod.load_settings(cfg).model, shared=False), sessions_mod.MemorySessionStore)
