@@ -183,32 +183,31 @@ def test_daemon_config_resolves_relative_paths(tmp_path: Path) -> None:
     assert defs.services[0].name == "private-app"
 
 
-def test_admin_listener_must_be_loopback(tmp_path: Path) -> None:
-    """The admin address must be a loopback address; the error says so."""
+def _first_issue(tmp_path: Path, daemon_yaml: str) -> config.ConfigIssue:
+    """The first issue load_settings reports for this daemon config (after a definitions line)."""
     cfg = tmp_path / "enforcer.yaml"
-    cfg.write_text("definitions: [{file: d.yaml}]\nadmin: {address: 0.0.0.0}\n")
+    cfg.write_text("definitions: [{file: d.yaml}]\n" + daemon_yaml)
     with pytest.raises(ConfigError) as exc:
         config.load_settings(cfg)
-    assert exc.value.issues[0].path == "admin.address"
-    assert "loopback" in exc.value.issues[0].message
+    return exc.value.issues[0]
+
+
+def test_admin_listener_must_be_loopback(tmp_path: Path) -> None:
+    """The admin address must be a loopback address; the error says so."""
+    issue = _first_issue(tmp_path, "admin: {address: 0.0.0.0}\n")
+    assert issue.path == "admin.address"
+    assert "loopback" in issue.message
 
 
 def test_idle_timeout_longer_than_absolute_is_rejected(tmp_path: Path) -> None:
     """sessions.idleTimeout may not exceed sessions.absoluteTimeout."""
-    cfg = tmp_path / "enforcer.yaml"
-    cfg.write_text("definitions: [{file: d.yaml}]\nsessions: {idleTimeout: 2d, absoluteTimeout: 1d}\n")
-    with pytest.raises(ConfigError) as exc:
-        config.load_settings(cfg)
-    assert exc.value.issues[0].path == "sessions.idleTimeout"
+    assert _first_issue(tmp_path, "sessions: {idleTimeout: 2d, absoluteTimeout: 1d}\n").path == "sessions.idleTimeout"
 
 
 def test_session_cache_size_must_be_positive(tmp_path: Path) -> None:
     """sessions.cacheSize below 1 is refused, naming the key; the default is 10,000."""
+    assert _first_issue(tmp_path, "sessions: {cacheSize: 0}\n").path == "sessions.cacheSize"
     cfg = tmp_path / "enforcer.yaml"
-    cfg.write_text("definitions: [{file: d.yaml}]\nsessions: {cacheSize: 0}\n")
-    with pytest.raises(ConfigError) as exc:
-        config.load_settings(cfg)
-    assert exc.value.issues[0].path == "sessions.cacheSize"
     cfg.write_text("definitions: [{file: d.yaml}]\n")
     assert config.load_settings(cfg).model.sessions.cacheSize == 10_000
 
