@@ -792,7 +792,7 @@ def usable_cpus(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path
         cpus = os.cpu_count() or 1
     limit = cgroup_cpu_limit(proc_cgroup, root)
     if limit is not None:
-        cpus = min(cpus, math.ceil(limit - 1e-9))
+        cpus = min(cpus, math.ceil(limit))
     return max(1, cpus)
 
 
@@ -1039,18 +1039,14 @@ def check_workers(settings: Settings, workers: int, where: str) -> None:
 
 def with_workers(settings: Settings, workers: int | str) -> Settings:
     """``settings`` with ``listen.workers`` replaced (the ``--workers`` option: a number or
-    ``auto``; checked)."""
+    ``auto``), checked by :class:`ListenModel` exactly like the file's value."""
     try:
-        resolved = resolve_workers(workers)
-    except ValueError:
-        resolved = None
-    if not isinstance(resolved, int) or not 1 <= resolved <= MAX_WORKERS:
+        listen = ListenModel.model_validate({**settings.model.listen.model_dump(), "workers": workers})
+    except ValidationError:
         raise ConfigError([ConfigIssue(
             "--workers", "", f"must be a number from 1 to {MAX_WORKERS}, or auto", workers, "e.g. --workers 2",
-        )])
-    workers = resolved
-    check_workers(settings, workers, "--workers")
-    listen = settings.model.listen.model_copy(update={"workers": workers})
+        )]) from None
+    check_workers(settings, listen.workers, "--workers")
     return Settings(path=settings.path, model=settings.model.model_copy(update={"listen": listen}))
 
 
