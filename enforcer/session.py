@@ -809,9 +809,7 @@ class _SessionCache:
             return e
         assert type(e) is bytes
         session = _expand(e)
-        del entries[key]
-        entries[key] = session
-        self._heat(key, e)
+        self._to_young_end(key, session, e)
         return session
 
     def refresh(self, key: bytes) -> None:
@@ -819,20 +817,24 @@ class _SessionCache:
         hot = self._hot
         if key in hot:
             hot.move_to_end(key)
-        elif (e := self._entries.pop(key, None)) is not None:
+        elif (e := self._entries.get(key)) is not None:
             # a whole Session outside the hot tier (one _compact cannot represent): it has
             # no cold form to come back from, so it moves to the young end here and is hot again
-            self._entries[key] = e
-            self._heat(key)
+            self._to_young_end(key, e)
 
     def put(self, key: bytes, session: Session) -> None:
         """Cache ``session`` (a lean copy) as the most recently used entry; evicts when full."""
+        self._to_young_end(key, session)
+        if len(self._entries) > self._size:
+            self._evict(key)
+
+    def _to_young_end(self, key: bytes, value: Session | _Compact, compact: _Compact | None = None) -> None:
+        """``value`` under ``key`` at the young end of the entries, and hot (``compact``: its
+        cold form, if known)."""
         entries = self._entries
         entries.pop(key, None)
-        entries[key] = session
-        self._heat(key)
-        if len(entries) > self._size:
-            self._evict(key)
+        entries[key] = value
+        self._heat(key, compact)
 
     def _evict(self, newest: bytes) -> None:
         """Drop the oldest entries down to ``size``; a hot one (except ``newest``) is moved to
