@@ -214,8 +214,9 @@ class Daemon:
         self.tls = listener.TLSDispatch(*build_leaves(definitions, self.cert_store), context=self.tls_context)
         ssl_ctx = self.tls.context
         shared_logins: oidc.SharedTransactionStore | None = None
-        store = session_store(s, shared=self.role != "single")
-        if isinstance(store, sessions.SQLiteSessionStore) and self.role != "single":
+        shared = self.role != "single"
+        store = session_store(s, shared=shared)
+        if shared and isinstance(store, sessions.SQLiteSessionStore):
             shared_logins = oidc.SharedTransactionStore(store, ttl=s.oidc.loginTimeout)
         flowlog = FlowLog(
             self.settings.flow_log,
