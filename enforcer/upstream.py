@@ -133,7 +133,10 @@ class Connection(WriteFlow, asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.reused = False
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        """(It holds this connection's bound methods: :meth:`connection_lost` drops it, so a
+        closed connection -- its transport, buffers and parser -- is freed by reference
+        counting at once instead of waiting as a cycle for a rare full collection.)"""
         self._busy = False
         self._reset()
         self._write_paused = False
@@ -180,16 +183,18 @@ class Connection(WriteFlow, asyncio.Protocol):
                 self._reusable = False
             else:
                 self._exc = Closed(self._got_bytes)
+        self._parser = None  # break the parser <-> connection cycle (no byte comes any more)
         self._wake()
         self._wake_drain()
 
     def data_received(self, data: bytes) -> None:
-        if not self._busy or self._complete:
+        parser = self._parser
+        if not self._busy or self._complete or parser is None:
             self._poison()  # bytes nobody asked for: never hand this connection out again
             return
         self._got_bytes = True
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserError as exc:
             if self._exc is None and not self._complete:
                 self._exc = ProtocolError(str(exc))
@@ -222,7 +227,9 @@ class Connection(WriteFlow, asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self._head is not None:
             return
-        status = self._parser.get_status_code()
+        parser = self._parser
+        assert parser is not None  # (callbacks run inside feed_data only)
+        status = parser.get_status_code()
         if status < 200:
             if status == 101:  # we never ask for an upgrade on this path
                 self._exc = ProtocolError("unrequested 101")
@@ -235,7 +242,7 @@ class Connection(WriteFlow, asyncio.Protocol):
             self._content_length = None
             return
         head = Head(status, _decode(self._reason), self._headers, self._content_length)
-        head.keep_alive = self._parser.should_keep_alive()
+        head.keep_alive = parser.should_keep_alive()
         self._head = head
         if self._skip_body:  # HEAD: llhttp cannot be told there is no body
             self._complete = True
@@ -257,7 +264,8 @@ class Connection(WriteFlow, asyncio.Protocol):
         if self._head is None or self._complete:
             return
         self._complete = True
-        if not self._parser.should_keep_alive():
+        parser = self._parser
+        if parser is None or not parser.should_keep_alive():
             self._reusable = False
 
     # ---------------------------------------------------------------- exchange

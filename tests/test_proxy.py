@@ -4,8 +4,10 @@ receives from the app (conformance.md §4.1 X-HDR-*, §4.7 X-NET-06/07)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import string
+import weakref
 from collections.abc import AsyncIterator
 from typing import Self
 
@@ -407,6 +409,32 @@ async def test_upstream_connection_close_is_honoured() -> None:
             conn.finish(True)
         assert app.connections == 2
         p.close()
+
+
+async def test_upstream_closed_connection_is_freed_without_the_cycle_collector() -> None:
+    """A connection the app closed is freed by reference counting alone once released (no
+    parser <-> connection cycle left for a rare full collection: pooled connections age into
+    the oldest generation, so such garbage would linger)."""
+    answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi"
+    async with FakeApp([answer]) as app:
+        p = pool()
+        gc.disable()
+        try:
+            _, body, conn = await fetch(p, app.port)
+            assert body == b"hi"
+            conn.finish(True)
+            for _ in range(100):  # the close reaches connection_lost on a later loop turn
+                if conn.closed:
+                    break
+                await asyncio.sleep(0.01)
+            assert conn.closed
+            await asyncio.sleep(0)
+            gone = weakref.ref(conn)
+            del conn
+            assert gone() is None
+        finally:
+            gc.enable()
+            p.close()
 
 
 @pytest.mark.parametrize("answer", [
