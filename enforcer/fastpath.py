@@ -130,9 +130,10 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._write_timeout = fast.write_timeout  # (a client that takes nothing is cut: X-LIM-08)
         self._reading_paused = False
-        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
-        """(It holds this protocol for its callbacks: the cycle is broken when the connection
-        ends or is handed over, so the transport's TLS buffers are freed at once, not by GC.)"""
+        self._parser: httptools.HttpRequestParser | None = None
+        """Made in :meth:`connection_made`. (It holds this protocol for its callbacks: the cycle
+        is broken when the connection ends or is handed over, so the transport's TLS buffers are
+        freed at once, not by GC; a protocol whose TLS handshake never completed never gets one.)"""
         self._url = b""
         self._fields: list[tuple[bytes, bytes]] = []
         self._complete = False
@@ -146,6 +147,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self._peer_ip = str(peer[0]) if peer else None
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        self._parser = httptools.HttpRequestParser(self)
         self._server.fast_connections.add(self)
         # (no TCP_NODELAY here: uvloop and asyncio set it on every TCP transport already)
         self._head_started = True  # the first request's header block is due from now

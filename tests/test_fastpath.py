@@ -610,6 +610,21 @@ def test_a_closed_connection_is_freed_without_the_cycle_collector() -> None:
         loop.close()
 
 
+def test_a_protocol_whose_handshake_never_completed_is_freed_without_the_cycle_collector() -> None:
+    """A protocol made for a connection whose TLS handshake failed never gets connection_made nor
+    connection_lost: it holds no parser cycle, so dropping it frees it at once."""
+    loop = asyncio.new_event_loop()
+    gc.disable()
+    try:
+        conn = Connection(FastPath(_Gate(), _Server()), loop)  # type: ignore[arg-type]
+        ref = weakref.ref(conn)
+        del conn
+        assert ref() is None
+    finally:
+        gc.enable()
+        loop.close()
+
+
 def test_a_fault_while_analysing_a_head_hands_the_request_over_intact() -> None:
     """If deciding on the lean path raises, the connection and every byte of the request go to
     the full path (which answers and records it) instead of being lost."""
