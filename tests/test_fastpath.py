@@ -17,6 +17,7 @@ import weakref
 from typing import Any
 
 import aiohttp
+import httptools
 import pytest
 import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
@@ -461,6 +462,7 @@ class _Probe(Connection):
 
     def __init__(self) -> None:
         super().__init__(FastPath(_Gate(), _Server()), None)  # type: ignore[arg-type]
+        self._parser = httptools.HttpRequestParser(self)  # (connection_made makes it)
 
 
 @settings(max_examples=400, deadline=None)
