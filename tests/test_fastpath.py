@@ -9,7 +9,6 @@ flow records must be the same.  The fast-path counters in /metrics say which pat
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import re
 import ssl
@@ -25,6 +24,7 @@ from hypothesis import strategies as st
 
 from enforcer.fastpath import Connection, FastPath
 from tests.e2e_stack import HOST, Seen, Stack
+from tests.refcount import cycle_collector_off
 from tests.test_attacks import Raw, Reply, request
 
 pytestmark = pytest.mark.e2e
@@ -594,36 +594,23 @@ class _Gate:
         raise RuntimeError("a bug")
 
 
-def test_a_closed_connection_is_freed_without_the_cycle_collector() -> None:
-    """After connection_lost nothing keeps the protocol (and its transport's TLS buffers) alive:
-    plain reference counting frees it, so memory does not wait for a full GC pass."""
+@pytest.mark.parametrize("ended", [True, False], ids=["closed", "handshake-never-completed"])
+def test_a_protocol_is_freed_without_the_cycle_collector(ended: bool) -> None:
+    """Nothing keeps a fast protocol (and its transport's TLS buffers) alive once dropped: not
+    after connection_lost, nor when its TLS handshake never completed (no connection_made, no
+    connection_lost), so memory does not wait for a full GC pass."""
     loop = asyncio.new_event_loop()
-    gc.disable()
     try:
-        conn = Connection(FastPath(_Gate(), _Server()), loop)  # type: ignore[arg-type]
-        conn.connection_made(_Transport())
-        conn.data_received(b"GET /partial HTTP/1.1\r\n")
-        conn.connection_lost(None)
-        ref = weakref.ref(conn)
-        del conn
-        assert ref() is None
+        with cycle_collector_off():
+            conn = Connection(FastPath(_Gate(), _Server()), loop)  # type: ignore[arg-type]
+            if ended:
+                conn.connection_made(_Transport())
+                conn.data_received(b"GET /partial HTTP/1.1\r\n")
+                conn.connection_lost(None)
+            ref = weakref.ref(conn)
+            del conn
+            assert ref() is None
     finally:
-        gc.enable()
-        loop.close()
-
-
-def test_a_protocol_whose_handshake_never_completed_is_freed_without_the_cycle_collector() -> None:
-    """A protocol made for a connection whose TLS handshake failed never gets connection_made nor
-    connection_lost: it holds no parser cycle, so dropping it frees it at once."""
-    loop = asyncio.new_event_loop()
-    gc.disable()
-    try:
-        conn = Connection(FastPath(_Gate(), _Server()), loop)  # type: ignore[arg-type]
-        ref = weakref.ref(conn)
-        del conn
-        assert ref() is None
-    finally:
-        gc.enable()
         loop.close()
 
 

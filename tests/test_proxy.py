@@ -4,7 +4,6 @@ receives from the app (conformance.md §4.1 X-HDR-*, §4.7 X-NET-06/07)."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import socket
 import string
 import weakref
@@ -18,6 +17,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from enforcer import proxy, upstream
+from tests.refcount import cycle_collector_off
 
 IDENTITY = {"X-Forwarded-User": "alice", "X-Forwarded-Email": "alice@example.com", "X-Forwarded-Groups": "staff"}
 OURS = {"x-forwarded-user", "x-forwarded-email", "x-forwarded-groups", "x-forwarded-for", "x-forwarded-proto",
@@ -418,22 +418,21 @@ async def test_upstream_closed_connection_is_freed_without_the_cycle_collector()
     answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi"
     async with FakeApp([answer]) as app:
         p = pool()
-        gc.disable()
         try:
-            _, body, conn = await fetch(p, app.port)
-            assert body == b"hi"
-            conn.finish(True)
-            for _ in range(100):  # the close reaches connection_lost on a later loop turn
-                if conn.closed:
-                    break
-                await asyncio.sleep(0.01)
-            assert conn.closed
-            await asyncio.sleep(0)
-            gone = weakref.ref(conn)
-            del conn
-            assert gone() is None
+            with cycle_collector_off():
+                _, body, conn = await fetch(p, app.port)
+                assert body == b"hi"
+                conn.finish(True)
+                for _ in range(100):  # the close reaches connection_lost on a later loop turn
+                    if conn.closed:
+                        break
+                    await asyncio.sleep(0.01)
+                assert conn.closed
+                await asyncio.sleep(0)
+                gone = weakref.ref(conn)
+                del conn
+                assert gone() is None
         finally:
-            gc.enable()
             p.close()
 
 
