@@ -265,7 +265,8 @@ class Connection(WriteFlow, asyncio.Protocol):
             return
         self._complete = True
         parser = self._parser
-        if parser is None or not parser.should_keep_alive():
+        assert parser is not None  # (callbacks run inside feed_data only)
+        if not parser.should_keep_alive():
             self._reusable = False
 
     # ---------------------------------------------------------------- exchange
