@@ -121,7 +121,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(f"enforcer: cannot start: {exc}", file=sys.stderr)
                 return 1
             except Exception as exc:
-                redirect = sys.modules.get("enforcer.redirect")  # loaded only if the redirect is enabled
+                redirect = sys.modules.get("enforcer.net.nftables")  # loaded only if the redirect is enabled
                 if redirect is not None and isinstance(exc, redirect.RedirectError):
                     print(f"enforcer: cannot install the redirect: {exc}", file=sys.stderr)
                     return 1

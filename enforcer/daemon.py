@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -34,9 +34,8 @@ from enforcer.definitions import DefinitionsManager, build_sources
 from enforcer.flowlog import FlowLog, FlowRecord
 from enforcer.handler import Gate, Runtime
 from enforcer.metrics import Metrics, enable_multiprocess, process_gone
-
-if TYPE_CHECKING:
-    from enforcer import redirect  # imported at run time only when the redirect is enabled (pyroute2 is big)
+from enforcer.net import nftables, sockopt
+from enforcer.net.ruleset import RedirectSettings, RedirectTarget, Ruleset, build_ruleset
 
 log = logging.getLogger("enforcer.daemon")
 
@@ -99,20 +98,19 @@ def build_leaves(
 LOCAL_UPSTREAMS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
-def build_redirect(definitions: config.Definitions, settings: config.Settings, listen_port: int) -> redirect.Ruleset:
+def build_redirect(definitions: config.Definitions, settings: config.Settings, listen_port: int) -> Ruleset:
     """The nftables ruleset for these services (the app port is blocked only for local apps)."""
-    from enforcer import redirect  # noqa: PLC0415
 
     r = settings.model.redirect
     targets = [
-        redirect.RedirectTarget(
+        RedirectTarget(
             svc.name, svc.exposed_port, svc.port if svc.upstream_host in LOCAL_UPSTREAMS else None
         )
         for svc in definitions.services
     ]
-    return redirect.build_ruleset(
+    return build_ruleset(
         targets,
-        redirect.RedirectSettings(listen_port=listen_port, table=r.table, mark=r.mark, block_app_port=r.blockAppPort),
+        RedirectSettings(listen_port=listen_port, table=r.table, mark=r.mark, block_app_port=r.blockAppPort),
     )
 
 
@@ -166,7 +164,7 @@ class Daemon:
     settings: config.Settings
     metrics: Metrics = field(default_factory=Metrics)
     ready: bool = False
-    ruleset: redirect.Ruleset | None = None
+    ruleset: Ruleset | None = None
     listen_port: int = 0
     admin_port: int = 0
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -233,13 +231,12 @@ class Daemon:
         sock = self.listen_socket or listener.make_listen_socket(s.listen.address, s.listen.port)
         self.listen_port = sock.getsockname()[1]
         if s.redirect.enabled and self.owns_host:
-            from enforcer import redirect  # noqa: PLC0415
 
             self.ruleset = build_redirect(definitions, self.settings, self.listen_port)
             try:
                 started = time.perf_counter()
-                await redirect.apply(self.ruleset)
-            except redirect.RedirectError:
+                await nftables.apply(self.ruleset)
+            except nftables.RedirectError:
                 sock.close()
                 await http.close()
                 raise
@@ -337,12 +334,11 @@ class Daemon:
         if not r.enabled:
             return None
 
-        from enforcer import redirect  # noqa: PLC0415
 
         def make(addr_info: Any) -> socket.socket:
             family, type_, proto, _, _ = addr_info
             sock = socket.socket(family=family, type=type_, proto=proto)
-            redirect.mark_socket(sock, r.mark)
+            sockopt.mark_socket(sock, r.mark)
             return sock
 
         return make
@@ -352,14 +348,13 @@ class Daemon:
         r = self.settings.model.redirect
         if not r.enabled or self.ruleset is None or not self.owns_host:
             return
-        from enforcer import redirect  # noqa: PLC0415
 
         try:
             if r.keepBlockOnStop:
-                await redirect.apply(self.ruleset.block_only())
+                await nftables.apply(self.ruleset.block_only())
             else:
-                await redirect.remove(r.table)
-        except redirect.RedirectError as exc:
+                await nftables.remove(r.table)
+        except nftables.RedirectError as exc:
             log.error("could not remove the redirect table on stop: %s", exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -404,18 +399,17 @@ class Daemon:
         atomic: a refused one leaves the old table untouched)."""
         previous = self.ruleset
         if self.settings.model.redirect.enabled and self.owns_host:
-            from enforcer import redirect  # noqa: PLC0415
 
             ruleset = build_redirect(definitions, self.settings, self.listen_port)
             if ruleset != previous:
-                await redirect.apply(ruleset)
+                await nftables.apply(ruleset)
                 self.ruleset = ruleset
         try:
             leaves, default = await asyncio.to_thread(build_leaves, definitions, self.cert_store)
             self.tls.update(leaves, default)
         except Exception:
             if previous is not None and self.ruleset is not previous:
-                await redirect.apply(previous)
+                await nftables.apply(previous)
                 self.ruleset = previous
             raise
         old = self.gate.runtime

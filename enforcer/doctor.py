@@ -19,7 +19,8 @@ from typing import TextIO
 import aiohttp
 from cryptography import x509
 
-from enforcer import config, oidc, redirect
+from enforcer import config, oidc
+from enforcer.net import nftables, ruleset
 
 
 @dataclass
@@ -48,7 +49,7 @@ class Report:
         print(line, file=self.out, flush=True)
 
 
-def expected_ruleset(settings: config.Settings, definitions: config.Definitions) -> redirect.Ruleset:
+def expected_ruleset(settings: config.Settings, definitions: config.Definitions) -> ruleset.Ruleset:
     """The table the daemon would install for this config."""
     from enforcer.daemon import build_redirect  # noqa: PLC0415  (daemon imports aiohttp server bits)
 
@@ -136,11 +137,11 @@ async def _check_redirect(report: Report, settings: config.Settings, definitions
         return
     expected = expected_ruleset(settings, definitions)
     try:
-        live = await redirect.read_live(r.table)
-    except (OSError, redirect.RedirectError) as exc:
+        live = await nftables.read_live(r.table)
+    except (OSError, nftables.RedirectError) as exc:
         report.fail(f"cannot read nftables: {exc}", "run doctor as root (CAP_NET_ADMIN)")
         return
-    problems = redirect.diff(expected, live)
+    problems = nftables.diff(expected, live)
     if problems:
         report.fail(
             f"nftables table inet {r.table} differs from the configuration:\n        " + "\n        ".join(problems),

@@ -30,6 +30,7 @@ from enforcer.config import Definitions, Service, Settings, normalise_host
 from enforcer.flowlog import FlowLog, FlowRecord
 from enforcer.listener import sni_of
 from enforcer.metrics import Metrics
+from enforcer.net import sockopt
 
 log = logging.getLogger("enforcer.handler")
 
@@ -454,17 +455,15 @@ class Gate:
         """Where a redirected connection was going (cached per connection: one syscall)."""
         if transport is None:
             return None
-        from enforcer import redirect  # noqa: PLC0415  (only with the redirect enabled: pyroute2 is big)
-
         try:
             return self._destinations[transport]
         except KeyError:
             pass
         except TypeError:  # a transport that cannot be weakly referenced (uvloop)
             sock = transport.get_extra_info("socket")
-            return redirect.redirected_destination(sock) if sock is not None else None
+            return sockopt.redirected_destination(sock) if sock is not None else None
         sock = transport.get_extra_info("socket")
-        found = redirect.redirected_destination(sock) if sock is not None else None
+        found = sockopt.redirected_destination(sock) if sock is not None else None
         self._destinations[transport] = found
         return found
 

@@ -20,7 +20,8 @@ import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
-from enforcer import redirect
+from enforcer.net import netns as netns_mod
+from enforcer.net import sockopt
 from tests.prereq import missing
 
 T = TypeVar("T")
@@ -121,7 +122,7 @@ class NetnsLoop:
 
     def _main(self) -> None:
         try:
-            redirect._setns(self._fd)
+            netns_mod._setns(self._fd)
         except BaseException as e:  # handed to __init__
             self._error = e
             self._started.set()
@@ -158,14 +159,14 @@ def connect(netns: str, host: str, port: int, *, mark: int | None = None, timeou
         s.settimeout(timeout)
         try:
             if mark is not None:
-                redirect.mark_socket(s, mark)
+                sockopt.mark_socket(s, mark)
             s.connect((host, port))
         except BaseException:
             s.close()
             raise
         return s
 
-    return redirect.run_in_netns(netns, go)
+    return netns_mod.run_in_netns(netns, go)
 
 
 def refused(netns: str, host: str, port: int) -> bool:

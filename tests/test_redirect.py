@@ -27,19 +27,12 @@ from pathlib import Path
 
 import pytest
 
-from enforcer import redirect
 from enforcer.listener import make_listen_socket
-from enforcer.redirect import (
-    LiveRule,
-    LiveRuleset,
-    RedirectError,
-    RedirectSettings,
-    RedirectTarget,
-    Rule,
-    build_ruleset,
-    diff,
-    parse_original_dst,
-)
+from enforcer.net import netns as netns_mod
+from enforcer.net import nftables, ruleset, sockopt
+from enforcer.net.nftables import LiveRule, LiveRuleset, RedirectError, diff
+from enforcer.net.ruleset import RedirectSettings, RedirectTarget, Rule, build_ruleset
+from enforcer.net.sockopt import parse_original_dst
 from tests.netns import Hosts, connect, require_root, veth_hosts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,7 +194,7 @@ def test_v4_mapped_address_becomes_ipv4() -> None:
 def test_batch_replaces_the_table_in_one_transaction() -> None:
     """The batch is add table, delete table, add table, then every chain and rule, named."""
     rs = build_ruleset(TARGETS, SETTINGS)
-    msgs = redirect._batch_messages(rs)
+    msgs = nftables._batch_messages(rs)
     assert [m.what.split(" (")[0] for m in msgs[:3]] == ["table enforcer"] * 3
     assert len(msgs) == 3 + len(rs.chains) + len(rs.rules)
     assert msgs[-1].what.startswith("rule #4 in enforcer/input (iifname")
@@ -217,11 +210,11 @@ def test_parse_original_dst_v4_and_v6() -> None:
     assert parse_original_dst(v6) == ("fd00:99::1", 8443)
 
 
-def _as_live(rs: redirect.Ruleset) -> LiveRuleset:
+def _as_live(rs: ruleset.Ruleset) -> LiveRuleset:
     return LiveRuleset(
         rs.table,
         True,
-        tuple(redirect.LiveChain(c.name, c.type, c.hook, c.priority, c.policy) for c in rs.chains),
+        tuple(nftables.LiveChain(c.name, c.type, c.hook, c.priority, c.policy) for c in rs.chains),
         tuple(LiveRule(r.chain, i, r.bytecode(), 0, 0) for i, r in enumerate(rs.rules, 1)),
     )
 
@@ -249,7 +242,7 @@ def test_run_in_netns_never_creates_a_namespace() -> None:
     """A missing namespace name raises FileNotFoundError instead of being created."""
     name = f"enforcer-missing-{os.getpid()}"
     with pytest.raises(FileNotFoundError):
-        redirect.run_in_netns(name, lambda: None)
+        netns_mod.run_in_netns(name, lambda: None)
     assert not Path("/run/netns", name).exists()
 
 
@@ -285,7 +278,7 @@ class Server:
         self.tag = tag
         self.accepted = 0
         self.redirected: list[tuple[str, int] | None] = []
-        self.sock = redirect.run_in_netns(netns, make_listen_socket, "::", port)
+        self.sock = netns_mod.run_in_netns(netns, make_listen_socket, "::", port)
         self.sock.settimeout(0.1)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -308,8 +301,8 @@ class Server:
     def _handle(self, conn: socket.socket) -> None:
         with contextlib.suppress(OSError), conn:
             conn.settimeout(5)
-            self.redirected.append(redirect.redirected_destination(conn))
-            orig = redirect.original_destination(conn)
+            self.redirected.append(sockopt.redirected_destination(conn))
+            orig = sockopt.original_destination(conn)
             conn.sendall(f"{self.tag} {_fmt(orig)} {_fmt(conn.getsockname()[:2])}\n".encode())
             while not self._stop.is_set() and (data := conn.recv(1024)):
                 conn.sendall(data)
@@ -361,9 +354,9 @@ def refused(netns: str, host: str, port: int) -> bool:
     return False
 
 
-async def _apply(h: Hosts, targets: tuple[RedirectTarget, ...] = TARGETS) -> redirect.Ruleset:
+async def _apply(h: Hosts, targets: tuple[RedirectTarget, ...] = TARGETS) -> ruleset.Ruleset:
     rs = build_ruleset(targets, SETTINGS)
-    await redirect.apply(rs, netns=h.app)
+    await nftables.apply(rs, netns=h.app)
     return rs
 
 
@@ -417,7 +410,7 @@ async def test_enforcer_marked_socket_is_not_redirected(hosts: Hosts) -> None:
 LISTENER_SCRIPT = """
 import sys
 from enforcer.listener import make_listen_socket
-from enforcer.redirect import original_destination
+from enforcer.net.sockopt import original_destination
 s = make_listen_socket("::", int(sys.argv[1]))
 s.setblocking(True)
 print("ready", flush=True)
@@ -451,7 +444,7 @@ async def test_kill_9_fails_closed(hosts: Hosts) -> None:
             assert refused(hosts.cli, host, 443)
             assert refused(hosts.cli, host, APP_PORT)
         assert app.accepted == 0
-        live = await redirect.read_live(netns=hosts.app)
+        live = await nftables.read_live(netns=hosts.app)
         assert diff(build_ruleset(TARGETS, SETTINGS), live) == []
 
 
@@ -468,7 +461,7 @@ async def test_reapply_is_atomic_and_keeps_connections(hosts: Hosts) -> None:
                 rs = await _apply(hosts, targets)
                 conn.sendall(b"ping\n")
                 assert _readline(conn) == "ping"
-                assert diff(rs, await redirect.read_live(netns=hosts.app)) == []
+                assert diff(rs, await nftables.read_live(netns=hosts.app)) == []
         assert hello(hosts.cli, APP6, 8443) == f"enforcer {APP6}:8443 {APP6}:{LISTEN}"
 
 
@@ -487,25 +480,25 @@ async def test_broken_batch_changes_nothing(
     rs = await _apply(hosts)
     with serving(hosts.app, LISTEN, "enforcer"):
         hello(hosts.cli, APP4, 443)
-    before = await redirect.read_live(netns=hosts.app)
+    before = await nftables.read_live(netns=hosts.app)
     assert before.rules_of("prerouting")[0].packets
     bad_rule = Rule(chain, f"broken {statement}", rs.rules_of("prerouting")[0].exprs)
     broken = dataclasses.replace(rs, rules=(*rs.rules, bad_rule))
     with pytest.raises(RedirectError) as caught:
-        await redirect.apply(broken, netns=hosts.app)
+        await nftables.apply(broken, netns=hosts.app)
     assert [f.errno for f in caught.value.failures] == [reason]
     assert f"rule #5 in enforcer/{chain} (broken {statement})" in str(caught.value)
     assert "nothing was changed" in str(caught.value)
-    assert await redirect.read_live(netns=hosts.app) == before
+    assert await nftables.read_live(netns=hosts.app) == before
 
 
 @pytest.mark.root
 async def test_remove_deletes_the_table(hosts: Hosts) -> None:
     """remove() deletes the table (the app port opens again); a second remove reports nothing."""
     await _apply(hosts)
-    assert await redirect.remove(netns=hosts.app) is True
-    assert (await redirect.read_live(netns=hosts.app)).exists is False
-    assert await redirect.remove(netns=hosts.app) is False
+    assert await nftables.remove(netns=hosts.app) is True
+    assert (await nftables.read_live(netns=hosts.app)).exists is False
+    assert await nftables.remove(netns=hosts.app) is False
     with serving(hosts.app, APP_PORT, "app"):
         assert hello(hosts.cli, APP4, APP_PORT).startswith("app ")
 
@@ -532,7 +525,7 @@ async def test_live_table_matches_nft_and_counts(hosts: Hosts) -> None:
     with serving(hosts.app, LISTEN, "enforcer"):
         hello(hosts.cli, APP4, 443)
         hello(hosts.cli, APP6, 443)
-    live = await redirect.read_live(netns=hosts.app)
+    live = await nftables.read_live(netns=hosts.app)
     assert diff(rs, live) == []
     first = live.rules_of("prerouting")[0]
     assert first.packets == 2
@@ -562,7 +555,7 @@ async def test_apply_time(hosts: Hosts) -> None:
     times = []
     for _ in range(20):
         start = time.perf_counter()
-        await redirect.apply(rs, netns=hosts.app)
+        await nftables.apply(rs, netns=hosts.app)
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
     print(f"apply median over 20: {median * 1000:.1f} ms")

@@ -38,8 +38,9 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from enforcer import redirect
-from enforcer.redirect import Chain, Expr, LiveRuleset, Rule, Ruleset
+from enforcer.net import nftables, ruleset
+from enforcer.net.nftables import LiveRuleset
+from enforcer.net.ruleset import Chain, Expr, Rule, Ruleset
 from tests.conftest import require_e2e
 from tests.harness.browser import Response, ScriptedBrowser
 from tests.harness.op import OPUser, RunningOP, make_tls_material, start_op
@@ -115,15 +116,15 @@ def _idp_passthrough(table: str) -> Ruleset:
     """Test-only: client -> IDP4:443 gets a NAT binding to itself first, so users reach the OP."""
     ip = ipaddress.ip_address(IDP4)
     exprs = (
-        *redirect._daddr(ip),
-        *redirect._tcp_dport(443),
+        *ruleset._daddr(ip),
+        *ruleset._tcp_dport(443),
         Expr("counter"),
         Expr("immediate", (("NFTA_IMMEDIATE_DREG", 1), ("NFTA_IMMEDIATE_DATA", (("NFTA_DATA_VALUE", ip.packed),)))),
         Expr("nat", (("NFTA_NAT_TYPE", 1), ("NFTA_NAT_FAMILY", 2), ("NFTA_NAT_REG_ADDR_MIN", 1))),  # dnat ip
     )
     return Ruleset(
         table,
-        (Chain("prerouting", "nat", "prerouting", redirect.NAT_PRIORITY - 1),),
+        (Chain("prerouting", "nat", "prerouting", ruleset.NAT_PRIORITY - 1),),
         (Rule("prerouting", f"ip daddr {IDP4} tcp dport 443 counter dnat ip to {IDP4}", exprs),),
     )
 
@@ -283,7 +284,7 @@ class Stack:
             await asyncio.sleep(0.1)
 
     async def live(self) -> LiveRuleset:
-        return await redirect.read_live(netns=self.hosts.app)
+        return await nftables.read_live(netns=self.hosts.app)
 
     async def browser(self, address: str) -> ScriptedBrowser:
         """A scripted browser on the client host's loop; both test hosts resolve to ``address``."""
@@ -316,7 +317,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
             veth_hosts(f"enfc-e2e-{pid}", f"enfa-e2e-{pid}", app4=APP4, cli4=CLI4, app6=APP6, cli6=CLI6,
                        extra_app=(f"{IDP4}/24",))
         )  # fmt: skip
-        await redirect.apply(_idp_passthrough(f"test_idp_{pid}"), netns=hosts.app)
+        await nftables.apply(_idp_passthrough(f"test_idp_{pid}"), netns=hosts.app)
         tls = make_tls_material(workdir / "op-tls", name="op", ips=(IDP4,), dns_names=())
         op = await start_op(
             workdir / "op",
@@ -441,7 +442,7 @@ async def test_local_connection_redirected_but_enforcer_reaches_idp_on_443(stack
     # the OP's certificate is only presented to a socket carrying the enforcer's mark
     marked = await asyncio.to_thread(
         https_raw, stack.hosts.app, IDP4, 443, sni=IDP4, host=IDP4, path="/.well-known/openid-configuration",
-        cadata=stack.op.ca_pem.decode(), mark=redirect.DEFAULT_MARK,
+        cadata=stack.op.ca_pem.decode(), mark=ruleset.DEFAULT_MARK,
     )  # fmt: skip
     assert marked.status == 200
     assert json.loads(marked.body)["issuer"] == ISSUER
@@ -482,7 +483,7 @@ async def test_local_unprivileged_process_cannot_bypass_the_redirect(stack: Stac
         run = await asyncio.to_thread(
             subprocess.run,
             ["ip", "netns", "exec", stack.hosts.app, "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-             "/usr/bin/python3", "-I", "-c", UNPRIVILEGED_CLIENT, address, HOST_A, str(redirect.DEFAULT_MARK)],
+             "/usr/bin/python3", "-I", "-c", UNPRIVILEGED_CLIENT, address, HOST_A, str(ruleset.DEFAULT_MARK)],
             input=ca_enforcer, capture_output=True, text=True, timeout=30, check=False,
         )  # fmt: skip
         assert run.returncode == 0, (address, run.stderr[-1000:])
