@@ -28,11 +28,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from enforcer import certs, config, fastpath, httpserver, listener, memory, oidc, proxy
-from enforcer import session as sessions
+from enforcer import certs, config, fastpath, httpserver, listener, memory, proxy
 from enforcer.definitions import DefinitionsManager, build_sources
 from enforcer.flowlog import FlowLog, FlowRecord
 from enforcer.handler import Gate, Runtime
+from enforcer.identity import login, oidc, sessions, sqlite, tokens
 from enforcer.metrics import Metrics, enable_multiprocess, process_gone
 from enforcer.net import nftables, sockopt
 from enforcer.net.ruleset import RedirectSettings, RedirectTarget, Ruleset, build_ruleset
@@ -141,7 +141,7 @@ def session_store(s: config.DaemonModel, *, shared: bool) -> sessions.SessionSto
     """The session store ``sessions:`` asks for: SQLite in the state dir (``shared`` when
     several worker processes use it) or in memory."""
     if s.sessions.store == "sqlite":
-        return sessions.SQLiteSessionStore(
+        return sqlite.SQLiteSessionStore(
             s.stateDir / "sessions.db", idle_timeout=s.sessions.idleTimeout, max_sessions=s.sessions.maxSessions,
             cache_size=s.sessions.cacheSize, shared=shared,
         )
@@ -211,11 +211,11 @@ class Daemon:
         self.cert_store = certs.CertStore(s.stateDir)
         self.tls = listener.TLSDispatch(*build_leaves(definitions, self.cert_store), context=self.tls_context)
         ssl_ctx = self.tls.context
-        shared_logins: oidc.SharedTransactionStore | None = None
+        shared_logins: login.SharedTransactionStore | None = None
         shared = self.role != "single"
         store = session_store(s, shared=shared)
-        if shared and isinstance(store, sessions.SQLiteSessionStore):
-            shared_logins = oidc.SharedTransactionStore(store, ttl=s.oidc.loginTimeout)
+        if shared and isinstance(store, sqlite.SQLiteSessionStore):
+            shared_logins = login.SharedTransactionStore(store, ttl=s.oidc.loginTimeout)
         flowlog = FlowLog(
             self.settings.flow_log,
             on_dropped=self.metrics.flowlog_dropped.inc,
@@ -456,7 +456,7 @@ class Daemon:
             for name, provider in runtime.providers.items():
                 try:
                     await provider.discover()
-                except oidc.OIDCError as exc:
+                except tokens.OIDCError as exc:
                     pending.append(name)
                     log.warning("service %s: identity provider not ready: %s", name, exc)
             if not pending:

@@ -19,7 +19,8 @@ from typing import TextIO
 import aiohttp
 from cryptography import x509
 
-from enforcer import config, oidc
+from enforcer import config
+from enforcer.identity import oidc, tokens
 from enforcer.net import nftables, ruleset
 
 
@@ -70,7 +71,7 @@ async def _check_idp(
     started = time.monotonic()
     try:
         metadata = await provider.discover()
-    except oidc.OIDCError as exc:
+    except tokens.OIDCError as exc:
         report.fail(
             f"service {svc.name}: identity provider {svc.issuer}: {exc.code}: {exc.detail}",
             "check OIDCProviderURL, DNS, the firewall towards the IdP and oidc.caFile",

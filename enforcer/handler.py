@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
-from enforcer import oidc, pages, policy, proxy
-from enforcer import session as sessions
+from enforcer import pages, policy, proxy
 from enforcer.config import Definitions, Service, Settings, normalise_host
 from enforcer.flowlog import FlowLog, FlowRecord
+from enforcer.identity import cookies as cookies_mod
+from enforcer.identity import login, oidc, sessions, sqlite
+from enforcer.identity import tokens as tokens_mod
 from enforcer.listener import sni_of
 from enforcer.metrics import Metrics
 from enforcer.net import sockopt
@@ -161,7 +163,7 @@ class Gate:
         upstream: proxy.Upstream,
         listen_port: int,
         clock: Callable[[], float] = time.time,
-        shared_logins: oidc.SharedTransactionStore | None = None,
+        shared_logins: login.SharedTransactionStore | None = None,
     ) -> None:
         self.settings = settings
         self.runtime = runtime
@@ -172,7 +174,7 @@ class Gate:
         self.listen_port = listen_port
         self.clock = clock
         s = settings.model
-        self.transactions = oidc.TransactionStore(ttl=s.oidc.loginTimeout)
+        self.transactions = login.TransactionStore(ttl=s.oidc.loginTimeout)
         self.shared_logins = shared_logins
         """Set when several worker processes serve: pending logins then live in the session file."""
         self.absolute_timeout = s.sessions.absoluteTimeout
@@ -401,7 +403,7 @@ class Gate:
         handle = _session_handle(cookies, service)
         if handle is not None:
             store = self.store
-            if type(store) is not sessions.SQLiteSessionStore:
+            if type(store) is not sqlite.SQLiteSessionStore:
                 return None
             identity = store.get_cached(handle, service.name, self.clock())
             if identity is None:
@@ -479,7 +481,7 @@ class Gate:
         if handle is None:
             return None
         store = self.store
-        if type(store) is sessions.SQLiteSessionStore:  # cache hit, no touch due: no coroutine
+        if type(store) is sqlite.SQLiteSessionStore:  # cache hit, no touch due: no coroutine
             cached = store.get_cached(handle, service.name, now)
             if cached is not None:
                 return cached
@@ -498,7 +500,7 @@ class Gate:
             return self._close_if_body(request, resp)
         try:
             metadata = await self._provider(service).discover()
-        except oidc.OIDCError as exc:
+        except tokens_mod.OIDCError as exc:
             flow.record(decision="error", reason="idp_unavailable")
             log.warning("service %s: cannot start a login: %s", service.name, exc)
             return pages.error_page(503, "idp_unavailable", flow.flow_id,
@@ -507,7 +509,7 @@ class Gate:
         if len(return_to) > MAX_RETURN_TO:
             return_to = "/"
         now = self.clock()
-        url, txn, binding = oidc.start_login(
+        url, txn, binding = login.start_login(
             metadata=metadata, client_id=service.client_id, redirect_uri=service.callback_url,
             scopes=service.scopes, service=service.name, return_to=return_to, now=now,
         )
@@ -523,12 +525,12 @@ class Gate:
             self.transactions.add(txn)
         self.metrics.logins.labels(service.name, "started").inc()
         cookies = self._expire_old_tx_cookies(request)
-        session_cookie = sessions.session_cookie_name(service.name)
-        stale, _ = sessions.find_cookie(request.headers.getall("Cookie", []), session_cookie)
-        if stale is not sessions.CookieLookup.ABSENT:
+        session_cookie = cookies_mod.session_cookie_name(service.name)
+        stale, _ = cookies_mod.find_cookie(request.headers.getall("Cookie", []), session_cookie)
+        if stale is not cookies_mod.CookieLookup.ABSENT:
             # We only get here without a live session: drop the dead or planted one (S-ID-02).
-            cookies.append(sessions.clear_cookie_header(session_cookie))
-        cookies.append(sessions.set_cookie_header(
+            cookies.append(cookies_mod.clear_cookie_header(session_cookie))
+        cookies.append(cookies_mod.set_cookie_header(
             _tx_cookie_name(txn.state), f"{int(now)}.{binding}", max_age=int(self.transactions.ttl)
         ))
         return pages.redirect(url, set_cookies=cookies)
@@ -545,7 +547,7 @@ class Gate:
                     pending.append((int(stamp) if stamp.isdigit() else 0, name))
         pending.sort()
         excess = len(pending) - (MAX_PENDING_PER_BROWSER - 1)
-        return [sessions.clear_cookie_header(name) for _, name in pending[: max(0, excess)]]
+        return [cookies_mod.clear_cookie_header(name) for _, name in pending[: max(0, excess)]]
 
     # ------------------------------------------------------------------ callback
 
@@ -562,7 +564,7 @@ class Gate:
             resp = pages.error_page(status, code, flow.flow_id, message=show or "Sign-in did not complete.",
                                     retry_url=service.origin + "/")
             if clear:
-                resp.headers.add("Set-Cookie", sessions.clear_cookie_header(clear))
+                resp.headers.add("Set-Cookie", cookies_mod.clear_cookie_header(clear))
             return resp
 
         if request.method != "GET":
@@ -595,15 +597,15 @@ class Gate:
             txn = self.transactions.pop(state, now)
         if txn is None or txn.service != service.name:
             return fail("callback_unknown_state", clear=tx_name)
-        found, cookie = sessions.find_cookie(request.headers.getall("Cookie", []), tx_name)
+        found, cookie = cookies_mod.find_cookie(request.headers.getall("Cookie", []), tx_name)
         binding = cookie.split(".", 1)[1] if cookie and "." in cookie else ""
-        bound = secrets.compare_digest(oidc.binding_hash(binding), txn.binding)
-        if found is not sessions.CookieLookup.FOUND or not bound:
+        bound = secrets.compare_digest(login.binding_hash(binding), txn.binding)
+        if found is not cookies_mod.CookieLookup.FOUND or not bound:
             return fail("callback_not_bound", clear=tx_name)
         provider = self._provider(service)
         try:
             metadata = await provider.discover()
-        except oidc.OIDCError as exc:
+        except tokens_mod.OIDCError as exc:
             log.warning("service %s: callback without IdP metadata: %s", service.name, exc)
             return fail("idp_unavailable", 502, clear=tx_name)
         iss = params.get("iss")
@@ -625,22 +627,23 @@ class Gate:
                 client_id=service.client_id, client_secret=service.client_secret,
             )
             verified = await provider.verify(tokens.id_token)
-            oidc.check_claims(
+            tokens_mod.check_claims(
                 verified.claims, issuer=txn.issuer, client_id=service.client_id, nonce=txn.nonce,
                 now=self.clock(), leeway=self.settings.model.oidc.leeway,
                 max_age=self.settings.model.oidc.maxIdTokenAge,
             )
-            oidc.check_at_hash(verified.claims, str(verified.header.get("alg")), tokens.access_token)
+            tokens_mod.check_at_hash(verified.claims, str(verified.header.get("alg")), tokens.access_token)
             claims = dict(verified.claims)
-            if tokens.token_type.lower() == "bearer" and oidc.needs_userinfo(service.userinfo, service.scopes, claims):
+            bearer = tokens.token_type.lower() == "bearer"
+            if bearer and tokens_mod.needs_userinfo(service.userinfo, service.scopes, claims):
                 info = await provider.userinfo(tokens.access_token)
                 if info is not None:
                     if info.get("sub") != claims["sub"]:
-                        raise oidc.OIDCError("userinfo_sub_mismatch", "UserInfo sub differs from the ID token")
+                        raise tokens_mod.OIDCError("userinfo_sub_mismatch", "UserInfo sub differs from the ID token")
                     for k, v in info.items():
                         claims.setdefault(k, v)
-            tags = oidc.claims_to_tags(claims)
-        except oidc.OIDCError as exc:
+            tags = tokens_mod.claims_to_tags(claims)
+        except tokens_mod.OIDCError as exc:
             return fail(exc.code, 502 if exc.status >= 500 else 400, clear=tx_name)
         finally:
             self._callback_inflight.discard(state)
@@ -656,10 +659,10 @@ class Gate:
             id_token=tokens.id_token, created=now, last_seen=now, expires=now + self.absolute_timeout,
             refresh_token=tokens.refresh_token,
         )
-        old_found, old_handle = sessions.find_cookie(
-            request.headers.getall("Cookie", []), sessions.session_cookie_name(service.name)
+        old_found, old_handle = cookies_mod.find_cookie(
+            request.headers.getall("Cookie", []), cookies_mod.session_cookie_name(service.name)
         )
-        if old_found is sessions.CookieLookup.FOUND and old_handle:
+        if old_found is cookies_mod.CookieLookup.FOUND and old_handle:
             await self.store.delete(old_handle)  # a new handle at each login (no fixation)
         handle = await self.store.create(new)
         flow.record(decision="callback", reason="login_success", user=new.sub, email=new.email)
@@ -667,9 +670,9 @@ class Gate:
         return pages.redirect(
             service.origin + txn.return_to,
             set_cookies=[
-                sessions.clear_cookie_header(tx_name),
-                sessions.set_cookie_header(
-                    sessions.session_cookie_name(service.name), handle, max_age=int(self.absolute_timeout)
+                cookies_mod.clear_cookie_header(tx_name),
+                cookies_mod.set_cookie_header(
+                    cookies_mod.session_cookie_name(service.name), handle, max_age=int(self.absolute_timeout)
                 ),
             ],
         )
@@ -695,14 +698,14 @@ class Gate:
                 "<p>Do you want to sign out?</p><button type=submit>Sign out</button></form>"
             )
             return pages.info_page("Sign out", form)
-        cookie_name = sessions.session_cookie_name(service.name)
-        found, handle = sessions.find_cookie(request.headers.getall("Cookie", []), cookie_name)
+        cookie_name = cookies_mod.session_cookie_name(service.name)
+        found, handle = cookies_mod.find_cookie(request.headers.getall("Cookie", []), cookie_name)
         current = None
-        if found is sessions.CookieLookup.FOUND and handle:
+        if found is cookies_mod.CookieLookup.FOUND and handle:
             current = await self.store.pop(handle, service.name, self.clock())
         if current is not None:
             flow.user, flow.email = current.sub, current.email
-        clear = [sessions.clear_cookie_header(cookie_name)]
+        clear = [cookies_mod.clear_cookie_header(cookie_name)]
         metadata = self._provider(service).metadata
         if current is not None and metadata is not None and metadata.end_session_endpoint:
             params = {
@@ -761,11 +764,11 @@ class Gate:
         s = self.settings.model.oidc
         try:
             verified = await provider.verify(tokens[0], logout=True)
-            sub, sid = oidc.check_logout_claims(
+            sub, sid = tokens_mod.check_logout_claims(
                 verified.claims, issuer=service.issuer, client_id=service.client_id,
                 now=self.clock(), leeway=s.leeway, max_age=s.maxIdTokenAge,
             )
-        except oidc.OIDCError as exc:
+        except tokens_mod.OIDCError as exc:
             code = exc.code.replace("id_token_", "logout_token_")
             log.info("back-channel logout refused for service %s: %s (flow %s)", service.name, code, flow.flow_id)
             return answer(400, code, "invalid_request")
@@ -835,8 +838,8 @@ def _whole_items(items: list[str], sub: str) -> str:
 
 def _session_handle(cookies: list[str], service: Service) -> str | None:
     """The session handle in the service's cookie, if exactly one well-formed one was sent."""
-    found, handle = sessions.find_cookie(cookies, sessions.session_cookie_name(service.name))
-    return handle if found is sessions.CookieLookup.FOUND else None
+    found, handle = cookies_mod.find_cookie(cookies, cookies_mod.session_cookie_name(service.name))
+    return handle if found is cookies_mod.CookieLookup.FOUND else None
 
 
 def _tx_cookie_name(state: str) -> str:

@@ -27,8 +27,8 @@ from aiohttp.helpers import rfc822_formatted_time
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 from yarl import URL
 
-from enforcer import session as sessions
 from enforcer import upstream as upstream_client
+from enforcer.identity import cookies as sessions
 
 log = logging.getLogger("enforcer.proxy")
 

@@ -975,16 +975,17 @@ class Bench:
     async def sessions_run(self, col: Column, count: int) -> dict[str, Any]:
         """Create ``count`` sessions in the column's SQLite store, use each once through the
         enforcer (into its session cache), then measure the memory of the process tree."""
-        from enforcer import session as sessions  # noqa: PLC0415 -- only this phase needs the package
+        from enforcer.identity import cookies as cookies_mod  # noqa: PLC0415 -- only this phase needs it
+        from enforcer.identity import sqlite  # noqa: PLC0415 -- only this phase needs the package
 
         assert col.proc is not None
         await self.ensure_cookie(col)
-        found, handle = sessions.find_cookie([col.cookie], sessions.session_cookie_name(SERVICE))
-        if found is not sessions.CookieLookup.FOUND or not handle:
+        found, handle = cookies_mod.find_cookie([col.cookie], cookies_mod.session_cookie_name(SERVICE))
+        if found is not cookies_mod.CookieLookup.FOUND or not handle:
             raise RuntimeError(f"{col.name}: no session cookie in {col.cookie[:80]!r}")
         mem0 = tree_memory(col.proc.pid)
         db = self.enforcer_state[col.name] / "sessions.db"
-        store = sessions.SQLiteSessionStore(db, idle_timeout=8 * 3600.0, max_sessions=max(100_000, 2 * count))
+        store = sqlite.SQLiteSessionStore(db, idle_timeout=8 * 3600.0, max_sessions=max(100_000, 2 * count))
         t0 = time.monotonic()
         try:
             # the bench user's real session (from the login through the OP) is the template
@@ -994,7 +995,7 @@ class Bench:
             # get() may leave the ID token out (the store's cache keeps sessions without it)
             real_token = template.id_token if template.id_token.count(".") == 2 else raw_id_token(db, handle)
             factory = SyntheticSessions(template, real_token)
-            cookie_name = sessions.session_cookie_name(SERVICE)
+            cookie_name = cookies_mod.session_cookie_name(SERVICE)
             cookies = [f"{cookie_name}={await store.create(factory.make(i, time.time()))}" for i in range(count)]
             stored = await store.count()
         finally:
@@ -1153,7 +1154,7 @@ class SyntheticSessions:
     with this user's values, a random signature of the same length)."""
 
     def __init__(self, template: Any, real_token: str) -> None:
-        from enforcer.oidc import claims_to_tags  # noqa: PLC0415
+        from enforcer.identity.tokens import claims_to_tags  # noqa: PLC0415
 
         self.template = template
         self.claims_to_tags = claims_to_tags

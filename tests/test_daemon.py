@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 
 from enforcer import config as config_mod
-from enforcer import session as sessions_mod
 from enforcer.daemon import sd_notify, session_store, watchdog_interval
+from enforcer.identity import sessions, sqlite
 from tests.e2e_stack import HOST, Stack
 from tests.harness.browser import StaticResolver
 
@@ -176,9 +176,9 @@ async def test_session_store_follows_the_sessions_settings(tmp_path: Path) -> No
     s = config_mod.load_settings(cfg).model
     store = session_store(s, shared=False)
     try:
-        assert isinstance(store, sessions_mod.SQLiteSessionStore)
+        assert isinstance(store, sqlite.SQLiteSessionStore)
         assert store._cache._size == 7 and store._max == 50
     finally:
         await store.close()
     cfg.write_text("definitions: [{file: d.yaml}]\nsessions: {store: memory}\n")
-    assert isinstance(session_store(config_mod.load_settings(cfg).model, shared=False), sessions_mod.MemorySessionStore)
+    assert isinstance(session_store(config_mod.load_settings(cfg).model, shared=False), sessions.MemorySessionStore)

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from enforcer.config import IdentityHeaders
 from enforcer.handler import _identity_headers, _split_host, is_api_request
+from enforcer.identity.sessions import Session
 from enforcer.proxy import MAX_IDENTITY_VALUE, clean_value
-from enforcer.session import Session
 
 
 @pytest.mark.parametrize(

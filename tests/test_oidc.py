@@ -23,8 +23,8 @@ from joserfc import jws
 from joserfc.errors import SecurityWarning
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
-from enforcer import oidc
-from enforcer.oidc import OIDCError
+from enforcer.identity import login, tokens
+from enforcer.identity.tokens import OIDCError
 
 RSA = RSAKey.generate_key(2048, parameters={"kid": "r1"})
 RSA2 = RSAKey.generate_key(2048, parameters={"kid": "r2"})
@@ -46,7 +46,7 @@ def pub(key: Any, **extra: Any) -> dict[str, Any]:
     return d
 
 
-KEYS = oidc.parse_jwks({"keys": [pub(RSA), pub(EC), pub(ED)]})
+KEYS = tokens.parse_jwks({"keys": [pub(RSA), pub(EC), pub(ED)]})
 
 
 def sign(claims: dict[str, Any], key: Any = RSA, alg: str = "RS256", **header: Any) -> str:
@@ -93,9 +93,9 @@ def code_of(fn: Any, *args: Any, **kwargs: Any) -> str:
 def test_strict_json_object_table(data: bytes, ok: bool) -> None:
     """P-TOK-07 / P-TOK-14 / P-JOSE-08 / P-JWKS-10: only one JSON object without duplicates, BOM, NaN or deep nesting parses."""
     if ok:
-        assert oidc.strict_json_object(data, "x") == json.loads(data)
+        assert tokens.strict_json_object(data, "x") == json.loads(data)
     else:
-        assert code_of(oidc.strict_json_object, data, "x") == "x_invalid_json"
+        assert code_of(tokens.strict_json_object, data, "x") == "x_invalid_json"
 
 
 json_values = st.recursive(
@@ -108,14 +108,14 @@ json_values = st.recursive(
 @given(st.dictionaries(st.text(max_size=10), json_values, max_size=6))
 def test_strict_json_object_round_trips_objects(doc: dict[str, Any]) -> None:
     """Any JSON object without duplicate members parses back to itself."""
-    assert oidc.strict_json_object(json.dumps(doc).encode(), "x") == doc
+    assert tokens.strict_json_object(json.dumps(doc).encode(), "x") == doc
 
 
 @given(st.binary(max_size=200))
 def test_strict_json_object_only_raises_oidc_error(data: bytes) -> None:
     """Arbitrary bytes either parse to a dict or raise OIDCError, nothing else."""
     try:
-        assert isinstance(oidc.strict_json_object(data, "x"), dict)
+        assert isinstance(tokens.strict_json_object(data, "x"), dict)
     except OIDCError as exc:
         assert exc.code == "x_invalid_json"
 
@@ -134,18 +134,18 @@ def test_strict_json_object_only_raises_oidc_error(data: bytes) -> None:
     (b64(b"\xff\xfe") + ".e30.c2ln", "id_token_malformed"),
     (b64(b"[1]") + ".e30.c2ln", "id_token_malformed"),
     (b64(b'{"alg":"none","alg":"RS256"}') + ".e30.c2ln", "id_token_malformed"),  # P-JOSE-08
-    ("x" * (oidc.MAX_ID_TOKEN_BYTES + 1), "id_token_too_large"),  # P-IDT-17
+    ("x" * (tokens.MAX_ID_TOKEN_BYTES + 1), "id_token_too_large"),  # P-IDT-17
 ])
 def test_split_jws_table(token: str, code: str) -> None:
     """P-JOSE-09 / P-IDT-12 / P-IDT-17: malformed compact serialisations are refused with a stable code."""
-    assert code_of(oidc.split_jws, token) == code
+    assert code_of(tokens.split_jws, token) == code
 
 
 @given(st.text(max_size=300))
 def test_split_jws_only_raises_oidc_error(token: str) -> None:
     """Arbitrary text either splits or raises OIDCError (no other exception leaks)."""
     try:
-        header, payload = oidc.split_jws(token)
+        header, payload = tokens.split_jws(token)
     except OIDCError as exc:
         assert exc.code.startswith("id_token_")
     else:
@@ -158,9 +158,9 @@ def test_split_jws_accepts_well_formed(header: dict[str, str], payload: bytes, s
     """Any well-formed three-part token splits back into its header object and payload bytes."""
     token = f"{b64(json.dumps(header).encode())}.{b64(payload)}.{b64(sig)}"
     if not payload:
-        assert code_of(oidc.split_jws, token) == "id_token_malformed"
+        assert code_of(tokens.split_jws, token) == "id_token_malformed"
         return
-    assert oidc.split_jws(token) == (header, payload)
+    assert tokens.split_jws(token) == (header, payload)
 
 
 # ------------------------------------------------------------------------------ header checks
@@ -182,14 +182,14 @@ def test_split_jws_accepts_well_formed(header: dict[str, str], payload: bytes, s
 ])
 def test_check_header_rejects(header: dict[str, Any], code: str) -> None:
     """P-JOSE-01 / P-JOSE-07 / P-JOSE-12: none, HMAC, crit, b64 and foreign typ headers are refused."""
-    assert code_of(oidc.check_header, header) == code
+    assert code_of(tokens.check_header, header) == code
 
 
 @pytest.mark.parametrize("typ", [None, "JWT", "jwt", "application/jwt"])
 def test_check_header_accepts_jwt_typ(typ: str | None) -> None:
     """An absent typ or a JWT typ is fine."""
     header: dict[str, Any] = {"alg": "ES256"} if typ is None else {"alg": "ES256", "typ": typ}
-    assert oidc.check_header(header) == "ES256"
+    assert tokens.check_header(header) == "ES256"
 
 
 # ------------------------------------------------------------------------------ verify_signature
@@ -198,7 +198,7 @@ def test_check_header_accepts_jwt_typ(typ: str | None) -> None:
 @pytest.mark.parametrize(("key", "alg"), [(RSA, "RS256"), (RSA, "PS256"), (RSA, "RS512"), (EC, "ES256"), (ED, "EdDSA")])
 def test_verify_signature_accepts_allowlisted_algs(key: Any, alg: str) -> None:
     """rp-id_token-sig-rs256 / -es256: every allowlisted algorithm verifies with the matching key."""
-    verified = oidc.verify_signature(sign(good_claims(), key, alg), KEYS)
+    verified = tokens.verify_signature(sign(good_claims(), key, alg), KEYS)
     assert verified.claims["sub"] == "u1"
     assert verified.header["alg"] == alg
 
@@ -232,7 +232,7 @@ def _scrambled() -> str:
 ])
 def test_verify_signature_rejects(make: Any, code: str) -> None:
     """P-JOSE-01..03 / P-JOSE-06: bad signatures, foreign keys, alg/key mismatches and none/HMAC are refused."""
-    assert code_of(oidc.verify_signature, make(), KEYS) == code
+    assert code_of(tokens.verify_signature, make(), KEYS) == code
 
 
 def test_verify_signature_payload_duplicates_are_token_errors() -> None:
@@ -245,24 +245,24 @@ def test_verify_signature_payload_duplicates_are_token_errors() -> None:
     si = (b64(b'{"alg":"RS256","kid":"r1"}') + "." + b64(b'{"sub":"a","sub":"b"}')).encode()
     token = si.decode() + "." + b64(key.sign(si, padding.PKCS1v15(), hashes.SHA256()))
     with pytest.raises(OIDCError) as info:
-        oidc.verify_signature(token, KEYS)
+        tokens.verify_signature(token, KEYS)
     assert info.value.code == "id_token_payload_invalid_json" and info.value.status == 400
 
 
 def test_select_key_without_kid_is_bounded() -> None:
     """rp-id_token-kid-absent-multiple-jwks: without a kid at most three alg-compatible keys are tried."""
-    many = [oidc.JWK(kid=None, alg=None, key=RSA) for _ in range(10)]
-    assert len(oidc.select_key(many, {"alg": "RS256"})) == 3
-    assert oidc.select_key(many, {"alg": "ES256"}) == []
-    assert oidc.select_key(many, {"alg": 5}) == []
+    many = [tokens.JWK(kid=None, alg=None, key=RSA) for _ in range(10)]
+    assert len(tokens.select_key(many, {"alg": "RS256"})) == 3
+    assert tokens.select_key(many, {"alg": "ES256"}) == []
+    assert tokens.select_key(many, {"alg": 5}) == []
 
 
 def test_verify_signature_without_kid_tries_candidates() -> None:
     """rp-id_token-kid-absent-single/multiple-jwks: without kid the key that verifies is found."""
-    keys = oidc.parse_jwks({"keys": [{k: v for k, v in pub(RSA2).items() if k != "kid"},
+    keys = tokens.parse_jwks({"keys": [{k: v for k, v in pub(RSA2).items() if k != "kid"},
                                      {k: v for k, v in pub(RSA).items() if k != "kid"}]})
     token = sign(good_claims(), RSA, kid=None)
-    assert oidc.verify_signature(token, keys).claims["sub"] == "u1"
+    assert tokens.verify_signature(token, keys).claims["sub"] == "u1"
 
 
 # ------------------------------------------------------------------------------ JWKS
@@ -277,7 +277,7 @@ def _weak_rsa() -> dict[str, Any]:
     ({}, "jwks_invalid"),
     ({"keys": []}, "jwks_invalid"),
     ({"keys": {}}, "jwks_invalid"),
-    ({"keys": [pub(RSA)] * (oidc.MAX_KEYS + 1)}, "jwks_invalid"),
+    ({"keys": [pub(RSA)] * (tokens.MAX_KEYS + 1)}, "jwks_invalid"),
     ({"keys": [pub(RSA), {"kty": "oct", "k": "c2VjcmV0"}]}, "jwks_invalid"),  # P-JOSE-04
     ({"keys": [pub(RSA), dict(EC.as_dict(private=True))]}, "jwks_invalid"),  # P-JOSE-04 private
     ({"keys": [_weak_rsa()]}, "jwks_invalid"),  # P-JOSE-11
@@ -290,12 +290,12 @@ def _weak_rsa() -> dict[str, Any]:
 ])
 def test_parse_jwks_rejects(doc: dict[str, Any], code: str) -> None:
     """P-JOSE-04 / P-JOSE-11 / P-JWKS-06 / P-JWKS-10: symmetric, private, weak, enc-only and malformed keys are never usable."""
-    assert code_of(oidc.parse_jwks, doc) == code
+    assert code_of(tokens.parse_jwks, doc) == code
 
 
 def test_parse_jwks_keeps_good_keys_and_skips_bad_ones() -> None:
     """A weak or enc-only key next to a good one is skipped; the good one stays; private members are never kept."""
-    keys = oidc.parse_jwks({"keys": [_weak_rsa(), pub(RSA2, use="enc"), pub(RSA, alg="RS256", x5c=["zz"])]})
+    keys = tokens.parse_jwks({"keys": [_weak_rsa(), pub(RSA2, use="enc"), pub(RSA, alg="RS256", x5c=["zz"])]})
     assert [k.kid for k in keys] == ["r1"]
     assert keys[0].allows("RS256") and not keys[0].allows("PS256")
 
@@ -306,7 +306,7 @@ def test_parse_jwks_keeps_good_keys_and_skips_bad_ones() -> None:
 ])
 def test_jwk_allows_one_family(key: Any, alg: str, ok: bool) -> None:
     """P-JOSE-03: each key is used only with algorithms of its own type and curve."""
-    (jwk,) = oidc.parse_jwks({"keys": [pub(key)]})
+    (jwk,) = tokens.parse_jwks({"keys": [pub(key)]})
     assert jwk.allows(alg) is ok
 
 
@@ -314,7 +314,7 @@ def test_jwk_allows_one_family(key: Any, alg: str, ok: bool) -> None:
 
 
 def check(claims: dict[str, Any], now: float = NOW) -> None:
-    oidc.check_claims(claims, issuer=ISS, client_id=CLIENT, nonce=NONCE, now=now, leeway=60, max_age=600)
+    tokens.check_claims(claims, issuer=ISS, client_id=CLIENT, nonce=NONCE, now=now, leeway=60, max_age=600)
 
 
 @pytest.mark.parametrize(("changes", "code"), [
@@ -378,14 +378,14 @@ def _at_hash(token: str, name: str) -> str:
 @pytest.mark.parametrize(("alg", "name"), [("RS256", "sha256"), ("ES384", "sha384"), ("PS512", "sha512"), ("EdDSA", "sha512")])
 def test_check_at_hash_accepts_matching(alg: str, name: str) -> None:
     """P-IDT-11: a correct at_hash (hash chosen by the alg) is accepted; an absent one too."""
-    oidc.check_at_hash({"at_hash": _at_hash("tok", name)}, alg, "tok")
-    oidc.check_at_hash({}, alg, "tok")
+    tokens.check_at_hash({"at_hash": _at_hash("tok", name)}, alg, "tok")
+    tokens.check_at_hash({}, alg, "tok")
 
 
 @pytest.mark.parametrize("value", ["AAAA", 5, None if False else "", _at_hash("other", "sha256")])
 def test_check_at_hash_rejects_wrong(value: Any) -> None:
     """P-IDT-11: a wrong or non-string at_hash is refused."""
-    assert code_of(oidc.check_at_hash, {"at_hash": value}, "RS256", "tok") == "id_token_bad_at_hash"
+    assert code_of(tokens.check_at_hash, {"at_hash": value}, "RS256", "tok") == "id_token_bad_at_hash"
 
 
 @pytest.mark.parametrize(("claims", "tags"), [
@@ -402,13 +402,13 @@ def test_check_at_hash_rejects_wrong(value: Any) -> None:
 ])
 def test_claims_to_tags_table(claims: dict[str, Any], tags: set[str]) -> None:
     """P-IDT-15 / P-UI-07: claims become tags; unverified email, per-login values, non-strings and indirections become nothing."""
-    assert oidc.claims_to_tags(claims) == frozenset(tags)
+    assert tokens.claims_to_tags(claims) == frozenset(tags)
 
 
 def test_claims_to_tags_limits() -> None:
     """P-UI-06: too many tags or an over-long value refuses the login."""
-    assert code_of(oidc.claims_to_tags, {"groups": [str(i) for i in range(oidc.MAX_TAGS + 1)]}) == "claims_too_large"
-    assert code_of(oidc.claims_to_tags, {"name": "x" * oidc.MAX_TAG_BYTES}) == "claims_too_large"
+    assert code_of(tokens.claims_to_tags, {"groups": [str(i) for i in range(tokens.MAX_TAGS + 1)]}) == "claims_too_large"
+    assert code_of(tokens.claims_to_tags, {"name": "x" * tokens.MAX_TAG_BYTES}) == "claims_too_large"
 
 
 @pytest.mark.parametrize(("mode", "scopes", "claims", "want"), [
@@ -422,7 +422,7 @@ def test_claims_to_tags_limits() -> None:
 ])
 def test_needs_userinfo(mode: str, scopes: tuple[str, ...], claims: dict[str, Any], want: bool) -> None:
     """rp-scope-userinfo-claims: UserInfo is called when the scopes promise claims the ID token lacks."""
-    assert oidc.needs_userinfo(mode, scopes, claims) is want
+    assert tokens.needs_userinfo(mode, scopes, claims) is want
 
 
 # ------------------------------------------------------------------------------ metadata
@@ -445,8 +445,8 @@ def meta(**changes: Any) -> dict[str, Any]:
     return d
 
 
-def parse(doc: dict[str, Any], issuer: str = ISS, loopback: bool = False) -> oidc.ProviderMetadata:
-    return oidc.ProviderMetadata.parse(doc, expected_issuer=issuer, allow_http_loopback=loopback)
+def parse(doc: dict[str, Any], issuer: str = ISS, loopback: bool = False) -> tokens.ProviderMetadata:
+    return tokens.ProviderMetadata.parse(doc, expected_issuer=issuer, allow_http_loopback=loopback)
 
 
 @pytest.mark.parametrize(("doc", "code"), [
@@ -507,7 +507,7 @@ def test_provider_metadata_loopback_issuer_may_use_loopback() -> None:
 ])
 def test_parse_token_response_rejects(doc: dict[str, Any], code: str) -> None:
     """P-TOK-08 / P-TOK-09: missing id_token, access_token or token_type is refused."""
-    assert code_of(oidc.parse_token_response, doc) == code
+    assert code_of(tokens.parse_token_response, doc) == code
 
 
 @pytest.mark.parametrize(("expires", "want"), [(3600, 3600.0), ("3600", None), (-5, None), (1e308, None), (True, None), (None, None)])
@@ -516,7 +516,7 @@ def test_parse_token_response_lenient_members(expires: Any, want: float | None) 
     doc = {"id_token": "t", "access_token": "a", "token_type": "bEARER", "x": [1], "refresh_token": 5}
     if expires is not None:
         doc["expires_in"] = expires
-    r = oidc.parse_token_response(doc)
+    r = tokens.parse_token_response(doc)
     assert r.expires_in == want and r.scope is None and r.refresh_token is None and r.token_type == "bEARER"
 
 
@@ -525,20 +525,20 @@ def test_parse_token_response_lenient_members(expires: Any, want: float | None) 
 
 def test_pkce_challenge_rfc7636_appendix_b() -> None:
     """P-AR-03: the RFC 7636 Appendix B example vector."""
-    assert oidc.pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk") == "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+    assert login.pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk") == "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
 
 
 @given(st.text(alphabet=string.ascii_letters + string.digits + "-._~", min_size=43, max_size=128))
 def test_pkce_challenge_is_unpadded_base64url_sha256(verifier: str) -> None:
     """P-AR-03: the challenge is BASE64URL(SHA256(verifier)) without padding, 43 characters."""
-    c = oidc.pkce_challenge(verifier)
+    c = login.pkce_challenge(verifier)
     assert len(c) == 43 and "=" not in c
     assert base64.urlsafe_b64decode(c + "=") == hashlib.sha256(verifier.encode()).digest()
 
 
-def _start(endpoint: str = ISS + "/auth") -> tuple[str, oidc.LoginTransaction, str]:
+def _start(endpoint: str = ISS + "/auth") -> tuple[str, login.LoginTransaction, str]:
     m = parse(meta(authorization_endpoint=endpoint))
-    return oidc.start_login(metadata=m, client_id=CLIENT, redirect_uri="https://app/cb", scopes=("openid", "email"),
+    return login.start_login(metadata=m, client_id=CLIENT, redirect_uri="https://app/cb", scopes=("openid", "email"),
                             service="app", return_to="/x?y=1", now=NOW)
 
 
@@ -549,9 +549,9 @@ def test_start_login_builds_the_exact_request() -> None:
     q = dict(urllib.parse.parse_qsl(parts.query))
     assert url.startswith(ISS + "/auth?")
     assert q == {"response_type": "code", "client_id": CLIENT, "redirect_uri": "https://app/cb", "scope": "openid email",
-                 "state": txn.state, "nonce": txn.nonce, "code_challenge": oidc.pkce_challenge(txn.code_verifier),
+                 "state": txn.state, "nonce": txn.nonce, "code_challenge": login.pkce_challenge(txn.code_verifier),
                  "code_challenge_method": "S256"}
-    assert txn.binding == oidc.binding_hash(binding) and binding not in url and txn.code_verifier not in url
+    assert txn.binding == login.binding_hash(binding) and binding not in url and txn.code_verifier not in url
     assert len({txn.state, txn.nonce, txn.code_verifier, binding}) == 4
     assert 43 <= len(txn.code_verifier) <= 128 and len(txn.state) >= 43
     assert (txn.issuer, txn.return_to, txn.created) == (ISS, "/x?y=1", NOW)
@@ -570,14 +570,14 @@ def test_start_login_values_are_unique() -> None:
         assert len({getattr(t, attr) for t in txns}) == 1000
 
 
-def _txn(state: str, created: float) -> oidc.LoginTransaction:
-    return oidc.LoginTransaction(state=state, nonce="n", code_verifier="v", binding="b", service="app", issuer=ISS,
+def _txn(state: str, created: float) -> login.LoginTransaction:
+    return login.LoginTransaction(state=state, nonce="n", code_verifier="v", binding="b", service="app", issuer=ISS,
                                  redirect_uri="https://app/cb", return_to="/", created=created)
 
 
 def test_transaction_store_single_use_expiry_and_bound() -> None:
     """P-CB-04 / P-CB-06 / P-AR-09 / X-LIM-11: transactions are single use, expire after the TTL and are capped."""
-    store = oidc.TransactionStore(ttl=600, max_pending=3)
+    store = login.TransactionStore(ttl=600, max_pending=3)
     store.add(_txn("a", NOW))
     assert store.pop("a", NOW + 1) is not None
     assert store.pop("a", NOW + 1) is None
@@ -607,7 +607,7 @@ class _FakePendingBackend:
 
 async def test_shared_transaction_store_round_trips_and_is_single_use() -> None:
     """A pending login put in the shared store comes back equal, once; expired ones do not come back."""
-    store = oidc.SharedTransactionStore(_FakePendingBackend(), ttl=600)
+    store = login.SharedTransactionStore(_FakePendingBackend(), ttl=600)
     await store.add(_txn("a", NOW))
     assert await store.pop("a", NOW + 1) == _txn("a", NOW)
     assert await store.pop("a", NOW + 1) is None
@@ -626,7 +626,7 @@ async def test_shared_transaction_store_refuses_unreadable_rows(data: str) -> No
     """A row that is not a complete, well-typed transaction for this very state counts as no transaction."""
     backend = _FakePendingBackend()
     backend.rows["a"] = (data, NOW)
-    assert await oidc.SharedTransactionStore(backend, ttl=600).pop("a", NOW) is None
+    assert await login.SharedTransactionStore(backend, ttl=600).pop("a", NOW) is None
 
 
 # ------------------------------------------------------------------------------ logout tokens
@@ -634,7 +634,7 @@ async def test_shared_transaction_store_refuses_unreadable_rows(data: str) -> No
 
 def logout_claims(**changes: Any) -> dict[str, Any]:
     c: dict[str, Any] = {"iss": ISS, "aud": CLIENT, "iat": NOW, "exp": NOW + 120, "jti": "j", "sid": "s1",
-                         "sub": "u1", "events": {oidc.BACKCHANNEL_EVENT: {}}}
+                         "sub": "u1", "events": {tokens.BACKCHANNEL_EVENT: {}}}
     for k, v in changes.items():
         if v is ...:
             c.pop(k, None)
@@ -644,7 +644,7 @@ def logout_claims(**changes: Any) -> dict[str, Any]:
 
 
 def check_logout(claims: dict[str, Any]) -> tuple[str | None, str | None]:
-    return oidc.check_logout_claims(claims, issuer=ISS, client_id=CLIENT, now=NOW, leeway=60, max_age=600)
+    return tokens.check_logout_claims(claims, issuer=ISS, client_id=CLIENT, now=NOW, leeway=60, max_age=600)
 
 
 @pytest.mark.parametrize(("changes", "code"), [
@@ -660,9 +660,9 @@ def check_logout(claims: dict[str, Any]) -> tuple[str | None, str | None]:
     ({"jti": ...}, "logout_token_no_jti"),
     ({"jti": 5}, "logout_token_no_jti"),
     ({"events": ...}, "logout_token_bad_events"),
-    ({"events": [oidc.BACKCHANNEL_EVENT]}, "logout_token_bad_events"),
+    ({"events": [tokens.BACKCHANNEL_EVENT]}, "logout_token_bad_events"),
     ({"events": {"http://schemas.openid.net/event/foobar": {}}}, "logout_token_bad_events"),
-    ({"events": {oidc.BACKCHANNEL_EVENT: "x"}}, "logout_token_bad_events"),
+    ({"events": {tokens.BACKCHANNEL_EVENT: "x"}}, "logout_token_bad_events"),
     ({"nonce": "n"}, "logout_token_has_nonce"),
     ({"sub": ..., "sid": ...}, "logout_token_no_subject"),
     ({"sid": 5}, "logout_token_bad_sid"),
@@ -686,7 +686,7 @@ def test_check_header_logout_typ(typ: str | None, ok: bool) -> None:
     """P-BCL-02 / P-IDT-16: a logout token must say typ logout+jwt, and an ID token must not."""
     header: dict[str, Any] = {"alg": "RS256"} if typ is None else {"alg": "RS256", "typ": typ}
     if ok:
-        assert oidc.check_header(header, logout=True) == "RS256"
-        assert code_of(oidc.check_header, header) == "id_token_bad_typ"
+        assert tokens.check_header(header, logout=True) == "RS256"
+        assert code_of(tokens.check_header, header) == "id_token_bad_typ"
     else:
-        assert code_of(oidc.check_header, header, logout=True) == "id_token_bad_typ"
+        assert code_of(tokens.check_header, header, logout=True) == "id_token_bad_typ"

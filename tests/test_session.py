@@ -19,15 +19,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from enforcer import session as session_mod
-from enforcer.session import (
+from enforcer.identity import cache as cache_mod
+from enforcer.identity import sessions, sqlite
+from enforcer.identity.cookies import (
     COOKIE_PREFIX,
     CookieLookup,
-    MemorySessionStore,
-    Session,
-    SessionStore,
-    SessionStoreError,
-    SQLiteSessionStore,
     clear_cookie_header,
     find_cookie,
     is_enforcer_cookie,
@@ -35,6 +31,8 @@ from enforcer.session import (
     set_cookie_header,
     strip_cookies,
 )
+from enforcer.identity.sessions import MemorySessionStore, Session, SessionStore, SessionStoreError
+from enforcer.identity.sqlite import SQLiteSessionStore
 
 T0 = 1_700_000_000.0
 IDLE = 600.0
@@ -653,7 +651,7 @@ async def test_sqlite_garbage_file_is_moved_aside(
     """A file that is not a database is renamed .corrupt-<time>, a warning logged, store works."""
     path = tmp_path / "sessions.db"
     path.write_bytes(b"this is not a database" * 500)
-    with caplog.at_level(logging.WARNING, logger="enforcer.session"):
+    with caplog.at_level(logging.WARNING, logger="enforcer.identity.sqlite"):
         store = SQLiteSessionStore(path, idle_timeout=IDLE)
     try:
         aside = state_files(tmp_path, "sessions.db.corrupt-")
@@ -709,7 +707,7 @@ async def test_sqlite_schema_version_is_recorded(sqlite_store: SQLiteSessionStor
         mode = conn.execute("PRAGMA journal_mode").fetchone()
     finally:
         conn.close()
-    assert row == (str(session_mod.SCHEMA_VERSION),)
+    assert row == (str(sqlite.SCHEMA_VERSION),)
     assert mode == ("wal",)
 
 
@@ -754,7 +752,7 @@ async def test_sqlite_corruption_found_at_runtime_is_recovered(
     store = SQLiteSessionStore(path, idle_timeout=IDLE)
     try:
         assert not state_files(tmp_path, "sessions.db.corrupt-")  # opened fine
-        with caplog.at_level(logging.WARNING, logger="enforcer.session"):
+        with caplog.at_level(logging.WARNING, logger="enforcer.identity.sqlite"):
             assert await store.get(handles[0], "app", T0 + 1) is None
         assert state_files(tmp_path, "sessions.db.corrupt-")
         assert "corrupt" in caplog.text
@@ -926,65 +924,65 @@ def test_compact_cache_entries_expand_to_an_equal_session(
     lean = make_session(sub=sub, email=email, username=username, sid=sid, refresh_token=refresh_token,
                         tags=tags, claims_expire=claims_expire, id_token="", service=service, issuer=issuer,
                         created=times[0], last_seen=times[1], expires=times[2])  # fmt: skip
-    compact = session_mod._compact(lean)
+    compact = cache_mod._compact(lean)
     if compact is None:  # a NUL in a value, a value that is the lone SOH marker, a tag kept inline starting with STX
         assert any("\x00" in t for t in (sub, *tags, *(v for v in (email, username, sid, refresh_token) if v)))\
             or "\x01" in (email, username, sid, refresh_token) or any(t.startswith("\x02") for t in tags)
     else:
-        assert session_mod._expand(compact) == lean
-        assert session_mod._entry_times(compact) == (service, times[1], times[2])
-        assert session_mod._entry_matches(compact, issuer, sub, None) == session_mod._matches(lean, issuer, sub, None)
+        assert cache_mod._expand(compact) == lean
+        assert cache_mod._entry_times(compact) == (service, times[1], times[2])
+        assert cache_mod._entry_matches(compact, issuer, sub, None) == sessions._matches(lean, issuer, sub, None)
 
 
 def test_a_cold_entry_is_one_small_bytes_object() -> None:
     """A cold entry is one bytes object: its fields and the tags that do not repeat a field, plus a 35-byte head."""
     own = f"team={uuid.uuid4()}"  # seen for the first time: kept inline
     tags = frozenset({"sub=user-1", "email=bob@example.com", f"iss={ISSUER}", "preferred_username=bob", own})
-    lean = session_mod._lean(make_session(id_token="", username="bob", tags=tags))
-    compact = session_mod._compact(lean)
+    lean = sqlite._lean(make_session(id_token="", username="bob", tags=tags))
+    compact = cache_mod._compact(lean)
     assert type(compact) is bytes
     text = "\x00".join([lean.sub, "bob@example.com", "bob", "sid-1", "\x01", own])
-    assert len(compact) == session_mod._HEAD.size + len(text)
-    assert session_mod._expand(compact) == lean
+    assert len(compact) == cache_mod._HEAD.size + len(text)
+    assert cache_mod._expand(compact) == lean
 
 
 def test_a_tag_several_users_have_becomes_a_two_byte_reference() -> None:
     """From its second cold entry on, a tag that several users have is stored as a short reference and expands back."""
     shared = f"groups=staff-{uuid.uuid4()}"
     own = [f"name=User {uuid.uuid4()}" for _ in range(3)]
-    leans = [session_mod._lean(make_session(sub=f"user-{i}", id_token="", tags=frozenset({shared, own[i]})))
+    leans = [sqlite._lean(make_session(sub=f"user-{i}", id_token="", tags=frozenset({shared, own[i]})))
              for i in range(3)]
-    first, second, third = (session_mod._compact(lean) for lean in leans)
+    first, second, third = (cache_mod._compact(lean) for lean in leans)
     assert first is not None and second is not None and third is not None
     assert shared.encode() in first  # the first sighting stays inline
     assert shared.encode() not in second and shared.encode() not in third
     assert len(first) - len(second) >= len(shared) - 3  # NUL + text became STX + a 2- or 3-byte character
-    assert [session_mod._expand(c) for c in (first, second, third)] == leans
+    assert [cache_mod._expand(c) for c in (first, second, third)] == leans
 
 
 def test_one_users_tags_do_not_become_shared_by_compacting_the_same_session_again() -> None:
     """Compacting one user's session again (after each touch) does not make its own tags shared."""
     own = f"name=User {uuid.uuid4()}"
-    lean = session_mod._lean(make_session(sub=f"user-{uuid.uuid4()}", id_token="", tags=frozenset({own})))
+    lean = sqlite._lean(make_session(sub=f"user-{uuid.uuid4()}", id_token="", tags=frozenset({own})))
     for _ in range(3):
-        compact = session_mod._compact(lean)
+        compact = cache_mod._compact(lean)
         assert compact is not None and own.encode() in compact
-    assert own not in session_mod._SHARED_INDEX
+    assert own not in cache_mod._SHARED_INDEX
 
 
 def test_a_tag_starting_with_the_reference_marker_keeps_the_session_whole() -> None:
     """A tag that starts with STX cannot be told from a reference: such a session is not compacted."""
-    lean = session_mod._lean(make_session(id_token="", tags=frozenset({f"\x02{uuid.uuid4()}"})))
-    assert session_mod._compact(lean) is None
+    lean = sqlite._lean(make_session(id_token="", tags=frozenset({f"\x02{uuid.uuid4()}"})))
+    assert cache_mod._compact(lean) is None
 
 
 def _cached(n: int) -> Session:
-    return session_mod._lean(make_session(sub=f"user-{n}", sid=f"sid-{n}", id_token=""))
+    return sqlite._lean(make_session(sub=f"user-{n}", sid=f"sid-{n}", id_token=""))
 
 
 def test_full_cache_evicts_the_entry_used_longest_ago() -> None:
     """When the cache is full the oldest entry not used since goes; a cold entry used again moves to the young end."""
-    cache = session_mod._SessionCache(3, hot_size=1)
+    cache = cache_mod._SessionCache(3, hot_size=1)
     for n in range(3):
         cache.put(bytes([n]), _cached(n))
     assert cache.peek(b"\x00") == _cached(0)  # cold, used again: now the youngest (and hot)
@@ -995,7 +993,7 @@ def test_full_cache_evicts_the_entry_used_longest_ago() -> None:
 
 def test_a_hot_entry_at_the_old_end_gets_a_second_chance() -> None:
     """A hot entry (used since it was added) is not evicted when it is the oldest: the next oldest goes."""
-    cache = session_mod._SessionCache(2, hot_size=2)
+    cache = cache_mod._SessionCache(2, hot_size=2)
     cache.put(b"\x00", _cached(0))
     cache.put(b"\x01", _cached(1))
     assert cache.peek(b"\x00") is not None
@@ -1006,9 +1004,9 @@ def test_a_hot_entry_at_the_old_end_gets_a_second_chance() -> None:
 
 def test_a_session_that_cannot_be_compacted_survives_while_it_is_used() -> None:
     """A whole Session outside the hot tier (no compact form) moves to the young end when used, so it is not evicted."""
-    cache = session_mod._SessionCache(3, hot_size=1)
-    odd = session_mod._lean(make_session(sub="odd", refresh_token="\x01", id_token=""))  # the SOH marker: no cold form
-    assert session_mod._compact(odd) is None
+    cache = cache_mod._SessionCache(3, hot_size=1)
+    odd = sqlite._lean(make_session(sub="odd", refresh_token="\x01", id_token=""))  # the SOH marker: no cold form
+    assert cache_mod._compact(odd) is None
     cache.put(b"odd", odd)
     for n in range(10):
         assert cache.peek(b"odd") == odd
@@ -1020,18 +1018,18 @@ def test_a_session_that_cannot_be_compacted_survives_while_it_is_used() -> None:
 
 def test_evicting_many_keeps_order_and_rebuilds_the_dict() -> None:
     """Thousands of evictions keep exactly the newest entries, and the dict is rebuilt so holes do not pile up."""
-    cache = session_mod._SessionCache(100, hot_size=4)
+    cache = cache_mod._SessionCache(100, hot_size=4)
     lean = _cached(0)
     for n in range(3000):
         cache.put(n.to_bytes(2, "big"), lean)
     assert len(cache) == 100
     assert list(cache._entries) == [n.to_bytes(2, "big") for n in range(2900, 3000)]
-    assert cache._holes < session_mod._REBUILD_AFTER
+    assert cache._holes < cache_mod._REBUILD_AFTER
 
 
 def test_eviction_ends_when_every_entry_is_hot() -> None:
     """With the hot tier as large as the cache, eviction still ends and keeps the newest entry."""
-    cache = session_mod._SessionCache(2, hot_size=8)
+    cache = cache_mod._SessionCache(2, hot_size=8)
     for n in range(10):
         cache.put(bytes([n]), _cached(n))
         assert len(cache) <= 2
@@ -1041,7 +1039,7 @@ def test_eviction_ends_when_every_entry_is_hot() -> None:
 
 def test_a_hit_on_a_hot_entry_leaves_the_big_dict_alone() -> None:
     """Serving a hot session reorders only the hot tier: the entries' order (and dict) are untouched."""
-    cache = session_mod._SessionCache(100, hot_size=4)
+    cache = cache_mod._SessionCache(100, hot_size=4)
     for n in range(10):
         cache.put(bytes([n]), _cached(n))
     order = list(cache._entries)
@@ -1054,7 +1052,7 @@ def test_a_hit_on_a_hot_entry_leaves_the_big_dict_alone() -> None:
 async def test_sqlite_cache_keeps_cold_sessions_compact_and_serves_them(tmp_path: Path) -> None:
     """Beyond the hot tier, cached sessions are stored compact, still served from the cache without I/O, and revocable."""
     store = SQLiteSessionStore(tmp_path / "sessions.db", idle_timeout=IDLE, touch_interval=TOUCH)
-    store._cache = session_mod._SessionCache(10, hot_size=2)
+    store._cache = cache_mod._SessionCache(10, hot_size=2)
     try:
         handles = [await store.create(make_session(sub=f"user-{i}", sid=f"sid-{i}")) for i in range(5)]
         entries = store._cache._entries

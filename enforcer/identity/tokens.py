@@ -1,49 +1,34 @@
-"""OpenID Connect relying party: discovery, JWKS, login transactions, ID-token checks.
+"""What an OpenID Provider sends, checked: JSON, metadata, JWKS, JWS signatures, claims, tags.
 
-Split in two halves:
+Pure: no I/O, the clock is a parameter. JOSE work (signature check) is done by joserfc; this
+module holds the allowlist of asymmetric algorithms and the claims rules of OIDC Core §3.1.3.7,
+the back-channel logout token rules, and :func:`claims_to_tags`.
 
-* **I/O** — :class:`Provider` talks to one OpenID Provider: discovery (mandatory,
-  exact issuer), the JWKS cache (refetch on unknown ``kid``, throttled and coalesced),
-  the token request (client_secret_basic, or client_secret_post when that is all the
-  IdP offers) and UserInfo.  Every response is size-bounded, never follows redirects
-  and must be JSON without duplicate member names.
-* **pure** — :func:`start_login` builds the authorization request (PKCE S256, state and
-  nonce always); :func:`verify_id_token` checks an ID token against an allowlist of
-  asymmetric algorithms and the claims rules of OIDC Core §3.1.3.7; :func:`claims_to_tags`
-  turns claims into policy tags.  JOSE work (signature check) is done by joserfc.
-
-Every failure is an :class:`OIDCError` with a stable ``code`` that is shown on the error
-page, written to the flow record and used as a metric label.  No token, code or secret
-is ever part of a message.
+Every failure is an :class:`OIDCError` with a stable ``code`` that is shown on the error page,
+written to the flow record and used as a metric label. No token, code or secret is ever part of
+a message.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import dataclasses
 import hashlib
 import hmac
 import ipaddress
 import json
 import logging
 import math
-import secrets
-import ssl
-import time
 import urllib.parse
 import warnings
-from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
-import aiohttp
 from joserfc import jws
 from joserfc.errors import JoseError, SecurityWarning
 from joserfc.jwk import ECKey, OKPKey, RSAKey, import_key
 
-log = logging.getLogger("enforcer.oidc")
+log = logging.getLogger(__name__)
 
 # Limits on what the OpenID Provider (or an attacker in its place) controls.
 MAX_DOCUMENT_BYTES = 1 << 20  # discovery, JWKS, token and userinfo responses
@@ -552,143 +537,6 @@ def needs_userinfo(mode: str, scopes: tuple[str, ...], claims: Mapping[str, Any]
 
 
 # ---------------------------------------------------------------------------
-# login transactions (pure)
-
-
-@dataclass(frozen=True)
-class LoginTransaction:
-    """What we remember between the redirect to the IdP and the callback."""
-
-    state: str
-    nonce: str
-    code_verifier: str
-    binding: str  # SHA-256 of the browser-binding cookie value
-    service: str
-    issuer: str
-    redirect_uri: str
-    return_to: str
-    created: float
-
-
-def pkce_challenge(verifier: str) -> str:
-    """RFC 7636 S256: BASE64URL(SHA256(ASCII(verifier))) without padding."""
-    digest = hashlib.sha256(verifier.encode("ascii")).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-
-
-def binding_hash(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()
-
-
-def start_login(
-    *,
-    metadata: ProviderMetadata,
-    client_id: str,
-    redirect_uri: str,
-    scopes: tuple[str, ...],
-    service: str,
-    return_to: str,
-    now: float,
-) -> tuple[str, LoginTransaction, str]:
-    """Build the authorization URL: returns (url, transaction, binding cookie value)."""
-    state = secrets.token_urlsafe(32)
-    nonce = secrets.token_urlsafe(32)
-    verifier = secrets.token_urlsafe(64)  # 86 chars, 512 bits
-    binding = secrets.token_urlsafe(32)
-    txn = LoginTransaction(
-        state=state,
-        nonce=nonce,
-        code_verifier=verifier,
-        binding=binding_hash(binding),
-        service=service,
-        issuer=metadata.issuer,
-        redirect_uri=redirect_uri,
-        return_to=return_to,
-        created=now,
-    )
-    params = {
-        "response_type": "code",
-        "client_id": client_id,
-        "redirect_uri": redirect_uri,
-        "scope": " ".join(scopes),
-        "state": state,
-        "nonce": nonce,
-        "code_challenge": pkce_challenge(verifier),
-        "code_challenge_method": "S256",
-    }
-    sep = "&" if urllib.parse.urlsplit(metadata.authorization_endpoint).query else "?"
-    url = metadata.authorization_endpoint + sep + urllib.parse.urlencode(params)
-    return url, txn, binding
-
-
-class TransactionStore:
-    """Pending logins keyed by state: bounded, expiring, single use."""
-
-    def __init__(self, *, ttl: float, max_pending: int = 10_000) -> None:
-        self.ttl = ttl
-        self.max_pending = max_pending
-        self._items: OrderedDict[str, LoginTransaction] = OrderedDict()
-
-    def add(self, txn: LoginTransaction) -> None:
-        self._items[txn.state] = txn
-        while len(self._items) > self.max_pending:
-            self._items.popitem(last=False)
-
-    def pop(self, state: str, now: float) -> LoginTransaction | None:
-        """Consume a transaction (atomic in the event loop: a second pop gets None)."""
-        self._expire(now)
-        return self._items.pop(state, None)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def _expire(self, now: float) -> None:
-        while self._items:
-            first = next(iter(self._items.values()))
-            if now - first.created <= self.ttl:
-                break
-            self._items.popitem(last=False)
-
-
-class PendingBackend(Protocol):
-    """Where :class:`SharedTransactionStore` keeps pending logins (the SQLite session store)."""
-
-    async def put_pending(self, state: str, data: str, created: float, *, max_pending: int) -> None: ...
-
-    async def take_pending(self, state: str, now: float, ttl: float) -> str | None: ...
-
-
-class SharedTransactionStore:
-    """Pending logins in a store every worker process sees: the callback may land on any of
-    them. Same contract as :class:`TransactionStore` (single use, TTL, capped), but async."""
-
-    def __init__(self, backend: PendingBackend, *, ttl: float, max_pending: int = 10_000) -> None:
-        self.backend = backend
-        self.ttl = ttl
-        self.max_pending = max_pending
-
-    async def add(self, txn: LoginTransaction) -> None:
-        data = json.dumps(dataclasses.asdict(txn), separators=(",", ":"))
-        await self.backend.put_pending(txn.state, data, txn.created, max_pending=self.max_pending)
-
-    async def pop(self, state: str, now: float) -> LoginTransaction | None:
-        data = await self.backend.take_pending(state, now, self.ttl)
-        if data is None:
-            return None
-        try:
-            fields = json.loads(data)
-            txn = LoginTransaction(**fields)
-            if not isinstance(txn.created, int | float) or not all(
-                isinstance(getattr(txn, f.name), str) for f in dataclasses.fields(txn) if f.name != "created"
-            ):
-                raise TypeError("a field has the wrong type")
-        except (ValueError, TypeError) as exc:
-            log.warning("dropping an unreadable pending login: %s", exc)
-            return None
-        return txn if txn.state == state else None
-
-
-# ---------------------------------------------------------------------------
 # the provider (I/O)
 
 
@@ -733,190 +581,3 @@ def parse_token_response(doc: Mapping[str, Any]) -> TokenResponse:
     )
 
 
-@dataclass
-class Provider:
-    """One OpenID Provider as seen by one client configuration (I/O)."""
-
-    issuer: str
-    http: aiohttp.ClientSession
-    ssl_context: ssl.SSLContext | None = None
-    timeout: float = 10.0
-    allow_http_loopback: bool = False
-    jwks_refresh_interval: float = 60.0
-    #: A key set older than this is refetched before it verifies anything, so a key the
-    #: IdP removed stops working (P-JWKS-05); if the refetch fails the old set is kept.
-    jwks_max_age: float = 3600.0
-    metadata: ProviderMetadata | None = None
-    keys: list[JWK] = field(default_factory=list)
-    keys_fetched: float = 0.0  # monotonic time the current key set was fetched
-    #: Monotonic time of the last refetch *attempt* not forced by discovery (unknown kid or
-    #: stale set): these are throttled to one per ``jwks_refresh_interval``.  The discovery
-    #: fetch does not count, so keys rotated right after start-up still work (P-JWKS-01).
-    keys_missed: float = float("-inf")
-    _keys_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    _discover_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    last_error: str | None = None
-
-    async def _get_json(self, url: str, what: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
-        try:
-            async with self.http.get(
-                url,
-                headers=headers,
-                allow_redirects=False,
-                ssl=self.ssl_context if self.ssl_context is not None else True,
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-            ) as resp:
-                body = await _read_bounded(resp, what)
-                if resp.status != 200:
-                    raise OIDCError(f"{what}_http_{resp.status}", f"{what} answered HTTP {resp.status}", status=502)
-        except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
-            raise OIDCError(f"{what}_unreachable", f"{type(exc).__name__}: {str(exc)[:200]}", status=502) from None
-        return strict_json_object(body, what)
-
-    async def discover(self) -> ProviderMetadata:
-        """Fetch and validate the discovery document (cached once it succeeded)."""
-        if self.metadata is not None:
-            return self.metadata
-        async with self._discover_lock:
-            if self.metadata is not None:
-                return self.metadata
-            url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
-            try:
-                doc = await self._get_json(url, "discovery")
-                metadata = ProviderMetadata.parse(
-                    doc, expected_issuer=self.issuer, allow_http_loopback=self.allow_http_loopback
-                )
-                await self._refresh_keys(metadata, force=True)
-            except OIDCError as exc:
-                self.last_error = str(exc)
-                raise
-            self.metadata = metadata
-            self.last_error = None
-            return metadata
-
-    async def _refresh_keys(self, metadata: ProviderMetadata, *, force: bool, stale_only: bool = False) -> bool:
-        """Refetch the JWKS (unforced: at most once per throttle interval); True if replaced."""
-        async with self._keys_lock:  # coalesces concurrent misses
-            now = time.monotonic()
-            if not force:
-                if stale_only and now - self.keys_fetched <= self.jwks_max_age:
-                    return False  # someone refreshed it while we waited for the lock
-                if now - self.keys_missed < self.jwks_refresh_interval:
-                    return False
-                self.keys_missed = now
-            try:
-                keys = parse_jwks(await self._get_json(metadata.jwks_uri, "jwks"))
-            except OIDCError as exc:
-                if not self.keys:
-                    raise
-                log.warning("keeping the previous JWKS of %s: %s", self.issuer, exc)
-                return False
-            self.keys = keys
-            self.keys_fetched = now
-            return True
-
-    async def verify(self, token: str, *, logout: bool = False) -> VerifiedToken:
-        """Verify an ID (or logout) token's signature, refetching the JWKS once for an unknown kid."""
-        metadata = await self.discover()
-        if time.monotonic() - self.keys_fetched > self.jwks_max_age:
-            await self._refresh_keys(metadata, force=False, stale_only=True)
-        before = self.keys
-        try:
-            return verify_signature(token, before, logout=logout)
-        except OIDCError as exc:
-            if exc.code != "id_token_unknown_key":
-                raise
-        await self._refresh_keys(metadata, force=False)
-        if self.keys is not before:  # refreshed by us or by a concurrent miss
-            return verify_signature(token, self.keys, logout=logout)
-        raise OIDCError("id_token_unknown_key", "no key in the JWKS matches kid and alg")
-
-    async def exchange_code(
-        self, *, code: str, redirect_uri: str, code_verifier: str, client_id: str, client_secret: str
-    ) -> TokenResponse:
-        """Authorization code -> tokens at the token endpoint (no redirects followed)."""
-        metadata = await self.discover()
-        form = {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": redirect_uri,
-            "code_verifier": code_verifier,
-        }
-        headers = {"Accept": "application/json"}
-        if metadata.token_auth_method == "client_secret_basic":  # noqa: S105 (a method name)
-            pair = f"{urllib.parse.quote_plus(client_id)}:{urllib.parse.quote_plus(client_secret)}"
-            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
-        else:
-            form["client_id"] = client_id
-            form["client_secret"] = client_secret
-        try:
-            async with self.http.post(
-                metadata.token_endpoint,
-                data=form,
-                headers=headers,
-                allow_redirects=False,
-                ssl=self.ssl_context if self.ssl_context is not None else True,
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-            ) as resp:
-                body = await _read_bounded(resp, "token")
-                status = resp.status
-                content_type = resp.content_type
-        except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
-            raise OIDCError("token_unreachable", type(exc).__name__, status=502) from None
-        if status != 200:
-            error = "unknown"
-            try:
-                err_doc = json.loads(body.decode("utf-8"))
-                if isinstance(err_doc, dict) and isinstance(err_doc.get("error"), str):
-                    error = err_doc["error"][:64]
-            except (ValueError, UnicodeDecodeError):
-                pass
-            code_name = "token_" + ("".join(c for c in error if c.isalnum() or c == "_") or "error")
-            if error == "invalid_client":
-                log.error(
-                    "the IdP rejected the client credentials of %s (invalid_client): "
-                    "check OIDCClientID/OIDCClientSecret",
-                    client_id,
-                )
-            raise OIDCError(code_name, f"token endpoint answered HTTP {status}", status=502 if status >= 500 else 400)
-        if content_type != "application/json":  # RFC 6749 §5.1 (P-TOK-07)
-            raise OIDCError("token_bad_content_type", f"token response is {content_type[:60]!r}, not JSON", status=502)
-        return parse_token_response(strict_json_object(body, "token"))
-
-    async def userinfo(self, access_token: str) -> dict[str, Any] | None:
-        """Claims from the UserInfo endpoint (None if the IdP has none)."""
-        metadata = await self.discover()
-        if metadata.userinfo_endpoint is None:
-            return None
-        return await self._get_json(
-            metadata.userinfo_endpoint,
-            "userinfo",
-            headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
-        )
-
-
-async def _read_bounded(resp: aiohttp.ClientResponse, what: str) -> bytes:
-    declared = resp.content_length
-    if declared is not None and declared > MAX_DOCUMENT_BYTES:
-        raise OIDCError(f"{what}_too_large", f"over {MAX_DOCUMENT_BYTES} bytes", status=502)
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in resp.content.iter_chunked(65536):
-        total += len(chunk)
-        if total > MAX_DOCUMENT_BYTES:
-            raise OIDCError(f"{what}_too_large", f"over {MAX_DOCUMENT_BYTES} bytes", status=502)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def client_ssl_context(ca_file: str | None) -> ssl.SSLContext:
-    """TLS for calls to the IdP: system trust store plus an optional extra CA file."""
-    ctx = ssl.create_default_context()
-    if ca_file:
-        ctx.load_verify_locations(cafile=ca_file)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
-
-
-def now() -> float:
-    return time.time()

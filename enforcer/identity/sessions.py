@@ -1,0 +1,258 @@
+"""Sessions: the record of a signed-in user, the store seam, the lifetime rules, the memory store.
+
+:class:`SessionStore` is the seam; :class:`MemorySessionStore` (tests, single process, lost on
+restart) implements it here and :class:`enforcer.identity.sqlite.SQLiteSessionStore` (the
+default, survives a daemon restart) on disk. Stores key sessions by ``SHA-256(handle)`` and
+never keep the handle itself, so a leaked database file or memory dump does not hand out live
+cookies.
+
+Lifetime rules shared by both stores (conformance S-LT-01..05): a session dies when
+``now - last_seen > idle_timeout`` or ``now >= expires``; ``last_seen`` slides forward at most
+once per ``touch_interval`` (reads do not write on every request) and sliding never moves the
+end of a session past ``expires``. A session is bound to its service (S-ID-05).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Protocol
+
+from enforcer.identity.cookies import _HANDLE_RE, HANDLE_LENGTH, new_handle
+
+# --------------------------------------------------------------------------------------------
+# Sessions
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A signed-in browser user of one service. Times are unix seconds."""
+
+    service: str
+    """The service (host) this session was created for; it is valid nowhere else."""
+    issuer: str
+    sub: str
+    email: str | None
+    username: str | None
+    tags: frozenset[str]
+    """Identity tags the policy matches (e.g. ``email=bob@example.com``)."""
+    sid: str | None
+    """IdP session id, for back-channel logout by ``sid``."""
+    id_token: str
+    """Raw ID token; needed only as ``id_token_hint`` for RP-initiated logout, so
+    :meth:`SessionStore.pop` returns it but the SQLite store's ``get`` may not (``""``):
+    its cache keeps sessions without it (about 1 KiB each, half of a cached session)."""
+    created: float
+    last_seen: float
+    """Last recorded activity; moves forward at most once per ``touch_interval``."""
+    expires: float
+    """Absolute end of the session, whatever the activity (S-LT-02)."""
+    refresh_token: str | None = None
+    claims_expire: float | None = None
+
+
+class SessionStoreError(Exception):
+    """The session store cannot be used as configured (e.g. written by a newer enforcer)."""
+
+    code = "session_store"
+
+
+class SessionStore(Protocol):
+    """Server-side sessions keyed by an opaque handle that only the browser holds."""
+
+    async def create(self, session: Session) -> str:
+        """Store ``session`` under a new random handle and return that handle."""
+        ...
+
+    async def get(self, handle: str, service: str, now: float) -> Session | None:
+        """The live session for ``handle`` on ``service``, or None (unknown, malformed,
+        other service, idle or absolutely expired). May slide ``last_seen``."""
+        ...
+
+    async def delete(self, handle: str) -> None:
+        """Forget the session for ``handle`` (logout); unknown handles are ignored."""
+        ...
+
+    async def pop(self, handle: str, service: str, now: float) -> Session | None:
+        """Logout: delete the session for ``handle`` (whatever its state) and return it whole,
+        raw ID token included, if it was live for ``service``."""
+        ...
+
+    async def delete_matching(
+        self, *, issuer: str, sub: str | None = None, sid: str | None = None
+    ) -> int:
+        """Back-channel logout: delete sessions of ``issuer`` matching ``sub`` and/or ``sid``."""
+        ...
+
+    async def count(self) -> int:
+        """Number of stored sessions (including expired ones not yet purged)."""
+        ...
+
+    async def purge_expired(self, now: float) -> int:
+        """Delete idle and absolutely expired sessions; return how many."""
+        ...
+
+    async def close(self) -> None:
+        """Release resources; the store is unusable afterwards."""
+        ...
+
+
+def _handle_key(handle: str) -> bytes | None:
+    """SHA-256 of a well-formed handle, or None. Shape first: junk is never hashed."""
+    if len(handle) != HANDLE_LENGTH or not _HANDLE_RE.fullmatch(handle):
+        return None
+    return hashlib.sha256(handle.encode("ascii")).digest()
+
+
+class _Verdict(enum.Enum):
+    LIVE = "live"
+    EXPIRED = "expired"
+    WRONG_SERVICE = "wrong_service"
+
+
+@dataclass(frozen=True, slots=True)
+class _Lifetime:
+    """The timing rules both stores apply, in one place."""
+
+    idle_timeout: float
+    touch_interval: float
+
+    @classmethod
+    def make(cls, idle_timeout: float, touch_interval: float) -> _Lifetime:
+        if idle_timeout <= 0:
+            raise ValueError(f"idle_timeout must be > 0, got {idle_timeout}")
+        if touch_interval < 0:
+            raise ValueError(f"touch_interval must be >= 0, got {touch_interval}")
+        # A touch interval near the idle timeout would let active users time out.
+        return cls(idle_timeout, min(touch_interval, idle_timeout / 2))
+
+    def expired(self, last_seen: float, expires: float, now: float) -> bool:
+        return now >= expires or now - last_seen > self.idle_timeout
+
+    def verdict(self, session: Session, service: str, now: float) -> _Verdict:
+        if now >= session.expires or now - session.last_seen > self.idle_timeout:
+            return _Verdict.EXPIRED
+        if session.service != service:
+            return _Verdict.WRONG_SERVICE
+        return _Verdict.LIVE
+
+    def touched(self, session: Session, now: float) -> Session | None:
+        """The session with ``last_seen`` slid to ``now``, or None if no write is due.
+
+        Only forward (a clock stepping back never rewinds it) and never past ``expires``,
+        so the session still ends at ``expires`` however active the user is.
+        """
+        if now - session.last_seen < self.touch_interval:
+            return None
+        new_last_seen = min(now, session.expires)
+        if new_last_seen <= session.last_seen:
+            return None
+        return dataclasses.replace(session, last_seen=new_last_seen)
+
+
+def _check_max_sessions(max_sessions: int) -> None:
+    if max_sessions < 1:
+        raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+
+
+def _matches(session: Session, issuer: str, sub: str | None, sid: str | None) -> bool:
+    return (
+        session.issuer == issuer
+        and (sub is None or session.sub == sub)
+        and (sid is None or session.sid == sid)
+    )
+
+
+def _check_selector(sub: str | None, sid: str | None) -> None:
+    if sub is None and sid is None:
+        # Deleting every session of an issuer is never what a logout token asks for.
+        raise ValueError("delete_matching needs sub or sid")
+
+
+class MemorySessionStore:
+    """Sessions in a dict: for tests and single-process setups that accept logout on restart.
+
+    Beyond ``max_sessions`` the least-recently-seen session is evicted (entries are kept in
+    touch order, so eviction is O(1)).
+    """
+
+    def __init__(
+        self, *, idle_timeout: float, touch_interval: float = 60.0, max_sessions: int = 100_000
+    ) -> None:
+        _check_max_sessions(max_sessions)
+        self._life = _Lifetime.make(idle_timeout, touch_interval)
+        self._max = max_sessions
+        self._sessions: OrderedDict[bytes, Session] = OrderedDict()
+
+    async def create(self, session: Session) -> str:
+        """Store ``session`` under a new random handle and return that handle."""
+        handle = new_handle()
+        key = _handle_key(handle)
+        assert key is not None
+        self._sessions[key] = session
+        while len(self._sessions) > self._max:
+            self._sessions.popitem(last=False)
+        return handle
+
+    async def get(self, handle: str, service: str, now: float) -> Session | None:
+        """The live session for ``handle`` on ``service``, or None; slides ``last_seen``."""
+        key = _handle_key(handle)
+        if key is None or (session := self._sessions.get(key)) is None:
+            return None
+        match self._life.verdict(session, service, now):
+            case _Verdict.EXPIRED:
+                del self._sessions[key]
+                return None
+            case _Verdict.WRONG_SERVICE:
+                return None
+            case _Verdict.LIVE:
+                if (touched := self._life.touched(session, now)) is not None:
+                    session = touched
+                    self._sessions[key] = session
+                    self._sessions.move_to_end(key)
+                return session
+
+    async def delete(self, handle: str) -> None:
+        """Forget the session for ``handle``; unknown or malformed handles are ignored."""
+        if (key := _handle_key(handle)) is not None:
+            self._sessions.pop(key, None)
+
+    async def pop(self, handle: str, service: str, now: float) -> Session | None:
+        """Delete the session for ``handle``; return it if it was live for ``service``."""
+        session = await self.get(handle, service, now)
+        await self.delete(handle)
+        return session
+
+    async def delete_matching(
+        self, *, issuer: str, sub: str | None = None, sid: str | None = None
+    ) -> int:
+        """Delete sessions of ``issuer`` with this ``sub`` and/or ``sid``; return how many."""
+        _check_selector(sub, sid)
+        doomed = [k for k, s in self._sessions.items() if _matches(s, issuer, sub, sid)]
+        for key in doomed:
+            del self._sessions[key]
+        return len(doomed)
+
+    async def count(self) -> int:
+        """Number of stored sessions."""
+        return len(self._sessions)
+
+    async def purge_expired(self, now: float) -> int:
+        """Delete idle and absolutely expired sessions; return how many."""
+        doomed = [
+            k
+            for k, s in self._sessions.items()
+            if self._life.verdict(s, s.service, now) is _Verdict.EXPIRED
+        ]
+        for key in doomed:
+            del self._sessions[key]
+        return len(doomed)
+
+    async def close(self) -> None:
+        """Drop every session."""
+        self._sessions.clear()
+
