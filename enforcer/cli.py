@@ -141,7 +141,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         case "explain":
             return _explain(args)
         case "certs":
-            from enforcer import certs  # noqa: PLC0415
+            from enforcer.http import certs  # noqa: PLC0415
 
             settings = config.load_settings(args.config)
             sys.stdout.write(certs.CertStore(settings.state_dir).ca_pem().decode())

@@ -28,10 +28,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from enforcer import certs, config, fastpath, httpserver, listener, memory, proxy
+from enforcer import config, memory
 from enforcer.definitions import DefinitionsManager, build_sources
 from enforcer.flowlog import FlowLog, FlowRecord
-from enforcer.handler import Gate, Runtime
+from enforcer.http import accept, certs, fastpath, proxy
+from enforcer.http import server as server_mod
+from enforcer.http import tls as listener
+from enforcer.http.gate import Gate, Runtime
 from enforcer.identity import login, oidc, sessions, sqlite, tokens
 from enforcer.metrics import Metrics, enable_multiprocess, process_gone
 from enforcer.net import nftables, sockopt
@@ -255,7 +258,7 @@ class Daemon:
             shared_logins=shared_logins,
         )
         self.gate = gate
-        server = httpserver.Server(
+        server = server_mod.Server(
             gate.handle,
             header_timeout=s.limits.headerTimeout,
             body_timeout=s.limits.idleTimeout,
@@ -283,7 +286,7 @@ class Daemon:
         self._spawn(self.manager.run(), "definitions")
         self.flowlog = flowlog
         handshake_timeout = min(10.0, s.limits.headerTimeout)  # a silent or partial ClientHello (X-LIM-10)
-        tls_server = httpserver.TLSListener(server, sock, ssl_ctx, handshake_timeout)
+        tls_server = accept.TLSListener(server, sock, ssl_ctx, handshake_timeout)
         admin = await self._start_admin(runtime) if self.owns_host else None
         self._install_signals(loop, flowlog)
         self._publish_definitions()

@@ -32,8 +32,9 @@ from pathlib import Path
 
 from aiohttp import WSMsgType, web
 
-from enforcer import certs, config
+from enforcer import config
 from enforcer.daemon import Daemon
+from enforcer.http import certs
 
 USERS = {
     "alice": {

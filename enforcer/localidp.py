@@ -24,7 +24,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from enforcer.certs import CertStore
+from enforcer.http.certs import CertStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OP_SCRIPT = REPO_ROOT / "scripts" / "op" / "op.mjs"

@@ -28,7 +28,7 @@ import httptools
 import uvloop
 from aiohttp import web
 
-from enforcer import upstream
+from enforcer.http import upstream
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n%s\r\n"
 CLOSE = b"Connection: close\r\n"

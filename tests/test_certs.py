@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from enforcer.certs import CertError, CertStore, LeafPaths
+from enforcer.http.certs import CertError, CertStore, LeafPaths
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 

@@ -22,7 +22,7 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from enforcer.fastpath import Connection, FastPath
+from enforcer.http.fastpath import Connection, FastPath
 from tests.e2e_stack import HOST, Seen, Stack
 from tests.refcount import cycle_collector_off
 from tests.test_attacks import Raw, Reply, request

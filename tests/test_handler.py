@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from enforcer.config import IdentityHeaders
-from enforcer.handler import _identity_headers, _split_host, is_api_request
+from enforcer.http.gate import _identity_headers, _split_host, is_api_request
+from enforcer.http.headers import MAX_IDENTITY_VALUE, clean_value
 from enforcer.identity.sessions import Session
-from enforcer.proxy import MAX_IDENTITY_VALUE, clean_value
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest_asyncio
 from aiohttp import web
 
-from enforcer import httpserver
-from enforcer.certs import CertStore
+from enforcer.http import accept
+from enforcer.http import server as server_mod
+from enforcer.http.certs import CertStore
 
 
 async def _ok(_: web.BaseRequest) -> web.StreamResponse:
@@ -24,7 +25,7 @@ async def _ok(_: web.BaseRequest) -> web.StreamResponse:
 
 @dataclass
 class Capped:
-    server: httpserver.Server
+    server: server_mod.Server
     port: int
     client: ssl.SSLContext
 
@@ -37,9 +38,9 @@ async def capped(tmp_path: Path) -> AsyncIterator[Capped]:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(leaf.cert, leaf.key)
     client = ssl.create_default_context(cadata=store.ca_pem().decode())
-    server = httpserver.Server(_ok, header_timeout=5, body_timeout=5, max_connections=3, max_per_ip=2)
+    server = server_mod.Server(_ok, header_timeout=5, body_timeout=5, max_connections=3, max_per_ip=2)
     sock = socket.create_server(("127.0.0.1", 0))
-    listener = httpserver.TLSListener(server, sock, ctx, 5)
+    listener = accept.TLSListener(server, sock, ctx, 5)
     yield Capped(server, sock.getsockname()[1], client)
     listener.close()
     await server.shutdown(1)
@@ -83,7 +84,7 @@ async def test_connections_over_the_per_ip_cap_are_closed(capped: Capped) -> Non
 
 async def test_admit_and_release_keep_counts_exact() -> None:
     """The global cap holds across addresses and counts return to zero."""
-    server = httpserver.Server(_ok, header_timeout=5, body_timeout=5, max_connections=2, max_per_ip=5)
+    server = server_mod.Server(_ok, header_timeout=5, body_timeout=5, max_connections=2, max_per_ip=5)
     assert server.admit("a") and server.admit("b")
     assert not server.admit("c")
     server.release("a")
@@ -96,7 +97,7 @@ async def test_admit_and_release_keep_counts_exact() -> None:
 
 async def test_on_idle_runs_when_a_burst_of_connections_is_over() -> None:
     """on_idle (the daemon's heap trim) is called when the open connections fall to a quarter of their peak, or to none."""
-    server = httpserver.Server(_ok, header_timeout=5, body_timeout=5)
+    server = server_mod.Server(_ok, header_timeout=5, body_timeout=5)
     idle: list[int] = []
     server.on_idle = lambda: idle.append(server.open_connections)
     for _ in range(100):
@@ -142,13 +143,13 @@ async def test_listener_pauses_accepting_when_out_of_file_descriptors() -> None:
     """When accept fails with EMFILE the listener stops watching the socket for a moment instead of spinning, then tries again."""
     real = socket.create_server(("127.0.0.1", 0))
     fake = _NoFilesSocket(real)
-    server = httpserver.Server(_ok, header_timeout=5, body_timeout=5)
-    listener = httpserver.TLSListener(server, fake, ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), 5)  # type: ignore[arg-type]
+    server = server_mod.Server(_ok, header_timeout=5, body_timeout=5)
+    listener = accept.TLSListener(server, fake, ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), 5)  # type: ignore[arg-type]
     client = socket.create_connection(real.getsockname())  # the listening socket stays readable
     try:
         await asyncio.sleep(0.05)
         assert fake.accepts == 1  # one attempt, then paused: no busy loop on a readable socket
-        await asyncio.sleep(httpserver._ACCEPT_PAUSE * 2)
+        await asyncio.sleep(accept._ACCEPT_PAUSE * 2)
         assert fake.accepts >= 2  # accepting resumed after the pause
         assert server.open_connections == 0
     finally:
@@ -158,10 +159,10 @@ async def test_listener_pauses_accepting_when_out_of_file_descriptors() -> None:
 
 async def test_listener_counts_a_connection_from_accept_to_close() -> None:
     """A TCP connection is counted from its accept, through a handshake that fails, back to zero."""
-    server = httpserver.Server(_ok, header_timeout=5, body_timeout=5)
+    server = server_mod.Server(_ok, header_timeout=5, body_timeout=5)
     sock = socket.create_server(("127.0.0.1", 0))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no certificate: every handshake fails
-    listener = httpserver.TLSListener(server, sock, ctx, 5)
+    listener = accept.TLSListener(server, sock, ctx, 5)
     try:
         reader, writer = await asyncio.open_connection(*sock.getsockname()[:2])
         for _ in range(50):

@@ -21,13 +21,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from enforcer.certs import CertError, CertStore, LeafPaths
-from enforcer.listener import (
-    make_listen_socket,
-    normalise_sni,
-    server_ssl_context,
-    sni_of,
-)
+from enforcer.http.certs import CertError, CertStore, LeafPaths
+from enforcer.http.tls import make_listen_socket, normalise_sni, server_ssl_context, sni_of
 from tests.prereq import require
 
 # -- helpers ---------------------------------------------------------------------------------

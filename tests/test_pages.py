@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from enforcer import pages
+from enforcer.http import pages
 
 
 def test_error_page_escapes_everything_it_shows() -> None:

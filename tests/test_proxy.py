@@ -16,7 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from enforcer import proxy, upstream
+from enforcer import errors
+from enforcer.http import headers as headers_mod
+from enforcer.http import proxy, upstream
 from tests.refcount import cycle_collector_off
 
 IDENTITY = {"X-Forwarded-User": "alice", "X-Forwarded-Email": "alice@example.com", "X-Forwarded-Groups": "staff"}
@@ -31,14 +33,14 @@ def headers(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:
 
 
 def forward(*pairs: tuple[str, str], identity: dict[str, str] | None = None, websocket: bool = False) -> CIMultiDict[str]:
-    return proxy.request_headers(
+    return headers_mod.request_headers(
         headers(*pairs), identity=IDENTITY if identity is None else identity,
         client_ip="192.0.2.7", host="app.test:8443", websocket=websocket,
     )
 
 
 def back(*pairs: tuple[str, str]) -> CIMultiDict[str]:
-    return proxy.response_headers(headers(*pairs), public_origin=PUBLIC, internal_origins=INTERNAL)
+    return headers_mod.response_headers(headers(*pairs), public_origin=PUBLIC, internal_origins=INTERNAL)
 
 
 # ---------------------------------------------------------------- is_spoofable
@@ -57,20 +59,20 @@ def back(*pairs: tuple[str, str]) -> CIMultiDict[str]:
 )
 def test_identity_and_forwarding_names_are_spoofable(name: str) -> None:
     """Every identity/forwarding name of X-HDR-01/02/07/08, in any case and with '_', is spoofable."""
-    assert proxy.is_spoofable(name)
+    assert headers_mod.is_spoofable(name)
 
 
 @pytest.mark.parametrize("name", ["Accept", "Cookie", "Authorization", "User-Agent", "X-Request-Id", "Forwarded-Ish",
                                   "X-Forwardedfor", "Content-Type"])
 def test_ordinary_names_are_not_spoofable(name: str) -> None:
     """Ordinary application headers pass (only the listed names and prefixes are reserved)."""
-    assert not proxy.is_spoofable(name)
+    assert not headers_mod.is_spoofable(name)
 
 
 def test_configured_identity_names_are_spoofable() -> None:
     """A service's own identity header names (``extra``) are reserved too, in any case."""
-    assert proxy.is_spoofable("x-app-login", frozenset({"x-app-login"}))
-    assert proxy.is_spoofable("X_APP_LOGIN", frozenset({"x-app-login"}))
+    assert headers_mod.is_spoofable("x-app-login", frozenset({"x-app-login"}))
+    assert headers_mod.is_spoofable("X_APP_LOGIN", frozenset({"x-app-login"}))
 
 
 # ---------------------------------------------------------------- request_headers
@@ -176,19 +178,19 @@ def test_only_enforcer_cookies_means_no_cookie_header() -> None:
 )
 def test_clean_value(raw: str, clean: str) -> None:
     """Identity values lose control characters, non-ASCII and '%' are percent-encoded, length is capped."""
-    assert proxy.clean_value(raw) == clean
+    assert headers_mod.clean_value(raw) == clean
 
 
 @given(st.text(max_size=40) | st.text(alphabet=st.characters(max_codepoint=0x80), max_size=5000))
 def test_clean_value_shortcut_equals_the_character_by_character_encoding(raw: str) -> None:
     """The no-copy shortcut for plain ASCII gives exactly what the per-character encoder gives."""
-    assert proxy.clean_value(raw) == proxy._encode_value.__wrapped__(raw)
+    assert headers_mod.clean_value(raw) == headers_mod._encode_value.__wrapped__(raw)
 
 
 @given(st.text())
 def test_clean_value_is_always_a_safe_header_value(value: str) -> None:
     """Whatever a claim contains, the header value is printable ASCII without CR/LF/NUL."""
-    out = proxy.clean_value(value)
+    out = headers_mod.clean_value(value)
     assert all(0x20 <= ord(c) < 0x7F for c in out)
     assert len(out) <= 4096
 
@@ -234,7 +236,7 @@ def test_response_hop_by_hop_and_length_are_dropped() -> None:
 
 # ---------------------------------------------------------------- properties
 
-_SPOOF_NAMES = sorted(proxy.SPOOFABLE) + [p + s for p in proxy.SPOOFABLE_PREFIXES for s in ("user", "email", "x")]
+_SPOOF_NAMES = sorted(headers_mod.SPOOFABLE) + [p + s for p in headers_mod.SPOOFABLE_PREFIXES for s in ("user", "email", "x")]
 
 
 @st.composite
@@ -268,7 +270,7 @@ def test_no_spoofable_header_survives(
     pairs = [(k, v) for k, v in others if k.lower() not in ("connection", "cookie")] + spoofed
     out = forward(*pairs, identity={} if anonymous else IDENTITY)
     for name, value in out.items():
-        if proxy.is_spoofable(name):
+        if headers_mod.is_spoofable(name):
             assert name.lower() in OURS, name
             assert value != "EVIL", name
 
@@ -673,10 +675,10 @@ async def test_upstream_socket_factory_is_used() -> None:
 
 def test_serialise_head_refuses_line_breaks_in_values() -> None:
     """A CR or LF inside a header value never reaches the app as a second header line."""
-    ok = proxy.serialise_head("GET", "/x", CIMultiDict([("Host", "app"), ("A", "b")]))
+    ok = headers_mod.serialise_head("GET", "/x", CIMultiDict([("Host", "app"), ("A", "b")]))
     assert ok == b"GET /x HTTP/1.1\r\nHost: app\r\nA: b\r\n\r\n"
-    with pytest.raises(proxy.UpstreamError):
-        proxy.serialise_head("GET", "/x", CIMultiDict([("Host", "app"), ("A", "b\r\nX-Forwarded-User: root")]))
+    with pytest.raises(errors.UpstreamError):
+        headers_mod.serialise_head("GET", "/x", CIMultiDict([("Host", "app"), ("A", "b\r\nX-Forwarded-User: root")]))
 
 
 @given(st.lists(st.tuples(_TOKEN, st.text(alphabet=string.printable + "\u00e9\u2028", max_size=20)), max_size=6))
@@ -685,12 +687,12 @@ def test_serialise_head_is_the_header_block_or_refused(pairs: list[tuple[str, st
     headers: CIMultiDict[str] = CIMultiDict(pairs)
     expected = "GET /x HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in pairs) + "\r\n"
     if any(c in v for _, v in pairs for c in "\r\n"):
-        with pytest.raises(proxy.UpstreamError):
-            proxy.serialise_head("GET", "/x", headers)
+        with pytest.raises(errors.UpstreamError):
+            headers_mod.serialise_head("GET", "/x", headers)
     else:
-        assert proxy.serialise_head("GET", "/x", headers) == expected.encode()
-    with pytest.raises(proxy.UpstreamError):
-        proxy.serialise_head("GET", "/x\r\nX-Evil: 1", headers)
+        assert headers_mod.serialise_head("GET", "/x", headers) == expected.encode()
+    with pytest.raises(errors.UpstreamError):
+        headers_mod.serialise_head("GET", "/x\r\nX-Evil: 1", headers)
 
 
 async def test_upstream_stale_pooled_connection_is_retried_once() -> None:
@@ -721,7 +723,7 @@ def test_response_headers_from_the_parsers_raw_list_match_the_multidict_path() -
              ("Set-Cookie", "app=1"), ("Content-Length", "5"), ("Keep-Alive", "timeout=5"), ("x-b", "2")]
     via_dict = back(*pairs)
     into: CIMultiDict[str] = CIMultiDict()
-    via_list = proxy.response_headers(list(pairs), public_origin=PUBLIC, internal_origins=INTERNAL, into=into)
+    via_list = headers_mod.response_headers(list(pairs), public_origin=PUBLIC, internal_origins=INTERNAL, into=into)
     assert via_list is into
     assert list(via_list.items()) == list(via_dict.items())
     assert list(via_list.items()) == [("Content-Type", "text/plain"), ("Location", PUBLIC + "/next"),
@@ -730,7 +732,7 @@ def test_response_headers_from_the_parsers_raw_list_match_the_multidict_path() -
 
 def test_request_headers_drop_set_is_unchanged() -> None:
     """The merged drop set equals the rules one by one (hop-by-hop, spoofable, Host, Cookie)."""
-    names = [*sorted(proxy.HOP_BY_HOP | proxy.SPOOFABLE), "Host", "Cookie", "X-Forwarded-Foo",
+    names = [*sorted(headers_mod.HOP_BY_HOP | headers_mod.SPOOFABLE), "Host", "Cookie", "X-Forwarded-Foo",
              "X-Auth-Request-User", "X-User", "accept", "x-ok"]
     out = forward(*[(n, "v") for n in names], identity={"X-Ok": "me"})
     added = {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-ok"}
@@ -790,7 +792,7 @@ class Relay:
 
         transport.write = counting  # type: ignore[method-assign]
         try:
-            headers = proxy.request_headers(request.headers, identity={}, client_ip="127.0.0.1", host="app.test")
+            headers = headers_mod.request_headers(request.headers, identity={}, client_ip="127.0.0.1", host="app.test")
             return await self.up.forward(
                 request, upstream_host="127.0.0.1", port=self.app_port, target=request.raw_path,
                 headers=headers, public_origin=PUBLIC, transfer=proxy.Transfer(),
@@ -901,7 +903,7 @@ async def test_forward_bodiless_answers_are_sent_at_once(method: str, answer: by
 def _relay(status: int, headers: list[tuple[str, str]], *, method: str = "GET", keep_alive: bool = True,
            length: int | None = None, reason: str = "") -> tuple[str, bool, bool]:
     head = upstream.Head(status, reason, headers, length)
-    raw, chunked, no_body = proxy.relay_head(
+    raw, chunked, no_body = headers_mod.relay_head(
         head, method=method, public_origin="https://app.test", upstream_host="10.0.0.5", port=8080,
         keep_alive=keep_alive,
     )
@@ -931,9 +933,9 @@ def test_relay_head_for_head_204_and_304_has_no_body_framing() -> None:
 
 def test_relay_head_is_remembered_but_its_own_date_is_fresh(monkeypatch: pytest.MonkeyPatch) -> None:
     """A repeated answer reuses the built head; the Date we add follows the clock."""
-    monkeypatch.setattr(proxy, "http_date", lambda: "Mon, 01 Jan 2024 00:00:00 GMT")
+    monkeypatch.setattr(headers_mod, "http_date", lambda: "Mon, 01 Jan 2024 00:00:00 GMT")
     first, _, _ = _relay(200, [("Content-Length", "2"), ("X-Same", "1")], length=2)
-    monkeypatch.setattr(proxy, "http_date", lambda: "Tue, 02 Jan 2024 00:00:00 GMT")
+    monkeypatch.setattr(headers_mod, "http_date", lambda: "Tue, 02 Jan 2024 00:00:00 GMT")
     second, _, _ = _relay(200, [("Content-Length", "2"), ("X-Same", "1")], length=2)
     assert "2024 00:00:00" in first and first.replace("Mon, 01", "Tue, 02") == second
     own, _, _ = _relay(200, [("Content-Length", "2"), ("Date", "Sun, 07 Jan 2024 00:00:00 GMT")], length=2)
@@ -949,10 +951,10 @@ def test_relay_head_rewrites_internal_locations_and_closes_when_asked() -> None:
 
 def test_relay_head_refuses_control_characters_from_the_app() -> None:
     """A control character in the app's reason phrase or a header value is a protocol error (502)."""
-    with pytest.raises(proxy.UpstreamError) as err:
+    with pytest.raises(errors.UpstreamError) as err:
         _relay(200, [("X-Bad", "a\x01b")], length=None)
     assert err.value.status == 502
-    with pytest.raises(proxy.UpstreamError):
+    with pytest.raises(errors.UpstreamError):
         _relay(200, [], reason="OK\x7f")
 
 
@@ -974,18 +976,18 @@ def test_request_head_from_pairs_equals_the_multidict_route(pairs: list[tuple[st
     """The fast path's one-pass request head is byte for byte the gate's request_headers +
     serialise_head (or both refuse a value with CR/LF)."""
     def full() -> bytes:
-        headers = proxy.request_headers(
+        headers = headers_mod.request_headers(
             CIMultiDictProxy(CIMultiDict(pairs)), identity=identity, client_ip="10.1.2.3", host="app.test"
         )
-        return proxy.serialise_head("GET", "/p?q=1", headers)
+        return headers_mod.serialise_head("GET", "/p?q=1", headers)
 
     def lean() -> bytes:
-        return proxy.request_head("GET", "/p?q=1", pairs, identity=identity, client_ip="10.1.2.3", host="app.test")
+        return headers_mod.request_head("GET", "/p?q=1", pairs, identity=identity, client_ip="10.1.2.3", host="app.test")
 
     try:
         expected = full()
-    except proxy.UpstreamError:
-        with pytest.raises(proxy.UpstreamError):
+    except errors.UpstreamError:
+        with pytest.raises(errors.UpstreamError):
             lean()
         return
     assert lean() == expected

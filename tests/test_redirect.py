@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from enforcer.listener import make_listen_socket
+from enforcer.http.tls import make_listen_socket
 from enforcer.net import netns as netns_mod
 from enforcer.net import nftables, ruleset, sockopt
 from enforcer.net.nftables import LiveRule, LiveRuleset, RedirectError, diff
@@ -409,7 +409,7 @@ async def test_enforcer_marked_socket_is_not_redirected(hosts: Hosts) -> None:
 
 LISTENER_SCRIPT = """
 import sys
-from enforcer.listener import make_listen_socket
+from enforcer.http.tls import make_listen_socket
 from enforcer.net.sockopt import original_destination
 s = make_listen_socket("::", int(sys.argv[1]))
 s.setblocking(True)

@@ -42,13 +42,15 @@ import httptools
 from aiohttp import http_parser as aiohttp_http_parser
 from aiohttp import web
 
-from enforcer import pages, proxy
-from enforcer import upstream as upstream_client
+from enforcer import errors
 from enforcer.flowlog import FlowRecord
+from enforcer.http import headers as headers_mod
+from enforcer.http import pages, proxy
+from enforcer.http import upstream as upstream_client
 
 if TYPE_CHECKING:
-    from enforcer.handler import FastPlan, Gate, _ConnFacts
-    from enforcer.httpserver import Server
+    from enforcer.http.gate import FastPlan, Gate, _ConnFacts
+    from enforcer.http.server import Server
 
 log = logging.getLogger("enforcer.fastpath")
 
@@ -346,7 +348,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         try:
             try:
                 status = await self._forward(plan, request, facts, transfer)
-            except proxy.UpstreamError as exc:
+            except errors.UpstreamError as exc:
                 flow.record(decision="error", reason=f"upstream_{exc.kind}", endpoint=flow.endpoint, user=flow.user)
                 gate.metrics.upstream_errors.labels(service.name, exc.kind).inc()
                 status = exc.status
@@ -378,7 +380,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
     async def _forward(self, plan: FastPlan, request: _Request, facts: _ConnFacts, transfer: proxy.Transfer) -> int:
         method = request.method
         service = plan.service
-        head = proxy.request_head(
+        head = headers_mod.request_head(
             method, plan.target, request.pairs, identity=plan.identity_headers, client_ip=facts[0], host=request.host
         )
         started = time.perf_counter()
@@ -390,7 +392,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         try:
             transfer.upstream_ms = (time.perf_counter() - started) * 1000
             transfer.status = answer.status
-            reply, chunked, no_body = proxy.relay_head(
+            reply, chunked, no_body = headers_mod.relay_head(
                 answer, method=method, public_origin=service.origin, upstream_host=service.upstream_host,
                 port=service.port, keep_alive=not self._closing,
             )
@@ -419,7 +421,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
                     self._closing = True
                     if self.transport is not None:
                         self.transport.abort()
-                    raise proxy.UpstreamError("reset", 502) from None
+                    raise errors.UpstreamError("reset", 502) from None
                 self._write_body(pending, chunk, chunked, last=True)
             reusable = True
             return answer.status
@@ -464,9 +466,9 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         lines = [f"HTTP/1.1 {response.status} {response.reason}", *map(": ".join, headers.items())]
         lines.append(f"Content-Length: {len(body)}")
         if "Date" not in headers:
-            lines.append(f"Date: {proxy.http_date()}")
+            lines.append(f"Date: {headers_mod.http_date()}")
         if "Server" not in headers:
-            lines.append(f"Server: {proxy.SERVER}")
+            lines.append(f"Server: {headers_mod.SERVER}")
         if self._closing or response.keep_alive is False:
             self._closing = True
             lines.append("Connection: close")

@@ -21,20 +21,35 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import socket
-import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import StreamReader, web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
-from enforcer.handler import FRAMING_ERROR, framing_error
-from enforcer.upstream import WriteDeadline
+from enforcer.http.upstream import WriteDeadline
 
-log = logging.getLogger("enforcer.httpserver")
+log = logging.getLogger(__name__)
+
+#: Set by the server protocol (:class:`Protocol`) on the stand-in request it makes when aiohttp's
+#: parser refused the bytes: (status, reason code).  :meth:`Gate.handle` answers it, so a
+#: malformed request gets one flow record and a fixed page that echoes nothing back.
+FRAMING_ERROR: web.RequestKey[tuple[int, str]] = web.RequestKey("enforcer_framing_error", tuple)
+
+
+def framing_error(exc: BaseException) -> tuple[int, str]:
+    """aiohttp parser error -> (status, reason code); the parser's text is never shown."""
+    if isinstance(exc, LineTooLong):
+        # the C parser reports the request-target as a bytearray, header lines as bytes
+        if exc.args and isinstance(exc.args[0], bytearray):
+            return 414, "target_too_long"
+        return 431, "header_too_large"
+    if isinstance(exc, HttpProcessingError) and "Too many headers" in str(exc.message):
+        return 431, "too_many_headers"
+    return 400, "malformed_request"
+
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -258,86 +273,3 @@ class Server(web.Server):
             conn.abort()
         await super().shutdown(max(0.0, deadline - loop.time()) if timeout is not None else None)
 
-
-ACCEPT_BATCH = 128
-"""Connections accepted per wake-up at most, so a flood cannot starve the event loop."""
-
-_ACCEPT_PAUSE = 0.1
-"""Seconds to stop accepting when the process is out of file descriptors or memory."""
-
-
-class TLSListener:
-    """Accepts the listening socket's connections itself, so each is counted against the
-    server's caps by its client address *before* its TLS handshake: a connection over a cap
-    is closed at once, one within is handed to uvloop with TLS
-    (``loop.connect_accepted_socket``, handshake at most ``handshake_timeout`` seconds) and
-    its serving protocol (:meth:`Server.admitted_protocol`) gives the count back when it ends;
-    a failed handshake gives it back here. (uvloop's own TLS server calls the protocol only
-    after the handshake, too late to count silent and slow handshakes.)"""
-
-    def __init__(
-        self, server: Server, sock: socket.socket, context: ssl.SSLContext, handshake_timeout: float
-    ) -> None:
-        self._server = server
-        self._sock = sock
-        self._context = context
-        self._handshake_timeout = handshake_timeout
-        self._loop = asyncio.get_running_loop()
-        self._handshakes: set[asyncio.Task[None]] = set()
-        self._closed = False
-        self._accept_errors = 0
-        sock.setblocking(False)
-        self._loop.add_reader(sock.fileno(), self._accept)
-
-    def _accept(self) -> None:
-        server = self._server
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, addr = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._accept_errors += 1
-                    if self._accept_errors % 1000 == 1:
-                        log.warning("cannot accept connections (%s): pausing %.1f s", exc, _ACCEPT_PAUSE)
-                    self._loop.remove_reader(self._sock.fileno())
-                    self._loop.call_later(_ACCEPT_PAUSE, self._resume)
-                return  # (ECONNABORTED and the like: that client is gone)
-            ip = str(addr[0]) if addr else None
-            if not server.admit(ip):
-                conn.close()
-                continue
-            task = self._loop.create_task(self._start(conn, ip))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
-
-    def _resume(self) -> None:
-        if not self._closed:
-            self._loop.add_reader(self._sock.fileno(), self._accept)
-
-    async def _start(self, conn: socket.socket, ip: str | None) -> None:
-        try:
-            await self._loop.connect_accepted_socket(
-                self._server.admitted_protocol,
-                conn,
-                ssl=self._context,
-                ssl_handshake_timeout=self._handshake_timeout,
-            )
-        except BaseException as exc:
-            # the serving protocol never started (no connection_made): the count is ours
-            self._server.release(ip)
-            conn.close()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            log.debug("TLS handshake with %s failed: %r", ip, exc)
-
-    def close(self) -> None:
-        """Stop accepting, close the listening socket and cut the handshakes in progress."""
-        if self._closed:
-            return
-        self._closed = True
-        self._loop.remove_reader(self._sock.fileno())
-        self._sock.close()
-        for task in list(self._handshakes):
-            task.cancel()

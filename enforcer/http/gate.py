@@ -22,15 +22,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
-from enforcer import pages, policy, proxy
+from enforcer import errors, policy
 from enforcer.config import Definitions, Service, Settings, normalise_host
 from enforcer.flowlog import FlowLog, FlowRecord
+from enforcer.http import headers as headers_mod
+from enforcer.http import pages, proxy
+from enforcer.http.server import FRAMING_ERROR
+from enforcer.http.tls import sni_of
 from enforcer.identity import cookies as cookies_mod
 from enforcer.identity import login, oidc, sessions, sqlite
 from enforcer.identity import tokens as tokens_mod
-from enforcer.listener import sni_of
 from enforcer.metrics import Metrics
 from enforcer.net import sockopt
 
@@ -43,24 +45,6 @@ MAX_CALLBACK_QUERY = 8192
 BACKCHANNEL_SUFFIX = "/backchannel"  # back-channel logout endpoint: <logout path>/backchannel
 MAX_LOGOUT_TOKEN_BODY = 64 << 10
 FORBIDDEN_METHODS = frozenset({"TRACE", "TRACK", "CONNECT"})
-
-#: Set by the server protocol (daemon.py) on the stand-in request it makes when aiohttp's
-#: parser refused the bytes: (status, reason code).  :meth:`Gate.handle` answers it, so a
-#: malformed request gets one flow record and a fixed page that echoes nothing back.
-FRAMING_ERROR: web.RequestKey[tuple[int, str]] = web.RequestKey("enforcer_framing_error", tuple)
-
-
-def framing_error(exc: BaseException) -> tuple[int, str]:
-    """aiohttp parser error -> (status, reason code); the parser's text is never shown."""
-    if isinstance(exc, LineTooLong):
-        # the C parser reports the request-target as a bytearray, header lines as bytes
-        if exc.args and isinstance(exc.args[0], bytearray):
-            return 414, "target_too_long"
-        return 431, "header_too_large"
-    if isinstance(exc, HttpProcessingError) and "Too many headers" in str(exc.message):
-        return 431, "too_many_headers"
-    return 400, "malformed_request"
-
 
 def transfer_coding_problem(request: web.BaseRequest) -> tuple[int, str] | None:
     """Framing the parser accepted but the enforcer refuses (RFC 9112 §6.1, §2.3)."""
@@ -207,7 +191,7 @@ class Gate:
         try:
             response = await self._handle(request, flow, client_ip, destination)
             return response
-        except proxy.UpstreamError as exc:
+        except errors.UpstreamError as exc:
             flow.record(decision="error", reason=f"upstream_{exc.kind}", endpoint=flow.endpoint, user=flow.user)
             if flow.service:
                 self.metrics.upstream_errors.labels(flow.service, exc.kind).inc()
@@ -332,7 +316,7 @@ class Gate:
             request.headers.get("Upgrade", "").lower() == "websocket"
             and "upgrade" in request.headers.get("Connection", "").lower()
         )
-        headers = proxy.request_headers(
+        headers = headers_mod.request_headers(
             request.headers, identity=identity_headers, client_ip=client_ip, host=host_value, websocket=websocket
         )
         target = path + ("?" + query if query else "")
@@ -820,8 +804,8 @@ def _whole_items(items: list[str], sub: str) -> str:
     kept: list[str] = []
     size = -1
     for item in items:
-        rendered = len(proxy.clean_value(item))
-        if rendered >= proxy.MAX_IDENTITY_VALUE or size + 1 + rendered > proxy.MAX_IDENTITY_VALUE:
+        rendered = len(headers_mod.clean_value(item))
+        if rendered >= headers_mod.MAX_IDENTITY_VALUE or size + 1 + rendered > headers_mod.MAX_IDENTITY_VALUE:
             continue
         size += 1 + rendered
         kept.append(item)
@@ -831,7 +815,7 @@ def _whole_items(items: list[str], sub: str) -> str:
         _CUT_WARNED.add(sub)
         log.warning(
             "user %s: %d of %d groups do not fit the %d-byte groups header and are not sent to the app",
-            sub, len(items) - len(kept), len(items), proxy.MAX_IDENTITY_VALUE,
+            sub, len(items) - len(kept), len(items), headers_mod.MAX_IDENTITY_VALUE,
         )
     return ",".join(kept)
 

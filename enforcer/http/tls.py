@@ -50,7 +50,7 @@ import sys
 import weakref
 from collections.abc import Mapping
 
-from enforcer.certs import CertError, LeafPaths
+from enforcer.http.certs import CertError, LeafPaths
 
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 """OpenSSL cipher string for TLS 1.2: forward secrecy and AEAD only (no CBC, RC4, 3DES, NULL)."""

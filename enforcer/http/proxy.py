@@ -1,0 +1,321 @@
+"""Forward an allowed request to the app and stream the answer back (and WebSockets).
+
+Bodies are streamed both ways through one keep-alive connection pool per app
+(:mod:`enforcer.http.upstream`); nothing is buffered whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, istr
+from yarl import URL
+
+from enforcer.errors import UpstreamError
+from enforcer.http import upstream as upstream_client
+from enforcer.http.headers import CHUNK, SERVER, _first, _internal_origins, response_headers, serialise_head
+
+log = logging.getLogger(__name__)
+
+_WS = aiohttp.ClientWebSocketResponse | web.WebSocketResponse
+
+
+
+
+
+
+
+
+
+
+
+@dataclass
+class Transfer:
+    """What one forwarded request moved (for the flow record)."""
+
+    status: int | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    upstream_ms: float | None = None
+
+
+class _Relayed(web.StreamResponse):
+    """The app's answer on its way to the client.  Its head is not written on its own
+    (``web.StreamResponse`` would) but together with the first body bytes, or with the end
+    of a bodiless response: one TLS record and one system call less per small response.
+    :meth:`Upstream.forward` writes the head at once when no body bytes are there yet."""
+
+    _send_headers_immediately = False
+
+
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # no "Content-Length: 0" without a body
+
+
+class Upstream:
+    """A keep-alive connection pool to the apps, and the forwarding itself.
+
+    Plain HTTP goes through :mod:`enforcer.upstream` (httptools); WebSockets through aiohttp.
+    """
+
+    def __init__(
+        self,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 300.0,
+        max_body: int = 1 << 30,
+        limit_per_host: int = 256,
+        socket_factory: Callable[[Any], socket.socket] | None = None,
+    ) -> None:
+        self._pool = upstream_client.Pool(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            limit_per_host=limit_per_host,
+            socket_factory=socket_factory,
+        )
+        self._ws_args: dict[str, Any] = {
+            "connect_timeout": connect_timeout, "read_timeout": read_timeout, "socket_factory": socket_factory,
+        }
+        self._ws_session: aiohttp.ClientSession | None = None
+        self.max_body = max_body
+
+    def _session(self) -> aiohttp.ClientSession:
+        """The aiohttp session WebSockets are relayed with (made on first use)."""
+        if self._ws_session is None:
+            a = self._ws_args
+            self._ws_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=0, enable_cleanup_closed=False, socket_factory=a["socket_factory"], force_close=True,
+                ),
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=a["connect_timeout"], sock_read=a["read_timeout"]
+                ),
+            )
+        return self._ws_session
+
+    async def close(self) -> None:
+        self._pool.close()
+        if self._ws_session is not None:
+            await self._ws_session.close()
+
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        *,
+        upstream_host: str,
+        port: int,
+        target: str,
+        headers: CIMultiDict[str],
+        public_origin: str,
+        transfer: Transfer,
+    ) -> web.StreamResponse:
+        """Send the request to the app and stream its response to the client."""
+        method = request.method
+        has_body = request.body_exists
+        chunked = False
+        if has_body:
+            if request.headers.get("Expect", "").lower() == "100-continue":
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if request.content_length is not None:
+                headers[istr("Content-Length")] = str(request.content_length)
+            else:
+                headers[istr("Transfer-Encoding")] = "chunked"
+                chunked = True
+        elif method not in _NO_BODY_METHODS and "Content-Length" not in headers:
+            headers[istr("Content-Length")] = "0"
+        head = serialise_head(method, target, headers)
+        no_body = method == "HEAD"
+        started = time.perf_counter()
+        conn, resp_head, body_task = await self._exchange(
+            request, upstream_host, port, head, no_body=no_body, has_body=has_body, chunked=chunked,
+            transfer=transfer,
+        )
+        reusable = False
+        try:
+            transfer.upstream_ms = (time.perf_counter() - started) * 1000
+            status = resp_head.status
+            transfer.status = status
+            resp = _Relayed(status=status, reason=resp_head.reason or None)
+            response_headers(
+                resp_head.headers, public_origin=public_origin, internal_origins=_internal_origins(upstream_host, port),
+                into=resp.headers,
+            )
+            resp.headers.setdefault("Server", SERVER)  # not aiohttp's version banner
+            length = resp_head.content_length
+            no_body = no_body or status in (204, 304)
+            if length is not None and not no_body:
+                resp.content_length = length
+            elif method == "HEAD":
+                up_length = _first(resp_head.headers, "content-length")
+                if up_length is not None:
+                    resp.headers["Content-Length"] = up_length
+            writer = await resp.prepare(request)  # the head is held for the first body bytes
+            chunk = b""
+            if not no_body:
+                try:
+                    if not conn.ready():
+                        # nothing of the body has arrived (a slow app, a stream, a long poll):
+                        # the client gets the head now, not when the first byte comes
+                        assert writer is not None
+                        writer.send_headers()
+                    chunk = await conn.read()
+                    while chunk:
+                        transfer.bytes_out += len(chunk)
+                        if conn.drained():
+                            break  # the last chunk: written with the end of the response below
+                        await resp.write(chunk)  # (the first one together with the head)
+                        chunk = await conn.read()
+                except (upstream_client.Closed, upstream_client.ReadTimeout, upstream_client.ProtocolError):
+                    # truncated body: never let the client take it for complete
+                    transfer.status = 502
+                    if request.transport is not None:
+                        request.transport.abort()
+                    raise UpstreamError("reset", 502) from None
+            await resp.write_eof(chunk)  # head (if still held), last chunk and end: one write
+            reusable = body_task is None or (body_task.done() and not body_task.cancelled())
+            return resp
+        finally:
+            if body_task is not None and not body_task.done():
+                body_task.cancel()
+            conn.finish(reusable)
+
+    async def send(
+        self, *, upstream_host: str, port: int, head: bytes, no_body: bool, transfer: Transfer
+    ) -> tuple[upstream_client.Connection, upstream_client.Head]:
+        """Send a bodiless request head (the fast path's GET or HEAD); the response head.
+
+        The caller reads the body from the connection and must call ``conn.finish(...)``.
+        Raises UpstreamError like :meth:`forward`.
+        """
+        conn, answer, _ = await self._exchange(
+            None, upstream_host, port, head, no_body=no_body, has_body=False, chunked=False, transfer=transfer
+        )
+        return conn, answer
+
+    async def _exchange(
+        self,
+        request: web.BaseRequest | None,
+        host: str,
+        port: int,
+        head: bytes,
+        *,
+        no_body: bool,
+        has_body: bool,
+        chunked: bool,
+        transfer: Transfer,
+    ) -> tuple[upstream_client.Connection, upstream_client.Head, asyncio.Task[None] | None]:
+        """Connect (or reuse), send the request, and wait for the response head.
+
+        A pooled connection the app closed while idle is retried once on a new connection,
+        provided nothing of the request body was consumed and no response byte arrived.
+        """
+        fresh = False
+        while True:
+            try:
+                conn = await self._pool.acquire(host, port, fresh=fresh)
+            except upstream_client.ConnectError as exc:
+                log.info("upstream %s:%s: %s", host, port, exc)
+                raise UpstreamError("connect", 502) from None
+            conn.start(head, no_body=no_body)
+            body_task = None
+            if has_body and request is not None:
+                body_task = asyncio.get_running_loop().create_task(
+                    conn.send_body(self._count_body(request, transfer), chunked=chunked)
+                )
+            try:
+                return conn, await conn.response(), body_task
+            except BaseException as exc:
+                if body_task is not None and not body_task.done():
+                    body_task.cancel()
+                conn.finish(False)
+                if isinstance(exc, UpstreamError):
+                    raise
+                if isinstance(exc, upstream_client.ReadTimeout):
+                    raise UpstreamError("timeout", 504) from None
+                if transfer.bytes_in > self.max_body:
+                    raise UpstreamError("body_too_large", 413) from None
+                if isinstance(exc, upstream_client.Closed) and conn.reused and not exc.got_bytes and not has_body:
+                    fresh = True  # the app had closed the idle connection: once more on a new one
+                    continue
+                if isinstance(exc, upstream_client.Closed | upstream_client.ProtocolError | OSError):
+                    log.info("upstream %s:%s failed: %s", host, port, exc)
+                    raise UpstreamError("protocol", 502) from None
+                raise
+
+    async def _count_body(self, request: web.BaseRequest, transfer: Transfer) -> AsyncIterator[bytes]:
+        async for chunk in request.content.iter_chunked(CHUNK):
+            transfer.bytes_in += len(chunk)
+            if transfer.bytes_in > self.max_body:
+                raise UpstreamError("body_too_large", 413)
+            yield chunk
+
+    async def websocket(
+        self,
+        request: web.BaseRequest,
+        *,
+        upstream_host: str,
+        port: int,
+        target: str,
+        headers: CIMultiDict[str],
+        transfer: Transfer,
+    ) -> web.StreamResponse:
+        """Relay a WebSocket (only called after the request was allowed)."""
+        url = URL.build(scheme="ws", host=upstream_host, port=port, encoded=True).join(URL(target, encoded=True))
+        offered = request.headers.getall("Sec-WebSocket-Protocol", [])
+        protocols = [p.strip() for v in offered for p in v.split(",") if p.strip()]
+        fwd = CIMultiDict(
+            (k, v)
+            for k, v in headers.items()
+            if k.lower() not in ("connection", "upgrade") and not k.lower().startswith("sec-websocket-")
+        )
+        started = time.perf_counter()
+        try:
+            up = await self._session().ws_connect(
+                url, headers=fwd, protocols=protocols, autoping=False, max_msg_size=16 << 20
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            transfer.status = exc.status
+            raise UpstreamError("websocket_refused", 502 if exc.status < 400 else exc.status) from None
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            raise UpstreamError("connect", 502) from None
+        transfer.upstream_ms = (time.perf_counter() - started) * 1000
+        transfer.status = 101
+        chosen = [up.protocol] if up.protocol else []
+        down = web.WebSocketResponse(protocols=chosen, autoping=False, max_msg_size=16 << 20)
+        await down.prepare(request)
+
+        async def pump(src: _WS, dst: _WS, outbound: bool) -> None:
+            async for msg in src:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    await dst.send_str(msg.data)
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    await dst.send_bytes(msg.data)
+                elif msg.type == aiohttp.WSMsgType.PING:
+                    await dst.ping(msg.data)
+                elif msg.type == aiohttp.WSMsgType.PONG:
+                    await dst.pong(msg.data)
+                else:
+                    break
+                size = len(msg.data) if isinstance(msg.data, bytes | str) else 0
+                if outbound:
+                    transfer.bytes_in += size
+                else:
+                    transfer.bytes_out += size
+            await dst.close()
+
+        try:
+            await asyncio.gather(pump(down, up, True), pump(up, down, False))
+        finally:
+            await up.close()
+            await down.close()
+        return down
