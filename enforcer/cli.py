@@ -113,10 +113,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                 stream=sys.stderr,
                 format="%(asctime)s %(levelname)s %(name)s: %(message)s",
             )
-            from enforcer import daemon  # noqa: PLC0415  (keep `check`/`flows` start-up light)
+            from enforcer.run.main import run_forever  # noqa: PLC0415  (keep `check`/`flows` start-up light)
 
             try:
-                return daemon.run_forever(args.config, args.workers)
+                return run_forever(args.config, args.workers)
             except OSError as exc:
                 print(f"enforcer: cannot start: {exc}", file=sys.stderr)
                 return 1

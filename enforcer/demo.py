@@ -33,8 +33,8 @@ from pathlib import Path
 from aiohttp import WSMsgType, web
 
 from enforcer import config
-from enforcer.daemon import Daemon
 from enforcer.http import certs
+from enforcer.run.daemon import Daemon
 
 USERS = {
     "alice": {

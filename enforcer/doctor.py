@@ -52,7 +52,7 @@ class Report:
 
 def expected_ruleset(settings: config.Settings, definitions: config.Definitions) -> ruleset.Ruleset:
     """The table the daemon would install for this config."""
-    from enforcer.daemon import build_redirect  # noqa: PLC0415  (daemon imports aiohttp server bits)
+    from enforcer.run.daemon import build_redirect  # noqa: PLC0415  (daemon imports aiohttp server bits)
 
     return build_redirect(definitions, settings, settings.model.listen.port)
 

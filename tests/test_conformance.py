@@ -36,10 +36,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from enforcer import config, daemon
+from enforcer import config
 from enforcer.flowlog import FlowRecord
 from enforcer.identity import tokens as oidc
 from enforcer.identity.oidc import Provider
+from enforcer.run import daemon
 from tests.e2e_stack import Upstream, free_port
 from tests.fake_op import DELETE, FakeOP, b64url, compact
 from tests.harness.browser import Response, ScriptedBrowser

@@ -13,8 +13,9 @@ import aiohttp
 import pytest
 
 from enforcer import config as config_mod
-from enforcer.daemon import sd_notify, session_store, watchdog_interval
 from enforcer.identity import sessions, sqlite
+from enforcer.run.daemon import session_store
+from enforcer.run.systemd import sd_notify, watchdog_interval
 from tests.e2e_stack import HOST, Stack
 from tests.harness.browser import StaticResolver
 
@@ -158,7 +159,7 @@ def test_primary_readiness_reads_the_masters_worker_state(tmp_path: Path, conten
                                                           expected: str | None) -> None:
     """Worker 0's /readyz counts a worker that is not ready (or an unreadable workers.json) as a problem."""
     from enforcer import config  # noqa: PLC0415
-    from enforcer.daemon import WORKERS_STATE, Daemon  # noqa: PLC0415
+    from enforcer.run.daemon import WORKERS_STATE, Daemon  # noqa: PLC0415
 
     cfg = tmp_path / "enforcer.yaml"
     cfg.write_text(f"stateDir: {tmp_path}\ndefinitions: [{{file: d.yaml}}]\n")

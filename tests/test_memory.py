@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from enforcer import memory
+from enforcer.run import memory
 from tests.prereq import require
 
 

@@ -588,7 +588,7 @@ async def test_stop_removes_the_table(boot: Boot) -> None:
     gone = await boot.sh("nft list table inet enforcer", check=False)
     assert gone.rc != 0, gone.out
     journal = await boot.journal()
-    assert "INFO enforcer.daemon: stopped" in journal, journal[-2000:]
+    assert "INFO enforcer.run.daemon: stopped" in journal, journal[-2000:]
 
 
 async def test_uninstall_keeps_the_config(boot: Boot) -> None:

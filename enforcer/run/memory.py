@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -115,3 +116,20 @@ class Trimmer:
         if self._pending is not None:
             self._pending.cancel()
             self._pending = None
+
+
+GC_THRESHOLDS = (20_000, 50, 100)
+"""CPython's default (700, 10, 10) runs a young-generation collection every few proxied
+requests (each allocates hundreds of containers that reference counting frees anyway).
+A collection scans only what is still alive, so rarer ones cost about the same each:
+measured ~3 % of the CPU of a keep-alive request before this change."""
+
+
+def tune_gc() -> None:
+    """Once the daemon is set up: move everything made so far out of the collector's way
+    (``gc.freeze``: also keeps forked workers from dirtying shared pages) and collect less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
