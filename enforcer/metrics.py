@@ -27,7 +27,7 @@ from prometheus_client import (
 )
 
 if TYPE_CHECKING:
-    from enforcer.flowlog import FlowRecord
+    from enforcer.flow import FlowRecord
 
 __all__ = ["LATENCY_BUCKETS", "Metrics", "label"]
 

@@ -11,8 +11,12 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enforcer import config
-from enforcer.config import ConfigError, parse_documents, parse_duration, resolve_definitions
+from enforcer.config import cpus, definitions
+from enforcer.config import issues as issues_mod
+from enforcer.config import settings as settings_mod
+from enforcer.config.definitions import parse_documents, resolve_definitions
+from enforcer.config.fields import parse_duration
+from enforcer.config.issues import ConfigError
 
 SERVICE = {
     "kind": "service",
@@ -41,14 +45,14 @@ SPEC = {
 }
 
 
-def _resolve(*docs: dict[str, object], tags: tuple[str, ...] = ("app=frontend",)) -> config.Definitions:
+def _resolve(*docs: dict[str, object], tags: tuple[str, ...] = ("app=frontend",)) -> definitions.Definitions:
     text = yaml.safe_dump_all(list(docs))
     parsed = parse_documents(text, "defs.yaml")
     assert isinstance(parsed, list)
     return resolve_definitions(parsed, tags)
 
 
-def _issues(*docs: dict[str, object], tags: tuple[str, ...] = ("app=frontend",)) -> list[config.ConfigIssue]:
+def _issues(*docs: dict[str, object], tags: tuple[str, ...] = ("app=frontend",)) -> list[issues_mod.ConfigIssue]:
     with pytest.raises(ConfigError) as exc:
         _resolve(*docs, tags=tags)
     return list(exc.value.issues)
@@ -167,7 +171,7 @@ def test_unknown_kind_is_an_error() -> None:
 def test_invalid_yaml_reports_line_and_column() -> None:
     """A YAML syntax error names the line and column."""
     result = parse_documents("kind: service\nname: [unclosed\n", "x.yaml")
-    assert isinstance(result, config.ConfigIssue)
+    assert isinstance(result, issues_mod.ConfigIssue)
     assert "line" in result.path
 
 
@@ -176,19 +180,19 @@ def test_daemon_config_resolves_relative_paths(tmp_path: Path) -> None:
     (tmp_path / "defs.yaml").write_text(yaml.safe_dump_all([SERVICE, SPEC]))
     cfg = tmp_path / "enforcer.yaml"
     cfg.write_text("tags: [app=frontend]\nstateDir: state\nlogsDir: logs\ndefinitions: [{file: defs.yaml}]\n")
-    settings = config.load_settings(cfg)
+    settings = settings_mod.load_settings(cfg)
     assert settings.state_dir == tmp_path / "state"
     assert settings.flow_log == tmp_path / "logs" / "flows.jsonl"
-    defs = config.load_definitions(settings)
+    defs = settings_mod.load_definitions(settings)
     assert defs.services[0].name == "private-app"
 
 
-def _first_issue(tmp_path: Path, daemon_yaml: str) -> config.ConfigIssue:
+def _first_issue(tmp_path: Path, daemon_yaml: str) -> issues_mod.ConfigIssue:
     """The first issue load_settings reports for this daemon config (after a definitions line)."""
     cfg = tmp_path / "enforcer.yaml"
     cfg.write_text("definitions: [{file: d.yaml}]\n" + daemon_yaml)
     with pytest.raises(ConfigError) as exc:
-        config.load_settings(cfg)
+        settings_mod.load_settings(cfg)
     return exc.value.issues[0]
 
 
@@ -209,7 +213,7 @@ def test_session_cache_size_must_be_positive(tmp_path: Path) -> None:
     assert _first_issue(tmp_path, "sessions: {cacheSize: 0}\n").path == "sessions.cacheSize"
     cfg = tmp_path / "enforcer.yaml"
     cfg.write_text("definitions: [{file: d.yaml}]\n")
-    assert config.load_settings(cfg).model.sessions.cacheSize == 10_000
+    assert settings_mod.load_settings(cfg).model.sessions.cacheSize == 10_000
 
 
 def test_several_workers_need_the_sqlite_store(tmp_path: Path) -> None:
@@ -217,7 +221,7 @@ def test_several_workers_need_the_sqlite_store(tmp_path: Path) -> None:
     cfg = tmp_path / "enforcer.yaml"
     cfg.write_text("definitions: [{file: d.yaml}]\nlisten: {workers: 2}\nsessions: {store: memory}\n")
     with pytest.raises(ConfigError) as exc:
-        config.load_settings(cfg)
+        settings_mod.load_settings(cfg)
     issue = exc.value.issues[0]
     assert issue.path == "listen.workers" and issue.value == 2
     assert "sessions.store: sqlite" in issue.fix
@@ -229,7 +233,7 @@ def test_workers_option_out_of_range_is_refused(tmp_path: Path, workers: int) ->
     cfg = tmp_path / "enforcer.yaml"
     cfg.write_text("definitions: [{file: d.yaml}]\n")
     with pytest.raises(ConfigError) as exc:
-        config.with_workers(config.load_settings(cfg), workers)
+        settings_mod.with_workers(settings_mod.load_settings(cfg), workers)
     assert exc.value.issues[0].source == "--workers" and exc.value.issues[0].value == workers
 
 
@@ -237,10 +241,10 @@ def test_workers_auto_is_one_per_usable_cpu(tmp_path: Path) -> None:
     """listen.workers: auto and --workers auto both become the number of CPUs this process may use."""
     cfg = tmp_path / "enforcer.yaml"
     cfg.write_text("definitions: [{file: d.yaml}]\nlisten: {workers: auto}\n")
-    expected = min(config.MAX_WORKERS, config.usable_cpus())
-    assert config.load_settings(cfg).model.listen.workers == expected
+    expected = min(cpus.MAX_WORKERS, cpus.usable_cpus())
+    assert settings_mod.load_settings(cfg).model.listen.workers == expected
     cfg.write_text("definitions: [{file: d.yaml}]\n")
-    assert config.with_workers(config.load_settings(cfg), "auto").model.listen.workers == expected
+    assert settings_mod.with_workers(settings_mod.load_settings(cfg), "auto").model.listen.workers == expected
 
 
 def test_workers_neither_number_nor_auto_names_the_key(tmp_path: Path) -> None:
@@ -248,7 +252,7 @@ def test_workers_neither_number_nor_auto_names_the_key(tmp_path: Path) -> None:
     cfg = tmp_path / "enforcer.yaml"
     cfg.write_text("definitions: [{file: d.yaml}]\nlisten: {workers: lots}\n")
     with pytest.raises(ConfigError) as exc:
-        config.load_settings(cfg)
+        settings_mod.load_settings(cfg)
     assert exc.value.issues[0].path == "listen.workers" and exc.value.issues[0].value == "lots"
 
 
@@ -290,17 +294,17 @@ def test_cgroup_cpu_limit_reads_the_processs_own_cgroup(
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
-    assert config.cgroup_cpu_limit(proc, root) == limit
+    assert cpus.cgroup_cpu_limit(proc, root) == limit
     affinity = len(os.sched_getaffinity(0))
     expected = affinity if limit is None else max(1, min(affinity, math.ceil(limit)))
-    assert config.usable_cpus(proc, root) == expected  # rounded up: 1.5 CPUs keep 2 processes busy
+    assert cpus.usable_cpus(proc, root) == expected  # rounded up: 1.5 CPUs keep 2 processes busy
 
 
 def test_workers_option_overrides_the_config(tmp_path: Path) -> None:
     """--workers replaces listen.workers and leaves every other setting alone."""
     cfg = tmp_path / "enforcer.yaml"
     cfg.write_text("definitions: [{file: d.yaml}]\nlisten: {port: 9443}\n")
-    settings = config.with_workers(config.load_settings(cfg), 3)
+    settings = settings_mod.with_workers(settings_mod.load_settings(cfg), 3)
     assert settings.model.listen.workers == 3 and settings.model.listen.port == 9443
 
 
@@ -335,7 +339,7 @@ def test_loader_is_total_on_arbitrary_service_documents(doc: dict[str, object]) 
     """Any document either resolves or raises ConfigError whose issues all have a source and a message."""
     doc = {"kind": "service", **doc}
     try:
-        resolve_definitions([config.RawDocument("h.yaml", 0, doc)], ("app=frontend",))
+        resolve_definitions([definitions.RawDocument("h.yaml", 0, doc)], ("app=frontend",))
     except ConfigError as exc:
         assert exc.issues
         assert all(i.source and i.message for i in exc.issues)
@@ -346,4 +350,4 @@ def test_loader_is_total_on_arbitrary_service_documents(doc: dict[str, object]) 
 def test_yaml_parser_is_total(text: str) -> None:
     """parse_documents returns documents or one issue for any text; it never raises."""
     result = parse_documents(text, "t.yaml")
-    assert isinstance(result, list | config.ConfigIssue)
+    assert isinstance(result, list | issues_mod.ConfigIssue)

@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from enforcer import config
-from enforcer.flowlog import FlowRecord
+from enforcer.config import settings as config
+from enforcer.flow import FlowRecord
 from enforcer.identity import tokens as oidc
 from enforcer.identity.oidc import Provider
 from enforcer.run import daemon

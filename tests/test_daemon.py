@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from enforcer import config as config_mod
+from enforcer.config import settings as config_mod
 from enforcer.identity import sessions, sqlite
 from enforcer.run.daemon import session_store
 from enforcer.run.systemd import sd_notify, watchdog_interval
@@ -158,7 +158,7 @@ def test_watchdog_interval_is_half_of_watchdog_usec(monkeypatch: pytest.MonkeyPa
 def test_primary_readiness_reads_the_masters_worker_state(tmp_path: Path, content: str | None,
                                                           expected: str | None) -> None:
     """Worker 0's /readyz counts a worker that is not ready (or an unreadable workers.json) as a problem."""
-    from enforcer import config  # noqa: PLC0415
+    from enforcer.config import settings as config  # noqa: PLC0415
     from enforcer.run.daemon import WORKERS_STATE, Daemon  # noqa: PLC0415
 
     cfg = tmp_path / "enforcer.yaml"

@@ -14,8 +14,9 @@ import pytest_asyncio
 import yaml
 from aiohttp import web
 
-from enforcer import config
-from enforcer.definitions import (
+from enforcer.config import definitions, issues
+from enforcer.config import settings as settings_mod
+from enforcer.config.sources import (
     LKG_NAME,
     DefinitionsManager,
     FileSource,
@@ -27,10 +28,10 @@ from enforcer.definitions import (
 from tests.test_config import SERVICE, SPEC
 
 
-def _settings(tmp_path: Path, sources: list[dict[str, object]]) -> config.Settings:
+def _settings(tmp_path: Path, sources: list[dict[str, object]]) -> settings_mod.Settings:
     cfg = tmp_path / "enforcer.yaml"
     cfg.write_text(yaml.safe_dump({"tags": ["app=frontend"], "stateDir": "state", "definitions": sources}))
-    return config.load_settings(cfg)
+    return settings_mod.load_settings(cfg)
 
 
 def _spec_with(uri: str) -> dict[str, object]:
@@ -144,9 +145,9 @@ async def test_invalid_update_is_rejected_and_the_old_set_stays(tmp_path: Path) 
     f.write_text(yaml.safe_dump_all([SERVICE, SPEC]))
     settings = _settings(tmp_path, [{"file": str(f)}])
     outcomes: list[tuple[str, str]] = []
-    applied: list[config.Definitions] = []
+    applied: list[definitions.Definitions] = []
 
-    async def on_change(defs: config.Definitions, reason: str) -> None:
+    async def on_change(defs: definitions.Definitions, reason: str) -> None:
         applied.append(defs)
 
     mgr = DefinitionsManager(
@@ -193,7 +194,7 @@ async def test_first_start_without_any_set_is_a_clear_error(plane: ControlPlane,
     plane.status = 500
     settings = _settings(tmp_path, [{"url": plane.url}])
     async with aiohttp.ClientSession() as http:
-        with pytest.raises(config.ConfigError, match="no last-known-good"):
+        with pytest.raises(issues.ConfigError, match="no last-known-good"):
             await DefinitionsManager(settings, build_sources(settings, http)).load_initial()
 
 
@@ -220,8 +221,8 @@ def test_source_config_needs_exactly_one_of_file_or_url(tmp_path: Path) -> None:
     """A source with both or neither of file/url is a config error at definitions[i]."""
     cfg = tmp_path / "enforcer.yaml"
     cfg.write_text("definitions: [{file: a.yaml, url: 'https://x/y'}]\n")
-    with pytest.raises(config.ConfigError) as exc:
-        config.load_settings(cfg)
+    with pytest.raises(issues.ConfigError) as exc:
+        settings_mod.load_settings(cfg)
     assert exc.value.issues[0].path.startswith("definitions[0]")
 
 
@@ -229,5 +230,5 @@ def test_plain_http_sources_are_only_allowed_on_loopback(tmp_path: Path) -> None
     """A control plane URL must be https unless it is on loopback."""
     cfg = tmp_path / "enforcer.yaml"
     cfg.write_text("definitions: [{url: 'http://cp.example.com/defs'}]\n")
-    with pytest.raises(config.ConfigError, match="https"):
-        config.load_settings(cfg)
+    with pytest.raises(issues.ConfigError, match="https"):
+        settings_mod.load_settings(cfg)

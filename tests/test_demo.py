@@ -79,7 +79,7 @@ async def test_demo_as_root_runs_behind_the_real_redirect_in_namespaces(tmp_path
     The app's own port refuses the client host, and with --exit-after every enf-demo-*
     namespace is gone afterwards.
     """
-    from enforcer import demo  # noqa: PLC0415
+    from enforcer.cli import demo  # noqa: PLC0415
     from tests.netns import NetnsLoop, netns_names, refused, require_root  # noqa: PLC0415
 
     require_root()

@@ -17,12 +17,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from enforcer import flowlog as flowlog_mod
-from enforcer.flowlog import (
-    FILE_MODE,
+from enforcer import flow as flowlog_mod
+from enforcer.cli.flows import (
     FlowFilter,
-    FlowLog,
-    FlowRecord,
     ReadStats,
     flows_command,
     follow_flows,
@@ -32,6 +29,8 @@ from enforcer.flowlog import (
     parse_since,
     read_flows,
 )
+from enforcer.flow import FlowRecord
+from enforcer.flowlog import FILE_MODE, FlowLog
 from tests.prereq import require
 
 T0 = 1_714_564_800.123  # 2024-05-01T12:00:00.123Z

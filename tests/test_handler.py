@@ -10,7 +10,7 @@ from aiohttp.test_utils import make_mocked_request
 from hypothesis import given
 from hypothesis import strategies as st
 
-from enforcer.config import IdentityHeaders
+from enforcer.config.definitions import IdentityHeaders
 from enforcer.http.gate import _identity_headers, _split_host, is_api_request
 from enforcer.http.headers import MAX_IDENTITY_VALUE, clean_value
 from enforcer.identity.sessions import Session

@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from enforcer import metrics as metrics_mod
-from enforcer.flowlog import FlowRecord
+from enforcer.flow import FlowRecord
 from enforcer.metrics import Metrics, label
 
 

@@ -43,7 +43,7 @@ from aiohttp import http_parser as aiohttp_http_parser
 from aiohttp import web
 
 from enforcer import errors
-from enforcer.flowlog import FlowRecord
+from enforcer.flow import FlowRecord
 from enforcer.http import headers as headers_mod
 from enforcer.http import pages, proxy
 from enforcer.http import upstream as upstream_client

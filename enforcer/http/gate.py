@@ -24,8 +24,11 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from enforcer import errors, policy
-from enforcer.config import Definitions, Service, Settings, normalise_host
-from enforcer.flowlog import FlowLog, FlowRecord
+from enforcer.config.definitions import Definitions, Service
+from enforcer.config.fields import normalise_host
+from enforcer.config.settings import Settings
+from enforcer.flow import FlowRecord
+from enforcer.flowlog import FlowLog
 from enforcer.http import headers as headers_mod
 from enforcer.http import pages, proxy
 from enforcer.http.server import FRAMING_ERROR

@@ -25,9 +25,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from enforcer import config
-from enforcer.definitions import DefinitionsManager, build_sources
-from enforcer.flowlog import FlowLog, FlowRecord
+from enforcer.config import definitions as definitions_mod
+from enforcer.config import settings as settings_mod
+from enforcer.config.sources import DefinitionsManager, build_sources
+from enforcer.flow import FlowRecord
+from enforcer.flowlog import FlowLog
 from enforcer.http import accept, certs, fastpath, proxy
 from enforcer.http import server as server_mod
 from enforcer.http import tls as listener
@@ -53,8 +55,8 @@ RELOAD_SIBLINGS = signal.SIGUSR1
 
 
 def build_providers(
-    definitions: config.Definitions,
-    settings: config.Settings,
+    definitions: definitions_mod.Definitions,
+    settings: settings_mod.Settings,
     http: aiohttp.ClientSession,
     previous: dict[str, oidc.Provider] | None = None,
 ) -> dict[str, oidc.Provider]:
@@ -84,7 +86,7 @@ def build_providers(
 
 
 def build_leaves(
-    definitions: config.Definitions, store: certs.CertStore
+    definitions: definitions_mod.Definitions, store: certs.CertStore
 ) -> tuple[dict[str, certs.LeafPaths], str | None]:
     """Certificates for every host (operator-supplied ones win) and the no-SNI default host."""
     leaves: dict[str, certs.LeafPaths] = {}
@@ -102,7 +104,9 @@ def build_leaves(
 LOCAL_UPSTREAMS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
-def build_redirect(definitions: config.Definitions, settings: config.Settings, listen_port: int) -> Ruleset:
+def build_redirect(
+    definitions: definitions_mod.Definitions, settings: settings_mod.Settings, listen_port: int
+) -> Ruleset:
     """The nftables ruleset for these services (the app port is blocked only for local apps)."""
 
     r = settings.model.redirect
@@ -119,13 +123,13 @@ def build_redirect(definitions: config.Definitions, settings: config.Settings, l
 
 
 
-def status_text(definitions: config.Definitions) -> str:
+def status_text(definitions: definitions_mod.Definitions) -> str:
     """systemd's STATUS= line: how many services, and which (``systemctl status`` shows it)."""
     names = ", ".join(svc.name for svc in definitions.services)
     return f"serving {len(definitions.services)} service(s)" + (f": {names}"[:200] if names else "")
 
 
-def session_store(s: config.DaemonModel, *, shared: bool) -> sessions.SessionStore:
+def session_store(s: settings_mod.DaemonModel, *, shared: bool) -> sessions.SessionStore:
     """The session store ``sessions:`` asks for: SQLite in the state dir (``shared`` when
     several worker processes use it) or in memory."""
     if s.sessions.store == "sqlite":
@@ -141,7 +145,7 @@ def session_store(s: config.DaemonModel, *, shared: bool) -> sessions.SessionSto
 class Daemon:
     """The running enforcer and everything it owns."""
 
-    settings: config.Settings
+    settings: settings_mod.Settings
     metrics: Metrics = field(default_factory=Metrics)
     ready: bool = False
     ruleset: Ruleset | None = None
@@ -372,7 +376,7 @@ class Daemon:
         """Re-read every definitions source now (SIGHUP, `enforcer reload`)."""
         self.manager.trigger()
 
-    async def _apply(self, definitions: config.Definitions, reason: str) -> None:
+    async def _apply(self, definitions: definitions_mod.Definitions, reason: str) -> None:
         """Swap in a validated set: redirect rules, then certificates, then the request path.
 
         A failing step raises, and the manager keeps the previous set (the nftables batch is

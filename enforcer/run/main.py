@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from enforcer import config
+from enforcer.config import settings as config
 from enforcer.run.daemon import Daemon, _run_loop
 from enforcer.run.workers import Master
 

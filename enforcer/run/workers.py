@@ -13,7 +13,8 @@ import sys
 import time
 from typing import Any
 
-from enforcer import config
+from enforcer.config import issues
+from enforcer.config import settings as settings_mod
 from enforcer.http import tls as listener
 from enforcer.metrics import enable_multiprocess, process_gone
 from enforcer.run.daemon import DRAIN_SECONDS, RELOAD_SIBLINGS, WORKERS_STATE, Daemon, _run_loop
@@ -57,7 +58,7 @@ class Master:
 
     HEARTBEAT = 1.0
 
-    def __init__(self, settings: config.Settings) -> None:
+    def __init__(self, settings: settings_mod.Settings) -> None:
         self.settings = settings
         self.count = settings.model.listen.workers
         self.pids: dict[int, int] = {}  # pid -> worker index
@@ -113,7 +114,7 @@ class Master:
             try:
                 os.close(read_fd)
                 code = self._worker(index, write_fd)
-            except config.ConfigError as exc:
+            except issues.ConfigError as exc:
                 print(f"enforcer: configuration error ({len(exc.issues)} problem(s)):", file=sys.stderr)
                 for issue in exc.issues:
                     print(f"  {issue}", file=sys.stderr)

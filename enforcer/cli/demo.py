@@ -32,7 +32,7 @@ from pathlib import Path
 
 from aiohttp import WSMsgType, web
 
-from enforcer import config
+from enforcer.config import settings as config
 from enforcer.http import certs
 from enforcer.run.daemon import Daemon
 
@@ -191,7 +191,7 @@ def _netns_layout() -> _Layout:
 
 
 async def _run(port: int, state: Path, exit_after: float | None, layout: _Layout | None = None) -> int:
-    from enforcer import localidp  # noqa: PLC0415  (needs node; only the demo and tests use it)
+    from enforcer.cli import localidp  # noqa: PLC0415  (needs node; only the demo and tests use it)
 
     lay = layout or _loopback_layout(port)
     state.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240  (start-up, before serving)

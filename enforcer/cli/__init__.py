@@ -9,7 +9,10 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from enforcer import __version__, config, policy
+from enforcer import __version__, policy
+from enforcer.config import definitions as definitions_mod
+from enforcer.config import issues
+from enforcer.config import settings as settings_mod
 
 DEFAULT_CONFIG = Path(os.environ.get("ENFORCER_CONFIG", "/etc/enforcer/enforcer.yaml"))
 
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except config.ConfigError as exc:
+    except issues.ConfigError as exc:
         print(f"enforcer: configuration error ({len(exc.issues)} problem(s)):", file=sys.stderr)
         for issue in exc.issues:
             print(f"  {issue}", file=sys.stderr)
@@ -143,11 +146,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         case "certs":
             from enforcer.http import certs  # noqa: PLC0415
 
-            settings = config.load_settings(args.config)
+            settings = settings_mod.load_settings(args.config)
             sys.stdout.write(certs.CertStore(settings.state_dir).ca_pem().decode())
             return 0
         case "demo":
-            from enforcer import demo  # noqa: PLC0415
+            from enforcer.cli import demo  # noqa: PLC0415
 
             return int(
                 demo.main(
@@ -161,15 +164,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 2
 
 
-def _load_all_definitions(settings: config.Settings) -> config.Definitions:
+def _load_all_definitions(settings: settings_mod.Settings) -> definitions_mod.Definitions:
     """Every source, HTTP ones included, validated exactly as the daemon would."""
     import asyncio  # noqa: PLC0415
 
     import aiohttp  # noqa: PLC0415
 
-    from enforcer import definitions  # noqa: PLC0415
+    from enforcer.config import sources as definitions  # noqa: PLC0415
 
-    async def load() -> config.Definitions:
+    async def load() -> definitions_mod.Definitions:
         async with aiohttp.ClientSession() as http:
             sources = definitions.build_sources(settings, http)
             docs = []
@@ -177,10 +180,10 @@ def _load_all_definitions(settings: config.Settings) -> config.Definitions:
                 try:
                     docs.extend(await src.poll() or [])
                 except definitions.SourceError as exc:
-                    raise config.ConfigError(
-                        [config.ConfigIssue(str(settings.path), "definitions", f"source unreadable: {exc}")]
+                    raise issues.ConfigError(
+                        [issues.ConfigIssue(str(settings.path), "definitions", f"source unreadable: {exc}")]
                     ) from None
-            return config.resolve_definitions(
+            return definitions_mod.resolve_definitions(
                 docs, settings.tags, allow_http_loopback_idp=settings.model.oidc.allowHttpLoopbackIssuer
             )
 
@@ -188,7 +191,7 @@ def _load_all_definitions(settings: config.Settings) -> config.Definitions:
 
 
 def _check(path: Path) -> int:
-    settings = config.load_settings(path)
+    settings = settings_mod.load_settings(path)
     definitions = _load_all_definitions(settings)
     print(f"{path}: OK")
     for svc in definitions.services:
@@ -204,9 +207,9 @@ def _check(path: Path) -> int:
 
 
 def _rules(path: Path) -> int:
-    from enforcer import doctor  # noqa: PLC0415
+    from enforcer.cli import doctor  # noqa: PLC0415
 
-    settings = config.load_settings(path)
+    settings = settings_mod.load_settings(path)
     ruleset = doctor.expected_ruleset(settings, _load_all_definitions(settings))
     if not settings.model.redirect.enabled:
         print("# redirect is disabled in this config (redirect: {enabled: false}); this is what it would install")
@@ -217,9 +220,9 @@ def _rules(path: Path) -> int:
 def _doctor(path: Path) -> int:
     import asyncio  # noqa: PLC0415
 
-    from enforcer import doctor  # noqa: PLC0415
+    from enforcer.cli import doctor  # noqa: PLC0415
 
-    settings = config.load_settings(path)
+    settings = settings_mod.load_settings(path)
     return asyncio.run(doctor.run(settings, _load_all_definitions(settings), sys.stdout))
 
 
@@ -228,7 +231,7 @@ def _reload(path: Path) -> int:
     import urllib.error  # noqa: PLC0415
     import urllib.request  # noqa: PLC0415
 
-    admin = config.load_settings(path).model.admin
+    admin = settings_mod.load_settings(path).model.admin
     host = f"[{admin.address}]" if ":" in admin.address else admin.address
     url = f"http://{host}:{admin.port}/reload"
     try:
@@ -246,11 +249,11 @@ def _reload(path: Path) -> int:
 
 
 def _flows(args: argparse.Namespace) -> int:
-    from enforcer import flowlog  # noqa: PLC0415
+    from enforcer.cli import flows as flowlog  # noqa: PLC0415
 
     path = args.file
     if path is None:
-        path = config.load_settings(args.config).flow_log
+        path = settings_mod.load_settings(args.config).flow_log
     try:
         since = flowlog.parse_since(args.since, datetime.now(UTC)) if args.since else None
     except ValueError as exc:
@@ -261,7 +264,7 @@ def _flows(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    settings = config.load_settings(args.config)
+    settings = settings_mod.load_settings(args.config)
     definitions = _load_all_definitions(settings)
     service = definitions.get(args.service)
     if service is None:

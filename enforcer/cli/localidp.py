@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from enforcer.http.certs import CertStore
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 OP_SCRIPT = REPO_ROOT / "scripts" / "op" / "op.mjs"
 
 READY_TIMEOUT = 30.0

@@ -37,8 +37,10 @@ from typing import Protocol
 import aiohttp
 import yaml
 
-from enforcer import config
-from enforcer.config import ConfigError, ConfigIssue, Definitions, RawDocument
+from enforcer.config import definitions as definitions_mod
+from enforcer.config import settings as settings_mod
+from enforcer.config.definitions import Definitions, RawDocument
+from enforcer.config.issues import ConfigError, ConfigIssue
 
 log = logging.getLogger("enforcer.definitions")
 
@@ -97,7 +99,7 @@ class FileSource:
         if stamp == self._stamp:
             return None
         try:
-            docs = config.load_documents(self.path)
+            docs = definitions_mod.load_documents(self.path)
         except ConfigError as exc:
             raise SourceError(str(exc)) from None
         self._stamp = stamp
@@ -180,13 +182,13 @@ def parse_http_body(body: bytes, content_type: str, source: str) -> list[RawDocu
             raise SourceError(f"{source}: invalid JSON: {exc}") from None
         items = value if isinstance(value, list) else [value]
         return [RawDocument(source, i, item) for i, item in enumerate(items)]
-    parsed = config.parse_documents(text, source)
+    parsed = definitions_mod.parse_documents(text, source)
     if isinstance(parsed, ConfigIssue):
         raise SourceError(str(parsed))
     return parsed
 
 
-def build_sources(settings: config.Settings, http: aiohttp.ClientSession) -> list[Source]:
+def build_sources(settings: settings_mod.Settings, http: aiohttp.ClientSession) -> list[Source]:
     """The configured sources, in order."""
     out: list[Source] = []
     for s in settings.model.definitions:
@@ -218,7 +220,7 @@ OnChange = Callable[[Definitions, str], Awaitable[None]]
 class DefinitionsManager:
     """Polls the sources, validates merged sets and hands accepted ones to ``on_change``."""
 
-    settings: config.Settings
+    settings: settings_mod.Settings
     sources: list[Source]
     on_change: OnChange | None = None
     on_outcome: Callable[[str, str], None] | None = None  # (outcome, detail) for metrics/flows
@@ -234,7 +236,7 @@ class DefinitionsManager:
         return self.settings.state_dir / LKG_NAME
 
     def _resolve(self, docs: Sequence[RawDocument]) -> Definitions:
-        return config.resolve_definitions(
+        return definitions_mod.resolve_definitions(
             docs, self.settings.tags, allow_http_loopback_idp=self.settings.model.oidc.allowHttpLoopbackIssuer
         )
 
@@ -286,7 +288,7 @@ class DefinitionsManager:
             text = self.lkg_path.read_text(encoding="utf-8")
         except OSError:
             return None
-        parsed = config.parse_documents(text, str(self.lkg_path))
+        parsed = definitions_mod.parse_documents(text, str(self.lkg_path))
         return None if isinstance(parsed, ConfigIssue) else parsed
 
     def _save_lkg(self, docs: Sequence[RawDocument]) -> None:

@@ -19,7 +19,8 @@ from typing import TextIO
 import aiohttp
 from cryptography import x509
 
-from enforcer import config
+from enforcer.config import definitions as definitions_mod
+from enforcer.config import settings as settings_mod
 from enforcer.identity import oidc, tokens
 from enforcer.net import nftables, ruleset
 
@@ -50,7 +51,7 @@ class Report:
         print(line, file=self.out, flush=True)
 
 
-def expected_ruleset(settings: config.Settings, definitions: config.Definitions) -> ruleset.Ruleset:
+def expected_ruleset(settings: settings_mod.Settings, definitions: definitions_mod.Definitions) -> ruleset.Ruleset:
     """The table the daemon would install for this config."""
     from enforcer.run.daemon import build_redirect  # noqa: PLC0415  (daemon imports aiohttp server bits)
 
@@ -58,7 +59,7 @@ def expected_ruleset(settings: config.Settings, definitions: config.Definitions)
 
 
 async def _check_idp(
-    report: Report, settings: config.Settings, svc: config.Service, http: aiohttp.ClientSession
+    report: Report, settings: settings_mod.Settings, svc: definitions_mod.Service, http: aiohttp.ClientSession
 ) -> None:
     ca = svc.idp_ca_file or settings.model.oidc.caFile
     provider = oidc.Provider(
@@ -99,7 +100,7 @@ async def _check_idp(
         pass
 
 
-def _check_certs(report: Report, settings: config.Settings, definitions: config.Definitions) -> None:
+def _check_certs(report: Report, settings: settings_mod.Settings, definitions: definitions_mod.Definitions) -> None:
     now = datetime.now(UTC)
     for svc in definitions.services:
         path = svc.tls.cert if svc.tls else settings.state_dir / "certs" / f"{svc.name}.crt"
@@ -128,7 +129,9 @@ def _check_port(report: Report, what: str, host: str, port: int) -> None:
         )
 
 
-async def _check_redirect(report: Report, settings: config.Settings, definitions: config.Definitions) -> None:
+async def _check_redirect(
+    report: Report, settings: settings_mod.Settings, definitions: definitions_mod.Definitions
+) -> None:
     r = settings.model.redirect
     if not r.enabled:
         report.warn(
@@ -157,7 +160,7 @@ async def _check_redirect(report: Report, settings: config.Settings, definitions
     print(live.render(), file=report.out)
 
 
-async def run(settings: config.Settings, definitions: config.Definitions, out: TextIO) -> int:
+async def run(settings: settings_mod.Settings, definitions: definitions_mod.Definitions, out: TextIO) -> int:
     """All checks; exit code 1 if any failed."""
     report = Report(out)
     report.ok(f"configuration {settings.path}: {len(definitions.services)} service(s) for tags {list(settings.tags)}")

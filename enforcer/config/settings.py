@@ -1,0 +1,299 @@
+"""The daemon config (``enforcer.yaml``), owned by the host operator, → :class:`Settings`.
+
+This enforcer's own tags, listener, state and log directories, definition sources, sessions,
+redirect and limits. Unknown keys are errors (with a did-you-mean).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import (
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from enforcer.config.cpus import MAX_WORKERS, resolve_workers
+from enforcer.config.definitions import (
+    Definitions,
+    RawDocument,
+    _https_url,
+    load_documents,
+    parse_documents,
+    resolve_definitions,
+)
+from enforcer.config.fields import Duration, Tag, _Strict
+from enforcer.config.issues import ConfigError, ConfigIssue, _issues_from_validation
+
+
+class ListenModel(_Strict):
+    """Where the TLS listener binds (redirected traffic arrives here)."""
+
+    address: str = "::"
+    port: int = Field(default=8443, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1, le=MAX_WORKERS)
+    """Serving processes sharing the port (SO_REUSEPORT); more than one needs the SQLite store.
+    ``auto``: one per CPU this process may use (:func:`usable_cpus`)."""
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: object) -> object:
+        return resolve_workers(value)
+    fastPath: bool = True
+    """Serve allowed GET/HEAD requests with a cached session on the lean HTTP/1.1 path
+    (enforcer/fastpath.py); everything else, and everything when off, goes through aiohttp."""
+
+
+class AdminModel(_Strict):
+    """Metrics and health endpoints; loopback only."""
+
+    address: str = "127.0.0.1"
+    port: int = Field(default=9090, ge=0, le=65535)
+
+    @field_validator("address")
+    @classmethod
+    def _loopback(cls, v: str) -> str:
+        try:
+            if not ipaddress.ip_address(v).is_loopback:
+                raise ValueError("the admin listener must bind a loopback address, e.g. 127.0.0.1")
+        except ValueError as exc:
+            raise ValueError(str(exc) if "loopback" in str(exc) else "an IP address, e.g. 127.0.0.1") from None
+        return v
+
+
+class SessionsModel(_Strict):
+    """Session store and lifetimes."""
+
+    store: Literal["sqlite", "memory"] = "sqlite"
+    idleTimeout: Duration = 8 * 3600.0
+    absoluteTimeout: Duration = 24 * 3600.0
+    maxSessions: int = Field(default=100_000, ge=1)
+    cacheSize: int = Field(default=10_000, ge=1, le=10_000_000)
+    """Sessions the SQLite store keeps in memory (~0.3 KB each, the 256 most recently used
+    ~3 KB): a request of a cached session needs no disk read; one beyond it costs a SQLite
+    read (~0.3 ms of CPU) and enters the cache."""
+
+
+class OIDCSettingsModel(_Strict):
+    """Settings shared by every service's OpenID Connect client."""
+
+    leeway: Duration = 60.0
+    maxIdTokenAge: Duration = 600.0
+    loginTimeout: Duration = 600.0
+    httpTimeout: Duration = 10.0
+    jwksRefreshInterval: Duration = 60.0
+    caFile: Path | None = None
+    allowHttpLoopbackIssuer: bool = False
+
+
+class SourceModel(_Strict):
+    """A definitions source: a YAML file or directory (``file``), or an HTTP(S) ``url``."""
+
+    file: Path | None = None
+    url: str | None = None
+    tokenFile: Path | None = None
+    caFile: Path | None = None
+    interval: Duration = 30.0
+    timeout: Duration = 10.0
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SourceModel:
+        if (self.file is None) == (self.url is None):
+            raise ValueError("give exactly one of file: /path or url: https://...")
+        if self.url is not None:
+            problem = _https_url(self.url, allow_http_loopback=True)
+            if problem:
+                raise ValueError(f"url {problem} (plain http is accepted only on loopback)")
+        if self.interval < 1:
+            raise ValueError("interval must be at least 1s")
+        return self
+
+
+class RedirectModel(_Strict):
+    """The transparent redirect (nftables): exposed ports land on the listener.
+
+    Off unless enabled, so that a development or test run never touches the host's
+    firewall; ``scripts/install``'s sample config turns it on."""
+
+    enabled: bool = False
+    table: str = Field(default="enforcer", pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    mark: int = Field(default=0x454E, ge=1, le=0xFFFFFFFF)
+    blockAppPort: bool = True
+    keepBlockOnStop: bool = False
+
+
+class LimitsModel(_Strict):
+    """Bounds on what a client controls."""
+
+    maxBodyBytes: int = Field(default=1 << 30, ge=0)
+    headerTimeout: Duration = 30.0
+    idleTimeout: Duration = 75.0
+    writeTimeout: Duration = 60.0
+    """A client that takes none of our answer for this long (its window stays shut while we
+    have bytes for it: a slow-read attack, X-LIM-08) is disconnected; 0 turns it off."""
+    upstreamConnectTimeout: Duration = 5.0
+    upstreamReadTimeout: Duration = 300.0
+    maxConnections: int = Field(default=10_000, ge=1)
+    maxConnectionsPerIP: int = Field(default=512, ge=1)
+
+
+class DaemonModel(_Strict):
+    """``enforcer.yaml``."""
+
+    tags: list[Tag] = Field(default_factory=list)
+    listen: ListenModel = Field(default_factory=ListenModel)
+    admin: AdminModel = Field(default_factory=AdminModel)
+    stateDir: Path = Path("/var/lib/enforcer")
+    logsDir: Path = Path("/var/log/enforcer")
+    definitions: list[SourceModel] = Field(min_length=1)
+    sessions: SessionsModel = Field(default_factory=SessionsModel)
+    oidc: OIDCSettingsModel = Field(default_factory=OIDCSettingsModel)
+    limits: LimitsModel = Field(default_factory=LimitsModel)
+    redirect: RedirectModel = Field(default_factory=RedirectModel)
+    flowLog: Path | None = None  # default: <logsDir>/flows.jsonl
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The daemon config, resolved (paths absolute, defaults filled in)."""
+
+    path: Path
+    model: DaemonModel
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return tuple(self.model.tags)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.model.stateDir
+
+    @property
+    def flow_log(self) -> Path:
+        return self.model.flowLog or self.model.logsDir / "flows.jsonl"
+
+    @property
+    def sources(self) -> tuple[Path, ...]:
+        """The file sources (HTTP sources are read by ``enforcer.definitions``)."""
+        return tuple(s.file for s in self.model.definitions if s.file is not None)
+
+
+def load_settings(path: Path) -> Settings:
+    """Read and validate ``enforcer.yaml``; relative paths are relative to its folder."""
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            [ConfigIssue(source, "", f"cannot read: {exc.strerror}", fix="pass -c /path/to/enforcer.yaml")]
+        ) from None
+    docs = parse_documents(text, source)
+    if isinstance(docs, ConfigIssue):
+        raise ConfigError([docs])
+    if len(docs) != 1 or not isinstance(docs[0].data, Mapping):
+        raise ConfigError([ConfigIssue(source, "", "must be one YAML mapping", fix="see README: enforcer.yaml")])
+    data = dict(docs[0].data)
+    base = path.parent.resolve()
+    try:
+        model = DaemonModel.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_issues_from_validation(exc, source, "", data, DaemonModel)) from None
+
+    def absolute(p: Path) -> Path:
+        return p if p.is_absolute() else base / p
+
+    model = model.model_copy(
+        update={
+            "stateDir": absolute(model.stateDir),
+            "logsDir": absolute(model.logsDir),
+            "flowLog": absolute(model.flowLog) if model.flowLog else None,
+            "definitions": [
+                s.model_copy(
+                    update={
+                        "file": absolute(s.file) if s.file else None,
+                        "tokenFile": absolute(s.tokenFile) if s.tokenFile else None,
+                        "caFile": absolute(s.caFile) if s.caFile else None,
+                    }
+                )
+                for s in model.definitions
+            ],
+            "oidc": model.oidc.model_copy(
+                update={"caFile": absolute(model.oidc.caFile) if model.oidc.caFile else None}
+            ),
+        }
+    )
+    if model.sessions.idleTimeout > model.sessions.absoluteTimeout:
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    source,
+                    "sessions.idleTimeout",
+                    "is longer than sessions.absoluteTimeout",
+                    model.sessions.idleTimeout,
+                    "make idleTimeout <= absoluteTimeout",
+                )
+            ]
+        )
+    settings = Settings(path=path, model=model)
+    check_workers(settings, model.listen.workers, "listen.workers")
+    return settings
+
+
+def check_workers(settings: Settings, workers: int, where: str) -> None:
+    """Several serving processes must share sessions and pending logins (raises ConfigError)."""
+    if workers > 1 and settings.model.sessions.store != "sqlite":
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    str(settings.path),
+                    where,
+                    f"{workers} workers cannot share the in-memory session store (sessions.store: memory)",
+                    workers,
+                    "use sessions.store: sqlite (the default) or a single worker",
+                )
+            ]
+        )
+
+
+def with_workers(settings: Settings, workers: int | str) -> Settings:
+    """``settings`` with ``listen.workers`` replaced (the ``--workers`` option: a number or
+    ``auto``), checked by :class:`ListenModel` exactly like the file's value."""
+    try:
+        listen = ListenModel.model_validate({**settings.model.listen.model_dump(), "workers": workers})
+    except ValidationError:
+        raise ConfigError([ConfigIssue(
+            "--workers", "", f"must be a number from 1 to {MAX_WORKERS}, or auto", workers, "e.g. --workers 2",
+        )]) from None
+    check_workers(settings, listen.workers, "--workers")
+    return Settings(path=settings.path, model=settings.model.model_copy(update={"listen": listen}))
+
+
+def load_definitions(settings: Settings) -> Definitions:
+    """Read every configured source and resolve the set (raises ConfigError)."""
+    docs: list[RawDocument] = []
+    issues: list[ConfigIssue] = []
+    for src in settings.sources:
+        if not src.exists():
+            issues.append(
+                ConfigIssue(
+                    str(settings.path),
+                    "definitions",
+                    "source does not exist",
+                    str(src),
+                    "create the file or fix the path",
+                )
+            )
+            continue
+        try:
+            docs.extend(load_documents(src))
+        except ConfigError as exc:
+            issues.extend(exc.issues)
+    if issues:
+        raise ConfigError(issues)
+    return resolve_definitions(docs, settings.tags, allow_http_loopback_idp=settings.model.oidc.allowHttpLoopbackIssuer)

@@ -1,0 +1,263 @@
+"""The flow record: one per request, begun on arrival, filled in along the way, finished once.
+
+``FlowRecord`` is begun when a request arrives, filled in along the way (``record``) and
+finished once (``finish``); ``to_json`` renders it as one line that no field content can break
+(``ensure_ascii`` escapes CR, LF, ANSI escapes, quotes and every non-ASCII character).
+
+The record carries no secrets by construction: no query string (``path`` is the canonical
+path), no cookies, no tokens, no codes; ``user`` is the ``sub`` claim.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from typing import Any
+
+USER_AGENT_MAX = 256
+"""User-Agent is attacker-controlled; 256 characters identify any real client."""
+
+SERVED_DECISIONS = frozenset({"allow", "logout", "callback"})
+"""Decisions under which the enforcer served the request (proxied it, or completed its own
+logout / login callback). Every other decision — ``deny``, ``login`` (challenge), ``error``,
+``bad_request`` and any decision added later — counts as *not served* for ``--denied``."""
+
+
+def _iso_ms_slow(ts: float) -> str:
+    """Unix time -> ISO-8601 UTC with milliseconds, e.g. ``2024-05-01T12:00:00.123Z``."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_iso_second: list[Any] = [None, ""]
+"""(whole second, its ``YYYY-MM-DDTHH:MM:SS.`` prefix) of the last :func:`_iso_ms` call."""
+
+
+def _iso_ms(ts: float) -> str:
+    """:func:`_iso_ms_slow`, with the date and time of day formatted once per second.
+
+    The split into whole seconds and microseconds is the one ``datetime.fromtimestamp``
+    makes (fraction rounded half-to-even, carried into the second), so the text is identical.
+    """
+    if not 0.0 <= ts < 253402300799.0:
+        return _iso_ms_slow(ts)
+    frac, whole = math.modf(ts)
+    us = round(frac * 1e6)
+    if us >= 1_000_000:
+        us -= 1_000_000
+        whole += 1.0
+    cache = _iso_second
+    if cache[0] != whole:
+        cache[1] = _iso_ms_slow(whole)[:-4]  # "YYYY-MM-DDTHH:MM:SS." (".000Z" cut to ".")
+        cache[0] = whole
+    return f"{cache[1]}{us // 1000:03d}Z"
+
+
+# One C encoder for every line: json.dumps(..., separators=...) builds a JSONEncoder and a C
+# encoder per call.  Same arguments as JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+# uses for a one-shot encode (no circular check needed: a record is a flat dict).
+_JSON_ARGS: dict[str, Any] = {"ensure_ascii": True, "separators": (",", ":")}
+_c_encoder = getattr(json.encoder, "c_make_encoder", None)
+_encode_line: Callable[[dict[str, Any]], str]
+if _c_encoder is not None:
+    _c_line = _c_encoder(
+        None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True
+    )
+
+    def _encode_line(data: dict[str, Any]) -> str:
+        return "".join(_c_line(data, 0))
+else:  # pragma: no cover - CPython always has the C accelerator
+    _encode_line = json.JSONEncoder(**_JSON_ARGS).encode
+
+
+_esc = json.encoder.encode_basestring_ascii
+"""The string encoder of ``_encode_line`` (C): quoted, ``ensure_ascii`` escapes."""
+_INF = math.inf
+
+_flow_ids: list[str] = []
+"""Flow ids made ahead: one ``getrandom`` system call for 512 of them, not one per request."""
+
+
+def _new_flow_id() -> str:
+    """16 random hex characters (8 bytes from ``os.urandom``, like ``secrets.token_hex(8)``)."""
+    try:
+        return _flow_ids.pop()
+    except IndexError:
+        text = os.urandom(8 * 512).hex()
+        _flow_ids.extend([text[i : i + 16] for i in range(0, len(text), 16)])
+        return _flow_ids.pop()
+
+
+# a forked worker must not hand out the ids its parent (or a sibling) has in stock
+os.register_at_fork(after_in_child=_flow_ids.clear)
+
+
+@dataclass(slots=True, kw_only=True)
+class FlowRecord:
+    """Everything the enforcer knows about one request; serialized once when it ends."""
+
+    flow_id: str
+    """16 random hex characters; also the correlation id shown on error pages."""
+    start: float
+    """Unix time the request arrived."""
+    client: str
+    """Client ``ip:port``."""
+    method: str
+    path: str
+    """The canonical path the policy matched — never the query string."""
+    service: str | None = None
+    sni: str | None = None
+    host: str | None = None
+    destination: str | None = None
+    """Original destination ``ip:port`` (before the redirect)."""
+    user: str | None = None
+    """The ``sub`` claim of the logged-in user."""
+    email: str | None = None
+    decision: str = "error"
+    """``allow``, ``deny``, ``login``, ``error``, ``bad_request``, ``logout``, ``callback``..."""
+    reason: str = "unfinished"
+    """Stable reason code (the same string as the metric label and the error page code)."""
+    endpoint: str | None = None
+    """Label of the policy rule that decided."""
+    upstream_status: int | None = None
+    status: int | None = None
+    """Status sent to the client."""
+    bytes_in: int = 0
+    bytes_out: int = 0
+    duration_ms: float = 0.0
+    upstream_ms: float | None = None
+    tls_version: str | None = None
+    user_agent: str | None = None
+
+    @classmethod
+    def begin(
+        cls,
+        *,
+        client: str,
+        sni: str | None,
+        host: str | None,
+        method: str,
+        path: str,
+        now: float,
+        destination: str | None = None,
+        service: str | None = None,
+        tls_version: str | None = None,
+        user_agent: str | None = None,
+    ) -> FlowRecord:
+        """Start the record for a request that just arrived (``path`` is the canonical path)."""
+        return cls(
+            flow_id=_new_flow_id(),
+            start=now,
+            client=client,
+            sni=sni,
+            host=host,
+            method=method,
+            path=path,
+            destination=destination,
+            service=service,
+            tls_version=tls_version,
+            user_agent=None if user_agent is None else user_agent[:USER_AGENT_MAX],
+        )
+
+    def record(
+        self,
+        *,
+        decision: str,
+        reason: str,
+        endpoint: str | None = None,
+        user: str | None = None,
+        email: str | None = None,
+    ) -> None:
+        """Note the policy (or login/logout) decision and who asked."""
+        self.decision = decision
+        self.reason = reason
+        self.endpoint = endpoint
+        if user is not None:
+            self.user = user
+        if email is not None:
+            self.email = email
+
+    def finish(self, *, now: float, status: int | None = None) -> FlowRecord:
+        """Stamp the duration (and the client status if given); returns ``self`` for chaining."""
+        if status is not None:
+            self.status = status
+        self.duration_ms = round(max(0.0, (now - self.start) * 1000.0), 3)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Fields in the fixed log order, ``time`` first."""
+        return {
+            "time": _iso_ms(self.start),
+            "flow_id": self.flow_id,
+            "start": self.start,
+            "service": self.service,
+            "client": self.client,
+            "sni": self.sni,
+            "host": self.host,
+            "method": self.method,
+            "path": self.path,
+            "destination": self.destination,
+            "user": self.user,
+            "email": self.email,
+            "decision": self.decision,
+            "reason": self.reason,
+            "endpoint": self.endpoint,
+            "upstream_status": self.upstream_status,
+            "status": self.status,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "duration_ms": round(self.duration_ms, 3),
+            "upstream_ms": None if self.upstream_ms is None else round(self.upstream_ms, 3),
+            "tls_version": self.tls_version,
+            "user_agent": None if self.user_agent is None else self.user_agent[:USER_AGENT_MAX],
+        }
+
+    def to_json(self) -> str:
+        """One log line (without the newline); ASCII-only so no value can split or color it.
+
+        The text of ``_encode_line(self.to_dict())``, written out field by field (keys are
+        constants, strings go through the same C escaper): 1.7x cheaper.  Any field of an
+        unexpected type (an int ``start``, a NaN, a bool status...) takes the generic path.
+        """
+        start, dur, up_ms = self.start, self.duration_ms, self.upstream_ms
+        b_in, b_out, up_st, st = self.bytes_in, self.bytes_out, self.upstream_status, self.status
+        if not (
+            type(start) is float and -_INF < start < _INF
+            and type(dur) is float and -_INF < dur < _INF
+            and (up_ms is None or (type(up_ms) is float and -_INF < up_ms < _INF))
+            and type(b_in) is int and type(b_out) is int
+            and (up_st is None or type(up_st) is int) and (st is None or type(st) is int)
+        ):
+            return _encode_line(self.to_dict())
+        e = _esc
+        try:
+            service, sni, host, dest = self.service, self.sni, self.host, self.destination
+            user, email, endpoint, tls, ua = self.user, self.email, self.endpoint, self.tls_version, self.user_agent
+            return (
+                f'{{"time":"{_iso_ms(start)}","flow_id":{e(self.flow_id)},"start":{start!r},'
+                f'"service":{"null" if service is None else e(service)},"client":{e(self.client)},'
+                f'"sni":{"null" if sni is None else e(sni)},"host":{"null" if host is None else e(host)},'
+                f'"method":{e(self.method)},"path":{e(self.path)},'
+                f'"destination":{"null" if dest is None else e(dest)},'
+                f'"user":{"null" if user is None else e(user)},"email":{"null" if email is None else e(email)},'
+                f'"decision":{e(self.decision)},"reason":{e(self.reason)},'
+                f'"endpoint":{"null" if endpoint is None else e(endpoint)},'
+                f'"upstream_status":{"null" if up_st is None else up_st},"status":{"null" if st is None else st},'
+                f'"bytes_in":{b_in},"bytes_out":{b_out},"duration_ms":{round(dur, 3)!r},'
+                f'"upstream_ms":{"null" if up_ms is None else repr(round(up_ms, 3))},'
+                f'"tls_version":{"null" if tls is None else e(tls)},'
+                f'"user_agent":{"null" if ua is None else e(ua[:USER_AGENT_MAX])}}}'
+            )
+        except TypeError:  # a text field that is not a str
+            return _encode_line(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FlowRecord:
+        """Rebuild a record from ``to_dict`` output (``time`` is derived, so it is ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
