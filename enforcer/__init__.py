@@ -1,19 +1,30 @@
 """enforcer: protect a web app with OpenID Connect without touching the app.
 
-The data path, in the order a request meets it (one module per step):
+A request meets these modules in this order:
 
-1. ``redirect``  nftables rules send connections for the app's exposed port to us.
-2. ``listener``  TLS (self-issued certificate from ``certs``), SNI picks the service.
-3. ``fastpath``  the common request (an allowed GET/HEAD with a cached session) served on a
-                 lean HTTP/1.1 path; any other request hands the connection to aiohttp and
-4. ``handler``   the request path, top to bottom, in one readable function.
-5. ``session`` / ``oidc``  who is this? session handle cookie, or an OpenID Connect login.
-6. ``policy``    decide(): canonical path + method + tags -> allow / deny / login.
-7. ``proxy``     forward allowed requests to the app's internal port (streaming).
-8. ``flowlog``   exactly one flow record per request.
+1. ``net.ruleset`` / ``net.nftables``  nftables redirect the app's exposed port to our listener
+   and block its internal port (``net.sockopt`` reads where a connection was going).
+2. ``http.accept``   accept, count against the connection caps, then TLS; ``http.tls`` picks
+   the certificate by SNI (``http.certs`` issues them).
+3. ``http.fastpath`` the common request (an allowed GET/HEAD with a cached session) on a lean
+   HTTP/1.1 path; any other request goes to ``http.server`` (aiohttp) and
+4. ``http.gate``     route → canonical path → own endpoints → session → decide → act.
+5. ``identity``      who is asking: ``cookies`` → ``sessions`` (``sqlite``, ``cache``), or an
+   OpenID Connect login (``login``, ``oidc``, checked by ``tokens``).
+6. ``policy``        decide(): canonical path + method + tags → allow / deny / login.
+7. ``http.proxy``    forward to the app through ``http.upstream``, headers by ``http.headers``;
+   ``http.pages`` for what the enforcer answers itself.
+8. ``flow`` / ``flowlog``  exactly one flow record per request, written off the hot path.
 
-Around it: ``config`` (YAML -> frozen typed objects), ``metrics`` (prometheus),
-``daemon`` (lifecycle and signals), ``cli`` (subcommands), ``demo`` (local IdP + app).
+Packages, top to bottom (each imports only from those below it; checked by import-linter):
+
+- ``cli``       subcommands: ``enforcer run|check|flows|explain|doctor|rules|demo``.
+- ``run``       life cycle: daemon, worker processes, systemd, memory.
+- ``http``      the data path over HTTP/1.1.
+- ``identity``  sessions and OpenID Connect.      ``config``  YAML → frozen typed objects.
+- ``flowlog``, ``metrics``                        writing flow records and metrics.
+- ``policy``, ``flow``, ``net``                   pure decisions, the flow record, Linux networking.
+- ``errors``    the error vocabulary.
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,8 @@
-"""The ``enforcer`` command line: parses arguments and calls the module that does the work."""
+"""The ``enforcer`` command line: parses arguments and calls the module that does the work.
+
+Beside it: ``flows`` (read the flow log), ``doctor`` (check a running install), ``demo`` (a
+local identity provider and app), ``localidp`` (the node OpenID Provider the demo and tests use).
+"""
 
 from __future__ import annotations
 

@@ -9,18 +9,21 @@ identity headers.
 
 from __future__ import annotations
 
+import email.utils
 import functools
 import http
 import re
+import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiohttp.helpers import rfc822_formatted_time
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from enforcer.errors import UpstreamError
-from enforcer.http import upstream as upstream_client
 from enforcer.identity import cookies as sessions
+
+if TYPE_CHECKING:
+    from enforcer.http import upstream as upstream_client
 
 HOP_BY_HOP = frozenset(
     {
@@ -282,8 +285,16 @@ def _encode_head(lines: list[str]) -> bytes:
 
 _FORBIDDEN_IN_HEAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # as aiohttp's header writer refuses
 _REASONS = {s.value: s.phrase for s in http.HTTPStatus}
-http_date = rfc822_formatted_time
-"""The ``Date`` header value for now (aiohttp's, formatted once per second)."""
+
+
+@functools.lru_cache(maxsize=2)
+def _date_of(second: int) -> str:
+    return email.utils.formatdate(second, usegmt=True)
+
+
+def http_date() -> str:
+    """The ``Date`` header value for now (RFC 9110 IMF-fixdate), formatted once per second."""
+    return _date_of(int(time.time()))
 
 
 _RELAY_HEADS: dict[tuple[Any, ...], tuple[bytes, bool, bool, bool]] = {}
