@@ -113,3 +113,21 @@ def test_run_refuses_a_workers_value_that_is_neither_number_nor_auto(capsys: pyt
         cli.main(["run", "--workers", "banana"])
     assert exc.value.code == 2
     assert "neither a number nor 'auto'" in capsys.readouterr().err
+
+
+def test_every_subcommand_names_a_function_that_exists() -> None:
+    """Each entry of the dispatch table resolves to a callable in its subcommand module."""
+    from enforcer import cli  # noqa: PLC0415
+
+    for name in cli.COMMANDS:
+        assert callable(cli._command(name)), name
+
+
+def test_reading_flows_or_checking_a_config_does_not_load_the_daemon() -> None:
+    """`check`, `explain` and `flows` load their own modules only: not the daemon, the data path or pyroute2."""
+    code = (
+        "import sys, enforcer.cli.check, enforcer.cli.flows; "
+        "print(sorted(m for m in sys.modules if m.startswith(('enforcer.run', 'enforcer.http', 'pyroute2'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -18,9 +18,11 @@ a WebSocket echo, so a user can see what the protected app sees.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import html
+import logging
 import os
 import secrets
 import shutil
@@ -32,6 +34,7 @@ from pathlib import Path
 
 from aiohttp import WSMsgType, web
 
+from enforcer.cli import localidp
 from enforcer.config import settings as config
 from enforcer.http import certs
 from enforcer.run.daemon import Daemon
@@ -191,8 +194,6 @@ def _netns_layout() -> _Layout:
 
 
 async def _run(port: int, state: Path, exit_after: float | None, layout: _Layout | None = None) -> int:
-    from enforcer.cli import localidp  # noqa: PLC0415  (needs node; only the demo and tests use it)
-
     lay = layout or _loopback_layout(port)
     state.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240  (start-up, before serving)
     store = certs.CertStore(state)
@@ -374,8 +375,6 @@ def main(
     ``netns``: None = in network namespaces when root (and ``ip`` is there), else loopback;
     False = loopback. ``netns_child``: this process already runs inside the app namespace.
     """
-    import logging  # noqa: PLC0415
-
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     state = (state_dir or Path(os.environ.get("ENFORCER_DEMO_STATE", "demo-state"))).resolve()
     if netns is None:
@@ -391,3 +390,16 @@ def main(
 if __name__ == "__main__":  # pragma: no cover
     signal.signal(signal.SIGINT, signal.default_int_handler)
     raise SystemExit(main())
+
+
+def command(args: argparse.Namespace) -> int:
+    """``enforcer demo``: a local OpenID Provider, a sample app and the enforcer in front of it."""
+    return int(
+        main(
+            port=args.port,
+            state_dir=args.state_dir,
+            exit_after=args.exit_after,
+            netns=False if args.no_netns else None,
+            netns_child=args.netns_child,
+        )
+    )

@@ -8,9 +8,11 @@ read back over netlink next to the intended one (with packet counters).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import email.utils
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,10 +21,12 @@ from typing import TextIO
 import aiohttp
 from cryptography import x509
 
+from enforcer.cli.check import load_all_definitions
 from enforcer.config import definitions as definitions_mod
 from enforcer.config import settings as settings_mod
 from enforcer.identity import oidc, tokens
 from enforcer.net import nftables, ruleset
+from enforcer.run.daemon import build_redirect
 
 
 @dataclass
@@ -53,8 +57,6 @@ class Report:
 
 def expected_ruleset(settings: settings_mod.Settings, definitions: definitions_mod.Definitions) -> ruleset.Ruleset:
     """The table the daemon would install for this config."""
-    from enforcer.run.daemon import build_redirect  # noqa: PLC0415  (daemon imports aiohttp server bits)
-
     return build_redirect(definitions, settings, settings.model.listen.port)
 
 
@@ -174,3 +176,21 @@ async def run(settings: settings_mod.Settings, definitions: definitions_mod.Defi
     await _check_redirect(report, settings, definitions)
     print(f"\n{report.failures} failure(s), {report.warnings} warning(s)", file=out)
     return 1 if report.failures else 0
+
+
+def rules(args: argparse.Namespace) -> int:
+    """``enforcer rules`` (and ``doctor --rules``): the nftables ruleset this config installs, in nft syntax."""
+    settings = settings_mod.load_settings(args.config)
+    intended = expected_ruleset(settings, load_all_definitions(settings))
+    if not settings.model.redirect.enabled:
+        print("# redirect is disabled in this config (redirect: {enabled: false}); this is what it would install")
+    sys.stdout.write(intended.render_nft())
+    return 0
+
+
+def command(args: argparse.Namespace) -> int:
+    """``enforcer doctor``: check IdP, certificates, listener and nftables from this host."""
+    if args.rules:
+        return rules(args)
+    settings = settings_mod.load_settings(args.config)
+    return asyncio.run(run(settings, load_all_definitions(settings), sys.stdout))

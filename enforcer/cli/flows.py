@@ -7,6 +7,7 @@ never inject terminal escapes.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import os
@@ -19,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
+from enforcer.config import settings as settings_mod
 from enforcer.flow import SERVED_DECISIONS
 
 # --------------------------------------------------------------------------------------------
@@ -386,3 +388,17 @@ def flows_command(
     if stats.corrupt:
         errout.write(f"enforcer flows: skipped {stats.corrupt} corrupt line(s)\n")
     return 0
+
+
+def command(args: argparse.Namespace) -> int:
+    """``enforcer flows``: the flow log of the config (or ``--file``), filtered, as a table, JSON or summary."""
+    path = args.file
+    if path is None:
+        path = settings_mod.load_settings(args.config).flow_log
+    try:
+        since = parse_since(args.since, datetime.now(UTC)) if args.since else None
+    except ValueError as exc:
+        print(f"enforcer flows: --since: {exc}", file=sys.stderr)
+        return 2
+    flt = FlowFilter(service=args.service, user=args.user, denied=args.denied, since=since)
+    return flows_command(path, flt, follow=args.follow, as_json=args.json, summary=args.summary, out=sys.stdout)

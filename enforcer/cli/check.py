@@ -1,0 +1,71 @@
+"""``enforcer check`` and ``explain``: validate the config and every definition as the daemon would."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+import aiohttp
+
+from enforcer import policy
+from enforcer.config import definitions as definitions_mod
+from enforcer.config import issues, sources
+from enforcer.config import settings as settings_mod
+
+
+def load_all_definitions(settings: settings_mod.Settings) -> definitions_mod.Definitions:
+    """Every source, HTTP ones included, validated exactly as the daemon would."""
+
+    async def load() -> definitions_mod.Definitions:
+        async with aiohttp.ClientSession() as http:
+            docs = []
+            for src in sources.build_sources(settings, http):
+                try:
+                    docs.extend(await src.poll() or [])
+                except sources.SourceError as exc:
+                    raise issues.ConfigError(
+                        [issues.ConfigIssue(str(settings.path), "definitions", f"source unreadable: {exc}")]
+                    ) from None
+            return definitions_mod.resolve_definitions(
+                docs, settings.tags, allow_http_loopback_idp=settings.model.oidc.allowHttpLoopbackIssuer
+            )
+
+    return asyncio.run(load())
+
+
+def command(args: argparse.Namespace) -> int:
+    path = args.config
+    settings = settings_mod.load_settings(path)
+    definitions = load_all_definitions(settings)
+    print(f"{path}: OK")
+    for svc in definitions.services:
+        print(
+            f"  service {svc.name}: hosts {', '.join(svc.hosts)}; exposedPort {svc.exposed_port} -> "
+            f"{svc.upstream_host}:{svc.port}; {len(svc.endpoints)} endpoint(s) from {', '.join(svc.specs) or 'nothing'}"
+        )
+    for name in definitions.ignored:
+        print(f"  service {name}: not for this enforcer (selectors do not match tags {list(settings.tags)})")
+    for w in definitions.warnings:
+        print(f"  warning: {w}")
+    return 0
+
+
+def explain(args: argparse.Namespace) -> int:
+    """``enforcer explain``: which rule decides a request for given tags."""
+    settings = settings_mod.load_settings(args.config)
+    definitions = load_all_definitions(settings)
+    service = definitions.get(args.service)
+    if service is None:
+        names = ", ".join(s.name for s in definitions.services) or "none"
+        print(f"enforcer explain: no service {args.service!r} on this enforcer (services: {names})", file=sys.stderr)
+        return 2
+    try:
+        path, _query = policy.canonical_path(args.path)
+    except policy.PathError as exc:
+        print(f"{args.method.upper()} {args.path}: rejected with {exc.status} ({exc.code}) before any rule")
+        return 0
+    tags = None if args.tags is None else frozenset(t.strip() for t in args.tags.split(",") if t.strip())
+    decision = policy.decide(args.method.upper(), path, tags, service.table)
+    print(policy.explain(decision, args.method.upper(), path, tags))
+    return 0
