@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -29,8 +31,6 @@ log = logging.getLogger(__name__)
 def _die_with_parent() -> None:
     """Linux: get SIGTERM when the master dies, so no orphan keeps serving unsupervised."""
     with contextlib.suppress(Exception):
-        import ctypes  # noqa: PLC0415
-
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
@@ -185,8 +185,6 @@ class Master:
             await asyncio.sleep(self.HEARTBEAT)
 
     def _supervise(self, wake_r: int) -> int:
-        import select  # noqa: PLC0415
-
         stopping = False
         stop_deadline = 0.0
         watchdog = watchdog_interval()
