@@ -17,6 +17,9 @@ Columns (``--columns``):
                   sharing the port with SO_REUSEPORT; own state dir, port and OP client).
                   Pinned to the one server core like everything else, two workers cannot go
                   faster there: see the scaling runs (d) below.
+* ``enforcer-base`` -- opt-in, with ``--baseline DIR``: the ``enforcer`` column run from another
+                  checkout (e.g. ``git worktree add /tmp/base <old commit>``), so an old and a new
+                  commit are measured in the same run; the report adds their A/B ratios.
 * ``enforcer-full`` -- opt-in: the ``enforcer`` column with ``listen.fastPath: false``, every
                   request through aiohttp and the full gate (what the lean path saves).
 * ``floor-raw``, ``floor-aiohttp``, ``floor-proxy`` -- opt-in reference servers from
@@ -99,11 +102,13 @@ from tests.harness.browser import ScriptedBrowser  # noqa: E402
 from tests.harness.op import OPUser, RunningOP, make_tls_material, start_op  # noqa: E402
 
 ALL_COLUMNS = (
-    "bare", "nginx", "apache", "enforcer", "enforcer-2w", "enforcer-full", "floor-raw", "floor-aiohttp", "floor-proxy",
+    "bare", "nginx", "apache", "enforcer", "enforcer-base", "enforcer-2w", "enforcer-full",
+    "floor-raw", "floor-aiohttp", "floor-proxy",
 )
 DEFAULT_COLUMNS = ("bare", "nginx", "apache", "enforcer", "enforcer-2w")
 FLOOR_COLUMNS = ("floor-raw", "floor-aiohttp", "floor-proxy")  # opt-in: scripts/bench_floor.py
-ENFORCER_WORKERS = {"enforcer": 1, "enforcer-2w": 2, "enforcer-full": 1}  # enforcer columns -> --workers
+ENFORCER_WORKERS = {"enforcer": 1, "enforcer-base": 1, "enforcer-2w": 2, "enforcer-full": 1}  # column -> --workers
+BASE_COLUMN = "enforcer-base"  # the `enforcer` column run from the --baseline checkout (same-run A/B)
 NO_FAST_PATH = frozenset({"enforcer-full"})  # listen.fastPath: false (every request through aiohttp)
 AUTH_COLUMNS = ("apache", *ENFORCER_WORKERS)
 SERVICE = "app"  # the enforcer's service name in ENFORCER_DEFINITIONS
@@ -673,10 +678,14 @@ class Bench:
             fast_path="false" if name in NO_FAST_PATH else "true",
         ))
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        cwd = REPO
+        if name == BASE_COLUMN:  # `-m` puts the working directory first on sys.path: the old code
+            cwd = self.args.baseline
+            env["PYTHONPATH"] = str(self.args.baseline)
         cmd = [sys.executable, "-m", "enforcer", "run", "-c", str(state / "enforcer.yaml"), "--log-level", "warning"]
         if workers > 1:
             cmd += ["--workers", str(workers)]  # an enforcer without the option exits: "start failed"
-        proc = self._spawn(name, cmd, cwd=REPO, env=env)
+        proc = self._spawn(name, cmd, cwd=cwd, env=env)
         await wait_http(f"http://127.0.0.1:{admin_port}/readyz", proc, timeout=60,
                         accept=lambda s: s == 200)
         self.trust.load_verify_locations(cafile=str(state / "ca" / "ca.crt"))
@@ -1266,7 +1275,7 @@ def ratios(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | 
     enf = summaries.get("enforcer")
     if not enf:
         return out
-    for other in ("nginx", "apache", "bare"):
+    for other in (BASE_COLUMN, "nginx", "apache", "bare"):
         base = summaries.get(other)
         if not base:
             continue
@@ -1446,11 +1455,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "0 = off)")
     p.add_argument("--out", type=Path, default=REPO / "results", help="results folder (default results/)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
+    p.add_argument("--baseline", type=Path,
+                   help="a checkout of an older commit: adds the enforcer-base column run from it (same-run A/B)")
     args = p.parse_args(argv)
     cols = [c.strip() for c in args.columns.split(",") if c.strip()]
     unknown = [c for c in cols if c not in ALL_COLUMNS]
     if unknown or not cols:
         p.error(f"--columns: unknown {unknown}; choose from {','.join(ALL_COLUMNS)}")
+    if args.baseline is not None:
+        if not (args.baseline / "enforcer" / "__main__.py").is_file():
+            p.error(f"--baseline {args.baseline}: not a checkout of enforcer")
+        args.baseline = args.baseline.resolve()
+        cols.append(BASE_COLUMN)
+    elif BASE_COLUMN in cols:
+        p.error(f"--columns {BASE_COLUMN} needs --baseline DIR")
     args.columns = [c for c in ALL_COLUMNS if c in cols]
     q = args.quick
     args.duration = args.duration if args.duration is not None else (2.0 if q else 10.0)
