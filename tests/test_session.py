@@ -917,6 +917,7 @@ def test_compact_cache_entries_expand_to_an_equal_session(
     service: str, issuer: str, times: tuple[float, float, float], derived: tuple[bool, bool, bool, bool],
 ) -> None:
     """A cold cache entry expands to a session equal to the lean one it was made from, or the session is kept whole."""
+    table = cache_mod.TagTable()
     # tags that repeat a field (stored as flag bits), present or not
     extra = [f"{p}{v}" for want, p, v in zip(derived, ("sub=", "email=", "iss=", "preferred_username="),
                                              (sub, email, issuer, username), strict=True) if want and v is not None]
@@ -924,60 +925,90 @@ def test_compact_cache_entries_expand_to_an_equal_session(
     lean = make_session(sub=sub, email=email, username=username, sid=sid, refresh_token=refresh_token,
                         tags=tags, claims_expire=claims_expire, id_token="", service=service, issuer=issuer,
                         created=times[0], last_seen=times[1], expires=times[2])  # fmt: skip
-    compact = cache_mod._compact(lean)
+    compact = cache_mod._compact(lean, table)
     if compact is None:  # a NUL in a value, a value that is the lone SOH marker, a tag kept inline starting with STX
         assert any("\x00" in t for t in (sub, *tags, *(v for v in (email, username, sid, refresh_token) if v)))\
             or "\x01" in (email, username, sid, refresh_token) or any(t.startswith("\x02") for t in tags)
     else:
-        assert cache_mod._expand(compact) == lean
-        assert cache_mod._entry_times(compact) == (service, times[1], times[2])
-        assert cache_mod._entry_matches(compact, issuer, sub, None) == sessions._matches(lean, issuer, sub, None)
+        assert cache_mod._expand(compact, table) == lean
+        assert cache_mod._entry_times(compact, table) == (service, times[1], times[2])
+        assert cache_mod._entry_matches(compact, table, issuer, sub, None) == sessions._matches(lean, issuer, sub, None)
 
 
 def test_a_cold_entry_is_one_small_bytes_object() -> None:
     """A cold entry is one bytes object: its fields and the tags that do not repeat a field, plus a 35-byte head."""
+    table = cache_mod.TagTable()
     own = f"team={uuid.uuid4()}"  # seen for the first time: kept inline
     tags = frozenset({"sub=user-1", "email=bob@example.com", f"iss={ISSUER}", "preferred_username=bob", own})
     lean = sqlite._lean(make_session(id_token="", username="bob", tags=tags))
-    compact = cache_mod._compact(lean)
+    compact = cache_mod._compact(lean, table)
     assert type(compact) is bytes
     text = "\x00".join([lean.sub, "bob@example.com", "bob", "sid-1", "\x01", own])
     assert len(compact) == cache_mod._HEAD.size + len(text)
-    assert cache_mod._expand(compact) == lean
+    assert cache_mod._expand(compact, table) == lean
 
 
 def test_a_tag_several_users_have_becomes_a_two_byte_reference() -> None:
     """From its second cold entry on, a tag that several users have is stored as a short reference and expands back."""
+    table = cache_mod.TagTable()
     shared = f"groups=staff-{uuid.uuid4()}"
     own = [f"name=User {uuid.uuid4()}" for _ in range(3)]
     leans = [sqlite._lean(make_session(sub=f"user-{i}", id_token="", tags=frozenset({shared, own[i]})))
              for i in range(3)]
-    first, second, third = (cache_mod._compact(lean) for lean in leans)
+    first, second, third = (cache_mod._compact(lean, table) for lean in leans)
     assert first is not None and second is not None and third is not None
     assert shared.encode() in first  # the first sighting stays inline
     assert shared.encode() not in second and shared.encode() not in third
     assert len(first) - len(second) >= len(shared) - 3  # NUL + text became STX + a 2- or 3-byte character
-    assert [cache_mod._expand(c) for c in (first, second, third)] == leans
+    assert [cache_mod._expand(c, table) for c in (first, second, third)] == leans
 
 
 def test_one_users_tags_do_not_become_shared_by_compacting_the_same_session_again() -> None:
     """Compacting one user's session again (after each touch) does not make its own tags shared."""
+    table = cache_mod.TagTable()
     own = f"name=User {uuid.uuid4()}"
     lean = sqlite._lean(make_session(sub=f"user-{uuid.uuid4()}", id_token="", tags=frozenset({own})))
     for _ in range(3):
-        compact = cache_mod._compact(lean)
+        compact = cache_mod._compact(lean, table)
         assert compact is not None and own.encode() in compact
-    assert own not in cache_mod._SHARED_INDEX
+    assert not table.is_shared(own)
 
 
 def test_a_tag_starting_with_the_reference_marker_keeps_the_session_whole() -> None:
     """A tag that starts with STX cannot be told from a reference: such a session is not compacted."""
+    table = cache_mod.TagTable()
     lean = sqlite._lean(make_session(id_token="", tags=frozenset({f"\x02{uuid.uuid4()}"})))
-    assert cache_mod._compact(lean) is None
+    assert cache_mod._compact(lean, table) is None
 
 
 def _cached(n: int) -> Session:
     return sqlite._lean(make_session(sub=f"user-{n}", sid=f"sid-{n}", id_token=""))
+
+
+def test_each_cache_owns_its_tag_table() -> None:
+    """Two caches share no strings: what one interns is not in the other's table."""
+    first, second = cache_mod._SessionCache(10, hot_size=1), cache_mod._SessionCache(10, hot_size=1)
+    for n in range(3):
+        first.put(bytes([n]), sqlite._lean(make_session(sub=f"user-{n}", id_token="", tags=frozenset({"groups=staff"}))))
+    assert first.tags.is_shared("groups=staff") and first.tags.pairs
+    assert not second.tags.is_shared("groups=staff") and not second.tags.pairs
+
+
+def test_retaining_services_drops_the_others_entries_and_their_strings() -> None:
+    """After a reload drops a service, its cached sessions and its interned pair and tags are gone; the rest still expand."""
+    cache = cache_mod._SessionCache(100, hot_size=1)
+    kept = [sqlite._lean(make_session(sub=f"k-{n}", id_token="", service="keep", tags=frozenset({"groups=a"})))
+            for n in range(4)]
+    gone = [sqlite._lean(make_session(sub=f"g-{n}", id_token="", service="gone", tags=frozenset({"groups=old"})))
+            for n in range(4)]
+    for n, s in enumerate(kept + gone):
+        cache.put(bytes([n]), s)
+    assert cache.retain_services(frozenset({"keep"})) == 4
+    assert len(cache) == 4
+    assert all(service == "keep" for service, _ in cache.tags.pairs)
+    assert not cache.tags.is_shared("groups=old")
+    assert [cache.peek(bytes([n])) for n in range(4)] == kept
+    assert cache.retain_services(frozenset({"keep"})) == 0
 
 
 def test_full_cache_evicts_the_entry_used_longest_ago() -> None:
@@ -1006,7 +1037,7 @@ def test_a_session_that_cannot_be_compacted_survives_while_it_is_used() -> None:
     """A whole Session outside the hot tier (no compact form) moves to the young end when used, so it is not evicted."""
     cache = cache_mod._SessionCache(3, hot_size=1)
     odd = sqlite._lean(make_session(sub="odd", refresh_token="\x01", id_token=""))  # the SOH marker: no cold form
-    assert cache_mod._compact(odd) is None
+    assert cache_mod._compact(odd, cache.tags) is None
     cache.put(b"odd", odd)
     for n in range(10):
         assert cache.peek(b"odd") == odd

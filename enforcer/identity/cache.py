@@ -17,13 +17,14 @@ from enforcer.identity.sessions import Session, _matches
 
 _Compact = bytes
 """A cold cache entry, one bytes object: :data:`_HEAD` (created, last_seen, expires,
-claims_expire, flags, and the index of the (service, issuer) pair in :data:`_PAIRS`), then
+claims_expire, flags, and the index of the (service, issuer) pair in the cache's
+:class:`TagTable`), then
 sub, email, username, sid, refresh token and the tags, joined by NUL and UTF-8 encoded (an
 absent optional value is a lone SOH). Tags that repeat a field (``sub=<sub>``,
 ``email=<email>``, ``iss=<issuer>``, ``preferred_username=<username>``: most users have all
 four) are a flag bit each instead of text, and tags that several users have (``groups=staff``,
-``aud=<client>``, ``email_verified=true``) are a reference into :data:`_SHARED` instead of
-text: one last field, STX followed by one character per shared tag. One object instead of a
+``aud=<client>``, ``email_verified=true``) are a reference into the table instead of
+text (the table's ``shared``): one last field, STX followed by one character per shared tag. One object instead of a
 Session, its frozenset (~730 bytes for 9 tags) and a dozen small strings and floats: a
 typical cold entry is ~180 bytes, not ~3.3 KB (and ~500 as the tuple of a str and four floats
 it used to be)."""
@@ -33,39 +34,74 @@ _SEP: Final = "\x00"
 _NONE: Final = "\x01"
 _REF: Final = "\x02"
 _REF_BASE: Final = 0x80
-_SHARED: list[str] = []
-"""Tags that more than one cold entry has, by index (an entry refers to ``chr(_REF_BASE + i)``)."""
-_SHARED_INDEX: dict[str, int] = {}
 _MAX_SHARED: Final = 4096
 """At most this many shared tags (~0.5 MB at worst); beyond it new ones stay inline."""
-_CANDIDATES: dict[str, str] = {}
-"""Tags seen in the cold entries of one user (the value: its sub) since the last reset: a
-sighting with another user makes one shared."""
 _MAX_CANDIDATES: Final = 2048
 """Candidates kept at most; then the set starts afresh (a tag that many users have is seen
 twice long before that, one unique to a user -- a name -- never becomes shared)."""
-_PAIRS: list[tuple[str, str]] = []
-"""(service, issuer) pairs of compact entries, by index (a handful: one per service and IdP)."""
-_PAIR_INDEX: dict[tuple[str, str], int] = {}
 _MAX_PAIRS: Final = 0xFFFF
+
+
+class TagTable:
+    """The strings cold entries refer to instead of repeating them, owned by one cache.
+
+    ``pairs``: (service, issuer) pairs by index (a handful: one per service and IdP).
+    ``shared``: tags that more than one user's cold entry has, by index (an entry refers to
+    ``chr(_REF_BASE + i)``). A cache makes a fresh table when services are dropped, so nothing
+    here outlives the entries that use it.
+    """
+
+    __slots__ = ("_candidates", "_pair_index", "_shared_index", "pairs", "shared")
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[str, str]] = []
+        self._pair_index: dict[tuple[str, str], int] = {}
+        self.shared: list[str] = []
+        self._shared_index: dict[str, int] = {}
+        # tags seen in the cold entries of one user (the value: its sub) since the last reset:
+        # a sighting with another user makes one shared
+        self._candidates: dict[str, str] = {}
+
+    def is_shared(self, tag: str) -> bool:
+        return tag in self._shared_index
+
+    def pair(self, service: str, issuer: str) -> int | None:
+        """The index of (service, issuer), added when new; None when the table is full."""
+        key = (service, issuer)
+        i = self._pair_index.get(key)
+        if i is None:
+            if len(self.pairs) >= _MAX_PAIRS:
+                return None
+            i = self._pair_index[key] = len(self.pairs)
+            self.pairs.append((sys.intern(service), sys.intern(issuer)))
+        return i
+
+    def shared_ref(self, tag: str, sub: str) -> str | None:
+        """The reference character of ``tag`` if it is (or has just become) shared, else None.
+        ``sub`` is the user the tag was seen with: only a second *user* makes a tag shared (the
+        same session is compacted again after every touch)."""
+        i = self._shared_index.get(tag)
+        if i is None:
+            candidates = self._candidates
+            first = candidates.get(tag)
+            if first is None or first == sub:
+                if first is None and len(candidates) >= _MAX_CANDIDATES:
+                    candidates.clear()
+                candidates[tag] = sub
+                return None
+            if len(self.shared) >= _MAX_SHARED:
+                return None
+            del candidates[tag]
+            i = self._shared_index[tag] = len(self.shared)
+            self.shared.append(sys.intern(tag))
+        return chr(_REF_BASE + i)
+
 
 HOT_SESSIONS: Final = 256
 """Cached sessions kept as ready Session objects (the most recently used ones); the rest of
 the cache holds :data:`_Compact` entries, turned back into a Session on their next use.
 A hot session costs ~3.3 KB (its frozenset of tags alone ~1.2 KB), a cold one ~0.3 KB plus
 ~3 us to expand on its next use: 256 keeps a busy site's active users hot for 0.8 MiB."""
-
-
-def _pair(service: str, issuer: str) -> int | None:
-    """The index of (service, issuer) in :data:`_PAIRS`, added when new; None when full."""
-    key = (service, issuer)
-    i = _PAIR_INDEX.get(key)
-    if i is None:
-        if len(_PAIRS) >= _MAX_PAIRS:
-            return None
-        i = _PAIR_INDEX[key] = len(_PAIRS)
-        _PAIRS.append((sys.intern(service), sys.intern(issuer)))
-    return i
 
 
 _HAS_CE: Final = 1
@@ -79,31 +115,11 @@ _DERIVED: Final = (
 """Tags that are a prefix plus a field of the session, stored as a flag bit instead of text."""
 
 
-def _shared_ref(tag: str, sub: str) -> str | None:
-    """The reference character of ``tag`` if it is (or has just become) shared, else None.
-    ``sub`` is the user the tag was seen with: only a second *user* makes a tag shared (the
-    same session is compacted again after every touch)."""
-    i = _SHARED_INDEX.get(tag)
-    if i is None:
-        first = _CANDIDATES.get(tag)
-        if first is None or first == sub:
-            if first is None and len(_CANDIDATES) >= _MAX_CANDIDATES:
-                _CANDIDATES.clear()
-            _CANDIDATES[tag] = sub
-            return None
-        if len(_SHARED) >= _MAX_SHARED:
-            return None
-        del _CANDIDATES[tag]
-        i = _SHARED_INDEX[tag] = len(_SHARED)
-        _SHARED.append(sys.intern(tag))
-    return chr(_REF_BASE + i)
-
-
 def _derived_tags(flags: int, fields: tuple[str, str, str, str | None, str | None]) -> list[str]:
     return [prefix + str(fields[i]) for bit, prefix, i in _DERIVED if flags & bit]
 
 
-def _compact(s: Session) -> _Compact | None:
+def _compact(s: Session, table: TagTable) -> _Compact | None:
     """The cold form of a lean session, or None when it cannot be represented exactly."""
     opt = (s.email, s.username, s.sid, s.refresh_token)
     fields = (s.service, s.issuer, s.sub, s.email, s.username)
@@ -117,7 +133,7 @@ def _compact(s: Session) -> _Compact | None:
     inline: list[str] = []
     refs: list[str] = []
     for tag in tags:
-        ref = _shared_ref(tag, s.sub)
+        ref = table.shared_ref(tag, s.sub)
         if ref is None:
             inline.append(tag)
         else:
@@ -127,7 +143,7 @@ def _compact(s: Session) -> _Compact | None:
         return None
     if refs:
         parts.append(_REF + "".join(refs))
-    pair = _pair(s.service, s.issuer)
+    pair = table.pair(s.service, s.issuer)
     if pair is None:
         return None
     ce = s.claims_expire
@@ -141,15 +157,15 @@ _SET: Final = tuple(Session.__dict__[f.name].__set__ for f in dataclasses.fields
 them, twice as fast as its frozen ``__init__`` (one ``object.__setattr__`` call per field)."""
 
 
-def _expand(c: _Compact) -> Session:
+def _expand(c: _Compact, table: TagTable) -> Session:
     """The Session a :func:`_compact` entry stands for (equal to the one it was made from)."""
     created, last_seen, expires, ce, flags, pair = _HEAD.unpack_from(c)
-    service, issuer = _PAIRS[pair]
+    service, issuer = table.pairs[pair]
     sub, email, username, sid, refresh_token, *tags = c[_HEAD.size :].decode("utf-8", "surrogatepass").split(_SEP)
     email_v = None if email == _NONE else email
     username_v = None if username == _NONE else username
     if tags and tags[-1][:1] == _REF:
-        shared = _SHARED
+        shared = table.shared
         tags += [shared[ord(c) - _REF_BASE] for c in tags.pop()[1:]]
     if flags > _HAS_CE:
         tags += _derived_tags(flags, (service, issuer, sub, email_v, username_v))
@@ -171,20 +187,20 @@ def _expand(c: _Compact) -> Session:
     return s
 
 
-def _entry_times(e: Session | _Compact) -> tuple[str, float, float]:
+def _entry_times(e: Session | _Compact, table: TagTable) -> tuple[str, float, float]:
     """(service, last_seen, expires) of a cache entry, without expanding a cold one."""
     if type(e) is bytes:
         _, last_seen, expires, _, _, pair = _HEAD.unpack_from(e)
-        return _PAIRS[pair][0], last_seen, expires
+        return table.pairs[pair][0], last_seen, expires
     assert isinstance(e, Session)
     return e.service, e.last_seen, e.expires
 
 
-def _entry_matches(e: Session | _Compact, issuer: str, sub: str | None, sid: str | None) -> bool:
+def _entry_matches(e: Session | _Compact, table: TagTable, issuer: str, sub: str | None, sid: str | None) -> bool:
     if type(e) is bytes:
-        if _PAIRS[_HEAD.unpack_from(e)[5]][1] != issuer:
+        if table.pairs[_HEAD.unpack_from(e)[5]][1] != issuer:
             return False
-        e = _expand(e)
+        e = _expand(e, table)
     assert isinstance(e, Session)
     return _matches(e, issuer, sub, sid)
 
@@ -209,13 +225,14 @@ class _SessionCache:
     next oldest walks past, so after :data:`_REBUILD_AFTER` of them the dict is copied afresh
     (~0.3 ms for 10,000 entries: ~0.3 us an eviction, where the walk would grow to ~15 us)."""
 
-    __slots__ = ("_entries", "_holes", "_hot", "_hot_size", "_size")
+    __slots__ = ("_entries", "_holes", "_hot", "_hot_size", "_size", "tags")
 
     def __init__(self, size: int, hot_size: int = HOT_SESSIONS) -> None:
         self._size = size
         self._hot_size = max(1, hot_size)
         self._entries: dict[bytes, Session | _Compact] = {}
         self._holes = 0
+        self.tags = TagTable()
         # keys held as Session, LRU order -> their compact form (None: make it when demoted)
         self._hot: OrderedDict[bytes, _Compact | None] = OrderedDict()
 
@@ -232,7 +249,7 @@ class _SessionCache:
         if e is None or type(e) is Session:
             return e
         assert type(e) is bytes
-        session = _expand(e)
+        session = _expand(e, self.tags)
         self._to_young_end(key, session, e)
         return session
 
@@ -298,6 +315,32 @@ class _SessionCache:
     def keys_where(self, doomed: Callable[[Session | _Compact], bool]) -> list[bytes]:
         return [k for k, e in self._entries.items() if doomed(e)]
 
+    def entry_times(self, e: Session | _Compact) -> tuple[str, float, float]:
+        """(service, last_seen, expires) of one of this cache's entries."""
+        return _entry_times(e, self.tags)
+
+    def entry_matches(self, e: Session | _Compact, issuer: str, sub: str | None, sid: str | None) -> bool:
+        """Whether one of this cache's entries is a session of ``issuer`` matching ``sub``/``sid``."""
+        return _entry_matches(e, self.tags, issuer, sub, sid)
+
+    def retain_services(self, services: frozenset[str]) -> int:
+        """Drop the entries of services not in ``services`` (a reload removed them) and, if
+        any went, rebuild the tag table from the entries that stay, so the dropped services'
+        pairs and tags are freed too. Returns how many entries were dropped."""
+        doomed = [k for k, e in self._entries.items() if self.entry_times(e)[0] not in services]
+        for key in doomed:
+            self.pop(key)
+        if doomed:
+            old, self.tags = self.tags, TagTable()
+            for key, e in self._entries.items():
+                if type(e) is bytes:
+                    self._entries[key] = _compact(_expand(e, old), self.tags) or _expand(e, old)
+            self._entries = dict(self._entries)
+            self._holes = 0
+            for key in self._hot:  # their remembered cold forms refer to the old table
+                self._hot[key] = None
+        return len(doomed)
+
     def _heat(self, key: bytes, compact: _Compact | None = None) -> None:
         hot = self._hot
         hot[key] = compact
@@ -305,6 +348,6 @@ class _SessionCache:
         while len(hot) > self._hot_size:
             cold, c = hot.popitem(last=False)
             e = self._entries.get(cold)
-            if type(e) is Session and (c is not None or (c := _compact(e)) is not None):
+            if type(e) is Session and (c is not None or (c := _compact(e, self.tags)) is not None):
                 self._entries[cold] = c
 

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final, TypeVar
 
-from enforcer.identity.cache import _Compact, _entry_matches, _entry_times, _SessionCache
+from enforcer.identity.cache import _Compact, _SessionCache
 from enforcer.identity.cookies import new_handle
 from enforcer.identity.sessions import (
     Session,
@@ -481,6 +481,11 @@ class SQLiteSessionStore:
         self._cache.refresh(key)
         return session
 
+    def retain_services(self, services: frozenset[str]) -> int:
+        """After a reload: forget the cached sessions of services that are no longer defined
+        (the file keeps them until they expire), with the cache's strings for them."""
+        return self._cache.retain_services(services)
+
     async def get(self, handle: str, service: str, now: float) -> Session | None:
         """The live session for ``handle`` on ``service``, or None; slides ``last_seen``."""
         key = self._lookup_key(handle)
@@ -594,7 +599,7 @@ class SQLiteSessionStore:
         if sid is not None:
             where += " AND sid = ?"
             params.append(sid)
-        return await self._delete_where(where, params, lambda e: _entry_matches(e, issuer, sub, sid))
+        return await self._delete_where(where, params, lambda e: self._cache.entry_matches(e, issuer, sub, sid))
 
     async def _delete_where(
         self, where: str, params: Sequence[object], doomed: Callable[[Session | _Compact], bool]
@@ -632,7 +637,7 @@ class SQLiteSessionStore:
         n = await self._delete_where(
             "expires <= ? OR last_seen < ?",
             [now, now - self._life.idle_timeout],
-            lambda e: self._life.expired(*_entry_times(e)[1:], now),
+            lambda e: self._life.expired(*self._cache.entry_times(e)[1:], now),
         )
 
         def prune(conn: sqlite3.Connection) -> None:
