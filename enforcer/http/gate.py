@@ -18,8 +18,10 @@ import urllib.parse
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from enforcer import errors, policy
 from enforcer.config.definitions import Definitions, Service
@@ -29,6 +31,7 @@ from enforcer.flow import FlowRecord
 from enforcer.flowlog import FlowLog
 from enforcer.http import headers as headers_mod
 from enforcer.http import pages, proxy
+from enforcer.http import upstream as upstream_client
 from enforcer.http.server import FRAMING_ERROR
 from enforcer.http.tls import sni_of
 from enforcer.identity import cookies as cookies_mod
@@ -131,6 +134,43 @@ def _host_split(value: str) -> tuple[str, int | None] | None:
     return split
 
 
+class Upstream(Protocol):
+    """The apps behind the enforcer, as both request paths use them (:class:`proxy.Upstream`)."""
+
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        *,
+        upstream_host: str,
+        port: int,
+        target: str,
+        headers: CIMultiDict[str],
+        public_origin: str,
+        transfer: proxy.Transfer,
+    ) -> web.StreamResponse:
+        """Send the request to the app and stream its response to the client."""
+        ...
+
+    async def websocket(
+        self,
+        request: web.BaseRequest,
+        *,
+        upstream_host: str,
+        port: int,
+        target: str,
+        headers: CIMultiDict[str],
+        transfer: proxy.Transfer,
+    ) -> web.StreamResponse:
+        """Relay a WebSocket (only called after the request was allowed)."""
+        ...
+
+    async def send(
+        self, *, upstream_host: str, port: int, head: bytes, no_body: bool, transfer: proxy.Transfer
+    ) -> tuple[upstream_client.Connection, upstream_client.Head]:
+        """Send a bodiless request head (the lean path's GET or HEAD); the response head."""
+        ...
+
+
 class Gate:
     """Decides and acts on every request arriving at the TLS listener."""
 
@@ -142,7 +182,7 @@ class Gate:
         store: sessions.SessionStore,
         flowlog: FlowLog,
         metrics: Metrics,
-        upstream: proxy.Upstream,
+        upstream: Upstream,
         listen_port: int,
         clock: Callable[[], float] = time.time,
         shared_logins: login.SharedTransactionStore | None = None,
@@ -462,12 +502,10 @@ class Gate:
         handle = _session_handle(request.headers.getall("Cookie", []), service)
         if handle is None:
             return None
-        store = self.store
-        if type(store) is sqlite.SQLiteSessionStore:  # cache hit, no touch due: no coroutine
-            cached = store.get_cached(handle, service.name, now)
-            if cached is not None:
-                return cached
-        return await store.get(handle, service.name, now)
+        cached = self.store.get_cached(handle, service.name, now)  # no touch due: no coroutine
+        if cached is not None:
+            return cached
+        return await self.store.get(handle, service.name, now)
 
     def _provider(self, service: Service) -> login.Provider:
         return self.runtime.providers[service.name]
