@@ -1097,3 +1097,18 @@ async def test_sqlite_cache_keeps_cold_sessions_compact_and_serves_them(tmp_path
         assert len(store._cache) == 0
     finally:
         await store.close()
+
+
+async def test_get_cached_follows_the_store_contract_on_every_store(make_store: StoreFactory) -> None:
+    """On every store, get_cached answers a live same-service session with no touch due (the
+    one get() returns) and None for a touch due, expiry, another service, junk or unknown."""
+    store = make_store()
+    handle = await store.create(make_session())
+    await store.get(handle, "app", T0)  # the SQLite store caches what it has read
+    got = store.get_cached(handle, "app", T0 + TOUCH / 2)
+    assert got is not None and got == await store.get(handle, "app", T0 + TOUCH / 2)
+    assert store.get_cached(handle, "other", T0 + 1) is None
+    assert store.get_cached(handle, "app", T0 + TOUCH + 1) is None  # a touch is due
+    assert store.get_cached(handle, "app", T0 + 9 * 3600) is None  # expired
+    assert store.get_cached("x" * 43, "app", T0) is None
+    assert store.get_cached("not a handle", "app", T0) is None

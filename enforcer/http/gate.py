@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import html
 import json
 import logging
-import secrets
 import time
 import urllib.parse
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from enforcer import errors, policy
 from enforcer.config.definitions import Definitions, Service
@@ -31,6 +31,7 @@ from enforcer.flow import FlowRecord
 from enforcer.flowlog import FlowLog
 from enforcer.http import headers as headers_mod
 from enforcer.http import pages, proxy
+from enforcer.http import upstream as upstream_client
 from enforcer.http.server import FRAMING_ERROR
 from enforcer.http.tls import sni_of
 from enforcer.identity import cookies as cookies_mod
@@ -41,10 +42,7 @@ from enforcer.net import sockopt
 
 log = logging.getLogger("enforcer.handler")
 
-TX_COOKIE_PREFIX = "__Host-enforcertx-"
-MAX_PENDING_PER_BROWSER = 5
 MAX_RETURN_TO = 2048
-MAX_CALLBACK_QUERY = 8192
 BACKCHANNEL_SUFFIX = "/backchannel"  # back-channel logout endpoint: <logout path>/backchannel
 MAX_LOGOUT_TOKEN_BODY = 64 << 10
 FORBIDDEN_METHODS = frozenset({"TRACE", "TRACK", "CONNECT"})
@@ -136,6 +134,43 @@ def _host_split(value: str) -> tuple[str, int | None] | None:
     return split
 
 
+class Upstream(Protocol):
+    """The apps behind the enforcer, as both request paths use them (:class:`proxy.Upstream`)."""
+
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        *,
+        upstream_host: str,
+        port: int,
+        target: str,
+        headers: CIMultiDict[str],
+        public_origin: str,
+        transfer: proxy.Transfer,
+    ) -> web.StreamResponse:
+        """Send the request to the app and stream its response to the client."""
+        ...
+
+    async def websocket(
+        self,
+        request: web.BaseRequest,
+        *,
+        upstream_host: str,
+        port: int,
+        target: str,
+        headers: CIMultiDict[str],
+        transfer: proxy.Transfer,
+    ) -> web.StreamResponse:
+        """Relay a WebSocket (only called after the request was allowed)."""
+        ...
+
+    async def send(
+        self, *, upstream_host: str, port: int, head: bytes, no_body: bool, transfer: proxy.Transfer
+    ) -> tuple[upstream_client.Connection, upstream_client.Head]:
+        """Send a bodiless request head (the lean path's GET or HEAD); the response head."""
+        ...
+
+
 class Gate:
     """Decides and acts on every request arriving at the TLS listener."""
 
@@ -147,7 +182,7 @@ class Gate:
         store: sessions.SessionStore,
         flowlog: FlowLog,
         metrics: Metrics,
-        upstream: proxy.Upstream,
+        upstream: Upstream,
         listen_port: int,
         clock: Callable[[], float] = time.time,
         shared_logins: login.SharedTransactionStore | None = None,
@@ -467,14 +502,12 @@ class Gate:
         handle = _session_handle(request.headers.getall("Cookie", []), service)
         if handle is None:
             return None
-        store = self.store
-        if type(store) is sqlite.SQLiteSessionStore:  # cache hit, no touch due: no coroutine
-            cached = store.get_cached(handle, service.name, now)
-            if cached is not None:
-                return cached
-        return await store.get(handle, service.name, now)
+        cached = self.store.get_cached(handle, service.name, now)  # no touch due: no coroutine
+        if cached is not None:
+            return cached
+        return await self.store.get(handle, service.name, now)
 
-    def _provider(self, service: Service) -> oidc.Provider:
+    def _provider(self, service: Service) -> login.Provider:
         return self.runtime.providers[service.name]
 
     async def _begin_login(
@@ -511,102 +544,70 @@ class Gate:
         else:
             self.transactions.add(txn)
         self.metrics.logins.labels(service.name, "started").inc()
-        cookies = self._expire_old_tx_cookies(request)
+        cookie_headers = request.headers.getall("Cookie", [])
+        cookies = [cookies_mod.clear_cookie_header(name) for name in login.stale_tx_cookies(cookie_headers)]
         session_cookie = cookies_mod.session_cookie_name(service.name)
-        stale, _ = cookies_mod.find_cookie(request.headers.getall("Cookie", []), session_cookie)
+        stale, _ = cookies_mod.find_cookie(cookie_headers, session_cookie)
         if stale is not cookies_mod.CookieLookup.ABSENT:
             # We only get here without a live session: drop the dead or planted one (S-ID-02).
             cookies.append(cookies_mod.clear_cookie_header(session_cookie))
         cookies.append(cookies_mod.set_cookie_header(
-            _tx_cookie_name(txn.state), f"{int(now)}.{binding}", max_age=int(self.transactions.ttl)
+            login.tx_cookie_name(txn.state), login.tx_cookie_value(now, binding), max_age=int(self.transactions.ttl)
         ))
         return pages.redirect(url, set_cookies=cookies)
 
-    @staticmethod
-    def _expire_old_tx_cookies(request: web.BaseRequest) -> list[str]:
-        """Keep at most MAX_PENDING_PER_BROWSER pending logins per browser (oldest go)."""
-        pending: list[tuple[int, str]] = []
-        for header in request.headers.getall("Cookie", []):
-            for pair in header.split(";"):
-                name, _, value = pair.strip().partition("=")
-                if name.startswith(TX_COOKIE_PREFIX):
-                    stamp = value.split(".", 1)[0]
-                    pending.append((int(stamp) if stamp.isdigit() else 0, name))
-        pending.sort()
-        excess = len(pending) - (MAX_PENDING_PER_BROWSER - 1)
-        return [cookies_mod.clear_cookie_header(name) for _, name in pending[: max(0, excess)]]
-
     # ------------------------------------------------------------------ callback
+
+    def _login_rules(self, service: Service) -> login.LoginRules:
+        """What the callback checks of ``service`` and of the OIDC settings."""
+        s = self.settings.model.oidc
+        return login.LoginRules(
+            service=service.name, client_id=service.client_id, scopes=service.scopes, userinfo=service.userinfo,
+            leeway=s.leeway, max_id_token_age=s.maxIdTokenAge, session_lifetime=self.absolute_timeout,
+        )
 
     async def _callback(
         self, request: web.BaseRequest, flow: FlowRecord, service: Service, query: str
     ) -> web.StreamResponse:
-        """The IdP sent the browser back: check everything, then create a session."""
+        """The IdP sent the browser back: the checks of :mod:`enforcer.identity.login`, each
+        after the I/O it needs, then a new session."""
         flow.record(decision="callback", reason="login_failed")
 
-        def fail(code: str, status: int = 400, *, clear: str | None = None, show: str = "") -> web.Response:
-            flow.record(decision="callback", reason=code)
+        def fail(failure: login.LoginFailure, *, clear: str | None = None) -> web.Response:
+            flow.record(decision="callback", reason=failure.code)
             self.metrics.logins.labels(service.name, "failure").inc()
-            log.info("login failed for service %s: %s (flow %s)", service.name, code, flow.flow_id)
-            resp = pages.error_page(status, code, flow.flow_id, message=show or "Sign-in did not complete.",
+            log.info("login failed for service %s: %s (flow %s)", service.name, failure.code, flow.flow_id)
+            resp = pages.error_page(failure.status, failure.code, flow.flow_id, message=failure.message,
                                     retry_url=service.origin + "/")
             if clear:
                 resp.headers.add("Set-Cookie", cookies_mod.clear_cookie_header(clear))
-            return resp
+            return self._close_if_body(request, resp) if failure.status == 405 else resp
 
-        if request.method != "GET":
-            return self._close_if_body(request, fail("callback_method", 405))
-        if urllib.parse.urlsplit(request.raw_path).path != service.callback_path:
-            # Exact redirect_uri matching (RFC 9700 §2.1, P-CB-14): '//cb', '/x/../cb' and
-            # the like canonicalise to the callback path but are not the registered URI.
-            return fail("callback_path_not_exact")
-        if len(query) > MAX_CALLBACK_QUERY:
-            return fail("callback_too_large", 414)
-        try:
-            pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query), max_num_fields=20)
-        except ValueError:
-            return fail("callback_malformed")
-        params: dict[str, str] = {}
-        for k, v in pairs:
-            if k in params:
-                return fail("callback_duplicate_parameter")
-            params[k] = v
-        state = params.get("state")
-        if not state:
-            return fail("callback_no_state")
-        tx_name = _tx_cookie_name(state)
-        now = self.clock()
+        params = login.parse_callback(request.method, request.raw_path, service.callback_path, query)
+        if isinstance(params, login.LoginFailure):
+            return fail(params)
+        state = params["state"]
         if state in self._callback_inflight:
-            return fail("callback_replayed", clear=None)
+            return fail(login.LoginFailure("callback_replayed"))
+        tx_name = login.tx_cookie_name(state)
+        now = self.clock()
         if self.shared_logins is not None:  # one DELETE ... RETURNING: a second pop gets None
-            txn = await self.shared_logins.pop(state, now)
+            popped = await self.shared_logins.pop(state, now)
         else:
-            txn = self.transactions.pop(state, now)
-        if txn is None or txn.service != service.name:
-            return fail("callback_unknown_state", clear=tx_name)
-        found, cookie = cookies_mod.find_cookie(request.headers.getall("Cookie", []), tx_name)
-        binding = cookie.split(".", 1)[1] if cookie and "." in cookie else ""
-        bound = secrets.compare_digest(login.binding_hash(binding), txn.binding)
-        if found is not cookies_mod.CookieLookup.FOUND or not bound:
-            return fail("callback_not_bound", clear=tx_name)
+            popped = self.transactions.pop(state, now)
+        txn = login.check_transaction(popped, service=service.name, cookie_headers=request.headers.getall("Cookie", []))
+        if isinstance(txn, login.LoginFailure):
+            return fail(txn, clear=tx_name)
         provider = self._provider(service)
         try:
             metadata = await provider.discover()
         except tokens_mod.OIDCError as exc:
             log.warning("service %s: callback without IdP metadata: %s", service.name, exc)
-            return fail("idp_unavailable", 502, clear=tx_name)
-        iss = params.get("iss")
-        if iss is not None and iss != txn.issuer:
-            return fail("callback_iss_mismatch", clear=tx_name)
-        if iss is None and metadata.iss_parameter_supported:
-            return fail("callback_iss_missing", clear=tx_name)
-        if "error" in params:
-            error = params["error"][:64]
-            return fail("idp_error", 403, clear=tx_name,
-                        show=f"The identity provider refused the sign-in ({error}).")
-        code = params.get("code")
-        if not code:
-            return fail("callback_no_code", clear=tx_name)
+            return fail(login.IDP_UNAVAILABLE, clear=tx_name)
+        code = login.check_response_params(params, txn, iss_parameter_supported=metadata.iss_parameter_supported)
+        if isinstance(code, login.LoginFailure):
+            return fail(code, clear=tx_name)
+        rules = self._login_rules(service)
         self._callback_inflight.add(state)
         try:
             tokens = await provider.exchange_code(
@@ -614,41 +615,20 @@ class Gate:
                 client_id=service.client_id, client_secret=service.client_secret,
             )
             verified = await provider.verify(tokens.id_token)
-            tokens_mod.check_claims(
-                verified.claims, issuer=txn.issuer, client_id=service.client_id, nonce=txn.nonce,
-                now=self.clock(), leeway=self.settings.model.oidc.leeway,
-                max_age=self.settings.model.oidc.maxIdTokenAge,
-            )
-            tokens_mod.check_at_hash(verified.claims, str(verified.header.get("alg")), tokens.access_token)
-            claims = dict(verified.claims)
-            bearer = tokens.token_type.lower() == "bearer"
-            if bearer and tokens_mod.needs_userinfo(service.userinfo, service.scopes, claims):
-                info = await provider.userinfo(tokens.access_token)
-                if info is not None:
-                    if info.get("sub") != claims["sub"]:
-                        raise tokens_mod.OIDCError("userinfo_sub_mismatch", "UserInfo sub differs from the ID token")
-                    for k, v in info.items():
-                        claims.setdefault(k, v)
-            tags = tokens_mod.claims_to_tags(claims)
+            claims = login.check_id_token(verified, tokens, txn, rules, self.clock())
+            if isinstance(claims, login.LoginFailure):
+                return fail(claims, clear=tx_name)
+            info = await provider.userinfo(tokens.access_token) if login.wants_userinfo(tokens, rules, claims) else None
         except tokens_mod.OIDCError as exc:
-            return fail(exc.code, 502 if exc.status >= 500 else 400, clear=tx_name)
+            return fail(login.LoginFailure.of(exc), clear=tx_name)
         finally:
             self._callback_inflight.discard(state)
+        new = login.complete_login(claims, info, tokens=tokens, txn=txn, rules=rules, now=self.clock())
+        if isinstance(new, login.LoginFailure):
+            return fail(new, clear=tx_name)
 
-        email = claims.get("email") if claims.get("email_verified") is True else None
-        username = claims.get("preferred_username")
-        now = self.clock()
-        new = sessions.Session(
-            service=service.name, issuer=txn.issuer, sub=claims["sub"],
-            email=email if isinstance(email, str) else None,
-            username=username if isinstance(username, str) else None,
-            tags=tags, sid=claims.get("sid") if isinstance(claims.get("sid"), str) else None,
-            id_token=tokens.id_token, created=now, last_seen=now, expires=now + self.absolute_timeout,
-            refresh_token=tokens.refresh_token,
-        )
-        old_found, old_handle = cookies_mod.find_cookie(
-            request.headers.getall("Cookie", []), cookies_mod.session_cookie_name(service.name)
-        )
+        cookie_name = cookies_mod.session_cookie_name(service.name)
+        old_found, old_handle = cookies_mod.find_cookie(request.headers.getall("Cookie", []), cookie_name)
         if old_found is cookies_mod.CookieLookup.FOUND and old_handle:
             await self.store.delete(old_handle)  # a new handle at each login (no fixation)
         handle = await self.store.create(new)
@@ -658,9 +638,7 @@ class Gate:
             service.origin + txn.return_to,
             set_cookies=[
                 cookies_mod.clear_cookie_header(tx_name),
-                cookies_mod.set_cookie_header(
-                    cookies_mod.session_cookie_name(service.name), handle, max_age=int(self.absolute_timeout)
-                ),
+                cookies_mod.set_cookie_header(cookie_name, handle, max_age=int(self.absolute_timeout)),
             ],
         )
 
@@ -669,16 +647,12 @@ class Gate:
     async def _logout(self, request: web.BaseRequest, flow: FlowRecord, service: Service) -> web.StreamResponse:
         """End the session here and, when the IdP offers it, at the IdP too."""
         flow.record(decision="logout", reason="logout")
-        fetch_site = request.headers.get("Sec-Fetch-Site")
-        origin = request.headers.get("Origin")
-        same_site = fetch_site in (None, "same-origin", "none")
-        if request.method == "POST":
-            allowed = fetch_site == "same-origin" or origin == service.origin
-        elif request.method in ("GET", "HEAD"):
-            allowed = same_site and (origin is None or origin == service.origin)
-        else:
+        answer = login.logout_answer(
+            request.method, request.headers.get("Sec-Fetch-Site"), request.headers.get("Origin"), service.origin
+        )
+        if answer is login.LogoutAnswer.METHOD_NOT_ALLOWED:
             return pages.plain_close(405, "method not allowed")
-        if not allowed:
+        if answer is login.LogoutAnswer.CONFIRM:
             flow.record(decision="logout", reason="logout_confirm")
             form = (
                 f"<form method=post action='{html.escape(service.logout_path, quote=True)}'>"
@@ -695,25 +669,17 @@ class Gate:
         clear = [cookies_mod.clear_cookie_header(cookie_name)]
         metadata = self._provider(service).metadata
         if current is not None and metadata is not None and metadata.end_session_endpoint:
-            params = {
-                "client_id": service.client_id,
-                "id_token_hint": current.id_token,
-                "state": secrets.token_urlsafe(16),
-            }
-            if service.post_logout_redirect:
-                params["post_logout_redirect_uri"] = service.post_logout_redirect
-            sep = "&" if "?" in metadata.end_session_endpoint else "?"
-            end_session = metadata.end_session_endpoint + sep + urllib.parse.urlencode(params)
-            resp = pages.redirect(end_session, set_cookies=clear)
-        else:
-            resp = pages.info_page(
-                "Signed out",
-                "<p>You are signed out of this application.</p>"
-                f"<p><a href='{html.escape(service.origin, quote=True)}/'>Sign in again</a></p>",
-                set_cookies=clear,
+            end_session = login.end_session_url(
+                metadata.end_session_endpoint, client_id=service.client_id, id_token=current.id_token,
+                post_logout_redirect=service.post_logout_redirect,
             )
-
-        return resp
+            return pages.redirect(end_session, set_cookies=clear)
+        return pages.info_page(
+            "Signed out",
+            "<p>You are signed out of this application.</p>"
+            f"<p><a href='{html.escape(service.origin, quote=True)}/'>Sign in again</a></p>",
+            set_cookies=clear,
+        )
 
     async def _backchannel_logout(
         self, request: web.BaseRequest, flow: FlowRecord, service: Service
@@ -828,6 +794,3 @@ def _session_handle(cookies: list[str], service: Service) -> str | None:
     found, handle = cookies_mod.find_cookie(cookies, cookies_mod.session_cookie_name(service.name))
     return handle if found is cookies_mod.CookieLookup.FOUND else None
 
-
-def _tx_cookie_name(state: str) -> str:
-    return TX_COOKIE_PREFIX + hashlib.sha256(state.encode()).hexdigest()[:16]

@@ -1,23 +1,42 @@
-"""Login transactions: the authorization request and what is remembered until the callback.
+"""Login and logout rules: the authorization request, the callback checks, the logout checks.
 
 :func:`start_login` builds the authorization request (PKCE S256, state and nonce always); the
-transaction stores keep it until the callback, bound to the browser.
+transaction stores keep it until the callback, bound to the browser. The callback is checked by
+pure steps, one between each of the gate's awaits: :func:`parse_callback` (before the pending
+login is taken), :func:`check_transaction` (after), :func:`check_response_params` (after
+discovery), :func:`check_id_token` (after the token request and signature check) and
+:func:`complete_login` (after the optional UserInfo request), which builds the session.
+:func:`logout_answer` is the logout CSRF rule. :class:`Provider` is what the gate uses of an
+OpenID Provider (:class:`enforcer.identity.oidc.Provider` in production).
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import enum
 import hashlib
 import json
 import logging
 import secrets
 import urllib.parse
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from enforcer.identity.tokens import ProviderMetadata
+from enforcer.identity import cookies
+from enforcer.identity.sessions import Session
+from enforcer.identity.tokens import (
+    OIDCError,
+    ProviderMetadata,
+    TokenResponse,
+    VerifiedToken,
+    check_at_hash,
+    check_claims,
+    claims_to_tags,
+    needs_userinfo,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +110,37 @@ def start_login(
     return url, txn, binding
 
 
+TX_COOKIE_PREFIX = "__Host-enforcertx-"
+"""Prefix of the browser-binding cookie of one pending login (one cookie per login)."""
+MAX_PENDING_PER_BROWSER = 5
+"""Pending logins one browser may have at once; starting another drops the oldest."""
+
+
+def tx_cookie_name(state: str) -> str:
+    """Name of the browser-binding cookie of the login with this ``state``."""
+    return TX_COOKIE_PREFIX + hashlib.sha256(state.encode()).hexdigest()[:16]
+
+
+def tx_cookie_value(now: float, binding: str) -> str:
+    """Value of a browser-binding cookie: ``<unix time>.<binding>`` (the time orders them)."""
+    return f"{int(now)}.{binding}"
+
+
+def stale_tx_cookies(cookie_headers: list[str], max_pending: int = MAX_PENDING_PER_BROWSER) -> list[str]:
+    """Names of the binding cookies to drop so that, with the login being started, a browser
+    has at most ``max_pending`` pending logins: the oldest go (unreadable times count as 0)."""
+    pending: list[tuple[int, str]] = []
+    for header in cookie_headers:
+        for pair in header.split(";"):
+            name, _, value = pair.strip().partition("=")
+            if name.startswith(TX_COOKIE_PREFIX):
+                stamp = value.split(".", 1)[0]
+                pending.append((int(stamp) if stamp.isdigit() else 0, name))
+    pending.sort()
+    excess = len(pending) - (max_pending - 1)
+    return [name for _, name in pending[: max(0, excess)]]
+
+
 class TransactionStore:
     """Pending logins keyed by state: bounded, expiring, single use."""
 
@@ -158,3 +208,235 @@ class SharedTransactionStore:
         return txn if txn.state == state else None
 
 
+
+
+# ---------------------------------------------------------------------------
+# the OpenID Provider, as the gate uses it
+
+
+class Provider(Protocol):
+    """One OpenID Provider: discovery, token request, signature check, UserInfo (I/O).
+
+    Every method raises :class:`OIDCError` when the provider or what it sent is not usable.
+    """
+
+    @property
+    def metadata(self) -> ProviderMetadata | None:
+        """The discovery document, once :meth:`discover` succeeded (else None)."""
+        ...
+
+    async def discover(self) -> ProviderMetadata:
+        """The validated discovery document (fetched once, then cached)."""
+        ...
+
+    async def exchange_code(
+        self, *, code: str, redirect_uri: str, code_verifier: str, client_id: str, client_secret: str
+    ) -> TokenResponse:
+        """Authorization code -> tokens at the token endpoint."""
+        ...
+
+    async def verify(self, token: str, *, logout: bool = False) -> VerifiedToken:
+        """Check an ID token's (or, with ``logout``, a logout token's) signature."""
+        ...
+
+    async def userinfo(self, access_token: str) -> dict[str, Any] | None:
+        """The UserInfo document (None if the provider has no UserInfo endpoint)."""
+        ...
+
+
+# ---------------------------------------------------------------------------
+# the callback (pure)
+
+MAX_CALLBACK_QUERY = 8192
+"""Longest callback query string accepted (longer: 414)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoginFailure:
+    """Why a callback signs nobody in: the stable ``code`` (flow record, page, metric), the
+    HTTP status and the sentence the error page shows."""
+
+    code: str
+    status: int = 400
+    message: str = "Sign-in did not complete."
+
+    @classmethod
+    def of(cls, error: OIDCError) -> LoginFailure:
+        """The failure for an OpenID Provider error: 502 for the provider's fault, else 400."""
+        return cls(error.code, 502 if error.status >= 500 else 400)
+
+
+IDP_UNAVAILABLE = LoginFailure("idp_unavailable", 502)
+"""The provider's discovery document cannot be had, so the callback cannot be checked."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoginRules:
+    """The settings of one service and of the enforcer that the callback checks apply."""
+
+    service: str
+    client_id: str
+    scopes: tuple[str, ...]
+    userinfo: str
+    """When to call UserInfo: ``always``, ``never`` or ``auto`` (see :func:`needs_userinfo`)."""
+    leeway: float
+    """Clock skew allowed on ``exp``, ``iat`` and ``nbf`` (seconds)."""
+    max_id_token_age: float
+    """Oldest ``iat`` accepted (seconds before now)."""
+    session_lifetime: float
+    """Absolute lifetime of the session a login creates (seconds)."""
+
+
+def parse_callback(method: str, raw_path: str, callback_path: str, query: str) -> dict[str, str] | LoginFailure:
+    """The callback's query parameters, each exactly once and ``state`` among them; or why not."""
+    if method != "GET":
+        return LoginFailure("callback_method", 405)
+    if urllib.parse.urlsplit(raw_path).path != callback_path:
+        # Exact redirect_uri matching (RFC 9700 §2.1, P-CB-14): '//cb', '/x/../cb' and
+        # the like canonicalise to the callback path but are not the registered URI.
+        return LoginFailure("callback_path_not_exact")
+    if len(query) > MAX_CALLBACK_QUERY:
+        return LoginFailure("callback_too_large", 414)
+    try:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query), max_num_fields=20)
+    except ValueError:
+        return LoginFailure("callback_malformed")
+    params: dict[str, str] = {}
+    for k, v in pairs:
+        if k in params:
+            return LoginFailure("callback_duplicate_parameter")
+        params[k] = v
+    if not params.get("state"):
+        return LoginFailure("callback_no_state")
+    return params
+
+
+def check_transaction(
+    txn: LoginTransaction | None, *, service: str, cookie_headers: list[str]
+) -> LoginTransaction | LoginFailure:
+    """The pending login, if it exists, is for this service and is bound to this browser (its
+    binding cookie sent exactly once, holding the value whose hash the login kept)."""
+    if txn is None or txn.service != service:
+        return LoginFailure("callback_unknown_state")
+    found, cookie = cookies.find_cookie(cookie_headers, tx_cookie_name(txn.state))
+    binding = cookie.split(".", 1)[1] if cookie and "." in cookie else ""
+    bound = secrets.compare_digest(binding_hash(binding), txn.binding)
+    if found is not cookies.CookieLookup.FOUND or not bound:
+        return LoginFailure("callback_not_bound")
+    return txn
+
+
+def check_response_params(
+    params: Mapping[str, str], txn: LoginTransaction, *, iss_parameter_supported: bool
+) -> str | LoginFailure:
+    """The authorization code, if the response comes from the login's issuer (RFC 9207
+    ``iss``: required when the provider announces it) and is not an error."""
+    iss = params.get("iss")
+    if iss is not None and iss != txn.issuer:
+        return LoginFailure("callback_iss_mismatch")
+    if iss is None and iss_parameter_supported:
+        return LoginFailure("callback_iss_missing")
+    if "error" in params:
+        error = params["error"][:64]
+        return LoginFailure("idp_error", 403, f"The identity provider refused the sign-in ({error}).")
+    code = params.get("code")
+    if not code:
+        return LoginFailure("callback_no_code")
+    return code
+
+
+def check_id_token(
+    verified: VerifiedToken, tokens: TokenResponse, txn: LoginTransaction, rules: LoginRules, now: float
+) -> dict[str, Any] | LoginFailure:
+    """The claims of a signature-checked ID token, if they are for this login and client
+    (OIDC Core §3.1.3.7) and ``at_hash``, when present, matches the access token."""
+    try:
+        check_claims(
+            verified.claims, issuer=txn.issuer, client_id=rules.client_id, nonce=txn.nonce,
+            now=now, leeway=rules.leeway, max_age=rules.max_id_token_age,
+        )
+        check_at_hash(verified.claims, str(verified.header.get("alg")), tokens.access_token)
+    except OIDCError as exc:
+        return LoginFailure.of(exc)
+    return dict(verified.claims)
+
+
+def wants_userinfo(tokens: TokenResponse, rules: LoginRules, claims: Mapping[str, Any]) -> bool:
+    """Whether to ask UserInfo for more claims: only with a bearer access token, and as
+    the service's ``userinfo`` setting says."""
+    return tokens.token_type.lower() == "bearer" and needs_userinfo(rules.userinfo, rules.scopes, claims)
+
+
+def complete_login(
+    claims: Mapping[str, Any],
+    userinfo: Mapping[str, Any] | None,
+    *,
+    tokens: TokenResponse,
+    txn: LoginTransaction,
+    rules: LoginRules,
+    now: float,
+) -> Session | LoginFailure:
+    """The session a checked ID token signs in, or why not.
+
+    UserInfo must name the same ``sub``; its claims fill in what the ID token lacks (the ID
+    token wins). The email counts only when ``email_verified`` is true; ``preferred_username``
+    and ``sid`` only when they are strings. The session lives ``rules.session_lifetime``.
+    """
+    merged = dict(claims)
+    if userinfo is not None:
+        if userinfo.get("sub") != merged["sub"]:
+            return LoginFailure("userinfo_sub_mismatch")
+        for k, v in userinfo.items():
+            merged.setdefault(k, v)
+    try:
+        tags = claims_to_tags(merged)
+    except OIDCError as exc:
+        return LoginFailure.of(exc)
+    email = merged.get("email") if merged.get("email_verified") is True else None
+    username = merged.get("preferred_username")
+    sid = merged.get("sid")
+    return Session(
+        service=rules.service, issuer=txn.issuer, sub=merged["sub"],
+        email=email if isinstance(email, str) else None,
+        username=username if isinstance(username, str) else None,
+        tags=tags, sid=sid if isinstance(sid, str) else None,
+        id_token=tokens.id_token, created=now, last_seen=now, expires=now + rules.session_lifetime,
+        refresh_token=tokens.refresh_token,
+    )
+
+
+# ---------------------------------------------------------------------------
+# logout (pure)
+
+
+class LogoutAnswer(enum.Enum):
+    """What a request to the logout endpoint gets."""
+
+    SIGN_OUT = "sign_out"
+    """End the session now."""
+    CONFIRM = "confirm"
+    """Possibly cross-site (logout CSRF): ask with a same-origin form first."""
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+
+
+def logout_answer(method: str, fetch_site: str | None, origin: str | None, service_origin: str) -> LogoutAnswer:
+    """The logout CSRF rule. A POST signs out when the browser says it is same-origin
+    (``Sec-Fetch-Site``) or its ``Origin`` is the service's; a GET or HEAD when it is not
+    cross-site (``Sec-Fetch-Site`` absent, ``same-origin`` or ``none``) and has no foreign
+    ``Origin``. Anything else is asked to confirm."""
+    if method == "POST":
+        allowed = fetch_site == "same-origin" or origin == service_origin
+    elif method in ("GET", "HEAD"):
+        allowed = fetch_site in (None, "same-origin", "none") and (origin is None or origin == service_origin)
+    else:
+        return LogoutAnswer.METHOD_NOT_ALLOWED
+    return LogoutAnswer.SIGN_OUT if allowed else LogoutAnswer.CONFIRM
+
+
+def end_session_url(endpoint: str, *, client_id: str, id_token: str, post_logout_redirect: str | None) -> str:
+    """The provider's RP-initiated logout URL for a session that held ``id_token``."""
+    params = {"client_id": client_id, "id_token_hint": id_token, "state": secrets.token_urlsafe(16)}
+    if post_logout_redirect:
+        params["post_logout_redirect_uri"] = post_logout_redirect
+    sep = "&" if "?" in endpoint else "?"
+    return endpoint + sep + urllib.parse.urlencode(params)

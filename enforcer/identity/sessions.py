@@ -68,6 +68,12 @@ class SessionStore(Protocol):
         """Store ``session`` under a new random handle and return that handle."""
         ...
 
+    def get_cached(self, handle: str, service: str, now: float) -> Session | None:
+        """The hot path of :meth:`get` without a coroutine: the session when the store can
+        answer at once that it is live for ``service`` and no ``last_seen`` write is due;
+        otherwise None, and the caller must ask :meth:`get`."""
+        ...
+
     async def get(self, handle: str, service: str, now: float) -> Session | None:
         """The live session for ``handle`` on ``service``, or None (unknown, malformed,
         other service, idle or absolutely expired). May slide ``last_seen``."""
@@ -197,6 +203,17 @@ class MemorySessionStore:
         while len(self._sessions) > self._max:
             self._sessions.popitem(last=False)
         return handle
+
+    def get_cached(self, handle: str, service: str, now: float) -> Session | None:
+        """The session when it is live for ``service`` and no ``last_seen`` write is due;
+        otherwise None (then :meth:`get` decides expiry, wrong service and the touch)."""
+        key = _handle_key(handle)
+        if key is None or (session := self._sessions.get(key)) is None:
+            return None
+        life = self._life
+        if life.verdict(session, service, now) is not _Verdict.LIVE or life.touched(session, now) is not None:
+            return None
+        return session
 
     async def get(self, handle: str, service: str, now: float) -> Session | None:
         """The live session for ``handle`` on ``service``, or None; slides ``last_seen``."""
