@@ -79,6 +79,9 @@ _esc = json.encoder.encode_basestring_ascii
 """The string encoder of ``_encode_line`` (C): quoted, ``ensure_ascii`` escapes."""
 _INF = math.inf
 
+_OUTCOMES: dict[str, Outcome] = {o.value: o for o in Outcome}
+_REASONS: dict[str, Reason] = {r.value: r for r in Reason}
+
 _flow_ids: list[str] = []
 """Flow ids made ahead: one ``getrandom`` system call for 512 of them, not one per request."""
 
@@ -178,8 +181,10 @@ class FlowRecord:
         A ``str`` must be the value of a member (``ValueError`` otherwise): callers in
         ``http`` and ``run`` still pass literals until they are converted to members.
         """
-        self.decision = Outcome(decision)
-        self.reason = Reason(reason)
+        try:  # a dict lookup: a tenth of the cost of calling the enum
+            self.decision, self.reason = _OUTCOMES[decision], _REASONS[reason]
+        except KeyError:
+            raise ValueError(f"not a flow code: decision {decision!r}, reason {reason!r}") from None
         self.endpoint = endpoint
         if user is not None:
             self.user = user

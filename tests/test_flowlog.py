@@ -912,9 +912,9 @@ def test_record_stores_members_and_refuses_unknown_codes() -> None:
     rec = make(decision="deny", reason="missing_tags")
     assert rec.decision is Outcome.DENY
     assert rec.reason is Reason.MISSING_TAGS
-    with pytest.raises(ValueError, match="not a valid Reason"):
+    with pytest.raises(ValueError, match="not a flow code"):
         rec.record(decision="deny", reason="bad thing: \x1b[31m")
-    with pytest.raises(ValueError, match="not a valid Outcome"):
+    with pytest.raises(ValueError, match="not a flow code"):
         rec.record(decision="maybe", reason="allowed")
 
 
