@@ -1,16 +1,15 @@
 """Every Prometheus collector of the enforcer, on one dedicated registry, and the /metrics body.
 
-Label values are bounded: ``service`` comes from the configuration, ``decision`` / ``reason`` /
-``outcome`` / ``kind`` are closed sets of codes. Paths, users, clients and hosts are never
-labels — they belong in the flow log. As a guard against a caller passing free text, label
-values that do not look like a code are reported as ``other`` and the number of distinct
-request label sets is capped.
+Label values are bounded: ``service`` is a configured service name, ``decision`` and
+``reason`` are :class:`~enforcer.errors.Outcome` and :class:`~enforcer.errors.Reason` members
+(the flow record holds nothing else), ``kind`` is an :class:`~enforcer.errors.UpstreamKind` and
+``outcome`` a fixed word. Paths, users, clients and hosts are never labels — they belong in the
+flow log.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,9 +26,10 @@ from prometheus_client import (
 )
 
 if TYPE_CHECKING:
+    from enforcer.errors import Outcome, Reason
     from enforcer.flow import FlowRecord
 
-__all__ = ["LATENCY_BUCKETS", "Metrics", "label"]
+__all__ = ["LATENCY_BUCKETS", "Metrics"]
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -49,15 +49,8 @@ LATENCY_BUCKETS = (
 )
 """Seconds: a proxy hop costs well under a millisecond; apps take up to seconds."""
 
-MAX_REQUEST_SERIES = 2000
-"""Distinct (service, decision, reason) sets before new ones are folded into ``other``."""
-
 NO_SERVICE = "none"
 """Label for requests that matched no service (unknown SNI/Host/destination)."""
-
-OTHER = "other"
-
-_CODE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 _multiprocess: dict[str, Path] = {}
@@ -80,13 +73,6 @@ def process_gone(pid: int) -> None:
     """A worker exited: drop its live-gauge files (its counters keep counting in the sum)."""
     if "dir" in _multiprocess:
         multiprocess.mark_process_dead(pid, str(_multiprocess["dir"]))  # type: ignore[no-untyped-call]
-
-
-def label(value: str | None, *, empty: str = NO_SERVICE) -> str:
-    """A safe label value: the code itself, ``empty`` for None/"", ``other`` for free text."""
-    if not value:
-        return empty
-    return value if _CODE_RE.fullmatch(value) else OTHER
 
 
 class Metrics:
@@ -172,12 +158,12 @@ class Metrics:
             ["service", "outcome"],
             registry=r,
         )
-        self._request_children: dict[tuple[str, str, str], Counter] = {}
         self._duration_children: dict[str, tuple[Histogram, Histogram]] = {}
-        self._raw_children: dict[
-            tuple[str | None, str, str], tuple[Counter, tuple[Histogram, Histogram]]
+        self._children: dict[
+            tuple[str | None, Outcome, Reason], tuple[Counter, tuple[Histogram, Histogram]]
         ] = {}
-        """Raw (service, decision, reason) -> children: no label checks on the hot path."""
+        """(service, decision, reason) -> the collectors' children, so a request does no lookup
+        in prometheus_client's label dictionaries."""
 
     def render(self) -> tuple[bytes, str]:
         """Body and content type for the /metrics admin endpoint (all workers' sum when
@@ -190,38 +176,27 @@ class Metrics:
 
     def observe_flow(self, record: FlowRecord) -> None:
         """Count a finished request and observe its durations (cached children: cheap)."""
-        raw = (record.service, record.decision, record.reason)
-        children = self._raw_children.get(raw)
+        key = (record.service, record.decision, record.reason)
+        children = self._children.get(key)
         if children is None:
-            children = self._children_for(raw)
+            children = self._children_for(key)
         counter, durations = children
         counter.inc()
         durations[0].observe(record.duration_ms / 1000.0)
         if record.upstream_ms is not None:
             durations[1].observe(record.upstream_ms / 1000.0)
 
-    def _children_for(self, raw: tuple[str | None, str, str]) -> tuple[Counter, tuple[Histogram, Histogram]]:
-        """The collectors' children for one raw (service, decision, reason): labels are made
-        safe with :func:`label` and the series cap applied, then the result is remembered
-        under the raw values (bounded too: it is cleared when full, which only costs a redo)."""
-        key = (label(raw[0]), label(raw[1]), label(raw[2]))
-        counter = self._request_children.get(key)
-        if counter is None:
-            if len(self._request_children) >= MAX_REQUEST_SERIES:
-                key = (key[0], OTHER, OTHER)
-            counter = self.requests.labels(*key)
-            counter = self._request_children.setdefault(key, counter)
-        durations = self._duration_children.get(key[0])
+    def _children_for(
+        self, key: tuple[str | None, Outcome, Reason]
+    ) -> tuple[Counter, tuple[Histogram, Histogram]]:
+        """The collectors' children for one (service, decision, reason), remembered."""
+        service = key[0] or NO_SERVICE
+        durations = self._duration_children.get(service)
         if durations is None:
-            durations = (
-                self.request_seconds.labels(key[0]),
-                self.upstream_seconds.labels(key[0]),
-            )
-            self._duration_children[key[0]] = durations
-        if len(self._raw_children) >= 2 * MAX_REQUEST_SERIES:
-            self._raw_children.clear()
-        children = (counter, durations)
-        self._raw_children[raw] = children
+            durations = (self.request_seconds.labels(service), self.upstream_seconds.labels(service))
+            self._duration_children[service] = durations
+        children = (self.requests.labels(service, key[1], key[2]), durations)
+        self._children[key] = children
         return children
 
     def set_definitions(self, digest: str, services: int) -> None:

@@ -88,6 +88,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from enforcer.errors import EnforcerError, Reason
+
 __all__ = [
     "MAX_TARGET_BYTES",
     "Decision",
@@ -120,16 +122,30 @@ PathErrorCode = Literal[
 ]
 
 
-class PathError(ValueError):
-    """The request-target is refused; ``code`` is stable (logs, metrics, error page)."""
+_PATH_REASONS: dict[PathErrorCode, Reason] = {
+    "too_long": Reason.TOO_LONG,
+    "bad_target": Reason.BAD_TARGET,
+    "bad_char": Reason.BAD_CHAR,
+    "fragment": Reason.FRAGMENT,
+    "semicolon": Reason.SEMICOLON,
+    "encoded_separator": Reason.ENCODED_SEPARATOR,
+    "encoded_control": Reason.ENCODED_CONTROL,
+    "encoded_delimiter": Reason.ENCODED_DELIMITER,
+    "bad_encoding": Reason.BAD_ENCODING,
+}
 
-    code: PathErrorCode
-    status: int
+
+class PathError(EnforcerError, ValueError):
+    """The request-target is refused; ``reason`` (also ``code``) is stable (logs, metrics,
+    error page)."""
 
     def __init__(self, code: PathErrorCode, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.code = code
-        self.status = status
+        super().__init__(_PATH_REASONS[code], status, message)
+
+    @property
+    def code(self) -> Reason:
+        """The reason (the name ``http.gate`` and ``cli`` still use)."""
+        return self.reason
 
 
 # --- canonical_path ---------------------------------------------------------------------
@@ -257,17 +273,6 @@ class Verdict(enum.Enum):
     ALLOW = "allow"
     DENY = "deny"
     LOGIN = "login"
-
-
-class Reason(enum.StrEnum):
-    """Why; stable strings for the flow record, metrics label and error page."""
-
-    PUBLIC = "public"
-    ALLOWED = "allowed"
-    LOGIN_REQUIRED = "login_required"
-    NO_MATCHING_ENDPOINT = "no_matching_endpoint"
-    METHOD_NOT_ALLOWED = "method_not_allowed"
-    MISSING_TAGS = "missing_tags"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1463,8 +1463,8 @@ async def test_P_UI_01_userinfo_sub_mismatch(env: Env, browser: ScriptedBrowser)
 
 
 @pytest.mark.parametrize(("status", "raw", "reason"), [
-    (401, None, "userinfo_http_401"),
-    (500, None, "userinfo_http_500"),
+    (401, None, "userinfo_http_error"),
+    (500, None, "userinfo_http_error"),
     (200, b"<html>hello</html>", "userinfo_invalid_json"),
     (200, b"eyJhbGciOiJSUzI1NiJ9.e30.c2ln", "userinfo_invalid_json"),
     (200, b'{"sub":"user-1","sub":"admin"}', "userinfo_invalid_json"),

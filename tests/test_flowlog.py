@@ -29,6 +29,7 @@ from enforcer.cli.flows import (
     parse_since,
     read_flows,
 )
+from enforcer.errors import Outcome, Reason
 from enforcer.flow import FlowRecord
 from enforcer.flowlog import FILE_MODE, FlowLog
 from tests.prereq import require
@@ -59,7 +60,7 @@ def make(
     )
     rec.record(
         decision=kw.pop("decision", "allow"),
-        reason=kw.pop("reason", "rule"),
+        reason=kw.pop("reason", "allowed"),
         endpoint="all",
         user=kw.pop("user", "sub-1"),
         email=kw.pop("email", "alice@example.com"),
@@ -429,12 +430,12 @@ def sample(tmp_path: Path) -> Path:
     write_sample(
         path,
         [
-            make(service="app", decision="allow", reason="rule", now=T0),
-            make(service="app", decision="deny", reason="no_tag", path="/admin", now=T0 + 60),
+            make(service="app", decision="allow", reason="allowed", now=T0),
+            make(service="app", decision="deny", reason="missing_tags", path="/admin", now=T0 + 60),
             make(
                 service="wiki",
                 decision="login",
-                reason="no_session",
+                reason="login_required",
                 user=None,
                 email=None,
                 now=T0 + 120,
@@ -447,9 +448,9 @@ def sample(tmp_path: Path) -> Path:
                 now=T0 + 180,
             ),
             make(service="app", decision="error", reason="upstream_connect", now=T0 + 240),
-            make(service="app", decision="callback", reason="login_ok", status=302, now=T0 + 300),
+            make(service="app", decision="callback", reason="login_success", status=302, now=T0 + 300),
             make(
-                service="app", decision="callback", reason="iss_mismatch", status=403, now=T0 + 360
+                service="app", decision="callback", reason="callback_iss_mismatch", status=403, now=T0 + 360
             ),
         ],
     )
@@ -687,10 +688,12 @@ def test_follow_from_start_applies_filter(tmp_path: Path) -> None:
 
 def test_table_escapes_control_characters(sample: Path) -> None:
     """Control characters in any field are shown escaped, never sent to the terminal."""
-    rec = make(path="/\x1b[2J" + "\r\n", user=None, email="e\x1b]0;pwned\x07", reason="r\x00")
+    rec = make(path="/\x1b[2J" + "\r\n", user=None, email="e\x1b]0;pwned\x07")
     rec.client = "\x9b31m"
+    row = json.loads(rec.to_json())
+    row["reason"] = "r\x00"  # a log line from anywhere: the reader trusts no field
     out = io.StringIO()
-    format_table([json.loads(rec.to_json())], out)
+    format_table([row], out)
     text = out.getvalue()
     assert "\x1b" not in text
     assert "\r" not in text
@@ -834,7 +837,7 @@ def test_command_follow_with_since_reads_existing(sample: Path) -> None:
         stop=lambda: bool(out.getvalue()),
     )
     assert code == 0
-    assert [json.loads(x)["reason"] for x in out.getvalue().splitlines()] == ["iss_mismatch"]
+    assert [json.loads(x)["reason"] for x in out.getvalue().splitlines()] == ["callback_iss_mismatch"]
 
 
 @pytest.mark.parametrize(
@@ -868,26 +871,57 @@ _FLOAT = st.floats(allow_nan=True, allow_infinity=True)
 @given(
     start=st.one_of(st.floats(min_value=-1e9, max_value=2.5e11), st.integers(min_value=0, max_value=2**36)),
     texts=st.tuples(*[_OPT_TEXT] * 9),
-    required=st.tuples(*[st.text(max_size=40)] * 6),
+    required=st.tuples(*[st.text(max_size=40)] * 4),
+    codes=st.tuples(st.sampled_from(Outcome), st.sampled_from(Reason)),
     statuses=st.tuples(_OPT_INT, _OPT_INT),
     sizes=st.tuples(st.integers(min_value=0, max_value=2**70), st.integers(min_value=0, max_value=2**70)),
     duration=st.one_of(_FLOAT, st.integers(min_value=0, max_value=10**6)),
     upstream_ms=st.one_of(st.none(), _FLOAT),
 )
 def test_to_json_is_the_generic_encoding_for_any_field_values(
-    start: float, texts: tuple[str | None, ...], required: tuple[str, ...], statuses: tuple[int | None, int | None],
+    start: float, texts: tuple[str | None, ...], required: tuple[str, ...], codes: tuple[Outcome, Reason], statuses: tuple[int | None, int | None],
     sizes: tuple[int, int], duration: float, upstream_ms: float | None,
 ) -> None:
     """The field-by-field line is exactly the generic JSON encoding of to_dict(), whatever the values
     (odd types and non-finite numbers take the generic path)."""
     rec = FlowRecord(flow_id=required[0], start=start, client=required[1], method=required[2], path=required[3])
-    rec.decision, rec.reason = required[4], required[5]
+    rec.decision, rec.reason = codes
     (rec.service, rec.sni, rec.host, rec.destination, rec.user, rec.email, rec.endpoint, rec.tls_version,
      rec.user_agent) = texts
     rec.upstream_status, rec.status = statuses
     rec.bytes_in, rec.bytes_out = sizes
     rec.duration_ms, rec.upstream_ms = duration, upstream_ms
     assert rec.to_json() == json.dumps(rec.to_dict(), ensure_ascii=True, separators=(",", ":"))
+
+
+@pytest.mark.parametrize(("decision", "reason"), [(o, r) for o in Outcome for r in (Reason.ALLOWED, Reason.UPSTREAM_TIMEOUT)])
+def test_to_json_of_enum_codes_is_the_line_of_their_strings(decision: Outcome, reason: Reason) -> None:
+    """An Outcome and a Reason serialise as their plain string values, byte for byte, on both paths."""
+    rec = make(decision=decision, reason=reason)
+    plain = json.loads(rec.to_json())
+    assert plain["decision"] == decision.value
+    assert plain["reason"] == reason.value
+    text = rec.to_json()
+    assert text == json.dumps(rec.to_dict(), ensure_ascii=True, separators=(",", ":"))
+    assert text == json.dumps(dict(rec.to_dict(), decision=decision.value, reason=reason.value),
+                              ensure_ascii=True, separators=(",", ":"))
+
+
+def test_record_stores_members_and_refuses_unknown_codes() -> None:
+    """record() turns code strings into Outcome/Reason members and raises on text that is not a code."""
+    rec = make(decision="deny", reason="missing_tags")
+    assert rec.decision is Outcome.DENY
+    assert rec.reason is Reason.MISSING_TAGS
+    with pytest.raises(ValueError, match="not a flow code"):
+        rec.record(decision="deny", reason="bad thing: \x1b[31m")
+    with pytest.raises(ValueError, match="not a flow code"):
+        rec.record(decision="maybe", reason="allowed")
+
+
+def test_a_new_record_is_an_unfinished_error() -> None:
+    """A record nobody filled in says decision error, reason unfinished."""
+    rec = FlowRecord.begin(client="c", sni=None, host=None, method="GET", path="/", now=T0)
+    assert (rec.decision, rec.reason) == (Outcome.ERROR, Reason.UNFINISHED)
 
 
 @pytest.mark.parametrize("field", ["status", "upstream_status", "bytes_in"])

@@ -23,7 +23,8 @@ from joserfc import jws
 from joserfc.errors import SecurityWarning
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
-from enforcer.identity import login, tokens
+from enforcer.errors import EnforcerError, Reason
+from enforcer.identity import login, oidc, tokens
 from enforcer.identity.tokens import OIDCError
 
 RSA = RSAKey.generate_key(2048, parameters={"kid": "r1"})
@@ -93,9 +94,9 @@ def code_of(fn: Any, *args: Any, **kwargs: Any) -> str:
 def test_strict_json_object_table(data: bytes, ok: bool) -> None:
     """P-TOK-07 / P-TOK-14 / P-JOSE-08 / P-JWKS-10: only one JSON object without duplicates, BOM, NaN or deep nesting parses."""
     if ok:
-        assert tokens.strict_json_object(data, "x") == json.loads(data)
+        assert tokens.strict_json_object(data, Reason.JWKS_INVALID_JSON) == json.loads(data)
     else:
-        assert code_of(tokens.strict_json_object, data, "x") == "x_invalid_json"
+        assert code_of(tokens.strict_json_object, data, Reason.JWKS_INVALID_JSON) == "jwks_invalid_json"
 
 
 json_values = st.recursive(
@@ -108,16 +109,16 @@ json_values = st.recursive(
 @given(st.dictionaries(st.text(max_size=10), json_values, max_size=6))
 def test_strict_json_object_round_trips_objects(doc: dict[str, Any]) -> None:
     """Any JSON object without duplicate members parses back to itself."""
-    assert tokens.strict_json_object(json.dumps(doc).encode(), "x") == doc
+    assert tokens.strict_json_object(json.dumps(doc).encode(), Reason.JWKS_INVALID_JSON) == doc
 
 
 @given(st.binary(max_size=200))
 def test_strict_json_object_only_raises_oidc_error(data: bytes) -> None:
     """Arbitrary bytes either parse to a dict or raise OIDCError, nothing else."""
     try:
-        assert isinstance(tokens.strict_json_object(data, "x"), dict)
+        assert isinstance(tokens.strict_json_object(data, Reason.JWKS_INVALID_JSON), dict)
     except OIDCError as exc:
-        assert exc.code == "x_invalid_json"
+        assert exc.code == "jwks_invalid_json"
 
 
 # ------------------------------------------------------------------------------ JWS splitting
@@ -686,7 +687,57 @@ def test_check_header_logout_typ(typ: str | None, ok: bool) -> None:
     """P-BCL-02 / P-IDT-16: a logout token must say typ logout+jwt, and an ID token must not."""
     header: dict[str, Any] = {"alg": "RS256"} if typ is None else {"alg": "RS256", "typ": typ}
     if ok:
-        assert tokens.check_header(header, logout=True) == "RS256"
+        assert tokens.check_header(header, token_kind=tokens.TokenKind.LOGOUT) == "RS256"
         assert code_of(tokens.check_header, header) == "id_token_bad_typ"
     else:
-        assert code_of(tokens.check_header, header, logout=True) == "id_token_bad_typ"
+        assert code_of(tokens.check_header, header, token_kind=tokens.TokenKind.LOGOUT) == "logout_token_bad_typ"
+
+
+@pytest.mark.parametrize(("make", "code"), [
+    (lambda: "x" * (tokens.MAX_ID_TOKEN_BYTES + 1), "logout_token_too_large"),
+    (lambda: "a.b", "logout_token_malformed"),
+    (lambda: "a.b.c.d.e", "logout_token_encrypted"),
+    (lambda: b64(b'{"alg":"none","typ":"logout+jwt"}') + ".e30.c2ln", "logout_token_bad_alg"),
+    (lambda: b64(b'{"alg":"RS256","typ":"logout+jwt","crit":["exp"]}') + ".e30.c2ln", "logout_token_bad_header"),
+    (lambda: sign(good_claims(), RSA, typ="JWT"), "logout_token_bad_typ"),
+    (lambda: sign(good_claims(), RSA2, typ="logout+jwt"), "logout_token_unknown_key"),
+    (lambda: sign(good_claims(), RSA, typ="logout+jwt")[:-8] + "AAAAAAAA", "logout_token_bad_signature"),
+])
+def test_verify_signature_of_a_logout_token_names_logout_token_codes(make: Any, code: str) -> None:
+    """P-BCL-02: the shared JWS checks give logout_token_* codes for a logout token, never id_token_*."""
+    assert code_of(tokens.verify_signature, make(), KEYS, token_kind=tokens.TokenKind.LOGOUT) == code
+
+
+def test_every_token_kind_has_its_own_reasons() -> None:
+    """Each TokenKind's reasons are members named after the kind, and no two kinds share one."""
+    for kind, reasons in tokens.TOKEN_REASONS.items():
+        for reason in vars(type(reasons)).get("__slots__", ()):
+            assert getattr(reasons, reason).startswith(kind.value + "_")
+    id_codes = {getattr(tokens.TOKEN_REASONS[tokens.TokenKind.ID], f) for f in tokens.TokenReasons.__slots__}
+    logout_codes = {getattr(tokens.TOKEN_REASONS[tokens.TokenKind.LOGOUT], f) for f in tokens.TokenReasons.__slots__}
+    assert len(id_codes) == len(logout_codes) == len(tokens.TokenReasons.__slots__)
+    assert not id_codes & logout_codes
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    ("invalid_request", "token_invalid_request"),
+    ("invalid_client", "token_invalid_client"),
+    ("invalid_grant", "token_invalid_grant"),
+    ("unauthorized_client", "token_unauthorized_client"),
+    ("unsupported_grant_type", "token_unsupported_grant_type"),
+    ("invalid_scope", "token_invalid_scope"),
+    ("server_error", "token_server_error"),
+    ("temporarily_unavailable", "token_temporarily_unavailable"),
+])
+def test_token_endpoint_errors_map_to_their_own_reason(error: str, code: str) -> None:
+    """P-TOK-04: each RFC 6749 §5.2 token error has its own reason; other text falls to token_unknown."""
+    assert oidc.TOKEN_ERRORS[error] == code
+    assert oidc.TOKEN_ERRORS.get("x\x1b[31m evil", Reason.TOKEN_UNKNOWN) is Reason.TOKEN_UNKNOWN
+
+
+def test_an_oidc_error_refuses_text_that_is_no_reason() -> None:
+    """OIDCError takes a Reason (or its exact code) and raises ValueError for any other text."""
+    assert OIDCError("id_token_expired").reason is Reason.ID_TOKEN_EXPIRED
+    assert isinstance(OIDCError(Reason.JWKS_INVALID), EnforcerError)
+    with pytest.raises(ValueError, match="not a valid Reason"):
+        OIDCError("token_whatever_the_idp_said")

@@ -17,6 +17,8 @@ from pydantic import (
     ValidationError,
 )
 
+from enforcer.errors import EnforcerError, Reason
+
 # ---------------------------------------------------------------------------
 # errors
 
@@ -44,12 +46,12 @@ class ConfigIssue:
         return text
 
 
-class ConfigError(Exception):
+class ConfigError(EnforcerError):
     """The configuration or a definitions set is invalid; ``issues`` says why."""
 
     def __init__(self, issues: Sequence[ConfigIssue]) -> None:
         self.issues = tuple(issues)
-        super().__init__("\n".join(str(i) for i in self.issues))
+        super().__init__(Reason.CONFIG_INVALID, 500, "\n".join(str(i) for i in self.issues))
 
 
 # A hint per key, appended to pydantic's message: the "how to fix it" part.

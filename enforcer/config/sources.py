@@ -41,6 +41,7 @@ from enforcer.config import definitions as definitions_mod
 from enforcer.config import settings as settings_mod
 from enforcer.config.definitions import Definitions, RawDocument
 from enforcer.config.issues import ConfigError, ConfigIssue
+from enforcer.errors import EnforcerError, Reason
 
 log = logging.getLogger("enforcer.definitions")
 
@@ -48,8 +49,11 @@ LKG_NAME = "definitions.last-known-good.yaml"
 MAX_HTTP_BYTES = 16 << 20
 
 
-class SourceError(Exception):
+class SourceError(EnforcerError):
     """A source could not be read (unreachable, unreadable, bad syntax)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.SOURCE_UNAVAILABLE, 503, message)
 
 
 class Source(Protocol):

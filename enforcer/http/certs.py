@@ -39,6 +39,8 @@ from cryptography.hazmat.primitives.asymmetric.types import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from enforcer.errors import EnforcerError, Reason
+
 CA_VALIDITY = timedelta(days=3650)
 """The local CA lives ten years: clients trust it once, re-trusting is a manual step."""
 
@@ -53,8 +55,11 @@ _SERVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _CN_MAX = 64  # ub-common-name (RFC 5280)
 
 
-class CertError(Exception):
+class CertError(EnforcerError):
     """A certificate or key cannot be created, read or used; the message names the file and fix."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.CERTIFICATE_ERROR, 500, message)
 
 
 @dataclass(frozen=True)

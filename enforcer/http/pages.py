@@ -13,6 +13,8 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
+from enforcer.errors import Reason
+
 SECURITY_HEADERS = {
     "Server": "enforcer",  # instead of aiohttp's version banner
     "Cache-Control": "no-store",
@@ -45,6 +47,163 @@ TITLES = {
     505: "HTTP version not supported",
 }
 
+REASON_TITLES: dict[str, str] = {
+    Reason.MALFORMED_REQUEST: "Bad request",
+    Reason.HEADER_TOO_LARGE: "Headers too large",
+    Reason.TARGET_TOO_LONG: "URI too long",
+    Reason.TOO_MANY_HEADERS: "Headers too large",
+    Reason.BAD_VERSION: "HTTP version not supported",
+    Reason.TE_IN_HTTP10: "Bad request",
+    Reason.UNSUPPORTED_TRANSFER_CODING: "Not implemented",
+    Reason.UNDERSCORE_HEADER: "Bad request",
+    Reason.METHOD_NOT_SUPPORTED: "Method not allowed",
+    Reason.UPGRADE_NOT_SUPPORTED: "Bad request",
+    Reason.ASTERISK_FORM: "Options",
+    Reason.BODY_TOO_LARGE: "Request too large",
+    Reason.BAD_HOST: "Bad request",
+    Reason.UNKNOWN_HOST: "Misdirected request",
+    Reason.SNI_HOST_MISMATCH: "Misdirected request",
+    Reason.DESTINATION_MISMATCH: "Misdirected request",
+    Reason.TOO_LONG: "URI too long",
+    Reason.BAD_TARGET: "Bad request",
+    Reason.BAD_CHAR: "Bad request",
+    Reason.FRAGMENT: "Bad request",
+    Reason.SEMICOLON: "Bad request",
+    Reason.ENCODED_SEPARATOR: "Bad request",
+    Reason.ENCODED_CONTROL: "Bad request",
+    Reason.ENCODED_DELIMITER: "Bad request",
+    Reason.BAD_ENCODING: "Bad request",
+    Reason.PUBLIC: "Allowed",
+    Reason.ALLOWED: "Allowed",
+    Reason.LOGIN_REQUIRED: "Sign-in required",
+    Reason.NO_MATCHING_ENDPOINT: "Access denied",
+    Reason.METHOD_NOT_ALLOWED: "Access denied",
+    Reason.MISSING_TAGS: "Access denied",
+    Reason.IDP_UNAVAILABLE: "Sign-in unavailable",
+    Reason.SESSION_STORE_ERROR: "Sign-in unavailable",
+    Reason.LOGIN_SUCCESS: "Signed in",
+    Reason.LOGIN_FAILED: "Sign-in failed",
+    Reason.CALLBACK_METHOD: "Sign-in failed",
+    Reason.CALLBACK_PATH_NOT_EXACT: "Sign-in failed",
+    Reason.CALLBACK_TOO_LARGE: "Sign-in failed",
+    Reason.CALLBACK_MALFORMED: "Sign-in failed",
+    Reason.CALLBACK_DUPLICATE_PARAMETER: "Sign-in failed",
+    Reason.CALLBACK_NO_STATE: "Sign-in failed",
+    Reason.CALLBACK_REPLAYED: "Sign-in failed",
+    Reason.CALLBACK_UNKNOWN_STATE: "Sign-in failed",
+    Reason.CALLBACK_NOT_BOUND: "Sign-in failed",
+    Reason.CALLBACK_ISS_MISMATCH: "Sign-in failed",
+    Reason.CALLBACK_ISS_MISSING: "Sign-in failed",
+    Reason.CALLBACK_NO_CODE: "Sign-in failed",
+    Reason.IDP_ERROR: "Sign-in failed",
+    Reason.USERINFO_SUB_MISMATCH: "Sign-in failed",
+    Reason.CLAIMS_TOO_LARGE: "Sign-in failed",
+    Reason.DISCOVERY_UNREACHABLE: "Sign-in failed",
+    Reason.DISCOVERY_HTTP_ERROR: "Sign-in failed",
+    Reason.DISCOVERY_TOO_LARGE: "Sign-in failed",
+    Reason.DISCOVERY_INVALID_JSON: "Sign-in failed",
+    Reason.DISCOVERY_ISSUER_MISMATCH: "Sign-in failed",
+    Reason.DISCOVERY_BAD_ENDPOINT: "Sign-in failed",
+    Reason.DISCOVERY_NO_CLIENT_AUTH: "Sign-in failed",
+    Reason.DISCOVERY_NO_CODE_FLOW: "Sign-in failed",
+    Reason.JWKS_UNREACHABLE: "Sign-in failed",
+    Reason.JWKS_HTTP_ERROR: "Sign-in failed",
+    Reason.JWKS_TOO_LARGE: "Sign-in failed",
+    Reason.JWKS_INVALID_JSON: "Sign-in failed",
+    Reason.JWKS_INVALID: "Sign-in failed",
+    Reason.TOKEN_INVALID_REQUEST: "Sign-in failed",
+    Reason.TOKEN_INVALID_CLIENT: "Sign-in failed",
+    Reason.TOKEN_INVALID_GRANT: "Sign-in failed",
+    Reason.TOKEN_UNAUTHORIZED_CLIENT: "Sign-in failed",
+    Reason.TOKEN_UNSUPPORTED_GRANT_TYPE: "Sign-in failed",
+    Reason.TOKEN_INVALID_SCOPE: "Sign-in failed",
+    Reason.TOKEN_SERVER_ERROR: "Sign-in failed",
+    Reason.TOKEN_TEMPORARILY_UNAVAILABLE: "Sign-in failed",
+    Reason.TOKEN_UNKNOWN: "Sign-in failed",
+    Reason.TOKEN_UNREACHABLE: "Sign-in failed",
+    Reason.TOKEN_TOO_LARGE: "Sign-in failed",
+    Reason.TOKEN_BAD_CONTENT_TYPE: "Sign-in failed",
+    Reason.TOKEN_INVALID_JSON: "Sign-in failed",
+    Reason.TOKEN_NO_ID_TOKEN: "Sign-in failed",
+    Reason.TOKEN_NO_ACCESS_TOKEN: "Sign-in failed",
+    Reason.TOKEN_NO_TOKEN_TYPE: "Sign-in failed",
+    Reason.USERINFO_UNREACHABLE: "Sign-in failed",
+    Reason.USERINFO_HTTP_ERROR: "Sign-in failed",
+    Reason.USERINFO_TOO_LARGE: "Sign-in failed",
+    Reason.USERINFO_INVALID_JSON: "Sign-in failed",
+    Reason.ID_TOKEN_TOO_LARGE: "Sign-in failed",
+    Reason.ID_TOKEN_MALFORMED: "Sign-in failed",
+    Reason.ID_TOKEN_ENCRYPTED: "Sign-in failed",
+    Reason.ID_TOKEN_BAD_ALG: "Sign-in failed",
+    Reason.ID_TOKEN_BAD_HEADER: "Sign-in failed",
+    Reason.ID_TOKEN_BAD_TYP: "Sign-in failed",
+    Reason.ID_TOKEN_UNKNOWN_KEY: "Sign-in failed",
+    Reason.ID_TOKEN_BAD_SIGNATURE: "Sign-in failed",
+    Reason.ID_TOKEN_PAYLOAD_INVALID_JSON: "Sign-in failed",
+    Reason.ID_TOKEN_BAD_ISS: "Sign-in failed",
+    Reason.ID_TOKEN_BAD_AUD: "Sign-in failed",
+    Reason.ID_TOKEN_NO_EXP: "Sign-in failed",
+    Reason.ID_TOKEN_BAD_EXP: "Sign-in failed",
+    Reason.ID_TOKEN_EXPIRED: "Sign-in failed",
+    Reason.ID_TOKEN_NO_IAT: "Sign-in failed",
+    Reason.ID_TOKEN_BAD_IAT: "Sign-in failed",
+    Reason.ID_TOKEN_BAD_AZP: "Sign-in failed",
+    Reason.ID_TOKEN_TOO_OLD: "Sign-in failed",
+    Reason.ID_TOKEN_BAD_NBF: "Sign-in failed",
+    Reason.ID_TOKEN_BAD_NONCE: "Sign-in failed",
+    Reason.ID_TOKEN_BAD_SUB: "Sign-in failed",
+    Reason.ID_TOKEN_BAD_AT_HASH: "Sign-in failed",
+    Reason.LOGOUT_TOKEN_TOO_LARGE: "Logout refused",
+    Reason.LOGOUT_TOKEN_MALFORMED: "Logout refused",
+    Reason.LOGOUT_TOKEN_ENCRYPTED: "Logout refused",
+    Reason.LOGOUT_TOKEN_BAD_ALG: "Logout refused",
+    Reason.LOGOUT_TOKEN_BAD_HEADER: "Logout refused",
+    Reason.LOGOUT_TOKEN_BAD_TYP: "Logout refused",
+    Reason.LOGOUT_TOKEN_UNKNOWN_KEY: "Logout refused",
+    Reason.LOGOUT_TOKEN_BAD_SIGNATURE: "Logout refused",
+    Reason.LOGOUT_TOKEN_PAYLOAD_INVALID_JSON: "Logout refused",
+    Reason.LOGOUT_TOKEN_BAD_ISS: "Logout refused",
+    Reason.LOGOUT_TOKEN_BAD_AUD: "Logout refused",
+    Reason.LOGOUT_TOKEN_NO_EXP: "Logout refused",
+    Reason.LOGOUT_TOKEN_BAD_EXP: "Logout refused",
+    Reason.LOGOUT_TOKEN_EXPIRED: "Logout refused",
+    Reason.LOGOUT_TOKEN_NO_IAT: "Logout refused",
+    Reason.LOGOUT_TOKEN_BAD_IAT: "Logout refused",
+    Reason.LOGOUT_TOKEN_NO_JTI: "Logout refused",
+    Reason.LOGOUT_TOKEN_BAD_EVENTS: "Logout refused",
+    Reason.LOGOUT_TOKEN_HAS_NONCE: "Logout refused",
+    Reason.LOGOUT_TOKEN_NO_SUBJECT: "Logout refused",
+    Reason.LOGOUT_TOKEN_BAD_SUB: "Logout refused",
+    Reason.LOGOUT_TOKEN_BAD_SID: "Logout refused",
+    Reason.LOGOUT: "Signed out",
+    Reason.LOGOUT_CONFIRM: "Sign out",
+    Reason.BACKCHANNEL_LOGOUT: "Signed out",
+    Reason.BACKCHANNEL_METHOD: "Logout refused",
+    Reason.BACKCHANNEL_CONTENT_TYPE: "Logout refused",
+    Reason.BACKCHANNEL_TOO_LARGE: "Logout refused",
+    Reason.BACKCHANNEL_MALFORMED: "Logout refused",
+    Reason.BACKCHANNEL_NO_TOKEN: "Logout refused",
+    Reason.UPSTREAM_CONNECT: "Application unavailable",
+    Reason.UPSTREAM_TIMEOUT: "Application timed out",
+    Reason.UPSTREAM_PROTOCOL: "Application unavailable",
+    Reason.UPSTREAM_RESET: "Application unavailable",
+    Reason.UPSTREAM_BODY_TOO_LARGE: "Request too large",
+    Reason.UPSTREAM_WEBSOCKET_REFUSED: "Application unavailable",
+    Reason.CLIENT_ABORTED: "Request aborted",
+    Reason.INTERNAL_ERROR: "Internal error",
+    Reason.RELOAD_SUCCESS: "Definitions reloaded",
+    Reason.RELOAD_LAST_KNOWN_GOOD: "Definitions reloaded",
+    Reason.RELOAD_REJECTED: "Definitions reload failed",
+    Reason.RELOAD_FAILED: "Definitions reload failed",
+    Reason.CERTIFICATE_ERROR: "Certificate error",
+    Reason.SOURCE_UNAVAILABLE: "Definitions source unavailable",
+    Reason.REDIRECT_ERROR: "Redirect error",
+    Reason.CONFIG_INVALID: "Invalid configuration",
+    Reason.UNFINISHED: "Internal error",
+}
+"""The heading of the page for each reason (by status alone, an IdP failure at the callback
+would read "Application unavailable")."""
+
 _STYLE = (
     "body{font-family:system-ui,sans-serif;max-width:40rem;margin:4rem auto;padding:0 1rem;color:#222}"
     "code{background:#f3f3f3;padding:.1rem .3rem;border-radius:3px}"
@@ -62,7 +221,7 @@ def _page(title: str, body_html: str) -> str:
 
 def error_page(
     status: int,
-    reason: str,
+    reason: Reason | str,
     flow_id: str,
     *,
     message: str = "",
@@ -71,8 +230,9 @@ def error_page(
     retry_url: str | None = None,
     close: bool = False,
 ) -> web.Response:
-    """An HTML error page naming the reason code (and, for denies, the tag sets)."""
-    title = TITLES.get(status, "Error")
+    """An HTML error page naming the reason code (and, for denies, the tag sets); the heading
+    is the reason's title."""
+    title = REASON_TITLES.get(reason) or TITLES.get(status, "Error")
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if message:
         parts.append(f"<p>{html.escape(message)}</p>")
@@ -100,7 +260,7 @@ def error_page(
     return resp
 
 
-def json_error(status: int, reason: str, flow_id: str, *, login_url: str | None = None) -> web.Response:
+def json_error(status: int, reason: Reason | str, flow_id: str, *, login_url: str | None = None) -> web.Response:
     """A JSON error for API clients (no redirects for them)."""
     body: dict[str, str] = {"error": reason, "flow_id": flow_id}
     headers = dict(SECURITY_HEADERS)

@@ -21,11 +21,14 @@ from typing import Any
 
 import aiohttp
 
+from enforcer.errors import Reason
 from enforcer.identity.tokens import (
     JWK,
     MAX_DOCUMENT_BYTES,
+    TOKEN_REASONS,
     OIDCError,
     ProviderMetadata,
+    TokenKind,
     TokenResponse,
     VerifiedToken,
     parse_jwks,
@@ -35,6 +38,38 @@ from enforcer.identity.tokens import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Document:
+    """A JSON document fetched from the IdP, with the reason for each way fetching it fails."""
+
+    name: str
+    unreachable: Reason
+    http_error: Reason
+    too_large: Reason
+    invalid_json: Reason
+
+
+_DISCOVERY = _Document("discovery", Reason.DISCOVERY_UNREACHABLE, Reason.DISCOVERY_HTTP_ERROR,
+                       Reason.DISCOVERY_TOO_LARGE, Reason.DISCOVERY_INVALID_JSON)
+_JWKS = _Document("jwks", Reason.JWKS_UNREACHABLE, Reason.JWKS_HTTP_ERROR, Reason.JWKS_TOO_LARGE,
+                  Reason.JWKS_INVALID_JSON)
+_USERINFO = _Document("userinfo", Reason.USERINFO_UNREACHABLE, Reason.USERINFO_HTTP_ERROR,
+                      Reason.USERINFO_TOO_LARGE, Reason.USERINFO_INVALID_JSON)
+
+TOKEN_ERRORS: dict[str, Reason] = {
+    "invalid_request": Reason.TOKEN_INVALID_REQUEST,
+    "invalid_client": Reason.TOKEN_INVALID_CLIENT,
+    "invalid_grant": Reason.TOKEN_INVALID_GRANT,
+    "unauthorized_client": Reason.TOKEN_UNAUTHORIZED_CLIENT,
+    "unsupported_grant_type": Reason.TOKEN_UNSUPPORTED_GRANT_TYPE,
+    "invalid_scope": Reason.TOKEN_INVALID_SCOPE,
+    "server_error": Reason.TOKEN_SERVER_ERROR,
+    "temporarily_unavailable": Reason.TOKEN_TEMPORARILY_UNAVAILABLE,
+}
+"""The token endpoint's ``error`` (RFC 6749 §5.2, plus the two 5xx-like codes IdPs also send
+there) -> reason; any other or no ``error`` is ``token_unknown`` (the IdP's text is logged)."""
 
 @dataclass
 class Provider:
@@ -60,7 +95,7 @@ class Provider:
     _discover_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_error: str | None = None
 
-    async def _get_json(self, url: str, what: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+    async def _get_json(self, url: str, doc: _Document, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         try:
             async with self.http.get(
                 url,
@@ -69,12 +104,12 @@ class Provider:
                 ssl=self.ssl_context if self.ssl_context is not None else True,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as resp:
-                body = await _read_bounded(resp, what)
+                body = await _read_bounded(resp, doc.too_large)
                 if resp.status != 200:
-                    raise OIDCError(f"{what}_http_{resp.status}", f"{what} answered HTTP {resp.status}", status=502)
+                    raise OIDCError(doc.http_error, f"{doc.name} answered HTTP {resp.status}", status=502)
         except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
-            raise OIDCError(f"{what}_unreachable", f"{type(exc).__name__}: {str(exc)[:200]}", status=502) from None
-        return strict_json_object(body, what)
+            raise OIDCError(doc.unreachable, f"{type(exc).__name__}: {str(exc)[:200]}", status=502) from None
+        return strict_json_object(body, doc.invalid_json)
 
     async def discover(self) -> ProviderMetadata:
         """Fetch and validate the discovery document (cached once it succeeded)."""
@@ -85,7 +120,7 @@ class Provider:
                 return self.metadata
             url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
             try:
-                doc = await self._get_json(url, "discovery")
+                doc = await self._get_json(url, _DISCOVERY)
                 metadata = ProviderMetadata.parse(
                     doc, expected_issuer=self.issuer, allow_http_loopback=self.allow_http_loopback
                 )
@@ -108,7 +143,7 @@ class Provider:
                     return False
                 self.keys_missed = now
             try:
-                keys = parse_jwks(await self._get_json(metadata.jwks_uri, "jwks"))
+                keys = parse_jwks(await self._get_json(metadata.jwks_uri, _JWKS))
             except OIDCError as exc:
                 if not self.keys:
                     raise
@@ -120,19 +155,21 @@ class Provider:
 
     async def verify(self, token: str, *, logout: bool = False) -> VerifiedToken:
         """Verify an ID (or logout) token's signature, refetching the JWKS once for an unknown kid."""
+        kind = TokenKind.LOGOUT if logout else TokenKind.ID
+        unknown_key = TOKEN_REASONS[kind].unknown_key
         metadata = await self.discover()
         if time.monotonic() - self.keys_fetched > self.jwks_max_age:
             await self._refresh_keys(metadata, force=False, stale_only=True)
         before = self.keys
         try:
-            return verify_signature(token, before, logout=logout)
+            return verify_signature(token, before, token_kind=kind)
         except OIDCError as exc:
-            if exc.code != "id_token_unknown_key":
+            if exc.reason is not unknown_key:
                 raise
         await self._refresh_keys(metadata, force=False)
         if self.keys is not before:  # refreshed by us or by a concurrent miss
-            return verify_signature(token, self.keys, logout=logout)
-        raise OIDCError("id_token_unknown_key", "no key in the JWKS matches kid and alg")
+            return verify_signature(token, self.keys, token_kind=kind)
+        raise OIDCError(unknown_key, "no key in the JWKS matches kid and alg")
 
     async def exchange_code(
         self, *, code: str, redirect_uri: str, code_verifier: str, client_id: str, client_secret: str
@@ -161,11 +198,11 @@ class Provider:
                 ssl=self.ssl_context if self.ssl_context is not None else True,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as resp:
-                body = await _read_bounded(resp, "token")
+                body = await _read_bounded(resp, Reason.TOKEN_TOO_LARGE)
                 status = resp.status
                 content_type = resp.content_type
         except (aiohttp.ClientError, TimeoutError, ssl.SSLError, OSError) as exc:
-            raise OIDCError("token_unreachable", type(exc).__name__, status=502) from None
+            raise OIDCError(Reason.TOKEN_UNREACHABLE, type(exc).__name__, status=502) from None
         if status != 200:
             error = "unknown"
             try:
@@ -174,17 +211,21 @@ class Provider:
                     error = err_doc["error"][:64]
             except (ValueError, UnicodeDecodeError):
                 pass
-            code_name = "token_" + ("".join(c for c in error if c.isalnum() or c == "_") or "error")
-            if error == "invalid_client":
+            reason = TOKEN_ERRORS.get(error, Reason.TOKEN_UNKNOWN)
+            if reason is Reason.TOKEN_UNKNOWN:
+                log.warning("the token endpoint of %s answered HTTP %d, error %r", self.issuer, status, error)
+            if reason is Reason.TOKEN_INVALID_CLIENT:
                 log.error(
                     "the IdP rejected the client credentials of %s (invalid_client): "
                     "check OIDCClientID/OIDCClientSecret",
                     client_id,
                 )
-            raise OIDCError(code_name, f"token endpoint answered HTTP {status}", status=502 if status >= 500 else 400)
+            raise OIDCError(reason, f"token endpoint answered HTTP {status}", status=502 if status >= 500 else 400)
         if content_type != "application/json":  # RFC 6749 §5.1 (P-TOK-07)
-            raise OIDCError("token_bad_content_type", f"token response is {content_type[:60]!r}, not JSON", status=502)
-        return parse_token_response(strict_json_object(body, "token"))
+            raise OIDCError(
+                Reason.TOKEN_BAD_CONTENT_TYPE, f"token response is {content_type[:60]!r}, not JSON", status=502
+            )
+        return parse_token_response(strict_json_object(body, Reason.TOKEN_INVALID_JSON))
 
     async def userinfo(self, access_token: str) -> dict[str, Any] | None:
         """Claims from the UserInfo endpoint (None if the IdP has none)."""
@@ -193,21 +234,21 @@ class Provider:
             return None
         return await self._get_json(
             metadata.userinfo_endpoint,
-            "userinfo",
+            _USERINFO,
             headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
         )
 
 
-async def _read_bounded(resp: aiohttp.ClientResponse, what: str) -> bytes:
+async def _read_bounded(resp: aiohttp.ClientResponse, too_large: Reason) -> bytes:
     declared = resp.content_length
     if declared is not None and declared > MAX_DOCUMENT_BYTES:
-        raise OIDCError(f"{what}_too_large", f"over {MAX_DOCUMENT_BYTES} bytes", status=502)
+        raise OIDCError(too_large, f"over {MAX_DOCUMENT_BYTES} bytes", status=502)
     chunks: list[bytes] = []
     total = 0
     async for chunk in resp.content.iter_chunked(65536):
         total += len(chunk)
         if total > MAX_DOCUMENT_BYTES:
-            raise OIDCError(f"{what}_too_large", f"over {MAX_DOCUMENT_BYTES} bytes", status=502)
+            raise OIDCError(too_large, f"over {MAX_DOCUMENT_BYTES} bytes", status=502)
         chunks.append(chunk)
     return b"".join(chunks)
 

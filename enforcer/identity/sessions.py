@@ -21,6 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
+from enforcer.errors import EnforcerError, Reason
 from enforcer.identity.cookies import _HANDLE_RE, HANDLE_LENGTH, new_handle
 
 # --------------------------------------------------------------------------------------------
@@ -55,10 +56,11 @@ class Session:
     claims_expire: float | None = None
 
 
-class SessionStoreError(Exception):
+class SessionStoreError(EnforcerError):
     """The session store cannot be used as configured (e.g. written by a newer enforcer)."""
 
-    code = "session_store"
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.SESSION_STORE_ERROR, 503, message)
 
 
 class SessionStore(Protocol):

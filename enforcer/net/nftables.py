@@ -38,6 +38,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from enforcer.errors import EnforcerError, Reason
 from enforcer.net.netns import run_in_netns
 from enforcer.net.ruleset import (
     _HOOK_NAMES,
@@ -225,14 +226,14 @@ _HINTS = {
 }
 
 
-class RedirectError(Exception):
+class RedirectError(EnforcerError):
     """Programming netfilter failed; ``failures`` names each refused message and why."""
 
     def __init__(self, message: str, failures: Sequence[MessageFailure] = ()) -> None:
         self.failures = tuple(failures)
         if self.failures:
             message += "\n" + "\n".join(f"  - {f}" for f in self.failures)
-        super().__init__(message)
+        super().__init__(Reason.REDIRECT_ERROR, 500, message)
 
 
 def _nft_socket(netns: str | None) -> socket.socket:
