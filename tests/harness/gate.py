@@ -163,7 +163,8 @@ class FakeProvider:
                              token_type=self.token_type, refresh_token=None, expires_in=300, scope=None)
 
     async def verify(self, token: str, *, logout: bool = False) -> VerifiedToken:
-        return tokens.verify_signature(token, self.keys, logout=logout)
+        kind = tokens.TokenKind.LOGOUT if logout else tokens.TokenKind.ID
+        return tokens.verify_signature(token, self.keys, token_kind=kind)
 
     async def userinfo(self, access_token: str) -> dict[str, Any] | None:
         self.userinfo_requests.append(access_token)
