@@ -588,7 +588,7 @@ class Gate:
             return fail(params)
         state = params["state"]
         if state in self._callback_inflight:
-            return fail(login.LoginFailure("callback_replayed"))
+            return fail(login.LoginFailure(errors.Reason.CALLBACK_REPLAYED))
         tx_name = login.tx_cookie_name(state)
         now = self.clock()
         if self.shared_logins is not None:  # one DELETE ... RETURNING: a second pop gets None

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from enforcer.errors import Reason
 from enforcer.identity import cookies
 from enforcer.identity.sessions import Session
 from enforcer.identity.tokens import (
@@ -256,17 +257,17 @@ class LoginFailure:
     """Why a callback signs nobody in: the stable ``code`` (flow record, page, metric), the
     HTTP status and the sentence the error page shows."""
 
-    code: str
+    code: Reason
     status: int = 400
     message: str = "Sign-in did not complete."
 
     @classmethod
     def of(cls, error: OIDCError) -> LoginFailure:
         """The failure for an OpenID Provider error: 502 for the provider's fault, else 400."""
-        return cls(error.code, 502 if error.status >= 500 else 400)
+        return cls(error.reason, 502 if error.status >= 500 else 400)
 
 
-IDP_UNAVAILABLE = LoginFailure("idp_unavailable", 502)
+IDP_UNAVAILABLE = LoginFailure(Reason.IDP_UNAVAILABLE, 502)
 """The provider's discovery document cannot be had, so the callback cannot be checked."""
 
 
@@ -290,24 +291,24 @@ class LoginRules:
 def parse_callback(method: str, raw_path: str, callback_path: str, query: str) -> dict[str, str] | LoginFailure:
     """The callback's query parameters, each exactly once and ``state`` among them; or why not."""
     if method != "GET":
-        return LoginFailure("callback_method", 405)
+        return LoginFailure(Reason.CALLBACK_METHOD, 405)
     if urllib.parse.urlsplit(raw_path).path != callback_path:
         # Exact redirect_uri matching (RFC 9700 §2.1, P-CB-14): '//cb', '/x/../cb' and
         # the like canonicalise to the callback path but are not the registered URI.
-        return LoginFailure("callback_path_not_exact")
+        return LoginFailure(Reason.CALLBACK_PATH_NOT_EXACT)
     if len(query) > MAX_CALLBACK_QUERY:
-        return LoginFailure("callback_too_large", 414)
+        return LoginFailure(Reason.CALLBACK_TOO_LARGE, 414)
     try:
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query), max_num_fields=20)
     except ValueError:
-        return LoginFailure("callback_malformed")
+        return LoginFailure(Reason.CALLBACK_MALFORMED)
     params: dict[str, str] = {}
     for k, v in pairs:
         if k in params:
-            return LoginFailure("callback_duplicate_parameter")
+            return LoginFailure(Reason.CALLBACK_DUPLICATE_PARAMETER)
         params[k] = v
     if not params.get("state"):
-        return LoginFailure("callback_no_state")
+        return LoginFailure(Reason.CALLBACK_NO_STATE)
     return params
 
 
@@ -317,12 +318,12 @@ def check_transaction(
     """The pending login, if it exists, is for this service and is bound to this browser (its
     binding cookie sent exactly once, holding the value whose hash the login kept)."""
     if txn is None or txn.service != service:
-        return LoginFailure("callback_unknown_state")
+        return LoginFailure(Reason.CALLBACK_UNKNOWN_STATE)
     found, cookie = cookies.find_cookie(cookie_headers, tx_cookie_name(txn.state))
     binding = cookie.split(".", 1)[1] if cookie and "." in cookie else ""
     bound = secrets.compare_digest(binding_hash(binding), txn.binding)
     if found is not cookies.CookieLookup.FOUND or not bound:
-        return LoginFailure("callback_not_bound")
+        return LoginFailure(Reason.CALLBACK_NOT_BOUND)
     return txn
 
 
@@ -333,15 +334,15 @@ def check_response_params(
     ``iss``: required when the provider announces it) and is not an error."""
     iss = params.get("iss")
     if iss is not None and iss != txn.issuer:
-        return LoginFailure("callback_iss_mismatch")
+        return LoginFailure(Reason.CALLBACK_ISS_MISMATCH)
     if iss is None and iss_parameter_supported:
-        return LoginFailure("callback_iss_missing")
+        return LoginFailure(Reason.CALLBACK_ISS_MISSING)
     if "error" in params:
         error = params["error"][:64]
-        return LoginFailure("idp_error", 403, f"The identity provider refused the sign-in ({error}).")
+        return LoginFailure(Reason.IDP_ERROR, 403, f"The identity provider refused the sign-in ({error}).")
     code = params.get("code")
     if not code:
-        return LoginFailure("callback_no_code")
+        return LoginFailure(Reason.CALLBACK_NO_CODE)
     return code
 
 
@@ -385,7 +386,7 @@ def complete_login(
     merged = dict(claims)
     if userinfo is not None:
         if userinfo.get("sub") != merged["sub"]:
-            return LoginFailure("userinfo_sub_mismatch")
+            return LoginFailure(Reason.USERINFO_SUB_MISMATCH)
         for k, v in userinfo.items():
             merged.setdefault(k, v)
     try:
