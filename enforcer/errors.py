@@ -36,7 +36,7 @@ grep for a code finds every place that writes it. The members, by the step that 
     ├── UpstreamError        errors            the app could not be reached or answered garbage
     ├── CertError            http.certs        a certificate cannot be issued or loaded
     ├── SourceError          config.sources    a definitions source cannot be read
-    ├── RedirectError        net.nftables      the nftables redirect cannot be applied
+    ├── RedirectError        net.ruleset       the nftables redirect cannot be applied
     └── ConfigError          config.issues     the configuration is invalid (keeps its issues)
 """
 

@@ -19,7 +19,7 @@ from enforcer.http.certs import CertError
 from enforcer.identity.sessions import SessionStoreError
 from enforcer.identity.tokens import OIDCError
 from enforcer.metrics import Metrics
-from enforcer.net.nftables import MessageFailure, RedirectError
+from enforcer.net.ruleset import MessageFailure, RedirectError
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "enforcer"

@@ -30,8 +30,8 @@ import pytest
 from enforcer.http.tls import make_listen_socket
 from enforcer.net import netns as netns_mod
 from enforcer.net import nftables, ruleset, sockopt
-from enforcer.net.nftables import LiveRule, LiveRuleset, RedirectError, diff
-from enforcer.net.ruleset import RedirectSettings, RedirectTarget, Rule, build_ruleset
+from enforcer.net.nftables import LiveRule, LiveRuleset, diff
+from enforcer.net.ruleset import RedirectError, RedirectSettings, RedirectTarget, Rule, build_ruleset
 from enforcer.net.sockopt import parse_original_dst
 from tests.netns import Hosts, connect, require_root, veth_hosts
 

@@ -144,7 +144,7 @@ async def _check_redirect(
     expected = expected_ruleset(settings, definitions)
     try:
         live = await nftables.read_live(r.table)
-    except (OSError, nftables.RedirectError) as exc:
+    except (OSError, ruleset.RedirectError) as exc:
         report.fail(f"cannot read nftables: {exc}", "run doctor as root (CAP_NET_ADMIN)")
         return
     problems = nftables.diff(expected, live)

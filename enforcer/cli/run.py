@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from enforcer.net.nftables import RedirectError
+from enforcer.net.ruleset import RedirectError
 from enforcer.run.main import run_forever
 
 

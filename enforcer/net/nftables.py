@@ -38,7 +38,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from enforcer.errors import EnforcerError, Reason
 from enforcer.net.netns import run_in_netns
 from enforcer.net.ruleset import (
     _HOOK_NAMES,
@@ -46,6 +45,8 @@ from enforcer.net.ruleset import (
     DEFAULT_TABLE,
     FAMILY_INET,
     Expr,
+    MessageFailure,
+    RedirectError,
     Ruleset,
     Value,
     _attr_dict,
@@ -196,44 +197,6 @@ def _batch_marker(msg_type: int, seq: int) -> bytes:
     m["header"]["sequence_number"] = seq
     m.encode()
     return bytes(m.data)
-
-
-@dataclass(frozen=True)
-class MessageFailure:
-    """One message of a batch that the kernel refused."""
-
-    what: str
-    errno: int
-    detail: str = ""
-
-    def __str__(self) -> str:
-        reason = os.strerror(self.errno) if self.errno > 0 else "error"
-        text = f"{self.what}: {reason} ({errno.errorcode.get(self.errno, self.errno)})"
-        if self.detail:
-            text += f": {self.detail}"
-        hint = _HINTS.get(self.errno)
-        return f"{text}; {hint}" if hint else text
-
-
-_HINTS = {
-    errno.EPERM: "the enforcer needs CAP_NET_ADMIN (and CAP_SYS_ADMIN for another namespace)",
-    errno.ENOENT: "it names a table or chain that does not exist",
-    errno.EOPNOTSUPP: "this kernel or chain type does not support the expression "
-    "(nf_tables/nft_nat/nft_redir/nft_fib/nft_reject missing, or NAT in a filter chain)",
-    errno.EINVAL: "the kernel rejected an attribute (malformed message)",
-    errno.EEXIST: "the object exists already",
-    errno.EBUSY: "the object is in use",
-}
-
-
-class RedirectError(EnforcerError):
-    """Programming netfilter failed; ``failures`` names each refused message and why."""
-
-    def __init__(self, message: str, failures: Sequence[MessageFailure] = ()) -> None:
-        self.failures = tuple(failures)
-        if self.failures:
-            message += "\n" + "\n".join(f"  - {f}" for f in self.failures)
-        super().__init__(Reason.REDIRECT_ERROR, 500, message)
 
 
 def _nft_socket(netns: str | None) -> socket.socket:

@@ -22,13 +22,17 @@ No system access here: :mod:`enforcer.net.nftables` sends a ruleset to the kerne
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import os
 import re
 import socket
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
+
+from enforcer.errors import EnforcerError, Reason
 
 DEFAULT_TABLE = "enforcer"
 DEFAULT_MARK = 0x454E
@@ -467,3 +471,45 @@ def _render_expr(name: str, a: Mapping[str, Any]) -> str:
     )
     return f"{name} {shown}".rstrip()
 
+
+# ---------------------------------------------------------------------------------------------
+# failures to install a ruleset (raised by enforcer.net.nftables; here so that catching them
+# does not load pyroute2)
+
+
+@dataclass(frozen=True)
+class MessageFailure:
+    """One message of a batch that the kernel refused."""
+
+    what: str
+    errno: int
+    detail: str = ""
+
+    def __str__(self) -> str:
+        reason = os.strerror(self.errno) if self.errno > 0 else "error"
+        text = f"{self.what}: {reason} ({errno.errorcode.get(self.errno, self.errno)})"
+        if self.detail:
+            text += f": {self.detail}"
+        hint = _HINTS.get(self.errno)
+        return f"{text}; {hint}" if hint else text
+
+
+_HINTS = {
+    errno.EPERM: "the enforcer needs CAP_NET_ADMIN (and CAP_SYS_ADMIN for another namespace)",
+    errno.ENOENT: "it names a table or chain that does not exist",
+    errno.EOPNOTSUPP: "this kernel or chain type does not support the expression "
+    "(nf_tables/nft_nat/nft_redir/nft_fib/nft_reject missing, or NAT in a filter chain)",
+    errno.EINVAL: "the kernel rejected an attribute (malformed message)",
+    errno.EEXIST: "the object exists already",
+    errno.EBUSY: "the object is in use",
+}
+
+
+class RedirectError(EnforcerError):
+    """Programming netfilter failed; ``failures`` names each refused message and why."""
+
+    def __init__(self, message: str, failures: Sequence[MessageFailure] = ()) -> None:
+        self.failures = tuple(failures)
+        if self.failures:
+            message += "\n" + "\n".join(f"  - {f}" for f in self.failures)
+        super().__init__(Reason.REDIRECT_ERROR, 500, message)

@@ -37,7 +37,7 @@ from enforcer.http.gate import Gate, Runtime
 from enforcer.identity import login, oidc, sessions, sqlite, tokens
 from enforcer.metrics import Metrics
 from enforcer.net import nftables, sockopt
-from enforcer.net.ruleset import RedirectSettings, RedirectTarget, Ruleset, build_ruleset
+from enforcer.net.ruleset import RedirectError, RedirectSettings, RedirectTarget, Ruleset, build_ruleset
 from enforcer.run import memory
 from enforcer.run.memory import tune_gc
 from enforcer.run.systemd import sd_notify, watchdog_interval
@@ -220,7 +220,7 @@ class Daemon:
             try:
                 started = time.perf_counter()
                 await nftables.apply(self.ruleset)
-            except nftables.RedirectError:
+            except RedirectError:
                 sock.close()
                 await http.close()
                 raise
@@ -338,7 +338,7 @@ class Daemon:
                 await nftables.apply(self.ruleset.block_only())
             else:
                 await nftables.remove(r.table)
-        except nftables.RedirectError as exc:
+        except RedirectError as exc:
             log.error("could not remove the redirect table on stop: %s", exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
