@@ -8,8 +8,6 @@ endpoints are handled here too, as explicit steps calling into ``oidc`` and ``se
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import html
 import json
@@ -17,27 +15,25 @@ import logging
 import secrets
 import time
 import urllib.parse
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from enforcer import errors, policy
 from enforcer.config.definitions import Definitions, Service
-from enforcer.config.fields import normalise_host
 from enforcer.config.settings import Settings
 from enforcer.flow import FlowRecord
 from enforcer.flowlog import FlowLog
 from enforcer.http import headers as headers_mod
-from enforcer.http import pages, proxy
-from enforcer.http.server import FRAMING_ERROR
-from enforcer.http.tls import sni_of
+from enforcer.http import pages, proxy, relay
+from enforcer.http import plan as plan_mod
+from enforcer.http.plan import Deny, Endpoint, Forward, Login, NeedSession, OwnEndpoint, Refuse
+from enforcer.http.server import FRAMING_ERROR, Protocol
+from enforcer.http.tls import ConnectionInfo, connection_info
 from enforcer.identity import cookies as cookies_mod
 from enforcer.identity import login, oidc, sessions, sqlite
 from enforcer.identity import tokens as tokens_mod
 from enforcer.metrics import Metrics
-from enforcer.net import sockopt
 
 log = logging.getLogger("enforcer.handler")
 
@@ -45,7 +41,6 @@ TX_COOKIE_PREFIX = "__Host-enforcertx-"
 MAX_PENDING_PER_BROWSER = 5
 MAX_RETURN_TO = 2048
 MAX_CALLBACK_QUERY = 8192
-BACKCHANNEL_SUFFIX = "/backchannel"  # back-channel logout endpoint: <logout path>/backchannel
 MAX_LOGOUT_TOKEN_BODY = 64 << 10
 FORBIDDEN_METHODS = frozenset({"TRACE", "TRACK", "CONNECT"})
 
@@ -94,46 +89,16 @@ def is_api_request(headers: web.BaseRequest) -> bool:
     return not any(t in accept for t in ("text/html", "application/xhtml+xml", "*/*"))
 
 
-_ConnFacts = tuple[str, str, tuple[str, int] | None, str | None, str | None]
-"""(client ip, client ip:port, original destination, SNI, TLS version) of one connection."""
-
-_HOST_CACHE: dict[str, tuple[str, int | None]] = {}
-"""Host header value -> :func:`_split_host` result (pure; bounded, cleared when full)."""
-_HOST_CACHE_MAX = 1024
-
-
-def _split_host(value: str) -> tuple[str, int | None] | None:
-    """``Host`` header -> (normalised host, port or None); None if malformed."""
-    if not value or any(c in value for c in " \t,@/\\?#"):
-        return None
-    if value.startswith("["):
-        end = value.find("]")
-        if end < 0:
-            return None
-        host, rest = value[: end + 1], value[end + 1 :]
-    else:
-        host, _, port_text = value.partition(":")
-        rest = ":" + port_text if _ else ""
-    port: int | None = None
-    if rest:
-        if not rest.startswith(":") or not rest[1:].isdigit() or len(rest) > 6 or rest[1] == "0":
-            return None
-        port = int(rest[1:])
-        if port > 65535:
-            return None
-    return normalise_host(host), port
-
-
-def _host_split(value: str) -> tuple[str, int | None] | None:
-    """:func:`_split_host`, remembered per header value."""
-    split = _HOST_CACHE.get(value)
-    if split is None:
-        split = _split_host(value)
-        if split is not None:
-            if len(_HOST_CACHE) >= _HOST_CACHE_MAX:
-                _HOST_CACHE.clear()
-            _HOST_CACHE[value] = split
-    return split
+def _connection_info(request: web.BaseRequest) -> ConnectionInfo:
+    """What the request's connection is: built once by the serving protocol (computed here only
+    under a protocol that is not ours, such as a test's plain aiohttp server)."""
+    protocol = request.protocol
+    if type(protocol) is Protocol and protocol.info is not None:
+        return protocol.info
+    transport = request.transport
+    if transport is None:
+        return connection_info(None, None, None)
+    return connection_info(transport.get_extra_info("peername"), None, transport.get_extra_info("ssl_object"))
 
 
 class Gate:
@@ -167,65 +132,41 @@ class Gate:
         self.absolute_timeout = s.sessions.absoluteTimeout
         self.max_body = s.limits.maxBodyBytes
         self._callback_inflight: set[str] = set()
-        self.redirect_enabled = settings.model.redirect.enabled
-        self._destinations: weakref.WeakKeyDictionary[asyncio.BaseTransport, tuple[str, int] | None] = (
-            weakref.WeakKeyDictionary()
-        )
 
     # ------------------------------------------------------------------ entry
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Handle one request; exactly one flow record is written, whatever happens."""
-        conn = self._connection_facts(request)
-        client_ip, client, destination, sni, tls_version = conn
+        info = _connection_info(request)
         headers = request.headers
-        flow = FlowRecord.begin(
-            client=client,
-            destination=f"{destination[0]}:{destination[1]}" if destination else None,
-            sni=sni,
-            host=headers.get("Host"),
-            method=request.method,
-            path="-",
+        flow = relay.begin(
+            info, host=headers.get("Host"), method=request.method, path="-", user_agent=headers.get("User-Agent"),
             now=self.clock(),
-            tls_version=tls_version,
-            user_agent=headers.get("User-Agent"),
         )
         response: web.StreamResponse | None = None
+        transfer = proxy.Transfer()  # (untouched unless the request is forwarded)
         try:
-            response = await self._handle(request, flow, client_ip, destination)
+            response = await self._handle(request, flow, info, transfer)
             return response
-        except errors.UpstreamError as exc:
-            flow.record(decision="error", reason=f"upstream_{exc.kind}", endpoint=flow.endpoint, user=flow.user)
-            if flow.service:
-                self.metrics.upstream_errors.labels(flow.service, exc.kind).inc()
-            response = pages.error_page(exc.status, f"upstream_{exc.kind}", flow.flow_id,
-                                        message="The application did not answer properly.",
-                                        close=exc.status == 413)  # the rest of the body is not read
-            return response
-        except ConnectionResetError:
-            # the client went away while we were answering: not our error, nothing to send
-            flow.record(decision=flow.decision, reason="client_aborted", endpoint=flow.endpoint)
-            flow.status = 499
-            raise
-        except Exception:
-            log.exception("internal error in flow %s", flow.flow_id)
-            flow.record(decision="error", reason="internal_error")
-            response = pages.error_page(500, "internal_error", flow.flow_id, close=True)
+        except Exception as exc:
+            _, response = relay.failure(flow, exc, self.metrics)
+            if response is None:
+                raise  # the client went away: nothing to send
             return response
         finally:
             if response is not None and not response.prepared and "Upgrade" in request.headers:
                 # aiohttp stops parsing after an upgrade request: an answer other than 101
                 # must end the connection, or the next request would sit there unread
                 response.force_close()
-            status = response.status if response is not None else None
-            if flow.upstream_status is None and flow.decision == "allow":
-                flow.upstream_status = status
-            self.flowlog.write(flow.finish(now=self.clock(), status=status))
-            self.metrics.observe_flow(flow)
+            relay.finish(
+                flow, transfer, response.status if response is not None else None, flowlog=self.flowlog,
+                metrics=self.metrics, now=self.clock(),
+            )
 
     async def _handle(
-        self, request: web.BaseRequest, flow: FlowRecord, client_ip: str, destination: tuple[str, int] | None = None
+        self, request: web.BaseRequest, flow: FlowRecord, info: ConnectionInfo, transfer: proxy.Transfer
     ) -> web.StreamResponse:
+        """The framing checks only this path needs, then the plan and the act on it."""
         # 0. the parser refused the bytes, or framing it let through that we do not accept
         # (len() first: BaseRequest.get pays for a KeyError when the key is absent)
         refused = (request.get(FRAMING_ERROR) if len(request) else None) or transfer_coding_problem(request)
@@ -263,198 +204,87 @@ class Gate:
             host_value = absolute.netloc
             raw_target = urllib.parse.urlunsplit(("", "", absolute.path or "/", absolute.query, ""))
 
-        # 2. which service: SNI and Host must agree
-        routed = self._route(host_value, flow.sni, destination)
-        if not isinstance(routed, Service):
-            status, reason, text = routed
-            flow.record(decision="bad_request", reason=reason)
-            return pages.plain_close(status, text)
-        service = routed
+        # 2-6. route, canonical path, own endpoints, session, decide
+        plan = self.plan(
+            request.method, raw_target, host_value, request.headers.getall("Cookie", []), info=info,
+            content_length=request.content_length,
+        )
+        if isinstance(plan, Refuse):
+            if plan.service is not None:
+                flow.service = plan.service.name
+            if plan.path is not None:
+                flow.path = plan.path
+            flow.record(decision="bad_request", reason=plan.reason)
+            return pages.plain_close(plan.status, plan.text)
+        service = plan.service
         flow.service = service.name
-
-        # 3. one canonical path: logged, matched and forwarded
-        try:
-            path, query = policy.canonical_path(raw_target)
-        except policy.PathError as exc:
-            flow.record(decision="bad_request", reason=exc.code)
-            return pages.plain_close(exc.status, f"bad request target ({exc.code})")
-        flow.path = path
-        if request.content_length is not None and request.content_length > self.max_body:
-            flow.record(decision="bad_request", reason="body_too_large")
-            return pages.plain_close(413, "request body too large")
-
-        # 4. the enforcer's own endpoints
-        if path == service.callback_path:
-            return await self._callback(request, flow, service, query)
-        if path == service.logout_path:
-            return await self._logout(request, flow, service)
-        if path == service.logout_path + BACKCHANNEL_SUFFIX:
+        flow.path = plan.path
+        if isinstance(plan, OwnEndpoint):
+            if plan.endpoint is Endpoint.CALLBACK:
+                return await self._callback(request, flow, service, plan.query)
+            if plan.endpoint is Endpoint.LOGOUT:
+                return await self._logout(request, flow, service)
             return await self._backchannel_logout(request, flow, service)
-
-        # 5. who is asking
-        now = self.clock()
-        identity = await self._session(request, service, now)
-        tags = identity.tags if identity is not None else None
-        if identity is not None:
-            flow.user, flow.email = identity.sub, identity.email
-
-        # 6. decide
-        decision = policy.decide(request.method, path, tags, service.table)
-        endpoint = decision.endpoint.rule if decision.endpoint else None
-        if decision.verdict is policy.Verdict.LOGIN:
-            flow.record(decision="login", reason=decision.reason.value, endpoint=endpoint)
-            return await self._begin_login(request, flow, service, path, query)
-        if decision.verdict is policy.Verdict.DENY:
-            flow.record(decision="deny", reason=decision.reason.value, endpoint=endpoint)
+        if isinstance(plan, NeedSession):
+            identity = await self.store.get(plan.handle, service.name, self.clock())
+            plan = plan_mod.decide(service, request.method, plan.path, plan.query, identity)
+        if isinstance(plan, Login):
+            if plan.identity is not None:
+                flow.user, flow.email = plan.identity.sub, plan.identity.email
+            flow.record(decision="login", reason=plan.reason, endpoint=plan.endpoint)
+            return await self._begin_login(request, flow, service, plan.path, plan.query)
+        if isinstance(plan, Deny):
+            if plan.identity is not None:
+                flow.user, flow.email = plan.identity.sub, plan.identity.email
+            flow.record(decision="deny", reason=plan.reason, endpoint=plan.endpoint)
             return self._close_if_body(request, pages.error_page(
-                403, decision.reason.value, flow.flow_id,
+                403, plan.reason, flow.flow_id,
                 message="You are signed in, but this request is not allowed for you.",
-                would_allow=decision.would_allow, missing=decision.missing,
+                would_allow=plan.would_allow, missing=plan.missing,
             ))
-        flow.record(decision="allow", reason=decision.reason.value, endpoint=endpoint)
+        relay.allowed(flow, plan)
+        return await self._forward(request, plan, info, host_value, transfer)  # 7. forward
 
-        # 7. forward
-        identity_headers = _identity_headers(service, identity)
+    async def _forward(
+        self, request: web.BaseRequest, plan: Forward, info: ConnectionInfo, host_value: str,
+        transfer: proxy.Transfer,
+    ) -> web.StreamResponse:
+        """Forward an allowed request (or WebSocket) to the app and relay its answer."""
+        service = plan.service
         websocket = (
             request.headers.get("Upgrade", "").lower() == "websocket"
             and "upgrade" in request.headers.get("Connection", "").lower()
         )
         headers = headers_mod.request_headers(
-            request.headers, identity=identity_headers, client_ip=client_ip, host=host_value, websocket=websocket
+            request.headers, identity=plan.identity_headers, client_ip=info.client_ip, host=host_value,
+            websocket=websocket,
         )
-        target = path + ("?" + query if query else "")
-        transfer = proxy.Transfer()
-        try:
-            if websocket:
-                return await self.upstream.websocket(
-                    request, upstream_host=service.upstream_host, port=service.port, target=target,
-                    headers=headers, transfer=transfer,
-                )
-            return await self.upstream.forward(
-                request, upstream_host=service.upstream_host, port=service.port, target=target,
-                headers=headers, public_origin=service.origin, transfer=transfer,
+        if websocket:
+            return await self.upstream.websocket(
+                request, upstream_host=service.upstream_host, port=service.port, target=plan.target,
+                headers=headers, transfer=transfer,
             )
-        finally:
-            flow.upstream_status = transfer.status
-            flow.upstream_ms = transfer.upstream_ms
-            flow.bytes_in, flow.bytes_out = transfer.bytes_in, transfer.bytes_out
-            # (the upstream duration is observed once, by metrics.observe_flow)
+        return await self.upstream.forward(
+            request, upstream_host=service.upstream_host, port=service.port, target=plan.target,
+            headers=headers, public_origin=service.origin, transfer=transfer,
+        )
 
-    def _route(
-        self, host_value: str, sni: str | None, destination: tuple[str, int] | None
-    ) -> Service | tuple[int, str, str]:
-        """The service a request is for, or why it is refused: (status, reason code, text).
-        Host must name a service (on its exposed port or ours), the TLS server name the same
-        one, and a redirected connection must have been going to that service's port."""
-        split = _host_split(host_value)
-        if split is None:
-            return 400, "bad_host", "malformed Host header"
-        host, port = split
-        by_host = self.runtime.by_host
-        service = by_host.get(host)
-        if service is None or (port is not None and port not in (service.exposed_port, self.listen_port)):
-            return 421, "unknown_host", "this host is not served here"
-        if sni is not None and by_host.get(sni) is not service:
-            return 421, "sni_host_mismatch", "TLS server name and Host do not match"
-        if destination is not None and destination[1] != service.exposed_port:
-            # redirected from another service's exposed port
-            return 421, "destination_mismatch", "this host is not served on this port"
-        return service
-
-    # ------------------------------------------------------------------ fast path
-
-    def fast_plan(
-        self, method: str, raw_target: str, host_value: str, cookies: list[str], facts: _ConnFacts
-    ) -> FastPlan | None:
-        """The plan for a request :mod:`enforcer.fastpath` may forward itself, or None.
-
-        The caller has checked the framing (a GET or HEAD in HTTP/1.1 with one Host, no body,
-        no upgrade, an origin-form target, plain header names and values).  This runs the
-        same steps as :meth:`_handle` -- route, canonicalise, identify, decide -- with the
-        same helpers, and answers None wherever :meth:`_handle` would do anything but
-        forward at once (a refusal, an enforcer endpoint, a session not in the cache or due
-        a touch, a verdict other than allow).  None has no side effects: the request then
-        goes, unchanged, to :meth:`handle`, which gives the one authoritative answer.
-        """
-        _, _, destination, sni, _ = facts
-        service = self._route(host_value, sni, destination)
-        if not isinstance(service, Service):
-            return None
-        try:
-            path, query = policy.canonical_path(raw_target)
-        except policy.PathError:
-            return None
-        if path == service.callback_path or path.startswith(service.logout_path):
-            return None  # the enforcer's own endpoints (logout and <logout>/backchannel)
-        identity: sessions.Session | None = None
-        handle = _session_handle(cookies, service)
-        if handle is not None:
-            store = self.store
-            if type(store) is not sqlite.SQLiteSessionStore:
-                return None
-            identity = store.get_cached(handle, service.name, self.clock())
-            if identity is None:
-                return None  # not cached, expired, revoked or due a touch: the slow path decides
-        decision = policy.decide(method, path, identity.tags if identity is not None else None, service.table)
-        if decision.verdict is not policy.Verdict.ALLOW:
-            return None
-        return FastPlan(
-            service=service,
-            path=path,
-            target=path + ("?" + query if query else ""),
-            identity=identity,
-            endpoint=decision.endpoint.rule if decision.endpoint else None,
-            reason=decision.reason.value,
-            identity_headers=_identity_headers(service, identity),
+    def plan(
+        self, method: str, raw_target: str, host_value: str, cookies: list[str], *, info: ConnectionInfo,
+        content_length: int | None = None,
+    ) -> plan_mod.Plan:
+        """:func:`plan_mod.plan_request` for this gate's services, session cache and clock: the
+        one plan both HTTP paths act on (the lean path forwards a :class:`Forward` itself and
+        hands anything else to :meth:`handle`)."""
+        store = self.store
+        return plan_mod.plan_request(
+            self.runtime.by_host, self.listen_port, method, raw_target, host_value, sni=info.sni,
+            destination=info.destination, cookies=cookies,
+            cached=store.get_cached if type(store) is sqlite.SQLiteSessionStore else None, now=self.clock(),
+            content_length=content_length, max_body=self.max_body,
         )
 
     # ------------------------------------------------------------------ helpers
-
-    def _connection_facts(self, request: web.BaseRequest) -> _ConnFacts:
-        """Peer, SNI, TLS version and original destination: per connection, so computed once
-        and kept on the server protocol object (one per client connection)."""
-        protocol = request.protocol
-        facts = getattr(protocol, "enforcer_facts", None)
-        if type(facts) is tuple:
-            return facts
-        facts = self.connection_facts(request.transport)
-        if request.transport is not None and protocol is not None:
-            with contextlib.suppress(AttributeError):  # a protocol without a __dict__: no cache
-                protocol.enforcer_facts = facts  # type: ignore[attr-defined]
-        return facts
-
-    def connection_facts(self, transport: asyncio.BaseTransport | None) -> _ConnFacts:
-        """(client ip, client ip:port, original destination, SNI, TLS version) of a connection."""
-        ssl_object = transport.get_extra_info("ssl_object") if transport else None
-        peer = transport.get_extra_info("peername") if transport else None
-        # the dual-stack [::] listener the redirect needs reports IPv4 clients as ::ffff:a.b.c.d
-        client_ip = str(peer[0]) if peer else "-"
-        if client_ip.startswith("::ffff:") and "." in client_ip:
-            client_ip = client_ip[7:]
-        destination = self._destination(transport) if self.redirect_enabled else None
-        return (
-            client_ip,
-            f"{client_ip}:{peer[1]}" if peer else "-",
-            destination,
-            sni_of(ssl_object),
-            ssl_object.version() if ssl_object is not None else None,
-        )
-
-    def _destination(self, transport: asyncio.BaseTransport | None) -> tuple[str, int] | None:
-        """Where a redirected connection was going (cached per connection: one syscall)."""
-        if transport is None:
-            return None
-        try:
-            return self._destinations[transport]
-        except KeyError:
-            pass
-        except TypeError:  # a transport that cannot be weakly referenced (uvloop)
-            sock = transport.get_extra_info("socket")
-            return sockopt.redirected_destination(sock) if sock is not None else None
-        sock = transport.get_extra_info("socket")
-        found = sockopt.redirected_destination(sock) if sock is not None else None
-        self._destinations[transport] = found
-        return found
 
     @staticmethod
     def _close_if_body(request: web.BaseRequest, response: web.Response) -> web.Response:
@@ -462,17 +292,6 @@ class Gate:
         if request.body_exists:
             response.force_close()
         return response
-
-    async def _session(self, request: web.BaseRequest, service: Service, now: float) -> sessions.Session | None:
-        handle = _session_handle(request.headers.getall("Cookie", []), service)
-        if handle is None:
-            return None
-        store = self.store
-        if type(store) is sqlite.SQLiteSessionStore:  # cache hit, no touch due: no coroutine
-            cached = store.get_cached(handle, service.name, now)
-            if cached is not None:
-                return cached
-        return await store.get(handle, service.name, now)
 
     def _provider(self, service: Service) -> oidc.Provider:
         return self.runtime.providers[service.name]
@@ -766,67 +585,6 @@ class Gate:
         log.info("back-channel logout for service %s ended %d session(s) (flow %s)", service.name, ended,
                  flow.flow_id)
         return answer(200, "backchannel_logout")
-
-
-@dataclass(slots=True)
-class FastPlan:
-    """What :meth:`Gate.fast_plan` decided for an allowed request: where and as whom to forward."""
-
-    service: Service
-    path: str  # canonical path (logged and matched)
-    target: str  # path and query towards the app
-    identity: sessions.Session | None
-    endpoint: str | None
-    reason: str
-    identity_headers: dict[str, str]
-
-
-def _identity_headers(service: Service, identity: sessions.Session | None) -> dict[str, str]:
-    """The identity headers the app receives for this session (none when anonymous)."""
-    out: dict[str, str] = {}
-    if identity is None:
-        return out
-    names = service.identity_headers
-    out[names.user] = identity.username or identity.sub
-    if identity.email:
-        out[names.email] = identity.email
-    if names.groups:
-        groups = sorted(t.split("=", 1)[1] for t in identity.tags if t.startswith("groups="))
-        out[names.groups] = _whole_items(groups, identity.sub)
-    return out
-
-
-_CUT_WARNED: set[str] = set()
-
-
-def _whole_items(items: list[str], sub: str) -> str:
-    """``items`` comma-joined, as many *whole* items as fit the identity header limit once
-    percent-encoded (conformance X-LIM-05). A cut item could name another group (``admin``
-    out of ``administrators``), so an item is sent whole or not at all; what is left out is
-    logged (once per user and process)."""
-    kept: list[str] = []
-    size = -1
-    for item in items:
-        rendered = len(headers_mod.clean_value(item))
-        if rendered >= headers_mod.MAX_IDENTITY_VALUE or size + 1 + rendered > headers_mod.MAX_IDENTITY_VALUE:
-            continue
-        size += 1 + rendered
-        kept.append(item)
-    if len(kept) < len(items) and sub not in _CUT_WARNED:
-        if len(_CUT_WARNED) >= 1000:
-            _CUT_WARNED.clear()
-        _CUT_WARNED.add(sub)
-        log.warning(
-            "user %s: %d of %d groups do not fit the %d-byte groups header and are not sent to the app",
-            sub, len(items) - len(kept), len(items), headers_mod.MAX_IDENTITY_VALUE,
-        )
-    return ",".join(kept)
-
-
-def _session_handle(cookies: list[str], service: Service) -> str | None:
-    """The session handle in the service's cookie, if exactly one well-formed one was sent."""
-    found, handle = cookies_mod.find_cookie(cookies, cookies_mod.session_cookie_name(service.name))
-    return handle if found is cookies_mod.CookieLookup.FOUND else None
 
 
 def _tx_cookie_name(state: str) -> str:

@@ -267,7 +267,7 @@ class Daemon:
         self._spawn(self.manager.run(), "definitions")
         self.flowlog = flowlog
         handshake_timeout = min(10.0, s.limits.headerTimeout)  # a silent or partial ClientHello (X-LIM-10)
-        tls_server = accept.TLSListener(server, sock, ssl_ctx, handshake_timeout)
+        tls_server = accept.TLSListener(server, sock, ssl_ctx, handshake_timeout, redirect=s.redirect.enabled)
         admin = await self._start_admin(runtime) if self.owns_host else None
         self._install_signals(loop, flowlog)
         self._publish_definitions()

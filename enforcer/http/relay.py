@@ -1,0 +1,96 @@
+"""The flow record of one request from begin to finish, the same on both HTTP paths.
+
+Both the aiohttp path (:meth:`enforcer.http.gate.Gate.handle`) and the lean path
+(:class:`enforcer.http.fastpath.Connection`) begin a request's flow record with :func:`begin`,
+note an allowed plan with :func:`allowed`, turn a failure into its flow reason, metric and page
+with :func:`failure`, and write the record with :func:`finish` -- exactly once per request.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from enforcer import errors
+from enforcer.flow import FlowRecord
+from enforcer.http import pages
+
+if TYPE_CHECKING:
+    from enforcer.flowlog import FlowLog
+    from enforcer.http.plan import Forward
+    from enforcer.http.proxy import Transfer
+    from enforcer.http.tls import ConnectionInfo
+    from enforcer.metrics import Metrics
+
+log = logging.getLogger("enforcer.handler")
+
+UPSTREAM_MESSAGE = "The application did not answer properly."
+
+
+def begin(
+    info: ConnectionInfo, *, host: str | None, method: str, path: str, user_agent: str | None, now: float
+) -> FlowRecord:
+    """The flow record of a request arriving on the connection ``info`` describes."""
+    return FlowRecord.begin(
+        client=info.client,
+        destination=info.destination_text,
+        sni=info.sni,
+        host=host,
+        method=method,
+        path=path,
+        now=now,
+        tls_version=info.tls_version,
+        user_agent=user_agent,
+    )
+
+
+def allowed(flow: FlowRecord, plan: Forward) -> None:
+    """Note an allowed request: its service, path, user and the rule that allowed it."""
+    flow.service = plan.service.name
+    flow.path = plan.path
+    identity = plan.identity
+    if identity is not None:
+        flow.user, flow.email = identity.sub, identity.email
+    flow.record(decision="allow", reason=plan.reason, endpoint=plan.endpoint)
+
+
+def failure(flow: FlowRecord, exc: BaseException, metrics: Metrics) -> tuple[int | None, web.Response | None]:
+    """Record why answering failed: (status for the flow record, page for the client or None).
+
+    * the app failed (:class:`errors.UpstreamError`): its error page, counted per service;
+    * the client went away (``ConnectionResetError``): client status 499, nothing to send;
+    * anything else is our bug: logged, a 500 page that closes the connection."""
+    if isinstance(exc, errors.UpstreamError):
+        flow.record(decision="error", reason=f"upstream_{exc.kind}", endpoint=flow.endpoint, user=flow.user)
+        if flow.service:
+            metrics.upstream_errors.labels(flow.service, exc.kind).inc()
+        page = pages.error_page(
+            exc.status, f"upstream_{exc.kind}", flow.flow_id, message=UPSTREAM_MESSAGE,
+            close=exc.status == 413,  # the rest of the request body is not read
+        )
+        return exc.status, page
+    if isinstance(exc, ConnectionResetError):
+        # the client went away while we were answering: not our error, nothing to send
+        flow.record(decision=flow.decision, reason="client_aborted", endpoint=flow.endpoint)
+        flow.status = 499
+        return None, None
+    log.error("internal error in flow %s", flow.flow_id, exc_info=exc)
+    flow.record(decision="error", reason="internal_error")
+    return 500, pages.error_page(500, "internal_error", flow.flow_id, close=True)
+
+
+def finish(
+    flow: FlowRecord, transfer: Transfer | None, status: int | None, *, flowlog: FlowLog, metrics: Metrics,
+    now: float,
+) -> None:
+    """Write the request's one flow record (with what was moved, when it was forwarded)."""
+    if transfer is not None:
+        flow.upstream_status = transfer.status
+        flow.upstream_ms = transfer.upstream_ms
+        flow.bytes_in, flow.bytes_out = transfer.bytes_in, transfer.bytes_out
+    if flow.upstream_status is None and flow.decision == "allow":
+        flow.upstream_status = status
+    flowlog.write(flow.finish(now=now, status=status))
+    metrics.observe_flow(flow)
