@@ -36,13 +36,13 @@ import functools
 import logging
 import re
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, NamedTuple
 
 import httptools
 from aiohttp import http_parser as aiohttp_http_parser
 from aiohttp import web
 
-from enforcer import errors
 from enforcer.http import headers as headers_mod
 from enforcer.http import proxy, relay
 from enforcer.http import upstream as upstream_client
@@ -147,6 +147,8 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         self._keep_alive = True
         self._upgrade = False
         self._written = False  # a byte of the current answer went out
+        self._held = b""  # the current answer's head, until the first body bytes go with it
+        self._chunked = False  # the current answer's body is sent chunked
 
     # ---------------------------------------------------------------- asyncio.Protocol
 
@@ -370,30 +372,8 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
             if no_body:
                 self._write(reply)
             else:
-                pending = reply
-                if not conn.ready():
-                    # nothing of the body has come yet (a slow app, a stream): the head goes now
-                    self._write(reply)
-                    pending = b""
-                try:
-                    chunk = await conn.read()
-                    while chunk:
-                        transfer.bytes_out += len(chunk)
-                        if conn.drained():
-                            break  # the last chunk: written with the end of the answer below
-                        self._write_body(pending, chunk, chunked)
-                        pending = b""
-                        if self._write_paused:
-                            await self._drained()
-                        chunk = await conn.read()
-                except (upstream_client.Closed, upstream_client.ReadTimeout, upstream_client.ProtocolError):
-                    # a truncated body: the client must never take it for complete
-                    transfer.status = 502
-                    self._closing = True
-                    if self.transport is not None:
-                        self.transport.abort()
-                    raise errors.UpstreamError("reset", 502) from None
-                self._write_body(pending, chunk, chunked, last=True)
+                self._held, self._chunked = reply, chunked
+                await relay.body(conn, self, transfer)
             reusable = True
             return answer.status
         finally:
@@ -407,8 +387,22 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         self._written = True
         self.transport.write(data)
 
-    def _write_body(self, head: bytes, chunk: bytes, chunked: bool, *, last: bool = False) -> None:
-        if chunked:
+    # (relay.Sink: the app's body, after the head held in self._held)
+
+    def send_head(self) -> None:
+        head, self._held = self._held, b""
+        self._write(head)
+
+    def write(self, chunk: bytes) -> Awaitable[None] | None:
+        self._write_body(chunk, last=False)
+        return self._drained() if self._write_paused else None
+
+    def write_last(self, chunk: bytes) -> None:
+        self._write_body(chunk, last=True)
+
+    def _write_body(self, chunk: bytes, *, last: bool) -> None:
+        head, self._held = self._held, b""
+        if self._chunked:
             parts = [head, b"%x\r\n" % len(chunk), chunk, b"\r\n"] if chunk else [head]
             if last:
                 parts.append(b"0\r\n\r\n")
@@ -495,7 +489,8 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
             self.transport.close()
 
     def abort(self) -> None:
-        """Server stop, drain time over."""
+        """Cut the connection: server stop with the drain time over, or a truncated answer."""
+        self._closing = True
         if self.transport is not None and not self._closed:
             self.transport.abort()
 

@@ -10,31 +10,24 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict, istr
 from yarl import URL
 
 from enforcer.errors import UpstreamError
+from enforcer.http import relay
 from enforcer.http import upstream as upstream_client
 from enforcer.http.headers import CHUNK, SERVER, _first, _internal_origins, response_headers, serialise_head
 
 log = logging.getLogger(__name__)
 
 _WS = aiohttp.ClientWebSocketResponse | web.WebSocketResponse
-
-
-
-
-
-
-
-
-
 
 
 @dataclass
@@ -54,6 +47,30 @@ class _Relayed(web.StreamResponse):
     :meth:`Upstream.forward` writes the head at once when no body bytes are there yet."""
 
     _send_headers_immediately = False
+
+
+class _ResponseSink:
+    """:class:`relay.Sink` over an aiohttp response (prepared, its head held)."""
+
+    __slots__ = ("_request", "_resp", "_writer")
+
+    def __init__(self, request: web.BaseRequest, resp: _Relayed, writer: AbstractStreamWriter) -> None:
+        self._request = request
+        self._resp = resp
+        self._writer = writer
+
+    def send_head(self) -> None:
+        self._writer.send_headers()
+
+    def write(self, chunk: bytes) -> Awaitable[None]:
+        return self._resp.write(chunk)  # (the first one together with the head)
+
+    def write_last(self, chunk: bytes) -> Awaitable[None]:
+        return self._resp.write_eof(chunk)  # head (if still held), last chunk and end: one write
+
+    def abort(self) -> None:
+        if self._request.transport is not None:
+            self._request.transport.abort()
 
 
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # no "Content-Length: 0" without a body
@@ -160,28 +177,11 @@ class Upstream:
                 if up_length is not None:
                     resp.headers["Content-Length"] = up_length
             writer = await resp.prepare(request)  # the head is held for the first body bytes
-            chunk = b""
-            if not no_body:
-                try:
-                    if not conn.ready():
-                        # nothing of the body has arrived (a slow app, a stream, a long poll):
-                        # the client gets the head now, not when the first byte comes
-                        assert writer is not None
-                        writer.send_headers()
-                    chunk = await conn.read()
-                    while chunk:
-                        transfer.bytes_out += len(chunk)
-                        if conn.drained():
-                            break  # the last chunk: written with the end of the response below
-                        await resp.write(chunk)  # (the first one together with the head)
-                        chunk = await conn.read()
-                except (upstream_client.Closed, upstream_client.ReadTimeout, upstream_client.ProtocolError):
-                    # truncated body: never let the client take it for complete
-                    transfer.status = 502
-                    if request.transport is not None:
-                        request.transport.abort()
-                    raise UpstreamError("reset", 502) from None
-            await resp.write_eof(chunk)  # head (if still held), last chunk and end: one write
+            if no_body:
+                await resp.write_eof(b"")  # the held head and the end: one write
+            else:
+                assert writer is not None
+                await relay.body(conn, _ResponseSink(request, resp, writer), transfer)
             reusable = body_task is None or (body_task.done() and not body_task.cancelled())
             return resp
         finally:

@@ -1,21 +1,25 @@
-"""The flow record of one request from begin to finish, the same on both HTTP paths.
+"""Act on a plan the same way on both HTTP paths: the flow record and the app's body.
 
 Both the aiohttp path (:meth:`enforcer.http.gate.Gate.handle`) and the lean path
 (:class:`enforcer.http.fastpath.Connection`) begin a request's flow record with :func:`begin`,
 note an allowed plan with :func:`allowed`, turn a failure into its flow reason, metric and page
 with :func:`failure`, and write the record with :func:`finish` -- exactly once per request.
+Both stream the app's body to the client with :func:`body`, through a :class:`Sink` each path
+implements over its own connection.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
 from enforcer import errors
 from enforcer.flow import FlowRecord
 from enforcer.http import pages
+from enforcer.http import upstream as upstream_client
 
 if TYPE_CHECKING:
     from enforcer.flowlog import FlowLog
@@ -94,3 +98,49 @@ def finish(
         flow.upstream_status = status
     flowlog.write(flow.finish(now=now, status=status))
     metrics.observe_flow(flow)
+
+
+class Sink(Protocol):
+    """The client side of one answer, as :func:`body` writes to it.  The response head is held
+    back to go out with the first body bytes (one write instead of two); a method answers an
+    awaitable only when the caller must wait (the client is not taking bytes), else None."""
+
+    def send_head(self) -> None:
+        """Write the held head now: no body bytes have come from the app yet."""
+
+    def write(self, chunk: bytes) -> Awaitable[None] | None:
+        """Write body bytes (after the head, if it is still held)."""
+
+    def write_last(self, chunk: bytes) -> Awaitable[None] | None:
+        """Write the last body bytes (maybe none) and end the answer."""
+
+    def abort(self) -> None:
+        """Cut the client connection: a truncated answer must never look complete."""
+
+
+async def body(conn: upstream_client.Connection, sink: Sink, transfer: Transfer) -> None:
+    """Stream the app's response body from ``conn`` to ``sink``, counting it in ``transfer``.
+
+    The last chunk goes out with the end of the answer; a body the app cuts short aborts the
+    client connection and raises UpstreamError("reset", 502)."""
+    try:
+        if not conn.ready():
+            # nothing of the body has come yet (a slow app, a stream, a long poll): the client
+            # gets the head now, not when the first byte comes
+            sink.send_head()
+        chunk = await conn.read()
+        while chunk:
+            transfer.bytes_out += len(chunk)
+            if conn.drained():
+                break  # the last chunk: written with the end of the answer below
+            wait = sink.write(chunk)
+            if wait is not None:
+                await wait
+            chunk = await conn.read()
+    except (upstream_client.Closed, upstream_client.ReadTimeout, upstream_client.ProtocolError):
+        transfer.status = 502
+        sink.abort()
+        raise errors.UpstreamError("reset", 502) from None
+    wait = sink.write_last(chunk)
+    if wait is not None:
+        await wait
