@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
+
 import pytest
 
 from enforcer import errors
 from enforcer.flow import FlowRecord
 from enforcer.http import relay
+from enforcer.http import upstream as upstream_client
 from enforcer.http.proxy import Transfer
 from enforcer.http.tls import ConnectionInfo, connection_info
 from enforcer.metrics import Metrics
@@ -122,3 +126,96 @@ def test_an_allowed_request_without_an_app_answer_logs_our_status_as_the_upstrea
     flow.record(decision=decision, reason="x")
     relay.finish(flow, Transfer(), status, flowlog=flowlog, metrics=Metrics(), now=T0)  # type: ignore[arg-type]
     assert flow.upstream_status == upstream_status and len(flowlog.records) == 1
+
+
+# ------------------------------------------------------------------ the body relay
+
+
+class _App:
+    """The read side of an upstream connection: chunks, then the end or an error."""
+
+    def __init__(self, chunks: list[bytes], *, ready: bool = True, fail: Exception | None = None) -> None:
+        self._chunks = list(chunks)
+        self._ready = ready
+        self._fail = fail
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def drained(self) -> bool:
+        return not self._chunks and self._fail is None
+
+    async def read(self) -> bytes:
+        if self._chunks:
+            return self._chunks.pop(0)
+        if self._fail is not None:
+            raise self._fail
+        return b""
+
+
+class _Client:
+    """A relay.Sink that records the writes; ``slow`` makes every write wait for a drain."""
+
+    def __init__(self, *, slow: bool = False) -> None:
+        self.log: list[tuple[str, bytes]] = []
+        self.waits = 0
+        self._slow = slow
+
+    async def _drain(self) -> None:
+        self.waits += 1
+
+    def send_head(self) -> None:
+        self.log.append(("head", b""))
+
+    def write(self, chunk: bytes) -> Awaitable[None] | None:
+        self.log.append(("write", chunk))
+        return self._drain() if self._slow else None
+
+    def write_last(self, chunk: bytes) -> Awaitable[None] | None:
+        self.log.append(("last", chunk))
+        return None
+
+    def abort(self) -> None:
+        self.log.append(("abort", b""))
+
+
+@pytest.mark.parametrize(
+    ("chunks", "ready", "log"),
+    [
+        ([b"abc"], True, [("last", b"abc")]),
+        ([b"a", b"b", b"c"], True, [("write", b"a"), ("write", b"b"), ("last", b"c")]),
+        ([b"abc"], False, [("head", b""), ("last", b"abc")]),
+        ([], True, [("last", b"")]),
+    ],
+    ids=["one-chunk", "three-chunks", "slow-app", "empty"],
+)
+def test_the_body_goes_out_with_its_last_chunk_ending_the_answer(
+    chunks: list[bytes], ready: bool, log: list[tuple[str, bytes]]
+) -> None:
+    """Each chunk is written in order, the last one with the end of the answer; when the app
+    has sent nothing yet the head goes out first; the bytes are counted."""
+    client, transfer = _Client(), Transfer(status=200)
+    asyncio.run(relay.body(_App(chunks, ready=ready), client, transfer))  # type: ignore[arg-type]
+    assert client.log == log and transfer.bytes_out == sum(map(len, chunks))
+
+
+def test_a_client_that_is_not_reading_is_waited_for() -> None:
+    """A write that answers an awaitable (the client's window is shut) is awaited before the
+    next chunk is read."""
+    client = _Client(slow=True)
+    asyncio.run(relay.body(_App([b"a", b"b", b"c"]), client, Transfer()))  # type: ignore[arg-type]
+    assert client.waits == 2
+
+
+@pytest.mark.parametrize(
+    "fail", [upstream_client.Closed(True), upstream_client.ReadTimeout(), upstream_client.ProtocolError()],
+    ids=["closed", "timeout", "bad-framing"],
+)
+def test_a_body_the_app_cuts_short_aborts_the_client_connection(fail: Exception) -> None:
+    """A body that ends early never looks complete: the client connection is cut, not ended,
+    and the failure is an upstream reset (502)."""
+    client, transfer = _Client(), Transfer(status=200)
+    with pytest.raises(errors.UpstreamError) as caught:
+        asyncio.run(relay.body(_App([b"a"], fail=fail), client, transfer))  # type: ignore[arg-type]
+    assert (caught.value.kind, caught.value.status, transfer.status) == ("reset", 502, 502)
+    assert client.log == [("write", b"a"), ("abort", b"")]
