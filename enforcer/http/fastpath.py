@@ -2,8 +2,8 @@
 
 Every TLS connection starts with a :class:`Connection`.  For each request it waits for the
 complete header block, parses exactly those bytes with httptools (llhttp, strict) and asks
-:meth:`enforcer.handler.Gate.fast_plan` whether the gate would forward it at once.  Only a
-request that passes every one of these is served here:
+:meth:`enforcer.http.gate.Gate.plan` (the plan the full path acts on too) whether the gate would
+forward it at once.  Only a request that passes every one of these is served here:
 
 * ``GET`` or ``HEAD``, ``HTTP/1.1``, an origin-form target of printable ASCII without ``#``;
 * a header block of at most ``max_head`` bytes and ``max_headers`` fields, CRLF line ends,
@@ -11,21 +11,22 @@ request that passes every one of these is served here:
   without trailing blanks (:data:`_HEAD`);
 * exactly one ``Host``; no ``Content-Length``, ``Transfer-Encoding``, ``Upgrade`` or
   ``Expect`` (so no body, no upgrade, nothing to continue);
-* the gate's own routing (SNI, Host, port, original destination), path canonicalisation,
-  session (from the in-process cache only) and policy all end in *allow*.
+* the gate's plan (:func:`enforcer.http.plan.plan_request`: routing by SNI, Host, port and
+  original destination, path canonicalisation, session from the in-process cache only, and
+  policy) is a :class:`~enforcer.http.plan.Forward`.
 
 Anything else -- the first byte that does not fit -- hands the connection over for good to
-aiohttp's protocol (:class:`enforcer.httpserver.Protocol`) with every unconsumed byte, so
+aiohttp's protocol (:class:`enforcer.http.server.Protocol`) with every unconsumed byte, so
 aiohttp's parser and :meth:`Gate.handle` answer it exactly as before: refusals, logins, the
 enforcer's endpoints, bodies, WebSockets and every malformed input.  Nothing is consumed or
 written for a request before it is known to be served here.
 
 A served request gets what :meth:`Gate.handle` would give it: the same header hygiene
-(:func:`enforcer.proxy.request_head`, equal to ``request_headers``), the same upstream pool, the same response head
-(:func:`enforcer.proxy.relay_head`), error pages for an unreachable or misbehaving app, and
-exactly one flow record.  The connection keeps the listener's limits: the connection caps,
-the header deadline (408), the keep-alive idle timeout, the write timeout and back-pressure
-both ways.
+(:func:`enforcer.http.headers.request_head`, equal to ``request_headers``), the same upstream
+pool, the same response head (:func:`enforcer.http.headers.relay_head`), the same body relay,
+failure pages and flow record (:mod:`enforcer.http.relay`).  The connection keeps the
+listener's limits: the connection caps, the header deadline (408), the keep-alive idle timeout,
+the write timeout and back-pressure both ways.
 """
 
 from __future__ import annotations
