@@ -42,7 +42,7 @@ request-target:
 
 The result is idempotent: ``canonical_path(p)[0] == p`` for every output ``p``.
 
-:class:`PathError` codes (closed set, :data:`PathErrorCode`): ``too_long`` (414),
+:class:`PathError` codes (members of :class:`enforcer.errors.Reason`): ``too_long`` (414),
 ``bad_target``, ``bad_char``, ``fragment``, ``semicolon``, ``encoded_separator``,
 ``encoded_control``, ``encoded_delimiter``, ``bad_encoding`` (all 400).
 
@@ -86,7 +86,6 @@ import enum
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 from enforcer.errors import EnforcerError, Reason
 
@@ -96,7 +95,6 @@ __all__ = [
     "Endpoint",
     "EndpointTable",
     "PathError",
-    "PathErrorCode",
     "Reason",
     "Verdict",
     "canonical_path",
@@ -109,38 +107,12 @@ MAX_TARGET_BYTES = 8192
 """Longest request-target accepted (bytes); longer ones get 414. Same order as the common
 8 KiB request-line limit of nginx/h11, far above any real app URL."""
 
-PathErrorCode = Literal[
-    "too_long",
-    "bad_target",
-    "bad_char",
-    "fragment",
-    "semicolon",
-    "encoded_separator",
-    "encoded_control",
-    "encoded_delimiter",
-    "bad_encoding",
-]
-
-
-_PATH_REASONS: dict[PathErrorCode, Reason] = {
-    "too_long": Reason.TOO_LONG,
-    "bad_target": Reason.BAD_TARGET,
-    "bad_char": Reason.BAD_CHAR,
-    "fragment": Reason.FRAGMENT,
-    "semicolon": Reason.SEMICOLON,
-    "encoded_separator": Reason.ENCODED_SEPARATOR,
-    "encoded_control": Reason.ENCODED_CONTROL,
-    "encoded_delimiter": Reason.ENCODED_DELIMITER,
-    "bad_encoding": Reason.BAD_ENCODING,
-}
-
-
 class PathError(EnforcerError, ValueError):
     """The request-target is refused; ``reason`` (also ``code``) is stable (logs, metrics,
     error page)."""
 
-    def __init__(self, code: PathErrorCode, message: str, status: int = 400) -> None:
-        super().__init__(_PATH_REASONS[code], status, message)
+    def __init__(self, code: Reason, message: str, status: int = 400) -> None:
+        super().__init__(code, status, message)
 
     @property
     def code(self) -> Reason:
@@ -167,22 +139,22 @@ def canonical_path(target: str) -> tuple[str, str]:
     """Raw origin-form request-target (``/a/./b//c?x=1``) -> (canonical path, raw query)."""
     if _byte_len(target) > MAX_TARGET_BYTES:
         raise PathError(
-            "too_long", f"request-target longer than {MAX_TARGET_BYTES} bytes", status=414
+            Reason.TOO_LONG, f"request-target longer than {MAX_TARGET_BYTES} bytes", status=414
         )
     if not target.startswith("/"):
-        raise PathError("bad_target", "request-target must be a path starting with '/'")
+        raise PathError(Reason.BAD_TARGET, "request-target must be a path starting with '/'")
     if "#" in target:
-        raise PathError("fragment", "raw '#' (fragment) in request-target")
+        raise PathError(Reason.FRAGMENT, "raw '#' (fragment) in request-target")
     path, sep, query = target.partition("?")
     if sep:
         bad = _BAD_QUERY_CHAR.search(query)
         if bad is not None:
-            raise PathError("bad_char", f"character {bad.group()!r} not allowed in query")
+            raise PathError(Reason.BAD_CHAR, f"character {bad.group()!r} not allowed in query")
     bad = _BAD_PATH_CHAR.search(path)
     if bad is not None:
         if bad.group() == ";":
-            raise PathError("semicolon", "';' (matrix parameter) not allowed in path")
-        raise PathError("bad_char", f"character {bad.group()!r} not allowed in path")
+            raise PathError(Reason.SEMICOLON, "';' (matrix parameter) not allowed in path")
+        raise PathError(Reason.BAD_CHAR, f"character {bad.group()!r} not allowed in path")
     if "%" not in path and "//" not in path and "/." not in path:
         return path, query  # fast path: nothing to decode, no empty or dot segments
     if "%" in path:
@@ -206,7 +178,7 @@ def _decode(path: str) -> str:
             hi = _HEXVAL.get(path[j + 1 : j + 2], -1)
             lo = _HEXVAL.get(path[j + 2 : j + 3], -1)
             if hi < 0 or lo < 0:
-                raise PathError("bad_encoding", f"malformed percent-escape {path[j : j + 3]!r}")
+                raise PathError(Reason.BAD_ENCODING, f"malformed percent-escape {path[j : j + 3]!r}")
             b = hi * 16 + lo
             j += 3
             if b >= 0x80:
@@ -227,13 +199,13 @@ def _decode_ascii(b: int, out: list[str]) -> None:
     if c in _UNRESERVED:
         out.append(c)
     elif c in "/\\":
-        raise PathError("encoded_separator", f"encoded separator %{b:02X} in path")
+        raise PathError(Reason.ENCODED_SEPARATOR, f"encoded separator %{b:02X} in path")
     elif b < 0x20 or b == 0x7F:
-        raise PathError("encoded_control", f"encoded control character %{b:02X} in path")
+        raise PathError(Reason.ENCODED_CONTROL, f"encoded control character %{b:02X} in path")
     elif c in "#%?":
-        raise PathError("encoded_delimiter", f"encoded delimiter %{b:02X} in path")
+        raise PathError(Reason.ENCODED_DELIMITER, f"encoded delimiter %{b:02X} in path")
     elif c == ";":
-        raise PathError("semicolon", "encoded ';' (%3B) not allowed in path")
+        raise PathError(Reason.SEMICOLON, "encoded ';' (%3B) not allowed in path")
     else:
         out.append(f"%{b:02X}")
 
@@ -242,7 +214,7 @@ def _utf8_escapes(run: bytearray) -> str:
     try:
         bytes(run).decode("utf-8")
     except UnicodeDecodeError:
-        raise PathError("bad_encoding", "percent-escapes are not valid UTF-8") from None
+        raise PathError(Reason.BAD_ENCODING, "percent-escapes are not valid UTF-8") from None
     return "".join(f"%{b:02X}" for b in run)
 
 

@@ -536,7 +536,6 @@ class _FullProtocol(asyncio.Protocol):
     """Stands in for aiohttp's protocol after a hand-over: records what it is given."""
 
     def __init__(self) -> None:
-        self.enforcer_facts: Any = None
         self.received: list[bytes] = []
 
     def data_received(self, data: bytes) -> None:
@@ -560,7 +559,7 @@ class _Server:
     def release(self, ip: str | None) -> None:
         pass
 
-    def protocol(self, *, admitted: bool) -> _FullProtocol:
+    def protocol(self, *, admitted: bool, info: Any = None) -> _FullProtocol:
         assert admitted
         return _FullProtocol()
 
@@ -583,14 +582,11 @@ class _Counter:
 
 
 class _Gate:
-    """A gate whose fast_plan always raises (a bug on the lean path)."""
+    """A gate whose plan always raises (a bug on the lean path)."""
 
     metrics = type("M", (), {"fast_requests": _Counter(), "fast_handoffs": _Counter()})()
 
-    def connection_facts(self, transport: Any) -> Any:
-        return ("127.0.0.1", "127.0.0.1:5555", None, "app.test", "TLSv1.3")
-
-    def fast_plan(self, *args: Any) -> Any:
+    def plan(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug")
 
 

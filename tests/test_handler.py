@@ -11,8 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from enforcer.config.definitions import IdentityHeaders
-from enforcer.http.gate import _identity_headers, _split_host, is_api_request
+from enforcer.http.gate import is_api_request
 from enforcer.http.headers import MAX_IDENTITY_VALUE, clean_value
+from enforcer.http.plan import identity_headers, split_host
 from enforcer.identity.sessions import Session
 
 
@@ -58,13 +59,13 @@ def test_api_requests_get_401_not_a_redirect(headers: dict[str, str], api: bool)
 )
 def test_host_header_parsing(value: str, expected: tuple[str, int | None] | None) -> None:
     """Host is lower-cased without trailing dot; ports must be plain digits; odd forms are refused."""
-    assert _split_host(value) == expected
+    assert split_host(value) == expected
 
 
 @given(st.text(max_size=60))
 def test_host_parsing_is_total(value: str) -> None:
-    """_split_host never raises, whatever the client sends."""
-    result = _split_host(value)
+    """split_host never raises, whatever the client sends."""
+    result = split_host(value)
     assert result is None or (isinstance(result[0], str) and (result[1] is None or 0 < result[1] <= 65535))
 
 
@@ -87,7 +88,7 @@ def test_a_huge_group_list_is_cut_at_whole_groups_never_inside_one() -> None:
     """Groups that do not fit the header limit are left out whole: every group the app sees
     is one the user has, and the value fits without being truncated."""
     groups = [f"team-{i:04d}-administrators" for i in range(400)]
-    value = _identity_headers(_service_with_groups_header(), _session_with_groups(groups))["X-Forwarded-Groups"]
+    value = identity_headers(_service_with_groups_header(), _session_with_groups(groups))["X-Forwarded-Groups"]
     sent = value.split(",")
     assert set(sent) <= set(groups) and 0 < len(sent) < len(groups)
     assert len(clean_value(value)) <= MAX_IDENTITY_VALUE and clean_value(value) == value
@@ -96,14 +97,14 @@ def test_a_huge_group_list_is_cut_at_whole_groups_never_inside_one() -> None:
 def test_a_single_group_longer_than_the_limit_is_left_out() -> None:
     """A group name longer than the limit (after percent-encoding) is not sent cut short."""
     groups = ["staff", "\u00e9" * 2000]  # 2,000 characters, 12,000 once percent-encoded
-    value = _identity_headers(_service_with_groups_header(), _session_with_groups(groups))["X-Forwarded-Groups"]
+    value = identity_headers(_service_with_groups_header(), _session_with_groups(groups))["X-Forwarded-Groups"]
     assert value == "staff"
 
 
 @given(st.lists(st.text(min_size=1, max_size=300), max_size=60))
 def test_groups_header_is_always_whole_groups_within_the_limit(groups: list[str]) -> None:
     """For any group names, the header holds only whole names of the user and fits the limit."""
-    value = _identity_headers(_service_with_groups_header(), _session_with_groups(groups))["X-Forwarded-Groups"]
+    value = identity_headers(_service_with_groups_header(), _session_with_groups(groups))["X-Forwarded-Groups"]
     assert len(clean_value(value)) <= MAX_IDENTITY_VALUE
     kept = sorted(set(groups))
     joined = [g for g in kept if g in value.split(",")] if value else []

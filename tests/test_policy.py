@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from enforcer.errors import Reason
 from enforcer.policy import (
     MAX_TARGET_BYTES,
     Decision,
@@ -240,7 +241,7 @@ def test_refused_targets(target: str, code: str) -> None:
 
 def test_path_error_is_value_error() -> None:
     """PathError is a ValueError carrying code, status and a readable message."""
-    err = PathError("fragment", "raw '#'")
+    err = PathError(Reason.FRAGMENT, "raw '#'")
     assert isinstance(err, ValueError)
     assert (err.code, err.status, str(err)) == ("fragment", 400, "raw '#'")
 

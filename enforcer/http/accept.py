@@ -13,6 +13,7 @@ import socket
 import ssl
 
 from enforcer.http.server import Server
+from enforcer.net import sockopt
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,15 @@ class TLSListener:
     (``loop.connect_accepted_socket``, handshake at most ``handshake_timeout`` seconds) and
     its serving protocol (:meth:`Server.admitted_protocol`) gives the count back when it ends;
     a failed handshake gives it back here. (uvloop's own TLS server calls the protocol only
-    after the handshake, too late to count silent and slow handshakes.)"""
+    after the handshake, too late to count silent and slow handshakes.)  With ``redirect``
+    each connection's original destination is read here, once, and handed to its protocol."""
 
     def __init__(
-        self, server: Server, sock: socket.socket, context: ssl.SSLContext, handshake_timeout: float
+        self, server: Server, sock: socket.socket, context: ssl.SSLContext, handshake_timeout: float,
+        *, redirect: bool = False,
     ) -> None:
         self._server = server
+        self._redirect = redirect
         self._sock = sock
         self._context = context
         self._handshake_timeout = handshake_timeout
@@ -75,8 +79,9 @@ class TLSListener:
 
     async def _start(self, conn: socket.socket, ip: str | None) -> None:
         try:
+            destination = sockopt.redirected_destination(conn) if self._redirect else None
             await self._loop.connect_accepted_socket(
-                self._server.admitted_protocol,
+                lambda: self._server.admitted_protocol(destination),
                 conn,
                 ssl=self._context,
                 ssl_handshake_timeout=self._handshake_timeout,

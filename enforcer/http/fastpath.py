@@ -2,8 +2,8 @@
 
 Every TLS connection starts with a :class:`Connection`.  For each request it waits for the
 complete header block, parses exactly those bytes with httptools (llhttp, strict) and asks
-:meth:`enforcer.handler.Gate.fast_plan` whether the gate would forward it at once.  Only a
-request that passes every one of these is served here:
+:meth:`enforcer.http.gate.Gate.plan` (the plan the full path acts on too) whether the gate would
+forward it at once.  Only a request that passes every one of these is served here:
 
 * ``GET`` or ``HEAD``, ``HTTP/1.1``, an origin-form target of printable ASCII without ``#``;
 * a header block of at most ``max_head`` bytes and ``max_headers`` fields, CRLF line ends,
@@ -11,50 +11,52 @@ request that passes every one of these is served here:
   without trailing blanks (:data:`_HEAD`);
 * exactly one ``Host``; no ``Content-Length``, ``Transfer-Encoding``, ``Upgrade`` or
   ``Expect`` (so no body, no upgrade, nothing to continue);
-* the gate's own routing (SNI, Host, port, original destination), path canonicalisation,
-  session (from the in-process cache only) and policy all end in *allow*.
+* the gate's plan (:func:`enforcer.http.plan.plan_request`: routing by SNI, Host, port and
+  original destination, path canonicalisation, session from the in-process cache only, and
+  policy) is a :class:`~enforcer.http.plan.Forward`.
 
 Anything else -- the first byte that does not fit -- hands the connection over for good to
-aiohttp's protocol (:class:`enforcer.httpserver.Protocol`) with every unconsumed byte, so
+aiohttp's protocol (:class:`enforcer.http.server.Protocol`) with every unconsumed byte, so
 aiohttp's parser and :meth:`Gate.handle` answer it exactly as before: refusals, logins, the
 enforcer's endpoints, bodies, WebSockets and every malformed input.  Nothing is consumed or
 written for a request before it is known to be served here.
 
 A served request gets what :meth:`Gate.handle` would give it: the same header hygiene
-(:func:`enforcer.proxy.request_head`, equal to ``request_headers``), the same upstream pool, the same response head
-(:func:`enforcer.proxy.relay_head`), error pages for an unreachable or misbehaving app, and
-exactly one flow record.  The connection keeps the listener's limits: the connection caps,
-the header deadline (408), the keep-alive idle timeout, the write timeout and back-pressure
-both ways.
+(:func:`enforcer.http.headers.request_head`, equal to ``request_headers``), the same upstream
+pool, the same response head (:func:`enforcer.http.headers.relay_head`), the same body relay,
+failure pages and flow record (:mod:`enforcer.http.relay`).  The connection keeps the
+listener's limits: the connection caps, the header deadline (408), the keep-alive idle timeout,
+the write timeout and back-pressure both ways.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, NamedTuple
 
 import httptools
 from aiohttp import http_parser as aiohttp_http_parser
 from aiohttp import web
 
-from enforcer import errors
-from enforcer.flow import FlowRecord
 from enforcer.http import headers as headers_mod
-from enforcer.http import pages, proxy
+from enforcer.http import proxy, relay
 from enforcer.http import upstream as upstream_client
+from enforcer.http.plan import Forward
+from enforcer.http.server import Destination, header_timed_out
+from enforcer.http.tls import ConnectionInfo, connection_info
 
 if TYPE_CHECKING:
-    from enforcer.http.gate import FastPlan, Gate, _ConnFacts
+    from enforcer.http.gate import Gate
     from enforcer.http.server import Server
 
 log = logging.getLogger("enforcer.fastpath")
 
-TIMEOUT_408 = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 MAX_PIPELINED = 256 * 1024  # stop reading while this much of later requests waits
 _HEAD = re.compile(
     rb"(?:GET|HEAD) /[\x21\x22\x24-\x7e]* HTTP/1\.1\r\n"  # origin-form target, printable ASCII, no '#'
@@ -101,25 +103,29 @@ class FastPath:
         self.served = gate.metrics.fast_requests
         self.handed_off = gate.metrics.fast_handoffs
 
-    def protocol_factory(self) -> Callable[[], Connection]:
-        """The listener's protocol factory: a fast connection per accepted socket."""
-        loop = asyncio.get_running_loop()
-        return lambda: Connection(self, loop)
+    def protocol_factory(self) -> functools.partial[Connection]:
+        """The listener's protocol factory: a fast connection per accepted socket, called with
+        (admitted, original destination)."""
+        return functools.partial(Connection, self, asyncio.get_running_loop())
 
 
 class Connection(upstream_client.WriteFlow, asyncio.Protocol):
     """One client connection until (if ever) it is handed over to aiohttp."""
 
-    def __init__(self, fast: FastPath, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, fast: FastPath, loop: asyncio.AbstractEventLoop, admitted: bool = False, destination: Destination = None
+    ) -> None:
         self._fast = fast
         self._server = fast.server
         self._loop = loop
         self.transport: asyncio.Transport | None = None
         self._peer_ip: str | None = None
-        self.admitted = False
-        """Counted against the caps (by httpserver.TLSListener at the TCP accept): the place
+        self.admitted = admitted
+        """Counted against the caps (by accept.TLSListener at the TCP accept): the place
         is given back when the connection ends, or passed on with a hand-over."""
-        self._facts: _ConnFacts | None = None
+        self._destination = destination
+        self.info: ConnectionInfo | None = None
+        """What the connection is (built in :meth:`connection_made`, passed on with a hand-over)."""
         self._buf = bytearray()
         self._busy = False  # a request is being answered
         self._closing = False  # close once the current answer is out
@@ -142,12 +148,15 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         self._keep_alive = True
         self._upgrade = False
         self._written = False  # a byte of the current answer went out
+        self._held = b""  # the current answer's head, until the first body bytes go with it
+        self._chunked = False  # the current answer's body is sent chunked
 
     # ---------------------------------------------------------------- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
         self._peer_ip = str(peer[0]) if peer else None
+        self.info = connection_info(peer, self._destination, transport.get_extra_info("ssl_object"))
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         self._parser = httptools.HttpRequestParser(self)
         self._server.fast_connections.add(self)
@@ -230,22 +239,20 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         fast.served.inc()
         self._loop.create_task(self._serve(*analysed))
 
-    def _analyse(self, head: bytes) -> tuple[FastPlan, _Request, _ConnFacts] | None:
-        """What to serve for ``head`` on this path, or None to hand the connection over."""
-        gate = self._fast.gate
+    def _analyse(self, head: bytes) -> tuple[Forward, _Request, ConnectionInfo] | None:
+        """What to serve for ``head`` on this path, or None to hand the connection over: only a
+        request the gate's plan forwards at once is served here."""
+        info = self.info
         try:
             request = self._parse(head)
-            if request is None:
+            if request is None or info is None:
                 return None
-            facts = self._facts
-            if facts is None:
-                facts = self._facts = gate.connection_facts(self.transport)
-            plan = gate.fast_plan(request.method, request.target, request.host, request.cookies, facts)
+            plan = self._fast.gate.plan(request.method, request.target, request.host, request.cookies, info=info)
         except Exception:
             # a bug here must not cost the request: the full path answers it (and records it)
             log.exception("fast path: cannot analyse a request head; handing the connection over")
             return None
-        return None if plan is None else (plan, request, facts)
+        return (plan, request, info) if isinstance(plan, Forward) else None
 
     def _parse(self, head: bytes) -> _Request | None:
         """The request in ``head`` if it fits the fast path (with exactly one Host), else None.
@@ -306,9 +313,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
             self._timer = None
         self._server.fast_connections.discard(self)
         self.admitted = False  # the new protocol releases the connection's place
-        protocol = self._server.protocol(admitted=True)
-        if self._facts is not None:
-            protocol.enforcer_facts = self._facts
+        protocol = self._server.protocol(admitted=True, info=self.info)
         if self._reading_paused:
             self._reading_paused = False
             transport.resume_reading()
@@ -319,69 +324,38 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         if data:
             protocol.data_received(data)
 
-    async def _serve(self, plan: FastPlan, request: _Request, facts: _ConnFacts) -> None:
+    async def _serve(self, plan: Forward, request: _Request, info: ConnectionInfo) -> None:
         """Forward one allowed request and relay the answer; one flow record, whatever happens."""
-        method, host, keep_alive = request.method, request.host, request.keep_alive
+        method, keep_alive = request.method, request.keep_alive
         if not keep_alive:
             self._closing = True  # the client asked to close after this answer
         gate = self._fast.gate
-        service = plan.service
-        flow = FlowRecord.begin(
-            client=facts[1],
-            destination=f"{facts[2][0]}:{facts[2][1]}" if facts[2] else None,
-            sni=facts[3],
-            host=host,
-            method=method,
-            path=plan.path,
-            now=gate.clock(),
-            tls_version=facts[4],
-            user_agent=request.user_agent,
+        flow = relay.begin(
+            info, host=request.host, method=method, path=plan.path, user_agent=request.user_agent, now=gate.clock()
         )
-        flow.service = service.name
-        identity = plan.identity
-        if identity is not None:
-            flow.user, flow.email = identity.sub, identity.email
-        flow.record(decision="allow", reason=plan.reason, endpoint=plan.endpoint)
+        relay.allowed(flow, plan)
         transfer = proxy.Transfer()
         status: int | None = None
         self._written = False
         try:
-            try:
-                status = await self._forward(plan, request, facts, transfer)
-            except errors.UpstreamError as exc:
-                flow.record(decision="error", reason=f"upstream_{exc.kind}", endpoint=flow.endpoint, user=flow.user)
-                gate.metrics.upstream_errors.labels(service.name, exc.kind).inc()
-                status = exc.status
+            status = await self._forward(plan, request, info, transfer)
+        except Exception as exc:
+            status, page = relay.failure(flow, exc, gate.metrics)
+            if page is not None:
                 if not self._written:
-                    self._page(pages.error_page(exc.status, f"upstream_{exc.kind}", flow.flow_id,
-                                                message="The application did not answer properly."))
-            except ConnectionResetError:
-                flow.record(decision=flow.decision, reason="client_aborted", endpoint=flow.endpoint)
-                status = 499
-            except Exception:
-                log.exception("internal error in flow %s", flow.flow_id)
-                flow.record(decision="error", reason="internal_error")
-                status = 500
-                if not self._written:
-                    self._closing = True
-                    self._page(pages.error_page(500, "internal_error", flow.flow_id, close=True))
+                    self._page(page)
                 elif self.transport is not None:
-                    self.transport.abort()
+                    self.transport.abort()  # part of the answer is out: the client must see it cut
         finally:
-            flow.upstream_status = transfer.status
-            flow.upstream_ms = transfer.upstream_ms
-            flow.bytes_in, flow.bytes_out = transfer.bytes_in, transfer.bytes_out
-            if flow.upstream_status is None and flow.decision == "allow":
-                flow.upstream_status = status
-            gate.flowlog.write(flow.finish(now=gate.clock(), status=status))
-            gate.metrics.observe_flow(flow)
+            relay.finish(flow, transfer, status, flowlog=gate.flowlog, metrics=gate.metrics, now=gate.clock())
             self._done(keep_alive)
 
-    async def _forward(self, plan: FastPlan, request: _Request, facts: _ConnFacts, transfer: proxy.Transfer) -> int:
+    async def _forward(self, plan: Forward, request: _Request, info: ConnectionInfo, transfer: proxy.Transfer) -> int:
         method = request.method
         service = plan.service
         head = headers_mod.request_head(
-            method, plan.target, request.pairs, identity=plan.identity_headers, client_ip=facts[0], host=request.host
+            method, plan.target, request.pairs, identity=plan.identity_headers, client_ip=info.client_ip,
+            host=request.host,
         )
         started = time.perf_counter()
         conn, answer = await self._fast.gate.upstream.send(
@@ -399,30 +373,8 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
             if no_body:
                 self._write(reply)
             else:
-                pending = reply
-                if not conn.ready():
-                    # nothing of the body has come yet (a slow app, a stream): the head goes now
-                    self._write(reply)
-                    pending = b""
-                try:
-                    chunk = await conn.read()
-                    while chunk:
-                        transfer.bytes_out += len(chunk)
-                        if conn.drained():
-                            break  # the last chunk: written with the end of the answer below
-                        self._write_body(pending, chunk, chunked)
-                        pending = b""
-                        if self._write_paused:
-                            await self._drained()
-                        chunk = await conn.read()
-                except (upstream_client.Closed, upstream_client.ReadTimeout, upstream_client.ProtocolError):
-                    # a truncated body: the client must never take it for complete
-                    transfer.status = 502
-                    self._closing = True
-                    if self.transport is not None:
-                        self.transport.abort()
-                    raise errors.UpstreamError("reset", 502) from None
-                self._write_body(pending, chunk, chunked, last=True)
+                self._held, self._chunked = reply, chunked
+                await relay.body(conn, self, transfer)
             reusable = True
             return answer.status
         finally:
@@ -436,8 +388,22 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         self._written = True
         self.transport.write(data)
 
-    def _write_body(self, head: bytes, chunk: bytes, chunked: bool, *, last: bool = False) -> None:
-        if chunked:
+    # (relay.Sink: the app's body, after the head held in self._held)
+
+    def send_head(self) -> None:
+        head, self._held = self._held, b""
+        self._write(head)
+
+    def write(self, chunk: bytes) -> Awaitable[None] | None:
+        self._write_body(chunk, last=False)
+        return self._drained() if self._write_paused else None
+
+    def write_last(self, chunk: bytes) -> None:
+        self._write_body(chunk, last=True)
+
+    def _write_body(self, chunk: bytes, *, last: bool) -> None:
+        head, self._held = self._held, b""
+        if self._chunked:
             parts = [head, b"%x\r\n" % len(chunk), chunk, b"\r\n"] if chunk else [head]
             if last:
                 parts.append(b"0\r\n\r\n")
@@ -514,9 +480,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
             return
         if self._head_started:
-            log.debug("closing a connection whose request header did not complete in time")
-            with contextlib.suppress(Exception):
-                self.transport.write(TIMEOUT_408)
+            header_timed_out(self.transport, self._fast.header_timeout)
         self.transport.close()
 
     def shutdown(self) -> None:
@@ -526,7 +490,8 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
             self.transport.close()
 
     def abort(self) -> None:
-        """Server stop, drain time over."""
+        """Cut the connection: server stop with the drain time over, or a truncated answer."""
+        self._closing = True
         if self.transport is not None and not self._closed:
             self.transport.abort()
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from enforcer.errors import UpstreamError
+from enforcer.errors import UpstreamError, UpstreamKind
 from enforcer.identity import cookies as sessions
 
 if TYPE_CHECKING:
@@ -279,7 +279,7 @@ def _encode_head(lines: list[str]) -> bytes:
     text = "\r\n".join([*lines, "", ""])
     count = len(lines) + 1
     if text.count("\n") != count or text.count("\r") != count:
-        raise UpstreamError("protocol", 502)
+        raise UpstreamError(UpstreamKind.PROTOCOL, 502)
     return text.encode("utf-8", "surrogateescape")
 
 
@@ -363,7 +363,7 @@ def _build_relay_head(
     lines = [f"HTTP/1.1 {status} {reason}", *map(": ".join, headers.items())]
     for line in lines:
         if _FORBIDDEN_IN_HEAD.search(line) is not None:
-            raise UpstreamError("protocol", 502)
+            raise UpstreamError(UpstreamKind.PROTOCOL, 502)
     lines.append("")
     return "\r\n".join(lines).encode("utf-8", "surrogateescape"), chunked, no_body, "Date" not in headers
 

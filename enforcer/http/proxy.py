@@ -10,31 +10,24 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict, istr
 from yarl import URL
 
-from enforcer.errors import UpstreamError
+from enforcer.errors import UpstreamError, UpstreamKind
+from enforcer.http import relay
 from enforcer.http import upstream as upstream_client
 from enforcer.http.headers import CHUNK, SERVER, _first, _internal_origins, response_headers, serialise_head
 
 log = logging.getLogger(__name__)
 
 _WS = aiohttp.ClientWebSocketResponse | web.WebSocketResponse
-
-
-
-
-
-
-
-
-
 
 
 @dataclass
@@ -54,6 +47,30 @@ class _Relayed(web.StreamResponse):
     :meth:`Upstream.forward` writes the head at once when no body bytes are there yet."""
 
     _send_headers_immediately = False
+
+
+class _ResponseSink:
+    """:class:`relay.Sink` over an aiohttp response (prepared, its head held)."""
+
+    __slots__ = ("_request", "_resp", "_writer")
+
+    def __init__(self, request: web.BaseRequest, resp: _Relayed, writer: AbstractStreamWriter) -> None:
+        self._request = request
+        self._resp = resp
+        self._writer = writer
+
+    def send_head(self) -> None:
+        self._writer.send_headers()
+
+    def write(self, chunk: bytes) -> Awaitable[None]:
+        return self._resp.write(chunk)  # (the first one together with the head)
+
+    def write_last(self, chunk: bytes) -> Awaitable[None]:
+        return self._resp.write_eof(chunk)  # head (if still held), last chunk and end: one write
+
+    def abort(self) -> None:
+        if self._request.transport is not None:
+            self._request.transport.abort()
 
 
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # no "Content-Length: 0" without a body
@@ -160,28 +177,11 @@ class Upstream:
                 if up_length is not None:
                     resp.headers["Content-Length"] = up_length
             writer = await resp.prepare(request)  # the head is held for the first body bytes
-            chunk = b""
-            if not no_body:
-                try:
-                    if not conn.ready():
-                        # nothing of the body has arrived (a slow app, a stream, a long poll):
-                        # the client gets the head now, not when the first byte comes
-                        assert writer is not None
-                        writer.send_headers()
-                    chunk = await conn.read()
-                    while chunk:
-                        transfer.bytes_out += len(chunk)
-                        if conn.drained():
-                            break  # the last chunk: written with the end of the response below
-                        await resp.write(chunk)  # (the first one together with the head)
-                        chunk = await conn.read()
-                except (upstream_client.Closed, upstream_client.ReadTimeout, upstream_client.ProtocolError):
-                    # truncated body: never let the client take it for complete
-                    transfer.status = 502
-                    if request.transport is not None:
-                        request.transport.abort()
-                    raise UpstreamError("reset", 502) from None
-            await resp.write_eof(chunk)  # head (if still held), last chunk and end: one write
+            if no_body:
+                await resp.write_eof(b"")  # the held head and the end: one write
+            else:
+                assert writer is not None
+                await relay.body(conn, _ResponseSink(request, resp, writer), transfer)
             reusable = body_task is None or (body_task.done() and not body_task.cancelled())
             return resp
         finally:
@@ -225,7 +225,7 @@ class Upstream:
                 conn = await self._pool.acquire(host, port, fresh=fresh)
             except upstream_client.ConnectError as exc:
                 log.info("upstream %s:%s: %s", host, port, exc)
-                raise UpstreamError("connect", 502) from None
+                raise UpstreamError(UpstreamKind.CONNECT, 502) from None
             conn.start(head, no_body=no_body)
             body_task = None
             if has_body and request is not None:
@@ -241,22 +241,22 @@ class Upstream:
                 if isinstance(exc, UpstreamError):
                     raise
                 if isinstance(exc, upstream_client.ReadTimeout):
-                    raise UpstreamError("timeout", 504) from None
+                    raise UpstreamError(UpstreamKind.TIMEOUT, 504) from None
                 if transfer.bytes_in > self.max_body:
-                    raise UpstreamError("body_too_large", 413) from None
+                    raise UpstreamError(UpstreamKind.BODY_TOO_LARGE, 413) from None
                 if isinstance(exc, upstream_client.Closed) and conn.reused and not exc.got_bytes and not has_body:
                     fresh = True  # the app had closed the idle connection: once more on a new one
                     continue
                 if isinstance(exc, upstream_client.Closed | upstream_client.ProtocolError | OSError):
                     log.info("upstream %s:%s failed: %s", host, port, exc)
-                    raise UpstreamError("protocol", 502) from None
+                    raise UpstreamError(UpstreamKind.PROTOCOL, 502) from None
                 raise
 
     async def _count_body(self, request: web.BaseRequest, transfer: Transfer) -> AsyncIterator[bytes]:
         async for chunk in request.content.iter_chunked(CHUNK):
             transfer.bytes_in += len(chunk)
             if transfer.bytes_in > self.max_body:
-                raise UpstreamError("body_too_large", 413)
+                raise UpstreamError(UpstreamKind.BODY_TOO_LARGE, 413)
             yield chunk
 
     async def websocket(
@@ -285,9 +285,9 @@ class Upstream:
             )
         except aiohttp.WSServerHandshakeError as exc:
             transfer.status = exc.status
-            raise UpstreamError("websocket_refused", 502 if exc.status < 400 else exc.status) from None
+            raise UpstreamError(UpstreamKind.WEBSOCKET_REFUSED, 502 if exc.status < 400 else exc.status) from None
         except (aiohttp.ClientError, OSError, TimeoutError):
-            raise UpstreamError("connect", 502) from None
+            raise UpstreamError(UpstreamKind.CONNECT, 502) from None
         transfer.upstream_ms = (time.perf_counter() - started) * 1000
         transfer.status = 101
         chosen = [up.protocol] if up.protocol else []

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,6 +30,8 @@ from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
+from enforcer.errors import Reason
+from enforcer.http.tls import ConnectionInfo, connection_info
 from enforcer.http.upstream import WriteDeadline
 
 log = logging.getLogger(__name__)
@@ -44,16 +47,29 @@ def framing_error(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, LineTooLong):
         # the C parser reports the request-target as a bytearray, header lines as bytes
         if exc.args and isinstance(exc.args[0], bytearray):
-            return 414, "target_too_long"
-        return 431, "header_too_large"
+            return 414, Reason.TARGET_TOO_LONG
+        return 431, Reason.HEADER_TOO_LARGE
     if isinstance(exc, HttpProcessingError) and "Too many headers" in str(exc.message):
-        return 431, "too_many_headers"
-    return 400, "malformed_request"
+        return 431, Reason.TOO_MANY_HEADERS
+    return 400, Reason.MALFORMED_REQUEST
 
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 TIMEOUT_408 = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+
+Destination = tuple[str, int] | None
+"""Where a redirected connection was going (read at the accept), or None."""
+
+
+def header_timed_out(transport: asyncio.Transport, header_timeout: float) -> None:
+    """A request's header block missed its deadline: answer 408 (the caller then closes).
+
+    The one 408 of both HTTP paths (aiohttp's :class:`Protocol` and the lean path's
+    connection), each of which keeps its own timer."""
+    log.debug("closing a connection whose request header did not complete in %.0f s", header_timeout)
+    with contextlib.suppress(Exception):  # (a transport already closing: nothing to tell)
+        transport.write(TIMEOUT_408)
 
 
 class Protocol(WriteDeadline, RequestHandler):
@@ -67,6 +83,8 @@ class Protocol(WriteDeadline, RequestHandler):
         header_timeout: float,
         body_timeout: float,
         write_timeout: float = 0.0,
+        destination: Destination = None,
+        info: ConnectionInfo | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, loop=loop, **kwargs)
@@ -77,7 +95,9 @@ class Protocol(WriteDeadline, RequestHandler):
         self._body_timer: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None  # body of the newest parsed request
         self._body_seen = 0.0
-        self.enforcer_facts: tuple[Any, ...] | None = None  # per-connection facts, cached by the gate
+        self._destination = destination
+        self.info: ConnectionInfo | None = info
+        """What the connection is (built in :meth:`connection_made`, or passed on by the lean path)."""
         self.admitted = False
         """Counted against the server's caps (by TLSListener, or before a fast-path hand-over):
         this protocol gives the place back when the connection ends."""
@@ -86,6 +106,8 @@ class Protocol(WriteDeadline, RequestHandler):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
         self._peer_ip = str(peer[0]) if peer else None
+        if self.info is None:
+            self.info = connection_info(peer, self._destination, transport.get_extra_info("ssl_object"))
         super().connection_made(transport)
         self._arm_header_timer()
 
@@ -145,8 +167,7 @@ class Protocol(WriteDeadline, RequestHandler):
         if self._request_in_progress or self._messages:
             self._arm_header_timer()  # still answering an earlier request: check again later
             return
-        log.debug("closing a connection whose request header did not complete in %.0f s", self._header_timeout)
-        self.transport.write(TIMEOUT_408)
+        header_timed_out(self.transport, self._header_timeout)
         self.force_close()
 
     def _check_body(self) -> None:
@@ -203,8 +224,9 @@ class Server(web.Server):
         self.open_connections = 0
         self.refused_connections = 0
         self._per_ip: dict[str, int] = {}
-        self.fast: Callable[[], asyncio.Protocol] | None = None
-        """Set to serve connections through :mod:`enforcer.fastpath` first (daemon.py)."""
+        self.fast: Callable[[bool, Destination], asyncio.Protocol] | None = None
+        """Set to serve connections through :mod:`enforcer.fastpath` first (daemon.py): called
+        with (admitted, original destination)."""
         self.fast_connections: set[Any] = set()
         """The fast-path connections now open (each has ``shutdown()`` and ``abort()``)."""
         self.on_idle: Callable[[], object] | None = None
@@ -242,23 +264,26 @@ class Server(web.Server):
             self._peak = self.open_connections
             self.on_idle()  # (last: the counts are already right whatever it does)
 
-    def protocol(self, *, admitted: bool = False) -> Protocol:
-        """An aiohttp connection protocol; ``admitted``: the connection was counted in already."""
-        protocol = Protocol(self, loop=self._loop, **self._timeouts, **self._kwargs)
+    def protocol(
+        self, *, admitted: bool = False, destination: Destination = None, info: ConnectionInfo | None = None
+    ) -> Protocol:
+        """An aiohttp connection protocol; ``admitted``: the connection was counted in already;
+        ``info``: what the connection is, when another protocol served it first."""
+        protocol = Protocol(
+            self, loop=self._loop, destination=destination, info=info, **self._timeouts, **self._kwargs
+        )
         protocol.admitted = admitted
         return protocol
 
     def __call__(self) -> asyncio.Protocol:  # type: ignore[override]  # a fast connection is no RequestHandler
+        return self.admitted_protocol(None, admitted=False)
+
+    def admitted_protocol(self, destination: Destination = None, *, admitted: bool = True) -> asyncio.Protocol:
+        """A serving protocol for a connection :class:`TLSListener` counted in already."""
         fast = self.fast
         if fast is not None:
-            return fast()
-        return self.protocol()
-
-    def admitted_protocol(self) -> asyncio.Protocol:
-        """A serving protocol for a connection :class:`TLSListener` counted in already."""
-        protocol = self()
-        protocol.admitted = True  # type: ignore[attr-defined]  # (both serving protocols have it)
-        return protocol
+            return fast(admitted, destination)
+        return self.protocol(admitted=admitted, destination=destination)
 
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's signature)
         """Stop: fast-path connections close when idle or once their answer is out, then

@@ -1,7 +1,9 @@
 """Build the server side of TLS: one SSLContext that picks a service's certificate by SNI.
 
 The listener's job ends at a completed handshake; the HTTP server (aiohttp) is wired elsewhere
-with ``server_ssl_context(...)`` and a socket from ``make_listen_socket(...)``.
+with ``server_ssl_context(...)`` and a socket from ``make_listen_socket(...)``.  What a finished
+handshake tells about a connection (with its peer and original destination) is one
+:class:`ConnectionInfo`, built once per connection.
 
 What the context guarantees (conformance §4.3 X-HOST-05/06, §4.6 X-TLS-01..09), and why:
 
@@ -49,6 +51,7 @@ import ssl
 import sys
 import weakref
 from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 from enforcer.http.certs import CertError, LeafPaths
 
@@ -92,6 +95,35 @@ def sni_of(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
     if ssl_object is None:
         return None
     return _sni_by_object.get(ssl_object)
+
+
+class ConnectionInfo(NamedTuple):
+    """What one client connection is, fixed once its TLS handshake is done: built once per
+    connection (:func:`connection_info`) and handed to whichever protocol serves it."""
+
+    client_ip: str  # an IPv4 client of the dual-stack listener as a.b.c.d, not ::ffff:a.b.c.d
+    client: str  # "ip:port", for the flow record
+    destination: tuple[str, int] | None  # where a redirected connection was going
+    destination_text: str | None  # the same as "host:port", for the flow record
+    sni: str | None
+    tls_version: str | None
+
+
+def connection_info(peer: Any, destination: tuple[str, int] | None, ssl_object: Any) -> ConnectionInfo:
+    """The :class:`ConnectionInfo` of a connection from its transport's ``peername`` and
+    ``ssl_object`` and its original destination (read at the accept, before the handshake)."""
+    # the dual-stack [::] listener the redirect needs reports IPv4 clients as ::ffff:a.b.c.d
+    client_ip = str(peer[0]) if peer else "-"
+    if client_ip.startswith("::ffff:") and "." in client_ip:
+        client_ip = client_ip[7:]
+    return ConnectionInfo(
+        client_ip,
+        f"{client_ip}:{peer[1]}" if peer else "-",
+        destination,
+        f"{destination[0]}:{destination[1]}" if destination else None,
+        sni_of(ssl_object),
+        ssl_object.version() if ssl_object is not None else None,
+    )
 
 
 def _leaf_context(leaf: LeafPaths) -> ssl.SSLContext:

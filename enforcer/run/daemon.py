@@ -28,6 +28,7 @@ from aiohttp import web
 from enforcer.config import definitions as definitions_mod
 from enforcer.config import settings as settings_mod
 from enforcer.config.sources import DefinitionsManager, build_sources
+from enforcer.errors import Outcome, Reason
 from enforcer.flow import FlowRecord
 from enforcer.flowlog import FlowLog
 from enforcer.http import accept, certs, fastpath, proxy
@@ -139,6 +140,15 @@ def session_store(s: settings_mod.DaemonModel, *, shared: bool) -> sessions.Sess
         )
     return sessions.MemorySessionStore(idle_timeout=s.sessions.idleTimeout, max_sessions=s.sessions.maxSessions)
 
+
+
+_RELOAD_REASONS = {
+    "success": Reason.RELOAD_SUCCESS,
+    "last_known_good": Reason.RELOAD_LAST_KNOWN_GOOD,
+    "rejected": Reason.RELOAD_REJECTED,
+    "failed": Reason.RELOAD_FAILED,
+}
+"""The flow reason of each outcome of a definitions reload."""
 
 
 @dataclass
@@ -267,7 +277,7 @@ class Daemon:
         self._spawn(self.manager.run(), "definitions")
         self.flowlog = flowlog
         handshake_timeout = min(10.0, s.limits.headerTimeout)  # a silent or partial ClientHello (X-LIM-10)
-        tls_server = accept.TLSListener(server, sock, ssl_ctx, handshake_timeout)
+        tls_server = accept.TLSListener(server, sock, ssl_ctx, handshake_timeout, redirect=s.redirect.enabled)
         admin = await self._start_admin(runtime) if self.owns_host else None
         self._install_signals(loop, flowlog)
         self._publish_definitions()
@@ -422,7 +432,7 @@ class Daemon:
             return
         now = time.time()
         record = FlowRecord.begin(client="-", sni=None, host=None, method="RELOAD", path="-", now=now)
-        record.record(decision="reload", reason=f"reload_{outcome}")
+        record.record(decision=Outcome.RELOAD, reason=_RELOAD_REASONS[outcome])
         record.endpoint = detail[:200] or None
         flowlog.write(record.finish(now=now, status=200 if outcome in ("success", "last_known_good") else 500))
 
