@@ -162,6 +162,84 @@ def test_duplicate_hosts_across_services_are_rejected() -> None:
     assert any("already served" in i.message for i in issues)
 
 
+def _svc(name: str, selectors: list[list[str]]) -> dict[str, object]:
+    """A valid service of its own host, served where ``selectors`` say."""
+    return {**SERVICE, "name": name, "hosts": [f"{name}.example.com"], "OIDCCallbackURL": f"https://{name}.example.com",
+            "selectors": selectors}
+
+
+SELECTED = [_svc("everywhere", []), _svc("front", [["app=frontend"]]),
+            _svc("back-or-prod", [["app=backend"], ["team=x", "env=prod"]])]
+
+
+@pytest.mark.parametrize(
+    ("tags", "names"),
+    [
+        ((), ["everywhere"]),
+        (("app=frontend",), ["everywhere", "front"]),
+        (("team=x",), ["everywhere"]),                        # one tag of an AND clause is not enough
+        (("team=x", "env=prod"), ["everywhere", "back-or-prod"]),
+        (("app=backend", "app=frontend"), ["everywhere", "front", "back-or-prod"]),
+        (("app=frontend", "$identity=processingunit"), ["everywhere", "front"]),
+    ],
+)
+def test_for_tags_selects_the_services_whose_selectors_match(tags: tuple[str, ...], names: list[str]) -> None:
+    """for_tags returns, in document order, the services with no selectors or with one clause the tags satisfy."""
+    defs = _resolve(*SELECTED, SPEC, tags=("app=frontend",))
+    assert [s.name for s in defs.for_tags(tags)] == names
+    assert [s.name for s in defs.catalog] == ["everywhere", "front", "back-or-prod"]
+
+
+def test_services_are_the_selection_for_the_enforcers_own_tags() -> None:
+    """An enforcer's services are for_tags(its tags); the others are listed as ignored."""
+    defs = _resolve(*SELECTED, SPEC, tags=("team=x", "env=prod"))
+    assert defs.services == defs.for_tags(("team=x", "env=prod"))
+    assert [s.name for s in defs.services] == ["everywhere", "back-or-prod"]
+    assert defs.ignored == ("front",)
+
+
+@pytest.mark.parametrize(
+    "problem",
+    [
+        {"OIDCClientSecret": {"file": "/nonexistent/secret"}},
+        {"OIDCCallbackURL": "https://front.example.com:99999"},
+        {"OIDCProviderURL": "http://idp.example.com"},
+        {"OIDCCallbackURL": "https://everywhere.example.com"},  # not one of its hosts
+    ],
+)
+def test_a_broken_service_selected_elsewhere_is_left_out_not_an_error(problem: dict[str, object]) -> None:
+    """A service this enforcer does not select stays out of the catalog when broken, without failing the set."""
+    defs = _resolve(SELECTED[0], {**SELECTED[1], **problem}, SPEC, tags=())
+    assert [s.name for s in defs.services] == [s.name for s in defs.catalog] == ["everywhere"]
+    assert defs.ignored == ("front",)
+
+
+def test_a_callback_port_out_of_range_is_an_issue_not_a_crash() -> None:
+    """An OIDCCallbackURL whose port is out of range is reported at its key path."""
+    [issue] = _issues({**SERVICE, "OIDCCallbackURL": "https://app.example.com:99999"}, SPEC)
+    assert issue.path == "service[private-app].OIDCCallbackURL"
+
+
+TAG_UNIVERSE = ["app=a", "app=b", "env=prod", "$identity=processingunit"]
+tag_sets = st.frozensets(st.sampled_from(TAG_UNIVERSE))
+selector_lists = st.lists(st.lists(st.sampled_from(TAG_UNIVERSE), min_size=1, max_size=2), max_size=2)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(selector_lists, min_size=1, max_size=4), tag_sets, tag_sets, tag_sets)
+def test_selection_is_a_pure_monotone_function_of_the_tags(
+    selectors: list[list[list[str]]], mine: frozenset[str], other: frozenset[str], more: frozenset[str]
+) -> None:
+    """Whoever resolved the set, for_tags(T) is what an enforcer with tags T serves, in catalog order, and more tags never select fewer services."""
+    docs = [_svc(f"s{i}", sel) for i, sel in enumerate(selectors)]
+    defs = _resolve(*docs, SPEC, tags=tuple(mine))
+    assert defs.services == defs.for_tags(mine)
+    assert _resolve(*docs, SPEC, tags=tuple(other)).services == defs.for_tags(other)
+    picked = defs.for_tags(other)
+    assert [s for s in defs.catalog if s in picked] == list(picked)
+    assert set(picked) <= set(defs.for_tags(other | more))
+
+
 def test_unknown_kind_is_an_error() -> None:
     """A document with an unknown kind is rejected with the allowed kinds."""
     [issue] = _issues({"kind": "networkpolicy", "name": "x"})

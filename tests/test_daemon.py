@@ -1,8 +1,10 @@
-"""The running daemon: hot reload under load, services added and removed, clean stop."""
+"""The running daemon: hot reload under load, services added and removed, clean stop, a failed task."""
 
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 import socket
 import ssl
 import statistics
@@ -13,13 +15,13 @@ import aiohttp
 import pytest
 
 from enforcer.config import settings as config_mod
+from enforcer.flowlog import FlowLog
+from enforcer.http.tls import make_listen_socket
 from enforcer.identity import sessions, sqlite
-from enforcer.run.daemon import session_store
+from enforcer.run.daemon import Daemon, session_store
 from enforcer.run.systemd import sd_notify, watchdog_interval
 from tests.e2e_stack import HOST, Stack
 from tests.harness.browser import StaticResolver
-
-pytestmark = pytest.mark.e2e
 
 
 async def _reload(stack: Stack) -> tuple[str, float]:
@@ -29,6 +31,7 @@ async def _reload(stack: Stack) -> tuple[str, float]:
     return body["outcome"], time.monotonic() - started
 
 
+@pytest.mark.e2e
 async def test_ten_reloads_under_load_lose_nothing(stack: Stack) -> None:
     """Authenticated requests and an open WebSocket run across 10 reloads with zero failures and sessions intact."""
     defs = stack.state / "definitions.yaml"
@@ -80,6 +83,7 @@ async def test_ten_reloads_under_load_lose_nothing(stack: Stack) -> None:
     assert sum(f["reason"] == "reload_success" for f in stack.flows()) >= 10
 
 
+@pytest.mark.e2e
 async def test_invalid_reload_keeps_serving_the_old_set(stack: Stack) -> None:
     """A broken definitions file is rejected on reload and requests keep being decided by the old set."""
     defs = stack.state / "definitions.yaml"
@@ -98,6 +102,7 @@ async def test_invalid_reload_keeps_serving_the_old_set(stack: Stack) -> None:
     await stack.wait_flow(lambda f: f["reason"] == "reload_rejected")
 
 
+@pytest.mark.e2e
 async def test_added_service_gets_a_certificate_and_removed_one_stops(stack: Stack) -> None:
     """A service added by reload is served on its new host with a minted certificate; removing it stops that."""
     defs = stack.state / "definitions.yaml"
@@ -183,3 +188,72 @@ async def test_session_store_follows_the_sessions_settings(tmp_path: Path) -> No
         await store.close()
     cfg.write_text("definitions: [{file: d.yaml}]\nsessions: {store: memory}\n")
     assert isinstance(session_store(config_mod.load_settings(cfg).model, shared=False), sessions.MemorySessionStore)
+
+
+class FailingFlowLog(FlowLog):
+    """A flow log whose writer task fails shortly after the daemon starts."""
+
+    async def run(self) -> None:
+        await asyncio.sleep(0.05)
+        raise OSError("flow log disk vanished")
+
+
+class UnsignalledDaemon(Daemon):
+    """The real daemon, minus the signal handlers (they belong to pytest here)."""
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop, flowlog: FlowLog) -> None:
+        return None
+
+
+def _small_daemon(tmp_path: Path, flowlog: FlowLog) -> Daemon:
+    """A daemon on loopback with one service (its IdP unreachable) and the given flow log."""
+    (tmp_path / "d.yaml").write_text(
+        "kind: service\nname: app\nOIDCClientID: c\nOIDCClientSecret: s\n"
+        "OIDCProviderURL: https://127.0.0.1:9/\nOIDCCallbackURL: https://app.test\n"
+        "hosts: [app.test]\nport: 9\nexposedAPIs: [[api=x]]\n"
+    )
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text(f"stateDir: {tmp_path}/state\nadmin: {{address: 127.0.0.1, port: 0}}\n"
+                   "definitions: [{file: d.yaml}]\nsessions: {store: memory}\n")
+    return UnsignalledDaemon(
+        config_mod.load_settings(cfg), listen_socket=make_listen_socket("127.0.0.1", 0), flowlog=flowlog
+    )
+
+
+async def _start(daemon: Daemon) -> asyncio.Task[int]:
+    ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    task = asyncio.get_running_loop().create_task(daemon.run(on_ready=ready))
+    await asyncio.wait({ready, task}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # raises why it did not start
+    assert ready.done(), "the daemon did not start"
+    return task
+
+
+async def test_a_failed_background_task_stops_the_daemon_with_an_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A flow-log writer that raises stops the daemon within a second, logged by task name, with exit code 1."""
+    daemon = _small_daemon(tmp_path, FailingFlowLog(None, stream=io.StringIO()))
+    task = await _start(daemon)
+    port = daemon.listen_port
+    started = time.monotonic()
+    code = await asyncio.wait_for(task, 5)
+    assert code == 1
+    assert time.monotonic() - started < 1.0
+    failed = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert any("'flowlog'" in r.getMessage() and r.exc_info for r in failed), [r.getMessage() for r in failed]
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_a_clean_stop_exits_zero_and_flushes_the_flow_log(tmp_path: Path) -> None:
+    """stop() drains, cancels the background tasks, writes the buffered flow records and returns 0."""
+    out = io.StringIO()
+    daemon = _small_daemon(tmp_path, FlowLog(None, stream=out, flush_interval=60))
+    task = await _start(daemon)
+    daemon._reload_outcome("success", "test")
+    daemon.stop()
+    assert await asyncio.wait_for(task, 5) == 0
+    assert "reload_success" in out.getvalue()
+    assert daemon._tasks == set()

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -232,3 +233,93 @@ def test_plain_http_sources_are_only_allowed_on_loopback(tmp_path: Path) -> None
     cfg.write_text("definitions: [{url: 'http://cp.example.com/defs'}]\n")
     with pytest.raises(issues.ConfigError, match="https"):
         settings_mod.load_settings(cfg)
+
+
+@dataclass
+class WatchSource:
+    """A source that pushes its documents (like a watch) and has nothing new when polled; can be down."""
+
+    name: str
+    docs: list[definitions.RawDocument]
+    interval: float = 3600.0
+    down: bool = False
+
+    async def poll(self) -> list[definitions.RawDocument] | None:
+        if self.down:
+            raise SourceError(f"{self.name}: down")
+        return self.docs
+
+    def reset(self) -> None:
+        return None
+
+
+def _docs(*objects: dict[str, object], source: str = "watch") -> list[definitions.RawDocument]:
+    return [definitions.RawDocument(source, i, o) for i, o in enumerate(objects)]
+
+
+@pytest.mark.parametrize(
+    ("pushed", "outcome", "uri"),
+    [
+        ([SERVICE, _spec_with("/pushed")], "success", "/pushed"),           # a change is applied
+        ([{**SERVICE, "port": "eighty"}, SPEC], "rejected", "/*"),         # invalid: the old set stays
+        ([SERVICE, SPEC], "unchanged", "/*"),                              # the same set: nothing to do
+    ],
+)
+async def test_a_push_goes_through_validation_swap_and_last_known_good(
+    tmp_path: Path, pushed: list[dict[str, object]], outcome: str, uri: str
+) -> None:
+    """A pushed set is validated, handed to on_change and persisted only if valid and new, like a poll."""
+    settings = _settings(tmp_path, [{"file": "unused.yaml"}])
+    applied: list[tuple[str, str]] = []
+    outcomes: list[str] = []
+
+    async def on_change(defs: definitions.Definitions, reason: str) -> None:
+        applied.append((reason, defs.services[0].endpoints[0].uri))
+
+    mgr = DefinitionsManager(settings, [WatchSource("watch", _docs(SERVICE, SPEC))], on_change=on_change,
+                             on_outcome=lambda o, d: outcomes.append(o))
+    first = await mgr.load_initial()
+    assert await mgr.push(_docs(*pushed), "watch") == outcome
+    assert mgr.current is not None and mgr.current.services[0].endpoints[0].uri == uri
+    assert applied == ([("push from watch", uri)] if outcome == "success" else [])
+    assert (mgr.current is first) == (outcome != "success")
+    assert outcomes == ([] if outcome == "unchanged" else [outcome])
+    saved = yaml.safe_load_all((settings.state_dir / LKG_NAME).read_text())
+    assert [d for d in saved if d is not None][1]["endpoints"][0]["URI"] == uri
+
+
+async def test_a_push_that_fails_to_apply_keeps_the_current_set(tmp_path: Path) -> None:
+    """When on_change raises for a pushed set, the outcome is failed and the current set stays."""
+    settings = _settings(tmp_path, [{"file": "unused.yaml"}])
+
+    async def on_change(defs: definitions.Definitions, reason: str) -> None:
+        raise RuntimeError("redirect refused")
+
+    mgr = DefinitionsManager(settings, [WatchSource("watch", _docs(SERVICE, SPEC))], on_change=on_change)
+    first = await mgr.load_initial()
+    assert await mgr.push(_docs(SERVICE, _spec_with("/x")), "watch") == "failed"
+    assert mgr.current is first
+
+
+async def test_a_push_from_an_unknown_source_is_refused(tmp_path: Path) -> None:
+    """Only a configured source may push; another origin is a ValueError."""
+    mgr = DefinitionsManager(_settings(tmp_path, [{"file": "unused.yaml"}]), [WatchSource("watch", _docs(SERVICE, SPEC))])
+    await mgr.load_initial()
+    with pytest.raises(ValueError, match="elsewhere"):
+        await mgr.push(_docs(SERVICE, SPEC), "elsewhere")
+
+
+async def test_a_push_waits_for_the_other_sources_and_ends_last_known_good(tmp_path: Path) -> None:
+    """Started from last-known-good, a push is held until every source was read, then applied, ending last-known-good."""
+    settings = _settings(tmp_path, [{"file": "unused.yaml"}])
+    await DefinitionsManager(settings, [WatchSource("watch", _docs(SERVICE, SPEC))]).load_initial()
+    watch = WatchSource("watch", [], down=True)
+    files = WatchSource("files", [], down=True)
+    mgr = DefinitionsManager(settings, [files, watch])
+    await mgr.load_initial()
+    assert mgr.using_lkg
+    assert await mgr.push(_docs(SERVICE, _spec_with("/new")), "watch") == "source_unavailable"
+    assert mgr.current is not None and mgr.current.services[0].endpoints[0].uri == "/*"
+    assert await mgr.push([], "files") == "success"
+    assert mgr.current.services[0].endpoints[0].uri == "/new"
+    assert not mgr.using_lkg

@@ -6,7 +6,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from enforcer.errors import Reason
 from enforcer.policy import (
     MAX_TARGET_BYTES,
     Decision,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -167,6 +167,9 @@ class ServiceModel(_Strict):
         return v
 
 
+IDENTITY_TAG = "$identity=processingunit"
+"""The tag every processing unit (this enforcer, a pod) carries besides its own."""
+
 _KIND_MODELS: dict[str, type[_Strict]] = {
     "service": ServiceModel,
     "httpresourcespec": HTTPResourceSpecModel,
@@ -200,6 +203,7 @@ class Service:
     idp_ca_file: Path | None
     tls: TLSOverride | None
     specs: tuple[str, ...]  # names of the httpresourcespecs that contributed endpoints
+    selectors: tuple[tuple[str, ...], ...] = ()  # the processing units it is served for (OR of ANDs)
 
 
 @dataclass(frozen=True)
@@ -207,8 +211,17 @@ class Definitions:
     """A validated set of definitions, resolved against this enforcer's tags."""
 
     services: tuple[Service, ...]
+    """The services this enforcer serves: ``for_tags(its tags)``."""
     ignored: tuple[str, ...] = ()  # services whose selectors do not match this enforcer
     warnings: tuple[str, ...] = ()
+    catalog: tuple[Service, ...] = ()
+    """Every valid service of the set, whichever tags its selectors ask for, in document order."""
+
+    def for_tags(self, tags: Iterable[str]) -> tuple[Service, ...]:
+        """The services a processing unit with these tags is served (the catalog's services
+        whose selectors match; a pure function of ``tags``)."""
+        have = frozenset(tags)
+        return tuple(s for s in self.catalog if selects(s.selectors, have))
 
     def by_host(self) -> dict[str, Service]:
         return {h: s for s in self.services for h in s.hosts}
@@ -318,8 +331,57 @@ def resolve_definitions(
     *,
     allow_http_loopback_idp: bool = False,
 ) -> Definitions:
-    """Validate a whole set of definitions and resolve it for this enforcer (or raise)."""
+    """Validate a whole set of definitions and resolve it for this enforcer (or raise).
+
+    Every service is resolved into the catalog; the ones this enforcer's tags select are its
+    ``services``, and only their problems (and their hosts clashing) make the set invalid."""
     issues: list[ConfigIssue] = []
+    services, specs = _validate_documents(docs, issues)
+    _check_unique(issues, services, "service")
+    _check_unique(issues, specs, "httpresourcespec")
+    catalog: list[Service] = []
+    ignored: list[str] = []
+    warnings: list[str] = []
+    seen_hosts: dict[tuple[str, int], str] = {}
+    for doc, svc in services:
+        selected = selects(svc.selectors, enforcer_tags)
+        own = _check_urls(doc, svc, allow_http_loopback_idp=allow_http_loopback_idp)
+        if selected:
+            own.extend(_check_hosts(doc, svc, seen_hosts))
+        secret = ""
+        try:
+            secret = _read_secret(svc.OIDCClientSecret, doc.where, f"service[{svc.name}].OIDCClientSecret")
+        except ConfigError as exc:
+            own.extend(exc.issues)
+        if selected:
+            issues.extend(own)
+        else:
+            ignored.append(svc.name)
+        if own:
+            continue
+        service = _resolve_service(svc, secret, specs)
+        catalog.append(service)
+        if selected and not service.specs:
+            warnings.append(
+                f"service {svc.name!r}: exposedAPIs {svc.exposedAPIs} match no httpresourcespec; "
+                "every request will be denied"
+            )
+    if issues:
+        raise ConfigError(issues)
+    mine = tuple(s for s in catalog if selects(s.selectors, enforcer_tags))
+    return Definitions(mine, tuple(ignored), tuple(warnings), catalog=tuple(catalog))
+
+
+def selects(selectors: Sequence[Sequence[str]], tags: Iterable[str]) -> bool:
+    """Whether a service with these ``selectors`` is served for a processing unit with ``tags``
+    (no selectors: everywhere)."""
+    return not selectors or tags_match(selectors, {*tags, IDENTITY_TAG})
+
+
+def _validate_documents(
+    docs: Sequence[RawDocument], issues: list[ConfigIssue]
+) -> tuple[list[tuple[RawDocument, ServiceModel]], list[tuple[RawDocument, HTTPResourceSpecModel]]]:
+    """Each document validated against the model of its ``kind``; problems go to ``issues``."""
     services: list[tuple[RawDocument, ServiceModel]] = []
     specs: list[tuple[RawDocument, HTTPResourceSpecModel]] = []
     for doc in docs:
@@ -344,122 +406,129 @@ def resolve_definitions(
             services.append((doc, obj))
         elif isinstance(obj, HTTPResourceSpecModel):
             specs.append((doc, obj))
+    return services, specs
 
-    _check_unique(issues, services, "service")
-    _check_unique(issues, specs, "httpresourcespec")
 
-    all_tags = {*enforcer_tags, "$identity=processingunit"}
-    resolved: list[Service] = []
-    ignored: list[str] = []
-    warnings: list[str] = []
-    seen_hosts: dict[tuple[str, int], str] = {}
-    for doc, svc in services:
-        prefix = f"service[{svc.name}]."
-        if svc.selectors and not tags_match(svc.selectors, all_tags):
-            ignored.append(svc.name)
-            continue
-        for key, url in (("OIDCProviderURL", svc.OIDCProviderURL), ("OIDCCallbackURL", svc.OIDCCallbackURL)):
-            problem = _https_url(url, allow_http_loopback=allow_http_loopback_idp and key == "OIDCProviderURL")
-            if problem:
-                issues.append(ConfigIssue(doc.where, prefix + key, problem, url, _FIX[key]))
+def _check_urls(doc: RawDocument, svc: ServiceModel, *, allow_http_loopback_idp: bool) -> list[ConfigIssue]:
+    """The IdP and callback URLs are https, and the callback is on one of the service's hosts and ports."""
+    prefix = f"service[{svc.name}]."
+    issues: list[ConfigIssue] = []
+    for key, url in (("OIDCProviderURL", svc.OIDCProviderURL), ("OIDCCallbackURL", svc.OIDCCallbackURL)):
+        problem = _https_url(url, allow_http_loopback=allow_http_loopback_idp and key == "OIDCProviderURL")
+        if problem:
+            issues.append(ConfigIssue(doc.where, prefix + key, problem, url, _FIX[key]))
+    try:
         cb = urllib.parse.urlsplit(svc.OIDCCallbackURL)
-        if cb.scheme == "https" and cb.hostname and normalise_host(cb.hostname) not in svc.hosts:
-            issues.append(
-                ConfigIssue(
-                    doc.where,
-                    prefix + "OIDCCallbackURL",
-                    "host is not one of the service's hosts",
-                    svc.OIDCCallbackURL,
-                    f"use https://{svc.hosts[0]} or add the host to hosts",
-                )
-            )
         cb_port = cb.port if cb.scheme == "https" and cb.hostname else None
-        if cb_port is not None and cb_port != svc.exposedPort:
-            issues.append(
-                ConfigIssue(
-                    doc.where,
-                    prefix + "OIDCCallbackURL",
-                    "port differs from exposedPort",
-                    svc.OIDCCallbackURL,
-                    f"use port {svc.exposedPort} or change exposedPort",
-                )
-            )
-        for h in svc.hosts:
-            other = seen_hosts.get((h, svc.exposedPort))
-            if other is not None:
-                issues.append(
-                    ConfigIssue(
-                        doc.where,
-                        prefix + "hosts",
-                        f"host is already served by service {other!r} on the same exposedPort",
-                        h,
-                        "give each service its own hosts",
-                    )
-                )
-            seen_hosts[(h, svc.exposedPort)] = svc.name
-        secret = ""
-        try:
-            secret = _read_secret(svc.OIDCClientSecret, doc.where, prefix + "OIDCClientSecret")
-        except ConfigError as exc:
-            issues.extend(exc.issues)
-
-        endpoints: list[policy.Endpoint] = []
-        spec_names: list[str] = []
-        for _sdoc, spec in specs:
-            if not tags_match(svc.exposedAPIs, {*spec.associatedTags, f"httpresourcespec:name={spec.name}"}):
-                continue
-            spec_names.append(spec.name)
-            for i, ep in enumerate(spec.endpoints):
-                endpoints.append(
-                    policy.Endpoint(
-                        uri=ep.URI,
-                        methods=frozenset(ep.methods),
-                        public=ep.public,
-                        allowed_scopes=tuple(frozenset(c) for c in ep.allowedScopes),
-                        rule=f"{spec.name}#{i}",
-                    )
-                )
-        for i, p in enumerate(svc.bypassPaths):
-            endpoints.append(
-                policy.Endpoint(uri=p, methods=frozenset({"*"}), public=True, rule=f"{svc.name}.bypassPaths[{i}]")
-            )
-        if not spec_names:
-            warnings.append(
-                f"service {svc.name!r}: exposedAPIs {svc.exposedAPIs} match no httpresourcespec; "
-                "every request will be denied"
-            )
-        origin = f"https://{svc.hosts[0]}" + ("" if svc.exposedPort == 443 else f":{svc.exposedPort}")
-        if cb.scheme == "https" and cb.hostname:
-            origin = f"https://{normalise_host(cb.hostname)}" + (f":{cb.port}" if cb.port and cb.port != 443 else "")
-        callback_base = svc.OIDCCallbackURL.rstrip("/")
-        resolved.append(
-            Service(
-                name=svc.name,
-                client_id=svc.OIDCClientID,
-                client_secret=secret,
-                issuer=svc.OIDCProviderURL,
-                callback_url=callback_base + svc.OIDCCallbackPath,
-                callback_path=(urllib.parse.urlsplit(callback_base).path + svc.OIDCCallbackPath),
-                logout_path=svc.OIDCLogoutPath,
-                origin=origin,
-                post_logout_redirect=svc.OIDCPostLogoutRedirectURL,
-                userinfo=svc.OIDCUserInfo,
-                scopes=tuple(svc.OIDCScopes),
-                hosts=tuple(svc.hosts),
-                upstream_host=svc.upstreamHost,
-                port=svc.port,
-                exposed_port=svc.exposedPort,
-                endpoints=tuple(endpoints),
-                table=policy.EndpointTable(endpoints),
-                identity_headers=svc.identityHeaders,
-                idp_ca_file=svc.OIDCCAFile,
-                tls=svc.TLSCertificate,
-                specs=tuple(spec_names),
+    except ValueError:  # brackets or a port out of range
+        if not issues or issues[-1].path != prefix + "OIDCCallbackURL":
+            issues.append(ConfigIssue(
+                doc.where, prefix + "OIDCCallbackURL", "not a URL", svc.OIDCCallbackURL, _FIX["OIDCCallbackURL"]
+            ))
+        return issues
+    if cb.scheme == "https" and cb.hostname and normalise_host(cb.hostname) not in svc.hosts:
+        issues.append(
+            ConfigIssue(
+                doc.where,
+                prefix + "OIDCCallbackURL",
+                "host is not one of the service's hosts",
+                svc.OIDCCallbackURL,
+                f"use https://{svc.hosts[0]} or add the host to hosts",
             )
         )
-    if issues:
-        raise ConfigError(issues)
-    return Definitions(tuple(resolved), tuple(ignored), tuple(warnings))
+    if cb_port is not None and cb_port != svc.exposedPort:
+        issues.append(
+            ConfigIssue(
+                doc.where,
+                prefix + "OIDCCallbackURL",
+                "port differs from exposedPort",
+                svc.OIDCCallbackURL,
+                f"use port {svc.exposedPort} or change exposedPort",
+            )
+        )
+    return issues
+
+
+def _check_hosts(doc: RawDocument, svc: ServiceModel, seen_hosts: dict[tuple[str, int], str]) -> list[ConfigIssue]:
+    """No two services of one enforcer serve the same host on the same exposedPort."""
+    issues: list[ConfigIssue] = []
+    for h in svc.hosts:
+        other = seen_hosts.get((h, svc.exposedPort))
+        if other is not None:
+            issues.append(
+                ConfigIssue(
+                    doc.where,
+                    f"service[{svc.name}].hosts",
+                    f"host is already served by service {other!r} on the same exposedPort",
+                    h,
+                    "give each service its own hosts",
+                )
+            )
+        seen_hosts[(h, svc.exposedPort)] = svc.name
+    return issues
+
+
+def _endpoints(
+    svc: ServiceModel, specs: Sequence[tuple[RawDocument, HTTPResourceSpecModel]]
+) -> tuple[list[policy.Endpoint], list[str]]:
+    """The endpoints of the specs the service's exposedAPIs pick, then its bypassPaths; and those specs' names."""
+    endpoints: list[policy.Endpoint] = []
+    spec_names: list[str] = []
+    for _sdoc, spec in specs:
+        if not tags_match(svc.exposedAPIs, {*spec.associatedTags, f"httpresourcespec:name={spec.name}"}):
+            continue
+        spec_names.append(spec.name)
+        for i, ep in enumerate(spec.endpoints):
+            endpoints.append(
+                policy.Endpoint(
+                    uri=ep.URI,
+                    methods=frozenset(ep.methods),
+                    public=ep.public,
+                    allowed_scopes=tuple(frozenset(c) for c in ep.allowedScopes),
+                    rule=f"{spec.name}#{i}",
+                )
+            )
+    for i, p in enumerate(svc.bypassPaths):
+        endpoints.append(
+            policy.Endpoint(uri=p, methods=frozenset({"*"}), public=True, rule=f"{svc.name}.bypassPaths[{i}]")
+        )
+    return endpoints, spec_names
+
+
+def _resolve_service(
+    svc: ServiceModel, secret: str, specs: Sequence[tuple[RawDocument, HTTPResourceSpecModel]]
+) -> Service:
+    """The runtime :class:`Service` of a validated service document."""
+    endpoints, spec_names = _endpoints(svc, specs)
+    cb = urllib.parse.urlsplit(svc.OIDCCallbackURL)
+    origin = f"https://{svc.hosts[0]}" + ("" if svc.exposedPort == 443 else f":{svc.exposedPort}")
+    if cb.scheme == "https" and cb.hostname:
+        origin = f"https://{normalise_host(cb.hostname)}" + (f":{cb.port}" if cb.port and cb.port != 443 else "")
+    callback_base = svc.OIDCCallbackURL.rstrip("/")
+    return Service(
+        name=svc.name,
+        client_id=svc.OIDCClientID,
+        client_secret=secret,
+        issuer=svc.OIDCProviderURL,
+        callback_url=callback_base + svc.OIDCCallbackPath,
+        callback_path=(urllib.parse.urlsplit(callback_base).path + svc.OIDCCallbackPath),
+        logout_path=svc.OIDCLogoutPath,
+        origin=origin,
+        post_logout_redirect=svc.OIDCPostLogoutRedirectURL,
+        userinfo=svc.OIDCUserInfo,
+        scopes=tuple(svc.OIDCScopes),
+        hosts=tuple(svc.hosts),
+        upstream_host=svc.upstreamHost,
+        port=svc.port,
+        exposed_port=svc.exposedPort,
+        endpoints=tuple(endpoints),
+        table=policy.EndpointTable(endpoints),
+        identity_headers=svc.identityHeaders,
+        idp_ca_file=svc.OIDCCAFile,
+        tls=svc.TLSCertificate,
+        specs=tuple(spec_names),
+        selectors=tuple(tuple(clause) for clause in svc.selectors),
+    )
 
 
 def _check_unique(issues: list[ConfigIssue], items: Sequence[tuple[RawDocument, Any]], kind: str) -> None:

@@ -1,6 +1,6 @@
-"""Where definitions come from: sources polled for changes, validated as one set, swapped
-atomically, and persisted as last-known-good so a restart without the control plane still
-enforces.
+"""Where definitions come from: sources polled for changes (or pushing them), validated as
+one set, swapped atomically, and persisted as last-known-good so a restart without the
+control plane still enforces.
 
 Sources (any number, merged in configuration order):
 
@@ -14,8 +14,10 @@ Sources (any number, merged in configuration order):
 
 :class:`DefinitionsManager` merges the latest documents of every source, validates the
 whole set with the same code as ``enforcer check``, and only then hands it to the daemon.
-An invalid update is logged with the source and key path and the previous set stays in
-force.  Every accepted set is written to ``stateDir/definitions.last-known-good.yaml``.
+A source that watches rather than polls hands its documents to
+:meth:`DefinitionsManager.push`, which takes the same path.  An invalid update is logged
+with the source and key path and the previous set stays in force.  Every accepted set is
+written to ``stateDir/definitions.last-known-good.yaml``.
 """
 
 from __future__ import annotations
@@ -222,7 +224,8 @@ OnChange = Callable[[Definitions, str], Awaitable[None]]
 
 @dataclass
 class DefinitionsManager:
-    """Polls the sources, validates merged sets and hands accepted ones to ``on_change``."""
+    """Polls the sources (or takes what they push), validates merged sets and hands accepted
+    ones to ``on_change``."""
 
     settings: settings_mod.Settings
     sources: list[Source]
@@ -232,6 +235,8 @@ class DefinitionsManager:
     digest: str = ""
     using_lkg: bool = False
     _latest: dict[int, list[RawDocument]] = field(default_factory=dict)
+    _failing: set[int] = field(default_factory=set)
+    """The sources whose last read failed."""
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -252,6 +257,7 @@ class DefinitionsManager:
                 docs = await asyncio.wait_for(src.poll(), timeout=30)
             except (SourceError, TimeoutError) as exc:
                 failures.append(f"{src.name}: {exc}")
+                self._failing.add(i)
                 continue
             self._latest[i] = docs or []
         if failures:
@@ -324,6 +330,7 @@ class DefinitionsManager:
         async with self._lock:
             changed = False
             failures = []
+            self._failing.clear()
             for i, src in enumerate(self.sources):
                 if reason != "poll":
                     src.reset()  # an explicit reload re-reads even an unchanged-looking file
@@ -331,6 +338,7 @@ class DefinitionsManager:
                     docs = await src.poll()
                 except SourceError as exc:
                     failures.append(f"{src.name}: {exc}")
+                    self._failing.add(i)
                     continue
                 if docs is not None:
                     self._latest[i] = docs
@@ -342,30 +350,51 @@ class DefinitionsManager:
             recovering = self.using_lkg and not failures and len(self._latest) == len(self.sources)
             if not (changed or recovering) and reason == "poll":
                 return "unchanged"
-            docs = self._merged()
-            digest = fingerprint(docs)
-            if digest == self.digest and reason == "poll" and not recovering:
-                return "unchanged"
+            return await self._accept(self._merged(), reason, force=reason != "poll" or recovering)
+
+    async def push(self, docs: Sequence[RawDocument], origin: str) -> str:
+        """Take new documents pushed by the source named ``origin`` (a watch, rather than a
+        poll): the merged set goes through the same validation, swap and last-known-good as a
+        poll, and the outcome is returned.  Until every other source has been read once, the
+        documents are kept and the outcome is ``source_unavailable``."""
+        index = next((i for i, src in enumerate(self.sources) if src.name == origin), None)
+        if index is None:
+            raise ValueError(f"no definitions source is named {origin!r}")
+        async with self._lock:
+            self._latest[index] = list(docs)
+            self._failing.discard(index)
+            if len(self._latest) < len(self.sources):
+                log.warning("definitions pushed by %s wait until every other source has been read", origin)
+                return "source_unavailable"
+            return await self._accept(self._merged(), f"push from {origin}", force=False)
+
+    async def _accept(self, docs: Sequence[RawDocument], reason: str, *, force: bool) -> str:
+        """Validate a merged set, hand it to ``on_change``, then make it current and persist
+        it; the current set stays if any step fails.  Unless ``force``, an unchanged set is
+        ``unchanged``."""
+        digest = fingerprint(docs)
+        if digest == self.digest and not force:
+            return "unchanged"
+        try:
+            definitions = self._resolve(docs)
+        except ConfigError as exc:
+            log.error("definitions update rejected (%s); the current set stays in force:\n%s", reason, exc)
+            self._outcome("rejected", str(exc.issues[0]) if exc.issues else "")
+            return "rejected"
+        if self.on_change is not None:
             try:
-                definitions = self._resolve(docs)
-            except ConfigError as exc:
-                log.error("definitions update rejected (%s); the current set stays in force:\n%s", reason, exc)
-                self._outcome("rejected", str(exc.issues[0]) if exc.issues else "")
-                return "rejected"
-            if self.on_change is not None:
-                try:
-                    await self.on_change(definitions, reason)
-                except Exception as exc:
-                    log.exception("applying the new definitions failed; the current set stays in force")
-                    self._outcome("failed", str(exc))
-                    return "failed"
-            self.current, self.digest = definitions, digest
-            if self.using_lkg and not failures:
-                log.warning("every definitions source is reachable again; no longer using the last-known-good set")
-                self.using_lkg = False
-            self._save_lkg(docs)
-            self._outcome("success", f"{len(definitions.services)} service(s), {reason}")
-            return "success"
+                await self.on_change(definitions, reason)
+            except Exception as exc:
+                log.exception("applying the new definitions failed; the current set stays in force")
+                self._outcome("failed", str(exc))
+                return "failed"
+        self.current, self.digest = definitions, digest
+        if self.using_lkg and not self._failing:
+            log.warning("every definitions source is reachable again; no longer using the last-known-good set")
+            self.using_lkg = False
+        self._save_lkg(docs)
+        self._outcome("success", f"{len(definitions.services)} service(s), {reason}")
+        return "success"
 
     async def run(self) -> None:
         """Poll forever; a failing source backs off with jitter, others keep their pace."""

@@ -1,10 +1,13 @@
 """Lifecycle of the running enforcer: start in order, serve, reload, stop cleanly.
 
 Start-up order: config and definitions (fatal if invalid) -> certificates -> session
-store -> flow log -> IdP discovery (in the background, retried; ``/readyz`` waits for
-it) -> TLS listener -> admin listener.  SIGHUP reopens the flow log and reloads the
-definitions (the old set stays if the new one is invalid); SIGTERM/SIGINT stop
-accepting, drain in-flight requests, flush the flow log and exit 0.
+store -> flow log -> attachments (listening socket, redirect) -> admin listener -> the
+background tasks (flow-log writer, IdP discovery, housekeeping, definitions poller; in one
+``asyncio.TaskGroup``) -> TLS listeners.  ``/readyz`` waits for discovery.  SIGHUP reopens the
+flow log and reloads the definitions (the old set stays if the new one is invalid);
+SIGTERM/SIGINT stop accepting, drain in-flight requests, flush the flow log and exit 0.  A
+background task that fails stops the daemon the same way, logged with the task's name, and
+the exit code is 1.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,9 +40,9 @@ from enforcer.http import tls as listener
 from enforcer.http.gate import Gate, Runtime
 from enforcer.identity import login, oidc, sessions, sqlite, tokens
 from enforcer.metrics import Metrics
-from enforcer.net import nftables, sockopt
-from enforcer.net.ruleset import RedirectError, RedirectSettings, RedirectTarget, Ruleset, build_ruleset
 from enforcer.run import memory
+from enforcer.run.attach import Attachment, HostAttachment, SocketFactory, Undo
+from enforcer.run.attach import build_redirect as build_redirect  # noqa: PLC0414  (re-export: cli.doctor uses it)
 from enforcer.run.memory import tune_gc
 from enforcer.run.systemd import sd_notify, watchdog_interval
 
@@ -47,6 +50,9 @@ log = logging.getLogger(__name__)
 
 
 DRAIN_SECONDS = 20.0
+
+FAILED_DRAIN_SECONDS = 5.0
+"""In-flight requests get this long when a failed background task stops the daemon."""
 
 WORKERS_STATE = "workers.json"
 """Written by the master in the state dir: which workers listen and are ready."""
@@ -102,28 +108,6 @@ def build_leaves(
     return leaves, default
 
 
-LOCAL_UPSTREAMS = frozenset({"127.0.0.1", "::1", "localhost"})
-
-
-def build_redirect(
-    definitions: definitions_mod.Definitions, settings: settings_mod.Settings, listen_port: int
-) -> Ruleset:
-    """The nftables ruleset for these services (the app port is blocked only for local apps)."""
-
-    r = settings.model.redirect
-    targets = [
-        RedirectTarget(
-            svc.name, svc.exposed_port, svc.port if svc.upstream_host in LOCAL_UPSTREAMS else None
-        )
-        for svc in definitions.services
-    ]
-    return build_ruleset(
-        targets,
-        RedirectSettings(listen_port=listen_port, table=r.table, mark=r.mark, block_app_port=r.blockAppPort),
-    )
-
-
-
 def status_text(definitions: definitions_mod.Definitions) -> str:
     """systemd's STATUS= line: how many services, and which (``systemctl status`` shows it)."""
     names = ", ".join(svc.name for svc in definitions.services)
@@ -152,17 +136,32 @@ _RELOAD_REASONS = {
 
 
 @dataclass
+class _Serving:
+    """What start-up made and serving and stopping use."""
+
+    definitions: definitions_mod.Definitions
+    runtime: Runtime
+    store: sessions.SessionStore
+    server: server_mod.Server
+    ssl_context: ssl.SSLContext
+    listeners: list[accept.TLSListener] = field(default_factory=list)
+
+
+@dataclass
 class Daemon:
     """The running enforcer and everything it owns."""
 
     settings: settings_mod.Settings
     metrics: Metrics = field(default_factory=Metrics)
     ready: bool = False
-    ruleset: Ruleset | None = None
     listen_port: int = 0
     admin_port: int = 0
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _group: asyncio.TaskGroup | None = None
+    """Owns every background task while the daemon serves; a task that fails stops the daemon."""
+    _failed: str | None = None
+    """The name of the background task whose failure stopped the daemon."""
     role: str = "single"
     """``single`` (one process does everything), or under a :class:`Master`: ``primary`` (worker
     0: also the redirect, the admin listener and housekeeping) or ``worker`` (serves only)."""
@@ -171,6 +170,10 @@ class Daemon:
     """Made by the master before forking, so every worker has the same session-ticket keys."""
     trimmer: memory.Trimmer = field(default_factory=memory.Trimmer)
     """Returns the C heap's free pages to the OS when a burst of connections is over and from housekeeping."""
+    flowlog: FlowLog | None = None
+    """Where flow records go; made from ``flowLog:`` at start unless given."""
+    attachments: list[Attachment] = field(default_factory=list)
+    """Where the daemon serves, each with its own listener: made at start (today: the host)."""
 
     @property
     def owns_host(self) -> bool:
@@ -178,79 +181,106 @@ class Daemon:
         return self.role in ("single", "primary")
 
     async def run(self, *, on_ready: asyncio.Future[None] | None = None) -> int:
-        """Serve until SIGTERM/SIGINT (or :meth:`stop`); returns the exit code."""
-        s = self.settings.model
+        """Serve until SIGTERM/SIGINT (or :meth:`stop`); returns the exit code: 0 after a clean
+        stop, 1 when a background task failed (logged with its name)."""
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             # logrotate may send SIGHUP while we start: never let it kill the daemon
             asyncio.get_running_loop().add_signal_handler(
                 signal.SIGHUP, lambda: log.info("SIGHUP during start-up ignored: definitions are being read now")
             )
+        async with contextlib.AsyncExitStack() as resources:
+            serving = await self._start(resources)
+            code = await self._serve(serving, on_ready)
+        log.info("stopped")
+        return code
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- start-up ------------------------------------------------------------------------------
+
+    async def _start(self, resources: contextlib.AsyncExitStack) -> _Serving:
+        """Everything that may fail at start-up, in order; each resource is closed by
+        ``resources`` (in reverse), also when a later step fails."""
+        s = self.settings.model
         s.stateDir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=64, socket_factory=self._socket_factory()),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            headers={"User-Agent": "enforcer"},
-        )
-        self.http = http
-        self.manager = DefinitionsManager(
-            self.settings, build_sources(self.settings, http), on_change=self._apply, on_outcome=self._reload_outcome
-        )
-        try:
-            definitions = await self.manager.load_initial()
-        except BaseException:
-            await http.close()
-            raise
-        for w in definitions.warnings:
-            log.warning("%s", w)
+        if not self.attachments:
+            self.attachments = [
+                HostAttachment(self.settings, manages_redirect=self.owns_host, listen_socket=self.listen_socket)
+            ]
+        outgoing = self.attachments[0].socket_factory()
+        definitions = await self._load_definitions(resources, outgoing)
         self.cert_store = certs.CertStore(s.stateDir)
         self.tls = listener.TLSDispatch(*build_leaves(definitions, self.cert_store), context=self.tls_context)
-        ssl_ctx = self.tls.context
-        shared_logins: login.SharedTransactionStore | None = None
-        shared = self.role != "single"
-        store = session_store(s, shared=shared)
-        if shared and isinstance(store, sqlite.SQLiteSessionStore):
-            shared_logins = login.SharedTransactionStore(store, ttl=s.oidc.loginTimeout)
-        flowlog = FlowLog(
-            self.settings.flow_log,
-            on_dropped=self.metrics.flowlog_dropped.inc,
-            on_write_error=self.metrics.flowlog_write_errors.inc,
-        )
+        store = session_store(s, shared=self.role != "single")
+        resources.push_async_callback(store.close)
+        if self.flowlog is None:
+            self.flowlog = FlowLog(
+                self.settings.flow_log,
+                on_dropped=self.metrics.flowlog_dropped.inc,
+                on_write_error=self.metrics.flowlog_write_errors.inc,
+            )
+        resources.push_async_callback(self.flowlog.close)
         upstream = proxy.Upstream(
             connect_timeout=s.limits.upstreamConnectTimeout,
             read_timeout=s.limits.upstreamReadTimeout,
             max_body=s.limits.maxBodyBytes,
-            socket_factory=self._socket_factory(),
+            socket_factory=outgoing,
         )
-        runtime = Runtime(definitions, build_providers(definitions, self.settings, http))
-        sock = self.listen_socket or listener.make_listen_socket(s.listen.address, s.listen.port)
-        self.listen_port = sock.getsockname()[1]
-        if s.redirect.enabled and self.owns_host:
-
-            self.ruleset = build_redirect(definitions, self.settings, self.listen_port)
-            try:
-                started = time.perf_counter()
-                await nftables.apply(self.ruleset)
-            except RedirectError:
-                sock.close()
-                await http.close()
-                raise
-            log.info(
-                "redirect table inet %s applied in %.1f ms (%d rules)",
-                s.redirect.table, (time.perf_counter() - started) * 1000, len(self.ruleset.rules),
-            )
-        gate = Gate(
+        resources.push_async_callback(upstream.close)
+        await self._attach(resources, definitions)
+        runtime = Runtime(definitions, build_providers(definitions, self.settings, self.http))
+        self.gate = Gate(
             settings=self.settings,
             runtime=runtime,
             store=store,
-            flowlog=flowlog,
+            flowlog=self.flowlog,
             metrics=self.metrics,
             upstream=upstream,
             listen_port=self.listen_port,
-            shared_logins=shared_logins,
+            shared_logins=(
+                login.SharedTransactionStore(store, ttl=s.oidc.loginTimeout)
+                if self.role != "single" and isinstance(store, sqlite.SQLiteSessionStore) else None
+            ),
         )
-        self.gate = gate
+        server = self._make_server()
+        if self.owns_host:
+            resources.push_async_callback((await self._start_admin(runtime)).cleanup)
+        return _Serving(definitions, runtime, store, server, self.tls.context)
+
+    async def _load_definitions(
+        self, resources: contextlib.AsyncExitStack, outgoing: SocketFactory | None
+    ) -> definitions_mod.Definitions:
+        """The HTTP client for the IdPs and the definitions sources, and the first definitions."""
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64, socket_factory=outgoing),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            headers={"User-Agent": "enforcer"},
+        )
+        resources.push_async_callback(self.http.close)
+        self.manager = DefinitionsManager(
+            self.settings, build_sources(self.settings, self.http), on_change=self._apply,
+            on_outcome=self._reload_outcome,
+        )
+        definitions = await self.manager.load_initial()
+        for w in definitions.warnings:
+            log.warning("%s", w)
+        return definitions
+
+    async def _attach(self, resources: contextlib.AsyncExitStack, definitions: definitions_mod.Definitions) -> None:
+        """Open every attachment's socket and install its redirect (removed again at stop)."""
+        for attachment in self.attachments:
+            attachment.open()
+            resources.callback(attachment.close)
+            await attachment.apply(definitions)
+            resources.push_async_callback(attachment.remove)
+        self.listen_port = self.attachments[0].listen_port
+
+    def _make_server(self) -> server_mod.Server:
+        """The HTTP server behind every listener (and the lean path, if enabled)."""
+        s = self.settings.model
         server = server_mod.Server(
-            gate.handle,
+            self.gate.handle,
             header_timeout=s.limits.headerTimeout,
             body_timeout=s.limits.idleTimeout,
             write_timeout=s.limits.writeTimeout,
@@ -266,21 +296,64 @@ class Daemon:
             access_log=None,
         )
         if s.listen.fastPath:
-            server.fast = fastpath.FastPath(gate, server).protocol_factory()
-        loop = asyncio.get_running_loop()
-        self.trimmer.call_later = loop.call_later
+            server.fast = fastpath.FastPath(self.gate, server).protocol_factory()
+        self.trimmer.call_later = asyncio.get_running_loop().call_later
         server.on_idle = self.trimmer.maybe_trim
-        self._spawn(flowlog.run(), "flowlog")
-        self._spawn(self._warm_up(runtime), "discovery")
+        return server
+
+    # -- serving -------------------------------------------------------------------------------
+
+    async def _serve(self, serving: _Serving, on_ready: asyncio.Future[None] | None) -> int:
+        """Serve inside one TaskGroup until stopped or until a background task fails."""
+        code = 0
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                self._start_tasks(serving)
+                self._listen(serving)
+                self._announce(serving.definitions, on_ready)
+                await self._stop.wait()
+                await self._drain(serving, DRAIN_SECONDS)
+                self._group = None  # nothing new starts (a late reload's discovery)
+                for task in list(self._tasks):
+                    task.cancel()
+        except* Exception as failed:
+            if self._failed is None:
+                log.critical("the enforcer failed while serving", exc_info=failed.exceptions[0])
+            if self.role == "single":
+                sd_notify(f"STOPPING=1\nSTATUS=stopping: {self._failed or 'serving'} failed")
+            await self._drain(serving, FAILED_DRAIN_SECONDS)
+            code = 1
+        finally:
+            self._group = None
+            for tls_listener in serving.listeners:
+                tls_listener.close()
+        return code
+
+    def _start_tasks(self, serving: _Serving) -> None:
+        assert self.flowlog is not None
+        self._spawn(self.flowlog.run(), "flowlog")
+        self._spawn(self._warm_up(serving.runtime), "discovery")
         if self.owns_host:
-            self._spawn(self._housekeeping(store), "housekeeping")
+            self._spawn(self._housekeeping(serving.store), "housekeeping")
         self._spawn(self.manager.run(), "definitions")
-        self.flowlog = flowlog
-        handshake_timeout = min(10.0, s.limits.headerTimeout)  # a silent or partial ClientHello (X-LIM-10)
-        tls_server = accept.TLSListener(server, sock, ssl_ctx, handshake_timeout, redirect=s.redirect.enabled)
-        admin = await self._start_admin(runtime) if self.owns_host else None
-        self._install_signals(loop, flowlog)
+
+    def _listen(self, serving: _Serving) -> None:
+        """One TLS listener per attachment, then the signal handlers."""
+        handshake_timeout = min(10.0, self.settings.model.limits.headerTimeout)  # a silent ClientHello (X-LIM-10)
+        for attachment in self.attachments:
+            sock = attachment.open()
+            serving.listeners.append(accept.TLSListener(
+                serving.server, sock, serving.ssl_context, handshake_timeout,
+                redirect=self.settings.model.redirect.enabled,
+            ))
+        assert self.flowlog is not None
+        self._install_signals(asyncio.get_running_loop(), self.flowlog)
+
+    def _announce(self, definitions: definitions_mod.Definitions, on_ready: asyncio.Future[None] | None) -> None:
+        """Log what is served, publish the definitions and tell the caller and systemd we are ready."""
         self._publish_definitions()
+        s = self.settings.model
         log.info(
             "enforcer%s listening on %s port %d for %d service(s): %s",
             "" if self.role == "single" else f" {self.role} (pid {os.getpid()})",
@@ -297,63 +370,34 @@ class Daemon:
             watchdog = watchdog_interval()
             if watchdog is not None:
                 self._spawn(self._feed_watchdog(watchdog), "watchdog")
-        try:
-            await self._stop.wait()
-        finally:
-            if self.role == "single":
-                sd_notify("STOPPING=1\nSTATUS=draining")
-            log.info("stopping: draining in-flight requests (up to %.0f s)", DRAIN_SECONDS)
-            tls_server.close()
-            await server.shutdown(DRAIN_SECONDS)
-            self.trimmer.close()
-            if admin is not None:
-                await admin.cleanup()
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            await flowlog.close()
-            await upstream.close()
-            await http.close()
-            await store.close()
-            await self._remove_redirect()
-            log.info("stopped")
-        return 0
 
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _socket_factory(self) -> Callable[[Any], socket.socket] | None:
-        """Outgoing sockets (IdP, app) carry our mark so the output chain never loops them."""
-        r = self.settings.model.redirect
-        if not r.enabled:
-            return None
-
-
-        def make(addr_info: Any) -> socket.socket:
-            family, type_, proto, _, _ = addr_info
-            sock = socket.socket(family=family, type=type_, proto=proto)
-            sockopt.mark_socket(sock, r.mark)
-            return sock
-
-        return make
-
-    async def _remove_redirect(self) -> None:
-        """Clean stop: remove the table, or keep only the app-port block if configured."""
-        r = self.settings.model.redirect
-        if not r.enabled or self.ruleset is None or not self.owns_host:
-            return
-
-        try:
-            if r.keepBlockOnStop:
-                await nftables.apply(self.ruleset.block_only())
-            else:
-                await nftables.remove(r.table)
-        except RedirectError as exc:
-            log.error("could not remove the redirect table on stop: %s", exc)
+    async def _drain(self, serving: _Serving, seconds: float) -> None:
+        """Stop accepting and let in-flight requests finish (up to ``seconds``)."""
+        if self.role == "single" and self._failed is None:
+            sd_notify("STOPPING=1\nSTATUS=draining")
+        log.info("stopping: draining in-flight requests (up to %.0f s)", seconds)
+        for tls_listener in serving.listeners:
+            tls_listener.close()
+        await serving.server.shutdown(seconds)
+        self.trimmer.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
+        """Run ``coro`` in the daemon's TaskGroup: if it fails, the daemon stops with an error."""
+        if self._group is None:  # stopping: nothing new starts
+            coro.close()
+            return
+        task = self._group.create_task(self._owned(coro, name), name=name)
         self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _owned(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        try:
+            await coro
+        except Exception:
+            if self._failed is None:
+                self._failed = name
+            log.critical("background task %r failed; stopping the enforcer", name, exc_info=True)
+            raise
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop, flowlog: FlowLog) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -390,21 +434,17 @@ class Daemon:
         """Swap in a validated set: redirect rules, then certificates, then the request path.
 
         A failing step raises, and the manager keeps the previous set (the nftables batch is
-        atomic: a refused one leaves the old table untouched)."""
-        previous = self.ruleset
-        if self.settings.model.redirect.enabled and self.owns_host:
-
-            ruleset = build_redirect(definitions, self.settings, self.listen_port)
-            if ruleset != previous:
-                await nftables.apply(ruleset)
-                self.ruleset = ruleset
+        atomic: a refused one leaves the old table untouched; the redirects already replaced
+        are put back)."""
+        undo: list[Undo] = []
         try:
+            for attachment in self.attachments:
+                undo.append(await attachment.apply(definitions))
             leaves, default = await asyncio.to_thread(build_leaves, definitions, self.cert_store)
             self.tls.update(leaves, default)
         except Exception:
-            if previous is not None and self.ruleset is not previous:
-                await nftables.apply(previous)
-                self.ruleset = previous
+            for step in reversed(undo):
+                await step()
             raise
         old = self.gate.runtime
         runtime = Runtime(definitions, build_providers(definitions, self.settings, self.http, old.providers))
@@ -427,7 +467,7 @@ class Daemon:
         self.metrics.reloads.labels(outcome).inc()
         if outcome in ("success", "last_known_good"):
             self._publish_definitions()
-        flowlog = getattr(self, "flowlog", None)
+        flowlog = self.flowlog
         if flowlog is None:
             return
         now = time.time()

@@ -1,0 +1,198 @@
+"""Where the enforcer serves: a listening socket and the redirect that sends traffic to it.
+
+An :class:`Attachment` is one place the enforcer is attached to. It opens the listening socket
+the redirected connections land on, installs the nftables ruleset that sends the place's
+exposed ports there (and replaces it on reload, and removes it on stop), and marks the
+enforcer's own outgoing sockets so that ruleset never loops them back. :class:`HostAttachment`
+is the host the daemon runs on; an attachment for a Kubernetes pod would do the same inside the
+pod's network namespace (``Netlink(netns=...)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from enforcer.config import definitions as definitions_mod
+from enforcer.config import settings as settings_mod
+from enforcer.http import tls as listener
+from enforcer.net import sockopt
+from enforcer.net.ruleset import RedirectError, RedirectSettings, RedirectTarget, Ruleset, build_ruleset
+
+log = logging.getLogger(__name__)
+
+LOCAL_UPSTREAMS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+Undo = Callable[[], Awaitable[None]]
+"""Puts back the redirect that was in force before an :meth:`Attachment.apply`."""
+
+SocketFactory = Callable[[Any], socket.socket]
+"""Makes an outgoing socket from an ``addrinfo`` tuple (aiohttp's ``socket_factory``)."""
+
+
+async def _nothing_to_undo() -> None:
+    return None
+
+
+class Attachment(Protocol):
+    """One place the enforcer serves: its listening socket and its redirect ruleset."""
+
+    name: str
+    """Names the attachment in logs and flow records (``host`` for the host)."""
+
+    @property
+    def listen_port(self) -> int:
+        """The port of the listening socket (0 before :meth:`open`)."""
+
+    def open(self) -> socket.socket:
+        """Open (or adopt) the listening socket the redirected connections land on."""
+
+    async def apply(self, definitions: definitions_mod.Definitions) -> Undo:
+        """Install or replace the redirect for these services, atomically (raises
+        ``RedirectError`` and leaves the old ruleset if refused); returns the undo."""
+
+    async def remove(self) -> None:
+        """On a clean stop: remove the redirect (or keep only the app-port block); never raises."""
+
+    def close(self) -> None:
+        """Close the listening socket."""
+
+    def socket_factory(self) -> SocketFactory | None:
+        """How to make outgoing sockets (IdP, app) the redirect leaves alone, or None."""
+
+
+class Redirector(Protocol):
+    """The nftables operations an attachment uses (``enforcer.net.nftables``, in a namespace)."""
+
+    async def apply(self, ruleset: Ruleset) -> None:
+        """Replace the ruleset's table in one atomic batch."""
+
+    async def remove(self, table: str) -> bool:
+        """Delete the table; False if it was not there."""
+
+
+@dataclass(frozen=True)
+class Netlink:
+    """:class:`Redirector` over netlink, in the network namespace ``netns`` (None: ours).
+
+    The one place that loads :mod:`enforcer.net.nftables`, and only when a redirect is made:
+    it imports pyroute2, which adds ~7 MiB to the RSS of every process that loads it, so a
+    daemon without the redirect (and each ``enforcer`` command that never redirects) does not.
+    """
+
+    netns: str | None = None
+
+    async def apply(self, ruleset: Ruleset) -> None:
+        from enforcer.net import nftables  # noqa: PLC0415  (pyroute2: ~7 MiB RSS; only with a redirect)
+
+        await nftables.apply(ruleset, netns=self.netns)
+
+    async def remove(self, table: str) -> bool:
+        from enforcer.net import nftables  # noqa: PLC0415  (pyroute2: ~7 MiB RSS; only with a redirect)
+
+        return await nftables.remove(table, netns=self.netns)
+
+
+def build_redirect(
+    definitions: definitions_mod.Definitions, settings: settings_mod.Settings, listen_port: int
+) -> Ruleset:
+    """The nftables ruleset for these services (the app port is blocked only for local apps)."""
+    r = settings.model.redirect
+    targets = [
+        RedirectTarget(
+            svc.name, svc.exposed_port, svc.port if svc.upstream_host in LOCAL_UPSTREAMS else None
+        )
+        for svc in definitions.services
+    ]
+    return build_ruleset(
+        targets,
+        RedirectSettings(listen_port=listen_port, table=r.table, mark=r.mark, block_app_port=r.blockAppPort),
+    )
+
+
+@dataclass
+class HostAttachment:
+    """The host the daemon runs on: ``listen:`` socket, ``redirect:`` table in our namespace.
+
+    ``manages_redirect`` is False for a worker process (the primary installs the redirect) and
+    when ``redirect.enabled`` is off; ``listen_socket`` is the one the master opened, if any."""
+
+    settings: settings_mod.Settings
+    manages_redirect: bool = True
+    listen_socket: socket.socket | None = None
+    redirector: Redirector = field(default_factory=Netlink)
+    name: str = "host"
+    ruleset: Ruleset | None = None
+    """The ruleset in force (None before the first :meth:`apply` or when not managed)."""
+
+    def __post_init__(self) -> None:
+        self.manages_redirect = self.manages_redirect and self.settings.model.redirect.enabled
+
+    @property
+    def listen_port(self) -> int:
+        return self.listen_socket.getsockname()[1] if self.listen_socket is not None else 0
+
+    def open(self) -> socket.socket:
+        if self.listen_socket is None:
+            listen = self.settings.model.listen
+            self.listen_socket = listener.make_listen_socket(listen.address, listen.port)
+        return self.listen_socket
+
+    async def apply(self, definitions: definitions_mod.Definitions) -> Undo:
+        if not self.manages_redirect:
+            return _nothing_to_undo
+        previous = self.ruleset
+        ruleset = build_redirect(definitions, self.settings, self.listen_port)
+        if ruleset == previous:
+            return _nothing_to_undo
+        started = time.perf_counter()
+        await self.redirector.apply(ruleset)
+        self.ruleset = ruleset
+        if previous is None:
+            log.info(
+                "redirect table inet %s applied in %.1f ms (%d rules)",
+                self.settings.model.redirect.table, (time.perf_counter() - started) * 1000, len(ruleset.rules),
+            )
+            return _nothing_to_undo
+
+        async def undo() -> None:
+            if self.ruleset is ruleset:
+                await self.redirector.apply(previous)
+                self.ruleset = previous
+
+        return undo
+
+    async def remove(self) -> None:
+        if not self.manages_redirect or self.ruleset is None:
+            return
+        r = self.settings.model.redirect
+        try:
+            if r.keepBlockOnStop:
+                await self.redirector.apply(self.ruleset.block_only())
+            else:
+                await self.redirector.remove(r.table)
+        except RedirectError as exc:
+            log.error("could not remove the redirect table on stop: %s", exc)
+
+    def close(self) -> None:
+        if self.listen_socket is not None:
+            self.listen_socket.close()
+
+    def socket_factory(self) -> SocketFactory | None:
+        """Outgoing sockets (IdP, app) carry our mark so the output chain never loops them
+        (in every process, even one that does not install the redirect)."""
+        r = self.settings.model.redirect
+        if not r.enabled:
+            return None
+
+        def make(addr_info: Any) -> socket.socket:
+            family, type_, proto, _, _ = addr_info
+            sock = socket.socket(family=family, type=type_, proto=proto)
+            sockopt.mark_socket(sock, r.mark)
+            return sock
+
+        return make
