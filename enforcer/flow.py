@@ -230,8 +230,9 @@ class FlowRecord:
         """One log line (without the newline); ASCII-only so no value can split or color it.
 
         The text of ``_encode_line(self.to_dict())``, written out field by field (keys are
-        constants, strings go through the same C escaper): 1.7x cheaper.  Any field of an
-        unexpected type (an int ``start``, a NaN, a bool status...) takes the generic path.
+        constants, strings go through the same C escaper), because this runs once per
+        request.  Any field of an unexpected type (an int ``start``, a NaN, a bool status...)
+        takes the generic path.
         """
         start, dur, up_ms = self.start, self.duration_ms, self.upstream_ms
         b_in, b_out, up_st, st = self.bytes_in, self.bytes_out, self.upstream_status, self.status

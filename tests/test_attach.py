@@ -19,7 +19,7 @@ from enforcer.net.ruleset import Ruleset
 from enforcer.net.sockopt import SO_MARK
 from enforcer.run.attach import Attachment, HostAttachment, SocketFactory, Undo, build_redirect
 from enforcer.run.daemon import Daemon
-from tests.test_config import SERVICE, SPEC
+from tests.harness.seed import SERVICE, SPEC
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_config import SERVICE, SPEC
+from tests.harness.seed import SERVICE, SPEC
 
 
 def _enforcer(*args: str) -> subprocess.CompletedProcess[str]:

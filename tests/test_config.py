@@ -17,32 +17,7 @@ from enforcer.config import settings as settings_mod
 from enforcer.config.definitions import parse_documents, resolve_definitions
 from enforcer.config.fields import parse_duration
 from enforcer.config.issues import ConfigError
-
-SERVICE = {
-    "kind": "service",
-    "name": "private-app",
-    "authorizationType": "OIDC",
-    "OIDCClientID": "0oannpib3fQEeUWzD4x6",
-    "OIDCClientSecret": "qcnc1ZFABmwmFwFZD_BAffNRFUn5aYQhvrx4XsxU",
-    "OIDCProviderURL": "https://idp.example.com/oauth2/default",
-    "OIDCCallbackURL": "https://app.example.com",
-    "OIDCScopes": ["email", "openid"],
-    "hosts": ["app.example.com"],
-    "port": 80,
-    "exposedPort": 443,
-    "selectors": [["app=frontend", "$identity=processingunit"]],
-    "associatedTags": ["service:name=nginx"],
-    "type": "HTTP",
-    "exposedAPIs": [["httpresourcespec:name=private-app"]],
-    "propagate": True,
-}
-SPEC = {
-    "kind": "httpresourcespec",
-    "name": "nginx",
-    "endpoints": [{"URI": "/*", "methods": ["GET"], "public": False, "allowedScopes": [["email=alice@example.com"]]}],
-    "associatedTags": ["httpresourcespec:name=private-app"],
-    "propagate": True,
-}
+from tests.harness.seed import SERVICE, SPEC
 
 
 def _resolve(*docs: dict[str, object], tags: tuple[str, ...] = ("app=frontend",)) -> definitions.Definitions:

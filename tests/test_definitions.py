@@ -26,7 +26,7 @@ from enforcer.config.sources import (
     build_sources,
     parse_http_body,
 )
-from tests.test_config import SERVICE, SPEC
+from tests.harness.seed import SERVICE, SPEC
 
 
 def _settings(tmp_path: Path, sources: list[dict[str, object]]) -> settings_mod.Settings:

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from enforcer.http.fastpath import Connection, FastPath
 from tests.e2e_stack import HOST, Seen, Stack
+from tests.harness.raw import Raw, Reply, request
 from tests.refcount import cycle_collector_off
-from tests.test_attacks import Raw, Reply, request
 
 pytestmark = pytest.mark.e2e
 

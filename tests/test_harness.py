@@ -3,6 +3,7 @@ browser and the Chromium driver.  Everything runs on 127.0.0.1 over real TLS."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import hashlib
@@ -654,3 +655,42 @@ async def test_invalid_client_fails_the_start(tmp_path: Path) -> None:
             clients=[{"client_id": "c", "client_secret": "sécret", "redirect_uris": []}],
             users={},
         )
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any depth (``from tests import x`` counts as ``tests.x``)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(filter(None, ["tests", node.module])) if node.level else (node.module or "")
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_no_test_module_imports_another_test_module() -> None:
+    """Shared test code lives in tests/harness/ (or a helper module): no file imports a ``test_*`` module."""
+    offenders = {
+        str(path.relative_to(REPO_ROOT)): sorted(
+            name
+            for name in _imported_modules(path)
+            if name.startswith("tests.") and any(part.startswith("test_") for part in name.split("."))
+        )
+        for path in sorted((REPO_ROOT / "tests").rglob("*.py"))
+    }
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_the_import_check_sees_test_module_imports(tmp_path: Path) -> None:
+    """The parser behind the layout check finds absolute, relative and nested imports of test modules."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from tests.test_config import SERVICE\n"
+        "from . import test_cli\n"
+        "def f():\n"
+        "    import tests.test_attacks\n"
+    )
+    names = _imported_modules(probe)
+    assert {"tests.test_config", "tests.test_cli", "tests.test_attacks"} <= names

@@ -741,3 +741,33 @@ def test_an_oidc_error_refuses_text_that_is_no_reason() -> None:
     assert isinstance(OIDCError(Reason.JWKS_INVALID), EnforcerError)
     with pytest.raises(ValueError, match="not a valid Reason"):
         OIDCError("token_whatever_the_idp_said")
+
+
+# ------------------------------------------------------------------------------ metadata and keys: edge cases
+
+
+@pytest.mark.parametrize(("doc", "code"), [
+    (meta(jwks_uri="https://[op.example/jwks"), "discovery_bad_endpoint"),  # not a URL at all
+    (meta(issuer="urn:op", token_endpoint="https://127.0.0.1/token"), "discovery_bad_endpoint"),
+])
+def test_provider_metadata_rejects_unparsable_urls_and_hostless_issuers(doc: dict[str, Any], code: str) -> None:
+    """An endpoint that is no URL is refused, and an issuer without a host never counts as loopback."""
+    assert code_of(parse, doc, doc["issuer"]) == code
+
+
+def test_provider_metadata_edge_values_that_are_accepted() -> None:
+    """Endpoints on a public IP address are fine, and a non-list auth-methods member means client_secret_basic."""
+    m = parse(meta(jwks_uri="https://203.0.113.7/jwks", token_endpoint_auth_methods_supported="client_secret_post"))
+    assert m.jwks_uri == "https://203.0.113.7/jwks"
+    assert m.token_auth_method == "client_secret_basic"
+
+
+@pytest.mark.parametrize("bad", [
+    {"kty": "oct-ish", "kid": "x"},
+    {**pub(RSA2), "n": 5},
+    {**pub(RSA2), "n": "A" * 4097},
+    {**pub(RSA2), "n": "not+base64/url"},
+])
+def test_parse_jwks_skips_unknown_types_and_unreadable_moduli(bad: dict[str, Any]) -> None:
+    """A key of an unknown type or with an unreadable RSA modulus is skipped; the good key beside it stays."""
+    assert [k.kid for k in tokens.parse_jwks({"keys": [bad, pub(RSA)]})] == ["r1"]

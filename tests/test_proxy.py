@@ -991,3 +991,20 @@ def test_request_head_from_pairs_equals_the_multidict_route(pairs: list[tuple[st
             lean()
         return
     assert lean() == expected
+
+
+def test_relay_head_for_head_without_the_apps_length_sends_none() -> None:
+    """A HEAD answer the app sent without Content-Length gets no length (and no chunked) from us either."""
+    raw, chunked, no_body = _relay(200, [("Content-Type", "text/html"), ("X-A", "1")], method="HEAD")
+    assert no_body and not chunked
+    assert "Content-Length" not in raw and "Transfer-Encoding" not in raw and "X-A: 1\r\n" in raw
+
+
+def test_relay_head_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the remembered heads reach their bound they are forgotten and rebuilt, and answers stay right."""
+    monkeypatch.setattr(headers_mod, "_RELAY_HEADS", {})
+    monkeypatch.setattr(headers_mod, "_RELAY_HEADS_MAX", 2)
+    for n in range(5):
+        raw, _, _ = _relay(200, [("Content-Length", "1"), ("X-N", str(n))], length=1)
+        assert f"X-N: {n}\r\n" in raw
+        assert 1 <= len(headers_mod._RELAY_HEADS) <= 2

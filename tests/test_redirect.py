@@ -560,3 +560,30 @@ async def test_apply_time(hosts: Hosts) -> None:
     median = statistics.median(times)
     print(f"apply median over 20: {median * 1000:.1f} ms")
     assert median < 0.25
+
+
+# ---------------------------------------------------------------------------------------------
+# more golden tests (no root)
+
+
+def test_a_service_named_twice_gets_one_rule_and_one_comment() -> None:
+    """A repeated address or a repeated service object adds no second rule and no second name."""
+    once = build_ruleset((RedirectTarget("wiki", 8443, 3000, ("10.99.0.1",)),), SETTINGS)
+    twice = build_ruleset(
+        (RedirectTarget("wiki", 8443, 3000, ("10.99.0.1", "10.99.0.1")),
+         RedirectTarget("wiki", 8443, 3000, ("10.99.0.1",))),
+        SETTINGS,
+    )
+    assert twice.render_nft() == once.render_nft()
+    assert "# wiki, wiki" not in twice.render_nft()
+
+
+@pytest.mark.parametrize(("name", "attrs", "text"), [
+    ("immediate", {"DREG": 0}, "immediate reg 0 ?"),
+    ("immediate", {"DREG": 0, "DATA": {"VERDICT": {"CODE": -3, "CHAIN": "other"}}}, "immediate reg 0 jump other"),
+    ("lookup", {"SET": "blocked", "SREG": 1, "KEY": b"\x01\x02"}, "lookup key=0102 set=blocked sreg=1"),
+    ("notrack", {}, "notrack"),
+])
+def test_render_of_expressions_read_back_from_the_kernel(name: str, attrs: dict[str, object], text: str) -> None:
+    """Expressions enforcer never writes (a jump someone added, an unknown kind) still render readably for diff."""
+    assert ruleset._render_expr(name, attrs) == text

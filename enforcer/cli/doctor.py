@@ -86,7 +86,12 @@ async def _check_idp(
     if metadata.end_session_endpoint is None:
         report.warn(f"service {svc.name}: the IdP has no end_session_endpoint; logout is local only")
     try:
-        async with http.head(metadata.jwks_uri, ssl=provider.ssl_context or True, allow_redirects=False) as resp:
+        async with http.head(
+            metadata.jwks_uri,
+            ssl=provider.ssl_context or True,
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=settings.model.oidc.httpTimeout),
+        ) as resp:
             date = resp.headers.get("Date")
         if date:
             skew = time.time() - email.utils.parsedate_to_datetime(date).timestamp()

@@ -16,18 +16,12 @@ from typing import Final
 from enforcer.identity.sessions import Session, _matches
 
 _Compact = bytes
-"""A cold cache entry, one bytes object: :data:`_HEAD` (created, last_seen, expires,
-claims_expire, flags, and the index of the (service, issuer) pair in the cache's
-:class:`TagTable`), then
-sub, email, username, sid, refresh token and the tags, joined by NUL and UTF-8 encoded (an
-absent optional value is a lone SOH). Tags that repeat a field (``sub=<sub>``,
-``email=<email>``, ``iss=<issuer>``, ``preferred_username=<username>``: most users have all
-four) are a flag bit each instead of text, and tags that several users have (``groups=staff``,
-``aud=<client>``, ``email_verified=true``) are a reference into the table instead of
-text (the table's ``shared``): one last field, STX followed by one character per shared tag. One object instead of a
-Session, its frozenset (~730 bytes for 9 tags) and a dozen small strings and floats: a
-typical cold entry is ~180 bytes, not ~3.3 KB (and ~500 as the tuple of a str and four floats
-it used to be)."""
+"""A cold cache entry, one bytes object: :data:`_HEAD` (times, flags, the index of the
+(service, issuer) pair in the cache's :class:`TagTable`), then sub, email, username, sid,
+refresh token and the tags, NUL-joined UTF-8 (SOH: absent). Tags that repeat a field are a flag
+bit; tags the table shares are one last field, STX and a character each. Why: one small object
+instead of a Session and its frozenset keeps many cached sessions cheap (sizes in
+PERFORMANCE.md)."""
 
 _HEAD: Final = struct.Struct("<ddddBH")
 _SEP: Final = "\x00"
@@ -100,8 +94,7 @@ class TagTable:
 HOT_SESSIONS: Final = 256
 """Cached sessions kept as ready Session objects (the most recently used ones); the rest of
 the cache holds :data:`_Compact` entries, turned back into a Session on their next use.
-A hot session costs ~3.3 KB (its frozenset of tags alone ~1.2 KB), a cold one ~0.3 KB plus
-~3 us to expand on its next use: 256 keeps a busy site's active users hot for 0.8 MiB."""
+Why: a hot entry is served without work but costs many times a cold one's memory."""
 
 
 _HAS_CE: Final = 1
@@ -212,18 +205,16 @@ _REBUILD_AFTER: Final = 1024
 class _SessionCache:
     """The SQLite store's bounded cache of lean sessions (at most ``size``), in two tiers: the
     :data:`HOT_SESSIONS` most recently used as Session objects (a hit costs what a dict
-    lookup costs), the others compact (:func:`_compact`; expanded again on their next use,
-    ~3 us).
+    lookup costs), the others compact (:func:`_compact`; expanded again on their next use).
 
     Eviction is least recently used, approximated the way CLOCK does it: ``_entries`` is a
     plain dict in insertion order, and an entry moves to its young end when it is added or a
     cold one is used again; a hit on a hot entry only reorders the small hot tier. When the
     cache is full the oldest entry goes, unless it is hot (used since it got there): then it
     gets a second chance at the young end. So no hit rewrites the big dict, which therefore
-    stays a plain dict: ~30-60 bytes an entry instead of an OrderedDict's ~75-120 (its linked
-    list and node index). Each eviction leaves a hole at the dict's old end that finding the
-    next oldest walks past, so after :data:`_REBUILD_AFTER` of them the dict is copied afresh
-    (~0.3 ms for 10,000 entries: ~0.3 us an eviction, where the walk would grow to ~15 us)."""
+    stays a plain dict, smaller than an OrderedDict (no linked list or node index). Each
+    eviction leaves a hole at the dict's old end that finding the next oldest walks past, so
+    after :data:`_REBUILD_AFTER` of them the dict is copied afresh (cheaper than the walk)."""
 
     __slots__ = ("_entries", "_holes", "_hot", "_hot_size", "_size", "tags")
 

@@ -206,8 +206,8 @@ class SQLiteSessionStore:
       SQLite, write-through on create/delete/touch. A ``get()`` that hits the cache and is not
       due for a touch does no I/O at all; misses read through. Nothing is loaded at startup.
       The cache keeps the :data:`HOT_SESSIONS` most recently used sessions as Session
-      objects and the others in a compact form (:class:`_SessionCache`): ~0.3 KB a cached
-      session instead of ~3.3 KB, for ~3 us more on the first use of a cold entry.
+      objects and the others in a compact form (:class:`_SessionCache`), so many live users
+      fit in little memory (figures in PERFORMANCE.md).
     * Threading: every SQLite call runs in one dedicated worker thread
       (``ThreadPoolExecutor(max_workers=1)``) that owns the only connection. Chosen over
       synchronous calls because reads are sub-millisecond but writes are not bounded: a

@@ -3,15 +3,13 @@
 CPython hands objects over 512 bytes, OpenSSL its per-connection state and SQLite its rows
 to the C allocator. glibc keeps what they free for reuse: after a burst of connections the
 process can hold several MiB of free heap pages that count in its RSS until the next burst.
-``malloc_trim(0)`` returns those pages (measured: about 5 MiB of an 87 MiB enforcer after
-load, in 0.2 ms; 29 MiB after 500 idle TLS connections closed). :class:`Trimmer` calls
-it when a burst of connections is over (httpserver.Server.on_idle: the open connections
-fell to a quarter of their peak) and from housekeeping, never more often than
-``min_interval``. A request that comes too soon is not dropped but deferred to the end of
-the interval (one pending trim at most): the last connections of a burst usually close
-within a few milliseconds of the first trim, and without the deferred one their buffers
-stayed resident until the next housekeeping round (measured: 1.8 MiB after 64 keep-alive
-connections closed).
+``malloc_trim(0)`` returns those pages (what it gave back is in PERFORMANCE.md).
+:class:`Trimmer` calls it when a burst of connections is over (httpserver.Server.on_idle:
+the open connections fell to a quarter of their peak) and from housekeeping, never more
+often than ``min_interval``. A request that comes too soon is not dropped but deferred to
+the end of the interval (one pending trim at most): the last connections of a burst usually
+close within a few milliseconds of the first trim, and their buffers would otherwise stay
+resident until the next housekeeping round.
 
 On a C library without ``malloc_trim`` (musl, macOS) the trimmer does nothing.
 """
@@ -29,8 +27,7 @@ from typing import Final, Protocol
 log = logging.getLogger(__name__)
 
 MIN_INTERVAL: Final = 0.25
-"""Seconds between two trims at least: a trim scans the heap (about 0.2 ms for 20 MiB), so
-trimming at this pace costs at most 0.1 % of a core."""
+"""Seconds between two trims at least: a trim scans the whole heap, so its pace is bounded."""
 
 
 def _find_malloc_trim() -> Callable[[int], int] | None:
@@ -121,8 +118,7 @@ class Trimmer:
 GC_THRESHOLDS = (20_000, 50, 100)
 """CPython's default (700, 10, 10) runs a young-generation collection every few proxied
 requests (each allocates hundreds of containers that reference counting frees anyway).
-A collection scans only what is still alive, so rarer ones cost about the same each:
-measured ~3 % of the CPU of a keep-alive request before this change."""
+A collection scans only what is still alive, so rarer ones cost about the same each."""
 
 
 def tune_gc() -> None:
