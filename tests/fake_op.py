@@ -7,7 +7,8 @@ it redirects straight back to ``redirect_uri`` with a code, echoing ``state`` (a
 
 Each test flips switches on :attr:`FakeOP.behaviour` (a :class:`Behaviour`) to make the OP
 misbehave: wrong ``iss``, ``http://`` endpoints, odd JWKS, ID tokens signed with ``none`` or
-HS256-with-the-public-key, bad claims, token-endpoint errors, userinfo mismatches and so on.
+HS256-with-the-public-key, bad claims, token-endpoint errors, userinfo mismatches, a new
+signing key for every ID token (``rotate_every_token``) and so on.
 Every request the OP receives is recorded in :attr:`FakeOP.requests`, so a test can assert
 that the token endpoint saw nothing (``NO-TOKEN-REQ``).
 
