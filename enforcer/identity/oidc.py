@@ -65,7 +65,9 @@ class Provider:
       ``jwks_refresh_interval``); after that it is dropped and every token is refused until a
       fetch succeeds (fail closed).
     * Keys come only from the ``jwks_uri`` of the discovery document; a token whose key is
-      not in the current set is refused, whether or not the JWKS endpoint answers.
+      not in the current set is refused, whether or not the JWKS endpoint answers (no
+      fallback key; only a kid-less token is tried against the at most three keys of its
+      alg, as rp-id_token-kid-absent-multiple-jwks allows).
 
     Every fetch, failure, throttled miss and expiry is counted in :attr:`jwks_events`, passed
     to ``on_jwks_event`` (for the metrics) and logged (throttled misses at most once per
