@@ -154,8 +154,9 @@ class Metrics:
         )
         self.jwks_refresh = Counter(
             "enforcer_jwks_refreshes",
-            "JWKS fetches, by service and outcome.",
-            ["service", "outcome"],
+            "JWKS fetches by outcome (success, failure), unknown kids refused without a fetch "
+            "(throttled) and key sets dropped after their grace (expired), by identity provider.",
+            ["issuer", "outcome"],
             registry=r,
         )
         self._duration_children: dict[str, tuple[Histogram, Histogram]] = {}

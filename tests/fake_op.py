@@ -7,7 +7,8 @@ it redirects straight back to ``redirect_uri`` with a code, echoing ``state`` (a
 
 Each test flips switches on :attr:`FakeOP.behaviour` (a :class:`Behaviour`) to make the OP
 misbehave: wrong ``iss``, ``http://`` endpoints, odd JWKS, ID tokens signed with ``none`` or
-HS256-with-the-public-key, bad claims, token-endpoint errors, userinfo mismatches and so on.
+HS256-with-the-public-key, bad claims, token-endpoint errors, userinfo mismatches, a new
+signing key for every ID token (``rotate_every_token``) and so on.
 Every request the OP receives is recorded in :attr:`FakeOP.requests`, so a test can assert
 that the token endpoint saw nothing (``NO-TOKEN-REQ``).
 
@@ -95,12 +96,14 @@ class Behaviour:
     jwks_keys: list[dict[str, Any]] | None = None  # None: the public half of every signing key
     jwks_raw: bytes | None = None
     jwks_status: int = 200
+    rotate_every_token: bool = False  # each ID token signed by a new key (see FakeOP.rotating_key)
+    rotation_published: int = 2  # with rotate_every_token: how many of the newest keys the JWKS holds
     # authorization response
     send_iss: bool = True
     iss_value: str | None = None  # None: the real issuer
     authorize_overrides: dict[str, Any] = field(default_factory=dict)  # DELETE removes (state, code)
     # ID token
-    sign_with: str = "rsa"  # rsa | ec | rsa2 | none | hs256-pubkey | hs256-secret | unknown
+    sign_with: str = "rsa"  # rsa | ec | rsa2 | none | hs256-pubkey | hs256-secret | unknown | rotating
     header_overrides: dict[str, Any] = field(default_factory=dict)
     claims_overrides: dict[str, Any] = field(default_factory=dict)
     id_token_transform: Callable[[str], str] | None = None
@@ -171,6 +174,7 @@ class FakeOP:
         self.rsa2 = RSAKey.generate_key(2048, parameters={"kid": "rsa-2", "use": "sig", "alg": "RS256"})
         self.ec = ECKey.generate_key("P-256", parameters={"kid": "ec-1", "use": "sig", "alg": "ES256"})
         self.stranger = RSAKey.generate_key(2048, parameters={"kid": "stranger", "alg": "RS256"})
+        self.rotated: list[ECKey] = []  # per-token keys, oldest first (rotate_every_token)
         self.tls: TLSMaterial | None = None
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -215,6 +219,7 @@ class FakeOP:
         self.behaviour = Behaviour()
         self.requests.clear()
         self.grants.clear()
+        self.rotated.clear()
 
     # ------------------------------------------------------------------ queries for tests
 
@@ -251,12 +256,25 @@ class FakeOP:
     def jwks(self) -> dict[str, Any]:
         if self.behaviour.jwks_keys is not None:
             return {"keys": self.behaviour.jwks_keys}
+        if self.behaviour.rotate_every_token and self.rotated:
+            newest = self.rotated[-self.behaviour.rotation_published:]
+            return {"keys": [k.as_dict(private=False) for k in newest]}
         return {"keys": [self.rsa.as_dict(private=False), self.ec.as_dict(private=False)]}
 
     def rotate(self) -> None:
         """Key rotation: sign with ``rsa-2`` and publish only ``rsa-2`` (and the EC key)."""
         self.behaviour.sign_with = "rsa2"
         self.behaviour.jwks_keys = [self.rsa2.as_dict(private=False), self.ec.as_dict(private=False)]
+
+    def rotating_key(self) -> ECKey:
+        """A fresh ES256 key with a never-used kid, published at once (only the newest
+        ``rotation_published`` keys stay in the JWKS), as an IdP that rotates per token does."""
+        key = ECKey.generate_key(
+            "P-256", parameters={"kid": f"rot-{len(self.rotated) + 1}-{secrets.token_hex(4)}", "use": "sig",
+                                 "alg": "ES256"}
+        )
+        self.rotated.append(key)
+        return key
 
     def id_token_claims(self, grant: Grant | None, access_token: str | None) -> dict[str, Any]:
         now = int(time.time())
@@ -303,6 +321,8 @@ class FakeOP:
             key_obj, alg = self.ec, "ES256"
         elif how == "unknown":
             key_obj = self.stranger
+        elif how == "rotating":
+            key_obj, alg = self.rotating_key(), "ES256"
         else:
             raise ValueError(how)
         h = {"alg": alg, "typ": "JWT", "kid": key_obj.kid}
@@ -441,7 +461,7 @@ class FakeOP:
         elif b.id_token_factory is not None:
             id_token = b.id_token_factory(claims)
         else:
-            id_token = self.sign(claims)
+            id_token = self.sign(claims, how="rotating" if b.rotate_every_token else None)
         if b.id_token_transform is not None:
             id_token = b.id_token_transform(id_token)
         doc: dict[str, Any] = {

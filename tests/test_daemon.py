@@ -13,15 +13,19 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
+from enforcer.config import definitions as definitions_mod
 from enforcer.config import settings as config_mod
 from enforcer.flowlog import FlowLog
 from enforcer.http.tls import make_listen_socket
 from enforcer.identity import sessions, sqlite
-from enforcer.run.daemon import Daemon, session_store
+from enforcer.metrics import Metrics
+from enforcer.run.daemon import Daemon, build_providers, session_store
 from enforcer.run.systemd import sd_notify, watchdog_interval
 from tests.e2e_stack import HOST, Stack
 from tests.harness.browser import StaticResolver
+from tests.harness.seed import SERVICE, SPEC
 
 
 async def _reload(stack: Stack) -> tuple[str, float]:
@@ -257,3 +261,24 @@ async def test_a_clean_stop_exits_zero_and_flushes_the_flow_log(tmp_path: Path) 
     assert await asyncio.wait_for(task, 5) == 0
     assert "reload_success" in out.getvalue()
     assert daemon._tasks == set()
+
+
+async def test_jwks_events_of_a_provider_are_counted_under_its_issuer(tmp_path: Path) -> None:
+    """The providers the daemon builds count their JWKS fetches, throttled kids and expiries per issuer."""
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text(f"tags: [app=frontend]\ndefinitions: [{{file: d.yaml}}]\nstateDir: {tmp_path}\n")
+    settings = config_mod.load_settings(cfg)
+    docs = definitions_mod.parse_documents(yaml.safe_dump_all([SERVICE, SPEC]), "d.yaml")
+    assert isinstance(docs, list)
+    definitions = definitions_mod.resolve_definitions(docs, settings.tags)
+    metrics = Metrics()
+    async with aiohttp.ClientSession() as http:
+        providers = build_providers(definitions, settings, http, metrics=metrics)
+        provider = next(iter(providers.values()))
+        assert provider.on_jwks_event is not None
+        provider.on_jwks_event("throttled")
+        provider.on_jwks_event("throttled")
+    sample = metrics.registry.get_sample_value(
+        "enforcer_jwks_refreshes_total", {"issuer": provider.issuer, "outcome": "throttled"}
+    )
+    assert sample == 2

@@ -41,7 +41,7 @@ def test_render_contains_all_metric_names() -> None:
     m.upstream_errors.labels("app", "connect").inc()
     m.logins.labels("app", "started").inc()
     m.reloads.labels("success").inc()
-    m.jwks_refresh.labels("app", "success").inc()
+    m.jwks_refresh.labels("https://idp.example", "success").inc()
     m.set_definitions("sha256:abc", 3)
     body, content_type = m.render()
     text = body.decode()

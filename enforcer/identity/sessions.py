@@ -104,6 +104,11 @@ class SessionStore(Protocol):
         """Delete idle and absolutely expired sessions; return how many."""
         ...
 
+    def retain_services(self, services: frozenset[str]) -> int:
+        """After a reload: let go of in-process state kept for services no longer defined;
+        return how many cached sessions were dropped (stored ones expire as usual)."""
+        ...
+
     async def close(self) -> None:
         """Release resources; the store is unusable afterwards."""
         ...
@@ -270,6 +275,10 @@ class MemorySessionStore:
         for key in doomed:
             del self._sessions[key]
         return len(doomed)
+
+    def retain_services(self, services: frozenset[str]) -> int:
+        """Nothing to let go: the memory store interns nothing per service (its sessions are the store)."""
+        return 0
 
     async def close(self) -> None:
         """Drop every session."""

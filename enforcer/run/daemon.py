@@ -21,7 +21,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,13 +61,24 @@ RELOAD_SIBLINGS = signal.SIGUSR1
 """Primary -> master: the admin API reloaded; master -> workers: re-read the definitions."""
 
 
+def _jwks_counter(metrics: Metrics, issuer: str) -> Callable[[str], None]:
+    """The Provider hook that counts its JWKS events under its issuer."""
+
+    def count(outcome: str) -> None:
+        metrics.jwks_refresh.labels(issuer, outcome).inc()
+
+    return count
+
+
 def build_providers(
     definitions: definitions_mod.Definitions,
     settings: settings_mod.Settings,
     http: aiohttp.ClientSession,
     previous: dict[str, oidc.Provider] | None = None,
+    metrics: Metrics | None = None,
 ) -> dict[str, oidc.Provider]:
-    """One Provider per (issuer, CA file); reused across reloads to keep caches."""
+    """One Provider per (issuer, CA file); reused across reloads to keep caches. Its JWKS
+    events are counted in ``metrics`` (``enforcer_jwks_refreshes{issuer, outcome}``)."""
     s = settings.model.oidc
     shared: dict[tuple[str, str | None], oidc.Provider] = {}
     for p in (previous or {}).values():
@@ -85,6 +96,7 @@ def build_providers(
                 timeout=s.httpTimeout,
                 allow_http_loopback=s.allowHttpLoopbackIssuer,
                 jwks_refresh_interval=s.jwksRefreshInterval,
+                on_jwks_event=None if metrics is None else _jwks_counter(metrics, svc.issuer),
             )
             provider._ca_key = key[1]  # type: ignore[attr-defined]
             shared[key] = provider
@@ -229,7 +241,7 @@ class Daemon:
         )
         resources.push_async_callback(upstream.close)
         await self._attach(resources, definitions)
-        runtime = Runtime(definitions, build_providers(definitions, self.settings, self.http))
+        runtime = Runtime(definitions, build_providers(definitions, self.settings, self.http, metrics=self.metrics))
         self.gate = Gate(
             settings=self.settings,
             runtime=runtime,
@@ -447,8 +459,12 @@ class Daemon:
                 await step()
             raise
         old = self.gate.runtime
-        runtime = Runtime(definitions, build_providers(definitions, self.settings, self.http, old.providers))
+        providers = build_providers(definitions, self.settings, self.http, old.providers, self.metrics)
+        runtime = Runtime(definitions, providers)
         self.gate.runtime = runtime
+        dropped = self.gate.store.retain_services(frozenset(svc.name for svc in definitions.services))
+        if dropped:
+            log.info("reload: forgot %d cached session(s) of services no longer defined", dropped)
         self._spawn(self._warm_up(runtime), "discovery")
         if self.role == "single":
             sd_notify(f"STATUS={status_text(definitions)}")
