@@ -22,7 +22,7 @@ def _program(path: Path) -> Path:
 
 def _link(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "ENFORCER_BIN_DIR": str(tmp / "bin")}
-    return subprocess.run([str(SCRIPT), *args], env=env, capture_output=True, text=True, check=False)  # noqa: S603
+    return subprocess.run([str(SCRIPT), *args], env=env, capture_output=True, text=True, check=False)
 
 
 def _nothing(_: Path) -> None:
@@ -84,7 +84,7 @@ def test_links_inside_another_root(tmp_path: Path) -> None:
     root = tmp_path / "image"
     _program(root / "opt" / "enforcer" / "venv" / "bin" / "enforcer")
     env = {**os.environ, "ENFORCER_BIN_DIR": "/usr/local/bin"}
-    done = subprocess.run(  # noqa: S603
+    done = subprocess.run(
         [str(SCRIPT), "/opt/enforcer/venv/bin/enforcer", "--force", "--root", str(root)],
         env=env, capture_output=True, text=True, check=False,
     )  # fmt: skip
