@@ -186,7 +186,8 @@ async def test_every_command_the_loopback_demo_prints_works_as_printed(tmp_path:
 @pytest.mark.e2e
 @pytest.mark.root
 async def test_demo_as_root_runs_behind_the_real_redirect_in_namespaces(tmp_path: Path) -> None:
-    """As root the demo builds client/app namespaces: a login through :443 reaches the sample app.
+    """As root the demo builds client/app namespaces: a login through :443 reaches the sample app,
+    from the client host and from a browser on this machine through the printed URL.
 
     The app's own port refuses the client host; every command the demo prints works as
     pasted, also after --kill-enforcer (then 443 and the app port refuse, never an app page);
@@ -202,8 +203,10 @@ async def test_demo_as_root_runs_behind_the_real_redirect_in_namespaces(tmp_path
         assert time.monotonic() < deadline, f"namespaces of another demo are in the way: {leftovers}"
         await asyncio.sleep(0.5)
     state = tmp_path / "demo-netns"
+    port, idp_port = free_port(), free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "enforcer", "demo", "--restart-after", "8", "--state-dir", str(state),
+        "--port", str(port), "--idp-port", str(idp_port),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
         env=ENV,
     )  # fmt: skip
@@ -226,7 +229,13 @@ async def test_demo_as_root_runs_behind_the_real_redirect_in_namespaces(tmp_path
             assert status == 200, text[:300]
             assert "Hello from the sample app" in text
             assert "alice@example.com" in text
-            assert any(u.startswith(f"https://{demo.APP4}:{demo.IDP_PORT}/") for u in urls), urls
+            assert any(u.startswith(f"https://localhost:{idp_port}/") for u in urls), urls
+        # a browser on this machine: the printed URL is forwarded into the client host
+        assert f"open          https://localhost:{port}/" in banner, banner
+        async with ScriptedBrowser(ssl.create_default_context(cadata=cadata)) as here:
+            page = await here.login(f"https://localhost:{port}/", "bob", "bob")
+            assert page.status == 200, page.text[:300]
+            assert "bob@example.com" in page.text
         assert refused(demo.CLIENT_NS, demo.APP4, demo.APP_PORT)
         assert refused(demo.CLIENT_NS, demo.APP6, demo.APP_PORT)
         ran = await _run_every_printed_command(proc, banner)

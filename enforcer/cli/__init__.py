@@ -106,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         help="stay on loopback even as root (root's default: client and app network namespaces + nftables)",
     )
     demo.add_argument("--netns-child", action="store_true", help=argparse.SUPPRESS)
+    demo.add_argument("--forward", action="append", help=argparse.SUPPRESS)
     return p
 
 

@@ -149,6 +149,26 @@ endpoints:
   - {{URI: /*, methods: [GET], allowedScopes: [[groups=staff], [email=alice@example.com]]}}
 """
 
+BROWSER_SERVICE = """\
+---
+kind: service
+name: demo-app-browser
+authorizationType: OIDC
+OIDCClientID: demo-app
+OIDCClientSecret: {{file: {secret_file}}}
+OIDCProviderURL: {issuer}
+OIDCCallbackURL: {origin}
+OIDCScopes: [openid, email, profile, groups]
+hosts: [localhost]
+port: {app_port}
+exposedPort: {exposed}
+selectors: [[app=demo, $identity=processingunit]]
+exposedAPIs: [[httpresourcespec:name=demo-app]]
+"""
+"""The same app for a browser on this machine (or a laptop): ``https://localhost:PORT`` is
+forwarded into the client host and connects to the app host's port PORT from there (which
+the redirect sends to the enforcer as it does 443)."""
+
 ENFORCER_YAML = """\
 tags: [app=demo]
 listen: {{address: "{listen}", port: {port}}}
@@ -168,6 +188,7 @@ APP6, CLIENT6 = "fd00:203::1", "fd00:203::2"
 DEMO_HOST = "app.demo"
 IDP_PORT = 9443
 APP_PORT = 8080
+NS_LISTEN_PORT = 4443
 ADMIN_PORT = 9090  # inside the app namespace, where nothing else listens
 RESTART_AFTER = 30.0
 READY_TIMEOUT = 60.0
@@ -192,6 +213,12 @@ class _Layout:
     idp_names: tuple[str, ...]  # the IdP certificate's SANs
     admin_port: int
     redirect: bool
+    idp_issuer: str | None = None  # None: https://IDP_HOST:IDP_PORT
+    browser_port: int | None = None  # netns: this machine's port forwarded to the app host's 443
+
+    @property
+    def browser_origin(self) -> str:
+        return f"https://localhost:{self.browser_port}"
 
     @property
     def origin(self) -> str:
@@ -205,11 +232,19 @@ def _loopback_layout(port: int, idp_port: int) -> _Layout:
     )  # fmt: skip
 
 
-def _netns_layout() -> _Layout:
-    # the app binds every address, as apps do: only the enforcer's port block keeps the client out
+def _netns_layout(port: int, idp_port: int) -> _Layout:
+    # the app binds every address, as apps do: only the enforcer's port block keeps the client out.
+    # The identity provider is https://localhost:IDP_PORT for everyone: the enforcer (on the app host),
+    # a browser on the client host and one on this machine (forwarders), or a laptop (ssh -L).
     return _Layout(
-        DEMO_HOST, 443, "::", (None, APP_PORT), APP4, IDP_PORT, ("localhost", "127.0.0.1", APP4), ADMIN_PORT, True
-    )
+        DEMO_HOST, 443, "::", (None, APP_PORT), "::", idp_port, ("localhost", "127.0.0.1", "::1", APP4),
+        ADMIN_PORT, True, f"https://localhost:{idp_port}", port,
+    )  # fmt: skip
+
+
+def ns_listen_port(port: int) -> int:
+    """The enforcer's own port on the app host: not ``port``, which the redirect sends to it."""
+    return NS_LISTEN_PORT if port != NS_LISTEN_PORT else NS_LISTEN_PORT + 1
 
 
 def _free_port() -> int:
@@ -311,15 +346,23 @@ def _netns_banner(lay: _Layout, state: Path, issuer: str, listen_port: int) -> _
     app = f"ip netns exec {APP_NS}"
     front = _curl_status(f"--cacert {ca} --resolve {DEMO_HOST}:443:{APP4} ", f"https://{DEMO_HOST}/")
     front6 = _curl_status(f"--cacert {ca} --resolve {DEMO_HOST}:443:[{APP6}] ", f"https://{DEMO_HOST}/")
+    here = _curl_status(f"--cacert {ca} ", f"{lay.browser_origin}/")
+    user = os.environ.get("SUDO_USER") or getpass.getuser()
+    forwards = f"-L {lay.browser_port}:127.0.0.1:{lay.browser_port} -L {lay.idp_port}:127.0.0.1:{lay.idp_port}"
     app_port = f"curl -sS -m 5 http://{APP4}:{APP_PORT}/"
     running = [
         f"  network       client host {CLIENT_NS} ({CLIENT4}, {CLIENT6}) --veth-- app host {APP_NS}"
         f" ({APP4}, {APP6})",
         f"                on the app host: identity provider, sample app (:{APP_PORT}) and the enforcer"
         f" (:{listen_port}); nftables redirects :443 to it",
+        f"  open          {lay.browser_origin}/   in a browser on this machine: it is forwarded into"
+        f" {CLIENT_NS} and enters the app host on port 443 like any client",
+        f"  from a laptop ssh {forwards} {user}@{socket.gethostname()}   then open {lay.browser_origin}/ there",
+        f"  trust the CA  {ca}   (import it in the browser, or accept the warning on both sites)",
         f"  {USERS_LINE}",
-        f"  identity provider {issuer} (certificate from the demo's CA {ca})",
+        f"  identity provider {issuer} (forwarded to {APP4}:{lay.idp_port} on the app host)",
         "  try",
+        _cmd(here, "302 to the identity provider's login (from this machine)"),
         _cmd(f"{client} {front}", "302 to the identity provider's login"),
         _cmd(f"{client} {front6}", "302 as well, over IPv6"),
         _cmd(f"{client} {app_port}", "refused: only the enforcer reaches the app"),
@@ -461,14 +504,15 @@ async def _run(state: Path, lay: _Layout, port: int, exit_after: float | None, r
     app_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     origin = lay.origin
+    origins = [origin] + ([lay.browser_origin] if lay.browser_port else [])
     op = await localidp.start_op(
         state / "idp",
         clients=[
             {
                 "client_id": "demo-app",
                 "client_secret": secret,
-                "redirect_uris": [f"{origin}/oauth2/callback"],
-                "post_logout_redirect_uris": [f"{origin}/"],
+                "redirect_uris": [f"{o}/oauth2/callback" for o in origins],
+                "post_logout_redirect_uris": [f"{o}/" for o in origins],
                 "token_endpoint_auth_method": "client_secret_basic",
             }
         ],
@@ -478,15 +522,20 @@ async def _run(state: Path, lay: _Layout, port: int, exit_after: float | None, r
         cert_file=idp_leaf.cert,
         key_file=idp_leaf.key,
         ca_file=store.ca_dir / "ca.crt",
+        issuer=lay.idp_issuer,
     )
     enforcer = _Enforcer(state, lay.admin_port)
     try:
-        (state / "definitions.yaml").write_text(
-            DEFINITIONS.format(
-                secret_file=secret_file, issuer=op.issuer, origin=origin, host=lay.host, app_port=app_port,
-                exposed=lay.exposed,
-            )
-        )
+        definitions = DEFINITIONS.format(
+            secret_file=secret_file, issuer=op.issuer, origin=origin, host=lay.host, app_port=app_port,
+            exposed=lay.exposed,
+        )  # fmt: skip
+        if lay.browser_port:
+            definitions += BROWSER_SERVICE.format(
+                secret_file=secret_file, issuer=op.issuer, origin=lay.browser_origin, app_port=app_port,
+                exposed=lay.browser_port,
+            )  # fmt: skip
+        (state / "definitions.yaml").write_text(definitions)
         (state / "enforcer.yaml").write_text(
             ENFORCER_YAML.format(
                 listen=lay.listen, port=port, admin_port=lay.admin_port, state=state,
@@ -554,7 +603,103 @@ def _create_namespaces() -> None:
         _ip("-n", ns, "link", "set", dev, "up")
 
 
-def _run_in_namespaces(args: list[str], state: Path) -> int:
+# ---------------------------------------------------------------------------------------------
+# forwarding this machine's ports into the client host
+
+
+def _host_listeners(port: int, option: str) -> list[socket.socket]:
+    """Listening sockets on this machine's loopback (127.0.0.1, and ::1 where there is IPv6)."""
+    socks: list[socket.socket] = []
+    for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        try:
+            s = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            continue
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((address, port))
+            s.listen(128)
+        except OSError as exc:
+            s.close()
+            if exc.errno == errno.EADDRINUSE:
+                for other in socks:
+                    other.close()
+                raise PortInUse(f"port {port} is in use: choose another with {option}") from None
+            if family == socket.AF_INET:
+                raise
+            continue  # no ::1 here
+        socks.append(s)
+    return socks
+
+
+async def _splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+
+async def _forward(specs: list[str]) -> None:
+    """Forward until SIGTERM. ``FD>HOST:PORT``: an inherited listening socket (made on this machine
+    before entering the client host); ``PORT>HOST:PORT``: listen on this namespace's loopback."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    servers = []
+    for spec in specs:
+        source, _, target = spec.partition(">")
+        host, _, port_text = target.rpartition(":")
+
+        async def handle(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str = host, port: int = int(port_text)
+        ) -> None:
+            try:
+                up_reader, up_writer = await asyncio.open_connection(host, port)
+            except OSError:
+                writer.close()
+                return
+            await asyncio.gather(_splice(reader, up_writer), _splice(up_reader, writer))
+            up_writer.close()
+            writer.close()
+
+        if source.startswith("fd"):
+            sock = socket.socket(fileno=int(source[2:]))
+            servers.append(await asyncio.start_server(handle, sock=sock))
+        else:
+            servers.append(await asyncio.start_server(handle, "127.0.0.1", int(source), reuse_address=True))
+            with contextlib.suppress(OSError):  # no IPv6 loopback here
+                servers.append(await asyncio.start_server(handle, "::1", int(source), reuse_address=True))
+    await stop.wait()
+    for server in servers:
+        server.close()
+
+
+def _start_forwarder(port: int, idp_port: int) -> tuple[subprocess.Popen[bytes], list[socket.socket]]:
+    """This machine's ``port`` and ``idp_port`` -> the same ports of the app host, connecting from
+    the client host; and the client host's own localhost:9443 -> the identity provider."""
+    front = _host_listeners(port, "--port")
+    try:
+        idp = _host_listeners(idp_port, "--idp-port")
+    except PortInUse:
+        for s in front:
+            s.close()
+        raise
+    specs = [f"fd{s.fileno()}>{APP4}:{port}" for s in front] + [f"fd{s.fileno()}>{APP4}:{idp_port}" for s in idp]
+    specs.append(f"{idp_port}>{APP4}:{idp_port}")
+    argv = [shutil.which("ip") or "/usr/sbin/ip", "netns", "exec", CLIENT_NS, sys.executable, "-m", "enforcer",
+            "demo", *(x for spec in specs for x in ("--forward", spec))]  # fmt: skip
+    proc = subprocess.Popen(  # noqa: S603  (fixed argv)
+        argv, stdin=subprocess.DEVNULL, pass_fds=[s.fileno() for s in front + idp]
+    )
+    return proc, front + idp
+
+
+def _run_in_namespaces(args: list[str], state: Path, port: int, idp_port: int) -> int:
     """Create the namespaces, run the demo inside the app one, delete them when it ends."""
     existing = _ip_output("netns", "list").stdout.split()
     if CLIENT_NS in existing or APP_NS in existing:
@@ -564,7 +709,14 @@ def _run_in_namespaces(args: list[str], state: Path) -> int:
             file=sys.stderr,
         )
         return 1
+    try:  # fail before creating anything
+        _host_listeners(port, "--port")[0].close()
+        _host_listeners(idp_port, "--idp-port")[0].close()
+    except PortInUse as exc:
+        print(f"enforcer demo: {exc}", file=sys.stderr)
+        return 1
     child: subprocess.Popen[bytes] | None = None
+    forwarder: subprocess.Popen[bytes] | None = None
 
     def forward(signum: int, _frame: object) -> None:
         if child is not None and child.poll() is None:
@@ -573,6 +725,9 @@ def _run_in_namespaces(args: list[str], state: Path) -> int:
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         _create_namespaces()
+        forwarder, sockets = _start_forwarder(port, idp_port)
+        for s in sockets:
+            s.close()  # the forwarder has them
         argv = [shutil.which("ip") or "/usr/sbin/ip", "netns", "exec", APP_NS, sys.executable, "-m", "enforcer",
                 "demo", "--netns-child", "--state-dir", str(state), *args]  # fmt: skip
         # `ip netns exec` enters the namespace and exec()s: child.pid is the demo's own PID
@@ -581,7 +736,17 @@ def _run_in_namespaces(args: list[str], state: Path) -> int:
     except RuntimeError as e:
         print(f"enforcer demo: cannot set up the network namespaces: {e}", file=sys.stderr)
         return 1
+    except PortInUse as exc:
+        print(f"enforcer demo: {exc}", file=sys.stderr)
+        return 1
     finally:
+        if forwarder is not None:
+            forwarder.terminate()
+            try:
+                forwarder.wait(10)
+            except subprocess.TimeoutExpired:
+                forwarder.kill()
+                forwarder.wait()
         if child is not None and child.poll() is None:
             child.terminate()
             try:
@@ -604,6 +769,7 @@ def main(
     netns: bool | None = None,
     netns_child: bool = False,
     kill: bool = False,
+    forward: list[str] | None = None,
 ) -> int:
     """Run the demo until Ctrl-C (or ``exit_after`` seconds); ``kill``: SIGKILL a running demo's enforcer.
 
@@ -613,17 +779,21 @@ def main(
     state = (state_dir or Path(os.environ.get("ENFORCER_DEMO_STATE", "demo-state"))).resolve()
     if kill:
         return kill_enforcer(state)
+    if forward:
+        asyncio.run(_forward(forward))
+        return 0
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if netns is None:
         netns = os.geteuid() == 0 and shutil.which("ip") is not None
     if netns and not netns_child:
-        args = ["--port", str(port), "--restart-after", str(restart_after)]
+        args = ["--port", str(port), "--idp-port", str(idp_port), "--restart-after", str(restart_after)]
         if exit_after is not None:
             args += ["--exit-after", str(exit_after)]
-        return _run_in_namespaces(args, state)
-    layout = _netns_layout() if netns_child else _loopback_layout(port, idp_port)
+        return _run_in_namespaces(args, state, port, idp_port)
+    layout = _netns_layout(port, idp_port) if netns_child else _loopback_layout(port, idp_port)
     try:
-        return asyncio.run(_run(state, layout, port, exit_after, restart_after))
+        listen = ns_listen_port(port) if netns_child else port
+        return asyncio.run(_run(state, layout, listen, exit_after, restart_after))
     except PortInUse as exc:
         print(f"enforcer demo: {exc}", file=sys.stderr)
         return 1
@@ -648,5 +818,6 @@ def command(args: argparse.Namespace) -> int:
             netns=False if args.no_netns else None,
             netns_child=args.netns_child,
             kill=args.kill_enforcer,
+            forward=args.forward,
         )
     )
