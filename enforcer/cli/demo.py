@@ -2,18 +2,25 @@
 
 As root (unless ``--no-netns``) the demo shows the real product: it creates two network
 namespaces, a "client host" (``enf-demo-client``) and an "app host" (``enf-demo-app``),
-joined by a veth with private addresses that exist only inside them. The OpenID Provider
-(on the app host's address, port 9443), the sample app (port 8080) and the enforcer (with
-``redirect: {enabled: true}``) run inside the app namespace: ``https://app.demo/`` on port
-443 lands on the enforcer through the nftables redirect, and port 8080 refuses the client
-host. The demo re-runs itself under ``ip netns exec enf-demo-app``; the parent forwards
-Ctrl-C / SIGTERM and deletes both namespaces when the child is gone.
+joined by a veth with private addresses that exist only inside them. The OpenID Provider,
+the sample app (port 8080) and the enforcer (with ``redirect: {enabled: true}``) run inside
+the app namespace: ``https://app.demo/`` on port 443 lands on the enforcer through the
+nftables redirect, and port 8080 refuses the client host. This machine's ``--port`` and
+``--idp-port`` are forwarded into the client namespace (``--forward``), so a browser here,
+or on a laptop through ``ssh -L``, uses ``https://localhost:PORT/`` like a client host. The
+demo re-runs itself under ``ip netns exec enf-demo-app``; the parent forwards Ctrl-C /
+SIGTERM and deletes both namespaces when the child is gone.
 
 Otherwise everything runs on loopback: the OpenID Provider (panva ``oidc-provider`` under
-node, see ``enforcer.localidp``) on a free port with a certificate from the enforcer's own
-CA, the sample app on a free port, and the enforcer on ``https://localhost:PORT``.
-The sample app (:func:`sample_app`) shows the identity headers it receives and offers
-a WebSocket echo, so a user can see what the protected app sees.
+node, see ``enforcer.cli.localidp``) on ``--idp-port`` with a certificate from the
+enforcer's own CA, the sample app on a free port, and the enforcer on
+``https://localhost:PORT``.
+
+The enforcer is ``enforcer run`` in a process of its own: ``--kill-enforcer`` SIGKILLs it to
+show that nothing reaches the app without it, and the demo restarts it. The banner's ``$``
+lines are commands that work when pasted. The sample app (:func:`sample_app`) shows the
+identity headers it receives and offers a WebSocket echo, so a user can see what the
+protected app sees.
 """
 
 from __future__ import annotations
@@ -354,9 +361,9 @@ def _netns_banner(lay: _Layout, state: Path, issuer: str, listen_port: int) -> _
         f"  network       client host {CLIENT_NS} ({CLIENT4}, {CLIENT6}) --veth-- app host {APP_NS}"
         f" ({APP4}, {APP6})",
         f"                on the app host: identity provider, sample app (:{APP_PORT}) and the enforcer"
-        f" (:{listen_port}); nftables redirects :443 to it",
+        f" (:{listen_port}); nftables redirects :443 and :{lay.browser_port} to it",
         f"  open          {lay.browser_origin}/   in a browser on this machine: it is forwarded into"
-        f" {CLIENT_NS} and enters the app host on port 443 like any client",
+        f" {CLIENT_NS}, which connects to the app host's port {lay.browser_port}",
         f"  from a laptop ssh {forwards} {user}@{socket.gethostname()}   then open {lay.browser_origin}/ there",
         f"  trust the CA  {ca}   (import it in the browser, or accept the warning on both sites)",
         f"  {USERS_LINE}",
