@@ -88,7 +88,16 @@ def _parser() -> argparse.ArgumentParser:
     with_config(export)
 
     demo = sub.add_parser("demo", help="local OpenID Provider + sample app + enforcer")
-    demo.add_argument("--port", type=int, default=8443)
+    demo.add_argument("--port", type=int, default=8443, help="the enforcer's port (default 8443)")
+    demo.add_argument(
+        "--idp-port", type=int, default=9443, help="the identity provider's port on loopback (default 9443)"
+    )
+    demo.add_argument(
+        "--kill-enforcer", action="store_true", help="SIGKILL a running demo's enforcer (it comes back)"
+    )
+    demo.add_argument(
+        "--restart-after", type=float, default=30.0, help="seconds until a killed enforcer comes back (default 30)"
+    )
     demo.add_argument("--state-dir", type=Path, default=None)
     demo.add_argument("--exit-after", type=float, default=None, help=argparse.SUPPRESS)
     demo.add_argument(
@@ -97,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         help="stay on loopback even as root (root's default: client and app network namespaces + nftables)",
     )
     demo.add_argument("--netns-child", action="store_true", help=argparse.SUPPRESS)
+    demo.add_argument("--forward", action="append", help=argparse.SUPPRESS)
     return p
 
 
