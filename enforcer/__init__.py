@@ -8,7 +8,8 @@ A request meets these modules in this order:
    the certificate by SNI (``http.certs`` issues them).
 3. ``http.fastpath`` the common request (an allowed GET/HEAD with a cached session) on a lean
    HTTP/1.1 path; any other request goes to ``http.server`` (aiohttp) and
-4. ``http.gate``     route → canonical path → own endpoints → session → decide → act.
+4. ``http.plan``     route → canonical path → own endpoints → session → decide (pure, one
+   plan for both paths, asked through ``http.gate``); ``http.relay`` acts on it.
 5. ``identity``      who is asking: ``cookies`` → ``sessions`` (``sqlite``, ``cache``), or an
    OpenID Connect login (``login``, ``oidc``, checked by ``tokens``).
 6. ``policy``        decide(): canonical path + method + tags → allow / deny / login.
@@ -19,7 +20,7 @@ A request meets these modules in this order:
 Packages, top to bottom (each imports only from those below it; checked by import-linter):
 
 - ``cli``       subcommands: ``enforcer run|check|flows|explain|doctor|rules|demo``.
-- ``run``       life cycle: daemon, worker processes, systemd, memory.
+- ``run``       life cycle: daemon, attachments, worker processes, systemd, memory.
 - ``http``      the data path over HTTP/1.1.
 - ``identity``  sessions and OpenID Connect.      ``config``  YAML → frozen typed objects.
 - ``flowlog``, ``metrics``                        writing flow records and metrics.

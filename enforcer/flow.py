@@ -82,22 +82,24 @@ _INF = math.inf
 _OUTCOMES: dict[str, Outcome] = {o.value: o for o in Outcome}
 _REASONS: dict[str, Reason] = {r.value: r for r in Reason}
 
-_flow_ids: list[str] = []
-"""Flow ids made ahead: one ``getrandom`` system call for 512 of them, not one per request."""
+class FlowIds:
+    """Fresh flow ids: 16 random hex characters each (8 bytes from ``os.urandom``, like
+    ``secrets.token_hex(8)``), drawn from the OS 512 at a time: one ``getrandom`` system call
+    for 512 requests, not one per request. Each serving process makes its own after it is
+    forked, so no two processes hand out ids from the same stock."""
 
+    __slots__ = ("_stock",)
 
-def _new_flow_id() -> str:
-    """16 random hex characters (8 bytes from ``os.urandom``, like ``secrets.token_hex(8)``)."""
-    try:
-        return _flow_ids.pop()
-    except IndexError:
-        text = os.urandom(8 * 512).hex()
-        _flow_ids.extend([text[i : i + 16] for i in range(0, len(text), 16)])
-        return _flow_ids.pop()
+    def __init__(self) -> None:
+        self._stock: list[str] = []
 
-
-# a forked worker must not hand out the ids its parent (or a sibling) has in stock
-os.register_at_fork(after_in_child=_flow_ids.clear)
+    def __call__(self) -> str:
+        try:
+            return self._stock.pop()
+        except IndexError:
+            text = os.urandom(8 * 512).hex()
+            self._stock.extend([text[i : i + 16] for i in range(0, len(text), 16)])
+            return self._stock.pop()
 
 
 @dataclass(slots=True, kw_only=True)
@@ -141,6 +143,7 @@ class FlowRecord:
     def begin(
         cls,
         *,
+        flow_id: str,
         client: str,
         sni: str | None,
         host: str | None,
@@ -152,9 +155,10 @@ class FlowRecord:
         tls_version: str | None = None,
         user_agent: str | None = None,
     ) -> FlowRecord:
-        """Start the record for a request that just arrived (``path`` is the canonical path)."""
+        """Start the record for a request that just arrived (``path`` is the canonical path;
+        ``flow_id`` from the process's :class:`FlowIds`, ``now`` from its clock)."""
         return cls(
-            flow_id=_new_flow_id(),
+            flow_id=flow_id,
             start=now,
             client=client,
             sni=sni,

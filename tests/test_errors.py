@@ -151,7 +151,7 @@ def test_page_titles_name_only_reasons() -> None:
 def test_every_reason_and_outcome_is_a_metric_label() -> None:
     """Each Reason (under each Outcome) is counted under its own code as the label value."""
     m = Metrics()
-    flow = FlowRecord.begin(client="192.0.2.1:1", sni=None, host=None, method="GET", path="/", now=100.0)
+    flow = FlowRecord.begin(flow_id="f" * 16, client="192.0.2.1:1", sni=None, host=None, method="GET", path="/", now=100.0)
     flow.service = "app"
     flow.finish(now=100.001)
     for outcome in Outcome:

@@ -30,11 +30,12 @@ from enforcer.cli.flows import (
     read_flows,
 )
 from enforcer.errors import Outcome, Reason
-from enforcer.flow import FlowRecord
+from enforcer.flow import FlowIds, FlowRecord
 from enforcer.flowlog import FILE_MODE, FlowLog
 from tests.prereq import require
 
 T0 = 1_714_564_800.123  # 2024-05-01T12:00:00.123Z
+FLOW_IDS = FlowIds()
 NASTY = 'a\r\nb\x1b[31mred\x1b[0m "q" \\ \x00 \x7f \u2028 \u202e é'
 
 
@@ -47,6 +48,7 @@ def make(
 ) -> FlowRecord:
     """Build a finished record with sensible defaults."""
     rec = FlowRecord.begin(
+        flow_id=FLOW_IDS(),
         client="192.0.2.1:5555",
         sni="app.example",
         host="app.example",
@@ -920,7 +922,7 @@ def test_record_stores_members_and_refuses_unknown_codes() -> None:
 
 def test_a_new_record_is_an_unfinished_error() -> None:
     """A record nobody filled in says decision error, reason unfinished."""
-    rec = FlowRecord.begin(client="c", sni=None, host=None, method="GET", path="/", now=T0)
+    rec = FlowRecord.begin(flow_id="f" * 16, client="c", sni=None, host=None, method="GET", path="/", now=T0)
     assert (rec.decision, rec.reason) == (Outcome.ERROR, Reason.UNFINISHED)
 
 
@@ -938,26 +940,19 @@ def test_to_json_of_a_non_text_field_matches_json() -> None:
     assert rec.to_json() == json.dumps(rec.to_dict(), ensure_ascii=True, separators=(",", ":"))
 
 
-def test_flow_ids_are_unique_and_fresh_after_fork() -> None:
-    """Ids are made ahead in batches; a forked child never hands out one its parent has in stock."""
-    ids = {FlowRecord.begin(client="c", sni=None, host=None, method="GET", path="/", now=T0).flow_id
-           for _ in range(2000)}
-    assert len(ids) == 2000 and all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
-    stock = set(flowlog_mod._flow_ids)
-    assert stock
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        try:
-            child = [flowlog_mod._new_flow_id() for _ in range(len(stock))]
-            os.write(write, "\n".join(child).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as f:
-        child_ids = set(f.read().split("\n"))
-    os.waitpid(pid, 0)
-    assert len(child_ids) == len(stock) and not child_ids & stock and not child_ids & ids
+def test_flow_ids_are_unique_and_each_source_has_its_own_stock() -> None:
+    """Ids are 16 hex characters made ahead in batches; two sources (two processes' daemons) never share a stock."""
+    first, second = FlowIds(), FlowIds()
+    ids = [first() for _ in range(2000)]
+    assert len(set(ids)) == 2000 and all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
+    others = {second() for _ in range(2000)}
+    assert not others & set(ids)
+
+
+def test_a_record_carries_the_id_and_time_it_was_begun_with() -> None:
+    """FlowRecord.begin takes its id and its clock reading from the caller: nothing hidden is drawn."""
+    rec = FlowRecord.begin(flow_id="0123456789abcdef", client="c", sni=None, host=None, method="GET", path="/", now=T0)
+    assert (rec.flow_id, rec.start) == ("0123456789abcdef", T0)
 
 
 def test_to_json_of_an_ordinary_record_is_written_field_by_field(monkeypatch: pytest.MonkeyPatch) -> None:

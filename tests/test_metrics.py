@@ -20,7 +20,7 @@ def flow(
 ) -> FlowRecord:
     """A finished record that took 12.5 ms."""
     rec = FlowRecord.begin(
-        client="192.0.2.1:1", sni=None, host=None, method="GET", path="/secret/path", now=100.0
+        flow_id="0123456789abcdef", client="192.0.2.1:1", sni=None, host=None, method="GET", path="/secret/path", now=100.0
     )
     rec.service = service
     rec.user = "sub-123"

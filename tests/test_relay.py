@@ -30,7 +30,7 @@ class _FlowLog:
 
 
 def _flow() -> FlowRecord:
-    flow = relay.begin(INFO, host="app.test", method="GET", path="/x", user_agent="ua", now=T0)
+    flow = relay.begin(INFO, host="app.test", method="GET", path="/x", user_agent="ua", now=T0, flow_id="0123456789abcdef")
     flow.service = "app"
     flow.record(decision="allow", reason="allowed", endpoint="app#1", user="u1")
     return flow
@@ -38,7 +38,7 @@ def _flow() -> FlowRecord:
 
 def test_a_flow_begins_with_the_connection_facts() -> None:
     """The record names the client, original destination, SNI and TLS version of the connection."""
-    flow = relay.begin(INFO, host="app.test", method="HEAD", path="-", user_agent=None, now=T0)
+    flow = relay.begin(INFO, host="app.test", method="HEAD", path="-", user_agent=None, now=T0, flow_id="0123456789abcdef")
     assert (flow.client, flow.destination, flow.sni, flow.tls_version, flow.method, flow.start) == (
         "192.0.2.7:5555", "10.0.0.1:443", "app.test", "TLSv1.3", "HEAD", T0,
     )

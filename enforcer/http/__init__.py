@@ -1,7 +1,10 @@
-"""The data path over HTTP/1.1: accept, TLS, the two HTTP paths, the gate, the proxy, the pages.
+"""The data path over HTTP/1.1: accept, TLS, the two HTTP paths, one plan, one act, the proxy.
 
 ``accept`` (connection caps before TLS) → ``tls`` (SNI picks the certificate; ``certs`` makes
-them) → ``fastpath`` (the lean path for the common request) or ``server`` (aiohttp) → ``gate``
-(route, canonicalise, session, decide) → ``proxy`` (forward through the ``upstream`` pool, with
-``headers`` hygiene) → ``pages`` (what the enforcer itself answers).
+them; the connection's facts are read once) → ``fastpath`` (the lean path for the common
+request) or ``server`` (aiohttp) → both ask ``plan`` (pure: route, canonicalise, own endpoints,
+cached session, decide) through the ``gate``, which also runs the login, callback and logout
+endpoints → ``relay`` (the act both paths share: flow record, failure → reason/page/metric,
+body relay) → ``proxy`` (forward through the ``upstream`` pool, with ``headers`` hygiene) →
+``pages`` (what the enforcer itself answers).
 """

@@ -331,7 +331,8 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
             self._closing = True  # the client asked to close after this answer
         gate = self._fast.gate
         flow = relay.begin(
-            info, host=request.host, method=method, path=plan.path, user_agent=request.user_agent, now=gate.clock()
+            info, host=request.host, method=method, path=plan.path, user_agent=request.user_agent, now=gate.clock(),
+            flow_id=gate.flow_ids(),
         )
         relay.allowed(flow, plan)
         transfer = proxy.Transfer()

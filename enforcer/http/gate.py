@@ -24,7 +24,7 @@ from enforcer import errors
 from enforcer.config.definitions import Definitions, Service
 from enforcer.config.settings import Settings
 from enforcer.errors import Outcome, Reason
-from enforcer.flow import FlowRecord
+from enforcer.flow import FlowIds, FlowRecord
 from enforcer.flowlog import FlowLog
 from enforcer.http import headers as headers_mod
 from enforcer.http import pages, proxy, relay
@@ -153,6 +153,7 @@ class Gate:
         upstream: Upstream,
         listen_port: int,
         clock: Callable[[], float] = time.time,
+        flow_ids: Callable[[], str] | None = None,
         shared_logins: login.SharedTransactionStore | None = None,
     ) -> None:
         self.settings = settings
@@ -163,6 +164,7 @@ class Gate:
         self.upstream = upstream
         self.listen_port = listen_port
         self.clock = clock
+        self.flow_ids = flow_ids if flow_ids is not None else FlowIds()
         s = settings.model
         self.transactions = login.TransactionStore(ttl=s.oidc.loginTimeout)
         self.shared_logins = shared_logins
@@ -179,7 +181,7 @@ class Gate:
         headers = request.headers
         flow = relay.begin(
             info, host=headers.get("Host"), method=request.method, path="-", user_agent=headers.get("User-Agent"),
-            now=self.clock(),
+            now=self.clock(), flow_id=self.flow_ids(),
         )
         response: web.StreamResponse | None = None
         transfer = proxy.Transfer()  # (untouched unless the request is forwarded)

@@ -35,10 +35,12 @@ UPSTREAM_MESSAGE = "The application did not answer properly."
 
 
 def begin(
-    info: ConnectionInfo, *, host: str | None, method: str, path: str, user_agent: str | None, now: float
+    info: ConnectionInfo, *, host: str | None, method: str, path: str, user_agent: str | None, now: float,
+    flow_id: str,
 ) -> FlowRecord:
     """The flow record of a request arriving on the connection ``info`` describes."""
     return FlowRecord.begin(
+        flow_id=flow_id,
         client=info.client,
         destination=info.destination_text,
         sni=info.sni,

@@ -1,5 +1,7 @@
 """The running enforcer's life cycle: start in order, serve, reload, stop; workers and systemd.
 
-``main`` (entry point of ``enforcer run``) → ``daemon`` (one serving process) or ``workers``
-(a master supervising several); ``systemd`` (notify, watchdog), ``memory`` (heap trimming, GC).
+``main`` (entry point of ``enforcer run``) → ``daemon`` (one serving process, its tasks in one
+TaskGroup) or ``workers`` (a master supervising several); ``attach`` (where a listening socket
+and its redirect live: the host today, pods later), ``systemd`` (notify, watchdog), ``memory``
+(heap trimming, GC).
 """

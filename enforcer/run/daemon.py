@@ -32,7 +32,7 @@ from enforcer.config import definitions as definitions_mod
 from enforcer.config import settings as settings_mod
 from enforcer.config.sources import DefinitionsManager, build_sources
 from enforcer.errors import Outcome, Reason
-from enforcer.flow import FlowRecord
+from enforcer.flow import FlowIds, FlowRecord
 from enforcer.flowlog import FlowLog
 from enforcer.http import accept, certs, fastpath, proxy
 from enforcer.http import server as server_mod
@@ -165,6 +165,8 @@ class Daemon:
 
     settings: settings_mod.Settings
     metrics: Metrics = field(default_factory=Metrics)
+    flow_ids: FlowIds = field(default_factory=FlowIds)
+    """Made with the Daemon, which each worker process makes after it is forked."""
     ready: bool = False
     listen_port: int = 0
     admin_port: int = 0
@@ -250,6 +252,7 @@ class Daemon:
             metrics=self.metrics,
             upstream=upstream,
             listen_port=self.listen_port,
+            flow_ids=self.flow_ids,
             shared_logins=(
                 login.SharedTransactionStore(store, ttl=s.oidc.loginTimeout)
                 if self.role != "single" and isinstance(store, sqlite.SQLiteSessionStore) else None
@@ -487,7 +490,9 @@ class Daemon:
         if flowlog is None:
             return
         now = time.time()
-        record = FlowRecord.begin(client="-", sni=None, host=None, method="RELOAD", path="-", now=now)
+        record = FlowRecord.begin(
+            flow_id=self.flow_ids(), client="-", sni=None, host=None, method="RELOAD", path="-", now=now
+        )
         record.record(decision=Outcome.RELOAD, reason=_RELOAD_REASONS[outcome])
         record.endpoint = detail[:200] or None
         flowlog.write(record.finish(now=now, status=200 if outcome in ("success", "last_known_good") else 500))
