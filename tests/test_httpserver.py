@@ -181,3 +181,47 @@ async def test_listener_counts_a_connection_from_accept_to_close() -> None:
         assert server.open_connections == 0 and server._per_ip == {}
     finally:
         listener.close()
+
+
+# ------------------------------------------------------------------ aiohttp's private API
+
+
+def test_the_installed_aiohttp_is_a_version_the_server_module_was_written_for() -> None:
+    """http/server.py uses aiohttp private names: it names the versions they were checked against, and only those pass."""
+    import aiohttp  # noqa: PLC0415
+
+    major_minor = ".".join(aiohttp.__version__.split(".")[:2])
+    assert major_minor in server_mod.AIOHTTP_WRITTEN_FOR, (
+        f"aiohttp {aiohttp.__version__}: review enforcer/http/server.py's private names, then add it"
+    )
+
+
+async def test_every_private_aiohttp_name_the_server_module_uses_exists() -> None:
+    """Each private name in PRIVATE_NAMES is there on the installed aiohttp's classes or a live protocol."""
+    from aiohttp import web_protocol  # noqa: PLC0415
+
+    server = server_mod.Server(_ok, header_timeout=5, body_timeout=5)
+    protocol = server.protocol()
+    places: tuple[object, ...] = (protocol, server, web_protocol, web.StreamResponse, server_mod.Protocol)
+    missing = [n for n in server_mod.PRIVATE_NAMES if not any(hasattr(p, n) for p in places)]
+    assert missing == []
+
+
+def test_no_module_but_the_server_module_uses_aiohttp_private_names() -> None:
+    """Outside http/server.py no module imports aiohttp's private modules or names, or touches its private attributes."""
+    import ast  # noqa: PLC0415
+
+    ours = {"_reading_paused", "_close"}  # also attributes of our own protocols (fastpath, upstream)
+    names = set(server_mod.PRIVATE_NAMES) - ours
+    offenders = []
+    root = Path(server_mod.__file__).resolve().parents[1]
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "server.py" and path.parent.name == "http":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("aiohttp"):
+                if "web_protocol" in (node.module or "") or any(a.name.startswith("_") for a in node.names):
+                    offenders.append(f"{path.name}: from {node.module} import ...")
+            elif isinstance(node, ast.Attribute) and node.attr in names:
+                offenders.append(f"{path.name}:{node.lineno} .{node.attr}")
+    assert offenders == []

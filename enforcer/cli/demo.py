@@ -508,7 +508,7 @@ async def _run(state: Path, lay: _Layout, port: int, exit_after: float | None, r
     await runner.setup()
     site = web.TCPSite(runner, *lay.app_bind)
     await site.start()
-    app_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    app_port = int(runner.addresses[0][1])
 
     origin = lay.origin
     origins = [origin] + ([lay.browser_origin] if lay.browser_port else [])

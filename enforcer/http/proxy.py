@@ -24,6 +24,7 @@ from enforcer.errors import UpstreamError, UpstreamKind
 from enforcer.http import relay
 from enforcer.http import upstream as upstream_client
 from enforcer.http.headers import CHUNK, SERVER, _first, _internal_origins, response_headers, serialise_head
+from enforcer.http.server import HeldHeadResponse
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +41,12 @@ class Transfer:
     upstream_ms: float | None = None
 
 
-class _Relayed(web.StreamResponse):
-    """The app's answer on its way to the client.  Its head is not written on its own
-    (``web.StreamResponse`` would) but together with the first body bytes, or with the end
-    of a bodiless response: one TLS record and one system call less per small response.
-    :meth:`Upstream.forward` writes the head at once when no body bytes are there yet."""
-
-    _send_headers_immediately = False
-
-
 class _ResponseSink:
     """:class:`relay.Sink` over an aiohttp response (prepared, its head held)."""
 
     __slots__ = ("_request", "_resp", "_writer")
 
-    def __init__(self, request: web.BaseRequest, resp: _Relayed, writer: AbstractStreamWriter) -> None:
+    def __init__(self, request: web.BaseRequest, resp: HeldHeadResponse, writer: AbstractStreamWriter) -> None:
         self._request = request
         self._resp = resp
         self._writer = writer
@@ -162,7 +154,7 @@ class Upstream:
             transfer.upstream_ms = (time.perf_counter() - started) * 1000
             status = resp_head.status
             transfer.status = status
-            resp = _Relayed(status=status, reason=resp_head.reason or None)
+            resp = HeldHeadResponse(status=status, reason=resp_head.reason or None)
             response_headers(
                 resp_head.headers, public_origin=public_origin, internal_origins=_internal_origins(upstream_host, port),
                 into=resp.headers,

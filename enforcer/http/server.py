@@ -16,6 +16,10 @@
 * Parser errors go through the gate (one flow record, a fixed page that echoes nothing)
   instead of aiohttp's error page, which quotes the offending request bytes back and logs
   a traceback for every malformed request.
+
+This is the one module that uses aiohttp's private API (:data:`PRIVATE_NAMES`), written for
+the aiohttp versions in :data:`AIOHTTP_WRITTEN_FOR`; a test fails on any other version, so
+every aiohttp upgrade is a review of this module.
 """
 
 from __future__ import annotations
@@ -35,6 +39,16 @@ from enforcer.http.tls import ConnectionInfo, connection_info
 from enforcer.http.upstream import WriteDeadline
 
 log = logging.getLogger(__name__)
+
+AIOHTTP_WRITTEN_FOR = ("3.14",)
+"""aiohttp ``major.minor`` versions this module's use of private names was checked against."""
+
+PRIVATE_NAMES = (
+    "_ErrInfo", "_make_error_handler", "_manager", "_request_handler", "_messages", "_request_count",
+    "_payload_parser", "_upgraded", "_force_close", "_close", "_request_in_progress", "_reading_paused",
+    "_buffer_paused", "_kwargs", "_send_headers_immediately",
+)
+"""The private aiohttp names used here (and only here)."""
 
 #: Set by the server protocol (:class:`Protocol`) on the stand-in request it makes when aiohttp's
 #: parser refused the bytes: (status, reason code).  :meth:`Gate.handle` answers it, so a
@@ -297,4 +311,13 @@ class Server(web.Server):
         for conn in list(self.fast_connections):
             conn.abort()
         await super().shutdown(max(0.0, deadline - loop.time()) if timeout is not None else None)
+
+
+class HeldHeadResponse(web.StreamResponse):
+    """A response whose head is not written on its own (``web.StreamResponse`` would) but
+    together with the first body bytes, or with the end of a bodiless response: one TLS
+    record and one system call less per small response. The proxy writes the head at once
+    when no body bytes are there yet."""
+
+    _send_headers_immediately = False
 
