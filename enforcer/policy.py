@@ -290,8 +290,9 @@ class Endpoint:
         )
 
 
-def validate_pattern(uri: str) -> str | None:
-    """None if ``uri`` is a usable pattern, else a one-line explanation with a fix."""
+def validate_pattern(uri: object) -> str | None:
+    """None if ``uri`` is a usable pattern, else a one-line explanation with a fix (``uri``
+    comes from an operator's YAML: any type)."""
     if not isinstance(uri, str) or not uri:
         return "endpoint URI must be a non-empty path such as '/api/*'"
     if not uri.startswith("/"):

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from enforcer.config import settings as settings_mod
 from enforcer.flow import SERVED_DECISIONS
@@ -165,7 +165,7 @@ def follow_flows(
     """
     st = stats if stats is not None else ReadStats()
     should_stop = stop if stop is not None else (lambda: False)
-    f = None
+    f: BinaryIO | None = None
     ident: tuple[int, int] | None = None
     partial = b""
     first = True

@@ -339,7 +339,7 @@ async def _start_op_once(
         await asyncio.sleep(0)
         detail = "\n".join(lines[-40:])
         raise RuntimeError(
-            f"OP did not become ready ({exc or 'timeout'}; exit={proc.returncode});"
+            f"OP did not become ready ({str(exc) or type(exc).__name__}; exit={proc.returncode});"
             f" stderr:\n{detail}"
         ) from exc
 

@@ -128,6 +128,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         """What the connection is (built in :meth:`connection_made`, passed on with a hand-over)."""
         self._buf = bytearray()
         self._busy = False  # a request is being answered
+        self._serving: asyncio.Task[None] | None = None  # its task (kept: the loop holds tasks weakly)
         self._closing = False  # close once the current answer is out
         self._closed = False
         self._handed = False
@@ -237,7 +238,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         self._busy = True
         self._head_started = False
         fast.served.inc()
-        self._loop.create_task(self._serve(*analysed))
+        self._serving = self._loop.create_task(self._serve(*analysed))
 
     def _analyse(self, head: bytes) -> tuple[Forward, _Request, ConnectionInfo] | None:
         """What to serve for ``head`` on this path, or None to hand the connection over: only a

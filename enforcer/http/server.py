@@ -146,7 +146,7 @@ class Protocol(WriteDeadline, RequestHandler):
                 self._header_timer = None
             if len(self._messages) > queued:
                 payload = self._messages[-1][1]
-                self._body = payload if isinstance(payload, StreamReader) else None
+                self._body = payload
         body = self._body
         if body is not None and not body.is_eof():
             self._body_seen = self._loop.time()

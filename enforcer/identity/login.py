@@ -198,11 +198,13 @@ class SharedTransactionStore:
             return None
         try:
             fields = json.loads(data)
-            txn = LoginTransaction(**fields)
-            if not isinstance(txn.created, int | float) or not all(
-                isinstance(getattr(txn, f.name), str) for f in dataclasses.fields(txn) if f.name != "created"
+            if not isinstance(fields, dict):
+                raise TypeError("not an object")
+            if not isinstance(fields.get("created"), int | float) or not all(
+                isinstance(fields.get(f.name), str) for f in dataclasses.fields(LoginTransaction) if f.name != "created"
             ):
                 raise TypeError("a field has the wrong type")
+            txn = LoginTransaction(**fields)
         except (ValueError, TypeError) as exc:
             log.warning("dropping an unreadable pending login: %s", exc)
             return None

@@ -159,13 +159,19 @@ class Provider:
             raise OIDCError(doc.unreachable, f"{type(exc).__name__}: {str(exc)[:200]}", status=502) from None
         return strict_json_object(body, doc.invalid_json)
 
+    def _metadata_now(self) -> ProviderMetadata | None:
+        """The discovered metadata as it is now (a call, so a check after an await is not
+        narrowed away by the one before it)."""
+        return self.metadata
+
     async def discover(self) -> ProviderMetadata:
         """Fetch and validate the discovery document (cached once it succeeded), then the JWKS."""
         if self.metadata is not None:
             return self.metadata
         async with self._discover_lock:
-            if self.metadata is not None:
-                return self.metadata
+            known = self._metadata_now()  # another caller may have discovered it while we waited
+            if known is not None:
+                return known
             url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
             try:
                 doc = await self._get_json(url, _DISCOVERY)
