@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from tests.e2e_stack import HOST, Seen, Stack
+from tests.harness.e2e_stack import HOST, Seen, Stack
 from tests.harness.raw import Raw, Reply, request
 
 pytestmark = pytest.mark.e2e

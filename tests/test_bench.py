@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_e2e
+from tests.harness.prereq import require_e2e
 
 REPO = Path(__file__).resolve().parents[1]
 

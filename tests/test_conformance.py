@@ -41,9 +41,9 @@ from enforcer.flow import FlowRecord
 from enforcer.identity import tokens as oidc
 from enforcer.identity.oidc import Provider
 from enforcer.run import daemon
-from tests.e2e_stack import Upstream, free_port
-from tests.fake_op import DELETE, FakeOP, b64url, compact
 from tests.harness.browser import Response, ScriptedBrowser
+from tests.harness.e2e_stack import Upstream, free_port
+from tests.harness.fake_op import DELETE, FakeOP, b64url, compact
 
 pytestmark = pytest.mark.e2e
 

@@ -23,8 +23,8 @@ from enforcer.identity import sessions, sqlite
 from enforcer.metrics import Metrics
 from enforcer.run.daemon import Daemon, build_providers, session_store
 from enforcer.run.systemd import sd_notify, watchdog_interval
-from tests.e2e_stack import HOST, Stack
 from tests.harness.browser import StaticResolver
+from tests.harness.e2e_stack import HOST, Stack
 from tests.harness.seed import SERVICE, SPEC
 
 

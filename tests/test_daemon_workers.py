@@ -23,8 +23,8 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from tests.conftest import require_e2e
-from tests.e2e_stack import HOST, Stack, start_stack, stop_stack
+from tests.harness.e2e_stack import HOST, Stack, start_stack, stop_stack
+from tests.harness.prereq import require_e2e
 
 pytestmark = pytest.mark.e2e
 

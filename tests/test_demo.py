@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from enforcer.cli import demo as demo_mod
-from tests.conftest import require_e2e
-from tests.e2e_stack import free_port
 from tests.harness.browser import ScriptedBrowser
+from tests.harness.e2e_stack import free_port
+from tests.harness.prereq import require_e2e
 
 # The commands the demo prints run with this checkout's .venv/bin first on PATH, as after
 # scripts/setup (whose /usr/local/bin link may belong to another checkout on this machine).
@@ -194,7 +194,7 @@ async def test_demo_as_root_runs_behind_the_real_redirect_in_namespaces(tmp_path
     every enf-demo-* namespace is gone afterwards.
     """
     from enforcer.cli import demo  # noqa: PLC0415
-    from tests.netns import NetnsLoop, netns_names, refused, require_root  # noqa: PLC0415
+    from tests.harness.netns import NetnsLoop, netns_names, refused, require_root  # noqa: PLC0415
 
     require_root()
     require_e2e()

@@ -35,8 +35,8 @@ from enforcer.config import definitions as definitions_mod
 from enforcer.config import settings as settings_mod
 from enforcer.http import certs, tls
 from enforcer.net import nftables
+from tests.harness.netns import NetnsLoop, ip, require_root
 from tests.harness.seed import SERVICE, SPEC
-from tests.netns import NetnsLoop, ip, require_root
 
 SIGNING_KEY = RSAKey.generate_key(2048, parameters={"kid": "k1", "use": "sig", "alg": "RS256"})
 HOST = "app.example.com"  # the seed service's host

@@ -15,9 +15,9 @@ import urllib.parse
 import aiohttp
 import pytest
 
-from tests.e2e_stack import HOST, USERS, Stack
 from tests.harness.chromium import chromium_available, run_chromium_login, spki_hashes
-from tests.prereq import require
+from tests.harness.e2e_stack import HOST, USERS, Stack
+from tests.harness.prereq import require
 
 pytestmark = pytest.mark.e2e
 

@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from enforcer.http.fastpath import Connection, FastPath
-from tests.e2e_stack import HOST, Seen, Stack
+from tests.harness.e2e_stack import HOST, Seen, Stack
 from tests.harness.raw import Raw, Reply, request
-from tests.refcount import cycle_collector_off
+from tests.harness.refcount import cycle_collector_off
 
 pytestmark = pytest.mark.e2e
 

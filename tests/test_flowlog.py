@@ -32,7 +32,7 @@ from enforcer.cli.flows import (
 from enforcer.errors import Outcome, Reason
 from enforcer.flow import FlowIds, FlowRecord
 from enforcer.flowlog import FILE_MODE, FlowLog
-from tests.prereq import require
+from tests.harness.prereq import require
 
 T0 = 1_714_564_800.123  # 2024-05-01T12:00:00.123Z
 FLOW_IDS = FlowIds()

@@ -26,7 +26,7 @@ from aiohttp import web
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
-from tests.prereq import require
+from tests.harness.prereq import require
 
 # `tests.harness` is imported from the repository root (also by `enforcer demo`);
 # pytest's default import mode only puts tests/ itself on sys.path.
@@ -694,3 +694,12 @@ def test_the_import_check_sees_test_module_imports(tmp_path: Path) -> None:
     )
     names = _imported_modules(probe)
     assert {"tests.test_config", "tests.test_cli", "tests.test_attacks"} <= names
+
+
+def test_shared_test_code_lives_in_the_harness_package() -> None:
+    """tests/ holds only test modules and conftest.py; every helper module is under tests/harness/."""
+    stray = sorted(
+        p.name for p in (REPO_ROOT / "tests").glob("*.py")
+        if not p.name.startswith("test_") and p.name not in {"__init__.py", "conftest.py"}
+    )
+    assert stray == []

@@ -22,7 +22,7 @@ import pytest_asyncio
 
 from enforcer.identity.oidc import Provider, client_ssl_context
 from enforcer.identity.tokens import OIDCError, VerifiedToken
-from tests.fake_op import DELETE, FakeOP, compact
+from tests.harness.fake_op import DELETE, FakeOP, compact
 
 FLOOR = 0.1
 INTERVAL = 60.0

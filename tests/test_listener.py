@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from enforcer.http.certs import CertError, CertStore, LeafPaths
 from enforcer.http.tls import make_listen_socket, normalise_sni, server_ssl_context, sni_of
-from tests.prereq import require
+from tests.harness.prereq import require
 
 # -- helpers ---------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from enforcer.run import memory
-from tests.prereq import require
+from tests.harness.prereq import require
 
 
 class FakeClock:

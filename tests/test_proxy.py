@@ -19,7 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from enforcer import errors
 from enforcer.http import headers as headers_mod
 from enforcer.http import proxy, upstream
-from tests.refcount import cycle_collector_off
+from tests.harness.refcount import cycle_collector_off
 
 IDENTITY = {"X-Forwarded-User": "alice", "X-Forwarded-Email": "alice@example.com", "X-Forwarded-Groups": "staff"}
 OURS = {"x-forwarded-user", "x-forwarded-email", "x-forwarded-groups", "x-forwarded-for", "x-forwarded-proto",

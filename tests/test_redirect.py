@@ -33,7 +33,7 @@ from enforcer.net import nftables, ruleset, sockopt
 from enforcer.net.nftables import LiveRule, LiveRuleset, diff
 from enforcer.net.ruleset import RedirectError, RedirectSettings, RedirectTarget, Rule, build_ruleset
 from enforcer.net.sockopt import parse_original_dst
-from tests.netns import Hosts, connect, require_root, veth_hosts
+from tests.harness.netns import Hosts, connect, require_root, veth_hosts
 
 REPO = Path(__file__).resolve().parents[1]
 APP4, CLI4 = "10.99.0.1", "10.99.0.2"

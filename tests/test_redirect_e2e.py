@@ -7,7 +7,7 @@ addresses only inside them). On the app host run, each inside the app namespace:
   connections to it on 443 must *not* be redirected back to the enforcer. Users on the client
   host reach it through a test-only table (``dnat`` to itself at priority -102, so it wins
   against the enforcer's redirect at -101): it stands for "the IdP is reachable by users";
-* a recording app (``tests/recording_app.py``): app ``a`` on 8080 and app ``b`` on 8081, bound
+* a recording app (``tests/harness/recording_app.py``): app ``a`` on 8080 and app ``b`` on 8081, bound
   to every address, as a typical app binds;
 * the enforcer (``python -m enforcer run``) with ``redirect: {enabled: true}``, listening on
   ``[::]:15443``: service ``app-a`` (app.test, exposedPort 443 -> 8080) and ``app-b``
@@ -41,10 +41,10 @@ import pytest_asyncio
 from enforcer.net import nftables, ruleset
 from enforcer.net.nftables import LiveRuleset
 from enforcer.net.ruleset import Chain, Expr, Rule, Ruleset
-from tests.conftest import require_e2e
 from tests.harness.browser import Response, ScriptedBrowser
+from tests.harness.netns import Hosts, NetnsLoop, connect, refused, require_root, veth_hosts
 from tests.harness.op import OPUser, RunningOP, make_tls_material, start_op
-from tests.netns import Hosts, NetnsLoop, connect, refused, require_root, veth_hosts
+from tests.harness.prereq import require_e2e
 
 pytestmark = [pytest.mark.root, pytest.mark.e2e]
 
@@ -350,7 +350,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         try:
             record = workdir / "seen.jsonl"
             apps = await asyncio.create_subprocess_exec(
-                "ip", "netns", "exec", hosts.app, sys.executable, str(REPO / "tests" / "recording_app.py"),
+                "ip", "netns", "exec", hosts.app, sys.executable, str(REPO / "tests" / "harness" / "recording_app.py"),
                 str(record), f"a:{PORT_A}", f"b:{PORT_B}",
                 stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL, cwd=REPO,
             )  # fmt: skip

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.prereq import missing
+from tests.harness.prereq import missing
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "enforcer.service"

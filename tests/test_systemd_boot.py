@@ -33,9 +33,8 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from tests.conftest import require_e2e
 from tests.harness.op import OPUser, RunningOP, make_tls_material, start_op
-from tests.prereq import missing
+from tests.harness.prereq import missing, require_e2e
 
 pytestmark = [pytest.mark.root, pytest.mark.e2e, pytest.mark.timeout(600)]
 

@@ -11,7 +11,7 @@ import contextlib
 import ssl
 from dataclasses import dataclass
 
-from tests.e2e_stack import HOST, Stack
+from tests.harness.e2e_stack import HOST, Stack
 
 
 @dataclass

@@ -7,6 +7,8 @@ tool there is a broken environment that must turn the build red, never a silent 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
@@ -27,3 +29,22 @@ def require(present: bool, why: str) -> None:
     """:func:`missing` unless ``present``."""
     if not present:
         missing(why)
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _prerequisites_missing() -> list[str]:
+    missing = []
+    if shutil.which("node") is None:
+        missing.append("node")
+    if not (REPO / "scripts" / "op" / "node_modules" / "oidc-provider").exists():
+        missing.append("scripts/op/node_modules (run scripts/setup)")
+    return missing
+
+
+def require_e2e() -> None:
+    """Skip locally when the e2e prerequisites are absent; in CI that is a failure."""
+    absent = _prerequisites_missing()
+    if absent:
+        missing(f"e2e: {', '.join(absent)}")

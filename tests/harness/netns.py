@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from enforcer.net import netns as netns_mod
 from enforcer.net import sockopt
-from tests.prereq import missing
+from tests.harness.prereq import missing
 
 T = TypeVar("T")
 
