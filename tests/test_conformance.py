@@ -1,7 +1,7 @@
 """Conformance rows of /work/shared/spec/conformance.md run against the real enforcer.
 
 The enforcer runs in-process (:class:`enforcer.daemon.Daemon` in the test loop) over real
-TLS, in front of a recording upstream, and logs in at :class:`tests.fake_op.FakeOP`, an
+TLS, in front of a recording upstream, and logs in at :class:`tests.harness.fake_op.FakeOP`, an
 OpenID Provider that misbehaves on request.  Browser steps use
 :class:`tests.harness.browser.ScriptedBrowser`.  Each test names the rows it covers.
 

@@ -1,6 +1,6 @@
 """The JWKS cache of enforcer.identity.oidc.Provider against the in-process fake OP.
 
-Each test runs a real :class:`Provider` over HTTPS against :class:`tests.fake_op.FakeOP`
+Each test runs a real :class:`Provider` over HTTPS against :class:`tests.harness.fake_op.FakeOP`
 (which counts the JWKS requests it answers) with an injected clock: its ``sleep`` moves the
 clock instead of waiting, so throttle windows and key ages are exact and the tests are fast.
 Rows: P-JWKS-01 (rotation), P-JWKS-02 (unknown-kid flood), P-JWKS-04/05 (failing endpoint,
