@@ -131,3 +131,30 @@ def test_reading_flows_or_checking_a_config_does_not_load_the_daemon() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("setting", ["listen", "admin"])
+def test_run_on_a_busy_port_says_so_in_one_line(cfg: Path, setting: str) -> None:
+    """`enforcer run` on a taken listen or admin port exits 1 with one line naming the port and the setting to change."""
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        other = free.getsockname()[1]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        ports = {"listen": port, "admin": 0} if setting == "listen" else {"listen": other, "admin": port}
+        cfg.write_text(
+            cfg.read_text()
+            + f"listen: {{address: 127.0.0.1, port: {ports['listen']}}}\n"
+            + f"admin: {{address: 127.0.0.1, port: {ports['admin']}}}\n"
+            + "redirect: {enabled: false}\n"
+        )
+        out = _enforcer("run", "-c", str(cfg))
+    assert out.returncode == 1
+    lines = [line for line in out.stderr.splitlines() if line.startswith("enforcer:")]
+    assert lines == [f"enforcer: cannot start: port {port} on 127.0.0.1 is in use: choose another {setting}.port "
+                     "(or stop what listens there)"], out.stderr
+    assert "Traceback" not in out.stderr and "object at 0x" not in out.stderr

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from enforcer.http.tls import PortInUseError
 from enforcer.net.ruleset import RedirectError
 from enforcer.run.main import run_forever
 
@@ -20,6 +21,9 @@ def command(args: argparse.Namespace) -> int:
         return run_forever(args.config, args.workers)
     except RedirectError as exc:
         print(f"enforcer: cannot install the redirect: {exc}", file=sys.stderr)
+        return 1
+    except PortInUseError as exc:
+        print(f"enforcer: cannot start: {exc.strerror}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"enforcer: cannot start: {exc}", file=sys.stderr)

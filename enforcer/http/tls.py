@@ -45,6 +45,7 @@ What the context guarantees (conformance §4.3 X-HOST-05/06, §4.6 X-TLS-01..09)
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import socket
 import ssl
@@ -244,7 +245,19 @@ def server_ssl_context(leaves: Mapping[str, LeafPaths], default: str | None) -> 
     return TLSDispatch(leaves, default).context
 
 
-def make_listen_socket(host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024) -> socket.socket:
+class PortInUseError(OSError):
+    """The address and port to listen on are taken (``EADDRINUSE``); says which setting to change."""
+
+    def __init__(self, setting: str, host: str, port: int) -> None:
+        super().__init__(
+            errno.EADDRINUSE, f"port {port} on {host} is in use: choose another {setting} (or stop what listens there)"
+        )
+        self.setting, self.host, self.port = setting, host, port
+
+
+def make_listen_socket(
+    host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024, setting: str = "listen.port"
+) -> socket.socket:
     """A bound, listening, non-blocking TCP socket for ``host``:``port``.
 
     ``"::"`` is dual-stack (IPV6_V6ONLY=0, IPv4 arrives as ``::ffff:a.b.c.d``); any other IPv6
@@ -275,6 +288,11 @@ def make_listen_socket(host: str, port: int, *, reuse_port: bool = False, backlo
         sock.bind(addr)
         sock.listen(backlog)
         sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(setting, host, port) from None
+        raise
     except BaseException:
         sock.close()
         raise

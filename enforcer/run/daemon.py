@@ -562,10 +562,7 @@ class Daemon:
         app.router.add_get("/readyz", readyz)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        family = socket.AF_INET6 if ":" in s.address else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((s.address, s.port))
+        sock = listener.make_listen_socket(s.address, s.port, setting="admin.port")
         self.admin_port = sock.getsockname()[1]
         site = web.SockSite(runner, sock)
         await site.start()
