@@ -965,3 +965,12 @@ def test_to_json_of_an_ordinary_record_is_written_field_by_field(monkeypatch: py
 
     monkeypatch.setattr(flowlog_mod, "_encode_line", generic)
     assert [r.to_json() for r in expected] == lines
+
+
+def test_from_dict_rebuilds_a_record_without_a_decision_or_reason() -> None:
+    """A record dict that was never decided (no decision, no reason key) rebuilds with the defaults."""
+    data = make().to_dict()
+    del data["decision"], data["reason"]
+    rec = FlowRecord.from_dict(data)
+    assert (rec.decision, rec.reason) == (Outcome.ERROR, Reason.UNFINISHED)  # an unfinished request
+    assert rec.flow_id == data["flow_id"]

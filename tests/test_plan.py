@@ -224,3 +224,21 @@ def test_what_the_lean_path_forwards_the_full_path_forwards_the_same(
     if isinstance(lean, Forward):
         full = _full(method, target, host, sni, cookies)
         assert type(full) is Forward and full == lean
+
+
+def test_the_host_cache_is_bounded_and_still_answers_after_it_is_cleared() -> None:
+    """Past its bound the per-value Host cache starts afresh, and a value seen before still splits the same."""
+    plan_mod._HOST_CACHE.clear()
+    for n in range(plan_mod._HOST_CACHE_MAX + 5):
+        assert plan_mod._host_split(f"h{n}.example:{1000 + n}") == (f"h{n}.example", 1000 + n)
+    assert len(plan_mod._HOST_CACHE) <= plan_mod._HOST_CACHE_MAX
+    assert plan_mod._host_split("h0.example:1000") == ("h0.example", 1000)
+
+
+def test_the_cut_groups_warning_set_is_bounded() -> None:
+    """Users whose groups did not fit are warned about once each, and the remembered set never grows past 1,000."""
+    plan_mod._CUT_WARNED.clear()
+    huge = [f"group-{i:05d}-" + "x" * 200 for i in range(40)]
+    for n in range(1005):
+        plan_mod._whole_items(huge, f"user-{n}")
+    assert 0 < len(plan_mod._CUT_WARNED) <= 1000
