@@ -922,6 +922,39 @@ def test_relay_head_frames_by_length_or_chunked_and_adds_defaults() -> None:
     assert "Transfer-Encoding: chunked\r\n" in raw and chunked
 
 
+@pytest.mark.parametrize(("status", "method", "length", "framing", "no_body"), [
+    (200, "GET", 5, ("5", None), False),
+    (200, "GET", None, (None, "chunked"), False),
+    (200, "HEAD", 1234, ("1234", None), True),  # the length the GET would have
+    (204, "GET", 0, (None, None), True),
+    (304, "GET", 10, (None, None), True),
+])
+def test_response_head_is_the_one_framing_decision_of_both_paths(
+    status: int, method: str, length: int | None, framing: tuple[str | None, str | None], no_body: bool
+) -> None:
+    """response_head decides Content-Length or chunked (or neither) once; the lean head and aiohttp's both follow it."""
+    app = [("Content-Length", str(length))] if length is not None else []
+    answer = headers_mod.response_head(
+        upstream.Head(status, "", app, length), method=method, public_origin="https://app.test",
+        upstream_host="10.0.0.5", port=8080,
+    )
+    assert (answer.fields.get("Content-Length"), answer.fields.get("Transfer-Encoding")) == framing
+    assert (answer.no_body, answer.chunked) == (no_body, framing[1] == "chunked")
+    assert answer.fields["Server"] == "enforcer" and answer.reason
+
+
+@pytest.mark.parametrize(("reason", "headers"), [
+    ("OK\r\nX-Evil: 1", [("Content-Length", "0")]),
+    ("OK", [("X-App", "a\x01b"), ("Content-Length", "0")]),
+])
+def test_response_head_refuses_control_characters_from_the_app(reason: str, headers: list[tuple[str, str]]) -> None:
+    """A status line or header value with a control character is the app's protocol error, on both paths."""
+    with pytest.raises(errors.UpstreamError) as caught:
+        headers_mod.response_head(upstream.Head(200, reason, headers, 0), method="GET", public_origin="https://a.test",
+                                  upstream_host="10.0.0.5", port=8080)
+    assert caught.value.reason is errors.Reason.UPSTREAM_PROTOCOL
+
+
 def test_relay_head_for_head_204_and_304_has_no_body_framing() -> None:
     """HEAD keeps the app's length; 204 and 304 carry neither length nor chunked."""
     raw, _, no_body = _relay(200, [("Content-Length", "1234")], method="HEAD", length=1234)

@@ -15,7 +15,7 @@ import http
 import re
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -331,40 +331,65 @@ def relay_head(
     return lines + b"\r\n", chunked, no_body
 
 
-def _build_relay_head(
-    head: upstream_client.Head, method: str, public_origin: str, *, upstream_host: str, port: int, keep_alive: bool
-) -> tuple[bytes, bool, bool, bool]:
-    """(status line and header lines, each ending in CRLF; chunked; no_body; Date to add)."""
+class ResponseHead(NamedTuple):
+    """The client's head for an app's answer, before its ``Date`` and ``Connection`` lines:
+    what both HTTP paths send (the lean path writes it with :func:`relay_head`, the full path
+    hands it to aiohttp, which frames HTTP/1.0 answers too)."""
+
+    status: int
+    reason: str
+    fields: CIMultiDict[str]
+    """The app's headers cleaned by :func:`response_headers`, the ``Server`` and
+    ``Content-Type`` defaults, and ``Content-Length`` or ``Transfer-Encoding: chunked``."""
+    chunked: bool
+    no_body: bool
+
+
+def response_head(
+    head: upstream_client.Head, *, method: str, public_origin: str, upstream_host: str, port: int
+) -> ResponseHead:
+    """The one response-head builder: ``Content-Length`` when the app framed the body by length,
+    else chunked; none of either for HEAD's and 204/304's empty body except the app's length on
+    a HEAD; ``Content-Type`` and ``Server`` defaults. Raises UpstreamError if the app's status
+    line or a header value holds a control character."""
     status = head.status
-    headers: CIMultiDict[str] = CIMultiDict()
+    fields: CIMultiDict[str] = CIMultiDict()
     response_headers(
         head.headers, public_origin=public_origin, internal_origins=_internal_origins(upstream_host, port),
-        into=headers,
+        into=fields,
     )
-    headers.setdefault("Server", SERVER)
+    fields.setdefault("Server", SERVER)
     chunked = False
     no_body = method == "HEAD" or status in (204, 304)
     if not no_body:
         length = head.content_length
         if length is None:
-            headers["Transfer-Encoding"] = "chunked"
+            fields["Transfer-Encoding"] = "chunked"
             chunked = True
         else:
-            headers["Content-Length"] = str(length)
+            fields["Content-Length"] = str(length)
         if length != 0:
-            headers.setdefault("Content-Type", "application/octet-stream")
+            fields.setdefault("Content-Type", "application/octet-stream")
     elif status not in (204, 304):  # a HEAD: the length the GET would have
         up_length = _first(head.headers, "content-length")
         if up_length is not None:
-            headers["Content-Length"] = up_length
-    if not keep_alive and "Connection" not in headers:
-        headers["Connection"] = "close"
+            fields["Content-Length"] = up_length
     reason = head.reason or _REASONS.get(status, "")
-    lines = [f"HTTP/1.1 {status} {reason}", *map(": ".join, headers.items())]
-    for line in lines:
-        if _FORBIDDEN_IN_HEAD.search(line) is not None:
-            raise UpstreamError(UpstreamKind.PROTOCOL, 502)
-    lines.append("")
-    return "\r\n".join(lines).encode("utf-8", "surrogateescape"), chunked, no_body, "Date" not in headers
+    if _FORBIDDEN_IN_HEAD.search(reason) is not None or any(
+        _FORBIDDEN_IN_HEAD.search(name) is not None or _FORBIDDEN_IN_HEAD.search(value) is not None
+        for name, value in fields.items()
+    ):
+        raise UpstreamError(UpstreamKind.PROTOCOL, 502)
+    return ResponseHead(status, reason, fields, chunked, no_body)
 
 
+def _build_relay_head(
+    head: upstream_client.Head, method: str, public_origin: str, *, upstream_host: str, port: int, keep_alive: bool
+) -> tuple[bytes, bool, bool, bool]:
+    """(status line and header lines, each ending in CRLF; chunked; no_body; Date to add)."""
+    built = response_head(head, method=method, public_origin=public_origin, upstream_host=upstream_host, port=port)
+    fields = built.fields
+    if not keep_alive and "Connection" not in fields:
+        fields["Connection"] = "close"
+    lines = [f"HTTP/1.1 {built.status} {built.reason}", *map(": ".join, fields.items()), ""]
+    return "\r\n".join(lines).encode("utf-8", "surrogateescape"), built.chunked, built.no_body, "Date" not in fields

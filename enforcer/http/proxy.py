@@ -23,7 +23,7 @@ from yarl import URL
 from enforcer.errors import UpstreamError, UpstreamKind
 from enforcer.http import relay
 from enforcer.http import upstream as upstream_client
-from enforcer.http.headers import CHUNK, SERVER, _first, _internal_origins, response_headers, serialise_head
+from enforcer.http.headers import CHUNK, response_head, serialise_head
 from enforcer.http.server import HeldHeadResponse
 
 log = logging.getLogger(__name__)
@@ -154,20 +154,17 @@ class Upstream:
             transfer.upstream_ms = (time.perf_counter() - started) * 1000
             status = resp_head.status
             transfer.status = status
-            resp = HeldHeadResponse(status=status, reason=resp_head.reason or None)
-            response_headers(
-                resp_head.headers, public_origin=public_origin, internal_origins=_internal_origins(upstream_host, port),
-                into=resp.headers,
+            answer = response_head(
+                resp_head, method=method, public_origin=public_origin, upstream_host=upstream_host, port=port
             )
-            resp.headers.setdefault("Server", SERVER)  # not aiohttp's version banner
-            length = resp_head.content_length
-            no_body = no_body or status in (204, 304)
-            if length is not None and not no_body:
-                resp.content_length = length
-            elif method == "HEAD":
-                up_length = _first(resp_head.headers, "content-length")
-                if up_length is not None:
-                    resp.headers["Content-Length"] = up_length
+            no_body = answer.no_body
+            resp = HeldHeadResponse(status=status, reason=answer.reason or None)
+            fields = answer.fields
+            if not no_body:  # aiohttp frames the body itself (chunked, or for HTTP/1.0 until close)
+                fields.popall("Transfer-Encoding", None)
+                if not answer.chunked:
+                    resp.content_length = int(fields.popone("Content-Length"))
+            resp.headers.extend(fields)
             writer = await resp.prepare(request)  # the head is held for the first body bytes
             if no_body:
                 await resp.write_eof(b"")  # the held head and the end: one write
