@@ -9,7 +9,7 @@ import pytest
 
 from enforcer import errors
 from enforcer.flow import FlowRecord
-from enforcer.http import relay
+from enforcer.http import pages, relay
 from enforcer.http import upstream as upstream_client
 from enforcer.http.proxy import Transfer
 from enforcer.http.tls import ConnectionInfo, connection_info
@@ -219,3 +219,14 @@ def test_a_body_the_app_cuts_short_aborts_the_client_connection(fail: Exception)
         asyncio.run(relay.body(_App([b"a"], fail=fail), client, transfer))  # type: ignore[arg-type]
     assert (caught.value.kind, caught.value.status, transfer.status) == ("reset", 502, 502)
     assert client.log == [("write", b"a"), ("abort", b"")]
+
+
+def test_page_bytes_frame_a_page_by_length_and_say_when_the_connection_closes() -> None:
+    """An enforcer page becomes one HTTP/1.1 answer with its length, Date and Server; a page that closes says so."""
+    page = pages.error_page(404, errors.Reason.UNKNOWN_HOST, "0123456789abcdef")
+    data, close = relay.page_bytes(page, close=False)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 ") and f"Content-Length: {len(body)}".encode() in head
+    assert b"\r\nDate: " in head and b"\r\nServer: " in head and not close and b"Connection: close" not in head
+    data, close = relay.page_bytes(page, close=True)
+    assert close and b"\r\nConnection: close\r\n" in data

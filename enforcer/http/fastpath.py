@@ -428,20 +428,10 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
 
     def _page(self, response: web.Response) -> None:
         """Write one of the enforcer's own pages (an error before any byte of the answer)."""
-        body = response.body
-        assert isinstance(body, bytes)
-        headers = response.headers
-        lines = [f"HTTP/1.1 {response.status} {response.reason}", *map(": ".join, headers.items())]
-        lines.append(f"Content-Length: {len(body)}")
-        if "Date" not in headers:
-            lines.append(f"Date: {headers_mod.http_date()}")
-        if "Server" not in headers:
-            lines.append(f"Server: {headers_mod.SERVER}")
-        if self._closing or response.keep_alive is False:
-            self._closing = True
-            lines.append("Connection: close")
+        data, close = relay.page_bytes(response, close=self._closing)
+        self._closing = close
         with contextlib.suppress(ConnectionResetError):
-            self._write("\r\n".join([*lines, "", ""]).encode() + body)
+            self._write(data)
 
     def _done(self, keep_alive: bool) -> None:
         """The answer is out: close, or go on with the next request."""

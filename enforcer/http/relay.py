@@ -19,6 +19,7 @@ from aiohttp import web
 from enforcer import errors
 from enforcer.errors import Outcome, Reason, UpstreamKind
 from enforcer.flow import FlowRecord
+from enforcer.http import headers as headers_mod
 from enforcer.http import pages
 from enforcer.http import upstream as upstream_client
 
@@ -147,3 +148,22 @@ async def body(conn: upstream_client.Connection, sink: Sink, transfer: Transfer)
     wait = sink.write_last(chunk)
     if wait is not None:
         await wait
+
+
+def page_bytes(response: web.Response, *, close: bool) -> tuple[bytes, bool]:
+    """One of the enforcer's own pages as HTTP/1.1 bytes, for a path that writes its own
+    answers (aiohttp writes them on the full path); and whether the connection then closes
+    (``close`` asked already, or the page says so)."""
+    body = response.body
+    assert isinstance(body, bytes)
+    headers = response.headers
+    lines = [f"HTTP/1.1 {response.status} {response.reason}", *map(": ".join, headers.items())]
+    lines.append(f"Content-Length: {len(body)}")
+    if "Date" not in headers:
+        lines.append(f"Date: {headers_mod.http_date()}")
+    if "Server" not in headers:
+        lines.append(f"Server: {headers_mod.SERVER}")
+    close = close or response.keep_alive is False
+    if close:
+        lines.append("Connection: close")
+    return "\r\n".join([*lines, "", ""]).encode() + body, close
