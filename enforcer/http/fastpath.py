@@ -48,7 +48,7 @@ from enforcer.http import headers as headers_mod
 from enforcer.http import proxy, relay
 from enforcer.http import upstream as upstream_client
 from enforcer.http.plan import Forward
-from enforcer.http.server import Destination, header_timed_out
+from enforcer.http.server import Deadline, Destination, header_timed_out, never
 from enforcer.http.tls import ConnectionInfo, connection_info
 
 if TYPE_CHECKING:
@@ -133,8 +133,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         self._closed = False
         self._handed = False
         self._head_started = False  # bytes of a header block wait (the header deadline runs)
-        self._deadline = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = Deadline(loop, never)  # the header deadline or the idle time (from connection_made)
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._write_timeout = fast.write_timeout  # (a client that takes nothing is cut: X-LIM-08)
@@ -160,17 +159,16 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         self.info = connection_info(peer, self._destination, transport.get_extra_info("ssl_object"))
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         self._parser = httptools.HttpRequestParser(self)
+        self._deadline = Deadline(self._loop, self._on_deadline)  # (holds this protocol until closed)
         self._server.fast_connections.add(self)
         # (no TCP_NODELAY here: uvloop and asyncio set it on every TCP transport already)
         self._head_started = True  # the first request's header block is due from now
-        self._set_deadline(self._fast.header_timeout)
+        self._deadline.set(self._fast.header_timeout)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._closed = True
         self._parser = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.close()
         self._cancel_write_deadline()
         self._server.fast_connections.discard(self)
         if self.admitted:
@@ -215,11 +213,11 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         buf = self._buf
         if not buf:
             self._head_started = False
-            self._set_deadline(self._fast.idle_timeout)
+            self._deadline.set(self._fast.idle_timeout)
             return
         if not self._head_started:
             self._head_started = True
-            self._set_deadline(self._fast.header_timeout)
+            self._deadline.set(self._fast.header_timeout)
         end = buf.find(b"\r\n\r\n")
         fast = self._fast
         if end < 0:
@@ -309,9 +307,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         self.transport = None
         self._cancel_write_deadline()
         self._fast.handed_off.inc()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.close()
         self._server.fast_connections.discard(self)
         self.admitted = False  # the new protocol releases the connection's place
         protocol = self._server.protocol(admitted=True, info=self.info)
@@ -449,28 +445,9 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
 
     # ---------------------------------------------------------------- deadlines
 
-    def _set_deadline(self, seconds: float) -> None:
-        """One timer per connection: it re-arms itself for a later deadline when it fires."""
-        if seconds <= 0:
-            self._deadline = float("inf")
-            return
-        self._deadline = deadline = self._loop.time() + seconds
-        timer = self._timer
-        if timer is not None and timer.when() > deadline:
-            timer.cancel()  # (the header deadline is sooner than the idle one it replaces)
-            timer = None
-        if timer is None:
-            self._timer = self._loop.call_at(deadline, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
+    def _on_deadline(self) -> None:
         if self._closed or self._handed or self._busy or self.transport is None:
             return  # (an answer in progress: the deadline is set again when it is out)
-        if self._deadline == float("inf"):
-            return
-        if self._loop.time() < self._deadline:
-            self._timer = self._loop.call_at(self._deadline, self._on_timer)
-            return
         if self._head_started:
             header_timed_out(self.transport, self._fast.header_timeout)
         self.transport.close()

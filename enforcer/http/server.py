@@ -76,6 +76,65 @@ Destination = tuple[str, int] | None
 """Where a redirected connection was going (read at the accept), or None."""
 
 
+def never() -> None:
+    """What a closed :class:`Deadline` would call (it never fires)."""
+
+
+class Deadline:
+    """One connection deadline on one re-arming timer, shared by both HTTP paths (the header
+    deadline of each, and the lean path's keep-alive idle time): :meth:`set` moves it (a later
+    deadline keeps the timer and re-arms it when it fires, a sooner one replaces it), and
+    ``fire`` is called once when it passes."""
+
+    __slots__ = ("_due", "_fire", "_loop", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fire: Callable[[], None]) -> None:
+        self._loop = loop
+        self._fire = fire
+        self._due = float("inf")
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def armed(self) -> bool:
+        return self._due != float("inf")
+
+    def set(self, seconds: float) -> None:
+        """Due ``seconds`` from now (0 or less: no deadline)."""
+        if seconds <= 0:
+            self._due = float("inf")
+            return
+        self._due = due = self._loop.time() + seconds
+        timer = self._timer
+        if timer is not None and timer.when() > due:
+            timer.cancel()
+            timer = None
+        if timer is None:
+            self._timer = self._loop.call_at(due, self._check)
+
+    def cancel(self) -> None:
+        self._due = float("inf")
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def close(self) -> None:
+        """Cancel for good and let go of ``fire`` (a bound method of the connection: the
+        connection is then freed by reference counting, without waiting for the collector)."""
+        self.cancel()
+        self._fire = never
+
+    def _check(self) -> None:
+        self._timer = None
+        due = self._due
+        if due == float("inf"):
+            return
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._check)
+            return
+        self._due = float("inf")
+        self._fire()
+
+
 def header_timed_out(transport: asyncio.Transport, header_timeout: float) -> None:
     """A request's header block missed its deadline: answer 408 (the caller then closes).
 
@@ -105,7 +164,7 @@ class Protocol(WriteDeadline, RequestHandler):
         self._header_timeout = header_timeout
         self._body_timeout = body_timeout
         self._write_timeout = write_timeout
-        self._header_timer: asyncio.TimerHandle | None = None
+        self._header_deadline = Deadline(loop, never)  # the real one from connection_made (no cycle before)
         self._body_timer: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None  # body of the newest parsed request
         self._body_seen = 0.0
@@ -123,6 +182,7 @@ class Protocol(WriteDeadline, RequestHandler):
         if self.info is None:
             self.info = connection_info(peer, self._destination, transport.get_extra_info("ssl_object"))
         super().connection_made(transport)
+        self._header_deadline = Deadline(self._loop, self._header_expired)
         self._arm_header_timer()
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -141,9 +201,7 @@ class Protocol(WriteDeadline, RequestHandler):
         count = self._request_count
         super().data_received(data)
         if self._request_count != count:  # a header block completed (or was refused)
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+            self._header_deadline.cancel()
             if len(self._messages) > queued:
                 payload = self._messages[-1][1]
                 self._body = payload
@@ -164,18 +222,17 @@ class Protocol(WriteDeadline, RequestHandler):
         self._cancel_write_deadline()
 
     def _arm_header_timer(self) -> None:
-        if self._header_timer is None and self._header_timeout > 0:
-            self._header_timer = self._loop.call_later(self._header_timeout, self._header_expired)
+        if not self._header_deadline.armed:
+            self._header_deadline.set(self._header_timeout)
 
     def _cancel_timers(self) -> None:
-        for timer in (self._header_timer, self._body_timer):
-            if timer is not None:
-                timer.cancel()
-        self._header_timer = self._body_timer = None
+        self._header_deadline.close()
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+        self._body_timer = None
         self._cancel_write_deadline()
 
     def _header_expired(self) -> None:
-        self._header_timer = None
         if self.transport is None or self._force_close:
             return
         if self._request_in_progress or self._messages:
