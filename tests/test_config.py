@@ -404,3 +404,47 @@ def test_yaml_parser_is_total(text: str) -> None:
     """parse_documents returns documents or one issue for any text; it never raises."""
     result = parse_documents(text, "t.yaml")
     assert isinstance(result, list | issues_mod.ConfigIssue)
+
+
+# ---------------------------------------------------------------------------
+# issue 18 item 3: `check` tells the whole truth
+
+
+@pytest.mark.parametrize(
+    ("daemon_yaml", "path", "needle"),
+    [
+        ("listen: {port: 0}\n", "listen.port", "listener"),
+        ("admin: {port: -1}\n", "admin.port", "/readyz"),
+        ("tags: [frontend]\n", "tags[0]", "selectors"),
+    ],
+)
+def test_daemon_config_keys_have_their_own_fix_hints(tmp_path: Path, daemon_yaml: str, path: str, needle: str) -> None:
+    """A bad daemon-config key gets a hint about that key, never the definitions' hint of a same-named key."""
+    issue = _first_issue(tmp_path, daemon_yaml)
+    assert issue.path == path
+    assert needle in issue.fix, issue.fix
+    assert "app's internal" not in issue.fix
+
+
+@pytest.mark.parametrize(("method", "needle"), [("PSOT", "did you mean POST?"), ("FROB", "GET, POST")])
+def test_unknown_http_methods_are_errors(method: str, needle: str) -> None:
+    """An endpoint naming a method HTTP does not have is an error at its key path, with a suggestion."""
+    bad = {**SPEC, "endpoints": [{"URI": "/*", "methods": ["GET", method]}]}
+    [issue] = _issues(SERVICE, bad)
+    assert issue.path == "httpresourcespec[nginx].endpoints[0].methods"
+    assert method in issue.message and needle in issue.message
+
+
+def test_known_methods_any_case_and_the_wildcard_are_accepted() -> None:
+    """Registered methods in any case, WebDAV ones and ``*`` load, upper-cased."""
+    spec = {**SPEC, "endpoints": [{"URI": "/*", "methods": ["get", "PROPFIND", "*"]}]}
+    [svc] = _resolve(SERVICE, spec).services
+    assert svc.endpoints[0].methods == frozenset({"GET", "PROPFIND", "*"})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "[::1]"])
+def test_an_ip_literal_host_is_rejected_with_a_fix(host: str) -> None:
+    """A service host that is an IP literal is refused at load (no SNI for IPs), naming a DNS-name fix."""
+    issues = _issues({**SERVICE, "hosts": [host], "OIDCCallbackURL": "https://app.example.com"}, SPEC)
+    [issue] = [i for i in issues if i.path == "service[private-app].hosts"]
+    assert "IP address" in issue.message and "/etc/hosts" in issue.message

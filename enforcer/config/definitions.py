@@ -7,6 +7,7 @@ Unknown keys are errors (with a did-you-mean).
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import urllib.parse
@@ -56,6 +57,17 @@ class IdentityHeaders(_Strict):
         return v
 
 
+HTTP_METHODS = frozenset({
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY",
+    # WebDAV, CalDAV and versioning (the IANA HTTP Method Registry, names without '-')
+    "ACL", "BIND", "CHECKIN", "CHECKOUT", "COPY", "LABEL", "LINK", "LOCK", "MERGE", "MKACTIVITY",
+    "MKCALENDAR", "MKCOL", "MKREDIRECTREF", "MKWORKSPACE", "MOVE", "ORDERPATCH", "PROPFIND",
+    "PROPPATCH", "REBIND", "REPORT", "SEARCH", "UNBIND", "UNCHECKOUT", "UNLINK", "UNLOCK", "UPDATE",
+    "UPDATEREDIRECTREF",
+})
+"""The methods an endpoint may name (besides ``*``): a typo such as ``PSOT`` is an error."""
+
+
 class EndpointModel(_Strict):
     """One ``endpoints[]`` entry of an httpresourcespec."""
 
@@ -77,8 +89,10 @@ class EndpointModel(_Strict):
     def _methods(cls, v: list[str]) -> list[str]:
         out = []
         for m in v:
-            if m != "*" and not re.match(r"^[A-Za-z]{1,20}$", m):
-                raise ValueError(f"method {m!r} is not an HTTP method (GET, POST, ... or *)")
+            if m != "*" and m.upper() not in HTTP_METHODS:
+                close = difflib.get_close_matches(m.upper(), sorted(HTTP_METHODS), n=1)
+                hint = f"did you mean {close[0]}?" if close else "GET, POST, ... or *"
+                raise ValueError(f"method {m!r} is not an HTTP method ({hint})")
             out.append(m.upper())
         return out
 
@@ -138,7 +152,18 @@ class ServiceModel(_Strict):
     @field_validator("hosts")
     @classmethod
     def _hosts(cls, v: list[str]) -> list[str]:
-        return [_check_host(h) for h in v]
+        hosts = [_check_host(h) for h in v]
+        for h in hosts:
+            try:
+                ipaddress.ip_address(h)
+            except ValueError:
+                continue  # a DNS name
+            raise ValueError(
+                f"{h} is an IP address: browsers send no SNI for an IP, so the enforcer cannot pick "
+                "the service or its certificate; use a DNS name (for a test, map one to the address "
+                f"in /etc/hosts, e.g. '{h} app.test')"
+            )
+        return hosts
 
     @field_validator("OIDCScopes")
     @classmethod

@@ -29,7 +29,7 @@ from enforcer.config.definitions import (
     resolve_definitions,
 )
 from enforcer.config.fields import Duration, Tag, _Strict
-from enforcer.config.issues import ConfigError, ConfigIssue, _issues_from_validation
+from enforcer.config.issues import FIX_DAEMON, ConfigError, ConfigIssue, _issues_from_validation
 
 
 class ListenModel(_Strict):
@@ -203,7 +203,7 @@ def load_settings(path: Path) -> Settings:
     try:
         model = DaemonModel.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_issues_from_validation(exc, source, "", data, DaemonModel)) from None
+        raise ConfigError(_issues_from_validation(exc, source, "", data, DaemonModel, fixes=FIX_DAEMON)) from None
 
     def absolute(p: Path) -> Path:
         return p if p.is_absolute() else base / p
