@@ -158,3 +158,14 @@ def test_run_on_a_busy_port_says_so_in_one_line(cfg: Path, setting: str) -> None
     assert lines == [f"enforcer: cannot start: port {port} on 127.0.0.1 is in use: choose another {setting}.port "
                      "(or stop what listens there)"], out.stderr
     assert "Traceback" not in out.stderr and "object at 0x" not in out.stderr
+
+
+def test_check_prints_the_redirect_uri_to_register_at_the_idp(cfg: Path) -> None:
+    """`enforcer check` prints, per service, the exact redirect URI and client to register at the IdP."""
+    defs = cfg.parent / "defs.yaml"
+    defs.write_text(defs.read_text().replace("OIDCCallbackURL: https://app.example.com",
+                                             "OIDCCallbackURL: https://app.example.com/oauth2/callback"))
+    out = _enforcer("check", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "redirect URI https://app.example.com/oauth2/callback\n" in out.stdout
+    assert "0oannpib3fQEeUWzD4x6" in out.stdout

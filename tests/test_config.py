@@ -448,3 +448,21 @@ def test_an_ip_literal_host_is_rejected_with_a_fix(host: str) -> None:
     issues = _issues({**SERVICE, "hosts": [host], "OIDCCallbackURL": "https://app.example.com"}, SPEC)
     [issue] = [i for i in issues if i.path == "service[private-app].hosts"]
     assert "IP address" in issue.message and "/etc/hosts" in issue.message
+
+
+@pytest.mark.parametrize(
+    ("callback", "url", "path"),
+    [
+        ("https://app.example.com", "https://app.example.com/oauth2/callback", "/oauth2/callback"),
+        ("https://app.example.com/", "https://app.example.com/oauth2/callback", "/oauth2/callback"),
+        ("https://app.example.com/oauth2/callback", "https://app.example.com/oauth2/callback", "/oauth2/callback"),
+        ("https://app.example.com/oauth2/callback/", "https://app.example.com/oauth2/callback", "/oauth2/callback"),
+        ("https://app.example.com/x", "https://app.example.com/x/oauth2/callback", "/x/oauth2/callback"),
+        ("https://app.example.com/x/oauth2/callback", "https://app.example.com/x/oauth2/callback", "/x/oauth2/callback"),
+    ],
+)
+def test_a_callback_url_ending_in_the_callback_path_is_the_full_redirect_uri(callback: str, url: str, path: str) -> None:
+    """OIDCCallbackURL is an origin (or prefix) the callback path is appended to, or already the
+    full redirect URI; it never becomes .../oauth2/callback/oauth2/callback."""
+    [svc] = _resolve({**SERVICE, "OIDCCallbackURL": callback}, SPEC).services
+    assert (svc.callback_url, svc.callback_path) == (url, path)

@@ -44,6 +44,7 @@ def command(args: argparse.Namespace) -> int:
             f"  service {svc.name}: hosts {', '.join(svc.hosts)}; exposedPort {svc.exposed_port} -> "
             f"{svc.upstream_host}:{svc.port}; {len(svc.endpoints)} endpoint(s) from {', '.join(svc.specs) or 'nothing'}"
         )
+        print(f"    register at the IdP (client {svc.client_id}): redirect URI {svc.callback_url}")
     for name in definitions.ignored:
         print(f"  service {name}: not for this enforcer (selectors do not match tags {list(settings.tags)})")
     for w in definitions.warnings:

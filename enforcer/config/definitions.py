@@ -520,6 +520,19 @@ def _endpoints(
     return endpoints, spec_names
 
 
+def redirect_uri(callback_url: str, callback_path: str) -> tuple[str, str]:
+    """The redirect URI to register at the IdP and the path it arrives on.
+
+    ``OIDCCallbackURL`` is the origin (or a prefix) the ``OIDCCallbackPath`` is appended to;
+    one that already ends in the callback path is taken as the full redirect URI, never
+    doubled into ``.../oauth2/callback/oauth2/callback``."""
+    base = callback_url.rstrip("/")
+    path = urllib.parse.urlsplit(base).path
+    if path.endswith(callback_path):
+        return base, path
+    return base + callback_path, path + callback_path
+
+
 def _resolve_service(
     svc: ServiceModel, secret: str, specs: Sequence[tuple[RawDocument, HTTPResourceSpecModel]]
 ) -> Service:
@@ -529,14 +542,14 @@ def _resolve_service(
     origin = f"https://{svc.hosts[0]}" + ("" if svc.exposedPort == 443 else f":{svc.exposedPort}")
     if cb.scheme == "https" and cb.hostname:
         origin = f"https://{normalise_host(cb.hostname)}" + (f":{cb.port}" if cb.port and cb.port != 443 else "")
-    callback_base = svc.OIDCCallbackURL.rstrip("/")
+    callback_url, callback_path = redirect_uri(svc.OIDCCallbackURL, svc.OIDCCallbackPath)
     return Service(
         name=svc.name,
         client_id=svc.OIDCClientID,
         client_secret=secret,
         issuer=svc.OIDCProviderURL,
-        callback_url=callback_base + svc.OIDCCallbackPath,
-        callback_path=(urllib.parse.urlsplit(callback_base).path + svc.OIDCCallbackPath),
+        callback_url=callback_url,
+        callback_path=callback_path,
         logout_path=svc.OIDCLogoutPath,
         origin=origin,
         post_logout_redirect=svc.OIDCPostLogoutRedirectURL,

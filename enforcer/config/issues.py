@@ -58,7 +58,8 @@ class ConfigError(EnforcerError):
 _FIX = {
     "OIDCClientSecret": "an inline string, or {file: /etc/enforcer/secrets/<service>}",
     "OIDCProviderURL": "the issuer URL whose /.well-known/openid-configuration exists",
-    "OIDCCallbackURL": "https://<one of hosts>[:exposedPort], registered at the IdP",
+    "OIDCCallbackURL": "https://<one of hosts>[:exposedPort] (OIDCCallbackPath is appended) or the full "
+    "redirect URI ending in OIDCCallbackPath; `enforcer check` prints the URI to register at the IdP",
     "OIDCScopes": "a list such as [openid, email]",
     "hosts": "a list of DNS names users type, e.g. [app.example.com]",
     "port": "the app's internal TCP port (1-65535)",
