@@ -169,3 +169,20 @@ def test_check_prints_the_redirect_uri_to_register_at_the_idp(cfg: Path) -> None
     assert out.returncode == 0, out.stderr
     assert "redirect URI https://app.example.com/oauth2/callback\n" in out.stdout
     assert "0oannpib3fQEeUWzD4x6" in out.stdout
+
+
+def test_check_reports_config_and_definition_problems_in_one_run(cfg: Path) -> None:
+    """A typo in enforcer.yaml and in a service hide neither a bad URL nor a missing secret file."""
+    cfg.write_text(cfg.read_text() + "lisen: {port: 8443}\n")
+    defs = cfg.parent / "defs.yaml"
+    text = defs.read_text().replace("OIDCClientID", "OIDCClientId")
+    text = text.replace("https://idp.example.com", "http://idp.example.com")
+    text = text.replace("OIDCClientSecret: qcnc1ZFABmwmFwFZD_BAffNRFUn5aYQhvrx4XsxU",
+                        f"OIDCClientSecret: {{file: {cfg.parent / 'nope'}}}")
+    defs.write_text(text)
+    out = _enforcer("check", "-c", str(cfg))
+    assert out.returncode == 2
+    assert "5 problem(s)" in out.stderr, out.stderr  # the renamed OIDCClientID is also missing
+    for needle in ("unknown key 'lisen'", "unknown key 'OIDCClientId'", "OIDCProviderURL: must be an https",
+                   "OIDCClientSecret.file: cannot read secret file"):
+        assert needle in out.stderr, out.stderr

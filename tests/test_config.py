@@ -466,3 +466,30 @@ def test_a_callback_url_ending_in_the_callback_path_is_the_full_redirect_uri(cal
     full redirect URI; it never becomes .../oauth2/callback/oauth2/callback."""
     [svc] = _resolve({**SERVICE, "OIDCCallbackURL": callback}, SPEC).services
     assert (svc.callback_url, svc.callback_path) == (url, path)
+
+
+def test_a_typo_in_a_service_does_not_hide_a_bad_url_or_a_missing_secret_file(tmp_path: Path) -> None:
+    """A service with an unknown key still has its URLs and secret file checked: every problem in one pass."""
+    doc = {**SERVICE, "OIDCClientSecrt": "x", "OIDCProviderURL": "http://idp.example.com",
+           "OIDCClientSecret": {"file": str(tmp_path / "missing")}}
+    paths = {i.path for i in _issues(doc, SPEC)}
+    assert paths == {
+        "service[private-app].OIDCClientSecrt",
+        "service[private-app].OIDCProviderURL",
+        "service[private-app].OIDCClientSecret.file",
+    }
+
+
+def test_a_typo_in_the_daemon_config_still_yields_usable_settings(tmp_path: Path) -> None:
+    """read_settings reports every daemon-config problem and keeps the rest usable (bad keys at defaults)."""
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text("tags: [app=frontend]\nlisen: {port: 1}\nadmin: {address: 0.0.0.0}\n"
+                   "sessions: {idleTimeout: 2d}\ndefinitions: [{file: defs.yaml}, {url: ftp://x}]\n")
+    settings, problems = settings_mod.read_settings(cfg)
+    assert {p.path for p in problems} == {"lisen", "admin.address", "definitions[1]", "sessions.idleTimeout"}
+    assert settings is not None
+    assert settings.sources == (tmp_path / "defs.yaml",)
+    assert settings.model.admin.address == "127.0.0.1"
+    with pytest.raises(ConfigError) as exc:
+        settings_mod.load_settings(cfg)
+    assert len(exc.value.issues) == 4

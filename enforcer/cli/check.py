@@ -20,24 +20,39 @@ def load_all_definitions(settings: settings_mod.Settings) -> definitions_mod.Def
     async def load() -> definitions_mod.Definitions:
         async with aiohttp.ClientSession() as http:
             docs = []
+            problems: list[issues.ConfigIssue] = []
             for src in sources.build_sources(settings, http):
                 try:
                     docs.extend(await src.poll() or [])
                 except sources.SourceError as exc:
-                    raise issues.ConfigError(
-                        [issues.ConfigIssue(str(settings.path), "definitions", f"source unreadable: {exc}")]
-                    ) from None
-            return definitions_mod.resolve_definitions(
-                docs, settings.tags, allow_http_loopback_idp=settings.model.oidc.allowHttpLoopbackIssuer
-            )
+                    problems.append(issues.ConfigIssue(str(settings.path), "definitions", f"source unreadable: {exc}"))
+            resolved = None
+            try:
+                resolved = definitions_mod.resolve_definitions(
+                    docs, settings.tags, allow_http_loopback_idp=settings.model.oidc.allowHttpLoopbackIssuer
+                )
+            except issues.ConfigError as exc:
+                problems.extend(exc.issues)
+            if problems or resolved is None:
+                raise issues.ConfigError(problems)
+            return resolved
 
     return asyncio.run(load())
 
 
 def command(args: argparse.Namespace) -> int:
+    """``enforcer check``: every problem of the config and the definitions in one run (exit 2),
+    or what is served and what to register at the IdP."""
     path = args.config
-    settings = settings_mod.load_settings(path)
-    definitions = load_all_definitions(settings)
+    settings, problems = settings_mod.read_settings(path)
+    definitions = None
+    if settings is not None:  # bad keys left at their defaults: the definitions are checked too
+        try:
+            definitions = load_all_definitions(settings)
+        except issues.ConfigError as exc:
+            problems.extend(exc.issues)
+    if problems or settings is None or definitions is None:
+        raise issues.ConfigError(problems)
     print(f"{path}: OK")
     for svc in definitions.services:
         print(

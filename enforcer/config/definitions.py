@@ -361,7 +361,7 @@ def resolve_definitions(
     Every service is resolved into the catalog; the ones this enforcer's tags select are its
     ``services``, and only their problems (and their hosts clashing) make the set invalid."""
     issues: list[ConfigIssue] = []
-    services, specs = _validate_documents(docs, issues)
+    services, specs = _validate_documents(docs, issues, allow_http_loopback_idp=allow_http_loopback_idp)
     _check_unique(issues, services, "service")
     _check_unique(issues, specs, "httpresourcespec")
     catalog: list[Service] = []
@@ -404,7 +404,7 @@ def selects(selectors: Sequence[Sequence[str]], tags: Iterable[str]) -> bool:
 
 
 def _validate_documents(
-    docs: Sequence[RawDocument], issues: list[ConfigIssue]
+    docs: Sequence[RawDocument], issues: list[ConfigIssue], *, allow_http_loopback_idp: bool = False
 ) -> tuple[list[tuple[RawDocument, ServiceModel]], list[tuple[RawDocument, HTTPResourceSpecModel]]]:
     """Each document validated against the model of its ``kind``; problems go to ``issues``."""
     services: list[tuple[RawDocument, ServiceModel]] = []
@@ -425,13 +425,45 @@ def _validate_documents(
         try:
             obj = model.model_validate(doc.data)
         except ValidationError as exc:
-            issues.extend(_issues_from_validation(exc, doc.where, prefix, doc.data, model))
+            found = _issues_from_validation(exc, doc.where, prefix, doc.data, model)
+            issues.extend(found)
+            if model is ServiceModel:
+                reported = {i.path for i in found}
+                issues.extend(
+                    _raw_service_checks(doc, prefix, reported, allow_http_loopback_idp=allow_http_loopback_idp)
+                )
             continue
         if isinstance(obj, ServiceModel):
             services.append((doc, obj))
         elif isinstance(obj, HTTPResourceSpecModel):
             specs.append((doc, obj))
     return services, specs
+
+
+def _raw_service_checks(
+    doc: RawDocument, prefix: str, reported: set[str], *, allow_http_loopback_idp: bool
+) -> list[ConfigIssue]:
+    """For a service document with other problems: the checks of its URLs and secret file that
+    need no valid document, so one run names every problem (a typo'd key hides nothing)."""
+    data = doc.data
+    assert isinstance(data, Mapping)
+    issues: list[ConfigIssue] = []
+    for key in ("OIDCProviderURL", "OIDCCallbackURL"):
+        url = data.get(key)
+        if isinstance(url, str) and prefix + key not in reported:
+            problem = _https_url(url, allow_http_loopback=allow_http_loopback_idp and key == "OIDCProviderURL")
+            if problem:
+                issues.append(ConfigIssue(doc.where, prefix + key, problem, url, _FIX[key]))
+    secret = data.get("OIDCClientSecret")
+    key = prefix + "OIDCClientSecret"
+    if isinstance(secret, Mapping) and not any(p.startswith(key) for p in reported):
+        try:
+            _read_secret(SecretFile.model_validate(secret), doc.where, key)
+        except ValidationError:
+            pass  # reported with the document's own issues
+        except ConfigError as exc:
+            issues.extend(exc.issues)
+    return issues
 
 
 def _check_urls(doc: RawDocument, svc: ServiceModel, *, allow_http_loopback_idp: bool) -> list[ConfigIssue]:
