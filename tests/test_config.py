@@ -11,6 +11,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from enforcer import policy
 from enforcer.config import cpus, definitions
 from enforcer.config import issues as issues_mod
 from enforcer.config import settings as settings_mod
@@ -493,3 +494,37 @@ def test_a_typo_in_the_daemon_config_still_yields_usable_settings(tmp_path: Path
     with pytest.raises(ConfigError) as exc:
         settings_mod.load_settings(cfg)
     assert len(exc.value.issues) == 4
+
+
+@pytest.mark.parametrize(
+    ("scopes", "warned"),
+    [
+        ([[]], True),                                     # a bare empty clause: easily a slip
+        ([["groups=staff"], []], True),
+        ("any-signed-in-user", False),                    # the documented, explicit form
+        ([["groups=staff"]], False),
+    ],
+)
+def test_every_signed_in_user_is_allowed_only_when_written_explicitly(scopes: object, warned: bool) -> None:
+    """An empty allowedScopes clause lets every signed-in user in but warns; ``any-signed-in-user`` does
+    the same silently."""
+    spec = {**SPEC, "endpoints": [{"URI": "/*", "methods": ["GET"], "allowedScopes": scopes}]}
+    defs = _resolve(SERVICE, spec)
+    assert any("every signed-in user" in w for w in defs.warnings) is warned
+    decision = policy.decide("GET", "/x", frozenset({"email=bob@example.com"}), defs.services[0].table)
+    assert (decision.verdict is policy.Verdict.ALLOW) is (scopes != [["groups=staff"]])
+
+
+def test_a_bad_allowed_scopes_value_is_one_issue_naming_both_forms() -> None:
+    """A value that is neither a tag expression nor any-signed-in-user is reported once, at the key."""
+    spec = {**SPEC, "endpoints": [{"URI": "/*", "methods": ["GET"], "allowedScopes": "everyone"}]}
+    [issue] = _issues(SERVICE, spec)
+    assert issue.path == "httpresourcespec[nginx].endpoints[0].allowedScopes"
+    assert "any-signed-in-user" in issue.fix
+
+
+def test_a_bad_tag_in_allowed_scopes_is_reported_at_the_tag_only() -> None:
+    """A malformed tag inside allowedScopes is one issue at the tag, not also a complaint about the keyword."""
+    spec = {**SPEC, "endpoints": [{"URI": "/*", "methods": ["GET"], "allowedScopes": [["bad"]]}]}
+    [issue] = _issues(SERVICE, spec)
+    assert issue.path == "httpresourcespec[nginx].endpoints[0].allowedScopes[0][0]"

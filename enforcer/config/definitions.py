@@ -68,13 +68,25 @@ HTTP_METHODS = frozenset({
 """The methods an endpoint may name (besides ``*``): a typo such as ``PSOT`` is an error."""
 
 
+ANY_SIGNED_IN = "any-signed-in-user"
+"""``allowedScopes: any-signed-in-user``: the explicit way to let every signed-in user in (a bare
+empty clause, ``[[]]``, does the same but loads with a warning, as it is easily a slip)."""
+
+
 class EndpointModel(_Strict):
     """One ``endpoints[]`` entry of an httpresourcespec."""
 
     URI: str
     methods: list[str] = Field(min_length=1)
     public: bool = False
-    allowedScopes: TagExpression = Field(default_factory=list)
+    allowedScopes: TagExpression | Literal["any-signed-in-user"] = Field(default_factory=list)
+    """OR of ANDs of tags; ``any-signed-in-user`` (documented) lets every signed-in user in."""
+
+    def scopes(self) -> tuple[frozenset[str], ...]:
+        """The tag sets that allow (``any-signed-in-user``: the one empty set)."""
+        if self.allowedScopes == ANY_SIGNED_IN:
+            return (frozenset(),)
+        return tuple(frozenset(c) for c in self.allowedScopes)
 
     @field_validator("URI")
     @classmethod
@@ -391,10 +403,26 @@ def resolve_definitions(
                 f"service {svc.name!r}: exposedAPIs {svc.exposedAPIs} match no httpresourcespec; "
                 "every request will be denied"
             )
+    warnings.extend(_empty_clause_warnings(specs))
     if issues:
         raise ConfigError(issues)
     mine = tuple(s for s in catalog if selects(s.selectors, enforcer_tags))
     return Definitions(mine, tuple(ignored), tuple(warnings), catalog=tuple(catalog))
+
+
+def _empty_clause_warnings(specs: Sequence[tuple[RawDocument, HTTPResourceSpecModel]]) -> list[str]:
+    """A non-public endpoint whose allowedScopes has an empty clause lets every signed-in user in:
+    say so unless it was written the documented way (``any-signed-in-user``)."""
+    out = []
+    for _doc, spec in specs:
+        for i, ep in enumerate(spec.endpoints):
+            if not ep.public and isinstance(ep.allowedScopes, list) and any(not c for c in ep.allowedScopes):
+                out.append(
+                    f"httpresourcespec {spec.name!r} endpoints[{i}] ({ep.URI}): an empty allowedScopes clause "
+                    f"lets every signed-in user in; write allowedScopes: {ANY_SIGNED_IN} if that is meant, "
+                    "or name the tags, e.g. [[groups=staff]]"
+                )
+    return out
 
 
 def selects(selectors: Sequence[Sequence[str]], tags: Iterable[str]) -> bool:
@@ -541,7 +569,7 @@ def _endpoints(
                     uri=ep.URI,
                     methods=frozenset(ep.methods),
                     public=ep.public,
-                    allowed_scopes=tuple(frozenset(c) for c in ep.allowedScopes),
+                    allowed_scopes=ep.scopes(),
                     rule=f"{spec.name}#{i}",
                 )
             )

@@ -67,7 +67,7 @@ _FIX = {
     "selectors": "a list of tag lists, e.g. [[app=frontend]]",
     "exposedAPIs": "a list of tag lists, e.g. [[httpresourcespec:name=private-app]]",
     "endpoints": "a list of {URI: /path/*, methods: [GET], allowedScopes: [[tag=value]]}",
-    "allowedScopes": "a list of tag lists (OR of ANDs), e.g. [[groups=admins]]",
+    "allowedScopes": "a list of tag lists (OR of ANDs), e.g. [[groups=admins]], or any-signed-in-user",
     "methods": "a list such as [GET, POST]",
     "URI": "a path such as /, /api, /api/* or /api/*/status",
     "kind": "kind: service or kind: httpresourcespec",
@@ -166,6 +166,8 @@ def _merge_branches(issues: list[ConfigIssue]) -> list[ConfigIssue]:
             p.startswith(issue.path + ".") for p in paths
         ):
             continue  # the mapping branch was meant: its own issues say what is wrong
+        if issue.message.startswith("Input should be '") and any(p.startswith(issue.path + "[") for p in paths):
+            continue  # the list branch was meant (not the keyword): its own issues say what is wrong
         merged = issue
         if out and out[-1].path == issue.path and out[-1].source == issue.source:
             last = out.pop()
