@@ -186,3 +186,29 @@ def test_check_reports_config_and_definition_problems_in_one_run(cfg: Path) -> N
     for needle in ("unknown key 'lisen'", "unknown key 'OIDCClientId'", "OIDCProviderURL: must be an https",
                    "OIDCClientSecret.file: cannot read secret file"):
         assert needle in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "path", "needle"),
+    [
+        ("tags", "tags", "bob wants"),                              # a typo in tags: selectors match nothing
+        ("empty", "definitions", "hold no service"),                # an empty definitions folder
+    ],
+)
+def test_check_fails_when_no_service_applies_unless_allowed(cfg: Path, change: str, path: str, needle: str) -> None:
+    """No service for this enforcer is an error (exit 2) naming why and the fix; allowNoServices: true accepts it."""
+    import yaml  # noqa: PLC0415
+
+    if change == "tags":
+        (cfg.parent / "defs.yaml").write_text(yaml.safe_dump_all([{**SERVICE, "name": "bob"}, SPEC]))
+        cfg.write_text(cfg.read_text().replace("app=frontend", "app=fronted"))
+    else:
+        (cfg.parent / "defs.d").mkdir()
+        cfg.write_text(cfg.read_text().replace("defs.yaml", "defs.d"))
+    out = _enforcer("check", "-c", str(cfg))
+    assert out.returncode == 2
+    assert f"enforcer.yaml: {path}: " in out.stderr and needle in out.stderr, out.stderr
+    assert "allowNoServices: true" in out.stderr
+    cfg.write_text(cfg.read_text() + "allowNoServices: true\n")
+    out = _enforcer("check", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr

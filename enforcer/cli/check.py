@@ -40,6 +40,26 @@ def load_all_definitions(settings: settings_mod.Settings) -> definitions_mod.Def
     return asyncio.run(load())
 
 
+def _no_service(settings: settings_mod.Settings, definitions: definitions_mod.Definitions) -> issues.ConfigIssue | None:
+    """No service applies to this enforcer (an empty definitions folder, a typo in ``tags``): an
+    issue unless ``allowNoServices: true`` says it is meant."""
+    if definitions.services or settings.model.allowNoServices:
+        return None
+    allow = "or set allowNoServices: true if this host may run with no service"
+    if not definitions.catalog:
+        sources = [str(s.file or s.url) for s in settings.model.definitions]
+        return issues.ConfigIssue(
+            str(settings.path), "definitions", "the definitions hold no service: every request would be refused",
+            sources, f"add a kind: service document to a source, {allow}",
+        )
+    wanted = "; ".join(f"{s.name} wants {[list(c) for c in s.selectors]}" for s in definitions.catalog)
+    return issues.ConfigIssue(
+        str(settings.path), "tags",
+        f"no service applies to this enforcer: its tags match no service's selectors ({wanted})",
+        list(settings.tags), f"give this enforcer the tags of one selectors clause, {allow}",
+    )
+
+
 def command(args: argparse.Namespace) -> int:
     """``enforcer check``: every problem of the config and the definitions in one run (exit 2),
     or what is served and what to register at the IdP."""
@@ -51,6 +71,10 @@ def command(args: argparse.Namespace) -> int:
             definitions = load_all_definitions(settings)
         except issues.ConfigError as exc:
             problems.extend(exc.issues)
+    if settings is not None and definitions is not None:
+        none = _no_service(settings, definitions)
+        if none is not None:
+            problems.append(none)
     if problems or settings is None or definitions is None:
         raise issues.ConfigError(problems)
     print(f"{path}: OK")

@@ -157,6 +157,9 @@ class DaemonModel(_Strict):
     limits: LimitsModel = Field(default_factory=LimitsModel)
     redirect: RedirectModel = Field(default_factory=RedirectModel)
     flowLog: Path | None = None  # default: <logsDir>/flows.jsonl
+    allowNoServices: bool = False
+    """Whether running with no service for this enforcer is intended: else ``enforcer check``
+    fails (exit 2) and the daemon logs an error and keeps ``/readyz`` not ready."""
 
 
 @dataclass(frozen=True)
