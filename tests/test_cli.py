@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -212,3 +213,63 @@ def test_check_fails_when_no_service_applies_unless_allowed(cfg: Path, change: s
     cfg.write_text(cfg.read_text() + "allowNoServices: true\n")
     out = _enforcer("check", "-c", str(cfg))
     assert out.returncode == 0, out.stderr
+
+
+SECRETS_GID = 54321
+"""Stands for enforcer-secrets' gid in the permission table (root may chown to any gid)."""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    ("dir_mode", "dir_gid", "file_mode", "file_gid", "group", "needle"),
+    [
+        (0o750, SECRETS_GID, 0o640, SECRETS_GID, SECRETS_GID, None),   # what scripts/install makes
+        (0o755, 0, 0o644, 0, SECRETS_GID, None),                       # world-readable works (not advised)
+        (0o755, 0, 0o600, 0, SECRETS_GID, "chmod 0640"),               # root-only file
+        (0o755, 0, 0o640, 0, SECRETS_GID, "chown root:enforcer-secrets"),  # group root, not enforcer-secrets
+        (0o700, 0, 0o640, SECRETS_GID, SECRETS_GID, "not searchable"),  # the folder shuts the group out
+        (0o755, 0, 0o640, SECRETS_GID, None, "chmod 0640"),             # the group does not exist
+    ],
+)
+def test_a_secret_the_service_user_could_not_read_is_named_with_its_fix(
+    dir_mode: int, dir_gid: int, file_mode: int, file_gid: int, group: int | None, needle: str | None
+) -> None:
+    """unreadable_by_service judges a secret as the shipped unit's user (group enforcer-secrets only) sees it."""
+    import shutil  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    from enforcer.cli.check import unreadable_by_service  # noqa: PLC0415
+
+    top = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        folder = top / "secrets"
+        folder.mkdir()
+        secret = folder / "app"
+        secret.write_text("s\n")
+        os.chown(folder, 0, dir_gid)
+        folder.chmod(dir_mode)
+        os.chown(secret, 0, file_gid)
+        secret.chmod(file_mode)
+        why = unreadable_by_service(secret, group)
+    finally:
+        shutil.rmtree(top)
+    if needle is None:
+        assert why is None
+    else:
+        assert why is not None and needle in why, why
+
+
+@pytest.mark.root
+def test_check_as_root_warns_when_the_service_could_not_read_a_secret(cfg: Path) -> None:
+    """`enforcer check` run as root warns, with the fix, about a secret file the service's user could not read."""
+    secret = cfg.parent / "secret"
+    secret.write_text("s\n")
+    secret.chmod(0o600)
+    defs = cfg.parent / "defs.yaml"
+    defs.write_text(defs.read_text().replace("OIDCClientSecret: qcnc1ZFABmwmFwFZD_BAffNRFUn5aYQhvrx4XsxU",
+                                             f"OIDCClientSecret: {{file: {secret}}}"))
+    out = _enforcer("check", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "warning: service 'private-app': the enforcer service's user could not read its secret" in out.stdout
+    assert "fix: " in out.stdout

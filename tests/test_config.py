@@ -78,7 +78,7 @@ def test_missing_secret_file_names_key_and_fix(tmp_path: Path) -> None:
     """An unreadable secret file is an error naming the key path and what to do."""
     [issue] = _issues({**SERVICE, "OIDCClientSecret": {"file": str(tmp_path / "nope")}}, SPEC)
     assert issue.path == "service[private-app].OIDCClientSecret.file"
-    assert "create the file" in issue.fix
+    assert "chown root:enforcer-secrets" in issue.fix and "chmod 0640" in issue.fix  # what the shipped unit reads
 
 
 @pytest.mark.parametrize(

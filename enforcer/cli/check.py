@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import grp
+import os
+import pwd
+import stat
 import sys
+from pathlib import Path
 
 import aiohttp
 
@@ -60,6 +65,71 @@ def _no_service(settings: settings_mod.Settings, definitions: definitions_mod.De
     )
 
 
+SECRETS = definitions_mod.SECRETS_GROUP
+
+
+def unreadable_by_service(path: Path, group: int | None) -> str | None:
+    """Why the shipped unit's user could not read ``path``, or None.
+
+    That user is a systemd DynamicUser (it owns nothing here) whose only extra group is
+    ``group`` (the gid of enforcer-secrets; None: the group does not exist): it needs search
+    (x) on every directory above the file and read (r) on the file, as that group or as other."""
+
+    def allows(st: os.stat_result, group_bit: int, other_bit: int) -> bool:
+        as_group = group is not None and st.st_gid == group and bool(st.st_mode & group_bit)
+        return as_group or bool(st.st_mode & other_bit)
+
+    path = path.absolute()
+    for directory in reversed(path.parents):
+        try:
+            st = directory.stat()
+        except OSError:
+            return None  # reported as unreadable already
+        if not allows(st, stat.S_IXGRP, stat.S_IXOTH):
+            return (f"directory {directory} ({_owner_mode(st)}) is not searchable by group {SECRETS}; "
+                    f"fix: chgrp {SECRETS} {directory} && chmod g+x {directory}")
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if not allows(st, stat.S_IRGRP, stat.S_IROTH):
+        return f"{path} is {_owner_mode(st)}; fix: chown root:{SECRETS} {path} && chmod 0640 {path}"
+    return None
+
+
+def _owner_mode(st: os.stat_result) -> str:
+    """``root:root 0600``: the owner, group and mode of a stat result."""
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"{user}:{group} {stat.S_IMODE(st.st_mode):04o}"
+
+
+def _secret_warnings(definitions: definitions_mod.Definitions) -> list[str]:
+    """As root: each secret file the shipped unit's user could not read (else nothing: an
+    unprivileged check cannot tell)."""
+    if os.geteuid() != 0:
+        return []
+    try:
+        group: int | None = grp.getgrnam(SECRETS).gr_gid
+    except KeyError:
+        group = None
+    out = []
+    for svc in definitions.services:
+        if svc.secret_file is None:
+            continue
+        why = unreadable_by_service(svc.secret_file, group)
+        if why:
+            missing = "" if group is not None else f" (group {SECRETS} does not exist: scripts/install creates it)"
+            out.append(f"service {svc.name!r}: the enforcer service's user could not read its secret{missing}: {why}")
+    return out
+
+
 def command(args: argparse.Namespace) -> int:
     """``enforcer check``: every problem of the config and the definitions in one run (exit 2),
     or what is served and what to register at the IdP."""
@@ -86,7 +156,7 @@ def command(args: argparse.Namespace) -> int:
         print(f"    register at the IdP (client {svc.client_id}): redirect URI {svc.callback_url}")
     for name in definitions.ignored:
         print(f"  service {name}: not for this enforcer (selectors do not match tags {list(settings.tags)})")
-    for w in definitions.warnings:
+    for w in (*definitions.warnings, *_secret_warnings(definitions)):
         print(f"  warning: {w}")
     return 0
 

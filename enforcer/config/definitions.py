@@ -241,6 +241,7 @@ class Service:
     tls: TLSOverride | None
     specs: tuple[str, ...]  # names of the httpresourcespecs that contributed endpoints
     selectors: tuple[tuple[str, ...], ...] = ()  # the processing units it is served for (OR of ANDs)
+    secret_file: Path | None = None  # where the client secret was read from (OIDCClientSecret: {file: ...})
 
 
 @dataclass(frozen=True)
@@ -280,13 +281,28 @@ def _read_secret(secret: SecretStr | SecretFile, source: str, key: str) -> str:
                     key + ".file",
                     f"cannot read secret file: {exc.strerror}",
                     str(secret.file),
-                    "create the file (mode 0600) containing the client secret",
+                    secret_fix(secret.file),
                 )
             ]
         ) from None
     if not text:
-        raise ConfigError([ConfigIssue(source, key + ".file", "secret file is empty", str(secret.file))])
+        raise ConfigError(
+            [ConfigIssue(source, key + ".file", "secret file is empty", str(secret.file), secret_fix(secret.file))]
+        )
     return text
+
+
+SECRETS_GROUP = "enforcer-secrets"
+"""The group the shipped unit (systemd/enforcer.service) adds its dynamic user to, so that it
+reads secrets kept ``root:enforcer-secrets 0640`` (scripts/install creates it)."""
+
+
+def secret_fix(path: Path | str) -> str:
+    """How to create a secret file the shipped unit can read (and nobody else)."""
+    return (
+        f"write the client secret to {path}, then: chown root:{SECRETS_GROUP} {path} && chmod 0640 {path} "
+        f"(the shipped unit reads secrets through group {SECRETS_GROUP})"
+    )
 
 
 def _https_url(url: str, *, allow_http_loopback: bool) -> str | None:
@@ -626,6 +642,7 @@ def _resolve_service(
         tls=svc.TLSCertificate,
         specs=tuple(spec_names),
         selectors=tuple(tuple(clause) for clause in svc.selectors),
+        secret_file=svc.OIDCClientSecret.file if isinstance(svc.OIDCClientSecret, SecretFile) else None,
     )
 
 
