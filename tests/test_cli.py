@@ -273,3 +273,35 @@ def test_check_as_root_warns_when_the_service_could_not_read_a_secret(cfg: Path)
     assert out.returncode == 0, out.stderr
     assert "warning: service 'private-app': the enforcer service's user could not read its secret" in out.stdout
     assert "fix: " in out.stdout
+
+
+def test_the_readme_definitions_example_passes_check(tmp_path: Path) -> None:
+    """The service and httpresourcespec shown in README "Configure it" load as printed (secret path aside)."""
+    import re  # noqa: PLC0415
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    match = re.search(r"```yaml\n# /etc/enforcer/definitions.d/private-app.yaml.*?\n(.*?)```", readme, re.S)
+    assert match is not None
+    (tmp_path / "secret").write_text("s\n")
+    (tmp_path / "defs.yaml").write_text(match.group(1).replace("/etc/enforcer/secrets/private-app",
+                                                               str(tmp_path / "secret")))
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text("tags: [app=frontend]\nstateDir: state\nlogsDir: logs\ndefinitions: [{file: defs.yaml}]\n")
+    out = _enforcer("check", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "redirect URI https://app.example.com/oauth2/callback" in out.stdout
+    assert "every signed-in user" not in out.stdout
+
+
+def test_check_warns_about_a_secret_every_local_user_can_read(cfg: Path) -> None:
+    """A world-readable secret file loads, with a warning naming the 0640 root:enforcer-secrets fix."""
+    secret = cfg.parent / "secret"
+    secret.write_text("s\n")
+    secret.chmod(0o644)
+    defs = cfg.parent / "defs.yaml"
+    defs.write_text(defs.read_text().replace("OIDCClientSecret: qcnc1ZFABmwmFwFZD_BAffNRFUn5aYQhvrx4XsxU",
+                                             f"OIDCClientSecret: {{file: {secret}}}"))
+    out = _enforcer("check", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert f"its secret {secret} is readable by every local user" in out.stdout
+    assert "chmod 0640" in out.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import grp
 import os
 import pwd
@@ -111,15 +112,21 @@ def _owner_mode(st: os.stat_result) -> str:
 
 
 def _secret_warnings(definitions: definitions_mod.Definitions) -> list[str]:
-    """As root: each secret file the shipped unit's user could not read (else nothing: an
-    unprivileged check cannot tell)."""
+    """Each secret file every local user can read; as root also each one the shipped unit's user
+    could not read (an unprivileged check cannot tell)."""
+    out = []
+    for svc in definitions.services:
+        with contextlib.suppress(OSError):
+            if svc.secret_file is not None and svc.secret_file.stat().st_mode & stat.S_IROTH:
+                f = svc.secret_file
+                out.append(f"service {svc.name!r}: its secret {f} is readable by every local user; "
+                           f"fix: chown root:{SECRETS} {f} && chmod 0640 {f}")
     if os.geteuid() != 0:
-        return []
+        return out
     try:
         group: int | None = grp.getgrnam(SECRETS).gr_gid
     except KeyError:
         group = None
-    out = []
     for svc in definitions.services:
         if svc.secret_file is None:
             continue
