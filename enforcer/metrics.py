@@ -135,7 +135,8 @@ class Metrics:
             "enforcer_reloads", "Definition reloads, by outcome.", ["outcome"], registry=r
         )
         self.services = Gauge(
-            "enforcer_services", "Services in the active definitions.", registry=r, multiprocess_mode="livemax"
+            "enforcer_services", "Services applying to this enforcer (0: every request is refused).",
+            registry=r, multiprocess_mode="livemax",
         )
         self.definitions_info = Gauge(
             "enforcer_definitions_info",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +159,149 @@ def test_run_on_a_busy_port_says_so_in_one_line(cfg: Path, setting: str) -> None
     assert lines == [f"enforcer: cannot start: port {port} on 127.0.0.1 is in use: choose another {setting}.port "
                      "(or stop what listens there)"], out.stderr
     assert "Traceback" not in out.stderr and "object at 0x" not in out.stderr
+
+
+def test_check_prints_the_redirect_uri_to_register_at_the_idp(cfg: Path) -> None:
+    """`enforcer check` prints, per service, the exact redirect URI and client to register at the IdP."""
+    defs = cfg.parent / "defs.yaml"
+    defs.write_text(defs.read_text().replace("OIDCCallbackURL: https://app.example.com",
+                                             "OIDCCallbackURL: https://app.example.com/oauth2/callback"))
+    out = _enforcer("check", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "redirect URI https://app.example.com/oauth2/callback\n" in out.stdout
+    assert "0oannpib3fQEeUWzD4x6" in out.stdout
+
+
+def test_check_reports_config_and_definition_problems_in_one_run(cfg: Path) -> None:
+    """A typo in enforcer.yaml and in a service hide neither a bad URL nor a missing secret file."""
+    cfg.write_text(cfg.read_text() + "lisen: {port: 8443}\n")
+    defs = cfg.parent / "defs.yaml"
+    text = defs.read_text().replace("OIDCClientID", "OIDCClientId")
+    text = text.replace("https://idp.example.com", "http://idp.example.com")
+    text = text.replace("OIDCClientSecret: qcnc1ZFABmwmFwFZD_BAffNRFUn5aYQhvrx4XsxU",
+                        f"OIDCClientSecret: {{file: {cfg.parent / 'nope'}}}")
+    defs.write_text(text)
+    out = _enforcer("check", "-c", str(cfg))
+    assert out.returncode == 2
+    assert "5 problem(s)" in out.stderr, out.stderr  # the renamed OIDCClientID is also missing
+    for needle in ("unknown key 'lisen'", "unknown key 'OIDCClientId'", "OIDCProviderURL: must be an https",
+                   "OIDCClientSecret.file: cannot read secret file"):
+        assert needle in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "path", "needle"),
+    [
+        ("tags", "tags", "bob wants"),                              # a typo in tags: selectors match nothing
+        ("empty", "definitions", "hold no service"),                # an empty definitions folder
+    ],
+)
+def test_check_fails_when_no_service_applies_unless_allowed(cfg: Path, change: str, path: str, needle: str) -> None:
+    """No service for this enforcer is an error (exit 2) naming why and the fix; allowNoServices: true accepts it."""
+    import yaml  # noqa: PLC0415
+
+    if change == "tags":
+        (cfg.parent / "defs.yaml").write_text(yaml.safe_dump_all([{**SERVICE, "name": "bob"}, SPEC]))
+        cfg.write_text(cfg.read_text().replace("app=frontend", "app=fronted"))
+    else:
+        (cfg.parent / "defs.d").mkdir()
+        cfg.write_text(cfg.read_text().replace("defs.yaml", "defs.d"))
+    out = _enforcer("check", "-c", str(cfg))
+    assert out.returncode == 2
+    assert f"enforcer.yaml: {path}: " in out.stderr and needle in out.stderr, out.stderr
+    assert "allowNoServices: true" in out.stderr
+    cfg.write_text(cfg.read_text() + "allowNoServices: true\n")
+    out = _enforcer("check", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+
+
+SECRETS_GID = 54321
+"""Stands for enforcer-secrets' gid in the permission table (root may chown to any gid)."""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    ("dir_mode", "dir_gid", "file_mode", "file_gid", "group", "needle"),
+    [
+        (0o750, SECRETS_GID, 0o640, SECRETS_GID, SECRETS_GID, None),   # what scripts/install makes
+        (0o755, 0, 0o644, 0, SECRETS_GID, None),                       # world-readable works (not advised)
+        (0o755, 0, 0o600, 0, SECRETS_GID, "chmod 0640"),               # root-only file
+        (0o755, 0, 0o640, 0, SECRETS_GID, "chown root:enforcer-secrets"),  # group root, not enforcer-secrets
+        (0o700, 0, 0o640, SECRETS_GID, SECRETS_GID, "not searchable"),  # the folder shuts the group out
+        (0o755, 0, 0o640, SECRETS_GID, None, "chmod 0640"),             # the group does not exist
+    ],
+)
+def test_a_secret_the_service_user_could_not_read_is_named_with_its_fix(
+    dir_mode: int, dir_gid: int, file_mode: int, file_gid: int, group: int | None, needle: str | None
+) -> None:
+    """unreadable_by_service judges a secret as the shipped unit's user (group enforcer-secrets only) sees it."""
+    import shutil  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    from enforcer.cli.check import unreadable_by_service  # noqa: PLC0415
+
+    top = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        folder = top / "secrets"
+        folder.mkdir()
+        secret = folder / "app"
+        secret.write_text("s\n")
+        os.chown(folder, 0, dir_gid)
+        folder.chmod(dir_mode)
+        os.chown(secret, 0, file_gid)
+        secret.chmod(file_mode)
+        why = unreadable_by_service(secret, group)
+    finally:
+        shutil.rmtree(top)
+    if needle is None:
+        assert why is None
+    else:
+        assert why is not None and needle in why, why
+
+
+@pytest.mark.root
+def test_check_as_root_warns_when_the_service_could_not_read_a_secret(cfg: Path) -> None:
+    """`enforcer check` run as root warns, with the fix, about a secret file the service's user could not read."""
+    secret = cfg.parent / "secret"
+    secret.write_text("s\n")
+    secret.chmod(0o600)
+    defs = cfg.parent / "defs.yaml"
+    defs.write_text(defs.read_text().replace("OIDCClientSecret: qcnc1ZFABmwmFwFZD_BAffNRFUn5aYQhvrx4XsxU",
+                                             f"OIDCClientSecret: {{file: {secret}}}"))
+    out = _enforcer("check", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "warning: service 'private-app': the enforcer service's user could not read its secret" in out.stdout
+    assert "fix: " in out.stdout
+
+
+def test_the_readme_definitions_example_passes_check(tmp_path: Path) -> None:
+    """The service and httpresourcespec shown in README "Configure it" load as printed (secret path aside)."""
+    import re  # noqa: PLC0415
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    match = re.search(r"```yaml\n# /etc/enforcer/definitions.d/private-app.yaml.*?\n(.*?)```", readme, re.S)
+    assert match is not None
+    (tmp_path / "secret").write_text("s\n")
+    (tmp_path / "defs.yaml").write_text(match.group(1).replace("/etc/enforcer/secrets/private-app",
+                                                               str(tmp_path / "secret")))
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text("tags: [app=frontend]\nstateDir: state\nlogsDir: logs\ndefinitions: [{file: defs.yaml}]\n")
+    out = _enforcer("check", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "redirect URI https://app.example.com/oauth2/callback" in out.stdout
+    assert "every signed-in user" not in out.stdout
+
+
+def test_check_warns_about_a_secret_every_local_user_can_read(cfg: Path) -> None:
+    """A world-readable secret file loads, with a warning naming the 0640 root:enforcer-secrets fix."""
+    secret = cfg.parent / "secret"
+    secret.write_text("s\n")
+    secret.chmod(0o644)
+    defs = cfg.parent / "defs.yaml"
+    defs.write_text(defs.read_text().replace("OIDCClientSecret: qcnc1ZFABmwmFwFZD_BAffNRFUn5aYQhvrx4XsxU",
+                                             f"OIDCClientSecret: {{file: {secret}}}"))
+    out = _enforcer("check", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert f"its secret {secret} is readable by every local user" in out.stdout
+    assert "chmod 0640" in out.stdout

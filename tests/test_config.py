@@ -11,6 +11,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from enforcer import policy
 from enforcer.config import cpus, definitions
 from enforcer.config import issues as issues_mod
 from enforcer.config import settings as settings_mod
@@ -77,7 +78,7 @@ def test_missing_secret_file_names_key_and_fix(tmp_path: Path) -> None:
     """An unreadable secret file is an error naming the key path and what to do."""
     [issue] = _issues({**SERVICE, "OIDCClientSecret": {"file": str(tmp_path / "nope")}}, SPEC)
     assert issue.path == "service[private-app].OIDCClientSecret.file"
-    assert "create the file" in issue.fix
+    assert "chown root:enforcer-secrets" in issue.fix and "chmod 0640" in issue.fix  # what the shipped unit reads
 
 
 @pytest.mark.parametrize(
@@ -404,3 +405,126 @@ def test_yaml_parser_is_total(text: str) -> None:
     """parse_documents returns documents or one issue for any text; it never raises."""
     result = parse_documents(text, "t.yaml")
     assert isinstance(result, list | issues_mod.ConfigIssue)
+
+
+# ---------------------------------------------------------------------------
+# issue 18 item 3: `check` tells the whole truth
+
+
+@pytest.mark.parametrize(
+    ("daemon_yaml", "path", "needle"),
+    [
+        ("listen: {port: 0}\n", "listen.port", "listener"),
+        ("admin: {port: -1}\n", "admin.port", "/readyz"),
+        ("tags: [frontend]\n", "tags[0]", "selectors"),
+    ],
+)
+def test_daemon_config_keys_have_their_own_fix_hints(tmp_path: Path, daemon_yaml: str, path: str, needle: str) -> None:
+    """A bad daemon-config key gets a hint about that key, never the definitions' hint of a same-named key."""
+    issue = _first_issue(tmp_path, daemon_yaml)
+    assert issue.path == path
+    assert needle in issue.fix, issue.fix
+    assert "app's internal" not in issue.fix
+
+
+@pytest.mark.parametrize(("method", "needle"), [("PSOT", "did you mean POST?"), ("FROB", "GET, POST")])
+def test_unknown_http_methods_are_errors(method: str, needle: str) -> None:
+    """An endpoint naming a method HTTP does not have is an error at its key path, with a suggestion."""
+    bad = {**SPEC, "endpoints": [{"URI": "/*", "methods": ["GET", method]}]}
+    [issue] = _issues(SERVICE, bad)
+    assert issue.path == "httpresourcespec[nginx].endpoints[0].methods"
+    assert method in issue.message and needle in issue.message
+
+
+def test_known_methods_any_case_and_the_wildcard_are_accepted() -> None:
+    """Registered methods in any case, WebDAV ones and ``*`` load, upper-cased."""
+    spec = {**SPEC, "endpoints": [{"URI": "/*", "methods": ["get", "PROPFIND", "*"]}]}
+    [svc] = _resolve(SERVICE, spec).services
+    assert svc.endpoints[0].methods == frozenset({"GET", "PROPFIND", "*"})
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "[::1]"])
+def test_an_ip_literal_host_is_rejected_with_a_fix(host: str) -> None:
+    """A service host that is an IP literal is refused at load (no SNI for IPs), naming a DNS-name fix."""
+    issues = _issues({**SERVICE, "hosts": [host], "OIDCCallbackURL": "https://app.example.com"}, SPEC)
+    [issue] = [i for i in issues if i.path == "service[private-app].hosts"]
+    assert "IP address" in issue.message and "/etc/hosts" in issue.message
+
+
+@pytest.mark.parametrize(
+    ("callback", "url", "path"),
+    [
+        ("https://app.example.com", "https://app.example.com/oauth2/callback", "/oauth2/callback"),
+        ("https://app.example.com/", "https://app.example.com/oauth2/callback", "/oauth2/callback"),
+        ("https://app.example.com/oauth2/callback", "https://app.example.com/oauth2/callback", "/oauth2/callback"),
+        ("https://app.example.com/oauth2/callback/", "https://app.example.com/oauth2/callback", "/oauth2/callback"),
+        ("https://app.example.com/x", "https://app.example.com/x/oauth2/callback", "/x/oauth2/callback"),
+        ("https://app.example.com/x/oauth2/callback", "https://app.example.com/x/oauth2/callback", "/x/oauth2/callback"),
+    ],
+)
+def test_a_callback_url_ending_in_the_callback_path_is_the_full_redirect_uri(callback: str, url: str, path: str) -> None:
+    """OIDCCallbackURL is an origin (or prefix) the callback path is appended to, or already the
+    full redirect URI; it never becomes .../oauth2/callback/oauth2/callback."""
+    [svc] = _resolve({**SERVICE, "OIDCCallbackURL": callback}, SPEC).services
+    assert (svc.callback_url, svc.callback_path) == (url, path)
+
+
+def test_a_typo_in_a_service_does_not_hide_a_bad_url_or_a_missing_secret_file(tmp_path: Path) -> None:
+    """A service with an unknown key still has its URLs and secret file checked: every problem in one pass."""
+    doc = {**SERVICE, "OIDCClientSecrt": "x", "OIDCProviderURL": "http://idp.example.com",
+           "OIDCClientSecret": {"file": str(tmp_path / "missing")}}
+    paths = {i.path for i in _issues(doc, SPEC)}
+    assert paths == {
+        "service[private-app].OIDCClientSecrt",
+        "service[private-app].OIDCProviderURL",
+        "service[private-app].OIDCClientSecret.file",
+    }
+
+
+def test_a_typo_in_the_daemon_config_still_yields_usable_settings(tmp_path: Path) -> None:
+    """read_settings reports every daemon-config problem and keeps the rest usable (bad keys at defaults)."""
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text("tags: [app=frontend]\nlisen: {port: 1}\nadmin: {address: 0.0.0.0}\n"
+                   "sessions: {idleTimeout: 2d}\ndefinitions: [{file: defs.yaml}, {url: ftp://x}]\n")
+    settings, problems = settings_mod.read_settings(cfg)
+    assert {p.path for p in problems} == {"lisen", "admin.address", "definitions[1]", "sessions.idleTimeout"}
+    assert settings is not None
+    assert settings.sources == (tmp_path / "defs.yaml",)
+    assert settings.model.admin.address == "127.0.0.1"
+    with pytest.raises(ConfigError) as exc:
+        settings_mod.load_settings(cfg)
+    assert len(exc.value.issues) == 4
+
+
+@pytest.mark.parametrize(
+    ("scopes", "warned"),
+    [
+        ([[]], True),                                     # a bare empty clause: easily a slip
+        ([["groups=staff"], []], True),
+        ("any-signed-in-user", False),                    # the documented, explicit form
+        ([["groups=staff"]], False),
+    ],
+)
+def test_every_signed_in_user_is_allowed_only_when_written_explicitly(scopes: object, warned: bool) -> None:
+    """An empty allowedScopes clause lets every signed-in user in but warns; ``any-signed-in-user`` does
+    the same silently."""
+    spec = {**SPEC, "endpoints": [{"URI": "/*", "methods": ["GET"], "allowedScopes": scopes}]}
+    defs = _resolve(SERVICE, spec)
+    assert any("every signed-in user" in w for w in defs.warnings) is warned
+    decision = policy.decide("GET", "/x", frozenset({"email=bob@example.com"}), defs.services[0].table)
+    assert (decision.verdict is policy.Verdict.ALLOW) is (scopes != [["groups=staff"]])
+
+
+def test_a_bad_allowed_scopes_value_is_one_issue_naming_both_forms() -> None:
+    """A value that is neither a tag expression nor any-signed-in-user is reported once, at the key."""
+    spec = {**SPEC, "endpoints": [{"URI": "/*", "methods": ["GET"], "allowedScopes": "everyone"}]}
+    [issue] = _issues(SERVICE, spec)
+    assert issue.path == "httpresourcespec[nginx].endpoints[0].allowedScopes"
+    assert "any-signed-in-user" in issue.fix
+
+
+def test_a_bad_tag_in_allowed_scopes_is_reported_at_the_tag_only() -> None:
+    """A malformed tag inside allowedScopes is one issue at the tag, not also a complaint about the keyword."""
+    spec = {**SPEC, "endpoints": [{"URI": "/*", "methods": ["GET"], "allowedScopes": [["bad"]]}]}
+    [issue] = _issues(SERVICE, spec)
+    assert issue.path == "httpresourcespec[nginx].endpoints[0].allowedScopes[0][0]"

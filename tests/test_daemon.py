@@ -282,3 +282,39 @@ async def test_jwks_events_of_a_provider_are_counted_under_its_issuer(tmp_path: 
         "enforcer_jwks_refreshes_total", {"issuer": provider.issuer, "outcome": "throttled"}
     )
     assert sample == 2
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+async def test_no_service_for_this_enforcer_is_loud_unless_allowed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, allowed: bool
+) -> None:
+    """With no service for its tags the daemon logs an error, shows enforcer_services 0 and /readyz is
+    not ready, naming why; allowNoServices: true makes it ready and quiet."""
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump({**SERVICE, "selectors": [["app=backend"]]}))
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text(f"tags: [app=fronted]\nstateDir: {tmp_path}/state\nadmin: {{address: 127.0.0.1, port: 0}}\n"
+                   f"definitions: [{{file: d.yaml}}]\nsessions: {{store: memory}}\nallowNoServices: {allowed}\n")
+    daemon = UnsignalledDaemon(
+        config_mod.load_settings(cfg), listen_socket=make_listen_socket("127.0.0.1", 0),
+        flowlog=FlowLog(None, stream=io.StringIO()),
+    )
+    task = await _start(daemon)
+    try:
+        await asyncio.sleep(0.1)  # discovery of no provider: ready at once
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{daemon.admin_port}/readyz") as r:
+                status, body = r.status, await r.json()
+            async with http.get(f"http://127.0.0.1:{daemon.admin_port}/metrics") as r:
+                metrics = await r.text()
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 5)
+    assert "enforcer_services 0.0" in metrics
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    if allowed:
+        assert (status, body["problems"]) == (200, {})
+        assert not any("no service applies" in m for m in errors)
+    else:
+        assert status == 503
+        assert "no service applies" in body["problems"]["services"]
+        assert any("no service applies" in m and "allowNoServices" in m for m in errors)

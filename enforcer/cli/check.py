@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import grp
+import os
+import pwd
+import stat
 import sys
+from pathlib import Path
 
 import aiohttp
 
@@ -20,33 +26,144 @@ def load_all_definitions(settings: settings_mod.Settings) -> definitions_mod.Def
     async def load() -> definitions_mod.Definitions:
         async with aiohttp.ClientSession() as http:
             docs = []
+            problems: list[issues.ConfigIssue] = []
             for src in sources.build_sources(settings, http):
                 try:
                     docs.extend(await src.poll() or [])
                 except sources.SourceError as exc:
-                    raise issues.ConfigError(
-                        [issues.ConfigIssue(str(settings.path), "definitions", f"source unreadable: {exc}")]
-                    ) from None
-            return definitions_mod.resolve_definitions(
-                docs, settings.tags, allow_http_loopback_idp=settings.model.oidc.allowHttpLoopbackIssuer
-            )
+                    problems.append(issues.ConfigIssue(str(settings.path), "definitions", f"source unreadable: {exc}"))
+            resolved = None
+            try:
+                resolved = definitions_mod.resolve_definitions(
+                    docs, settings.tags, allow_http_loopback_idp=settings.model.oidc.allowHttpLoopbackIssuer
+                )
+            except issues.ConfigError as exc:
+                problems.extend(exc.issues)
+            if problems or resolved is None:
+                raise issues.ConfigError(problems)
+            return resolved
 
     return asyncio.run(load())
 
 
+def _no_service(settings: settings_mod.Settings, definitions: definitions_mod.Definitions) -> issues.ConfigIssue | None:
+    """No service applies to this enforcer (an empty definitions folder, a typo in ``tags``): an
+    issue unless ``allowNoServices: true`` says it is meant."""
+    if definitions.services or settings.model.allowNoServices:
+        return None
+    allow = "or set allowNoServices: true if this host may run with no service"
+    if not definitions.catalog:
+        sources = [str(s.file or s.url) for s in settings.model.definitions]
+        return issues.ConfigIssue(
+            str(settings.path), "definitions", "the definitions hold no service: every request would be refused",
+            sources, f"add a kind: service document to a source, {allow}",
+        )
+    wanted = "; ".join(f"{s.name} wants {[list(c) for c in s.selectors]}" for s in definitions.catalog)
+    return issues.ConfigIssue(
+        str(settings.path), "tags",
+        f"no service applies to this enforcer: its tags match no service's selectors ({wanted})",
+        list(settings.tags), f"give this enforcer the tags of one selectors clause, {allow}",
+    )
+
+
+SECRETS = definitions_mod.SECRETS_GROUP
+
+
+def unreadable_by_service(path: Path, group: int | None) -> str | None:
+    """Why the shipped unit's user could not read ``path``, or None.
+
+    That user is a systemd DynamicUser (it owns nothing here) whose only extra group is
+    ``group`` (the gid of enforcer-secrets; None: the group does not exist): it needs search
+    (x) on every directory above the file and read (r) on the file, as that group or as other."""
+
+    def allows(st: os.stat_result, group_bit: int, other_bit: int) -> bool:
+        as_group = group is not None and st.st_gid == group and bool(st.st_mode & group_bit)
+        return as_group or bool(st.st_mode & other_bit)
+
+    path = path.absolute()
+    for directory in reversed(path.parents):
+        try:
+            st = directory.stat()
+        except OSError:
+            return None  # reported as unreadable already
+        if not allows(st, stat.S_IXGRP, stat.S_IXOTH):
+            return (f"directory {directory} ({_owner_mode(st)}) is not searchable by group {SECRETS}; "
+                    f"fix: chgrp {SECRETS} {directory} && chmod g+x {directory}")
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if not allows(st, stat.S_IRGRP, stat.S_IROTH):
+        return f"{path} is {_owner_mode(st)}; fix: chown root:{SECRETS} {path} && chmod 0640 {path}"
+    return None
+
+
+def _owner_mode(st: os.stat_result) -> str:
+    """``root:root 0600``: the owner, group and mode of a stat result."""
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"{user}:{group} {stat.S_IMODE(st.st_mode):04o}"
+
+
+def _secret_warnings(definitions: definitions_mod.Definitions) -> list[str]:
+    """Each secret file every local user can read; as root also each one the shipped unit's user
+    could not read (an unprivileged check cannot tell)."""
+    out = []
+    for svc in definitions.services:
+        with contextlib.suppress(OSError):
+            if svc.secret_file is not None and svc.secret_file.stat().st_mode & stat.S_IROTH:
+                f = svc.secret_file
+                out.append(f"service {svc.name!r}: its secret {f} is readable by every local user; "
+                           f"fix: chown root:{SECRETS} {f} && chmod 0640 {f}")
+    if os.geteuid() != 0:
+        return out
+    try:
+        group: int | None = grp.getgrnam(SECRETS).gr_gid
+    except KeyError:
+        group = None
+    for svc in definitions.services:
+        if svc.secret_file is None:
+            continue
+        why = unreadable_by_service(svc.secret_file, group)
+        if why:
+            missing = "" if group is not None else f" (group {SECRETS} does not exist: scripts/install creates it)"
+            out.append(f"service {svc.name!r}: the enforcer service's user could not read its secret{missing}: {why}")
+    return out
+
+
 def command(args: argparse.Namespace) -> int:
+    """``enforcer check``: every problem of the config and the definitions in one run (exit 2),
+    or what is served and what to register at the IdP."""
     path = args.config
-    settings = settings_mod.load_settings(path)
-    definitions = load_all_definitions(settings)
+    settings, problems = settings_mod.read_settings(path)
+    definitions = None
+    if settings is not None:  # bad keys left at their defaults: the definitions are checked too
+        try:
+            definitions = load_all_definitions(settings)
+        except issues.ConfigError as exc:
+            problems.extend(exc.issues)
+    if settings is not None and definitions is not None:
+        none = _no_service(settings, definitions)
+        if none is not None:
+            problems.append(none)
+    if problems or settings is None or definitions is None:
+        raise issues.ConfigError(problems)
     print(f"{path}: OK")
     for svc in definitions.services:
         print(
             f"  service {svc.name}: hosts {', '.join(svc.hosts)}; exposedPort {svc.exposed_port} -> "
             f"{svc.upstream_host}:{svc.port}; {len(svc.endpoints)} endpoint(s) from {', '.join(svc.specs) or 'nothing'}"
         )
+        print(f"    register at the IdP (client {svc.client_id}): redirect URI {svc.callback_url}")
     for name in definitions.ignored:
         print(f"  service {name}: not for this enforcer (selectors do not match tags {list(settings.tags)})")
-    for w in definitions.warnings:
+    for w in (*definitions.warnings, *_secret_warnings(definitions)):
         print(f"  warning: {w}")
     return 0
 

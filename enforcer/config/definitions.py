@@ -7,6 +7,7 @@ Unknown keys are errors (with a did-you-mean).
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import re
 import urllib.parse
@@ -56,13 +57,36 @@ class IdentityHeaders(_Strict):
         return v
 
 
+HTTP_METHODS = frozenset({
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY",
+    # WebDAV, CalDAV and versioning (the IANA HTTP Method Registry, names without '-')
+    "ACL", "BIND", "CHECKIN", "CHECKOUT", "COPY", "LABEL", "LINK", "LOCK", "MERGE", "MKACTIVITY",
+    "MKCALENDAR", "MKCOL", "MKREDIRECTREF", "MKWORKSPACE", "MOVE", "ORDERPATCH", "PROPFIND",
+    "PROPPATCH", "REBIND", "REPORT", "SEARCH", "UNBIND", "UNCHECKOUT", "UNLINK", "UNLOCK", "UPDATE",
+    "UPDATEREDIRECTREF",
+})
+"""The methods an endpoint may name (besides ``*``): a typo such as ``PSOT`` is an error."""
+
+
+ANY_SIGNED_IN = "any-signed-in-user"
+"""``allowedScopes: any-signed-in-user``: the explicit way to let every signed-in user in (a bare
+empty clause, ``[[]]``, does the same but loads with a warning, as it is easily a slip)."""
+
+
 class EndpointModel(_Strict):
     """One ``endpoints[]`` entry of an httpresourcespec."""
 
     URI: str
     methods: list[str] = Field(min_length=1)
     public: bool = False
-    allowedScopes: TagExpression = Field(default_factory=list)
+    allowedScopes: TagExpression | Literal["any-signed-in-user"] = Field(default_factory=list)
+    """OR of ANDs of tags; ``any-signed-in-user`` (documented) lets every signed-in user in."""
+
+    def scopes(self) -> tuple[frozenset[str], ...]:
+        """The tag sets that allow (``any-signed-in-user``: the one empty set)."""
+        if self.allowedScopes == ANY_SIGNED_IN:
+            return (frozenset(),)
+        return tuple(frozenset(c) for c in self.allowedScopes)
 
     @field_validator("URI")
     @classmethod
@@ -77,8 +101,10 @@ class EndpointModel(_Strict):
     def _methods(cls, v: list[str]) -> list[str]:
         out = []
         for m in v:
-            if m != "*" and not re.match(r"^[A-Za-z]{1,20}$", m):
-                raise ValueError(f"method {m!r} is not an HTTP method (GET, POST, ... or *)")
+            if m != "*" and m.upper() not in HTTP_METHODS:
+                close = difflib.get_close_matches(m.upper(), sorted(HTTP_METHODS), n=1)
+                hint = f"did you mean {close[0]}?" if close else "GET, POST, ... or *"
+                raise ValueError(f"method {m!r} is not an HTTP method ({hint})")
             out.append(m.upper())
         return out
 
@@ -138,7 +164,18 @@ class ServiceModel(_Strict):
     @field_validator("hosts")
     @classmethod
     def _hosts(cls, v: list[str]) -> list[str]:
-        return [_check_host(h) for h in v]
+        hosts = [_check_host(h) for h in v]
+        for h in hosts:
+            try:
+                ipaddress.ip_address(h)
+            except ValueError:
+                continue  # a DNS name
+            raise ValueError(
+                f"{h} is an IP address: browsers send no SNI for an IP, so the enforcer cannot pick "
+                "the service or its certificate; use a DNS name (for a test, map one to the address "
+                f"in /etc/hosts, e.g. '{h} app.test')"
+            )
+        return hosts
 
     @field_validator("OIDCScopes")
     @classmethod
@@ -204,6 +241,7 @@ class Service:
     tls: TLSOverride | None
     specs: tuple[str, ...]  # names of the httpresourcespecs that contributed endpoints
     selectors: tuple[tuple[str, ...], ...] = ()  # the processing units it is served for (OR of ANDs)
+    secret_file: Path | None = None  # where the client secret was read from (OIDCClientSecret: {file: ...})
 
 
 @dataclass(frozen=True)
@@ -243,13 +281,28 @@ def _read_secret(secret: SecretStr | SecretFile, source: str, key: str) -> str:
                     key + ".file",
                     f"cannot read secret file: {exc.strerror}",
                     str(secret.file),
-                    "create the file (mode 0600) containing the client secret",
+                    secret_fix(secret.file),
                 )
             ]
         ) from None
     if not text:
-        raise ConfigError([ConfigIssue(source, key + ".file", "secret file is empty", str(secret.file))])
+        raise ConfigError(
+            [ConfigIssue(source, key + ".file", "secret file is empty", str(secret.file), secret_fix(secret.file))]
+        )
     return text
+
+
+SECRETS_GROUP = "enforcer-secrets"
+"""The group the shipped unit (systemd/enforcer.service) adds its dynamic user to, so that it
+reads secrets kept ``root:enforcer-secrets 0640`` (scripts/install creates it)."""
+
+
+def secret_fix(path: Path | str) -> str:
+    """How to create a secret file the shipped unit can read (and nobody else)."""
+    return (
+        f"write the client secret to {path}, then: chown root:{SECRETS_GROUP} {path} && chmod 0640 {path} "
+        f"(the shipped unit reads secrets through group {SECRETS_GROUP})"
+    )
 
 
 def _https_url(url: str, *, allow_http_loopback: bool) -> str | None:
@@ -336,7 +389,7 @@ def resolve_definitions(
     Every service is resolved into the catalog; the ones this enforcer's tags select are its
     ``services``, and only their problems (and their hosts clashing) make the set invalid."""
     issues: list[ConfigIssue] = []
-    services, specs = _validate_documents(docs, issues)
+    services, specs = _validate_documents(docs, issues, allow_http_loopback_idp=allow_http_loopback_idp)
     _check_unique(issues, services, "service")
     _check_unique(issues, specs, "httpresourcespec")
     catalog: list[Service] = []
@@ -366,10 +419,26 @@ def resolve_definitions(
                 f"service {svc.name!r}: exposedAPIs {svc.exposedAPIs} match no httpresourcespec; "
                 "every request will be denied"
             )
+    warnings.extend(_empty_clause_warnings(specs))
     if issues:
         raise ConfigError(issues)
     mine = tuple(s for s in catalog if selects(s.selectors, enforcer_tags))
     return Definitions(mine, tuple(ignored), tuple(warnings), catalog=tuple(catalog))
+
+
+def _empty_clause_warnings(specs: Sequence[tuple[RawDocument, HTTPResourceSpecModel]]) -> list[str]:
+    """A non-public endpoint whose allowedScopes has an empty clause lets every signed-in user in:
+    say so unless it was written the documented way (``any-signed-in-user``)."""
+    out = []
+    for _doc, spec in specs:
+        for i, ep in enumerate(spec.endpoints):
+            if not ep.public and isinstance(ep.allowedScopes, list) and any(not c for c in ep.allowedScopes):
+                out.append(
+                    f"httpresourcespec {spec.name!r} endpoints[{i}] ({ep.URI}): an empty allowedScopes clause "
+                    f"lets every signed-in user in; write allowedScopes: {ANY_SIGNED_IN} if that is meant, "
+                    "or name the tags, e.g. [[groups=staff]]"
+                )
+    return out
 
 
 def selects(selectors: Sequence[Sequence[str]], tags: Iterable[str]) -> bool:
@@ -379,7 +448,7 @@ def selects(selectors: Sequence[Sequence[str]], tags: Iterable[str]) -> bool:
 
 
 def _validate_documents(
-    docs: Sequence[RawDocument], issues: list[ConfigIssue]
+    docs: Sequence[RawDocument], issues: list[ConfigIssue], *, allow_http_loopback_idp: bool = False
 ) -> tuple[list[tuple[RawDocument, ServiceModel]], list[tuple[RawDocument, HTTPResourceSpecModel]]]:
     """Each document validated against the model of its ``kind``; problems go to ``issues``."""
     services: list[tuple[RawDocument, ServiceModel]] = []
@@ -400,13 +469,45 @@ def _validate_documents(
         try:
             obj = model.model_validate(doc.data)
         except ValidationError as exc:
-            issues.extend(_issues_from_validation(exc, doc.where, prefix, doc.data, model))
+            found = _issues_from_validation(exc, doc.where, prefix, doc.data, model)
+            issues.extend(found)
+            if model is ServiceModel:
+                reported = {i.path for i in found}
+                issues.extend(
+                    _raw_service_checks(doc, prefix, reported, allow_http_loopback_idp=allow_http_loopback_idp)
+                )
             continue
         if isinstance(obj, ServiceModel):
             services.append((doc, obj))
         elif isinstance(obj, HTTPResourceSpecModel):
             specs.append((doc, obj))
     return services, specs
+
+
+def _raw_service_checks(
+    doc: RawDocument, prefix: str, reported: set[str], *, allow_http_loopback_idp: bool
+) -> list[ConfigIssue]:
+    """For a service document with other problems: the checks of its URLs and secret file that
+    need no valid document, so one run names every problem (a typo'd key hides nothing)."""
+    data = doc.data
+    assert isinstance(data, Mapping)
+    issues: list[ConfigIssue] = []
+    for key in ("OIDCProviderURL", "OIDCCallbackURL"):
+        url = data.get(key)
+        if isinstance(url, str) and prefix + key not in reported:
+            problem = _https_url(url, allow_http_loopback=allow_http_loopback_idp and key == "OIDCProviderURL")
+            if problem:
+                issues.append(ConfigIssue(doc.where, prefix + key, problem, url, _FIX[key]))
+    secret = data.get("OIDCClientSecret")
+    key = prefix + "OIDCClientSecret"
+    if isinstance(secret, Mapping) and not any(p.startswith(key) for p in reported):
+        try:
+            _read_secret(SecretFile.model_validate(secret), doc.where, key)
+        except ValidationError:
+            pass  # reported with the document's own issues
+        except ConfigError as exc:
+            issues.extend(exc.issues)
+    return issues
 
 
 def _check_urls(doc: RawDocument, svc: ServiceModel, *, allow_http_loopback_idp: bool) -> list[ConfigIssue]:
@@ -484,7 +585,7 @@ def _endpoints(
                     uri=ep.URI,
                     methods=frozenset(ep.methods),
                     public=ep.public,
-                    allowed_scopes=tuple(frozenset(c) for c in ep.allowedScopes),
+                    allowed_scopes=ep.scopes(),
                     rule=f"{spec.name}#{i}",
                 )
             )
@@ -493,6 +594,19 @@ def _endpoints(
             policy.Endpoint(uri=p, methods=frozenset({"*"}), public=True, rule=f"{svc.name}.bypassPaths[{i}]")
         )
     return endpoints, spec_names
+
+
+def redirect_uri(callback_url: str, callback_path: str) -> tuple[str, str]:
+    """The redirect URI to register at the IdP and the path it arrives on.
+
+    ``OIDCCallbackURL`` is the origin (or a prefix) the ``OIDCCallbackPath`` is appended to;
+    one that already ends in the callback path is taken as the full redirect URI, never
+    doubled into ``.../oauth2/callback/oauth2/callback``."""
+    base = callback_url.rstrip("/")
+    path = urllib.parse.urlsplit(base).path
+    if path.endswith(callback_path):
+        return base, path
+    return base + callback_path, path + callback_path
 
 
 def _resolve_service(
@@ -504,14 +618,14 @@ def _resolve_service(
     origin = f"https://{svc.hosts[0]}" + ("" if svc.exposedPort == 443 else f":{svc.exposedPort}")
     if cb.scheme == "https" and cb.hostname:
         origin = f"https://{normalise_host(cb.hostname)}" + (f":{cb.port}" if cb.port and cb.port != 443 else "")
-    callback_base = svc.OIDCCallbackURL.rstrip("/")
+    callback_url, callback_path = redirect_uri(svc.OIDCCallbackURL, svc.OIDCCallbackPath)
     return Service(
         name=svc.name,
         client_id=svc.OIDCClientID,
         client_secret=secret,
         issuer=svc.OIDCProviderURL,
-        callback_url=callback_base + svc.OIDCCallbackPath,
-        callback_path=(urllib.parse.urlsplit(callback_base).path + svc.OIDCCallbackPath),
+        callback_url=callback_url,
+        callback_path=callback_path,
         logout_path=svc.OIDCLogoutPath,
         origin=origin,
         post_logout_redirect=svc.OIDCPostLogoutRedirectURL,
@@ -528,6 +642,7 @@ def _resolve_service(
         tls=svc.TLSCertificate,
         specs=tuple(spec_names),
         selectors=tuple(tuple(clause) for clause in svc.selectors),
+        secret_file=svc.OIDCClientSecret.file if isinstance(svc.OIDCClientSecret, SecretFile) else None,
     )
 
 

@@ -8,7 +8,7 @@ did-you-mean for unknown keys.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,11 +54,12 @@ class ConfigError(EnforcerError):
         super().__init__(Reason.CONFIG_INVALID, 500, "\n".join(str(i) for i in self.issues))
 
 
-# A hint per key, appended to pydantic's message: the "how to fix it" part.
+# A hint per key of the definitions, appended to pydantic's message: the "how to fix it" part.
 _FIX = {
     "OIDCClientSecret": "an inline string, or {file: /etc/enforcer/secrets/<service>}",
     "OIDCProviderURL": "the issuer URL whose /.well-known/openid-configuration exists",
-    "OIDCCallbackURL": "https://<one of hosts>[:exposedPort], registered at the IdP",
+    "OIDCCallbackURL": "https://<one of hosts>[:exposedPort] (OIDCCallbackPath is appended) or the full "
+    "redirect URI ending in OIDCCallbackPath; `enforcer check` prints the URI to register at the IdP",
     "OIDCScopes": "a list such as [openid, email]",
     "hosts": "a list of DNS names users type, e.g. [app.example.com]",
     "port": "the app's internal TCP port (1-65535)",
@@ -66,11 +67,29 @@ _FIX = {
     "selectors": "a list of tag lists, e.g. [[app=frontend]]",
     "exposedAPIs": "a list of tag lists, e.g. [[httpresourcespec:name=private-app]]",
     "endpoints": "a list of {URI: /path/*, methods: [GET], allowedScopes: [[tag=value]]}",
-    "allowedScopes": "a list of tag lists (OR of ANDs), e.g. [[groups=admins]]",
+    "allowedScopes": "a list of tag lists (OR of ANDs), e.g. [[groups=admins]], or any-signed-in-user",
     "methods": "a list such as [GET, POST]",
     "URI": "a path such as /, /api, /api/* or /api/*/status",
     "kind": "kind: service or kind: httpresourcespec",
     "tags": "a list of key=value tags, e.g. [app=frontend]",
+}
+
+# The daemon config's own hints, by dotted key path (or last key): never the definitions' ones,
+# whose ``port`` is the app's port, not the listener's.
+FIX_DAEMON = {
+    "tags": "this enforcer's tags, e.g. [app=frontend]: a service applies here when its selectors match them",
+    "listen.address": "the address the TLS listener binds, e.g. '::' (all) or 127.0.0.1",
+    "listen.port": "the TCP port the enforcer's TLS listener binds (1-65535), e.g. 8443; "
+    "the redirect sends every exposedPort there",
+    "listen.workers": "the number of serving processes, e.g. 1, or auto",
+    "admin.address": "a loopback address, e.g. 127.0.0.1",
+    "admin.port": "the loopback port of /metrics, /healthz and /readyz (0-65535, 0 picks a free one), e.g. 9090",
+    "definitions": "a list of sources, e.g. [{file: /etc/enforcer/definitions.d}] or [{url: https://...}]",
+    "allowNoServices": "true only on a host that may run with no service (every request refused), else false",
+    "stateDir": "a directory for the CA, certificates and sessions, e.g. /var/lib/enforcer",
+    "logsDir": "a directory for flows.jsonl, e.g. /var/log/enforcer",
+    "sessions.store": "sqlite (the default) or memory",
+    "redirect.enabled": "true to install the nftables redirect, false to leave the firewall alone",
 }
 
 
@@ -95,8 +114,16 @@ def _value_at(data: object, loc: Sequence[int | str]) -> object:
 
 
 def _issues_from_validation(
-    exc: ValidationError, source: str, prefix: str, data: object, model: type[BaseModel]
+    exc: ValidationError,
+    source: str,
+    prefix: str,
+    data: object,
+    model: type[BaseModel],
+    *,
+    fixes: Mapping[str, str] = _FIX,
 ) -> list[ConfigIssue]:
+    """One :class:`ConfigIssue` per problem pydantic found; ``fixes`` holds the hints, by dotted
+    key path (indexes left out) or by the last key."""
     issues = []
     for err in exc.errors(include_url=False):
         # pydantic reports validators and union branches as extra loc parts ('function-after[..]',
@@ -104,7 +131,8 @@ def _issues_from_validation(
         loc = [p for p in err["loc"] if not (isinstance(p, str) and (p in _BRANCH_TAGS or "[" in p or "(" in p))]
         key_path = prefix + _loc_to_path(loc)
         last = next((p for p in reversed(loc) if isinstance(p, str)), "")
-        fix = _FIX.get(last, "")
+        keys = ".".join(p for p in loc if isinstance(p, str))
+        fix = fixes.get(keys) or fixes.get(str(last), "")
         msg = err["msg"].removeprefix("Value error, ")
         value = _value_at(data, loc)
         if err["type"] == "extra_forbidden":
@@ -138,6 +166,8 @@ def _merge_branches(issues: list[ConfigIssue]) -> list[ConfigIssue]:
             p.startswith(issue.path + ".") for p in paths
         ):
             continue  # the mapping branch was meant: its own issues say what is wrong
+        if issue.message.startswith("Input should be '") and any(p.startswith(issue.path + "[") for p in paths):
+            continue  # the list branch was meant (not the keyword): its own issues say what is wrong
         merged = issue
         if out and out[-1].path == issue.path and out[-1].source == issue.source:
             last = out.pop()

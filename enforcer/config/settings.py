@@ -29,7 +29,7 @@ from enforcer.config.definitions import (
     resolve_definitions,
 )
 from enforcer.config.fields import Duration, Tag, _Strict
-from enforcer.config.issues import ConfigError, ConfigIssue, _issues_from_validation
+from enforcer.config.issues import FIX_DAEMON, ConfigError, ConfigIssue, _issues_from_validation
 
 
 class ListenModel(_Strict):
@@ -157,6 +157,9 @@ class DaemonModel(_Strict):
     limits: LimitsModel = Field(default_factory=LimitsModel)
     redirect: RedirectModel = Field(default_factory=RedirectModel)
     flowLog: Path | None = None  # default: <logsDir>/flows.jsonl
+    allowNoServices: bool = False
+    """Whether running with no service for this enforcer is intended: else ``enforcer check``
+    fails (exit 2) and the daemon logs an error and keeps ``/readyz`` not ready."""
 
 
 @dataclass(frozen=True)
@@ -185,30 +188,85 @@ class Settings:
 
 
 def load_settings(path: Path) -> Settings:
-    """Read and validate ``enforcer.yaml``; relative paths are relative to its folder."""
+    """Read and validate ``enforcer.yaml``; relative paths are relative to its folder (or raise
+    ConfigError with every problem)."""
+    settings, issues = read_settings(path)
+    if issues or settings is None:
+        raise ConfigError(issues)
+    return settings
+
+
+def read_settings(path: Path) -> tuple[Settings | None, list[ConfigIssue]]:
+    """Every problem of ``enforcer.yaml`` at once, and settings usable to go on to the
+    definitions: when only some keys are bad, those are left at their defaults (an unreadable
+    ``definitions`` entry is left out), so ``enforcer check`` reports the definitions' problems
+    in the same run. None when nothing usable remains."""
     source = str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(
-            [ConfigIssue(source, "", f"cannot read: {exc.strerror}", fix="pass -c /path/to/enforcer.yaml")]
-        ) from None
+        return None, [ConfigIssue(source, "", f"cannot read: {exc.strerror}", fix="pass -c /path/to/enforcer.yaml")]
     docs = parse_documents(text, source)
     if isinstance(docs, ConfigIssue):
-        raise ConfigError([docs])
+        return None, [docs]
     if len(docs) != 1 or not isinstance(docs[0].data, Mapping):
-        raise ConfigError([ConfigIssue(source, "", "must be one YAML mapping", fix="see README: enforcer.yaml")])
+        return None, [ConfigIssue(source, "", "must be one YAML mapping", fix="see README: enforcer.yaml")]
     data = dict(docs[0].data)
-    base = path.parent.resolve()
+    issues: list[ConfigIssue] = []
     try:
         model = DaemonModel.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_issues_from_validation(exc, source, "", data, DaemonModel)) from None
+        issues.extend(_issues_from_validation(exc, source, "", data, DaemonModel, fixes=FIX_DAEMON))
+        try:
+            model = DaemonModel.model_validate(_without_bad_keys(data, exc))
+        except ValidationError:
+            return None, issues
+    model = _absolute_paths(model, path.parent.resolve())
+    if model.sessions.idleTimeout > model.sessions.absoluteTimeout:
+        issues.append(
+            ConfigIssue(
+                source,
+                "sessions.idleTimeout",
+                "is longer than sessions.absoluteTimeout",
+                model.sessions.idleTimeout,
+                "make idleTimeout <= absoluteTimeout",
+            )
+        )
+    settings = Settings(path=path, model=model)
+    try:
+        check_workers(settings, model.listen.workers, "listen.workers")
+    except ConfigError as exc:
+        issues.extend(exc.issues)
+    return settings, issues
+
+
+def _without_bad_keys(data: dict[str, object], exc: ValidationError) -> dict[str, object]:
+    """``data`` without the top-level keys pydantic refused (for ``definitions``: without the
+    refused entries only), so the rest can still be used."""
+    out = dict(data)
+    bad_sources: set[int] = set()
+    for err in exc.errors(include_url=False):
+        loc = err["loc"]
+        if not loc:
+            continue
+        key = loc[0]
+        if key == "definitions" and len(loc) > 1 and isinstance(loc[1], int) and isinstance(out.get(key), list):
+            bad_sources.add(loc[1])
+        else:
+            out.pop(str(key), None)
+    sources = out.get("definitions")
+    if bad_sources and isinstance(sources, list):
+        out["definitions"] = [s for i, s in enumerate(sources) if i not in bad_sources]
+    return out
+
+
+def _absolute_paths(model: DaemonModel, base: Path) -> DaemonModel:
+    """``model`` with every relative path made relative to ``base`` (the config's folder)."""
 
     def absolute(p: Path) -> Path:
         return p if p.is_absolute() else base / p
 
-    model = model.model_copy(
+    return model.model_copy(
         update={
             "stateDir": absolute(model.stateDir),
             "logsDir": absolute(model.logsDir),
@@ -228,21 +286,6 @@ def load_settings(path: Path) -> Settings:
             ),
         }
     )
-    if model.sessions.idleTimeout > model.sessions.absoluteTimeout:
-        raise ConfigError(
-            [
-                ConfigIssue(
-                    source,
-                    "sessions.idleTimeout",
-                    "is longer than sessions.absoluteTimeout",
-                    model.sessions.idleTimeout,
-                    "make idleTimeout <= absoluteTimeout",
-                )
-            ]
-        )
-    settings = Settings(path=path, model=model)
-    check_workers(settings, model.listen.workers, "listen.workers")
-    return settings
 
 
 def check_workers(settings: Settings, workers: int, where: str) -> None:

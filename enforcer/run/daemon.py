@@ -480,6 +480,19 @@ class Daemon:
         current = self.manager.current
         if current is not None:
             self.metrics.set_definitions(self.manager.digest, len(current.services))
+        problem = self._no_service()
+        if problem:
+            log.error("%s", problem)
+
+    def _no_service(self) -> str | None:
+        """Why it is wrong that no service applies here, or None (some do, or none is allowed)."""
+        current = self.manager.current
+        if current is None or current.services or self.settings.model.allowNoServices:
+            return None
+        return (
+            f"no service applies to this enforcer (tags {list(self.settings.tags)}): every request is refused; "
+            "fix the tags or the services' selectors (enforcer check says which), or set allowNoServices: true"
+        )
 
     def _reload_outcome(self, outcome: str, detail: str) -> None:
         """Each reload is counted and leaves one flow record with its outcome."""
@@ -544,6 +557,9 @@ class Daemon:
         async def readyz(_: web.Request) -> web.Response:
             providers = self.gate.runtime.providers
             problems = {n: p.last_error or "discovery pending" for n, p in providers.items() if p.metadata is None}
+            no_service = self._no_service()
+            if no_service:
+                problems["services"] = no_service
             if self.role == "primary":
                 waiting = self._workers_not_ready()
                 if waiting:
