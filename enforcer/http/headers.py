@@ -223,8 +223,7 @@ SERVER = "enforcer"
 def is_spoofable(name: str, extra: frozenset[str] = frozenset()) -> bool:
     """True for any header name a client must never be able to send to the app (``extra``:
     more names, e.g. a service's own identity headers; every spelling of each)."""
-    norm = normalise(name)
-    return _reserved(norm, DEFAULT_RULE._names, DEFAULT_RULE._prefixes) or norm in {normalise(e) for e in extra}
+    return DEFAULT_RULE.reserved(name) or normalise(name) in {normalise(e) for e in extra}
 
 
 _NO_TOKENS: frozenset[str] = frozenset()
