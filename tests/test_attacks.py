@@ -1451,3 +1451,86 @@ async def test_p_fcl_03_session_cookie_is_samesite_lax(stack: Stack) -> None:
     assert set_cookies and all("SameSite=Lax" in sc for sc in set_cookies)
     out = await attack(stack, request("GET /oauth2/logout/backchannel HTTP/1.1", port=stack.port))
     assert out.first is not None and out.first.status == 405 and out.first.header("Allow") == ["POST"]
+
+
+# ------------------------------------------------------------------ header rule, not lists (issue 19 item 4)
+
+#: The names issue 19 item 4 lists, and one of each family of X-HDR-01/07.
+RULE_ROWS = ["X-Host", "X-Forwarded-Server", "X-HTTP-Host-Override", "X-Original-Host", "X-Forwarded-Port",
+             "X-Forwarded-Scheme", "X-Forwarded-Ssl", "Front-End-Https", "X-Url-Scheme", "X-Original-URL",
+             "X-Rewrite-URL", "X-Forwarded-Host", "X-Forwarded-User", "X-Real-IP", "Forwarded"]
+
+
+async def _served_fast(stack: Stack) -> float:
+    """``enforcer_fast_path_requests_total`` from /metrics (requests the lean path took)."""
+    conn_reader, conn_writer = await asyncio.open_connection("127.0.0.1", stack.admin_port)
+    conn_writer.write(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    text = (await asyncio.wait_for(conn_reader.read(), 5)).decode()
+    conn_writer.close()
+    (line,) = [x for x in text.splitlines() if x.startswith("enforcer_fast_path_requests_total ")]
+    return float(line.split()[1])
+
+
+async def _one(stack: Stack, target: str, *lines: str) -> tuple[Reply, Seen, bool]:
+    """One GET on its own connection: the reply, what the app saw, whether the lean path took it."""
+    served = await _served_fast(stack)
+    before = len(stack.upstream.seen)
+    conn = await Raw.open(stack)
+    try:
+        await conn.send(request(f"GET {target} HTTP/1.1", *lines, "Connection: close", port=stack.port))
+        reply = await conn.reply()
+    finally:
+        await conn.close()
+    assert reply is not None and reply.status == 200, reply and (reply.status, reply.text[:200])
+    (seen,) = [s for s in stack.upstream.seen[before:] if s.target == target]
+    return reply, seen, await _served_fast(stack) > served
+
+
+@pytest.mark.parametrize("name", RULE_ROWS)
+async def test_x_hdr_07_forwarding_headers_are_stripped_by_rule_on_both_paths(
+    stack: Stack, cookies: dict[str, str], name: str
+) -> None:
+    """Issue 19 item 4 (X-HDR-02/03/07): a host, scheme, port, path, address or identity header,
+    in any case and duplicated, never reaches the app on the lean path; nor with '.' spellings
+    (which hand the request to aiohttp); with '_' the request is refused (400-CLOSE)."""
+    evil = f"evil-{marker()}"
+    plain = [f"{spelled}: {evil}" for spelled in (name, name.lower(), name.upper(), name)]
+    dotted = [f"{name.replace('-', '.')}: {evil}", f"{name.upper()}.: {evil}"]
+    for lines, lean in ((plain, True), (plain + dotted, False)):
+        target = f"/rule-{marker()}"
+        _, seen, fast = await _one(stack, target, f"Cookie: {cookies['bob']}", *lines)
+        assert fast is lean
+        assert [(k, v) for k, v in seen.headers if evil in v] == [], seen.headers
+        assert seen.header("X-Forwarded-User") == ["bob"]
+        assert seen.header("X-Forwarded-Host") == seen.header("Host") == [f"{HOST}:{stack.port}"]
+        assert seen.header("X-Forwarded-Proto") == ["https"] and seen.header("X-Forwarded-For") == ["127.0.0.1"]
+        assert seen.target == target
+    assert_close(await attack(stack, request("GET /public/u HTTP/1.1", f"{name.replace('-', '_')}_: {evil}",
+                                             port=stack.port)))
+
+
+async def test_ordinary_headers_reach_the_app_on_both_paths(stack: Stack, cookies: dict[str, str]) -> None:
+    """Accept, Content-Type, X-Request-Id, User-Agent, Sec-Fetch-User and Authorization (X-HDR-09:
+    forwarded, never authentication) reach the app as sent, on the lean path and on aiohttp's."""
+    ordinary = [("Accept", "text/html"), ("Content-Type", "text/plain"), ("X-Request-Id", "r-1"),
+                ("User-Agent", "probe/1"), ("Sec-Fetch-User", "?1"), ("Authorization", "Bearer app-token"),
+                ("X-CSRF-Token", "c-1")]
+    for extra, lean in (((), True), (("X.Handoff: 1",), False)):
+        _, seen, fast = await _one(stack, f"/ord-{marker()}", f"Cookie: {cookies['bob']}",
+                                   *[f"{k}: {v}" for k, v in ordinary], *extra)
+        assert fast is lean
+        for k, v in ordinary:
+            assert seen.header(k) == [v], k
+        assert seen.header("X-Forwarded-User") == ["bob"]
+
+
+async def test_strip_headers_setting_extends_the_rule_on_both_paths(stack: Stack) -> None:
+    """limits.stripHeaders: the operator's names and prefixes are stripped in every spelling on
+    both paths, beside the built-in rule; other headers still pass."""
+    async with _restarted_with(stack, "limits: {stripHeaders: [X-Tenant-*, X-App-Secret]}\n") as s:
+        plain = ["X-Tenant-Id: EVIL", "x-tenant-region: EVIL", "X-APP-SECRET: EVIL", "X-Host: EVIL", "X-Keep: ok"]
+        for extra, lean in (((), True), (("X.Tenant.Id: EVIL", "x.app.secret: EVIL"), False)):
+            _, seen, fast = await _one(s, f"/public/strip-{marker()}", *plain, *extra)
+            assert fast is lean
+            assert [(k, v) for k, v in seen.headers if v == "EVIL"] == []
+            assert seen.header("X-Keep") == ["ok"]

@@ -7,6 +7,7 @@ redirect and limits. Unknown keys are errors (with a did-you-mean).
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,10 @@ class RedirectModel(_Strict):
     keepBlockOnStop: bool = False
 
 
+_STRIP_ENTRY = re.compile(r"[A-Za-z0-9!#$%&'+.^_`|~-]{0,63}[A-Za-z0-9][A-Za-z0-9!#$%&'+.^_`|~-]{0,63}\*?")
+"""A header name, or a prefix ending in ``*``, holding at least one letter or digit."""
+
+
 class LimitsModel(_Strict):
     """Bounds on what a client controls."""
 
@@ -141,6 +146,18 @@ class LimitsModel(_Strict):
     upstreamReadTimeout: Duration = 300.0
     maxConnections: int = Field(default=10_000, ge=1)
     maxConnectionsPerIP: int = Field(default=512, ge=1)
+    stripHeaders: list[str] = Field(default_factory=list, max_length=256)
+    """More client headers the app never gets, on top of the built-in rule (README, *Headers the
+    app never gets from the client*): a name (``X-Tenant``) or a prefix (``X-Tenant-*``), each
+    in every spelling (case, ``-``/``_``/``.``)."""
+
+    @field_validator("stripHeaders")
+    @classmethod
+    def _header_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not _STRIP_ENTRY.fullmatch(name):
+                raise ValueError(f"{name!r}: a header name (X-Tenant) or a prefix ending in * (X-Tenant-*)")
+        return names
 
 
 class DaemonModel(_Strict):

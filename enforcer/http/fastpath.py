@@ -353,7 +353,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         service = plan.service
         head = headers_mod.request_head(
             method, plan.target, request.pairs, identity=plan.identity_headers, client_ip=info.client_ip,
-            host=request.host,
+            host=request.host, rule=self._fast.gate.header_rule,
         )
         started = time.perf_counter()
         conn, answer = await self._fast.gate.upstream.send(

@@ -171,6 +171,7 @@ class Gate:
         """Set when several worker processes serve: pending logins then live in the session file."""
         self.absolute_timeout = s.sessions.absoluteTimeout
         self.max_body = s.limits.maxBodyBytes
+        self.header_rule = headers_mod.HeaderRule(s.limits.stripHeaders)
         self._callback_inflight: set[str] = set()
 
     # ------------------------------------------------------------------ entry
@@ -297,7 +298,7 @@ class Gate:
         )
         headers = headers_mod.request_headers(
             request.headers, identity=plan.identity_headers, client_ip=info.client_ip, host=host_value,
-            websocket=websocket,
+            websocket=websocket, rule=self.header_rule,
         )
         if websocket:
             return await self.upstream.websocket(

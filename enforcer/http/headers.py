@@ -1,10 +1,10 @@
 """Header hygiene towards the app and back, and the request and response heads: one implementation.
 
 Header hygiene happens here and only here, in a fixed order: (1) drop hop-by-hop headers and
-every header the client's ``Connection:`` names, (2) drop every client copy of an identity or
-forwarding header (all case variants; names with ``_`` never get this far, the gate rejects
-them), (3) drop the enforcer's own cookies, and only then (4) add our ``X-Forwarded-*`` and
-identity headers.
+every header the client's ``Connection:`` names, (2) drop every client header a proxy in front
+of an app might trust for host, scheme, port, path, client address or identity, by the rule of
+:class:`HeaderRule` (names with ``_`` never get this far, the gate rejects them), (3) drop the
+enforcer's own cookies, and only then (4) add our ``X-Forwarded-*`` and identity headers.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import functools
 import http
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -42,22 +42,44 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-#: Headers only the enforcer may set towards the app: identity and forwarding data.
+# ---------------------------------------------------------------- the strip rule
+#
+# A client header never reaches the app when its *normalised* name (lower case, every
+# punctuation character of a token -- ``_ . ! # $ % & ' * + ^ ` | ~`` -- read as ``-``, empty
+# parts dropped) is one of SPOOFABLE, starts with one of SPOOFABLE_PREFIXES, or has one of
+# SPOOFABLE_TOKENS as a whole ``-``-separated part.  ``user`` directly followed by ``agent``
+# (``User-Agent``, ``X-User-Agent``) and the exact names of UNRESERVED are not a match.
+
+#: Whole names (normalised) only the enforcer may set towards the app.  Most are matched by a
+#: token or prefix as well; the list names what the rule is tested against.
 SPOOFABLE = frozenset(
     {
         "forwarded",
+        "x-host",
         "x-real-ip",
         "true-client-ip",
         "client-ip",
         "x-client-ip",
         "x-cluster-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
         "x-original-url",
         "x-rewrite-url",
         "x-original-host",
         "x-original-uri",
         "x-original-method",
+        "x-http-host-override",
+        "x-forwarded-server",
+        "x-forwarded-port",
+        "x-forwarded-scheme",
+        "x-forwarded-ssl",
+        "front-end-https",
+        "x-url-scheme",
+        "x-scheme",
+        "x-script-name",
         "x-remote-user",
         "remote-user",
+        "x-remote-addr",
         "x-remote-email",
         "x-remote-group",
         "x-user",
@@ -68,20 +90,140 @@ SPOOFABLE = frozenset(
         "x-http-method-override",
         "x-http-method",
         "x-method-override",
+        "x-userinfo",
+        "x-id-token",
+        "x-access-token",
         "oidc-access-token",
         "oidc-id-token",
     }
 )
-SPOOFABLE_PREFIXES = ("x-forwarded-", "x-auth-request-", "oidc-claim-", "x-oidc-", "x-enforcer-")
+#: Families whose tail is free: any name starting with one of these (normalised).
+SPOOFABLE_PREFIXES = (
+    "x-forwarded-",
+    "x-auth-request-",
+    "oidc-",
+    "x-oidc-",
+    "x-enforcer-",
+    "x-amzn-oidc-",
+    "x-goog-iap-",
+    "cf-access-",
+    "x-credential-",
+    "x-consumer-",
+    "x-envoy-",
+)
+#: A name with any of these as a whole part is reserved, whatever else it holds.
+SPOOFABLE_TOKENS = frozenset(
+    {
+        # host and the route to it
+        "host", "forwarded", "original", "originating", "rewrite", "override",
+        # scheme and TLS
+        "scheme", "proto", "ssl", "https",
+        # port, path, URL
+        "port", "path", "prefix", "url", "uri",
+        # client address
+        "ip", "addr", "address",
+        # identity (and the proxies that inject it)
+        "remote", "user", "username", "userid", "userinfo", "email", "group", "groups", "role", "roles",
+        "principal", "identity", "authenticated", "webauth", "claim", "assertion", "oidc", "enforcer",
+        "pomerium", "vouch", "tailscale",
+        # client certificates
+        "cert", "certificate", "clientcert",
+    }
+)
+#: Standard request headers a token would otherwise catch (``Sec-Fetch-User: ?1``).
+UNRESERVED = frozenset({"sec-fetch-user"})
+
+_SEPARATORS = str.maketrans(dict.fromkeys("_.!#$%&'*+^`|~", "-"))
+
+
+@functools.lru_cache(maxsize=256)
+def normalise(name: str) -> str:
+    """A header name as the strip rule reads it: lower case, punctuation as ``-``, runs of
+    ``-`` collapsed, none at either end (``X__Forwarded.Host`` → ``x-forwarded-host``)."""
+    return "-".join(part for part in name.lower().translate(_SEPARATORS).split("-") if part)
+
+
+def _reserved(norm: str, names: frozenset[str], prefixes: tuple[str, ...]) -> bool:
+    """The rule on a normalised name, with the given whole names and prefixes."""
+    if norm in names or norm.startswith(prefixes):
+        return True
+    if norm in UNRESERVED:
+        return False
+    parts = norm.split("-")
+    for i, part in enumerate(parts):
+        if part in SPOOFABLE_TOKENS and not (part == "user" and parts[i + 1 : i + 2] == ["agent"]):
+            return True
+    return False
+
+
+KEEP, DROP, COOKIE = 0, 1, 2
+"""What :meth:`HeaderRule.verdict` says about a client header name."""
+
+_DROP_NAMES = HOP_BY_HOP | {"host", "cookie"}
+
+
+class HeaderRule:
+    """Which client header names never reach the app: the built-in rule plus the operator's
+    ``limits.stripHeaders`` (a name, or a prefix ending in ``*``), each read normalised.
+
+    The verdict on a name is remembered per spelling as received (bounded): a request pays
+    one dict lookup per header; only a spelling not seen before pays the rule."""
+
+    __slots__ = ("_names", "_prefixes", "_verdicts")
+
+    MAX_REMEMBERED = 4096
+
+    def __init__(self, extra: Iterable[str] = ()) -> None:
+        names = set(SPOOFABLE)
+        prefixes = list(SPOOFABLE_PREFIXES)
+        for entry in extra:
+            if entry.endswith("*"):
+                stem = entry[:-1]
+                prefix = normalise(stem)
+                # "X-Tenant-*" holds the whole part "tenant"; "X-Tenant*" any part starting so
+                prefixes.append(prefix + "-" if stem[-1:] in "-_.!#$%&'+^`|~" else prefix)
+            else:
+                names.add(normalise(entry))
+        self._names = frozenset(names)
+        self._prefixes = tuple(prefixes)
+        self._verdicts: dict[str, tuple[int, str, str]] = {}
+
+    def reserved(self, name: str) -> bool:
+        """True for a header name only the enforcer may send to the app (any spelling)."""
+        return _reserved(normalise(name), self._names, self._prefixes)
+
+    def verdict(self, name: str) -> tuple[int, str, str]:
+        """(KEEP, DROP or COOKIE; the name lower-cased; normalised) for a client header name.
+        DROP: hop-by-hop, ``Host`` (ours is added), any other spelling of ``Cookie`` or
+        ``Host``, or reserved. COOKIE: the one real ``Cookie`` (cleaned, then re-added)."""
+        known = self._verdicts.get(name)
+        if known is not None:
+            return known
+        low = name.lower()
+        norm = normalise(name)
+        if low == "cookie":
+            code = COOKIE
+        elif norm in _DROP_NAMES or _reserved(norm, self._names, self._prefixes):
+            code = DROP
+        else:
+            code = KEEP
+        if len(self._verdicts) >= self.MAX_REMEMBERED:
+            self._verdicts.clear()  # a flood of made-up names costs the rule again, never memory
+        known = self._verdicts[name] = (code, low, norm)
+        return known
+
+
+DEFAULT_RULE = HeaderRule()
+"""The built-in rule (what every path uses unless the daemon config adds names)."""
 
 CHUNK = 64 * 1024
 SERVER = "enforcer"
 
 
 def is_spoofable(name: str, extra: frozenset[str] = frozenset()) -> bool:
-    """True for any header name a client must never be able to send to the app."""
-    n = name.lower().replace("_", "-")
-    return n in SPOOFABLE or n in extra or n.startswith(SPOOFABLE_PREFIXES)
+    """True for any header name a client must never be able to send to the app (``extra``:
+    more names, e.g. a service's own identity headers; every spelling of each)."""
+    return DEFAULT_RULE.reserved(name) or normalise(name) in {normalise(e) for e in extra}
 
 
 _NO_TOKENS: frozenset[str] = frozenset()
@@ -150,13 +292,16 @@ def request_headers(
     client_ip: str,
     host: str,
     websocket: bool = False,
+    rule: HeaderRule = DEFAULT_RULE,
 ) -> CIMultiDict[str]:
-    """The headers the app receives: the client's, cleaned, then ours."""
+    """The headers the app receives: the client's, cleaned by ``rule``, then ours."""
     named = _connection_tokens(client)
-    ours = frozenset(n.lower() for n in identity)
+    ours = _ours(identity)
+    verdict = rule.verdict
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in client.items():
-        if not _dropped(name.lower(), named, ours):
+        code, low, norm = verdict(name)
+        if code == KEEP and low not in named and norm not in ours:
             out.add(name, value)
     cookie = sessions.strip_cookies(client.getall("Cookie", []), _is_enforcer_cookie)
     if cookie:
@@ -173,37 +318,37 @@ def request_headers(
     return out
 
 
-_DROP_FROM_CLIENT = HOP_BY_HOP | SPOOFABLE | {"host", "cookie"}
-
-
-def _dropped(low: str, named: frozenset[str], ours: frozenset[str]) -> bool:
-    """Whether a client header (lower-case name) stays away from the app: hop-by-hop, named
-    by ``Connection``, one of our identity headers, spoofable, Host or Cookie (re-added)."""
-    return (
-        low in _DROP_FROM_CLIENT
-        or low in named
-        or low in ours
-        or low.startswith(SPOOFABLE_PREFIXES)
-        or ("_" in low and is_spoofable(low, ours))
-    )
+def _ours(identity: Mapping[str, str]) -> frozenset[str]:
+    """The normalised names of the identity headers we add (their client copies go, in every
+    spelling, whether or not the rule reserves them)."""
+    return frozenset(map(normalise, identity)) if identity else _NO_TOKENS
 
 
 def request_head(
-    method: str, target: str, client: list[tuple[str, str]], *, identity: Mapping[str, str], client_ip: str, host: str
+    method: str,
+    target: str,
+    client: list[tuple[str, str]],
+    *,
+    identity: Mapping[str, str],
+    client_ip: str,
+    host: str,
+    rule: HeaderRule = DEFAULT_RULE,
 ) -> bytes:
     """``serialise_head(method, target, request_headers(CIMultiDict(client), ...))`` in one pass
     over the client's raw header list (the fast path's request; no WebSocket), byte for byte
     the same (a property test holds them equal)."""
     named = _pair_connection_tokens(client)
-    ours = frozenset(n.lower() for n in identity) if identity else _NO_TOKENS
+    ours = _ours(identity)
+    verdict = rule.verdict
     lines = [f"{method} {target} HTTP/1.1"]
     cookies = []
     for name, value in client:
-        low = name.lower()
-        if low == "cookie":
+        code, low, norm = verdict(name)
+        if code == KEEP:
+            if low not in named and norm not in ours:
+                lines.append(f"{name}: {value}")
+        elif code == COOKIE:
             cookies.append(value)
-        elif not _dropped(low, named, ours):
-            lines.append(f"{name}: {value}")
     cookie = sessions.strip_cookies(cookies, _is_enforcer_cookie) if cookies else None
     if cookie:
         lines.append(f"Cookie: {cookie}")
