@@ -974,3 +974,52 @@ def test_from_dict_rebuilds_a_record_without_a_decision_or_reason() -> None:
     rec = FlowRecord.from_dict(data)
     assert (rec.decision, rec.reason) == (Outcome.ERROR, Reason.UNFINISHED)  # an unfinished request
     assert rec.flow_id == data["flow_id"]
+
+
+# -- deny fields (issue 18 item 4) ---------------------------------------------------------------
+
+
+def test_deny_record_keeps_tag_sets_and_fingerprint_not_tags() -> None:
+    """A deny keeps the allowing tag sets, the missing tags and a fingerprint, never the user's tags."""
+    rec = make(decision="deny", reason="missing_tags", status=403)
+    tags = frozenset({"email=eve@example.com", "groups=staff"})
+    rec.note_deny(
+        would_allow=(frozenset({"groups=admins"}), frozenset({"groups=ops", "email=bob@example.com"})),
+        missing=frozenset({"groups=admins"}), tags=tags,
+    )
+    line = rec.to_json()
+    data = json.loads(line)
+    assert data["would_allow"] == [["groups=admins"], ["email=bob@example.com", "groups=ops"]]
+    assert data["missing"] == ["groups=admins"]
+    assert data["tags_fp"] == flowlog_mod.tags_fingerprint(tags)
+    assert len(data["tags_fp"]) == flowlog_mod.TAGS_FINGERPRINT_CHARS
+    assert "eve@example.com" not in line and "groups=staff" not in line
+    assert list(data)[-3:] == ["would_allow", "missing", "tags_fp"]
+    assert FlowRecord.from_dict(data) == rec
+    assert line == flowlog_mod._encode_line(rec.to_dict())
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        (["groups=a", "email=x@y"], ["email=x@y", "groups=a"], True),
+        (["groups=a"], ["groups=b"], False),
+        ([], ["groups=a"], False),
+    ],
+)
+def test_tags_fingerprint_ignores_order_only(a: list[str], b: list[str], same: bool) -> None:
+    """Two tag sets have the same fingerprint exactly when they hold the same tags."""
+    assert (flowlog_mod.tags_fingerprint(a) == flowlog_mod.tags_fingerprint(b)) is same
+
+
+def test_tags_fingerprint_of_no_session_is_none() -> None:
+    """An anonymous request (no tags at all) has no fingerprint."""
+    assert flowlog_mod.tags_fingerprint(None) is None
+
+
+def test_records_without_deny_fields_keep_their_line() -> None:
+    """A record that is not a deny writes exactly the keys it always wrote, via the fast path."""
+    rec = make()
+    data = json.loads(rec.to_json())
+    assert "would_allow" not in data and "missing" not in data and "tags_fp" not in data
+    assert rec.to_json() == flowlog_mod._encode_line(rec.to_dict())
