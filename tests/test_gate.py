@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from enforcer.flow import tags_fingerprint
 from enforcer.identity.cookies import session_cookie_name
 from enforcer.identity.tokens import OIDCError
 from tests.harness.gate import (
@@ -22,6 +23,7 @@ from tests.harness.gate import (
     ISSUER,
     NOW,
     ORIGIN,
+    Answer,
     FakeProvider,
     GateRig,
     at_hash,
@@ -312,3 +314,64 @@ async def test_the_id_token_at_hash_is_checked_when_present() -> None:
     provider.id_token = claims(at_hash=at_hash(provider.access_token))
     rig = GateRig(provider)
     assert (await rig.callback(await rig.begin())).flow.reason == "login_success"
+
+
+# ------------------------------------------------------------------ why a request was denied (issue 18)
+
+
+async def _eve_denied(rig: GateRig) -> tuple[Answer, str]:
+    """Eve signs in and asks for a page only alice may see: the answer and eve's session handle."""
+    rig.provider.id_token = claims(sub="eve-sub", email="eve@example.com", preferred_username="eve")
+    handle = (await rig.callback(await rig.begin())).cookie(SESSION_COOKIE)
+    assert handle
+    answer = await rig.request("GET", "/private", {"Cookie": f"{SESSION_COOKIE}={handle}", "Accept": "text/html"})
+    return answer, handle
+
+
+async def test_a_deny_page_hides_other_peoples_identifiers_and_offers_to_sign_out() -> None:
+    """Eve's 403 names the rule and her flow but not alice's email, and links to sign out."""
+    rig = GateRig()
+    answer, _ = await _eve_denied(rig)
+    body = answer.response.text or ""  # type: ignore[attr-defined]
+    assert (answer.status, answer.flow.reason) == (403, "missing_tags")
+    assert "alice" not in body
+    assert "1 more rule(s) allow particular people" in body
+    assert f"Rule: <code>{answer.flow.endpoint}</code>" in body
+    assert "href='/oauth2/logout'>Sign out / use another account" in body
+    assert answer.flow.flow_id in body
+    assert answer.response.headers["X-Enforcer-Flow"] == answer.flow.flow_id
+
+
+async def test_a_deny_record_keeps_what_replays_it() -> None:
+    """The deny's flow record holds the allowing tag sets, the missing tags and eve's tags' fingerprint."""
+    rig = GateRig()
+    answer, handle = await _eve_denied(rig)
+    session = await rig.store.get(handle, "app", NOW)
+    assert session is not None
+    assert answer.flow.would_allow == [["email=alice@example.com"]]
+    assert answer.flow.missing == ["email=alice@example.com"]
+    assert answer.flow.tags_fp == tags_fingerprint(session.tags)
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "headers", "status"),
+    [
+        ("GET", "/private", {"Accept": "text/html"}, 302),  # login redirect
+        ("GET", "/private", {"Accept": "application/json"}, 401),
+        ("GET", "/private", {"Host": "other.example"}, 421),
+        ("GET", "/private", {"X_Bad": "1"}, 400),
+        ("TRACE", "/private", {}, 405),
+        ("GET", "/oauth2/callback", {}, 400),
+    ],
+)
+async def test_every_answer_of_the_enforcer_names_its_flow(
+    method: str, target: str, headers: dict[str, str], status: int
+) -> None:
+    """Each response the enforcer makes itself carries X-Enforcer-Flow with the id of its flow record."""
+    rig = GateRig()
+    answer = await rig.request(method, target, headers)
+    assert answer.status == status
+    assert answer.response.headers["X-Enforcer-Flow"] == answer.flow.flow_id
+    body = getattr(answer.response, "text", None) or ""
+    if status >= 400:
+        assert answer.flow.flow_id in body

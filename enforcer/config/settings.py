@@ -128,6 +128,17 @@ class RedirectModel(_Strict):
     keepBlockOnStop: bool = False
 
 
+class DenyPageModel(_Strict):
+    """What the 403 page tells a signed-in user who is denied (the flow record keeps it all).
+
+    ``show``: ``groups`` (default) names the rule and the tag sets made only of
+    ``groupClaims`` tags (e.g. ``groups=admins``), never another person's ``email=`` or
+    ``sub=``; ``all`` shows every tag set; ``none`` only the reason code and flow id."""
+
+    show: Literal["none", "groups", "all"] = "groups"
+    groupClaims: list[str] = Field(default_factory=lambda: ["groups", "roles"])
+
+
 class LimitsModel(_Strict):
     """Bounds on what a client controls."""
 
@@ -156,6 +167,7 @@ class DaemonModel(_Strict):
     oidc: OIDCSettingsModel = Field(default_factory=OIDCSettingsModel)
     limits: LimitsModel = Field(default_factory=LimitsModel)
     redirect: RedirectModel = Field(default_factory=RedirectModel)
+    denyPage: DenyPageModel = Field(default_factory=DenyPageModel)
     flowLog: Path | None = None  # default: <logsDir>/flows.jsonl
 
 
