@@ -30,8 +30,9 @@ USER_AGENT_MAX = 256
 
 SERVED_DECISIONS = frozenset({Outcome.ALLOW, Outcome.LOGOUT, Outcome.CALLBACK})
 """Decisions under which the enforcer served the request (proxied it, or completed its own
-logout / login callback). Every other decision — ``deny``, ``login`` (challenge), ``error``,
-``bad_request`` and any decision added later — counts as *not served* for ``--denied``."""
+logout / login callback). Every other decision — ``deny``, ``error``, ``bad_request`` and any
+decision added later — counts as *not served* for ``--denied``; ``login`` (a challenge to sign
+in) is not served either, but ``enforcer flows`` counts it on its own, not as a denial."""
 
 
 def _iso_ms_slow(ts: float) -> str:

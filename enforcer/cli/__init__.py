@@ -67,7 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     flows.add_argument("--file", type=Path, help="flow log file (default: from the config)")
     flows.add_argument("--service")
     flows.add_argument("--user", help="sub or email")
-    flows.add_argument("--denied", action="store_true", help="only requests that were not served")
+    flows.add_argument("--id", help="only the record of this flow id (X-Enforcer-Flow, or the error page)")
+    flows.add_argument(
+        "--denied", action="store_true", help="only requests that were not served (login challenges not included)"
+    )
+    flows.add_argument("--logins", action="store_true", help="only login challenges (redirects to sign in, 401s)")
     flows.add_argument("--since", help="10m, 2h, 1d or an ISO-8601 time")
     flows.add_argument("--follow", "-f", action="store_true")
     flows.add_argument("--json", action="store_true", help="one JSON record per line")
