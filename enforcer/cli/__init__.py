@@ -77,14 +77,22 @@ def _parser() -> argparse.ArgumentParser:
     flows.add_argument("--json", action="store_true", help="one JSON record per line")
     flows.add_argument("--summary", action="store_true", help="counts by service, decision and reason")
 
-    explain = sub.add_parser("explain", help="show which rule decides a request for given tags")
+    explain = sub.add_parser(
+        "explain", help="show which rule decides a request for given tags, or replay a logged flow (--flow)"
+    )
     with_config(explain)
-    explain.add_argument("--service", required=True)
+    explain.add_argument("--service", help="the service (not with --flow: the record names it)")
     explain.add_argument(
         "--tags", default=None, help="comma-separated tags, e.g. email=a@b.c,groups=admins; omit for an anonymous user"
     )
-    explain.add_argument("method")
-    explain.add_argument("path")
+    explain.add_argument(
+        "--flow", default=None, metavar="FLOW_ID",
+        help="replay the decision of this flow record (the id on the page, X-Enforcer-Flow); with --tags, "
+        "check them against the user's recorded tags fingerprint",
+    )
+    explain.add_argument("--file", type=Path, help="flow log file for --flow (default: from the config)")
+    explain.add_argument("method", nargs="?")
+    explain.add_argument("path", nargs="?")
 
     certs_p = sub.add_parser("certs", help="certificate tools")
     certs_sub = certs_p.add_subparsers(dest="certs_command", required=True)
