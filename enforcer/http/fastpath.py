@@ -482,7 +482,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
             return
         if self._head_started:
-            header_timed_out(self.transport, self._fast.header_timeout)
+            header_timed_out(self.transport, self._fast.header_timeout, self._fast.server, self.info)
         self.transport.close()
 
     def shutdown(self) -> None:

@@ -290,6 +290,15 @@ class Gate:
         relay.allowed(flow, plan)
         return await self._forward(request, plan, info, host_value, transfer)  # 7. forward
 
+    def refused(self, info: ConnectionInfo, reason: Reason, status: int | None) -> str:
+        """A connection refused before any request was read (:meth:`server_mod.Server.refused`:
+        an unknown server name, a missed header deadline): write its flow record; its id."""
+        now = self.clock()
+        flow = relay.begin(info, host=None, method="-", path="-", user_agent=None, now=now, flow_id=self.flow_ids())
+        flow.record(decision=Outcome.BAD_REQUEST, reason=reason)
+        relay.finish(flow, None, status, flowlog=self.flowlog, metrics=self.metrics, now=now)
+        return flow.flow_id
+
     async def _forward(
         self, request: web.BaseRequest, plan: Forward, info: ConnectionInfo, host_value: str,
         transfer: proxy.Transfer,
