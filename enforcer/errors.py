@@ -63,12 +63,14 @@ class Reason(enum.StrEnum):
     UPGRADE_NOT_SUPPORTED = "upgrade_not_supported"
     ASTERISK_FORM = "asterisk_form"
     BODY_TOO_LARGE = "body_too_large"
+    HEADER_TIMEOUT = "header_timeout"
 
     # routing: which service the request is for
     BAD_HOST = "bad_host"
     UNKNOWN_HOST = "unknown_host"
     SNI_HOST_MISMATCH = "sni_host_mismatch"
     DESTINATION_MISMATCH = "destination_mismatch"
+    UNKNOWN_SNI = "unknown_sni"
 
     # path: policy.canonical_path refused the request-target (PathError)
     TOO_LONG = "too_long"

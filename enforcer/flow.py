@@ -5,15 +5,20 @@ finished once (``finish``); ``to_json`` renders it as one line that no field con
 (``ensure_ascii`` escapes CR, LF, ANSI escapes, quotes and every non-ASCII character).
 
 The record carries no secrets by construction: no query string (``path`` is the canonical
-path), no cookies, no tokens, no codes; ``user`` is the ``sub`` claim.
+path), no cookies, no tokens, no codes; ``user`` is the ``sub`` claim.  A deny also keeps what
+``enforcer explain --flow`` needs to replay it (:meth:`FlowRecord.note_deny`): the tag sets that
+would have allowed it, the tags missing, and a fingerprint of the user's tags
+(:func:`tags_fingerprint`), never the tags themselves.  These fields are written only when set,
+so every other record's line is unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -25,8 +30,9 @@ USER_AGENT_MAX = 256
 
 SERVED_DECISIONS = frozenset({Outcome.ALLOW, Outcome.LOGOUT, Outcome.CALLBACK})
 """Decisions under which the enforcer served the request (proxied it, or completed its own
-logout / login callback). Every other decision — ``deny``, ``login`` (challenge), ``error``,
-``bad_request`` and any decision added later — counts as *not served* for ``--denied``."""
+logout / login callback). Every other decision — ``deny``, ``error``, ``bad_request`` and any
+decision added later — counts as *not served* for ``--denied``; ``login`` (a challenge to sign
+in) is not served either, but ``enforcer flows`` counts it on its own, not as a denial."""
 
 
 def _iso_ms_slow(ts: float) -> str:
@@ -81,6 +87,25 @@ _INF = math.inf
 
 _OUTCOMES: dict[str, Outcome] = {o.value: o for o in Outcome}
 _REASONS: dict[str, Reason] = {r.value: r for r in Reason}
+
+TAGS_FINGERPRINT_CHARS = 12
+"""Hex characters of :func:`tags_fingerprint`: 48 bits tell two tag sets apart, too few to
+look up a person's tags in a table of guesses of every size."""
+
+
+def tags_fingerprint(tags: Iterable[str] | None) -> str | None:
+    """A short hash of a tag set (order does not matter), or None for no session: lets an
+    operator check ``enforcer explain --flow ID --tags ...`` against the denied user's tags
+    without the record holding them."""
+    if tags is None:
+        return None
+    text = "\n".join(sorted(tags)).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(b"enforcer-tags\n" + text).hexdigest()[:TAGS_FINGERPRINT_CHARS]
+
+
+def _tag_sets(sets: Iterable[Iterable[str]]) -> list[list[str]]:
+    return [sorted(s) for s in sets]
+
 
 class FlowIds:
     """Fresh flow ids: 16 random hex characters each (8 bytes from ``os.urandom``, like
@@ -138,6 +163,12 @@ class FlowRecord:
     upstream_ms: float | None = None
     tls_version: str | None = None
     user_agent: str | None = None
+    would_allow: list[list[str]] | None = None
+    """On a deny: the tag sets (each sorted) any one of which would have allowed the request."""
+    missing: list[str] | None = None
+    """On a deny: the fewest tags (sorted) the user lacked for one of ``would_allow``."""
+    tags_fp: str | None = None
+    """On a deny: :func:`tags_fingerprint` of the user's tags."""
 
     @classmethod
     def begin(
@@ -195,6 +226,15 @@ class FlowRecord:
         if email is not None:
             self.email = email
 
+    def note_deny(
+        self, *, would_allow: Iterable[Iterable[str]], missing: Iterable[str], tags: Iterable[str] | None
+    ) -> None:
+        """Keep what replays a deny: the allowing tag sets, the missing tags and a fingerprint
+        of the user's tags (``None``: no session)."""
+        self.would_allow = _tag_sets(would_allow)
+        self.missing = sorted(missing)
+        self.tags_fp = tags_fingerprint(tags)
+
     def finish(self, *, now: float, status: int | None = None) -> FlowRecord:
         """Stamp the duration (and the client status if given); returns ``self`` for chaining."""
         if status is not None:
@@ -203,8 +243,8 @@ class FlowRecord:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """Fields in the fixed log order, ``time`` first."""
-        return {
+        """Fields in the fixed log order, ``time`` first; the deny fields last, only when set."""
+        data = {
             "time": _iso_ms(self.start),
             "flow_id": self.flow_id,
             "start": self.start,
@@ -229,6 +269,13 @@ class FlowRecord:
             "tls_version": self.tls_version,
             "user_agent": None if self.user_agent is None else self.user_agent[:USER_AGENT_MAX],
         }
+        if self.would_allow is not None:
+            data["would_allow"] = self.would_allow
+        if self.missing is not None:
+            data["missing"] = self.missing
+        if self.tags_fp is not None:
+            data["tags_fp"] = self.tags_fp
+        return data
 
     def to_json(self) -> str:
         """One log line (without the newline); ASCII-only so no value can split or color it.
@@ -246,6 +293,7 @@ class FlowRecord:
             and (up_ms is None or (type(up_ms) is float and -_INF < up_ms < _INF))
             and type(b_in) is int and type(b_out) is int
             and (up_st is None or type(up_st) is int) and (st is None or type(st) is int)
+            and self.would_allow is None and self.missing is None and self.tags_fp is None
         ):
             return _encode_line(self.to_dict())
         e = _esc

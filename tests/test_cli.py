@@ -305,3 +305,58 @@ def test_check_warns_about_a_secret_every_local_user_can_read(cfg: Path) -> None
     assert out.returncode == 0, out.stderr
     assert f"its secret {secret} is readable by every local user" in out.stdout
     assert "chmod 0640" in out.stdout
+
+
+def _logged_deny(cfg: Path, tags: frozenset[str]) -> str:
+    """Write a flow log holding one allowed request and one deny of GET /admin/x; the deny's flow id."""
+    from enforcer.flow import FlowIds, FlowRecord  # noqa: PLC0415
+
+    ids = FlowIds()
+    records = []
+    for decision, reason in (("allow", "allowed"), ("deny", "missing_tags")):
+        rec = FlowRecord.begin(flow_id=ids(), client="192.0.2.1:4000", sni=None, host="app.example", method="GET",
+                               path="/admin/x", now=1_800_000_000.0, service="private-app")
+        rec.record(decision=decision, reason=reason, endpoint="admin", user="eve-sub", email="eve@example.com")
+        if decision == "deny":
+            rec.note_deny(would_allow=[frozenset({"groups=admins"})], missing={"groups=admins"}, tags=tags)
+        records.append(rec.finish(now=1_800_000_000.5, status=403 if decision == "deny" else 200))
+    (cfg.parent / "logs").mkdir(exist_ok=True)
+    (cfg.parent / "logs" / "flows.jsonl").write_text("".join(r.to_json() + "\n" for r in records))
+    return records[-1].flow_id
+
+
+def test_flows_id_finds_the_one_record(cfg: Path) -> None:
+    """`enforcer flows --id` prints only that flow's record, with its deny fields."""
+    flow_id = _logged_deny(cfg, frozenset({"groups=staff"}))
+    out = _enforcer("flows", "-c", str(cfg), "--id", flow_id)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("flow_id") == 1 and flow_id in out.stdout
+    assert '[["groups=admins"]]' in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("tags", "says", "verdict"),
+    [
+        ((), "replaying for a signed-in user with none of the tags", "DENY (missing_tags)"),
+        (("--tags", "groups=staff"), "the tags given are the user's tags at the time", "DENY (missing_tags)"),
+        (("--tags", "groups=admins"), "warning: the tags given are NOT the user's tags", "ALLOW (allowed)"),
+    ],
+)
+def test_explain_flow_replays_a_deny(cfg: Path, tags: tuple[str, ...], says: str, verdict: str) -> None:
+    """`enforcer explain --flow` shows the record, replays the decision and checks --tags against its fingerprint."""
+    flow_id = _logged_deny(cfg, frozenset({"groups=staff"}))
+    out = _enforcer("explain", "-c", str(cfg), "--flow", flow_id, *tags)
+    assert out.returncode == 0, out.stderr
+    assert f"flow {flow_id} as recorded" in out.stdout
+    assert says in out.stdout
+    assert "endpoint: /admin/*" in out.stdout
+    assert f"verdict:  {verdict}" in out.stdout
+    assert ("policy:   unchanged since the flow" in out.stdout) is verdict.startswith("DENY")
+
+
+def test_explain_flow_of_an_unknown_id_says_so(cfg: Path) -> None:
+    """`enforcer explain --flow` of an id the log does not hold exits 1 with a message."""
+    _logged_deny(cfg, frozenset())
+    out = _enforcer("explain", "-c", str(cfg), "--flow", "f" * 16)
+    assert out.returncode == 1
+    assert f"no flow {'f' * 16}" in out.stderr

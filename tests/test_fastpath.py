@@ -63,7 +63,10 @@ def shape(reply: Reply | None) -> tuple[Any, ...] | None:
     login's random state, nonce, PKCE challenge and transaction cookie masked)."""
     if reply is None:
         return None
-    headers = [(k.lower(), _RANDOM.sub("<random>", v)) for k, v in reply.headers if k.lower() not in _VOLATILE_HEADERS]
+    headers = [
+        (k.lower(), "<flow>" if k.lower() == "x-enforcer-flow" else _RANDOM.sub("<random>", v))
+        for k, v in reply.headers if k.lower() not in _VOLATILE_HEADERS
+    ]
     return reply.status, sorted(headers), _FLOW_ID.sub(b"<flow>", reply.body)
 
 

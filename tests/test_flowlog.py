@@ -26,6 +26,7 @@ from enforcer.cli.flows import (
     format_summary,
     format_table,
     is_denied,
+    is_login,
     parse_since,
     read_flows,
 )
@@ -485,10 +486,9 @@ def test_filter_user_matches_sub_or_email(sample: Path) -> None:
 
 
 def test_filter_denied(sample: Path) -> None:
-    """denied=True keeps everything not served: deny, login, error and failed callbacks."""
+    """denied=True keeps everything not served but login challenges: deny, error, failed callbacks."""
     assert paths(read_flows(sample, FlowFilter(denied=True))) == [
         ("app", "deny"),
-        ("wiki", "login"),
         ("app", "error"),
         ("app", "callback"),
     ]
@@ -719,7 +719,7 @@ def test_table_columns_are_fixed_width(sample: Path) -> None:
     assert "…" in lines[1]
     col = lines[0].index("METHOD")
     assert all(line[col : col + 3] == "GET" for line in lines[1:])
-    assert "2024-05-01 12:00:00.123" in lines[1]
+    assert "2024-05-01 12:00:00.123 UTC" in lines[1]
 
 
 def test_table_color_only_wraps_decision(sample: Path) -> None:
@@ -745,10 +745,12 @@ def test_summary_counts(sample: Path) -> None:
     assert "2  callback" in decisions
     denied_paths = text.split("top denied paths:")[1].split("\n\n")[0]
     assert "/admin" in denied_paths
-    assert "3  /x" in denied_paths
+    assert "2  /x" in denied_paths  # (the login challenge to /x is no denial)
     denied_users = text.split("top denied users:")[1]
-    assert "3  alice@example.com" in denied_users
-    assert "1  -" in denied_users
+    assert "3  sub-1 (alice@example.com)" in denied_users
+    assert "  -" not in denied_users  # the anonymous login challenge is no denial
+    assert "denied (not served): 3\n" in text
+    assert "login challenges (redirects to sign in, 401s; not denials): 1\n" in text
 
 
 def test_summary_empty() -> None:
@@ -787,7 +789,7 @@ def test_command_json_output(sample: Path) -> None:
     )
     assert code == 0
     rows = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert [r["decision"] for r in rows] == ["deny", "login", "error", "callback"]
+    assert [r["decision"] for r in rows] == ["deny", "error", "callback"]
 
 
 def test_command_table_and_corrupt_report(sample: Path) -> None:
@@ -974,3 +976,92 @@ def test_from_dict_rebuilds_a_record_without_a_decision_or_reason() -> None:
     rec = FlowRecord.from_dict(data)
     assert (rec.decision, rec.reason) == (Outcome.ERROR, Reason.UNFINISHED)  # an unfinished request
     assert rec.flow_id == data["flow_id"]
+
+
+# -- deny fields (issue 18 item 4) ---------------------------------------------------------------
+
+
+def test_deny_record_keeps_tag_sets_and_fingerprint_not_tags() -> None:
+    """A deny keeps the allowing tag sets, the missing tags and a fingerprint, never the user's tags."""
+    rec = make(decision="deny", reason="missing_tags", status=403)
+    tags = frozenset({"email=eve@example.com", "groups=staff"})
+    rec.note_deny(
+        would_allow=(frozenset({"groups=admins"}), frozenset({"groups=ops", "email=bob@example.com"})),
+        missing=frozenset({"groups=admins"}), tags=tags,
+    )
+    line = rec.to_json()
+    data = json.loads(line)
+    assert data["would_allow"] == [["groups=admins"], ["email=bob@example.com", "groups=ops"]]
+    assert data["missing"] == ["groups=admins"]
+    assert data["tags_fp"] == flowlog_mod.tags_fingerprint(tags)
+    assert len(data["tags_fp"]) == flowlog_mod.TAGS_FINGERPRINT_CHARS
+    assert "eve@example.com" not in line and "groups=staff" not in line
+    assert list(data)[-3:] == ["would_allow", "missing", "tags_fp"]
+    assert FlowRecord.from_dict(data) == rec
+    assert line == flowlog_mod._encode_line(rec.to_dict())
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "same"),
+    [
+        (["groups=a", "email=x@y"], ["email=x@y", "groups=a"], True),
+        (["groups=a"], ["groups=b"], False),
+        ([], ["groups=a"], False),
+    ],
+)
+def test_tags_fingerprint_ignores_order_only(a: list[str], b: list[str], same: bool) -> None:
+    """Two tag sets have the same fingerprint exactly when they hold the same tags."""
+    assert (flowlog_mod.tags_fingerprint(a) == flowlog_mod.tags_fingerprint(b)) is same
+
+
+def test_tags_fingerprint_of_no_session_is_none() -> None:
+    """An anonymous request (no tags at all) has no fingerprint."""
+    assert flowlog_mod.tags_fingerprint(None) is None
+
+
+def test_records_without_deny_fields_keep_their_line() -> None:
+    """A record that is not a deny writes exactly the keys it always wrote, via the fast path."""
+    rec = make()
+    data = json.loads(rec.to_json())
+    assert "would_allow" not in data and "missing" not in data and "tags_fp" not in data
+    assert rec.to_json() == flowlog_mod._encode_line(rec.to_dict())
+
+
+def test_filter_logins_keeps_only_login_challenges(sample: Path) -> None:
+    """logins=True keeps the login challenges that denied=True leaves out."""
+    assert paths(read_flows(sample, FlowFilter(logins=True))) == [("wiki", "login")]
+    assert is_login({"decision": "login"}) and not is_denied({"decision": "login"})
+
+
+def test_table_user_column_is_always_the_sub(sample: Path) -> None:
+    """USER shows the sub on every row and EMAIL the email, never one in place of the other."""
+    out = io.StringIO()
+    format_table(read_flows(sample, FlowFilter()), out)
+    lines = out.getvalue().splitlines()
+    user, email = lines[0].index("USER"), lines[0].index("EMAIL")
+    assert [line[user:email].strip() for line in lines[1:]] == ["sub-1", "sub-1", "-", "sub-2", "sub-1", "sub-1", "sub-1"]
+    assert lines[4][email:].startswith("Bob@Example.com")
+
+
+def test_command_id_finds_one_record_and_shows_it_whole(tmp_path: Path) -> None:
+    """--id prints the one record of that flow id, every field on its line, deny fields too."""
+    deny = make(decision="deny", reason="missing_tags", status=403)
+    deny.note_deny(would_allow=[frozenset({"groups=admins"})], missing={"groups=admins"}, tags={"groups=staff"})
+    path = tmp_path / "flows.jsonl"
+    write_sample(path, [make(), deny, make()])
+    out, err = io.StringIO(), io.StringIO()
+    code = flows_command(path, FlowFilter(flow_id=deny.flow_id), follow=False, as_json=False, summary=False,
+                         out=out, err=err)
+    text = out.getvalue()
+    assert code == 0 and err.getvalue() == ""
+    assert text.splitlines()[0].split() == ["flow_id", deny.flow_id]
+    assert 'would_allow      [["groups=admins"]]' in text
+    assert "2024-05-01 12:00:00.123 UTC" in text
+
+
+def test_command_id_that_is_not_there_says_so(sample: Path) -> None:
+    """--id of a flow the log does not hold exits 1 with a message."""
+    out, err = io.StringIO(), io.StringIO()
+    code = flows_command(sample, FlowFilter(flow_id="0" * 16), follow=False, as_json=False, summary=False,
+                         out=out, err=err)
+    assert code == 1 and "no flow 0000000000000000" in err.getvalue() and out.getvalue() == ""

@@ -7,21 +7,31 @@ that no session is created. The ID tokens are really signed (ES256) and really c
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from enforcer.flow import tags_fingerprint
+from enforcer.http.accept import TLSListener
+from enforcer.http.certs import CertStore
+from enforcer.http.server import Server
+from enforcer.http.tls import TLSDispatch, make_listen_socket
 from enforcer.identity.cookies import session_cookie_name
 from enforcer.identity.tokens import OIDCError
 from tests.harness.gate import (
     CLIENT_ID,
     CLIENT_SECRET,
+    HOST,
     ISSUER,
     NOW,
     ORIGIN,
+    Answer,
     FakeProvider,
     GateRig,
     at_hash,
@@ -312,3 +322,122 @@ async def test_the_id_token_at_hash_is_checked_when_present() -> None:
     provider.id_token = claims(at_hash=at_hash(provider.access_token))
     rig = GateRig(provider)
     assert (await rig.callback(await rig.begin())).flow.reason == "login_success"
+
+
+# ------------------------------------------------------------------ why a request was denied (issue 18)
+
+
+async def _eve_denied(rig: GateRig) -> tuple[Answer, str]:
+    """Eve signs in and asks for a page only alice may see: the answer and eve's session handle."""
+    rig.provider.id_token = claims(sub="eve-sub", email="eve@example.com", preferred_username="eve")
+    handle = (await rig.callback(await rig.begin())).cookie(SESSION_COOKIE)
+    assert handle
+    answer = await rig.request("GET", "/private", {"Cookie": f"{SESSION_COOKIE}={handle}", "Accept": "text/html"})
+    return answer, handle
+
+
+async def test_a_deny_page_hides_other_peoples_identifiers_and_offers_to_sign_out() -> None:
+    """Eve's 403 names the rule and her flow but not alice's email, and links to sign out."""
+    rig = GateRig()
+    answer, _ = await _eve_denied(rig)
+    body = answer.response.text or ""  # type: ignore[attr-defined]
+    assert (answer.status, answer.flow.reason) == (403, "missing_tags")
+    assert "alice" not in body
+    assert "1 more rule(s) allow particular people" in body
+    assert f"Rule: <code>{answer.flow.endpoint}</code>" in body
+    assert "href='/oauth2/logout'>Sign out / use another account" in body
+    assert answer.flow.flow_id in body
+    assert answer.response.headers["X-Enforcer-Flow"] == answer.flow.flow_id
+
+
+async def test_a_deny_record_keeps_what_replays_it() -> None:
+    """The deny's flow record holds the allowing tag sets, the missing tags and eve's tags' fingerprint."""
+    rig = GateRig()
+    answer, handle = await _eve_denied(rig)
+    session = await rig.store.get(handle, "app", NOW)
+    assert session is not None
+    assert answer.flow.would_allow == [["email=alice@example.com"]]
+    assert answer.flow.missing == ["email=alice@example.com"]
+    assert answer.flow.tags_fp == tags_fingerprint(session.tags)
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "headers", "status"),
+    [
+        ("GET", "/private", {"Accept": "text/html"}, 302),  # login redirect
+        ("GET", "/private", {"Accept": "application/json"}, 401),
+        ("GET", "/private", {"Host": "other.example"}, 421),
+        ("GET", "/private", {"X_Bad": "1"}, 400),
+        ("TRACE", "/private", {}, 405),
+        ("GET", "/oauth2/callback", {}, 400),
+    ],
+)
+async def test_every_answer_of_the_enforcer_names_its_flow(
+    method: str, target: str, headers: dict[str, str], status: int
+) -> None:
+    """Each response the enforcer makes itself carries X-Enforcer-Flow with the id of its flow record."""
+    rig = GateRig()
+    answer = await rig.request(method, target, headers)
+    assert answer.status == status
+    assert answer.response.headers["X-Enforcer-Flow"] == answer.flow.flow_id
+    body = getattr(answer.response, "text", None) or ""
+    if status >= 400:
+        assert answer.flow.flow_id in body
+
+
+@contextlib.asynccontextmanager
+async def _listening(rig: GateRig, tmp_path: Path, header_timeout: float = 30.0) -> AsyncIterator[tuple[int, bytes]]:
+    """The rig's gate behind a real TLS listener on loopback (certificate for HOST): (port, CA PEM)."""
+    store = CertStore(tmp_path)
+    leaf = store.ensure_leaf("app", [HOST])
+    server = Server(rig.gate.handle, header_timeout=header_timeout, body_timeout=30.0, access_log=None)
+    server.on_refused = rig.gate.refused
+    sock = make_listen_socket("127.0.0.1", 0)
+    listener = TLSListener(server, sock, TLSDispatch({HOST: leaf}, None).context, 5.0)
+    try:
+        yield sock.getsockname()[1], store.ca_pem()
+    finally:
+        listener.close()
+        await server.shutdown(1.0)
+
+
+async def _records(rig: GateRig, reason: str) -> list[Any]:
+    """The flow records of ``reason``, waited for (the listener writes them after the handshake)."""
+    for _ in range(200):
+        found = [r for r in rig.flowlog.records if r.reason == reason]
+        if found:
+            return found
+        await asyncio.sleep(0.01)
+    return []
+
+
+async def test_an_unknown_server_name_gets_a_flow_record_a_metric_and_a_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A TLS handshake for a name no service has is refused, recorded with that name, counted and logged."""
+    rig = GateRig()
+    async with _listening(rig, tmp_path) as (port, ca):
+        client = ssl.create_default_context(cadata=ca.decode())
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):  # (the alert is not always flushed)
+            await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="nope.example")
+        [record] = await _records(rig, "unknown_sni")
+    assert (record.sni, record.decision, record.status) == ("nope.example", "bad_request", None)
+    assert record.client.startswith("127.0.0.1:")
+    labels = {"service": "none", "decision": "bad_request", "reason": "unknown_sni"}
+    assert rig.gate.metrics.registry.get_sample_value("enforcer_requests_total", labels) == 1
+    assert any("nope.example" in m and record.flow_id in m for m in caplog.messages)
+
+
+async def test_a_header_timeout_answers_408_with_its_flow_and_a_record(tmp_path: Path) -> None:
+    """A header block that misses its deadline is answered 408 naming a flow record with reason header_timeout."""
+    rig = GateRig()
+    async with _listening(rig, tmp_path, header_timeout=0.2) as (port, ca):
+        client = ssl.create_default_context(cadata=ca.decode())
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname=HOST)
+        writer.write(b"GET /private HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        [record] = await _records(rig, "header_timeout")
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert f"X-Enforcer-Flow: {record.flow_id}\r\n".encode() in answer
+    assert (record.status, record.decision, record.sni) == (408, "bad_request", HOST)

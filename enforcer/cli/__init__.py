@@ -67,20 +67,32 @@ def _parser() -> argparse.ArgumentParser:
     flows.add_argument("--file", type=Path, help="flow log file (default: from the config)")
     flows.add_argument("--service")
     flows.add_argument("--user", help="sub or email")
-    flows.add_argument("--denied", action="store_true", help="only requests that were not served")
+    flows.add_argument("--id", help="only the record of this flow id (X-Enforcer-Flow, or the error page)")
+    flows.add_argument(
+        "--denied", action="store_true", help="only requests that were not served (login challenges not included)"
+    )
+    flows.add_argument("--logins", action="store_true", help="only login challenges (redirects to sign in, 401s)")
     flows.add_argument("--since", help="10m, 2h, 1d or an ISO-8601 time")
     flows.add_argument("--follow", "-f", action="store_true")
     flows.add_argument("--json", action="store_true", help="one JSON record per line")
     flows.add_argument("--summary", action="store_true", help="counts by service, decision and reason")
 
-    explain = sub.add_parser("explain", help="show which rule decides a request for given tags")
+    explain = sub.add_parser(
+        "explain", help="show which rule decides a request for given tags, or replay a logged flow (--flow)"
+    )
     with_config(explain)
-    explain.add_argument("--service", required=True)
+    explain.add_argument("--service", help="the service (not with --flow: the record names it)")
     explain.add_argument(
         "--tags", default=None, help="comma-separated tags, e.g. email=a@b.c,groups=admins; omit for an anonymous user"
     )
-    explain.add_argument("method")
-    explain.add_argument("path")
+    explain.add_argument(
+        "--flow", default=None, metavar="FLOW_ID",
+        help="replay the decision of this flow record (the id on the page, X-Enforcer-Flow); with --tags, "
+        "check them against the user's recorded tags fingerprint",
+    )
+    explain.add_argument("--file", type=Path, help="flow log file for --flow (default: from the config)")
+    explain.add_argument("method", nargs="?")
+    explain.add_argument("path", nargs="?")
 
     certs_p = sub.add_parser("certs", help="certificate tools")
     certs_sub = certs_p.add_subparsers(dest="certs_command", required=True)

@@ -2,8 +2,9 @@
 
 Each check prints one line (``ok`` / ``warn`` / ``FAIL``) and what to do about a failure:
 configuration, IdP discovery and JWKS (with clock skew against the IdP's ``Date``),
-certificates and their expiry, the listener and admin endpoint, and the nftables table
-read back over netlink next to the intended one (with packet counters).
+certificates and their expiry (in UTC), the listener and admin endpoint, and the nftables
+table read back over netlink, compared with the intended one and printed in nft syntax (with
+packet counters).
 """
 
 from __future__ import annotations
@@ -117,12 +118,14 @@ def _check_certs(report: Report, settings: settings_mod.Settings, definitions: d
             report.warn(f"service {svc.name}: no certificate yet at {path}", "it is created when the daemon starts")
             continue
         days = (cert.not_valid_after_utc - now).days
+        until = cert.not_valid_after_utc.strftime("%Y-%m-%d %H:%M UTC")
         if days < 0:
-            report.fail(f"service {svc.name}: certificate {path} expired {-days} day(s) ago", "restart the daemon")
+            report.fail(f"service {svc.name}: certificate {path} expired {-days} day(s) ago ({until})",
+                        "restart the daemon")
         elif days < 14:
-            report.warn(f"service {svc.name}: certificate expires in {days} day(s)")
+            report.warn(f"service {svc.name}: certificate expires in {days} day(s) ({until})")
         else:
-            report.ok(f"service {svc.name}: certificate valid for {days} more day(s)")
+            report.ok(f"service {svc.name}: certificate valid for {days} more day(s), until {until}")
 
 
 def _check_port(report: Report, what: str, host: str, port: int) -> None:
@@ -164,7 +167,8 @@ async def _check_redirect(
             f"nftables table inet {r.table} matches the configuration ({len(live.rules)} rules, "
             f"{packets} packets so far)"
         )
-    print(live.render(), file=report.out)
+    print(f"live table (nft syntax; `nft list table inet {r.table}` shows the same):", file=report.out)
+    print(live.render_nft(expected), file=report.out)
 
 
 async def run(settings: settings_mod.Settings, definitions: definitions_mod.Definitions, out: TextIO) -> int:

@@ -1,8 +1,10 @@
 """``enforcer flows``: read the flow log back, filter it, show it as a table or a summary.
 
 ``read_flows`` / ``follow_flows`` (tail -F semantics) with a ``FlowFilter``, and
-``format_table`` / ``format_summary`` that escape control characters so a logged value can
-never inject terminal escapes.
+``format_table`` / ``format_summary`` / ``format_record`` that escape control characters so a
+logged value can never inject terminal escapes.  A login challenge (decision ``login``: the
+redirect to sign in, or a 401) is counted apart from denials: ``--denied`` leaves it out and
+``--logins`` shows only those.  Times are shown in UTC and say so.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 from enforcer.config import settings as settings_mod
+from enforcer.errors import Outcome
 from enforcer.flow import SERVED_DECISIONS
+
+LOGIN = Outcome.LOGIN.value
 
 # --------------------------------------------------------------------------------------------
 # Reader
@@ -38,9 +43,17 @@ class FlowFilter:
     """Only requests that were not served (see ``is_denied``)."""
     since: datetime | None = None
     decision: str | None = None
+    flow_id: str | None = None
+    """Only the record of this flow (the id on the page and in ``X-Enforcer-Flow``)."""
+    logins: bool = False
+    """Only login challenges (see ``is_login``)."""
 
     def matches(self, row: dict[str, Any]) -> bool:
         """True if the record passes every condition of the filter."""
+        if self.flow_id is not None and row.get("flow_id") != self.flow_id:
+            return False
+        if self.logins and not is_login(row):
+            return False
         if self.service is not None and row.get("service") != self.service:
             return False
         if self.decision is not None and row.get("decision") != self.decision:
@@ -59,11 +72,17 @@ class FlowFilter:
         return True
 
 
+def is_login(row: dict[str, Any]) -> bool:
+    """A login challenge: no session where one is needed, so a redirect to sign in (or a 401)."""
+    return row.get("decision") == LOGIN
+
+
 def is_denied(row: dict[str, Any]) -> bool:
-    """Not served: a decision outside ``SERVED_DECISIONS``, or a login callback that failed."""
+    """Not served and not a login challenge: a decision outside ``SERVED_DECISIONS`` and not
+    ``login``, or a login callback that failed."""
     decision = row.get("decision")
     if decision not in SERVED_DECISIONS:
-        return True
+        return decision != LOGIN
     status = row.get("status")
     return decision == "callback" and isinstance(status, int) and status >= 400
 
@@ -245,10 +264,12 @@ def _fit(text: str, width: int) -> str:
 
 
 def _short_time(row: dict[str, Any]) -> str:
+    """The record's time in UTC, saying so: ``2024-05-01 12:00:00.123 UTC``."""
     when = _row_time(row)
     if when is None:
         return _safe(row.get("time"))
-    return when.strftime("%Y-%m-%d %H:%M:%S") + f".{when.microsecond // 1000:03d}"
+    when = when.astimezone(UTC)
+    return when.strftime("%Y-%m-%d %H:%M:%S") + f".{when.microsecond // 1000:03d} UTC"
 
 
 def _ms(value: Any) -> str:
@@ -258,17 +279,20 @@ def _ms(value: Any) -> str:
 
 
 _COLUMNS: tuple[tuple[str, int], ...] = (
-    ("TIME", 23),
+    ("TIME", 27),
     ("SERVICE", 16),
     ("CLIENT", 21),
-    ("USER", 24),
+    ("USER", 16),
+    ("EMAIL", 24),
     ("METHOD", 7),
-    ("PATH", 40),
+    ("PATH", 32),
     ("STATUS", 6),
     ("DECISION", 11),
     ("REASON", 22),
     ("MS", 9),
 )
+
+_DECISION = [name for name, _ in _COLUMNS].index("DECISION")
 
 _COLORS = {"allow": "\x1b[32m", "login": "\x1b[33m", "logout": "\x1b[36m", "callback": "\x1b[36m"}
 _RED = "\x1b[31m"
@@ -281,12 +305,12 @@ def format_table(
     """Fixed-width columns, one row per record; values escaped, long ones cut with ``…``."""
     out.write(" ".join(_fit(name, width) for name, width in _COLUMNS).rstrip() + "\n")
     for row in rows:
-        user = row.get("email") or row.get("user")
         cells = [
             _short_time(row),
             _safe(row.get("service")),
             _safe(row.get("client")),
-            _safe(user),
+            _safe(row.get("user")),  # always the sub (what --user matches exactly)
+            _safe(row.get("email")),
             _safe(row.get("method")),
             _safe(row.get("path")),
             _safe(row.get("status")),
@@ -300,15 +324,38 @@ def format_table(
             code = _COLORS.get(str(row.get("decision")), _RED)
             if is_denied(row):
                 code = _RED if row.get("decision") != "login" else _COLORS["login"]
-            parts[7] = code + parts[7] + _RESET
+            parts[_DECISION] = code + parts[_DECISION] + _RESET
         out.write(" ".join(parts) + "\n")
         if flush:
             out.flush()
 
 
+def _user_text(row: dict[str, Any]) -> str:
+    """``sub (email)``, or the sub alone: the same form for every user."""
+    sub, email = _safe(row.get("user")), row.get("email")
+    return sub if email is None else f"{sub} ({_safe(email)})"
+
+
+RECORD_FIELDS_FIRST = ("flow_id", "time", "service", "client", "user", "email", "method", "path", "status",
+                       "decision", "reason", "endpoint")
+
+
+def format_record(row: dict[str, Any], out: TextIO) -> None:
+    """One record, one ``field: value`` line each (the main fields first), escaped."""
+    keys = [k for k in RECORD_FIELDS_FIRST if k in row] + [k for k in row if k not in RECORD_FIELDS_FIRST]
+    width = max(len(k) for k in keys) if keys else 0
+    for key in keys:
+        value = row[key]
+        text = _short_time(row) if key == "time" else (
+            json.dumps(value, ensure_ascii=True) if isinstance(value, list) else _safe(value)
+        )
+        out.write(f"{_safe(key).ljust(width)}  {text}\n")
+
+
 def format_summary(rows: Iterable[dict[str, Any]], out: TextIO, *, top: int = 10) -> None:
-    """Counts by service, decision and reason, then the most denied paths and users."""
-    total = 0
+    """Counts by service, decision and reason, then the most denied paths and users; login
+    challenges are counted on their own line, not as denials."""
+    total = denied = logins = 0
     by_service: collections.Counter[str] = collections.Counter()
     by_decision: collections.Counter[str] = collections.Counter()
     by_reason: collections.Counter[str] = collections.Counter()
@@ -319,11 +366,16 @@ def format_summary(rows: Iterable[dict[str, Any]], out: TextIO, *, top: int = 10
         by_service[_safe(row.get("service"))] += 1
         by_decision[_safe(row.get("decision"))] += 1
         by_reason[_safe(row.get("reason"))] += 1
-        if is_denied(row):
+        if is_login(row):
+            logins += 1
+        elif is_denied(row):
+            denied += 1
             denied_paths[_safe(row.get("path"))] += 1
-            denied_users[_safe(row.get("email") or row.get("user"))] += 1
+            denied_users[_user_text(row)] += 1
 
     out.write(f"records: {total}\n")
+    out.write(f"denied (not served): {denied}\n")
+    out.write(f"login challenges (redirects to sign in, 401s; not denials): {logins}\n")
     sections = (
         ("by service", by_service, None),
         ("by decision", by_decision, None),
@@ -372,6 +424,9 @@ def flows_command(
     try:
         if summary:
             format_summary(rows, out)
+        elif flt.flow_id is not None and not as_json and not follow:
+            for row in rows:
+                format_record(row, out)
         elif as_json:
             for row in rows:
                 out.write(json.dumps(row, ensure_ascii=True, separators=(",", ":")) + "\n")
@@ -387,6 +442,9 @@ def flows_command(
         return 2
     if stats.corrupt:
         errout.write(f"enforcer flows: skipped {stats.corrupt} corrupt line(s)\n")
+    if flt.flow_id is not None and not follow and not stats.matched:
+        errout.write(f"enforcer flows: no flow {flt.flow_id} in {path}\n")
+        return 1
     return 0
 
 
@@ -400,5 +458,7 @@ def command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"enforcer flows: --since: {exc}", file=sys.stderr)
         return 2
-    flt = FlowFilter(service=args.service, user=args.user, denied=args.denied, since=since)
+    flt = FlowFilter(
+        service=args.service, user=args.user, denied=args.denied, since=since, flow_id=args.id, logins=args.logins
+    )
     return flows_command(path, flt, follow=args.follow, as_json=args.json, summary=args.summary, out=sys.stdout)

@@ -133,6 +133,17 @@ _STRIP_ENTRY = re.compile(r"[A-Za-z0-9!#$%&'+.^_`|~-]{0,63}[A-Za-z0-9][A-Za-z0-9
 """A header name, or a prefix ending in ``*``, holding at least one letter or digit."""
 
 
+class DenyPageModel(_Strict):
+    """What the 403 page tells a signed-in user who is denied (the flow record keeps it all).
+
+    ``show``: ``groups`` (default) names the rule and the tag sets made only of
+    ``groupClaims`` tags (e.g. ``groups=admins``), never another person's ``email=`` or
+    ``sub=``; ``all`` shows every tag set; ``none`` only the reason code and flow id."""
+
+    show: Literal["none", "groups", "all"] = "groups"
+    groupClaims: list[str] = Field(default_factory=lambda: ["groups", "roles"])
+
+
 class LimitsModel(_Strict):
     """Bounds on what a client controls."""
 
@@ -173,6 +184,7 @@ class DaemonModel(_Strict):
     oidc: OIDCSettingsModel = Field(default_factory=OIDCSettingsModel)
     limits: LimitsModel = Field(default_factory=LimitsModel)
     redirect: RedirectModel = Field(default_factory=RedirectModel)
+    denyPage: DenyPageModel = Field(default_factory=DenyPageModel)
     flowLog: Path | None = None  # default: <logsDir>/flows.jsonl
     allowNoServices: bool = False
     """Whether running with no service for this enforcer is intended: else ``enforcer check``

@@ -11,7 +11,10 @@ import errno
 import logging
 import socket
 import ssl
+from typing import Any
 
+from enforcer.errors import Reason
+from enforcer.http import tls
 from enforcer.http.server import Server
 from enforcer.net import sockopt
 
@@ -19,6 +22,9 @@ log = logging.getLogger(__name__)
 
 ACCEPT_BATCH = 128
 """Connections accepted per wake-up at most, so a flood cannot starve the event loop."""
+
+LOGGED_NAMES_MAX = 1024
+"""Unknown server names logged by name at most (after that, only their flow records)."""
 
 _ACCEPT_PAUSE = 0.1
 """Seconds to stop accepting when the process is out of file descriptors or memory."""
@@ -32,7 +38,9 @@ class TLSListener:
     its serving protocol (:meth:`Server.admitted_protocol`) gives the count back when it ends;
     a failed handshake gives it back here. (uvloop's own TLS server calls the protocol only
     after the handshake, too late to count silent and slow handshakes.)  With ``redirect``
-    each connection's original destination is read here, once, and handed to its protocol."""
+    each connection's original destination is read here, once, and handed to its protocol.
+    A handshake refused for an unknown server name gets a flow record and a metric
+    (:meth:`Server.refused`) and a log line (once per name, :data:`LOGGED_NAMES_MAX` names)."""
 
     def __init__(
         self, server: Server, sock: socket.socket, context: ssl.SSLContext, handshake_timeout: float,
@@ -47,6 +55,7 @@ class TLSListener:
         self._handshakes: set[asyncio.Task[None]] = set()
         self._closed = False
         self._accept_errors = 0
+        self._logged_names: set[str] = set()
         sock.setblocking(False)
         self._loop.add_reader(sock.fileno(), self._accept)
 
@@ -69,7 +78,7 @@ class TLSListener:
             if not server.admit(ip):
                 conn.close()
                 continue
-            task = self._loop.create_task(self._start(conn, ip))
+            task = self._loop.create_task(self._start(conn, ip, addr))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
 
@@ -77,7 +86,10 @@ class TLSListener:
         if not self._closed:
             self._loop.add_reader(self._sock.fileno(), self._accept)
 
-    async def _start(self, conn: socket.socket, ip: str | None) -> None:
+    async def _start(self, conn: socket.socket, ip: str | None, addr: Any = None) -> None:
+        note = tls.HandshakeNote()
+        tls.HANDSHAKE.set(note)  # (this task's own context, copied into the transport's)
+        destination = None
         try:
             destination = sockopt.redirected_destination(conn) if self._redirect else None
             await self._loop.connect_accepted_socket(
@@ -90,9 +102,23 @@ class TLSListener:
             # the serving protocol never started (no connection_made): the count is ours
             self._server.release(ip)
             conn.close()
+            if note.unknown_sni is not None:
+                self._unknown_sni(note.unknown_sni, addr, destination)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             log.debug("TLS handshake with %s failed: %r", ip, exc)
+
+    def _unknown_sni(self, name: str, addr: Any, destination: tuple[str, int] | None) -> None:
+        """A client asked for a server name no service has: its flow record, metric and log line."""
+        info = tls.connection_info(addr, destination, None)._replace(sni=name)
+        flow_id = self._server.refused(info, Reason.UNKNOWN_SNI, None)
+        if name in self._logged_names or len(self._logged_names) >= LOGGED_NAMES_MAX:
+            return
+        self._logged_names.add(name)
+        log.warning(
+            "refused TLS from %s: server name %r is no configured host (flow %s; further ones: enforcer flows)",
+            info.client, name, flow_id,
+        )
 
     def close(self) -> None:
         """Stop accepting, close the listening socket and cut the handshakes in progress."""

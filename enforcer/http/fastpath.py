@@ -449,7 +449,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         if self._closed or self._handed or self._busy or self.transport is None:
             return  # (an answer in progress: the deadline is set again when it is out)
         if self._head_started:
-            header_timed_out(self.transport, self._fast.header_timeout)
+            header_timed_out(self.transport, self._fast.header_timeout, self._fast.server, self.info)
         self.transport.close()
 
     def shutdown(self) -> None:

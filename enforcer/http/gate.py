@@ -195,10 +195,13 @@ class Gate:
                 raise  # the client went away: nothing to send
             return response
         finally:
-            if response is not None and not response.prepared and "Upgrade" in request.headers:
-                # aiohttp stops parsing after an upgrade request: an answer other than 101
-                # must end the connection, or the next request would sit there unread
-                response.force_close()
+            if response is not None and not response.prepared:
+                # not streamed from the app: the enforcer's own answer names its flow
+                response.headers[pages.FLOW_HEADER] = flow.flow_id
+                if "Upgrade" in request.headers:
+                    # aiohttp stops parsing after an upgrade request: an answer other than 101
+                    # must end the connection, or the next request would sit there unread
+                    response.force_close()
             relay.finish(
                 flow, transfer, response.status if response is not None else None, flowlog=self.flowlog,
                 metrics=self.metrics, now=self.clock(),
@@ -214,23 +217,23 @@ class Gate:
         if refused is not None:
             status, reason = refused
             flow.record(decision=Outcome.BAD_REQUEST, reason=reason)
-            return pages.plain_close(status, pages.TITLES.get(status, "Bad request"))
+            return pages.plain_close(status, pages.TITLES.get(status, "Bad request"), flow.flow_id)
         # 1. framing the HTTP parser cannot see: names with '_', odd methods, Host
         for name in request.headers:
             if "_" in name:
                 flow.record(decision=Outcome.BAD_REQUEST, reason=Reason.UNDERSCORE_HEADER)
-                return pages.plain_close(400, "header names with '_' are not accepted")
+                return pages.plain_close(400, "header names with '_' are not accepted", flow.flow_id)
         if request.method in FORBIDDEN_METHODS:
             flow.record(decision=Outcome.BAD_REQUEST, reason=Reason.METHOD_NOT_SUPPORTED)
-            return pages.plain_close(405, "method not supported")
+            return pages.plain_close(405, "method not supported", flow.flow_id)
         upgrade = request.headers.get("Upgrade")
         if upgrade is not None and upgrade.strip().lower() != "websocket":
             flow.record(decision=Outcome.BAD_REQUEST, reason=Reason.UPGRADE_NOT_SUPPORTED)  # h2c smuggling (X-SMG-13)
-            return pages.plain_close(400, "only WebSocket upgrades are supported")
+            return pages.plain_close(400, "only WebSocket upgrades are supported", flow.flow_id)
         hosts = request.headers.getall("Host", [])
         if len(hosts) != 1 and request.version >= (1, 1):
             flow.record(decision=Outcome.BAD_REQUEST, reason=Reason.BAD_HOST)
-            return pages.plain_close(400, "exactly one Host header is required")
+            return pages.plain_close(400, "exactly one Host header is required", flow.flow_id)
         raw_target = request.raw_path
         host_value = hosts[0] if hosts else ""
         if not raw_target.startswith("/"):
@@ -241,7 +244,7 @@ class Gate:
             absolute = urllib.parse.urlsplit(raw_target)
             if absolute.scheme.lower() != "https" or not absolute.netloc:
                 flow.record(decision=Outcome.BAD_REQUEST, reason=Reason.BAD_TARGET)
-                return pages.plain_close(400, "bad request target")
+                return pages.plain_close(400, "bad request target", flow.flow_id)
             host_value = absolute.netloc
             raw_target = urllib.parse.urlunsplit(("", "", absolute.path or "/", absolute.query, ""))
 
@@ -256,7 +259,7 @@ class Gate:
             if plan.path is not None:
                 flow.path = plan.path
             flow.record(decision=Outcome.BAD_REQUEST, reason=plan.reason)
-            return pages.plain_close(plan.status, plan.text)
+            return pages.plain_close(plan.status, plan.text, flow.flow_id)
         service = plan.service
         flow.service = service.name
         flow.path = plan.path
@@ -278,13 +281,24 @@ class Gate:
             if plan.identity is not None:
                 flow.user, flow.email = plan.identity.sub, plan.identity.email
             flow.record(decision=Outcome.DENY, reason=plan.reason, endpoint=plan.endpoint)
-            return self._close_if_body(request, pages.error_page(
-                403, plan.reason, flow.flow_id,
-                message="You are signed in, but this request is not allowed for you.",
-                would_allow=plan.would_allow, missing=plan.missing,
+            flow.note_deny(would_allow=plan.would_allow, missing=plan.missing,
+                           tags=plan.identity.tags if plan.identity is not None else None)
+            shown = self.settings.model.denyPage
+            return self._close_if_body(request, pages.deny_page(
+                plan.reason, flow.flow_id, rule=plan.endpoint, would_allow=plan.would_allow, missing=plan.missing,
+                show=shown.show, group_claims=shown.groupClaims, sign_out_url=service.logout_path,
             ))
         relay.allowed(flow, plan)
         return await self._forward(request, plan, info, host_value, transfer)  # 7. forward
+
+    def refused(self, info: ConnectionInfo, reason: Reason, status: int | None) -> str:
+        """A connection refused before any request was read (:meth:`server_mod.Server.refused`:
+        an unknown server name, a missed header deadline): write its flow record; its id."""
+        now = self.clock()
+        flow = relay.begin(info, host=None, method="-", path="-", user_agent=None, now=now, flow_id=self.flow_ids())
+        flow.record(decision=Outcome.BAD_REQUEST, reason=reason)
+        relay.finish(flow, None, status, flowlog=self.flowlog, metrics=self.metrics, now=now)
+        return flow.flow_id
 
     async def _forward(
         self, request: web.BaseRequest, plan: Forward, info: ConnectionInfo, host_value: str,
@@ -476,7 +490,7 @@ class Gate:
             request.method, request.headers.get("Sec-Fetch-Site"), request.headers.get("Origin"), service.origin
         )
         if answer is login.LogoutAnswer.METHOD_NOT_ALLOWED:
-            return pages.plain_close(405, "method not allowed")
+            return pages.plain_close(405, "method not allowed", flow.flow_id)
         if answer is login.LogoutAnswer.CONFIRM:
             flow.record(decision=Outcome.LOGOUT, reason=Reason.LOGOUT_CONFIRM)
             form = (

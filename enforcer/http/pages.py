@@ -2,14 +2,17 @@
 
 Every such response carries the same security headers (no caching, no framing, no
 referrer, HSTS) and never contains a token, code, secret or internal host name; it
-names a stable reason code and the flow id so an operator can find the flow record.
+names a stable reason code and the flow id (on the page and in the ``X-Enforcer-Flow``
+header, :data:`FLOW_HEADER`) so anyone can find the flow record.  The 403 page
+(:func:`deny_page`) shows by default only the rule and the group-like tag sets that would
+allow the request, never another person's identifiers, and offers to sign out.
 """
 
 from __future__ import annotations
 
 import html
 import json
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from aiohttp import web
 
@@ -27,6 +30,9 @@ SECURITY_HEADERS = {
     ),
     "Strict-Transport-Security": "max-age=31536000",
 }
+
+FLOW_HEADER = "X-Enforcer-Flow"
+"""The response header naming the flow id of every response the enforcer makes itself."""
 
 TITLES = {
     400: "Bad request",
@@ -60,10 +66,12 @@ REASON_TITLES: dict[str, str] = {
     Reason.UPGRADE_NOT_SUPPORTED: "Bad request",
     Reason.ASTERISK_FORM: "Options",
     Reason.BODY_TOO_LARGE: "Request too large",
+    Reason.HEADER_TIMEOUT: "Request timeout",
     Reason.BAD_HOST: "Bad request",
     Reason.UNKNOWN_HOST: "Misdirected request",
     Reason.SNI_HOST_MISMATCH: "Misdirected request",
     Reason.DESTINATION_MISMATCH: "Misdirected request",
+    Reason.UNKNOWN_SNI: "Misdirected request",
     Reason.TOO_LONG: "URI too long",
     Reason.BAD_TARGET: "Bad request",
     Reason.BAD_CHAR: "Bad request",
@@ -229,23 +237,32 @@ def error_page(
     missing: Iterable[str] = (),
     retry_url: str | None = None,
     close: bool = False,
+    rule: str | None = None,
+    hidden_sets: int = 0,
+    sign_out_url: str | None = None,
 ) -> web.Response:
-    """An HTML error page naming the reason code (and, for denies, the tag sets); the heading
-    is the reason's title."""
+    """An HTML error page naming the reason code (and, for denies, the rule and tag sets); the
+    heading is the reason's title; ``hidden_sets`` tag sets were left out of ``would_allow``."""
     title = REASON_TITLES.get(reason) or TITLES.get(status, "Error")
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if message:
         parts.append(f"<p>{html.escape(message)}</p>")
     parts.append(f"<p>Reason: <code>{html.escape(reason)}</code></p>")
+    if rule:
+        parts.append(f"<p>Rule: <code>{html.escape(rule)}</code></p>")
     sets = [sorted(s) for s in would_allow]
     if sets:
         items = "".join("<li>" + " and ".join(f"<code>{html.escape(t)}</code>" for t in s) + "</li>" for s in sets)
         parts.append(f"<p>Any one of these tag sets would allow this request:</p><ul>{items}</ul>")
+    if hidden_sets:
+        parts.append(f"<p>{hidden_sets} more rule(s) allow particular people; ask the application's owner.</p>")
     miss = sorted(missing)
     if miss:
         parts.append("<p>You are missing: " + ", ".join(f"<code>{html.escape(t)}</code>" for t in miss) + "</p>")
     if retry_url:
         parts.append(f"<p><a href='{html.escape(retry_url, quote=True)}'>Sign in again</a></p>")
+    if sign_out_url:
+        parts.append(f"<p><a href='{html.escape(sign_out_url, quote=True)}'>Sign out / use another account</a></p>")
     parts.append(f"<p><small>Flow id {html.escape(flow_id)}</small></p>")
     resp = web.Response(
         status=status,
@@ -254,16 +271,48 @@ def error_page(
         charset="utf-8",
         headers=SECURITY_HEADERS,
     )
+    resp.headers[FLOW_HEADER] = flow_id
     if close:
         resp.headers["Connection"] = "close"
         resp.force_close()  # a ``Connection: close`` header alone leaves aiohttp's socket open
     return resp
 
 
+def deny_page(
+    reason: Reason | str,
+    flow_id: str,
+    *,
+    rule: str | None,
+    would_allow: Iterable[Iterable[str]],
+    missing: Iterable[str],
+    show: str = "groups",
+    group_claims: Collection[str] = ("groups", "roles"),
+    sign_out_url: str | None = None,
+) -> web.Response:
+    """The 403 for a signed-in user the policy denies; ``show`` (``denyPage.show``) says how
+    much of the policy it tells: ``all`` every tag set, ``none`` none and no rule, ``groups``
+    the rule and only the tag sets whose every tag is a ``group_claims`` claim (so another
+    person's ``email=`` or ``sub=`` never appears); ``missing`` only when it is shown."""
+    message = "You are signed in, but this request is not allowed for you."
+    if show == "all":
+        return error_page(403, reason, flow_id, message=message, rule=rule, would_allow=would_allow,
+                          missing=missing, sign_out_url=sign_out_url)
+    if show == "none":
+        return error_page(403, reason, flow_id, message=message, sign_out_url=sign_out_url)
+    sets = [frozenset(s) for s in would_allow]
+    shown = [s for s in sets if all(t.partition("=")[0] in group_claims for t in s)]
+    miss = frozenset(missing)
+    return error_page(
+        403, reason, flow_id, message=message, rule=rule, would_allow=shown, hidden_sets=len(sets) - len(shown),
+        missing=miss if any(miss <= s for s in shown) else (), sign_out_url=sign_out_url,
+    )
+
+
 def json_error(status: int, reason: Reason | str, flow_id: str, *, login_url: str | None = None) -> web.Response:
     """A JSON error for API clients (no redirects for them)."""
     body: dict[str, str] = {"error": reason, "flow_id": flow_id}
     headers = dict(SECURITY_HEADERS)
+    headers[FLOW_HEADER] = flow_id
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="enforcer", error="login_required"'
         if login_url:
@@ -271,9 +320,14 @@ def json_error(status: int, reason: Reason | str, flow_id: str, *, login_url: st
     return web.Response(status=status, text=json.dumps(body), content_type="application/json", headers=headers)
 
 
-def plain_close(status: int, text: str) -> web.Response:
-    """A minimal response that closes the connection (framing problems, bad hosts)."""
+def plain_close(status: int, text: str, flow_id: str | None = None) -> web.Response:
+    """A minimal response that closes the connection (framing problems, bad hosts); with
+    ``flow_id``, the line ends with it and it is sent as :data:`FLOW_HEADER`."""
+    if flow_id is not None:
+        text = f"{text} (flow id {flow_id})"
     resp = web.Response(status=status, text=text + "\n", content_type="text/plain", headers=SECURITY_HEADERS)
+    if flow_id is not None:
+        resp.headers[FLOW_HEADER] = flow_id
     resp.headers["Connection"] = "close"  # also on HTTP/1.0 answers (parser errors are answered as 1.0)
     resp.force_close()  # sends ``Connection: close`` *and* closes the socket after the response
     return resp

@@ -72,6 +72,9 @@ Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 TIMEOUT_408 = b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 
+Refused = Callable[[ConnectionInfo, Reason, "int | None"], str]
+"""Writes the flow record of a connection refused before any request; answers the flow id."""
+
 Destination = tuple[str, int] | None
 """Where a redirected connection was going (read at the accept), or None."""
 
@@ -135,14 +138,20 @@ class Deadline:
         self._fire()
 
 
-def header_timed_out(transport: asyncio.Transport, header_timeout: float) -> None:
-    """A request's header block missed its deadline: answer 408 (the caller then closes).
+def header_timed_out(
+    transport: asyncio.Transport, header_timeout: float, server: Server | None = None,
+    info: ConnectionInfo | None = None,
+) -> None:
+    """A request's header block missed its deadline: answer 408 (the caller then closes), with
+    a flow record (:meth:`Server.refused`) whose id the answer names.
 
     The one 408 of both HTTP paths (aiohttp's :class:`Protocol` and the lean path's
-    connection), each of which keeps its own timer."""
+    connection), each on its own :class:`Deadline`."""
     log.debug("closing a connection whose request header did not complete in %.0f s", header_timeout)
+    flow_id = server.refused(info, Reason.HEADER_TIMEOUT, 408) if server is not None and info is not None else None
+    answer = TIMEOUT_408 if flow_id is None else TIMEOUT_408[:-2] + f"X-Enforcer-Flow: {flow_id}\r\n\r\n".encode()
     with contextlib.suppress(Exception):  # (a transport already closing: nothing to tell)
-        transport.write(TIMEOUT_408)
+        transport.write(answer)
 
 
 class Protocol(WriteDeadline, RequestHandler):
@@ -238,7 +247,8 @@ class Protocol(WriteDeadline, RequestHandler):
         if self._request_in_progress or self._messages:
             self._arm_header_timer()  # still answering an earlier request: check again later
             return
-        header_timed_out(self.transport, self._header_timeout)
+        server = self._manager if isinstance(self._manager, Server) else None
+        header_timed_out(self.transport, self._header_timeout, server, self.info)
         self.force_close()
 
     def _check_body(self) -> None:
@@ -304,6 +314,21 @@ class Server(web.Server):
         """Called when a burst is over: the open connections fell to a quarter of their peak
         since the last call, or to none (daemon.py: trim the C heap)."""
         self._peak = 0
+        self.on_refused: Refused | None = None
+        """Set to write the flow record (and count the metric) of a connection refused before
+        any request was read (daemon.py: :meth:`Gate.refused`); answers its flow id."""
+
+    def refused(self, info: ConnectionInfo, reason: Reason, status: int | None) -> str | None:
+        """A connection refused before any request (an unknown server name, a header deadline
+        missed): its flow record via :attr:`on_refused`; the flow id, or None without one."""
+        hook = self.on_refused
+        if hook is None:
+            return None
+        try:
+            return hook(info, reason, status)
+        except Exception:  # (a record that cannot be written must not stop the refusal)
+            log.exception("cannot write the flow record of a refused connection")
+            return None
 
     def admit(self, ip: str | None) -> bool:
         """Count a new connection in, or refuse it when a cap is reached."""

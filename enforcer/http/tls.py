@@ -29,6 +29,9 @@ What the context guarantees (conformance §4.3 X-HOST-05/06, §4.6 X-TLS-01..09)
   An IP-literal SNI (forbidden by RFC 6066 §3) counts as no SNI. Without SNI the ``default``
   host's leaf is presented, or the handshake fails with ``handshake_failure`` if there is none;
   the HTTP layer must then check Host against ``sni_of()`` / the default (X-HOST-05).
+- An unknown name is noted on the connection's :class:`HandshakeNote` (the context variable
+  :data:`HANDSHAKE`, set by the accepting task: the transport runs the handshake, and so this
+  callback, in a copy of that task's context), so the listener can write its flow record.
 - Handshake failures pick a precise alert, but asyncio's SSL transport in Python 3.11 (and
   uvloop) closes the socket without flushing it (CPython gh-98078), so peers see a bare close.
 - Resumption is not bound to the SNI (OpenSSL 3.0, one ticket key per listener): a session
@@ -45,6 +48,7 @@ What the context guarantees (conformance §4.3 X-HOST-05/06, §4.6 X-TLS-01..09)
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import ipaddress
 import socket
@@ -68,6 +72,19 @@ NUM_TICKETS = 2
 # Linux values; older Pythons do not export them (socket.IP_FREEBIND arrived in 3.12).
 _IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15 if sys.platform == "linux" else None)
 _IPV6_FREEBIND = getattr(socket, "IPV6_FREEBIND", 78 if sys.platform == "linux" else None)
+
+class HandshakeNote:
+    """What the SNI callback saw of one connection's handshake that the accepting task needs."""
+
+    __slots__ = ("unknown_sni",)
+
+    def __init__(self) -> None:
+        self.unknown_sni: str | None = None
+        """The (normalised) server name refused as unknown, if it was."""
+
+
+HANDSHAKE: contextvars.ContextVar[HandshakeNote | None] = contextvars.ContextVar("enforcer_handshake", default=None)
+"""The note of the handshake in progress, set by whoever starts it (``http.accept``)."""
 
 _sni_by_object: weakref.WeakKeyDictionary[ssl.SSLObject | ssl.SSLSocket, str] = weakref.WeakKeyDictionary()
 
@@ -222,6 +239,9 @@ class TLSDispatch:
                 return None
             ctx = _lookup(self._contexts, name)
             if ctx is None:
+                note = HANDSHAKE.get()
+                if note is not None:
+                    note.unknown_sni = name
                 return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
             ssl_obj.context = ctx
             _sni_by_object[ssl_obj] = name

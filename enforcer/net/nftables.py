@@ -47,6 +47,7 @@ from enforcer.net.ruleset import (
     Expr,
     MessageFailure,
     RedirectError,
+    Rule,
     Ruleset,
     Value,
     _attr_dict,
@@ -407,6 +408,42 @@ class LiveRuleset:
                     f"    rule handle {rule.handle}: packets {rule.packets} bytes {rule.bytes}"
                 )
                 lines.extend(f"      [ {b} ]" for b in rule.bytecode)
+        return "\n".join(lines) + "\n"
+
+    def render_nft(self, known: Ruleset | None = None) -> str:
+        """The live table in nft syntax (as ``nft list table`` prints it), for ``enforcer doctor``.
+
+        A rule whose bytecode is one of ``known``'s rules (the intended ruleset) is written as
+        that rule's text, its counter filled in (``counter packets N bytes M``); any other rule
+        as a comment with its handle and bytecode (no nft text can be trusted for it)."""
+        if not self.exists:
+            return f"# table inet {self.table}: not present\n"
+        texts: dict[tuple[str, tuple[str, ...]], Rule] = {}
+        for rule in known.rules if known is not None else ():
+            texts.setdefault((rule.chain, rule.bytecode()), rule)
+        lines = [f"table inet {self.table} {{"]
+        for i, chain in enumerate(self.chains):
+            if i:
+                lines.append("")
+            lines.append(f"\tchain {chain.name} {{")
+            if chain.type is not None:
+                lines.append(
+                    f"\t\ttype {chain.type} hook {chain.hook} priority {chain.priority}; policy {chain.policy};"
+                )
+            for live in self.rules_of(chain.name):
+                known_rule = texts.get((chain.name, live.bytecode))
+                if known_rule is None:
+                    lines.append(f"\t\t# handle {live.handle}, not from this configuration: "
+                                 f"[ {' ; '.join(live.bytecode)} ] packets {live.packets} bytes {live.bytes}")
+                    continue
+                text = known_rule.text
+                if live.packets is not None and " counter" in f" {text}":
+                    text = text.replace("counter", f"counter packets {live.packets} bytes {live.bytes}", 1)
+                services = known_rule.services
+                note = f" # handle {live.handle}" + (f", {', '.join(services)}" if services else "")
+                lines.append(f"\t\t{text}{note}")
+            lines.append("\t}")
+        lines.append("}")
         return "\n".join(lines) + "\n"
 
 

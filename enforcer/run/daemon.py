@@ -310,6 +310,7 @@ class Daemon:
             auto_decompress=False,
             access_log=None,
         )
+        server.on_refused = self.gate.refused
         if s.listen.fastPath:
             server.fast = fastpath.FastPath(self.gate, server).protocol_factory()
         self.trimmer.call_later = asyncio.get_running_loop().call_later
