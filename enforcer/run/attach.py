@@ -10,7 +10,9 @@ pod's network namespace (``Netlink(netns=...)``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
 import socket
 import time
@@ -239,8 +241,15 @@ async def note_ports(settings: settings_mod.Settings, *, method: str, reason: Re
     record = FlowRecord.begin(flow_id=FlowIds()(), client="-", sni=None, host=None, method=method, path="-", now=now)
     record.record(decision=Outcome.LIFECYCLE, reason=reason)
     record.endpoint = detail[:200]
-    sink = FlowLog(settings.flow_log)
+    path = settings.flow_log
+    new = not path.exists()
+    sink = FlowLog(path)
     sink.write(record.finish(now=now))
     await sink.close()
     if sink.write_errors:
-        log.error("could not write the %s flow record to %s", reason.value, settings.flow_log)
+        log.error("could not write the %s flow record to %s", reason.value, path)
+    elif new and os.geteuid() == 0:
+        # root (the boot unit, `enforcer unblock`) must not leave a log file the daemon's user cannot append to
+        owner = path.parent.stat()
+        with contextlib.suppress(OSError):
+            os.chown(path, owner.st_uid, owner.st_gid)
