@@ -81,11 +81,11 @@ def test_unit_holds_exactly_the_two_capabilities() -> None:
 
 
 def test_block_unit_runs_before_the_network_and_the_daemon() -> None:
-    """enforcer-block.service is an early one-shot ordered before network-pre.target and enforcer.service, which wants it."""
+    """enforcer-block.service is an early one-shot ordered before sysinit.target (every ordinary service, the app too), network-pre.target and enforcer.service, which wants it."""
     block = BLOCK_UNIT.read_text()
     assert "DefaultDependencies=no" in block and "Type=oneshot" in block and "RemainAfterExit=yes" in block
     [before] = [ln for ln in block.splitlines() if ln.startswith("Before=")]
-    assert {"network-pre.target", "enforcer.service"} <= set(before.split("=", 1)[1].split())
+    assert {"sysinit.target", "network-pre.target", "enforcer.service"} <= set(before.split("=", 1)[1].split())
     assert "Wants=network-pre.target" in block and "WantedBy=sysinit.target" in block
     assert "enforcer block --from-state" in block
     daemon = UNIT.read_text()
