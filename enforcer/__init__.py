@@ -19,7 +19,7 @@ A request meets these modules in this order:
 
 Packages, top to bottom (each imports only from those below it; checked by import-linter):
 
-- ``cli``       subcommands: ``enforcer run|check|flows|explain|doctor|rules|demo``.
+- ``cli``       subcommands: ``enforcer run|check|flows|explain|doctor|rules|reload|block|unblock|demo``.
 - ``run``       life cycle: daemon, attachments, worker processes, systemd, memory.
 - ``http``      the data path over HTTP/1.1.
 - ``identity``  sessions and OpenID Connect.      ``config``  YAML → frozen typed objects.

@@ -231,6 +231,8 @@ class Reason(enum.StrEnum):
     SOURCE_UNAVAILABLE = "source_unavailable"
     REDIRECT_ERROR = "redirect_error"
     CONFIG_INVALID = "config_invalid"
+    PORTS_BLOCKED = "ports_blocked"
+    PORTS_UNBLOCKED = "ports_unblocked"
 
     # a flow record nobody filled in
     UNFINISHED = "unfinished"
@@ -255,6 +257,9 @@ class Outcome(enum.StrEnum):
     """The enforcer, the IdP, the session store or the app failed."""
     RELOAD = "reload"
     """Not a request: a definitions reload."""
+    LIFECYCLE = "lifecycle"
+    """Not a request: the protected ports were blocked or opened while no enforcer serves them
+    (boot, stop, ``enforcer unblock``)."""
 
 
 

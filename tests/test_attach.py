@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ class FakeRedirector:
 def _settings(tmp_path: Path, redirect: dict[str, object]) -> settings_mod.Settings:
     cfg = tmp_path / "enforcer.yaml"
     cfg.write_text(yaml.safe_dump({
-        "tags": ["app=frontend"], "stateDir": "state", "definitions": [{"file": "d.yaml"}], "redirect": redirect,
+        "tags": ["app=frontend"], "stateDir": "state", "logsDir": "logs", "definitions": [{"file": "d.yaml"}],
+        "redirect": redirect,
     }))
     return settings_mod.load_settings(cfg)
 
@@ -127,41 +129,49 @@ async def test_no_redirect_work_without_the_redirect(tmp_path: Path, redirect: d
         host.close()
 
 
+def _flows(host: HostAttachment) -> list[dict[str, object]]:
+    path = host.settings.flow_log
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
 @pytest.mark.parametrize(
-    ("keep_block", "applied_chains", "removed"),
+    ("redirect", "removed", "reason", "said"),
     [
-        (False, None, ["enforcer"]),  # a clean stop deletes the table
-        (True, ("input",), []),       # keepBlockOnStop: only the app-port block stays
+        ({"enabled": True}, [], "ports_blocked", "kept: exposed port(s) 443; app port(s) 80"),  # the default
+        ({"enabled": True, "keepBlockOnStop": True}, [], "ports_blocked", "kept"),
+        ({"enabled": True, "keepBlockOnStop": False}, ["enforcer"], "ports_unblocked", "removed"),  # opt-in
     ],
 )
-async def test_remove_deletes_the_table_or_keeps_the_block(
-    tmp_path: Path, keep_block: bool, applied_chains: tuple[str, ...] | None, removed: list[str]
+async def test_stop_keeps_the_table_unless_opted_out_and_says_so(
+    tmp_path: Path, redirect: dict[str, object], removed: list[str], reason: str, said: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """On stop the attachment removes its table, or replaces it by the block alone with keepBlockOnStop."""
-    host, fake = _host(tmp_path, {"enabled": True, "keepBlockOnStop": keep_block})
+    """A clean stop keeps the whole table by default (exposed ports refuse, app ports blocked) and removes it only with keepBlockOnStop: false; the log and one lifecycle flow record say which."""
+    host, fake = _host(tmp_path, redirect)
     try:
         await host.apply(_definitions())
         fake.applied.clear()
-        await host.remove()
-        assert fake.removed == removed
-        if applied_chains is None:
-            assert fake.applied == []
-        else:
-            [block] = fake.applied
-            assert {r.chain for r in block.rules} == set(applied_chains)
+        with caplog.at_level(logging.WARNING):
+            await host.remove()
+        assert (fake.applied, fake.removed) == ([], removed)
+        [flow] = _flows(host)
+        assert (flow["method"], flow["decision"], flow["reason"]) == ("STOP", "lifecycle", reason)
+        assert said in str(flow["endpoint"])
+        assert ("kept" if not removed else "removed at stop") in caplog.text
     finally:
         host.close()
 
 
 async def test_remove_logs_and_never_raises(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A stop whose table removal is refused logs an error and returns."""
-    host, fake = _host(tmp_path, {"enabled": True})
+    host, fake = _host(tmp_path, {"enabled": True, "keepBlockOnStop": False})
     try:
         await host.apply(_definitions())
         fake.refuse = True
         with caplog.at_level(logging.ERROR):
             await host.remove()
         assert "could not remove the redirect table" in caplog.text
+        assert _flows(host) == []  # nothing was opened
     finally:
         host.close()
 

@@ -29,6 +29,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -573,9 +574,7 @@ async def test_reload_replaces_the_table_and_open_connections_keep_flowing(stack
         assert refused(stack.hosts.cli, address, 8082)  # the new app's port is blocked too
 
 
-async def test_kill_9_fails_closed_restart_adopts_clean_stop_removes(
-    stack: Stack, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_kill_9_fails_closed_and_restart_adopts(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
     """X-NET-05: kill -9: 443 refused, app ports blocked, nothing reaches the apps; restart resumes the session."""
     browser = await stack.browser(APP4)
     try:
@@ -587,11 +586,7 @@ async def test_kill_9_fails_closed_restart_adopts_clean_stop_removes(
         assert stack.enforcer is not None
         stack.enforcer.kill()  # SIGKILL: no clean-up code runs
         assert await stack.stop_enforcer() == -signal.SIGKILL
-        for address in (APP4, APP6):
-            assert refused(stack.hosts.cli, address, 443), address
-            assert refused(stack.hosts.cli, address, 8443), address
-            assert refused(stack.hosts.cli, address, PORT_A), address
-            assert refused(stack.hosts.cli, address, PORT_B), address
+        await _assert_closed(stack)
         assert len(stack.seen()) == seen
         after = await stack.live()
         assert after.exists
@@ -610,21 +605,132 @@ async def test_kill_9_fails_closed_restart_adopts_clean_stop_removes(
         assert [(r.chain, r.bytecode) for r in adopted.rules] == [(r.chain, r.bytecode) for r in before.rules]
     finally:
         await stack.close(browser)
+    with capsys.disabled():
+        print(f"\n[redirect e2e] enforcer log, apply time at each start (initial, after kill -9): {stack.apply_ms} ms")
 
-    # clean stop removes the table: the app ports open again
+
+# ---------------------------------------------------------------------------------------------
+# the life cycle: stop, unblock, boot (issue 19, item 1)
+
+
+async def _assert_closed(stack: Stack) -> None:
+    """From the client host (v4, v6): both exposed ports and both app ports refuse."""
+    for address in (APP4, APP6):
+        for port in (443, 8443, PORT_A, PORT_B):
+            assert refused(stack.hosts.cli, address, port), (address, port)
+
+
+def _rules(live: LiveRuleset) -> list[tuple[str, tuple[str, ...]]]:
+    return [(r.chain, r.bytecode) for r in live.rules]
+
+
+def enforcer_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    """``enforcer <args> -c <config>`` on the app host, as an operator or a unit runs it."""
+    return subprocess.run(
+        ["ip", "netns", "exec", stack.hosts.app, sys.executable, "-m", "enforcer", *args,
+         "-c", str(stack.state / "enforcer.yaml")],
+        capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
+        env={k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"},
+    )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def app_port_poller(stack: Stack) -> AsyncIterator[list[tuple[str, int]]]:
+    """Connects from the client host to both app ports (v4, v6) every ~10 ms meanwhile; yields
+    the list of connections that were accepted (each one an app reachable without the enforcer)."""
+    accepted: list[tuple[str, int]] = []
+    attempts = [0]
+    done = threading.Event()
+
+    async def poll() -> None:
+        while not done.is_set():
+            for address in (APP4, APP6):
+                for port in (PORT_A, PORT_B):
+                    attempts[0] += 1
+                    try:
+                        _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), 1)
+                    except (OSError, TimeoutError):
+                        continue
+                    accepted.append((address, port))
+                    writer.close()
+            await asyncio.sleep(0.01)
+
+    task = asyncio.ensure_future(stack.client.run(poll(), timeout=300))
+    try:
+        await asyncio.sleep(0.1)
+        yield accepted
+    finally:
+        done.set()
+        await task
+    assert attempts[0] > 20, attempts  # it did poll all along
+
+
+async def test_clean_stop_keeps_the_ports_closed_until_unblock(stack: Stack) -> None:
+    """X-NET-05: SIGTERM keeps the whole table (exposed ports refused, app ports blocked) and says so; a restart adopts it; only `enforcer unblock` opens them, and says so in the flow log."""
+    before = await stack.live()
+    async with app_port_poller(stack) as accepted:
+        assert await stack.stop_enforcer(signal.SIGTERM) == 0, stack.log_tail()
+        kept = await stack.live()
+        assert kept.exists and _rules(kept) == _rules(before)
+        await _assert_closed(stack)
+        stop = await stack.wait_flow(lambda r: r.get("method") == "STOP")
+        assert (stop["decision"], stop["reason"]) == ("lifecycle", "ports_blocked"), stop
+        assert stop["endpoint"].startswith("table inet enforcer kept: exposed port(s) 443, 8443"), stop
+        assert "app port(s) 8080, 8081" in stop["endpoint"], stop
+        assert "redirect table inet enforcer kept" in stack.log_tail()
+
+        stack.start_enforcer()  # a restart replaces the kept table atomically
+        await stack.wait_ready()
+        raw = await asyncio.to_thread(
+            https_raw, stack.hosts.cli, APP4, 443, sni=HOST_A, host=HOST_A, path="/after-stop", cadata=stack.cadata()
+        )
+        assert raw.status == 302, raw
+    assert accepted == []
+
+    running = enforcer_cli(stack, "unblock")
+    assert running.returncode == 1 and "an enforcer is running" in running.stderr, running
+    assert (await stack.live()).exists
+
     assert await stack.stop_enforcer(signal.SIGTERM) == 0, stack.log_tail()
+    unblocked = enforcer_cli(stack, "unblock")
+    assert unblocked.returncode == 0, unblocked
+    assert "removed by `enforcer unblock`" in unblocked.stderr, unblocked
     assert (await stack.live()).exists is False
-    assert not refused(stack.hosts.cli, APP4, PORT_A)
+    assert not refused(stack.hosts.cli, APP4, PORT_A)  # opened on purpose
+    flow = await stack.wait_flow(lambda r: r.get("method") == "UNBLOCK")
+    assert (flow["decision"], flow["reason"]) == ("lifecycle", "ports_unblocked"), flow
+    again = enforcer_cli(stack, "unblock")
+    assert again.returncode == 0 and "nothing was blocked" in again.stdout, again
 
-    # keepBlockOnStop: a clean stop leaves only the app-port block
-    stack.write_config(", keepBlockOnStop: true")
+    # opt-in: keepBlockOnStop: false removes the table at a clean stop, and says so
+    stack.write_config(", keepBlockOnStop: false")
     stack.start_enforcer()
     await stack.wait_ready()
     assert await stack.stop_enforcer(signal.SIGTERM) == 0, stack.log_tail()
-    kept = await stack.live()
-    assert [c.name for c in kept.chains] == ["input"]
-    for address in (APP4, APP6):
-        assert refused(stack.hosts.cli, address, PORT_A)
-        assert refused(stack.hosts.cli, address, 443)  # nothing redirects, nothing listens
-    with capsys.disabled():
-        print(f"\n[redirect e2e] enforcer log, apply time at each start (initial, after kill -9, keepBlockOnStop run): {stack.apply_ms} ms")
+    assert (await stack.live()).exists is False
+    flow = await stack.wait_flow(lambda r: r.get("method") == "STOP" and r.get("reason") == "ports_unblocked")
+    assert "table inet enforcer removed" in flow["endpoint"], flow
+    stack.write_config()
+
+
+async def test_block_from_state_closes_the_ports_before_the_enforcer_starts(stack: Stack) -> None:
+    """With no enforcer and no table (a boot), `enforcer block --from-state` installs the last-known-good table: every port refuses; the enforcer then starts over it with no app connection accepted at any moment."""
+    assert stack.enforcer is None and (await stack.live()).exists is False
+    assert not refused(stack.hosts.cli, APP4, PORT_A)  # the boot's starting point: an open app
+    blocked = enforcer_cli(stack, "block", "--from-state")
+    assert blocked.returncode == 0, blocked
+    assert "installed from the last-known-good definitions" in blocked.stderr, blocked
+    await _assert_closed(stack)
+    table = await stack.live()
+    flow = await stack.wait_flow(lambda r: r.get("method") == "BLOCK")
+    assert (flow["decision"], flow["reason"]) == ("lifecycle", "ports_blocked"), flow
+    async with app_port_poller(stack) as accepted:
+        stack.start_enforcer()
+        await stack.wait_ready()
+        raw = await asyncio.to_thread(
+            https_raw, stack.hosts.cli, APP6, 8443, sni=HOST_B, host=f"{HOST_B}:8443", path="/after-boot",
+            cadata=stack.cadata(),
+        )  # fmt: skip
+        assert raw.status == 302, raw
+    assert accepted == []
+    assert _rules(await stack.live()) == _rules(table)  # the boot table was the daemon's own

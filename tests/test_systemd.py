@@ -1,4 +1,4 @@
-"""The shipped systemd unit: `systemd-analyze verify` is silent and the exposure score stays low."""
+"""The shipped systemd units: `systemd-analyze verify` is silent and the exposure scores stay low."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.harness.prereq import missing
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "enforcer.service"
-MAX_EXPOSURE = 2.5
+BLOCK_UNIT = REPO / "systemd" / "enforcer-block.service"
+UNITS = (UNIT, BLOCK_UNIT)
+MAX_EXPOSURE = {UNIT.name: 2.5, BLOCK_UNIT.name: 2.5}
 
 
 def _analyze() -> str:
@@ -22,10 +26,11 @@ def _analyze() -> str:
 
 
 def _fake_root(tmp_path: Path) -> Path:
-    """A root holding the unit, stand-ins for its executables and the host's system units."""
+    """A root holding the units, stand-ins for their executables and the host's system units."""
     root = tmp_path / "root"
     (root / "etc/systemd/system").mkdir(parents=True)
-    shutil.copy(UNIT, root / "etc/systemd/system/enforcer.service")
+    for unit in UNITS:
+        shutil.copy(unit, root / "etc/systemd/system" / unit.name)
     for exe in ("opt/enforcer/venv/bin/enforcer", "bin/kill"):
         path = root / exe
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,29 +40,32 @@ def _fake_root(tmp_path: Path) -> Path:
     return root
 
 
-def test_unit_verifies_without_any_output(tmp_path: Path) -> None:
-    """`systemd-analyze verify` prints nothing at all for the shipped unit (it exits 0 even on bad values)."""
+@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+def test_unit_verifies_without_any_output(tmp_path: Path, unit: Path) -> None:
+    """`systemd-analyze verify` prints nothing at all for each shipped unit (it exits 0 even on bad values)."""
     tool = _analyze()
     root = _fake_root(tmp_path)
     out = subprocess.run(
-        [tool, "verify", f"--root={root}", "/etc/systemd/system/enforcer.service"],
+        [tool, "verify", f"--root={root}", f"/etc/systemd/system/{unit.name}"],
         capture_output=True, text=True, check=False,
     )
     assert out.returncode == 0
     assert out.stdout + out.stderr == ""
 
 
-def test_unit_security_exposure_is_at_most_2_5() -> None:
-    """`systemd-analyze security --offline=true` rates the unit at 2.5 or better."""
+@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+def test_unit_security_exposure_is_at_most_2_5(unit: Path) -> None:
+    """`systemd-analyze security --offline=true` rates each unit at 2.5 or better."""
     tool = _analyze()
-    out = subprocess.run([tool, "security", "--offline=true", str(UNIT)], capture_output=True, text=True, check=False)
-    match = re.search(r"Overall exposure level for enforcer.service: ([0-9.]+)", out.stdout + out.stderr)
+    limit = MAX_EXPOSURE[unit.name]
+    out = subprocess.run([tool, "security", "--offline=true", str(unit)], capture_output=True, text=True, check=False)
+    match = re.search(rf"Overall exposure level for {re.escape(unit.name)}: ([0-9.]+)", out.stdout + out.stderr)
     assert match, out.stdout[-500:]
     exposure = float(match.group(1))
-    print(f"systemd-analyze security exposure: {exposure}")
-    assert exposure <= MAX_EXPOSURE
+    print(f"systemd-analyze security exposure of {unit.name}: {exposure}")
+    assert exposure <= limit
     strict = subprocess.run(
-        [tool, "security", "--offline=true", f"--threshold={int(MAX_EXPOSURE * 10)}", str(UNIT)],
+        [tool, "security", "--offline=true", f"--threshold={int(limit * 10)}", str(unit)],
         capture_output=True, text=True, check=False,
     )
     assert strict.returncode == 0
@@ -70,3 +78,16 @@ def test_unit_holds_exactly_the_two_capabilities() -> None:
         [line] = [ln for ln in text.splitlines() if ln.startswith(key + "=")]
         assert set(line.split("=", 1)[1].split()) == {"CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"}
     assert "Type=notify" in text and "WatchdogSec=" in text and "ExecReload=" in text
+
+
+def test_block_unit_runs_before_the_network_and_the_daemon() -> None:
+    """enforcer-block.service is an early one-shot ordered before sysinit.target (every ordinary service, the app too), network-pre.target and enforcer.service, which wants it."""
+    block = BLOCK_UNIT.read_text()
+    assert "DefaultDependencies=no" in block and "Type=oneshot" in block and "RemainAfterExit=yes" in block
+    [before] = [ln for ln in block.splitlines() if ln.startswith("Before=")]
+    assert {"sysinit.target", "network-pre.target", "enforcer.service"} <= set(before.split("=", 1)[1].split())
+    assert "Wants=network-pre.target" in block and "WantedBy=sysinit.target" in block
+    assert "enforcer block --from-state" in block
+    daemon = UNIT.read_text()
+    assert re.search(r"^Wants=.*\benforcer-block\.service\b", daemon, re.MULTILINE)
+    assert re.search(r"^After=.*\benforcer-block\.service\b", daemon, re.MULTILINE)

@@ -4,8 +4,9 @@ Layout (all names carry this process's PID; all addresses live only in our names
 
     netns enfcli<pid>  10.251.0.2  -- veth --  10.251.0.1  netns enfsysd<pid>
       the scripted browser                       systemd 252 as PID 1 (systemd-nspawn -b):
-      the real OpenID Provider (node)              enforcer.service (scripts/install --root)
-                                                   enforcer-test-app.service (127.0.0.1:8080)
+      the real OpenID Provider (node)              enforcer-block.service (early, before the network)
+      a poller of :8080 and :443                   enforcer.service (scripts/install --root)
+                                                   enforcer-test-app.service (0.0.0.0:8080, at boot)
 
 The Debian bookworm rootfs (debootstrap minbase + systemd, python3, nftables) is built once
 per machine and cached under /var/cache/enforcer-test/rootfs-<hash of the recipe>; every
@@ -174,6 +175,48 @@ asyncio.run(main(*sys.argv[1:]))
 """
 
 
+POLLER = r"""
+import json, signal, socket, ssl, sys, time
+ip, cafile, issuer = sys.argv[1:4]
+ctx = ssl.create_default_context(cafile=cafile)
+stats = {"app_attempts": 0, "app_answers": [], "exposed_attempts": 0, "exposed_login": 0, "exposed_other": []}
+running = True
+
+def stop(*_):
+    global running
+    running = False
+
+signal.signal(signal.SIGTERM, stop)
+print("polling", flush=True)
+while running:
+    stats["app_attempts"] += 1
+    try:  # the app's own port: an accepted connection is already too much
+        with socket.create_connection((ip, 8080), timeout=1) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            stats["app_answers"].append([time.time(), s.recv(64).decode("latin-1")])
+    except OSError:
+        pass
+    stats["exposed_attempts"] += 1
+    try:  # the exposed port: refused, or the enforcer's login, nothing else
+        with socket.create_connection((ip, 443), timeout=1) as raw, ctx.wrap_socket(raw, server_hostname="app.test") as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        head = data.partition(b"\r\n\r\n")[0].decode("latin-1")
+        if head.startswith("HTTP/1.1 302") and ("\r\nlocation: " + issuer).lower() in head.lower():
+            stats["exposed_login"] += 1
+        elif head:
+            stats["exposed_other"].append([time.time(), head[:200]])
+    except ssl.SSLCertVerificationError as exc:  # something other than the enforcer answered TLS
+        stats["exposed_other"].append([time.time(), str(exc)[:200]])
+    except (OSError, ssl.SSLError):
+        pass
+    time.sleep(0.02)
+print(json.dumps(stats), flush=True)
+"""
+
+
 @dataclass
 class Boot:
     """One booted container and the client side around it."""
@@ -217,6 +260,31 @@ class Boot:
             if time.monotonic() > deadline:
                 raise AssertionError(f"enforcer not active again: {state}\n{(await self.journal())[-3000:]}")
             await asyncio.sleep(0.2)
+
+    @contextlib.asynccontextmanager
+    async def poller(self) -> AsyncIterator[dict[str, object]]:
+        """Polls :8080 and :443 from the client namespace every ~20 ms meanwhile; the dict it
+        yields holds, at the end, what it saw (``app_answers``, ``exposed_other``: each an
+        unauthenticated answer)."""
+        proc = await asyncio.create_subprocess_exec(
+            "nsenter", f"--net=/run/netns/{self.cli}", "--", sys.executable, "-c", POLLER,
+            SYSD_IP, str(self.ca_bundle), self.op.issuer,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+        )
+        assert proc.stdout is not None
+        assert (await asyncio.wait_for(proc.stdout.readline(), 30)).strip() == b"polling"
+        stats: dict[str, object] = {}
+        try:
+            yield stats
+        finally:
+            proc.terminate()  # our own poller, by PID
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            stats.update(json.loads(out.decode().strip().splitlines()[-1]))
+            assert proc.returncode == 0, err.decode()[-2000:]
+
+    async def flows(self) -> list[dict[str, object]]:
+        res = await self.sh("cat /var/log/enforcer/flows.jsonl", check=False)
+        return [json.loads(line) for line in res.out.splitlines() if line.strip()]
 
     async def poweroff(self) -> None:
         proc = self.nspawn
@@ -271,9 +339,9 @@ redirect: {enabled: true}
 
 APP_UNIT = """\
 [Unit]
-Description=the protected test app (plain HTTP on loopback)
+Description=the protected test app (plain HTTP on every address, as a typical app binds)
 [Service]
-ExecStart=/usr/bin/python3 -m http.server 8080 --bind 127.0.0.1 --directory /srv/app
+ExecStart=/usr/bin/python3 -m http.server 8080 --bind 0.0.0.0 --directory /srv/app
 DynamicUser=yes
 [Install]
 WantedBy=multi-user.target
@@ -579,15 +647,67 @@ async def test_two_workers_under_systemd(boot: Boot) -> None:
     await boot.sh("sed -i 's/, workers: 2}$/}/' /etc/enforcer/enforcer.yaml")  # the config as installed again
 
 
-async def test_stop_removes_the_table(boot: Boot) -> None:
-    """`systemctl stop`: STOPPING, drain, the nft table is gone, the unit is inactive (not failed)."""
-    await boot.sh("systemctl stop enforcer.service", timeout=60)
-    state = await boot.show("ActiveState", "Result")
-    assert state == {"ActiveState": "inactive", "Result": "success"}, state
-    gone = await boot.sh("nft list table inet enforcer", check=False)
-    assert gone.rc != 0, gone.out
-    journal = await boot.journal()
-    assert "INFO enforcer.run.daemon: stopped" in journal, journal[-2000:]
+async def _reset_kernel_tables(boot: Boot) -> None:
+    """What a reboot does to nftables: the container's netns is ours and outlives it, so drop its tables."""
+    await run("ip", "netns", "exec", boot.sysd, "nft", "flush", "ruleset")
+
+
+async def test_stop_restart_upgrade_and_reboot_never_open_the_app(boot: Boot) -> None:
+    """Polling :8080 and :443 from the client through `systemctl stop`, a restart, an upgrade by `scripts/install` and a reboot: the app never answers and :443 gives only the enforcer's login."""
+    await boot.sh("systemctl enable enforcer.service")  # as `scripts/install` does on a live host
+    async with boot.poller() as stats:
+        # stop: the table stays (exposed port refused, app port blocked) and the journal and flow log say so
+        await boot.sh("systemctl stop enforcer.service", timeout=60)
+        state = await boot.show("ActiveState", "Result")
+        assert state == {"ActiveState": "inactive", "Result": "success"}, state
+        table = await boot.sh("nft list table inet enforcer")
+        assert "redirect to :8443" in table.out and "tcp dport 8080" in table.out, table.out
+        journal = await boot.journal()
+        assert "INFO enforcer.run.daemon: stopped" in journal, journal[-2000:]
+        assert "redirect table inet enforcer kept" in journal, journal[-2000:]
+        stop = [f for f in await boot.flows() if f.get("method") == "STOP"]
+        assert stop and stop[-1]["reason"] == "ports_blocked", stop
+        await asyncio.sleep(1)  # the poller tries the stopped host ~25 times
+
+        # restart from stopped
+        await boot.sh("systemctl start enforcer.service", timeout=120)
+        await boot.wait_active()
+        assert (await boot.client("get", "/"))["status"] == 302
+
+        # upgrade: scripts/install again into the running system, then its restart
+        pid = (await boot.show("MainPID"))["MainPID"]
+        started = time.monotonic()
+        res = await run(str(REPO / "scripts/install"), "--root", str(boot.merged), "--no-start", timeout=300)
+        assert "install: done" in res.out, res.out + res.err
+        await boot.sh("systemctl daemon-reload && systemctl restart enforcer.service", timeout=120)
+        await boot.wait_active(not_pid=pid)
+        boot.timings["upgrade"] = time.monotonic() - started
+        assert (await boot.client("get", "/"))["status"] == 302
+
+        # reboot: the kernel forgets the table; enforcer-block.service puts it back before the network
+        # (and the app, enabled at boot) comes up, then enforcer.service replaces it
+        await boot.poweroff()
+        assert boot.nspawn is not None and boot.nspawn.returncode == 0, (boot.workdir / "nspawn.log").read_text()[-2000:]
+        await _reset_kernel_tables(boot)
+        boot.leader = 0
+        await _start_container(boot)
+        await boot.wait_active(timeout=60)
+        assert (await boot.sh("systemctl is-active enforcer-test-app.service")).out.strip() == "active"
+        block = (await boot.sh("journalctl -b -u enforcer-block.service -o cat --no-pager")).out
+        assert "installed from the last-known-good definitions" in block, block
+        order = (await boot.sh(
+            "systemctl show -p ActiveEnterTimestampMonotonic --value enforcer-block.service enforcer-test-app.service"
+        )).out.split()
+        assert int(order[0]) < int(order[1]), order  # the block was there before the app started
+        boot_flows = [f for f in await boot.flows() if f.get("method") == "BLOCK"]
+        assert boot_flows and boot_flows[-1]["reason"] == "ports_blocked", boot_flows
+        page = await boot.client("login", "/", USER, PASSWORD)
+        assert page["status"] == 200 and "hello from the app behind the enforcer" in str(page["text"]), page
+    print(f"\npoller: {stats['app_attempts']} tries of :8080, {stats['exposed_attempts']} of :443 "
+          f"({stats['exposed_login']} logins)")
+    assert stats["app_answers"] == [], stats["app_answers"]
+    assert stats["exposed_other"] == [], stats["exposed_other"]
+    assert int(str(stats["exposed_login"])) > 0
 
 
 async def test_uninstall_keeps_the_config(boot: Boot) -> None:
@@ -599,6 +719,8 @@ async def test_uninstall_keeps_the_config(boot: Boot) -> None:
     res = await run(str(REPO / "scripts/uninstall"), "--root", str(root))
     assert "uninstall: done" in res.out
     assert not (root / "etc/systemd/system/enforcer.service").exists()
+    assert not (root / "etc/systemd/system/enforcer-block.service").exists()
+    assert not (root / "etc/systemd/system/sysinit.target.wants/enforcer-block.service").is_symlink()
     assert not (root / "etc/logrotate.d/enforcer").exists()
     assert not (root / "opt/enforcer").exists()
     assert (root / "etc/enforcer/enforcer.yaml").read_text() == CONFIG

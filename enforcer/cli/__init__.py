@@ -3,8 +3,10 @@
 Each subcommand is a module of its own, loaded only when it is chosen (as git and pip do), so
 ``enforcer flows`` or ``check`` never load the daemon: ``run`` (the daemon), ``check`` (validate
 config and definitions; ``explain`` beside it), ``flows`` (read the flow log), ``doctor`` (check a
-running install; also ``rules``), ``reload``, ``certs``, ``demo`` (a local identity provider and
-app), ``localidp`` (the node OpenID Provider the demo and tests use).
+running install; also ``rules``), ``reload``, ``block`` / ``unblock`` (close the protected ports
+at boot / open them without the daemon; ``journal`` tells the system journal), ``certs``,
+``demo`` (a local identity provider and app), ``localidp`` (the node OpenID Provider the demo
+and tests use).
 """
 
 from __future__ import annotations
@@ -61,6 +63,22 @@ def _parser() -> argparse.ArgumentParser:
 
     reload = sub.add_parser("reload", help="make the running daemon re-read its definitions now")
     with_config(reload)
+
+    block = sub.add_parser(
+        "block", help="close the protected ports without the daemon (boot: before the network is up)"
+    )
+    with_config(block)
+    block.add_argument(
+        "--from-state", action="store_true", required=True,
+        help="from the last-known-good definitions in the state directory",
+    )
+
+    unblock = sub.add_parser(
+        "unblock", help="remove the redirect table a stop or boot left: the app ports answer without the enforcer"
+    )
+    with_config(unblock)
+    unblock.add_argument("--force", action="store_true", help="even while an enforcer is running")
+    unblock.add_argument("--by", default="`enforcer unblock`", help=argparse.SUPPRESS)
 
     flows = sub.add_parser("flows", help="read the flow log")
     with_config(flows)
@@ -130,6 +148,8 @@ COMMANDS: dict[str, str] = {
     "doctor": "enforcer.cli.doctor:command",
     "rules": "enforcer.cli.doctor:rules",
     "reload": "enforcer.cli.reload:command",
+    "block": "enforcer.cli.block:command",
+    "unblock": "enforcer.cli.unblock:command",
     "certs": "enforcer.cli.certs:command",
     "demo": "enforcer.cli.demo:command",
 }

@@ -126,7 +126,10 @@ class RedirectModel(_Strict):
     table: str = Field(default="enforcer", pattern=r"^[A-Za-z0-9_-]{1,32}$")
     mark: int = Field(default=0x454E, ge=1, le=0xFFFFFFFF)
     blockAppPort: bool = True
-    keepBlockOnStop: bool = False
+    keepBlockOnStop: bool = True
+    """Fail closed at a stop (SIGTERM, ``systemctl stop``, restart, upgrade): the table stays, so
+    the exposed ports refuse and the app ports stay blocked until the enforcer serves again or
+    ``enforcer unblock`` opens them. False (opt-in) removes the table at a clean stop."""
 
 
 _STRIP_ENTRY = re.compile(r"[A-Za-z0-9!#$%&'+.^_`|~-]{0,63}[A-Za-z0-9][A-Za-z0-9!#$%&'+.^_`|~-]{0,63}\*?")

@@ -207,6 +207,8 @@ REASON_TITLES: dict[str, str] = {
     Reason.SOURCE_UNAVAILABLE: "Definitions source unavailable",
     Reason.REDIRECT_ERROR: "Redirect error",
     Reason.CONFIG_INVALID: "Invalid configuration",
+    Reason.PORTS_BLOCKED: "Ports blocked",
+    Reason.PORTS_UNBLOCKED: "Ports unblocked",
     Reason.UNFINISHED: "Internal error",
 }
 """The heading of the page for each reason (by status alone, an IdP failure at the callback

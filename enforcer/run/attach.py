@@ -2,15 +2,18 @@
 
 An :class:`Attachment` is one place the enforcer is attached to. It opens the listening socket
 the redirected connections land on, installs the nftables ruleset that sends the place's
-exposed ports there (and replaces it on reload, and removes it on stop), and marks the
-enforcer's own outgoing sockets so that ruleset never loops them back. :class:`HostAttachment`
+exposed ports there (and replaces it on reload; a stop keeps it, so the ports stay closed),
+and marks the enforcer's own outgoing sockets so that ruleset never loops them back. :class:`HostAttachment`
 is the host the daemon runs on; an attachment for a Kubernetes pod would do the same inside the
 pod's network namespace (``Netlink(netns=...)``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -19,11 +22,16 @@ from typing import Any, Protocol
 
 from enforcer.config import definitions as definitions_mod
 from enforcer.config import settings as settings_mod
+from enforcer.errors import Outcome, Reason
+from enforcer.flow import FlowIds, FlowRecord
+from enforcer.flowlog import FlowLog
 from enforcer.http import tls as listener
 from enforcer.net import sockopt
 from enforcer.net.ruleset import RedirectError, RedirectSettings, RedirectTarget, Ruleset, build_ruleset
 
 log = logging.getLogger(__name__)
+
+_DPORT = re.compile(r"\btcp dport (\d+)\b")
 
 LOCAL_UPSTREAMS = frozenset({"127.0.0.1", "::1", "localhost"})
 
@@ -56,7 +64,8 @@ class Attachment(Protocol):
         ``RedirectError`` and leaves the old ruleset if refused); returns the undo."""
 
     async def remove(self) -> None:
-        """On a clean stop: remove the redirect (or keep only the app-port block); never raises."""
+        """On a clean stop: keep the redirect table (fail closed), or remove it when
+        ``redirect.keepBlockOnStop`` is off; says which in the log and the flow log; never raises."""
 
     def close(self) -> None:
         """Close the listening socket."""
@@ -170,13 +179,30 @@ class HostAttachment:
         if not self.manages_redirect or self.ruleset is None:
             return
         r = self.settings.model.redirect
+        ports = ruleset_ports(self.ruleset)
+        if r.keepBlockOnStop:
+            # The table stays as a crash leaves it: the exposed ports redirect to a listener that
+            # is gone (refused), the app ports reject; the next start replaces it atomically.
+            log.warning(
+                "stopping with the redirect table inet %s kept: %s refuse connections until the "
+                "enforcer serves again (`enforcer unblock` opens them)", r.table, ports,
+            )
+            await note_ports(
+                self.settings, method="STOP", reason=Reason.PORTS_BLOCKED, detail=f"table inet {r.table} kept: {ports}"
+            )
+            return
         try:
-            if r.keepBlockOnStop:
-                await self.redirector.apply(self.ruleset.block_only())
-            else:
-                await self.redirector.remove(r.table)
+            await self.redirector.remove(r.table)
         except RedirectError as exc:
             log.error("could not remove the redirect table on stop: %s", exc)
+            return
+        log.warning(
+            "redirect table inet %s removed at stop (redirect.keepBlockOnStop: false): %s answer "
+            "without the enforcer now", r.table, ports,
+        )
+        await note_ports(
+            self.settings, method="STOP", reason=Reason.PORTS_UNBLOCKED, detail=f"table inet {r.table} removed: {ports}"
+        )
 
     def close(self) -> None:
         if self.listen_socket is not None:
@@ -196,3 +222,34 @@ class HostAttachment:
             return sock
 
         return make
+
+
+def ruleset_ports(ruleset: Ruleset) -> str:
+    """The ports a ruleset closes, for a log line: ``exposed port(s) 443, 8443; app port(s) 8080``."""
+
+    def ports(chain: str) -> str:
+        found = {int(m.group(1)) for rule in ruleset.rules_of(chain) if (m := _DPORT.search(rule.text))}
+        return ", ".join(map(str, sorted(found))) or "none"
+
+    return f"exposed port(s) {ports('prerouting')}; app port(s) {ports('input')}"
+
+
+async def note_ports(settings: settings_mod.Settings, *, method: str, reason: Reason, detail: str) -> None:
+    """One flow record, written now, for a change of the protected ports while no enforcer
+    serves them (``BLOCK`` at boot, ``STOP``, ``UNBLOCK``): decision ``lifecycle``."""
+    now = time.time()
+    record = FlowRecord.begin(flow_id=FlowIds()(), client="-", sni=None, host=None, method=method, path="-", now=now)
+    record.record(decision=Outcome.LIFECYCLE, reason=reason)
+    record.endpoint = detail[:200]
+    path = settings.flow_log
+    new = not path.exists()
+    sink = FlowLog(path)
+    sink.write(record.finish(now=now))
+    await sink.close()
+    if sink.write_errors:
+        log.error("could not write the %s flow record to %s", reason.value, path)
+    elif new and os.geteuid() == 0:
+        # root (the boot unit, `enforcer unblock`) must not leave a log file the daemon's user cannot append to
+        owner = path.parent.stat()
+        with contextlib.suppress(OSError):
+            os.chown(path, owner.st_uid, owner.st_gid)
