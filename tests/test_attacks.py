@@ -1472,7 +1472,18 @@ async def _served_fast(stack: Stack) -> float:
 
 
 async def _one(stack: Stack, target: str, *lines: str) -> tuple[Reply, Seen, bool]:
-    """One GET on its own connection: the reply, what the app saw, whether the lean path took it."""
+    """One GET on its own connection: the reply, what the app saw, whether the lean path took it.
+
+    A plain GET with the same cookie goes first, so a session touch that has fallen due (the
+    full path writes it) is not what decides which path serves the request under test."""
+    cookie = [line for line in lines if line.startswith("Cookie:")]
+    if cookie:
+        warm = await Raw.open(stack)
+        try:
+            await warm.send(request(f"GET /warm-{marker()} HTTP/1.1", *cookie, "Connection: close", port=stack.port))
+            await warm.reply()
+        finally:
+            await warm.close()
     served = await _served_fast(stack)
     before = len(stack.upstream.seen)
     conn = await Raw.open(stack)
