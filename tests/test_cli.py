@@ -92,11 +92,14 @@ def test_certs_export_ca_prints_a_pem_certificate(cfg: Path) -> None:
     assert again.stdout == out.stdout
 
 
-def test_flows_without_a_log_file_exits_2(cfg: Path) -> None:
-    """`enforcer flows` on a host with no flow log yet says so and exits 2."""
+def test_flows_before_the_first_request_is_empty_not_an_error(cfg: Path) -> None:
+    """`enforcer flows` on a fresh install (log dir there, no request yet) says so and exits 0; without the log dir, 2."""
     out = _enforcer("flows", "-c", str(cfg))
-    assert out.returncode == 2
-    assert "flows.jsonl" in out.stderr
+    assert out.returncode == 2 and "logsDir" in out.stderr  # the cfg's logs dir does not exist yet
+    (cfg.parent / "logs").mkdir()
+    out = _enforcer("flows", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "no requests recorded yet" in out.stderr and "flows.jsonl" in out.stderr
 
 
 def test_flows_bad_since_is_a_usage_error(cfg: Path) -> None:

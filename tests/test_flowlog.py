@@ -764,21 +764,27 @@ def test_summary_empty() -> None:
 # -- flows_command ----------------------------------------------------------------------------
 
 
-def test_command_missing_file(tmp_path: Path) -> None:
-    """A missing log file gives exit code 2 and a message on stderr."""
+def test_command_missing_directory(tmp_path: Path) -> None:
+    """A flow log whose directory does not exist is a configuration problem: exit 2 and a message on stderr."""
     out, err = io.StringIO(), io.StringIO()
     code = flows_command(
-        tmp_path / "nope",
-        FlowFilter(),
-        follow=False,
-        as_json=False,
-        summary=False,
-        out=out,
-        err=err,
+        tmp_path / "nope" / "flows.jsonl", FlowFilter(), follow=False, as_json=False, summary=False, out=out, err=err
     )
     assert code == 2
-    assert "no such flow log" in err.getvalue()
+    assert "no such directory" in err.getvalue() and "logsDir" in err.getvalue()
     assert out.getvalue() == ""
+
+
+@pytest.mark.parametrize("summary", [False, True])
+def test_command_before_the_first_request(tmp_path: Path, summary: bool) -> None:
+    """A fresh install has no flow log file until its first request: that is no records (exit 0), not an error."""
+    out, err = io.StringIO(), io.StringIO()
+    code = flows_command(
+        tmp_path / "flows.jsonl", FlowFilter(), follow=False, as_json=False, summary=summary, out=out, err=err
+    )
+    assert code == 0
+    assert "no requests recorded yet" in err.getvalue()
+    assert ("records: 0" in out.getvalue()) is summary
 
 
 def test_command_json_output(sample: Path) -> None:

@@ -587,3 +587,15 @@ def test_a_service_named_twice_gets_one_rule_and_one_comment() -> None:
 def test_render_of_expressions_read_back_from_the_kernel(name: str, attrs: dict[str, object], text: str) -> None:
     """Expressions enforcer never writes (a jump someone added, an unknown kind) still render readably for diff."""
     assert ruleset._render_expr(name, attrs) == text
+
+
+def test_pyroute2s_tc_warnings_stay_out_of_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    """pyroute2 warns about tc at import when /proc/net/psched is hidden (systemd's ProcSubset=pid); we use no tc, so it is silenced."""
+    import logging  # noqa: PLC0415
+
+    from enforcer.net import nftables  # noqa: PLC0415, F401  (the import sets it up)
+
+    tc = logging.getLogger("pyroute2.netlink.rtnl.tcmsg.common")
+    with caplog.at_level(logging.DEBUG):
+        tc.warning("tcmsg: [Errno 2] No such file or directory: '/proc/net/psched'")
+    assert "tcmsg" not in caplog.text

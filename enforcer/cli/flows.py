@@ -406,15 +406,22 @@ def flows_command(
     """``enforcer flows``: print matching records (table, JSON lines or a summary); exit code.
 
     ``--follow`` starts at the end of the file, or at its start when ``--since`` is given.
-    Returns 2 with a message on ``err`` when the file does not exist or options clash.
+    A log the daemon has not created yet (no request so far) is empty; ``--follow`` waits for it.
+    Returns 2 with a message on ``err`` when its directory does not exist or options clash.
     """
     errout = err if err is not None else sys.stderr
     if follow and summary:
         errout.write("enforcer flows: --summary cannot be combined with --follow\n")
         return 2
     if not path.exists():
-        errout.write(f"enforcer flows: {path}: no such flow log (check flowLog.path)\n")
-        return 2
+        if not path.parent.is_dir():
+            errout.write(f"enforcer flows: {path.parent}: no such directory (check logsDir in the config)\n")
+            return 2
+        if not follow:  # the daemon creates the file with the first request it records
+            errout.write(f"enforcer flows: no requests recorded yet ({path} appears with the first one)\n")
+            if summary:
+                format_summary([], out)
+            return 0
     stats = ReadStats()
     rows: Iterable[dict[str, Any]]
     if follow:

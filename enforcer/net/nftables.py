@@ -55,8 +55,9 @@ from enforcer.net.ruleset import (
 )
 
 # pyroute2 warns at import about /proc/net/psched when ProcSubset=pid hides it (systemd
-# hardening); we use no tc, so its warnings are noise in the journal.
-logging.getLogger("pyroute2").setLevel(logging.ERROR)
+# hardening); we use no tc, so its warnings are noise in the journal. (Its own logging set-up
+# resets the "pyroute2" logger's level when imported, so the level goes on the tc module's logger.)
+logging.getLogger("pyroute2.netlink.rtnl.tcmsg.common").setLevel(logging.ERROR)
 
 from pyroute2.netlink import (  # noqa: E402
     NLM_F_ACK,
