@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from enforcer.errors import EnforcerError, Reason
 from enforcer.identity.cache import _SessionCache
@@ -256,11 +256,13 @@ class RedisSessionStore:
     # -- state ---------------------------------------------------------------------------------
 
     def _set_problem(self, problem: str | None) -> None:
+        if self._closed:
+            return
         was_up = self.problem is None
         self.problem = problem
         self._down = problem is not None
+        # (freshness is the watcher's alone: a failed call does not mean a revocation was missed)
         if problem is not None:
-            self._fresh_until = -1.0
             if was_up:
                 log.warning("session store (Redis) unavailable: %s; failing closed", problem)
         elif not was_up:
@@ -284,10 +286,11 @@ class RedisSessionStore:
         for key in keys:
             self._cache.pop(key)
 
-    async def _call(self, what: str, aw: Awaitable[_T]) -> _T:
-        """Await one Redis call within the timeout; any failure is :class:`SessionStoreUnavailable`."""
+    async def _call(self, what: str, aw: Awaitable[_T], limit: float | None = None) -> _T:
+        """Await one Redis call within the timeout (or ``limit``); any failure is
+        :class:`SessionStoreUnavailable`."""
         try:
-            async with asyncio.timeout(self.config.timeout):
+            async with asyncio.timeout(self.config.timeout if limit is None else limit):
                 return await aw
         except (RedisError, OSError, TimeoutError) as exc:
             problem = f"{what}: {type(exc).__name__}: {exc}".rstrip(": ")
@@ -346,8 +349,10 @@ class RedisSessionStore:
                     break
                 if not answered and self._clock() - sent > staleness:
                     raise SessionStoreUnavailable(f"no answer from Redis within {staleness:g}s")
+                wait = max(wait, 0.01)
                 message = await self._call(
-                    "listen", pubsub.get_message(ignore_subscribe_messages=True, timeout=max(wait, 0.01))
+                    "listen", pubsub.get_message(ignore_subscribe_messages=True, timeout=wait),
+                    limit=wait + self.config.timeout,
                 )
                 if message is None:
                     continue
@@ -409,8 +414,9 @@ class RedisSessionStore:
     async def _evict(self, excess: int, keep: str) -> None:
         """Beyond ``max_sessions``: delete the sessions nearest to their end."""
         popped = await self._call("evict", self._redis.zpopmin(self._all, excess + 1))
-        doomed = [bytes.fromhex(m.decode()) for m, _ in popped if m.decode() != keep][:excess]
-        back = [(m, s) for m, s in popped if m.decode() == keep]
+        others = [(m, s) for m, s in popped if m.decode() != keep]
+        doomed = [bytes.fromhex(m.decode()) for m, _ in others[:excess]]
+        back = [(m, s) for m, s in popped if m.decode() == keep] + others[excess:]
         pipe = self._redis.pipeline(transaction=True)
         for m, score in back:
             pipe.zadd(self._all, {m: score})
@@ -476,10 +482,13 @@ class RedisSessionStore:
         self._cache.replace(key, touched)
         deadline = self._deadline(touched)
         hexkey = _hex(key)
-        await self._call("touch", self._touch(
+        exists = await self._call("touch", self._touch(
             keys=[self._skey(key), self._all],
             args=[repr(touched.last_seen), int(deadline * 1000), deadline, hexkey],
         ))
+        if not exists:  # deleted meanwhile by another enforcer (its message is on the way)
+            self._forget([key])
+            return None
         return touched
 
     async def _delete_keys(self, keys: Sequence[bytes]) -> int:
@@ -599,11 +608,15 @@ class RedisSessionStore:
 
     # -- life cycle ----------------------------------------------------------------------------
 
-    async def ping(self) -> str:
-        """``enforcer check``/``doctor``: the server's version, or raise SessionStoreUnavailable."""
+    async def check(self) -> str:
+        """``enforcer check``/``doctor``: PING, then write, read and delete a probe key under the
+        prefix (so the ACL user's rights are tested too); ``"ok"`` or SessionStoreUnavailable."""
         await self._call("ping", self._redis.ping())
-        info = await self._call("info", self._redis.info("server"))
-        return str(info.get("redis_version", "?"))
+        probe = f"{self._prefix}probe:{new_handle()[:16]}"
+        await self._call("write", self._redis.set(probe, b"1", ex=10))
+        if await self._call("read", self._redis.getdel(probe)) != b"1":
+            raise SessionStoreUnavailable("Redis did not return the probe key")
+        return "ok"
 
     async def close(self) -> None:
         """Stop the watcher (it ends at its next turn) and close the connections."""
