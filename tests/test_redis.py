@@ -437,3 +437,32 @@ async def test_gate_with_redis_down_never_forwards_an_unknown_session(server: Re
         again = await rig.request("GET", "/private", {"Accept": "text/html"})
         assert again.status == 302
 
+
+
+async def test_check_and_doctor_test_the_connection(server: RedisServer, tmp_path: Path) -> None:
+    """check/doctor: "ok" with a reachable Redis and the ACL user, the reason when not, nothing for SQLite."""
+    import io  # noqa: PLC0415
+
+    from enforcer.cli import doctor  # noqa: PLC0415
+    from enforcer.config.settings import Settings  # noqa: PLC0415
+
+    def settings(**redis: Any) -> Settings:
+        r = {"url": f"unix://{server.sock}", "username": "enforcer", "passwordFile": str(server.password_file),
+             "timeout": "200ms", **redis}
+        return Settings(path=tmp_path / "enforcer.yaml", model=DaemonModel.model_validate(
+            {"definitions": [{"file": "/x"}], "sessions": {"store": "redis", "redis": r}}))
+
+    assert await daemon.check_session_store(DaemonModel.model_validate({"definitions": [{"file": "/x"}]})) is None
+    assert await daemon.check_session_store(settings().model) == "ok"
+    (tmp_path / "bad").write_text("wrong\n")
+    denied = await daemon.check_session_store(settings(passwordFile=str(tmp_path / "bad")).model)
+    assert denied is not None and denied != "ok"
+    missing = await daemon.check_session_store(settings(passwordFile=str(tmp_path / "none")).model)
+    assert missing is not None and "passwordFile" in missing
+    report = doctor.Report(io.StringIO())
+    await doctor._check_sessions(report, settings())
+    assert report.failures == 0 and "reachable" in report.lines[0]
+    server.stop()
+    report = doctor.Report(io.StringIO())
+    await doctor._check_sessions(report, settings())
+    assert report.failures == 1 and "FAIL" in report.lines[0]

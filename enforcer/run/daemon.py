@@ -137,6 +137,23 @@ def redis_config(r: settings_mod.RedisModel) -> redis_store.RedisConfig:
     )
 
 
+async def check_session_store(s: settings_mod.DaemonModel) -> str | None:
+    """``enforcer check``/``doctor``: with ``store: redis``, connect as the daemon would and
+    write, read and delete a probe key: ``"ok"`` or why not. None for the local stores."""
+    if s.sessions.store != "redis" or s.sessions.redis is None:
+        return None
+    try:
+        store = redis_store.RedisSessionStore(redis_config(s.sessions.redis), idle_timeout=s.sessions.idleTimeout)
+    except OSError as exc:  # the password file
+        return f"cannot read sessions.redis.passwordFile: {exc}"
+    try:
+        return await store.check()
+    except redis_store.SessionStoreUnavailable as exc:
+        return str(exc)
+    finally:
+        await store.close()
+
+
 def session_store(
     s: settings_mod.DaemonModel, *, shared: bool, on_state: Callable[[bool], None] | None = None
 ) -> sessions.SessionStore:
@@ -145,10 +162,13 @@ def session_store(
     comes back) or in memory."""
     if s.sessions.store == "redis":
         assert s.sessions.redis is not None  # (the model requires it)
-        return redis_store.RedisSessionStore(
-            redis_config(s.sessions.redis), idle_timeout=s.sessions.idleTimeout,
-            max_sessions=s.sessions.maxSessions, cache_size=s.sessions.cacheSize, on_state=on_state,
-        )
+        try:
+            return redis_store.RedisSessionStore(
+                redis_config(s.sessions.redis), idle_timeout=s.sessions.idleTimeout,
+                max_sessions=s.sessions.maxSessions, cache_size=s.sessions.cacheSize, on_state=on_state,
+            )
+        except OSError as exc:
+            raise sessions.SessionStoreError(f"cannot read sessions.redis.passwordFile: {exc}") from exc
     if s.sessions.store == "sqlite":
         return sqlite.SQLiteSessionStore(
             s.stateDir / "sessions.db", idle_timeout=s.sessions.idleTimeout, max_sessions=s.sessions.maxSessions,
