@@ -94,6 +94,7 @@ class Reason(enum.StrEnum):
     # login: starting a login
     IDP_UNAVAILABLE = "idp_unavailable"
     SESSION_STORE_ERROR = "session_store_error"
+    SESSION_STORE_UNAVAILABLE = "session_store_unavailable"
 
     # callback: the IdP sent the browser back
     LOGIN_SUCCESS = "login_success"

@@ -127,6 +127,11 @@ class Metrics:
         self.sessions = Gauge(
             "enforcer_sessions", "Live sessions in the store.", registry=r, multiprocess_mode="livemax"
         )
+        self.session_store_up = Gauge(
+            "enforcer_session_store_up",
+            "1 while the shared session store (Redis) answers, 0 while it is unavailable (fail closed).",
+            registry=r, multiprocess_mode="livemin",
+        )
         self.active_connections = Gauge(
             "enforcer_active_connections", "Client connections currently open.", registry=r,
             multiprocess_mode="livesum",

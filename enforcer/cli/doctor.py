@@ -2,9 +2,9 @@
 
 Each check prints one line (``ok`` / ``warn`` / ``FAIL``) and what to do about a failure:
 configuration, IdP discovery and JWKS (with clock skew against the IdP's ``Date``),
-certificates and their expiry (in UTC), the listener and admin endpoint, and the nftables
+certificates and their expiry (in UTC), the listener and admin endpoint, the nftables
 table read back over netlink, compared with the intended one and printed in nft syntax (with
-packet counters).
+packet counters), and a Redis session store (``sessions.store: redis``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from enforcer.config import definitions as definitions_mod
 from enforcer.config import settings as settings_mod
 from enforcer.identity import oidc, tokens
 from enforcer.net import nftables, ruleset
-from enforcer.run.daemon import build_redirect
+from enforcer.run.daemon import build_redirect, check_session_store
 
 
 @dataclass
@@ -171,6 +171,20 @@ async def _check_redirect(
     print(live.render_nft(expected), file=report.out)
 
 
+async def _check_sessions(report: Report, settings: settings_mod.Settings) -> None:
+    """With ``sessions.store: redis``: connect, authenticate and use a probe key as the daemon would."""
+    answer = await check_session_store(settings.model)
+    if answer is None:
+        return
+    r = settings.model.sessions.redis
+    where, prefix = ((r.url or ", ".join(r.sentinels)), r.keyPrefix) if r is not None else ("?", "")
+    if answer == "ok":
+        report.ok(f"session store Redis {where}: reachable, the ACL user may read and write {prefix}*")
+    else:
+        report.fail(f"session store Redis {where}: {answer}",
+                    "check sessions.redis (url or sentinels, username, passwordFile, caFile) and Redis' ACL")
+
+
 async def run(settings: settings_mod.Settings, definitions: definitions_mod.Definitions, out: TextIO) -> int:
     """All checks; exit code 1 if any failed."""
     report = Report(out)
@@ -183,6 +197,7 @@ async def run(settings: settings_mod.Settings, definitions: definitions_mod.Defi
     _check_port(report, "TLS listener", settings.model.listen.address, settings.model.listen.port)
     _check_port(report, "admin endpoint", settings.model.admin.address, settings.model.admin.port)
     await _check_redirect(report, settings, definitions)
+    await _check_sessions(report, settings)
     print(f"\n{report.failures} failure(s), {report.warnings} warning(s)", file=out)
     return 1 if report.failures else 0
 

@@ -68,17 +68,68 @@ class AdminModel(_Strict):
         return v
 
 
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_SENTINEL = re.compile(r"^\[?[A-Za-z0-9.:-]+\]?:[0-9]{1,5}$")
+
+
+class RedisModel(_Strict):
+    """``sessions.redis``: where the Redis store is (``store: redis``), for a fleet of enforcers.
+
+    Either ``url`` (``redis://host:6379``, ``rediss://`` for TLS, ``unix:///run/redis.sock``)
+    or ``sentinels`` (``host:port`` entries) with ``sentinelMaster``. The password is read from
+    ``passwordFile`` (never written in this file); ``username`` is the ACL user."""
+
+    url: str | None = None
+    sentinels: list[str] = Field(default_factory=list, max_length=16)
+    sentinelMaster: str = Field(default="mymaster", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    tls: bool = False
+    """TLS to the Sentinel-chosen master and the sentinels (with ``url`` the scheme says it)."""
+    caFile: Path | None = None
+    username: str | None = Field(default=None, pattern=r"^[!-~]{1,128}$")
+    passwordFile: Path | None = None
+    db: int = Field(default=0, ge=0, le=15)
+    keyPrefix: str = Field(default="enforcer:", pattern=r"^[A-Za-z0-9:._-]{0,64}$")
+    timeout: Duration = 0.5
+    """Connect and command timeout: beyond it Redis counts as unreachable (fail closed)."""
+    staleness: Duration = 1.0
+    """How long a cached session may be served without a confirmed-fresh view of Redis: a
+    logout or revocation on any enforcer is enforced by every enforcer within this bound."""
+
+    @model_validator(mode="after")
+    def _one_place(self) -> RedisModel:
+        if (self.url is None) == (not self.sentinels):
+            raise ValueError("give exactly one of url: redis://... or sentinels: [host:port, ...]")
+        if self.url is not None and not self.url.startswith(_REDIS_SCHEMES):
+            raise ValueError("url must start with redis://, rediss:// or unix://")
+        for entry in self.sentinels:
+            if not _SENTINEL.match(entry):
+                raise ValueError(f"sentinel {entry!r} is not host:port")
+        if not 0.01 <= self.timeout <= 10:
+            raise ValueError("timeout must be between 10ms and 10s")
+        if not 0.1 <= self.staleness <= 60:
+            raise ValueError("staleness must be between 100ms and 60s")
+        return self
+
+
 class SessionsModel(_Strict):
     """Session store and lifetimes."""
 
-    store: Literal["sqlite", "memory"] = "sqlite"
+    store: Literal["sqlite", "memory", "redis"] = "sqlite"
+    redis: RedisModel | None = None
+    """Required with ``store: redis``."""
     idleTimeout: Duration = 8 * 3600.0
     absoluteTimeout: Duration = 24 * 3600.0
     maxSessions: int = Field(default=100_000, ge=1)
     cacheSize: int = Field(default=10_000, ge=1, le=10_000_000)
     """Sessions the SQLite store keeps in memory (~0.3 KB each, the 256 most recently used
     ~3 KB): a request of a cached session needs no disk read; one beyond it costs a SQLite
-    read (~0.3 ms of CPU) and enters the cache."""
+    read (~0.3 ms of CPU) and enters the cache. The Redis store's cache is sized the same way."""
+
+    @model_validator(mode="after")
+    def _redis_needs_where(self) -> SessionsModel:
+        if self.store == "redis" and self.redis is None:
+            raise ValueError("store: redis needs a redis: section (url: or sentinels:)")
+        return self
 
 
 class OIDCSettingsModel(_Strict):

@@ -375,10 +375,11 @@ class Gate:
         if self.shared_logins is not None:
             try:
                 await self.shared_logins.add(txn)
-            except Exception:
+            except Exception as exc:
                 log.exception("service %s: cannot store a pending login", service.name)
-                flow.record(decision=Outcome.ERROR, reason=Reason.SESSION_STORE_ERROR)
-                return pages.error_page(503, Reason.SESSION_STORE_ERROR, flow.flow_id,
+                code = exc.reason if isinstance(exc, errors.EnforcerError) else Reason.SESSION_STORE_ERROR
+                flow.record(decision=Outcome.ERROR, reason=code)
+                return pages.error_page(503, code, flow.flow_id,
                                         message="Sign-in is unavailable right now; try again shortly.")
         else:
             self.transactions.add(txn)

@@ -89,6 +89,7 @@ REASON_TITLES: dict[str, str] = {
     Reason.MISSING_TAGS: "Access denied",
     Reason.IDP_UNAVAILABLE: "Sign-in unavailable",
     Reason.SESSION_STORE_ERROR: "Sign-in unavailable",
+    Reason.SESSION_STORE_UNAVAILABLE: "Sign-in unavailable",
     Reason.LOGIN_SUCCESS: "Signed in",
     Reason.LOGIN_FAILED: "Sign-in failed",
     Reason.CALLBACK_METHOD: "Sign-in failed",

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("enforcer.handler")
 
 UPSTREAM_MESSAGE = "The application did not answer properly."
+STORE_MESSAGE = "Sign-in is unavailable right now; try again shortly."
 
 
 def begin(
@@ -69,6 +70,8 @@ def failure(flow: FlowRecord, exc: BaseException, metrics: Metrics) -> tuple[int
 
     * the app failed (:class:`errors.UpstreamError`): its error page, counted per service;
     * the client went away (``ConnectionResetError``): client status 499, nothing to send;
+    * another refusal with its own code (:class:`errors.EnforcerError`, e.g. the session store
+      is unavailable: 503): its page;
     * anything else is our bug: logged, a 500 page that closes the connection."""
     if isinstance(exc, errors.UpstreamError):
         flow.record(decision=Outcome.ERROR, reason=exc.reason, endpoint=flow.endpoint, user=flow.user)
@@ -84,6 +87,11 @@ def failure(flow: FlowRecord, exc: BaseException, metrics: Metrics) -> tuple[int
         flow.record(decision=flow.decision, reason=Reason.CLIENT_ABORTED, endpoint=flow.endpoint)
         flow.status = 499
         return None, None
+    if isinstance(exc, errors.EnforcerError):
+        log.warning("flow %s: %s (%s)", flow.flow_id, exc.reason, exc)
+        flow.record(decision=Outcome.ERROR, reason=exc.reason, endpoint=flow.endpoint, user=flow.user)
+        return exc.status, pages.error_page(exc.status, exc.reason, flow.flow_id,
+                                            message=STORE_MESSAGE if exc.status == 503 else "")
     log.error("internal error in flow %s", flow.flow_id, exc_info=exc)
     flow.record(decision=Outcome.ERROR, reason=Reason.INTERNAL_ERROR)
     return 500, pages.error_page(500, Reason.INTERNAL_ERROR, flow.flow_id, close=True)

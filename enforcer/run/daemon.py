@@ -39,6 +39,7 @@ from enforcer.http import server as server_mod
 from enforcer.http import tls as listener
 from enforcer.http.gate import Gate, Runtime
 from enforcer.identity import login, oidc, sessions, sqlite, tokens
+from enforcer.identity import redis as redis_store
 from enforcer.metrics import Metrics
 from enforcer.run import memory
 from enforcer.run.attach import Attachment, HostAttachment, SocketFactory, Undo
@@ -126,9 +127,48 @@ def status_text(definitions: definitions_mod.Definitions) -> str:
     return f"serving {len(definitions.services)} service(s)" + (f": {names}"[:200] if names else "")
 
 
-def session_store(s: settings_mod.DaemonModel, *, shared: bool) -> sessions.SessionStore:
+def redis_config(r: settings_mod.RedisModel) -> redis_store.RedisConfig:
+    """``sessions.redis`` as the Redis store takes it."""
+    sentinels = tuple((h.strip("[]"), int(p)) for h, _, p in (e.rpartition(":") for e in r.sentinels))
+    return redis_store.RedisConfig(
+        url=r.url, sentinels=sentinels, sentinel_master=r.sentinelMaster, tls=r.tls, ca_file=r.caFile,
+        username=r.username, password_file=r.passwordFile, db=r.db, key_prefix=r.keyPrefix,
+        timeout=r.timeout, staleness=r.staleness,
+    )
+
+
+async def check_session_store(s: settings_mod.DaemonModel) -> str | None:
+    """``enforcer check``/``doctor``: with ``store: redis``, connect as the daemon would and
+    write, read and delete a probe key: ``"ok"`` or why not. None for the local stores."""
+    if s.sessions.store != "redis" or s.sessions.redis is None:
+        return None
+    try:
+        store = redis_store.RedisSessionStore(redis_config(s.sessions.redis), idle_timeout=s.sessions.idleTimeout)
+    except OSError as exc:  # the password file
+        return f"cannot read sessions.redis.passwordFile: {exc}"
+    try:
+        return await store.check()
+    except redis_store.SessionStoreUnavailable as exc:
+        return str(exc)
+    finally:
+        await store.close()
+
+
+def session_store(
+    s: settings_mod.DaemonModel, *, shared: bool, on_state: Callable[[bool], None] | None = None
+) -> sessions.SessionStore:
     """The session store ``sessions:`` asks for: SQLite in the state dir (``shared`` when
-    several worker processes use it) or in memory."""
+    several worker processes use it), Redis (a fleet; ``on_state`` hears when it goes away and
+    comes back) or in memory."""
+    if s.sessions.store == "redis":
+        assert s.sessions.redis is not None  # (the model requires it)
+        try:
+            return redis_store.RedisSessionStore(
+                redis_config(s.sessions.redis), idle_timeout=s.sessions.idleTimeout,
+                max_sessions=s.sessions.maxSessions, cache_size=s.sessions.cacheSize, on_state=on_state,
+            )
+        except OSError as exc:
+            raise sessions.SessionStoreError(f"cannot read sessions.redis.passwordFile: {exc}") from exc
     if s.sessions.store == "sqlite":
         return sqlite.SQLiteSessionStore(
             s.stateDir / "sessions.db", idle_timeout=s.sessions.idleTimeout, max_sessions=s.sessions.maxSessions,
@@ -226,7 +266,7 @@ class Daemon:
         definitions = await self._load_definitions(resources, outgoing)
         self.cert_store = certs.CertStore(s.stateDir)
         self.tls = listener.TLSDispatch(*build_leaves(definitions, self.cert_store), context=self.tls_context)
-        store = session_store(s, shared=self.role != "single")
+        store = session_store(s, shared=self.role != "single", on_state=self.metrics.session_store_up.set)
         resources.push_async_callback(store.close)
         if self.flowlog is None:
             self.flowlog = FlowLog(
@@ -255,7 +295,8 @@ class Daemon:
             flow_ids=self.flow_ids,
             shared_logins=(
                 login.SharedTransactionStore(store, ttl=s.oidc.loginTimeout)
-                if self.role != "single" and isinstance(store, sqlite.SQLiteSessionStore) else None
+                if isinstance(store, redis_store.RedisSessionStore)  # the callback may reach another enforcer
+                or (self.role != "single" and isinstance(store, sqlite.SQLiteSessionStore)) else None
             ),
         )
         server = self._make_server()
@@ -350,6 +391,9 @@ class Daemon:
         assert self.flowlog is not None
         self._spawn(self.flowlog.run(), "flowlog")
         self._spawn(self._warm_up(serving.runtime), "discovery")
+        if isinstance(serving.store, redis_store.RedisSessionStore):
+            self.metrics.session_store_up.set(0)
+            self._spawn(serving.store.watch(), "session-store-watch")
         if self.owns_host:
             self._spawn(self._housekeeping(serving.store), "housekeeping")
         self._spawn(self.manager.run(), "definitions")
@@ -561,6 +605,9 @@ class Daemon:
             no_service = self._no_service()
             if no_service:
                 problems["services"] = no_service
+            store = self.gate.store
+            if isinstance(store, redis_store.RedisSessionStore) and store.problem is not None:
+                problems["sessions"] = store.problem
             if self.role == "primary":
                 waiting = self._workers_not_ready()
                 if waiting:

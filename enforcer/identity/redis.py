@@ -1,0 +1,636 @@
+"""The fleet session store: sessions, pending logins and revocations in Redis, shared by many enforcers.
+
+The only module that imports ``redis`` (import-linter checks it). Each enforcer keeps its own
+in-process cache in front of Redis (the SQLite store's :class:`_SessionCache`), trusted only
+while it is *fresh*: see :class:`RedisSessionStore`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from enforcer.errors import EnforcerError, Reason
+from enforcer.identity.cache import _SessionCache
+from enforcer.identity.cookies import new_handle
+from enforcer.identity.sessions import (
+    Session,
+    _check_max_sessions,
+    _check_selector,
+    _handle_key,
+    _Lifetime,
+    _matches,
+    _Verdict,
+)
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+PENDING_KEEP: Final = 3600
+"""Seconds a pending login is kept in Redis (its TTL check, ``loginTimeout``, is separate)."""
+
+PING_INTERVAL: Final = 0.25
+"""How often the watcher confirms its subscription is live (a PING through it)."""
+
+_RECONNECT_MAX: Final = 1.0
+"""Longest wait between two attempts to reach Redis again."""
+
+_FLUSH: Final = b"*"
+"""A revocation message meaning "forget every cached session" (none sent today; accepted)."""
+
+_TOUCH: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local last = tonumber(redis.call('HGET', KEYS[1], 'l'))
+if last ~= nil and last >= tonumber(ARGV[1]) then return 1 end
+redis.call('HSET', KEYS[1], 'l', ARGV[1])
+redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[4])
+return 1
+"""
+"""Slide ``last_seen`` (only forward) and the key's TTL; never re-creates a deleted session."""
+
+
+class SessionStoreUnavailable(EnforcerError):
+    """Redis cannot be reached (or answered too slowly): fail closed with a 503."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.SESSION_STORE_UNAVAILABLE, 503, message)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """Where Redis is and how to talk to it (``sessions.redis`` of the daemon config)."""
+
+    url: str | None = None
+    sentinels: tuple[tuple[str, int], ...] = ()
+    sentinel_master: str = "mymaster"
+    tls: bool = False
+    ca_file: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    db: int = 0
+    key_prefix: str = "enforcer:"
+    timeout: float = 0.5
+    staleness: float = 1.0
+
+    def password(self) -> str | None:
+        """The password from ``password_file`` (first line), or None."""
+        if self.password_file is None:
+            return None
+        text = self.password_file.read_text(encoding="utf-8")
+        return text.splitlines()[0] if text else ""
+
+    def client(self) -> aioredis.Redis:
+        """A client with bounded timeouts and no retries: a slow Redis is an unavailable one."""
+        common: dict[str, Any] = {
+            "db": self.db,
+            "username": self.username,
+            "password": self.password(),
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "decode_responses": False,
+        }
+        ssl_opts: dict[str, Any] = {}
+        if self.ca_file is not None:
+            ssl_opts["ssl_ca_certs"] = str(self.ca_file)
+        if self.url is not None:
+            if self.url.startswith("rediss://"):
+                common.update(ssl_opts)
+            return aioredis.Redis.from_url(self.url, **common)
+        if self.tls:
+            common.update(ssl=True, **ssl_opts)
+        sentinel_kwargs: dict[str, Any] = {
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.timeout,
+            "username": self.username,
+            "password": common["password"],
+        }
+        if self.tls:
+            sentinel_kwargs.update(ssl=True, **ssl_opts)
+        sentinel = Sentinel(list(self.sentinels), sentinel_kwargs=sentinel_kwargs, **common)
+        master: aioredis.Redis = sentinel.master_for(self.sentinel_master)
+        return master
+
+
+def _hex(key: bytes) -> str:
+    return key.hex()
+
+
+def _index_id(issuer: str, value: str) -> str:
+    return hashlib.sha256(f"{issuer}\x00{value}".encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _encode(s: Session) -> dict[str, bytes]:
+    """The fields of a session's hash: ``d`` (everything but the two below, JSON), ``t`` (the
+    raw ID token: read only by :meth:`RedisSessionStore.pop`), ``l`` (last_seen: touched)."""
+    data = {
+        "service": s.service, "issuer": s.issuer, "sub": s.sub, "email": s.email, "username": s.username,
+        "tags": sorted(s.tags), "sid": s.sid, "created": s.created, "expires": s.expires,
+        "refresh_token": s.refresh_token, "claims_expire": s.claims_expire,
+    }
+    return {
+        "d": json.dumps(data, separators=(",", ":")).encode(),
+        "t": s.id_token.encode(),
+        "l": repr(float(s.last_seen)).encode(),
+    }
+
+
+def _opt_str(v: object) -> str | None:
+    if v is None or isinstance(v, str):
+        return v
+    raise TypeError("expected text or null")
+
+
+def _num(v: object) -> float:
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return float(v)
+    raise TypeError("expected a number")
+
+
+def _decode(d: bytes | None, last_seen: bytes | None, id_token: bytes | None = None) -> Session | None:
+    """A Session from the hash fields; None when absent. Raises ValueError/TypeError on junk."""
+    if d is None or last_seen is None:
+        return None
+    data = json.loads(d)
+    if not isinstance(data, dict):
+        raise TypeError("not an object")
+    tags = data["tags"]
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise TypeError("tags must be a list of strings")
+    service, issuer, sub = data["service"], data["issuer"], data["sub"]
+    if not (isinstance(service, str) and isinstance(issuer, str) and isinstance(sub, str)):
+        raise TypeError("service, issuer and sub must be text")
+    ce = data.get("claims_expire")
+    return Session(
+        service=service, issuer=issuer, sub=sub, email=_opt_str(data.get("email")),
+        username=_opt_str(data.get("username")), tags=frozenset(tags), sid=_opt_str(data.get("sid")),
+        id_token=id_token.decode() if id_token is not None else "",
+        created=_num(data["created"]), last_seen=float(last_seen), expires=_num(data["expires"]),
+        refresh_token=_opt_str(data.get("refresh_token")), claims_expire=None if ce is None else _num(ce),
+    )
+
+
+class RedisSessionStore:
+    """Sessions in Redis, so every enforcer of a fleet sees every login and every logout.
+
+    * Keys (all under ``key_prefix``): ``s:<hex SHA-256(handle)>`` a hash per session (``d``
+      the session as JSON, ``t`` the raw ID token, ``l`` last_seen) that Redis expires by
+      itself at ``min(expires, last_seen + idle_timeout)``; ``u:<id>`` / ``i:<id>`` the keys of
+      one user's / one IdP session's sessions (back-channel logout), expiring with the newest;
+      ``all`` a sorted set key -> deadline (count, ``max_sessions``); ``p:<hash of state>``
+      a pending login, taken once with ``GETDEL``.
+    * Revocation: a deletion (logout, back-channel logout, eviction) deletes the key and, in
+      the same ``MULTI``, publishes the key on the ``revoked`` channel; every enforcer's
+      :meth:`watch` drops its cached copy when the message arrives (a few ms).
+    * Staleness bound: the cache answers only while it is *fresh*: :meth:`watch` sends a PING
+      through its subscription every :data:`PING_INTERVAL`; the PONG comes back after every
+      message published before the PING, so when it arrives the cache has applied every
+      revocation made before the PING was sent, and it is trusted until ``staleness`` after
+      that. So a revocation on any enforcer is enforced everywhere within ``staleness``
+      (default 1 s), whatever happens to the connection.
+    * Fail closed: a Redis call that fails or exceeds ``timeout`` raises
+      :class:`SessionStoreUnavailable` (503, ``session_store_unavailable``), and until the
+      watcher hears from Redis again calls fail at once; a session not in a fresh cache is
+      never served. Once the watcher subscribes again the whole cache is dropped (revocations
+      may have been missed), and service resumes by itself.
+    * Per request: a fresh cache hit is a ``time.monotonic()`` comparison plus the SQLite
+      store's cache lookup; a miss is one ``HMGET``; a due touch one script call.
+    """
+
+    def __init__(
+        self,
+        config: RedisConfig,
+        *,
+        idle_timeout: float,
+        touch_interval: float = 60.0,
+        max_sessions: int = 100_000,
+        cache_size: int = 10_000,
+        client: aioredis.Redis | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_state: Callable[[bool], None] | None = None,
+    ) -> None:
+        _check_max_sessions(max_sessions)
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        self.config = config
+        self._life = _Lifetime.make(idle_timeout, touch_interval)
+        self._max = max_sessions
+        self._cache = _SessionCache(cache_size)
+        # Any: redis-py types pipeline commands as awaitables and replies as unions of
+        # everything; replies are checked where they are used.
+        self._redis: Any = client if client is not None else config.client()
+        p = config.key_prefix
+        self._prefix = p
+        self._all = f"{p}all"
+        self._channel = f"{p}revoked".encode()
+        self._touch = self._redis.register_script(_TOUCH)
+        self._clock = clock
+        self._on_state = on_state
+        self._fresh_until = -1.0
+        """Monotonic time until which the cache may answer (see the class docstring)."""
+        self._epoch = 0
+        """Bumped when cached sessions are dropped: a read that overlapped one is not cached."""
+        self.problem: str | None = "not connected to Redis yet"
+        """Why Redis is unavailable now, or None (``/readyz``, the metric)."""
+        self._down = False
+        """A call failed and the watcher has not heard from Redis since: calls fail at once."""
+        self._closed = False
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _set_problem(self, problem: str | None) -> None:
+        if self._closed:
+            return
+        was_up = self.problem is None
+        self.problem = problem
+        self._down = problem is not None
+        # (freshness is the watcher's alone: a failed call does not mean a revocation was missed)
+        if problem is not None:
+            if was_up:
+                log.warning("session store (Redis) unavailable: %s; failing closed", problem)
+        elif not was_up:
+            log.info("session store (Redis) reachable again")
+        if self._on_state is not None and was_up != (problem is None):
+            self._on_state(problem is None)
+
+    def closed(self) -> bool:
+        return self._closed
+
+    def fresh(self) -> bool:
+        """Whether the cache may answer now (the watcher heard from Redis recently enough)."""
+        return self._clock() < self._fresh_until
+
+    def _forget_all(self) -> None:
+        self._epoch += 1
+        self._cache.clear()
+
+    def _forget(self, keys: Iterable[bytes]) -> None:
+        self._epoch += 1
+        for key in keys:
+            self._cache.pop(key)
+
+    async def _call(self, what: str, aw: Awaitable[_T], limit: float | None = None) -> _T:
+        """Await one Redis call within the timeout (or ``limit``); any failure is
+        :class:`SessionStoreUnavailable`."""
+        try:
+            async with asyncio.timeout(self.config.timeout if limit is None else limit):
+                return await aw
+        except (RedisError, OSError, TimeoutError) as exc:
+            problem = f"{what}: {type(exc).__name__}: {exc}".rstrip(": ")
+            self._set_problem(problem)
+            raise SessionStoreUnavailable(problem) from exc
+
+    def _check_up(self) -> None:
+        if self._down:
+            raise SessionStoreUnavailable(self.problem or "Redis unavailable")
+
+    def _skey(self, key: bytes) -> str:
+        return f"{self._prefix}s:{_hex(key)}"
+
+    # -- the watcher ---------------------------------------------------------------------------
+
+    async def watch(self) -> None:
+        """Run until :meth:`close`: subscribe to revocations, apply them, keep the cache fresh;
+        reconnect (with a short backoff) whenever Redis goes away. Never raises."""
+        delay = 0.05
+        while not self._closed:
+            pubsub = self._redis.pubsub()
+            try:
+                await self._call("subscribe", pubsub.subscribe(self._channel))
+                # revocations may have been missed while we were not subscribed
+                self._forget_all()
+                delay = 0.05
+                await self._listen(pubsub)
+            except SessionStoreUnavailable:
+                pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug or an odd reply: fail closed, try again
+                log.exception("session store watcher failed")
+                self._set_problem(f"watcher: {exc}")
+            finally:
+                self._fresh_until = -1.0
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            if not self.closed():
+                await asyncio.sleep(delay)
+            delay = min(delay * 2, _RECONNECT_MAX)
+
+    async def _listen(self, pubsub: Any) -> None:
+        staleness = self.config.staleness
+        n = 0
+        while not self._closed:
+            n += 1
+            token = str(n).encode()
+            sent = self._clock()
+            await self._call("ping", pubsub.ping(token))
+            next_ping = sent + PING_INTERVAL
+            answered = False
+            while True:
+                wait = next_ping - self._clock()
+                if answered and wait <= 0:
+                    break
+                if not answered and self._clock() - sent > staleness:
+                    raise SessionStoreUnavailable(f"no answer from Redis within {staleness:g}s")
+                wait = max(wait, 0.01)
+                message = await self._call(
+                    "listen", pubsub.get_message(ignore_subscribe_messages=True, timeout=wait),
+                    limit=wait + self.config.timeout,
+                )
+                if message is None:
+                    continue
+                if message["type"] == "pong":
+                    if message["data"] == token:
+                        answered = True
+                        self._fresh_until = sent + staleness
+                        self._set_problem(None)
+                elif message["type"] == "message":
+                    self._revoked(message["data"])
+
+    def _revoked(self, data: bytes) -> None:
+        if data == _FLUSH:
+            self._forget_all()
+            return
+        keys = []
+        for part in data.split(b","):
+            with contextlib.suppress(ValueError):
+                keys.append(bytes.fromhex(part.decode("ascii")))
+        self._forget(keys)
+
+    def _publish(self, pipe: Any, keys: Sequence[bytes]) -> None:
+        if keys:
+            pipe.publish(self._channel, ",".join(_hex(k) for k in keys).encode("ascii"))
+
+    # -- SessionStore --------------------------------------------------------------------------
+
+    def _deadline(self, s: Session) -> float:
+        return min(s.expires, s.last_seen + self._life.idle_timeout)
+
+    async def create(self, session: Session) -> str:
+        """Store ``session`` under a new random handle and return that handle."""
+        self._check_up()
+        handle = new_handle()
+        key = _handle_key(handle)
+        assert key is not None
+        skey, hexkey = self._skey(key), _hex(key)
+        deadline = self._deadline(session)
+        at_ms = max(int(deadline * 1000), int(time.time() * 1000) + 1)
+        index_ms = int(session.expires * 1000) + 1000
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(skey, mapping=_encode(session))
+        pipe.pexpireat(skey, at_ms)
+        indexes = [f"{self._prefix}u:{_index_id(session.issuer, session.sub)}"]
+        if session.sid is not None:
+            indexes.append(f"{self._prefix}i:{_index_id(session.issuer, session.sid)}")
+        for index in indexes:
+            pipe.sadd(index, hexkey)
+            pipe.pexpireat(index, index_ms)
+        pipe.zadd(self._all, {hexkey: deadline})
+        pipe.zcard(self._all)
+        results = await self._call("create", pipe.execute())
+        excess = int(results[-1]) - self._max
+        if excess > 0:
+            await self._evict(excess, hexkey)
+        self._cache.put(key, _lean(session))
+        return handle
+
+    async def _evict(self, excess: int, keep: str) -> None:
+        """Beyond ``max_sessions``: delete the sessions nearest to their end."""
+        popped = await self._call("evict", self._redis.zpopmin(self._all, excess + 1))
+        others = [(m, s) for m, s in popped if m.decode() != keep]
+        doomed = [bytes.fromhex(m.decode()) for m, _ in others[:excess]]
+        back = [(m, s) for m, s in popped if m.decode() == keep] + others[excess:]
+        pipe = self._redis.pipeline(transaction=True)
+        for m, score in back:
+            pipe.zadd(self._all, {m: score})
+        for k in doomed:
+            pipe.delete(self._skey(k))
+        self._publish(pipe, doomed)
+        self._forget(doomed)
+        await self._call("evict", pipe.execute())
+
+    def get_cached(self, handle: str, service: str, now: float) -> Session | None:
+        """The hot path of :meth:`get` without a coroutine: the cached session when the cache
+        is fresh, the session live for ``service`` and no touch due; otherwise None."""
+        if self._clock() >= self._fresh_until:
+            return None
+        key = _handle_key(handle)
+        if key is None:
+            return None
+        session = self._cache.peek(key)
+        life = self._life
+        if session is None or life.verdict(session, service, now) is not _Verdict.LIVE or life.touched(session, now):
+            return None
+        self._cache.refresh(key)
+        return session
+
+    async def get(self, handle: str, service: str, now: float) -> Session | None:
+        """The live session for ``handle`` on ``service``, or None; slides ``last_seen``.
+        Raises :class:`SessionStoreUnavailable` when it would need Redis and Redis is away."""
+        key = _handle_key(handle)
+        if key is None:
+            return None
+        session = self._cache.peek(key) if self.fresh() else None
+        if session is not None and self._life.verdict(session, service, now) is _Verdict.EXPIRED:
+            # another enforcer may have slid last_seen since we cached it: ask Redis
+            self._forget([key])
+            session = None
+        if session is None:
+            self._check_up()
+            epoch = self._epoch
+            d, last = await self._call("get", self._redis.hmget(self._skey(key), ["d", "l"]))
+            try:
+                read = _decode(d, last)
+            except (ValueError, TypeError, KeyError) as exc:
+                log.warning("dropping an unreadable session: %s", exc)
+                await self.delete(handle)
+                return None
+            if read is None:
+                return None
+            session = _lean(read)
+            if epoch == self._epoch:
+                self._cache.put(key, session)
+        else:
+            self._cache.refresh(key)
+        match self._life.verdict(session, service, now):
+            case _Verdict.EXPIRED:
+                return None  # Redis expires it by itself
+            case _Verdict.WRONG_SERVICE:
+                return None
+            case _Verdict.LIVE:
+                pass
+        touched = self._life.touched(session, now)
+        if touched is None:
+            return session
+        self._cache.replace(key, touched)
+        deadline = self._deadline(touched)
+        hexkey = _hex(key)
+        exists = await self._call("touch", self._touch(
+            keys=[self._skey(key), self._all],
+            args=[repr(touched.last_seen), int(deadline * 1000), deadline, hexkey],
+        ))
+        if not exists:  # deleted meanwhile by another enforcer (its message is on the way)
+            self._forget([key])
+            return None
+        return touched
+
+    async def _delete_keys(self, keys: Sequence[bytes]) -> int:
+        self._forget(keys)
+        if not keys:
+            return 0
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(*(self._skey(k) for k in keys))
+        pipe.zrem(self._all, *(_hex(k) for k in keys))
+        self._publish(pipe, keys)
+        results = await self._call("delete", pipe.execute())
+        return int(results[0])
+
+    async def delete(self, handle: str) -> None:
+        """Forget the session for ``handle`` everywhere; unknown or malformed handles are ignored."""
+        if (key := _handle_key(handle)) is not None:
+            await self._delete_keys([key])
+
+    async def pop(self, handle: str, service: str, now: float) -> Session | None:
+        """Delete the session for ``handle`` everywhere; return it, raw ID token included, if
+        it was live for ``service``."""
+        key = _handle_key(handle)
+        if key is None:
+            return None
+        self._forget([key])
+        skey = self._skey(key)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hmget(skey, ["d", "l", "t"])
+        pipe.delete(skey)
+        pipe.zrem(self._all, _hex(key))
+        self._publish(pipe, [key])
+        results = await self._call("pop", pipe.execute())
+        try:
+            session = _decode(*results[0])
+        except (ValueError, TypeError, KeyError):
+            return None
+        if session is None:
+            return None
+        return session if self._life.verdict(session, service, now) is _Verdict.LIVE else None
+
+    async def delete_matching(
+        self, *, issuer: str, sub: str | None = None, sid: str | None = None
+    ) -> int:
+        """Back-channel logout: delete the sessions of ``issuer`` with this ``sub`` and/or
+        ``sid`` on every enforcer; return how many."""
+        _check_selector(sub, sid)
+        self._forget(self._cache.keys_where(lambda e: self._cache.entry_matches(e, issuer, sub, sid)))
+        index = (
+            f"{self._prefix}i:{_index_id(issuer, sid)}" if sid is not None
+            else f"{self._prefix}u:{_index_id(issuer, sub or '')}"
+        )
+        members = sorted(await self._call("delete_matching", self._redis.smembers(index)))
+        if not members:
+            return 0
+        pipe = self._redis.pipeline(transaction=False)
+        for m in members:
+            pipe.hmget(f"{self._prefix}s:{m.decode()}", ["d", "l"])
+        rows = await self._call("delete_matching", pipe.execute())
+        doomed: list[bytes] = []
+        gone: list[bytes] = []
+        for m, (d, last) in zip(members, rows, strict=True):
+            try:
+                s = _decode(d, last)
+            except (ValueError, TypeError, KeyError):
+                s = None
+            if s is None:
+                gone.append(m)
+            elif _matches(s, issuer, sub, sid):
+                doomed.append(bytes.fromhex(m.decode()))
+        if gone:
+            await self._call("delete_matching", self._redis.srem(index, *gone))
+        return await self._delete_keys(doomed) if doomed else 0
+
+    async def count(self) -> int:
+        """Number of stored sessions (the ``all`` index, after dropping expired entries)."""
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.zremrangebyscore(self._all, "-inf", time.time())
+        pipe.zcard(self._all)
+        results = await self._call("count", pipe.execute())
+        return int(results[1])
+
+    async def purge_expired(self, now: float) -> int:
+        """Redis expires sessions by itself; this drops their entries from the ``all`` index
+        and returns how many."""
+        return int(await self._call("purge", self._redis.zremrangebyscore(self._all, "-inf", now)))
+
+    def retain_services(self, services: frozenset[str]) -> int:
+        """After a reload: forget the cached sessions of services no longer defined."""
+        return self._cache.retain_services(services)
+
+    # -- pending logins (login.PendingBackend) -------------------------------------------------
+
+    def _pkey(self, state: str) -> str:
+        return f"{self._prefix}p:{hashlib.sha256(state.encode('utf-8', 'surrogatepass')).hexdigest()}"
+
+    async def put_pending(self, state: str, data: str, created: float, *, max_pending: int) -> None:
+        """Remember a pending login under ``state`` for every enforcer (Redis expires it;
+        ``max_pending`` is left to Redis' memory limit)."""
+        self._check_up()
+        value = json.dumps([created, data], separators=(",", ":"))
+        await self._call("put_pending", self._redis.set(self._pkey(state), value, ex=PENDING_KEEP))
+
+    async def take_pending(self, state: str, now: float, ttl: float) -> str | None:
+        """Consume the pending login for ``state`` once (``GETDEL``, atomic across the fleet);
+        None when unknown or older than ``ttl`` seconds."""
+        self._check_up()
+        raw = await self._call("take_pending", self._redis.getdel(self._pkey(state)))
+        if raw is None:
+            return None
+        try:
+            created, data = json.loads(raw)
+            if not isinstance(data, str):
+                return None
+            return data if now - _num(created) <= ttl else None
+        except (ValueError, TypeError):
+            return None
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    async def check(self) -> str:
+        """``enforcer check``/``doctor``: PING, then write, read and delete a probe key under the
+        prefix (so the ACL user's rights are tested too); ``"ok"`` or SessionStoreUnavailable."""
+        await self._call("ping", self._redis.ping())
+        probe = f"{self._prefix}probe:{new_handle()[:16]}"
+        await self._call("write", self._redis.set(probe, b"1", ex=10))
+        if await self._call("read", self._redis.getdel(probe)) != b"1":
+            raise SessionStoreUnavailable("Redis did not return the probe key")
+        return "ok"
+
+    async def close(self) -> None:
+        """Stop the watcher (it ends at its next turn) and close the connections."""
+        self._closed = True
+        self._fresh_until = -1.0
+        self._cache.clear()
+        with contextlib.suppress(Exception):
+            await self._redis.aclose()
+
+
+def _lean(session: Session) -> Session:
+    """The copy the cache keeps, as the SQLite store's: no raw ID token, and the strings many
+    sessions repeat (service, issuer, tags) interned."""
+    return dataclasses.replace(
+        session, service=sys.intern(session.service), issuer=sys.intern(session.issuer),
+        tags=frozenset(sys.intern(t) for t in session.tags), id_token="",
+    )

@@ -1,0 +1,468 @@
+"""The Redis session store against a real redis-server (Debian's), alone and behind two Gates.
+
+Every test starts its own redis-server on a unix socket (or TLS on loopback) in a temp dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from enforcer.config.settings import DaemonModel
+from enforcer.errors import Reason
+from enforcer.http.certs import CertStore
+from enforcer.identity import login
+from enforcer.identity.redis import RedisConfig, RedisSessionStore, SessionStoreUnavailable
+from enforcer.identity.sessions import Session
+from enforcer.run import daemon
+from tests.harness.gate import CLIENT_ID, ISSUER, NOW, Answer, GateRig, sign
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server (scripts/setup)")
+
+PASSWORD = "s3cret-redis-password"
+STALENESS = 1.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server process of its own: unix socket, or TLS on a loopback port; an ACL user
+    ``enforcer`` (password :data:`PASSWORD`, keys and channels ``enforcer:*`` only) and the
+    default user off. No persistence: a restart starts empty."""
+
+    def __init__(self, tls: CertStore | None = None) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="redis-"))
+        self.sock = self.dir / "redis.sock"
+        self.password_file = self.dir / "password"
+        self.password_file.write_text(PASSWORD + "\n")
+        self.tls = tls
+        self.port = _free_port() if tls is not None else 0
+        lines = [
+            "port 0", f"unixsocket {self.sock}", "unixsocketperm 700", f"dir {self.dir}", 'save ""',
+            "appendonly no", "user default off",
+            f"user enforcer on >{PASSWORD} ~enforcer:* &enforcer:* +@all -@dangerous",
+        ]
+        if tls is not None:
+            leaf = tls.ensure_leaf("redis", ["localhost"], ["127.0.0.1"])
+            (self.dir / "ca.pem").write_bytes(tls.ca_pem())
+            lines += [f"tls-port {self.port}", f"tls-cert-file {leaf.cert}", f"tls-key-file {leaf.key}",
+                      f"tls-ca-cert-file {self.dir / 'ca.pem'}", "tls-auth-clients no"]
+        (self.dir / "redis.conf").write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def config(self, **changes: Any) -> RedisConfig:
+        url = f"rediss://localhost:{self.port}" if self.tls is not None else f"unix://{self.sock}"
+        base = RedisConfig(url=url, username="enforcer", password_file=self.password_file, timeout=0.2,
+                           staleness=STALENESS, ca_file=self.dir / "ca.pem" if self.tls is not None else None)
+        return dataclasses.replace(base, **changes)
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["redis-server", str(self.dir / "redis.conf")], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(self.sock))
+                return
+            time.sleep(0.01)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+        self.sock.unlink(missing_ok=True)
+
+    def pause(self, paused: bool) -> None:
+        """SIGSTOP / SIGCONT: a Redis that accepts connections and never answers."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
+    def cli(self, *args: str) -> str:
+        out = subprocess.run(["redis-cli", "-s", str(self.sock), "--user", "enforcer", "--pass", PASSWORD,
+                              "--no-auth-warning", *args], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    srv = RedisServer()
+    srv.start()
+    yield srv
+    if srv.proc is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(srv.proc.pid, signal.SIGCONT)
+    srv.stop()
+    shutil.rmtree(srv.dir, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def watched(config: RedisConfig, **kw: Any) -> AsyncIterator[RedisSessionStore]:
+    """A store with its watcher running; waits until its cache is fresh (or 2 s)."""
+    store = RedisSessionStore(config, idle_timeout=kw.pop("idle_timeout", 3600), **kw)
+    task = asyncio.create_task(store.watch())
+    await until(store.fresh, 2.0)
+    try:
+        yield store
+    finally:
+        await store.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def until(cond: Callable[[], bool], limit: float) -> float:
+    """Poll ``cond`` every ms; the seconds it took (``limit`` + 1 if it never held)."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        if cond():
+            return time.monotonic() - start
+        await asyncio.sleep(0.001)
+    return limit + 1
+
+
+def make_session(**changes: Any) -> Session:
+    """A live session of "app" starting now (real time: Redis expires keys by the real clock)."""
+    now = time.time()
+    base = Session(service="app", issuer=ISSUER, sub="alice", email="alice@example.com", username="alice",
+                   tags=frozenset({"email=alice@example.com", "groups=staff"}), sid="sid-1",
+                   id_token="header.payload.signature", created=now, last_seen=now, expires=now + 8 * 3600)
+    return dataclasses.replace(base, **changes)
+
+
+# ------------------------------------------------------------------ the store on its own
+
+
+async def test_session_round_trip_keyed_by_hash_with_native_ttl(server: RedisServer) -> None:
+    """A created session is read back equal (ID token only from pop), stored under the handle's hash with a TTL."""
+    async with watched(server.config()) as store:
+        s = make_session()
+        handle = await store.create(s)
+        got = await store.get(handle, "app", time.time())
+        assert got == dataclasses.replace(s, id_token="")
+        keys = server.cli("--scan", "--pattern", "enforcer:s:*").split()
+        assert len(keys) == 1 and handle not in keys[0]
+        ttl = int(server.cli("PTTL", keys[0]))
+        assert 0 < ttl <= 3600 * 1000  # min(expires, last_seen + idle_timeout)
+        assert await store.get(handle, "other", time.time()) is None
+        assert await store.count() == 1
+        assert await store.pop(handle, "app", time.time()) == s
+        assert await store.get(handle, "app", time.time()) is None
+        assert await store.count() == 0
+
+
+async def test_touch_slides_last_seen_and_ttl_but_never_recreates(server: RedisServer) -> None:
+    """A due touch writes last_seen and the TTL to Redis; a touch of a deleted session does not bring it back."""
+    async with watched(server.config(), touch_interval=10) as store, watched(server.config()) as other:
+        s = make_session(last_seen=time.time() - 100)
+        handle = await store.create(s)
+        touched = await store.get(handle, "app", time.time())
+        assert touched is not None and touched.last_seen > s.last_seen
+        [key] = server.cli("--scan", "--pattern", "enforcer:s:*").split()
+        assert float(server.cli("HGET", key, "l")) == touched.last_seen
+        await other.delete(handle)
+        assert await store.get(handle, "app", time.time() + 100) is None
+        assert server.cli("EXISTS", key) == "0"
+
+
+async def test_pending_login_is_taken_once_by_any_enforcer(server: RedisServer) -> None:
+    """A pending login stored by one enforcer is taken by another exactly once, and not after its TTL."""
+    async with watched(server.config()) as a, watched(server.config()) as b:
+        await a.put_pending("state-1", "data-1", time.time(), max_pending=10)
+        assert await b.take_pending("state-1", time.time(), 600) == "data-1"
+        assert await a.take_pending("state-1", time.time(), 600) is None
+        await a.put_pending("state-2", "data-2", time.time() - 700, max_pending=10)
+        assert await b.take_pending("state-2", time.time(), 600) is None
+        assert server.cli("--scan", "--pattern", "enforcer:p:*") == ""
+
+
+@pytest.mark.parametrize(("selector", "ended"), [({"sid": "sid-1"}, {"a1"}), ({"sub": "alice"}, {"a1", "a2"})])
+async def test_delete_matching_ends_exactly_the_named_sessions(
+    server: RedisServer, selector: dict[str, str], ended: set[str]
+) -> None:
+    """Back-channel logout by sid ends that IdP session's sessions, by sub every session of the user, no others."""
+    async with watched(server.config()) as store:
+        handles = {
+            "a1": await store.create(make_session()),
+            "a2": await store.create(make_session(sid="sid-2")),
+            "b": await store.create(make_session(sub="bob", sid="sid-3")),
+        }
+        assert await store.delete_matching(issuer=ISSUER, **selector) == len(ended)
+        alive = {n for n, h in handles.items() if await store.get(h, "app", time.time()) is not None}
+        assert alive == set(handles) - ended
+
+
+async def test_max_sessions_evicts_the_session_nearest_its_end(server: RedisServer) -> None:
+    """Beyond max_sessions the session closest to its deadline goes, on every enforcer."""
+    async with watched(server.config(), max_sessions=2) as store:
+        old = await store.create(make_session(last_seen=time.time() - 1000))
+        mid = await store.create(make_session())
+        new = await store.create(make_session())
+        assert await store.get(old, "app", time.time()) is None
+        assert await store.get(mid, "app", time.time()) is not None
+        assert await store.get(new, "app", time.time()) is not None
+        assert await store.count() == 2
+
+
+async def test_revocation_reaches_the_other_cache_within_the_bound(server: RedisServer) -> None:
+    """A logout (pop) and a back-channel logout on one enforcer stop the other's cache hits well within 1 s."""
+    async with watched(server.config()) as a, watched(server.config()) as b:
+        delays = []
+        for how in ("pop", "delete_matching"):
+            handle = await a.create(make_session())
+            assert await b.get(handle, "app", time.time()) is not None
+            assert b.get_cached(handle, "app", time.time()) is not None  # served from b's cache
+            if how == "pop":
+                await a.pop(handle, "app", time.time())
+            else:
+                await a.delete_matching(issuer=ISSUER, sid="sid-1")
+            delays.append(await until(lambda h=handle: b.get_cached(h, "app", time.time()) is None, 2.0))
+            assert await b.get(handle, "app", time.time()) is None
+        print(f"revocation delay (pub/sub) pop={delays[0] * 1000:.1f} ms, back-channel={delays[1] * 1000:.1f} ms")
+        assert max(delays) < STALENESS
+
+
+async def test_unresponsive_redis_fails_closed_and_recovers(server: RedisServer) -> None:
+    """Redis frozen: an unknown session raises unavailable, a cached one is served at most `staleness` longer; thawed: all resume."""
+    async with watched(server.config()) as store, watched(server.config()) as other:
+        cached = await store.create(make_session())
+        unknown = await other.create(make_session(sub="bob"))  # never in this store's cache
+        server.pause(True)
+        try:
+            paused_at = time.monotonic()
+            with pytest.raises(SessionStoreUnavailable) as info:
+                await store.get(unknown, "app", time.time())
+            assert info.value.reason is Reason.SESSION_STORE_UNAVAILABLE and info.value.status == 503
+            await until(lambda: store.get_cached(cached, "app", time.time()) is None, 3.0)
+            served_for = time.monotonic() - paused_at
+            print(f"cached session served for {served_for * 1000:.0f} ms after Redis froze")
+            assert served_for <= STALENESS + 0.1
+            with pytest.raises(SessionStoreUnavailable):
+                await store.get(cached, "app", time.time())
+            with pytest.raises(SessionStoreUnavailable):
+                await store.put_pending("s", "d", time.time(), max_pending=10)
+            assert store.problem is not None
+        finally:
+            server.pause(False)
+        recovered = await until(store.fresh, 5.0)
+        assert recovered < 5.0 and store.problem is None
+        assert await store.get(unknown, "app", time.time()) is not None
+        assert await store.get(cached, "app", time.time()) is not None
+
+
+async def test_restarted_redis_is_used_again_without_a_restart(server: RedisServer) -> None:
+    """Redis killed: calls fail closed and the metric hook hears it; restarted (empty): new logins work again."""
+    states: list[bool] = []
+    async with watched(server.config(), on_state=states.append) as store:
+        handle = await store.create(make_session())
+        server.stop()
+        assert await until(lambda: not store.fresh(), 2.0) <= STALENESS
+        assert store.get_cached(handle, "app", time.time()) is None
+        with pytest.raises(SessionStoreUnavailable):
+            await store.create(make_session())
+        server.start()
+        assert await until(store.fresh, 5.0) < 5.0
+        assert await store.get(handle, "app", time.time()) is None  # no persistence: gone, never trusted
+        fresh = await store.create(make_session())
+        assert await store.get(fresh, "app", time.time()) is not None
+        assert states == [True, False, True]
+
+
+async def test_tls_and_acl_user(tmp_path: Path) -> None:
+    """rediss:// with the CA from enforcer's CertStore and the ACL user works; a wrong password or an untrusted CA does not."""
+    srv = RedisServer(tls=CertStore(tmp_path / "state"))
+    srv.start()
+    try:
+        async with watched(srv.config()) as store:
+            assert store.fresh()
+            handle = await store.create(make_session())
+            assert await store.get(handle, "app", time.time()) is not None
+            assert await store.check() == "ok"
+        (tmp_path / "wrong").write_text("not-the-password\n")
+        other_ca = CertStore(tmp_path / "other")
+        (tmp_path / "other.pem").write_bytes(other_ca.ca_pem())
+        for bad in ({"password_file": tmp_path / "wrong"}, {"ca_file": tmp_path / "other.pem"},
+                    {"key_prefix": "other:"}):
+            store = RedisSessionStore(srv.config(**bad), idle_timeout=3600)
+            try:
+                with pytest.raises(SessionStoreUnavailable):
+                    await store.check()
+            finally:
+                await store.close()
+    finally:
+        srv.stop()
+        shutil.rmtree(srv.dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ config and daemon
+
+
+def test_settings_need_a_redis_section_and_build_the_store(server: RedisServer) -> None:
+    """store: redis without redis: is refused; with it the daemon builds a RedisSessionStore from the settings."""
+    with pytest.raises(ValueError, match="redis"):
+        DaemonModel.model_validate({"definitions": [{"file": "/x"}], "sessions": {"store": "redis"}})
+    with pytest.raises(ValueError, match="exactly one"):
+        DaemonModel.model_validate({"definitions": [{"file": "/x"}], "sessions": {
+            "store": "redis", "redis": {"url": "redis://h", "sentinels": ["h:26379"]}}})
+    model = DaemonModel.model_validate({"definitions": [{"file": "/x"}], "sessions": {"store": "redis", "redis": {
+        "url": f"unix://{server.sock}", "username": "enforcer", "passwordFile": str(server.password_file),
+        "keyPrefix": "fleet1:", "db": 2, "timeout": "300ms", "staleness": "1s"}}})
+    store = daemon.session_store(model, shared=False)
+    assert isinstance(store, RedisSessionStore)
+    assert store.config.key_prefix == "fleet1:" and store.config.db == 2 and store.config.timeout == 0.3
+    sentinel = daemon.redis_config(DaemonModel.model_validate({"definitions": [{"file": "/x"}], "sessions": {
+        "store": "redis", "redis": {"sentinels": ["10.0.0.1:26379", "[::1]:26380"], "sentinelMaster": "m"}}})
+        .sessions.redis)  # type: ignore[arg-type]
+    assert sentinel.sentinels == (("10.0.0.1", 26379), ("::1", 26380))
+    asyncio.run(store.close())
+
+
+# ------------------------------------------------------------------ two Gates, one Redis
+
+
+class FleetRig(GateRig):
+    """A GateRig whose gate uses a Redis store (and pending logins in Redis)."""
+
+    def __init__(self, store: RedisSessionStore, provider: Any = None) -> None:
+        super().__init__(provider)
+        self.gate.store = store
+        self.gate.shared_logins = login.SharedTransactionStore(store, ttl=600)
+        self.redis = store
+
+
+def _session_cookie(answer: Answer) -> str:
+    [value] = [c.split(";", 1)[0] for c in answer.set_cookies() if c.startswith("__Host-enforcer-")
+               and "enforcertx" not in c]
+    return value
+
+
+async def _sign_in(start: FleetRig, finish: FleetRig) -> str:
+    """Log in starting at one enforcer, the IdP sending the browser back to the other: the session cookie."""
+    started = await start.begin()
+    finish.provider.nonces["the-code"] = started.nonce
+    answer = await finish.callback(started)
+    assert answer.status == 302, answer.flow.reason
+    return _session_cookie(answer)
+
+
+def _logout_token(**claims: Any) -> str:
+    body = {"iss": ISSUER, "aud": CLIENT_ID, "iat": int(NOW), "exp": int(NOW) + 120, "jti": "j1",
+            "events": {"http://schemas.openid.net/event/backchannel-logout": {}}, **claims}
+    return sign(body, header={"typ": "logout+jwt"})
+
+
+class _Body:
+    """The request body stream Gate reads (``content.read``)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def read(self, n: int = -1) -> bytes:
+        out, self.data = self.data[:n], self.data[n:]
+        return out
+
+
+async def _backchannel(rig: FleetRig, token: str) -> Answer:
+    from aiohttp.test_utils import make_mocked_request  # noqa: PLC0415
+    body = urllib.parse.urlencode({"logout_token": token}).encode()
+    request = make_mocked_request("POST", "/oauth2/logout/backchannel", headers={
+        "Host": "app.example.com", "Content-Type": "application/x-www-form-urlencoded",
+        "Content-Length": str(len(body))}, payload=_Body(body))
+    response = await rig.gate.handle(request)
+    return Answer(response, rig.flowlog.records[-1])
+
+
+@pytest.mark.parametrize("how", ["logout", "backchannel"])
+async def test_logout_on_one_gate_is_refused_on_the_other_within_a_second(server: RedisServer, how: str) -> None:
+    """Signed in through A (callback on B); served by both; logout (or back-channel logout) on A: B refuses within 1 s."""
+    async with watched(server.config()) as ra, watched(server.config()) as rb:
+        a, b = FleetRig(ra), FleetRig(rb)
+        b.provider = a.provider
+        b.gate.runtime.providers["app"] = a.provider
+        cookie = await _sign_in(a, b)
+        for rig in (a, b):
+            answer = await rig.request("GET", "/private", {"Cookie": cookie, "Accept": "text/html"})
+            assert answer.status == 200, answer.flow.reason
+        assert rb.get_cached(cookie.split("=", 1)[1], "app", b.now) is not None  # B answers from its cache
+        if how == "logout":
+            answer = await a.request("POST", "/oauth2/logout", {"Cookie": cookie, "Origin": "https://app.example.com"})
+            assert answer.flow.reason == Reason.LOGOUT
+        else:
+            answer = await _backchannel(a, _logout_token(sid="idp-session"))
+            assert answer.status == 200, answer.flow.reason
+        t0 = time.monotonic()
+        handle = cookie.split("=", 1)[1]
+        await until(lambda: rb.get_cached(handle, "app", b.now) is None, 2.0)
+        refused = await b.request("GET", "/private", {"Cookie": cookie, "Accept": "text/html"})
+        delay = time.monotonic() - t0
+        print(f"{how} on A refused on B after {delay * 1000:.1f} ms")
+        assert refused.status == 302 and refused.flow.reason != Reason.SESSION_STORE_UNAVAILABLE
+        assert delay < 1.0
+        assert len(b.upstream.targets) == 1  # only the request before the logout reached the app
+
+
+async def test_gate_with_redis_down_never_forwards_an_unknown_session(server: RedisServer) -> None:
+    """Redis down: a new login gets the 503 page, an unknown session is refused with 503; none reaches the app."""
+    async with watched(server.config()) as store, watched(server.config()) as other:
+        rig = FleetRig(store)
+        unknown = await other.create(make_session(expires=NOW + 3600, created=NOW, last_seen=NOW))
+        server.stop()
+        await until(lambda: not store.fresh(), 2.0)
+        new = await rig.request("GET", "/private", {"Accept": "text/html"})
+        assert new.status == 503 and new.flow.reason == Reason.SESSION_STORE_UNAVAILABLE
+        assert b"Sign-in unavailable" in new.response.body  # type: ignore[attr-defined]
+        stale = await rig.request("GET", "/private", {"Cookie": f"__Host-enforcer-app={unknown}"})
+        assert stale.status == 503 and stale.flow.reason == Reason.SESSION_STORE_UNAVAILABLE
+        assert rig.upstream.targets == []
+        server.start()
+        await until(store.fresh, 5.0)
+        again = await rig.request("GET", "/private", {"Accept": "text/html"})
+        assert again.status == 302
+
+
+
+async def test_check_and_doctor_test_the_connection(server: RedisServer, tmp_path: Path) -> None:
+    """check/doctor: "ok" with a reachable Redis and the ACL user, the reason when not, nothing for SQLite."""
+    import io  # noqa: PLC0415
+
+    from enforcer.cli import doctor  # noqa: PLC0415
+    from enforcer.config.settings import Settings  # noqa: PLC0415
+
+    def settings(**redis: Any) -> Settings:
+        r = {"url": f"unix://{server.sock}", "username": "enforcer", "passwordFile": str(server.password_file),
+             "timeout": "200ms", **redis}
+        return Settings(path=tmp_path / "enforcer.yaml", model=DaemonModel.model_validate(
+            {"definitions": [{"file": "/x"}], "sessions": {"store": "redis", "redis": r}}))
+
+    assert await daemon.check_session_store(DaemonModel.model_validate({"definitions": [{"file": "/x"}]})) is None
+    assert await daemon.check_session_store(settings().model) == "ok"
+    (tmp_path / "bad").write_text("wrong\n")
+    denied = await daemon.check_session_store(settings(passwordFile=str(tmp_path / "bad")).model)
+    assert denied is not None and denied != "ok"
+    missing = await daemon.check_session_store(settings(passwordFile=str(tmp_path / "none")).model)
+    assert missing is not None and "passwordFile" in missing
+    report = doctor.Report(io.StringIO())
+    await doctor._check_sessions(report, settings())
+    assert report.failures == 0 and "reachable" in report.lines[0]
+    server.stop()
+    report = doctor.Report(io.StringIO())
+    await doctor._check_sessions(report, settings())
+    assert report.failures == 1 and "FAIL" in report.lines[0]
