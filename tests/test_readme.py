@@ -25,13 +25,13 @@ def printed_enforcer_commands(page: Path) -> list[str]:
     """Each `enforcer …` command a page prints: the lines of its sh blocks and the `$ ` lines of its other blocks."""
     commands = []
     for language, body in _blocks(page.read_text(encoding="utf-8")):
-        for line in body.replace("\\\n", " ").splitlines():
-            line = line.strip()
-            if language != "sh" and not line.startswith("$ "):
+        for raw in body.replace("\\\n", " ").splitlines():
+            text = raw.strip()
+            if language != "sh" and not text.startswith("$ "):
                 continue
-            line = re.sub(r"\s+#.*$", "", PREFIX.sub("", line, count=1)).strip()
-            if line.startswith("enforcer "):
-                commands.append(re.split(r"\s+[|>]\s*", line, maxsplit=1)[0])
+            command = re.sub(r"\s+#.*$", "", PREFIX.sub("", text, count=1)).strip()
+            if command.startswith("enforcer "):
+                commands.append(re.split(r"\s+[|>]\s*", command, maxsplit=1)[0])
     return commands
 
 
