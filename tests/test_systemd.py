@@ -91,3 +91,15 @@ def test_block_unit_runs_before_the_network_and_the_daemon() -> None:
     daemon = UNIT.read_text()
     assert re.search(r"^Wants=.*\benforcer-block\.service\b", daemon, re.MULTILINE)
     assert re.search(r"^After=.*\benforcer-block\.service\b", daemon, re.MULTILINE)
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
+def test_documentation_names_a_page_that_install_ships(unit: Path) -> None:
+    """Each unit's Documentation= is a file under /usr/share/doc/enforcer that scripts/install copies from the checkout."""
+    [line] = [ln for ln in unit.read_text().splitlines() if ln.startswith("Documentation=")]
+    install = (REPO / "scripts" / "install").read_text()
+    for uri in line.split("=", 1)[1].split():
+        assert uri.startswith("file:/usr/share/doc/enforcer/"), uri
+        name = uri.removeprefix("file:/usr/share/doc/enforcer/")
+        assert (REPO / name).is_file(), uri
+        assert re.search(rf"^install -m 0644 .*\b{re.escape(name)}\b.*\"\$doc/\"$", install, re.MULTILINE), name

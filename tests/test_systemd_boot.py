@@ -42,9 +42,10 @@ pytestmark = [pytest.mark.root, pytest.mark.e2e, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("ENFORCER_TEST_CACHE", "/var/cache/enforcer-test"))
 SUITE = "bookworm"
-# procps: /bin/kill for ExecReload (on every Debian host, but not in a minbase debootstrap)
-PACKAGES = ("systemd", "systemd-sysv", "dbus", "iproute2", "nftables", "procps", "python3", "python3-venv")
-RECIPE_VERSION = 1  # bump to force a rebuild when the recipe below changes
+# procps: /bin/kill for ExecReload; sudo and curl: the README's host commands are run as printed
+# (all three on a typical Debian host, none in a minbase debootstrap)
+PACKAGES = ("systemd", "systemd-sysv", "dbus", "iproute2", "nftables", "procps", "python3", "python3-venv", "sudo", "curl")
+RECIPE_VERSION = 2  # bump to force a rebuild when the recipe below changes
 HOST_PACKAGES = {"systemd-nspawn": "systemd-container", "debootstrap": "debootstrap"}
 
 SYSD_IP, CLI_IP = "10.251.0.1", "10.251.0.2"
@@ -494,7 +495,58 @@ async def boot(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncI
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+README = REPO / "README.md"
+HOST_SECTION = "## Run it on a host (systemd)"
+# commands of that section that need the checkout: run on the host, here as their documented
+# `--root` form (the fixture's install, test_uninstall_keeps_the_config)
+FROM_THE_CHECKOUT = ("sudo scripts/install", "sudo scripts/uninstall")
+
+
+def readme_host_commands() -> list[str]:
+    """Every command of the README's systemd section's ```sh blocks, in order, without comments."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split(f"\n{HOST_SECTION}\n", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"^```sh\n(.*?)^```", section, re.MULTILINE | re.DOTALL):
+        for line in block.splitlines():
+            command = re.sub(r"\s+#.*$", "", line).strip()  # a `#` after a space starts a comment
+            if command and not command.startswith("#"):
+                commands.append(command)
+    return commands
+
+
 # ---------------------------------------------------------------- the tests, in order
+
+
+async def test_readme_host_commands_work_as_printed(boot: Boot) -> None:
+    """Each command the README's systemd section prints (check, start, doctor, operate) succeeds as printed in the booted system."""
+    commands = readme_host_commands()
+    in_container = [c for c in commands if c not in FROM_THE_CHECKOUT]
+    assert commands[0] == "sudo scripts/install", commands  # the fixture ran it as `--root`, into the rootfs
+    assert [c.split()[1:3] for c in in_container[:3]] == [["enforcer", "check"], ["systemctl", "start"], ["enforcer", "doctor"]]
+    outputs = {}
+    for i, command in enumerate(in_container):
+        if i == 3:  # started and checked; the Operate commands are for a host that has served requests
+            ca = (await boot.sh("cat /var/lib/enforcer/ca/ca.crt")).out
+            boot.ca_bundle.write_text(ca + boot.op.ca_pem.decode())
+            assert (await boot.client("get", "/"))["status"] == 302
+        res = await boot.sh(command, check=False, timeout=120)
+        assert res.rc == 0, f"{command} -> {res.rc}\n{res.out[-2000:]}\n{res.err[-2000:]}\n{(await boot.journal())[-2000:]}"
+        assert "Traceback" not in res.out + res.err, (command, res.err[-2000:])
+        outputs[command] = res.out
+    for command, out in outputs.items():
+        words = command.split()
+        if words[1:3] == ["enforcer", "check"]:
+            assert "/etc/enforcer/enforcer.yaml: OK" in out and f"redirect URI https://{HOST}/oauth2/callback" in out, out
+        elif words[1:3] == ["enforcer", "doctor"]:
+            assert "FAIL" not in out and "nftables" in out, out
+    assert (await boot.show("ActiveState"))["ActiveState"] == "active"
+    # the unit's Documentation= is installed with it
+    docs = (await boot.sh("systemctl show -P Documentation enforcer.service enforcer-block.service")).out.split()
+    assert docs and all(uri.startswith("file:/") for uri in docs), docs
+    for uri in set(docs):
+        assert (boot.merged / uri.removeprefix("file:/")).is_file(), uri
+
 
 
 async def test_start_becomes_active_via_ready(boot: Boot) -> None:
@@ -723,6 +775,7 @@ async def test_uninstall_keeps_the_config(boot: Boot) -> None:
     assert not (root / "etc/systemd/system/sysinit.target.wants/enforcer-block.service").is_symlink()
     assert not (root / "etc/logrotate.d/enforcer").exists()
     assert not (root / "opt/enforcer").exists()
+    assert not (root / "usr/share/doc/enforcer").exists()
     assert (root / "etc/enforcer/enforcer.yaml").read_text() == CONFIG
     assert (root / "etc/enforcer/definitions.d/app.yaml").exists()
     assert (root / "var/lib/private/enforcer/ca/ca.crt").exists()  # state kept too
