@@ -68,7 +68,10 @@ def failure(flow: FlowRecord, exc: BaseException, metrics: Metrics) -> tuple[int
     """Record why answering failed: (status for the flow record, page for the client or None).
 
     * the app failed (:class:`errors.UpstreamError`): its error page, counted per service;
-    * the client went away (``ConnectionResetError``): client status 499, nothing to send;
+    * the client's body was cut (:class:`errors.ClientBodyError`: too slow, too many uploads
+      from its address): its page (408, 429), and the connection closes;
+    * the client went away (``ConnectionResetError``, also while its body was being read):
+      client status 499, nothing to send;
     * anything else is our bug: logged, a 500 page that closes the connection."""
     if isinstance(exc, errors.UpstreamError):
         flow.record(decision=Outcome.ERROR, reason=exc.reason, endpoint=flow.endpoint, user=flow.user)
@@ -79,6 +82,9 @@ def failure(flow: FlowRecord, exc: BaseException, metrics: Metrics) -> tuple[int
             close=exc.status == 413,  # the rest of the request body is not read
         )
         return exc.status, page
+    if isinstance(exc, errors.ClientBodyError):
+        flow.record(decision=flow.decision, reason=exc.reason, endpoint=flow.endpoint, user=flow.user)
+        return exc.status, pages.error_page(exc.status, exc.reason, flow.flow_id, close=True)
     if isinstance(exc, ConnectionResetError):
         # the client went away while we were answering: not our error, nothing to send
         flow.record(decision=flow.decision, reason=Reason.CLIENT_ABORTED, endpoint=flow.endpoint)
