@@ -24,8 +24,7 @@ grep for a code finds every place that writes it. The members, by the step that 
     ├── id_token      checking the ID token: id_token_*
     ├── logout_token  checking a back-channel logout token: logout_token_*
     ├── logout        logout, logout_confirm, backchannel_*
-    ├── upstream      forwarding to the app: upstream_*, client_aborted, response_too_slow,
-    │                 internal_error
+    ├── upstream      forwarding to the app: upstream_*, client_aborted, internal_error
     ├── reload        a definitions reload: reload_*
     ├── operator      start-up and operations, never a request: certificate_error,
     │                 source_unavailable, redirect_error, config_invalid
@@ -225,7 +224,6 @@ class Reason(enum.StrEnum):
     UPSTREAM_BODY_TOO_LARGE = "upstream_body_too_large"
     UPSTREAM_WEBSOCKET_REFUSED = "upstream_websocket_refused"
     CLIENT_ABORTED = "client_aborted"
-    RESPONSE_TOO_SLOW = "response_too_slow"
     INTERNAL_ERROR = "internal_error"
 
     # reload: the flow record each definitions reload leaves

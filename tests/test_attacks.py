@@ -1664,8 +1664,8 @@ async def upload_cap(stack: Stack) -> AsyncIterator[Stack]:
         yield s
 
 
-async def test_x_lim_11_uploads_per_address_are_capped(upload_cap: Stack) -> None:
-    """X-LIM-11: with maxUploadsPerIP 3, a fourth body still arriving from one address gets 429 too_many_uploads and close; another address is served, and the slot returns when an upload ends."""
+async def test_x_lim_07_uploads_per_address_are_capped(upload_cap: Stack) -> None:
+    """X-LIM-07: with maxUploadsPerIP 3, a fourth body still arriving from one address gets 429 too_many_uploads and close; another address is served, and the slot returns when an upload ends."""
     stack = upload_cap
     tag = marker()
     held = [await Raw.open(stack, source="127.0.0.5") for _ in range(3)]
@@ -1724,8 +1724,8 @@ async def rate_limits(stack: Stack) -> AsyncIterator[Stack]:
         yield s
 
 
-async def test_x_lim_12_new_connections_per_address_are_rate_limited(rate_limits: Stack) -> None:
-    """X-LIM-12: one address opening 30 connections at once gets its burst of 10 served and the rest closed before TLS (one connection_rate flow record); another address is served, and the first is again after a second."""
+async def test_x_tls_08_new_connections_per_address_are_rate_limited(rate_limits: Stack) -> None:
+    """X-TLS-08/X-LIM-06: one address opening 30 connections at once gets its burst of 10 served and the rest closed before TLS (one connection_rate flow record); another address is served, and the first is again after a second."""
     stack = rate_limits
     results = [await _refused(stack, source="127.0.0.7") for _ in range(30)]
     assert results.count(False) in range(10, 13), results  # (the bucket refills at 5/s while we go)
@@ -1738,8 +1738,8 @@ async def test_x_lim_12_new_connections_per_address_are_rate_limited(rate_limits
     assert len(rows) == 1, rows
 
 
-async def test_x_lim_13_backchannel_logout_is_rate_limited(rate_limits: Stack) -> None:
-    """X-LIM-13: back-channel logout requests from one address beyond the burst get 429 backchannel_rate without any token check; another address still gets its token checked."""
+async def test_p_bcl_07_backchannel_logout_is_rate_limited(rate_limits: Stack) -> None:
+    """P-BCL-07: back-channel logout requests from one address beyond the burst get 429 backchannel_rate without any token check; another address still gets its token checked."""
     stack = rate_limits
     tag = marker()
 

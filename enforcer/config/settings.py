@@ -165,12 +165,8 @@ class LimitsModel(_Strict):
     first ``bodyGrace`` seconds on (and not while the enforcer is not reading); a slower one is
     cut with 408 ``body_too_slow`` (slow POST, X-LIM-07).  0 turns it off (``idleTimeout``
     still cuts a body that stalls)."""
-    responseMinRate: int = Field(default=240, ge=0)
-    """A client must take our answer at this many bytes per second on average while we have
-    bytes for it, after ``bodyGrace`` seconds (slow read, X-LIM-08); a slower one is cut
-    (``response_too_slow``).  0 turns it off (``writeTimeout`` still cuts a full stop)."""
     bodyGrace: Duration = 10.0
-    """Seconds a body (or an answer being read) may go below the minimum rates first."""
+    """Seconds a request body may stay below ``bodyMinRate`` first."""
     bodyBufferBytes: int = Field(default=64 << 10, ge=0, le=16 << 20)
     """A request body up to this size is read whole before an app connection is taken (a
     larger one once this much of it has come): a slow upload never holds one of the app's

@@ -202,7 +202,6 @@ REASON_TITLES: dict[str, str] = {
     Reason.UPSTREAM_BODY_TOO_LARGE: "Request too large",
     Reason.UPSTREAM_WEBSOCKET_REFUSED: "Application unavailable",
     Reason.CLIENT_ABORTED: "Request aborted",
-    Reason.RESPONSE_TOO_SLOW: "Answer not read",
     Reason.INTERNAL_ERROR: "Internal error",
     Reason.RELOAD_SUCCESS: "Definitions reloaded",
     Reason.RELOAD_LAST_KNOWN_GOOD: "Definitions reloaded",

@@ -90,16 +90,16 @@ Destination = tuple[str, int] | None
 class RateLimit:
     """Token buckets by client address: ``rate`` events a second after a burst of ``burst``
     (``rate`` 0: no limit).  Loopback addresses are not counted unless ``loopback``.  At most
-    :attr:`MAX_KEYS` addresses are kept (full buckets are dropped first), so a flood of source
+    ``max_keys`` addresses are kept (full buckets are dropped first), so a flood of source
     addresses cannot grow it without bound."""
 
-    MAX_KEYS = 65536
-
-    __slots__ = ("_buckets", "_clock", "burst", "loopback", "rate")
+    __slots__ = ("_buckets", "_clock", "burst", "loopback", "max_keys", "rate")
 
     def __init__(
-        self, rate: float, burst: int, *, loopback: bool = False, clock: Callable[[], float] = time.monotonic
+        self, rate: float, burst: int, *, loopback: bool = False, clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 65536,
     ) -> None:
+        self.max_keys = max_keys
         self.rate = rate
         self.burst = float(max(1, burst))
         self.loopback = loopback
@@ -116,7 +116,7 @@ class RateLimit:
         now = self._clock()
         bucket = self._buckets.get(ip)
         if bucket is None:
-            if len(self._buckets) >= self.MAX_KEYS:
+            if len(self._buckets) >= self.max_keys:
                 self._prune(now)
             self._buckets[ip] = [now, self.burst - 1.0, 0.0]
             return True
@@ -141,7 +141,7 @@ class RateLimit:
         full = [ip for ip, (last, tokens, _) in self._buckets.items() if tokens + (now - last) * rate >= burst]
         for ip in full:
             del self._buckets[ip]
-        if len(self._buckets) >= self.MAX_KEYS:
+        if len(self._buckets) >= self.max_keys:
             self._buckets.clear()  # (a flood of addresses each still in its burst: start over)
 
 
@@ -233,7 +233,6 @@ class Protocol(WriteDeadline, RequestHandler):
         write_timeout: float = 0.0,
         body_min_rate: float = 0.0,
         body_grace: float = 10.0,
-        response_min_rate: float = 0.0,
         destination: Destination = None,
         info: ConnectionInfo | None = None,
         **kwargs: Any,
@@ -242,8 +241,6 @@ class Protocol(WriteDeadline, RequestHandler):
         self._header_timeout = header_timeout
         self._body_timeout = body_timeout
         self._write_timeout = write_timeout
-        self._min_rate = response_min_rate
-        self._rate_grace = body_grace
         self._body_min_rate = body_min_rate
         self._body_grace = body_grace
         self._header_deadline = Deadline(loop, never)  # the real one from connection_made (no cycle before)
@@ -423,7 +420,6 @@ class Server(web.Server):
         max_per_ip: int = 512,
         body_min_rate: float = 0.0,
         body_grace: float = 10.0,
-        response_min_rate: float = 0.0,
         max_uploads_per_ip: int = 1 << 30,
         new_per_ip: RateLimit | None = None,
         **kwargs: Any,
@@ -434,11 +430,9 @@ class Server(web.Server):
         self.idle_timeout: float = kwargs.get("keepalive_timeout", 3630.0)  # (aiohttp's defaults)
         self.max_line_size: int = kwargs.get("max_line_size", 8190)
         self.max_headers: int = kwargs.get("max_headers", 128)
-        self.body_grace = body_grace
-        self.response_min_rate = response_min_rate
         self._timeouts = {
             "header_timeout": header_timeout, "body_timeout": body_timeout, "write_timeout": write_timeout,
-            "body_min_rate": body_min_rate, "body_grace": body_grace, "response_min_rate": response_min_rate,
+            "body_min_rate": body_min_rate, "body_grace": body_grace,
         }
         self.max_uploads_per_ip = max_uploads_per_ip
         self._uploads: dict[str, int] = {}
