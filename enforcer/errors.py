@@ -10,7 +10,8 @@ grep for a code finds every place that writes it. The members, by the step that 
 
     Reason
     ├── framing       the HTTP parser or the gate refused the bytes (400, 405, 413, 414, 431,
-    │                 501, 505): malformed_request, header_too_large, target_too_long, ...
+    │                 501, 505): malformed_request, header_too_large, target_too_long, ...;
+    │                 a client over a limit (408, 429): body_too_slow, too_many_uploads, ...
     ├── routing       SNI, Host and destination must name one service (400, 421): bad_host, ...
     ├── path          the request-target has no single canonical path (400, 414):
     │                 too_long, bad_target, bad_char, fragment, semicolon, encoded_*, ...
@@ -34,6 +35,7 @@ grep for a code finds every place that writes it. The members, by the step that 
     ├── OIDCError            identity.tokens   a login or logout-token step failed
     ├── SessionStoreError    identity.sessions the session store failed
     ├── UpstreamError        errors            the app could not be reached or answered garbage
+    ├── ClientBodyError      errors            a request body was cut (too slow, too many uploads)
     ├── CertError            http.certs        a certificate cannot be issued or loaded
     ├── SourceError          config.sources    a definitions source cannot be read
     ├── RedirectError        net.ruleset       the nftables redirect cannot be applied
@@ -64,6 +66,9 @@ class Reason(enum.StrEnum):
     ASTERISK_FORM = "asterisk_form"
     BODY_TOO_LARGE = "body_too_large"
     HEADER_TIMEOUT = "header_timeout"
+    BODY_TOO_SLOW = "body_too_slow"
+    TOO_MANY_UPLOADS = "too_many_uploads"
+    CONNECTION_RATE = "connection_rate"
 
     # routing: which service the request is for
     BAD_HOST = "bad_host"
@@ -210,6 +215,7 @@ class Reason(enum.StrEnum):
     BACKCHANNEL_TOO_LARGE = "backchannel_too_large"
     BACKCHANNEL_MALFORMED = "backchannel_malformed"
     BACKCHANNEL_NO_TOKEN = "backchannel_no_token"
+    BACKCHANNEL_RATE = "backchannel_rate"
 
     # upstream: forwarding to the app (UpstreamError), and the request's own end
     UPSTREAM_CONNECT = "upstream_connect"
@@ -307,3 +313,9 @@ class UpstreamError(EnforcerError):
         # str: callers in http/ still pass the bare kind; UpstreamKind() refuses any other text
         self.kind = UpstreamKind(kind)
         super().__init__(UPSTREAM_REASONS[self.kind], status, self.kind.value)
+
+
+class ClientBodyError(EnforcerError):
+    """A request body the enforcer stopped reading: it came in below ``limits.bodyMinRate``
+    (``body_too_slow``, 408) or its address has too many uploads open (``too_many_uploads``,
+    429).  Set on the body stream by :mod:`enforcer.http.server`, so whoever reads it raises."""

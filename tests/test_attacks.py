@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import ssl
@@ -1545,3 +1546,226 @@ async def test_strip_headers_setting_extends_the_rule_on_both_paths(stack: Stack
             assert fast is lean
             assert [(k, v) for k, v in seen.headers if v == "EVIL"] == []
             assert seen.header("X-Keep") == ["ok"]
+
+
+# ------------------------------------------------------------------ slow clients (issue 19, item 2)
+
+
+async def _trickle(conn: Raw, every: float, byte: bytes = b"x") -> None:
+    """Send one byte every ``every`` seconds until cancelled or the connection ends."""
+    with contextlib.suppress(ConnectionError, ssl.SSLError, OSError):
+        while True:
+            await asyncio.sleep(every)
+            await conn.send(byte)
+
+
+async def test_x_lim_07_300_slow_uploads_do_not_starve_signed_in_users(stack: Stack, cookies: dict[str, str]) -> None:
+    """X-LIM-07 (issue 19): 300 uploads at 1 byte/s to a public POST endpoint take no app connection, and a signed-in user's GETs meanwhile are each answered within 1 s."""
+    tag = marker()
+    conns: list[Raw] = []
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for i in range(300):  # 30 addresses, 10 each: under maxUploadsPerIP, so the buffering is what is tested
+            conn = await Raw.open(stack, source=f"127.0.0.{2 + i % 30}")
+            await conn.send(request(f"POST /public/upload?slow-{tag}-{i} HTTP/1.1", "Content-Length: 1000",
+                                    port=stack.port, body=b"x"))
+            conns.append(conn)
+            tasks.append(asyncio.create_task(_trickle(conn, 1.0)))
+        await asyncio.sleep(1.0)
+        user = await Raw.open(stack)
+        try:
+            for n in range(8):
+                started = time.monotonic()
+                if n % 2:  # a new connection each other time
+                    fresh = await Raw.open(stack)
+                    await fresh.send(request(f"GET /lim07-{tag}-{n} HTTP/1.1", f"Cookie: {cookies['bob']}",
+                                             port=stack.port))
+                    reply = await fresh.reply(timeout=5)
+                    await fresh.close()
+                else:
+                    await user.send(request(f"GET /lim07-{tag}-{n} HTTP/1.1", f"Cookie: {cookies['bob']}",
+                                            port=stack.port))
+                    reply = await user.reply(timeout=5)
+                elapsed = time.monotonic() - started
+                assert reply is not None and reply.status == 200, reply and reply.status
+                assert json.loads(reply.body)["user"] == "bob"
+                assert elapsed < 1.0, f"GET {n} answered after {elapsed:.2f} s"
+                await asyncio.sleep(0.25)
+        finally:
+            await user.close()
+        assert not any(f"slow-{tag}" in s.target for s in stack.upstream.seen), "a trickling body reached the app"
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in conns))
+
+
+async def test_x_lim_07_small_body_is_buffered_before_the_app_sees_it(stack: Stack) -> None:
+    """X-LIM-07: a small body that arrives in pieces reaches the app as one complete request only once it is all in; no app request exists while it trickles."""
+    tag = marker()
+    body = os.urandom(3000)
+    conn = await Raw.open(stack)
+    try:
+        await conn.send(request(f"POST /public/upload?buf-{tag} HTTP/1.1", "Content-Length: 3000",
+                                port=stack.port, body=body[:1000]))
+        await asyncio.sleep(0.7)
+        await conn.send(body[1000:2000])
+        await asyncio.sleep(0.7)
+        assert not any(f"buf-{tag}" in s.target for s in stack.upstream.seen), "the app saw the request early"
+        await conn.send(body[2000:])
+        reply = await conn.reply()
+    finally:
+        await conn.close()
+    assert reply is not None and reply.status == 200, reply and reply.text[:200]
+    assert json.loads(reply.body) == {"bytes": 3000, "sha256": hashlib.sha256(body).hexdigest()}
+    assert [s.target for s in stack.upstream.seen].count(f"/public/upload?buf-{tag}") == 1
+
+
+@pytest_asyncio.fixture
+async def slow_limits(stack: Stack) -> AsyncIterator[Stack]:
+    """The enforcer restarted with a 2 s body grace at 50 bytes/s; restored afterwards."""
+    async with _restarted_with(stack, "limits: {bodyGrace: 2, bodyMinRate: 50}\n") as s:
+        yield s
+
+
+async def test_x_lim_07_body_below_the_minimum_rate_is_cut_after_the_grace(slow_limits: Stack) -> None:
+    """X-LIM-07: a body at 4 bytes/s is cut with 408 soon after the 2 s grace (flow record body_too_slow, nothing reaches the app), while one at 200 bytes/s completes."""
+    stack = slow_limits
+    tag = marker()
+    slow = await Raw.open(stack)
+    fast = await Raw.open(stack)
+    started = time.monotonic()
+    try:
+        await slow.send(request(f"POST /public/upload?cut-{tag} HTTP/1.1", "Content-Length: 1000",
+                                f"User-Agent: cut-{tag}", port=stack.port, body=b"s"))
+        await fast.send(request(f"POST /public/upload?ok-{tag} HTTP/1.1", "Content-Length: 1000",
+                                port=stack.port, body=b"f" * 100))
+        tasks = [asyncio.create_task(_trickle(slow, 0.25))]
+
+        async def steady() -> None:
+            for _ in range(9):
+                await asyncio.sleep(0.5)
+                await fast.send(b"f" * 100)
+
+        tasks.append(asyncio.create_task(steady()))
+        reply = await slow.reply(timeout=10)
+        elapsed = time.monotonic() - started
+        assert reply is not None and reply.status == 408, reply and (reply.status, reply.text[:200])
+        assert reply.header("Connection") == ["close"]
+        assert 2.0 <= elapsed < 2.0 + 2.0, elapsed
+        assert await slow.closed(3)
+        ok = await fast.reply(timeout=10)
+        assert ok is not None and ok.status == 200 and json.loads(ok.body)["bytes"] == 1000
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await slow.close()
+        await fast.close()
+    row = await stack.wait_flow(lambda f: f.get("user_agent") == f"cut-{tag}")
+    assert (row["reason"], row["status"]) == ("body_too_slow", 408), row
+    assert not any(f"cut-{tag}" in s.target for s in stack.upstream.seen)
+
+
+@pytest_asyncio.fixture
+async def upload_cap(stack: Stack) -> AsyncIterator[Stack]:
+    """The enforcer restarted with maxUploadsPerIP: 3; restored afterwards."""
+    async with _restarted_with(stack, "limits: {maxUploadsPerIP: 3}\n") as s:
+        yield s
+
+
+async def test_x_lim_07_uploads_per_address_are_capped(upload_cap: Stack) -> None:
+    """X-LIM-07: with maxUploadsPerIP 3, a fourth body still arriving from one address gets 429 too_many_uploads and close; another address is served, and the slot returns when an upload ends."""
+    stack = upload_cap
+    tag = marker()
+    held = [await Raw.open(stack, source="127.0.0.5") for _ in range(3)]
+    try:
+        for i, conn in enumerate(held):
+            await conn.send(request(f"POST /public/upload?held-{tag}-{i} HTTP/1.1", "Content-Length: 100",
+                                    port=stack.port, body=b"h" * 10))
+        await asyncio.sleep(0.3)
+        over = await Raw.open(stack, source="127.0.0.5")
+        try:
+            await over.send(request(f"POST /public/upload?over-{tag} HTTP/1.1", "Content-Length: 10",
+                                    f"User-Agent: over-{tag}", port=stack.port, body=b"o" * 5))
+            reply = await over.reply()
+            assert reply is not None and reply.status == 429, reply and (reply.status, reply.text[:200])
+            assert await over.closed(3)
+        finally:
+            await over.close()
+        row = await stack.wait_flow(lambda f: f.get("user_agent") == f"over-{tag}")
+        assert (row["reason"], row["status"]) == ("too_many_uploads", 429), row
+        other = await attack(stack, request(f"POST /public/upload?other-{tag} HTTP/1.1", "Content-Length: 10",
+                                            port=stack.port, body=b"a" * 10), source="127.0.0.6")
+        assert_served_then_next(other)
+        await held[0].send(b"h" * 90)  # one upload completes: its slot is free again
+        assert (await held[0].reply()).status == 200  # type: ignore[union-attr]
+        again = await attack(stack, request(f"POST /public/upload?again-{tag} HTTP/1.1", "Content-Length: 10",
+                                            port=stack.port, body=b"a" * 10), source="127.0.0.5")
+        assert_served_then_next(again)
+    finally:
+        for conn in held:
+            await conn.close()
+    assert not any(f"over-{tag}" in s.target for s in stack.upstream.seen)
+
+
+@pytest.mark.parametrize(("declared", "sent"), [(100_000, 10_000), (1_000_000, 300_000)],
+                         ids=["while-buffered", "while-streamed"])
+async def test_x_lim_07_client_abort_mid_upload_is_a_client_abort(stack: Stack, declared: int, sent: int) -> None:
+    """A client that closes its connection mid-upload (before the app connection is taken, or while the body streams to the app) is recorded as client_aborted 499, never as an app failure."""
+    tag = marker()
+    conn = await Raw.open(stack)
+    try:
+        await conn.send(request(f"POST /public/upload?abort-{tag} HTTP/1.1", f"Content-Length: {declared}",
+                                f"User-Agent: abort-{tag}", port=stack.port, body=b"a" * sent))
+        await asyncio.sleep(0.5)
+    finally:
+        conn.writer.transport.abort()  # type: ignore[attr-defined]
+    row = await stack.wait_flow(lambda f: f.get("user_agent") == f"abort-{tag}")
+    assert (row["reason"], row["status"]) == ("client_aborted", 499), row
+
+
+@pytest_asyncio.fixture
+async def rate_limits(stack: Stack) -> AsyncIterator[Stack]:
+    """The enforcer restarted with 5 new connections a second (burst 10) and 1 back-channel logout a second (burst 5) per address, loopback counted; restored afterwards."""
+    config = ("limits: {newConnectionsPerIP: 5, newConnectionsBurst: 10, backchannelPerIP: 1, backchannelBurst: 5,"
+              " rateLimitLoopback: true}\n")
+    async with _restarted_with(stack, config) as s:
+        yield s
+
+
+async def test_x_tls_08_new_connections_per_address_are_rate_limited(rate_limits: Stack) -> None:
+    """X-TLS-08/X-LIM-06: one address opening 30 connections at once gets its burst of 10 served and the rest closed before TLS (one connection_rate flow record); another address is served, and the first is again after a second."""
+    stack = rate_limits
+    results = [await _refused(stack, source="127.0.0.7") for _ in range(30)]
+    assert results.count(False) in range(10, 13), results  # (the bucket refills at 5/s while we go)
+    assert results[-1], results
+    assert not await _refused(stack, source="127.0.0.8")
+    await asyncio.sleep(1.0)
+    assert not await _refused(stack, source="127.0.0.7")
+    await asyncio.sleep(0.5)
+    rows = [f for f in stack.flows() if f["reason"] == "connection_rate" and f["client"].startswith("127.0.0.7:")]
+    assert len(rows) == 1, rows
+
+
+async def test_p_bcl_07_backchannel_logout_is_rate_limited(rate_limits: Stack) -> None:
+    """P-BCL-07: back-channel logout requests from one address beyond the burst get 429 backchannel_rate without any token check; another address still gets its token checked."""
+    stack = rate_limits
+    tag = marker()
+
+    def logout(source: str) -> bytes:
+        return request("POST /oauth2/logout/backchannel HTTP/1.1", f"User-Agent: bcl-{tag}-{source}",
+                       "Content-Type: application/x-www-form-urlencoded", "Content-Length: 16",
+                       port=stack.port, body=b"logout_token=abc")
+
+    statuses = []
+    for _ in range(8):
+        out = await attack(stack, logout("127.0.0.9"), settle=0.0, source="127.0.0.9")
+        assert out.first is not None
+        statuses.append(out.first.status)
+    assert statuses[:5] == [400] * 5 and 429 in statuses[5:], statuses
+    out = await attack(stack, logout("127.0.0.10"), settle=0.0, source="127.0.0.10")
+    assert out.first is not None and out.first.status == 400
+    row = await stack.wait_flow(lambda f: f.get("user_agent") == f"bcl-{tag}-127.0.0.9" and f["status"] == 429)
+    assert (row["reason"], row["decision"]) == ("backchannel_rate", "logout"), row

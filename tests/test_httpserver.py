@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import pytest_asyncio
 from aiohttp import web
 
@@ -225,3 +226,50 @@ def test_no_module_but_the_server_module_uses_aiohttp_private_names() -> None:
             elif isinstance(node, ast.Attribute) and node.attr in names:
                 offenders.append(f"{path.name}:{node.lineno} .{node.attr}")
     assert offenders == []
+
+
+class _Clock:
+    """A settable clock for :class:`server_mod.RateLimit`."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize(("ip", "loopback", "limited"), [
+    ("192.0.2.7", False, True), ("2001:db8::7", False, True),
+    ("127.0.0.1", False, False), ("127.0.0.9", False, False), ("::1", False, False), ("::ffff:127.0.0.1", False, False),
+    ("127.0.0.1", True, True), ("::1", True, True),
+])
+def test_rate_limit_lets_a_burst_through_then_the_rate(ip: str, loopback: bool, limited: bool) -> None:
+    """A RateLimit lets an address's burst through, then refuses until tokens refill at its rate (loopback uncounted unless asked), and marks only the first refusal of a run."""
+    clock = _Clock()
+    limit = server_mod.RateLimit(2.0, 3, loopback=loopback, clock=clock)
+    assert [limit.allow(ip) for _ in range(3)] == [True] * 3
+    if not limited:
+        assert all(limit.allow(ip) for _ in range(100))
+        return
+    assert not limit.allow(ip)
+    assert limit.first_refusal(ip)
+    assert not limit.allow(ip)
+    assert not limit.first_refusal(ip)
+    assert limit.allow("198.51.100.1")  # another address has its own bucket
+    clock.now += 0.5  # one token back at 2/s
+    assert limit.allow(ip)
+    assert not limit.allow(ip)
+    assert limit.first_refusal(ip)  # a new run of refusals
+    clock.now += 60
+    assert [limit.allow(ip) for _ in range(4)] == [True, True, True, False]  # refilled to the burst, no more
+
+
+def test_rate_limit_off_and_bounded() -> None:
+    """A rate of 0 limits nothing; the bucket table never grows past max_keys addresses."""
+    off = server_mod.RateLimit(0, 1)
+    assert all(off.allow("192.0.2.1") for _ in range(1000))
+    clock = _Clock()
+    limit = server_mod.RateLimit(1.0, 1, clock=clock, max_keys=100)
+    for i in range(1000):
+        assert limit.allow(f"10.0.{i // 256}.{i % 256}")
+    assert len(limit._buckets) <= 100

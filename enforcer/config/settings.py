@@ -211,6 +211,33 @@ class LimitsModel(_Strict):
     upstreamReadTimeout: Duration = 300.0
     maxConnections: int = Field(default=10_000, ge=1)
     maxConnectionsPerIP: int = Field(default=512, ge=1)
+    bodyMinRate: int = Field(default=240, ge=0)
+    """A request body must arrive at this many bytes per second on average, counted from its
+    first ``bodyGrace`` seconds on (and not while the enforcer is not reading); a slower one is
+    cut with 408 ``body_too_slow`` (slow POST, X-LIM-07).  0 turns it off (``idleTimeout``
+    still cuts a body that stalls)."""
+    bodyGrace: Duration = 10.0
+    """Seconds a request body may stay below ``bodyMinRate`` first."""
+    bodyBufferBytes: int = Field(default=64 << 10, ge=0, le=16 << 20)
+    """A request body up to this size is read whole before an app connection is taken (a
+    larger one once this much of it has come): a slow upload never holds one of the app's
+    connections while it trickles (as nginx buffers bodies).  0: stream at once."""
+    maxUploadsPerIP: int = Field(default=32, ge=1)
+    """Request bodies arriving at once from one client address at most; one more is refused
+    with 429 ``too_many_uploads``."""
+    newConnectionsPerIP: float = Field(default=200.0, ge=0)
+    """New connections per second one client address may open (after a burst of
+    ``newConnectionsBurst``); more are closed before TLS (``connection_rate``).  0: no limit."""
+    newConnectionsBurst: int = Field(default=1000, ge=1)
+    backchannelPerIP: float = Field(default=20.0, ge=0)
+    """Back-channel logout requests per second from one address (after a burst of
+    ``backchannelBurst``); more get 429 ``backchannel_rate`` before any token is checked.
+    Generous by default: an IdP that ends many sessions at once may not retry.  0: no limit."""
+    backchannelBurst: int = Field(default=200, ge=1)
+    rateLimitLoopback: bool = False
+    """Whether the two per-address rates also count clients on the host itself (127.0.0.0/8,
+    ::1): off, a benchmark or a local proxy in front -- one address for many clients -- is not
+    throttled."""
     stripHeaders: list[str] = Field(default_factory=list, max_length=256)
     """More client headers the app never gets, on top of the built-in rule (README, *Headers the
     app never gets from the client*): a name (``X-Tenant``) or a prefix (``X-Tenant-*``), each

@@ -1,7 +1,8 @@
 """Accept connections on the listening socket, count them against the caps, start their TLS.
 
 :class:`TLSListener` accepts each connection itself, so it is counted against the server's caps
-by its client address *before* its TLS handshake (X-LIM-06/09/10, X-TLS-08).
+and its address's new-connection rate (:class:`enforcer.http.server.RateLimit`) *before* its
+TLS handshake (X-LIM-06/09/10, X-TLS-08).
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ class TLSListener:
                     self._loop.call_later(_ACCEPT_PAUSE, self._resume)
                 return  # (ECONNABORTED and the like: that client is gone)
             ip = str(addr[0]) if addr else None
+            if not server.new_per_ip.allow(ip):
+                conn.close()
+                self._rate_limited(ip, addr)
+                continue
             if not server.admit(ip):
                 conn.close()
                 continue
@@ -107,6 +112,18 @@ class TLSListener:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             log.debug("TLS handshake with %s failed: %r", ip, exc)
+
+    def _rate_limited(self, ip: str | None, addr: Any) -> None:
+        """A connection over its address's new-connection rate was closed before TLS: a flow
+        record and a log line for the first of each run of refusals from that address."""
+        if ip is None or not self._server.new_per_ip.first_refusal(ip):
+            return
+        info = tls.connection_info(addr, None, None)
+        flow_id = self._server.refused(info, Reason.CONNECTION_RATE, None)
+        log.warning(
+            "%s opens connections faster than %g a second: closing new ones before TLS (flow %s)",
+            info.client, self._server.new_per_ip.rate, flow_id,
+        )
 
     def _unknown_sni(self, name: str, addr: Any, destination: tuple[str, int] | None) -> None:
         """A client asked for a server name no service has: its flow record, metric and log line."""

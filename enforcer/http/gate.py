@@ -173,6 +173,9 @@ class Gate:
         self.max_body = s.limits.maxBodyBytes
         self.header_rule = headers_mod.HeaderRule(s.limits.stripHeaders)
         self._callback_inflight: set[str] = set()
+        self.backchannel_rate = server_mod.RateLimit(
+            s.limits.backchannelPerIP, s.limits.backchannelBurst, loopback=s.limits.rateLimitLoopback
+        )
 
     # ------------------------------------------------------------------ entry
 
@@ -535,6 +538,9 @@ class Gate:
                                 content_type="application/json" if error else "text/plain")
             return self._close_if_body(request, resp) if status >= 400 else resp
 
+        if not self.backchannel_rate.allow(_connection_info(request).client_ip):
+            headers["Retry-After"] = "1"  # (before any work: a flood costs no token check, no JWKS fetch)
+            return answer(429, Reason.BACKCHANNEL_RATE, "temporarily_unavailable")
         if request.method != "POST":
             headers["Allow"] = "POST"
             return answer(405, Reason.BACKCHANNEL_METHOD, "invalid_request")

@@ -1,7 +1,10 @@
 """Forward an allowed request to the app and stream the answer back (and WebSockets).
 
 Bodies are streamed both ways through one keep-alive connection pool per app
-(:mod:`enforcer.http.upstream`); nothing is buffered whole.
+(:mod:`enforcer.http.upstream`).  The first ``body_buffer`` bytes of a request body are read
+before an app connection is taken (a smaller body whole, as nginx buffers bodies), so a body
+trickling in never holds one of the app's connections; the rest is streamed.  A client that
+goes away while its body is read is a client abort (499), not an app failure.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict, istr
 from yarl import URL
 
-from enforcer.errors import UpstreamError, UpstreamKind
+from enforcer.errors import ClientBodyError, UpstreamError, UpstreamKind
 from enforcer.http import relay
 from enforcer.http import upstream as upstream_client
 from enforcer.http.headers import CHUNK, response_head, serialise_head
@@ -65,6 +68,10 @@ class _ResponseSink:
             self._request.transport.abort()
 
 
+class ClientAborted(ConnectionResetError):
+    """The client's connection ended (or failed) while its request body was being read."""
+
+
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # no "Content-Length: 0" without a body
 
 
@@ -81,8 +88,10 @@ class Upstream:
         read_timeout: float = 300.0,
         max_body: int = 1 << 30,
         limit_per_host: int = 256,
+        body_buffer: int = 64 << 10,
         socket_factory: Callable[[Any], socket.socket] | None = None,
     ) -> None:
+        self.body_buffer = body_buffer
         self._pool = upstream_client.Pool(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
@@ -132,9 +141,11 @@ class Upstream:
         method = request.method
         has_body = request.body_exists
         chunked = False
+        prefix: list[bytes] = []
         if has_body:
             if request.headers.get("Expect", "").lower() == "100-continue":
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            prefix = await self._prefix(request, transfer)  # before any app connection is taken
             if request.content_length is not None:
                 headers[istr("Content-Length")] = str(request.content_length)
             else:
@@ -147,7 +158,7 @@ class Upstream:
         started = time.perf_counter()
         conn, resp_head, body_task = await self._exchange(
             request, upstream_host, port, head, no_body=no_body, has_body=has_body, chunked=chunked,
-            transfer=transfer,
+            transfer=transfer, prefix=prefix,
         )
         reusable = False
         try:
@@ -202,6 +213,7 @@ class Upstream:
         has_body: bool,
         chunked: bool,
         transfer: Transfer,
+        prefix: list[bytes] | None = None,
     ) -> tuple[upstream_client.Connection, upstream_client.Head, asyncio.Task[None] | None]:
         """Connect (or reuse), send the request, and wait for the response head.
 
@@ -219,7 +231,7 @@ class Upstream:
             body_task = None
             if has_body and request is not None:
                 body_task = asyncio.get_running_loop().create_task(
-                    conn.send_body(self._count_body(request, transfer), chunked=chunked)
+                    conn.send_body(self._count_body(request, transfer, prefix or []), chunked=chunked)
                 )
             try:
                 return conn, await conn.response(), body_task
@@ -227,8 +239,8 @@ class Upstream:
                 if body_task is not None and not body_task.done():
                     body_task.cancel()
                 conn.finish(False)
-                if isinstance(exc, UpstreamError):
-                    raise
+                if isinstance(exc, UpstreamError | ClientAborted | ClientBodyError):
+                    raise  # (the client's body failed: its own reason, not the app's)
                 if isinstance(exc, upstream_client.ReadTimeout):
                     raise UpstreamError(UpstreamKind.TIMEOUT, 504) from None
                 if transfer.bytes_in > self.max_body:
@@ -241,11 +253,43 @@ class Upstream:
                     raise UpstreamError(UpstreamKind.PROTOCOL, 502) from None
                 raise
 
-    async def _count_body(self, request: web.BaseRequest, transfer: Transfer) -> AsyncIterator[bytes]:
-        async for chunk in request.content.iter_chunked(CHUNK):
-            transfer.bytes_in += len(chunk)
-            if transfer.bytes_in > self.max_body:
-                raise UpstreamError(UpstreamKind.BODY_TOO_LARGE, 413)
+    async def _prefix(self, request: web.BaseRequest, transfer: Transfer) -> list[bytes]:
+        """The body's first ``body_buffer`` bytes (all of a smaller one), read before an app
+        connection is taken: its minimum rate (:mod:`enforcer.http.server`) runs meanwhile."""
+        content = request.content
+        chunks: list[bytes] = []
+        got = 0
+        try:
+            while got < self.body_buffer:
+                chunk = await content.read(CHUNK)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+                self._count(transfer, len(chunk))
+        except OSError as exc:  # (ConnectionResetError, or the TLS error that ended the connection)
+            raise ClientAborted(str(exc)) from None
+        return chunks
+
+    def _count(self, transfer: Transfer, n: int) -> None:
+        transfer.bytes_in += n
+        if transfer.bytes_in > self.max_body:
+            raise UpstreamError(UpstreamKind.BODY_TOO_LARGE, 413)
+
+    async def _count_body(
+        self, request: web.BaseRequest, transfer: Transfer, prefix: list[bytes]
+    ) -> AsyncIterator[bytes]:
+        for chunk in prefix:  # (counted when read)
+            yield chunk
+        content = request.content
+        while True:
+            try:
+                chunk = await content.read(CHUNK)
+            except OSError as exc:
+                raise ClientAborted(str(exc)) from None
+            if not chunk:
+                return
+            self._count(transfer, len(chunk))
             yield chunk
 
     async def websocket(

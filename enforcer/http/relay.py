@@ -69,7 +69,10 @@ def failure(flow: FlowRecord, exc: BaseException, metrics: Metrics) -> tuple[int
     """Record why answering failed: (status for the flow record, page for the client or None).
 
     * the app failed (:class:`errors.UpstreamError`): its error page, counted per service;
-    * the client went away (``ConnectionResetError``): client status 499, nothing to send;
+    * the client's body was cut (:class:`errors.ClientBodyError`: too slow, too many uploads
+      from its address): its page (408, 429), and the connection closes;
+    * the client went away (``ConnectionResetError``, also while its body was being read):
+      client status 499, nothing to send;
     * another refusal with its own code (:class:`errors.EnforcerError`, e.g. the session store
       is unavailable: 503): its page;
     * anything else is our bug: logged, a 500 page that closes the connection."""
@@ -82,6 +85,9 @@ def failure(flow: FlowRecord, exc: BaseException, metrics: Metrics) -> tuple[int
             close=exc.status == 413,  # the rest of the request body is not read
         )
         return exc.status, page
+    if isinstance(exc, errors.ClientBodyError):
+        flow.record(decision=flow.decision, reason=exc.reason, endpoint=flow.endpoint, user=flow.user)
+        return exc.status, pages.error_page(exc.status, exc.reason, flow.flow_id, close=True)
     if isinstance(exc, ConnectionResetError):
         # the client went away while we were answering: not our error, nothing to send
         flow.record(decision=flow.decision, reason=Reason.CLIENT_ABORTED, endpoint=flow.endpoint)
@@ -106,7 +112,7 @@ def finish(
         flow.upstream_status = transfer.status
         flow.upstream_ms = transfer.upstream_ms
         flow.bytes_in, flow.bytes_out = transfer.bytes_in, transfer.bytes_out
-    if flow.upstream_status is None and flow.decision == "allow":
+    if flow.upstream_status is None and flow.decision is Outcome.ALLOW:
         flow.upstream_status = status
     flowlog.write(flow.finish(now=now, status=status))
     metrics.observe_flow(flow)

@@ -4,12 +4,19 @@
   after its first byte (after the TLS handshake for a connection's first request), else
   the enforcer answers 408 and closes (slowloris, X-LIM-06).  aiohttp itself only has
   the keep-alive timer, which a client resets by sending one request at a time.
-* A body stall limit: a request body that receives no byte for ``body_timeout`` seconds
-  while the enforcer is ready to read closes the connection (slow POST, X-LIM-07).
+* A minimum body rate: a request body must arrive at ``body_min_rate`` bytes a second on
+  average once ``body_grace`` seconds have passed, and may not stall for ``body_timeout``
+  seconds; time the enforcer is not reading (the app is slow) does not count.  A body
+  below it gets :class:`ClientBodyError` (``body_too_slow``): the handler reading it answers
+  408 with a flow record and closes (slow POST, X-LIM-07).  One re-arming timer per body,
+  set at the moment the rate would fall short: nothing runs per received chunk but a sum.
+* An upload cap: at most ``max_uploads_per_ip`` request bodies arriving at once from one
+  client address; one more gets ``too_many_uploads`` (429) the same way.
 * A write timeout: a client that takes none of our bytes for ``write_timeout`` seconds
   while we have some for it (its TCP window stays shut: slow read, X-LIM-08) is cut off.
 * Connection caps: at most ``max_connections`` connections in all and ``max_per_ip`` from
-  one client address, counted from the TCP accept (:class:`TLSListener`), so a connection
+  one client address, and at most ``new_per_ip`` new ones a second from one address
+  (:class:`RateLimit`), counted from the TCP accept (:class:`TLSListener`), so a connection
   still in its TLS handshake (silent, or trickling its ClientHello) counts too; one over a
   cap is closed at once, before any TLS work (X-LIM-06/09/10, X-TLS-08: legitimate clients
   keep being served while one source floods).
@@ -27,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,7 +42,7 @@ from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
-from enforcer.errors import Reason
+from enforcer.errors import ClientBodyError, Reason
 from enforcer.http.tls import ConnectionInfo, connection_info
 from enforcer.http.upstream import WriteDeadline
 
@@ -77,6 +85,64 @@ Refused = Callable[[ConnectionInfo, Reason, "int | None"], str]
 
 Destination = tuple[str, int] | None
 """Where a redirected connection was going (read at the accept), or None."""
+
+
+class RateLimit:
+    """Token buckets by client address: ``rate`` events a second after a burst of ``burst``
+    (``rate`` 0: no limit).  Loopback addresses are not counted unless ``loopback``.  At most
+    ``max_keys`` addresses are kept (full buckets are dropped first), so a flood of source
+    addresses cannot grow it without bound."""
+
+    __slots__ = ("_buckets", "_clock", "burst", "loopback", "max_keys", "rate")
+
+    def __init__(
+        self, rate: float, burst: int, *, loopback: bool = False, clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 65536,
+    ) -> None:
+        self.max_keys = max_keys
+        self.rate = rate
+        self.burst = float(max(1, burst))
+        self.loopback = loopback
+        self._clock = clock
+        self._buckets: dict[str, list[float]] = {}  # address -> [last event, tokens left, refusals in a row]
+
+    def allow(self, ip: str | None) -> bool:
+        """Count one event from ``ip``; False when its bucket is empty (:meth:`first_refusal`
+        then says whether it is the first refusal since the address was last let through)."""
+        if self.rate <= 0 or not ip:
+            return True
+        if not self.loopback and (ip.startswith(("127.", "::ffff:127.")) or ip == "::1"):
+            return True
+        now = self._clock()
+        bucket = self._buckets.get(ip)
+        if bucket is None:
+            if len(self._buckets) >= self.max_keys:
+                self._prune(now)
+            self._buckets[ip] = [now, self.burst - 1.0, 0.0]
+            return True
+        tokens = min(self.burst, bucket[1] + (now - bucket[0]) * self.rate)
+        bucket[0] = now
+        if tokens < 1.0:
+            bucket[1] = tokens
+            bucket[2] += 1.0
+            return False
+        bucket[1] = tokens - 1.0
+        bucket[2] = 0.0
+        return True
+
+    def first_refusal(self, ip: str) -> bool:
+        """Whether the last :meth:`allow` for ``ip`` was its first refusal in a row (one flow
+        record per episode, not one per refused event, so a flood cannot flood the flow log)."""
+        bucket = self._buckets.get(ip)
+        return bucket is not None and bucket[2] == 1.0
+
+    def _prune(self, now: float) -> None:
+        rate, burst = self.rate, self.burst
+        full = [ip for ip, (last, tokens, _) in self._buckets.items() if tokens + (now - last) * rate >= burst]
+        for ip in full:
+            del self._buckets[ip]
+        if len(self._buckets) >= self.max_keys:
+            self._buckets.clear()  # (a flood of addresses each still in its burst: start over)
 
 
 def never() -> None:
@@ -165,6 +231,8 @@ class Protocol(WriteDeadline, RequestHandler):
         header_timeout: float,
         body_timeout: float,
         write_timeout: float = 0.0,
+        body_min_rate: float = 0.0,
+        body_grace: float = 10.0,
         destination: Destination = None,
         info: ConnectionInfo | None = None,
         **kwargs: Any,
@@ -173,10 +241,16 @@ class Protocol(WriteDeadline, RequestHandler):
         self._header_timeout = header_timeout
         self._body_timeout = body_timeout
         self._write_timeout = write_timeout
+        self._body_min_rate = body_min_rate
+        self._body_grace = body_grace
         self._header_deadline = Deadline(loop, never)  # the real one from connection_made (no cycle before)
         self._body_timer: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None  # body of the newest parsed request
-        self._body_seen = 0.0
+        self._body_seen = 0.0  # loop time of the body's last byte
+        self._body_start = 0.0  # loop time the body began, moved on by the time we were not reading
+        self._body_clock = 0.0  # loop time of the last look at the body
+        self._body_bytes = 0
+        self._uploading = False  # the body counts against the server's per-address upload cap
         self._destination = destination
         self.info: ConnectionInfo | None = info
         """What the connection is (built in :meth:`connection_made`, or passed on by the lean path)."""
@@ -196,6 +270,7 @@ class Protocol(WriteDeadline, RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         server = self._manager
+        self._end_upload()
         if self.admitted and isinstance(server, Server):
             self.admitted = False
             server.release(self._peer_ip)
@@ -213,14 +288,41 @@ class Protocol(WriteDeadline, RequestHandler):
             self._header_deadline.cancel()
             if len(self._messages) > queued:
                 payload = self._messages[-1][1]
+                self._end_upload()
                 self._body = payload
+                if not payload.is_eof():
+                    self._begin_body(payload)
         body = self._body
         if body is not None and not body.is_eof():
-            self._body_seen = self._loop.time()
-            if self._body_timer is None and self._body_timeout > 0:
-                self._body_timer = self._loop.call_at(self._body_seen + self._body_timeout, self._check_body)
-        elif data and self._request_count == count:
-            self._arm_header_timer()  # bytes of a new request's header block
+            if self._uploading:
+                self._body_seen = self._loop.time()
+                self._body_bytes += len(data)
+        else:
+            if self._uploading:
+                self._end_upload()
+            if data and self._request_count == count:
+                self._arm_header_timer()  # bytes of a new request's header block
+
+    def _begin_body(self, body: StreamReader) -> None:
+        """A request body begins: count it against the address's upload cap, start its clock."""
+        server = self._manager
+        if isinstance(server, Server) and not server.upload_begin(self._peer_ip):
+            log.info("refusing an upload from %s: %d already arriving", self._peer_ip, server.max_uploads_per_ip)
+            body.set_exception(ClientBodyError(Reason.TOO_MANY_UPLOADS, 429))
+            return
+        self._uploading = True
+        now = self._loop.time()
+        self._body_start = self._body_clock = self._body_seen = now
+        self._body_bytes = 0
+        if self._body_timer is None and (self._body_timeout > 0 or self._body_min_rate > 0):
+            self._body_timer = self._loop.call_at(now + self._next_check(now), self._check_body)
+
+    def _end_upload(self) -> None:
+        if self._uploading:
+            self._uploading = False
+            server = self._manager
+            if isinstance(server, Server):
+                server.upload_end(self._peer_ip)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -251,20 +353,47 @@ class Protocol(WriteDeadline, RequestHandler):
         header_timed_out(self.transport, self._header_timeout, server, self.info)
         self.force_close()
 
+    def _next_check(self, now: float) -> float:
+        """Seconds until the body would stall or fall below the minimum rate (inf: never)."""
+        wait = self._body_seen + self._body_timeout - now if self._body_timeout > 0 else float("inf")
+        rate = self._body_min_rate
+        if rate > 0:
+            active = now - self._body_start
+            if active < self._body_grace:
+                wait = min(wait, self._body_grace - active)
+            else:
+                wait = min(wait, self._body_bytes / rate - active)  # when bytes/rate == active
+        return wait
+
     def _check_body(self) -> None:
         self._body_timer = None
         body = self._body
-        if self.transport is None or body is None or body.is_eof():
+        if self.transport is None or body is None or body.is_eof() or not self._uploading:
             return
         now = self._loop.time()
         if self._reading_paused or self._buffer_paused:
-            self._body_seen = now  # the enforcer is not reading (the app is slow): not the client's fault
-        due = self._body_seen + self._body_timeout
-        if now < due:
-            self._body_timer = self._loop.call_at(due, self._check_body)
+            # the enforcer is not reading (the app or the pool is slow): not the client's fault
+            self._body_start += now - self._body_clock
+            self._body_seen = now
+        self._body_clock = now
+        wait = self._next_check(now)
+        if wait > 0:
+            if wait != float("inf"):
+                self._body_timer = self._loop.call_at(now + max(wait, 0.05), self._check_body)
             return
-        log.info("closing a connection whose request body stalled for %.0f s", self._body_timeout)
-        self.force_close()
+        log.info(
+            "cutting a request body from %s: %d bytes in %.1f s (minimum %d bytes/s, stall limit %.0f s)",
+            self._peer_ip, self._body_bytes, now - self._body_start, self._body_min_rate, self._body_timeout,
+        )
+        self._end_upload()
+        body.set_exception(ClientBodyError(Reason.BODY_TOO_SLOW, 408))
+        # the handler reading the body answers 408 and closes; should nothing read it, close anyway
+        self._body_timer = self._loop.call_at(now + 2.0, self._cut_unread)
+
+    def _cut_unread(self) -> None:
+        self._body_timer = None
+        if self.transport is not None and not self._force_close:
+            self.force_close()
 
     def _make_error_handler(self, err_info: _ErrInfo) -> Handler:
         gate = self._request_handler
@@ -289,6 +418,10 @@ class Server(web.Server):
         write_timeout: float = 0.0,
         max_connections: int = 10_000,
         max_per_ip: int = 512,
+        body_min_rate: float = 0.0,
+        body_grace: float = 10.0,
+        max_uploads_per_ip: int = 1 << 30,
+        new_per_ip: RateLimit | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
@@ -299,7 +432,11 @@ class Server(web.Server):
         self.max_headers: int = kwargs.get("max_headers", 128)
         self._timeouts = {
             "header_timeout": header_timeout, "body_timeout": body_timeout, "write_timeout": write_timeout,
+            "body_min_rate": body_min_rate, "body_grace": body_grace,
         }
+        self.max_uploads_per_ip = max_uploads_per_ip
+        self._uploads: dict[str, int] = {}
+        self.new_per_ip = new_per_ip if new_per_ip is not None else RateLimit(0, 1)
         self.max_connections = max_connections
         self.max_per_ip = max_per_ip
         self.open_connections = 0
@@ -329,6 +466,25 @@ class Server(web.Server):
         except Exception:  # (a record that cannot be written must not stop the refusal)
             log.exception("cannot write the flow record of a refused connection")
             return None
+
+    def upload_begin(self, ip: str | None) -> bool:
+        """Count a request body now arriving from ``ip``; False (not counted) over the cap."""
+        if not ip:
+            return True
+        n = self._uploads.get(ip, 0)
+        if n >= self.max_uploads_per_ip:
+            return False
+        self._uploads[ip] = n + 1
+        return True
+
+    def upload_end(self, ip: str | None) -> None:
+        """A body counted by :meth:`upload_begin` is in, cut, or its connection ended."""
+        if ip:
+            left = self._uploads.get(ip, 1) - 1
+            if left > 0:
+                self._uploads[ip] = left
+            else:
+                self._uploads.pop(ip, None)
 
     def admit(self, ip: str | None) -> bool:
         """Count a new connection in, or refuse it when a cap is reached."""

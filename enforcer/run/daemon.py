@@ -279,6 +279,7 @@ class Daemon:
             connect_timeout=s.limits.upstreamConnectTimeout,
             read_timeout=s.limits.upstreamReadTimeout,
             max_body=s.limits.maxBodyBytes,
+            body_buffer=s.limits.bodyBufferBytes,
             socket_factory=outgoing,
         )
         resources.push_async_callback(upstream.close)
@@ -342,6 +343,12 @@ class Daemon:
             write_timeout=s.limits.writeTimeout,
             max_connections=s.limits.maxConnections,
             max_per_ip=s.limits.maxConnectionsPerIP,
+            body_min_rate=s.limits.bodyMinRate,
+            body_grace=s.limits.bodyGrace,
+            max_uploads_per_ip=s.limits.maxUploadsPerIP,
+            new_per_ip=server_mod.RateLimit(
+                s.limits.newConnectionsPerIP, s.limits.newConnectionsBurst, loopback=s.limits.rateLimitLoopback
+            ),
             keepalive_timeout=s.limits.idleTimeout,
             max_line_size=8190,
             max_field_size=8190,
