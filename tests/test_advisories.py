@@ -289,10 +289,11 @@ async def _one(stack: Stack, payload: bytes) -> Reply:
 async def test_GHSA_hhqp_failed_callbacks_log_no_credential(stack: Stack) -> None:
     """GHSA-hhqp-vx7f-5c6m: after callbacks that fail (unknown or missing state, IdP error, missing binding cookie, a code the IdP refuses) and a junk logout token, no marker put in a code, state, token, cookie or Authorization value appears in the flow log, the daemon's log or the metrics."""
     m = {k: f"MRK{k}{secrets.token_hex(12)}" for k in
-         ("code", "state", "cookie", "handle", "binding", "auth", "desc", "logout", "basic")}
+         ("code", "state", "cookie", "handle", "binding", "auth", "desc", "logout", "basic", "agent")}
     handle = (m["handle"] + "x" * 43)[:43]  # the shape of a session handle, so it is looked up
     creds = (f"Cookie: __Host-enforcer-app={handle}; __Host-enforcertx-0123456789abcdef=1.{m['binding']}; "
-             f"other={m['cookie']}", f"Authorization: Bearer {m['auth']}", f"Proxy-Authorization: Basic {m['basic']}")
+             f"other={m['cookie']}", f"Authorization: Bearer {m['auth']}", f"Proxy-Authorization: Basic {m['basic']}",
+             f"User-Agent: {m['agent']}")
     cb = "/oauth2/callback"
     answers = [
         await _one(stack, request(f"GET {cb}?code={m['code']}&state={m['state']} HTTP/1.1", *creds, port=stack.port)),
@@ -321,6 +322,7 @@ async def test_GHSA_hhqp_failed_callbacks_log_no_credential(stack: Stack) -> Non
     places = {"flow log": stack.flow_log.read_text(), "daemon log": (stack.workdir / "enforcer.log").read_text(errors="replace"),
               "metrics": metrics,
               "answers": "".join(a.raw_head.decode("latin-1") + a.text for a in answers)}
+    assert places["flow log"].count(m.pop("agent")) >= 5  # control: the records are there, the grep finds them
     leaks = [(where, k) for where, text in places.items() for k, v in (*m.items(), ("handle43", handle))
              if v in text]
     assert leaks == [], leaks
