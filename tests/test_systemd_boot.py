@@ -533,6 +533,7 @@ async def test_readme_host_commands_work_as_printed(boot: Boot) -> None:
         res = await boot.sh(command, check=False, timeout=120)
         assert res.rc == 0, f"{command} -> {res.rc}\n{res.out[-2000:]}\n{res.err[-2000:]}\n{(await boot.journal())[-2000:]}"
         assert "Traceback" not in res.out + res.err, (command, res.err[-2000:])
+        assert " object at 0x" not in res.out + res.err, (command, res.out[-2000:], res.err[-2000:])  # no reprs
         outputs[command] = res.out
     for command, out in outputs.items():
         words = command.split()
@@ -569,6 +570,7 @@ async def test_start_becomes_active_via_ready(boot: Boot) -> None:
     assert applied < listening < started_line, journal
     verify = await boot.sh("systemd-analyze verify /etc/systemd/system/enforcer.service 2>&1", check=False)
     assert verify.rc == 0 and verify.out == "", verify  # the installed unit, on the real systemd
+    assert "tcmsg" not in journal and "tc subsystem" not in journal, journal[-3000:]  # pyroute2's tc noise
     health = await boot.sh("python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:9090/healthz').read().decode())\"")
     assert '"ok"' in health.out
 
