@@ -218,6 +218,15 @@ class LimitsModel(_Strict):
     still cuts a body that stalls)."""
     bodyGrace: Duration = 10.0
     """Seconds a request body may stay below ``bodyMinRate`` first."""
+    readMinRate: int = Field(default=2048, ge=0)
+    """Once the enforcer's writing to a client has been held up (its TCP window shut) for
+    ``readGrace`` seconds, the client must take at least this many bytes of the answer per
+    second, measured over each following ``readGrace`` seconds; a slower one is cut
+    (``read_too_slow``, 408 in the flow record): a slow reader cannot hold an app connection
+    for hours while it trickles.  0 turns it off (``writeTimeout`` still cuts one that stalls)."""
+    readGrace: Duration = Field(default=10.0, gt=0)
+    """Seconds a held-up answer may be read below ``readMinRate`` first (and the window it is
+    measured over)."""
     bodyBufferBytes: int = Field(default=64 << 10, ge=0, le=16 << 20)
     """A request body up to this size is read whole before an app connection is taken (a
     larger one once this much of it has come): a slow upload never holds one of the app's

@@ -13,7 +13,10 @@
 * An upload cap: at most ``max_uploads_per_ip`` request bodies arriving at once from one
   client address; one more gets ``too_many_uploads`` (429) the same way.
 * A write timeout: a client that takes none of our bytes for ``write_timeout`` seconds
-  while we have some for it (its TCP window stays shut: slow read, X-LIM-08) is cut off.
+  while we have some for it (its TCP window stays shut: slow read, X-LIM-08) is cut off;
+  and a minimum read rate: once our writing has been paused ``read_grace`` seconds, a client
+  must take ``read_min_rate`` bytes a second, or it is cut (``read_too_slow``; accounted only
+  while writing is paused, :class:`enforcer.http.upstream.WriteDeadline`).
 * Connection caps: at most ``max_connections`` connections in all and ``max_per_ip`` from
   one client address, and at most ``new_per_ip`` new ones a second from one address
   (:class:`RateLimit`), counted from the TCP accept (:class:`TLSListener`), so a connection
@@ -233,6 +236,8 @@ class Protocol(WriteDeadline, RequestHandler):
         write_timeout: float = 0.0,
         body_min_rate: float = 0.0,
         body_grace: float = 10.0,
+        read_min_rate: float = 0.0,
+        read_grace: float = 10.0,
         destination: Destination = None,
         info: ConnectionInfo | None = None,
         **kwargs: Any,
@@ -241,6 +246,8 @@ class Protocol(WriteDeadline, RequestHandler):
         self._header_timeout = header_timeout
         self._body_timeout = body_timeout
         self._write_timeout = write_timeout
+        self._read_min_rate = read_min_rate
+        self._read_grace = read_grace
         self._body_min_rate = body_min_rate
         self._body_grace = body_grace
         self._header_deadline = Deadline(loop, never)  # the real one from connection_made (no cycle before)
@@ -420,6 +427,8 @@ class Server(web.Server):
         max_per_ip: int = 512,
         body_min_rate: float = 0.0,
         body_grace: float = 10.0,
+        read_min_rate: float = 0.0,
+        read_grace: float = 10.0,
         max_uploads_per_ip: int = 1 << 30,
         new_per_ip: RateLimit | None = None,
         **kwargs: Any,
@@ -427,12 +436,15 @@ class Server(web.Server):
         super().__init__(handler, **kwargs)
         self.header_timeout = header_timeout
         self.write_timeout = write_timeout
+        self.read_min_rate = read_min_rate
+        self.read_grace = read_grace
         self.idle_timeout: float = kwargs.get("keepalive_timeout", 3630.0)  # (aiohttp's defaults)
         self.max_line_size: int = kwargs.get("max_line_size", 8190)
         self.max_headers: int = kwargs.get("max_headers", 128)
         self._timeouts = {
             "header_timeout": header_timeout, "body_timeout": body_timeout, "write_timeout": write_timeout,
-            "body_min_rate": body_min_rate, "body_grace": body_grace,
+            "body_min_rate": body_min_rate, "body_grace": body_grace, "read_min_rate": read_min_rate,
+            "read_grace": read_grace,
         }
         self.max_uploads_per_ip = max_uploads_per_ip
         self._uploads: dict[str, int] = {}
