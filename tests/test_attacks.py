@@ -1831,3 +1831,27 @@ async def test_x_lim_08_answer_read_below_the_minimum_rate_is_cut_after_the_grac
             break
         await asyncio.sleep(0.1)
     assert _open_fds(pid) <= baseline, "the client's and the app's connections are both closed"
+
+
+# ------------------------------------------------------------------ a total cap on a request head
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean-path", "aiohttp-path"])
+async def test_x_lim_01_request_head_over_max_head_bytes_gets_431(stack: Stack, lean: bool) -> None:
+    """X-LIM-01 (limits.maxHeadBytes, 64 KiB): 20 Cookie lines of 4 KB (each line and the count within their own limits) get 431 header_too_large with a flow record and close, whichever path the connection starts on; a 40 KB head, and a request after a 300 KB body, are still served."""
+    tag = marker()
+    extra = () if lean else ("X.Handoff: 1",)
+    cookies = [f"Cookie: c{i}=" + "v" * 4000 for i in range(20)]
+    out = await attack(stack, request(f"GET /public/head-{tag} HTTP/1.1", *extra, f"User-Agent: head-{tag}",
+                                      *cookies, port=stack.port))
+    assert_close(out, 431)
+    assert out.first is not None
+    (flow_id,) = out.first.header("X-Enforcer-Flow")
+    row = await stack.wait_flow(lambda f: f.get("flow_id") == flow_id)
+    assert (row["reason"], row["status"]) == ("header_too_large", 431), row
+    pads = [f"X-Pad-{i}: " + "p" * 4000 for i in range(10)]
+    assert_served_then_next(await attack(stack, request(f"GET /public/pad-{tag} HTTP/1.1", *extra, *pads,
+                                                        port=stack.port)))
+    body = os.urandom(300_000)  # body bytes never count as head bytes of the request after it
+    assert_served_then_next(await attack(stack, request(f"POST /public/upload?head-{tag} HTTP/1.1", *extra,
+                                                        "Content-Length: 300000", port=stack.port, body=body)))

@@ -202,6 +202,10 @@ class LimitsModel(_Strict):
     """Bounds on what a client controls."""
 
     maxBodyBytes: int = Field(default=1 << 30, ge=0)
+    maxHeadBytes: int = Field(default=64 << 10, ge=1024)
+    """A request's whole header block (request line and every field) at most; a bigger one
+    gets 431 ``header_too_large`` and the connection closes.  Each line is also capped at
+    8 KiB and the fields at 100."""
     headerTimeout: Duration = 30.0
     idleTimeout: Duration = 75.0
     writeTimeout: Duration = 60.0

@@ -347,6 +347,7 @@ class Daemon:
             body_grace=s.limits.bodyGrace,
             read_min_rate=s.limits.readMinRate,
             read_grace=s.limits.readGrace,
+            max_head_bytes=s.limits.maxHeadBytes,
             max_uploads_per_ip=s.limits.maxUploadsPerIP,
             new_per_ip=server_mod.RateLimit(
                 s.limits.newConnectionsPerIP, s.limits.newConnectionsBurst, loopback=s.limits.rateLimitLoopback
