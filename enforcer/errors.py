@@ -67,6 +67,7 @@ class Reason(enum.StrEnum):
     BODY_TOO_LARGE = "body_too_large"
     HEADER_TIMEOUT = "header_timeout"
     BODY_TOO_SLOW = "body_too_slow"
+    READ_TOO_SLOW = "read_too_slow"
     TOO_MANY_UPLOADS = "too_many_uploads"
     CONNECTION_RATE = "connection_rate"
 
@@ -319,3 +320,10 @@ class ClientBodyError(EnforcerError):
     """A request body the enforcer stopped reading: it came in below ``limits.bodyMinRate``
     (``body_too_slow``, 408) or its address has too many uploads open (``too_many_uploads``,
     429).  Set on the body stream by :mod:`enforcer.http.server`, so whoever reads it raises."""
+
+
+class ClientReadError(ClientBodyError):
+    """A client that took the enforcer's answer below ``limits.readMinRate`` bytes a second
+    once ``limits.readGrace`` had passed (``read_too_slow``, 408): its connection was cut by
+    :class:`enforcer.http.upstream.WriteDeadline`.  A :class:`ClientBodyError`, so it is
+    recorded like the other cuts of a too-slow client (decision kept, connection closed)."""

@@ -1769,3 +1769,89 @@ async def test_p_bcl_07_backchannel_logout_is_rate_limited(rate_limits: Stack) -
     assert out.first is not None and out.first.status == 400
     row = await stack.wait_flow(lambda f: f.get("user_agent") == f"bcl-{tag}-127.0.0.9" and f["status"] == 429)
     assert (row["reason"], row["decision"]) == ("backchannel_rate", "logout"), row
+
+
+# ------------------------------------------------------------------ slow readers (issue 19, item 2)
+
+
+@pytest_asyncio.fixture
+async def read_rate(stack: Stack) -> AsyncIterator[Stack]:
+    """The enforcer restarted with a 1 s read grace at 100,000 bytes/s (writeTimeout stays 60 s); restored afterwards."""
+    async with _restarted_with(stack, "limits: {readGrace: 1, readMinRate: 100000}\n") as s:
+        yield s
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean-path", "aiohttp-path"])
+async def test_x_lim_08_answer_read_below_the_minimum_rate_is_cut_after_the_grace(
+    read_rate: Stack, cookies: dict[str, str], lean: bool
+) -> None:
+    """X-LIM-08 (issue 19): on both HTTP paths a client reading a 5 MB answer at full speed gets all of it, while one reading a large answer at 1 byte/s is cut soon after readGrace (long before writeTimeout) with a read_too_slow 408 flow record, and its app connection is let go."""
+    stack = read_rate
+    tag = marker()
+    extra = () if lean else ("X.Handoff: 1",)  # (a '.' in a name: the lean path hands the request to aiohttp)
+    fast = await Raw.open(stack)
+    try:
+        await fast.send(request("GET /big?size=5000000 HTTP/1.1", f"Cookie: {cookies['bob']}", *extra,
+                                f"User-Agent: fast-{tag}", port=stack.port))
+        reply = await fast.reply(timeout=20)
+        assert reply is not None and reply.status == 200 and len(reply.body) == 5_000_000
+    finally:
+        await fast.close()
+    row = await stack.wait_flow(lambda f: f.get("user_agent") == f"fast-{tag}")
+    assert (row["status"], row["bytes_out"]) == (200, 5_000_000), row
+    pid = _enforcer_pid(stack)
+    await asyncio.sleep(0.3)
+    baseline = _open_fds(pid)  # (the fast answer's app connection is idle in the pool)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", stack.port, ssl=stack.client_ssl(), server_hostname=HOST, limit=1024,  # a small read buffer
+    )
+
+    async def one_byte_a_second() -> None:
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            for _ in range(60):
+                if not await reader.read(1):
+                    return
+                await asyncio.sleep(1.0)
+
+    started = time.monotonic()
+    writer.write(request("GET /big?size=200000000 HTTP/1.1", f"Cookie: {cookies['bob']}", *extra,
+                         f"User-Agent: slow-{tag}", port=stack.port))
+    trickle = asyncio.create_task(one_byte_a_second())
+    try:
+        row = await stack.wait_flow(lambda f: f.get("user_agent") == f"slow-{tag}", timeout=20.0)
+        elapsed = time.monotonic() - started
+        assert (row["reason"], row["status"]) == ("read_too_slow", 408), row
+        assert elapsed < 1 + 1 + 3, f"cut after {elapsed:.1f} s (grace 1 s, then one 1 s window)"
+        assert row["bytes_out"] < 50_000_000, row
+    finally:
+        trickle.cancel()
+        writer.transport.abort()
+    for _ in range(50):
+        if _open_fds(pid) <= baseline:
+            break
+        await asyncio.sleep(0.1)
+    assert _open_fds(pid) <= baseline, "the client's and the app's connections are both closed"
+
+
+# ------------------------------------------------------------------ a total cap on a request head
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean-path", "aiohttp-path"])
+async def test_x_lim_01_request_head_over_max_head_bytes_gets_431(stack: Stack, lean: bool) -> None:
+    """X-LIM-01 (limits.maxHeadBytes, 64 KiB): 20 Cookie lines of 4 KB (each line and the count within their own limits) get 431 header_too_large with a flow record and close, whichever path the connection starts on; a 40 KB head, and a request after a 300 KB body, are still served."""
+    tag = marker()
+    extra = () if lean else ("X.Handoff: 1",)
+    cookies = [f"Cookie: c{i}=" + "v" * 4000 for i in range(20)]
+    out = await attack(stack, request(f"GET /public/head-{tag} HTTP/1.1", *extra, f"User-Agent: head-{tag}",
+                                      *cookies, port=stack.port))
+    assert_close(out, 431)
+    assert out.first is not None
+    (flow_id,) = out.first.header("X-Enforcer-Flow")
+    row = await stack.wait_flow(lambda f: f.get("flow_id") == flow_id)
+    assert (row["reason"], row["status"]) == ("header_too_large", 431), row
+    pads = [f"X-Pad-{i}: " + "p" * 4000 for i in range(10)]
+    assert_served_then_next(await attack(stack, request(f"GET /public/pad-{tag} HTTP/1.1", *extra, *pads,
+                                                        port=stack.port)))
+    body = os.urandom(300_000)  # body bytes never count as head bytes of the request after it
+    assert_served_then_next(await attack(stack, request(f"POST /public/upload?head-{tag} HTTP/1.1", *extra,
+                                                        "Content-Length: 300000", port=stack.port, body=body)))

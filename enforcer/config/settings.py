@@ -202,6 +202,10 @@ class LimitsModel(_Strict):
     """Bounds on what a client controls."""
 
     maxBodyBytes: int = Field(default=1 << 30, ge=0)
+    maxHeadBytes: int = Field(default=64 << 10, ge=1024)
+    """A request's whole header block (request line and every field) at most; a bigger one
+    gets 431 ``header_too_large`` and the connection closes.  Each line is also capped at
+    8 KiB and the fields at 100."""
     headerTimeout: Duration = 30.0
     idleTimeout: Duration = 75.0
     writeTimeout: Duration = 60.0
@@ -218,6 +222,15 @@ class LimitsModel(_Strict):
     still cuts a body that stalls)."""
     bodyGrace: Duration = 10.0
     """Seconds a request body may stay below ``bodyMinRate`` first."""
+    readMinRate: int = Field(default=2048, ge=0)
+    """Once the enforcer's writing to a client has been held up (its TCP window shut) for
+    ``readGrace`` seconds, the client must take at least this many bytes of the answer per
+    second, measured over each following ``readGrace`` seconds; a slower one is cut
+    (``read_too_slow``, 408 in the flow record): a slow reader cannot hold an app connection
+    for hours while it trickles.  0 turns it off (``writeTimeout`` still cuts one that stalls)."""
+    readGrace: Duration = Field(default=10.0, gt=0)
+    """Seconds a held-up answer may be read below ``readMinRate`` first (and the window it is
+    measured over)."""
     bodyBufferBytes: int = Field(default=64 << 10, ge=0, le=16 << 20)
     """A request body up to this size is read whole before an app connection is taken (a
     larger one once this much of it has come): a slow upload never holds one of the app's

@@ -26,7 +26,7 @@ A served request gets what :meth:`Gate.handle` would give it: the same header hy
 pool, the same response head (:func:`enforcer.http.headers.relay_head`), the same body relay,
 failure pages and flow record (:mod:`enforcer.http.relay`).  The connection keeps the
 listener's limits: the connection caps, the header deadline (408), the keep-alive idle timeout,
-the write timeout and back-pressure both ways.
+the write timeout, the minimum read rate and back-pressure both ways.
 """
 
 from __future__ import annotations
@@ -98,6 +98,8 @@ class FastPath:
         self.header_timeout = server.header_timeout
         self.idle_timeout = server.idle_timeout
         self.write_timeout = server.write_timeout
+        self.read_min_rate = server.read_min_rate
+        self.read_grace = server.read_grace
         self.max_head = server.max_line_size
         self.max_headers = server.max_headers
         self.served = gate.metrics.fast_requests
@@ -137,6 +139,8 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self._write_timeout = fast.write_timeout  # (a client that takes nothing is cut: X-LIM-08)
+        self._read_min_rate = fast.read_min_rate  # (or takes too little: read_too_slow)
+        self._read_grace = fast.read_grace
         self._reading_paused = False
         self._parser: httptools.HttpRequestParser | None = None
         """Made in :meth:`connection_made`. (It holds this protocol for its callbacks: the cycle
@@ -382,7 +386,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
 
     def _write(self, data: bytes) -> None:
         if self._closed or self.transport is None or self.transport.is_closing():
-            raise ConnectionResetError("the client connection is closed")
+            raise self._closed_error()
         self._written = True
         self.transport.write(data)
 
@@ -413,14 +417,14 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
 
     async def _drained(self) -> None:
         if self._closed:
-            raise ConnectionResetError("the client connection is closed")
+            raise self._closed_error()
         self._drain = self._loop.create_future()
         try:
             await self._drain
         finally:
             self._drain = None
         if self._closed:
-            raise ConnectionResetError("the client connection is closed")
+            raise self._closed_error()  # (cut for reading too slowly: its own reason)
 
     def _page(self, response: web.Response) -> None:
         """Write one of the enforcer's own pages (an error before any byte of the answer)."""

@@ -68,6 +68,7 @@ REASON_TITLES: dict[str, str] = {
     Reason.BODY_TOO_LARGE: "Request too large",
     Reason.HEADER_TIMEOUT: "Request timeout",
     Reason.BODY_TOO_SLOW: "Request timeout",
+    Reason.READ_TOO_SLOW: "Request timeout",
     Reason.TOO_MANY_UPLOADS: "Too many requests",
     Reason.CONNECTION_RATE: "Too many connections",
     Reason.BAD_HOST: "Bad request",

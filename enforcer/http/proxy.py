@@ -181,7 +181,13 @@ class Upstream:
                 await resp.write_eof(b"")  # the held head and the end: one write
             else:
                 assert writer is not None
-                await relay.body(conn, _ResponseSink(request, resp, writer), transfer)
+                try:
+                    await relay.body(conn, _ResponseSink(request, resp, writer), transfer)
+                except ConnectionResetError:
+                    cut = getattr(request.protocol, "cut", None)  # (server.Protocol: read too slowly)
+                    if cut is not None:
+                        raise cut from None
+                    raise
             reusable = body_task is None or (body_task.done() and not body_task.cancelled())
             return resp
         finally:

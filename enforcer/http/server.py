@@ -13,13 +13,20 @@
 * An upload cap: at most ``max_uploads_per_ip`` request bodies arriving at once from one
   client address; one more gets ``too_many_uploads`` (429) the same way.
 * A write timeout: a client that takes none of our bytes for ``write_timeout`` seconds
-  while we have some for it (its TCP window stays shut: slow read, X-LIM-08) is cut off.
+  while we have some for it (its TCP window stays shut: slow read, X-LIM-08) is cut off;
+  and a minimum read rate: once our writing has been paused ``read_grace`` seconds, a client
+  must take ``read_min_rate`` bytes a second, or it is cut (``read_too_slow``; accounted only
+  while writing is paused, :class:`enforcer.http.upstream.WriteDeadline`).
 * Connection caps: at most ``max_connections`` connections in all and ``max_per_ip`` from
   one client address, and at most ``new_per_ip`` new ones a second from one address
   (:class:`RateLimit`), counted from the TCP accept (:class:`TLSListener`), so a connection
   still in its TLS handshake (silent, or trickling its ClientHello) counts too; one over a
   cap is closed at once, before any TLS work (X-LIM-06/09/10, X-TLS-08: legitimate clients
   keep being served while one source floods).
+* A total cap on a request head: aiohttp bounds each line and the number of lines only
+  (100 lines of 8 KiB: ~800 KB); a header block over ``max_head_bytes`` (counted to within
+  one read) is refused like a line that is too long: 431 ``header_too_large`` with a flow
+  record, and close.  The lean path never takes a head over one line's size.
 * Parser errors go through the gate (one flow record, a fixed page that echoes nothing)
   instead of aiohttp's error page, which quotes the offending request bytes back and logs
   a traceback for every malformed request.
@@ -40,6 +47,7 @@ from typing import Any
 
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from enforcer.errors import ClientBodyError, Reason
@@ -54,7 +62,7 @@ AIOHTTP_WRITTEN_FOR = ("3.14",)
 PRIVATE_NAMES = (
     "_ErrInfo", "_make_error_handler", "_manager", "_request_handler", "_messages", "_request_count",
     "_payload_parser", "_upgraded", "_force_close", "_close", "_request_in_progress", "_reading_paused",
-    "_buffer_paused", "_kwargs", "_send_headers_immediately",
+    "_buffer_paused", "_kwargs", "_send_headers_immediately", "_waiter",
 )
 """The private aiohttp names used here (and only here)."""
 
@@ -233,6 +241,9 @@ class Protocol(WriteDeadline, RequestHandler):
         write_timeout: float = 0.0,
         body_min_rate: float = 0.0,
         body_grace: float = 10.0,
+        read_min_rate: float = 0.0,
+        read_grace: float = 10.0,
+        max_head_bytes: int = 1 << 30,
         destination: Destination = None,
         info: ConnectionInfo | None = None,
         **kwargs: Any,
@@ -241,6 +252,11 @@ class Protocol(WriteDeadline, RequestHandler):
         self._header_timeout = header_timeout
         self._body_timeout = body_timeout
         self._write_timeout = write_timeout
+        self._read_min_rate = read_min_rate
+        self._read_grace = read_grace
+        self._max_head_bytes = max_head_bytes
+        self._head_bytes = 0  # bytes of the header block now arriving, before this read
+        self._head_refused = False  # a head over max_head_bytes: nothing more is parsed
         self._body_min_rate = body_min_rate
         self._body_grace = body_grace
         self._header_deadline = Deadline(loop, never)  # the real one from connection_made (no cycle before)
@@ -281,10 +297,23 @@ class Protocol(WriteDeadline, RequestHandler):
         if self._upgraded or self._payload_parser is not None or self._force_close or self._close:
             super().data_received(data)  # WebSocket frames, or a connection already closing
             return
+        if self._head_refused:
+            return  # (the 431 is queued; the connection closes once it is out)
+        body = self._body
+        in_head = body is None or body.is_eof()  # between bodies: these bytes are (part of) a head
+        if in_head:
+            end = data.find(b"\r\n\r\n")
+            if self._head_bytes + (len(data) if end < 0 else end + 4) > self._max_head_bytes:
+                self._refuse_head()
+                return
         queued = len(self._messages)
         count = self._request_count
         super().data_received(data)
-        if self._request_count != count:  # a header block completed (or was refused)
+        if self._request_count == count:
+            if in_head:
+                self._head_bytes += len(data)
+        else:  # a header block completed (or was refused)
+            self._head_bytes = 0
             self._header_deadline.cancel()
             if len(self._messages) > queued:
                 payload = self._messages[-1][1]
@@ -302,6 +331,20 @@ class Protocol(WriteDeadline, RequestHandler):
                 self._end_upload()
             if data and self._request_count == count:
                 self._arm_header_timer()  # bytes of a new request's header block
+
+    def _refuse_head(self) -> None:
+        """The header block now arriving is over ``max_head_bytes``: queue the parser's own
+        error for a too-long line (the gate answers 431 ``header_too_large`` with a flow record,
+        and closes) and parse nothing more on this connection."""
+        log.debug("refusing a request head over %d bytes", self._max_head_bytes)
+        self._head_refused = True
+        self._header_deadline.cancel()
+        exc = LineTooLong(b"request head", self._max_head_bytes)
+        self._request_count += 1
+        self._messages.append((_ErrInfo(status=431, exc=exc, message=exc.message), EMPTY_PAYLOAD))
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _begin_body(self, body: StreamReader) -> None:
         """A request body begins: count it against the address's upload cap, start its clock."""
@@ -420,6 +463,9 @@ class Server(web.Server):
         max_per_ip: int = 512,
         body_min_rate: float = 0.0,
         body_grace: float = 10.0,
+        read_min_rate: float = 0.0,
+        read_grace: float = 10.0,
+        max_head_bytes: int = 1 << 30,
         max_uploads_per_ip: int = 1 << 30,
         new_per_ip: RateLimit | None = None,
         **kwargs: Any,
@@ -427,13 +473,17 @@ class Server(web.Server):
         super().__init__(handler, **kwargs)
         self.header_timeout = header_timeout
         self.write_timeout = write_timeout
+        self.read_min_rate = read_min_rate
+        self.read_grace = read_grace
         self.idle_timeout: float = kwargs.get("keepalive_timeout", 3630.0)  # (aiohttp's defaults)
         self.max_line_size: int = kwargs.get("max_line_size", 8190)
         self.max_headers: int = kwargs.get("max_headers", 128)
         self._timeouts = {
             "header_timeout": header_timeout, "body_timeout": body_timeout, "write_timeout": write_timeout,
-            "body_min_rate": body_min_rate, "body_grace": body_grace,
+            "body_min_rate": body_min_rate, "body_grace": body_grace, "read_min_rate": read_min_rate,
+            "read_grace": read_grace,
         }
+        self.max_head_bytes = max_head_bytes
         self.max_uploads_per_ip = max_uploads_per_ip
         self._uploads: dict[str, int] = {}
         self.new_per_ip = new_per_ip if new_per_ip is not None else RateLimit(0, 1)
@@ -522,7 +572,8 @@ class Server(web.Server):
         """An aiohttp connection protocol; ``admitted``: the connection was counted in already;
         ``info``: what the connection is, when another protocol served it first."""
         protocol = Protocol(
-            self, loop=self._loop, destination=destination, info=info, **self._timeouts, **self._kwargs
+            self, loop=self._loop, destination=destination, info=info, max_head_bytes=self.max_head_bytes,
+            **self._timeouts, **self._kwargs
         )
         protocol.admitted = admitted
         return protocol

@@ -15,10 +15,13 @@ import collections
 import contextlib
 import logging
 import socket
+import struct
 from collections.abc import AsyncIterable, Callable
 from typing import Any, cast
 
 import httptools
+
+from enforcer.errors import ClientReadError, Reason
 
 log = logging.getLogger("enforcer.upstream")
 
@@ -69,40 +72,115 @@ def _decode(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
 
+def bytes_acked(transport: asyncio.BaseTransport) -> int | None:
+    """Bytes of ours the peer has acknowledged on its TCP connection so far (Linux
+    ``tcpi_bytes_acked``: what the client's TCP took, below TLS and every buffer of ours), or
+    None where that cannot be read (no socket, no ``TCP_INFO``).  One system call."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
+    except (OSError, ValueError):
+        return None
+    if len(info) < _TCP_INFO_LEN:
+        return None
+    acked: int = _BYTES_ACKED.unpack_from(info, _TCP_INFO_LEN - 8)[0]
+    return acked
+
+
+_TCP_INFO = getattr(socket, "TCP_INFO", 11)
+_TCP_INFO_LEN = 128  # struct tcp_info up to and including tcpi_bytes_acked (Linux 4.1+)
+_BYTES_ACKED = struct.Struct("=Q")
+
+
 class WriteDeadline:
-    """Cut a peer that takes none of our bytes: when the transport pauses our writing, a timer
-    of ``_write_timeout`` seconds (0: none) starts; a resume cancels it, expiry aborts the
-    transport.  The protocol calls :meth:`_arm_write_deadline` from ``pause_writing``,
-    :meth:`_cancel_write_deadline` from ``resume_writing`` and ``connection_lost``, and has
-    ``transport`` and ``_loop`` attributes."""
+    """Cut a peer that takes our bytes too slowly, accounted only while the transport has
+    paused our writing (a fast peer never pauses it for long, so it costs nothing more than
+    one timer per pause):
+
+    * ``_write_timeout`` (0: none): a pause that lasts this long aborts the transport (the
+      peer took none, or too few, of our bytes for that long: slow read, X-LIM-08);
+    * ``_read_min_rate`` bytes a second (0: none) after ``_read_grace`` seconds: once a pause
+      has lasted ``_read_grace`` seconds, the peer must take at least ``_read_min_rate`` bytes
+      a second, measured over each following ``_read_grace`` seconds (TCP bytes acknowledged,
+      :func:`bytes_acked`: one system call per ``_read_grace`` seconds of a long pause), or the
+      transport is aborted and :attr:`cut` says why.
+
+    One re-arming timer serves both.  The protocol calls :meth:`_arm_write_deadline` from
+    ``pause_writing``, :meth:`_cancel_write_deadline` from ``resume_writing`` and
+    ``connection_lost``, and has ``transport`` and ``_loop`` attributes."""
 
     _write_timeout: float = 0.0
+    _read_min_rate: float = 0.0
+    _read_grace: float = 10.0
     _write_timer: asyncio.TimerHandle | None = None
+    _paused_at = 0.0  # loop time the current pause began
+    _sampled_at = -1.0  # loop time of the last bytes_acked sample in this pause (-1: none yet)
+    _sampled = 0
+    cut: ClientReadError | None = None
+    """Set when the connection was cut for reading too slowly (the writer raises it)."""
 
     def _arm_write_deadline(self) -> None:
-        if self._write_timeout > 0 and self._write_timer is None:
+        if self._write_timer is not None:
+            return
+        first = self._write_timeout if self._write_timeout > 0 else float("inf")
+        if self._read_min_rate > 0:
+            first = min(first, self._read_grace)
+        if first != float("inf"):
             loop: asyncio.AbstractEventLoop = self._loop  # type: ignore[attr-defined]
-            self._write_timer = loop.call_later(self._write_timeout, self._write_stalled)
+            self._paused_at = loop.time()
+            self._sampled_at = -1.0
+            self._write_timer = loop.call_at(self._paused_at + first, self._write_check)
 
     def _cancel_write_deadline(self) -> None:
         if self._write_timer is not None:
             self._write_timer.cancel()
             self._write_timer = None
 
-    def _write_stalled(self) -> None:
+    def _closed_error(self) -> ConnectionResetError | ClientReadError:
+        """What a write to the closed connection raises: why it was cut, if it was."""
+        return self.cut if self.cut is not None else ConnectionResetError("the client connection is closed")
+
+    def _write_check(self) -> None:
         self._write_timer = None
         transport: asyncio.BaseTransport | None = getattr(self, "transport", None)
-        if transport is not None and not transport.is_closing():
-            log.info("closing a connection that took none of our bytes for %.0f s", self._write_timeout)
-            transport.abort()  # type: ignore[attr-defined]
+        if transport is None or transport.is_closing():
+            return
+        loop: asyncio.AbstractEventLoop = self._loop  # type: ignore[attr-defined]
+        now = loop.time()
+        due = float("inf")
+        if self._write_timeout > 0:
+            due = self._paused_at + self._write_timeout
+            if now >= due - 0.001:
+                log.info("closing a connection that took none of our bytes for %.0f s", self._write_timeout)
+                transport.abort()  # type: ignore[attr-defined]
+                return
+        rate = self._read_min_rate
+        if rate > 0:
+            acked = bytes_acked(transport)
+            if acked is not None:
+                since = self._sampled_at
+                if since >= 0 and acked - self._sampled < rate * (now - since):
+                    log.info(
+                        "cutting a client that took %d bytes in %.1f s (minimum %d bytes/s)",
+                        acked - self._sampled, now - since, rate,
+                    )
+                    self.cut = ClientReadError(Reason.READ_TOO_SLOW, 408)
+                    transport.abort()  # type: ignore[attr-defined]
+                    return
+                self._sampled_at, self._sampled = now, acked
+                due = min(due, now + self._read_grace)
+        if due != float("inf"):
+            self._write_timer = loop.call_at(due, self._write_check)
 
 
 class WriteFlow(WriteDeadline):
     """Write flow control for a protocol: the transport's pause/resume, and a wait for it.
 
     The protocol sets ``_write_paused = False`` and ``_drain = None`` in ``__init__`` and calls
-    :meth:`_wake_drain` from ``connection_lost`` (a closed transport never resumes).  With a
-    ``_write_timeout`` above 0 a pause that lasts that long aborts the transport."""
+    :meth:`_wake_drain` from ``connection_lost`` (a closed transport never resumes).  A pause
+    is accounted by :class:`WriteDeadline` (write timeout, minimum read rate)."""
 
     _write_paused: bool
     _drain: asyncio.Future[None] | None

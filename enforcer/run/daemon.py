@@ -345,6 +345,9 @@ class Daemon:
             max_per_ip=s.limits.maxConnectionsPerIP,
             body_min_rate=s.limits.bodyMinRate,
             body_grace=s.limits.bodyGrace,
+            read_min_rate=s.limits.readMinRate,
+            read_grace=s.limits.readGrace,
+            max_head_bytes=s.limits.maxHeadBytes,
             max_uploads_per_ip=s.limits.maxUploadsPerIP,
             new_per_ip=server_mod.RateLimit(
                 s.limits.newConnectionsPerIP, s.limits.newConnectionsBurst, loopback=s.limits.rateLimitLoopback
