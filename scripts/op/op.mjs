@@ -339,6 +339,7 @@ server.listen(config.port ?? 0, host, () => {
   const issuer = config.issuer ?? `https://${hostPart}:${port}`;
   provider = new Provider(issuer, providerConfiguration());
   provider.on('server_error', (_ctx, err) => console.error(`server_error: ${err?.stack ?? err}`));
+  provider.on('backchannel.error', (_ctx, err, client) => console.error(`backchannel.error: ${client?.clientId}: ${err?.stack ?? err} (cause: ${err?.cause?.stack ?? err?.cause})`));
   providerCallback = provider.callback();
   // oidc-provider validates static clients lazily (at the first request); do it
   // now so a bad client (e.g. a non-ASCII client_secret) fails the start.

@@ -1,0 +1,283 @@
+"""Sessions for a fleet (issue 17): three enforcers on three hosts behind HAProxy, one Redis.
+
+Real parts only: network namespaces (see ``tests/harness/fleet.py``), the real node OpenID
+Provider, redis-server and HAProxy from Debian, ``python -m enforcer run`` processes, a recording
+app. The fleet is built once for the module; each test leaves it whole (every enforcer running,
+Redis up) for the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+
+from tests.harness.browser import Response, ScriptedBrowser
+from tests.harness.fleet import BASE, COOKIE, HOST4, HUB4, USERS, Fleet, fleet
+from tests.harness.netns import require_root
+from tests.harness.prereq import require, require_e2e
+
+pytestmark = [pytest.mark.root, pytest.mark.e2e]
+
+
+@pytest_asyncio.fixture(scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Fleet]:
+    """The fleet, torn down afterwards (even on failure)."""
+    require_root()
+    require_e2e()
+    import shutil  # noqa: PLC0415
+
+    require(shutil.which("haproxy") is not None, "haproxy (scripts/setup)")
+    require(shutil.which("redis-server") is not None, "redis-server (scripts/setup)")
+    async with fleet(tmp_path_factory.mktemp("fleet")) as f:
+        yield f
+
+
+async def login(stack: Fleet, browser: ScriptedBrowser, path: str = "/") -> Response:
+    """Log alice in through whatever ``browser`` resolves app.test to."""
+    return await stack.client.run(browser.login(BASE + path, "alice", USERS["alice"].password))
+
+
+def unauthenticated(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """App requests that came without an identity header (none may ever exist: every path is protected)."""
+    return [r for r in rows if not any(k.lower() == "x-forwarded-user" for k, _ in r["headers"])]
+
+
+async def test_one_login_then_1000_requests_through_the_load_balancer(stack: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    """One login through HAProxy, then 1,000 requests on new connections spread over three enforcers: all served, none asks to log in again."""
+    browser = await stack.browser(new_connection_per_request=True)
+    try:
+        page = await login(stack, browser, "/first")
+        assert page.status == 200, (page.status, page.text[:300])
+        logins = sum(1 for u in page.urls if u.startswith(stack.op.issuer + "/auth?"))
+        assert logins == 1, page.urls
+        before = len(stack.seen())
+
+        async def burst() -> list[Response]:
+            sem = asyncio.Semaphore(8)
+
+            async def one(i: int) -> Response:
+                async with sem:
+                    return await browser.get(f"{BASE}/r/{i}", follow=False)
+
+            return await asyncio.gather(*(one(i) for i in range(1000)))
+
+        start = time.monotonic()
+        answers = await stack.client.run(burst(), timeout=300)
+        elapsed = time.monotonic() - start
+    finally:
+        await stack.client.run(browser.close())
+    assert [a.status for a in answers] == [200] * 1000, {a.status for a in answers}
+    rows = stack.seen()[before:]
+    assert len(rows) == 1000
+    assert unauthenticated(stack.seen()) == []
+    by_enforcer = {a: sum(1 for r in rows if r["peer"].removeprefix("::ffff:") == a) for a in HOST4}
+    assert all(n > 200 for n in by_enforcer.values()), by_enforcer  # round-robin: about a third each
+    with capsys.disabled():
+        print(f"\n[fleet] 1,000 requests (one new connection each) in {elapsed:.1f} s; per enforcer: {by_enforcer}")
+
+
+async def cookie_of(browser: ScriptedBrowser) -> str:
+    """The session cookie ``browser`` holds, as a ``Cookie`` header value."""
+    cookie = browser.cookies.get(COOKIE)
+    assert cookie is not None, browser.cookies.names()
+    return f"{COOKIE}={cookie.value}"
+
+
+class Direct:
+    """Requests sent straight to each enforcer (bypassing HAProxy) with a given Cookie header."""
+
+    def __init__(self, stack: Fleet, browsers: list[ScriptedBrowser]) -> None:
+        self.stack = stack
+        self.browsers = browsers
+
+    @classmethod
+    async def open(cls, stack: Fleet) -> Direct:
+        return cls(stack, [await stack.browser(address) for address in HOST4])
+
+    async def get(self, i: int, path: str, cookie: str) -> Response:
+        """GET ``path`` on enforcer ``i`` (0-based) with ``cookie``; redirects not followed."""
+        b = self.browsers[i]
+        return await self.stack.client.run(b.request("GET", BASE + path, follow=False, headers={"Cookie": cookie}))
+
+    async def until_refused(self, i: int, cookie: str, start: float, limit: float = 3.0) -> tuple[float, Response]:
+        """Ask enforcer ``i`` every ~5 ms until it no longer serves ``cookie``: (seconds since ``start``, answer)."""
+        n = 0
+        while True:
+            n += 1
+            page = await self.get(i, f"/probe/{i}/{n}", cookie)
+            if page.status != 200:
+                return time.monotonic() - start, page
+            if time.monotonic() - start > limit:
+                return limit + 1, page
+            await asyncio.sleep(0.005)
+
+    async def close(self) -> None:
+        for b in self.browsers:
+            await self.stack.client.run(b.close())
+
+
+def is_login(page: Response, stack: Fleet) -> bool:
+    return page.status == 302 and (page.location or "").startswith(stack.op.issuer + "/auth?")
+
+
+async def test_kill_9_one_enforcer_under_load_nobody_logs_in_again(
+    stack: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """kill -9 of one enforcer under load through HAProxy: no request is sent to log in again, none reaches the app unauthenticated; the restarted enforcer serves the session."""
+    browser = await stack.browser(new_connection_per_request=True)
+    direct = await Direct.open(stack)
+    victim = stack.enforcers[1]
+    try:
+        assert (await login(stack, browser, "/before-kill")).status == 200
+        cookie = await cookie_of(browser)
+        statuses: list[int] = []
+        resets = [0]
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            async def worker(w: int) -> None:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    for _attempt in range(3):  # as a browser does, retry a GET on a reset connection
+                        try:
+                            page = await browser.get(f"{BASE}/load/{w}/{n}", follow=False)
+                        except (aiohttp.ClientError, OSError):
+                            resets[0] += 1
+                            continue
+                        statuses.append(page.status)
+                        break
+
+            await asyncio.gather(*(worker(w) for w in range(6)))
+
+        async def stopper() -> None:
+            stop.set()
+
+        task = asyncio.ensure_future(stack.client.run(load(), timeout=120))
+        await asyncio.sleep(1.0)
+        assert victim.proc is not None
+        victim.proc.kill()  # SIGKILL: `ip netns exec` exec()s, so this is the enforcer itself
+        served_before_kill = len(statuses)
+        await asyncio.sleep(2.0)
+        await stack.client.run(stopper())
+        await task
+        assert await victim.stop() == -9
+        victim.start()
+        await victim.wait_ready()
+        after = await direct.get(1, "/after-restart", cookie)
+    finally:
+        await stack.client.run(browser.close())
+        await direct.close()
+    assert after.status == 200, (after.status, after.location)
+    assert len(statuses) > served_before_kill + 50, (served_before_kill, len(statuses))
+    assert set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}  # never a 302 to the OP
+    assert unauthenticated(stack.seen()) == []
+    with capsys.disabled():
+        print(f"\n[fleet] kill -9 under load: {len(statuses)} requests served ({served_before_kill} before the kill), "
+              f"{resets[0]} connection reset(s) retried, 0 asked to log in, 0 unauthenticated at the app")
+
+
+@pytest.mark.parametrize("how", ["logout", "backchannel"])
+async def test_logout_on_one_enforcer_is_enforced_by_the_others_within_1s(
+    stack: Fleet, how: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A logout at one enforcer (or a back-channel logout the OP sends through HAProxy) is refused by every other enforcer within 1 s, and the refusal is a new login."""
+    browser = await stack.browser()
+    direct = await Direct.open(stack)
+    try:
+        assert (await login(stack, browser, f"/before-{how}")).status == 200
+        cookie = await cookie_of(browser)
+        for i in range(3):  # every enforcer has the session in its cache
+            assert (await direct.get(i, f"/warm/{how}/{i}", cookie)).status == 200
+        start = time.monotonic()  # the delays below include the logout request itself
+        if how == "logout":
+            others = [1, 2]
+            out = await direct.get(0, "/oauth2/logout", cookie)
+            assert out.status == 302 and (out.location or "").startswith(stack.op.issuer + "/session/end"), out.location
+        else:
+            others = [0, 1, 2]
+            out = await stack.client.run(browser.logout(f"{stack.op.issuer}/session/end?client_id=app"))
+            assert out.status == 200 and "Signed out" in out.text, out.text[:300]
+        refused = await asyncio.gather(*(direct.until_refused(i, cookie, start) for i in others))
+    finally:
+        await stack.client.run(browser.close())
+        await direct.close()
+    delays = {HOST4[i]: round(delay * 1000, 1) for i, (delay, _) in zip(others, refused, strict=True)}
+    with capsys.disabled():
+        print(f"\n[fleet] {how}: refused by the other enforcers after (ms) {delays}")
+    for delay, page in refused:
+        assert delay <= 1.0, delays
+        assert is_login(page, stack), (page.status, page.location)
+    if how == "backchannel":  # it came through HAProxy to one enforcer (flow logs flush every 200 ms)
+        deadline = time.monotonic() + 3
+        while not (flows := [f for e in stack.enforcers for f in e.flows() if f.get("reason") == "backchannel_logout"]):
+            assert time.monotonic() < deadline, "no enforcer recorded the back-channel logout"
+            await asyncio.sleep(0.1)
+        assert len(flows) == 1 and flows[0]["client"].startswith(HUB4), flows
+
+
+async def test_redis_down_fails_closed_and_service_resumes_when_it_returns(
+    stack: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Redis stopped under load: no request with a session an enforcer has not cached (or no session) reaches the app, cached ones stop within the staleness bound; Redis restarted: service resumes with no enforcer restarted."""
+    pids = [e.proc.pid for e in stack.enforcers if e.proc is not None]
+    alice = await stack.browser()
+    other = await stack.browser(HOST4[0])  # logs in on enforcer 1 only: 2 and 3 never cache it
+    direct = await Direct.open(stack)
+    try:
+        assert (await login(stack, alice, "/before-redis-stop")).status == 200
+        known = await cookie_of(alice)
+        for i in range(3):
+            assert (await direct.get(i, f"/warm/redis/{i}", known)).status == 200
+        other_page = await login(stack, other, "/other-login")
+        assert other_page.status == 200, other_page.location
+        uncached = await cookie_of(other)
+        bogus = f"{COOKIE}={secrets.token_urlsafe(32)}"
+
+        stack.redis.stop()
+        stopped = time.monotonic()
+        last_served: list[float] = []
+        answers: dict[str, list[int]] = {"uncached": [], "bogus": []}
+        while time.monotonic() - stopped < 2.5:
+            for i in range(3):
+                if (await direct.get(i, f"/known/{i}", known)).status == 200:
+                    last_served.append(time.monotonic() - stopped)
+                answers["bogus"].append((await direct.get(i, f"/bogus/{i}", bogus)).status)
+            for i in (1, 2):
+                answers["uncached"].append((await direct.get(i, f"/uncached/{i}", uncached)).status)
+        outage_seen = [r["path"] for r in stack.seen() if r["path"].startswith(("/bogus/", "/uncached/"))]
+
+        stack.redis.start()
+        restarted = time.monotonic()
+        resumed: dict[int, float] = {}
+        while len(resumed) < 3 and time.monotonic() - restarted < 15:
+            for i in set(range(3)) - set(resumed):
+                if (await direct.get(i, f"/resumed/{i}", known)).status == 200:
+                    resumed[i] = time.monotonic() - restarted
+            await asyncio.sleep(0.02)
+        uncached_after = [(await direct.get(i, f"/uncached-after/{i}", uncached)).status for i in (1, 2)]
+        through_lb = await stack.client.run(alice.get(BASE + "/after-redis", follow=False))
+    finally:
+        for b in (alice, other):
+            await stack.client.run(b.close())
+        await direct.close()
+    with capsys.disabled():
+        print(f"\n[fleet] Redis down: cached session served until {max(last_served, default=0) * 1000:.0f} ms after "
+              f"the stop; answers without a usable session: { {k: sorted(set(v)) for k, v in answers.items()} }; "
+              f"Redis back: served again after (ms) { {HOST4[i]: round(t * 1000) for i, t in resumed.items()} }")
+    assert outage_seen == []
+    assert answers["uncached"] and set(answers["uncached"]) <= {302, 503}, answers
+    assert set(answers["bogus"]) <= {302, 503}, answers
+    assert max(last_served, default=0) <= 1.3  # staleness 1 s (+ the time one round of requests takes)
+    assert sorted(resumed) == [0, 1, 2], resumed
+    assert uncached_after == [200, 200]
+    assert through_lb.status == 200
+    assert [e.proc.pid for e in stack.enforcers if e.proc is not None] == pids  # no enforcer restarted
+    assert unauthenticated(stack.seen()) == []
