@@ -26,9 +26,9 @@ import pytest
 import pytest_asyncio
 
 from enforcer.policy import Endpoint, EndpointTable, Verdict, decide, validate_pattern
+from tests.harness.attack import assert_close, assert_served_then_next, attack, marker
 from tests.harness.e2e_stack import HOST, Seen, Stack
 from tests.harness.raw import Raw, Reply, request
-from tests.test_attacks import assert_close, assert_served_then_next, attack, marker
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,8 @@ from enforcer.flowlog import FlowLog
 from enforcer.http.tls import make_listen_socket
 from enforcer.identity import sessions, sqlite
 from enforcer.metrics import Metrics
-from enforcer.run.daemon import Daemon, build_providers, session_store
+from enforcer.run.daemon import Daemon, build_providers
+from enforcer.run.stores import session_store
 from enforcer.run.systemd import sd_notify, watchdog_interval
 from tests.harness.browser import StaticResolver
 from tests.harness.e2e_stack import HOST, Stack

@@ -28,7 +28,7 @@ from enforcer.http.certs import CertStore
 from enforcer.identity import login
 from enforcer.identity.redis import RedisConfig, RedisSessionStore, SessionStoreUnavailable
 from enforcer.identity.sessions import Session
-from enforcer.run import daemon
+from enforcer.run import stores
 from tests.harness.gate import CLIENT_ID, ISSUER, NOW, Answer, GateRig, sign
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server (scripts/setup)")
@@ -325,10 +325,10 @@ def test_settings_need_a_redis_section_and_build_the_store(server: RedisServer) 
     model = DaemonModel.model_validate({"definitions": [{"file": "/x"}], "sessions": {"store": "redis", "redis": {
         "url": f"unix://{server.sock}", "username": "enforcer", "passwordFile": str(server.password_file),
         "keyPrefix": "fleet1:", "db": 2, "timeout": "300ms", "staleness": "1s"}}})
-    store = daemon.session_store(model, shared=False)
+    store = stores.session_store(model, shared=False)
     assert isinstance(store, RedisSessionStore)
     assert store.config.key_prefix == "fleet1:" and store.config.db == 2 and store.config.timeout == 0.3
-    sentinel = daemon.redis_config(DaemonModel.model_validate({"definitions": [{"file": "/x"}], "sessions": {
+    sentinel = stores.redis_config(DaemonModel.model_validate({"definitions": [{"file": "/x"}], "sessions": {
         "store": "redis", "redis": {"sentinels": ["10.0.0.1:26379", "[::1]:26380"], "sentinelMaster": "m"}}})
         .sessions.redis)  # type: ignore[arg-type]
     assert sentinel.sentinels == (("10.0.0.1", 26379), ("::1", 26380))
@@ -452,12 +452,12 @@ async def test_check_and_doctor_test_the_connection(server: RedisServer, tmp_pat
         return Settings(path=tmp_path / "enforcer.yaml", model=DaemonModel.model_validate(
             {"definitions": [{"file": "/x"}], "sessions": {"store": "redis", "redis": r}}))
 
-    assert await daemon.check_session_store(DaemonModel.model_validate({"definitions": [{"file": "/x"}]})) is None
-    assert await daemon.check_session_store(settings().model) == "ok"
+    assert await stores.check_session_store(DaemonModel.model_validate({"definitions": [{"file": "/x"}]})) is None
+    assert await stores.check_session_store(settings().model) == "ok"
     (tmp_path / "bad").write_text("wrong\n")
-    denied = await daemon.check_session_store(settings(passwordFile=str(tmp_path / "bad")).model)
+    denied = await stores.check_session_store(settings(passwordFile=str(tmp_path / "bad")).model)
     assert denied is not None and denied != "ok"
-    missing = await daemon.check_session_store(settings(passwordFile=str(tmp_path / "none")).model)
+    missing = await stores.check_session_store(settings(passwordFile=str(tmp_path / "none")).model)
     assert missing is not None and "passwordFile" in missing
     report = doctor.Report(io.StringIO())
     await doctor._check_sessions(report, settings())

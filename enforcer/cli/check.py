@@ -20,7 +20,7 @@ from enforcer.config import issues, sources
 from enforcer.config import settings as settings_mod
 from enforcer.errors import Outcome
 from enforcer.flow import tags_fingerprint
-from enforcer.run import daemon
+from enforcer.run import stores
 
 
 def load_all_definitions(settings: settings_mod.Settings) -> definitions_mod.Definitions:
@@ -168,7 +168,7 @@ def command(args: argparse.Namespace) -> int:
         print(f"  service {name}: not for this enforcer (selectors do not match tags {list(settings.tags)})")
     for w in (*definitions.warnings, *_secret_warnings(definitions)):
         print(f"  warning: {w}")
-    store = asyncio.run(daemon.check_session_store(settings.model))
+    store = asyncio.run(stores.check_session_store(settings.model))
     if store is not None and store != "ok":
         print(f"  FAIL sessions: Redis: {store}")
         return 1

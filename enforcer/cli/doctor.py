@@ -27,7 +27,8 @@ from enforcer.config import definitions as definitions_mod
 from enforcer.config import settings as settings_mod
 from enforcer.identity import oidc, tokens
 from enforcer.net import nftables, ruleset
-from enforcer.run.daemon import build_redirect, check_session_store
+from enforcer.run.daemon import build_redirect
+from enforcer.run.stores import check_session_store
 
 
 @dataclass

@@ -102,6 +102,13 @@ def _connection_info(request: web.BaseRequest) -> ConnectionInfo:
     return connection_info(transport.get_extra_info("peername"), None, transport.get_extra_info("ssl_object"))
 
 
+def _client_gone() -> web.Response:
+    """The answer to a client that has gone: never seen, it only ends the connection."""
+    response = web.Response(status=400)
+    response.force_close()
+    return response
+
+
 class Upstream(Protocol):
     """The apps behind the enforcer, as both request paths use them (:class:`proxy.Upstream`)."""
 
@@ -188,6 +195,7 @@ class Gate:
             now=self.clock(), flow_id=self.flow_ids(),
         )
         response: web.StreamResponse | None = None
+        gone = False
         transfer = proxy.Transfer()  # (untouched unless the request is forwarded)
         try:
             response = await self._handle(request, flow, info, transfer)
@@ -195,9 +203,14 @@ class Gate:
         except Exception as exc:
             _, response = relay.failure(flow, exc, self.metrics)
             if response is None:
-                raise  # the client went away: nothing to send
+                # the client went away: nothing to tell it, and nothing for aiohttp to log as our
+                # error (raising would); this closes the connection quietly, its write is dropped
+                gone = True
+                return _client_gone()
             return response
         finally:
+            if gone:
+                response = None
             if response is not None and not response.prepared:
                 # not streamed from the app: the enforcer's own answer names its flow
                 response.headers[pages.FLOW_HEADER] = flow.flow_id

@@ -257,6 +257,7 @@ class Protocol(WriteDeadline, RequestHandler):
         self._max_head_bytes = max_head_bytes
         self._head_bytes = 0  # bytes of the header block now arriving, before this read
         self._head_refused = False  # a head over max_head_bytes: nothing more is parsed
+        self._head_line_ended = False  # the request line of the head now arriving is complete
         self._body_min_rate = body_min_rate
         self._body_grace = body_grace
         self._header_deadline = Deadline(loop, never)  # the real one from connection_made (no cycle before)
@@ -304,7 +305,7 @@ class Protocol(WriteDeadline, RequestHandler):
         if in_head:
             end = data.find(b"\r\n\r\n")
             if self._head_bytes + (len(data) if end < 0 else end + 4) > self._max_head_bytes:
-                self._refuse_head()
+                self._refuse_head(target=not (self._head_line_ended or b"\r\n" in data))
                 return
         queued = len(self._messages)
         count = self._request_count
@@ -312,8 +313,10 @@ class Protocol(WriteDeadline, RequestHandler):
         if self._request_count == count:
             if in_head:
                 self._head_bytes += len(data)
+                self._head_line_ended = self._head_line_ended or b"\r\n" in data
         else:  # a header block completed (or was refused)
             self._head_bytes = 0
+            self._head_line_ended = False
             self._header_deadline.cancel()
             if len(self._messages) > queued:
                 payload = self._messages[-1][1]
@@ -332,16 +335,19 @@ class Protocol(WriteDeadline, RequestHandler):
             if data and self._request_count == count:
                 self._arm_header_timer()  # bytes of a new request's header block
 
-    def _refuse_head(self) -> None:
+    def _refuse_head(self, *, target: bool) -> None:
         """The header block now arriving is over ``max_head_bytes``: queue the parser's own
-        error for a too-long line (the gate answers 431 ``header_too_large`` with a flow record,
-        and closes) and parse nothing more on this connection."""
+        error for a too-long line (the gate answers 431 ``header_too_large``, or 414
+        ``target_too_long`` when the request line itself never ended, with a flow record, and
+        closes) and parse nothing more on this connection."""
         log.debug("refusing a request head over %d bytes", self._max_head_bytes)
         self._head_refused = True
         self._header_deadline.cancel()
         exc = LineTooLong(b"request head", self._max_head_bytes)
+        if target:  # (framing_error tells the request-target by its bytearray, as the C parser reports it)
+            exc.args = (bytearray(b"request target"), *exc.args[1:])
         self._request_count += 1
-        self._messages.append((_ErrInfo(status=431, exc=exc, message=exc.message), EMPTY_PAYLOAD))
+        self._messages.append((_ErrInfo(status=414 if target else 431, exc=exc, message=exc.message), EMPTY_PAYLOAD))
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
