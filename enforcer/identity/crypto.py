@@ -45,7 +45,8 @@ def parse_keys(text: str) -> list[bytes]:
         if not line or line.startswith("#"):
             continue
         try:
-            key = base64.urlsafe_b64decode(line.replace("+", "-").replace("/", "_") + "=" * (-len(line) % 4))
+            key = base64.b64decode(line.replace("+", "-").replace("/", "_") + "=" * (-len(line) % 4),
+                                   altchars=b"-_", validate=True)
         except (binascii.Error, ValueError):
             raise KeyFileError(f"line {n}: not base64") from None
         if len(key) != KEY_BYTES:
@@ -96,7 +97,7 @@ class TokenCipher:
         if version != VERSION or aead is None:
             return None
         try:
-            raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+            raw = base64.b64decode(body + "=" * (-len(body) % 4), altchars=b"-_", validate=True)
             return aead.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], bound_to).decode("utf-8")
         except (binascii.Error, ValueError, InvalidTag, UnicodeDecodeError):
             return None

@@ -494,11 +494,10 @@ def check_refreshed(
         return LoginFailure.of(exc)
     email = claims.get("email") if claims.get("email_verified") is True else None
     username = claims.get("preferred_username")
-    sid = claims.get("sid")
+    # sid stays: the stores' back-channel logout index keys on the login's sid
     return dataclasses.replace(
         session, tags=tags, email=email if isinstance(email, str) else None,
-        username=username if isinstance(username, str) else None,
-        sid=sid if isinstance(sid, str) else session.sid, id_token=tokens.id_token,
+        username=username if isinstance(username, str) else None, id_token=tokens.id_token,
         refresh_token=refresh_token, claims_expire=now + rules.claims_lifetime,
     )
 
