@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import shutil
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -339,6 +340,18 @@ class Rig:
 
 
 @pytest.fixture
+def redis_server() -> Iterator[Any]:
+    """A redis-server of its own (the harness of tests/test_redis.py)."""
+    from tests.test_redis import RedisServer
+
+    srv = RedisServer()
+    srv.start()
+    yield srv
+    srv.stop()
+    shutil.rmtree(srv.dir, ignore_errors=True)
+
+
+@pytest.fixture
 async def op(tmp_path: Path) -> AsyncIterator[FakeOP]:
     fake = FakeOP(workdir=tmp_path / "op", claims={"email": "alice@example.com", "email_verified": True,
                                                    "groups": ["admins", "staff"]})
@@ -477,3 +490,34 @@ async def test_unreadable_refresh_token_ends_the_session(rig: Rig) -> None:
     rig.skew = 11
     answer = await rig.request("/private")
     assert answer.status == 302 and not rig.op.refresh_requests()
+
+
+# ------------------------------------------------------------------ the Redis store's lease
+
+
+async def test_redis_store_lease_and_atomic_write_reach_every_enforcer(redis_server: Any) -> None:
+    """Two enforcers on one Redis: one lease (SET NX PX) per session; the renewed write, only
+    over the expected refresh token, is seen by the other at once (its cached copy is dropped)."""
+    from tests.test_redis import make_session, until, watched
+
+    async with watched(redis_server.config()) as a, watched(redis_server.config()) as b:
+        now = time.time()
+        handle = await a.create(make_session(refresh_token="sealed-old", claims_expire=now + 10))
+        assert (await b.get(handle, "app", now)) is not None  # cached in b
+        stored = await a.refresh_begin(handle, now, 10)
+        assert stored is not None and stored.refresh_token == "sealed-old"
+        assert await b.refresh_begin(handle, now, 10) is None
+        renewed = dataclasses.replace(stored, tags=frozenset({"groups=ops"}), refresh_token="sealed-new",
+                                      claims_expire=now + 400, id_token="new.id.token")
+        assert not await b.refresh_end(handle, "sealed-other", renewed)  # not the stored token: no write
+        assert await a.refresh_begin(handle, now, 10) is not None  # ... but the lease was released
+        assert await a.refresh_end(handle, "sealed-old", renewed)
+        assert await until(lambda: b.get_cached(handle, "app", now) is None, 1.0) <= 1.0
+        got = await b.get(handle, "app", now)
+        assert got is not None and got.tags == frozenset({"groups=ops"}) and got.claims_expire == now + 400
+        popped = await b.pop(handle, "app", now)
+        assert popped is not None and popped.id_token == "new.id.token"
+        assert await a.refresh_begin(handle, now, 10) is None  # gone
+        assert await a.refresh_begin("junk", now, 10) is None and not await a.refresh_end("junk", None, None)
+        assert not await a.refresh_end(handle, "sealed-new", renewed)  # gone: nothing re-created
+        assert await a.get(handle, "app", now) is None
