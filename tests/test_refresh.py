@@ -33,6 +33,8 @@ from enforcer.identity.tokens import TokenResponse, VerifiedToken
 from enforcer.metrics import Metrics
 from tests.harness.fake_op import FakeOP
 from tests.harness.gate import HOST, SERVICE, SPEC, Answer, FakeUpstream, RecordingFlowLog
+from tests.test_redis import RedisServer, until, watched
+from tests.test_redis import make_session as redis_session
 
 NOW = 1_800_000_000.0
 ISSUER = "https://idp.example.com"
@@ -340,10 +342,8 @@ class Rig:
 
 
 @pytest.fixture
-def redis_server() -> Iterator[Any]:
+def redis_server() -> Iterator[RedisServer]:
     """A redis-server of its own (the harness of tests/test_redis.py)."""
-    from tests.test_redis import RedisServer
-
     srv = RedisServer()
     srv.start()
     yield srv
@@ -495,14 +495,13 @@ async def test_unreadable_refresh_token_ends_the_session(rig: Rig) -> None:
 # ------------------------------------------------------------------ the Redis store's lease
 
 
-async def test_redis_store_lease_and_atomic_write_reach_every_enforcer(redis_server: Any) -> None:
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server (scripts/setup)")
+async def test_redis_store_lease_and_atomic_write_reach_every_enforcer(redis_server: RedisServer) -> None:
     """Two enforcers on one Redis: one lease (SET NX PX) per session; the renewed write, only
     over the expected refresh token, is seen by the other at once (its cached copy is dropped)."""
-    from tests.test_redis import make_session, until, watched
-
     async with watched(redis_server.config()) as a, watched(redis_server.config()) as b:
         now = time.time()
-        handle = await a.create(make_session(refresh_token="sealed-old", claims_expire=now + 10))
+        handle = await a.create(redis_session(refresh_token="sealed-old", claims_expire=now + 10))
         assert (await b.get(handle, "app", now)) is not None  # cached in b
         stored = await a.refresh_begin(handle, now, 10)
         assert stored is not None and stored.refresh_token == "sealed-old"
