@@ -119,6 +119,9 @@ class Reason(enum.StrEnum):
     CALLBACK_NO_CODE = "callback_no_code"
     IDP_ERROR = "idp_error"
     USERINFO_SUB_MISMATCH = "userinfo_sub_mismatch"
+    REFRESH_SUB_MISMATCH = "refresh_sub_mismatch"
+    REFRESH_NO_ID_TOKEN = "refresh_no_id_token"
+    REFRESH_TOKEN_UNREADABLE = "refresh_token_unreadable"
     CLAIMS_TOO_LARGE = "claims_too_large"
 
     # idp: the discovery document

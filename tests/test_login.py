@@ -215,12 +215,13 @@ def test_complete_login(claims: dict[str, Any], userinfo: dict[str, Any] | None,
 
 
 def test_complete_login_builds_the_session_of_the_login() -> None:
-    """The session is for the login's service and issuer, keeps the raw ID token and refresh
-    token, starts now and ends after the session lifetime; its tags come from the claims."""
+    """The session is for the login's service and issuer, keeps the raw ID token (the refresh
+    token only with offline_access, which RULES lacks: see tests/test_refresh.py), starts now
+    and ends after the session lifetime; its tags come from the claims."""
     session = login.complete_login(id_claims(groups=["staff"]), None, tokens=TOKENS, txn=TXN, rules=RULES, now=NOW)
     assert not isinstance(session, LoginFailure)
     assert (session.service, session.issuer, session.sub) == ("app", ISSUER, "alice")
-    assert (session.id_token, session.refresh_token) == (TOKENS.id_token, "rt")
+    assert (session.id_token, session.refresh_token, session.claims_expire) == (TOKENS.id_token, None, None)
     assert (session.created, session.last_seen, session.expires) == (NOW, NOW, NOW + 3600)
     assert {"email=alice@example.com", "groups=staff", "sub=alice"} <= session.tags
     assert not any(t.startswith(("nonce=", "iat=")) for t in session.tags)

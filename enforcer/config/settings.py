@@ -124,6 +124,13 @@ class SessionsModel(_Strict):
     """Sessions the SQLite store keeps in memory (~0.3 KB each, the 256 most recently used
     ~3 KB): a request of a cached session needs no disk read; one beyond it costs a SQLite
     read (~0.3 ms of CPU) and enters the cache. The Redis store's cache is sized the same way."""
+    refreshTokenKeyFile: Path | None = None
+    """Secret file of AES-256 keys (base64, one a line, newest first) that seal refresh tokens
+    at rest. Without it no refresh token is kept, even with ``offline_access``."""
+    claimsLifetime: Duration = 300.0
+    """With a refresh token: how long a session's claims are trusted before they are renewed."""
+    refreshMargin: Duration = 60.0
+    """A refresh starts this long before the claims' end, in the background (past the end: inline)."""
 
     @model_validator(mode="after")
     def _redis_needs_where(self) -> SessionsModel:

@@ -8,6 +8,8 @@ endpoints are handled here too, as explicit steps calling into ``oidc`` and ``se
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import html
 import json
 import logging
@@ -35,7 +37,7 @@ from enforcer.http.plan import Deny, Endpoint, Forward, Login, NeedSession, OwnE
 from enforcer.http.server import FRAMING_ERROR
 from enforcer.http.tls import ConnectionInfo, connection_info
 from enforcer.identity import cookies as cookies_mod
-from enforcer.identity import login, oidc, sessions
+from enforcer.identity import crypto, login, oidc, sessions
 from enforcer.identity import tokens as tokens_mod
 from enforcer.metrics import Metrics
 
@@ -44,6 +46,9 @@ log = logging.getLogger("enforcer.handler")
 MAX_RETURN_TO = 2048
 MAX_LOGOUT_TOKEN_BODY = 64 << 10
 FORBIDDEN_METHODS = frozenset({"TRACE", "TRACK", "CONNECT"})
+REFRESH_RETRY = 30.0
+"""Seconds before a refresh that failed for the provider's fault is tried again (claims still valid)."""
+_TRANSIENT = frozenset({Reason.TOKEN_SERVER_ERROR, Reason.TOKEN_TEMPORARILY_UNAVAILABLE, Reason.TOKEN_UNREACHABLE})
 
 def transfer_coding_problem(request: web.BaseRequest) -> tuple[int, str] | None:
     """Framing the parser accepted but the enforcer refuses (RFC 9112 §6.1, §2.3)."""
@@ -180,6 +185,15 @@ class Gate:
         self.max_body = s.limits.maxBodyBytes
         self.header_rule = headers_mod.HeaderRule(s.limits.stripHeaders)
         self._callback_inflight: set[str] = set()
+        key_file = s.sessions.refreshTokenKeyFile
+        self.cipher = crypto.TokenCipher.from_file(key_file) if key_file is not None else None
+        """Seals refresh tokens; None: no refresh token is kept (and claims are never refreshed)."""
+        self.refresh_margin = s.sessions.refreshMargin
+        self.refresh_lease = 3 * s.oidc.httpTimeout + 5
+        self._refreshing: dict[str, asyncio.Task[sessions.Session | None]] = {}
+        self._refresh_retry: dict[str, float] = {}
+        # the lean path's session lookup: one more comparison only when refresh is configured
+        self._cached = self._cached_fresh if self.cipher is not None else store.get_cached
         self.backchannel_rate = server_mod.RateLimit(
             s.limits.backchannelPerIP, s.limits.backchannelBurst, loopback=s.limits.rateLimitLoopback
         )
@@ -287,6 +301,8 @@ class Gate:
             return await self._backchannel_logout(request, flow, service)
         if isinstance(plan, NeedSession):
             identity = await self.store.get(plan.handle, service.name, self.clock())
+            if identity is not None and identity.claims_expire is not None and self.cipher is not None:
+                identity = await self._fresh_claims(plan.handle, service, identity)
             plan = plan_mod.decide(service, request.method, plan.path, plan.query, identity)
         if isinstance(plan, Login):
             if plan.identity is not None:
@@ -349,9 +365,116 @@ class Gate:
         hands anything else to :meth:`handle`)."""
         return plan_mod.plan_request(
             self.runtime.by_host, self.listen_port, method, raw_target, host_value, sni=info.sni,
-            destination=info.destination, cookies=cookies, cached=self.store.get_cached, now=self.clock(),
+            destination=info.destination, cookies=cookies, cached=self._cached, now=self.clock(),
             content_length=content_length, max_body=self.max_body,
         )
+
+    def _cached_fresh(self, handle: str, service: str, now: float) -> sessions.Session | None:
+        """The store's cached session unless its claims are due for a refresh (then the
+        request takes the full path, which refreshes): one comparison per request."""
+        found = self.store.get_cached(handle, service, now)
+        if found is not None and found.claims_expire is not None and now >= found.claims_expire - self.refresh_margin:
+            return None
+        return found
+
+    # ------------------------------------------------------------------ refresh
+
+    async def _fresh_claims(self, handle: str, service: Service, identity: sessions.Session) -> sessions.Session | None:
+        """The session to decide this request with, its claims renewed when due.
+
+        Within the margin before the claims' end the request is served with the current claims
+        and the refresh runs aside; past their end it waits for the refresh (claims that may be
+        stale never decide). One refresh per session in this process (a task), one across
+        processes and enforcers (the store's lease). None: the session ended or cannot be
+        vouched for now (the request is treated as signed out)."""
+        now = self.clock()
+        due = login.refresh_due(identity, now, self.refresh_margin)
+        if due is login.RefreshDue.NO:
+            return identity
+        task = self._refreshing.get(handle)
+        if task is None:
+            if due is login.RefreshDue.BACKGROUND and self._refresh_retry.get(handle, 0.0) > now:
+                return identity
+            # owned by self._refreshing until done; _refresh_done logs what a background one raised
+            task = asyncio.create_task(self._refresh(handle, service))  # noqa: TID251
+            self._refreshing[handle] = task
+            task.add_done_callback(lambda t: self._refresh_done(handle, t))
+        if due is login.RefreshDue.BACKGROUND:
+            return identity
+        return await asyncio.shield(task)
+
+    def _refresh_done(self, handle: str, task: asyncio.Task[sessions.Session | None]) -> None:
+        self._refreshing.pop(handle, None)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("a claims refresh failed: %s: %s", type(exc).__name__, exc)
+
+    async def _refresh(self, handle: str, service: Service) -> sessions.Session | None:
+        """Renew the claims of ``handle``'s session at the token endpoint; the renewed session,
+        the one another refresher stored, or None (ended, or not renewable now)."""
+        assert self.cipher is not None
+        store, now = self.store, self.clock()
+        stored = await store.refresh_begin(handle, now, self.refresh_lease)
+        if stored is None:  # another worker or enforcer is refreshing it (or it is gone)
+            return await self._await_other_refresh(handle, service)
+        if stored.refresh_token is None or login.refresh_due(stored, now, self.refresh_margin) is login.RefreshDue.NO:
+            await store.refresh_end(handle, None, None)  # renewed meanwhile by another
+            return stored
+        token = self.cipher.open(stored.refresh_token, login.token_binding(stored))
+        if token is None:
+            await self._end_refreshed(handle, service, Reason.REFRESH_TOKEN_UNREADABLE)
+            return None
+        provider = self._provider(service)
+        rules = self._login_rules(service)
+        try:
+            tokens = await provider.refresh(
+                refresh_token=token, client_id=service.client_id, client_secret=service.client_secret
+            )
+            verified = await provider.verify(tokens.id_token) if tokens.id_token else None
+            info = (await provider.userinfo(tokens.access_token)
+                    if verified is not None and login.wants_userinfo(tokens, rules, verified.claims) else None)
+        except tokens_mod.OIDCError as exc:
+            if exc.status >= 500 or exc.reason in _TRANSIENT:
+                log.warning("service %s: refresh failed for now (%s); claims kept until they expire",
+                            service.name, exc.reason)
+                if len(self._refresh_retry) > 10_000:
+                    self._refresh_retry = {h: t for h, t in self._refresh_retry.items() if t > now}
+                self._refresh_retry[handle] = now + REFRESH_RETRY
+                await store.refresh_end(handle, None, None)
+                return None
+            await self._end_refreshed(handle, service, exc.reason)
+            return None
+        except BaseException:
+            await store.refresh_end(handle, None, None)
+            raise
+        sealed = self.cipher.seal(tokens.refresh_token or token, login.token_binding(stored))
+        renewed = login.check_refreshed(stored, verified, info, tokens=tokens, rules=rules, refresh_token=sealed,
+                                        now=self.clock())
+        if isinstance(renewed, login.LoginFailure):
+            await self._end_refreshed(handle, service, renewed.code)
+            return None
+        if not await store.refresh_end(handle, stored.refresh_token, renewed):
+            return None  # deleted (logout) or renewed by another meanwhile: ask again next time
+        self._refresh_retry.pop(handle, None)
+        self.metrics.logins.labels(service.name, "refreshed").inc()
+        return renewed
+
+    async def _await_other_refresh(self, handle: str, service: Service) -> sessions.Session | None:
+        """Another process holds the lease: wait (polling the store) until it renewed the
+        claims, at most the lease; None if it did not."""
+        deadline = self.clock() + self.refresh_lease
+        while self.clock() < deadline:
+            current = await self.store.get(handle, service.name, self.clock())
+            if current is None or login.refresh_due(current, self.clock(), 0.0) is login.RefreshDue.NO:
+                return current
+            await asyncio.sleep(0.05)
+        return None
+
+    async def _end_refreshed(self, handle: str, service: Service, reason: Reason) -> None:
+        """A refused or unusable refresh: the session ends (the user signs in again)."""
+        log.info("service %s: refresh refused (%s): the session ends", service.name, reason)
+        self.metrics.logins.labels(service.name, reason).inc()
+        await self.store.refresh_end(handle, None, None)
+        await self.store.delete(handle)
 
     # ------------------------------------------------------------------ helpers
 
@@ -420,6 +543,7 @@ class Gate:
         return login.LoginRules(
             service=service.name, client_id=service.client_id, scopes=service.scopes, userinfo=service.userinfo,
             leeway=s.leeway, max_id_token_age=s.maxIdTokenAge, session_lifetime=self.absolute_timeout,
+            claims_lifetime=self.settings.model.sessions.claimsLifetime,
         )
 
     async def _callback(
@@ -482,6 +606,9 @@ class Gate:
         new = login.complete_login(claims, info, tokens=tokens, txn=txn, rules=rules, now=self.clock())
         if isinstance(new, login.LoginFailure):
             return fail(new, clear=tx_name)
+        if new.refresh_token is not None:  # sealed at rest, or not kept without a key
+            sealed = self.cipher.seal(new.refresh_token, login.token_binding(new)) if self.cipher else None
+            new = dataclasses.replace(new, refresh_token=sealed, claims_expire=new.claims_expire if sealed else None)
 
         cookie_name = cookies_mod.session_cookie_name(service.name)
         old_found, old_handle = cookies_mod.find_cookie(request.headers.getall("Cookie", []), cookie_name)

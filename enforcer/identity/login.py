@@ -6,7 +6,8 @@ pure steps, one between each of the gate's awaits: :func:`parse_callback` (befor
 login is taken), :func:`check_transaction` (after), :func:`check_response_params` (after
 discovery), :func:`check_id_token` (after the token request and signature check) and
 :func:`complete_login` (after the optional UserInfo request), which builds the session.
-:func:`logout_answer` is the logout CSRF rule. :class:`Provider` is what the gate uses of an
+:func:`refresh_due` and :func:`check_refreshed` are the refresh rules (claims renewed with a
+refresh token). :func:`logout_answer` is the logout CSRF rule. :class:`Provider` is what the gate uses of an
 OpenID Provider (:class:`enforcer.identity.oidc.Provider` in production).
 """
 
@@ -246,6 +247,11 @@ class Provider(Protocol):
         """The UserInfo document (None if the provider has no UserInfo endpoint)."""
         ...
 
+    async def refresh(self, *, refresh_token: str, client_id: str, client_secret: str) -> TokenResponse:
+        """A refresh token -> new tokens at the token endpoint (``id_token`` is ``""`` when the
+        provider sent none)."""
+        ...
+
 
 # ---------------------------------------------------------------------------
 # the callback (pure)
@@ -288,6 +294,8 @@ class LoginRules:
     """Oldest ``iat`` accepted (seconds before now)."""
     session_lifetime: float
     """Absolute lifetime of the session a login creates (seconds)."""
+    claims_lifetime: float = 300.0
+    """How long claims are trusted before a refresh renews them (with a refresh token)."""
 
 
 def parse_callback(method: str, raw_path: str, callback_path: str, query: str) -> dict[str, str] | LoginFailure:
@@ -404,7 +412,93 @@ def complete_login(
         username=username if isinstance(username, str) else None,
         tags=tags, sid=sid if isinstance(sid, str) else None,
         id_token=tokens.id_token, created=now, last_seen=now, expires=now + rules.session_lifetime,
-        refresh_token=tokens.refresh_token,
+        refresh_token=tokens.refresh_token if keeps_refresh_token(rules.scopes) else None,
+        claims_expire=(now + rules.claims_lifetime
+                       if keeps_refresh_token(rules.scopes) and tokens.refresh_token else None),
+    )
+
+
+# ---------------------------------------------------------------------------
+# refresh (pure)
+
+
+def keeps_refresh_token(scopes: tuple[str, ...]) -> bool:
+    """Whether a refresh token is kept at all: only when the service asks ``offline_access``."""
+    return "offline_access" in scopes
+
+
+def token_binding(session: Session) -> bytes:
+    """What a sealed refresh token is bound to (AEAD associated data): its service and user."""
+    return "\x00".join((session.service, session.issuer, session.sub)).encode()
+
+
+class RefreshDue(enum.Enum):
+    """When the gate renews a session's claims."""
+
+    NO = "no"
+    """No refresh token, or the claims are fresh: serve as is."""
+    BACKGROUND = "background"
+    """Within ``margin`` of the claims' end: serve with the current claims, refresh aside."""
+    INLINE = "inline"
+    """The claims have expired: refresh before deciding this request."""
+
+
+def refresh_due(session: Session, now: float, margin: float) -> RefreshDue:
+    """How the claims of ``session`` must be renewed at ``now`` (the lean path's test is the
+    same single comparison, ``now < claims_expire - margin``)."""
+    ce = session.claims_expire
+    if ce is None or session.refresh_token is None or now < ce - margin:
+        return RefreshDue.NO
+    return RefreshDue.BACKGROUND if now < ce else RefreshDue.INLINE
+
+
+def check_refreshed(
+    session: Session,
+    verified: VerifiedToken | None,
+    userinfo: Mapping[str, Any] | None,
+    *,
+    tokens: TokenResponse,
+    rules: LoginRules,
+    refresh_token: str | None,
+    now: float,
+) -> Session | LoginFailure:
+    """The session with renewed claims after a refresh, or why the session must end.
+
+    The new ID token (OIDC Core §12.2) gets every check of a login but the nonce -- it has
+    none -- against the session's own issuer and client, and must name the session's ``sub``;
+    UserInfo, when asked, must too. No ID token ends the session: the claims cannot be renewed,
+    and keeping the old ones would keep a removed group forever. ``refresh_token`` is the
+    (sealed) token to keep: the rotated one, or the old one when the provider did not rotate.
+    """
+    if verified is None or not tokens.id_token:
+        return LoginFailure(Reason.REFRESH_NO_ID_TOKEN, 401)
+    claims = dict(verified.claims)
+    try:
+        check_claims(
+            {**claims, "nonce": ""}, issuer=session.issuer, client_id=rules.client_id, nonce="",
+            now=now, leeway=rules.leeway, max_age=rules.max_id_token_age,
+        )
+        check_at_hash(claims, str(verified.header.get("alg")), tokens.access_token)
+    except OIDCError as exc:
+        return LoginFailure.of(exc)
+    if claims["sub"] != session.sub:
+        return LoginFailure(Reason.REFRESH_SUB_MISMATCH, 401)
+    if userinfo is not None:
+        if userinfo.get("sub") != session.sub:
+            return LoginFailure(Reason.USERINFO_SUB_MISMATCH, 401)
+        for k, v in userinfo.items():
+            claims.setdefault(k, v)
+    try:
+        tags = claims_to_tags(claims)
+    except OIDCError as exc:
+        return LoginFailure.of(exc)
+    email = claims.get("email") if claims.get("email_verified") is True else None
+    username = claims.get("preferred_username")
+    # sid stays: the stores' back-channel logout index keys on the login's sid
+    return dataclasses.replace(
+        session, tags=tags, email=email if isinstance(email, str) else None,
+        username=username if isinstance(username, str) else None, id_token=tokens.id_token,
+        refresh_token=refresh_token, claims_expire=now + rules.claims_lifetime,
     )
 
 

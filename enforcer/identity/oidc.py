@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import dataclasses
 import json
 import logging
 import ssl
@@ -312,13 +313,27 @@ class Provider:
         self, *, code: str, redirect_uri: str, code_verifier: str, client_id: str, client_secret: str
     ) -> TokenResponse:
         """Authorization code -> tokens at the token endpoint (no redirects followed)."""
-        metadata = await self.discover()
         form = {
             "grant_type": "authorization_code",
             "code": code,
             "redirect_uri": redirect_uri,
             "code_verifier": code_verifier,
         }
+        return parse_token_response(await self._token_request(form, client_id, client_secret))
+
+    async def refresh(self, *, refresh_token: str, client_id: str, client_secret: str) -> TokenResponse:
+        """A refresh token -> new tokens (RFC 6749 §6). A provider may send no ID token on a
+        refresh: then ``id_token`` is ``""`` and the caller decides."""
+        form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        doc = await self._token_request(form, client_id, client_secret)
+        id_token = doc.get("id_token")
+        has_id = isinstance(id_token, str) and bool(id_token)
+        parsed = parse_token_response({**doc, "id_token": id_token if has_id else "-"})
+        return parsed if has_id else dataclasses.replace(parsed, id_token="")
+
+    async def _token_request(self, form: dict[str, str], client_id: str, client_secret: str) -> dict[str, Any]:
+        """POST ``form`` to the token endpoint with the client's credentials; the JSON answer."""
+        metadata = await self.discover()
         headers = {"Accept": "application/json"}
         if metadata.token_auth_method == "client_secret_basic":  # noqa: S105 (a method name)
             pair = f"{urllib.parse.quote_plus(client_id)}:{urllib.parse.quote_plus(client_secret)}"
@@ -362,7 +377,7 @@ class Provider:
             raise OIDCError(
                 Reason.TOKEN_BAD_CONTENT_TYPE, f"token response is {content_type[:60]!r}, not JSON", status=502
             )
-        return parse_token_response(strict_json_object(body, Reason.TOKEN_INVALID_JSON))
+        return strict_json_object(body, Reason.TOKEN_INVALID_JSON)
 
     async def userinfo(self, access_token: str) -> dict[str, Any] | None:
         """Claims from the UserInfo endpoint (None if the IdP has none)."""

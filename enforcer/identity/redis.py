@@ -66,6 +66,22 @@ return 1
 """Slide ``last_seen`` (only forward) and the key's TTL; never re-creates a deleted session."""
 
 
+_RENEW: Final = """
+local d = redis.call('HGET', KEYS[1], 'd')
+redis.call('DEL', KEYS[2])
+if not d then return 0 end
+local data = cjson.decode(d)
+if data['refresh_token'] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'd', ARGV[2], 't', ARGV[3])
+redis.call('PUBLISH', KEYS[3], ARGV[4])
+return 1
+"""
+"""A refresh's write: if the stored refresh token is still the one the refresh used, replace
+``d`` (the renewed session, built from the one the lease returned), store the new ID token,
+publish the key (every enforcer drops its cached copy) -- and release the lease (``r:<key>``)
+in any case. One script: atomic."""
+
+
 class SessionStoreUnavailable(EnforcerError):
     """Redis cannot be reached (or answered too slowly): fail closed with a 503."""
 
@@ -241,6 +257,7 @@ class RedisSessionStore:
         self._all = f"{p}all"
         self._channel = f"{p}revoked".encode()
         self._touch = self._redis.register_script(_TOUCH)
+        self._renew = self._redis.register_script(_RENEW)
         self._clock = clock
         self._on_state = on_state
         self._fresh_until = -1.0
@@ -574,6 +591,45 @@ class RedisSessionStore:
         """Redis expires sessions by itself; this drops their entries from the ``all`` index
         and returns how many."""
         return int(await self._call("purge", self._redis.zremrangebyscore(self._all, "-inf", now)))
+
+    async def refresh_begin(self, handle: str, now: float, lease: float) -> Session | None:
+        """Take the refresh lease of ``handle``'s session (``SET r:<key> NX PX``: one refresh at
+        a time across the fleet) and return the session read from Redis; None when leased or
+        unknown."""
+        key = _handle_key(handle)
+        if key is None:
+            return None
+        self._check_up()
+        rkey = f"{self._prefix}r:{_hex(key)}"
+        taken = await self._call("lease", self._redis.set(rkey, b"1", nx=True, px=max(1, int(lease * 1000))))
+        if not taken:
+            return None
+        d, last = await self._call("get", self._redis.hmget(self._skey(key), ["d", "l"]))
+        try:
+            read = _decode(d, last)
+        except (ValueError, TypeError, KeyError):
+            read = None
+        if read is None:
+            await self._call("lease", self._redis.delete(rkey))
+        return read
+
+    async def refresh_end(self, handle: str, expected: str | None, renewed: Session | None) -> bool:
+        """Release the lease; with ``renewed`` (the session :meth:`refresh_begin` returned, with
+        renewed claims), replace the stored one atomically if its refresh token is still
+        ``expected``, and publish the key to every enforcer."""
+        key = _handle_key(handle)
+        if key is None:
+            return False
+        rkey = f"{self._prefix}r:{_hex(key)}"
+        if renewed is None:
+            await self._call("lease", self._redis.delete(rkey))
+            return False
+        self._forget([key])
+        written = await self._call("renew", self._renew(
+            keys=[self._skey(key), rkey, self._channel],
+            args=[expected or "", _encode(renewed)["d"], renewed.id_token, _hex(key)],
+        ))
+        return bool(written)
 
     def retain_services(self, services: frozenset[str]) -> int:
         """After a reload: forget the cached sessions of services no longer defined."""

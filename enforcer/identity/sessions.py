@@ -6,6 +6,10 @@ default, survives a daemon restart) on disk. Stores key sessions by ``SHA-256(ha
 never keep the handle itself, so a leaked database file or memory dump does not hand out live
 cookies.
 
+A refresh (claims renewed with a refresh token) holds a short per-session lease taken with
+:meth:`SessionStore.refresh_begin` and writes the renewed session with
+:meth:`SessionStore.refresh_end`; :func:`renewed_fields` says what such a write changes.
+
 Lifetime rules shared by both stores (conformance S-LT-01..05): a session dies when
 ``now - last_seen > idle_timeout`` or ``now >= expires``; ``last_seen`` slides forward at most
 once per ``touch_interval`` (reads do not write on every request) and sliding never moves the
@@ -17,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
@@ -104,6 +109,19 @@ class SessionStore(Protocol):
         """Delete idle and absolutely expired sessions; return how many."""
         ...
 
+    async def refresh_begin(self, handle: str, now: float, lease: float) -> Session | None:
+        """Take the refresh lease of the session for ``handle`` for ``lease`` seconds (one
+        refresh at a time across every worker and enforcer sharing the store) and return the
+        session as stored, sealed refresh token included; None when another holds the lease
+        or there is no such session."""
+        ...
+
+    async def refresh_end(self, handle: str, expected: str | None, renewed: Session | None) -> bool:
+        """Release the refresh lease; first, with ``renewed``, store its claims, ID token,
+        refresh token and ``claims_expire`` in one atomic write -- only if the stored refresh
+        token is still ``expected`` -- and drop every cached copy. True when written."""
+        ...
+
     def retain_services(self, services: frozenset[str]) -> int:
         """After a reload: let go of in-process state kept for services no longer defined;
         return how many cached sessions were dropped (stored ones expire as usual)."""
@@ -167,6 +185,16 @@ class _Lifetime:
         return dataclasses.replace(session, last_seen=new_last_seen)
 
 
+def renewed_fields(session: Session) -> tuple[object, ...]:
+    """What a refresh changes of a stored session, in :data:`RENEWED_COLUMNS` order."""
+    return (json.dumps(sorted(session.tags)), session.email, session.username, session.id_token,
+            session.refresh_token, session.claims_expire)
+
+
+RENEWED_COLUMNS = ("tags", "email", "username", "id_token", "refresh_token", "claims_expire")
+"""The stored fields a refresh rewrites (``sid`` stays: the back-channel logout index keys on it)."""
+
+
 def _check_max_sessions(max_sessions: int) -> None:
     if max_sessions < 1:
         raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
@@ -200,6 +228,7 @@ class MemorySessionStore:
         self._life = _Lifetime.make(idle_timeout, touch_interval)
         self._max = max_sessions
         self._sessions: OrderedDict[bytes, Session] = OrderedDict()
+        self._leases: dict[bytes, float] = {}
 
     async def create(self, session: Session) -> str:
         """Store ``session`` under a new random handle and return that handle."""
@@ -275,6 +304,33 @@ class MemorySessionStore:
         for key in doomed:
             del self._sessions[key]
         return len(doomed)
+
+    async def refresh_begin(self, handle: str, now: float, lease: float) -> Session | None:
+        """Take the refresh lease of ``handle``'s session; the session, or None (leased, unknown)."""
+        key = _handle_key(handle)
+        if key is None or (session := self._sessions.get(key)) is None:
+            return None
+        if self._leases.get(key, float("-inf")) > now:
+            return None
+        if len(self._leases) >= self._max:
+            self._leases = {k: t for k, t in self._leases.items() if t > now}
+        self._leases[key] = now + lease
+        return session
+
+    async def refresh_end(self, handle: str, expected: str | None, renewed: Session | None) -> bool:
+        """Release the lease; store ``renewed`` if the stored refresh token is still ``expected``."""
+        key = _handle_key(handle)
+        if key is None:
+            return False
+        self._leases.pop(key, None)
+        current = self._sessions.get(key)
+        if renewed is None or current is None or current.refresh_token != expected:
+            return False
+        self._sessions[key] = dataclasses.replace(
+            current, tags=renewed.tags, email=renewed.email, username=renewed.username,
+            id_token=renewed.id_token, refresh_token=renewed.refresh_token, claims_expire=renewed.claims_expire,
+        )
+        return True
 
     def retain_services(self, services: frozenset[str]) -> int:
         """Nothing to let go: the memory store interns nothing per service (its sessions are the store)."""

@@ -25,6 +25,7 @@ from typing import Final, TypeVar
 from enforcer.identity.cache import _Compact, _SessionCache
 from enforcer.identity.cookies import new_handle
 from enforcer.identity.sessions import (
+    RENEWED_COLUMNS,
     Session,
     SessionStoreError,
     _check_max_sessions,
@@ -32,6 +33,7 @@ from enforcer.identity.sessions import (
     _handle_key,
     _Lifetime,
     _Verdict,
+    renewed_fields,
 )
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,10 @@ CREATE TABLE IF NOT EXISTS pending_logins (
     created REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS pending_logins_created ON pending_logins (created);
+CREATE TABLE IF NOT EXISTS refresh_leases (
+    key BLOB PRIMARY KEY,          -- a session being refreshed (single flight across workers)
+    until REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 PAGE_CACHE_KIB: Final = 256
@@ -647,6 +653,66 @@ class SQLiteSessionStore:
 
         await self._run(prune)
         return n
+
+    async def refresh_begin(self, handle: str, now: float, lease: float) -> Session | None:
+        """Take the refresh lease of ``handle``'s session (a ``refresh_leases`` row: single
+        flight across the workers sharing the file) and return the session read from the file,
+        not the cache (another worker may have refreshed it); None when leased or unknown."""
+        key = _handle_key(handle)
+        if key is None:
+            return None
+
+        def take(conn: sqlite3.Connection) -> _Row | None:
+            with _transaction(conn):
+                row: _Row | None = conn.execute(
+                    f"SELECT {_LEAN_COLUMNS} FROM sessions WHERE key = ?", (key,)  # noqa: S608 — constant
+                ).fetchone()
+                if row is None:
+                    return None
+                taken = conn.execute(
+                    "INSERT INTO refresh_leases (key, until) VALUES (?, ?) ON CONFLICT (key) "
+                    "DO UPDATE SET until = excluded.until WHERE refresh_leases.until <= ?",
+                    (key, now + lease, now),
+                ).rowcount
+                conn.execute("DELETE FROM refresh_leases WHERE until <= ?", (now,))
+                return row if taken else None
+
+        row = await self._run(take)
+        if row is None:
+            return None
+        try:
+            return _decode(row)
+        except (ValueError, TypeError):
+            await self.refresh_end(handle, None, None)
+            return None
+
+    async def refresh_end(self, handle: str, expected: str | None, renewed: Session | None) -> bool:
+        """Release the lease; with ``renewed``, rewrite the session's renewed fields in the same
+        transaction if its refresh token is still ``expected``, and tell the other workers to
+        drop their cached copy (a ``revocations`` row: they read the new one through)."""
+        key = _handle_key(handle)
+        if key is None:
+            return False
+        assignments = ", ".join(f"{c} = ?" for c in RENEWED_COLUMNS)
+        fields = renewed_fields(renewed) if renewed is not None else ()
+
+        def finish(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                written = 0
+                if renewed is not None:
+                    written = conn.execute(
+                        f"UPDATE sessions SET {assignments} WHERE key = ? AND refresh_token IS ?",  # noqa: S608 — constant names
+                        (*fields, key, expected),
+                    ).rowcount
+                    if written:
+                        self._revoke(conn, [key])
+                conn.execute("DELETE FROM refresh_leases WHERE key = ?", (key,))
+                return bool(written)
+
+        written = await self._run(finish)
+        if written:
+            self._forget([key])
+        return written
 
     def _revoke(self, conn: sqlite3.Connection, keys: Sequence[bytes]) -> None:
         """Worker thread, inside a transaction: tell the other workers (shared mode only)."""

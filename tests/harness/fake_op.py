@@ -120,6 +120,12 @@ class Behaviour:
     token_stream_bytes: int = 0  # >0: stream this many bytes of JSON-ish junk, chunked
     token_headers: dict[str, str] = field(default_factory=dict)
     check_pkce: bool = True
+    # refresh grant (a refresh token is issued when the scope has offline_access)
+    rotate_refresh_tokens: bool = True  # each refresh answers a new refresh token; the old one dies
+    refresh_id_token: bool = True  # False: a refresh answers no ID token
+    refresh_claims_overrides: dict[str, Any] = field(default_factory=dict)  # on refreshed ID tokens only
+    refresh_sign_with: str | None = None  # None: as sign_with
+    refresh_delay: float = 0.0
     # userinfo
     userinfo_overrides: dict[str, Any] = field(default_factory=dict)
     userinfo_status: int = 200
@@ -179,6 +185,7 @@ class FakeOP:
         self.port = 0
         self._runner: web.AppRunner | None = None
         self.session_id = "sid-" + secrets.token_hex(4)
+        self.refresh_tokens: dict[str, str] = {}  # live refresh token -> its scope
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -440,6 +447,8 @@ class FakeOP:
         if not self._client_ok(request, form):
             return web.json_response({"error": "invalid_client"}, status=401,
                                      headers={"WWW-Authenticate": 'Basic realm="op"'})
+        if form.get("grant_type") == ["refresh_token"]:
+            return await self._refresh(form)
         code = (form.get("code") or [""])[0]
         grant = self.grants.get(code)
         if grant is None or grant.used or form.get("grant_type") != ["authorization_code"]:
@@ -471,10 +480,45 @@ class FakeOP:
             "id_token": id_token,
             "scope": grant.scope,
         }
+        if "offline_access" in grant.scope.split():
+            doc["refresh_token"] = self.issue_refresh_token(grant.scope)
         doc = apply_overrides(doc, b.token_overrides)
         return web.Response(status=b.token_status, body=json.dumps(doc).encode(),
                             headers={"Content-Type": b.token_content_type, "Cache-Control": "no-store",
                                      **b.token_headers})
+
+    def issue_refresh_token(self, scope: str) -> str:
+        token = "rt-" + secrets.token_urlsafe(24)
+        self.refresh_tokens[token] = scope
+        return token
+
+    def revoke_refresh_tokens(self) -> None:
+        """The user was disabled (or signed out at the IdP): every refresh token dies."""
+        self.refresh_tokens.clear()
+
+    def refresh_requests(self) -> list[Recorded]:
+        return [r for r in self.token_requests() if r.form().get("grant_type") == ["refresh_token"]]
+
+    async def _refresh(self, form: dict[str, list[str]]) -> web.StreamResponse:
+        """RFC 6749 §6 with rotation; the new ID token has no nonce (OIDC Core §12.2)."""
+        b = self.behaviour
+        if b.refresh_delay:
+            await asyncio.sleep(b.refresh_delay)
+        old = (form.get("refresh_token") or [""])[0]
+        scope = self.refresh_tokens.get(old)
+        if scope is None:
+            return web.json_response({"error": "invalid_grant"}, status=400)
+        access = secrets.token_urlsafe(32)
+        self.issued_access_tokens.append(access)
+        doc: dict[str, Any] = {"access_token": access, "token_type": "Bearer", "expires_in": 300, "scope": scope}
+        if b.rotate_refresh_tokens:
+            del self.refresh_tokens[old]
+            doc["refresh_token"] = self.issue_refresh_token(scope)
+        if b.refresh_id_token:
+            claims = apply_overrides(self.id_token_claims(None, access), b.refresh_claims_overrides)
+            doc["id_token"] = self.sign(claims, how=b.refresh_sign_with)
+        return web.Response(status=200, body=json.dumps(doc).encode(),
+                            headers={"Content-Type": "application/json", "Cache-Control": "no-store"})
 
     async def _userinfo(self, request: web.Request, body: bytes) -> web.StreamResponse:
         b = self.behaviour
