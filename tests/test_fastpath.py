@@ -550,6 +550,8 @@ class _Server:
 
     header_timeout = idle_timeout = 5.0
     write_timeout = 0.0
+    read_min_rate = 0.0
+    read_grace = 10.0
     max_line_size = 8190
     max_headers = 100
 

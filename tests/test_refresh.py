@@ -33,8 +33,9 @@ from enforcer.identity.tokens import TokenResponse, VerifiedToken
 from enforcer.metrics import Metrics
 from tests.harness.fake_op import FakeOP
 from tests.harness.gate import HOST, SERVICE, SPEC, Answer, FakeUpstream, RecordingFlowLog
-from tests.test_redis import RedisServer, until, watched
-from tests.test_redis import make_session as redis_session
+from tests.harness.prereq import require
+from tests.harness.redis import RedisServer, until, watched
+from tests.harness.redis import make_session as redis_session
 
 NOW = 1_800_000_000.0
 ISSUER = "https://idp.example.com"
@@ -343,7 +344,8 @@ class Rig:
 
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
-    """A redis-server of its own (the harness of tests/test_redis.py)."""
+    """A redis-server of its own (tests/harness/redis.py)."""
+    require(shutil.which("redis-server") is not None, "redis-server (scripts/setup)")
     srv = RedisServer()
     srv.start()
     yield srv
@@ -495,7 +497,6 @@ async def test_unreadable_refresh_token_ends_the_session(rig: Rig) -> None:
 # ------------------------------------------------------------------ the Redis store's lease
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server (scripts/setup)")
 async def test_redis_store_lease_and_atomic_write_reach_every_enforcer(redis_server: RedisServer) -> None:
     """Two enforcers on one Redis: one lease (SET NX PX) per session; the renewed write, only
     over the expected refresh token, is seen by the other at once (its cached copy is dropped)."""
