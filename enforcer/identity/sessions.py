@@ -24,7 +24,7 @@ import hashlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from enforcer.errors import EnforcerError, Reason
 from enforcer.identity.cookies import _HANDLE_RE, HANDLE_LENGTH, new_handle
@@ -129,6 +129,26 @@ class SessionStore(Protocol):
 
     async def close(self) -> None:
         """Release resources; the store is unusable afterwards."""
+        ...
+
+
+@runtime_checkable
+class FleetStore(Protocol):
+    """A store that several enforcers share (:class:`enforcer.identity.redis.RedisSessionStore`):
+    its watcher applies the others' revocations, and it can be unreachable (``problem``)."""
+
+    problem: str | None
+
+    async def watch(self) -> None:
+        """Follow the other enforcers' revocations until cancelled."""
+        ...
+
+    async def put_pending(self, state: str, data: str, created: float, *, max_pending: int) -> None:
+        """Keep a pending login where every enforcer can take it (the callback may land elsewhere)."""
+        ...
+
+    async def take_pending(self, state: str, now: float, ttl: float) -> str | None:
+        """Take a pending login once, fleet-wide."""
         ...
 
 

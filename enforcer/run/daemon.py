@@ -39,7 +39,6 @@ from enforcer.http import server as server_mod
 from enforcer.http import tls as listener
 from enforcer.http.gate import Gate, Runtime
 from enforcer.identity import login, oidc, sessions, sqlite, tokens
-from enforcer.identity import redis as redis_store
 from enforcer.metrics import Metrics
 from enforcer.run import memory
 from enforcer.run.attach import Attachment, HostAttachment, SocketFactory, Undo
@@ -246,7 +245,7 @@ class Daemon:
             flow_ids=self.flow_ids,
             shared_logins=(
                 login.SharedTransactionStore(store, ttl=s.oidc.loginTimeout)
-                if isinstance(store, redis_store.RedisSessionStore)  # the callback may reach another enforcer
+                if isinstance(store, sessions.FleetStore)  # the callback may reach another enforcer
                 or (self.role != "single" and isinstance(store, sqlite.SQLiteSessionStore)) else None
             ),
         )
@@ -351,7 +350,7 @@ class Daemon:
         assert self.flowlog is not None
         self._spawn(self.flowlog.run(), "flowlog")
         self._spawn(self._warm_up(serving.runtime), "discovery")
-        if isinstance(serving.store, redis_store.RedisSessionStore):
+        if isinstance(serving.store, sessions.FleetStore):
             self.metrics.session_store_up.set(0)
             self._spawn(serving.store.watch(), "session-store-watch")
         if self.owns_host:
@@ -566,7 +565,7 @@ class Daemon:
             if no_service:
                 problems["services"] = no_service
             store = self.gate.store
-            if isinstance(store, redis_store.RedisSessionStore) and store.problem is not None:
+            if isinstance(store, sessions.FleetStore) and store.problem is not None:
                 problems["sessions"] = store.problem
             if self.role == "primary":
                 waiting = self._workers_not_ready()

@@ -1,20 +1,26 @@
 """The session store ``sessions:`` asks for, built from the settings, and its connection check.
 
 Kept apart from the daemon so ``enforcer check`` and ``doctor`` can test the store's connection
-without loading the daemon or the data path.
+without loading the daemon or the data path. The Redis store is imported only when it is the one
+configured: redis-py adds ~5 MiB to the RSS of every daemon that loads it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from enforcer.config import settings as settings_mod
-from enforcer.identity import redis as redis_store
 from enforcer.identity import sessions, sqlite
+
+if TYPE_CHECKING:
+    from enforcer.identity import redis as redis_store
 
 
 def redis_config(r: settings_mod.RedisModel) -> redis_store.RedisConfig:
     """``sessions.redis`` as the Redis store takes it."""
+    from enforcer.identity import redis as redis_store  # noqa: PLC0415  (redis-py: ~5 MiB RSS; only with Redis)
+
     sentinels = tuple((h.strip("[]"), int(p)) for h, _, p in (e.rpartition(":") for e in r.sentinels))
     return redis_store.RedisConfig(
         url=r.url, sentinels=sentinels, sentinel_master=r.sentinelMaster, tls=r.tls, ca_file=r.caFile,
@@ -28,6 +34,8 @@ async def check_session_store(s: settings_mod.DaemonModel) -> str | None:
     write, read and delete a probe key: ``"ok"`` or why not. None for the local stores."""
     if s.sessions.store != "redis" or s.sessions.redis is None:
         return None
+    from enforcer.identity import redis as redis_store  # noqa: PLC0415  (redis-py: ~5 MiB RSS; only with Redis)
+
     try:
         store = redis_store.RedisSessionStore(redis_config(s.sessions.redis), idle_timeout=s.sessions.idleTimeout)
     except OSError as exc:  # the password file
@@ -48,6 +56,8 @@ def session_store(
     comes back) or in memory."""
     if s.sessions.store == "redis":
         assert s.sessions.redis is not None  # (the model requires it)
+        from enforcer.identity import redis as redis_store  # noqa: PLC0415  (redis-py: ~5 MiB RSS; only with Redis)
+
         try:
             return redis_store.RedisSessionStore(
                 redis_config(s.sessions.redis), idle_timeout=s.sessions.idleTimeout,
