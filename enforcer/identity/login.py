@@ -378,6 +378,31 @@ def wants_userinfo(tokens: TokenResponse, rules: LoginRules, claims: Mapping[str
     return tokens.token_type.lower() == "bearer" and needs_userinfo(rules.userinfo, rules.scopes, claims)
 
 
+def _identity(
+    claims: Mapping[str, Any], userinfo: Mapping[str, Any] | None, *, status: int
+) -> tuple[dict[str, Any], frozenset[str], str | None, str | None] | LoginFailure:
+    """Who a checked ID token (plus UserInfo) says the user is, for a login and a refresh alike:
+    (merged claims, tags, email, username), or why not (with ``status``).
+
+    UserInfo must name the same ``sub``; its claims fill in what the ID token lacks (the ID token
+    wins). The email counts only when ``email_verified`` is true; it and ``preferred_username``
+    only when they are strings."""
+    merged = dict(claims)
+    if userinfo is not None:
+        if userinfo.get("sub") != merged["sub"]:
+            return LoginFailure(Reason.USERINFO_SUB_MISMATCH, status)
+        for k, v in userinfo.items():
+            merged.setdefault(k, v)
+    try:
+        tags = claims_to_tags(merged)
+    except OIDCError as exc:
+        return LoginFailure.of(exc)
+    email = merged.get("email") if merged.get("email_verified") is True else None
+    username = merged.get("preferred_username")
+    return (merged, tags, email if isinstance(email, str) else None,
+            username if isinstance(username, str) else None)
+
+
 def complete_login(
     claims: Mapping[str, Any],
     userinfo: Mapping[str, Any] | None,
@@ -393,23 +418,13 @@ def complete_login(
     token wins). The email counts only when ``email_verified`` is true; ``preferred_username``
     and ``sid`` only when they are strings. The session lives ``rules.session_lifetime``.
     """
-    merged = dict(claims)
-    if userinfo is not None:
-        if userinfo.get("sub") != merged["sub"]:
-            return LoginFailure(Reason.USERINFO_SUB_MISMATCH)
-        for k, v in userinfo.items():
-            merged.setdefault(k, v)
-    try:
-        tags = claims_to_tags(merged)
-    except OIDCError as exc:
-        return LoginFailure.of(exc)
-    email = merged.get("email") if merged.get("email_verified") is True else None
-    username = merged.get("preferred_username")
+    identity = _identity(claims, userinfo, status=400)
+    if isinstance(identity, LoginFailure):
+        return identity
+    merged, tags, email, username = identity
     sid = merged.get("sid")
     return Session(
-        service=rules.service, issuer=txn.issuer, sub=merged["sub"],
-        email=email if isinstance(email, str) else None,
-        username=username if isinstance(username, str) else None,
+        service=rules.service, issuer=txn.issuer, sub=merged["sub"], email=email, username=username,
         tags=tags, sid=sid if isinstance(sid, str) else None,
         id_token=tokens.id_token, created=now, last_seen=now, expires=now + rules.session_lifetime,
         refresh_token=tokens.refresh_token if keeps_refresh_token(rules.scopes) else None,
@@ -483,21 +498,13 @@ def check_refreshed(
         return LoginFailure.of(exc)
     if claims["sub"] != session.sub:
         return LoginFailure(Reason.REFRESH_SUB_MISMATCH, 401)
-    if userinfo is not None:
-        if userinfo.get("sub") != session.sub:
-            return LoginFailure(Reason.USERINFO_SUB_MISMATCH, 401)
-        for k, v in userinfo.items():
-            claims.setdefault(k, v)
-    try:
-        tags = claims_to_tags(claims)
-    except OIDCError as exc:
-        return LoginFailure.of(exc)
-    email = claims.get("email") if claims.get("email_verified") is True else None
-    username = claims.get("preferred_username")
+    identity = _identity(claims, userinfo, status=401)
+    if isinstance(identity, LoginFailure):
+        return identity
+    _, tags, email, username = identity
     # sid stays: the stores' back-channel logout index keys on the login's sid
     return dataclasses.replace(
-        session, tags=tags, email=email if isinstance(email, str) else None,
-        username=username if isinstance(username, str) else None, id_token=tokens.id_token,
+        session, tags=tags, email=email, username=username, id_token=tokens.id_token,
         refresh_token=refresh_token, claims_expire=now + rules.claims_lifetime,
     )
 
