@@ -305,7 +305,10 @@ class Protocol(WriteDeadline, RequestHandler):
         if in_head:
             end = data.find(b"\r\n\r\n")
             if self._head_bytes + (len(data) if end < 0 else end + 4) > self._max_head_bytes:
-                self._refuse_head(target=not (self._head_line_ended or b"\r\n" in data))
+                crlf = -1 if self._head_line_ended else data.find(b"\r\n")
+                # the request line itself too long (aiohttp's own limit): the target, 414
+                self._refuse_head(target=not self._head_line_ended and (
+                    crlf < 0 or self._head_bytes + crlf > self.max_line_size))
                 return
         queued = len(self._messages)
         count = self._request_count
