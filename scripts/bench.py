@@ -13,6 +13,12 @@ Columns (``--columns``):
                   login against the same OP (its own client registration), ``Require valid-user``.
 * ``enforcer`` -- ``python -m enforcer run`` with production defaults: flow log on, SQLite
                   sessions, uvloop, the policy allowing ``GET /*`` to ``groups=staff``.
+* ``enforcer-redis`` -- the ``enforcer`` column with ``sessions.store: redis``: a redis-server the
+                  bench starts itself on 127.0.0.1 (its own port and dir, persistence off, an ACL
+                  user with a password file, pinned to the server core, stopped by its PID at the
+                  end). Its "server CPU" is the enforcer's tree; the redis-server's CPU is reported
+                  beside it (``store_cpu_us_per_req``). The report adds ``enforcer-redis/enforcer``
+                  ratios: the Redis store against the SQLite store in the same run.
 * ``enforcer-2w`` -- the same with ``--workers 2`` (a supervisor and two worker processes
                   sharing the port with SO_REUSEPORT; own state dir, port and OP client).
                   Pinned to the one server core like everything else, two workers cannot go
@@ -46,12 +52,18 @@ measured with the extra sessions in memory):
     and wrk may all use every core, so wrk shares the cores with the servers.  Reported as
     the separate "workers scaling (unpinned)" table: req/s and CPU per request, 2w / 1w.
 (e) ``--sessions N`` live sessions (default 10,000; quick 1,000; 0 = off) for each enforcer
-    column: N realistic sessions (unique users, tags from the enforcer's own claims_to_tags,
-    an ID token of the real one's shape, about its size) are written to the enforcer's SQLite
-    session store with its own ``SQLiteSessionStore.create``, then each is used once for a GET
-    through the enforcer over TLS (8 keep-alive connections; every answer must be 200 + the upstream
-    body), which loads it into the enforcer's in-process session cache; then the RSS/PSS of
-    the enforcer's process tree is recorded ("RSS with N live sessions"; target <= 80 MB).
+    column, ``--redis-sessions N`` (default 100,000; quick 5,000) for enforcer-redis: N
+    realistic sessions (unique users, tags from the enforcer's own claims_to_tags, an ID token
+    of the real one's shape, about its size) are written to the column's session store with
+    the enforcer's own code (``SQLiteSessionStore.create`` on its file, ``RedisSessionStore.create``
+    into its Redis), then each is used once for a GET through the enforcer over TLS (8
+    keep-alive connections; every answer must be 200 + the upstream body), in batches of
+    10,000 so each is used within seconds of its creation. Each such first use is a cache
+    miss (one read of the store; beyond ``sessions.cacheSize`` = 10,000 it also evicts one):
+    server CPU per miss. Then 5,000 requests over the 2,000 most recent sessions (cache hits,
+    same client): server CPU per hit, and "cost of a cache miss" = miss - hit (enforcer +
+    redis-server). Then the RSS/PSS of the enforcer's process tree is recorded ("RSS with N
+    live sessions"; target <= 80 MB), and for enforcer-redis the redis-server's RSS.
 
 Server CPU is utime+stime of the server's process tree (all threads, live children and reaped
 ones) from /proc over the run, divided by the requests wrk completed.  For the proxies the
@@ -102,14 +114,23 @@ from tests.harness.browser import ScriptedBrowser  # noqa: E402
 from tests.harness.op import OPUser, RunningOP, make_tls_material, start_op  # noqa: E402
 
 ALL_COLUMNS = (
-    "bare", "nginx", "apache", "enforcer", "enforcer-base", "enforcer-2w", "enforcer-full",
+    "bare", "nginx", "apache", "enforcer", "enforcer-redis", "enforcer-base", "enforcer-2w", "enforcer-full",
     "floor-raw", "floor-aiohttp", "floor-proxy",
 )
-DEFAULT_COLUMNS = ("bare", "nginx", "apache", "enforcer", "enforcer-2w")
+DEFAULT_COLUMNS = ("bare", "nginx", "apache", "enforcer", "enforcer-redis", "enforcer-2w")
 FLOOR_COLUMNS = ("floor-raw", "floor-aiohttp", "floor-proxy")  # opt-in: scripts/bench_floor.py
-ENFORCER_WORKERS = {"enforcer": 1, "enforcer-base": 1, "enforcer-2w": 2, "enforcer-full": 1}  # column -> --workers
+ENFORCER_WORKERS = {  # column -> --workers
+    "enforcer": 1, "enforcer-redis": 1, "enforcer-base": 1, "enforcer-2w": 2, "enforcer-full": 1,
+}
 BASE_COLUMN = "enforcer-base"  # the `enforcer` column run from the --baseline checkout (same-run A/B)
 NO_FAST_PATH = frozenset({"enforcer-full"})  # listen.fastPath: false (every request through aiohttp)
+REDIS_COLUMN = "enforcer-redis"  # sessions.store: redis, against a redis-server the bench starts
+REDIS_USER = "enforcer"  # its ACL user (keys and channels under REDIS_PREFIX only; the default user is off)
+REDIS_PREFIX = "enforcer:"  # sessions.redis.keyPrefix (the default)
+SESSIONS_BATCH = 10_000  # (e) sessions are created and first used in batches of this many (see sessions_run)
+HIT_SAMPLE = 2_000  # (e) the most recently used sessions, used again: the same client's cache-hit baseline
+HIT_REQUESTS = 5_000  # (e) requests of that baseline (round robin over the sample: enough for /proc's 10 ms ticks)
+CREATE_CONCURRENCY = 32  # (e) concurrent creates into Redis (one MULTI round trip each)
 AUTH_COLUMNS = ("apache", *ENFORCER_WORKERS)
 SERVICE = "app"  # the enforcer's service name in ENFORCER_DEFINITIONS
 TOUCH_CONNECTIONS = 8  # keep-alive connections that use each live session once
@@ -495,6 +516,31 @@ definitions:
   - file: {state}/definitions.yaml
 oidc:
   caFile: {op_ca}
+{sessions}"""
+
+# the enforcer-redis column's `sessions:` (the others keep the default SQLite store)
+ENFORCER_REDIS_SESSIONS = """\
+sessions:
+  store: redis
+  maxSessions: {max_sessions}
+  redis: {{url: "redis://127.0.0.1:{port}", username: {user}, passwordFile: {password_file}}}
+"""
+
+
+def redis_conf(d: Path, port: int, password: str) -> str:
+    """A redis-server of the bench's own: loopback only, its own port and dir, no persistence
+    (no RDB snapshots, no AOF: a restart starts empty), an ACL user like a production setup's
+    and the default user off."""
+    return f"""\
+bind 127.0.0.1
+port {port}
+dir {d}
+save ""
+appendonly no
+daemonize no
+logfile ""
+user default off
+user {REDIS_USER} on >{password} ~{REDIS_PREFIX}* &{REDIS_PREFIX}* +@all -@dangerous
 """
 
 
@@ -506,6 +552,7 @@ class Column:
     name: str
     url: str  # what wrk loads
     proc: Proc | None = None  # the server measured (None: column not started)
+    store_proc: Proc | None = None  # enforcer-redis: its redis-server (CPU and memory reported apart)
     cookie: str = ""
     logins: int = 0  # how many times we (re)logged in for the load runs
     error: str = ""
@@ -532,6 +579,9 @@ class Bench:
         self.enforcer_clients: dict[str, tuple[str, str]] = {}  # column -> (client id, secret)
         self.enforcer_ports: dict[str, int] = {}
         self.enforcer_state: dict[str, Path] = {}
+        self.redis: Proc | None = None  # the enforcer-redis column's redis-server
+        self.redis_port = 0
+        self.redis_password_file: Path | None = None
 
     # ------------------------------------------------------------ start
 
@@ -658,12 +708,57 @@ class Bench:
         await wait_http(url, proc, ssl_ctx=self.trust, accept=lambda s: s == 302)
         return Column("apache", url, proc=proc)
 
+    async def _start_redis(self) -> Proc:
+        """The enforcer-redis column's redis-server: 127.0.0.1 on a port of its own, its own
+        dir, persistence off, pinned to the server core; stopped by its PID at the end."""
+        d = self.workdir / "redis"
+        d.mkdir(mode=0o700)
+        password = secrets.token_hex(16)
+        self.redis_password_file = d / "password"
+        self.redis_password_file.write_text(password + "\n")
+        self.redis_password_file.chmod(0o600)
+        self.redis_port = free_port()
+        (d / "redis.conf").write_text(redis_conf(d, self.redis_port, password))
+        (d / "redis.conf").chmod(0o600)  # holds the password
+        proc = self._spawn("redis", ["redis-server", str(d / "redis.conf")])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise RuntimeError(f"redis-server exited ({proc.popen.returncode}):\n{proc.tail()}")
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.redis_port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            self.redis = proc
+            return proc
+        raise RuntimeError(f"redis-server not listening on 127.0.0.1:{self.redis_port}:\n{proc.tail()}")
+
+    def redis_config(self) -> Any:
+        """The Redis store's settings as the enforcer-redis column has them (for the bench's own
+        writes into that store in phase (e))."""
+        from enforcer.identity import redis as redis_store  # noqa: PLC0415 -- only the Redis column needs redis-py
+
+        return redis_store.RedisConfig(url=f"redis://127.0.0.1:{self.redis_port}", username=REDIS_USER,
+                                       password_file=self.redis_password_file, key_prefix=REDIS_PREFIX,
+                                       timeout=10.0)
+
     async def _start_enforcer(self, name: str, workers: int) -> Column:
-        """An enforcer column: ``workers`` > 1 adds ``--workers N`` (supervisor + N workers)."""
+        """An enforcer column: ``workers`` > 1 adds ``--workers N`` (supervisor + N workers);
+        enforcer-redis starts its redis-server first and uses ``sessions.store: redis``."""
         if self.op is None:
             raise RuntimeError("no OP")
         state = self.workdir / name
         state.mkdir()
+        sessions = ""
+        store_proc = None
+        if name == REDIS_COLUMN:
+            store_proc = await self._start_redis()
+            sessions = ENFORCER_REDIS_SESSIONS.format(
+                port=self.redis_port, user=REDIS_USER, password_file=self.redis_password_file,
+                max_sessions=max(100_000, 2 * self.args.redis_sessions),
+            )
         client_id, client_secret = self.enforcer_clients[name]
         port, admin_port = self.enforcer_ports[name], free_port()
         secret_file = state / "client-secret"
@@ -675,7 +770,7 @@ class Bench:
         ))
         (state / "enforcer.yaml").write_text(ENFORCER_CONFIG.format(
             port=port, admin_port=admin_port, state=state, op_ca=self.op.ca_file,
-            fast_path="false" if name in NO_FAST_PATH else "true",
+            fast_path="false" if name in NO_FAST_PATH else "true", sessions=sessions,
         ))
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         cwd = REPO
@@ -690,7 +785,7 @@ class Bench:
                         accept=lambda s: s == 200)
         self.trust.load_verify_locations(cafile=str(state / "ca" / "ca.crt"))
         self.enforcer_state[name] = state
-        return Column(name, f"https://{HOST}:{port}/", proc=proc)
+        return Column(name, f"https://{HOST}:{port}/", proc=proc, store_proc=store_proc)
 
     # ------------------------------------------------------------ stop
 
@@ -868,6 +963,7 @@ class Bench:
         up_measured = col.proc is not self.upstream
         cpu0 = tree_cpu_seconds(col.proc.pid)
         up0 = tree_cpu_seconds(self.upstream.pid) if up_measured else 0.0
+        store0 = tree_cpu_seconds(col.store_proc.pid) if col.store_proc is not None else 0.0
         steal0 = cpu_steal()
         server_core = None if unpinned else self.cores.server
         core0 = core_times(server_core)
@@ -883,6 +979,7 @@ class Bench:
         wall = time.monotonic() - t0
         cpu = tree_cpu_seconds(col.proc.pid) - cpu0
         up_cpu = (tree_cpu_seconds(self.upstream.pid) - up0) if up_measured else None
+        store_cpu = (tree_cpu_seconds(col.store_proc.pid) - store0) if col.store_proc is not None else None
         mem = tree_memory(col.proc.pid)
         steal = cpu_steal() - steal0
         core1 = core_times(server_core)
@@ -919,6 +1016,8 @@ class Bench:
             "client_cpu_util": round(result["client_cpu_s"] / wall, 3) if wall else None,
             "cpu_us_per_req": round(cpu * 1e6 / n, 1) if n else None,
             "upstream_cpu_us_per_req": round(up_cpu * 1e6 / n, 1) if (n and up_cpu is not None) else None,
+            # enforcer-redis: the redis-server's CPU (not in cpu_us_per_req, which is the enforcer's tree)
+            "store_cpu_us_per_req": round(store_cpu * 1e6 / n, 1) if (n and store_cpu is not None) else None,
             **mem,
             "steal_s": round(steal, 3),
             # the whole server core (proxy + upstream + OP + kernel): below 1.0 means idle gaps
@@ -982,63 +1081,142 @@ class Bench:
     # ------------------------------------------------------------ (e) live sessions
 
     async def sessions_run(self, col: Column, count: int) -> dict[str, Any]:
-        """Create ``count`` sessions in the column's SQLite store, use each once through the
-        enforcer (into its session cache), then measure the memory of the process tree."""
+        """Create ``count`` sessions in the column's store (SQLite, or Redis for enforcer-redis)
+        and use each once through the enforcer: every such request is a cache miss (the enforcer
+        has never seen the session; with more sessions than ``sessions.cacheSize`` each miss also
+        evicts one). Then make :data:`HIT_REQUESTS` requests over the last :data:`HIT_SAMPLE` of
+        them (cache hits through the same client: the baseline for the miss's cost) and measure
+        the memory of the tree.
+
+        Sessions are created and first used in batches of :data:`SESSIONS_BATCH`, so each is
+        used within seconds of its creation (well within the stores' 60 s touch interval): a
+        miss here is one read of the store, never a read plus a ``last_seen`` write."""
         from enforcer.identity import cookies as cookies_mod  # noqa: PLC0415 -- only this phase needs it
-        from enforcer.identity import sqlite  # noqa: PLC0415 -- only this phase needs the package
 
         assert col.proc is not None
         await self.ensure_cookie(col)
         found, handle = cookies_mod.find_cookie([col.cookie], cookies_mod.session_cookie_name(SERVICE))
         if found is not cookies_mod.CookieLookup.FOUND or not handle:
             raise RuntimeError(f"{col.name}: no session cookie in {col.cookie[:80]!r}")
+        cookie_name = cookies_mod.session_cookie_name(SERVICE)
         mem0 = tree_memory(col.proc.pid)
-        db = self.enforcer_state[col.name] / "sessions.db"
-        store = sqlite.SQLiteSessionStore(db, idle_timeout=8 * 3600.0, max_sessions=max(100_000, 2 * count))
-        t0 = time.monotonic()
+        redis = col.store_proc is not None
+        store, real_token = await self._open_store(col, handle)
+        created_s = touch_s = cpu = store_cpu = 0.0
+        touched = {"ok": 0, "bad": 0, "errors": 0, "sample": ""}
+        last: list[str] = []
         try:
-            # the bench user's real session (from the login through the OP) is the template
             template = await store.get(handle, SERVICE, time.time())
             if template is None:
-                raise RuntimeError(f"{col.name}: the bench session is not in {db}")
-            # get() may leave the ID token out (the store's cache keeps sessions without it)
-            real_token = template.id_token if template.id_token.count(".") == 2 else raw_id_token(db, handle)
+                raise RuntimeError(f"{col.name}: the bench session is not in its session store")
             factory = SyntheticSessions(template, real_token)
-            cookie_name = cookies_mod.session_cookie_name(SERVICE)
-            cookies = [f"{cookie_name}={await store.create(factory.make(i, time.time()))}" for i in range(count)]
+            semaphore = asyncio.Semaphore(CREATE_CONCURRENCY if redis else 1)
+
+            async def create(i: int) -> str:
+                async with semaphore:
+                    return f"{cookie_name}={await store.create(factory.make(i, time.time()))}"
+
+            for start in range(0, count, SESSIONS_BATCH):
+                t0 = time.monotonic()
+                last = list(await asyncio.gather(*(create(i) for i in range(start, min(count, start + SESSIONS_BATCH)))))
+                created_s += time.monotonic() - t0
+                cpu0, store0 = tree_cpu_seconds(col.proc.pid), self._store_cpu(col)
+                t1 = time.monotonic()
+                batch = await self.touch_sessions(col, last)
+                touch_s += time.monotonic() - t1
+                cpu += tree_cpu_seconds(col.proc.pid) - cpu0
+                store_cpu += self._store_cpu(col) - store0
+                for k in ("ok", "bad", "errors"):
+                    touched[k] += batch[k]
+                touched["sample"] = touched["sample"] or batch["sample"]
+                log(f"{col.name:11s} sessions  {start + len(last)}/{count} created and used once")
             stored = await store.count()
         finally:
             await store.close()
-        created_s = time.monotonic() - t0
-        log(f"{col.name:11s} sessions  created {count} in {created_s:.1f} s ({stored} in the store); "
-            f"ID token {len(factory.real_token)} bytes (real) / {factory.sample_token_len} (synthetic)")
-        cpu0 = tree_cpu_seconds(col.proc.pid)
-        t1 = time.monotonic()
-        touched = await self.touch_sessions(col, cookies)
-        touch_s = time.monotonic() - t1
-        cpu = tree_cpu_seconds(col.proc.pid) - cpu0
+        # the same client again over the most recent sessions: all in the cache now
+        sample = last[-HIT_SAMPLE:]
+        hits = [sample[i % len(sample)] for i in range(HIT_REQUESTS)] if sample else []
+        cpu0, store0 = tree_cpu_seconds(col.proc.pid), self._store_cpu(col)
+        hit = await self.touch_sessions(col, hits)
+        hit_cpu = tree_cpu_seconds(col.proc.pid) - cpu0
+        hit_store_cpu = self._store_cpu(col) - store0
         await asyncio.sleep(0.5)  # let the last responses' buffers go
         mem = tree_memory(col.proc.pid)
         invalid = []
         if touched["ok"] != count:
             invalid.append(f"{touched['ok']}/{count} touches were 200 + body; {touched['bad']} other answers, "
                            f"{touched['errors']} errors (first: {touched['sample']})")
+        if hit["ok"] != len(hits):
+            invalid.append(f"{hit['ok']}/{len(hits)} cached-session requests were 200 + body (first: {hit['sample']})")
+
+        def per(seconds: float, n: int) -> float | None:
+            return round(seconds * 1e6 / n, 1) if n else None
+
+        miss_total = per(cpu + store_cpu, count)
+        hit_total = per(hit_cpu + hit_store_cpu, len(hits))
         run = {
             "column": col.name, "mode": "sessions", "sessions": count, "stored": stored,
+            "store": "redis" if redis else "sqlite",
             "ok": touched["ok"], "bad": touched["bad"], "errors": touched["errors"],
             "bad_sample": touched["sample"],
             "create_s": round(created_s, 3), "touch_s": round(touch_s, 3),
             "touch_rps": round(count / touch_s, 1) if touch_s else None,
-            "cpu_us_per_touch": round(cpu * 1e6 / count, 1) if count else None,
+            # every first use is a cache miss: the enforcer's tree CPU per such request
+            "cpu_us_per_touch": per(cpu, count),
+            "hits": len(hits), "hits_ok": hit["ok"], "cpu_us_per_hit": per(hit_cpu, len(hits)),
+            # enforcer-redis: the redis-server's CPU per miss / per hit (None for SQLite: in-process)
+            "store_cpu_us_per_touch": per(store_cpu, count) if redis else None,
+            "store_cpu_us_per_hit": per(hit_store_cpu, len(hits)) if redis else None,
+            # what a miss costs beyond a hit, enforcer + redis-server, same client and connections
+            "miss_extra_cpu_us": round(miss_total - hit_total, 1)
+            if miss_total is not None and hit_total is not None else None,
             "rss_before_mib": mem0["rss_mib"], "pss_before_mib": mem0["pss_mib"], **mem,
+            "store_rss_mib": tree_memory(col.store_proc.pid)["rss_mib"] if col.store_proc is not None else None,
             "id_token_bytes": factory.sample_token_len, "real_id_token_bytes": len(factory.real_token),
             "valid": not invalid, "invalid_reason": "; ".join(invalid),
         }
         flag = "" if run["valid"] else f"  INVALID: {run['invalid_reason']}"
-        log(f"{col.name:11s} sessions  touched {touched['ok']}/{count} in {touch_s:.1f} s "
-            f"({run['touch_rps']}/s, {run['cpu_us_per_touch']} us cpu each); RSS {mem0['rss_mib']} -> "
-            f"{mem['rss_mib']} MiB, PSS {mem0['pss_mib']} -> {mem['pss_mib']} MiB{flag}")
+        log(f"{col.name:11s} sessions  created {count} in {created_s:.1f} s ({stored} in the store); first use "
+            f"(miss) {touched['ok']}/{count} in {touch_s:.1f} s ({run['touch_rps']}/s, {run['cpu_us_per_touch']} us "
+            f"cpu each + store {run['store_cpu_us_per_touch']}); hit {run['cpu_us_per_hit']} us + store "
+            f"{run['store_cpu_us_per_hit']}; RSS {mem0['rss_mib']} -> {mem['rss_mib']} MiB, PSS {mem0['pss_mib']} "
+            f"-> {mem['pss_mib']} MiB; store RSS {run['store_rss_mib']}{flag}")
         return run
+
+    def _store_cpu(self, col: Column) -> float:
+        return tree_cpu_seconds(col.store_proc.pid) if col.store_proc is not None else 0.0
+
+    async def _open_store(self, col: Column, handle: str) -> tuple[Any, str]:
+        """The column's session store opened by this process with the enforcer's own code (the
+        Redis store for enforcer-redis, else its SQLite file), and the raw ID token of the bench
+        user's real session (the template of the synthetic ones)."""
+        key = hashlib.sha256(handle.encode("ascii")).digest()  # stores key sessions by SHA-256(handle)
+        if col.store_proc is not None:
+            from enforcer.identity import redis as redis_store  # noqa: PLC0415 -- only the Redis column needs it
+
+            config = self.redis_config()
+            client = config.client()
+            try:
+                raw = await client.hget(f"{REDIS_PREFIX}s:{key.hex()}", "t")
+            finally:
+                await client.aclose()
+            token = raw.decode() if isinstance(raw, bytes) else ""
+            if token.count(".") != 2:
+                raise RuntimeError(f"{col.name}: no ID token (JWS) stored in Redis for the bench session")
+            store: Any = redis_store.RedisSessionStore(
+                config, idle_timeout=8 * 3600.0, max_sessions=max(100_000, 2 * self.args.redis_sessions),
+                cache_size=1024,
+            )
+            return store, token
+        from enforcer.identity import sqlite  # noqa: PLC0415 -- only this phase needs the package
+
+        db = self.enforcer_state[col.name] / "sessions.db"
+        store = sqlite.SQLiteSessionStore(db, idle_timeout=8 * 3600.0, max_sessions=max(100_000, 2 * self.args.sessions))
+        try:
+            return store, raw_id_token(db, key)
+        except BaseException:
+            await store.close()
+            raise
 
     async def touch_sessions(self, col: Column, cookies: Sequence[str]) -> dict[str, Any]:
         """One GET per cookie over TOUCH_CONNECTIONS keep-alive TLS connections; counts answers."""
@@ -1119,22 +1297,20 @@ class Bench:
                     col.error = f"scaling run failed: {exc}"[:1000]
 
     async def run_sessions(self) -> None:
-        if self.args.sessions <= 0:
-            return
         for name in ENFORCER_WORKERS:
+            count = self.args.redis_sessions if name == REDIS_COLUMN else self.args.sessions
             col = self._usable(name)
-            if col is None:
+            if col is None or count <= 0:
                 continue
             try:
-                col.runs.append({**await self.sessions_run(col, self.args.sessions), "rep": 0})
+                col.runs.append({**await self.sessions_run(col, count), "rep": 0})
             except Exception as exc:
                 log(f"{col.name}: sessions run failed: {exc!r}")
                 col.error = f"sessions run failed: {exc!r}"[:1000]
 
 
-def raw_id_token(db: Path, handle: str) -> str:
+def raw_id_token(db: Path, key: bytes) -> str:
     """The stored ID token of a session, read from the file (rows are keyed by SHA-256(handle))."""
-    key = hashlib.sha256(handle.encode("ascii")).digest()
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         row = conn.execute("SELECT id_token FROM sessions WHERE key = ?", (key,)).fetchone()
     if row is None or not isinstance(row[0], str) or row[0].count(".") != 2:
@@ -1217,6 +1393,7 @@ METRICS: list[tuple[str, str, str, str]] = [
     ("ka_cpu_util", "keepalive", "cpu_util", "server CPU busy (cores) during keep-alive"),
     ("ka_client_util", "keepalive", "client_cpu_util", "wrk CPU busy (cores) during keep-alive"),
     ("ka_core_busy", "keepalive", "server_core_busy", "server core busy (all tasks) during keep-alive"),
+    ("ka_store_cpu_us", "keepalive", "store_cpu_us_per_req", "+ redis-server CPU µs / request (keep-alive)"),
     ("nc_rps", "newconn", "rps", "new conn/request, TLS resumed (wrk): req/s"),
     ("nc_cpu_us", "newconn", "cpu_us_per_req", "server CPU µs / new conn, TLS resumed (+1 request)"),
     ("nc_p50_ms", "newconn", "p50_ms", "new conn, TLS resumed: p50 latency, ms"),
@@ -1228,13 +1405,23 @@ METRICS: list[tuple[str, str, str, str]] = [
     ("rss_mib", "keepalive", "rss_mib", "RSS of the server tree, MiB (after load)"),
     ("pss_mib", "keepalive", "pss_mib", "PSS of the server tree, MiB (after load)"),
     ("rss_anon_mib", "keepalive", "rss_anon_mib", "of that RSS, anonymous (heap, stacks), MiB (after load)"),
-    # (e), enforcer columns only; no ratio (no baseline has sessions); {sessions} = --sessions
-    ("sess_rss_mib", "sessions", "rss_mib", "RSS with {sessions:,} live sessions, MiB"),
-    ("sess_pss_mib", "sessions", "pss_mib", "PSS with {sessions:,} live sessions, MiB"),
+    # (e), enforcer columns only; no ratio against the baselines (none keeps sessions this way);
+    # {sessions} = --sessions (and --redis-sessions for enforcer-redis: sessions_label)
+    ("sess_rss_mib", "sessions", "rss_mib", "RSS with {sessions} live sessions, MiB"),
+    ("sess_pss_mib", "sessions", "pss_mib", "PSS with {sessions} live sessions, MiB"),
     ("sess_anon_mib", "sessions", "rss_anon_mib", "of that RSS, anonymous (heap, stacks), MiB"),
-    ("sess_touch_cpu_us", "sessions", "cpu_us_per_touch", "server CPU µs / first request of a session"),
+    ("sess_store_rss_mib", "sessions", "store_rss_mib", "redis-server RSS with those sessions, MiB"),
+    ("sess_touch_cpu_us", "sessions", "cpu_us_per_touch",
+     "server CPU µs / request, session not in the cache (miss: its first use)"),
+    ("sess_touch_store_cpu_us", "sessions", "store_cpu_us_per_touch", "+ redis-server CPU µs / miss"),
+    ("sess_hit_cpu_us", "sessions", "cpu_us_per_hit", "server CPU µs / request, cached session (hit), same client"),
+    ("sess_hit_store_cpu_us", "sessions", "store_cpu_us_per_hit", "+ redis-server CPU µs / hit"),
+    ("sess_miss_extra_us", "sessions", "miss_extra_cpu_us",
+     "cost of a cache miss, CPU µs (miss minus hit, enforcer + redis-server)"),
 ]
 RATIO_KEYS = ("ka_rps", "ka_p50_ms", "ka_cpu_us", "nc_cpu_us", "fh_cpu_us", "login_ms", "rss_mib")
+# enforcer-redis ÷ enforcer (the SQLite store), same run: the baselines' keys and the session phase's
+REDIS_RATIO_KEYS = (*RATIO_KEYS, "sess_rss_mib", "sess_touch_cpu_us", "sess_hit_cpu_us", "sess_miss_extra_us")
 # (d) the separate "workers scaling (unpinned)" table: enforcer vs enforcer-2w
 SCALING_METRICS: list[tuple[str, str, str, str]] = [
     ("sc_rps", "scaling", "rps", "keep-alive req/s (64 conns)"),
@@ -1272,18 +1459,17 @@ def workers_scaling(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str,
 
 def ratios(summaries: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     out: dict[str, dict[str, float | None]] = {}
-    enf = summaries.get("enforcer")
-    if not enf:
-        return out
-    for other in (BASE_COLUMN, "nginx", "apache", "bare"):
-        base = summaries.get(other)
-        if not base:
+    pairs = [("enforcer", other, RATIO_KEYS) for other in (BASE_COLUMN, "nginx", "apache", "bare")]
+    pairs.insert(0, (REDIS_COLUMN, "enforcer", REDIS_RATIO_KEYS))  # the Redis store against SQLite
+    for name, other, keys in pairs:
+        top, base = summaries.get(name), summaries.get(other)
+        if not top or not base:
             continue
         row: dict[str, float | None] = {}
-        for key in RATIO_KEYS:
-            a, b = enf.get(key), base.get(key)
+        for key in keys:
+            a, b = top.get(key), base.get(key)
             row[key] = round(a["median"] / b["median"], 3) if a and b and b["median"] else None
-        out[f"enforcer/{other}"] = row
+        out[f"{name}/{other}"] = row
     return out
 
 
@@ -1340,8 +1526,22 @@ def tool_versions() -> dict[str, str]:
         "apache2": run(["apache2", "-v"], r"Apache/(\S+)"),
         "mod_auth_openidc": deb("libapache2-mod-auth-openidc"),
         "wrk": run(["wrk", "-v"], r"wrk (\S+)"),
+        "redis-server": run(["redis-server", "--version"], r"v=(\S+)"),
         "node": run(["node", "--version"], r"v(\S+)"),
     }
+
+
+def sessions_label(report: dict[str, Any]) -> str:
+    """How many live sessions the session rows had: ``--sessions``, and ``--redis-sessions``
+    when the enforcer-redis column ran with another number."""
+    a, cols = report["settings"], report["columns"]
+    sqlite_cols = [c for c in cols if c in ENFORCER_WORKERS and c != REDIS_COLUMN]
+    n, n_redis = a.get("sessions", 0), a.get("redis_sessions", 0)
+    if REDIS_COLUMN not in cols or n_redis == n:
+        return f"{n:,}"
+    if not sqlite_cols or not n:
+        return f"{n_redis:,}"
+    return f"{n:,} ({REDIS_COLUMN}: {n_redis:,})"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -1365,14 +1565,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| metric | " + " | ".join(cols) + " | " + " | ".join(report["ratios"]) + " |",
         "|---|" + "---:|" * (len(cols) + len(report["ratios"])),
     ]
-    ratio_labels = {k: k for k in RATIO_KEYS}
     for key, _, _, label_template in METRICS:
-        label = label_template.format(sessions=a.get("sessions", 0))
+        label = label_template.format(sessions=sessions_label(report))
         cells = [_cell(report["columns"][c]["summary"].get(key), report["columns"][c]["summary"]["valid"])
                  for c in cols]
         rcells = []
         for r in report["ratios"].values():
-            v = r.get(key) if key in ratio_labels else None
+            v = r.get(key)
             rcells.append(f"{v:.2f}{TIMES}" if v is not None else "")
         if all(c == DASH for c in cells):
             continue
@@ -1407,26 +1606,37 @@ def render_markdown(report: dict[str, Any]) -> str:
         "access log on); `enforcer` runs with production defaults (flow log, SQLite sessions, "
         "uvloop, one process); `enforcer-2w` is the same with `--workers 2` (a supervisor and two "
         "workers on one SO_REUSEPORT port; its process tree is measured), pinned to the same single "
-        "server core, where a second worker cannot add throughput (see the unpinned table). Server CPU is the server's process tree only (for the proxies the "
+        "server core, where a second worker cannot add throughput (see the unpinned table); "
+        "`enforcer-redis` is the `enforcer` column with `sessions.store: redis` against a redis-server "
+        "the bench starts on 127.0.0.1 (its own port and dir, persistence off, an ACL user with a "
+        "password, pinned to the server core): its \"server CPU\" rows are the enforcer's tree, the "
+        "redis-server's CPU is the \"+ redis-server\" rows; `enforcer-redis/enforcer` is the Redis store "
+        "÷ the SQLite store in the same run. Server CPU is the server's process tree only (for the proxies the "
         "upstream's own CPU is in the JSON as `upstream_cpu_us_per_req`). Every response of every "
         "run is checked to be a 200 with the upstream's 100-byte body; a run with any other is "
         "marked INVALID. Ratios are enforcer ÷ baseline of the medians (for req/s higher is better "
         "for the enforcer, for CPU, latency and memory lower is).",
         "",
     ]
-    if a.get("sessions"):
+    if any(r["mode"] == "sessions" for c in report["columns"].values() for r in c["runs"]):
         lines[-1:] = [
             "",
-            f"Live sessions (once, after all repetitions): {a['sessions']:,} sessions of distinct users "
+            f"Live sessions (once, after all repetitions): {sessions_label(report)} sessions of distinct users "
             "(tags like `email=user123@example.com`, `groups=staff`, `groups=team-23`; an ID token of "
-            "the real one's shape, about its size) are written to the enforcer's SQLite store with its own "
-            "`SQLiteSessionStore.create`, then each is used once for a GET through the enforcer over "
-            f"TLS ({TOUCH_CONNECTIONS} keep-alive connections, every answer checked to be 200 + body), "
-            "which puts it into the enforcer's in-process session cache (10,000 entries by default); "
-            "then the RSS/PSS of the process tree is read. The rows \"RSS/PSS after load\" are the "
-            "same processes with the one bench session. Target (issue #5): RSS <= 80 MB "
-            f"= {RSS_TARGET_MIB:.1f} MiB with 10,000 live sessions. No ratio: no baseline keeps sessions "
-            "this way.",
+            "the real one's shape, about its size) are written to the enforcer's session store with its own "
+            "`create` (SQLite file, or Redis for `enforcer-redis`), then each is used once for a GET through "
+            f"the enforcer over TLS ({TOUCH_CONNECTIONS} keep-alive connections, every answer checked to be "
+            f"200 + body), in batches of {SESSIONS_BATCH:,} (each used within seconds of its creation, so no "
+            "`last_seen` write is due). Each such first use is a cache miss (one read of the store; the "
+            "in-process cache holds `sessions.cacheSize` = 10,000 sessions, so beyond that each miss also "
+            f"evicts one); then {HIT_REQUESTS:,} requests over the last {HIT_SAMPLE:,} of them by the same client "
+            "(cache hits): "
+            "\"cost of a cache miss\" is the difference, enforcer + redis-server CPU. These per-request "
+            "figures are higher than the keep-alive row's (one Python client, 8 connections, no "
+            "pipelining). Then the RSS/PSS of the enforcer's process tree is read. The rows \"RSS/PSS "
+            "after load\" are the same processes with the one bench session. Target (issue #5): RSS <= "
+            f"80 MB = {RSS_TARGET_MIB:.1f} MiB with 10,000 live sessions. No ratio against the baselines: "
+            "none keeps sessions this way.",
             "",
         ]
     return "\n".join(lines)
@@ -1453,6 +1663,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sessions", type=int,
                    help="live sessions for the memory phase of the enforcer columns (default 10000, quick 1000; "
                         "0 = off)")
+    p.add_argument("--redis-sessions", type=int,
+                   help="live sessions for the memory and cache-miss phase of the enforcer-redis column, created "
+                        "in Redis (default 100000, quick 5000; 0 = off)")
     p.add_argument("--out", type=Path, default=REPO / "results", help="results folder (default results/)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     p.add_argument("--baseline", type=Path,
@@ -1477,8 +1690,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.logins = args.logins if args.logins is not None else (3 if q else 20)
     args.warmup = args.warmup if args.warmup is not None else (1.0 if q else 2.0)
     args.sessions = args.sessions if args.sessions is not None else (1000 if q else 10_000)
+    args.redis_sessions = args.redis_sessions if args.redis_sessions is not None else (5000 if q else 100_000)
     if not 0 <= args.sessions <= 200_000:
         p.error("--sessions must be 0..200000")
+    if not 0 <= args.redis_sessions <= 1_000_000:
+        p.error("--redis-sessions must be 0..1000000")
     for name in ("duration", "newconn_duration"):
         if not 1 <= getattr(args, name) <= 600:
             p.error(f"--{name.replace('_', '-')} must be between 1 and 600 seconds")
@@ -1491,6 +1707,8 @@ def check_tools(columns: Sequence[str]) -> None:
     need = {"nginx", "wrk"}
     if "apache" in columns:
         need.add("apache2")
+    if REDIS_COLUMN in columns:
+        need.add("redis-server")
     if any(c in AUTH_COLUMNS for c in columns):
         need.add("node")
     missing = sorted(t for t in need if shutil.which(t) is None)
@@ -1533,6 +1751,7 @@ async def amain(args: argparse.Namespace) -> int:
             "newconn_connections": args.newconn_connections, "logins": args.logins,
             "server_cpu": bench.cores.server, "client_cpu": bench.cores.client,
             "all_cpus": bench.all_cpus_arg(), "sessions": args.sessions,
+            "redis_sessions": args.redis_sessions if REDIS_COLUMN in args.columns else 0,
             "rss_target_mib": round(RSS_TARGET_MIB, 1), "body_bytes": len(BODY),
         },
         "columns": {name: {"summary": summaries[name], "runs": col.runs}
