@@ -363,3 +363,96 @@ def test_explain_flow_of_an_unknown_id_says_so(cfg: Path) -> None:
     out = _enforcer("explain", "-c", str(cfg), "--flow", "f" * 16)
     assert out.returncode == 1
     assert f"no flow {'f' * 16}" in out.stderr
+
+
+# ------------------------------------------------------------------ the refresh-token key file
+
+KEY_LINE = "q" * 43 + "="  # base64 of 32 bytes
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "code", "needles"),
+    [
+        (None, 0o600, 2, ["sessions.refreshTokenKeyFile: cannot read the key file: No such file or directory",
+                          "fix: create it: (umask 077; head -c 32 /dev/urandom | base64 > "]),
+        ("AAAA\n", 0o600, 2, ["sessions.refreshTokenKeyFile: the key file holds no usable key: line 1: a key must be "
+                              "32 bytes, got 3", "fix: one base64 key of 32 bytes a line"]),
+        ("# only a comment\n", 0o600, 2, ["the key file holds no usable key: no key in the file"]),
+        ("not base64!\n", 0o600, 2, ["the key file holds no usable key: line 1: not base64"]),
+        ("caf\u00e9\n", 0o600, 2, ["the key file holds no usable key: not ASCII text"]),
+        (KEY_LINE + "\n", 0o644, 0, ["warning: ", "sessions.refreshTokenKeyFile: the key file is readable by every "
+                                    "local user (", " 0644)", "fix: chown root:enforcer-secrets "]),
+    ],
+)
+def test_check_validates_the_refresh_token_key_file(
+    cfg: Path, content: str | None, mode: int, code: int, needles: list[str]
+) -> None:
+    """`enforcer check` names the key path, the file and the fix of a key file that is missing or
+    holds no usable key (exit 2: the daemon would not start) or that every local user can read (a warning)."""
+    keys = cfg.parent / "refresh.keys"
+    if content is not None:
+        keys.write_text(content, encoding="utf-8")
+        keys.chmod(mode)
+    cfg.write_text(cfg.read_text() + f"sessions: {{refreshTokenKeyFile: {keys}}}\n")
+    out = _enforcer("check", "-c", str(cfg))
+    assert out.returncode == code, (out.stdout, out.stderr)
+    text = out.stderr if code else out.stdout
+    for needle in needles:
+        assert needle in text, text
+    assert f"(got {str(keys)!r})" in text
+
+
+def test_check_warns_when_offline_access_has_no_key_file(cfg: Path) -> None:
+    """A service asking offline_access without sessions.refreshTokenKeyFile loads, with a warning
+    that no refresh token will be kept and how to set the key file (or drop the scope)."""
+    defs = cfg.parent / "defs.yaml"
+    defs.write_text(defs.read_text().replace("- openid\n", "- openid\n- offline_access\n", 1))
+    assert "offline_access" in defs.read_text()
+    out = _enforcer("check", "-c", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert ("warning: " in out.stdout and "sessions.refreshTokenKeyFile: service 'private-app' asks offline_access, "
+            "but no key file is set: no refresh token will be kept") in out.stdout, out.stdout
+    assert "or drop offline_access from its OIDCScopes" in out.stdout
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    ("mode", "gid", "root", "needle"),
+    [
+        (0o600, 0, False, None),
+        (0o640, SECRETS_GID, False, None),  # what the service's user reads it as
+        (0o640, 0, False, "readable by another group (root:root 0640)"),
+        (0o604, SECRETS_GID, False, "readable by every local user"),
+        (0o600, 0, True, "the enforcer service's user could not read the key file"),  # as root: the unit's view
+        (0o640, SECRETS_GID, True, None),
+    ],
+)
+def test_key_file_permissions(tmp_path: Path, mode: int, gid: int, root: bool, needle: str | None) -> None:
+    """A usable key file others may read is a warning with the chown/chmod fix; as root, one the
+    shipped unit's user (group enforcer-secrets) could not read is one too."""
+    import shutil  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    from enforcer.cli.check import refresh_key_findings  # noqa: PLC0415
+    from enforcer.config import settings as settings_mod  # noqa: PLC0415
+
+    top = Path(tempfile.mkdtemp(dir="/tmp"))  # searchable folders, as /etc/enforcer is
+    try:
+        top.chmod(0o755)
+        keys = top / "refresh.keys"
+        keys.write_text(KEY_LINE + "\n")
+        os.chown(keys, 0, gid)
+        keys.chmod(mode)
+        model = settings_mod.DaemonModel.model_validate(
+            {"definitions": [{"file": "/nonexistent"}], "sessions": {"refreshTokenKeyFile": str(keys)}})
+        settings = settings_mod.Settings(path=tmp_path / "enforcer.yaml", model=model)
+        errors, warnings = refresh_key_findings(settings, None, root=root, group=SECRETS_GID)
+    finally:
+        shutil.rmtree(top)
+    assert errors == []
+    if needle is None:
+        assert warnings == [], warnings
+    else:
+        [warning] = warnings
+        assert needle in warning.message and warning.path == "sessions.refreshTokenKeyFile"
+        assert warning.value == str(keys) and f"chmod 0640 {keys}" in warning.fix

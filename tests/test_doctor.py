@@ -34,6 +34,7 @@ from enforcer.cli import doctor
 from enforcer.config import definitions as definitions_mod
 from enforcer.config import settings as settings_mod
 from enforcer.http import certs, tls
+from enforcer.identity import crypto
 from enforcer.net import nftables
 from tests.harness.netns import NetnsLoop, ip, require_root
 from tests.harness.seed import SERVICE, SPEC
@@ -348,6 +349,47 @@ async def test_a_wildcard_listen_address_is_checked_on_loopback(install: Install
     code, out = await install.doctor()
     assert code == 0, out
     assert f"TLS listener is accepting connections on 127.0.0.1:{install.listen_port}" in lines(out, "ok")
+
+
+# ------------------------------------------------------------------ the refresh-token key file
+
+
+@pytest.mark.parametrize(
+    ("content", "mode", "level", "needle", "fix"),
+    [
+        ("KEY\n", 0o600, "ok", "1 key(s), tokens are sealed with key ", None),
+        (None, 0o600, "FAIL", "cannot read the key file: No such file or directory",
+         "create it: (umask 077; head -c 32 /dev/urandom | base64 > "),
+        ("AAAA\n", 0o600, "FAIL", "the key file holds no usable key: line 1: a key must be 32 bytes, got 3",
+         "one base64 key of 32 bytes a line"),
+        ("KEY\n", 0o644, "warn", "the key file is readable by every local user (", "chown root:enforcer-secrets "),
+    ],
+)
+async def test_refresh_token_key_file(
+    install: Install, content: str | None, mode: int, level: str, needle: str, fix: str | None
+) -> None:
+    """The key file is checked as the daemon loads it: missing or without a usable key is a
+    failure, readable by every local user a warning, each naming the key path, the file and
+    the fix; a good one is ok with its number of keys and the sealing key's id."""
+    keys = install.root / "refresh.keys"
+    if content is not None:
+        keys.write_text(content.replace("KEY", crypto.new_key_line()))
+        keys.chmod(mode)
+    install.config["sessions"] = {"refreshTokenKeyFile": str(keys)}
+    code, out = await install.doctor()
+    [line] = [x for x in lines(out, level) if x.startswith(f"sessions.refreshTokenKeyFile {keys}: ") and needle in x]
+    if fix is not None:
+        assert f"fix: {fix}" in out.split(line, 1)[1].split("\n")[1], out
+    assert code == (1 if level == "FAIL" else 0)
+
+
+async def test_offline_access_without_a_key_file_is_a_warning(install: Install) -> None:
+    """A service asking offline_access with no key file set: a warning that no refresh token is kept."""
+    install.service["OIDCScopes"] = ["openid", "email", "offline_access"]
+    code, out = await install.doctor()
+    assert code == 0, out
+    assert ("sessions.refreshTokenKeyFile: service 'private-app' asks offline_access, but no key file is set: "
+            "no refresh token will be kept and its claims are never renewed") in lines(out, "warn")
 
 
 # ------------------------------------------------------------------ nftables (root, own namespace)

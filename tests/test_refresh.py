@@ -29,7 +29,7 @@ from enforcer.identity.cookies import session_cookie_name
 from enforcer.identity.login import LoginFailure, LoginRules, RefreshDue
 from enforcer.identity.sessions import MemorySessionStore, Session
 from enforcer.identity.sqlite import SQLiteSessionStore
-from enforcer.identity.tokens import TokenResponse, VerifiedToken
+from enforcer.identity.tokens import ProviderMetadata, TokenResponse, VerifiedToken
 from enforcer.metrics import Metrics
 from tests.harness.fake_op import FakeOP
 from tests.harness.gate import HOST, SERVICE, SPEC, Answer, FakeUpstream, RecordingFlowLog
@@ -180,6 +180,29 @@ def test_login_keeps_refresh_token_only_with_offline_access(
     assert isinstance(session, Session)
     assert (session.refresh_token is not None, session.claims_expire) == (kept, NOW + 300 if kept else None)
     assert login.token_binding(session) == BINDING
+
+
+@pytest.mark.parametrize(
+    ("scopes", "prompt"),
+    [(("openid", "offline_access"), "consent"), (("openid", "email", "offline_access", "groups"), "consent"),
+     (("openid", "email"), None), (("openid", "offline_accessible"), None)],
+)
+def test_authorization_request_asks_consent_only_for_offline_access(
+    scopes: tuple[str, ...], prompt: str | None
+) -> None:
+    """The authorization request carries prompt=consent exactly when the scopes ask
+    offline_access (OIDC Core 11; without it oidc-provider drops offline_access and issues no
+    refresh token); nothing else of the request changes."""
+    metadata = ProviderMetadata(issuer=ISSUER, authorization_endpoint=ISSUER + "/auth", token_endpoint=ISSUER + "/token",
+                                jwks_uri=ISSUER + "/jwks", userinfo_endpoint=None, end_session_endpoint=None,
+                                token_auth_method="client_secret_basic", iss_parameter_supported=True)
+    url, txn, _ = login.start_login(metadata=metadata, client_id="client", redirect_uri="https://app/cb",
+                                    scopes=scopes, service="app", return_to="/", now=NOW)
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    assert query.get("prompt") == ([prompt] if prompt else None)
+    assert query["scope"] == [" ".join(scopes)] and query["state"] == [txn.state]
+    assert set(query) == {"response_type", "client_id", "redirect_uri", "scope", "state", "nonce", "code_challenge",
+                          "code_challenge_method", *(["prompt"] if prompt else [])}
 
 
 def test_refresh_recomputes_tags_and_keeps_the_session() -> None:

@@ -20,6 +20,8 @@ from enforcer.config import issues, sources
 from enforcer.config import settings as settings_mod
 from enforcer.errors import Outcome
 from enforcer.flow import tags_fingerprint
+from enforcer.identity import crypto
+from enforcer.identity import login as login_rules
 from enforcer.run import stores
 
 
@@ -140,6 +142,79 @@ def _secret_warnings(definitions: definitions_mod.Definitions) -> list[str]:
     return out
 
 
+KEY_FILE = "sessions.refreshTokenKeyFile"
+NEW_KEY_FILE = "(umask 077; head -c 32 /dev/urandom | base64 > {path})"
+"""The shell line that makes a key file of one fresh key (README, *Claims kept fresh*)."""
+
+
+def _secrets_gid() -> int | None:
+    try:
+        return grp.getgrnam(SECRETS).gr_gid
+    except KeyError:
+        return None
+
+
+def refresh_key_findings(
+    settings: settings_mod.Settings, definitions: definitions_mod.Definitions | None, *, root: bool | None = None,
+    group: int | None = None,
+) -> tuple[list[issues.ConfigIssue], list[issues.ConfigIssue]]:
+    """Problems of ``sessions.refreshTokenKeyFile``: (errors, warnings), each naming the key
+    path, the value and the fix. Errors stop the daemon (it loads the file at start): a file
+    that is missing, unreadable or holds no usable key. Warnings: a file other local users can
+    read (every user, or a group other than enforcer-secrets); as root (``root``, default: the
+    effective uid), one the shipped unit's user could not read (``group``: enforcer-secrets'
+    gid, default: looked up); and a service asking ``offline_access`` with no key file set,
+    whose refresh tokens are then dropped."""
+    source, path = str(settings.path), settings.model.sessions.refreshTokenKeyFile
+    errors: list[issues.ConfigIssue] = []
+    warnings: list[issues.ConfigIssue] = []
+    if path is None:
+        for svc in definitions.services if definitions is not None else ():
+            if login_rules.keeps_refresh_token(svc.scopes):
+                warnings.append(issues.ConfigIssue(
+                    source, KEY_FILE, f"service {svc.name!r} asks offline_access, but no key file is set: no refresh "
+                    "token will be kept and its claims are never renewed", None,
+                    f"set {KEY_FILE} to a 0640 root:{SECRETS} file made with {NEW_KEY_FILE.format(path='FILE')}, "
+                    "or drop offline_access from its OIDCScopes",
+                ))  # fmt: skip
+        return errors, warnings
+    fix_mode = f"chown root:{SECRETS} {path} && chmod 0640 {path}"
+    try:
+        crypto.parse_keys(path.read_text(encoding="ascii"))  # as TokenCipher.from_file reads it at start
+    except OSError as exc:
+        fix = (f"create it: {NEW_KEY_FILE.format(path=path)} && {fix_mode}" if isinstance(exc, FileNotFoundError)
+               else f"make it a file root can read: {fix_mode}")
+        errors.append(issues.ConfigIssue(source, KEY_FILE, f"cannot read the key file: {exc.strerror or exc}",
+                                         str(path), fix))
+        return errors, warnings
+    except (UnicodeDecodeError, crypto.KeyFileError) as exc:
+        why = "not ASCII text" if isinstance(exc, UnicodeDecodeError) else str(exc)
+        errors.append(issues.ConfigIssue(
+            source, KEY_FILE, f"the key file holds no usable key: {why}", str(path),
+            "one base64 key of 32 bytes a line, newest first (# comments allowed); a new key: "
+            "head -c 32 /dev/urandom | base64"))
+        return errors, warnings
+    with contextlib.suppress(OSError):
+        st = path.stat()
+        gid = _secrets_gid() if group is None else group
+        if st.st_mode & stat.S_IROTH:
+            warnings.append(issues.ConfigIssue(
+                source, KEY_FILE, f"the key file is readable by every local user ({_owner_mode(st)})", str(path),
+                fix_mode))
+        elif st.st_mode & stat.S_IRGRP and st.st_gid != gid:
+            warnings.append(issues.ConfigIssue(
+                source, KEY_FILE, f"the key file is readable by another group ({_owner_mode(st)})", str(path),
+                fix_mode))
+        if (os.geteuid() == 0) if root is None else root:
+            why_not = unreadable_by_service(path, gid)
+            if why_not:
+                what, _, fix = why_not.partition("; fix: ")
+                warnings.append(issues.ConfigIssue(
+                    source, KEY_FILE, f"the enforcer service's user could not read the key file (the daemon would "
+                    f"not start under the shipped unit): {what}", str(path), fix))
+    return errors, warnings
+
+
 def command(args: argparse.Namespace) -> int:
     """``enforcer check``: every problem of the config and the definitions in one run (exit 2),
     or what is served and what to register at the IdP."""
@@ -155,6 +230,8 @@ def command(args: argparse.Namespace) -> int:
         none = _no_service(settings, definitions)
         if none is not None:
             problems.append(none)
+    key_errors, key_warnings = refresh_key_findings(settings, definitions) if settings is not None else ([], [])
+    problems.extend(key_errors)
     if problems or settings is None or definitions is None:
         raise issues.ConfigError(problems)
     print(f"{path}: OK")
@@ -166,7 +243,7 @@ def command(args: argparse.Namespace) -> int:
         print(f"    register at the IdP (client {svc.client_id}): redirect URI {svc.callback_url}")
     for name in definitions.ignored:
         print(f"  service {name}: not for this enforcer (selectors do not match tags {list(settings.tags)})")
-    for w in (*definitions.warnings, *_secret_warnings(definitions)):
+    for w in (*definitions.warnings, *_secret_warnings(definitions), *map(str, key_warnings)):
         print(f"  warning: {w}")
     store = asyncio.run(stores.check_session_store(settings.model))
     if store is not None and store != "ok":

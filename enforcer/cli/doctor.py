@@ -4,7 +4,8 @@ Each check prints one line (``ok`` / ``warn`` / ``FAIL``) and what to do about a
 configuration, IdP discovery and JWKS (with clock skew against the IdP's ``Date``),
 certificates and their expiry (in UTC), the listener and admin endpoint, the nftables
 table read back over netlink, compared with the intended one and printed in nft syntax (with
-packet counters), and a Redis session store (``sessions.store: redis``).
+packet counters), a Redis session store (``sessions.store: redis``) and the refresh-token key
+file (``sessions.refreshTokenKeyFile``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from typing import TextIO
 import aiohttp
 from cryptography import x509
 
-from enforcer.cli.check import load_all_definitions
+from enforcer.cli.check import KEY_FILE, load_all_definitions, refresh_key_findings
 from enforcer.config import definitions as definitions_mod
 from enforcer.config import settings as settings_mod
-from enforcer.identity import oidc, tokens
+from enforcer.identity import crypto, oidc, tokens
 from enforcer.net import nftables, ruleset
 from enforcer.run.daemon import build_redirect
 from enforcer.run.stores import check_session_store
@@ -186,6 +187,22 @@ async def _check_sessions(report: Report, settings: settings_mod.Settings) -> No
                     "check sessions.redis (url or sentinels, username, passwordFile, caFile) and Redis' ACL")
 
 
+def _check_refresh_keys(report: Report, settings: settings_mod.Settings,
+                        definitions: definitions_mod.Definitions) -> None:
+    """``sessions.refreshTokenKeyFile``: readable, usable keys, not readable by others; and a
+    key file for every service that asks ``offline_access`` (see :func:`refresh_key_findings`)."""
+    errors, warnings = refresh_key_findings(settings, definitions)
+    for issue in errors:
+        report.fail(f"{issue.path} {issue.value}: {issue.message}", issue.fix)
+    for issue in warnings:
+        report.warn(f"{issue.path}" + (f" {issue.value}" if issue.value is not None else "") + f": {issue.message}",
+                    issue.fix)
+    path = settings.model.sessions.refreshTokenKeyFile
+    if path is not None and not errors:
+        keys = crypto.parse_keys(path.read_text(encoding="ascii"))
+        report.ok(f"{KEY_FILE} {path}: {len(keys)} key(s), tokens are sealed with key {crypto.key_id(keys[0])}")
+
+
 async def run(settings: settings_mod.Settings, definitions: definitions_mod.Definitions, out: TextIO) -> int:
     """All checks; exit code 1 if any failed."""
     report = Report(out)
@@ -199,6 +216,7 @@ async def run(settings: settings_mod.Settings, definitions: definitions_mod.Defi
     _check_port(report, "admin endpoint", settings.model.admin.address, settings.model.admin.port)
     await _check_redirect(report, settings, definitions)
     await _check_sessions(report, settings)
+    _check_refresh_keys(report, settings, definitions)
     print(f"\n{report.failures} failure(s), {report.warnings} warning(s)", file=out)
     return 1 if report.failures else 0
 

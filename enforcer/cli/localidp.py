@@ -229,6 +229,7 @@ async def _start_op_once(
     ca_file: Path | None = None,
     op_script: Path | None = None,
     netns: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> RunningOP:
     """Start ``node scripts/op/op.mjs`` on ``host:port`` (0 = a free port chosen by
     the OP itself, no race) and wait for its ``READY <issuer>`` line.
@@ -241,6 +242,9 @@ async def _start_op_once(
     ``extra_ca_file`` is given to node as NODE_EXTRA_CA_CERTS (for back-channel
     logout calls to an https RP signed by a test CA).  ``op_script`` (or the
     environment variable ENFORCER_OP_SCRIPT) overrides scripts/op/op.mjs.
+
+    ``options`` are further keys of op.mjs's configuration (``ttl``, ``rotate_refresh_tokens``,
+    ``test_admin_port``: see the script's header).
 
     ``netns`` runs node inside that network namespace (``ip netns exec <netns> node ...``;
     needs root): with ``host`` set to an address of that namespace, the OP serves there. A
@@ -272,6 +276,7 @@ async def _start_op_once(
     }
     if issuer is not None:
         config["issuer"] = issuer
+    config.update(options or {})
     config_file = workdir / "op-config.json"
     config_file.write_text(json.dumps(config, indent=2))
     config_file.chmod(0o600)

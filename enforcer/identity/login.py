@@ -81,7 +81,8 @@ def start_login(
     return_to: str,
     now: float,
 ) -> tuple[str, LoginTransaction, str]:
-    """Build the authorization URL: returns (url, transaction, binding cookie value)."""
+    """Build the authorization URL: returns (url, transaction, binding cookie value). With
+    ``offline_access`` in ``scopes`` (and only then) it asks ``prompt=consent``."""
     state = secrets.token_urlsafe(32)
     nonce = secrets.token_urlsafe(32)
     verifier = secrets.token_urlsafe(64)  # 86 chars, 512 bits
@@ -107,6 +108,10 @@ def start_login(
         "code_challenge": pkce_challenge(verifier),
         "code_challenge_method": "S256",
     }
+    if keeps_refresh_token(scopes):
+        # OIDC Core 11: offline access needs the user's consent; IdPs that follow it (e.g.
+        # oidc-provider) silently drop offline_access, and issue no refresh token, without it
+        params["prompt"] = "consent"
     sep = "&" if urllib.parse.urlsplit(metadata.authorization_endpoint).query else "?"
     url = metadata.authorization_endpoint + sep + urllib.parse.urlencode(params)
     return url, txn, binding

@@ -15,14 +15,31 @@
 //     "clients": [{ "client_id": "...", "client_secret": "...", "redirect_uris": [...],
 //                   "post_logout_redirect_uris": [...],
 //                   "token_endpoint_auth_method": "client_secret_basic" }],
-//     "users": { "alice": { "password": "...", "claims": { "email": "...", "groups": [...] } } }
+//     "users": { "alice": { "password": "...", "claims": { "email": "...", "groups": [...] } } },
+//     "ttl": { "IdToken": 10, ... },          // optional: token lifetimes (s) instead of the defaults
+//     "rotate_refresh_tokens": true,          // optional: a new refresh token at every refresh
+//     "test_admin_port": 0                    // optional, TESTS ONLY: see "test admin" below
 //   }
+//
+// Consent: a request with prompt=consent (what enforcer sends when it asks offline_access)
+// gets a consent page after the sign-in, which the user confirms with a button (#submit, a
+// form field "consent"); oidc-provider keeps offline_access (and issues a refresh token) only
+// then. Any other request is consented to without asking (a first-party test OP).
+//
+// Test admin (a test device, never for a real deployment): with "test_admin_port", a second,
+// plain-HTTP listener on 127.0.0.1 only (loopback of the OP's network namespace) answers
+//   GET  /events                the provider's events so far (authorization requests, token
+//                               grants with their grant_type, errors, rotations, revocations)
+//   POST /users/NAME/claims     {"groups": [...]}: merge into that user's claims (what the next
+//                               ID token, e.g. of a refresh, says)
+// It prints "ADMIN <port>" on stdout before READY, and logs each event on stderr ("EVENT ...").
 //
 // Prints exactly one line "READY <issuer>" on stdout once it is listening.
 // Exits cleanly on SIGTERM / SIGINT.
 
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
+import * as http from 'node:http';
 import * as https from 'node:https';
 
 import Provider from 'oidc-provider';
@@ -35,6 +52,7 @@ if (!configPath) {
 const config = JSON.parse(fs.readFileSync(configPath, 'utf8'));
 const users = config.users ?? {};
 const host = config.host ?? '127.0.0.1';
+const events = [];
 
 // ---------------------------------------------------------------- keys
 
@@ -98,6 +116,21 @@ ${body}
 </body>
 </html>
 `;
+}
+
+function consentPage(uid, clientId, scope) {
+  return page('Allow access – Test OpenID Provider', `
+<h1>Allow access</h1>
+<p class="sub"><code>${esc(clientId)}</code> asks for: <code id="scope">${esc(scope)}</code></p>
+<form method="post" action="/interaction/${esc(uid)}/confirm">
+  <input type="hidden" name="consent" value="yes">
+  <button type="submit" id="submit">Allow</button>
+</form>`);
+}
+
+// Whether the client asked for an explicit consent (prompt=consent).
+function consentRequested(details) {
+  return String(details.params.prompt ?? '').split(' ').includes('consent');
 }
 
 function loginPage(uid, clientId, { login = '', error = '' } = {}) {
@@ -197,8 +230,43 @@ ${withButton}`);
       Session: 86400,
       Grant: 86400,
       RefreshToken: 86400,
+      ...(config.ttl ?? {}),
     },
+    // Default: rotate once 70 % of the refresh token's lifetime has passed; tests want every time.
+    ...(config.rotate_refresh_tokens ? { rotateRefreshToken: true } : {}),
   };
+}
+
+// ---------------------------------------------------------------- events (for tests and the log)
+
+function noteEvent(name, ctx, extra = {}) {
+  const e = { event: name, time: Date.now() / 1000, ...extra };
+  const params = ctx?.oidc?.params;
+  if (params?.grant_type) e.grant_type = params.grant_type;
+  if (params?.prompt) e.prompt = params.prompt;
+  if (params?.scope && name.startsWith('authorization')) e.scope = params.scope;
+  const account = ctx?.oidc?.entities?.Account?.accountId ?? ctx?.oidc?.session?.accountId;
+  if (account) e.account = account;
+  events.push(e);
+  if (events.length > 10000) events.splice(0, events.length - 10000);
+  const text = Object.entries(e).filter(([k]) => k !== 'event' && k !== 'time').map(([k, v]) => `${k}=${v}`);
+  if (config.test_admin_port !== undefined) console.error(`EVENT ${name} ${text.join(' ')}`);
+}
+
+function watchEvents(p) {
+  for (const name of ['authorization.accepted', 'authorization.success', 'grant.success', 'end_session.success']) {
+    p.on(name, (ctx) => noteEvent(name, ctx));
+  }
+  for (const name of ['authorization.error', 'grant.error', 'revocation.error']) {
+    p.on(name, (ctx, err) => noteEvent(name, ctx, { error: err?.error, detail: err?.error_detail ?? err?.error_description }));
+  }
+  p.on('grant.revoked', (ctx, grantId) => noteEvent('grant.revoked', ctx, { grant: grantId }));
+  p.on('refresh_token.consumed', (token) => noteEvent('refresh_token.consumed', undefined,
+    { account: token?.accountId, rotations: token?.rotations ?? 0 }));
+  p.on('refresh_token.saved', (token) => noteEvent('refresh_token.saved', undefined,
+    { account: token?.accountId, rotations: token?.rotations ?? 0, expires_in: token?.expiration }));
+  p.on('refresh_token.destroyed', (token) => noteEvent('refresh_token.destroyed', undefined,
+    { account: token?.accountId }));
 }
 
 // ---------------------------------------------------------------- interactions
@@ -257,7 +325,7 @@ async function grantEverything(provider, details, accountId) {
 }
 
 async function handleInteraction(provider, req, res, url) {
-  const m = url.pathname.match(/^\/interaction\/([^/]+)(\/login)?$/);
+  const m = url.pathname.match(/^\/interaction\/([^/]+)(\/login|\/confirm)?$/);
   if (!m) {
     sendHtml(res, 404, page('Not found', '<h1>Not found</h1>'));
     return;
@@ -270,7 +338,22 @@ async function handleInteraction(provider, req, res, url) {
       sendHtml(res, 200, loginPage(details.uid, clientId));
       return;
     }
+    if (consentRequested(details)) {
+      sendHtml(res, 200, consentPage(details.uid, clientId, details.params.scope));
+      return;
+    }
     // Any other prompt (consent): grant it without asking.
+    const grantId = await grantEverything(provider, details, details.session?.accountId);
+    await provider.interactionFinished(req, res, { consent: { grantId } }, { mergeWithLastSubmission: true });
+    return;
+  }
+
+  if (req.method === 'POST' && m[2] === '/confirm') {
+    const form = await readBody(req);
+    if (details.prompt.name !== 'consent' || form.get('consent') !== 'yes') {
+      sendHtml(res, 400, page('Error – Test OpenID Provider', '<h1>Error</h1><p>No consent to confirm.</p>'));
+      return;
+    }
     const grantId = await grantEverything(provider, details, details.session?.accountId);
     await provider.interactionFinished(req, res, { consent: { grantId } }, { mergeWithLastSubmission: true });
     return;
@@ -289,6 +372,11 @@ async function handleInteraction(provider, req, res, url) {
       sendHtml(res, 200, loginPage(details.uid, clientId, { login, error: 'Invalid username or password.' }));
       return;
     }
+    if (consentRequested(details)) {
+      // The client asked for consent: the provider sends the browser to the consent page next.
+      await provider.interactionFinished(req, res, { login: { accountId: login } }, { mergeWithLastSubmission: false });
+      return;
+    }
     // Finish the login and the consent in one go, so the browser goes straight
     // back to the client's redirect_uri.
     const grantId = await grantEverything(provider, details, login);
@@ -304,6 +392,55 @@ async function handleInteraction(provider, req, res, url) {
   res.statusCode = 405;
   res.setHeader('Allow', m[2] ? 'POST' : 'GET');
   res.end();
+}
+
+// ---------------------------------------------------------------- test admin (loopback only)
+
+function sendJson(res, status, value) {
+  res.statusCode = status;
+  res.setHeader('Content-Type', 'application/json');
+  res.end(JSON.stringify(value));
+}
+
+async function handleAdmin(req, res) {
+  const url = new URL(req.url, 'http://127.0.0.1');
+  if (req.method === 'GET' && url.pathname === '/events') {
+    sendJson(res, 200, events);
+    return;
+  }
+  const m = url.pathname.match(/^\/users\/([^/]+)\/claims$/);
+  if (req.method === 'POST' && m) {
+    const user = users[decodeURIComponent(m[1])];
+    if (!user) {
+      sendJson(res, 404, { error: 'no such user' });
+      return;
+    }
+    const chunks = [];
+    for await (const c of req) chunks.push(c);
+    user.claims = { ...(user.claims ?? {}), ...JSON.parse(Buffer.concat(chunks).toString('utf8')) };
+    console.error(`ADMIN claims of ${m[1]} now ${JSON.stringify(user.claims)}`);
+    sendJson(res, 200, user.claims);
+    return;
+  }
+  sendJson(res, 404, { error: 'not found' });
+}
+
+function startAdmin() {
+  return new Promise((resolve, reject) => {
+    if (config.test_admin_port === undefined) {
+      resolve();
+      return;
+    }
+    const admin = http.createServer((req, res) => {
+      handleAdmin(req, res).catch((err) => sendJson(res, 400, { error: String(err?.message ?? err) }));
+    });
+    admin.on('error', reject);
+    admin.listen(config.test_admin_port, '127.0.0.1', () => {
+      process.stdout.write(`ADMIN ${admin.address().port}\n`);
+      admin.unref();
+      resolve();
+    });
+  });
 }
 
 // ---------------------------------------------------------------- server
@@ -338,6 +475,7 @@ server.listen(config.port ?? 0, host, () => {
   const hostPart = host.includes(':') ? `[${host}]` : host;
   const issuer = config.issuer ?? `https://${hostPart}:${port}`;
   provider = new Provider(issuer, providerConfiguration());
+  watchEvents(provider);
   provider.on('server_error', (_ctx, err) => console.error(`server_error: ${err?.stack ?? err}`));
   provider.on('backchannel.error', (_ctx, err, client) => console.error(`backchannel.error: ${client?.clientId}: ${err?.stack ?? err} (cause: ${err?.cause?.stack ?? err?.cause})`));
   providerCallback = provider.callback();
@@ -350,7 +488,7 @@ server.listen(config.port ?? 0, host, () => {
       const why = err?.error_description ?? err?.message ?? String(err);
       throw new Error(`client ${JSON.stringify(c.client_id)}: ${why}`);
     }
-  })).then(
+  })).then(startAdmin).then(
     () => process.stdout.write(`READY ${issuer}\n`),
     (err) => {
       console.error(`invalid configuration: ${err.message}`);

@@ -77,6 +77,14 @@ class Response:
                 return form
         return None
 
+    def consent_form(self) -> Form | None:
+        """The OP's consent page's form (a ``consent`` field), shown after the sign-in when the
+        client asked ``prompt=consent``."""
+        for form in self.forms():
+            if "consent" in form.field_names():
+                return form
+        return None
+
 
 @dataclass
 class Form:
@@ -613,12 +621,18 @@ class ScriptedBrowser:
         )
 
     async def login(self, start_url: str, username: str, password: str) -> Response:
-        """GET a protected URL, follow to the OP, log in, follow back.  If no login
-        form shows up (already logged in) the first response is returned."""
+        """GET a protected URL, follow to the OP, log in, allow access on the OP's consent
+        page if it shows one (as a user clicks "Allow"), follow back.  If no login form shows
+        up (already logged in) the first response (after any consent) is returned."""
         page = await self.get(start_url)
-        if page.login_form() is None:
-            return page
-        return await self.submit_login(page, username, password)
+        if page.login_form() is not None:
+            page = await self.submit_login(page, username, password)
+        return await self.confirm_consent(page)
+
+    async def confirm_consent(self, page: Response) -> Response:
+        """Click "Allow" on the OP's consent page if ``page`` is one; else ``page``."""
+        form = page.consent_form()
+        return page if form is None else await self.submit_form(page, form=form)
 
     async def logout(self, url: str) -> Response:
         """GET a logout URL and confirm the OP's sign-out form if one is shown."""

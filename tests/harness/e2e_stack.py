@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -56,7 +57,7 @@ OIDCClientID: app-client
 OIDCClientSecret: {{file: {secret}}}
 OIDCProviderURL: {issuer}
 OIDCCallbackURL: https://{host}:{port}
-OIDCScopes: [openid, email, profile, groups]
+OIDCScopes: [{scopes}]
 hosts: [{host}]
 port: {app_port}
 exposedPort: {port}
@@ -78,9 +79,11 @@ endpoints:
   - {{URI: /*, methods: [GET], allowedScopes: [[groups=staff], [email=alice@example.com]]}}
 """
 
+SCOPES = ("openid", "email", "profile", "groups")
+
 CONFIG = """\
 tags: [role=web]
-listen: {{address: 127.0.0.1, port: {port}}}
+listen: {{address: {address}, port: {port}}}
 admin: {{address: 127.0.0.1, port: {admin_port}}}
 stateDir: {state}
 logsDir: {state}/logs
@@ -88,7 +91,7 @@ definitions:
   - file: {state}/definitions.yaml
 oidc:
   caFile: {op_ca}
-"""
+{extra}"""
 
 
 def free_port() -> int:
@@ -228,6 +231,10 @@ class Stack:
     process: subprocess.Popen[bytes] | None = None
     run_args: tuple[str, ...] = ()
     """Extra ``enforcer run`` arguments, e.g. ``("--workers", "2")``."""
+    address: str = "127.0.0.1"
+    """Where this enforcer listens (another loopback address for a second enforcer)."""
+    op_admin: int | None = None
+    """Port of the OP's test admin listener on 127.0.0.1 (``op_options={"test_admin_port": ...}``)."""
 
     @property
     def state(self) -> Path:
@@ -254,10 +261,29 @@ class Stack:
         return ctx
 
     def browser(self, **kwargs: Any) -> ScriptedBrowser:
-        return ScriptedBrowser(self.client_ssl(), resolve={HOST: "127.0.0.1", "localhost": "127.0.0.1"}, **kwargs)
+        return ScriptedBrowser(self.client_ssl(), resolve={HOST: self.address, "localhost": "127.0.0.1"}, **kwargs)
 
     async def login(self, browser: ScriptedBrowser, user: str, path: str = "/") -> Any:
-        return await browser.login(self.base + path, user, USERS[user].password)
+        return await browser.login(self.base + path, user, self.op.users[user].password)
+
+    async def op_admin_call(self, method: str, path: str, body: Any = None) -> Any:
+        """A call to the OP's test admin listener (see scripts/op/op.mjs); its JSON answer."""
+        assert self.op_admin is not None, "start_stack(op_options={'test_admin_port': ...})"
+        async with aiohttp.ClientSession() as http, http.request(
+            method, f"http://127.0.0.1:{self.op_admin}{path}", json=body
+        ) as r:
+            assert r.status == 200, (r.status, await r.text())
+            return await r.json()
+
+    async def op_events(self, event: str | None = None, **match: str) -> list[dict[str, Any]]:
+        """The OP's events so far (oldest first), only ``event`` ones with those fields if given."""
+        rows: list[dict[str, Any]] = await self.op_admin_call("GET", "/events")
+        return [r for r in rows if (event is None or r["event"] == event)
+                and all(r.get(k) == v for k, v in match.items())]
+
+    async def set_claims(self, user: str, **claims: Any) -> None:
+        """Change ``user``'s claims at the OP (the next ID token, e.g. of a refresh, carries them)."""
+        await self.op_admin_call("POST", f"/users/{user}/claims", claims)
 
     def start_enforcer(self) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -327,10 +353,27 @@ class Stack:
         return [json.loads(line) for line in self.flow_log.read_text().splitlines() if line.strip()]
 
 
-async def start_stack(workdir: Path, run_args: tuple[str, ...] = ()) -> Stack:
-    """OP + upstream + enforcer, configured for each other; ready to serve."""
+async def start_stack(
+    workdir: Path,
+    run_args: tuple[str, ...] = (),
+    *,
+    scopes: tuple[str, ...] = SCOPES,
+    extra_config: str = "",
+    users: dict[str, OPUser] | None = None,
+    op_options: dict[str, Any] | None = None,
+    address: str = "127.0.0.1",
+) -> Stack:
+    """OP + upstream + enforcer, configured for each other; ready to serve.
+
+    ``scopes`` are the service's ``OIDCScopes``; ``extra_config`` is YAML appended to the
+    enforcer's configuration (e.g. a ``sessions:`` section); ``users`` replace :data:`USERS` at
+    the OP; ``op_options`` go into op.mjs's configuration (``test_admin_port: 0`` picks a free
+    port for the OP's test admin listener); ``address`` is where the enforcer listens."""
     workdir.mkdir(parents=True, exist_ok=True)
     port, admin_port = free_port(), free_port()
+    op_options = dict(op_options or {})
+    if op_options.get("test_admin_port") == 0:
+        op_options["test_admin_port"] = free_port()
     secret = "s3cr:et %+ " + os.urandom(6).hex()  # characters that need form-encoding (P-TOK-01)
     upstream = Upstream()
     await upstream.start()
@@ -345,17 +388,21 @@ async def start_stack(workdir: Path, run_args: tuple[str, ...] = ()) -> Stack:
                 "token_endpoint_auth_method": "client_secret_basic",
             }
         ],
-        users=USERS,
+        users=USERS if users is None else users,
+        options=op_options,
     )
     state = workdir / "state"
     state.mkdir(parents=True, exist_ok=True)
     secret_file = state / "client-secret"
     secret_file.write_text(secret, encoding="utf-8")
     (state / "definitions.yaml").write_text(
-        DEFINITIONS.format(secret=secret_file, issuer=op.issuer, host=HOST, port=port, app_port=upstream.port)
+        DEFINITIONS.format(secret=secret_file, issuer=op.issuer, host=HOST, port=port, app_port=upstream.port,
+                           scopes=", ".join(scopes))
     )
-    (state / "enforcer.yaml").write_text(CONFIG.format(port=port, admin_port=admin_port, state=state, op_ca=op.ca_file))
-    stack = Stack(workdir=workdir, op=op, upstream=upstream, port=port, admin_port=admin_port, run_args=run_args)
+    (state / "enforcer.yaml").write_text(CONFIG.format(port=port, admin_port=admin_port, state=state, op_ca=op.ca_file,
+                                                       address=address, extra=extra_config))
+    stack = Stack(workdir=workdir, op=op, upstream=upstream, port=port, admin_port=admin_port, run_args=run_args,
+                  address=address, op_admin=op_options.get("test_admin_port"))
     stack.start_enforcer()
     try:
         await stack.wait_ready()
@@ -363,6 +410,29 @@ async def start_stack(workdir: Path, run_args: tuple[str, ...] = ()) -> Stack:
         await stop_stack(stack)
         raise
     return stack
+
+
+async def start_peer(stack: Stack, workdir: Path, address: str) -> Stack:
+    """A second enforcer for ``stack``'s service, OP and app: the same definitions and settings
+    (so the same port, callback and session store) and the same CA, listening on ``address``
+    (another loopback address); its own state directory and admin port. Stop it with
+    :meth:`Stack.stop_enforcer` (the OP and app belong to ``stack``)."""
+    state = workdir / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(stack.state / "ca", state / "ca")
+    shutil.copy(stack.state / "client-secret", state / "client-secret")
+    (state / "definitions.yaml").write_text((stack.state / "definitions.yaml").read_text().replace(
+        str(stack.state), str(state)))
+    admin_port = free_port()
+    config = stack.config.read_text().replace(str(stack.state), str(state))
+    config = config.replace(f"address: {stack.address}, port: {stack.port}", f"address: {address}, port: {stack.port}")
+    config = config.replace(f"port: {stack.admin_port}}}", f"port: {admin_port}}}")
+    (state / "enforcer.yaml").write_text(config)
+    peer = Stack(workdir=workdir, op=stack.op, upstream=stack.upstream, port=stack.port, admin_port=admin_port,
+                 run_args=stack.run_args, address=address, op_admin=stack.op_admin)
+    peer.start_enforcer()
+    await peer.wait_ready()
+    return peer
 
 
 async def stop_stack(stack: Stack) -> None:
