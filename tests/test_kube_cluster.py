@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import ssl
+import urllib.request
+from pathlib import Path
 
 import pytest
 
-from tests.harness.kube import ControlPlane
+from enforcer.net.netns import run_in_netns
+from tests.harness.kube import HERE, SERVICE_IP, ControlPlane, Node, static_image
+from tests.harness.netns import connect
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(2400)]
 
@@ -65,3 +70,68 @@ def test_admin_token_is_cluster_admin(kube_api: ControlPlane) -> None:
     assert kube_api.kubectl("auth", "can-i", "*", "*", "--all-namespaces").stdout.strip() == "yes"
     status, body = kube_api.get("/version")
     assert status == 200 and json.loads(body)["gitVersion"] == "v1.20.2"
+
+
+HELLO_PORT = 18080
+HELLO_POD = f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: hello, namespace: default}}
+spec:
+  hostNetwork: true
+  terminationGracePeriodSeconds: 2
+  containers:
+  - name: hello
+    image: enforcer.test/hello:1
+    imagePullPolicy: Never
+    args: ["{HELLO_PORT}", "hello-from-pod"]
+    readinessProbe: {{tcpSocket: {{port: {HELLO_PORT}}}, periodSeconds: 1}}
+"""
+
+
+def test_node_is_ready(kube_node: Node) -> None:
+    """The kubelet registers the node under its name and IP, Ready and without taints."""
+    got = json.loads(kube_node.api.kubectl("get", "node", kube_node.name, "-o", "json").stdout)
+    assert {"type": "InternalIP", "address": kube_node.node_ip} in got["status"]["addresses"]
+    assert kube_node.node_ready()
+
+
+def test_host_network_pod_from_local_image_serves_the_lan(kube_node: Node, tmp_path: Path) -> None:
+    """A hostNetwork pod from a locally imported image is scheduled, becomes Ready and answers the client netns."""
+    archive = static_image(HERE / "hello.c", tmp_path / "hello.tar", name="enforcer.test/hello:1", binary="hello")
+    assert kube_node.import_image(archive) == ["enforcer.test/hello:1"]
+    api = kube_node.api
+    api.kubectl("apply", "-f", "-", input=HELLO_POD)
+    try:
+        kube_node.wait_pod_ready("default", "hello")
+        with connect(kube_node.client_netns, kube_node.node_ip, HELLO_PORT) as s:
+            s.sendall(b"GET / HTTP/1.0\r\nHost: node\r\n\r\n")
+            answer = b""
+            while chunk := s.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.0 200 OK")
+        assert b"\r\n\r\nhello-from-pod " in answer
+        assert (
+            "listening on :18080"
+            in api.kubectl("logs", "hello", "-n", "default").stdout
+            + api.kubectl("logs", "hello", "-n", "default").stderr
+        )
+    finally:
+        api.kubectl("delete", "pod", "hello", "-n", "default", "--wait=true", "--timeout=60s", check=False)
+
+
+def test_pods_reach_the_api_at_the_kubernetes_service_ip(kube_api: ControlPlane) -> None:
+    """From the node namespace (hostNetwork pods), https://10.96.0.1:443 is the API server with a valid certificate."""
+    svc = json.loads(kube_api.kubectl("get", "service", "kubernetes", "-n", "default", "-o", "json").stdout)
+    assert svc["spec"]["clusterIP"] == SERVICE_IP
+
+    def readyz() -> bytes:
+        ctx = ssl.create_default_context(cafile=str(kube_api.ca_file))
+        req = urllib.request.Request(
+            f"https://{SERVICE_IP}/readyz", headers={"Authorization": f"Bearer {kube_api.token}"}
+        )
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+            body: bytes = resp.read()
+            return body
+
+    assert run_in_netns(kube_api.node_netns, readyz) == b"ok"

@@ -713,6 +713,326 @@ def _remove_workdir(workdir: Path) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------- stage 2: the node
+
+CONTAINERD_CONFIG = """\
+version = 2
+root = "{w}/containerd/root"
+state = "{w}/containerd/state"
+[grpc]
+  address = "{w}/containerd/containerd.sock"
+[ttrpc]
+  address = "{w}/containerd/containerd.sock.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{w}/containerd/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{pause}"
+  # required: without CAP_SYS_RESOURCE (absent from this machine's bounding set) runc cannot lower
+  # the sandbox's oom_score_adj and fails "can't get final child's PID from pipe: EOF"
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  netns_mounts_under_state_dir = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        Root = "{w}/runc"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{cni_bin}"
+    conf_dir = "{w}/cni/net.d"
+"""
+
+# Paths kubelet 1.20 / containerd use whatever their flags say (pod logs, the device-plugin socket,
+# shim sockets): removed on teardown when this harness made them.
+HARDCODED_PATHS = (
+    Path("/var/log/pods"),
+    Path("/var/log/containers"),
+    Path("/var/lib/kubelet"),
+    Path("/run/containerd"),
+    Path("/etc/cni"),
+    Path("/opt/containerd"),
+    Path("/usr/libexec/kubernetes"),
+)
+
+
+@dataclass
+class Node:
+    """containerd + kubelet + controller-manager + scheduler: one Ready node named ``enf-k8s-node``."""
+
+    api: ControlPlane
+    workdir: Path
+    socket: Path
+    procs: list[Proc] = field(default_factory=list)
+    name: str = NODE_NAME
+    node_ip: str = NODE_IP
+    client_netns: str = CLIENT_NETNS
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def ctr(self, *args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``ctr`` against this node's containerd, namespace ``k8s.io`` (the one kubelet's CRI uses)."""
+        return _run(
+            ["ctr", "--address", str(self.socket), "--namespace", "k8s.io", *args], timeout=timeout, check=check
+        )
+
+    def import_image(self, oci_archive: Path, timeout: float = 300.0) -> list[str]:
+        """Load an OCI image archive into the node (pods then use it with ``imagePullPolicy: Never``); its names."""
+        self.ctr("images", "import", str(oci_archive), timeout=timeout)  # unpacks for the CRI's snapshotter
+        names = self._names_in(oci_archive)
+        listed = set(self.ctr("images", "ls", "-q").stdout.split())
+        if not set(names) <= listed:
+            raise RuntimeError(f"imported {oci_archive}, but {sorted(set(names) - listed)} not in `ctr images ls`")
+        return names
+
+    @staticmethod
+    def _names_in(oci_archive: Path) -> list[str]:
+        with tarfile.open(oci_archive) as tar:
+            member = tar.extractfile("index.json")
+            index = json.loads(member.read()) if member else {}
+        return [m.get("annotations", {}).get("io.containerd.image.name", "") for m in index.get("manifests", [])]
+
+    def wait_pod_ready(self, namespace: str, name: str, timeout: float = 120.0) -> float:
+        """Wait until the pod's Ready condition is True; return the seconds waited."""
+
+        def ready() -> bool:
+            status, body = self.api.get(f"/api/v1/namespaces/{namespace}/pods/{name}")
+            conds = json.loads(body).get("status", {}).get("conditions", []) if status == 200 else []
+            return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+        return _wait_for(f"pod {namespace}/{name} Ready", ready, timeout, self.procs + self.api.procs, 1.0)
+
+    def node_ready(self) -> bool:
+        status, body = self.api.get(f"/api/v1/nodes/{self.name}")
+        if status != 200:
+            return False
+        node = json.loads(body)
+        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", []))
+        return ready and not node["spec"].get("taints")
+
+
+def _created_by_us(paths: tuple[Path, ...]) -> list[Path]:
+    return [p for p in paths if not p.exists()]
+
+
+def _cgroup_roots() -> list[Path]:
+    base = Path("/sys/fs/cgroup")
+    return [d for d in base.iterdir() if d.is_dir()] if base.is_dir() else []
+
+
+def _rmdir_tree(d: Path) -> None:
+    """Remove a cgroup directory tree bottom-up (cgroupfs allows only rmdir of empty groups)."""
+    for sub in sorted((p for p in d.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            sub.rmdir()
+    with contextlib.suppress(OSError):
+        d.rmdir()
+
+
+def _remove_containers(node: Node) -> None:
+    """Kill and delete every task and container left in containerd's k8s.io namespace (pod sandboxes too)."""
+    tasks = node.ctr("tasks", "ls", "-q", check=False).stdout.split()
+    for t in tasks:
+        node.ctr("tasks", "kill", "-s", "SIGKILL", t, check=False, timeout=20)
+    for t in tasks:
+        node.ctr("tasks", "delete", "-f", t, check=False, timeout=30)
+    for c in node.ctr("containers", "ls", "-q", check=False).stdout.split():
+        node.ctr("containers", "rm", c, check=False, timeout=30)
+
+
+def _our_shims(socket: Path) -> list[int]:
+    """containerd-shim processes started by this node's containerd (their command line names its socket)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                argv = (d / "cmdline").read_bytes().split(b"\0")
+                if argv and argv[0].endswith(b"containerd-shim-runc-v2") and str(socket).encode() in argv:
+                    pids.append(int(d.name))
+    return pids
+
+
+def _kill_pids(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _remove_pod_netns(before: set[str]) -> None:
+    """Pod network namespaces containerd's CNI made (``/run/netns/cni-*``) that were not there before."""
+    base = Path("/run/netns")
+    for ns in base.glob("cni-*") if base.is_dir() else []:
+        if ns.name not in before:
+            _run(["umount", str(ns)], check=False)
+            with contextlib.suppress(OSError):
+                ns.unlink()
+
+
+@contextlib.contextmanager
+def node(api: ControlPlane) -> Iterator[Node]:
+    """Start containerd, kubelet, controller-manager and scheduler (stage 2); undone on exit, also after a failed start."""
+    t0 = time.monotonic()
+    w = api.workdir / "node"
+    logs = api.workdir / "logs"
+    for d in ("containerd", "cni/net.d", "cni/ipam", "kubelet/pki", "kubelet/volume-plugins", "images"):
+        (w / d).mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        ours = _created_by_us(HARDCODED_PATHS)
+        cgroups = [root / "kubepods" for root in _cgroup_roots() if not (root / "kubepods").exists()]
+        netns_before = {p.name for p in Path("/run/netns").glob("cni-*")}
+
+        def cleanup_host() -> None:
+            _remove_pod_netns(netns_before)
+            for cg in cgroups:
+                _rmdir_tree(cg)
+            _unmount_under(w)
+            for p in ours:
+                _unmount_under(p)
+                shutil.rmtree(p, ignore_errors=True)
+
+        stack.callback(cleanup_host)
+        socket = w / "containerd" / "containerd.sock"
+        procs: list[Proc] = []
+        n = Node(api=api, workdir=w, socket=socket, procs=procs)
+
+        (w / "containerd" / "config.toml").write_text(
+            CONTAINERD_CONFIG.format(w=w, pause=PAUSE_IMAGE, cni_bin=CNI_BIN_DIR)
+        )
+        cni = {
+            "cniVersion": "0.4.0",
+            "name": "enf-k8s",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": "cni0",
+                    "isGateway": True,
+                    "ipMasq": False,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": POD_CIDR}]],
+                        "routes": [{"dst": "0.0.0.0/0"}],
+                        "dataDir": str(w / "cni" / "ipam"),
+                    },
+                }
+            ],
+        }
+        (w / "cni" / "net.d" / "10-enf-k8s.conflist").write_text(json.dumps(cni, indent=2))
+
+        def stop_containerd_side() -> None:
+            for p in reversed(procs):
+                if p.name != "containerd":
+                    p.stop()
+            if any(p.name == "containerd" and p.alive() for p in procs):
+                _remove_containers(n)
+            for p in procs:
+                if p.name == "containerd":
+                    p.stop()
+            _kill_pids(_our_shims(socket))
+
+        stack.callback(stop_containerd_side)
+        procs.append(_spawn("containerd", ["containerd", "--config", str(w / "containerd" / "config.toml")], logs))
+        _wait_for("containerd", lambda: n.ctr("version", timeout=5, check=False).returncode == 0, 30, procs, 0.2)
+        n.timings["containerd_s"] = time.monotonic() - t0
+
+        pause = static_image(HERE / "pause.c", w / "images" / "pause.tar", name=PAUSE_IMAGE, binary="pause")
+        n.import_image(pause)
+        n.timings["pause_image_s"] = time.monotonic() - t0
+
+        def kubeconfig(user: str) -> Path:
+            return write_kubeconfig(
+                w / f"{user}.kubeconfig",
+                server=f"https://127.0.0.1:{API_PORT}",
+                ca_file=api.ca_file,
+                token=api.tokens[user],
+                user=user,
+            )
+
+        procs.append(
+            _spawn(
+                "kubelet",
+                [
+                    str(api.bin_dir / "kubelet"),
+                    f"--kubeconfig={kubeconfig('kubelet')}",
+                    "--container-runtime=remote",
+                    f"--container-runtime-endpoint=unix://{socket}",
+                    "--runtime-request-timeout=5m",
+                    "--cgroup-driver=cgroupfs",
+                    "--fail-swap-on=false",
+                    f"--node-ip={NODE_IP}",
+                    f"--hostname-override={NODE_NAME}",
+                    f"--root-dir={w / 'kubelet'}",
+                    f"--cert-dir={w / 'kubelet' / 'pki'}",
+                    f"--volume-plugin-dir={w / 'kubelet' / 'volume-plugins'}",
+                    f"--pod-infra-container-image={PAUSE_IMAGE}",
+                    f"--cni-conf-dir={w / 'cni' / 'net.d'}",
+                    f"--cni-bin-dir={CNI_BIN_DIR}",
+                    "--eviction-hard=",
+                    "--image-gc-high-threshold=100",
+                    "--read-only-port=0",
+                    "--healthz-bind-address=127.0.0.1",
+                    "--v=1",
+                ],
+                logs,
+            )
+        )  # fmt: skip
+        procs.append(
+            _spawn(
+                "kube-controller-manager",
+                [
+                    str(api.bin_dir / "kube-controller-manager"),
+                    f"--kubeconfig={kubeconfig('controller-manager')}",
+                    "--controllers=*,-nodeipam",
+                    f"--root-ca-file={api.ca_file}",
+                    f"--service-account-private-key-file={api.pki['sa.key']}",
+                    "--use-service-account-credentials=true",
+                    f"--flex-volume-plugin-dir={w / 'kubelet' / 'volume-plugins'}",
+                    f"--cluster-signing-cert-file={api.pki['ca.crt']}",
+                    f"--cluster-signing-key-file={api.pki['ca.key']}",
+                    "--leader-elect=false",
+                    "--bind-address=127.0.0.1",
+                    "--port=0",
+                    "--v=1",
+                ],
+                logs,
+            )
+        )  # fmt: skip
+        procs.append(
+            _spawn(
+                "kube-scheduler",
+                [
+                    str(api.bin_dir / "kube-scheduler"),
+                    f"--kubeconfig={kubeconfig('scheduler')}",
+                    "--leader-elect=false",
+                    "--bind-address=127.0.0.1",
+                    "--port=0",
+                    "--v=1",
+                ],
+                logs,
+            )
+        )  # fmt: skip
+        everything = procs + api.procs
+        t_start = time.monotonic()
+        _wait_for(f"node {NODE_NAME} Ready and untainted", n.node_ready, NODE_READY_TIMEOUT, everything, 1.0)
+        n.timings["node_ready_s"] = time.monotonic() - t_start
+
+        def default_sa() -> bool:
+            return api.get("/api/v1/namespaces/default/serviceaccounts/default")[0] == 200
+
+        _wait_for("service account default/default", default_sa, 60, everything, 0.5)
+        n.timings["node_stage_s"] = time.monotonic() - t0
+        _progress(
+            f"node {NODE_NAME} Ready {n.timings['node_ready_s']:.1f} s after kubelet start "
+            f"(stage 2 total {n.timings['node_stage_s']:.1f} s)"
+        )
+        yield n
+
+
 # ----------------------------------------------------------------------------- fixtures
 
 
@@ -722,3 +1042,10 @@ def kube_api() -> Iterator[ControlPlane]:
     require_cluster_prerequisites()
     with control_plane() as cp:
         yield cp
+
+
+@pytest.fixture(scope="session")
+def kube_node(kube_api: ControlPlane) -> Iterator[Node]:
+    """A Ready node (containerd + kubelet + controllers) on ``kube_api`` for the whole session."""
+    with node(kube_api) as n:
+        yield n
