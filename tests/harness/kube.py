@@ -15,9 +15,15 @@ Fixtures (session-scoped; registered for every test file through tests/conftest.
     ``node_ip``, ``node_netns``, ``client_netns``, ``workdir``, ``bin_dir``
 ``kube_node`` -> :class:`Node` (needs ``kube_api``; adds containerd, kubelet, controller-manager,
     scheduler; node Ready in ~20-40 s): ``api``, ``name``, ``node_ip``, ``client_netns``,
-    ``import_image(oci_archive) -> list[str]``, ``ctr(*args)``, ``wait_pod_ready(ns, name)``.
-    Pods must use ``imagePullPolicy: Never`` (there is no registry); :func:`write_oci_archive` and
-    :func:`static_image` build images from files / a static C program.
+    ``import_image(oci_archive) -> list[str]`` (the image names it loaded), ``ctr(*args)``,
+    ``wait_pod_ready(ns, name)``, ``node_ready()``, ``timings``. Pods must use
+    ``imagePullPolicy: Never`` (there is no registry); :func:`write_oci_archive` and
+    :func:`static_image` build images from layer tars / a static C program.
+
+Fixture setup counts against the first test's pytest-timeout: a cold machine builds the binaries
+(6-10 min) and a cluster held by another session is waited for (lock, up to 20 min), so files that
+use these fixtures mark themselves ``pytest.mark.timeout(2400)`` (as tests/test_kube_cluster.py).
+A missing prerequisite skips locally and fails with ``CI=true`` (tests/harness/prereq.py).
 
 Network layout (names are fixed, so one cluster runs per machine at a time: a lock file
 serialises sessions)::
@@ -65,6 +71,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -219,8 +226,12 @@ def require_cluster_prerequisites() -> None:
 
 
 def k8s_binaries(timeout: float = BUILD_TIMEOUT) -> Path:
-    """The directory holding kube-apiserver & co, from ``scripts/k8s-build`` (builds on first use, under its lock)."""
+    """The directory holding kube-apiserver & co, from ``scripts/k8s-build`` (builds on first use, under its lock).
+
+    The script's progress lines (stderr) are shown as they come: a cold build takes 6-10 minutes.
+    """
     start = time.monotonic()
+    _progress("scripts/k8s-build (cached: a second; a fresh machine builds for 6-10 minutes)")
     proc = subprocess.Popen(
         [str(REPO / "scripts" / "k8s-build")],
         stdin=subprocess.DEVNULL,
@@ -229,16 +240,33 @@ def k8s_binaries(timeout: float = BUILD_TIMEOUT) -> Path:
         text=True,
         start_new_session=True,
     )
+    err_lines: list[str] = []
+    out_lines: list[str] = []
+
+    def relay() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            err_lines.append(line)
+            _progress(line.rstrip())
+
+    def collect() -> None:
+        assert proc.stdout is not None
+        out_lines.extend(proc.stdout)
+
+    readers = [threading.Thread(target=f, daemon=True) for f in (relay, collect)]
+    for t in readers:
+        t.start()
     try:
-        out, err = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.kill(proc.pid, signal.SIGTERM)
-        proc.communicate(timeout=30)
+        proc.wait(30)
         raise TimeoutError(f"scripts/k8s-build took more than {timeout:.0f} s") from None
-    for line in err.splitlines():
-        _progress(line)
+    for t in readers:
+        t.join(10)
+    out = "".join(out_lines)
     if proc.returncode != 0:
-        raise RuntimeError(f"scripts/k8s-build failed ({proc.returncode}):\n{err[-3000:]}")
+        raise RuntimeError(f"scripts/k8s-build failed ({proc.returncode}):\n{''.join(err_lines)[-3000:]}")
     bin_dir = Path(out.strip().splitlines()[-1]) / "bin"
     for b in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet"):
         if not (bin_dir / b).is_file():
