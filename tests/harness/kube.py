@@ -232,38 +232,39 @@ def k8s_binaries(timeout: float = BUILD_TIMEOUT) -> Path:
     """
     start = time.monotonic()
     _progress("scripts/k8s-build (cached: a second; a fresh machine builds for 6-10 minutes)")
-    proc = subprocess.Popen(
+    err_lines: list[str] = []
+    out_lines: list[str] = []
+    with subprocess.Popen(
         [str(REPO / "scripts" / "k8s-build")],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
-    )
-    err_lines: list[str] = []
-    out_lines: list[str] = []
+    ) as proc:
 
-    def relay() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            err_lines.append(line)
-            _progress(line.rstrip())
+        def relay() -> None:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                err_lines.append(line)
+                _progress(line.rstrip())
 
-    def collect() -> None:
-        assert proc.stdout is not None
-        out_lines.extend(proc.stdout)
+        def collect() -> None:
+            assert proc.stdout is not None
+            out_lines.extend(proc.stdout)
 
-    readers = [threading.Thread(target=f, daemon=True) for f in (relay, collect)]
-    for t in readers:
-        t.start()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-        raise TimeoutError(f"scripts/k8s-build took more than {timeout:.0f} s") from None
-    for t in readers:
-        t.join(10)
+        readers = [threading.Thread(target=f, daemon=True) for f in (relay, collect)]
+        for t in readers:
+            t.start()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+            raise TimeoutError(f"scripts/k8s-build took more than {timeout:.0f} s") from None
+        finally:
+            for t in readers:
+                t.join(10)
     out = "".join(out_lines)
     if proc.returncode != 0:
         raise RuntimeError(f"scripts/k8s-build failed ({proc.returncode}):\n{''.join(err_lines)[-3000:]}")
