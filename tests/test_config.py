@@ -241,6 +241,21 @@ def test_daemon_config_resolves_relative_paths(tmp_path: Path) -> None:
     assert defs.services[0].name == "private-app"
 
 
+def test_session_secret_files_are_relative_to_the_config(tmp_path: Path) -> None:
+    """The refresh-token key file and Redis's password and CA files, when relative, are relative to enforcer.yaml's folder (not the working directory)."""
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text(
+        "definitions: [{file: defs.yaml}]\n"
+        "sessions: {store: redis, refreshTokenKeyFile: keys/refresh,\n"
+        "           redis: {url: 'redis://127.0.0.1:6379', passwordFile: secrets/redis, caFile: ca.pem}}\n"
+    )
+    sessions = settings_mod.load_settings(cfg).model.sessions
+    assert sessions.refreshTokenKeyFile == tmp_path / "keys" / "refresh"
+    assert sessions.redis is not None
+    assert sessions.redis.passwordFile == tmp_path / "secrets" / "redis"
+    assert sessions.redis.caFile == tmp_path / "ca.pem"
+
+
 def _first_issue(tmp_path: Path, daemon_yaml: str) -> issues_mod.ConfigIssue:
     """The first issue load_settings reports for this daemon config (after a definitions line)."""
     cfg = tmp_path / "enforcer.yaml"

@@ -396,6 +396,9 @@ def _absolute_paths(model: DaemonModel, base: Path) -> DaemonModel:
     def absolute(p: Path) -> Path:
         return p if p.is_absolute() else base / p
 
+    def maybe(p: Path | None) -> Path | None:
+        return None if p is None else absolute(p)
+
     return model.model_copy(
         update={
             "stateDir": absolute(model.stateDir),
@@ -414,6 +417,13 @@ def _absolute_paths(model: DaemonModel, base: Path) -> DaemonModel:
             "oidc": model.oidc.model_copy(
                 update={"caFile": absolute(model.oidc.caFile) if model.oidc.caFile else None}
             ),
+            "sessions": model.sessions.model_copy(update={
+                "refreshTokenKeyFile": maybe(model.sessions.refreshTokenKeyFile),
+                "redis": model.sessions.redis.model_copy(update={
+                    "caFile": maybe(model.sessions.redis.caFile),
+                    "passwordFile": maybe(model.sessions.redis.passwordFile),
+                }) if model.sessions.redis is not None else None,
+            }),  # fmt: skip
         }
     )
 
