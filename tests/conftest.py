@@ -20,3 +20,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         yield s
     finally:
         await stop_stack(s)
+
+
+# The real Kubernetes cluster (tests/harness/kube.py): registered here so that every test file
+# shares one session-scoped cluster.
+from tests.harness.kube import kube_api  # noqa: E402, F401
