@@ -3,19 +3,34 @@ status condition, the source's config, and list/watch against a real API server.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import dataclasses
+import functools
+import json
+import os
 import subprocess
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+import pytest_asyncio
 import yaml
+from aiohttp import web
 
+from enforcer.config import definitions
 from enforcer.config import kubernetes as k8s
 from enforcer.config import settings as settings_mod
+from enforcer.config.definitions import RawDocument
 from enforcer.config.issues import ConfigError, ConfigIssue
+from enforcer.config.sources import LKG_NAME, DefinitionsManager, WatchingSource, build_sources
+from tests.harness.kube import ControlPlane, Proc
 from tests.harness.seed import SERVICE, SPEC
 
 NS = "default"
@@ -316,3 +331,344 @@ def test_the_client_is_imported_only_when_the_source_connects() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+async def test_the_api_server_down_at_start_means_the_last_known_good_set(tmp_path: Path) -> None:
+    """With no API server, load_initial enforces the last-known-good set, or fails clearly without one."""
+    kubeconfig = tmp_path / "kube.conf"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": "https://127.0.0.1:9", "insecure-skip-tls-verify": True}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+    }))
+    settings = _settings(tmp_path, {"kubernetes": {"kubeconfig": str(kubeconfig)}, "timeout": "2s"})
+    async with aiohttp.ClientSession() as http:
+        manager = DefinitionsManager(settings, build_sources(settings, http))
+        with pytest.raises(ConfigError, match="no last-known-good"):
+            await manager.load_initial()
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        (settings.state_dir / LKG_NAME).write_text(yaml.safe_dump_all([{**SERVICE}, {**SPEC}]))
+        manager = DefinitionsManager(settings, build_sources(settings, http))
+        defs = await manager.load_initial()
+        assert manager.using_lkg and [s.name for s in defs.services] == ["private-app"]
+
+
+# -- against a real API server (tests/harness/kube.py) ----------------------------------------------
+
+CRDS = """
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: enforcerservices.enforcer.dev}
+spec:
+  group: enforcer.dev
+  scope: Namespaced
+  names: {kind: EnforcerService, plural: enforcerservices, singular: enforcerservice, shortNames: [esvc]}
+  versions:
+  - name: v1alpha1
+    served: true
+    storage: true
+    subresources: {status: {}}
+    additionalPrinterColumns:
+    - {name: Accepted, type: string, jsonPath: '.status.conditions[?(@.type=="Accepted")].status'}
+    - {name: Reason, type: string, jsonPath: '.status.conditions[?(@.type=="Accepted")].reason'}
+    - {name: Age, type: date, jsonPath: .metadata.creationTimestamp}
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec: {type: object, x-kubernetes-preserve-unknown-fields: true}
+          status: {type: object, x-kubernetes-preserve-unknown-fields: true}
+---
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: httpresourcespecs.enforcer.dev}
+spec:
+  group: enforcer.dev
+  scope: Namespaced
+  names: {kind: HTTPResourceSpec, plural: httpresourcespecs, singular: httpresourcespec, shortNames: [hrs]}
+  versions:
+  - name: v1alpha1
+    served: true
+    storage: true
+    subresources: {status: {}}
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec: {type: object, x-kubernetes-preserve-unknown-fields: true}
+          status: {type: object, x-kubernetes-preserve-unknown-fields: true}
+"""
+"""A lenient stand-in for deploy/kubernetes/base/crds.yaml (used until that file exists), so
+that the enforcer's own validation is what these tests exercise."""
+
+SHIPPED_CRDS = Path(__file__).resolve().parents[1] / "deploy/kubernetes/base/crds.yaml"
+
+
+def _manifest(obj: dict[str, Any], ns: str) -> str:
+    out = {**obj, "metadata": {"name": obj["metadata"]["name"], "namespace": ns}}
+    return yaml.safe_dump(out)
+
+
+def _secret(ns: str, value: str, name: str = "oidc") -> str:
+    return yaml.safe_dump({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": ns},
+                           "type": "Opaque", "stringData": {"clientSecret": value}})
+
+
+@dataclass
+class Watched:
+    """A manager fed by a watching KubernetesSource on one fresh namespace of the real API server."""
+
+    api: ControlPlane
+    ns: str
+    manager: DefinitionsManager
+    source: k8s.KubernetesSource
+    applied: list[definitions.Definitions]
+
+    def apply(self, text: str) -> None:
+        self.api.kubectl("apply", "-f", "-", input=text)
+
+    def condition(self, kind: str, name: str) -> dict[str, Any]:
+        out = json.loads(self.api.kubectl("get", kind, name, "-n", self.ns, "-o", "json").stdout)
+        conds = (out.get("status") or {}).get("conditions") or []
+        return next((c for c in conds if c.get("type") == "Accepted"), {})
+
+    def service(self, name: str = "private-app") -> definitions.Service | None:
+        current = self.manager.current
+        return current.get(name) if current is not None else None
+
+
+async def _until(what: str, check: Callable[[], object], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+_counter = iter(range(1, 1000))
+
+
+@pytest_asyncio.fixture
+async def watched(kube_api: ControlPlane, tmp_path: Path) -> AsyncIterator[Watched]:
+    """A fresh namespace with a Secret, an HTTPResourceSpec and an EnforcerService, and a running watch on it."""
+    crds = SHIPPED_CRDS.read_text() if SHIPPED_CRDS.exists() else CRDS
+    kube_api.kubectl("apply", "-f", "-", input=crds)
+    kube_api.kubectl("wait", "--for=condition=established", "crd/enforcerservices.enforcer.dev",
+                     "crd/httpresourcespecs.enforcer.dev", "--timeout=60s")
+    ns = f"ksrc-{os.getpid()}-{next(_counter)}"
+    kube_api.kubectl("create", "namespace", ns)
+    kube_api.kubectl("apply", "-f", "-", input=_secret(ns, "first-secret") + "---\n" + _manifest(spec_cr(), ns)
+                     + "---\n" + _manifest(service_cr(), ns))
+    settings = _settings(tmp_path, {"kubernetes": {"namespaces": [ns], "kubeconfig": str(kube_api.kubeconfig)}})
+    applied: list[definitions.Definitions] = []
+
+    async def on_change(defs: definitions.Definitions, reason: str) -> None:
+        applied.append(defs)
+
+    async with aiohttp.ClientSession() as http:
+        (source,) = build_sources(settings, http)
+        assert isinstance(source, k8s.KubernetesSource) and isinstance(source, WatchingSource)
+        manager = DefinitionsManager(settings, [source], on_change=on_change)
+        await manager.load_initial()
+        task = asyncio.create_task(source.watch(functools.partial(manager.push, origin=source.name), report=True))
+        w = Watched(kube_api, ns, manager, source, applied)
+        try:
+            yield w
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+@pytest.mark.root
+async def test_applied_crs_configure_the_manager_and_are_marked_accepted(watched: Watched) -> None:
+    """CRs applied with kubectl become the manager's definitions (secret from the Secret) and get Accepted=True."""
+    svc = watched.service()
+    assert svc is not None and svc.client_secret == "first-secret" and svc.specs == ("nginx",)
+    await _until("the Accepted condition", lambda: watched.condition("esvc", "private-app").get("status") == "True")
+    cond = watched.condition("esvc", "private-app")
+    assert (cond["reason"], cond["observedGeneration"]) == ("Accepted", 1)
+    assert watched.condition("hrs", "nginx").get("status") == "True"
+    printed = watched.api.kubectl("get", "esvc", "-n", watched.ns).stdout
+    assert "ACCEPTED" in printed and "True" in printed
+
+
+@pytest.mark.root
+async def test_an_invalid_cr_is_rejected_with_an_event_and_the_previous_set_stays(watched: Watched) -> None:
+    """A bad change gets Accepted=False with the key path and an Event, the old version stays; a fix is accepted."""
+    ns = watched.ns
+    await _until("accepted", lambda: watched.condition("esvc", "private-app").get("status") == "True")
+    watched.apply(_manifest(service_cr(OIDCCallbackURL="http://app.example.com"), ns)
+                  + "---\n" + _manifest(service_cr("second", hosts=["two.example.com"],
+                                                   OIDCCallbackURL="https://two.example.com"), ns))
+    await _until("the rejection", lambda: watched.condition("esvc", "private-app").get("status") == "False")
+    cond = watched.condition("esvc", "private-app")
+    assert cond["reason"] == "Invalid" and "spec.OIDCCallbackURL" in cond["message"]
+    assert cond["observedGeneration"] == 2
+    await _until("the other CR applied", lambda: watched.service("second") is not None)
+    svc = watched.service()
+    assert svc is not None and svc.callback_url == "https://app.example.com/oauth2/callback"
+    events = json.loads(watched.api.kubectl(
+        "get", "events", "-n", ns, "--field-selector", "involvedObject.name=private-app", "-o", "json").stdout)
+    assert any(e["reason"] == "Invalid" and "spec.OIDCCallbackURL" in e["message"] and e["type"] == "Warning"
+               for e in events["items"])
+    watched.apply(_manifest(service_cr(OIDCCallbackURL="https://app.example.com/"), ns))
+    await _until("the fix", lambda: watched.condition("esvc", "private-app").get("status") == "True")
+    await _until("the fixed version in force", lambda: (s := watched.service()) is not None
+                 and s.callback_url == "https://app.example.com/oauth2/callback" and s.origin.endswith("example.com"))
+
+
+@pytest.mark.root
+async def test_deleting_a_cr_removes_its_service(watched: Watched) -> None:
+    """kubectl delete of an EnforcerService takes its service out of the definitions."""
+    assert watched.service() is not None
+    watched.api.kubectl("delete", "esvc", "private-app", "-n", watched.ns)
+    await _until("the service gone", lambda: watched.service() is None)
+
+
+@pytest.mark.root
+async def test_a_changed_secret_is_picked_up(watched: Watched) -> None:
+    """A new value in the referenced Secret becomes the service's client secret; a vanished one keeps the old."""
+    watched.apply(_secret(watched.ns, "second-secret"))
+    await _until("the new secret", lambda: (s := watched.service()) is not None and s.client_secret == "second-secret")
+    watched.api.kubectl("delete", "secret", "oidc", "-n", watched.ns)
+    await _until("SecretNotFound", lambda: watched.condition("esvc", "private-app").get("reason") == "SecretNotFound")
+    svc = watched.service()
+    assert svc is not None and svc.client_secret == "second-secret"
+
+
+def _restart_apiserver(api: ControlPlane) -> float:
+    """Stop kube-apiserver and start it again with the same command line; returns the seconds it was down."""
+    old = next(p for p in api.procs if p.name == "kube-apiserver")
+    argv = list(old.popen.args)  # type: ignore[arg-type]
+    started = time.monotonic()
+    old.stop()
+    time.sleep(3)
+    with old.log.open("ab") as out:
+        popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    api.procs[api.procs.index(old)] = Proc("kube-apiserver", popen, old.log)
+    api.wait_ready()
+    return time.monotonic() - started
+
+
+@pytest.mark.root
+async def test_the_watch_resumes_after_an_api_server_restart_without_a_storm(watched: Watched) -> None:
+    """After kube-apiserver restarts, the watch resumes (a change arrives) with a bounded number of reconnects."""
+    before = dataclasses.replace(watched.source.stats)
+    down = await asyncio.to_thread(_restart_apiserver, watched.api)
+    watched.apply(_secret(watched.ns, "after-restart"))
+    await _until("a change after the restart",
+                 lambda: (s := watched.service()) is not None and s.client_secret == "after-restart", timeout=60)
+    s = watched.source.stats
+    streams = len(watched.source.streams)
+    attempts = (s.watches - before.watches) + (s.lists - before.lists) + (s.errors - before.errors)
+    print(f"API down {down:.1f}s: {streams} streams, {s.watches - before.watches} watches, "
+          f"{s.lists - before.lists} lists, {s.errors - before.errors} errors")
+    # jittered backoff from 0.5 s: about log2(down/0.5)+2 tries per stream, not one per millisecond
+    assert attempts <= streams * 12
+    assert s.lists - before.lists <= streams  # resumed from its resourceVersion, re-listed at most once
+
+
+class FakeAPI:
+    """An in-process API server speaking the real list/watch wire format (JSON list, then
+    newline-delimited watch events) for what a real one will not do on demand: 410 Gone, 500s."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, bool, str]] = []  # (path, watch, resourceVersion)
+        self.gone_once = True
+        self.fail_lists = 0
+        self.port = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        watch = request.query.get("watch") in ("true", "True", "1")
+        self.requests.append((request.path, watch, request.query.get("resourceVersion", "")))
+        if not watch:
+            if self.fail_lists > 0:
+                self.fail_lists -= 1
+                return web.json_response({"kind": "Status", "code": 500, "message": "etcd down"}, status=500)
+            items = [service_cr()] if request.path.endswith("/enforcerservices") else []
+            if request.path.endswith("/httpresourcespecs"):
+                items = [spec_cr()]
+            if request.path.endswith("/secrets"):
+                items = [{"metadata": {"name": "oidc", "namespace": NS}, "data": {"clientSecret": _b64("fake")}}]
+            return web.json_response({"kind": "List", "metadata": {"resourceVersion": "7"}, "items": items})
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        if self.gone_once and request.path.endswith("/enforcerservices"):
+            self.gone_once = False
+            event = {"type": "ERROR", "object": {"kind": "Status", "code": 410, "message": "too old resource version"}}
+            await resp.write(json.dumps(event).encode() + b"\n")
+            return resp
+        await resp.write(json.dumps({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "8"}}}).encode()
+                         + b"\n")
+        await asyncio.sleep(30)
+        return resp
+
+    def kubeconfig(self, path: Path) -> Path:
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "c",
+            "clusters": [{"name": "k", "cluster": {"server": f"http://127.0.0.1:{self.port}"}}],
+            "users": [{"name": "u", "user": {"token": "t"}}],
+            "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+        }))
+        return path
+
+
+@pytest_asyncio.fixture
+async def fake_api() -> AsyncIterator[FakeAPI]:
+    """A FakeAPI listening on loopback."""
+    fake = FakeAPI()
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", fake.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    fake.port = runner.addresses[0][1]
+    try:
+        yield fake
+    finally:
+        await runner.cleanup()
+
+
+async def _watch_for(source: k8s.KubernetesSource, check: Callable[[], object], pushed: list[Sequence[RawDocument]],
+                     timeout: float = 15.0) -> None:
+    async def push(docs: Sequence[RawDocument]) -> str:
+        pushed.append(docs)
+        return "success"
+
+    task = asyncio.create_task(source.watch(push, report=False))
+    try:
+        await _until("the watch", check, timeout)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_410_gone_watch_event_makes_the_source_list_again(fake_api: FakeAPI, tmp_path: Path) -> None:
+    """An ERROR event with code 410 (resourceVersion too old) leads to a fresh list, then a watch from its version."""
+    source = k8s.KubernetesSource(namespaces=(NS,), kubeconfig=fake_api.kubeconfig(tmp_path / "kc"))
+    docs = await source.poll()
+    assert docs is not None and len(docs) == 2
+    pushed: list[Sequence[RawDocument]] = []
+    esvc = f"/apis/{k8s.API_VERSION}/namespaces/{NS}/enforcerservices"
+    await _watch_for(source, lambda: source.stats.gone == 1 and sum(
+        1 for p, w, _ in fake_api.requests if p == esvc and w) >= 2 and pushed, pushed)
+    calls = [(w, rv) for p, w, rv in fake_api.requests if p == esvc]
+    assert calls[:4] == [(False, ""), (True, "7"), (False, ""), (True, "7")]
+
+
+async def test_api_errors_back_off_instead_of_storming(fake_api: FakeAPI, tmp_path: Path) -> None:
+    """A list answered 500 is retried with a growing, jittered delay: few requests, then it recovers."""
+    source = k8s.KubernetesSource(namespaces=(NS,), kubeconfig=fake_api.kubeconfig(tmp_path / "kc"))
+    fake_api.fail_lists = 3 * 4  # every stream's first four lists fail
+    pushed: list[Sequence[RawDocument]] = []
+    started = time.monotonic()
+    await _watch_for(source, lambda: pushed, pushed, timeout=30)
+    took = time.monotonic() - started
+    lists = sum(1 for _, w, _ in fake_api.requests if not w)
+    assert source.stats.errors >= 4 and lists <= 3 * 6
+    assert took >= 0.25 + 0.5 + 1.0  # at least the jittered 0.5, 1, 2, 4 s backoff's lower bounds

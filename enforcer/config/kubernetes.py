@@ -531,7 +531,7 @@ class _Api:
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
             raise KubernetesError(f"{stream}: watch: {type(exc).__name__}: {str(exc)[:200]}") from None
         finally:
-            resp.release()
+            resp.close()  # a watch cut short leaves its connection in no state to be reused
 
     async def patch_status(self, key: CRKey, body: Mapping[str, object]) -> None:
         await self.custom.patch_namespaced_custom_object_status(
@@ -666,6 +666,7 @@ class KubernetesSource:
         """List, watch and push forever; with ``report``, write each custom resource's status and
         Events (one enforcer process per node reports)."""
         self._watching = True
+        self._dirty.set()  # judge and report once what poll() listed
         backoff = Backoff()
         try:
             while True:
