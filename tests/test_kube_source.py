@@ -672,3 +672,30 @@ async def test_api_errors_back_off_instead_of_storming(fake_api: FakeAPI, tmp_pa
     lists = sum(1 for _, w, _ in fake_api.requests if not w)
     assert source.stats.errors >= 4 and lists <= 3 * 6
     assert took >= 0.25 + 0.5 + 1.0  # at least the jittered 0.5, 1, 2, 4 s backoff's lower bounds
+
+
+async def test_the_first_push_after_starting_on_last_known_good_ends_that_state(
+    fake_api: FakeAPI, tmp_path: Path
+) -> None:
+    """Started on the last-known-good set (API failing), the watch's first push, even of the same set, ends it."""
+    settings = _settings(tmp_path, {"kubernetes": {"namespaces": [NS], "kubeconfig": str(
+        fake_api.kubeconfig(tmp_path / "kc"))}, "timeout": "2s"})
+    probe = k8s.KubernetesSource(namespaces=(NS,), kubeconfig=tmp_path / "kc")
+    same = await probe.poll()
+    assert same is not None
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    (settings.state_dir / LKG_NAME).write_text(yaml.safe_dump_all([d.data for d in same], sort_keys=False))
+    fake_api.fail_lists = 1
+    async with aiohttp.ClientSession() as http:
+        (source,) = build_sources(settings, http)
+        assert isinstance(source, k8s.KubernetesSource)
+        manager = DefinitionsManager(settings, [source])
+        await manager.load_initial()
+        assert manager.using_lkg
+        task = asyncio.create_task(source.watch(functools.partial(manager.push, origin=source.name), report=False))
+        try:
+            await _until("the last-known-good state ended", lambda: not manager.using_lkg)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

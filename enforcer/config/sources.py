@@ -387,7 +387,9 @@ class DefinitionsManager:
             if len(self._latest) < len(self.sources):
                 log.warning("definitions pushed by %s wait until every other source has been read", origin)
                 return "source_unavailable"
-            return await self._accept(self._merged(), f"push from {origin}", force=False)
+            # a push that completes the set while on the last-known-good one ends that state,
+            # even when it holds the very same documents
+            return await self._accept(self._merged(), f"push from {origin}", force=self.using_lkg)
 
     async def _accept(self, docs: Sequence[RawDocument], reason: str, *, force: bool) -> str:
         """Validate a merged set, hand it to ``on_change``, then make it current and persist
