@@ -499,7 +499,8 @@ async def test_an_invalid_cr_is_rejected_with_an_event_and_the_previous_set_stay
     """A bad change gets Accepted=False with the key path and an Event, the old version stays; a fix is accepted."""
     ns = watched.ns
     await _until("accepted", lambda: watched.condition("esvc", "private-app").get("status") == "True")
-    watched.apply(_manifest(service_cr(OIDCCallbackURL="http://app.example.com"), ns)
+    # valid for the CRD schema (https), invalid for the enforcer (not one of the hosts)
+    watched.apply(_manifest(service_cr(OIDCCallbackURL="https://elsewhere.example.com"), ns)
                   + "---\n" + _manifest(service_cr("second", hosts=["two.example.com"],
                                                    OIDCCallbackURL="https://two.example.com"), ns))
     await _until("the rejection", lambda: watched.condition("esvc", "private-app").get("status") == "False")
