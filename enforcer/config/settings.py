@@ -151,11 +151,36 @@ class OIDCSettingsModel(_Strict):
     allowHttpLoopbackIssuer: bool = False
 
 
+_K8S_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class KubernetesSourceModel(_Strict):
+    """``kubernetes: {}``: EnforcerService / HTTPResourceSpec custom resources (and the Secrets
+    they reference) watched through the API server (enforcer/config/kubernetes.py)."""
+
+    namespaces: list[str] = Field(default_factory=list, max_length=256)
+    """Watch only these namespaces (default: all namespaces)."""
+    kubeconfig: Path | None = None
+    """A kubeconfig file (default: the pod's in-cluster service account)."""
+
+    @field_validator("namespaces")
+    @classmethod
+    def _namespaces(cls, v: list[str]) -> list[str]:
+        for ns in v:
+            if not _K8S_NAME.match(ns):
+                raise ValueError(f"{ns!r} is not a namespace name (lower-case letters, digits, '-')")
+        if len(set(v)) != len(v):
+            raise ValueError("a namespace is listed twice")
+        return v
+
+
 class SourceModel(_Strict):
-    """A definitions source: a YAML file or directory (``file``), or an HTTP(S) ``url``."""
+    """A definitions source: a YAML file or directory (``file``), an HTTP(S) ``url``, or the
+    Kubernetes API (``kubernetes: {}``)."""
 
     file: Path | None = None
     url: str | None = None
+    kubernetes: KubernetesSourceModel | None = None
     tokenFile: Path | None = None
     caFile: Path | None = None
     interval: Duration = 30.0
@@ -163,8 +188,8 @@ class SourceModel(_Strict):
 
     @model_validator(mode="after")
     def _one_kind(self) -> SourceModel:
-        if (self.file is None) == (self.url is None):
-            raise ValueError("give exactly one of file: /path or url: https://...")
+        if [self.file, self.url, self.kubernetes].count(None) != 2:
+            raise ValueError("give exactly one of file: /path, url: https://... or kubernetes: {}")
         if self.url is not None:
             problem = _https_url(self.url, allow_http_loopback=True)
             if problem:
@@ -410,6 +435,9 @@ def _absolute_paths(model: DaemonModel, base: Path) -> DaemonModel:
                         "file": absolute(s.file) if s.file else None,
                         "tokenFile": absolute(s.tokenFile) if s.tokenFile else None,
                         "caFile": absolute(s.caFile) if s.caFile else None,
+                        "kubernetes": s.kubernetes.model_copy(update={"kubeconfig": absolute(s.kubernetes.kubeconfig)})
+                        if s.kubernetes is not None and s.kubernetes.kubeconfig is not None
+                        else s.kubernetes,
                     }
                 )
                 for s in model.definitions

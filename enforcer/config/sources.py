@@ -11,6 +11,8 @@ Sources (any number, merged in configuration order):
   every poll (rotation without restart), custom CA, bounded size and time, and a jittered
   exponential backoff while it fails.  Any static web server or object store is a control
   plane.
+* ``KubernetesSource`` (enforcer/config/kubernetes.py, loaded only when configured) — custom
+  resources listed and watched through the Kubernetes API; it pushes (a :class:`WatchingSource`).
 
 :class:`DefinitionsManager` merges the latest documents of every source, validates the
 whole set with the same code as ``enforcer check``, and only then hands it to the daemon.
@@ -31,10 +33,10 @@ import os
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 import yaml
@@ -69,6 +71,17 @@ class Source(Protocol):
 
     def reset(self) -> None:
         """Forget what was seen, so the next poll reads everything again."""
+
+
+@runtime_checkable
+class WatchingSource(Source, Protocol):
+    """A source that also watches, pushing each new set to :meth:`DefinitionsManager.push`
+    (the daemon runs :meth:`watch` as a task of its own)."""
+
+    def watch(
+        self, push: Callable[[Sequence[RawDocument]], Awaitable[str]], *, report: bool
+    ) -> Coroutine[Any, Any, None]:
+        """Watch forever; ``report``: also tell the control plane each object's verdict."""
 
 
 @dataclass
@@ -207,6 +220,14 @@ def build_sources(settings: settings_mod.Settings, http: aiohttp.ClientSession) 
             )
         elif s.file is not None:
             out.append(FileSource(s.file, interval=min(s.interval, 5.0)))
+        elif s.kubernetes is not None:
+            from enforcer.config import kubernetes  # noqa: PLC0415 (it imports this module)
+
+            out.append(kubernetes.KubernetesSource(
+                namespaces=tuple(s.kubernetes.namespaces), kubeconfig=s.kubernetes.kubeconfig,
+                interval=s.interval, timeout=s.timeout,
+                allow_http_loopback_idp=settings.model.oidc.allowHttpLoopbackIssuer,
+            ))
     return out
 
 
@@ -366,7 +387,9 @@ class DefinitionsManager:
             if len(self._latest) < len(self.sources):
                 log.warning("definitions pushed by %s wait until every other source has been read", origin)
                 return "source_unavailable"
-            return await self._accept(self._merged(), f"push from {origin}", force=False)
+            # a push that completes the set while on the last-known-good one ends that state,
+            # even when it holds the very same documents
+            return await self._accept(self._merged(), f"push from {origin}", force=self.using_lkg)
 
     async def _accept(self, docs: Sequence[RawDocument], reason: str, *, force: bool) -> str:
         """Validate a merged set, hand it to ``on_change``, then make it current and persist

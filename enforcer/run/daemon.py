@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from aiohttp import web
 
 from enforcer.config import definitions as definitions_mod
 from enforcer.config import settings as settings_mod
-from enforcer.config.sources import DefinitionsManager, build_sources
+from enforcer.config.sources import DefinitionsManager, WatchingSource, build_sources
 from enforcer.errors import Outcome, Reason
 from enforcer.flow import FlowIds, FlowRecord
 from enforcer.flowlog import FlowLog
@@ -356,6 +357,10 @@ class Daemon:
         if self.owns_host:
             self._spawn(self._housekeeping(serving.store), "housekeeping")
         self._spawn(self.manager.run(), "definitions")
+        for src in self.manager.sources:
+            if isinstance(src, WatchingSource):  # Kubernetes custom resources: one reporter per host
+                self._spawn(src.watch(functools.partial(self.manager.push, origin=src.name), report=self.owns_host),
+                            f"definitions-watch {src.name}")
 
     def _listen(self, serving: _Serving) -> None:
         """One TLS listener per attachment, then the signal handlers."""

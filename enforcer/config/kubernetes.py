@@ -1,0 +1,831 @@
+"""Definitions from Kubernetes custom resources: ``EnforcerService`` and ``HTTPResourceSpec``
+(group ``enforcer.dev``, version ``v1alpha1``) and the Secrets they reference, watched through
+the API server, each custom resource judged on its own and told the verdict in its status.
+
+The only module that imports the Kubernetes client (``kubernetes_asyncio``; an import-linter
+contract keeps it so), and only once a ``kubernetes:`` source is configured: the import costs
+about 35 MB of RSS (its generated models), which a host without it never pays.
+
+How a set of custom resources becomes definitions:
+
+* Each custom resource is one :class:`CRDocument` (``kind: service`` / ``kind: httpresourcespec``,
+  ``name`` = ``metadata.name``, the ``spec`` fields), its ``source`` naming it
+  (``EnforcerService default/private-app``) so every :class:`ConfigIssue` points at it.  An
+  ``OIDCClientSecret: {secretKeyRef: {name, key}}`` is replaced by that key of the Secret in the
+  custom resource's namespace.
+* :func:`judge` validates the set with the same code as every other source, in the cluster's view
+  (every service selected, so that every enforcer of a cluster reaches the same verdict and their
+  status writes converge).  An invalid custom resource, new or changed, is left out and its last
+  accepted version (if any) stays in force; the others apply.  Issues naming a changed custom
+  resource blame it; issues naming only unchanged ones (a cross-object clash reported on the
+  other object) are attributed by adding the changed ones one at a time to the accepted set.
+* :class:`KubernetesSource` lists and watches (resourceVersion, bookmarks, re-list on 410 Gone,
+  jittered exponential backoff on errors, at most one watch start per stream per second, so an
+  API server restart causes no storm) and pushes each accepted set to
+  :meth:`DefinitionsManager.push`; it writes the ``Accepted`` condition to the ``status``
+  subresource only when it differs, and an Event when a custom resource is rejected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime
+import json
+import logging
+import random
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from enforcer.config.definitions import RawDocument, resolve_definitions
+from enforcer.config.issues import ConfigError, ConfigIssue
+from enforcer.config.sources import SourceError
+
+log = logging.getLogger("enforcer.definitions.kubernetes")
+
+GROUP = "enforcer.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+CONDITION = "Accepted"
+SECRET_FIELD_SELECTOR = "type!=kubernetes.io/service-account-token,type!=helm.sh/release.v1"  # noqa: S105
+"""Secrets that never hold a client secret are not listed (nor kept in memory)."""
+MESSAGE_LIMIT = 2000
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One custom resource kind and the definitions kind it carries."""
+
+    kind: str
+    plural: str
+    definition: str
+
+
+KINDS = (
+    Kind("EnforcerService", "enforcerservices", "service"),
+    Kind("HTTPResourceSpec", "httpresourcespecs", "httpresourcespec"),
+)
+KIND_BY_NAME = {k.kind: k for k in KINDS}
+
+
+class Verdicts:
+    """The condition reasons (CamelCase, as Kubernetes conditions spell them)."""
+
+    ACCEPTED = "Accepted"
+    INVALID = "Invalid"
+    SECRET_NOT_FOUND = "SecretNotFound"  # noqa: S105
+    SECRET_FORBIDDEN = "SecretForbidden"  # noqa: S105
+
+
+@dataclass(frozen=True, order=True)
+class CRKey:
+    """Which custom resource: kind, namespace, name."""
+
+    kind: str
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class CRDocument(RawDocument):
+    """A definitions document made from a custom resource; ``where`` is the custom resource."""
+
+    @property
+    def where(self) -> str:
+        return self.source
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a custom resource is accepted, why not (reason) and the text for the operator."""
+
+    accepted: bool
+    reason: str
+    message: str
+
+
+ACCEPTED = Verdict(True, Verdicts.ACCEPTED, "accepted")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A custom resource as a definitions document, or the problem that kept it from being one."""
+
+    key: CRKey
+    order: tuple[str, str, str, str]
+    """(creationTimestamp, namespace, name, kind): document order, so that a clash is reported
+    on the custom resource that came later."""
+    data: dict[str, object] | None
+    problem: Verdict | None = None
+
+
+SecretState = Mapping[str, str] | str
+"""A Secret's ``data`` (key -> base64), or why it cannot be read: ``missing`` / ``forbidden``."""
+
+
+def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, Mapping) else {}
+
+
+def cr_key(kind: str, obj: Mapping[str, Any]) -> CRKey:
+    meta = _meta(obj)
+    return CRKey(kind, str(meta.get("namespace", "")), str(meta.get("name", "")))
+
+
+def render(kind: Kind, obj: Mapping[str, Any], secrets: Mapping[tuple[str, str], SecretState]) -> Rendered:
+    """One custom resource → its definitions document (``kind``, ``name`` = metadata.name, the
+    spec, the client secret taken from the referenced Secret)."""
+    key = cr_key(kind.kind, obj)
+    order = (str(_meta(obj).get("creationTimestamp", "")), key.namespace, key.name, key.kind)
+    spec = obj.get("spec")
+    if not isinstance(spec, Mapping):
+        return Rendered(key, order, None, Verdict(False, Verdicts.INVALID, "spec: required, a mapping"))
+    for reserved, origin in (("kind", "kind"), ("name", "metadata.name")):
+        if reserved in spec:
+            message = f"spec.{reserved}: not allowed here; fix: remove it, the custom resource's {origin} says it"
+            return Rendered(key, order, None, Verdict(False, Verdicts.INVALID, message))
+    data: dict[str, object] = {"kind": kind.definition, "name": key.name, **spec}
+    if kind.definition == "service" and "OIDCClientSecret" in spec:
+        value = _secret_value(key, spec["OIDCClientSecret"], secrets)
+        if isinstance(value, Verdict):
+            return Rendered(key, order, None, value)
+        data["OIDCClientSecret"] = value
+    return Rendered(key, order, data)
+
+
+def secret_ref(spec: object) -> tuple[str, str] | None:
+    """``(name, key)`` of a well-formed ``OIDCClientSecret.secretKeyRef``, else None."""
+    if not isinstance(spec, Mapping) or set(spec) != {"secretKeyRef"}:
+        return None
+    ref = spec["secretKeyRef"]
+    if not isinstance(ref, Mapping) or set(ref) != {"name", "key"}:
+        return None
+    name, key = ref["name"], ref["key"]
+    if not (isinstance(name, str) and isinstance(key, str) and name and key):
+        return None
+    return name, key
+
+
+def _secret_value(key: CRKey, spec: object, secrets: Mapping[tuple[str, str], SecretState]) -> str | Verdict:
+    ref = secret_ref(spec)
+    if ref is None:
+        return Verdict(
+            False, Verdicts.INVALID,
+            "spec.OIDCClientSecret: must be {secretKeyRef: {name: <Secret in this namespace>, key: <key>}} "
+            "(no inline secrets in a custom resource); fix: kubectl create secret generic <name> "
+            f"-n {key.namespace} --from-literal=<key>=<client secret>, then reference it",
+        )
+    name, item = ref
+    state = secrets.get((key.namespace, name), "missing")
+    where = f"spec.OIDCClientSecret.secretKeyRef: Secret {key.namespace}/{name}"
+    if state == "forbidden":
+        return Verdict(
+            False, Verdicts.SECRET_FORBIDDEN,
+            f"{where}: the enforcer may not read Secrets in namespace {key.namespace}; "
+            "fix: grant its ServiceAccount get/list/watch on secrets there (deploy/kubernetes RBAC)",
+        )
+    if isinstance(state, str):
+        return Verdict(
+            False, Verdicts.SECRET_NOT_FOUND,
+            f"{where} does not exist; fix: kubectl create secret generic {name} -n {key.namespace} "
+            f"--from-literal={item}=<client secret>",
+        )
+    encoded = state.get(item)
+    if encoded is None:
+        return Verdict(
+            False, Verdicts.SECRET_NOT_FOUND,
+            f"{where} has no key {item!r} (it has: {', '.join(sorted(state)) or 'none'}); "
+            "fix: name one of its keys in secretKeyRef.key, or add the key to the Secret",
+        )
+    try:
+        value = base64.b64decode(encoded, validate=True).decode("utf-8").strip()
+    except (binascii.Error, UnicodeDecodeError):
+        value = ""
+    if not value:
+        return Verdict(False, Verdicts.SECRET_NOT_FOUND, f"{where} key {item!r} is empty or not UTF-8 text")
+    return value
+
+
+def cluster_tags(docs: Iterable[RawDocument]) -> list[str]:
+    """Every tag any service's selectors name: with them every service is selected, so the
+    verdict is the cluster's, the same on every enforcer (whatever its own tags)."""
+    tags: set[str] = set()
+    for d in docs:
+        if isinstance(d.data, Mapping):
+            sel = d.data.get("selectors")
+            if isinstance(sel, list):
+                tags.update(t for clause in sel if isinstance(clause, list) for t in clause if isinstance(t, str))
+    return sorted(tags)
+
+
+Validate = Callable[[Sequence[RawDocument]], list[ConfigIssue]]
+
+
+def validator(*, allow_http_loopback_idp: bool = False) -> Validate:
+    """The problems of a set in the cluster's view (the same checks as ``enforcer check``)."""
+
+    def validate(docs: Sequence[RawDocument]) -> list[ConfigIssue]:
+        try:
+            resolve_definitions(docs, cluster_tags(docs), allow_http_loopback_idp=allow_http_loopback_idp)
+        except ConfigError as exc:
+            return list(exc.issues)
+        return []
+
+    return validate
+
+
+def spec_path(issue: ConfigIssue) -> str:
+    """A ConfigIssue's key path as the custom resource spells it: ``service[x].hosts`` → ``spec.hosts``."""
+    path = issue.path
+    for prefix in ("service[", "httpresourcespec["):
+        if path.startswith(prefix) and "]" in path:
+            rest = path[path.index("]") + 1 :].lstrip(".")
+            if rest == "name":
+                return "metadata.name"
+            return f"spec.{rest}" if rest else "spec"
+    return path or "spec"
+
+
+def issue_text(issues: Sequence[ConfigIssue]) -> str:
+    """The condition message: each issue's key path, problem, bad value and fix."""
+    parts = []
+    for i in issues:
+        text = f"{spec_path(i)}: {i.message}"
+        if i.value is not None:
+            shown = repr(i.value)
+            text += f" (got {shown[:77] + '...' if len(shown) > 80 else shown})"
+        if i.fix:
+            text += f"; fix: {i.fix}"
+        parts.append(text)
+    message = "; ".join(parts)
+    return message if len(message) <= MESSAGE_LIMIT else message[: MESSAGE_LIMIT - 3] + "..."
+
+
+def _doc(key: CRKey, data: Mapping[str, object]) -> CRDocument:
+    return CRDocument(str(key), 0, dict(data))
+
+
+def judge(
+    current: Sequence[Rendered], accepted: Mapping[CRKey, Mapping[str, object]], validate: Validate
+) -> tuple[list[CRDocument], dict[CRKey, Verdict]]:
+    """The documents in force and a verdict for every current custom resource.
+
+    A custom resource whose current version is valid with the rest is in force as it is; an
+    invalid one is left out (its ``accepted`` version, if any, stays).  Issues that name a
+    changed custom resource blame it; when they name none (a clash reported on an unchanged
+    one, or a problem elsewhere) the changed ones are added to the accepted set one at a time
+    and each is blamed for the issues its addition brings."""
+    ordered = sorted(current, key=lambda r: r.order)
+    verdicts: dict[CRKey, Verdict] = {}
+    force: dict[CRKey, Mapping[str, object]] = {}
+    candidates: dict[CRKey, Mapping[str, object]] = {}
+    for r in ordered:
+        if r.data is None:
+            assert r.problem is not None
+            verdicts[r.key] = r.problem
+            if r.key in accepted:
+                force[r.key] = accepted[r.key]
+        else:
+            force[r.key] = r.data
+            if r.data != accepted.get(r.key):
+                candidates[r.key] = r.data
+    keys = [r.key for r in ordered]
+
+    def docs_of(chosen: Mapping[CRKey, Mapping[str, object]]) -> list[CRDocument]:
+        return [_doc(k, chosen[k]) for k in keys if k in chosen]
+
+    def reject(k: CRKey, issues: Sequence[ConfigIssue]) -> None:
+        verdicts[k] = Verdict(False, Verdicts.INVALID, issue_text(issues))
+        candidates.pop(k)
+        if k in accepted:
+            force[k] = accepted[k]
+        else:
+            force.pop(k)
+
+    while True:
+        issues = validate(docs_of(force))
+        if not issues:
+            break
+        culprits: dict[CRKey, list[ConfigIssue]] = {}
+        by_source = {str(k): k for k in candidates}
+        for i in issues:
+            if i.source in by_source:
+                culprits.setdefault(by_source[i.source], []).append(i)
+        if culprits:
+            for k, found in culprits.items():
+                reject(k, found)
+            continue
+        base = {k: v for k, v in force.items() if k not in candidates}
+        if validate(docs_of(base)):
+            log.error("the accepted custom resources are invalid together with the other sources; not judging")
+            break
+        for k in [k for k in keys if k in candidates]:
+            trial = {**base, k: candidates[k]}
+            found = validate(docs_of(trial))
+            if found:
+                reject(k, found)
+            else:
+                base = trial
+        break
+    for k in candidates:
+        verdicts[k] = ACCEPTED
+    for r in ordered:
+        verdicts.setdefault(r.key, ACCEPTED)
+    return docs_of(force), verdicts
+
+
+def condition_for(verdict: Verdict, generation: int) -> dict[str, object]:
+    """The ``Accepted`` condition of a verdict (without lastTransitionTime)."""
+    return {
+        "type": CONDITION,
+        "status": "True" if verdict.accepted else "False",
+        "reason": verdict.reason,
+        "message": verdict.message,
+        "observedGeneration": generation,
+    }
+
+
+def status_patch(obj: Mapping[str, Any], verdict: Verdict, now: str) -> dict[str, object] | None:
+    """The merge patch of ``status`` that states ``verdict``, or None when it is already there
+    (lastTransitionTime aside), so that several enforcers converge rather than fight."""
+    generation = int(_meta(obj).get("generation", 0) or 0)
+    wanted = condition_for(verdict, generation)
+    status = obj.get("status")
+    conditions = status.get("conditions") if isinstance(status, Mapping) else None
+    old = next(
+        (c for c in conditions or [] if isinstance(c, Mapping) and c.get("type") == CONDITION), None
+    )
+    if old is not None and all(old.get(k) == v for k, v in wanted.items()):
+        return None
+    since = old.get("lastTransitionTime") if old is not None and old.get("status") == wanted["status"] else None
+    others = [c for c in conditions or [] if isinstance(c, Mapping) and c.get("type") != CONDITION]
+    return {"status": {"conditions": [*others, {**wanted, "lastTransitionTime": since or now}]}}
+
+
+def event_body(key: CRKey, obj: Mapping[str, Any], verdict: Verdict, now: str, host: str) -> dict[str, object]:
+    """A core v1 Event on the custom resource saying why it was rejected."""
+    meta = _meta(obj)
+    return {
+        "metadata": {"generateName": f"{key.name}.", "namespace": key.namespace},
+        "involvedObject": {
+            "apiVersion": API_VERSION,
+            "kind": key.kind,
+            "name": key.name,
+            "namespace": key.namespace,
+            "uid": meta.get("uid"),
+            "resourceVersion": meta.get("resourceVersion"),
+        },
+        "reason": verdict.reason,
+        "message": verdict.message,
+        "type": "Warning",
+        "source": {"component": "enforcer", "host": host},
+        "reportingComponent": "enforcer",
+        "reportingInstance": host,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------------------------------------
+# list + watch
+
+
+class KubernetesError(SourceError):
+    """The API server could not be reached or refused a request."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Gone(KubernetesError):
+    """410 Gone: the resourceVersion is too old; list again."""
+
+
+@dataclass
+class Backoff:
+    """Jittered exponential backoff: ``base`` · 2^failures, at most ``cap``, times 0.5-1.0."""
+
+    base: float = 0.5
+    cap: float = 30.0
+    failures: int = 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.base * 2.0 ** self.failures)
+        self.failures = min(self.failures + 1, 16)
+        return delay * random.uniform(0.5, 1.0)  # noqa: S311
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+@dataclass
+class WatchStats:
+    """What the source did (for tests, logs and metrics)."""
+
+    lists: int = 0
+    watches: int = 0
+    errors: int = 0
+    gone: int = 0
+    events: int = 0
+    pushes: int = 0
+    status_writes: int = 0
+    events_created: int = 0
+
+
+@dataclass
+class Stream:
+    """One list+watch: a custom resource kind or the Secrets, in one namespace or all."""
+
+    resource: str  # a Kind's name or "Secret"
+    namespace: str | None  # None: all namespaces
+    resource_version: str | None = None
+    synced: bool = False
+    forbidden: bool = False
+    relist: bool = False
+    items: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.resource} in {self.namespace or 'all namespaces'}"
+
+
+class _Api:
+    """The calls the source makes, through kubernetes_asyncio (imported here, lazily)."""
+
+    def __init__(self, api_client: Any) -> None:
+        from kubernetes_asyncio import client  # noqa: PLC0415 (lazy: 35 MB only when configured)
+
+        self.client = api_client
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self.api_exception: type[Exception] = client.ApiException
+
+    def _call(self, stream: Stream, **kwargs: Any) -> Awaitable[Any]:
+        kwargs["_preload_content"] = False
+        if stream.resource == "Secret":
+            kwargs["field_selector"] = SECRET_FIELD_SELECTOR
+            if stream.namespace is None:
+                return self.core.list_secret_for_all_namespaces(**kwargs)  # type: ignore[no-any-return]
+            return self.core.list_namespaced_secret(stream.namespace, **kwargs)  # type: ignore[no-any-return]
+        plural = KIND_BY_NAME[stream.resource].plural
+        if stream.namespace is None:
+            return self.custom.list_cluster_custom_object(GROUP, VERSION, plural, **kwargs)  # type: ignore[no-any-return]
+        return self.custom.list_namespaced_custom_object(  # type: ignore[no-any-return]
+            GROUP, VERSION, stream.namespace, plural, **kwargs
+        )
+
+    async def _open(self, stream: Stream, limit: Any, **kwargs: Any) -> Any:
+        try:
+            resp = await self._call(stream, _request_timeout=limit, **kwargs)
+        except self.api_exception as exc:
+            raise KubernetesError(f"{stream}: {exc}", getattr(exc, "status", 0) or 0) from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise KubernetesError(f"{stream}: {type(exc).__name__}: {str(exc)[:200]}") from None
+        if resp.status == 410:
+            resp.release()
+            raise Gone(f"{stream}: 410 Gone", 410)
+        if resp.status >= 300:
+            body = (await resp.read())[:300].decode("utf-8", "replace")
+            resp.release()
+            raise KubernetesError(f"{stream}: HTTP {resp.status}: {body}", resp.status)
+        return resp
+
+    async def list(self, stream: Stream, limit: float) -> tuple[list[dict[str, Any]], str]:
+        resp = await self._open(stream, limit)
+        try:
+            body = json.loads(await resp.read())
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            raise KubernetesError(f"{stream}: list: {type(exc).__name__}: {str(exc)[:200]}") from None
+        finally:
+            resp.release()
+        items = body.get("items") or []
+        return items, str((body.get("metadata") or {}).get("resourceVersion", ""))
+
+    async def watch(self, stream: Stream, rv: str, seconds: int, limit: float) -> AsyncIterator[dict[str, Any]]:
+        resp = await self._open(
+            stream,
+            # the server ends the watch after `seconds`; a silent connection ends sooner
+            aiohttp.ClientTimeout(connect=limit, sock_connect=limit, sock_read=seconds + 30),
+            watch=True, resource_version=rv, allow_watch_bookmarks=True, timeout_seconds=seconds,
+        )
+        try:
+            async for line in resp.content:
+                if line.strip():
+                    yield json.loads(line)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            raise KubernetesError(f"{stream}: watch: {type(exc).__name__}: {str(exc)[:200]}") from None
+        finally:
+            resp.close()  # a watch cut short leaves its connection in no state to be reused
+
+    async def patch_status(self, key: CRKey, body: Mapping[str, object]) -> None:
+        await self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, key.namespace, KIND_BY_NAME[key.kind].plural, key.name, body,
+            _content_type="application/merge-patch+json",
+        )
+
+    async def create_event(self, namespace: str, body: Mapping[str, object]) -> None:
+        await self.core.create_namespaced_event(namespace, body)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+async def connect(kubeconfig: Path | None) -> _Api:
+    """An API client from a kubeconfig file, or the pod's service account (raises KubernetesError)."""
+    from kubernetes_asyncio import client, config  # noqa: PLC0415
+
+    configuration = client.Configuration()
+    try:
+        if kubeconfig is not None:
+            await config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+        else:
+            config.load_incluster_config(client_configuration=configuration)
+    except (config.ConfigException, OSError, ValueError) as exc:
+        where = kubeconfig or "the in-cluster service account"
+        raise KubernetesError(f"cannot load the Kubernetes credentials from {where}: {exc}") from None
+    return _Api(client.ApiClient(configuration))
+
+
+Push = Callable[[Sequence[RawDocument]], Awaitable[str]]
+
+
+@dataclass
+class KubernetesSource:
+    """Custom resources and their Secrets from the API server (see the module docstring)."""
+
+    namespaces: tuple[str, ...] = ()
+    kubeconfig: Path | None = None
+    interval: float = 30.0
+    timeout: float = 10.0
+    allow_http_loopback_idp: bool = False
+    name: str = ""
+    watch_seconds: tuple[int, int] = (240, 300)
+    """The server ends each watch after a random time in this range (spreads reconnects)."""
+    min_gap: float = 1.0
+    """Seconds between two watch starts of one stream at least (no storm)."""
+    settle: float = 0.2
+    """Seconds events are gathered before the set is judged and pushed."""
+    stats: WatchStats = field(default_factory=WatchStats)
+    streams: list[Stream] = field(default_factory=list)
+    _accepted: dict[CRKey, Mapping[str, object]] = field(default_factory=dict)
+    _pending: dict[CRKey, Mapping[str, object]] = field(default_factory=dict)
+    _watching: bool = False
+    _last_error: str = ""
+    _dirty: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            where = ",".join(self.namespaces) if self.namespaces else "all namespaces"
+            self.name = f"kubernetes ({where})"
+        scopes: Sequence[str | None] = self.namespaces or (None,)
+        self.streams = [Stream(r, ns) for ns in scopes for r in (*(k.kind for k in KINDS), "Secret")]
+
+    # -- the Source interface ----------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the resourceVersions: the next poll (or the watch) lists everything again."""
+        for s in self.streams:
+            s.relist = True
+            if not self._watching:
+                s.resource_version, s.synced = None, False
+
+    async def poll(self) -> list[RawDocument] | None:
+        """The documents in force after one list (start-up, ``enforcer check``); while the watch
+        runs, None (it pushes), or SourceError-like failure until it has listed once."""
+        if self._watching:
+            if all(s.synced for s in self.streams):
+                return None
+            raise KubernetesError(f"{self.name}: not listed yet: {self._last_error or 'connecting'}")
+        api = await connect(self.kubeconfig)
+        try:
+            async with asyncio.timeout(self.timeout):
+                for s in self.streams:
+                    await self._list(api, s)
+        except TimeoutError:
+            raise KubernetesError(f"{self.name}: no answer from the API server within {self.timeout:g}s") from None
+        finally:
+            await api.close()
+        docs, _ = self.evaluate()
+        self._commit()
+        return list(docs)
+
+    # -- judging -----------------------------------------------------------------------------
+
+    def secrets(self) -> Mapping[tuple[str, str], SecretState]:
+        """The listed Secrets by (namespace, name); every one in a scope we may not list: forbidden."""
+        found: dict[tuple[str, str], SecretState] = {}
+        forbidden: set[str | None] = set()
+        for s in self.streams:
+            if s.resource != "Secret":
+                continue
+            if s.forbidden:
+                forbidden.add(s.namespace)
+            for where, obj in s.items.items():
+                data = obj.get("data")
+                found[where] = data if isinstance(data, Mapping) else {}
+        return SecretView(found, frozenset(forbidden))
+
+    def rendered(self) -> list[Rendered]:
+        secrets = self.secrets()
+        return [
+            render(KIND_BY_NAME[s.resource], obj, secrets)
+            for s in self.streams if s.resource != "Secret" for obj in s.items.values()
+        ]
+
+    def evaluate(self) -> tuple[list[CRDocument], dict[CRKey, Verdict]]:
+        """The documents in force and each custom resource's verdict, from what was listed."""
+        current = self.rendered()
+        docs, verdicts = judge(current, self._accepted, validator(allow_http_loopback_idp=self.allow_http_loopback_idp))
+        keys = {str(r.key): r.key for r in current}
+        self._pending = {keys[d.source]: d.data for d in docs if isinstance(d.data, dict)}
+        return docs, verdicts
+
+    def _commit(self) -> None:
+        """What was just pushed is accepted: the versions in force become the last accepted."""
+        self._accepted = dict(self._pending)
+
+    # -- watching ----------------------------------------------------------------------------
+
+    async def watch(self, push: Push, *, report: bool = True) -> None:
+        """List, watch and push forever; with ``report``, write each custom resource's status and
+        Events (one enforcer process per node reports)."""
+        self._watching = True
+        self._dirty.set()  # judge and report once what poll() listed
+        backoff = Backoff()
+        try:
+            while True:
+                api: _Api | None = None
+                try:
+                    api = await connect(self.kubeconfig)
+                except KubernetesError as exc:
+                    self._last_error = str(exc)
+                    log.error("%s", exc)
+                    await asyncio.sleep(backoff.next() * 10)
+                if api is None:
+                    continue
+                try:
+                    async with asyncio.TaskGroup() as group:
+                        for s in self.streams:
+                            group.create_task(self._run_stream(api, s))
+                        group.create_task(self._reconcile(api, push, report))
+                finally:
+                    await api.close()
+        finally:
+            self._watching = False
+
+    async def _list(self, api: _Api, stream: Stream) -> None:
+        self.stats.lists += 1
+        try:
+            items, rv = await api.list(stream, self.timeout)
+        except KubernetesError as exc:
+            if exc.status == 403 and stream.resource == "Secret":
+                log.error("%s: forbidden; custom resources referencing Secrets there are rejected", stream)
+                stream.forbidden, stream.synced, stream.items = True, True, {}
+                stream.resource_version = None
+                return
+            raise
+        stream.forbidden = False
+        stream.items = {(str(_meta(o).get("namespace", "")), str(_meta(o).get("name", ""))): o for o in items}
+        stream.resource_version, stream.synced = rv, True
+
+    async def _run_stream(self, api: _Api, stream: Stream) -> None:
+        backoff = Backoff()
+        last_start = -self.min_gap
+        while True:
+            wait = last_start + self.min_gap * random.uniform(1.0, 1.5) - time.monotonic()  # noqa: S311
+            if wait > 0:
+                await asyncio.sleep(wait)
+            last_start = time.monotonic()
+            try:
+                if stream.relist or stream.resource_version is None:
+                    stream.relist = False
+                    await self._list(api, stream)
+                    self._dirty.set()
+                    if stream.forbidden:
+                        await asyncio.sleep(self.interval)  # try again later
+                        stream.synced = True
+                        continue
+                assert stream.resource_version is not None
+                seen = await self._watch_once(api, stream)
+                if seen or time.monotonic() - last_start > 10:
+                    backoff.reset()
+                else:
+                    await asyncio.sleep(backoff.next())  # ended at once without news: a sick server
+            except Gone:
+                self.stats.gone += 1
+                log.info("%s: resourceVersion too old (410 Gone); listing again", stream)
+                stream.resource_version = None
+            except KubernetesError as exc:
+                self.stats.errors += 1
+                self._last_error = str(exc)
+                delay = backoff.next()
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _watch_once(self, api: _Api, stream: Stream) -> int:
+        """One watch until the server ends it; returns how many events came."""
+        self.stats.watches += 1
+        seconds = random.randint(*self.watch_seconds)  # noqa: S311
+        seen = 0
+        assert stream.resource_version is not None
+        async for event in api.watch(stream, stream.resource_version, seconds, self.timeout):
+            seen += 1
+            kind = event.get("type")
+            obj = event.get("object") or {}
+            if kind == "ERROR":
+                code = int(obj.get("code", 0) or 0)
+                if code == 410:
+                    raise Gone(f"{stream}: {obj.get('message', 'Gone')}", 410)
+                raise KubernetesError(f"{stream}: watch error {code}: {obj.get('message', '')}", code)
+            rv = _meta(obj).get("resourceVersion")
+            if rv:
+                stream.resource_version = str(rv)
+            if kind == "BOOKMARK":
+                continue
+            self.stats.events += 1
+            where = (str(_meta(obj).get("namespace", "")), str(_meta(obj).get("name", "")))
+            if kind == "DELETED":
+                stream.items.pop(where, None)
+            elif kind in ("ADDED", "MODIFIED"):
+                stream.items[where] = obj
+            self._dirty.set()
+        return seen
+
+    async def _reconcile(self, api: _Api, push: Push, report: bool) -> None:
+        host = socket.gethostname()
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(self.settle)
+            self._dirty.clear()
+            if not all(s.synced for s in self.streams):
+                continue
+            docs, verdicts = self.evaluate()
+            self.stats.pushes += 1
+            outcome = await push(docs)
+            if outcome in ("success", "unchanged"):
+                self._commit()
+            else:
+                log.error("%s: the manager did not take the custom resources (%s)", self.name, outcome)
+            if report:
+                await self._report(api, verdicts, host)
+
+    async def _report(self, api: _Api, verdicts: Mapping[CRKey, Verdict], host: str) -> None:
+        now = now_rfc3339()
+        objects = {
+            CRKey(s.resource, ns, name): obj
+            for s in self.streams if s.resource != "Secret" for (ns, name), obj in s.items.items()
+        }
+        for key, verdict in verdicts.items():
+            obj = objects.get(key)
+            if obj is None:
+                continue
+            patch = status_patch(obj, verdict, now)
+            if patch is None:
+                continue
+            try:
+                await api.patch_status(key, patch)
+                self.stats.status_writes += 1
+                obj["status"] = {**(obj.get("status") or {}), **patch["status"]}  # type: ignore[dict-item]
+                if not verdict.accepted:
+                    log.error("%s rejected (%s): %s", key, verdict.reason, verdict.message)
+                    await api.create_event(key.namespace, event_body(key, obj, verdict, now, host))
+                    self.stats.events_created += 1
+            except api.api_exception as exc:
+                log.warning("%s: cannot write its status or event: %s", key, str(exc)[:300])
+            except Exception as exc:  # a dropped connection while reporting; the watch recovers
+                log.warning("%s: cannot write its status or event: %s: %s", key, type(exc).__name__, exc)
+
+
+class SecretView(Mapping[tuple[str, str], SecretState]):
+    """The listed Secrets; any name in a scope the enforcer may not list reads ``forbidden``
+    (scope None: every namespace)."""
+
+    def __init__(self, secrets: Mapping[tuple[str, str], SecretState], forbidden: frozenset[str | None]) -> None:
+        self._secrets, self._forbidden = secrets, forbidden
+
+    def __getitem__(self, key: tuple[str, str]) -> SecretState:
+        if None in self._forbidden or key[0] in self._forbidden:
+            return "forbidden"
+        return self._secrets[key]
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._secrets)
+
+    def __len__(self) -> int:
+        return len(self._secrets)
