@@ -451,7 +451,7 @@ def _absolute_paths(model: DaemonModel, base: Path) -> DaemonModel:
                     "caFile": maybe(model.sessions.redis.caFile),
                     "passwordFile": maybe(model.sessions.redis.passwordFile),
                 }) if model.sessions.redis is not None else None,
-            }),  # fmt: skip
+            }),
         }
     )
 
