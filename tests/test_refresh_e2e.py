@@ -26,6 +26,7 @@ import pytest_asyncio
 
 from enforcer.identity import crypto, login
 from tests.harness.browser import Response, ScriptedBrowser
+from tests.harness.chromium import chromium_available, run_chromium_login, spki_hashes
 from tests.harness.e2e_stack import SCOPES, Stack, start_peer, start_stack, stop_stack
 from tests.harness.op import OPUser
 from tests.harness.prereq import require, require_e2e
@@ -45,7 +46,7 @@ def _user(name: str) -> OPUser:
                                  "groups": ["admins", "staff"], "preferred_username": name})
 
 
-USERS = {name: _user(name) for name in ("ann", "ben", "cat", "dan")}
+USERS = {name: _user(name) for name in ("ann", "ben", "cat", "dan", "eli")}
 
 
 @dataclass
@@ -249,3 +250,24 @@ async def test_two_enforcers_refresh_once_and_store_the_rotated_token(
         print("\n[refresh-e2e] OP events for dan:")
         for e in events:
             print("  ", {k: v for k, v in e.items() if k != "account"})
+
+
+@pytest.mark.browser
+async def test_chromium_allows_the_consent_page_and_gets_a_refresh_token(pair: Pair) -> None:
+    """Debian's Chromium, asked for consent by the OP (prompt=consent with offline_access), allows it and reaches the app with a sealed refresh token stored."""
+    require(chromium_available(), "chromium or playwright-core")
+    stack = pair.a
+    result = await run_chromium_login(
+        stack.base + "/consent-page",
+        username="eli",
+        password=USERS["eli"].password,
+        expect_text="consent-page",
+        spki=spki_hashes(stack.state / "certs" / "app.crt", stack.op.tls.cert_file),
+        resolve={"app.test": "127.0.0.2"},
+    )
+    assert result["ok"], result
+    assert result["consent_given"], result
+    [auth] = await stack.op_events("authorization.accepted", account="eli")
+    assert auth["prompt"] == "consent"
+    assert await stack.op_events("refresh_token.saved", account="eli")
+

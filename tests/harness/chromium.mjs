@@ -18,7 +18,8 @@
 //
 // Prints one JSON line on stdout:
 //   {ok, final_url, status, title, body_text, cookies: [names], cookie_details,
-//    login_form_seen, visited: [...], then: [...], elapsed_ms, error?}
+//    login_form_seen, consent_given (the OP asked prompt=consent and it was allowed),
+//    visited: [...], then: [...], elapsed_ms, error?}
 // Exit status 0 when ok, 1 otherwise.
 
 import { createRequire } from 'node:module';
@@ -57,6 +58,7 @@ const result = {
   cookies: [],
   cookie_details: [],
   login_form_seen: false,
+  consent_given: false,
   visited: [],
   then: [],
   elapsed_ms: 0,
@@ -99,11 +101,19 @@ try {
     await page.locator('#password').fill(input.password ?? '');
     const loginUrl = page.url();
     await page.locator('#submit').click();
-    // Either we leave the OP's interaction pages, or the form comes back with an error.
+    // Either we leave the OP's interaction pages, or the form comes back with an error, or the
+    // OP asks for consent (prompt=consent, sent with offline_access): allow it as a user would.
+    const consent = page.locator('input[name="consent"]');
     await Promise.race([
       page.waitForURL((u) => !u.pathname.startsWith('/interaction/'), { waitUntil: 'load' }),
       page.locator('#error').waitFor({ state: 'visible' }),
+      consent.waitFor({ state: 'attached' }),
     ]);
+    if ((await consent.count()) > 0) {
+      result.consent_given = true;
+      await page.locator('#submit').click();
+      await page.waitForURL((u) => !u.pathname.startsWith('/interaction/'), { waitUntil: 'load' });
+    }
     if (page.url() === loginUrl || new URL(page.url()).pathname.startsWith('/interaction/')) {
       const err = await page.locator('#error').textContent().catch(() => null);
       if (err) throw new Error(`login rejected: ${err.trim()}`);
