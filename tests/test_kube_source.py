@@ -29,7 +29,7 @@ from enforcer.config import kubernetes as k8s
 from enforcer.config import settings as settings_mod
 from enforcer.config.definitions import RawDocument
 from enforcer.config.issues import ConfigError, ConfigIssue
-from enforcer.config.sources import LKG_NAME, DefinitionsManager, WatchingSource, build_sources
+from enforcer.config.sources import LKG_NAME, LKG_SOURCE_MARK, DefinitionsManager, WatchingSource, build_sources
 from tests.harness.kube import ControlPlane, Proc
 from tests.harness.seed import SERVICE, SPEC
 
@@ -354,6 +354,25 @@ async def test_the_api_server_down_at_start_means_the_last_known_good_set(tmp_pa
         assert manager.using_lkg and [s.name for s in defs.services] == ["private-app"]
 
 
+def test_the_last_known_good_file_names_each_source_and_stays_plain_yaml(tmp_path: Path) -> None:
+    """Each saved document names its source in a comment: plain YAML to every reader, and the
+    custom resources' versions (only theirs) read back by their identity."""
+    settings = _settings(tmp_path, {"file": "defs.yaml"})
+    manager = DefinitionsManager(settings, [])
+    (r,) = _render(service_cr())
+    assert r.data is not None
+    docs = [RawDocument("/etc/enforcer/definitions/specs.yaml", 0, dict(SPEC)), k8s._doc(r.key, r.data)]
+    manager._save_lkg(docs)
+    text = manager.lkg_path.read_text()
+    assert f"{LKG_SOURCE_MARK}EnforcerService default/private-app\n" in text
+    parsed = definitions.parse_documents(text, "lkg")
+    assert not isinstance(parsed, ConfigIssue) and [d.data for d in parsed] == [d.data for d in docs]
+    assert k8s.accepted_from_lkg(manager.lkg_path) == {r.key: r.data}
+    assert k8s.accepted_from_lkg(tmp_path / "missing") == {}
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump_all([d.data for d in docs]))  # written before the names
+    assert k8s.accepted_from_lkg(tmp_path / "old.yaml") == {}
+
+
 # -- against a real API server (tests/harness/kube.py) ----------------------------------------------
 
 CRDS = """
@@ -424,6 +443,15 @@ class Watched:
     manager: DefinitionsManager
     source: k8s.KubernetesSource
     applied: list[definitions.Definitions]
+    settings: settings_mod.Settings
+    task: asyncio.Task[None] | None = None
+
+    async def stop(self) -> None:
+        """Stop the watch, as when the enforcer stops."""
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
 
     def apply(self, text: str) -> None:
         self.api.kubectl("apply", "-f", "-", input=text)
@@ -472,13 +500,11 @@ async def watched(kube_api: ControlPlane, tmp_path: Path) -> AsyncIterator[Watch
         manager = DefinitionsManager(settings, [source], on_change=on_change)
         await manager.load_initial()
         task = asyncio.create_task(source.watch(functools.partial(manager.push, origin=source.name), report=True))
-        w = Watched(kube_api, ns, manager, source, applied)
+        w = Watched(kube_api, ns, manager, source, applied, settings, task)
         try:
             yield w
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await w.stop()
 
 
 @pytest.mark.root
@@ -537,6 +563,30 @@ async def test_a_changed_secret_is_picked_up(watched: Watched) -> None:
     await _until("SecretNotFound", lambda: watched.condition("esvc", "private-app").get("reason") == "SecretNotFound")
     svc = watched.service()
     assert svc is not None and svc.client_secret == "second-secret"
+
+
+@pytest.mark.root
+async def test_a_restart_keeps_the_last_accepted_version_of_a_cr_invalid_by_then(watched: Watched) -> None:
+    """Accepted v1, enforcer stopped, CR made invalid, enforcer started again: v1 is in force, Accepted=False."""
+    await _until("accepted", lambda: watched.condition("esvc", "private-app").get("status") == "True")
+    await watched.stop()
+    watched.apply(_manifest(service_cr(OIDCCallbackURL="https://elsewhere.example.com"), watched.ns))
+    async with aiohttp.ClientSession() as http:
+        (source,) = build_sources(watched.settings, http)
+        manager = DefinitionsManager(watched.settings, [source])
+        restarted = Watched(watched.api, watched.ns, manager, source, [], watched.settings)
+        await manager.load_initial()
+        svc = restarted.service()
+        assert svc is not None and svc.callback_url == "https://app.example.com/oauth2/callback"
+        assert isinstance(source, WatchingSource)
+        restarted.task = asyncio.create_task(source.watch(functools.partial(manager.push, origin=source.name)))
+        try:
+            await _until("the rejection", lambda: restarted.condition("esvc", "private-app").get("status") == "False")
+            assert "spec.OIDCCallbackURL" in restarted.condition("esvc", "private-app")["message"]
+            svc = restarted.service()
+            assert svc is not None and svc.callback_url == "https://app.example.com/oauth2/callback"
+        finally:
+            await restarted.stop()
 
 
 def _restart_apiserver(api: ControlPlane) -> float:

@@ -16,9 +16,11 @@ How a set of custom resources becomes definitions:
 * :func:`judge` validates the set with the same code as every other source, in the cluster's view
   (every service selected, so that every enforcer of a cluster reaches the same verdict and their
   status writes converge).  An invalid custom resource, new or changed, is left out and its last
-  accepted version (if any) stays in force; the others apply.  Issues naming a changed custom
-  resource blame it; issues naming only unchanged ones (a cross-object clash reported on the
-  other object) are attributed by adding the changed ones one at a time to the accepted set.
+  accepted version (if any; after a restart the one in the last-known-good file, whose
+  documents name their custom resources) stays in force; the others apply.  Issues naming a
+  changed custom resource blame it; issues naming only unchanged ones (a cross-object clash
+  reported on the other object) are attributed by adding the changed ones one at a time to the
+  accepted set.
 * :class:`KubernetesSource` lists and watches (resourceVersion, bookmarks, re-list on 410 Gone,
   jittered exponential backoff on errors, at most one watch start per stream per second, so an
   API server restart causes no storm) and pushes each accepted set to
@@ -35,6 +37,7 @@ import datetime
 import json
 import logging
 import random
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
@@ -43,10 +46,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
 from enforcer.config.definitions import RawDocument, resolve_definitions
 from enforcer.config.issues import ConfigError, ConfigIssue
-from enforcer.config.sources import SourceError
+from enforcer.config.sources import LKG_SOURCE_MARK, SourceError
 
 log = logging.getLogger("enforcer.definitions.kubernetes")
 
@@ -345,6 +349,38 @@ def judge(
     return docs_of(force), verdicts
 
 
+_LKG_DOCUMENT = re.compile(rf"^{re.escape(LKG_SOURCE_MARK)}(.*)$", re.MULTILINE)
+_CR_SOURCE = re.compile(rf"^({'|'.join(KIND_BY_NAME)}) ([^/\s]+)/(\S+)$")
+
+
+def accepted_from_lkg(path: Path) -> dict[CRKey, dict[str, object]]:
+    """The custom resources' versions in a last-known-good file (each document names its source
+    in a comment; documents of other sources, or of an older file without the names, are not
+    custom resources' and are skipped): at start-up they are the last accepted versions, so a
+    custom resource that is invalid by then keeps its version in force."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return {}
+    parts = _LKG_DOCUMENT.split(text)
+    out: dict[CRKey, dict[str, object]] = {}
+    for source, body in zip(parts[1::2], parts[2::2], strict=True):
+        found = _CR_SOURCE.match(source.strip())
+        if found is None:
+            continue
+        key = CRKey(found[1], found[2], found[3])
+        try:
+            data = yaml.safe_load(body)
+        except yaml.YAMLError:
+            log.warning("%s: the saved version of %s is not YAML; not restored", path, key)
+            continue
+        if isinstance(data, dict) and data.get("kind") == KIND_BY_NAME[key.kind].definition and data.get(
+            "name"
+        ) == key.name:
+            out[key] = data
+    return out
+
+
 def condition_for(verdict: Verdict, generation: int) -> dict[str, object]:
     """The ``Accepted`` condition of a verdict (without lastTransitionTime)."""
     return {
@@ -575,6 +611,9 @@ class KubernetesSource:
     timeout: float = 10.0
     allow_http_loopback_idp: bool = False
     name: str = ""
+    last_known_good: Path | None = None
+    """The manager's last-known-good file: the custom resources' versions in it are the last
+    accepted ones when this process starts (read once, at the first judging)."""
     watch_seconds: tuple[int, int] = (240, 300)
     """The server ends each watch after a random time in this range (spreads reconnects)."""
     min_gap: float = 1.0
@@ -586,6 +625,7 @@ class KubernetesSource:
     _accepted: dict[CRKey, Mapping[str, object]] = field(default_factory=dict)
     _pending: dict[CRKey, Mapping[str, object]] = field(default_factory=dict)
     _watching: bool = False
+    _restored: bool = False
     _last_error: str = ""
     _dirty: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -651,6 +691,10 @@ class KubernetesSource:
     def evaluate(self) -> tuple[list[CRDocument], dict[CRKey, Verdict]]:
         """The documents in force and each custom resource's verdict, from what was listed."""
         current = self.rendered()
+        if not self._restored:
+            self._restored = True
+            if self.last_known_good is not None:
+                self._accepted = {**accepted_from_lkg(self.last_known_good), **self._accepted}
         docs, verdicts = judge(current, self._accepted, validator(allow_http_loopback_idp=self.allow_http_loopback_idp))
         keys = {str(r.key): r.key for r in current}
         self._pending = {keys[d.source]: d.data for d in docs if isinstance(d.data, dict)}

@@ -50,6 +50,10 @@ from enforcer.errors import EnforcerError, Reason
 log = logging.getLogger("enforcer.definitions")
 
 LKG_NAME = "definitions.last-known-good.yaml"
+LKG_SOURCE_MARK = "--- # source: "
+"""Starts each document of the last-known-good file and names where it came from (a YAML
+comment, so every reader of the file sees plain documents); the Kubernetes source reads it
+back to restore each custom resource's last accepted version."""
 MAX_HTTP_BYTES = 16 << 20
 
 
@@ -227,6 +231,7 @@ def build_sources(settings: settings_mod.Settings, http: aiohttp.ClientSession) 
                 namespaces=tuple(s.kubernetes.namespaces), kubeconfig=s.kubernetes.kubeconfig,
                 interval=s.interval, timeout=s.timeout,
                 allow_http_loopback_idp=settings.model.oidc.allowHttpLoopbackIssuer,
+                last_known_good=settings.state_dir / LKG_NAME,
             ))
     return out
 
@@ -323,8 +328,8 @@ class DefinitionsManager:
         return None if isinstance(parsed, ConfigIssue) else parsed
 
     def _save_lkg(self, docs: Sequence[RawDocument]) -> None:
-        text = "# last-known-good definitions, written by the enforcer; do not edit\n" + yaml.safe_dump_all(
-            [d.data for d in docs], sort_keys=False
+        text = "# last-known-good definitions, written by the enforcer; do not edit\n" + "".join(
+            f"{LKG_SOURCE_MARK}{' '.join(d.source.split())}\n" + yaml.safe_dump(d.data, sort_keys=False) for d in docs
         )
         tmp = self.lkg_path.with_suffix(".tmp")
         try:
