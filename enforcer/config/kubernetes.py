@@ -601,6 +601,11 @@ async def connect(kubeconfig: Path | None) -> _Api:
 Push = Callable[[Sequence[RawDocument]], Awaitable[str]]
 
 
+def source_name(namespaces: Sequence[str]) -> str:
+    """How logs, metrics and ``enforcer check`` name a ``kubernetes:`` source."""
+    return f"kubernetes ({','.join(namespaces) if namespaces else 'all namespaces'})"
+
+
 @dataclass
 class KubernetesSource:
     """Custom resources and their Secrets from the API server (see the module docstring)."""
@@ -630,9 +635,7 @@ class KubernetesSource:
     _dirty: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
-        if not self.name:
-            where = ",".join(self.namespaces) if self.namespaces else "all namespaces"
-            self.name = f"kubernetes ({where})"
+        self.name = self.name or source_name(self.namespaces)
         scopes: Sequence[str | None] = self.namespaces or (None,)
         self.streams = [Stream(r, ns) for ns in scopes for r in (*(k.kind for k in KINDS), "Secret")]
 
