@@ -43,7 +43,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import yaml
@@ -51,6 +51,9 @@ import yaml
 from enforcer.config.definitions import RawDocument, resolve_definitions
 from enforcer.config.issues import ConfigError, ConfigIssue
 from enforcer.config.sources import LKG_SOURCE_MARK, SourceError
+
+if TYPE_CHECKING:
+    from enforcer.metrics import Metrics
 
 log = logging.getLogger("enforcer.definitions.kubernetes")
 
@@ -496,6 +499,8 @@ class Stream:
     forbidden: bool = False
     relist: bool = False
     items: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    current_at: float = 0.0
+    """Unix time of its last list, watch event or bookmark, or normal end of a watch."""
 
     def __str__(self) -> str:
         return f"{self.resource} in {self.namespace or 'all namespaces'}"
@@ -626,6 +631,8 @@ class KubernetesSource:
     settle: float = 0.2
     """Seconds events are gathered before the set is judged and pushed."""
     stats: WatchStats = field(default_factory=WatchStats)
+    metrics: Metrics | None = None
+    """Where the stats are also counted (``enforcer_kubernetes_*``), if anywhere."""
     streams: list[Stream] = field(default_factory=list)
     _accepted: dict[CRKey, Mapping[str, object]] = field(default_factory=dict)
     _pending: dict[CRKey, Mapping[str, object]] = field(default_factory=dict)
@@ -655,12 +662,20 @@ class KubernetesSource:
             if all(s.synced for s in self.streams):
                 return None
             raise KubernetesError(f"{self.name}: not listed yet: {self._last_error or 'connecting'}")
-        api = await connect(self.kubeconfig)
+        try:
+            api = await connect(self.kubeconfig)
+        except KubernetesError:
+            self._count_error("api")
+            raise
         try:
             async with asyncio.timeout(self.timeout):
                 for s in self.streams:
                     await self._list(api, s)
+        except KubernetesError:
+            self._count_error("api")
+            raise
         except TimeoutError:
+            self._count_error("api")
             raise KubernetesError(f"{self.name}: no answer from the API server within {self.timeout:g}s") from None
         finally:
             await api.close()
@@ -701,7 +716,28 @@ class KubernetesSource:
         docs, verdicts = judge(current, self._accepted, validator(allow_http_loopback_idp=self.allow_http_loopback_idp))
         keys = {str(r.key): r.key for r in current}
         self._pending = {keys[d.source]: d.data for d in docs if isinstance(d.data, dict)}
+        if self.metrics is not None:
+            accepted = sum(v.accepted for v in verdicts.values())
+            self.metrics.kube_resources.labels(self.name, "accepted").set(accepted)
+            self.metrics.kube_resources.labels(self.name, "rejected").set(len(verdicts) - accepted)
         return docs, verdicts
+
+    # -- counting ----------------------------------------------------------------------------
+
+    def _count_error(self, kind: str) -> None:
+        """A failed list or watch (``api``) or a resourceVersion too old (``gone``)."""
+        if kind == "gone":
+            self.stats.gone += 1
+        else:
+            self.stats.errors += 1
+        if self.metrics is not None:
+            self.metrics.kube_errors.labels(self.name, kind).inc()
+
+    def _current(self, stream: Stream) -> None:
+        """``stream`` just heard from the API server: the view is current up to its oldest stream."""
+        stream.current_at = time.time()
+        if self.metrics is not None and all(s.synced for s in self.streams):
+            self.metrics.kube_last_sync.labels(self.name).set(min(s.current_at for s in self.streams))
 
     def _commit(self) -> None:
         """What was just pushed is accepted: the versions in force become the last accepted."""
@@ -721,6 +757,7 @@ class KubernetesSource:
                 try:
                     api = await connect(self.kubeconfig)
                 except KubernetesError as exc:
+                    self._count_error("api")
                     self._last_error = str(exc)
                     log.error("%s", exc)
                     await asyncio.sleep(backoff.next() * 10)
@@ -738,6 +775,8 @@ class KubernetesSource:
 
     async def _list(self, api: _Api, stream: Stream) -> None:
         self.stats.lists += 1
+        if self.metrics is not None:
+            self.metrics.kube_lists.labels(self.name).inc()
         try:
             items, rv = await api.list(stream, self.timeout)
         except KubernetesError as exc:
@@ -745,11 +784,13 @@ class KubernetesSource:
                 log.error("%s: forbidden; custom resources referencing Secrets there are rejected", stream)
                 stream.forbidden, stream.synced, stream.items = True, True, {}
                 stream.resource_version = None
+                self._current(stream)
                 return
             raise
         stream.forbidden = False
         stream.items = {(str(_meta(o).get("namespace", "")), str(_meta(o).get("name", ""))): o for o in items}
         stream.resource_version, stream.synced = rv, True
+        self._current(stream)
 
     async def _run_stream(self, api: _Api, stream: Stream) -> None:
         backoff = Backoff()
@@ -775,11 +816,11 @@ class KubernetesSource:
                 else:
                     await asyncio.sleep(backoff.next())  # ended at once without news: a sick server
             except Gone:
-                self.stats.gone += 1
+                self._count_error("gone")
                 log.info("%s: resourceVersion too old (410 Gone); listing again", stream)
                 stream.resource_version = None
             except KubernetesError as exc:
-                self.stats.errors += 1
+                self._count_error("api")
                 self._last_error = str(exc)
                 delay = backoff.next()
                 log.warning("%s; retrying in %.1fs", exc, delay)
@@ -788,6 +829,8 @@ class KubernetesSource:
     async def _watch_once(self, api: _Api, stream: Stream) -> int:
         """One watch until the server ends it; returns how many events came."""
         self.stats.watches += 1
+        if self.metrics is not None:
+            self.metrics.kube_watches.labels(self.name).inc()
         seconds = random.randint(*self.watch_seconds)  # noqa: S311
         seen = 0
         assert stream.resource_version is not None
@@ -803,6 +846,7 @@ class KubernetesSource:
             rv = _meta(obj).get("resourceVersion")
             if rv:
                 stream.resource_version = str(rv)
+            self._current(stream)
             if kind == "BOOKMARK":
                 continue
             self.stats.events += 1
@@ -812,6 +856,7 @@ class KubernetesSource:
             elif kind in ("ADDED", "MODIFIED"):
                 stream.items[where] = obj
             self._dirty.set()
+        self._current(stream)  # the server ended the watch: nothing was missed
         return seen
 
     async def _reconcile(self, api: _Api, push: Push, report: bool) -> None:

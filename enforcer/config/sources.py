@@ -36,7 +36,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import aiohttp
 import yaml
@@ -46,6 +46,9 @@ from enforcer.config import settings as settings_mod
 from enforcer.config.definitions import Definitions, RawDocument
 from enforcer.config.issues import ConfigError, ConfigIssue
 from enforcer.errors import EnforcerError, Reason
+
+if TYPE_CHECKING:
+    from enforcer.metrics import Metrics
 
 log = logging.getLogger("enforcer.definitions")
 
@@ -211,8 +214,10 @@ def parse_http_body(body: bytes, content_type: str, source: str) -> list[RawDocu
     return parsed
 
 
-def build_sources(settings: settings_mod.Settings, http: aiohttp.ClientSession) -> list[Source]:
-    """The configured sources, in order."""
+def build_sources(
+    settings: settings_mod.Settings, http: aiohttp.ClientSession, metrics: Metrics | None = None
+) -> list[Source]:
+    """The configured sources, in order (a kubernetes source counts what it does in ``metrics``)."""
     out: list[Source] = []
     for s in settings.model.definitions:
         if s.url is not None:
@@ -231,7 +236,7 @@ def build_sources(settings: settings_mod.Settings, http: aiohttp.ClientSession) 
                 namespaces=tuple(s.kubernetes.namespaces), kubeconfig=s.kubernetes.kubeconfig,
                 interval=s.interval, timeout=s.timeout,
                 allow_http_loopback_idp=settings.model.oidc.allowHttpLoopbackIssuer,
-                last_known_good=settings.state_dir / LKG_NAME,
+                last_known_good=settings.state_dir / LKG_NAME, metrics=metrics,
             ))
     return out
 
@@ -315,6 +320,11 @@ class DefinitionsManager:
         self.current, self.digest = definitions, fingerprint(docs)
         self._save_lkg(docs)
         return definitions
+
+    def unread(self) -> list[str]:
+        """The sources not read once since start-up (until then the set in force is the
+        last-known-good one): ``/readyz`` is not ready while there are any."""
+        return [src.name for i, src in enumerate(self.sources) if i not in self._latest]
 
     def _merged(self) -> list[RawDocument]:
         return [d for i in range(len(self.sources)) for d in self._latest.get(i, [])]
