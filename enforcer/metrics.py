@@ -2,9 +2,9 @@
 
 Label values are bounded: ``service`` is a configured service name, ``decision`` and
 ``reason`` are :class:`~enforcer.errors.Outcome` and :class:`~enforcer.errors.Reason` members
-(the flow record holds nothing else), ``kind`` is an :class:`~enforcer.errors.UpstreamKind` and
-``outcome`` a fixed word. Paths, users, clients and hosts are never labels — they belong in the
-flow log.
+(the flow record holds nothing else), ``kind`` is an :class:`~enforcer.errors.UpstreamKind` or
+a fixed word, ``outcome`` and ``verdict`` fixed words, and ``source`` a configured definitions
+source's name. Paths, users, clients and hosts are never labels — they belong in the flow log.
 """
 
 from __future__ import annotations
@@ -164,6 +164,40 @@ class Metrics:
             "(throttled) and key sets dropped after their grace (expired), by identity provider.",
             ["issuer", "outcome"],
             registry=r,
+        )
+        self.kube_lists = Counter(
+            "enforcer_kubernetes_lists",
+            "Full lists of a kubernetes source's custom resources or Secrets (start-up, 410 Gone, errors).",
+            ["source"],
+            registry=r,
+        )
+        self.kube_watches = Counter(
+            "enforcer_kubernetes_watch_starts",
+            "Watches a kubernetes source started (each stream again when the server ends or breaks one).",
+            ["source"],
+            registry=r,
+        )
+        self.kube_errors = Counter(
+            "enforcer_kubernetes_errors",
+            "A kubernetes source's failed lists and watches (api: unreachable or refused, retried with "
+            "backoff; gone: resourceVersion too old, listed again).",
+            ["source", "kind"],
+            registry=r,
+        )
+        self.kube_last_sync = Gauge(
+            "enforcer_kubernetes_last_sync_timestamp_seconds",
+            "Unix time up to which a kubernetes source's view is current: the oldest of its streams' last "
+            "list, watch event or bookmark (0: never listed in full).",
+            ["source"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.kube_resources = Gauge(
+            "enforcer_kubernetes_custom_resources",
+            "A kubernetes source's custom resources by the verdict of its last judging (accepted, rejected).",
+            ["source", "verdict"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self._duration_children: dict[str, tuple[Histogram, Histogram]] = {}
         self._children: dict[

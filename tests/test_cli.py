@@ -218,6 +218,29 @@ def test_check_fails_when_no_service_applies_unless_allowed(cfg: Path, change: s
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.parametrize(
+    ("source", "named"),
+    [
+        ("{file: defs.d}", "defs.d"),
+        ("{url: 'https://control.example.com/defs.yaml'}", "https://control.example.com/defs.yaml"),
+        ("{kubernetes: {namespaces: [team-a, team-b]}}", "kubernetes (team-a,team-b)"),
+        ("{kubernetes: {}}", "kubernetes (all namespaces)"),
+    ],
+)
+def test_the_no_service_problem_names_each_source(tmp_path: Path, source: str, named: str) -> None:
+    """With no service defined, check's problem names every source, a kubernetes one by its namespaces (not None)."""
+    from enforcer.cli import check  # noqa: PLC0415
+    from enforcer.config import definitions, settings  # noqa: PLC0415
+
+    path = tmp_path / "enforcer.yaml"
+    path.write_text(f"tags: [app=frontend]\nstateDir: state\ndefinitions: [{source}]\n")
+    loaded = settings.load_settings(path)
+    issue = check._no_service(loaded, definitions.resolve_definitions([], loaded.tags))
+    assert issue is not None and issue.value == [named.replace("defs.d", str(tmp_path / "defs.d"))]
+    assert "None" not in str(issue)
+    assert ("EnforcerService" in str(issue)) == named.startswith("kubernetes")
+
+
 SECRETS_GID = 54321
 """Stands for enforcer-secrets' gid in the permission table (root may chown to any gid)."""
 

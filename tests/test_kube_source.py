@@ -8,6 +8,7 @@ import base64
 import contextlib
 import dataclasses
 import functools
+import io
 import json
 import os
 import subprocess
@@ -29,7 +30,10 @@ from enforcer.config import kubernetes as k8s
 from enforcer.config import settings as settings_mod
 from enforcer.config.definitions import RawDocument
 from enforcer.config.issues import ConfigError, ConfigIssue
-from enforcer.config.sources import LKG_NAME, DefinitionsManager, WatchingSource, build_sources
+from enforcer.config.sources import LKG_NAME, LKG_SOURCE_MARK, DefinitionsManager, WatchingSource, build_sources
+from enforcer.flowlog import FlowLog
+from enforcer.http.tls import make_listen_socket
+from enforcer.run.daemon import Daemon
 from tests.harness.kube import ControlPlane, Proc
 from tests.harness.seed import SERVICE, SPEC
 
@@ -322,6 +326,21 @@ def test_a_bad_kubernetes_source_is_a_config_error(tmp_path: Path, source: dict[
     assert needle in str(err.value)
 
 
+def test_several_workers_with_a_kubernetes_source_are_refused(tmp_path: Path) -> None:
+    """listen.workers > 1 (the file's or --workers) with a kubernetes source is a config error naming the fix."""
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text(yaml.safe_dump({"tags": ["a=b"], "stateDir": "state", "listen": {"workers": 2},
+                                   "definitions": [{"file": "defs.yaml"}, {"kubernetes": {}}]}))
+    with pytest.raises(ConfigError) as err:
+        settings_mod.load_settings(cfg)
+    (issue,) = err.value.issues
+    assert (issue.path, issue.value) == ("listen.workers", 2) and "listen.workers: 1" in (issue.fix or "")
+    one = _settings(tmp_path, {"kubernetes": {}})
+    with pytest.raises(ConfigError, match="kubernetes: definitions source"):
+        settings_mod.with_workers(one, 3)
+    assert settings_mod.with_workers(one, 1).model.listen.workers == 1
+
+
 def test_the_client_is_imported_only_when_the_source_connects() -> None:
     """Importing the daemon and the config, even building a kubernetes source, loads no Kubernetes client."""
     code = (
@@ -352,6 +371,25 @@ async def test_the_api_server_down_at_start_means_the_last_known_good_set(tmp_pa
         manager = DefinitionsManager(settings, build_sources(settings, http))
         defs = await manager.load_initial()
         assert manager.using_lkg and [s.name for s in defs.services] == ["private-app"]
+
+
+def test_the_last_known_good_file_names_each_source_and_stays_plain_yaml(tmp_path: Path) -> None:
+    """Each saved document names its source in a comment: plain YAML to every reader, and the
+    custom resources' versions (only theirs) read back by their identity."""
+    settings = _settings(tmp_path, {"file": "defs.yaml"})
+    manager = DefinitionsManager(settings, [])
+    (r,) = _render(service_cr())
+    assert r.data is not None
+    docs = [RawDocument("/etc/enforcer/definitions/specs.yaml", 0, dict(SPEC)), k8s._doc(r.key, r.data)]
+    manager._save_lkg(docs)
+    text = manager.lkg_path.read_text()
+    assert f"{LKG_SOURCE_MARK}EnforcerService default/private-app\n" in text
+    parsed = definitions.parse_documents(text, "lkg")
+    assert not isinstance(parsed, ConfigIssue) and [d.data for d in parsed] == [d.data for d in docs]
+    assert k8s.accepted_from_lkg(manager.lkg_path) == {r.key: r.data}
+    assert k8s.accepted_from_lkg(tmp_path / "missing") == {}
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump_all([d.data for d in docs]))  # written before the names
+    assert k8s.accepted_from_lkg(tmp_path / "old.yaml") == {}
 
 
 # -- against a real API server (tests/harness/kube.py) ----------------------------------------------
@@ -424,6 +462,15 @@ class Watched:
     manager: DefinitionsManager
     source: k8s.KubernetesSource
     applied: list[definitions.Definitions]
+    settings: settings_mod.Settings
+    task: asyncio.Task[None] | None = None
+
+    async def stop(self) -> None:
+        """Stop the watch, as when the enforcer stops."""
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
 
     def apply(self, text: str) -> None:
         self.api.kubectl("apply", "-f", "-", input=text)
@@ -472,13 +519,11 @@ async def watched(kube_api: ControlPlane, tmp_path: Path) -> AsyncIterator[Watch
         manager = DefinitionsManager(settings, [source], on_change=on_change)
         await manager.load_initial()
         task = asyncio.create_task(source.watch(functools.partial(manager.push, origin=source.name), report=True))
-        w = Watched(kube_api, ns, manager, source, applied)
+        w = Watched(kube_api, ns, manager, source, applied, settings, task)
         try:
             yield w
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await w.stop()
 
 
 @pytest.mark.root
@@ -537,6 +582,30 @@ async def test_a_changed_secret_is_picked_up(watched: Watched) -> None:
     await _until("SecretNotFound", lambda: watched.condition("esvc", "private-app").get("reason") == "SecretNotFound")
     svc = watched.service()
     assert svc is not None and svc.client_secret == "second-secret"
+
+
+@pytest.mark.root
+async def test_a_restart_keeps_the_last_accepted_version_of_a_cr_invalid_by_then(watched: Watched) -> None:
+    """Accepted v1, enforcer stopped, CR made invalid, enforcer started again: v1 is in force, Accepted=False."""
+    await _until("accepted", lambda: watched.condition("esvc", "private-app").get("status") == "True")
+    await watched.stop()
+    watched.apply(_manifest(service_cr(OIDCCallbackURL="https://elsewhere.example.com"), watched.ns))
+    async with aiohttp.ClientSession() as http:
+        (source,) = build_sources(watched.settings, http)
+        manager = DefinitionsManager(watched.settings, [source])
+        restarted = Watched(watched.api, watched.ns, manager, source, [], watched.settings)
+        await manager.load_initial()
+        svc = restarted.service()
+        assert svc is not None and svc.callback_url == "https://app.example.com/oauth2/callback"
+        assert isinstance(source, WatchingSource)
+        restarted.task = asyncio.create_task(source.watch(functools.partial(manager.push, origin=source.name)))
+        try:
+            await _until("the rejection", lambda: restarted.condition("esvc", "private-app").get("status") == "False")
+            assert "spec.OIDCCallbackURL" in restarted.condition("esvc", "private-app")["message"]
+            svc = restarted.service()
+            assert svc is not None and svc.callback_url == "https://app.example.com/oauth2/callback"
+        finally:
+            await restarted.stop()
 
 
 def _restart_apiserver(api: ControlPlane) -> float:
@@ -700,3 +769,63 @@ async def test_the_first_push_after_starting_on_last_known_good_ends_that_state(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+class _Daemon(Daemon):
+    """The real daemon, minus the signal handlers (they belong to pytest here)."""
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop, flowlog: FlowLog) -> None:
+        return None
+
+
+async def test_readyz_fails_until_the_source_is_read_and_the_watch_is_in_the_metrics(
+    fake_api: FakeAPI, tmp_path: Path
+) -> None:
+    """Started on last-known-good (API failing), /readyz is 503 naming the source until the watch has
+    listed; /metrics counts the source's lists, watch starts, errors, verdicts and last sync time."""
+    kubeconfig = fake_api.kubeconfig(tmp_path / "kc")
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "tags": ["app=frontend"], "stateDir": str(tmp_path / "state"), "admin": {"address": "127.0.0.1", "port": 0},
+        "sessions": {"store": "memory"}, "definitions": [{"kubernetes": {"namespaces": [NS], "kubeconfig": str(
+            kubeconfig)}, "timeout": "2s"}],
+    }))
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / LKG_NAME).write_text(yaml.safe_dump_all([SERVICE, SPEC]))
+    fake_api.fail_lists = 1  # the start-up list
+    daemon = _Daemon(settings_mod.load_settings(cfg), listen_socket=make_listen_socket("127.0.0.1", 0),
+                     flowlog=FlowLog(None, stream=io.StringIO()))
+    ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(daemon.run(on_ready=ready))
+    await asyncio.wait({ready, task}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+    assert ready.done() and daemon.manager.using_lkg
+    source = daemon.manager.sources[0]
+    admin = f"http://127.0.0.1:{daemon.admin_port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(admin + "/readyz") as r:
+                before = r.status, (await r.json())["problems"]
+            await _until("the watch has pushed", lambda: not daemon.manager.using_lkg)
+            await _until("a 410 Gone handled", lambda: isinstance(source, k8s.KubernetesSource)
+                         and source.stats.gone == 1 and source.stats.watches >= 4)
+            async with http.get(admin + "/readyz") as r:
+                after = (await r.json())["problems"]
+            async with http.get(admin + "/metrics") as r:
+                metrics = await r.text()
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 10)
+    assert before[0] == 503
+    assert "not read since start-up: kubernetes (default)" in before[1]["definitions"]
+    assert "definitions" not in after
+    name = 'source="kubernetes (default)"'
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+              for line in metrics.splitlines() if line.startswith("enforcer_kubernetes_")}
+    assert values[f"enforcer_kubernetes_lists_total{{{name}}}"] >= 1 + 3 + 1  # start-up, 3 streams, after 410
+    assert values[f"enforcer_kubernetes_watch_starts_total{{{name}}}"] >= 4
+    assert values[f'enforcer_kubernetes_errors_total{{kind="api",{name}}}'] == 1
+    assert values[f'enforcer_kubernetes_errors_total{{kind="gone",{name}}}'] == 1
+    assert values[f'enforcer_kubernetes_custom_resources{{{name},verdict="accepted"}}'] == 2
+    assert values[f'enforcer_kubernetes_custom_resources{{{name},verdict="rejected"}}'] == 0
+    assert time.time() - 30 < values[f"enforcer_kubernetes_last_sync_timestamp_seconds{{{name}}}"] <= time.time()
+

@@ -16,7 +16,7 @@ import aiohttp
 
 from enforcer import policy
 from enforcer.config import definitions as definitions_mod
-from enforcer.config import issues, sources
+from enforcer.config import issues, kubernetes, sources
 from enforcer.config import settings as settings_mod
 from enforcer.errors import Outcome
 from enforcer.flow import tags_fingerprint
@@ -58,10 +58,13 @@ def _no_service(settings: settings_mod.Settings, definitions: definitions_mod.De
         return None
     allow = "or set allowNoServices: true if this host may run with no service"
     if not definitions.catalog:
-        sources = [str(s.file or s.url) for s in settings.model.definitions]
+        where = [_source_name(s) for s in settings.model.definitions]
+        add = "a kind: service document to a source"
+        if any(s.kubernetes is not None for s in settings.model.definitions):
+            add += " or an EnforcerService custom resource (kubectl apply) where the kubernetes source watches"
         return issues.ConfigIssue(
             str(settings.path), "definitions", "the definitions hold no service: every request would be refused",
-            sources, f"add a kind: service document to a source, {allow}",
+            where, f"add {add}, {allow}",
         )
     wanted = "; ".join(f"{s.name} wants {[list(c) for c in s.selectors]}" for s in definitions.catalog)
     return issues.ConfigIssue(
@@ -69,6 +72,14 @@ def _no_service(settings: settings_mod.Settings, definitions: definitions_mod.De
         f"no service applies to this enforcer: its tags match no service's selectors ({wanted})",
         list(settings.tags), f"give this enforcer the tags of one selectors clause, {allow}",
     )
+
+
+def _source_name(source: settings_mod.SourceModel) -> str:
+    """A ``definitions:`` entry as the daemon's logs name it: the file, the URL, or the
+    Kubernetes namespaces watched."""
+    if source.kubernetes is not None:
+        return kubernetes.source_name(source.kubernetes.namespaces)
+    return str(source.file or source.url)
 
 
 SECRETS = definitions_mod.SECRETS_GROUP

@@ -16,9 +16,11 @@ How a set of custom resources becomes definitions:
 * :func:`judge` validates the set with the same code as every other source, in the cluster's view
   (every service selected, so that every enforcer of a cluster reaches the same verdict and their
   status writes converge).  An invalid custom resource, new or changed, is left out and its last
-  accepted version (if any) stays in force; the others apply.  Issues naming a changed custom
-  resource blame it; issues naming only unchanged ones (a cross-object clash reported on the
-  other object) are attributed by adding the changed ones one at a time to the accepted set.
+  accepted version (if any; after a restart the one in the last-known-good file, whose
+  documents name their custom resources) stays in force; the others apply.  Issues naming a
+  changed custom resource blame it; issues naming only unchanged ones (a cross-object clash
+  reported on the other object) are attributed by adding the changed ones one at a time to the
+  accepted set.
 * :class:`KubernetesSource` lists and watches (resourceVersion, bookmarks, re-list on 410 Gone,
   jittered exponential backoff on errors, at most one watch start per stream per second, so an
   API server restart causes no storm) and pushes each accepted set to
@@ -35,18 +37,23 @@ import datetime
 import json
 import logging
 import random
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import yaml
 
 from enforcer.config.definitions import RawDocument, resolve_definitions
 from enforcer.config.issues import ConfigError, ConfigIssue
-from enforcer.config.sources import SourceError
+from enforcer.config.sources import LKG_SOURCE_MARK, SourceError
+
+if TYPE_CHECKING:
+    from enforcer.metrics import Metrics
 
 log = logging.getLogger("enforcer.definitions.kubernetes")
 
@@ -345,6 +352,38 @@ def judge(
     return docs_of(force), verdicts
 
 
+_LKG_DOCUMENT = re.compile(rf"^{re.escape(LKG_SOURCE_MARK)}(.*)$", re.MULTILINE)
+_CR_SOURCE = re.compile(rf"^({'|'.join(KIND_BY_NAME)}) ([^/\s]+)/(\S+)$")
+
+
+def accepted_from_lkg(path: Path) -> dict[CRKey, dict[str, object]]:
+    """The custom resources' versions in a last-known-good file (each document names its source
+    in a comment; documents of other sources, or of an older file without the names, are not
+    custom resources' and are skipped): at start-up they are the last accepted versions, so a
+    custom resource that is invalid by then keeps its version in force."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return {}
+    parts = _LKG_DOCUMENT.split(text)
+    out: dict[CRKey, dict[str, object]] = {}
+    for source, body in zip(parts[1::2], parts[2::2], strict=True):
+        found = _CR_SOURCE.match(source.strip())
+        if found is None:
+            continue
+        key = CRKey(found[1], found[2], found[3])
+        try:
+            data = yaml.safe_load(body)
+        except yaml.YAMLError:
+            log.warning("%s: the saved version of %s is not YAML; not restored", path, key)
+            continue
+        if isinstance(data, dict) and data.get("kind") == KIND_BY_NAME[key.kind].definition and data.get(
+            "name"
+        ) == key.name:
+            out[key] = data
+    return out
+
+
 def condition_for(verdict: Verdict, generation: int) -> dict[str, object]:
     """The ``Accepted`` condition of a verdict (without lastTransitionTime)."""
     return {
@@ -460,6 +499,8 @@ class Stream:
     forbidden: bool = False
     relist: bool = False
     items: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    current_at: float = 0.0
+    """Unix time of its last list, watch event or bookmark, or normal end of a watch."""
 
     def __str__(self) -> str:
         return f"{self.resource} in {self.namespace or 'all namespaces'}"
@@ -565,6 +606,11 @@ async def connect(kubeconfig: Path | None) -> _Api:
 Push = Callable[[Sequence[RawDocument]], Awaitable[str]]
 
 
+def source_name(namespaces: Sequence[str]) -> str:
+    """How logs, metrics and ``enforcer check`` name a ``kubernetes:`` source."""
+    return f"kubernetes ({','.join(namespaces) if namespaces else 'all namespaces'})"
+
+
 @dataclass
 class KubernetesSource:
     """Custom resources and their Secrets from the API server (see the module docstring)."""
@@ -575,6 +621,9 @@ class KubernetesSource:
     timeout: float = 10.0
     allow_http_loopback_idp: bool = False
     name: str = ""
+    last_known_good: Path | None = None
+    """The manager's last-known-good file: the custom resources' versions in it are the last
+    accepted ones when this process starts (read once, at the first judging)."""
     watch_seconds: tuple[int, int] = (240, 300)
     """The server ends each watch after a random time in this range (spreads reconnects)."""
     min_gap: float = 1.0
@@ -582,17 +631,18 @@ class KubernetesSource:
     settle: float = 0.2
     """Seconds events are gathered before the set is judged and pushed."""
     stats: WatchStats = field(default_factory=WatchStats)
+    metrics: Metrics | None = None
+    """Where the stats are also counted (``enforcer_kubernetes_*``), if anywhere."""
     streams: list[Stream] = field(default_factory=list)
     _accepted: dict[CRKey, Mapping[str, object]] = field(default_factory=dict)
     _pending: dict[CRKey, Mapping[str, object]] = field(default_factory=dict)
     _watching: bool = False
+    _restored: bool = False
     _last_error: str = ""
     _dirty: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
-        if not self.name:
-            where = ",".join(self.namespaces) if self.namespaces else "all namespaces"
-            self.name = f"kubernetes ({where})"
+        self.name = self.name or source_name(self.namespaces)
         scopes: Sequence[str | None] = self.namespaces or (None,)
         self.streams = [Stream(r, ns) for ns in scopes for r in (*(k.kind for k in KINDS), "Secret")]
 
@@ -612,12 +662,20 @@ class KubernetesSource:
             if all(s.synced for s in self.streams):
                 return None
             raise KubernetesError(f"{self.name}: not listed yet: {self._last_error or 'connecting'}")
-        api = await connect(self.kubeconfig)
+        try:
+            api = await connect(self.kubeconfig)
+        except KubernetesError:
+            self._count_error("api")
+            raise
         try:
             async with asyncio.timeout(self.timeout):
                 for s in self.streams:
                     await self._list(api, s)
+        except KubernetesError:
+            self._count_error("api")
+            raise
         except TimeoutError:
+            self._count_error("api")
             raise KubernetesError(f"{self.name}: no answer from the API server within {self.timeout:g}s") from None
         finally:
             await api.close()
@@ -651,10 +709,35 @@ class KubernetesSource:
     def evaluate(self) -> tuple[list[CRDocument], dict[CRKey, Verdict]]:
         """The documents in force and each custom resource's verdict, from what was listed."""
         current = self.rendered()
+        if not self._restored:
+            self._restored = True
+            if self.last_known_good is not None:
+                self._accepted = {**accepted_from_lkg(self.last_known_good), **self._accepted}
         docs, verdicts = judge(current, self._accepted, validator(allow_http_loopback_idp=self.allow_http_loopback_idp))
         keys = {str(r.key): r.key for r in current}
         self._pending = {keys[d.source]: d.data for d in docs if isinstance(d.data, dict)}
+        if self.metrics is not None:
+            accepted = sum(v.accepted for v in verdicts.values())
+            self.metrics.kube_resources.labels(self.name, "accepted").set(accepted)
+            self.metrics.kube_resources.labels(self.name, "rejected").set(len(verdicts) - accepted)
         return docs, verdicts
+
+    # -- counting ----------------------------------------------------------------------------
+
+    def _count_error(self, kind: str) -> None:
+        """A failed list or watch (``api``) or a resourceVersion too old (``gone``)."""
+        if kind == "gone":
+            self.stats.gone += 1
+        else:
+            self.stats.errors += 1
+        if self.metrics is not None:
+            self.metrics.kube_errors.labels(self.name, kind).inc()
+
+    def _current(self, stream: Stream) -> None:
+        """``stream`` just heard from the API server: the view is current up to its oldest stream."""
+        stream.current_at = time.time()
+        if self.metrics is not None and all(s.synced for s in self.streams):
+            self.metrics.kube_last_sync.labels(self.name).set(min(s.current_at for s in self.streams))
 
     def _commit(self) -> None:
         """What was just pushed is accepted: the versions in force become the last accepted."""
@@ -674,6 +757,7 @@ class KubernetesSource:
                 try:
                     api = await connect(self.kubeconfig)
                 except KubernetesError as exc:
+                    self._count_error("api")
                     self._last_error = str(exc)
                     log.error("%s", exc)
                     await asyncio.sleep(backoff.next() * 10)
@@ -691,6 +775,8 @@ class KubernetesSource:
 
     async def _list(self, api: _Api, stream: Stream) -> None:
         self.stats.lists += 1
+        if self.metrics is not None:
+            self.metrics.kube_lists.labels(self.name).inc()
         try:
             items, rv = await api.list(stream, self.timeout)
         except KubernetesError as exc:
@@ -698,11 +784,13 @@ class KubernetesSource:
                 log.error("%s: forbidden; custom resources referencing Secrets there are rejected", stream)
                 stream.forbidden, stream.synced, stream.items = True, True, {}
                 stream.resource_version = None
+                self._current(stream)
                 return
             raise
         stream.forbidden = False
         stream.items = {(str(_meta(o).get("namespace", "")), str(_meta(o).get("name", ""))): o for o in items}
         stream.resource_version, stream.synced = rv, True
+        self._current(stream)
 
     async def _run_stream(self, api: _Api, stream: Stream) -> None:
         backoff = Backoff()
@@ -728,11 +816,11 @@ class KubernetesSource:
                 else:
                     await asyncio.sleep(backoff.next())  # ended at once without news: a sick server
             except Gone:
-                self.stats.gone += 1
+                self._count_error("gone")
                 log.info("%s: resourceVersion too old (410 Gone); listing again", stream)
                 stream.resource_version = None
             except KubernetesError as exc:
-                self.stats.errors += 1
+                self._count_error("api")
                 self._last_error = str(exc)
                 delay = backoff.next()
                 log.warning("%s; retrying in %.1fs", exc, delay)
@@ -741,6 +829,8 @@ class KubernetesSource:
     async def _watch_once(self, api: _Api, stream: Stream) -> int:
         """One watch until the server ends it; returns how many events came."""
         self.stats.watches += 1
+        if self.metrics is not None:
+            self.metrics.kube_watches.labels(self.name).inc()
         seconds = random.randint(*self.watch_seconds)  # noqa: S311
         seen = 0
         assert stream.resource_version is not None
@@ -756,6 +846,7 @@ class KubernetesSource:
             rv = _meta(obj).get("resourceVersion")
             if rv:
                 stream.resource_version = str(rv)
+            self._current(stream)
             if kind == "BOOKMARK":
                 continue
             self.stats.events += 1
@@ -765,6 +856,7 @@ class KubernetesSource:
             elif kind in ("ADDED", "MODIFIED"):
                 stream.items[where] = obj
             self._dirty.set()
+        self._current(stream)  # the server ended the watch: nothing was missed
         return seen
 
     async def _reconcile(self, api: _Api, push: Push, report: bool) -> None:

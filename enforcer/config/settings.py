@@ -457,19 +457,32 @@ def _absolute_paths(model: DaemonModel, base: Path) -> DaemonModel:
 
 
 def check_workers(settings: Settings, workers: int, where: str) -> None:
-    """Several serving processes must share sessions and pending logins (raises ConfigError)."""
+    """Several serving processes must share sessions and pending logins, and a kubernetes
+    source runs in one process only (raises ConfigError)."""
+    issues = []
     if workers > 1 and settings.model.sessions.store != "sqlite":
-        raise ConfigError(
-            [
-                ConfigIssue(
-                    str(settings.path),
-                    where,
-                    f"{workers} workers cannot share the in-memory session store (sessions.store: memory)",
-                    workers,
-                    "use sessions.store: sqlite (the default) or a single worker",
-                )
-            ]
+        issues.append(
+            ConfigIssue(
+                str(settings.path),
+                where,
+                f"{workers} workers cannot share the in-memory session store (sessions.store: memory)",
+                workers,
+                "use sessions.store: sqlite (the default) or a single worker",
+            )
         )
+    if workers > 1 and any(s.kubernetes is not None for s in settings.model.definitions):
+        issues.append(
+            ConfigIssue(
+                str(settings.path),
+                where,
+                f"{workers} workers with a kubernetes: definitions source: each worker would list and watch "
+                "the API server on its own (N watches, about 33 MB each)",
+                workers,
+                "set listen.workers: 1 (auto is one per CPU) while definitions come from custom resources",
+            )
+        )
+    if issues:
+        raise ConfigError(issues)
 
 
 def with_workers(settings: Settings, workers: int | str) -> Settings:

@@ -36,7 +36,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import aiohttp
 import yaml
@@ -47,9 +47,16 @@ from enforcer.config.definitions import Definitions, RawDocument
 from enforcer.config.issues import ConfigError, ConfigIssue
 from enforcer.errors import EnforcerError, Reason
 
+if TYPE_CHECKING:
+    from enforcer.metrics import Metrics
+
 log = logging.getLogger("enforcer.definitions")
 
 LKG_NAME = "definitions.last-known-good.yaml"
+LKG_SOURCE_MARK = "--- # source: "
+"""Starts each document of the last-known-good file and names where it came from (a YAML
+comment, so every reader of the file sees plain documents); the Kubernetes source reads it
+back to restore each custom resource's last accepted version."""
 MAX_HTTP_BYTES = 16 << 20
 
 
@@ -207,8 +214,10 @@ def parse_http_body(body: bytes, content_type: str, source: str) -> list[RawDocu
     return parsed
 
 
-def build_sources(settings: settings_mod.Settings, http: aiohttp.ClientSession) -> list[Source]:
-    """The configured sources, in order."""
+def build_sources(
+    settings: settings_mod.Settings, http: aiohttp.ClientSession, metrics: Metrics | None = None
+) -> list[Source]:
+    """The configured sources, in order (a kubernetes source counts what it does in ``metrics``)."""
     out: list[Source] = []
     for s in settings.model.definitions:
         if s.url is not None:
@@ -227,6 +236,7 @@ def build_sources(settings: settings_mod.Settings, http: aiohttp.ClientSession) 
                 namespaces=tuple(s.kubernetes.namespaces), kubeconfig=s.kubernetes.kubeconfig,
                 interval=s.interval, timeout=s.timeout,
                 allow_http_loopback_idp=settings.model.oidc.allowHttpLoopbackIssuer,
+                last_known_good=settings.state_dir / LKG_NAME, metrics=metrics,
             ))
     return out
 
@@ -311,6 +321,11 @@ class DefinitionsManager:
         self._save_lkg(docs)
         return definitions
 
+    def unread(self) -> list[str]:
+        """The sources not read once since start-up (until then the set in force is the
+        last-known-good one): ``/readyz`` is not ready while there are any."""
+        return [src.name for i, src in enumerate(self.sources) if i not in self._latest]
+
     def _merged(self) -> list[RawDocument]:
         return [d for i in range(len(self.sources)) for d in self._latest.get(i, [])]
 
@@ -323,8 +338,8 @@ class DefinitionsManager:
         return None if isinstance(parsed, ConfigIssue) else parsed
 
     def _save_lkg(self, docs: Sequence[RawDocument]) -> None:
-        text = "# last-known-good definitions, written by the enforcer; do not edit\n" + yaml.safe_dump_all(
-            [d.data for d in docs], sort_keys=False
+        text = "# last-known-good definitions, written by the enforcer; do not edit\n" + "".join(
+            f"{LKG_SOURCE_MARK}{' '.join(d.source.split())}\n" + yaml.safe_dump(d.data, sort_keys=False) for d in docs
         )
         tmp = self.lkg_path.with_suffix(".tmp")
         try:

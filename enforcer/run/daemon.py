@@ -266,7 +266,7 @@ class Daemon:
         )
         resources.push_async_callback(self.http.close)
         self.manager = DefinitionsManager(
-            self.settings, build_sources(self.settings, self.http), on_change=self._apply,
+            self.settings, build_sources(self.settings, self.http, self.metrics), on_change=self._apply,
             on_outcome=self._reload_outcome,
         )
         definitions = await self.manager.load_initial()
@@ -569,6 +569,9 @@ class Daemon:
             no_service = self._no_service()
             if no_service:
                 problems["services"] = no_service
+            unread = self.manager.unread()
+            if unread:  # fail closed: never ready on a set no source confirmed since start-up
+                problems["definitions"] = f"not read since start-up: {', '.join(unread)}; enforcing last-known-good"
             store = self.gate.store
             if isinstance(store, sessions.FleetStore) and store.problem is not None:
                 problems["sessions"] = store.problem
