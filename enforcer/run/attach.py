@@ -4,19 +4,21 @@ An :class:`Attachment` is one place the enforcer is attached to. It opens the li
 the redirected connections land on, installs the nftables ruleset that sends the place's
 exposed ports there (and replaces it on reload; a stop keeps it, so the ports stay closed),
 and marks the enforcer's own outgoing sockets so that ruleset never loops them back. :class:`HostAttachment`
-is the host the daemon runs on; an attachment for a Kubernetes pod would do the same inside the
-pod's network namespace (``Netlink(netns=...)``).
+is the host the daemon runs on; :class:`PodAttachment` is a Kubernetes pod, served inside its own
+network namespace (socket, table and upstream sockets all made there, ``Netlink(netns=...)``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,6 +29,8 @@ from enforcer.flow import FlowIds, FlowRecord
 from enforcer.flowlog import FlowLog
 from enforcer.http import tls as listener
 from enforcer.net import sockopt
+from enforcer.net.netns import run_in_netns
+from enforcer.net.pods import PodNetns
 from enforcer.net.ruleset import RedirectError, RedirectSettings, RedirectTarget, Ruleset, build_ruleset
 
 log = logging.getLogger(__name__)
@@ -178,31 +182,7 @@ class HostAttachment:
     async def remove(self) -> None:
         if not self.manages_redirect or self.ruleset is None:
             return
-        r = self.settings.model.redirect
-        ports = ruleset_ports(self.ruleset)
-        if r.keepBlockOnStop:
-            # The table stays as a crash leaves it: the exposed ports redirect to a listener that
-            # is gone (refused), the app ports reject; the next start replaces it atomically.
-            log.warning(
-                "stopping with the redirect table inet %s kept: %s refuse connections until the "
-                "enforcer serves again (`enforcer unblock` opens them)", r.table, ports,
-            )
-            await note_ports(
-                self.settings, method="STOP", reason=Reason.PORTS_BLOCKED, detail=f"table inet {r.table} kept: {ports}"
-            )
-            return
-        try:
-            await self.redirector.remove(r.table)
-        except RedirectError as exc:
-            log.error("could not remove the redirect table on stop: %s", exc)
-            return
-        log.warning(
-            "redirect table inet %s removed at stop (redirect.keepBlockOnStop: false): %s answer "
-            "without the enforcer now", r.table, ports,
-        )
-        await note_ports(
-            self.settings, method="STOP", reason=Reason.PORTS_UNBLOCKED, detail=f"table inet {r.table} removed: {ports}"
-        )
+        await _stop_redirect(self.settings, self.redirector, self.ruleset, who="")
 
     def close(self) -> None:
         if self.listen_socket is not None:
@@ -222,6 +202,36 @@ class HostAttachment:
             return sock
 
         return make
+
+
+async def _stop_redirect(settings: settings_mod.Settings, redirector: Redirector, ruleset: Ruleset, *, who: str) -> None:
+    """A clean stop's rule for the table in force (``who``: ``"pod x/y: "``, or "" for the host):
+    keep it (``redirect.keepBlockOnStop``, the default) or remove it; log and note which."""
+    r = settings.model.redirect
+    ports = ruleset_ports(ruleset)
+    if r.keepBlockOnStop:
+        # The table stays as a crash leaves it: the exposed ports redirect to a listener that
+        # is gone (refused), the app ports reject; the next start replaces it atomically.
+        log.warning(
+            "%sstopping with the redirect table inet %s kept: %s refuse connections until the "
+            "enforcer serves again (`enforcer unblock` opens them)", who, r.table, ports,
+        )
+        await note_ports(
+            settings, method="STOP", reason=Reason.PORTS_BLOCKED, detail=f"{who}table inet {r.table} kept: {ports}"
+        )
+        return
+    try:
+        await redirector.remove(r.table)
+    except RedirectError as exc:
+        log.error("%scould not remove the redirect table on stop: %s", who, exc)
+        return
+    log.warning(
+        "%sredirect table inet %s removed at stop (redirect.keepBlockOnStop: false): %s answer "
+        "without the enforcer now", who, r.table, ports,
+    )
+    await note_ports(
+        settings, method="STOP", reason=Reason.PORTS_UNBLOCKED, detail=f"{who}table inet {r.table} removed: {ports}"
+    )
 
 
 def ruleset_ports(ruleset: Ruleset) -> str:

@@ -1,0 +1,416 @@
+"""Find a running pod's network namespace from /proc and hold it open: :func:`find_pod_netns`.
+
+After a restart the enforcer must re-find the namespaces of the pods it protects, which a
+CNI plugin event no longer tells it. As Istio's node agent does (``podcgroupns_linux.go``), the
+scan walks ``/proc/<pid>/ns/net``, maps each process to a pod UID through its cgroup path
+(:func:`pod_uid_from_cgroup`; pluggable, because cgroup files cannot be faked in a test),
+dedupes namespaces by inode and prefers the one of the pod's oldest process (the sandbox's
+pause process). Two guards, each of which refuses a namespace:
+
+* the host's namespace (PID 1's, and our own: with ``hostNetwork`` they are the same) is never
+  a pod's: a process of the pod that runs in the host namespace (e.g. a ``hostNetwork`` pod, or
+  one in transit) must not make us program the node's firewall;
+* the namespace must hold one of the pod's IPs (read inside it over rtnetlink,
+  :func:`netns_addresses`): a process of one pod that entered another pod's namespace cannot
+  send us into the wrong one.
+
+The result is a :class:`PodNetns`: an ``O_RDONLY`` descriptor on the namespace, which keeps
+it pinned (the process it was found through may exit) until :meth:`PodNetns.close`. Its
+:attr:`PodNetns.path` (``/proc/self/fd/N``) is what :func:`enforcer.net.netns.run_in_netns`
+and ``enforcer.net.nftables`` take as ``netns``. No pyroute2 here: the address dump is a
+30-line rtnetlink request parsed by :func:`parse_addr_dump`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import logging
+import os
+import re
+import socket
+import struct
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from enforcer.net.netns import run_in_netns
+
+log = logging.getLogger(__name__)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+PodUidOf = Callable[[int], "str | None"]
+"""Maps a pid to the UID of the pod it belongs to (None: not a pod's process, or gone)."""
+
+AddressesOf = Callable[[str], "frozenset[IPAddress]"]
+"""The addresses configured inside the network namespace at a path (``/proc/self/fd/N``)."""
+
+# a pod UID as kubelet writes it in cgroup paths: '-' (cgroupfs) or '_' (systemd) separators
+_UID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}"
+# cgroupfs driver (v1 and v2): .../kubepods[/besteffort|/burstable]/pod<uid>/<container id>
+_CGROUPFS_POD = re.compile(rf"pod({_UID})")
+# systemd driver: .../kubepods-besteffort.slice/kubepods-besteffort-pod<uid_with_underscores>.slice/...
+_SYSTEMD_POD = re.compile(rf"kubepods(?:-[a-z]+)?-pod({_UID})\.slice")
+
+
+def pod_uid_from_cgroup(text: str) -> str | None:
+    """The pod UID in the contents of a ``/proc/<pid>/cgroup`` file, or None.
+
+    Each line is ``hierarchy:controllers:path`` (cgroup v1: one per hierarchy; v2: ``0::path``).
+    A path component ``pod<uid>`` (cgroupfs driver) or ``kubepods[-<qos>]-pod<uid>.slice``
+    (systemd driver, ``_`` for ``-``) names the pod; components are matched whole, so a
+    container or file name that merely contains ``pod`` does not. Paths may be relative to a
+    cgroup namespace (``/../../pod<uid>/...``). The UID comes back lower-case with ``-``.
+    """
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        for component in parts[2].split("/"):
+            match = _CGROUPFS_POD.fullmatch(component) or _SYSTEMD_POD.fullmatch(component)
+            if match:
+                return match.group(1).replace("_", "-")
+    return None
+
+
+def proc_pod_uid(pid: int) -> str | None:
+    """The pod UID of process ``pid`` from ``/proc/<pid>/cgroup`` (None if none or gone)."""
+    try:
+        with open(f"/proc/{pid}/cgroup", encoding="utf-8", errors="replace") as f:
+            return pod_uid_from_cgroup(f.read())
+    except OSError:
+        return None
+
+
+def parse_start_time(stat: str) -> int:
+    """Field 22 of a ``/proc/<pid>/stat`` line: the process's start, in clock ticks since boot.
+
+    The command name (field 2) is in parentheses and may itself hold spaces and ``)``, so the
+    fields are counted after its *last* ``)``. Raises ValueError for a malformed line.
+    """
+    _, paren, rest = stat.rpartition(")")
+    fields = rest.split()
+    if not paren or len(fields) < 20:
+        raise ValueError(f"not a /proc/<pid>/stat line: {stat[:80]!r}")
+    return int(fields[19])  # fields[0] is field 3 (state)
+
+
+# ---------------------------------------------------------------------------------------------
+# addresses inside a namespace (rtnetlink RTM_GETADDR dump)
+
+_RTM_GETADDR = 22
+_RTM_NEWADDR = 20
+_NLMSG_ERROR = 2
+_NLMSG_DONE = 3
+_NLM_F_REQUEST = 0x1
+_NLM_F_DUMP = 0x300
+_IFA_ADDRESS = 1
+_IFA_LOCAL = 2
+_NLMSGHDR = struct.Struct("=IHHII")
+_IFADDRMSG = struct.Struct("=BBBBI")
+_RTATTR = struct.Struct("=HH")
+
+
+def parse_addr_dump(data: bytes) -> tuple[list[IPAddress], bool]:
+    """The addresses in one datagram of an ``RTM_GETADDR`` dump, and whether it ended there.
+
+    For each ``RTM_NEWADDR``: ``IFA_LOCAL`` (the local end; ``IFA_ADDRESS`` is the peer on a
+    point-to-point link), else ``IFA_ADDRESS``. ``NLMSG_DONE`` ends the dump; an
+    ``NLMSG_ERROR`` raises OSError with its errno; truncated messages end the parse.
+    """
+    found: list[IPAddress] = []
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+        if length < _NLMSGHDR.size or offset + length > len(data):
+            break
+        body = data[offset + _NLMSGHDR.size : offset + length]
+        offset += (length + 3) & ~3
+        if mtype == _NLMSG_DONE:
+            return found, True
+        if mtype == _NLMSG_ERROR:
+            (code,) = struct.unpack_from("=i", body, 0) if len(body) >= 4 else (0,)
+            if code:
+                raise OSError(-code, f"RTM_GETADDR: {os.strerror(-code)}")
+            return found, True
+        if mtype != _RTM_NEWADDR or len(body) < _IFADDRMSG.size:
+            continue
+        family = body[0]
+        attrs: dict[int, bytes] = {}
+        at = _IFADDRMSG.size
+        while at + _RTATTR.size <= len(body):
+            alen, atype = _RTATTR.unpack_from(body, at)
+            if alen < _RTATTR.size or at + alen > len(body):
+                break
+            attrs[atype & 0x3FFF] = body[at + _RTATTR.size : at + alen]
+            at += (alen + 3) & ~3
+        raw = attrs.get(_IFA_LOCAL, attrs.get(_IFA_ADDRESS))
+        if family == socket.AF_INET and raw is not None and len(raw) == 4:
+            found.append(ipaddress.IPv4Address(raw))
+        elif family == socket.AF_INET6 and raw is not None and len(raw) == 16:
+            found.append(ipaddress.IPv6Address(raw))
+    return found, False
+
+
+def _dump_addresses() -> frozenset[IPAddress]:
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as sock:  # NETLINK_ROUTE
+        sock.settimeout(5)
+        sock.bind((0, 0))
+        seq = int.from_bytes(os.urandom(2), "big") | 1
+        body = _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+        sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), _RTM_GETADDR,
+                                 _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0) + body)
+        found: set[IPAddress] = set()
+        done = False
+        while not done:
+            addresses, done = parse_addr_dump(sock.recv(1 << 16))
+            found.update(addresses)
+        return frozenset(found)
+
+
+def netns_addresses(netns: str) -> frozenset[IPAddress]:
+    """Every address configured inside the network namespace at ``netns`` (a path or a name
+    under /run/netns), read over rtnetlink from a thread inside it. Needs CAP_SYS_ADMIN."""
+    return run_in_netns(netns, _dump_addresses)
+
+
+# ---------------------------------------------------------------------------------------------
+# the held namespace
+
+
+@dataclass(eq=False)
+class PodNetns:
+    """An open ``O_RDONLY`` descriptor on a pod's network namespace: it keeps the namespace
+    alive (and the same one: a path could be re-used by a new sandbox) until :meth:`close`.
+
+    ``uid``: the pod it belongs to (``""`` when opened from a path without one); ``pid``: the
+    process it was found through (0 when opened from a path); ``inode``: the namespace's inode,
+    as ``/proc/<pid>/ns/net`` links show it (``net:[inode]``)."""
+
+    fd: int
+    inode: int
+    uid: str = ""
+    pid: int = 0
+    _closed: bool = field(default=False, repr=False)
+
+    @classmethod
+    def open(cls, path: str, *, uid: str = "", pid: int = 0) -> PodNetns:
+        """Hold the namespace at ``path`` (``/proc/<pid>/ns/net``, ``/var/run/netns/cni-…``:
+        what a CNI plugin hands over). Raises OSError if it cannot be opened, ValueError if it
+        is not a network namespace (setns would refuse it)."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not _is_netns(fd):
+                raise ValueError(f"{path} is not a network namespace")
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd=fd, inode=st.st_ino, uid=uid, pid=pid)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def path(self) -> str:
+        """``/proc/self/fd/N``: the namespace for ``run_in_netns``/``nftables`` (``netns=``).
+
+        Raises ValueError once closed: the descriptor number may then name another file."""
+        if self._closed:
+            raise ValueError(f"the network namespace net:[{self.inode}] was closed")
+        return f"/proc/self/fd/{self.fd}"
+
+    def close(self) -> None:
+        """Release the namespace (idempotent). It lives on only while something else holds it."""
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+    def __enter__(self) -> PodNetns:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+_NS_GET_NSTYPE = 0xB703  # ioctl(nsfd, NS_GET_NSTYPE) -> CLONE_NEW* (Linux >= 4.11)
+_CLONE_NEWNET = 0x40000000
+
+
+def _is_netns(fd: int) -> bool:
+    try:
+        return fcntl.ioctl(fd, _NS_GET_NSTYPE) == _CLONE_NEWNET
+    except OSError:
+        return False
+
+
+def netns_inode(path: str) -> int | None:
+    """The inode of the namespace at ``path`` (e.g. ``/proc/<pid>/ns/net``), None if gone."""
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def host_netns_inodes() -> frozenset[int]:
+    """The namespaces that are never a pod's: PID 1's (the host's, with ``hostPID``) and ours."""
+    return frozenset(i for i in (netns_inode("/proc/1/ns/net"), netns_inode("/proc/self/ns/net")) if i)
+
+
+# ---------------------------------------------------------------------------------------------
+# the scan
+
+
+@dataclass
+class ScanResult:
+    """What :func:`find_pod_netns` found: ``found`` maps pod UID to its held namespace (close
+    them, or hand them on); ``refused`` maps the UIDs it could not serve to why (for a log)."""
+
+    found: dict[str, PodNetns] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    start: int
+    pid: int
+    inode: int
+
+
+def _candidates(
+    wanted: Iterable[str], pod_uid_of: PodUidOf, host: frozenset[int]
+) -> tuple[dict[str, list[_Candidate]], set[str]]:
+    """Per wanted UID, one candidate per namespace (its oldest process), oldest first; and the
+    UIDs seen only in the host namespace."""
+    want = set(wanted)
+    oldest: dict[str, dict[int, _Candidate]] = {}
+    in_host: set[str] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        uid = pod_uid_of(pid)
+        if uid is None or uid not in want:
+            continue
+        inode = netns_inode(f"/proc/{pid}/ns/net")
+        if inode is None:
+            continue  # gone, or a kernel thread
+        if inode in host:
+            in_host.add(uid)
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+                start = parse_start_time(f.read())
+        except (OSError, ValueError):
+            continue
+        have = oldest.setdefault(uid, {}).get(inode)
+        if have is None or (start, pid) < (have.start, have.pid):
+            oldest[uid][inode] = _Candidate(start, pid, inode)
+    return {uid: sorted(by_inode.values(), key=lambda c: (c.start, c.pid)) for uid, by_inode in oldest.items()}, in_host
+
+
+def find_pod_netns(
+    pods: Mapping[str, Iterable[str]],
+    *,
+    pod_uid_of: PodUidOf = proc_pod_uid,
+    addresses_of: AddressesOf = netns_addresses,
+    host_inodes: frozenset[int] | None = None,
+) -> ScanResult:
+    """Find and hold the network namespace of each pod in ``pods`` (UID -> the pod's IPs).
+
+    For each pod, its namespaces are tried oldest process first; the first that is not the
+    host's and holds one of the pod's IPs is opened and kept (the descriptor is checked to be
+    the inode that was scanned, so a pid re-used meanwhile cannot slip in). Blocking (a /proc
+    walk, one thread per namespace tried): run it with ``asyncio.to_thread``. Needs
+    ``hostPID`` (to see the pods' processes), CAP_SYS_ADMIN and CAP_SYS_PTRACE-free access to
+    ``/proc/<pid>/ns/net`` (root in the initial user namespace has it).
+    """
+    host = host_netns_inodes() if host_inodes is None else host_inodes
+    wanted: dict[str, frozenset[IPAddress]] = {}
+    result = ScanResult()
+    for uid, ips in pods.items():
+        parsed: set[IPAddress] = set()
+        for text in ips:
+            try:
+                parsed.add(ipaddress.ip_address(text))
+            except ValueError:
+                continue
+        if not parsed:
+            result.refused[uid] = "no IP known for the pod: cannot check its network namespace"
+            continue
+        wanted[uid] = frozenset(parsed)
+    candidates, in_host = _candidates(wanted, pod_uid_of, host)
+    for uid, pod_ips in wanted.items():
+        tried: list[str] = []
+        for cand in candidates.get(uid, ()):
+            held = _hold(cand, uid)
+            if held is None:
+                continue  # exited (or its pid re-used) since the scan
+            try:
+                addresses = addresses_of(held.path)
+            except OSError as exc:
+                held.close()
+                tried.append(f"net:[{cand.inode}] (pid {cand.pid}): cannot read its addresses: {exc}")
+                continue
+            if addresses & pod_ips:
+                result.found[uid] = held
+                break
+            held.close()
+            tried.append(
+                f"net:[{cand.inode}] (pid {cand.pid}) holds none of the pod's IPs "
+                f"({', '.join(sorted(map(str, pod_ips)))})"
+            )
+        else:
+            if tried:
+                result.refused[uid] = "refused " + "; ".join(tried)
+            elif uid in in_host:
+                result.refused[uid] = "its processes run only in the host network namespace (hostNetwork?)"
+            else:
+                result.refused[uid] = "no process of the pod found in /proc (not on this node, or not started)"
+    for uid, why in result.refused.items():
+        log.info("pod %s: no network namespace: %s", uid, why)
+    return result
+
+
+def _hold(cand: _Candidate, uid: str) -> PodNetns | None:
+    try:
+        held = PodNetns.open(f"/proc/{cand.pid}/ns/net", uid=uid, pid=cand.pid)
+    except (OSError, ValueError):
+        return None
+    if held.inode != cand.inode:
+        held.close()
+        return None
+    return held
+
+
+def fds_into(inode: int) -> list[str]:
+    """This process's descriptors that lead into the network namespace ``inode``: namespace
+    descriptors (``net:[inode]``) and sockets created in it (``SIOCGSKNS``), as ``fd N (...)``.
+
+    What "no handle into the pod's namespace remains" is checked with (tests, ``doctor``)."""
+    out: list[str] = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+        if target == f"net:[{inode}]":
+            out.append(f"fd {fd} ({target})")
+        elif target.startswith("socket:["):
+            try:
+                ns_fd = fcntl.ioctl(fd, _SIOCGSKNS)
+            except OSError:
+                continue  # not a network socket (unix sockets answer too; others refuse)
+            try:
+                if os.fstat(ns_fd).st_ino == inode:
+                    out.append(f"fd {fd} ({target} in net:[{inode}])")
+            finally:
+                with contextlib.suppress(OSError):
+                    os.close(ns_fd)
+    return out
+
+
+_SIOCGSKNS = 0x894C  # ioctl(socket, SIOCGSKNS) -> a descriptor on the socket's netns (Linux >= 4.9)
