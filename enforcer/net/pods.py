@@ -51,7 +51,8 @@ _UID = r"[0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12
 # cgroupfs driver (v1 and v2): .../kubepods[/besteffort|/burstable]/pod<uid>/<container id>
 _CGROUPFS_POD = re.compile(rf"pod({_UID})")
 # systemd driver: .../kubepods-besteffort.slice/kubepods-besteffort-pod<uid_with_underscores>.slice/...
-_SYSTEMD_POD = re.compile(rf"kubepods(?:-[a-z]+)?-pod({_UID})\.slice")
+# (under a kubelet cgroup root such as kind's /kubelet.slice: kubelet-kubepods-...-pod<uid>.slice)
+_SYSTEMD_POD = re.compile(rf"(?:[a-z0-9]+-)*kubepods(?:-[a-z]+)?-pod({_UID})\.slice")
 
 
 def pod_uid_from_cgroup(text: str) -> str | None:
@@ -132,7 +133,8 @@ def parse_addr_dump(data: bytes) -> tuple[list[IPAddress], bool]:
         if mtype == _NLMSG_ERROR:
             (code,) = struct.unpack_from("=i", body, 0) if len(body) >= 4 else (0,)
             if code:
-                raise OSError(-code, f"RTM_GETADDR: {os.strerror(-code)}")
+                text = os.strerror(-code) if 0 < -code < 4096 else f"error {code}"
+                raise OSError(-code, f"RTM_GETADDR: {text}")
             return found, True
         if mtype != _RTM_NEWADDR or len(body) < _IFADDRMSG.size:
             continue
