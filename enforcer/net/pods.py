@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -389,26 +390,29 @@ def _hold(cand: _Candidate, uid: str) -> PodNetns | None:
 
 def fds_into(inode: int) -> list[str]:
     """This process's descriptors that lead into the network namespace ``inode``: namespace
-    descriptors (``net:[inode]``) and sockets created in it (``SIOCGSKNS``), as ``fd N (...)``.
+    descriptors (however opened: ``/proc/<pid>/ns/net``, ``/run/netns/x``) and sockets created
+    in it (``SIOCGSKNS``), each as ``fd N (what it links to)``.
 
     What "no handle into the pod's namespace remains" is checked with (tests, ``doctor``)."""
+    nsfs = os.stat("/proc/self/ns/net").st_dev
     out: list[str] = []
     for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
+        path = f"/proc/self/fd/{name}"
         try:
-            target = os.readlink(f"/proc/self/fd/{name}")
+            target = os.readlink(path)
+            st = os.stat(path)  # follows the magic link to the open file itself
         except OSError:
             continue  # the listing's own descriptor, closed by now
-        if target == f"net:[{inode}]":
-            out.append(f"fd {fd} ({target})")
-        elif target.startswith("socket:["):
+        if st.st_dev == nsfs and st.st_ino == inode:
+            out.append(f"fd {name} ({target}: net:[{inode}])")
+        elif stat.S_ISSOCK(st.st_mode):
             try:
-                ns_fd = fcntl.ioctl(fd, _SIOCGSKNS)
+                ns_fd = fcntl.ioctl(int(name), _SIOCGSKNS)
             except OSError:
-                continue  # not a network socket (unix sockets answer too; others refuse)
+                continue  # a socket of another kind
             try:
                 if os.fstat(ns_fd).st_ino == inode:
-                    out.append(f"fd {fd} ({target} in net:[{inode}])")
+                    out.append(f"fd {name} ({target} in net:[{inode}])")
             finally:
                 with contextlib.suppress(OSError):
                     os.close(ns_fd)
