@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import json
 import os
 import select
+import shutil
 import socket
 import struct
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -231,13 +234,17 @@ def namespace(name: str, *addresses: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def sleeper(netns: str | None) -> Iterator[int]:
-    """A sleeping process inside ``netns`` (None: ours); its pid."""
-    argv = ["sleep", "300"] if netns is None else ["ip", "netns", "exec", netns, "sleep", "300"]
+def sleeper(netns: str | None, *, user: int | None = None) -> Iterator[int]:
+    """A sleeping process inside ``netns`` (None: ours), as ``user`` (None: root); its pid."""
+    argv = ["sleep", "300"]
+    if user is not None:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+    if netns is not None:
+        argv = ["ip", "netns", "exec", netns, *argv]
     proc = subprocess.Popen(argv)
     try:
         deadline = time.monotonic() + 10
-        while netns is not None and time.monotonic() < deadline:  # `ip netns exec` execs sleep
+        while argv[0] != "sleep" and time.monotonic() < deadline:  # `ip netns exec`, setpriv exec sleep
             if Path(f"/proc/{proc.pid}/comm").read_text().strip() == "sleep":
                 break
             time.sleep(0.01)
@@ -292,6 +299,26 @@ def test_scan_finds_each_pod_and_applies_both_guards() -> None:
     finally:
         held.close()
     assert pods.fds_into(held.inode) == []
+
+
+def test_scan_without_ptrace_says_why() -> None:
+    """Without CAP_SYS_PTRACE the namespace of another user's process cannot be opened, and the scan says so."""
+    require_root()
+    if shutil.which("setpriv") is None:
+        pytest.skip("needs setpriv (util-linux)")
+    uid = str(uuid.uuid4())
+    with namespace(f"ppod-np-{P}", "10.99.0.21/32") as ns, sleeper(ns, user=65534) as pid:
+        script = (
+            "import json; from enforcer.net.pods import find_pod_netns; "
+            f"r = find_pod_netns({{{uid!r}: ['10.99.0.21']}}, pod_uid_of={{{pid}: {uid!r}}}.get); "
+            "print(json.dumps([sorted(r.found), r.refused]))"
+        )
+        argv = [sys.executable, "-c", script]
+        found = [json.loads(subprocess.run(
+            [*prefix, *argv], capture_output=True, text=True, check=True, timeout=60).stdout)
+            for prefix in ([], ["setpriv", "--bounding-set=-sys_ptrace", "--"])]
+    assert found[0] == [[uid], {}]
+    assert found[1][0] == [] and "CAP_SYS_PTRACE" in found[1][1][uid]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,7 +521,8 @@ async def test_pod_attachment_serves_inside_the_pods_namespace(
         new.close()
         app.close()
     # nftables closes each batch's netlink socket from a thread, after the kernel's RCU grace period
-    deadline = time.monotonic() + 2
-    while pods.fds_into(inode) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    for _ in range(200):
+        if not pods.fds_into(inode):
+            break
+        await asyncio.sleep(0.01)
     assert pods.fds_into(inode) == []

@@ -250,16 +250,22 @@ def _is_netns(fd: int) -> bool:
 
 
 def netns_inode(path: str) -> int | None:
-    """The inode of the namespace at ``path`` (e.g. ``/proc/<pid>/ns/net``), None if gone."""
+    """The inode of the namespace at ``path`` (e.g. ``/proc/<pid>/ns/net``), None if gone.
+    Raises PermissionError when we may not look (another uid's process, no CAP_SYS_PTRACE)."""
     try:
         return os.stat(path).st_ino
+    except PermissionError:
+        raise
     except OSError:
         return None
 
 
 def host_netns_inodes() -> frozenset[int]:
     """The namespaces that are never a pod's: PID 1's (the host's, with ``hostPID``) and ours."""
-    return frozenset(i for i in (netns_inode("/proc/1/ns/net"), netns_inode("/proc/self/ns/net")) if i)
+    inodes = {netns_inode("/proc/self/ns/net")}
+    with contextlib.suppress(PermissionError):
+        inodes.add(netns_inode("/proc/1/ns/net"))
+    return frozenset(i for i in inodes if i)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,14 +288,18 @@ class _Candidate:
     inode: int
 
 
-def _candidates(
-    wanted: Iterable[str], pod_uid_of: PodUidOf, host: frozenset[int]
-) -> tuple[dict[str, list[_Candidate]], set[str]]:
-    """Per wanted UID, one candidate per namespace (its oldest process), oldest first; and the
-    UIDs seen only in the host namespace."""
+@dataclass
+class _Seen:
+    by_uid: dict[str, list[_Candidate]]  # one candidate per namespace (its oldest process), oldest first
+    in_host: set[str]  # UIDs with processes in the host namespace
+    denied: set[str]  # UIDs with processes whose namespace we may not see
+
+
+def _candidates(wanted: Iterable[str], pod_uid_of: PodUidOf, host: frozenset[int]) -> _Seen:
     want = set(wanted)
     oldest: dict[str, dict[int, _Candidate]] = {}
     in_host: set[str] = set()
+    denied: set[str] = set()
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -297,7 +307,11 @@ def _candidates(
         uid = pod_uid_of(pid)
         if uid is None or uid not in want:
             continue
-        inode = netns_inode(f"/proc/{pid}/ns/net")
+        try:
+            inode = netns_inode(f"/proc/{pid}/ns/net")
+        except PermissionError:
+            denied.add(uid)
+            continue
         if inode is None:
             continue  # gone, or a kernel thread
         if inode in host:
@@ -311,7 +325,8 @@ def _candidates(
         have = oldest.setdefault(uid, {}).get(inode)
         if have is None or (start, pid) < (have.start, have.pid):
             oldest[uid][inode] = _Candidate(start, pid, inode)
-    return {uid: sorted(by_inode.values(), key=lambda c: (c.start, c.pid)) for uid, by_inode in oldest.items()}, in_host
+    by_uid = {uid: sorted(by_inode.values(), key=lambda c: (c.start, c.pid)) for uid, by_inode in oldest.items()}
+    return _Seen(by_uid, in_host, denied)
 
 
 def find_pod_netns(
@@ -327,8 +342,10 @@ def find_pod_netns(
     host's and holds one of the pod's IPs is opened and kept (the descriptor is checked to be
     the inode that was scanned, so a pid re-used meanwhile cannot slip in). Blocking (a /proc
     walk, one thread per namespace tried): run it with ``asyncio.to_thread``. Needs
-    ``hostPID`` (to see the pods' processes), CAP_SYS_ADMIN and CAP_SYS_PTRACE-free access to
-    ``/proc/<pid>/ns/net`` (root in the initial user namespace has it).
+    ``hostPID`` (to see the pods' processes), CAP_SYS_ADMIN (``setns``) and, for processes of
+    another uid than ours, CAP_SYS_PTRACE (``/proc/<pid>/ns/net`` is a ptrace-read check; a
+    pod reported as such in ``refused`` otherwise). A namespace path handed over by a CNI
+    plugin (:meth:`PodNetns.open`) needs no CAP_SYS_PTRACE.
     """
     host = host_netns_inodes() if host_inodes is None else host_inodes
     wanted: dict[str, frozenset[IPAddress]] = {}
@@ -344,10 +361,10 @@ def find_pod_netns(
             result.refused[uid] = "no IP known for the pod: cannot check its network namespace"
             continue
         wanted[uid] = frozenset(parsed)
-    candidates, in_host = _candidates(wanted, pod_uid_of, host)
+    seen = _candidates(wanted, pod_uid_of, host)
     for uid, pod_ips in wanted.items():
         tried: list[str] = []
-        for cand in candidates.get(uid, ()):
+        for cand in seen.by_uid.get(uid, ()):
             held = _hold(cand, uid)
             if held is None:
                 continue  # exited (or its pid re-used) since the scan
@@ -368,7 +385,12 @@ def find_pod_netns(
         else:
             if tried:
                 result.refused[uid] = "refused " + "; ".join(tried)
-            elif uid in in_host:
+            elif uid in seen.denied:
+                result.refused[uid] = (
+                    "permission denied reading /proc/<pid>/ns/net of its processes "
+                    "(they run as another user: the enforcer needs CAP_SYS_PTRACE)"
+                )
+            elif uid in seen.in_host:
                 result.refused[uid] = "its processes run only in the host network namespace (hostNetwork?)"
             else:
                 result.refused[uid] = "no process of the pod found in /proc (not on this node, or not started)"
