@@ -189,6 +189,7 @@ def test_addr_dump_error_raises_its_errno() -> None:
     assert info.value.errno == 1
 
 
+@pytest.mark.root
 def test_our_own_namespace_addresses_include_loopback() -> None:
     """The real dump of this namespace (over rtnetlink, from a thread inside it) lists 127.0.0.1."""
     require_root()
@@ -254,6 +255,7 @@ def sleeper(netns: str | None, *, user: int | None = None) -> Iterator[int]:
         proc.wait()
 
 
+@pytest.mark.root
 def test_scan_finds_each_pod_and_applies_both_guards() -> None:
     """The scan holds the namespace of a pod's oldest process that holds a pod IP, never the host's, never a foreign one."""
     require_root()
@@ -301,6 +303,7 @@ def test_scan_finds_each_pod_and_applies_both_guards() -> None:
     assert pods.fds_into(held.inode) == []
 
 
+@pytest.mark.root
 def test_scan_without_ptrace_says_why() -> None:
     """Without CAP_SYS_PTRACE the namespace of another user's process cannot be opened, and the scan says so."""
     require_root()
