@@ -341,7 +341,10 @@ class PodAttachment:
     async def remove(self) -> None:
         if self.ruleset is None or self.netns.closed:
             return
-        await _stop_redirect(self.settings, self._redirector(), self.ruleset, who=f"{self.name}: ")
+        await _stop_redirect(
+            self.settings, self._redirector(), self.ruleset, who=f"{self.name}: ",
+            opener="a new enforcer serving the pod, or its release, opens them",
+        )
 
     async def release(self) -> None:
         """The pod is no longer selected: remove its table (present or not, e.g. left by an
@@ -391,7 +394,8 @@ class PodAttachment:
 
 
 async def _stop_redirect(
-    settings: settings_mod.Settings, redirector: Redirector, ruleset: Ruleset, *, who: str
+    settings: settings_mod.Settings, redirector: Redirector, ruleset: Ruleset, *, who: str,
+    opener: str = "`enforcer unblock` opens them",
 ) -> None:
     """A clean stop's rule for the table in force (``who``: ``"pod x/y: "``, or "" for the host):
     keep it (``redirect.keepBlockOnStop``, the default) or remove it; log and note which."""
@@ -402,7 +406,7 @@ async def _stop_redirect(
         # is gone (refused), the app ports reject; the next start replaces it atomically.
         log.warning(
             "%sstopping with the redirect table inet %s kept: %s refuse connections until the "
-            "enforcer serves again (`enforcer unblock` opens them)", who, r.table, ports,
+            "enforcer serves again (%s)", who, r.table, ports, opener,
         )
         await note_ports(
             settings, method="STOP", reason=Reason.PORTS_BLOCKED, detail=f"{who}table inet {r.table} kept: {ports}"
