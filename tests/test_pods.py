@@ -10,7 +10,6 @@ import os
 import select
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from enforcer.config import settings as settings_mod
 from enforcer.config.definitions import parse_documents, resolve_definitions
 from enforcer.net import nftables, pods
 from enforcer.net.netns import run_in_netns
-from enforcer.net.pods import PodNetns, find_pod_netns, parse_addr_dump, parse_start_time, pod_uid_from_cgroup
+from enforcer.net.pods import PodNetns, find_pod_netns, parse_start_time, pod_uid_from_cgroup
 from enforcer.net.sockopt import SO_MARK, redirected_destination
 from enforcer.run.attach import Attachment, PodAttachment, build_pod_redirect
 from tests.harness.netns import Hosts, connect, ip, refused, require_root, veth_hosts
@@ -138,55 +137,6 @@ def test_start_time_of_this_process() -> None:
     """Our own /proc/self/stat parses, and we started after PID 1."""
     ours = parse_start_time(Path("/proc/self/stat").read_text())
     assert ours >= parse_start_time(Path("/proc/1/stat").read_text())
-
-
-def _nlmsg(mtype: int, body: bytes) -> bytes:
-    msg = struct.pack("=IHHII", 16 + len(body), mtype, 2, 7, 0) + body
-    return msg + b"\0" * (-len(msg) % 4)
-
-
-def _rtattr(atype: int, data: bytes) -> bytes:
-    attr = struct.pack("=HH", 4 + len(data), atype) + data
-    return attr + b"\0" * (-len(attr) % 4)
-
-
-def _newaddr(address: ipaddress.IPv4Address | ipaddress.IPv6Address, peer: bytes | None) -> bytes:
-    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
-    attrs = b""
-    if peer is not None:  # point-to-point: IFA_ADDRESS is the peer, IFA_LOCAL ours
-        attrs += _rtattr(1, peer) + _rtattr(2, address.packed)
-    else:
-        attrs += _rtattr(1, address.packed)
-    attrs += _rtattr(3, b"eth0\0")  # IFA_LABEL, ignored
-    return _nlmsg(20, struct.pack("=BBBBI", family, 24, 0, 0, 2) + attrs)
-
-
-_addresses = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6))
-
-
-@given(st.lists(st.tuples(_addresses, st.booleans()), max_size=8), st.booleans())
-def test_addr_dump_roundtrip(entries: list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, bool]],
-                             done: bool) -> None:
-    """Every RTM_NEWADDR gives its local address (never a point-to-point peer); NLMSG_DONE ends the dump."""
-    data = b"".join(_newaddr(a, (b"\xff" * (4 if a.version == 4 else 16)) if ptp else None) for a, ptp in entries)
-    if done:
-        data += _nlmsg(3, struct.pack("=i", 0))
-    assert parse_addr_dump(data) == ([a for a, _ in entries], done)
-
-
-@given(st.binary(max_size=200))
-def test_addr_dump_never_misreads_garbage(data: bytes) -> None:
-    """Arbitrary bytes parse to addresses, an end, or an OSError; nothing else escapes."""
-    with contextlib.suppress(OSError):
-        found, _ = parse_addr_dump(data)
-        assert all(isinstance(a, ipaddress.IPv4Address | ipaddress.IPv6Address) for a in found)
-
-
-def test_addr_dump_error_raises_its_errno() -> None:
-    """An NLMSG_ERROR answer raises OSError with the kernel's errno."""
-    with pytest.raises(OSError, match="RTM_GETADDR") as info:
-        parse_addr_dump(_nlmsg(2, struct.pack("=i", -1) + b"\0" * 16))
-    assert info.value.errno == 1
 
 
 @pytest.mark.root
