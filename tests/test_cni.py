@@ -469,7 +469,11 @@ async def test_an_enforcer_that_never_answers_times_out(plugin: Path, tmp_path: 
     ],
 )
 def test_the_plugin_refuses_a_netconf_it_cannot_trust(plugin: Path, conf: bytes, match: str) -> None:
-    """A relative or escaped socket path, a bad timeout or an oversized netconf: error 7 before any connection."""
+    """A relative or escaped socket path, a bad timeout or an oversized netconf: error 7 on ADD, exit 0 on DEL."""
+    deleted = subprocess.run(
+        [str(plugin)], env=env_for("DEL", "/run/netns/x"), input=conf, capture_output=True, timeout=10, check=False
+    )
+    assert (deleted.returncode, deleted.stdout) == (0, b"") and match.encode() in deleted.stderr
     done = subprocess.run(
         [str(plugin)], env=env_for("ADD", "/run/netns/x"), input=conf, capture_output=True, timeout=10, check=False
     )

@@ -85,8 +85,12 @@ static void json_safe(char *out, size_t outsz, const char *in) {
 }
 
 /* A CNI error object on stdout (the runtime shows msg and details in the pod's events), a line on
- * stderr for the runtime's log, exit 1. */
+ * stderr for the runtime's log, exit 1. A DEL never fails: it only logs, so teardown goes on. */
 static void fail(int code, const char *msg, const char *details) {
+    if (strcmp(command, "DEL") == 0) {
+        fprintf(stderr, "enforcer-cni DEL: %s: %s (nothing to undo here)\n", msg, details);
+        exit(0);
+    }
     char m[256], d[512], out[1024];
     json_safe(m, sizeof m, msg);
     json_safe(d, sizeof d, details);

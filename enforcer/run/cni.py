@@ -397,6 +397,8 @@ class CniServer:
             await writer.drain()
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
             log.warning("cni: plugin connection dropped: %r", exc)  # the plugin treats silence as "unreachable"
+        except Exception:  # a bug here: no answer, so the plugin fails ADD and lets DEL pass
+            log.exception("cni: request failed")
         finally:
             writer.close()
             with contextlib.suppress(Exception):
