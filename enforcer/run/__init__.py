@@ -3,5 +3,6 @@
 ``main`` (entry point of ``enforcer run``) → ``daemon`` (one serving process, its tasks in one
 TaskGroup) or ``workers`` (a master supervising several); ``attach`` (where a listening socket
 and its redirect live: the host today, pods later), ``stores`` (the session store the settings
-ask for), ``systemd`` (notify, watchdog), ``memory`` (heap trimming, GC).
+ask for), ``systemd`` (notify, watchdog), ``memory`` (heap trimming, GC),
+``cni`` (the socket the chained CNI plugin announces new pods on; installing the plugin).
 """

@@ -16,7 +16,8 @@ Fixtures (session-scoped; registered for every test file through tests/conftest.
 ``kube_node`` -> :class:`Node` (needs ``kube_api``; adds containerd, kubelet, controller-manager,
     scheduler; node Ready in ~20-40 s): ``api``, ``name``, ``node_ip``, ``client_netns``,
     ``import_image(oci_archive) -> list[str]`` (the image names it loaded), ``ctr(*args)``,
-    ``wait_pod_ready(ns, name)``, ``node_ready()``, ``timings``. Pods must use
+    ``wait_pod_ready(ns, name)``, ``node_ready()``, ``timings``, ``cni_conf_dir`` / ``cni_bin_dir``
+    (containerd's CNI directories in the work dir: a test may chain its own plugin there). Pods must use
     ``imagePullPolicy: Never`` (there is no registry); :func:`write_oci_archive` and
     :func:`static_image` build images from layer tars / a static C program.
 
@@ -805,6 +806,16 @@ class Node:
     client_netns: str = CLIENT_NETNS
     timings: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def cni_conf_dir(self) -> Path:
+        """containerd's CNI configuration directory (the harness writes ``10-enf-k8s.conflist``; reloaded on change)."""
+        return self.workdir / "cni" / "net.d"
+
+    @property
+    def cni_bin_dir(self) -> Path:
+        """containerd's CNI plugin directory: links to the Debian plugins; a test may add its own plugin here."""
+        return self.workdir / "cni" / "bin"
+
     def ctr(self, *args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``ctr`` against this node's containerd, namespace ``k8s.io`` (the one kubelet's CRI uses)."""
         return _run(
@@ -909,8 +920,12 @@ def node(api: ControlPlane) -> Iterator[Node]:
     t0 = time.monotonic()
     w = api.workdir / "node"
     logs = api.workdir / "logs"
-    for d in ("containerd", "cni/net.d", "cni/ipam", "kubelet/pki", "kubelet/volume-plugins", "images"):
+    for d in ("containerd", "cni/net.d", "cni/ipam", "cni/bin", "kubelet/pki", "kubelet/volume-plugins", "images"):
         (w / d).mkdir(parents=True, exist_ok=True)
+    for plugin in sorted(CNI_BIN_DIR.iterdir()):  # a plugin dir of our own, so a test can chain its own plugin
+        link = w / "cni" / "bin" / plugin.name
+        if not link.is_symlink():
+            link.symlink_to(plugin)
     with contextlib.ExitStack() as stack:
         ours = _created_by_us(HARDCODED_PATHS)
         cgroups = [root / "kubepods" for root in _cgroup_roots() if not (root / "kubepods").exists()]
@@ -931,7 +946,7 @@ def node(api: ControlPlane) -> Iterator[Node]:
         n = Node(api=api, workdir=w, socket=socket, procs=procs)
 
         (w / "containerd" / "config.toml").write_text(
-            CONTAINERD_CONFIG.format(w=w, pause=PAUSE_IMAGE, cni_bin=CNI_BIN_DIR)
+            CONTAINERD_CONFIG.format(w=w, pause=PAUSE_IMAGE, cni_bin=w / "cni" / "bin")
         )
         cni = {
             "cniVersion": "0.4.0",
