@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 import yaml
+from aiohttp import web
 
 from enforcer.config import definitions
 from enforcer.config import kubernetes as k8s
@@ -266,6 +267,65 @@ async def test_a_stop_removes_the_table_only_when_the_check_says_uninstall(
         host.close()
 
 
+def _status(code: int, reason: str, name: str | None = "enforcer") -> str:
+    details = {} if name is None else {"details": {"name": name, "group": "apps", "kind": "daemonsets"}}
+    return json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code,
+                       **details})
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "uninstall", "said"),
+    [
+        (404, _status(404, "NotFound"), True, "deleted"),
+        (401, _status(401, "Unauthorized", None), True, "access revoked"),
+        (403, _status(403, "Forbidden"), True, "access revoked"),
+        (404, "404 page not found", False, "a proxy's answer"),  # not the API server
+        (404, _status(404, "NotFound", "other"), False, "a proxy's answer"),  # not our DaemonSet
+        (403, _status(403, "Forbidden", "other"), False, "a proxy's answer"),
+        (404, _status(410, "NotFound"), False, "a proxy's answer"),  # code and status disagree
+        (500, _status(500, "InternalError", None), False, "cannot ask"),
+        (503, "", False, "cannot ask"),
+        (200, json.dumps({"kind": "DaemonSet", "metadata": {"name": "enforcer"}}), False, "present"),
+        (200, json.dumps({"kind": "DaemonSet", "metadata": {"name": "enforcer", "deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+         True, "being deleted"),
+        (200, json.dumps({"kind": "Pod", "metadata": {"name": "enforcer", "deletionTimestamp": "x"}}), False,
+         "not DaemonSet"),
+        (200, "not json", False, "cannot ask"),
+    ],
+)
+async def test_only_the_api_servers_own_answer_is_an_uninstall(
+    tmp_path: Path, status: int, body: str, uninstall: bool, said: str,
+) -> None:
+    """404/401/403 mean an uninstall only as the API server's Status naming our DaemonSet; anything else keeps."""
+    seen: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.Response(status=status, text=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        kubeconfig = tmp_path / "fake.conf"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "c",
+            "clusters": [{"name": "k", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+            "users": [{"name": "u", "user": {"token": "t"}}],
+            "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+        }))
+        verdict = await k8s.stop_verdict("enforcer-system", "enforcer", kubeconfig, 2.0)
+    finally:
+        await runner.cleanup()
+    assert seen == ["/apis/apps/v1/namespaces/enforcer-system/daemonsets/enforcer"]
+    assert verdict.uninstall is uninstall, verdict
+    assert said in f"{verdict.short} {verdict.why}"
+
+
 def test_the_daemon_asks_only_when_a_daemonset_is_configured(tmp_path: Path) -> None:
     """Daemon._stop_check is None without kubernetes.daemonSet, and a check with it."""
     assert Daemon(_settings(tmp_path, None))._stop_check() is None
@@ -336,14 +396,16 @@ async def test_the_stop_verdict_against_a_real_api_server(kube_api: ControlPlane
     unreachable = tmp_path / "down.conf"
     unreachable.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        # nothing of Kubernetes there: unroutable, or (in some sandboxes) a proxy that answers a bare 404
         "clusters": [{"name": "k", "cluster": {"server": "https://10.255.255.1:6443", "insecure-skip-tls-verify": True}}],
         "users": [{"name": "u", "user": {"token": "t"}}],
         "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
     }))
-    started = time.monotonic()
-    down = await verdict(unreachable, limit=1.5)
-    assert not down.uninstall and "fail closed" in down.why
-    assert time.monotonic() - started < 3.0
+    for kubeconfig in (unreachable, _down_kubeconfig(tmp_path / "refused.conf")):
+        started = time.monotonic()
+        down = await verdict(kubeconfig, limit=1.5)
+        assert not down.uninstall and "fail closed" in down.why, down
+        assert time.monotonic() - started < 3.0
 
 
 def _down_kubeconfig(path: Path) -> Path:

@@ -412,9 +412,11 @@ def now_rfc3339() -> str:
 class KubernetesError(SourceError):
     """The API server could not be reached or refused a request."""
 
-    def __init__(self, message: str, status: int = 0) -> None:
+    def __init__(self, message: str, status: int = 0, body: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.body = body
+        """The answer's body (up to 4 KiB): a ``Status`` object when the API server refused."""
 
 
 class Gone(KubernetesError):
@@ -504,16 +506,21 @@ class _Api:
             else:
                 resp = await call(_request_timeout=limit, _preload_content=False, **kwargs)
         except self.api_exception as exc:
-            raise KubernetesError(f"{stream}: {exc}", getattr(exc, "status", 0) or 0) from None
+            body = str(getattr(exc, "body", "") or "")[:4096]
+            raise KubernetesError(f"{stream}: {exc}", getattr(exc, "status", 0) or 0, body) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise KubernetesError(f"{stream}: {type(exc).__name__}: {str(exc)[:200]}") from None
         if resp.status == 410:
             resp.release()
             raise Gone(f"{stream}: 410 Gone", 410)
         if resp.status >= 300:
-            body = (await resp.read())[:300].decode("utf-8", "replace")
-            resp.release()
-            raise KubernetesError(f"{stream}: HTTP {resp.status}: {body}", resp.status)
+            try:
+                body = (await resp.content.read(4096)).decode("utf-8", "replace")
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                body = ""
+            finally:
+                resp.release()
+            raise KubernetesError(f"{stream}: HTTP {resp.status}: {body[:300]}", resp.status, body)
         return resp
 
     async def _json(self, what: str, resp: Any) -> dict[str, Any]:
@@ -1072,6 +1079,24 @@ def _labels(obj: Mapping[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, Mapping) else {}
 
 
+def refusal(status: int, body: str, name: str) -> str | None:
+    """The ``reason`` of the API server's ``Status`` answer refusing a request for the object
+    ``name`` (``NotFound``, ``Unauthorized``, ``Forbidden``), or None when ``body`` is not such
+    an answer (an answer from something else in the way, e.g. a proxy's bare 404)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or data.get("kind") != "Status" or data.get("code") != status:
+        return None
+    reason = data.get("reason")
+    details = data.get("details")
+    named = isinstance(details, dict) and details.get("name") == name
+    if (reason == "NotFound" and named) or reason == "Unauthorized" or (reason == "Forbidden" and named):
+        return str(reason)
+    return None
+
+
 @dataclass(frozen=True)
 class StopVerdict:
     """At a stop: is this an uninstall (remove the redirect table) or not (keep it), and why:
@@ -1086,32 +1111,40 @@ async def stop_verdict(namespace: str, name: str, kubeconfig: Path | None, limit
     """Ask the API server for this pod's DaemonSet (Istio's ``ShouldStopCleanup``): gone (404),
     being deleted (``deletionTimestamp``) or our access revoked (401/403: the uninstall removed
     our RBAC or ServiceAccount) is an uninstall; present is an update or a restart; no answer
-    within ``limit`` seconds keeps the table (fail closed).  Never raises."""
+    within ``limit`` seconds keeps the table (fail closed), and so does any answer that is not
+    the API server's (a 404 from a proxy in the way is no uninstall).  Never raises."""
     where = f"DaemonSet {namespace}/{name}"
+    keep = "keeping the table (fail closed)"
     try:
         api = await connect(kubeconfig)
     except KubernetesError as exc:
-        return StopVerdict(False, f"{where} not asked", f"{exc}; keeping the table (fail closed)")
+        return StopVerdict(False, f"{where} not asked", f"{exc}; {keep}")
     try:
         async with asyncio.timeout(limit):
             obj = await api.read_daemon_set(namespace, name, limit)
     except TimeoutError:
         return StopVerdict(False, f"{where} unknown",
-                           f"no answer from the API server within {limit:g}s; keeping the table (fail closed)")
+                           f"no answer from the API server within {limit:g}s; {keep}")
     except KubernetesError as exc:
-        if exc.status == 404:
+        reason = refusal(exc.status, exc.body, name)
+        if reason == "NotFound":
             return StopVerdict(True, f"{where} deleted", f"{where} is gone: an uninstall")
-        if exc.status in (401, 403):
+        if reason in ("Unauthorized", "Forbidden"):
             return StopVerdict(True, f"{where}: access revoked",
-                               f"the API server refuses to show {where} (HTTP {exc.status}): the uninstall removed "
-                               "this pod's ServiceAccount or RBAC")
-        return StopVerdict(False, f"{where} unknown", f"cannot ask for {where}: {exc}; keeping the table (fail closed)")
+                               f"the API server refuses to show {where} (HTTP {exc.status} {reason}): the uninstall "
+                               "removed this pod's ServiceAccount or RBAC")
+        if exc.status in (401, 403, 404):
+            return StopVerdict(False, f"{where} unknown", f"HTTP {exc.status} without the API server's Status for "
+                               f"{where} (a proxy's answer?); {keep}")
+        return StopVerdict(False, f"{where} unknown", f"cannot ask for {where}: {exc}; {keep}")
     except Exception as exc:  # a stop must never fail on this question
         return StopVerdict(False, f"{where} unknown", f"cannot ask for {where}: {type(exc).__name__}: {exc}; "
-                           "keeping the table (fail closed)")
+                           f"{keep}")
     finally:
         with contextlib.suppress(Exception):
             await api.close()
+    if obj.get("kind") != "DaemonSet" or _meta(obj).get("name") != name:
+        return StopVerdict(False, f"{where} unknown", f"the answer is not {where}; {keep}")
     deleting = _meta(obj).get("deletionTimestamp")
     if deleting:
         return StopVerdict(True, f"{where} being deleted", f"{where} is being deleted (since {deleting}): an uninstall")
