@@ -242,6 +242,9 @@ class Service:
     specs: tuple[str, ...]  # names of the httpresourcespecs that contributed endpoints
     selectors: tuple[tuple[str, ...], ...] = ()  # the processing units it is served for (OR of ANDs)
     secret_file: Path | None = None  # where the client secret was read from (OIDCClientSecret: {file: ...})
+    namespace: str = ""
+    """Its Kubernetes namespace (a custom resource's): pod mode serves it only to pods of that
+    namespace. Empty (a file's service without ``namespace:``): pods of any namespace."""
 
 
 @dataclass(frozen=True)
@@ -643,6 +646,7 @@ def _resolve_service(
         specs=tuple(spec_names),
         selectors=tuple(tuple(clause) for clause in svc.selectors),
         secret_file=svc.OIDCClientSecret.file if isinstance(svc.OIDCClientSecret, SecretFile) else None,
+        namespace=svc.namespace,
     )
 
 

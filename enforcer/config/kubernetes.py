@@ -9,7 +9,7 @@ about 35 MB of RSS (its generated models), which a host without it never pays.
 How a set of custom resources becomes definitions:
 
 * Each custom resource is one :class:`CRDocument` (``kind: service`` / ``kind: httpresourcespec``,
-  ``name`` = ``metadata.name``, the ``spec`` fields), its ``source`` naming it
+  ``name`` = ``metadata.name``, ``namespace`` = ``metadata.namespace``, the ``spec`` fields), its ``source`` naming it
   (``EnforcerService default/private-app``) so every :class:`ConfigIssue` points at it.  An
   ``OIDCClientSecret: {secretKeyRef: {name, key}}`` is replaced by that key of the Secret in the
   custom resource's namespace.
@@ -161,11 +161,12 @@ def render(kind: Kind, obj: Mapping[str, Any], secrets: Mapping[tuple[str, str],
     spec = obj.get("spec")
     if not isinstance(spec, Mapping):
         return Rendered(key, order, None, Verdict(False, Verdicts.INVALID, "spec: required, a mapping"))
-    for reserved, origin in (("kind", "kind"), ("name", "metadata.name")):
+    for reserved, origin in (("kind", "kind"), ("name", "metadata.name"), ("namespace", "metadata.namespace")):
         if reserved in spec:
             message = f"spec.{reserved}: not allowed here; fix: remove it, the custom resource's {origin} says it"
             return Rendered(key, order, None, Verdict(False, Verdicts.INVALID, message))
-    data: dict[str, object] = {"kind": kind.definition, "name": key.name, **spec}
+    # the namespace travels with the definition: a service selects only pods of its own namespace
+    data: dict[str, object] = {"kind": kind.definition, "name": key.name, "namespace": key.namespace, **spec}
     if kind.definition == "service" and "OIDCClientSecret" in spec:
         value = _secret_value(key, spec["OIDCClientSecret"], secrets)
         if isinstance(value, Verdict):
@@ -589,6 +590,32 @@ class _Api:
         resp = await self._open(
             what, aiohttp.ClientTimeout(connect=limit, sock_connect=limit, sock_read=seconds + 30),
             self.core.list_node, field_selector=f"metadata.name={name}",
+            watch=True, resource_version=rv, allow_watch_bookmarks=True, timeout_seconds=seconds,
+        )
+        try:
+            async for line in resp.content:
+                if line.strip():
+                    yield json.loads(line)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            raise KubernetesError(f"{what}: watch: {type(exc).__name__}: {str(exc)[:200]}") from None
+        finally:
+            resp.close()
+
+    async def list_pods(self, field_selector: str, limit: float) -> tuple[list[dict[str, Any]], str]:
+        """The pods of every namespace matching ``field_selector`` and the list's resourceVersion."""
+        what = f"pods ({field_selector})"
+        resp = await self._open(what, limit, self.core.list_pod_for_all_namespaces, field_selector=field_selector)
+        body = await self._json(what, resp)
+        return list(body.get("items") or []), str((body.get("metadata") or {}).get("resourceVersion", ""))
+
+    async def watch_pods(
+        self, field_selector: str, rv: str, seconds: int, limit: float
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The watch events of the pods matching ``field_selector`` from ``rv``."""
+        what = f"pods ({field_selector})"
+        resp = await self._open(
+            what, aiohttp.ClientTimeout(connect=limit, sock_connect=limit, sock_read=seconds + 30),
+            self.core.list_pod_for_all_namespaces, field_selector=field_selector,
             watch=True, resource_version=rv, allow_watch_bookmarks=True, timeout_seconds=seconds,
         )
         try:
@@ -1241,3 +1268,163 @@ async def stop_verdict(namespace: str, name: str, kubeconfig: Path | None, limit
     if deleting:
         return StopVerdict(True, f"{where} being deleted", f"{where} is being deleted (since {deleting}): an uninstall")
     return StopVerdict(False, f"{where} present", f"{where} is present: an update or a restart")
+
+
+# ---------------------------------------------------------------------------------------------
+# the pods of this enforcer's Node (pod mode: enforcer/run/pods.py decides, this lists and watches)
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    """What pod mode needs of a pod object: who it is, its labels, whether it has its own
+    network namespace (not ``hostNetwork``), its IPs, and whether it is going away."""
+
+    uid: str
+    namespace: str
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    service_account: str = "default"
+    host_network: bool = False
+    ips: tuple[str, ...] = ()
+    node: str = ""
+    deleting: bool = False
+    """``metadata.deletionTimestamp`` is set (or the pod finished: Succeeded/Failed)."""
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def pod_info(obj: Mapping[str, Any]) -> PodInfo | None:
+    """A pod object as :class:`PodInfo` (None when it has no UID, name or namespace)."""
+    meta = _meta(obj)
+    raw_spec, raw_status = obj.get("spec"), obj.get("status")
+    spec: Mapping[str, Any] = raw_spec if isinstance(raw_spec, Mapping) else {}
+    status: Mapping[str, Any] = raw_status if isinstance(raw_status, Mapping) else {}
+    uid, namespace, name = (str(meta.get(k) or "") for k in ("uid", "namespace", "name"))
+    if not (uid and namespace and name):
+        return None
+    ips: list[str] = []
+    for entry in status.get("podIPs") or []:
+        if isinstance(entry, Mapping) and isinstance(entry.get("ip"), str) and entry["ip"] not in ips:
+            ips.append(entry["ip"])
+    if isinstance(status.get("podIP"), str) and status["podIP"] and status["podIP"] not in ips:
+        ips.append(status["podIP"])
+    return PodInfo(
+        uid=uid, namespace=namespace, name=name, labels=_labels(obj),
+        service_account=str(spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"),
+        host_network=bool(spec.get("hostNetwork")), ips=tuple(ips), node=str(spec.get("nodeName") or ""),
+        deleting=bool(meta.get("deletionTimestamp")) or status.get("phase") in ("Succeeded", "Failed"),
+    )
+
+
+OnPod = Callable[[str, PodInfo], Awaitable[None]]
+"""Called with ``ADDED``/``MODIFIED``/``DELETED`` and the pod (for DELETED: its last state)."""
+OnSynced = Callable[[], Awaitable[None]]
+"""Called after each complete list (start-up, and a re-list after 410 Gone or an error)."""
+
+
+@dataclass
+class NodePods:
+    """The pods scheduled to this Node (``fieldSelector spec.nodeName=<node>``, every namespace),
+    listed and watched with the same backoff and watch-start gap as the definitions. :attr:`pods`
+    is the cache (UID -> :class:`PodInfo`); :attr:`synced` says it was listed at least once and
+    :attr:`current` whether the last list or watch succeeded (pod mode fails a CNI ADD it cannot
+    decide: the API server is down and the pod is not in the cache)."""
+
+    node: str
+    kubeconfig: Path | None = None
+    timeout: float = 10.0
+    watch_seconds: tuple[int, int] = (240, 300)
+    min_gap: float = 1.0
+    pods: dict[str, PodInfo] = field(default_factory=dict)
+    resource_version: str | None = None
+    synced: bool = False
+    current: bool = False
+    stats: WatchStats = field(default_factory=WatchStats)
+
+    @property
+    def selector(self) -> str:
+        return f"spec.nodeName={self.node}"
+
+    def find(self, namespace: str, name: str, uid: str = "") -> PodInfo | None:
+        """The cached pod with this UID, else (no UID given) with this namespace and name."""
+        if uid:
+            return self.pods.get(uid)
+        return next((p for p in self.pods.values() if p.namespace == namespace and p.name == name), None)
+
+    async def watch(self, on_pod: OnPod, on_synced: OnSynced) -> None:
+        """List and watch forever; each list replaces the cache (pods gone meanwhile are handed
+        on as DELETED), then ``on_synced``; each watch event updates it, then ``on_pod``."""
+        backoff = Backoff()
+        last_start = -self.min_gap
+        while True:
+            try:
+                api = await connect(self.kubeconfig)
+            except KubernetesError as exc:
+                self.current = False
+                log.error("%s", exc)
+                await asyncio.sleep(backoff.next() * 10)
+                continue
+            try:
+                while True:
+                    wait = last_start + self.min_gap * random.uniform(1.0, 1.5) - time.monotonic()  # noqa: S311
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    last_start = time.monotonic()
+                    try:
+                        if self.resource_version is None:
+                            await self._list(api, on_pod)
+                            await on_synced()
+                        seen = await self._watch_once(api, on_pod)
+                        if seen or time.monotonic() - last_start > 10:
+                            backoff.reset()
+                        else:
+                            await asyncio.sleep(backoff.next())
+                    except Gone:
+                        self.stats.gone += 1
+                        self.resource_version = None
+                    except KubernetesError as exc:
+                        self.stats.errors += 1
+                        self.current = False
+                        delay = backoff.next()
+                        log.warning("pods of Node %s: %s; retrying in %.1fs", self.node, exc, delay)
+                        await asyncio.sleep(delay)
+            finally:
+                await api.close()
+
+    async def _list(self, api: _Api, on_pod: OnPod) -> None:
+        self.stats.lists += 1
+        items, rv = await api.list_pods(self.selector, self.timeout)
+        listed = {p.uid: p for p in map(pod_info, items) if p is not None}
+        gone = [p for uid, p in self.pods.items() if uid not in listed]
+        self.pods, self.resource_version, self.synced, self.current = listed, rv, True, True
+        for pod in gone:
+            await on_pod("DELETED", pod)
+
+    async def _watch_once(self, api: _Api, on_pod: OnPod) -> int:
+        self.stats.watches += 1
+        seen = 0
+        assert self.resource_version is not None
+        seconds = random.randint(*self.watch_seconds)  # noqa: S311
+        async for event in api.watch_pods(self.selector, self.resource_version, seconds, self.timeout):
+            seen += 1
+            self.current = True
+            kind, obj = event.get("type"), event.get("object") or {}
+            if kind == "ERROR":
+                code = int(obj.get("code", 0) or 0)
+                if code == 410:
+                    raise Gone(f"pods of Node {self.node}: {obj.get('message', 'Gone')}", 410)
+                raise KubernetesError(f"pods of Node {self.node}: watch error {code}: {obj.get('message', '')}", code)
+            rv = _meta(obj).get("resourceVersion")
+            if rv:
+                self.resource_version = str(rv)
+            pod = pod_info(obj) if kind in ("ADDED", "MODIFIED", "DELETED") else None
+            if pod is None:
+                continue
+            self.stats.events += 1
+            if kind == "DELETED":
+                self.pods.pop(pod.uid, None)
+            else:
+                self.pods[pod.uid] = pod
+            await on_pod(str(kind), pod)
+        return seen

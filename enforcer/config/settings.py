@@ -204,6 +204,41 @@ _K8S_LABEL_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 """A DNS subdomain (RFC 1123): the name of a Node or of a DaemonSet."""
 
 
+_CNI_SOCKET = re.compile(r"^/[A-Za-z0-9/._-]{1,105}$")
+"""What the CNI plugin accepts as its socket path (enforcer/run/cni.py, deploy/cni/enforcer-cni.c)."""
+
+
+class PodsModel(_Strict):
+    """``kubernetes.pods``: pod mode (enforcer/run/pods.py). Each pod of this Node whose labels
+    select a service is served inside its own network namespace: a listener on ``listenPort``
+    there and the redirect table there. New pods come from the chained CNI plugin over
+    ``cniSocket`` (before any of their containers runs); running ones from a ``/proc`` scan."""
+
+    enabled: bool = False
+    listenPort: int = Field(default=15443, ge=1, le=65535)
+    """The listener's port inside every served pod (the same on every enforcer: an old and a
+    new one overlap on it, and the rules left by one redirect to it). No app may use it."""
+    cniSocket: Path = Path("/var/run/enforcer/cni.sock")
+    """Where the CNI plugin reaches the enforcer (the DaemonSet's hostPath)."""
+    lookupWait: Duration = 5.0
+    """How long a CNI ADD waits for the pod to appear in the watch of this Node's pods (it may
+    lag the kubelet) before it fails the sandbox (fail closed; kubelet retries)."""
+
+    @field_validator("cniSocket")
+    @classmethod
+    def _socket(cls, v: Path) -> Path:
+        if not _CNI_SOCKET.match(str(v)):
+            raise ValueError("an absolute path of letters, digits, '/', '.', '_', '-' (at most 106 bytes), "
+                             "e.g. /var/run/enforcer/cni.sock")
+        return v
+
+    @model_validator(mode="after")
+    def _bounded(self) -> PodsModel:
+        if not 0.1 <= self.lookupWait <= 15:
+            raise ValueError("lookupWait must be between 100ms and 15s (the plugin gives up after 30s)")
+        return self
+
+
 class KubernetesModel(_Strict):
     """``kubernetes:``: this enforcer runs as a DaemonSet's pod on a Kubernetes node
     (enforcer/config/kubernetes.py). Its tags get one ``key=value`` tag per label of its
@@ -227,6 +262,8 @@ class KubernetesModel(_Strict):
     timeout: Duration = 4.0
     """How long one request to the API server may take: the Node's first read at start and
     the DaemonSet question at a stop (which must fit in the pod's grace period)."""
+    pods: PodsModel = Field(default_factory=PodsModel)
+    """Pod mode: protect the pods of this Node by label, inside their own network namespaces."""
 
     @field_validator("nodeName", "daemonSet")
     @classmethod
@@ -473,6 +510,11 @@ def _kubernetes_identity(kube: KubernetesModel, source: str) -> tuple[Kubernetes
         issues.append(ConfigIssue(source, "kubernetes.nodeName", "NODE_NAME is not a Node name", node,
                                   "set NODE_NAME from the downward API (fieldRef spec.nodeName)"))
         node = None
+    if node is None and kube.pods.enabled and not kube.nodeLabelTags:
+        issues.append(ConfigIssue(
+            source, "kubernetes.nodeName", "no Node name: pod mode (pods.enabled) watches the pods of one Node", None,
+            "set env NODE_NAME from the downward API (fieldRef spec.nodeName), or kubernetes.nodeName",
+        ))
     if node is None and kube.nodeLabelTags:
         issues.append(ConfigIssue(
             source, "kubernetes.nodeName", "no Node name: tags from its labels need one", None,

@@ -4,5 +4,6 @@
 TaskGroup) or ``workers`` (a master supervising several); ``attach`` (where a listening socket
 and its redirect live: the host today, pods later), ``stores`` (the session store the settings
 ask for), ``systemd`` (notify, watchdog), ``memory`` (heap trimming, GC),
-``cni`` (the socket the chained CNI plugin announces new pods on; installing the plugin).
+``cni`` (the socket the chained CNI plugin announces new pods on; installing the plugin),
+``pods`` (pod mode's controller: which pods of the Node are served, enrolled and released).
 """

@@ -1,0 +1,384 @@
+"""Pod mode's controller (enforcer/run/pods.py): which pods are enrolled, from which source of
+their network namespace, and when they are released; with a fake enrolment sink that serves
+attachments as the daemon does (apply, then open) and a pod cache filled by the test."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from enforcer.config import definitions as definitions_mod
+from enforcer.config import kubernetes as k8s
+from enforcer.config import settings as settings_mod
+from enforcer.config.definitions import parse_documents, resolve_definitions
+from enforcer.config.issues import ConfigError
+from enforcer.config.kubernetes import NodePods, PodInfo
+from enforcer.net.pods import PodNetns, ScanResult
+from enforcer.run.attach import PodAttachment
+from enforcer.run.cni import CniEvent, PodRef
+from enforcer.run.pods import NamespacedPodAttachment, PodController, PodUnknown, pod_tags, services_for
+from tests.harness.seed import SERVICE, SPEC
+from tests.test_attach import FakeRedirector
+
+FRONTEND = {**SERVICE, "name": "frontend", "port": 8080, "selectors": [["app=frontend"]]}
+BACKEND = {**SERVICE, "name": "backend", "port": 9090, "exposedPort": 8443, "hosts": ["api.example.com"],
+           "OIDCCallbackURL": "https://api.example.com", "selectors": [["app=backend"]]}
+TEAM_A = {**SERVICE, "name": "team-a-app", "port": 7070, "exposedPort": 7443, "hosts": ["a.example.com"],
+          "OIDCCallbackURL": "https://a.example.com", "selectors": [["app=shop"]], "namespace": "team-a"}
+
+
+def _definitions(*services: dict[str, object]) -> definitions_mod.Definitions:
+    parsed = parse_documents(yaml.safe_dump_all([*services, SPEC]), "d.yaml")
+    assert isinstance(parsed, list)
+    return resolve_definitions(parsed, ())
+
+
+def _settings(tmp_path: Path, pods: dict[str, object] | None = None) -> settings_mod.Settings:
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "stateDir": "state", "logsDir": "logs", "definitions": [{"file": "d.yaml"}],
+        "redirect": {"enabled": True},
+        "kubernetes": {"nodeName": "n1", "namespace": "enforcer-system", "pods": {"enabled": True, **(pods or {})}},
+    }))
+    return settings_mod.load_settings(cfg)
+
+
+def _pod(name: str, labels: Mapping[str, str], *, ns: str = "shop", uid: str = "", ips: Iterable[str] = ("10.1.0.5",),
+         **more: object) -> PodInfo:
+    return PodInfo(uid=uid or f"uid-{ns}-{name}", namespace=ns, name=name, labels=dict(labels), ips=tuple(ips),
+                   node="n1", **more)  # type: ignore[arg-type]
+
+
+def _add(pod: PodInfo, sandbox: str = "sandbox-1", netns: str = "/var/run/netns/cni-1") -> CniEvent:
+    return CniEvent("ADD", sandbox, Path(netns), "eth0", PodRef(pod.namespace, pod.name, pod.uid), "1.0.0",
+                    (ipaddress.ip_interface("10.1.0.5/24"),))
+
+
+def _del(pod: PodInfo, sandbox: str = "sandbox-1") -> CniEvent:
+    return CniEvent("DEL", sandbox, None, "eth0", PodRef(pod.namespace, pod.name, pod.uid), "1.0.0")
+
+
+@dataclass
+class FakeSink:
+    """Serves attachments as the daemon does (apply the definitions in force, open the listener is
+    skipped: no namespace is entered here) and records every call; refuses adds when told to."""
+
+    definitions: definitions_mod.Definitions
+    calls: list[tuple[str, str, object]] = field(default_factory=list)
+    refuse: bool = False
+
+    async def add_attachment(self, attachment: PodAttachment) -> None:
+        if self.refuse:
+            raise RuntimeError("refused by the fake")
+        await attachment.apply(self.definitions)
+        self.calls.append(("add", attachment.name, tuple(s.name for s in attachment.services)))
+
+    async def remove_attachment(self, attachment: PodAttachment, *, release: bool) -> None:
+        self.calls.append(("remove", attachment.name, release))
+        if release:
+            await attachment.release()
+        else:
+            attachment.close()
+
+
+@dataclass
+class Netns:
+    """Fake namespaces: a descriptor on /dev/null per path (no privilege needed), one inode per
+    namespace path, a descriptor path of a held one leading to the same inode."""
+
+    inodes: dict[str, int] = field(default_factory=dict)
+    opened: list[PodNetns] = field(default_factory=list)
+
+    def open(self, path: str, uid: str) -> PodNetns:
+        inode = self.inodes.setdefault(path, 1000 + len(self.inodes))
+        held = PodNetns(fd=os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC), inode=inode, uid=uid)
+        self.inodes[f"/proc/self/fd/{held.fd}"] = inode
+        self.opened.append(held)
+        return held
+
+    def scan(self, pods: Mapping[str, Iterable[str]]) -> ScanResult:
+        result = ScanResult()
+        for uid in pods:
+            result.found[uid] = self.open(f"/proc/scan/{uid}", uid)
+        return result
+
+    def leaked(self) -> list[PodNetns]:
+        return [n for n in self.opened if not n.closed]
+
+
+@dataclass
+class World:
+    controller: PodController
+    source: NodePods
+    sink: FakeSink
+    netns: Netns
+    redirectors: dict[str, FakeRedirector]
+
+    def put(self, *pods: PodInfo) -> None:
+        for p in pods:
+            self.source.pods[p.uid] = p
+
+
+def _world(tmp_path: Path, definitions: definitions_mod.Definitions, *, lookup_wait: float = 0.3) -> World:
+    settings = _settings(tmp_path)
+    source = NodePods("n1")
+    source.synced = source.current = True
+    sink = FakeSink(definitions)
+    netns = Netns()
+    redirectors: dict[str, FakeRedirector] = {}
+
+    def make(held: PodNetns, pod: PodInfo, tags: frozenset[str]) -> PodAttachment:
+        fake = redirectors.setdefault(str(pod), FakeRedirector())
+        return NamespacedPodAttachment(held, settings, tags=tags, port=15443, name=f"pod {pod}",
+                                       namespace=pod.namespace, redirector=fake)
+
+    controller = PodController(settings, source, sink, lambda: sink.definitions, lookup_wait=lookup_wait, poll=0.02,
+                               open_netns=netns.open, scan=netns.scan, make_attachment=make)
+    return World(controller, source, sink, netns, redirectors)
+
+
+# ---------------------------------------------------------------------------------------------
+# tags and selection
+
+
+def test_pod_tags_are_its_labels_plus_namespace_and_service_account() -> None:
+    """A pod's tags are one key=value per label plus k8s:namespace= and k8s:serviceaccount=; a label cannot forge them."""
+    pod = _pod("web", {"app": "frontend", "k8s:namespace": "kube-system", "tier": ""}, service_account="web-sa")
+    assert pod_tags(pod) == {"app=frontend", "tier=", "k8s:namespace=shop", "k8s:serviceaccount=web-sa"}
+
+
+@pytest.mark.parametrize(("pod", "expected"), [
+    (_pod("web", {"app": "frontend"}), ("frontend",)),
+    (_pod("api", {"app": "backend"}), ("backend",)),
+    (_pod("other", {"app": "db"}), ()),
+    (_pod("web", {"app": "frontend"}, host_network=True), ()),
+    (_pod("web", {"app": "frontend"}, deleting=True), ()),
+    (_pod("shop", {"app": "shop"}, ns="team-a"), ("team-a-app",)),
+    (_pod("shop", {"app": "shop"}, ns="team-b"), ()),
+    (_pod("web", {"app": "frontend"}, ns="team-b"), ("frontend",)),
+])
+def test_which_services_a_pod_is_served(pod: PodInfo, expected: tuple[str, ...]) -> None:
+    """Only pods with their own namespace, not going away, get the services their tags select, a namespaced service
+    only in its namespace."""
+    defs = _definitions(FRONTEND, BACKEND, TEAM_A)
+    assert tuple(s.name for s in services_for(pod, defs)) == expected
+
+
+async def test_a_namespaced_attachment_never_serves_another_namespaces_service(tmp_path: Path) -> None:
+    """Handed every definition, a pod of namespace team-b is not served team-a's service even with matching labels."""
+    w = _world(tmp_path, _definitions(TEAM_A, FRONTEND))
+    pod = _pod("shop", {"app": "shop", "extra": "x"}, ns="team-b")
+    attachment = NamespacedPodAttachment(w.netns.open("/x", pod.uid), w.controller.settings, tags=pod_tags(pod),
+                                         namespace="team-b", redirector=FakeRedirector())
+    await attachment.apply(w.sink.definitions)
+    assert attachment.services == ()
+    attachment.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the CNI ADD and DEL
+
+
+async def test_a_selected_pod_is_served_before_its_cni_add_returns(tmp_path: Path) -> None:
+    """A CNI ADD for a selected pod returns only once its attachment is added (rules applied); a retried ADD adds nothing."""
+    w = _world(tmp_path, _definitions(FRONTEND, BACKEND))
+    web = _pod("web", {"app": "frontend"}, ips=())
+    w.put(web)
+    await w.controller.pod_added(_add(web))
+    assert w.sink.calls == [("add", "pod shop/web", ("frontend",))]
+    assert w.redirectors["shop/web"].applied, "the table was applied before the ADD returned"
+    enrolled = w.controller.enrolled[web.uid]
+    assert enrolled.sandbox == "sandbox-1" and enrolled.pod.ips == ("10.1.0.5",)  # the IPs came from the plugin
+    await w.controller.pod_added(_add(web))
+    assert len(w.sink.calls) == 1
+    assert len(w.netns.leaked()) == 1  # the retried ADD's descriptor was closed
+
+
+async def test_a_pod_no_service_selects_starts_untouched(tmp_path: Path) -> None:
+    """A CNI ADD for a pod no service selects (or a hostNetwork one) returns at once without enrolling it."""
+    w = _world(tmp_path, _definitions(FRONTEND))
+    db = _pod("db", {"app": "db"})
+    w.put(db)
+    await w.controller.pod_added(_add(db))
+    assert w.sink.calls == [] and w.netns.opened == []
+
+
+async def test_a_cni_add_waits_for_the_pod_to_reach_the_watch(tmp_path: Path) -> None:
+    """A CNI ADD that comes before the watch knows the pod waits for it (the API lags the kubelet), then enrols it."""
+    w = _world(tmp_path, _definitions(FRONTEND), lookup_wait=2.0)
+    web = _pod("web", {"app": "frontend"})
+    asyncio.get_running_loop().call_later(0.2, w.put, web)
+    started = time.monotonic()
+    await w.controller.pod_added(_add(web))
+    assert 0.15 < time.monotonic() - started < 1.5
+    assert [c[0] for c in w.sink.calls] == ["add"]
+
+
+@pytest.mark.parametrize(("current", "why"), [
+    (False, "cannot be reached"),
+    (True, "not \\(yet\\) in the watch"),
+])
+async def test_a_pod_that_cannot_be_decided_fails_its_sandbox(tmp_path: Path, current: bool, why: str) -> None:
+    """A CNI ADD for a pod unknown after the wait raises (the plugin fails the sandbox): fail closed, saying why."""
+    w = _world(tmp_path, _definitions(FRONTEND), lookup_wait=0.2)
+    w.source.current = current
+    with pytest.raises(PodUnknown, match=why):
+        await w.controller.pod_added(_add(_pod("web", {"app": "frontend"})))
+    assert w.sink.calls == []
+
+
+async def test_a_failed_enrolment_fails_the_add_and_closes_the_namespace(tmp_path: Path) -> None:
+    """When the sink cannot serve the pod, the ADD raises and no descriptor into the namespace stays open."""
+    w = _world(tmp_path, _definitions(FRONTEND))
+    web = _pod("web", {"app": "frontend"})
+    w.put(web)
+    w.sink.refuse = True
+    with pytest.raises(RuntimeError, match="refused"):
+        await w.controller.pod_added(_add(web))
+    assert w.controller.enrolled == {} and w.netns.leaked() == []
+
+
+async def test_cni_del_lets_go_of_its_own_sandbox_only(tmp_path: Path) -> None:
+    """A CNI DEL of another (older) sandbox of the pod is ignored; the DEL of the served one closes it, rules kept."""
+    w = _world(tmp_path, _definitions(FRONTEND))
+    web = _pod("web", {"app": "frontend"})
+    w.put(web)
+    await w.controller.pod_added(_add(web, sandbox="new"))
+    await w.controller.pod_deleted(_del(web, sandbox="old"))
+    assert web.uid in w.controller.enrolled
+    await w.controller.pod_deleted(_del(web, sandbox="new"))
+    assert w.sink.calls[-1] == ("remove", "pod shop/web", False)
+    assert w.controller.enrolled == {} and w.netns.leaked() == []
+    assert w.redirectors["shop/web"].removed == []
+
+
+async def test_a_recreated_sandbox_replaces_the_old_one(tmp_path: Path) -> None:
+    """An ADD with a new network namespace for a served pod drops the old attachment and serves the new one."""
+    w = _world(tmp_path, _definitions(FRONTEND))
+    web = _pod("web", {"app": "frontend"})
+    w.put(web)
+    await w.controller.pod_added(_add(web, sandbox="s1", netns="/var/run/netns/cni-1"))
+    await w.controller.pod_added(_add(web, sandbox="s2", netns="/var/run/netns/cni-2"))
+    assert [c[:2] for c in w.sink.calls] == [("add", "pod shop/web"), ("remove", "pod shop/web"), ("add", "pod shop/web")]
+    assert w.controller.enrolled[web.uid].sandbox == "s2"
+    assert [n.inode for n in w.netns.leaked()] == [w.netns.inodes["/var/run/netns/cni-2"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# the watch: labels, deletion, definitions
+
+
+async def test_label_changes_release_or_retag(tmp_path: Path) -> None:
+    """Labels selecting another service re-serve the pod with its new tags; labels selecting none release it (rules removed)."""
+    w = _world(tmp_path, _definitions(FRONTEND, BACKEND))
+    web = _pod("web", {"app": "frontend"})
+    w.put(web)
+    await w.controller.pod_added(_add(web))
+    now_api = _pod("web", {"app": "backend"})
+    await w.controller._on_pod("MODIFIED", now_api)
+    assert w.sink.calls[1:] == [("remove", "pod shop/web", False), ("add", "pod shop/web", ("backend",))]
+    assert w.redirectors["shop/web"].removed == []  # the table stayed in force while re-served
+    await w.controller._on_pod("MODIFIED", now_api)  # nothing changed: nothing done
+    assert len(w.sink.calls) == 3
+    await w.controller._on_pod("MODIFIED", _pod("web", {"app": "db"}))
+    assert w.sink.calls[-1] == ("remove", "pod shop/web", True)
+    assert w.redirectors["shop/web"].removed == ["enforcer"]
+    assert w.controller.enrolled == {} and w.netns.leaked() == []
+
+
+async def test_a_deleted_pod_is_let_go_with_its_rules_kept(tmp_path: Path) -> None:
+    """A pod deleted (watch) is removed without a release: its namespace goes away with it."""
+    w = _world(tmp_path, _definitions(FRONTEND))
+    web = _pod("web", {"app": "frontend"})
+    w.put(web)
+    await w.controller.pod_added(_add(web))
+    del w.source.pods[web.uid]
+    await w.controller._on_pod("DELETED", web)
+    assert w.sink.calls[-1] == ("remove", "pod shop/web", False)
+    assert w.controller.enrolled == {} and w.netns.leaked() == []
+
+
+async def test_reconcile_finds_running_pods_by_the_scan_and_follows_the_definitions(tmp_path: Path) -> None:
+    """At start the running selected pods are found by one /proc scan and served; a new definitions set releases the
+    pods it no longer selects and enrols the ones it now does; a running pod without IPs is left to its CNI ADD."""
+    w = _world(tmp_path, _definitions(FRONTEND))
+    web, api, db = _pod("web", {"app": "frontend"}), _pod("api", {"app": "backend"}), _pod("db", {"app": "db"})
+    starting = _pod("web-2", {"app": "frontend"}, ips=())
+    w.put(web, api, db, starting)
+    await w.controller.reconcile()
+    assert w.sink.calls == [("add", "pod shop/web", ("frontend",))]
+    w.sink.definitions = _definitions(BACKEND)
+    await w.controller.definitions_changed()
+    assert sorted(w.sink.calls[1:]) == [("add", "pod shop/api", ("backend",)), ("remove", "pod shop/web", True)]
+    assert set(w.controller.enrolled) == {api.uid}
+    assert [n.uid for n in w.netns.leaked()] == [api.uid]
+
+
+async def test_a_refused_release_is_retried(tmp_path: Path) -> None:
+    """When the kernel refuses to remove a released pod's rules, the pod stays known and the release is retried later."""
+    w = _world(tmp_path, _definitions(FRONTEND))
+    web = _pod("web", {"app": "frontend"})
+    w.put(web)
+    await w.controller.pod_added(_add(web))
+    w.redirectors["shop/web"].refuse = True
+    await w.controller._on_pod("MODIFIED", _pod("web", {"app": "db"}))
+    assert w.controller.enrolled[web.uid].releasing
+    w.redirectors["shop/web"].refuse = False
+    await w.controller._on_pod("MODIFIED", _pod("web", {"app": "db"}))
+    assert w.controller.enrolled == {} and w.redirectors["shop/web"].removed == ["enforcer"]
+    assert w.netns.leaked() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# settings and the custom resource's namespace
+
+
+def test_pods_settings_defaults(tmp_path: Path) -> None:
+    """kubernetes.pods defaults: off elsewhere, port 15443, the plugin's socket, a 5 s lookup wait."""
+    pods = _settings(tmp_path).model.kubernetes.pods  # type: ignore[union-attr]
+    assert (pods.enabled, pods.listenPort, str(pods.cniSocket), pods.lookupWait) == (
+        True, 15443, "/var/run/enforcer/cni.sock", 5.0)
+
+
+@pytest.mark.parametrize(("pods", "path"), [
+    ({"listenPort": 0}, "kubernetes.pods.listenPort"),
+    ({"cniSocket": "relative.sock"}, "kubernetes.pods.cniSocket"),
+    ({"cniSocket": "/var/run/with space.sock"}, "kubernetes.pods.cniSocket"),
+    ({"lookupWait": "30s"}, "kubernetes.pods"),
+    ({"listenport": 15443}, "kubernetes.pods.listenport"),
+])
+def test_pods_settings_are_validated(tmp_path: Path, pods: dict[str, object], path: str) -> None:
+    """A wrong kubernetes.pods value is refused, naming its key."""
+    with pytest.raises(ConfigError) as caught:
+        _settings(tmp_path, pods)
+    assert any(i.path.startswith(path) for i in caught.value.issues), caught.value.issues
+
+
+def test_a_custom_resource_carries_its_namespace() -> None:
+    """An EnforcerService's definition holds its metadata.namespace, and spec.namespace is refused."""
+    kind = k8s.KIND_BY_NAME["EnforcerService"]
+    obj = {"metadata": {"name": "app", "namespace": "team-a"}, "spec": {"port": 80}}
+    assert k8s.render(kind, obj, {}).data == {"kind": "service", "name": "app", "namespace": "team-a", "port": 80}
+    bad = k8s.render(kind, {**obj, "spec": {"namespace": "team-b"}}, {})
+    assert bad.data is None and bad.problem is not None and "metadata.namespace" in bad.problem.message
+
+
+def test_pod_objects_become_pod_info() -> None:
+    """A pod object's UID, labels, service account, hostNetwork, IPs and deletion are read; one without a UID is none."""
+    obj = {
+        "metadata": {"uid": "u1", "namespace": "shop", "name": "web", "labels": {"app": "frontend"},
+                     "deletionTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"nodeName": "n1", "serviceAccountName": "web-sa", "hostNetwork": False},
+        "status": {"podIP": "10.1.0.5", "podIPs": [{"ip": "10.1.0.5"}, {"ip": "fd00::5"}], "phase": "Running"},
+    }
+    assert k8s.pod_info(obj) == PodInfo("u1", "shop", "web", {"app": "frontend"}, "web-sa", False,
+                                        ("10.1.0.5", "fd00::5"), "n1", True)
+    assert k8s.pod_info({"metadata": {"name": "x", "namespace": "y"}}) is None
