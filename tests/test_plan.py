@@ -242,3 +242,78 @@ def test_the_cut_groups_warning_set_is_bounded() -> None:
     for n in range(1005):
         plan_mod._whole_items(huge, f"user-{n}")
     assert 0 < len(plan_mod._CUT_WARNED) <= 1000
+
+
+# ------------------------------------------------------------------ a pod's listener: its services only
+
+THIRD = _service("third", "third.test")
+CATALOG = {"app.test": APP, "other.test": OTHER, "third.test": THIRD}
+POD_HOSTS = ("app.test", "other.test", "third.test", "nowhere.test")
+
+
+def _scoped(scope: dict[str, Service], host: str, sni: str | None, *, port: int | None = None) -> Plan:
+    """A pod's connection (its listener on LISTEN_PORT): routed among ``scope`` only."""
+    return plan_mod.plan_request(
+        scope, LISTEN_PORT, "GET", "/public/x", host if port is None else f"{host}:{port}", sni=sni,
+        destination=None, cookies=[], cached=_cached, now=T0, scoped=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("host", "sni", "reason"),
+    [
+        ("other.test", "other.test", "unknown_host"),  # another pod's service by Host and SNI
+        ("other.test", None, "unknown_host"),  # by Host, without SNI (the default certificate)
+        ("other.test", "app.test", "unknown_host"),  # by Host, SNI of the pod's own service
+        ("app.test", "other.test", "unknown_host"),  # by SNI only: not a mere mismatch, a host not served here
+        ("app.test", "nowhere.test", "unknown_host"),  # a name no pod serves
+        ("app.test", "app.test", None),
+        ("app.test", None, None),
+    ],
+)
+def test_a_pods_listener_refuses_another_pods_service_like_an_unknown_host(
+    host: str, sni: str | None, reason: str | None
+) -> None:
+    """On a pod's listener a Host or TLS server name of a service outside the pod is refused 421 unknown_host."""
+    plan = _scoped({"app.test": APP}, host, sni)
+    if reason is None:
+        assert isinstance(plan, Forward) and plan.service is APP
+    else:
+        assert plan == Refuse(421, reason, "this host is not served here")
+
+
+def test_without_a_scope_an_sni_of_another_service_stays_a_mismatch() -> None:
+    """The host's listener keeps today's answer to a TLS server name of another served service: sni_host_mismatch."""
+    plan = _plan("/public/x", host="app.test", sni="other.test")
+    assert isinstance(plan, Refuse) and (plan.status, plan.reason) == (421, "sni_host_mismatch")
+    plan = plan_mod.plan_request(
+        BY_HOST, LISTEN_PORT, "GET", "/public/x", "app.test", sni="other.test", destination=None, cookies=[],
+        cached=_cached, now=T0, scoped=True,
+    )
+    assert isinstance(plan, Refuse) and plan.reason == "sni_host_mismatch"  # both served by this pod: a mismatch
+
+
+@given(
+    served=st.sets(st.sampled_from(sorted(CATALOG))),
+    host=st.sampled_from(POD_HOSTS),
+    sni=st.none() | st.sampled_from(POD_HOSTS),
+    port=st.none() | st.sampled_from([443, 8444, LISTEN_PORT, 9999]),
+)
+def test_a_scoped_plan_never_reaches_a_service_outside_the_scope(
+    served: set[str], host: str, sni: str | None, port: int | None
+) -> None:
+    """Whatever Host, port and SNI, a pod's listener plans only its own services; outside names are unknown hosts,
+    and within its services it answers exactly as an unscoped listener serving the same services would."""
+    scope = {h: CATALOG[h] for h in served}
+    plan = _scoped(scope, host, sni, port=port)
+    if isinstance(plan, Refuse):
+        if host not in scope or (sni is not None and sni not in scope):
+            assert (plan.status, plan.reason) == (421, "unknown_host")
+            return
+    else:
+        assert plan.service in scope.values()
+    unscoped = plan_mod.plan_request(
+        scope, LISTEN_PORT, "GET", "/public/x", host if port is None else f"{host}:{port}", sni=sni,
+        destination=None, cookies=[], cached=_cached, now=T0,
+    )
+    assert plan == unscoped

@@ -6,5 +6,5 @@ request) or ``server`` (aiohttp) → both ask ``plan`` (pure: route, canonicalis
 cached session, decide) through the ``gate``, which also runs the login, callback and logout
 endpoints → ``relay`` (the act both paths share: flow record, failure → reason/page/metric,
 body relay) → ``proxy`` (forward through the ``upstream`` pool, with ``headers`` hygiene) →
-``pages`` (what the enforcer itself answers).
+``pages`` (what the enforcer itself answers). ``scope`` (a pod listener's services and upstream pool).
 """

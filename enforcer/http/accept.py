@@ -12,12 +12,15 @@ import errno
 import logging
 import socket
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from enforcer.errors import Reason
 from enforcer.http import tls
 from enforcer.http.server import Server
 from enforcer.net import sockopt
+
+if TYPE_CHECKING:
+    from enforcer.http.scope import Scope
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +44,16 @@ class TLSListener:
     after the handshake, too late to count silent and slow handshakes.)  With ``redirect``
     each connection's original destination is read here, once, and handed to its protocol.
     A handshake refused for an unknown server name gets a flow record and a metric
-    (:meth:`Server.refused`) and a log line (once per name, :data:`LOGGED_NAMES_MAX` names)."""
+    (:meth:`Server.refused`) and a log line (once per name, :data:`LOGGED_NAMES_MAX` names).
+    ``scope``: what this listener serves (a pod's :class:`~enforcer.http.scope.Scope`), handed
+    to each connection's protocol at its accept; None (the host) serves the daemon's services."""
 
     def __init__(
         self, server: Server, sock: socket.socket, context: ssl.SSLContext, handshake_timeout: float,
-        *, redirect: bool = False,
+        *, redirect: bool = False, scope: Scope | None = None,
     ) -> None:
         self._server = server
+        self.scope = scope
         self._redirect = redirect
         self._sock = sock
         self._context = context
@@ -98,7 +104,7 @@ class TLSListener:
         try:
             destination = sockopt.redirected_destination(conn) if self._redirect else None
             await self._loop.connect_accepted_socket(
-                lambda: self._server.admitted_protocol(destination),
+                lambda: self._server.admitted_protocol(destination, self.scope),
                 conn,
                 ssl=self._context,
                 ssl_handshake_timeout=self._handshake_timeout,

@@ -53,6 +53,7 @@ from enforcer.http.tls import ConnectionInfo, connection_info
 
 if TYPE_CHECKING:
     from enforcer.http.gate import Gate
+    from enforcer.http.scope import Scope
     from enforcer.http.server import Server
 
 log = logging.getLogger("enforcer.fastpath")
@@ -107,7 +108,7 @@ class FastPath:
 
     def protocol_factory(self) -> functools.partial[Connection]:
         """The listener's protocol factory: a fast connection per accepted socket, called with
-        (admitted, original destination)."""
+        (admitted, original destination, the listener's scope)."""
         return functools.partial(Connection, self, asyncio.get_running_loop())
 
 
@@ -115,7 +116,8 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
     """One client connection until (if ever) it is handed over to aiohttp."""
 
     def __init__(
-        self, fast: FastPath, loop: asyncio.AbstractEventLoop, admitted: bool = False, destination: Destination = None
+        self, fast: FastPath, loop: asyncio.AbstractEventLoop, admitted: bool = False, destination: Destination = None,
+        scope: Scope | None = None,
     ) -> None:
         self._fast = fast
         self._server = fast.server
@@ -126,6 +128,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
         """Counted against the caps (by accept.TLSListener at the TCP accept): the place
         is given back when the connection ends, or passed on with a hand-over."""
         self._destination = destination
+        self._scope = scope
         self.info: ConnectionInfo | None = None
         """What the connection is (built in :meth:`connection_made`, passed on with a hand-over)."""
         self._buf = bytearray()
@@ -160,7 +163,7 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
         self._peer_ip = str(peer[0]) if peer else None
-        self.info = connection_info(peer, self._destination, transport.get_extra_info("ssl_object"))
+        self.info = connection_info(peer, self._destination, transport.get_extra_info("ssl_object"), self._scope)
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         self._parser = httptools.HttpRequestParser(self)
         self._deadline = Deadline(self._loop, self._on_deadline)  # (holds this protocol until closed)
@@ -355,12 +358,14 @@ class Connection(upstream_client.WriteFlow, asyncio.Protocol):
     async def _forward(self, plan: Forward, request: _Request, info: ConnectionInfo, transfer: proxy.Transfer) -> int:
         method = request.method
         service = plan.service
+        gate = self._fast.gate
         head = headers_mod.request_head(
             method, plan.target, request.pairs, identity=plan.identity_headers, client_ip=info.client_ip,
-            host=request.host, rule=self._fast.gate.header_rule,
+            host=request.host, rule=gate.header_rule,
         )
+        scope = info.scope  # a pod's listener: its own pool, into its namespace
         started = time.perf_counter()
-        conn, answer = await self._fast.gate.upstream.send(
+        conn, answer = await (gate.upstream if scope is None else scope.upstream).send(
             upstream_host=service.upstream_host, port=service.port, head=head, no_body=method == "HEAD",
             transfer=transfer,
         )

@@ -346,12 +346,14 @@ class Gate:
             request.headers, identity=plan.identity_headers, client_ip=info.client_ip, host=host_value,
             websocket=websocket, rule=self.header_rule,
         )
+        scope = info.scope  # a pod's listener: its own pool, into its namespace
+        upstream = self.upstream if scope is None else scope.upstream
         if websocket:
-            return await self.upstream.websocket(
+            return await upstream.websocket(
                 request, upstream_host=service.upstream_host, port=service.port, target=plan.target,
                 headers=headers, transfer=transfer,
             )
-        return await self.upstream.forward(
+        return await upstream.forward(
             request, upstream_host=service.upstream_host, port=service.port, target=plan.target,
             headers=headers, public_origin=service.origin, transfer=transfer,
         )
@@ -362,11 +364,19 @@ class Gate:
     ) -> plan_mod.Plan:
         """:func:`plan_mod.plan_request` for this gate's services, session cache and clock: the
         one plan both HTTP paths act on (the lean path forwards a :class:`Forward` itself and
-        hands anything else to :meth:`handle`)."""
+        hands anything else to :meth:`handle`). A connection a pod's listener accepted is routed
+        among that pod's services only (its :class:`~enforcer.http.scope.Scope`)."""
+        scope = info.scope
+        if scope is None:
+            return plan_mod.plan_request(
+                self.runtime.by_host, self.listen_port, method, raw_target, host_value, sni=info.sni,
+                destination=info.destination, cookies=cookies, cached=self._cached, now=self.clock(),
+                content_length=content_length, max_body=self.max_body,
+            )
         return plan_mod.plan_request(
-            self.runtime.by_host, self.listen_port, method, raw_target, host_value, sni=info.sni,
+            scope.by_host, scope.listen_port, method, raw_target, host_value, sni=info.sni,
             destination=info.destination, cookies=cookies, cached=self._cached, now=self.clock(),
-            content_length=content_length, max_body=self.max_body,
+            content_length=content_length, max_body=self.max_body, scoped=True,
         )
 
     def _cached_fresh(self, handle: str, service: str, now: float) -> sessions.Session | None:

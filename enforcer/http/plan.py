@@ -131,13 +131,14 @@ def plan_request(
     now: float,
     content_length: int | None = None,
     max_body: int = 0,
+    scoped: bool = False,
 ) -> Plan:
     """The plan for one request whose framing was already checked (``raw_target`` in origin form).
 
     ``cached`` answers from the session cache only (None: there is no cache); a cookie it cannot
     vouch for gives :class:`NeedSession`.  ``content_length`` over ``max_body`` is refused once
-    the path is known."""
-    routed = route(by_host, listen_port, host_value, sni, destination)
+    the path is known.  ``scoped``: ``by_host`` is one pod's services (see :func:`route`)."""
+    routed = route(by_host, listen_port, host_value, sni, destination, scoped=scoped)
     if isinstance(routed, Refuse):
         return routed
     service = routed
@@ -222,11 +223,16 @@ def _host_split(value: str) -> tuple[str, int | None] | None:
 
 def route(
     by_host: Mapping[str, Service], listen_port: int, host_value: str, sni: str | None,
-    destination: tuple[str, int] | None,
+    destination: tuple[str, int] | None, *, scoped: bool = False,
 ) -> Service | Refuse:
     """The service a request is for, or why it is refused.  Host must name a service (on its
     exposed port or ours), the TLS server name the same one, and a redirected connection must
-    have been going to that service's port."""
+    have been going to that service's port.
+
+    ``scoped``: ``by_host`` holds only the services of the pod whose listener took the
+    connection (the certificates are every pod's, so any served name completes the handshake).
+    A Host *or* a TLS server name outside it is then an unknown host, whatever else the request
+    says: a pod's listener never leads to another pod's service."""
     split = _host_split(host_value)
     if split is None:
         return Refuse(400, "bad_host", "malformed Host header")
@@ -235,6 +241,8 @@ def route(
     if service is None or (port is not None and port not in (service.exposed_port, listen_port)):
         return Refuse(421, "unknown_host", "this host is not served here")
     if sni is not None and by_host.get(sni) is not service:
+        if scoped and sni not in by_host:
+            return Refuse(421, "unknown_host", "this host is not served here")
         return Refuse(421, "sni_host_mismatch", "TLS server name and Host do not match")
     if destination is not None and destination[1] != service.exposed_port:
         # redirected from another service's exposed port

@@ -358,3 +358,46 @@ class Upstream:
             await up.close()
             await down.close()
         return down
+
+
+POD_LOOPBACK = "127.0.0.1"
+
+
+class PodUpstream(Upstream):
+    """The apps of one pod: an :class:`Upstream` whose every connection goes to the pod's own
+    loopback (``127.0.0.1:port``), its sockets made inside the pod's network namespace by
+    ``socket_factory`` (:meth:`enforcer.run.attach.PodAttachment.socket_factory`), whatever a
+    service's ``upstreamHost`` says (only the connection: rewriting the app's redirects still
+    compares against it, on both HTTP paths alike). :meth:`close` closes every one of them."""
+
+    async def _exchange(
+        self,
+        request: web.BaseRequest | None,
+        host: str,
+        port: int,
+        head: bytes,
+        *,
+        no_body: bool,
+        has_body: bool,
+        chunked: bool,
+        transfer: Transfer,
+        prefix: list[bytes] | None = None,
+    ) -> tuple[upstream_client.Connection, upstream_client.Head, asyncio.Task[None] | None]:
+        return await super()._exchange(
+            request, POD_LOOPBACK, port, head, no_body=no_body, has_body=has_body, chunked=chunked,
+            transfer=transfer, prefix=prefix,
+        )
+
+    async def websocket(
+        self,
+        request: web.BaseRequest,
+        *,
+        upstream_host: str,
+        port: int,
+        target: str,
+        headers: CIMultiDict[str],
+        transfer: Transfer,
+    ) -> web.StreamResponse:
+        return await super().websocket(
+            request, upstream_host=POD_LOOPBACK, port=port, target=target, headers=headers, transfer=transfer
+        )

@@ -43,7 +43,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
@@ -53,6 +53,9 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from enforcer.errors import ClientBodyError, Reason
 from enforcer.http.tls import ConnectionInfo, connection_info
 from enforcer.http.upstream import WriteDeadline
+
+if TYPE_CHECKING:
+    from enforcer.http.scope import Scope
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +249,7 @@ class Protocol(WriteDeadline, RequestHandler):
         max_head_bytes: int = 1 << 30,
         destination: Destination = None,
         info: ConnectionInfo | None = None,
+        scope: Scope | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(manager, loop=loop, **kwargs)
@@ -269,6 +273,7 @@ class Protocol(WriteDeadline, RequestHandler):
         self._body_bytes = 0
         self._uploading = False  # the body counts against the server's per-address upload cap
         self._destination = destination
+        self._scope = scope
         self.info: ConnectionInfo | None = info
         """What the connection is (built in :meth:`connection_made`, or passed on by the lean path)."""
         self.admitted = False
@@ -280,7 +285,7 @@ class Protocol(WriteDeadline, RequestHandler):
         peer = transport.get_extra_info("peername")
         self._peer_ip = str(peer[0]) if peer else None
         if self.info is None:
-            self.info = connection_info(peer, self._destination, transport.get_extra_info("ssl_object"))
+            self.info = connection_info(peer, self._destination, transport.get_extra_info("ssl_object"), self._scope)
         super().connection_made(transport)
         self._header_deadline = Deadline(self._loop, self._header_expired)
         self._arm_header_timer()
@@ -501,9 +506,9 @@ class Server(web.Server):
         self.open_connections = 0
         self.refused_connections = 0
         self._per_ip: dict[str, int] = {}
-        self.fast: Callable[[bool, Destination], asyncio.Protocol] | None = None
+        self.fast: Callable[[bool, Destination, Scope | None], asyncio.Protocol] | None = None
         """Set to serve connections through :mod:`enforcer.fastpath` first (daemon.py): called
-        with (admitted, original destination)."""
+        with (admitted, original destination, the listener's scope)."""
         self.fast_connections: set[Any] = set()
         """The fast-path connections now open (each has ``shutdown()`` and ``abort()``)."""
         self.on_idle: Callable[[], object] | None = None
@@ -576,13 +581,15 @@ class Server(web.Server):
             self.on_idle()  # (last: the counts are already right whatever it does)
 
     def protocol(
-        self, *, admitted: bool = False, destination: Destination = None, info: ConnectionInfo | None = None
+        self, *, admitted: bool = False, destination: Destination = None, info: ConnectionInfo | None = None,
+        scope: Scope | None = None,
     ) -> Protocol:
         """An aiohttp connection protocol; ``admitted``: the connection was counted in already;
-        ``info``: what the connection is, when another protocol served it first."""
+        ``info``: what the connection is, when another protocol served it first; ``scope``: what
+        the accepting listener serves (None: the host's)."""
         protocol = Protocol(
-            self, loop=self._loop, destination=destination, info=info, max_head_bytes=self.max_head_bytes,
-            **self._timeouts, **self._kwargs
+            self, loop=self._loop, destination=destination, info=info, scope=scope,
+            max_head_bytes=self.max_head_bytes, **self._timeouts, **self._kwargs
         )
         protocol.admitted = admitted
         return protocol
@@ -590,12 +597,43 @@ class Server(web.Server):
     def __call__(self) -> asyncio.Protocol:  # type: ignore[override]  # a fast connection is no RequestHandler
         return self.admitted_protocol(None, admitted=False)
 
-    def admitted_protocol(self, destination: Destination = None, *, admitted: bool = True) -> asyncio.Protocol:
+    def admitted_protocol(
+        self, destination: Destination = None, scope: Scope | None = None, *, admitted: bool = True
+    ) -> asyncio.Protocol:
         """A serving protocol for a connection :class:`TLSListener` counted in already."""
         fast = self.fast
         if fast is not None:
-            return fast(admitted, destination)
-        return self.protocol(admitted=admitted, destination=destination)
+            return fast(admitted, destination, scope)
+        return self.protocol(admitted=admitted, destination=destination, scope=scope)
+
+    def scoped_connections(self, scope: Scope) -> list[Any]:
+        """The open connections one scoped listener accepted (both paths'; each has ``info``)."""
+        found: list[Any] = [c for c in self.fast_connections if c.info is not None and c.info.scope is scope]
+        found += [
+            h for h in self.connections if isinstance(h, Protocol) and h.info is not None and h.info.scope is scope
+        ]
+        return found
+
+    async def close_scope(self, scope: Scope, timeout: float) -> None:  # noqa: ASYNC109 (a drain's own deadline)
+        """Stop the connections of one scoped listener (a pod going away; the others are not
+        touched): each closes when idle or once its answer is out, and whatever is still open
+        after ``timeout`` seconds is cut."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        fast = [c for c in self.scoped_connections(scope) if not isinstance(c, Protocol)]
+        for conn in fast:
+            conn.shutdown()
+        while any(c in self.fast_connections for c in fast) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        for conn in fast:
+            if conn in self.fast_connections:
+                conn.abort()
+        full = [c for c in self.scoped_connections(scope) if isinstance(c, Protocol)]
+        if full:
+            await asyncio.gather(*(h.shutdown(max(0.0, deadline - loop.time())) for h in full))
+        for handler in full:
+            if handler.transport is not None:
+                handler.transport.abort()
 
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's signature)
         """Stop: fast-path connections close when idle or once their answer is out, then

@@ -56,9 +56,12 @@ import ssl
 import sys
 import weakref
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from enforcer.http.certs import CertError, LeafPaths
+
+if TYPE_CHECKING:
+    from enforcer.http.scope import Scope
 
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 """OpenSSL cipher string for TLS 1.2: forward secrecy and AEAD only (no CBC, RC4, 3DES, NULL)."""
@@ -125,11 +128,15 @@ class ConnectionInfo(NamedTuple):
     destination_text: str | None  # the same as "host:port", for the flow record
     sni: str | None
     tls_version: str | None
+    scope: Scope | None = None  # what the listener that accepted it serves (a pod's); None: the host's
 
 
-def connection_info(peer: Any, destination: tuple[str, int] | None, ssl_object: Any) -> ConnectionInfo:
+def connection_info(
+    peer: Any, destination: tuple[str, int] | None, ssl_object: Any, scope: Scope | None = None
+) -> ConnectionInfo:
     """The :class:`ConnectionInfo` of a connection from its transport's ``peername`` and
-    ``ssl_object`` and its original destination (read at the accept, before the handshake)."""
+    ``ssl_object``, its original destination (read at the accept, before the handshake) and
+    the scope of the listener that accepted it."""
     # the dual-stack [::] listener the redirect needs reports IPv4 clients as ::ffff:a.b.c.d
     client_ip = str(peer[0]) if peer else "-"
     if client_ip.startswith("::ffff:") and "." in client_ip:
@@ -141,6 +148,7 @@ def connection_info(peer: Any, destination: tuple[str, int] | None, ssl_object: 
         f"{destination[0]}:{destination[1]}" if destination else None,
         sni_of(ssl_object),
         ssl_object.version() if ssl_object is not None else None,
+        scope,
     )
 
 

@@ -40,10 +40,19 @@ from enforcer.http import accept, certs, fastpath, proxy
 from enforcer.http import server as server_mod
 from enforcer.http import tls as listener
 from enforcer.http.gate import Gate, Runtime
+from enforcer.http.scope import Scope
 from enforcer.identity import login, oidc, sessions, sqlite, tokens
 from enforcer.metrics import Metrics
 from enforcer.run import memory
-from enforcer.run.attach import Attachment, HostAttachment, SocketFactory, StopCheck, StopDecision, Undo
+from enforcer.run.attach import (
+    Attachment,
+    HostAttachment,
+    PodAttachment,
+    SocketFactory,
+    StopCheck,
+    StopDecision,
+    Undo,
+)
 from enforcer.run.attach import build_redirect as build_redirect  # noqa: PLC0414  (re-export: cli.doctor uses it)
 from enforcer.run.memory import tune_gc
 from enforcer.run.stores import session_store
@@ -51,6 +60,7 @@ from enforcer.run.systemd import sd_notify, watchdog_interval
 
 if TYPE_CHECKING:
     from enforcer.config.kubernetes import NodeLabels
+    from enforcer.run.pods import PodController
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +92,18 @@ def build_providers(
     http: aiohttp.ClientSession,
     previous: dict[str, oidc.Provider] | None = None,
     metrics: Metrics | None = None,
+    *,
+    services: tuple[definitions_mod.Service, ...] | None = None,
 ) -> dict[str, oidc.Provider]:
     """One Provider per (issuer, CA file); reused across reloads to keep caches. Its JWKS
-    events are counted in ``metrics`` (``enforcer_jwks_refreshes{issuer, outcome}``)."""
+    events are counted in ``metrics`` (``enforcer_jwks_refreshes{issuer, outcome}``).
+    ``services``: the services served (default ``definitions.services``; with pods, theirs too)."""
     s = settings.model.oidc
     shared: dict[tuple[str, str | None], oidc.Provider] = {}
     for p in (previous or {}).values():
         shared[(p.issuer, getattr(p, "_ca_key", None))] = p
     out: dict[str, oidc.Provider] = {}
-    for svc in definitions.services:
+    for svc in definitions.services if services is None else services:
         ca = svc.idp_ca_file or s.caFile
         key = (svc.issuer, str(ca) if ca else None)
         provider = shared.get(key)
@@ -111,18 +124,22 @@ def build_providers(
 
 
 def build_leaves(
-    definitions: definitions_mod.Definitions, store: certs.CertStore
+    definitions: definitions_mod.Definitions, store: certs.CertStore,
+    services: tuple[definitions_mod.Service, ...] | None = None,
 ) -> tuple[dict[str, certs.LeafPaths], str | None]:
-    """Certificates for every host (operator-supplied ones win) and the no-SNI default host."""
+    """Certificates for every host (operator-supplied ones win) and the no-SNI default host.
+    ``services``: the services served (default ``definitions.services``; with pods, theirs too:
+    one TLS context holds every listener's certificates, and routing keeps each pod to its own)."""
+    served = definitions.services if services is None else services
     leaves: dict[str, certs.LeafPaths] = {}
-    for svc in definitions.services:
+    for svc in served:
         if svc.tls is not None:
             leaf = store.operator_leaf(svc.tls.cert, svc.tls.key)
         else:
             leaf = store.ensure_leaf(svc.name, list(svc.hosts))
         for h in svc.hosts:
             leaves[h] = leaf
-    default = definitions.services[0].hosts[0] if definitions.services else None
+    default = served[0].hosts[0] if served else None
     return leaves, default
 
 
@@ -139,6 +156,21 @@ _RELOAD_REASONS = {
     "failed": Reason.RELOAD_FAILED,
 }
 """The flow reason of each outcome of a definitions reload."""
+
+
+@dataclass(eq=False)
+class _Pod:
+    """A pod the daemon serves: its attachment, the scope its listener hands its connections
+    (its services, its upstream pool inside its namespace) and that listener once serving."""
+
+    attachment: PodAttachment
+    scope: Scope
+    upstream: proxy.PodUpstream
+    listener: accept.TLSListener | None = None
+
+
+POD_DRAIN_SECONDS = 5.0
+"""In-flight requests of a pod being removed get this long (the pod is going away)."""
 
 
 @dataclass
@@ -181,9 +213,17 @@ class Daemon:
     flowlog: FlowLog | None = None
     """Where flow records go; made from ``flowLog:`` at start unless given."""
     attachments: list[Attachment] = field(default_factory=list)
-    """Where the daemon serves, each with its own listener: made at start (today: the host)."""
+    """Where the daemon serves, each with its own listener: made at start (the host), and the
+    pods added and removed while serving (:meth:`add_attachment`, :meth:`remove_attachment`)."""
+    _pods: dict[int, _Pod] = field(default_factory=dict)
+    """The pod attachments served, by ``id()`` of the attachment."""
+    _serving: _Serving | None = None
+    _attach_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """One change of attachments or definitions at a time (reloads, pods added and removed)."""
     node_labels: NodeLabels | None = None
     """On a Kubernetes node (``kubernetes.nodeLabelTags``): its Node's labels, watched."""
+    pod_controller: PodController | None = None
+    """Pod mode (``kubernetes.pods.enabled``): enrols this Node's pods by label."""
 
     @property
     def owns_host(self) -> bool:
@@ -233,16 +273,15 @@ class Daemon:
                 on_write_error=self.metrics.flowlog_write_errors.inc,
             )
         resources.push_async_callback(self.flowlog.close)
-        upstream = proxy.Upstream(
-            connect_timeout=s.limits.upstreamConnectTimeout,
-            read_timeout=s.limits.upstreamReadTimeout,
-            max_body=s.limits.maxBodyBytes,
-            body_buffer=s.limits.bodyBufferBytes,
-            socket_factory=outgoing,
-        )
+        upstream = proxy.Upstream(**self._upstream_limits(), socket_factory=outgoing)
         resources.push_async_callback(upstream.close)
         await self._attach(resources, definitions)
-        runtime = Runtime(definitions, build_providers(definitions, self.settings, self.http, metrics=self.metrics))
+        served = self._served(definitions)
+        if self._pods:
+            self.tls.update(*build_leaves(definitions, self.cert_store, served))
+        runtime = Runtime(
+            definitions, build_providers(definitions, self.settings, self.http, metrics=self.metrics, services=served)
+        )
         self.gate = Gate(
             settings=self.settings,
             runtime=runtime,
@@ -333,14 +372,147 @@ class Daemon:
             log.warning("%s", w)
         return definitions
 
+    def _upstream_limits(self) -> dict[str, Any]:
+        """An upstream pool's ``limits:`` settings (the host's pool and each pod's)."""
+        s = self.settings.model
+        return {
+            "connect_timeout": s.limits.upstreamConnectTimeout, "read_timeout": s.limits.upstreamReadTimeout,
+            "max_body": s.limits.maxBodyBytes, "body_buffer": s.limits.bodyBufferBytes,
+        }
+
     async def _attach(self, resources: contextlib.AsyncExitStack, definitions: definitions_mod.Definitions) -> None:
-        """Open every attachment's socket and install its redirect (removed again at stop)."""
+        """Open every attachment's socket and install its redirect (removed again at stop); a
+        pod's gets its scope and upstream pool too (all closed at stop by :meth:`_detach_pods`)."""
+        resources.push_async_callback(self._detach_pods)
         for attachment in self.attachments:
+            if isinstance(attachment, PodAttachment):
+                attachment.open()
+                try:
+                    await attachment.apply(definitions)
+                    self._pods[id(attachment)] = self._pod(attachment)
+                except BaseException:
+                    attachment.close()
+                    raise
+                continue
             attachment.open()
             resources.callback(attachment.close)
             await attachment.apply(definitions)
             resources.push_async_callback(attachment.remove)
         self.listen_port = self.attachments[0].listen_port
+
+    def _pod(self, attachment: PodAttachment) -> _Pod:
+        """A pod's scope: its services and a pool whose sockets are made inside its namespace."""
+        upstream = proxy.PodUpstream(**self._upstream_limits(), socket_factory=attachment.socket_factory())
+        return _Pod(attachment, Scope(attachment.name, attachment.listen_port, upstream, attachment.services), upstream)
+
+    def _served(self, definitions: definitions_mod.Definitions) -> tuple[definitions_mod.Service, ...]:
+        """Every service some attachment serves: the host's (``definitions.services``), then the pods'."""
+        served = {svc.name: svc for svc in definitions.services}
+        for pod in self._pods.values():
+            for svc in pod.attachment.services:
+                served.setdefault(svc.name, svc)
+        return tuple(served.values())
+
+    def _pod_listener(self, serving: _Serving, pod: _Pod) -> accept.TLSListener:
+        handshake_timeout = min(10.0, self.settings.model.limits.headerTimeout)  # a silent ClientHello (X-LIM-10)
+        return accept.TLSListener(
+            serving.server, pod.attachment.open(), serving.ssl_context, handshake_timeout, redirect=True,
+            scope=pod.scope,
+        )
+
+    async def add_attachment(self, attachment: PodAttachment) -> None:
+        """Serve a pod from now on: open its listening socket (inside its namespace), install
+        its redirect for the definitions in force (the services its tags select), add their
+        certificates and identity providers, then accept on its listener with its scope (only
+        its services, through its own upstream pool). Raises if a step fails; what it opened is
+        closed again, and a table it installed stays (the pod's ports refuse: fail closed)."""
+        async with self._attach_lock:
+            serving = self._serving
+            if serving is None or self._group is None:
+                raise RuntimeError("the enforcer is not serving: attachments are added while it serves")
+            if id(attachment) in self._pods:
+                raise ValueError(f"{attachment.name} is served already")
+            definitions = self.gate.runtime.definitions
+            attachment.open()
+            pod: _Pod | None = None
+            try:
+                await attachment.apply(definitions)
+                pod = self._pod(attachment)
+                self._pods[id(attachment)] = pod
+                await self._serve_more(definitions)
+                pod.listener = self._pod_listener(serving, pod)
+                serving.listeners.append(pod.listener)
+                self.attachments.append(attachment)
+            except BaseException:
+                if pod is not None:
+                    self._pods.pop(id(attachment), None)
+                    await self._close_pod(pod)
+                attachment.close()
+                raise
+        log.info("%s: serving %s on port %d in its network namespace", attachment.name,
+                 ", ".join(svc.name for svc in attachment.services) or "no service", attachment.listen_port)
+
+    async def _serve_more(self, definitions: definitions_mod.Definitions) -> None:
+        """A pod was added: certificates and providers for every service served now (existing
+        ones kept; a reload trims what no attachment serves any more), then its scope."""
+        served = self._served(definitions)
+        leaves, default = await asyncio.to_thread(build_leaves, definitions, self.cert_store, served)
+        self.tls.update(leaves, default)
+        old = self.gate.runtime
+        providers = build_providers(definitions, self.settings, self.http, old.providers, self.metrics, services=served)
+        if providers.keys() != old.providers.keys():
+            runtime = Runtime(definitions, providers)
+            self.gate.runtime = runtime
+            self._spawn(self._warm_up(runtime), "discovery")
+        for pod in self._pods.values():
+            pod.scope.serve(pod.attachment.services)
+
+    async def remove_attachment(
+        self, attachment: PodAttachment, *, release: bool, drain: float = POD_DRAIN_SECONDS
+    ) -> None:
+        """Stop serving a pod: stop its listener, let its connections finish (up to ``drain``
+        seconds, then cut), close its upstream pool (every socket into its namespace), then
+        ``release()`` it (``release``: no longer selected, its table removed) or ``close()`` it
+        (the pod is gone). Other pods and the host are not touched. A release the kernel refuses
+        raises ``RedirectError`` and leaves the attachment open (its table in place, its ports
+        refusing) for the caller to retry ``attachment.release()``."""
+        async with self._attach_lock:
+            pod = self._pods.pop(id(attachment), None)
+            if pod is None:
+                raise ValueError(f"{attachment.name} is not served here")
+            with contextlib.suppress(ValueError):
+                self.attachments.remove(attachment)
+            await self._close_pod(pod, drain)
+            if release:
+                await attachment.release()
+            else:
+                attachment.close()
+        log.info("%s: no longer served (%s)", attachment.name, "released" if release else "closed")
+
+    async def _close_pod(self, pod: _Pod, drain: float = 0.0) -> None:
+        """Stop a pod's listener and connections and close its upstream pool; wait (a second at
+        most) until every upstream socket into its namespace is closed."""
+        serving = self._serving
+        if pod.listener is not None:
+            pod.listener.close()
+            if serving is not None and pod.listener in serving.listeners:
+                serving.listeners.remove(pod.listener)
+        if serving is not None:
+            await serving.server.close_scope(pod.scope, drain)
+        await pod.upstream.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.0
+        while pod.attachment.open_upstreams() and loop.time() < deadline:  # noqa: ASYNC110 (closes on the next turns)
+            await asyncio.sleep(0.01)
+
+    async def _detach_pods(self) -> None:
+        """At stop (after the drain): each pod's listener and pool closed, then its table kept
+        or removed as the host's (:meth:`PodAttachment.remove`), then its namespace let go."""
+        for key, pod in reversed(list(self._pods.items())):
+            del self._pods[key]
+            await self._close_pod(pod)
+            await pod.attachment.remove()
+            pod.attachment.close()
 
     def _make_server(self) -> server_mod.Server:
         """The HTTP server behind every listener (and the lean path, if enabled)."""
@@ -418,15 +590,51 @@ class Daemon:
         self._spawn(self.manager.run(), "definitions")
         if self.node_labels is not None:
             self._spawn(self.node_labels.watch(self._node_labels_changed), "node-labels")
+        kube = self.settings.model.kubernetes
+        if self.owns_host and kube is not None and kube.pods.enabled:
+            self._spawn(self._run_pods(), "pods")
         for src in self.manager.sources:
             if isinstance(src, WatchingSource):  # Kubernetes custom resources: one reporter per host
                 self._spawn(src.watch(functools.partial(self.manager.push, origin=src.name), report=self.owns_host),
                             f"definitions-watch {src.name}")
 
+    async def _run_pods(self) -> None:
+        """Pod mode: the CNI plugin's socket and the controller watching this Node's pods (its
+        attachments are served through :meth:`add_attachment` / :meth:`remove_attachment`)."""
+        from enforcer.config import kubernetes  # noqa: PLC0415 (only on a Kubernetes node)
+        from enforcer.run import cni, pods  # noqa: PLC0415
+
+        kube = self.settings.model.kubernetes
+        assert kube is not None
+        assert kube.nodeName is not None
+        source = kubernetes.NodePods(kube.nodeName, kubeconfig=kube.kubeconfig)
+        controller = pods.PodController(
+            self.settings, source, self, lambda: self.gate.runtime.definitions, lookup_wait=kube.pods.lookupWait,
+        )
+        self.pod_controller = controller
+        server = cni.CniServer(controller, kube.pods.cniSocket)
+        await server.start()
+        try:
+            await controller.run()
+        finally:
+            await server.close()
+
+    async def _reconcile_pods(self, controller: PodController) -> None:
+        try:
+            await controller.definitions_changed()
+        except Exception:  # the next change or list tries again; the tables in force stay
+            log.exception("pods: re-evaluating them for the new definitions failed")
+
     def _listen(self, serving: _Serving) -> None:
-        """One TLS listener per attachment, then the signal handlers."""
+        """One TLS listener per attachment (a pod's with its scope), then the signal handlers."""
+        self._serving = serving
         handshake_timeout = min(10.0, self.settings.model.limits.headerTimeout)  # a silent ClientHello (X-LIM-10)
         for attachment in self.attachments:
+            pod = self._pods.get(id(attachment))
+            if pod is not None:
+                pod.listener = self._pod_listener(serving, pod)
+                serving.listeners.append(pod.listener)
+                continue
             sock = attachment.open()
             serving.listeners.append(accept.TLSListener(
                 serving.server, sock, serving.ssl_context, handshake_timeout,
@@ -521,21 +729,30 @@ class Daemon:
         A failing step raises, and the manager keeps the previous set (the nftables batch is
         atomic: a refused one leaves the old table untouched; the redirects already replaced
         are put back)."""
+        async with self._attach_lock:
+            await self._apply_locked(definitions, reason)
+        if self.pod_controller is not None:  # enrol, release or re-tag every pod for the new set
+            self._spawn(self._reconcile_pods(self.pod_controller), "pods-reconcile")
+
+    async def _apply_locked(self, definitions: definitions_mod.Definitions, reason: str) -> None:
         undo: list[Undo] = []
         try:
-            for attachment in self.attachments:
+            for attachment in list(self.attachments):
                 undo.append(await attachment.apply(definitions))
-            leaves, default = await asyncio.to_thread(build_leaves, definitions, self.cert_store)
+            served = self._served(definitions)  # (each pod's services as just applied)
+            leaves, default = await asyncio.to_thread(build_leaves, definitions, self.cert_store, served)
             self.tls.update(leaves, default)
         except Exception:
             for step in reversed(undo):
                 await step()
             raise
         old = self.gate.runtime
-        providers = build_providers(definitions, self.settings, self.http, old.providers, self.metrics)
+        providers = build_providers(definitions, self.settings, self.http, old.providers, self.metrics, services=served)
         runtime = Runtime(definitions, providers)
         self.gate.runtime = runtime
-        dropped = self.gate.store.retain_services(frozenset(svc.name for svc in definitions.services))
+        for pod in self._pods.values():
+            pod.scope.serve(pod.attachment.services)
+        dropped = self.gate.store.retain_services(frozenset(svc.name for svc in served))
         if dropped:
             log.info("reload: forgot %d cached session(s) of services no longer defined", dropped)
         self._spawn(self._warm_up(runtime), "discovery")
