@@ -424,6 +424,15 @@ async def test_one_daemon_serves_two_pods_each_only_its_own_app(tmp_path: Path) 
             host_reply = await _get(daemon.listen_port, ca, host="a.test", sni="a.test", path="/")
             assert host_reply.status == 421
 
+            # pod a's labels now select b: a reload serves b on pod a's listener (its own app), no longer a
+            attachments["a"].tags = frozenset({"app=b"})
+            await daemon._apply(daemon.gate.runtime.definitions, "test")
+            reply = await get("a", "b.test", "b.test")
+            assert (reply.status, reply.body) == (200, b"pod a")
+            assert (await get("a", "a.test", None)).status == 421
+            with pytest.raises((ssl.SSLError, ConnectionResetError)):  # no pod serves a now: not even its certificate
+                await get("a", "a.test", "a.test")
+
             # pod a goes away: its listener, connections and pool close, its table stays (fail closed)
             await daemon.remove_attachment(attachments["a"], release=False)
             assert attachments["a"].netns.closed
