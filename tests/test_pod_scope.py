@@ -151,6 +151,7 @@ class _Rig:
     ports: dict[tuple[bool, str], int]  # (lean path on, listener) -> port
     ca: bytes
     scopes: dict[str, Scope]
+    servers: dict[bool, Server]  # lean path on -> server
 
 
 @contextlib.asynccontextmanager
@@ -182,23 +183,24 @@ async def _rig(tmp_path: Path) -> AsyncIterator[_Rig]:
     }
     store = CertStore(tmp_path)
     tls = TLSDispatch({f"{n}.test": store.ensure_leaf(n, [f"{n}.test"]) for n in ("a", "b")}, "a.test")
-    servers, listeners, ports = [], [], {}
+    servers: dict[bool, Server] = {}
+    listeners, ports = [], {}
     for lean in (True, False):
         server = Server(gate.handle, header_timeout=5.0, body_timeout=5.0, access_log=None)
         server.on_refused = gate.refused
         if lean:
             server.fast = FastPath(gate, server).protocol_factory()
-        servers.append(server)
+        servers[lean] = server
         for name in ("host", "a", "b"):
             sock = make_listen_socket("127.0.0.1", 0)
             listeners.append(TLSListener(server, sock, tls.context, 5.0, scope=scopes.get(name)))
             ports[(lean, name)] = sock.getsockname()[1]
     try:
-        yield _Rig(gate, flowlog, apps, ports, store.ca_pem(), scopes)
+        yield _Rig(gate, flowlog, apps, ports, store.ca_pem(), scopes, servers)
     finally:
         for listener in listeners:
             listener.close()
-        for server in servers:
+        for server in servers.values():
             await server.shutdown(1.0)
         for pool in (host_pool, *pools.values()):
             await pool.close()
@@ -268,6 +270,40 @@ async def test_a_scope_follows_its_pods_services(tmp_path: Path) -> None:
         reply = await _get(port, rig.ca, host="b.test", sni="b.test", path="/public/x")
         assert reply.status == 200 and reply.body == b"app b"
         assert rig.apps["b"].seen[-1][2] == SOURCES["a"]  # still the pod's own pool
+
+
+async def _kept_alive(port: int, ca: bytes, host: str, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A keep-alive connection that got one answer (and stays open)."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=ssl.create_default_context(cadata=ca.decode()), server_hostname=host
+    )
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    length = int(re.search(rb"Content-Length: (\d+)", head, re.IGNORECASE).group(1))  # type: ignore[union-attr]
+    await reader.readexactly(length)
+    return reader, writer
+
+
+async def test_closing_a_scope_closes_only_its_connections(tmp_path: Path) -> None:
+    """close_scope ends a pod's idle connections on both paths (lean, and handed to aiohttp) and leaves the host's
+    and the other pod's open."""
+    async with _rig(tmp_path) as rig:
+        for lean in (True, False):
+            server = rig.servers[lean]
+            mine = [await _kept_alive(rig.ports[(lean, "a")], rig.ca, "a.test", p) for p in ("/public/x", "/private")]
+            others = [await _kept_alive(rig.ports[(lean, "host")], rig.ca, "a.test", "/public/x"),
+                      await _kept_alive(rig.ports[(lean, "b")], rig.ca, "b.test", "/public/x")]
+            assert len(server.scoped_connections(rig.scopes["a"])) == 2
+            await server.close_scope(rig.scopes["a"], 2.0)
+            for reader, _ in mine:
+                assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+            assert server.scoped_connections(rig.scopes["a"]) == []
+            assert len(server.scoped_connections(rig.scopes["b"])) == 1
+            for reader, writer in others:
+                assert not reader.at_eof()
+                writer.close()
+            for _, writer in mine:
+                writer.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,6 +459,15 @@ async def test_one_daemon_serves_two_pods_each_only_its_own_app(tmp_path: Path) 
             # on the host's listener neither pod's service is served
             host_reply = await _get(daemon.listen_port, ca, host="a.test", sni="a.test", path="/")
             assert host_reply.status == 421
+
+            # pod a's labels now select b: a reload serves b on pod a's listener (its own app), no longer a
+            attachments["a"].tags = frozenset({"app=b"})
+            await daemon._apply(daemon.gate.runtime.definitions, "test")
+            reply = await get("a", "b.test", "b.test")
+            assert (reply.status, reply.body) == (200, b"pod a")
+            assert (await get("a", "a.test", None)).status == 421
+            with pytest.raises((ssl.SSLError, ConnectionResetError)):  # no pod serves a now: not even its certificate
+                await get("a", "a.test", "a.test")
 
             # pod a goes away: its listener, connections and pool close, its table stays (fail closed)
             await daemon.remove_attachment(attachments["a"], release=False)

@@ -1,7 +1,8 @@
 """The data path over HTTP/1.1: accept, TLS, the two HTTP paths, one plan, one act, the proxy.
 
 ``accept`` (connection caps before TLS) → ``tls`` (SNI picks the certificate; ``certs`` makes
-them; the connection's facts are read once) → ``fastpath`` (the lean path for the common
+them; the connection's facts are read once, with its listener's ``scope``: a pod's services and
+upstream pool) → ``fastpath`` (the lean path for the common
 request) or ``server`` (aiohttp) → both ask ``plan`` (pure: route, canonicalise, own endpoints,
 cached session, decide) through the ``gate``, which also runs the login, callback and logout
 endpoints → ``relay`` (the act both paths share: flow record, failure → reason/page/metric,

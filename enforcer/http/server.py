@@ -629,6 +629,8 @@ class Server(web.Server):
             if conn in self.fast_connections:
                 conn.abort()
         full = [c for c in self.scoped_connections(scope) if isinstance(c, Protocol)]
+        for handler in full:
+            handler.close()  # (aiohttp's pre-shutdown: an idle one ends now, a busy one after its answer)
         if full:
             await asyncio.gather(*(h.shutdown(max(0.0, deadline - loop.time())) for h in full))
         for handler in full:

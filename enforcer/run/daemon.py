@@ -7,7 +7,9 @@ background tasks (flow-log writer, IdP discovery, housekeeping, definitions poll
 flow log and reloads the definitions (the old set stays if the new one is invalid);
 SIGTERM/SIGINT stop accepting, drain in-flight requests, flush the flow log and exit 0.  A
 background task that fails stops the daemon the same way, logged with the task's name, and
-the exit code is 1.
+the exit code is 1.  Pods are added and removed while serving (:meth:`Daemon.add_attachment`,
+:meth:`Daemon.remove_attachment`), each on its own listener whose connections carry its scope
+(only its services, through its own upstream pool inside its network namespace).
 """
 
 from __future__ import annotations
