@@ -543,3 +543,19 @@ def test_a_bad_tag_in_allowed_scopes_is_reported_at_the_tag_only() -> None:
     spec = {**SPEC, "endpoints": [{"URI": "/*", "methods": ["GET"], "allowedScopes": [["bad"]]}]}
     [issue] = _issues(SERVICE, spec)
     assert issue.path == "httpresourcespec[nginx].endpoints[0].allowedScopes[0][0]"
+
+
+@pytest.mark.parametrize("mark", ["0x4000", "0x8000", "0x454E", "0xC001"])
+def test_redirect_mark_with_kubernetes_bits_is_refused(tmp_path: Path, mark: str) -> None:
+    """A redirect.mark with Kubernetes' KUBE-MARK-MASQ or KUBE-MARK-DROP bit is refused, naming the key and the default to use (on a node such connections are masqueraded or dropped)."""
+    issue = _first_issue(tmp_path, f"redirect: {{enabled: true, mark: {mark}}}\n")
+    assert issue.path == "redirect.mark"
+    assert "KUBE-MARK-MASQ" in issue.message and "0x204E" in issue.message
+
+
+def test_default_redirect_mark_avoids_the_bits_node_networks_use() -> None:
+    """The default SO_MARK shares no bit with Kubernetes' (0xC000), Cilium's (0x0F00) or Calico's (0xFFFF0000) marks."""
+    from enforcer.net.ruleset import DEFAULT_MARK  # noqa: PLC0415
+
+    assert settings_mod.RedirectModel().mark == DEFAULT_MARK
+    assert DEFAULT_MARK & (0xC000 | 0x0F00 | 0xFFFF0000) == 0

@@ -397,7 +397,7 @@ def _daemon(tmp_path: Path) -> Daemon:
     cfg.write_text(yaml.safe_dump({
         "tags": ["node=n1"], "stateDir": str(tmp_path / "state"), "admin": {"address": "127.0.0.1", "port": 0},
         "definitions": [{"file": "d.yaml"}], "sessions": {"store": "memory"}, "allowNoServices": True,
-        "listen": {"port": 15443}, "redirect": {"enabled": True, "table": f"pscope{P}", "mark": 0x4321},
+        "listen": {"port": 15443}, "redirect": {"enabled": True, "table": f"pscope{P}", "mark": 0x2321},
     }))
     settings = settings_mod.load_settings(cfg)
     host = HostAttachment(settings, manages_redirect=False, listen_socket=make_listen_socket("127.0.0.1", 0))

@@ -421,7 +421,7 @@ async def test_pod_attachment_serves_inside_the_pods_namespace(
 ) -> None:
     """Inside a real pod namespace: the exposed port lands on our listener, the app port is refused from outside, upstream sockets reach the pod's loopback, an old and a new enforcer overlap, release removes the table and close leaves no handle."""
     table = f"ppod{P}"
-    settings = _settings(tmp_path, mark=0x4321, table=table)
+    settings = _settings(tmp_path, mark=0x2321, table=table)
     defs = _definitions(FRONTEND)
     pod_path = f"/run/netns/{pod_hosts.app}"
     inode = os.stat(pod_path).st_ino
@@ -437,7 +437,7 @@ async def test_pod_attachment_serves_inside_the_pods_namespace(
         assert refused(pod_hosts.cli, APP4, 443)
         listener = old.open()
         assert old.listen_port == 15443
-        assert listener.getsockopt(socket.SOL_SOCKET, SO_MARK) == 0x4321
+        assert listener.getsockopt(socket.SOL_SOCKET, SO_MARK) == 0x2321
         assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
 
         for address in (APP4, APP6):
@@ -447,7 +447,7 @@ async def test_pod_attachment_serves_inside_the_pods_namespace(
 
         make = old.socket_factory()
         with make((socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", 8080))) as upstream:
-            assert upstream.getsockopt(socket.SOL_SOCKET, SO_MARK) == 0x4321
+            assert upstream.getsockopt(socket.SOL_SOCKET, SO_MARK) == 0x2321
             assert any(fd.split()[1] == str(upstream.fileno()) for fd in pods.fds_into(inode))
             upstream.settimeout(5)
             upstream.connect(("127.0.0.1", 8080))  # the host's 127.0.0.1:8080 has no listener

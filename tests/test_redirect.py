@@ -57,7 +57,7 @@ table inet enforcer {
 
 	chain output {
 		type nat hook output priority -101; policy accept;
-		meta mark 0x0000454e counter return  # enforcer's own sockets
+		meta mark 0x0000204e counter return  # enforcer's own sockets
 		fib daddr type local tcp dport 443 counter redirect to :15443  # private-app, grafana
 		fib daddr type local ip daddr 10.99.0.1 tcp dport 8443 counter redirect to :15443  # wiki
 		fib daddr type local ip6 daddr fd00:99::1 tcp dport 8443 counter redirect to :15443  # wiki
@@ -88,9 +88,9 @@ inet enforcer prerouting: fib daddr type local tcp dport 443 counter redirect to
   [ counter ]
   [ immediate reg 1 0x3c53 ]
   [ redir proto_min reg 1 proto_max reg 1 flags 0x2 ]
-inet enforcer output: meta mark 0x0000454e counter return
+inet enforcer output: meta mark 0x0000204e counter return
   [ meta load mark => reg 1 ]
-  [ cmp eq reg 1 0x4e450000 ]
+  [ cmp eq reg 1 0x4e200000 ]
   [ counter ]
   [ immediate reg 0 return ]
 inet enforcer output: fib daddr type local tcp dport 443 counter redirect to :15443

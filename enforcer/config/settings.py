@@ -288,6 +288,10 @@ class KubernetesModel(_Strict):
         return self
 
 
+KUBE_MARK_BITS = 0x4000 | 0x8000
+"""The packet-mark bits kubelet and kube-proxy use on every Kubernetes node (masquerade, drop)."""
+
+
 class RedirectModel(_Strict):
     """The transparent redirect (nftables): exposed ports land on the listener.
 
@@ -296,12 +300,23 @@ class RedirectModel(_Strict):
 
     enabled: bool = False
     table: str = Field(default="enforcer", pattern=r"^[A-Za-z0-9_-]{1,32}$")
-    mark: int = Field(default=0x454E, ge=1, le=0xFFFFFFFF)
+    mark: int = Field(default=0x204E, ge=1, le=0xFFFFFFFF)
+    """``SO_MARK`` of the enforcer's own sockets, which its ``output`` chain lets through."""
     blockAppPort: bool = True
     keepBlockOnStop: bool = True
     """Fail closed at a stop (SIGTERM, ``systemctl stop``, restart, upgrade): the table stays, so
     the exposed ports refuse and the app ports stay blocked until the enforcer serves again or
     ``enforcer unblock`` opens them. False (opt-in) removes the table at a clean stop."""
+
+    @field_validator("mark")
+    @classmethod
+    def _not_kubernetes_bits(cls, v: int) -> int:
+        if v & KUBE_MARK_BITS:
+            raise ValueError(
+                f"{v:#x} uses bit 0x4000 or 0x8000 (Kubernetes' KUBE-MARK-MASQ / KUBE-MARK-DROP): on a node the "
+                "enforcer's own connections would be masqueraded or dropped; use e.g. 0x204E (the default)"
+            )
+        return v
 
 
 _STRIP_ENTRY = re.compile(r"[A-Za-z0-9!#$%&'+.^_`|~-]{0,63}[A-Za-z0-9][A-Za-z0-9!#$%&'+.^_`|~-]{0,63}\*?")

@@ -35,8 +35,10 @@ from typing import Any, Literal
 from enforcer.errors import EnforcerError, Reason
 
 DEFAULT_TABLE = "enforcer"
-DEFAULT_MARK = 0x454E
-"""``SO_MARK`` of the enforcer's own outgoing sockets ("EN"); pick one your CNI does not use."""
+DEFAULT_MARK = 0x204E
+"""``SO_MARK`` of the enforcer's own outgoing sockets: bits that no common node network uses
+(Kubernetes' KUBE-MARK-MASQ 0x4000 and KUBE-MARK-DROP 0x8000, Cilium's 0x0F00, Calico's 0xFFFF0000);
+pick another one if your CNI uses it."""
 NAT_PRIORITY = -101
 """dstnat - 1: iptables-nft / kube-proxy NAT chains sit at -100; at equal priority the most
 recently registered chain runs first, and every atomic replace re-registers ours."""
