@@ -731,6 +731,35 @@ async def test_a_410_gone_watch_event_makes_the_source_list_again(fake_api: Fake
     assert calls[:4] == [(False, ""), (True, "7"), (False, ""), (True, "7")]
 
 
+async def test_all_namespaces_reads_secrets_only_where_custom_resources_are(fake_api: FakeAPI, tmp_path: Path) -> None:
+    """Watching every namespace, Secrets are listed and watched per namespace holding a custom resource, never cluster-wide (the RBAC grants Secrets per namespace with a Role)."""
+    source = k8s.KubernetesSource(kubeconfig=fake_api.kubeconfig(tmp_path / "kc"))
+    docs = await source.poll()
+    assert docs is not None and len(docs) == 2
+    assert [d.data.get("OIDCClientSecret") for d in docs if isinstance(d.data, dict) and d.data["kind"] == "service"] \
+        == ["fake"]
+    secrets_ns = f"/api/v1/namespaces/{NS}/secrets"
+    pushed: list[Sequence[RawDocument]] = []
+    await _watch_for(source, lambda: pushed and any(p == secrets_ns and w for p, w, _ in fake_api.requests), pushed)
+    paths = {p for p, _, _ in fake_api.requests}
+    assert secrets_ns in paths and "/api/v1/secrets" not in paths
+    assert f"/apis/{k8s.API_VERSION}/enforcerservices" in paths  # the custom resources of every namespace
+
+
+def test_secret_streams_follow_the_namespaces_holding_custom_resources() -> None:
+    """A namespace gets a Secret stream when its first custom resource appears and loses it with its last one."""
+    source = k8s.KubernetesSource()
+    esvc = next(s for s in source.streams if s.resource == "EnforcerService")
+    esvc.items = {("a", "x"): {}, ("b", "y"): {}}
+    added, dropped = source._sync_secret_streams()
+    assert [s.namespace for s in added] == ["a", "b"] and dropped == []
+    assert source._sync_secret_streams() == ([], [])
+    del esvc.items[("b", "y")]
+    added, dropped = source._sync_secret_streams()
+    assert added == [] and [s.namespace for s in dropped] == ["b"]
+    assert sorted(str(s.namespace) for s in source.streams if s.resource == "Secret") == ["a"]
+
+
 async def test_api_errors_back_off_instead_of_storming(fake_api: FakeAPI, tmp_path: Path) -> None:
     """A list answered 500 is retried with a growing, jittered delay: few requests, then it recovers."""
     source = k8s.KubernetesSource(namespaces=(NS,), kubeconfig=fake_api.kubeconfig(tmp_path / "kc"))

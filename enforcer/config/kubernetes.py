@@ -23,7 +23,8 @@ How a set of custom resources becomes definitions:
   accepted set.
 * :class:`KubernetesSource` lists and watches (resourceVersion, bookmarks, re-list on 410 Gone,
   jittered exponential backoff on errors, at most one watch start per stream per second, so an
-  API server restart causes no storm) and pushes each accepted set to
+  API server restart causes no storm; Secrets per namespace holding custom resources, never
+  cluster-wide, as the RBAC grants them) and pushes each accepted set to
   :meth:`DefinitionsManager.push`; it writes the ``Accepted`` condition to the ``status``
   subresource only when it differs, and an Event when a custom resource is rejected.
 """
@@ -727,8 +728,26 @@ class KubernetesSource:
 
     def __post_init__(self) -> None:
         self.name = self.name or source_name(self.namespaces)
-        scopes: Sequence[str | None] = self.namespaces or (None,)
-        self.streams = [Stream(r, ns) for ns in scopes for r in (*(k.kind for k in KINDS), "Secret")]
+        if self.namespaces:
+            self.streams = [Stream(r, ns) for ns in self.namespaces for r in (*(k.kind for k in KINDS), "Secret")]
+        else:
+            # custom resources of every namespace; Secrets only of the namespaces that hold custom
+            # resources, one stream each (_sync_secret_streams): the RBAC grants Secrets per
+            # namespace with a Role, never cluster-wide
+            self.streams = [Stream(k.kind, None) for k in KINDS]
+
+    def _sync_secret_streams(self) -> tuple[list[Stream], list[Stream]]:
+        """Watching every namespace: one Secret stream per namespace holding a custom resource
+        (added, dropped); with a namespace list the streams are fixed."""
+        if self.namespaces:
+            return [], []
+        wanted = {ns for s in self.streams if s.resource != "Secret" for (ns, _name) in s.items}
+        have = {s.namespace: s for s in self.streams if s.resource == "Secret"}
+        added = [Stream("Secret", ns) for ns in sorted(wanted - set(have))]
+        dropped = [have[ns] for ns in sorted(set(have) - wanted, key=str)]
+        if added or dropped:
+            self.streams = [s for s in self.streams if all(s is not d for d in dropped)] + added
+        return added, dropped
 
     # -- the Source interface ----------------------------------------------------------------
 
@@ -754,6 +773,9 @@ class KubernetesSource:
         try:
             async with asyncio.timeout(self.timeout):
                 for s in self.streams:
+                    await self._list(api, s)
+                added, _ = self._sync_secret_streams()
+                for s in added:
                     await self._list(api, s)
         except KubernetesError:
             self._count_error("api")
@@ -849,9 +871,8 @@ class KubernetesSource:
                     continue
                 try:
                     async with asyncio.TaskGroup() as group:
-                        for s in self.streams:
-                            group.create_task(self._run_stream(api, s))
-                        group.create_task(self._reconcile(api, push, report))
+                        tasks = {id(s): group.create_task(self._run_stream(api, s)) for s in self.streams}
+                        group.create_task(self._reconcile(api, push, report, group, tasks))
                 finally:
                     await api.close()
         finally:
@@ -943,12 +964,21 @@ class KubernetesSource:
         self._current(stream)  # the server ended the watch: nothing was missed
         return seen
 
-    async def _reconcile(self, api: _Api, push: Push, report: bool) -> None:
+    async def _reconcile(
+        self, api: _Api, push: Push, report: bool, group: asyncio.TaskGroup, tasks: dict[int, asyncio.Task[None]],
+    ) -> None:
         host = socket.gethostname()
         while True:
             await self._dirty.wait()
             await asyncio.sleep(self.settle)
             self._dirty.clear()
+            added, dropped = self._sync_secret_streams()
+            for stream in dropped:
+                task = tasks.pop(id(stream), None)
+                if task is not None:
+                    task.cancel()
+            for stream in added:  # not synced yet: judged once it has listed (it sets _dirty)
+                tasks[id(stream)] = group.create_task(self._run_stream(api, stream))
             if not all(s.synced for s in self.streams):
                 continue
             docs, verdicts = self.evaluate()
