@@ -16,31 +16,11 @@ from enforcer.config import settings as settings_mod
 from enforcer.config.definitions import parse_documents, resolve_definitions
 from enforcer.http.tls import make_listen_socket
 from enforcer.net import nftables
-from enforcer.net.ruleset import Ruleset
 from enforcer.net.sockopt import SO_MARK
 from enforcer.run.attach import Attachment, HostAttachment, SocketFactory, Undo, build_redirect
 from enforcer.run.daemon import Daemon
+from tests.harness.redirector import FakeRedirector
 from tests.harness.seed import SERVICE, SPEC
-
-
-@dataclass
-class FakeRedirector:
-    """Records the rulesets applied and the tables removed; refuses when told to."""
-
-    applied: list[Ruleset] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    refuse: bool = False
-
-    async def apply(self, ruleset: Ruleset) -> None:
-        if self.refuse:
-            raise nftables.RedirectError("refused by the fake")
-        self.applied.append(ruleset)
-
-    async def remove(self, table: str) -> bool:
-        if self.refuse:
-            raise nftables.RedirectError("refused by the fake")
-        self.removed.append(table)
-        return True
 
 
 def _settings(tmp_path: Path, redirect: dict[str, object]) -> settings_mod.Settings:

@@ -25,8 +25,8 @@ from enforcer.net.pods import PodNetns, ScanResult
 from enforcer.run.attach import PodAttachment
 from enforcer.run.cni import CniEvent, PodRef
 from enforcer.run.pods import NamespacedPodAttachment, PodController, PodUnknown, pod_tags, services_for
+from tests.harness.redirector import FakeRedirector
 from tests.harness.seed import SERVICE, SPEC
-from tests.test_attach import FakeRedirector
 
 FRONTEND = {**SERVICE, "name": "frontend", "port": 8080, "selectors": [["app=frontend"]]}
 BACKEND = {**SERVICE, "name": "backend", "port": 9090, "exposedPort": 8443, "hosts": ["api.example.com"],

@@ -31,8 +31,8 @@ from enforcer.net.pods import PodNetns, find_pod_netns, parse_start_time, pod_ui
 from enforcer.net.sockopt import SO_MARK, redirected_destination
 from enforcer.run.attach import Attachment, PodAttachment, build_pod_redirect
 from tests.harness.netns import Hosts, connect, ip, refused, require_root, veth_hosts
+from tests.harness.redirector import FakeRedirector
 from tests.harness.seed import SERVICE, SPEC
-from tests.test_attach import FakeRedirector
 
 UID = "3c6b5c5f-1b7e-4c5a-9d3e-0a1b2c3d4e5f"
 UID_ = UID.replace("-", "_")
