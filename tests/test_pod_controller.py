@@ -5,10 +5,18 @@ attachments as the daemon does (apply, then open) and a pod cache filled by the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import io
 import ipaddress
 import os
+import re
+import socket
+import ssl
+import subprocess
+import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +29,18 @@ from enforcer.config import settings as settings_mod
 from enforcer.config.definitions import parse_documents, resolve_definitions
 from enforcer.config.issues import ConfigError
 from enforcer.config.kubernetes import NodePods, PodInfo
-from enforcer.net.pods import PodNetns, ScanResult
-from enforcer.run.attach import PodAttachment
+from enforcer.flowlog import FlowLog
+from enforcer.http.tls import make_listen_socket
+from enforcer.net import nftables
+from enforcer.net import pods as net_pods
+from enforcer.net.netns import run_in_netns
+from enforcer.net.pods import PodNetns, ScanResult, find_pod_netns
+from enforcer.run.attach import HostAttachment, PodAttachment
 from enforcer.run.cni import CniEvent, PodRef
+from enforcer.run.daemon import Daemon
 from enforcer.run.pods import NamespacedPodAttachment, PodController, PodUnknown, pod_tags, services_for
+from tests.harness.fake_op import FakeOP
+from tests.harness.netns import NetnsLoop, ip, require_root
 from tests.harness.redirector import FakeRedirector
 from tests.harness.seed import SERVICE, SPEC
 
@@ -306,6 +322,24 @@ async def test_a_deleted_pod_is_let_go_with_its_rules_kept(tmp_path: Path) -> No
     assert w.controller.enrolled == {} and w.netns.leaked() == []
 
 
+async def test_a_pod_going_away_stays_served_until_deleted(tmp_path: Path) -> None:
+    """A served pod whose deletion started (or that finished) keeps its rules and listener, even with labels no longer
+    selecting it or new definitions; its deletion then lets it go with the rules kept, never a release."""
+    w = _world(tmp_path, _definitions(FRONTEND))
+    web = _pod("web", {"app": "frontend"})
+    w.put(web)
+    await w.controller.pod_added(_add(web))
+    for going in (_pod("web", {"app": "frontend"}, deleting=True), _pod("web", {"app": "db"}, deleting=True)):
+        w.put(going)
+        await w.controller._on_pod("MODIFIED", going)
+        await w.controller.reconcile()
+    assert [c[0] for c in w.sink.calls] == ["add"] and w.redirectors["shop/web"].removed == []
+    del w.source.pods[web.uid]
+    await w.controller._on_pod("DELETED", going)
+    assert w.sink.calls[-1] == ("remove", "pod shop/web", False)
+    assert w.controller.enrolled == {} and w.netns.leaked() == []
+
+
 async def test_reconcile_finds_running_pods_by_the_scan_and_follows_the_definitions(tmp_path: Path) -> None:
     """At start the running selected pods are found by one /proc scan and served; a new definitions set releases the
     pods it no longer selects and enrols the ones it now does; a running pod without IPs is left to its CNI ADD."""
@@ -382,3 +416,325 @@ def test_pod_objects_become_pod_info() -> None:
     assert k8s.pod_info(obj) == PodInfo("u1", "shop", "web", {"app": "frontend"}, "web-sa", False,
                                         ("10.1.0.5", "fd00::5"), "n1", True)
     assert k8s.pod_info({"metadata": {"name": "x", "namespace": "y"}}) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# real pods (root): network namespaces as pods, real PodAttachments, a real Daemon as the sink
+
+P = os.getpid()
+TABLE = f"pctl{P}"
+
+POD_APP = """\
+import http.server, sys
+name = sys.argv[1].encode()
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(name)))
+        self.end_headers()
+        self.wfile.write(name)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
+"""
+"""A pod's app: every address of its namespace, port 8080, answering its pod's name."""
+
+
+@dataclass
+class RealPod:
+    """One pod: its network namespace (a veth to the client's), its IP, its app's pid, its UID."""
+
+    name: str
+    namespace: str
+    netns: str
+    ip: str
+    app_pid: int
+    uid: str
+
+    @property
+    def path(self) -> str:
+        return f"/run/netns/{self.netns}"
+
+    @property
+    def inode(self) -> int:
+        return os.stat(self.path).st_ino
+
+    def info(self, labels: Mapping[str, str], **more: object) -> PodInfo:
+        return PodInfo(uid=self.uid, namespace=self.namespace, name=self.name, labels=dict(labels),
+                       ips=(self.ip,), node="n1", **more)  # type: ignore[arg-type]
+
+    def add(self, sandbox: str = "sandbox-1") -> CniEvent:
+        return CniEvent("ADD", sandbox, Path(self.path), "eth0", PodRef(self.namespace, self.name, self.uid), "1.0.0",
+                        (ipaddress.ip_interface(f"{self.ip}/24"),))
+
+
+@contextlib.contextmanager
+def _real_pods(*pods: tuple[str, str]) -> Iterator[tuple[str, dict[str, RealPod]]]:
+    """A client namespace and one namespace per (k8s namespace, name) pod, each with a veth to the client and an
+    app process on its 0.0.0.0:8080 (a process of its own: its sockets are not ours)."""
+    require_root()
+    client = f"pctl-c-{P}"
+    made: list[str] = []
+    apps: list[subprocess.Popen[bytes]] = []
+    found: dict[str, RealPod] = {}
+    try:
+        ip("netns", "add", client)
+        made.append(client)
+        ip("-n", client, "link", "set", "lo", "up")
+        for i, (namespace, name) in enumerate(pods, start=1):
+            ns, pod_ip, client_ip = f"pctl-{i}-{P}", f"10.97.{i}.1", f"10.97.{i}.2"
+            ip("netns", "add", ns)
+            made.append(ns)
+            ip("-n", ns, "link", "set", "lo", "up")
+            ip("-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", f"veth{i}", "netns", client)
+            ip("-n", ns, "addr", "add", f"{pod_ip}/24", "dev", "eth0")
+            ip("-n", ns, "link", "set", "eth0", "up")
+            ip("-n", client, "addr", "add", f"{client_ip}/24", "dev", f"veth{i}")
+            ip("-n", client, "link", "set", f"veth{i}", "up")
+            app = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", POD_APP, f"app {name}"])
+            apps.append(app)
+            found[name] = RealPod(name, namespace, ns, pod_ip, app.pid, f"uid-{namespace}-{name}-{P}")
+        for pod in found.values():
+            deadline = time.monotonic() + 10
+            while not run_in_netns(f"/run/netns/{client}", _answers, pod.ip, 8080):
+                assert time.monotonic() < deadline, "the pod's app did not start"
+                time.sleep(0.05)
+        yield client, found
+    finally:
+        for app in apps:
+            app.kill()
+            app.wait()
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+def _answers(address: str, port: int) -> bool:
+    """A TCP connection to ``address:port`` is accepted (False: refused or no answer)."""
+    with socket.socket() as sock:
+        sock.settimeout(2)
+        return sock.connect_ex((address, port)) == 0
+
+
+class _QuietDaemon(Daemon):
+    """The real daemon, minus the signal handlers (they belong to pytest here)."""
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop, flowlog: FlowLog) -> None:
+        return None
+
+
+WEB = "web"
+
+
+def _service_doc(name: str, selector: str, *, ca: Path, issuer: str, namespace: str = "") -> dict[str, object]:
+    doc: dict[str, object] = {
+        "kind": "service", "name": name, "OIDCClientID": "app-client", "OIDCClientSecret": "s",
+        "OIDCProviderURL": issuer, "OIDCCAFile": str(ca), "OIDCCallbackURL": f"https://{name}.test",
+        "hosts": [f"{name}.test"], "port": 8080, "exposedPort": 443, "selectors": [[selector]],
+        "exposedAPIs": [["httpresourcespec:name=open"]],
+    }
+    if namespace:
+        doc["namespace"] = namespace
+    return doc
+
+
+def _write_definitions(tmp_path: Path, op: FakeOP, *services: tuple[str, str, str]) -> None:
+    """d.yaml: one service per (name, selector, namespace); /public/* open, the rest for staff after a login."""
+    docs: list[dict[str, object]] = [
+        _service_doc(name, selector, ca=op.ca_file, issuer=op.issuer, namespace=namespace)
+        for name, selector, namespace in services
+    ]
+    docs.append({
+        "kind": "httpresourcespec", "name": "open", "associatedTags": ["httpresourcespec:name=open"],
+        "endpoints": [{"URI": "/public/*", "methods": ["GET"], "public": True},
+                      {"URI": "/*", "methods": ["GET"], "allowedScopes": [["groups=staff"]]}],
+    })
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump_all(docs))
+
+
+def _real_daemon(tmp_path: Path) -> Daemon:
+    """A daemon whose host listener is on loopback (no host redirect); pods get table ``pctl<pid>`` and port 15443."""
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "tags": ["node=n1"], "stateDir": str(tmp_path / "state"), "admin": {"address": "127.0.0.1", "port": 0},
+        "definitions": [{"file": "d.yaml"}], "sessions": {"store": "memory"}, "allowNoServices": True,
+        "listen": {"port": 15443}, "redirect": {"enabled": True, "table": TABLE, "mark": 0x2321},
+    }))
+    settings = settings_mod.load_settings(cfg)
+    host = HostAttachment(settings, manages_redirect=False, listen_socket=make_listen_socket("127.0.0.1", 0))
+    return _QuietDaemon(settings, attachments=[host], flowlog=FlowLog(None, stream=io.StringIO()))
+
+
+@dataclass
+class ScriptedPods(NodePods):
+    """This Node's pods kept as NodePods keeps them, fed by the test instead of an API server: each event updates
+    the cache, then the controller hears it; ``SYNCED`` is a completed list."""
+
+    events: asyncio.Queue[tuple[str, PodInfo | None]] = field(default_factory=asyncio.Queue)
+
+    async def watch(self, on_pod: k8s.OnPod, on_synced: k8s.OnSynced) -> None:
+        self.synced = self.current = True
+        while True:
+            kind, pod = await self.events.get()
+            try:
+                if pod is None:
+                    await on_synced()
+                    continue
+                if kind == "DELETED":
+                    self.pods.pop(pod.uid, None)
+                else:
+                    self.pods[pod.uid] = pod
+                await on_pod(kind, pod)
+            finally:
+                self.events.task_done()
+
+    async def send(self, kind: str, pod: PodInfo | None = None) -> None:
+        """Hand one event to the watcher and wait until the controller has dealt with it."""
+        self.events.put_nowait((kind, pod))
+        await asyncio.wait_for(self.events.join(), 30)
+
+
+@dataclass
+class Rig:
+    daemon: Daemon
+    controller: PodController
+    source: ScriptedPods
+    client: NetnsLoop
+    ca: bytes
+    op: FakeOP
+    pods: dict[str, RealPod]
+
+    async def get(self, pod: str, path: str, host: str = "web.test") -> tuple[int, str, bytes]:
+        """GET over TLS from the client namespace to the pod's IP on 443: (status, Location, body)."""
+        return await self.client.run(_https_get(self.pods[pod].ip, self.ca, host, path))
+
+    async def app_answers(self, pod: str) -> bool:
+        """The pod's app port is reachable from the client namespace."""
+        return not await self.client.run(_refused(self.pods[pod].ip, 8080))
+
+    async def exposed_refused(self, pod: str) -> bool:
+        return await self.client.run(_refused(self.pods[pod].ip, 443))
+
+    async def table(self, pod: str) -> bool:
+        return (await nftables.read_live(TABLE, netns=self.pods[pod].path)).exists
+
+    async def until(self, what: str, check: Callable[[], bool], timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, f"timed out waiting for: {what}"
+            await asyncio.sleep(0.05)
+
+
+async def _https_get(address: str, ca: bytes, host: str, path: str) -> tuple[int, str, bytes]:
+    ctx = ssl.create_default_context(cadata=ca.decode())
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(address, 443, ssl=ctx, server_hostname=host), 10)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        raw = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    found = re.search(rb"\r\nLocation: ([^\r]*)", head, re.IGNORECASE)
+    return int(head.split(b" ", 2)[1]), found.group(1).decode() if found else "", body
+
+
+async def _refused(address: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), 5)
+    except OSError:
+        return True
+    writer.close()
+    return False
+
+
+async def _no_fds_into(inode: int) -> list[str]:
+    """This process's fds into the namespace, once nftables' batch sockets are closed (after RCU)."""
+    for _ in range(300):
+        left = net_pods.fds_into(inode)
+        if not left:
+            return left
+        await asyncio.sleep(0.01)
+    return net_pods.fds_into(inode)
+
+
+@contextlib.asynccontextmanager
+async def _rig(tmp_path: Path, pods: Iterable[tuple[str, str]], *services: tuple[str, str, str]) -> AsyncIterator[Rig]:
+    """Pods in real namespaces, a FakeOP, a serving Daemon and a PodController (its /proc scan limited to the pods'
+    app processes) watching a scripted pod source; everything stopped and closed after."""
+    op = FakeOP(workdir=tmp_path / "op")
+    await op.start()
+    try:
+        with _real_pods(*pods) as (client_ns, real):
+            _write_definitions(tmp_path, op, *services)
+            daemon = _real_daemon(tmp_path)
+            ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            task = asyncio.get_running_loop().create_task(daemon.run(on_ready=ready))
+            await asyncio.wait({ready, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                task.result()
+            assert ready.done(), "the daemon did not start"
+            owner = {p.app_pid: p.uid for p in real.values()}
+            source = ScriptedPods("n1")
+            controller = PodController(daemon.settings, source, daemon, lambda: daemon.gate.runtime.definitions,
+                                       lookup_wait=2.0, scan=functools.partial(find_pod_netns, pod_uid_of=owner.get))
+            daemon.pod_controller = controller  # a reload re-evaluates the pods, as with kubernetes.pods.enabled
+            watching = asyncio.get_running_loop().create_task(controller.run())
+            client = NetnsLoop(client_ns)
+            try:
+                yield Rig(daemon, controller, source, client, daemon.cert_store.ca_pem(), op, real)
+            finally:
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watching
+                client.close()
+                daemon.stop()
+                assert await asyncio.wait_for(task, 30) == 0
+                for enrolled in controller.enrolled.values():
+                    enrolled.attachment.close()
+    finally:
+        await op.stop()
+
+
+@pytest.mark.root
+async def test_a_real_pod_is_enrolled_by_its_cni_add_released_by_its_labels_and_let_go_when_deleted(
+    tmp_path: Path,
+) -> None:
+    """Driven through the controller into a real daemon: a selected pod's CNI ADD returns with its table and listener
+    in its namespace (its app behind a login, its app port refused); an unselected pod is untouched; labels no longer
+    selecting it release it (table gone, app port answers); labels selecting it again enrol it by the /proc scan; a
+    graceful deletion keeps it served; deleted, no fd into its namespace remains and its table stays."""
+    async with _rig(tmp_path, [("shop", "web"), ("shop", "db")], (WEB, "app=web", "")) as rig:
+        web, db = rig.pods["web"], rig.pods["db"]
+        await rig.source.send("ADDED", web.info({"app": "web"}))  # no IP known to the API yet: left to the CNI ADD
+        await rig.source.send("ADDED", db.info({"app": "db"}))
+        await rig.controller.pod_added(db.add())
+        await rig.controller.pod_added(web.add())
+        # the ADD has returned: rules and listener are in place
+        assert await rig.table("web") and not await rig.table("db")
+        assert await rig.get("web", "/public/x") == (200, "", b"app web")
+        status, location, _ = await rig.get("web", "/private")
+        assert status == 302 and location.startswith(rig.op.url("/authorize")), location
+        assert not await rig.app_answers("web")
+        assert await rig.app_answers("db") and await rig.exposed_refused("db")  # untouched
+
+        await rig.source.send("MODIFIED", web.info({"app": "other"}))
+        assert web.uid not in rig.controller.enrolled
+        assert not await rig.table("web") and await rig.app_answers("web")
+        assert await rig.exposed_refused("web")
+        assert await _no_fds_into(web.inode) == []
+
+        await rig.source.send("MODIFIED", web.info({"app": "web"}))  # selected again: found by the /proc scan
+        assert rig.controller.enrolled[web.uid].sandbox == ""
+        assert await rig.table("web") and not await rig.app_answers("web")
+        assert await rig.get("web", "/public/y") == (200, "", b"app web")
+
+        await rig.source.send("MODIFIED", web.info({"app": "web"}, deleting=True))  # graceful: the app still runs
+        assert await rig.table("web") and not await rig.app_answers("web")
+        assert await rig.get("web", "/public/z") == (200, "", b"app web")
+
+        await rig.source.send("DELETED", web.info({"app": "web"}, deleting=True))
+        assert rig.controller.enrolled == {}
+        assert await _no_fds_into(web.inode) == []
+        assert await rig.table("web") and not await rig.app_answers("web") and await rig.exposed_refused("web")

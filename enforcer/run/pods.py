@@ -29,10 +29,12 @@ Where a pod's network namespace comes from:
    (:func:`enforcer.net.pods.find_pod_netns`, with its two guards: never the host's namespace,
    and the namespace must hold one of the pod's IPs).
 
-Pod deleted (watch) or its sandbox torn down (CNI DEL): ``remove_attachment(release=False)``,
-the namespace is going away. Labels no longer selecting it: ``remove_attachment(release=True)``,
-its rules are removed. Labels changed but still selected: the attachment is replaced (the
-table stays in force in between, so connections are refused, never passed to the app).
+A served pod going away (``deletionTimestamp`` set, or finished) stays served, its rules in force:
+its app may answer until its containers stop. Pod deleted (watch) or its sandbox torn down (CNI
+DEL): ``remove_attachment(release=False)``, the namespace is going away. Labels no longer
+selecting it: ``remove_attachment(release=True)``, its rules are removed. Labels changed but
+still selected: the attachment is replaced (the table stays in force in between, so connections
+are refused, never passed to the app).
 """
 
 from __future__ import annotations
@@ -304,6 +306,8 @@ class PodController:
             if netns is not None:
                 netns.close()
             current.pod = dataclasses.replace(pod, ips=pod.ips or current.pod.ips)
+            if pod.deleting and not current.releasing:
+                return  # going away: its app may answer until it stops, so served until deleted or its CNI DEL
             if current.releasing or not wanted:
                 await self._drop(current, release=True, why="no service selects it any more")
             elif pod_tags(pod) != current.attachment.tags:
