@@ -671,7 +671,8 @@ async def _rig(tmp_path: Path, pods: Iterable[tuple[str, str]], *services: tuple
             daemon = _real_daemon(tmp_path)
             ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             task = asyncio.get_running_loop().create_task(daemon.run(on_ready=ready))
-            await asyncio.wait({ready, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            started: set[asyncio.Future[None] | asyncio.Task[int]] = {ready, task}
+            await asyncio.wait(started, timeout=30, return_when=asyncio.FIRST_COMPLETED)
             if task.done():
                 task.result()
             assert ready.done(), "the daemon did not start"
@@ -738,3 +739,49 @@ async def test_a_real_pod_is_enrolled_by_its_cni_add_released_by_its_labels_and_
         assert rig.controller.enrolled == {}
         assert await _no_fds_into(web.inode) == []
         assert await rig.table("web") and not await rig.app_answers("web") and await rig.exposed_refused("web")
+
+
+@pytest.mark.root
+async def test_new_definitions_re_evaluate_the_real_pods(tmp_path: Path) -> None:
+    """Pods running at start are found by the /proc scan and served; a reload whose service now selects another
+    label releases the first pod (its app port answers) and enrols the other, which then serves that service."""
+    async with _rig(tmp_path, [("shop", "web"), ("shop", "api")], (WEB, "app=web", "")) as rig:
+        web, api = rig.pods["web"], rig.pods["api"]
+        await rig.source.send("ADDED", web.info({"app": "web"}))
+        await rig.source.send("ADDED", api.info({"app": "api"}))
+        await rig.source.send("SYNCED")
+        assert set(rig.controller.enrolled) == {web.uid} and rig.controller.enrolled[web.uid].sandbox == ""
+        assert await rig.get("web", "/public/x") == (200, "", b"app web")
+        assert await rig.app_answers("api") and not await rig.table("api")
+
+        _write_definitions(tmp_path, rig.op, (WEB, "app=api", ""))
+        rig.daemon.reload()
+        await rig.until("api enrolled, web released", lambda: set(rig.controller.enrolled) == {api.uid})
+        assert not await rig.table("web") and await rig.app_answers("web")
+        assert await _no_fds_into(web.inode) == []
+        assert await rig.table("api") and not await rig.app_answers("api")
+        assert await rig.get("api", "/public/x") == (200, "", b"app api")
+
+
+@pytest.mark.root
+async def test_a_namespaced_service_never_enrols_a_real_pod_of_another_namespace(tmp_path: Path) -> None:
+    """A service of namespace team-a enrols team-a's pod and never team-b's with the same labels (by CNI ADD or
+    scan); once the same service has no namespace (the node operator's), a reload enrols team-b's pod too."""
+    pods = [("team-a", "shop-a"), ("team-b", "shop-b")]
+    async with _rig(tmp_path, pods, (WEB, "app=shop", "team-a")) as rig:
+        a, b = rig.pods["shop-a"], rig.pods["shop-b"]
+        for pod in (a, b):
+            await rig.source.send("ADDED", pod.info({"app": "shop"}))
+            await rig.controller.pod_added(pod.add())
+        await rig.source.send("SYNCED")
+        assert set(rig.controller.enrolled) == {a.uid}
+        assert await rig.table("shop-a") and not await rig.app_answers("shop-a")
+        assert await rig.get("shop-a", "/public/x") == (200, "", b"app shop-a")
+        assert not await rig.table("shop-b") and await rig.app_answers("shop-b") and await rig.exposed_refused("shop-b")
+        assert await _no_fds_into(b.inode) == []
+
+        _write_definitions(tmp_path, rig.op, (WEB, "app=shop", ""))
+        rig.daemon.reload()
+        await rig.until("team-b's pod enrolled", lambda: set(rig.controller.enrolled) == {a.uid, b.uid})
+        assert await rig.table("shop-b") and not await rig.app_answers("shop-b")
+        assert await rig.get("shop-b", "/public/x") == (200, "", b"app shop-b")
