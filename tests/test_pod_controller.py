@@ -704,8 +704,8 @@ async def test_a_real_pod_is_enrolled_by_its_cni_add_released_by_its_labels_and_
 ) -> None:
     """Driven through the controller into a real daemon: a selected pod's CNI ADD returns with its table and listener
     in its namespace (its app behind a login, its app port refused); an unselected pod is untouched; labels no longer
-    selecting it release it (table gone, app port answers); labels selecting it again enrol it by the /proc scan; a
-    graceful deletion keeps it served; deleted, no fd into its namespace remains and its table stays."""
+    selecting it release it (table gone, app port answers); labels selecting it again enrol it by the /proc scan; other
+    labels still selecting it re-serve it; a graceful deletion keeps it served; deleted, no fd into its namespace remains and its table stays."""
     async with _rig(tmp_path, [("shop", "web"), ("shop", "db")], (WEB, "app=web", "")) as rig:
         web, db = rig.pods["web"], rig.pods["db"]
         await rig.source.send("ADDED", web.info({"app": "web"}))  # no IP known to the API yet: left to the CNI ADD
@@ -728,6 +728,14 @@ async def test_a_real_pod_is_enrolled_by_its_cni_add_released_by_its_labels_and_
 
         await rig.source.send("MODIFIED", web.info({"app": "web"}))  # selected again: found by the /proc scan
         assert rig.controller.enrolled[web.uid].sandbox == ""
+        assert await rig.table("web") and not await rig.app_answers("web")
+        assert await rig.get("web", "/public/y") == (200, "", b"app web")
+
+        first = rig.controller.enrolled[web.uid].attachment
+        await rig.source.send("MODIFIED", web.info({"app": "web", "tier": "front"}))  # still selected: re-served
+        again = rig.controller.enrolled[web.uid].attachment
+        assert again is not first and first.netns.closed and "tier=front" in (again.tags or ())
+        assert rig.daemon.attachments[1:] == [again]
         assert await rig.table("web") and not await rig.app_answers("web")
         assert await rig.get("web", "/public/y") == (200, "", b"app web")
 
