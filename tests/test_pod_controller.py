@@ -19,7 +19,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import aiohttp
 import pytest
 import yaml
 
@@ -430,15 +432,17 @@ name = sys.argv[1].encode()
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
+        user = self.headers.get("X-Forwarded-User")
+        body = name + (b" for " + user.encode() if user else b"")
         self.send_response(200)
-        self.send_header("Content-Length", str(len(name)))
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(name)
+        self.wfile.write(body)
     def log_message(self, *args):
         pass
 http.server.ThreadingHTTPServer(("0.0.0.0", 8080), H).serve_forever()
 """
-"""A pod's app: every address of its namespace, port 8080, answering its pod's name."""
+"""A pod's app: every address of its namespace, port 8080, answering its pod's name (and the user it is told)."""
 
 
 @dataclass
@@ -526,10 +530,10 @@ class _QuietDaemon(Daemon):
 WEB = "web"
 
 
-def _service_doc(name: str, selector: str, *, ca: Path, issuer: str, namespace: str = "") -> dict[str, object]:
+def _service_doc(name: str, selector: str, *, op: FakeOP, namespace: str = "") -> dict[str, object]:
     doc: dict[str, object] = {
-        "kind": "service", "name": name, "OIDCClientID": "app-client", "OIDCClientSecret": "s",
-        "OIDCProviderURL": issuer, "OIDCCAFile": str(ca), "OIDCCallbackURL": f"https://{name}.test",
+        "kind": "service", "name": name, "OIDCClientID": op.client_id, "OIDCClientSecret": op.client_secret,
+        "OIDCProviderURL": op.issuer, "OIDCCAFile": str(op.ca_file), "OIDCCallbackURL": f"https://{name}.test",
         "hosts": [f"{name}.test"], "port": 8080, "exposedPort": 443, "selectors": [[selector]],
         "exposedAPIs": [["httpresourcespec:name=open"]],
     }
@@ -541,7 +545,7 @@ def _service_doc(name: str, selector: str, *, ca: Path, issuer: str, namespace: 
 def _write_definitions(tmp_path: Path, op: FakeOP, *services: tuple[str, str, str]) -> None:
     """d.yaml: one service per (name, selector, namespace); /public/* open, the rest for staff after a login."""
     docs: list[dict[str, object]] = [
-        _service_doc(name, selector, ca=op.ca_file, issuer=op.issuer, namespace=namespace)
+        _service_doc(name, selector, op=op, namespace=namespace)
         for name, selector, namespace in services
     ]
     docs.append({
@@ -606,7 +610,23 @@ class Rig:
 
     async def get(self, pod: str, path: str, host: str = "web.test") -> tuple[int, str, bytes]:
         """GET over TLS from the client namespace to the pod's IP on 443: (status, Location, body)."""
-        return await self.client.run(_https_get(self.pods[pod].ip, self.ca, host, path))
+        return (await self.client.run(_https_get(self.pods[pod].ip, self.ca, host, path)))[:3]
+
+    async def log_in(self, pod: str, path: str, host: str = "web.test") -> tuple[int, bytes]:
+        """A browser's login through the pod's IP (the OP leg from this namespace, where the OP is): the answer to
+        ``path`` once signed in."""
+        status, location, _, cookies = await self.client.run(_https_get(self.pods[pod].ip, self.ca, host, path))
+        assert status == 302 and location.startswith(self.op.url("/authorize")), location
+        ctx = ssl.create_default_context(cadata=self.op.ca_pem.decode())
+        async with aiohttp.ClientSession() as http, http.get(location, ssl=ctx, allow_redirects=False) as resp:
+            callback = urlsplit(resp.headers["Location"])
+        assert callback.hostname == host, callback
+        status, location, _, more = await self.client.run(_https_get(
+            self.pods[pod].ip, self.ca, host, f"{callback.path}?{callback.query}", cookie="; ".join(cookies)))
+        assert status in (302, 303) and location.endswith(path), (status, location)
+        status, _, body, _ = await self.client.run(_https_get(
+            self.pods[pod].ip, self.ca, host, path, cookie="; ".join(cookies + more)))
+        return status, body
 
     async def app_answers(self, pod: str) -> bool:
         """The pod's app port is reachable from the client namespace."""
@@ -625,11 +645,14 @@ class Rig:
             await asyncio.sleep(0.05)
 
 
-async def _https_get(address: str, ca: bytes, host: str, path: str) -> tuple[int, str, bytes]:
+async def _https_get(address: str, ca: bytes, host: str, path: str, cookie: str = "",
+                     ) -> tuple[int, str, bytes, list[str]]:
+    """One GET over a new TLS connection: (status, Location, body, each Set-Cookie's name=value)."""
     ctx = ssl.create_default_context(cadata=ca.decode())
     reader, writer = await asyncio.wait_for(asyncio.open_connection(address, 443, ssl=ctx, server_hostname=host), 10)
     try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        sent = f"Cookie: {cookie}\r\n" if cookie else ""
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{sent}Connection: close\r\n\r\n".encode())
         raw = await asyncio.wait_for(reader.read(), 10)
     finally:
         writer.close()
@@ -637,7 +660,8 @@ async def _https_get(address: str, ca: bytes, host: str, path: str) -> tuple[int
             await writer.wait_closed()
     head, _, body = raw.partition(b"\r\n\r\n")
     found = re.search(rb"\r\nLocation: ([^\r]*)", head, re.IGNORECASE)
-    return int(head.split(b" ", 2)[1]), found.group(1).decode() if found else "", body
+    cookies = [c.decode().split(";", 1)[0] for c in re.findall(rb"\r\nSet-Cookie: ([^\r]*)", head, re.IGNORECASE)]
+    return int(head.split(b" ", 2)[1]), found.group(1).decode() if found else "", body, cookies
 
 
 async def _refused(address: str, port: int) -> bool:
@@ -703,7 +727,7 @@ async def test_a_real_pod_is_enrolled_by_its_cni_add_released_by_its_labels_and_
     tmp_path: Path,
 ) -> None:
     """Driven through the controller into a real daemon: a selected pod's CNI ADD returns with its table and listener
-    in its namespace (its app behind a login, its app port refused); an unselected pod is untouched; labels no longer
+    in its namespace (its app reached through a real login, with the user's identity; its app port refused); an unselected pod is untouched; labels no longer
     selecting it release it (table gone, app port answers); labels selecting it again enrol it by the /proc scan; other
     labels still selecting it re-serve it; a graceful deletion keeps it served; deleted, no fd into its namespace remains and its table stays."""
     async with _rig(tmp_path, [("shop", "web"), ("shop", "db")], (WEB, "app=web", "")) as rig:
@@ -715,8 +739,7 @@ async def test_a_real_pod_is_enrolled_by_its_cni_add_released_by_its_labels_and_
         # the ADD has returned: rules and listener are in place
         assert await rig.table("web") and not await rig.table("db")
         assert await rig.get("web", "/public/x") == (200, "", b"app web")
-        status, location, _ = await rig.get("web", "/private")
-        assert status == 302 and location.startswith(rig.op.url("/authorize")), location
+        assert await rig.log_in("web", "/private") == (200, b"app web for alice")  # a staff member, signed in
         assert not await rig.app_answers("web")
         assert await rig.app_answers("db") and await rig.exposed_refused("db")  # untouched
 
