@@ -797,7 +797,8 @@ async def test_new_definitions_re_evaluate_the_real_pods(tmp_path: Path) -> None
 @pytest.mark.root
 async def test_a_namespaced_service_never_enrols_a_real_pod_of_another_namespace(tmp_path: Path) -> None:
     """A service of namespace team-a enrols team-a's pod and never team-b's with the same labels (by CNI ADD or
-    scan); once the same service has no namespace (the node operator's), a reload enrols team-b's pod too."""
+    scan); once the same service has no namespace (the node operator's), a reload enrols team-b's pod too; a CNI DEL
+    lets a pod go with its rules kept and no fd into its namespace."""
     pods = [("team-a", "shop-a"), ("team-b", "shop-b")]
     async with _rig(tmp_path, pods, (WEB, "app=shop", "team-a")) as rig:
         a, b = rig.pods["shop-a"], rig.pods["shop-b"]
@@ -816,3 +817,8 @@ async def test_a_namespaced_service_never_enrols_a_real_pod_of_another_namespace
         await rig.until("team-b's pod enrolled", lambda: set(rig.controller.enrolled) == {a.uid, b.uid})
         assert await rig.table("shop-b") and not await rig.app_answers("shop-b")
         assert await rig.get("shop-b", "/public/x") == (200, "", b"app shop-b")
+
+        await rig.controller.pod_deleted(CniEvent("DEL", "sandbox-1", None, "eth0", PodRef(a.namespace, a.name, a.uid),
+                                                  "1.0.0"))  # its sandbox torn down: let go, rules kept
+        assert set(rig.controller.enrolled) == {b.uid} and await _no_fds_into(a.inode) == []
+        assert await rig.table("shop-a") and await rig.exposed_refused("shop-a") and not await rig.app_answers("shop-a")
