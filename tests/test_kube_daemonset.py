@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ import pytest_asyncio
 import yaml
 
 from enforcer import __version__
+from enforcer.net.ruleset import DEFAULT_MARK
 from tests.harness.browser import Response, ScriptedBrowser
 from tests.harness.kube import CLIENT_NETNS, NODE_IP, NODE_NETNS, Node
 from tests.harness.kube_load import Load, Outage, outage
@@ -74,6 +76,15 @@ SHIPPED_SOURCE_WORKS = False
 RBAC never grants (Secrets are granted per namespace by a Role, as docs/kubernetes.md says): every
 EnforcerService is then rejected SecretForbidden. Until that is fixed the overlay names the
 namespace (``namespaces: [e2e-apps]``), and test_the_shipped_source_accepts_... shows the bug."""
+SHIPPED_REDIRECT = "redirect: {enabled: true}"
+KUBE_MARK_BITS = 0x4000 | 0x8000
+"""KUBE-MARK-MASQ and KUBE-MARK-DROP: kubelet's own rules on every node (kube-proxy uses them too)."""
+DEFAULT_MARK_WORKS = not DEFAULT_MARK & KUBE_MARK_BITS
+"""The enforcer's default ``SO_MARK`` 0x454E has the KUBE-MARK-MASQ bit: on a node its own
+connections are masqueraded, and those to an app on 127.0.0.1 then dropped by kubelet's
+KUBE-FIREWALL (every request a 502 after a 5 s connect timeout). Until the default changes, the
+overlay sets ``redirect.mark`` (and test_the_default_socket_mark_... shows the bug)."""
+WORKAROUND_MARK = DEFAULT_MARK & ~KUBE_MARK_BITS
 
 TIMINGS: dict[str, float] = {}
 
@@ -108,10 +119,9 @@ def service_cr(**spec: Any) -> dict[str, Any]:
             "metadata": {"name": "app", "namespace": APPS_NS}, "spec": body}  # fmt: skip
 
 
-def custom_resources() -> str:
-    """The namespace of the sample app's custom resources, the Role that lets the enforcer read
-    its Secrets (as overlays/example/secrets-demo.yaml), the client Secret, the HTTPResourceSpec
-    and the EnforcerService."""
+def apps_namespace() -> str:
+    """The namespace of the sample app's custom resources and the Role that lets the enforcer read
+    its Secrets (as overlays/example/secrets-demo.yaml, applied with the DaemonSet)."""
     objs: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": APPS_NS}},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
@@ -121,6 +131,13 @@ def custom_resources() -> str:
          "metadata": {"name": "enforcer-secrets", "namespace": APPS_NS},
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "enforcer-secrets"},
          "subjects": [{"kind": "ServiceAccount", "name": "enforcer", "namespace": SYSTEM_NS}]},
+    ]  # fmt: skip
+    return yaml.safe_dump_all(objs)
+
+
+def custom_resources() -> str:
+    """The client Secret, the HTTPResourceSpec and the EnforcerService of the sample app."""
+    objs: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "app-oidc", "namespace": APPS_NS},
          "type": "Opaque", "stringData": {"client-secret": CLIENT_SECRET}},
         {"apiVersion": "enforcer.dev/v1alpha1", "kind": "HTTPResourceSpec",
@@ -171,6 +188,9 @@ def write_overlay(d: Path, base_config: str, op_ca: bytes) -> Path:
     if not SHIPPED_SOURCE_WORKS:
         assert SHIPPED_SOURCE in config, config
         config = config.replace(SHIPPED_SOURCE, WATCHED_SOURCE)
+    if not DEFAULT_MARK_WORKS:
+        assert SHIPPED_REDIRECT in config, config
+        config = config.replace(SHIPPED_REDIRECT, f"redirect: {{enabled: true, mark: {hex(WORKAROUND_MARK)}}}")
     patch = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -270,6 +290,13 @@ class Cluster:
         ):
             done = self.kubectl(*args, check=False)
             parts.append(f"$ kubectl {' '.join(args)}\n{done.stdout[-6000:]}{done.stderr[-2000:]}")
+        parts.append("last flow records:\n" + "\n".join(json.dumps(f) for f in flows()[-5:]))
+        for cmd in (["ss", "-ltnp"], ["nft", "list", "table", "inet", "enforcer"]):
+            done = subprocess.run(["ip", "netns", "exec", NODE_NETNS, *cmd], capture_output=True, text=True,
+                                  timeout=20, check=False)  # fmt: skip
+            parts.append(f"$ {' '.join(cmd)} (node)\n{done.stdout[-4000:]}{done.stderr[-1000:]}")
+        app = self.kubectl("-n", APP_POD_NS, "logs", "recording-app", "--tail=20", check=False)
+        parts.append(f"recording app: {app.stdout}{app.stderr}")
         return "\n".join(parts)
 
     def seen(self) -> list[dict[str, Any]]:
@@ -396,6 +423,7 @@ async def cluster(kube_node: Node, tmp_path_factory: pytest.TempPathFactory) -> 
             api.kubectl("wait", "--for=condition=established", "--timeout=60s",
                         "crd/enforcerservices.enforcer.dev", "crd/httpresourcespecs.enforcer.dev")  # fmt: skip
             c.dry_run = api.kubectl("apply", "--dry-run=server", "-k", str(overlay), check=False)
+            api.kubectl("apply", "-f", "-", input=apps_namespace())
             t = time.monotonic()
             applied = True
             api.kubectl("apply", "-k", str(overlay))
@@ -416,7 +444,9 @@ async def cluster(kube_node: Node, tmp_path_factory: pytest.TempPathFactory) -> 
             raise
         yield c
     finally:
-        (work / "at-teardown.txt").write_text(c.diagnose())  # the pods' logs etc., kept in the tmp dir
+        stream = sys.__stderr__
+        if stream is not None:  # shown with the last test's report if it failed
+            stream.write(f"[k8s-e2e] at teardown:\n{c.diagnose()}\n")
         for b in c.browsers:
             with contextlib.suppress(Exception):
                 await client.run(b.close())
@@ -632,3 +662,29 @@ async def test_deleting_the_daemonset_removes_its_rules(cluster: Cluster) -> Non
     report("DaemonSet deleted -> pod gone", time.monotonic() - t)
     tables = nft_tables()
     assert "inet enforcer" not in tables, tables
+
+
+def test_the_default_socket_mark_passes_the_kubelets_rules(kube_node: Node) -> None:
+    """A connection carrying the enforcer's default SO_MARK reaches a listener on the node's loopback despite kubelet's own nftables rules."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))  # a free port number (the machine's namespace; the node's is as empty)
+        port = probe.getsockname()[1]
+    listener = subprocess.Popen(
+        ["ip", "netns", "exec", NODE_NETNS, sys.executable, "-c",
+         f"import socket, time; s = socket.create_server(('127.0.0.1', {port})); print('ready', flush=True); "
+         "time.sleep(60)"],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert listener.stdout is not None and listener.stdout.readline().strip() == b"ready"
+        connect(NODE_NETNS, "127.0.0.1", port, timeout=3).close()  # without a mark: fine
+        try:
+            connect(NODE_NETNS, "127.0.0.1", port, mark=DEFAULT_MARK, timeout=3).close()
+        except TimeoutError:
+            pytest.fail(f"SO_MARK {DEFAULT_MARK:#x} has kubelet's KUBE-MARK-MASQ bit 0x4000: masqueraded, then dropped "
+                        "by KUBE-FIREWALL ('block incoming localnet connections')")  # fmt: skip
+    finally:
+        listener.kill()
+        listener.wait()
+        if listener.stdout is not None:
+            listener.stdout.close()
