@@ -89,13 +89,20 @@ WORKAROUND_MARK = DEFAULT_MARK & ~KUBE_MARK_BITS
 TIMINGS: dict[str, float] = {}
 
 
+CAPTURE: list[Any] = []  # pytest's capture manager, set by the module fixture
+
+
+def say(text: str) -> None:
+    """Print past pytest's capture (as ``capsys.disabled()`` does), so the figures show in every run."""
+    capman = CAPTURE[0] if CAPTURE else None
+    with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
+        print(text, file=sys.__stderr__ or sys.stderr, flush=True)
+
+
 def report(name: str, seconds: float, note: str = "") -> None:
-    """Keep a measured figure and print it at once (pytest's capture does not hide it)."""
+    """Keep a measured figure and print it at once."""
     TIMINGS[name] = seconds
-    stream = sys.__stderr__
-    if stream is not None:
-        stream.write(f"[k8s-e2e] {name}: {seconds:.1f} s{' ' + note if note else ''}\n")
-        stream.flush()
+    say(f"[k8s-e2e] {name}: {seconds:.2f} s{' ' + note if note else ''}")
 
 
 # ----------------------------------------------------------------------------- manifests
@@ -383,10 +390,13 @@ async def _remove_everything(c: Cluster, overlay_applied: bool) -> None:
 
 
 @pytest_asyncio.fixture(scope="module")
-async def cluster(kube_node: Node, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
+async def cluster(
+    kube_node: Node, tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> AsyncIterator[Cluster]:
     """The image on the node, the OP, the app pod and the shipped manifests applied (with the CRs)."""
     require_root()
     require_e2e()
+    CAPTURE[:] = [pytestconfig.pluginmanager.getplugin("capturemanager")]
     t_module = time.monotonic()
     ours = _fresh_host_dirs()
     work = tmp_path_factory.mktemp("k8s-e2e")
@@ -461,9 +471,7 @@ async def cluster(kube_node: Node, tmp_path_factory: pytest.TempPathFactory) -> 
         for d in ours:
             shutil.rmtree(d, ignore_errors=True)
         report("whole module (fixture start to teardown end)", time.monotonic() - t_module)
-        stream = sys.__stderr__
-        if stream is not None:
-            stream.write("[k8s-e2e] summary: " + json.dumps({k: round(v, 1) for k, v in TIMINGS.items()}) + "\n")
+        say("[k8s-e2e] summary: " + json.dumps({k: round(v, 2) for k, v in TIMINGS.items()}))
 
 
 # ----------------------------------------------------------------------------- tests
@@ -546,8 +554,9 @@ async def _replace_under_load(
         await asyncio.sleep(2.0)
         at = time.monotonic()
         await asyncio.to_thread(replace)
-        ready_after = await until("a new enforcer pod Ready", lambda: cluster.ready_pod(not_uid=old["metadata"]["uid"]),
-                                  timeout=240, interval=0.25)  # fmt: skip
+        timeline = PodTimeline(old["metadata"]["uid"], at)
+        ready_after = await until("a new enforcer pod Ready", lambda: timeline.poll(cluster), timeout=240,
+                                  interval=0.25)  # fmt: skip
         await until("signed-in requests served again", lambda: (o := outage(load.samples, at)).resumed is not None
                     and o.failed > 0, timeout=60)  # fmt: skip
         await asyncio.sleep(settle)
@@ -555,14 +564,40 @@ async def _replace_under_load(
         load.stop.set()
         await task
     o: Outage = outage(load.samples, at)
-    return {"load": load, "outage": o, "ready": ready_after, "at": at}
+    return {"load": load, "outage": o, "ready": ready_after, "at": at, "timeline": timeline}
+
+
+@dataclass
+class PodTimeline:
+    """When the old enforcer pod vanished and a new one appeared, relative to ``at`` (from polling the API)."""
+
+    old_uid: str
+    at: float
+    old_gone: float | None = None
+    new_seen: float | None = None
+
+    def poll(self, cluster: Cluster) -> bool:
+        """Note what the pod list shows now; True once a new pod is Ready."""
+        pods = cluster.pods()
+        now = time.monotonic() - self.at
+        uids = {p["metadata"]["uid"] for p in pods}
+        if self.old_gone is None and self.old_uid not in uids:
+            self.old_gone = now
+        if self.new_seen is None and uids - {self.old_uid}:
+            self.new_seen = now
+        return cluster.ready_pod(not_uid=self.old_uid) is not None
 
 
 def _check_load(cluster: Cluster, tag: str, result: dict[str, Any], what: str) -> None:
     load: Load = result["load"]
     o: Outage = result["outage"]
     users, anons, ports = load.of("user"), load.of("anon"), load.of("port")
-    report(f"{what}: new pod Ready after", result["ready"])
+    timeline: PodTimeline = result["timeline"]
+    report(
+        f"{what}: new pod Ready after",
+        result["ready"],
+        f"(old pod gone at +{timeline.old_gone or 0:.2f} s, new pod seen at +{timeline.new_seen or 0:.2f} s)",
+    )
     assert o.resumed is not None
     report(f"{what}: signed-in requests served again after", o.resumed,
            f"(first failure at +{o.first_failure or 0:.1f} s, longest gap {o.longest_gap:.1f} s, {o.failed} failed, "
