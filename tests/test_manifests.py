@@ -439,6 +439,7 @@ def test_configmap_is_the_agreed_daemon_config(base: list[dict[str, Any]]) -> No
     config = _config(base)
     assert config["definitions"] == [{"kubernetes": {}}]
     assert config["redirect"] == {"enabled": True}
+    assert config["kubernetes"] == {"daemonSet": "enforcer"}  # node label tags (default) and the uninstall check
     assert (config["stateDir"], config["logsDir"]) == ("/var/lib/enforcer", "/var/log/enforcer")
     assert config["admin"] == {"address": "127.0.0.1", "port": 9090}
     # (the kubernetes source is validated by its own model; the rest by the daemon's)
@@ -468,14 +469,14 @@ def _rules(role: dict[str, Any]) -> set[tuple[str, str, str, str]]:
 
 
 def test_rbac_grants_exactly_the_agreed_verbs(overlay: list[dict[str, Any]]) -> None:
-    """The ClusterRole reads the two CRDs, patches their status, writes Events and gets Nodes; the Roles get its DaemonSet and read Secrets in enforcer-system and demo only."""
+    """The ClusterRole reads the two CRDs, patches their status, writes Events and reads and watches Nodes; the Roles get its DaemonSet and read Secrets in enforcer-system and demo only."""
     assert _rules(one(overlay, "ClusterRole", "enforcer")) == {
         *{("enforcer.dev", r, v, "") for r in ("enforcerservices", "httpresourcespecs") for v in ("get", "list", "watch")},
         ("enforcer.dev", "enforcerservices/status", "patch", ""),
         ("enforcer.dev", "httpresourcespecs/status", "patch", ""),
         ("", "events", "create", ""),
         ("", "events", "patch", ""),
-        ("", "nodes", "get", ""),
+        *{("", "nodes", v, "") for v in ("get", "list", "watch")},
     }
     assert _rules(one(overlay, "Role", "enforcer", "enforcer-system")) == {("apps", "daemonsets", "get", "enforcer")}
     roles = [o for o in overlay if o["kind"] in ("Role", "ClusterRole")]

@@ -31,9 +31,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import datetime
+import functools
 import json
 import logging
+import os
 import random
 import socket
 import time
@@ -409,9 +412,11 @@ def now_rfc3339() -> str:
 class KubernetesError(SourceError):
     """The API server could not be reached or refused a request."""
 
-    def __init__(self, message: str, status: int = 0) -> None:
+    def __init__(self, message: str, status: int = 0, body: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.body = body
+        """The answer's body (up to 4 KiB): a ``Status`` object when the API server refused."""
 
 
 class Gone(KubernetesError):
@@ -490,30 +495,82 @@ class _Api:
             GROUP, VERSION, stream.namespace, plural, **kwargs
         )
 
-    async def _open(self, stream: Stream, limit: Any, **kwargs: Any) -> Any:
+    async def _open(self, stream: Stream | str, limit: Any, call: Callable[..., Awaitable[Any]] | None = None,
+                    **kwargs: Any) -> Any:
+        """The raw response of one request (``call``, else the stream's list/watch); raises
+        :class:`Gone` on 410 and :class:`KubernetesError` (with the status) on any other failure."""
         try:
-            resp = await self._call(stream, _request_timeout=limit, **kwargs)
+            if call is None:
+                assert isinstance(stream, Stream)
+                resp = await self._call(stream, _request_timeout=limit, **kwargs)
+            else:
+                resp = await call(_request_timeout=limit, _preload_content=False, **kwargs)
         except self.api_exception as exc:
-            raise KubernetesError(f"{stream}: {exc}", getattr(exc, "status", 0) or 0) from None
+            body = str(getattr(exc, "body", "") or "")[:4096]
+            raise KubernetesError(f"{stream}: {exc}", getattr(exc, "status", 0) or 0, body) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise KubernetesError(f"{stream}: {type(exc).__name__}: {str(exc)[:200]}") from None
         if resp.status == 410:
             resp.release()
             raise Gone(f"{stream}: 410 Gone", 410)
         if resp.status >= 300:
-            body = (await resp.read())[:300].decode("utf-8", "replace")
-            resp.release()
-            raise KubernetesError(f"{stream}: HTTP {resp.status}: {body}", resp.status)
+            try:
+                body = (await resp.content.read(4096)).decode("utf-8", "replace")
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                body = ""
+            finally:
+                resp.release()
+            raise KubernetesError(f"{stream}: HTTP {resp.status}: {body[:300]}", resp.status, body)
         return resp
 
-    async def list(self, stream: Stream, limit: float) -> tuple[list[dict[str, Any]], str]:
-        resp = await self._open(stream, limit)
+    async def _json(self, what: str, resp: Any) -> dict[str, Any]:
         try:
             body = json.loads(await resp.read())
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            raise KubernetesError(f"{stream}: list: {type(exc).__name__}: {str(exc)[:200]}") from None
+            raise KubernetesError(f"{what}: {type(exc).__name__}: {str(exc)[:200]}") from None
         finally:
             resp.release()
+        if not isinstance(body, dict):
+            raise KubernetesError(f"{what}: not a JSON object")
+        return body
+
+    async def list_node(self, name: str, limit: float) -> tuple[dict[str, Any] | None, str]:
+        """The Node named ``name`` (None if there is none) and the list's resourceVersion."""
+        what = f"Node {name}"
+        resp = await self._open(what, limit, self.core.list_node, field_selector=f"metadata.name={name}")
+        body = await self._json(what, resp)
+        items = [i for i in body.get("items") or [] if _meta(i).get("name") == name]
+        return (items[0] if items else None), str((body.get("metadata") or {}).get("resourceVersion", ""))
+
+    async def watch_node(self, name: str, rv: str, seconds: int, limit: float) -> AsyncIterator[dict[str, Any]]:
+        """The watch events of the Node named ``name`` from ``rv``, until the server ends the watch."""
+        what = f"Node {name}"
+        resp = await self._open(
+            what, aiohttp.ClientTimeout(connect=limit, sock_connect=limit, sock_read=seconds + 30),
+            self.core.list_node, field_selector=f"metadata.name={name}",
+            watch=True, resource_version=rv, allow_watch_bookmarks=True, timeout_seconds=seconds,
+        )
+        try:
+            async for line in resp.content:
+                if line.strip():
+                    yield json.loads(line)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            raise KubernetesError(f"{what}: watch: {type(exc).__name__}: {str(exc)[:200]}") from None
+        finally:
+            resp.close()
+
+    async def read_daemon_set(self, namespace: str, name: str, limit: float) -> dict[str, Any]:
+        """The DaemonSet ``namespace/name`` (raises KubernetesError with the status: 404, 403, ...)."""
+        from kubernetes_asyncio import client  # noqa: PLC0415 (loaded with _Api already)
+
+        what = f"DaemonSet {namespace}/{name}"
+        apps = client.AppsV1Api(self.client)
+        resp = await self._open(what, limit, functools.partial(apps.read_namespaced_daemon_set, name, namespace))
+        return await self._json(what, resp)
+
+    async def list(self, stream: Stream, limit: float) -> tuple[list[dict[str, Any]], str]:
+        resp = await self._open(stream, limit)
+        body = await self._json(f"{stream}: list", resp)
         items = body.get("items") or []
         return items, str((body.get("metadata") or {}).get("resourceVersion", ""))
 
@@ -829,3 +886,266 @@ class SecretView(Mapping[tuple[str, str], SecretState]):
 
     def __len__(self) -> int:
         return len(self._secrets)
+
+
+# ---------------------------------------------------------------------------------------------
+# the enforcer's own Node (tags from its labels) and DaemonSet (uninstall or update at a stop)
+
+NODE_LABELS_FILE = "node-labels.json"
+"""In the state dir: the Node's labels as last read, so a start with the API server down keeps
+the tags (and so the protections) it had."""
+
+
+def label_tags(labels: Mapping[str, object]) -> tuple[str, ...]:
+    """One ``key=value`` tag per label, ordered by key (``kubernetes.io/hostname=node-1``,
+    ``node-role.kubernetes.io/control-plane=``); a label that could not be a tag is left out."""
+    return tuple(
+        f"{k}={v}" for k, v in sorted(labels.items())
+        if isinstance(v, str) and k and "=" not in k and not any(c.isspace() for c in k + v)
+    )
+
+
+def save_labels(path: Path, node: str, labels: Mapping[str, str]) -> None:
+    """Persist ``labels`` of ``node`` atomically (raises OSError)."""
+    text = json.dumps({"node": node, "labels": dict(labels), "read": now_rfc3339()}, sort_keys=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_labels(path: Path, node: str) -> tuple[dict[str, str], str] | None:
+    """The persisted labels of ``node`` and when they were read, or None (no file, another
+    node's, unreadable)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("node") != node or not isinstance(data.get("labels"), dict):
+        return None
+    labels = {str(k): str(v) for k, v in data["labels"].items()}
+    return labels, str(data.get("read", "?"))
+
+
+OnLabels = Callable[[Mapping[str, str]], Awaitable[None]]
+
+
+@dataclass
+class NodeLabels:
+    """The labels of this enforcer's Node: read once at start (or, with the API server down, the
+    ones last read: fail closed), then listed and watched by name (``fieldSelector
+    metadata.name=<node>``) with the same backoff and watch-start gap as the definitions."""
+
+    node: str
+    state_dir: Path
+    kubeconfig: Path | None = None
+    timeout: float = 4.0
+    watch_seconds: tuple[int, int] = (240, 300)
+    min_gap: float = 1.0
+    labels: dict[str, str] | None = None
+    resource_version: str | None = None
+    stats: WatchStats = field(default_factory=WatchStats)
+
+    @property
+    def path(self) -> Path:
+        return self.state_dir / NODE_LABELS_FILE
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return label_tags(self.labels or {})
+
+    def _persist(self, labels: Mapping[str, str]) -> None:
+        try:
+            save_labels(self.path, self.node, labels)
+        except OSError as exc:
+            log.error("cannot persist the labels of Node %s to %s: %s", self.node, self.path, exc)
+
+    async def _list(self, api: _Api) -> dict[str, str]:
+        self.stats.lists += 1
+        obj, rv = await api.list_node(self.node, self.timeout)
+        if obj is None:
+            raise KubernetesError(f"Node {self.node} not found", 404)
+        labels = _labels(obj)
+        self.resource_version = rv
+        return labels
+
+    async def first(self) -> str:
+        """Read the labels now, else take the persisted ones; returns where they came from.
+        Raises KubernetesError when neither can be had (the caller must not serve: fewer tags
+        select fewer services, and fewer services leave app ports open)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                api = await connect(self.kubeconfig)
+                try:
+                    labels = await self._list(api)
+                finally:
+                    await api.close()
+        except (KubernetesError, TimeoutError) as exc:
+            problem = str(exc) or f"no answer from the API server within {self.timeout:g}s"
+            saved = load_labels(self.path, self.node)
+            if saved is None:
+                raise KubernetesError(
+                    f"cannot read the labels of Node {self.node} ({problem}) and none were ever read here "
+                    f"({self.path})", getattr(exc, "status", 0),
+                ) from None
+            self.labels, when = saved
+            log.error(
+                "cannot read the labels of Node %s (%s): using the ones read at %s from %s until it answers",
+                self.node, problem, when, self.path,
+            )
+            return f"{self.path} (read at {when})"
+        self.labels = labels
+        self._persist(labels)
+        return "the API server"
+
+    async def watch(self, on_change: OnLabels) -> None:
+        """List and watch the Node forever; each change of its labels is persisted, then handed
+        to ``on_change``.  A deleted Node keeps the last labels (fail closed)."""
+        backoff = Backoff()
+        last_start = -self.min_gap
+        while True:
+            api: _Api | None = None
+            try:
+                api = await connect(self.kubeconfig)
+            except KubernetesError as exc:
+                log.error("%s", exc)
+                await asyncio.sleep(backoff.next() * 10)
+                continue
+            try:
+                while True:
+                    wait = last_start + self.min_gap * random.uniform(1.0, 1.5) - time.monotonic()  # noqa: S311
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    last_start = time.monotonic()
+                    try:
+                        if self.resource_version is None:
+                            await self._take(await self._list(api), on_change)
+                        seen = await self._watch_once(api, on_change)
+                        if seen or time.monotonic() - last_start > 10:
+                            backoff.reset()
+                        else:
+                            await asyncio.sleep(backoff.next())
+                    except Gone:
+                        self.stats.gone += 1
+                        self.resource_version = None
+                    except KubernetesError as exc:
+                        self.stats.errors += 1
+                        delay = backoff.next()
+                        log.warning("Node %s: %s; the tags stay; retrying in %.1fs", self.node, exc, delay)
+                        await asyncio.sleep(delay)
+            finally:
+                await api.close()
+
+    async def _watch_once(self, api: _Api, on_change: OnLabels) -> int:
+        self.stats.watches += 1
+        seen = 0
+        assert self.resource_version is not None
+        seconds = random.randint(*self.watch_seconds)  # noqa: S311
+        async for event in api.watch_node(self.node, self.resource_version, seconds, self.timeout):
+            seen += 1
+            kind, obj = event.get("type"), event.get("object") or {}
+            if kind == "ERROR":
+                code = int(obj.get("code", 0) or 0)
+                if code == 410:
+                    raise Gone(f"Node {self.node}: {obj.get('message', 'Gone')}", 410)
+                raise KubernetesError(f"Node {self.node}: watch error {code}: {obj.get('message', '')}", code)
+            rv = _meta(obj).get("resourceVersion")
+            if rv:
+                self.resource_version = str(rv)
+            if kind in ("ADDED", "MODIFIED"):
+                self.stats.events += 1
+                await self._take(_labels(obj), on_change)
+            elif kind == "DELETED":
+                log.error("Node %s was deleted: its last labels stay this enforcer's tags", self.node)
+        return seen
+
+    async def _take(self, labels: dict[str, str], on_change: OnLabels) -> None:
+        if labels == self.labels:
+            return
+        old = self.tags
+        self.labels = labels
+        self._persist(labels)
+        log.warning("Node %s: labels changed; tags %s -> %s", self.node, list(old), list(self.tags))
+        self.stats.pushes += 1
+        await on_change(labels)
+
+
+def _labels(obj: Mapping[str, Any]) -> dict[str, str]:
+    labels = _meta(obj).get("labels")
+    return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, Mapping) else {}
+
+
+def refusal(status: int, body: str, name: str) -> str | None:
+    """The ``reason`` of the API server's ``Status`` answer refusing a request for the object
+    ``name`` (``NotFound``, ``Unauthorized``, ``Forbidden``), or None when ``body`` is not such
+    an answer (an answer from something else in the way, e.g. a proxy's bare 404)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or data.get("kind") != "Status" or data.get("code") != status:
+        return None
+    reason = data.get("reason")
+    details = data.get("details")
+    named = isinstance(details, dict) and details.get("name") == name
+    if (reason == "NotFound" and named) or reason == "Unauthorized" or (reason == "Forbidden" and named):
+        return str(reason)
+    return None
+
+
+@dataclass(frozen=True)
+class StopVerdict:
+    """At a stop: is this an uninstall (remove the redirect table) or not (keep it), and why:
+    ``short`` for the flow record, ``why`` for the log."""
+
+    uninstall: bool
+    short: str
+    why: str
+
+
+async def stop_verdict(namespace: str, name: str, kubeconfig: Path | None, limit: float) -> StopVerdict:
+    """Ask the API server for this pod's DaemonSet (Istio's ``ShouldStopCleanup``): gone (404),
+    being deleted (``deletionTimestamp``) or our access revoked (401/403: the uninstall removed
+    our RBAC or ServiceAccount) is an uninstall; present is an update or a restart; no answer
+    within ``limit`` seconds keeps the table (fail closed), and so does any answer that is not
+    the API server's (a 404 from a proxy in the way is no uninstall).  Never raises."""
+    where = f"DaemonSet {namespace}/{name}"
+    keep = "keeping the table (fail closed)"
+    try:
+        api = await connect(kubeconfig)
+    except KubernetesError as exc:
+        return StopVerdict(False, f"{where} not asked", f"{exc}; {keep}")
+    try:
+        async with asyncio.timeout(limit):
+            obj = await api.read_daemon_set(namespace, name, limit)
+    except TimeoutError:
+        return StopVerdict(False, f"{where} unknown",
+                           f"no answer from the API server within {limit:g}s; {keep}")
+    except KubernetesError as exc:
+        reason = refusal(exc.status, exc.body, name)
+        if reason == "NotFound":
+            return StopVerdict(True, f"{where} deleted", f"{where} is gone: an uninstall")
+        if reason in ("Unauthorized", "Forbidden"):
+            return StopVerdict(True, f"{where}: access revoked",
+                               f"the API server refuses to show {where} (HTTP {exc.status} {reason}): the uninstall "
+                               "removed this pod's ServiceAccount or RBAC")
+        if exc.status in (401, 403, 404):
+            return StopVerdict(False, f"{where} unknown", f"HTTP {exc.status} without the API server's Status for "
+                               f"{where} (a proxy's answer?); {keep}")
+        return StopVerdict(False, f"{where} unknown", f"cannot ask for {where}: {exc}; {keep}")
+    except Exception as exc:  # a stop must never fail on this question
+        return StopVerdict(False, f"{where} unknown", f"cannot ask for {where}: {type(exc).__name__}: {exc}; "
+                           f"{keep}")
+    finally:
+        with contextlib.suppress(Exception):
+            await api.close()
+    if obj.get("kind") != "DaemonSet" or _meta(obj).get("name") != name:
+        return StopVerdict(False, f"{where} unknown", f"the answer is not {where}; {keep}")
+    deleting = _meta(obj).get("deletionTimestamp")
+    if deleting:
+        return StopVerdict(True, f"{where} being deleted", f"{where} is being deleted (since {deleting}): an uninstall")
+    return StopVerdict(False, f"{where} present", f"{where} is present: an update or a restart")

@@ -7,6 +7,7 @@ redirect and limits. Unknown keys are errors (with a did-you-mean).
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -199,6 +200,57 @@ class SourceModel(_Strict):
         return self
 
 
+_K8S_LABEL_NAME = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
+"""A DNS subdomain (RFC 1123): the name of a Node or of a DaemonSet."""
+
+
+class KubernetesModel(_Strict):
+    """``kubernetes:``: this enforcer runs as a DaemonSet's pod on a Kubernetes node
+    (enforcer/config/kubernetes.py). Its tags get one ``key=value`` tag per label of its
+    Node, and a stop asks whether its DaemonSet is being deleted (then, and only then, the
+    redirect table goes)."""
+
+    nodeName: str | None = None
+    """Its Node (default: the environment variable ``NODE_NAME``, which the shipped DaemonSet
+    sets from ``spec.nodeName``)."""
+    nodeLabelTags: bool = True
+    """Add one ``key=value`` tag per label of the Node to ``tags`` (watched: a label change
+    re-resolves the definitions)."""
+    daemonSet: str | None = None
+    """The DaemonSet this pod belongs to (e.g. ``enforcer``): at a stop it is asked for; gone,
+    being deleted or no longer letting us read it is an uninstall (the table is removed);
+    present or unreachable keeps the table. None: every stop keeps it (``redirect.keepBlockOnStop``)."""
+    namespace: str | None = None
+    """The DaemonSet's namespace (default: ``POD_NAMESPACE``, else the pod's service account's)."""
+    kubeconfig: Path | None = None
+    """A kubeconfig file (default: the pod's in-cluster service account)."""
+    timeout: Duration = 4.0
+    """How long one request to the API server may take: the Node's first read at start and
+    the DaemonSet question at a stop (which must fit in the pod's grace period)."""
+
+    @field_validator("nodeName", "daemonSet")
+    @classmethod
+    def _object_name(cls, v: str | None) -> str | None:
+        if v is not None and not _K8S_LABEL_NAME.match(v):
+            raise ValueError(
+                f"{v!r} is not a Kubernetes object name (lower-case letters, digits, '-', '.'), e.g. enforcer"
+            )
+        return v
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str | None) -> str | None:
+        if v is not None and not _K8S_NAME.match(v):
+            raise ValueError(f"{v!r} is not a namespace name (lower-case letters, digits, '-'), e.g. enforcer-system")
+        return v
+
+    @model_validator(mode="after")
+    def _bounded(self) -> KubernetesModel:
+        if not 0.5 <= self.timeout <= 10:
+            raise ValueError("timeout must be between 500ms and 10s (a stop must ask within the grace period)")
+        return self
+
+
 class RedirectModel(_Strict):
     """The transparent redirect (nftables): exposed ports land on the listener.
 
@@ -310,6 +362,9 @@ class DaemonModel(_Strict):
     oidc: OIDCSettingsModel = Field(default_factory=OIDCSettingsModel)
     limits: LimitsModel = Field(default_factory=LimitsModel)
     redirect: RedirectModel = Field(default_factory=RedirectModel)
+    kubernetes: KubernetesModel | None = None
+    """Set when the enforcer runs as a DaemonSet's pod: tags from its Node's labels, the
+    uninstall check at a stop."""
     denyPage: DenyPageModel = Field(default_factory=DenyPageModel)
     flowLog: Path | None = None  # default: <logsDir>/flows.jsonl
     allowNoServices: bool = False
@@ -323,10 +378,15 @@ class Settings:
 
     path: Path
     model: DaemonModel
+    node_tags: tuple[str, ...] = ()
+    """The tags from the Node's labels (``kubernetes.nodeLabelTags``), set by the daemon."""
 
     @property
     def tags(self) -> tuple[str, ...]:
-        return tuple(self.model.tags)
+        """The configured tags, then the Node's (each once)."""
+        if not self.node_tags:
+            return tuple(self.model.tags)
+        return tuple(dict.fromkeys((*self.model.tags, *self.node_tags)))
 
     @property
     def state_dir(self) -> Path:
@@ -387,12 +447,54 @@ def read_settings(path: Path) -> tuple[Settings | None, list[ConfigIssue]]:
                 "make idleTimeout <= absoluteTimeout",
             )
         )
+    if model.kubernetes is not None:
+        kube, kube_issues = _kubernetes_identity(model.kubernetes, source)
+        model = model.model_copy(update={"kubernetes": kube})
+        issues.extend(kube_issues)
     settings = Settings(path=path, model=model)
     try:
         check_workers(settings, model.listen.workers, "listen.workers")
     except ConfigError as exc:
         issues.extend(exc.issues)
     return settings, issues
+
+
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+"""Where a pod's service account namespace is (the default namespace of its DaemonSet)."""
+
+
+def _kubernetes_identity(kube: KubernetesModel, source: str) -> tuple[KubernetesModel, list[ConfigIssue]]:
+    """``kubernetes:`` with the node name and the DaemonSet's namespace taken from the pod's
+    environment when not given (``NODE_NAME``; ``POD_NAMESPACE``, else the service account's
+    namespace file), and what is missing for what is asked of it."""
+    issues: list[ConfigIssue] = []
+    node = kube.nodeName or os.environ.get("NODE_NAME", "").strip() or None
+    if node is not None and not _K8S_LABEL_NAME.match(node):
+        issues.append(ConfigIssue(source, "kubernetes.nodeName", "NODE_NAME is not a Node name", node,
+                                  "set NODE_NAME from the downward API (fieldRef spec.nodeName)"))
+        node = None
+    if node is None and kube.nodeLabelTags:
+        issues.append(ConfigIssue(
+            source, "kubernetes.nodeName", "no Node name: tags from its labels need one", None,
+            "set env NODE_NAME from the downward API (fieldRef spec.nodeName, as deploy/kubernetes does), "
+            "or kubernetes.nodeName, or nodeLabelTags: false",
+        ))
+    namespace = kube.namespace or os.environ.get("POD_NAMESPACE", "").strip() or None
+    if namespace is None:
+        try:
+            namespace = SERVICE_ACCOUNT_NAMESPACE.read_text(encoding="utf-8").strip() or None
+        except OSError:
+            namespace = None
+    if namespace is not None and not _K8S_NAME.match(namespace):
+        issues.append(ConfigIssue(source, "kubernetes.namespace", "POD_NAMESPACE is not a namespace name", namespace,
+                                  "set POD_NAMESPACE from the downward API (fieldRef metadata.namespace)"))
+        namespace = None
+    if namespace is None and kube.daemonSet is not None:
+        issues.append(ConfigIssue(
+            source, "kubernetes.namespace", "no namespace for the DaemonSet", None,
+            "set env POD_NAMESPACE from the downward API (fieldRef metadata.namespace), or kubernetes.namespace",
+        ))
+    return kube.model_copy(update={"nodeName": node, "namespace": namespace}), issues
 
 
 def _without_bad_keys(data: dict[str, object], exc: ValidationError) -> dict[str, object]:
@@ -442,6 +544,8 @@ def _absolute_paths(model: DaemonModel, base: Path) -> DaemonModel:
                 )
                 for s in model.definitions
             ],
+            "kubernetes": model.kubernetes.model_copy(update={"kubeconfig": maybe(model.kubernetes.kubeconfig)})
+            if model.kubernetes is not None else None,
             "oidc": model.oidc.model_copy(
                 update={"caFile": absolute(model.oidc.caFile) if model.oidc.caFile else None}
             ),

@@ -260,6 +260,8 @@ class DefinitionsManager:
     """The sources whose last read failed."""
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _in_force: list[RawDocument] = field(default_factory=list)
+    """The documents of ``current``."""
 
     @property
     def lkg_path(self) -> Path:
@@ -302,12 +304,12 @@ class DefinitionsManager:
             )
             self.using_lkg = True
             definitions = self._resolve(lkg)
-            self.current, self.digest = definitions, fingerprint(lkg)
+            self.current, self.digest, self._in_force = definitions, fingerprint(lkg), lkg
             self._outcome("last_known_good", "; ".join(failures))
             return definitions
         docs = self._merged()
         definitions = self._resolve(docs)  # raises ConfigError: fatal at start-up
-        self.current, self.digest = definitions, fingerprint(docs)
+        self.current, self.digest, self._in_force = definitions, fingerprint(docs), docs
         self._save_lkg(docs)
         return definitions
 
@@ -391,6 +393,14 @@ class DefinitionsManager:
             # even when it holds the very same documents
             return await self._accept(self._merged(), f"push from {origin}", force=self.using_lkg)
 
+    async def retag(self, settings: settings_mod.Settings, reason: str) -> str:
+        """This enforcer's tags changed (its Node's labels): take ``settings`` and resolve the
+        documents in force again, through the same validation, swap and last-known-good as an
+        update; if that is rejected the set in force stays."""
+        async with self._lock:
+            self.settings = settings
+            return await self._accept(self._in_force, reason, force=True)
+
     async def _accept(self, docs: Sequence[RawDocument], reason: str, *, force: bool) -> str:
         """Validate a merged set, hand it to ``on_change``, then make it current and persist
         it; the current set stays if any step fails.  Unless ``force``, an unchanged set is
@@ -411,7 +421,7 @@ class DefinitionsManager:
                 log.exception("applying the new definitions failed; the current set stays in force")
                 self._outcome("failed", str(exc))
                 return "failed"
-        self.current, self.digest = definitions, digest
+        self.current, self.digest, self._in_force = definitions, digest, list(docs)
         if self.using_lkg and not self._failing:
             log.warning("every definitions source is reachable again; no longer using the last-known-good set")
             self.using_lkg = False

@@ -42,6 +42,25 @@ SocketFactory = Callable[[Any], socket.socket]
 """Makes an outgoing socket from an ``addrinfo`` tuple (aiohttp's ``socket_factory``)."""
 
 
+class StopDecision(Protocol):
+    """What a stop is (``enforcer.config.kubernetes.StopVerdict``): an uninstall removes the table."""
+
+    @property
+    def uninstall(self) -> bool: ...
+
+    @property
+    def short(self) -> str:
+        """For the flow record, e.g. ``DaemonSet enforcer-system/enforcer deleted``."""
+
+    @property
+    def why(self) -> str:
+        """For the log."""
+
+
+StopCheck = Callable[[], Awaitable[StopDecision]]
+"""Asked at a stop whether it is an uninstall (the DaemonSet gone) or an update/restart; never raises."""
+
+
 async def _nothing_to_undo() -> None:
     return None
 
@@ -65,7 +84,8 @@ class Attachment(Protocol):
 
     async def remove(self) -> None:
         """On a clean stop: keep the redirect table (fail closed), or remove it when
-        ``redirect.keepBlockOnStop`` is off; says which in the log and the flow log; never raises."""
+        ``redirect.keepBlockOnStop`` is off or the stop is an uninstall (its DaemonSet gone);
+        says which in the log and the flow log; never raises."""
 
     def close(self) -> None:
         """Close the listening socket."""
@@ -128,13 +148,16 @@ class HostAttachment:
     """The host the daemon runs on: ``listen:`` socket, ``redirect:`` table in our namespace.
 
     ``manages_redirect`` is False for a worker process (the primary installs the redirect) and
-    when ``redirect.enabled`` is off; ``listen_socket`` is the one the master opened, if any."""
+    when ``redirect.enabled`` is off; ``listen_socket`` is the one the master opened, if any;
+    ``stop_check`` (a DaemonSet's pod: ``kubernetes.daemonSet``) tells an uninstall, which
+    removes the table, from an update or restart, which keeps it."""
 
     settings: settings_mod.Settings
     manages_redirect: bool = True
     listen_socket: socket.socket | None = None
     redirector: Redirector = field(default_factory=Netlink)
     name: str = "host"
+    stop_check: StopCheck | None = None
     ruleset: Ruleset | None = None
     """The ruleset in force (None before the first :meth:`apply` or when not managed)."""
 
@@ -180,29 +203,46 @@ class HostAttachment:
             return
         r = self.settings.model.redirect
         ports = ruleset_ports(self.ruleset)
+        why, short = "redirect.keepBlockOnStop: false", ""
         if r.keepBlockOnStop:
-            # The table stays as a crash leaves it: the exposed ports redirect to a listener that
-            # is gone (refused), the app ports reject; the next start replaces it atomically.
-            log.warning(
-                "stopping with the redirect table inet %s kept: %s refuse connections until the "
-                "enforcer serves again (`enforcer unblock` opens them)", r.table, ports,
-            )
-            await note_ports(
-                self.settings, method="STOP", reason=Reason.PORTS_BLOCKED, detail=f"table inet {r.table} kept: {ports}"
-            )
-            return
+            decision = await self._ask_stop_check()
+            if decision is None or not decision.uninstall:
+                # The table stays as a crash leaves it: the exposed ports redirect to a listener that
+                # is gone (refused), the app ports reject; the next start replaces it atomically.
+                log.warning(
+                    "stopping with the redirect table inet %s kept: %s refuse connections until the "
+                    "enforcer serves again (`enforcer unblock` opens them)%s", r.table, ports,
+                    f"; {decision.why}" if decision is not None else "",
+                )
+                short = f"{decision.short}: " if decision is not None else ""
+                await note_ports(
+                    self.settings, method="STOP", reason=Reason.PORTS_BLOCKED,
+                    detail=f"{short}table inet {r.table} kept: {ports}",
+                )
+                return
+            why, short = decision.why, f"{decision.short}: "
         try:
             await self.redirector.remove(r.table)
         except RedirectError as exc:
             log.error("could not remove the redirect table on stop: %s", exc)
             return
         log.warning(
-            "redirect table inet %s removed at stop (redirect.keepBlockOnStop: false): %s answer "
-            "without the enforcer now", r.table, ports,
+            "redirect table inet %s removed at stop (%s): %s answer without the enforcer now", r.table, why, ports,
         )
         await note_ports(
-            self.settings, method="STOP", reason=Reason.PORTS_UNBLOCKED, detail=f"table inet {r.table} removed: {ports}"
+            self.settings, method="STOP", reason=Reason.PORTS_UNBLOCKED,
+            detail=f"{short}table inet {r.table} removed: {ports}",
         )
+
+    async def _ask_stop_check(self) -> StopDecision | None:
+        """The stop check's answer (None without one, or if it failed: keep the table)."""
+        if self.stop_check is None:
+            return None
+        try:
+            return await self.stop_check()
+        except Exception:
+            log.exception("the stop check failed; keeping the redirect table (fail closed)")
+            return None
 
     def close(self) -> None:
         if self.listen_socket is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -22,9 +23,9 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -42,11 +43,14 @@ from enforcer.http.gate import Gate, Runtime
 from enforcer.identity import login, oidc, sessions, sqlite, tokens
 from enforcer.metrics import Metrics
 from enforcer.run import memory
-from enforcer.run.attach import Attachment, HostAttachment, SocketFactory, Undo
+from enforcer.run.attach import Attachment, HostAttachment, SocketFactory, StopCheck, StopDecision, Undo
 from enforcer.run.attach import build_redirect as build_redirect  # noqa: PLC0414  (re-export: cli.doctor uses it)
 from enforcer.run.memory import tune_gc
 from enforcer.run.stores import session_store
 from enforcer.run.systemd import sd_notify, watchdog_interval
+
+if TYPE_CHECKING:
+    from enforcer.config.kubernetes import NodeLabels
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +182,8 @@ class Daemon:
     """Where flow records go; made from ``flowLog:`` at start unless given."""
     attachments: list[Attachment] = field(default_factory=list)
     """Where the daemon serves, each with its own listener: made at start (today: the host)."""
+    node_labels: NodeLabels | None = None
+    """On a Kubernetes node (``kubernetes.nodeLabelTags``): its Node's labels, watched."""
 
     @property
     def owns_host(self) -> bool:
@@ -208,10 +214,12 @@ class Daemon:
         ``resources`` (in reverse), also when a later step fails."""
         s = self.settings.model
         s.stateDir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await self._node_tags()
         if not self.attachments:
-            self.attachments = [
-                HostAttachment(self.settings, manages_redirect=self.owns_host, listen_socket=self.listen_socket)
-            ]
+            self.attachments = [HostAttachment(
+                self.settings, manages_redirect=self.owns_host, listen_socket=self.listen_socket,
+                stop_check=self._stop_check(),
+            )]
         outgoing = self.attachments[0].socket_factory()
         definitions = await self._load_definitions(resources, outgoing)
         self.cert_store = certs.CertStore(s.stateDir)
@@ -254,6 +262,57 @@ class Daemon:
         if self.owns_host:
             resources.push_async_callback((await self._start_admin(runtime)).cleanup)
         return _Serving(definitions, runtime, store, server, self.tls.context)
+
+    async def _node_tags(self) -> None:
+        """With ``kubernetes.nodeLabelTags``: add the Node's labels to the tags before anything
+        is resolved, read now or, with the API server down, as last read here.  With neither,
+        wait (retrying with backoff): not ready, no listener, and the redirect table already in
+        force (the previous pod's) untouched -- serving with fewer tags would select fewer
+        services and open their app ports."""
+        kube = self.settings.model.kubernetes
+        if kube is None or not kube.nodeLabelTags or kube.nodeName is None:
+            return
+        from enforcer.config import kubernetes  # noqa: PLC0415 (only on a Kubernetes node)
+
+        self.node_labels = kubernetes.NodeLabels(
+            kube.nodeName, self.settings.state_dir, kubeconfig=kube.kubeconfig, timeout=kube.timeout,
+        )
+        backoff = kubernetes.Backoff(base=1.0, cap=30.0)
+        origin = ""
+        while not origin:
+            try:
+                origin = await self.node_labels.first()
+            except kubernetes.KubernetesError as exc:
+                delay = backoff.next()
+                log.error("%s: not serving until the labels are known (the redirect table in force stays); "
+                          "retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+        self.settings = dataclasses.replace(self.settings, node_tags=self.node_labels.tags)
+        log.info("Node %s: %d label tag(s) from %s", kube.nodeName, len(self.settings.node_tags), origin)
+
+    async def _node_labels_changed(self, labels: Mapping[str, str]) -> None:
+        """The Node's labels changed: resolve the definitions in force again with the new tags."""
+        assert self.node_labels is not None
+        self.settings = dataclasses.replace(self.settings, node_tags=self.node_labels.tags)
+        outcome = await self.manager.retag(self.settings, f"node {self.node_labels.node} labels changed")
+        if outcome != "success":
+            log.error("the definitions with the new node tags were not applied (%s); the set in force stays", outcome)
+
+    def _stop_check(self) -> StopCheck | None:
+        """With ``kubernetes.daemonSet``: the question asked at a stop (an uninstall?)."""
+        kube = self.settings.model.kubernetes
+        if kube is None or kube.daemonSet is None or kube.namespace is None:
+            return None
+        namespace, name, kubeconfig, limit = kube.namespace, kube.daemonSet, kube.kubeconfig, kube.timeout
+
+        async def check() -> StopDecision:
+            from enforcer.config import kubernetes  # noqa: PLC0415 (only on a Kubernetes node)
+
+            verdict = await kubernetes.stop_verdict(namespace, name, kubeconfig, limit)
+            log.info("stop: %s", verdict.why)
+            return verdict
+
+        return check
 
     async def _load_definitions(
         self, resources: contextlib.AsyncExitStack, outgoing: SocketFactory | None
@@ -357,6 +416,8 @@ class Daemon:
         if self.owns_host:
             self._spawn(self._housekeeping(serving.store), "housekeeping")
         self._spawn(self.manager.run(), "definitions")
+        if self.node_labels is not None:
+            self._spawn(self.node_labels.watch(self._node_labels_changed), "node-labels")
         for src in self.manager.sources:
             if isinstance(src, WatchingSource):  # Kubernetes custom resources: one reporter per host
                 self._spawn(src.watch(functools.partial(self.manager.push, origin=src.name), report=self.owns_host),
