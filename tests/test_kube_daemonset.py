@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ import yaml
 from enforcer import __version__
 from enforcer.net.ruleset import DEFAULT_MARK
 from tests.harness.browser import Response, ScriptedBrowser
-from tests.harness.kube import CLIENT_NETNS, NODE_IP, NODE_NETNS, Node
+from tests.harness.kube import CLIENT_NETNS, KUBECTL, NODE_IP, NODE_NETNS, Node
 from tests.harness.kube_load import Load, Outage, outage
 from tests.harness.netns import NetnsLoop, connect, refused, require_root
 from tests.harness.op import OPUser, RunningOP, start_op
@@ -549,12 +551,13 @@ async def _replace_under_load(
     load = Load(BASE, tag, user, anon, (NODE_IP, APP_PORT))
     old = cluster.ready_pod()
     assert old is not None
+    follower = LogFollower.start(cluster, old["metadata"]["name"])
     task = asyncio.ensure_future(cluster.client.run(load.run(), timeout=600))
     try:
         await asyncio.sleep(2.0)
         at = time.monotonic()
         await asyncio.to_thread(replace)
-        timeline = PodTimeline(old["metadata"]["uid"], at)
+        timeline = PodTimeline(old["metadata"]["uid"], at, time.time())
         ready_after = await until("a new enforcer pod Ready", lambda: timeline.poll(cluster), timeout=240,
                                   interval=0.25)  # fmt: skip
         await until("signed-in requests served again", lambda: (o := outage(load.samples, at)).resumed is not None
@@ -563,8 +566,43 @@ async def _replace_under_load(
     finally:
         load.stop.set()
         await task
+        follower.stop()
     o: Outage = outage(load.samples, at)
+    timeline.old_log = follower.lines
     return {"load": load, "outage": o, "ready": ready_after, "at": at, "timeline": timeline}
+
+
+@dataclass
+class LogFollower:
+    """``kubectl logs -f`` of one pod, collected on a thread (the old pod's log vanishes with it)."""
+
+    proc: subprocess.Popen[str]
+    lines: list[str]
+    thread: threading.Thread
+
+    @classmethod
+    def start(cls, cluster: Cluster, pod: str) -> LogFollower:
+        proc = subprocess.Popen(
+            [KUBECTL, "--kubeconfig", str(cluster.node.api.kubeconfig), "-n", SYSTEM_NS, "logs", "-f", pod],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        lines: list[str] = []
+
+        def read() -> None:
+            assert proc.stdout is not None
+            lines.extend(proc.stdout)
+
+        thread = threading.Thread(target=read, daemon=True)
+        thread.start()
+        return cls(proc, lines, thread)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(10)
+        self.thread.join(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 @dataclass
@@ -573,8 +611,19 @@ class PodTimeline:
 
     old_uid: str
     at: float
+    wall: float  # time.time() at ``at``
     old_gone: float | None = None
     new_seen: float | None = None
+    old_log: list[str] = field(default_factory=list)
+
+    def logged(self, needle: str) -> float:
+        """When the old pod logged a line containing ``needle``, relative to ``at`` (-1: it did not)."""
+        for line in self.old_log:
+            if needle in line:
+                with contextlib.suppress(ValueError):
+                    stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+                    return stamp.replace(tzinfo=datetime.UTC).timestamp() - self.wall
+        return -1.0
 
     def poll(self, cluster: Cluster) -> bool:
         """Note what the pod list shows now; True once a new pod is Ready."""
@@ -596,7 +645,9 @@ def _check_load(cluster: Cluster, tag: str, result: dict[str, Any], what: str) -
     report(
         f"{what}: new pod Ready after",
         result["ready"],
-        f"(old pod gone at +{timeline.old_gone or 0:.2f} s, new pod seen at +{timeline.new_seen or 0:.2f} s)",
+        f"(old pod: draining at +{timeline.logged('stopping: draining'):.2f} s, stop verdict at "
+        f"+{timeline.logged('stop: '):.2f} s, 'stopped' at +{timeline.logged('daemon: stopped'):.2f} s, gone from the API "
+        f"at +{timeline.old_gone or -1:.2f} s; new pod seen at +{timeline.new_seen or -1:.2f} s)",
     )
     assert o.resumed is not None
     report(f"{what}: signed-in requests served again after", o.resumed,
