@@ -8,8 +8,10 @@ Built once for the module on the session's cluster (tests/harness/kube.py): the 
 tests/harness/recording_app.py on :8080 (from a ConfigMap, with the image's Python; it records
 to a hostPath file in this module's tmp directory), and an overlay in tmp that references
 deploy/kubernetes/base and changes only the image reference, plus a patch of the ConfigMap
-(the OP's CA for ``oidc.caFile``). The tests run in file order; each leaves the DaemonSet
-serving for the next, except the last, which deletes it.
+(the OP's CA for ``oidc.caFile``, and two workarounds of product bugs: see
+SHIPPED_SOURCE_WORKS and DEFAULT_MARK_WORKS). The tests run in file order; each leaves the
+DaemonSet serving for the next, except test_deleting_the_daemonset_..., after which only the
+two tests that show those bugs run (they fail until the bugs are fixed).
 
 The node's /var/lib/enforcer and /var/log/enforcer are the DaemonSet's hostPaths: the module
 refuses to run if they exist already (not made by it) and removes them afterwards. Timings are
@@ -711,6 +713,17 @@ async def test_deleting_the_enforcer_service_removes_its_protection(cluster: Clu
     assert unauthenticated(cluster.seen()) == []
 
 
+async def test_deleting_the_daemonset_removes_its_rules(cluster: Cluster) -> None:
+    """kubectl delete of the DaemonSet ends its pod, and the pod's uninstall removes table inet enforcer from the node."""
+    assert "inet enforcer" in nft_tables()
+    t = time.monotonic()
+    cluster.kubectl("-n", SYSTEM_NS, "delete", "daemonset", "enforcer", "--wait=false")
+    await until("the enforcer pod gone", lambda: not cluster.pods(), timeout=120, interval=0.5)
+    report("DaemonSet deleted -> pod gone", time.monotonic() - t)
+    tables = nft_tables()
+    assert "inet enforcer" not in tables, tables
+
+
 def _set_source(cluster: Cluster, old: str, new: str) -> None:
     """Change the definitions source in the live ConfigMap and roll the DaemonSet (as docs/kubernetes.md says)."""
     cm = json.loads(cluster.kubectl("-n", SYSTEM_NS, "get", "configmap", "enforcer-config", "-o", "json").stdout)
@@ -725,6 +738,9 @@ def _set_source(cluster: Cluster, old: str, new: str) -> None:
 
 async def test_the_shipped_source_accepts_a_cr_in_a_namespace_with_the_documented_role(cluster: Cluster) -> None:
     """With the shipped definitions source (every namespace) and the per-namespace Secrets Role the docs prescribe, the EnforcerService stays accepted and served."""
+    # after the DaemonSet's deletion (the test before): back as the fixture made it (a no-op if it is there)
+    cluster.kubectl("apply", "-k", str(cluster.overlay))
+    cluster.kubectl("-n", SYSTEM_NS, "rollout", "status", "daemonset/enforcer", "--timeout=120s", timeout=150)
     try:
         await asyncio.to_thread(_set_source, cluster, WATCHED_SOURCE, SHIPPED_SOURCE)
         with contextlib.suppress(AssertionError):  # a rejection comes within a second of the start
@@ -737,17 +753,6 @@ async def test_the_shipped_source_accepts_a_cr_in_a_namespace_with_the_documente
         if not SHIPPED_SOURCE_WORKS:
             await asyncio.to_thread(_set_source, cluster, SHIPPED_SOURCE, WATCHED_SOURCE)
             await until("accepted again", lambda: cluster.condition("esvc", "app").get("status") == "True", timeout=30)
-
-
-async def test_deleting_the_daemonset_removes_its_rules(cluster: Cluster) -> None:
-    """kubectl delete of the DaemonSet ends its pod, and the pod's uninstall removes table inet enforcer from the node."""
-    assert "inet enforcer" in nft_tables()
-    t = time.monotonic()
-    cluster.kubectl("-n", SYSTEM_NS, "delete", "daemonset", "enforcer", "--wait=false")
-    await until("the enforcer pod gone", lambda: not cluster.pods(), timeout=120, interval=0.5)
-    report("DaemonSet deleted -> pod gone", time.monotonic() - t)
-    tables = nft_tables()
-    assert "inet enforcer" not in tables, tables
 
 
 def test_the_default_socket_mark_passes_the_kubelets_rules(kube_node: Node) -> None:
