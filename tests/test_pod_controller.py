@@ -560,7 +560,7 @@ def _real_daemon(tmp_path: Path) -> Daemon:
     """A daemon whose host listener is on loopback (no host redirect); pods get table ``pctl<pid>`` and port 15443."""
     cfg = tmp_path / "enforcer.yaml"
     cfg.write_text(yaml.safe_dump({
-        "tags": ["node=n1"], "stateDir": str(tmp_path / "state"), "admin": {"address": "127.0.0.1", "port": 0},
+        "tags": ["node=n1"], "stateDir": str(tmp_path / "state"), "logsDir": str(tmp_path / "logs"), "admin": {"address": "127.0.0.1", "port": 0},
         "definitions": [{"file": "d.yaml"}], "sessions": {"store": "memory"}, "allowNoServices": True,
         "listen": {"port": 15443}, "redirect": {"enabled": True, "table": TABLE, "mark": 0x2321},
     }))

@@ -169,7 +169,7 @@ async def _rig(tmp_path: Path) -> AsyncIterator[_Rig]:
     definitions = _definitions({name: app.port for name, app in apps.items()}, ("app=a",))
     flowlog = RecordingFlowLog()
     settings = Settings(path=Path("/nonexistent/enforcer.yaml"),
-                        model=DaemonModel.model_validate({"definitions": [{"file": "/nonexistent"}]}))
+                        model=DaemonModel.model_validate({"definitions": [{"file": "/nonexistent"}], "logsDir": "/nonexistent/logs"}))
     host_pool = proxy.Upstream(socket_factory=_bound_factory(SOURCES["host"]))
     gate = Gate(
         settings=settings, runtime=Runtime(definitions, {"a": FakeProvider(), "b": FakeProvider()}),  # type: ignore[dict-item]
@@ -395,7 +395,7 @@ def _daemon(tmp_path: Path) -> Daemon:
     ]))
     cfg = tmp_path / "enforcer.yaml"
     cfg.write_text(yaml.safe_dump({
-        "tags": ["node=n1"], "stateDir": str(tmp_path / "state"), "admin": {"address": "127.0.0.1", "port": 0},
+        "tags": ["node=n1"], "stateDir": str(tmp_path / "state"), "logsDir": str(tmp_path / "logs"), "admin": {"address": "127.0.0.1", "port": 0},
         "definitions": [{"file": "d.yaml"}], "sessions": {"store": "memory"}, "allowNoServices": True,
         "listen": {"port": 15443}, "redirect": {"enabled": True, "table": f"pscope{P}", "mark": 0x2321},
     }))
