@@ -21,7 +21,7 @@ from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
@@ -311,6 +311,9 @@ class RedisSessionStore:
                 return await aw
         except (RedisError, OSError, TimeoutError) as exc:
             problem = f"{what}: {type(exc).__name__}: {exc}".rstrip(": ")
+            if isinstance(exc, MasterNotFoundError):
+                problem = (f"{what}: no Sentinel reports a usable master named {self.config.sentinel_master!r} "
+                           f"(sessions.redis.sentinelMaster; or the master is down): {exc}")
             self._set_problem(problem)
             raise SessionStoreUnavailable(problem) from exc
 
@@ -667,20 +670,47 @@ class RedisSessionStore:
     async def check(self) -> str:
         """``enforcer check``/``doctor``: PING, then write, read and delete a probe key under the
         prefix (so the ACL user's rights are tested too); ``"ok"`` or SessionStoreUnavailable."""
-        await self._call("ping", self._redis.ping())
+        try:
+            await self._call("ping", self._redis.ping())
+        except SessionStoreUnavailable as exc:
+            known = await self._monitored() if isinstance(exc.__cause__, MasterNotFoundError) else None
+            if known is not None and self.config.sentinel_master not in known:
+                raise SessionStoreUnavailable(
+                    f"sessions.redis.sentinelMaster {self.config.sentinel_master!r} is not monitored by the "
+                    f"Sentinels (they monitor: {', '.join(sorted(known)) or 'nothing'})") from exc
+            raise
         probe = f"{self._prefix}probe:{new_handle()[:16]}"
         await self._call("write", self._redis.set(probe, b"1", ex=10))
         if await self._call("read", self._redis.getdel(probe)) != b"1":
             raise SessionStoreUnavailable("Redis did not return the probe key")
         return "ok"
 
+    async def _monitored(self) -> set[str] | None:
+        """The master names the Sentinels monitor (those that answer), or None without Sentinels
+        or when none answers."""
+        pool = getattr(self._redis, "connection_pool", None)
+        if not isinstance(pool, SentinelConnectionPool):
+            return None
+        names: set[str] | None = None
+        for sentinel in pool.sentinel_manager.sentinels:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(self.config.timeout):
+                    masters = await sentinel.sentinel_masters()
+                names = (names or set()) | {str(n) for n in masters}
+        return names
+
     async def close(self) -> None:
-        """Stop the watcher (it ends at its next turn) and close the connections."""
+        """Stop the watcher (it ends at its next turn) and close the connections (with
+        Sentinels, theirs too: closing the master's client leaves them open)."""
         self._closed = True
         self._fresh_until = -1.0
         self._cache.clear()
         with contextlib.suppress(Exception):
             await self._redis.aclose()
+        pool = getattr(self._redis, "connection_pool", None)
+        if isinstance(pool, SentinelConnectionPool):
+            with contextlib.suppress(Exception):
+                await pool.sentinel_manager.aclose()
 
 
 def _lean(session: Session) -> Session:

@@ -1,4 +1,4 @@
-"""A real redis-server for tests: started on a unix socket (or TLS on loopback) in a temp dir, with an ACL user."""
+"""Real redis-servers for tests: one on a unix socket (or TLS on loopback), or a master, a replica and Sentinels on loopback; an ACL user."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,3 +124,143 @@ def make_session(**changes: Any) -> Session:
     return dataclasses.replace(base, **changes)
 
 
+
+
+# ------------------------------------------------------------------ Sentinel: a master, a replica, N Sentinels
+
+ADMIN_PASSWORD = "s3cret-admin-password"
+"""The ``admin`` ACL user's: replication (``masteruser``) and the Sentinels (``sentinel auth-user``)."""
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.01)
+    raise RuntimeError(f"{what} did not start")
+
+
+class SentinelGroup:
+    """A monitored pair -- a master and a replica (``replicaof`` it), two redis-servers on
+    loopback ports with :class:`RedisServer`'s ACL user ``enforcer`` and an ``admin`` user for
+    replication and the Sentinels -- and ``sentinels`` Sentinels (``redis-server --sentinel``)
+    monitoring it as ``name`` with short timeouts. The Sentinels have the same ``enforcer``
+    user (the store sends its credentials to them too) and need it: ``user default off``.
+    No persistence. Processes are stopped by PID."""
+
+    def __init__(self, *, sentinels: int = 1, name: str = "enforcer-master", down_after_ms: int = 400,
+                 failover_timeout_ms: int = 2000) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="redis-sentinel-"))
+        self.name = name
+        self.password_file = self.dir / "password"
+        self.password_file.write_text(PASSWORD + "\n")
+        self.ports = [_free_port(), _free_port()]
+        """The two data nodes' ports: [0] starts as the master, [1] as its replica."""
+        self.sentinel_ports = [_free_port() for _ in range(sentinels)]
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        users = [
+            "user default off",
+            f"user enforcer on >{PASSWORD} ~enforcer:* &enforcer:* +@all -@dangerous",
+            f"user admin on >{ADMIN_PASSWORD} ~* &* +@all",
+        ]
+        for i, port in enumerate(self.ports):
+            node = self.dir / f"node{port}"
+            node.mkdir()
+            lines = [f"port {port}", "bind 127.0.0.1", f"dir {node}", 'save ""', "appendonly no", *users,
+                     "masteruser admin", f"masterauth {ADMIN_PASSWORD}"]
+            if i == 1:
+                lines.append(f"replicaof 127.0.0.1 {self.ports[0]}")
+            (node / "redis.conf").write_text("\n".join(lines) + "\n")
+        quorum = sentinels // 2 + 1
+        for port in self.sentinel_ports:
+            node = self.dir / f"sentinel{port}"
+            node.mkdir()
+            lines = [
+                f"port {port}", "bind 127.0.0.1", f"dir {node}", "user default off",
+                f"user enforcer on >{PASSWORD} +@all", f"user admin on >{ADMIN_PASSWORD} ~* &* +@all",
+                "sentinel sentinel-user admin", f"sentinel sentinel-pass {ADMIN_PASSWORD}",
+                f"sentinel monitor {name} 127.0.0.1 {self.ports[0]} {quorum}",
+                f"sentinel auth-user {name} admin", f"sentinel auth-pass {name} {ADMIN_PASSWORD}",
+                f"sentinel down-after-milliseconds {name} {down_after_ms}",
+                f"sentinel failover-timeout {name} {failover_timeout_ms}",
+                f"sentinel parallel-syncs {name} 1",
+            ]
+            (node / "sentinel.conf").write_text("\n".join(lines) + "\n")
+
+    def config(self, **changes: Any) -> RedisConfig:
+        """The store's config through the Sentinels (as ``sessions.redis.sentinels`` builds it)."""
+        base = RedisConfig(sentinels=tuple(("127.0.0.1", p) for p in self.sentinel_ports),
+                           sentinel_master=self.name, username="enforcer", password_file=self.password_file,
+                           timeout=0.2, staleness=STALENESS)
+        return dataclasses.replace(base, **changes)
+
+    def start_node(self, port: int) -> None:
+        """Start (or restart) the data node on ``port``."""
+        self.procs[port] = proc = subprocess.Popen(
+            ["redis-server", str(self.dir / f"node{port}" / "redis.conf")], stdout=subprocess.DEVNULL)
+        _wait_port(port, proc, f"redis-server :{port}")
+
+    def start(self) -> None:
+        """Master, replica (until it is in sync), then the Sentinels (until they see the replica)."""
+        for port in self.ports:
+            self.start_node(port)
+        self._wait(lambda: "master_link_status:up" in self.cli(self.ports[1], "INFO", "replication"),
+                   "replica in sync")
+        for port in self.sentinel_ports:
+            self.procs[port] = proc = subprocess.Popen(
+                ["redis-server", str(self.dir / f"sentinel{port}" / "sentinel.conf"), "--sentinel"],
+                stdout=subprocess.DEVNULL)
+            _wait_port(port, proc, f"sentinel :{port}")
+        others = str(len(self.sentinel_ports) - 1)
+
+        def ready() -> bool:
+            for port in self.sentinel_ports:
+                state = self.sentinel_state(port)
+                if state.get("num-slaves") != "1" or state.get("num-other-sentinels") != others:
+                    return False
+            return True
+        self._wait(ready, "Sentinels see the replica and each other")
+
+    @staticmethod
+    def _wait(cond: Callable[[], bool], what: str, limit: float = 15.0) -> None:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            with contextlib.suppress(subprocess.CalledProcessError):
+                if cond():
+                    return
+            time.sleep(0.02)
+        raise RuntimeError(f"timed out waiting for: {what}")
+
+    def kill(self, port: int) -> None:
+        """``kill -9`` the process on ``port`` (by its PID)."""
+        proc = self.procs.pop(port)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def stop(self) -> None:
+        """Kill every process still running (by PID) and remove the directory."""
+        for port in list(self.procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.procs[port].pid, signal.SIGCONT)
+            self.kill(port)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def cli(self, port: int, *args: str, user: str = "admin") -> str:
+        """redis-cli on ``port`` (a data node or a Sentinel) as ``user``."""
+        password = ADMIN_PASSWORD if user == "admin" else PASSWORD
+        out = subprocess.run(["redis-cli", "-p", str(port), "--user", user, "--pass", password,
+                              "--no-auth-warning", *args], capture_output=True, text=True, check=True, timeout=5)
+        return out.stdout.strip()
+
+    def sentinel_state(self, port: int) -> dict[str, str]:
+        """``SENTINEL MASTER <name>`` of the Sentinel on ``port``, as a dict."""
+        fields = self.cli(port, "SENTINEL", "MASTER", self.name).splitlines()
+        return dict(zip(fields[::2], fields[1::2], strict=False))
+
+    def master_port(self) -> int:
+        """The master's port as the first Sentinel reports it."""
+        host_port = self.cli(self.sentinel_ports[0], "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.name).split()
+        return int(host_port[1])
