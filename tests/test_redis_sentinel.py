@@ -6,6 +6,7 @@ Each test group starts its own master, replica and Sentinels on loopback ports (
 
 from __future__ import annotations
 
+import asyncio
 import io
 import shutil
 import time
@@ -98,3 +99,52 @@ async def test_a_wrong_master_name_names_the_setting(group: SentinelGroup, tmp_p
         assert store.problem is not None and "sessions.redis.sentinelMaster" in store.problem  # /readyz says it
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("sentinels", [1, 3])
+async def test_failover_fails_closed_then_resumes_by_itself(sentinels: int) -> None:
+    """kill -9 of the master: calls fail closed, cached sessions last at most `staleness`; once the replica is promoted the store works again with the replicated sessions, nothing restarted."""
+    g = SentinelGroup(sentinels=sentinels)
+    try:
+        g.start()
+        async with watched(g.config()) as store, watched(g.config()) as other:
+            cached = await store.create(make_session())  # in store's cache
+            unknown = await other.create(make_session(sub="bob", sid="sid-2"))  # never in store's cache
+            old = g.master_port()
+            assert await asyncio.to_thread(g.cli, old, "WAIT", "1", "2000") == "1"  # both on the replica
+            g.kill(old)
+            killed = time.monotonic()
+            failed_at = promoted_at = last_cached = None
+            while (now := time.monotonic()) - killed < 30:
+                if promoted_at is None and await asyncio.to_thread(g.master_port) != old:
+                    promoted_at = time.monotonic()
+                if store.get_cached(cached, "app", time.time()) is not None:
+                    last_cached = now
+                try:
+                    got = await store.get(unknown, "app", time.time())
+                except SessionStoreUnavailable as exc:
+                    assert exc.reason is Reason.SESSION_STORE_UNAVAILABLE and exc.status == 503
+                    failed_at = failed_at or time.monotonic()
+                    await asyncio.sleep(0.01)
+                    continue
+                assert failed_at is not None, "a call succeeded with the master dead"
+                assert got is not None and got.sub == "bob"  # replicated before the kill
+                break
+            recovered_at = time.monotonic()
+            assert promoted_at is not None and recovered_at - killed < 30
+            assert g.master_port() == g.ports[1] and store.problem is None
+            cached_for = 0.0 if last_cached is None else last_cached - killed
+            print(f"\nfailover with {sentinels} Sentinel(s): first refusal {(failed_at - killed) * 1000:.0f} ms, "
+                  f"cached session served {cached_for * 1000:.0f} ms, replica promoted after "
+                  f"{(promoted_at - killed) * 1000:.0f} ms, store available again after "
+                  f"{(recovered_at - killed) * 1000:.0f} ms (unavailable {(recovered_at - failed_at) * 1000:.0f} ms)")
+            assert cached_for <= STALENESS + 0.1
+            assert await until(store.fresh, 5.0) < 5.0 and await until(other.fresh, 5.0) < 5.0
+            assert await store.get(cached, "app", time.time()) is not None
+            fresh = await other.create(make_session(sub="carol", sid="sid-3"))
+            assert await store.get(fresh, "app", time.time()) is not None
+            assert await store.pop(fresh, "app", time.time()) is not None
+            assert await until(lambda: other.get_cached(fresh, "app", time.time()) is None, 2.0) < STALENESS
+            assert await store.count() == 2
+    finally:
+        g.stop()

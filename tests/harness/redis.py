@@ -151,7 +151,7 @@ class SentinelGroup:
     user (the store sends its credentials to them too) and need it: ``user default off``.
     No persistence. Processes are stopped by PID."""
 
-    def __init__(self, *, sentinels: int = 1, name: str = "enforcer-master", down_after_ms: int = 400,
+    def __init__(self, *, sentinels: int = 1, name: str = "enforcer-master", down_after_ms: int = 1000,
                  failover_timeout_ms: int = 2000) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="redis-sentinel-"))
         self.name = name
