@@ -101,6 +101,19 @@ async def test_a_wrong_master_name_names_the_setting(group: SentinelGroup, tmp_p
         await store.close()
 
 
+async def test_sentinels_without_users_are_refused_with_the_reason(tmp_path: Path) -> None:
+    """Sentinels without ACL users reject the store's username (it sends them its credentials): check says so, naming the Sentinel and the error."""
+    g = SentinelGroup(sentinels=1, sentinel_users=False)
+    try:
+        g.start()
+        answer = await stores.check_session_store(_settings(g, tmp_path).model)
+        print(f"check with Sentinels without users: {answer}")
+        assert answer is not None and answer.startswith("no Sentinel answered")
+        assert f"127.0.0.1:{g.sentinel_ports[0]}: AuthenticationError" in answer
+    finally:
+        g.stop()
+
+
 @pytest.mark.parametrize("sentinels", [1, 3])
 async def test_failover_fails_closed_then_resumes_by_itself(sentinels: int) -> None:
     """kill -9 of the master: calls fail closed, cached sessions last at most `staleness`; once the replica is promoted the store works again with the replicated sessions, nothing restarted."""

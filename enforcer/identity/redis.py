@@ -311,9 +311,10 @@ class RedisSessionStore:
                 return await aw
         except (RedisError, OSError, TimeoutError) as exc:
             problem = f"{what}: {type(exc).__name__}: {exc}".rstrip(": ")
-            if isinstance(exc, MasterNotFoundError):
-                problem = (f"{what}: no Sentinel reports a usable master named {self.config.sentinel_master!r} "
-                           f"(sessions.redis.sentinelMaster; or the master is down): {exc}")
+            if isinstance(exc, MasterNotFoundError):  # (its text holds each Sentinel client's repr)
+                problem = (f"{what}: no usable master {self.config.sentinel_master!r} from the Sentinels "
+                           "(sessions.redis.sentinelMaster; the master may be down, or the Sentinels "
+                           "unreachable: see enforcer doctor)")
             self._set_problem(problem)
             raise SessionStoreUnavailable(problem) from exc
 
@@ -673,11 +674,8 @@ class RedisSessionStore:
         try:
             await self._call("ping", self._redis.ping())
         except SessionStoreUnavailable as exc:
-            known = await self._monitored() if isinstance(exc.__cause__, MasterNotFoundError) else None
-            if known is not None and self.config.sentinel_master not in known:
-                raise SessionStoreUnavailable(
-                    f"sessions.redis.sentinelMaster {self.config.sentinel_master!r} is not monitored by the "
-                    f"Sentinels (they monitor: {', '.join(sorted(known)) or 'nothing'})") from exc
+            if isinstance(exc.__cause__, MasterNotFoundError):
+                raise SessionStoreUnavailable(await self._why_no_master()) from exc
             raise
         probe = f"{self._prefix}probe:{new_handle()[:16]}"
         await self._call("write", self._redis.set(probe, b"1", ex=10))
@@ -685,19 +683,31 @@ class RedisSessionStore:
             raise SessionStoreUnavailable("Redis did not return the probe key")
         return "ok"
 
-    async def _monitored(self) -> set[str] | None:
-        """The master names the Sentinels monitor (those that answer), or None without Sentinels
-        or when none answers."""
-        pool = getattr(self._redis, "connection_pool", None)
-        if not isinstance(pool, SentinelConnectionPool):
-            return None
-        names: set[str] | None = None
+    async def _why_no_master(self) -> str:
+        """Why the Sentinels gave no master, asking each: not one answered (and why), none
+        monitors ``sentinel_master``, or they do but report it down."""
+        pool = self._redis.connection_pool
+        name = self.config.sentinel_master
+        known: set[str] = set()
+        errors: list[str] = []
+        answered = False
         for sentinel in pool.sentinel_manager.sentinels:
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
+            kw = sentinel.connection_pool.connection_kwargs
+            try:
                 async with asyncio.timeout(self.config.timeout):
                     masters = await sentinel.sentinel_masters()
-                names = (names or set()) | {str(n) for n in masters}
-        return names
+            except (RedisError, OSError, TimeoutError) as exc:
+                errors.append(f"{kw.get('host')}:{kw.get('port')}: {type(exc).__name__}: {exc}".rstrip(": "))
+                continue
+            answered = True
+            known |= {m.decode() if isinstance(m, bytes) else str(m) for m in masters}
+        if not answered:
+            return ("no Sentinel answered (sessions.redis.sentinels; they are sent sessions.redis.username "
+                    f"and passwordFile too): {'; '.join(errors)}")
+        if name not in known:
+            return (f"sessions.redis.sentinelMaster {name!r} is not monitored by the Sentinels "
+                    f"(they monitor: {', '.join(sorted(known)) or 'nothing'})")
+        return f"the Sentinels report no usable master {name!r} (down, or a failover in progress)"
 
     async def close(self) -> None:
         """Stop the watcher (it ends at its next turn) and close the connections (with

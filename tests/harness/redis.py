@@ -148,11 +148,12 @@ class SentinelGroup:
     loopback ports with :class:`RedisServer`'s ACL user ``enforcer`` and an ``admin`` user for
     replication and the Sentinels -- and ``sentinels`` Sentinels (``redis-server --sentinel``)
     monitoring it as ``name`` with short timeouts. The Sentinels have the same ``enforcer``
-    user (the store sends its credentials to them too) and need it: ``user default off``.
+    user (the store sends its credentials to them too) and need it: ``user default off`` --
+    or, with ``sentinel_users=False``, no users at all (Sentinels open to anyone on loopback).
     No persistence. Processes are stopped by PID."""
 
     def __init__(self, *, sentinels: int = 1, name: str = "enforcer-master", down_after_ms: int = 1000,
-                 failover_timeout_ms: int = 2000) -> None:
+                 failover_timeout_ms: int = 2000, sentinel_users: bool = True) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="redis-sentinel-"))
         self.name = name
         self.password_file = self.dir / "password"
@@ -161,6 +162,7 @@ class SentinelGroup:
         """The two data nodes' ports: [0] starts as the master, [1] as its replica."""
         self.sentinel_ports = [_free_port() for _ in range(sentinels)]
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._users = sentinel_users
         users = [
             "user default off",
             f"user enforcer on >{PASSWORD} ~enforcer:* &enforcer:* +@all -@dangerous",
@@ -178,10 +180,13 @@ class SentinelGroup:
         for port in self.sentinel_ports:
             node = self.dir / f"sentinel{port}"
             node.mkdir()
-            lines = [
-                f"port {port}", "bind 127.0.0.1", f"dir {node}", "user default off",
-                f"user enforcer on >{PASSWORD} +@all", f"user admin on >{ADMIN_PASSWORD} ~* &* +@all",
+            auth = [
+                "user default off", f"user enforcer on >{PASSWORD} +@all",
+                f"user admin on >{ADMIN_PASSWORD} ~* &* +@all",
                 "sentinel sentinel-user admin", f"sentinel sentinel-pass {ADMIN_PASSWORD}",
+            ] if sentinel_users else []
+            lines = [
+                f"port {port}", "bind 127.0.0.1", f"dir {node}", *auth,
                 f"sentinel monitor {name} 127.0.0.1 {self.ports[0]} {quorum}",
                 f"sentinel auth-user {name} admin", f"sentinel auth-pass {name} {ADMIN_PASSWORD}",
                 f"sentinel down-after-milliseconds {name} {down_after_ms}",
@@ -249,10 +254,12 @@ class SentinelGroup:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def cli(self, port: int, *args: str, user: str = "admin") -> str:
-        """redis-cli on ``port`` (a data node or a Sentinel) as ``user``."""
+        """redis-cli on ``port`` (a data node or a Sentinel) as ``user`` (no user: a Sentinel
+        without users)."""
         password = ADMIN_PASSWORD if user == "admin" else PASSWORD
-        out = subprocess.run(["redis-cli", "-p", str(port), "--user", user, "--pass", password,
-                              "--no-auth-warning", *args], capture_output=True, text=True, check=True, timeout=5)
+        auth = ["--user", user, "--pass", password] if self._users or port not in self.sentinel_ports else []
+        out = subprocess.run(["redis-cli", "-p", str(port), *auth, "--no-auth-warning", *args],
+                             capture_output=True, text=True, check=True, timeout=5)
         return out.stdout.strip()
 
     def sentinel_state(self, port: int) -> dict[str, str]:
