@@ -19,6 +19,7 @@ import pytest
 from enforcer.cli import doctor
 from enforcer.config.settings import DaemonModel, Settings
 from enforcer.errors import Reason
+from enforcer.http.certs import CertStore
 from enforcer.identity.redis import RedisSessionStore, SessionStoreUnavailable
 from enforcer.run import stores
 from tests.harness.gate import ISSUER
@@ -159,5 +160,25 @@ async def test_failover_fails_closed_then_resumes_by_itself(sentinels: int) -> N
             assert await store.pop(fresh, "app", time.time()) is not None
             assert await until(lambda: other.get_cached(fresh, "app", time.time()) is None, 2.0) < STALENESS
             assert await store.count() == 2
+    finally:
+        g.stop()
+
+
+async def test_tls_through_the_sentinel(tmp_path: Path) -> None:
+    """With TLS on every link (tls: true, caFile) the store reaches the master through the Sentinel and check passes; an untrusted CA fails."""
+    g = SentinelGroup(sentinels=1, tls=CertStore(tmp_path / "state"))
+    try:
+        g.start()
+        async with watched(g.config()) as store:
+            assert store.fresh()
+            handle = await store.create(make_session())
+            assert await store.get(handle, "app", time.time()) is not None
+        settings = _settings(g, tmp_path, tls=True, caFile=str(g.dir / "ca.pem"))
+        assert await stores.check_session_store(settings.model) == "ok"
+        (tmp_path / "other.pem").write_bytes(CertStore(tmp_path / "other").ca_pem())
+        untrusted = await stores.check_session_store(
+            _settings(g, tmp_path, tls=True, caFile=str(tmp_path / "other.pem")).model)
+        assert untrusted is not None and untrusted != "ok"
+        print(f"check with an untrusted CA: {untrusted}")
     finally:
         g.stop()

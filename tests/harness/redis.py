@@ -143,6 +143,10 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
     raise RuntimeError(f"{what} did not start")
 
 
+def _listen(port: int, tls: bool) -> list[str]:
+    return ["port 0", f"tls-port {port}"] if tls else [f"port {port}"]
+
+
 class SentinelGroup:
     """A monitored pair -- a master and a replica (``replicaof`` it), two redis-servers on
     loopback ports with :class:`RedisServer`'s ACL user ``enforcer`` and an ``admin`` user for
@@ -153,7 +157,8 @@ class SentinelGroup:
     No persistence. Processes are stopped by PID."""
 
     def __init__(self, *, sentinels: int = 1, name: str = "enforcer-master", down_after_ms: int = 1000,
-                 failover_timeout_ms: int = 2000, sentinel_users: bool = True) -> None:
+                 failover_timeout_ms: int = 2000, sentinel_users: bool = True,
+                 tls: CertStore | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="redis-sentinel-"))
         self.name = name
         self.password_file = self.dir / "password"
@@ -163,6 +168,13 @@ class SentinelGroup:
         self.sentinel_ports = [_free_port() for _ in range(sentinels)]
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self._users = sentinel_users
+        self.tls = tls
+        tls_lines: list[str] = []
+        if tls is not None:  # every link TLS: clients, replication, Sentinels to nodes and to each other
+            leaf = tls.ensure_leaf("redis", ["localhost"], ["127.0.0.1"])
+            (self.dir / "ca.pem").write_bytes(tls.ca_pem())
+            tls_lines = [f"tls-cert-file {leaf.cert}", f"tls-key-file {leaf.key}",
+                         f"tls-ca-cert-file {self.dir / 'ca.pem'}", "tls-auth-clients no", "tls-replication yes"]
         users = [
             "user default off",
             f"user enforcer on >{PASSWORD} ~enforcer:* &enforcer:* +@all -@dangerous",
@@ -171,7 +183,8 @@ class SentinelGroup:
         for i, port in enumerate(self.ports):
             node = self.dir / f"node{port}"
             node.mkdir()
-            lines = [f"port {port}", "bind 127.0.0.1", f"dir {node}", 'save ""', "appendonly no", *users,
+            lines = [*_listen(port, tls is not None), "bind 127.0.0.1", f"dir {node}", 'save ""', "appendonly no",
+                     *users, *tls_lines,
                      "masteruser admin", f"masterauth {ADMIN_PASSWORD}"]
             if i == 1:
                 lines.append(f"replicaof 127.0.0.1 {self.ports[0]}")
@@ -186,7 +199,7 @@ class SentinelGroup:
                 "sentinel sentinel-user admin", f"sentinel sentinel-pass {ADMIN_PASSWORD}",
             ] if sentinel_users else []
             lines = [
-                f"port {port}", "bind 127.0.0.1", f"dir {node}", *auth,
+                *_listen(port, tls is not None), "bind 127.0.0.1", f"dir {node}", *auth, *tls_lines,
                 f"sentinel monitor {name} 127.0.0.1 {self.ports[0]} {quorum}",
                 f"sentinel auth-user {name} admin", f"sentinel auth-pass {name} {ADMIN_PASSWORD}",
                 f"sentinel down-after-milliseconds {name} {down_after_ms}",
@@ -199,7 +212,8 @@ class SentinelGroup:
         """The store's config through the Sentinels (as ``sessions.redis.sentinels`` builds it)."""
         base = RedisConfig(sentinels=tuple(("127.0.0.1", p) for p in self.sentinel_ports),
                            sentinel_master=self.name, username="enforcer", password_file=self.password_file,
-                           timeout=0.2, staleness=STALENESS)
+                           timeout=0.2, staleness=STALENESS, tls=self.tls is not None,
+                           ca_file=self.dir / "ca.pem" if self.tls is not None else None)
         return dataclasses.replace(base, **changes)
 
     def start_node(self, port: int) -> None:
@@ -258,7 +272,9 @@ class SentinelGroup:
         without users)."""
         password = ADMIN_PASSWORD if user == "admin" else PASSWORD
         auth = ["--user", user, "--pass", password] if self._users or port not in self.sentinel_ports else []
-        out = subprocess.run(["redis-cli", "-p", str(port), *auth, "--no-auth-warning", *args],
+        if self.tls is not None:
+            auth += ["--tls", "--cacert", str(self.dir / "ca.pem")]
+        out = subprocess.run(["redis-cli", "-h", "127.0.0.1", "-p", str(port), *auth, "--no-auth-warning", *args],
                              capture_output=True, text=True, check=True, timeout=5)
         return out.stdout.strip()
 
