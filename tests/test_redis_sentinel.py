@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from enforcer.cli import doctor
-from enforcer.config.settings import DaemonModel, Settings
+from enforcer.config.settings import DaemonModel, Settings, load_settings
 from enforcer.errors import Reason
 from enforcer.http.certs import CertStore
 from enforcer.identity.redis import RedisSessionStore, SessionStoreUnavailable
@@ -182,3 +183,38 @@ async def test_tls_through_the_sentinel(tmp_path: Path) -> None:
         print(f"check with an untrusted CA: {untrusted}")
     finally:
         g.stop()
+
+
+async def test_sentinels_without_users_work_with_sentinel_auth_none(tmp_path: Path) -> None:
+    """Sentinels without ACL users (Redis's default) are reached with sentinelAuth: none while Redis itself keeps its ACL user."""
+    g = SentinelGroup(sentinels=1, sentinel_users=False)
+    try:
+        g.start()
+        settings = _settings(g, tmp_path, sentinelAuth="none")
+        assert await stores.check_session_store(settings.model) == "ok"
+        assert settings.model.sessions.redis is not None
+        store = RedisSessionStore(stores.redis_config(settings.model.sessions.redis), idle_timeout=3600)
+        try:
+            handle = await store.create(make_session())
+            assert await store.get(handle, "app", time.time()) is not None
+        finally:
+            await store.close()
+    finally:
+        g.stop()
+
+
+@pytest.mark.parametrize(("auth", "expected"), [
+    ("same", {"username": "enforcer", "password": "data-pw"}),
+    ("none", {}),
+    ({"username": "watcher", "passwordFile": "sentinel-pw"}, {"username": "watcher", "password": "sentinel-pw"}),
+])
+def test_sentinel_auth_decides_what_the_sentinels_are_sent(tmp_path: Path, auth: object, expected: dict[str, str]) -> None:
+    """sentinelAuth: same sends the data credentials, none sends nothing, {username, passwordFile} its own (the file relative to enforcer.yaml)."""
+    (tmp_path / "data-pw").write_text("data-pw\n")
+    (tmp_path / "sentinel-pw").write_text("sentinel-pw\n")
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text(yaml.safe_dump({"definitions": [{"file": "d.yaml"}], "sessions": {"store": "redis", "redis": {
+        "sentinels": ["127.0.0.1:26379"], "username": "enforcer", "passwordFile": "data-pw", "sentinelAuth": auth}}}))
+    redis = load_settings(cfg).model.sessions.redis
+    assert redis is not None
+    assert stores.redis_config(redis).sentinel_credentials() == expected

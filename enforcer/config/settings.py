@@ -73,6 +73,13 @@ _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 _SENTINEL = re.compile(r"^\[?[A-Za-z0-9.:-]+\]?:[0-9]{1,5}$")
 
 
+class SentinelAuthModel(_Strict):
+    """``sessions.redis.sentinelAuth: {username, passwordFile}``: the Sentinels' own credentials."""
+
+    username: str | None = Field(default=None, pattern=r"^[!-~]{1,128}$")
+    passwordFile: Path
+
+
 class RedisModel(_Strict):
     """``sessions.redis``: where the Redis store is (``store: redis``), for a fleet of enforcers.
 
@@ -95,6 +102,10 @@ class RedisModel(_Strict):
     staleness: Duration = 1.0
     """How long a cached session may be served without a confirmed-fresh view of Redis: a
     logout or revocation on any enforcer is enforced by every enforcer within this bound."""
+    sentinelAuth: Literal["same", "none"] | SentinelAuthModel = "same"
+    """What the Sentinels are sent: ``same`` (``username``/``passwordFile``, for Sentinels with
+    the same ACL user), ``none`` (Sentinels without authentication, Redis's default), or
+    ``{username, passwordFile}`` of their own."""
 
     @model_validator(mode="after")
     def _one_place(self) -> RedisModel:
@@ -611,6 +622,10 @@ def _absolute_paths(model: DaemonModel, base: Path) -> DaemonModel:
                 "redis": model.sessions.redis.model_copy(update={
                     "caFile": maybe(model.sessions.redis.caFile),
                     "passwordFile": maybe(model.sessions.redis.passwordFile),
+                    "sentinelAuth": model.sessions.redis.sentinelAuth.model_copy(
+                        update={"passwordFile": absolute(model.sessions.redis.sentinelAuth.passwordFile)}
+                    ) if isinstance(model.sessions.redis.sentinelAuth, SentinelAuthModel)
+                    else model.sessions.redis.sentinelAuth,
                 }) if model.sessions.redis is not None else None,
             }),
         }

@@ -104,13 +104,23 @@ class RedisConfig:
     key_prefix: str = "enforcer:"
     timeout: float = 0.5
     staleness: float = 1.0
+    sentinel_auth: str = "same"
+    """What the Sentinels are sent: ``same`` (``username``/``password_file``), ``none``, or
+    ``own`` (``sentinel_username``/``sentinel_password_file``)."""
+    sentinel_username: str | None = None
+    sentinel_password_file: Path | None = None
 
     def password(self) -> str | None:
         """The password from ``password_file`` (first line), or None."""
-        if self.password_file is None:
-            return None
-        text = self.password_file.read_text(encoding="utf-8")
-        return text.splitlines()[0] if text else ""
+        return _first_line(self.password_file)
+
+    def sentinel_credentials(self) -> dict[str, Any]:
+        """The ``username``/``password`` the Sentinels are sent (none for ``sentinel_auth: none``)."""
+        if self.sentinel_auth == "none":
+            return {}
+        if self.sentinel_auth == "own":
+            return {"username": self.sentinel_username, "password": _first_line(self.sentinel_password_file)}
+        return {"username": self.username, "password": self.password()}
 
     def client(self) -> aioredis.Redis:
         """A client with bounded timeouts and no retries: a slow Redis is an unavailable one."""
@@ -135,14 +145,21 @@ class RedisConfig:
         sentinel_kwargs: dict[str, Any] = {
             "socket_timeout": self.timeout,
             "socket_connect_timeout": self.timeout,
-            "username": self.username,
-            "password": common["password"],
+            **self.sentinel_credentials(),
         }
         if self.tls:
             sentinel_kwargs.update(ssl=True, **ssl_opts)
         sentinel = Sentinel(list(self.sentinels), sentinel_kwargs=sentinel_kwargs, **common)
         master: aioredis.Redis = sentinel.master_for(self.sentinel_master)
         return master
+
+
+def _first_line(path: Path | None) -> str | None:
+    """The first line of a secret file, or None without one."""
+    if path is None:
+        return None
+    text = path.read_text(encoding="utf-8")
+    return text.splitlines()[0] if text else ""
 
 
 def _hex(key: bytes) -> str:
@@ -702,8 +719,10 @@ class RedisSessionStore:
             answered = True
             known |= {m.decode() if isinstance(m, bytes) else str(m) for m in masters}
         if not answered:
-            return ("no Sentinel answered (sessions.redis.sentinels; they are sent sessions.redis.username "
-                    f"and passwordFile too): {'; '.join(errors)}")
+            sent = {"same": "sessions.redis.username and passwordFile", "none": "no credentials",
+                    "own": "sessions.redis.sentinelAuth's username and passwordFile"}[self.config.sentinel_auth]
+            return (f"no Sentinel answered (sessions.redis.sentinels; they are sent {sent}; for Sentinels "
+                    f"without ACL users set sessions.redis.sentinelAuth: none): {'; '.join(errors)}")
         if name not in known:
             return (f"sessions.redis.sentinelMaster {name!r} is not monitored by the Sentinels "
                     f"(they monitor: {', '.join(sorted(known)) or 'nothing'})")

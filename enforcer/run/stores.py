@@ -22,10 +22,14 @@ def redis_config(r: settings_mod.RedisModel) -> redis_store.RedisConfig:
     from enforcer.identity import redis as redis_store  # noqa: PLC0415  (redis-py: ~5 MiB RSS; only with Redis)
 
     sentinels = tuple((h.strip("[]"), int(p)) for h, _, p in (e.rpartition(":") for e in r.sentinels))
+    own = r.sentinelAuth if isinstance(r.sentinelAuth, settings_mod.SentinelAuthModel) else None
     return redis_store.RedisConfig(
         url=r.url, sentinels=sentinels, sentinel_master=r.sentinelMaster, tls=r.tls, ca_file=r.caFile,
         username=r.username, password_file=r.passwordFile, db=r.db, key_prefix=r.keyPrefix,
         timeout=r.timeout, staleness=r.staleness,
+        sentinel_auth="own" if own is not None else str(r.sentinelAuth),
+        sentinel_username=own.username if own is not None else None,
+        sentinel_password_file=own.passwordFile if own is not None else None,
     )
 
 
