@@ -14,15 +14,22 @@ import json
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from enforcer.config import settings as settings_mod
 from enforcer.config.settings import DaemonModel
+from enforcer.http.tls import make_listen_socket
+from enforcer.net.pods import PodNetns
 from enforcer.run import cni
+from enforcer.run.attach import HostAttachment, PodAttachment
+from enforcer.run.daemon import Daemon
 from tests.harness.prereq import missing
+from tests.harness.redirector import FakeRedirector
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "deploy" / "kubernetes" / "base"
@@ -192,3 +199,53 @@ def test_uninstall_from_node_restores_the_conflist_and_removes_the_binary(tmp_pa
     assert json.loads((conf / "10-net.conflist").read_text()) == primary
     assert not (bin_dir / "enforcer-cni").exists()
     assert cni.uninstall_from_node(tmp_path / "gone", bin_dir) == []
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A stop check's answer (as ``enforcer.config.kubernetes.StopVerdict``)."""
+
+    uninstall: bool
+    short: str = "DaemonSet enforcer-system/enforcer"
+    why: str = "a test"
+
+
+def _daemon(tmp_path: Path, uninstall: bool, asked: list[int]) -> tuple[Daemon, PodAttachment, FakeRedirector]:
+    """A daemon (not started) holding one pod whose rules go through a fake, and a stop check answering ``uninstall``."""
+    (tmp_path / "d.yaml").write_text("")
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "stateDir": str(tmp_path / "state"), "definitions": [{"file": "d.yaml"}], "allowNoServices": True,
+        "sessions": {"store": "memory"}, "redirect": {"enabled": True, "table": "podmodetest"},
+    }))  # fmt: skip
+    settings = settings_mod.load_settings(cfg)
+
+    async def check() -> Verdict:
+        asked.append(1)
+        return Verdict(uninstall)
+
+    host = HostAttachment(settings, manages_redirect=False, listen_socket=make_listen_socket("127.0.0.1", 0),
+                          stop_check=check)  # fmt: skip
+    fake = FakeRedirector()
+    pod = PodAttachment(PodNetns.open("/proc/self/ns/net", uid="uid-a"), settings, tags=frozenset({"app=a"}),
+                        redirector=fake)  # fmt: skip
+    return Daemon(settings, attachments=[host, pod]), pod, fake
+
+
+@pytest.mark.parametrize("uninstall", [True, False])
+def test_a_stop_releases_the_pods_only_at_an_uninstall(tmp_path: Path, uninstall: bool) -> None:
+    """At a stop the host's stop check is asked once; an uninstall removes each pod's table, a restart keeps it; the pod's namespace is let go either way."""
+    asked: list[int] = []
+    daemon, pod, fake = _daemon(tmp_path, uninstall, asked)
+
+    async def stop() -> None:
+        daemon._pods[id(pod)] = daemon._pod(pod)
+        await daemon._detach_pods()
+
+    try:
+        asyncio.run(stop())
+    finally:
+        daemon.attachments[0].close()
+    assert fake.removed == (["podmodetest"] if uninstall else [])
+    assert pod.netns.closed
+    assert asked == [1]
