@@ -39,7 +39,7 @@ POD_MODE_MOUNTS = {
     "/host/etc/cni/net.d": ("cni-conf", "/etc/cni/net.d", "Directory"),
     "/host/opt/cni/bin": ("cni-bin", "/opt/cni/bin", "Directory"),
     "/var/run/enforcer": ("run", "/var/run/enforcer", "DirectoryOrCreate"),
-    "/var/run/netns": ("netns", "/var/run/netns", "DirectoryOrCreate"),
+    "/var/run/netns": ("netns", "/run/netns", "DirectoryOrCreate"),
 }
 
 
