@@ -62,6 +62,8 @@ APPS_NS = "pe2e-apps"  # the custom resources, their Secret and the protected po
 IMAGE = f"localhost/enforcer-pods-e2e:{__version__}"
 HOST = "app.pods.test"
 BASE = f"https://{HOST}"
+OTHER_HOST = "other.pods.test"  # the second service, selecting app=pe2e-b
+OTHER_LABEL = ("app", "pe2e-b")
 APP_PORT = 8080
 EXPOSED_PORT = 443
 LABEL = ("app", "pe2e")
@@ -125,6 +127,14 @@ def custom_resources() -> str:
                   "hosts": [HOST], "port": APP_PORT, "exposedPort": EXPOSED_PORT,
                   "selectors": [[f"{LABEL[0]}={LABEL[1]}"]],
                   "exposedAPIs": [["httpresourcespec:name=app"]]}},
+        {"apiVersion": "enforcer.dev/v1alpha1", "kind": "EnforcerService",
+         "metadata": {"name": "other", "namespace": APPS_NS},
+         "spec": {"OIDCClientID": "other",
+                  "OIDCClientSecret": {"secretKeyRef": {"name": "app-oidc", "key": "client-secret"}},
+                  "OIDCProviderURL": ISSUER, "OIDCCallbackURL": f"https://{OTHER_HOST}",
+                  "hosts": [OTHER_HOST], "port": APP_PORT, "exposedPort": EXPOSED_PORT,
+                  "selectors": [[f"{OTHER_LABEL[0]}={OTHER_LABEL[1]}"]],
+                  "exposedAPIs": [["httpresourcespec:name=app"]]}},
     ]  # fmt: skip
     return yaml.safe_dump_all(objs)
 
@@ -159,8 +169,8 @@ def app_pod(name: str, record_dir: Path, labels: dict[str, str]) -> str:
                            "spec": app_pod_spec(record_dir)})  # fmt: skip
 
 
-def app_deployment(name: str, record_dir: Path) -> str:
-    labels = {LABEL[0]: LABEL[1], "deployment": name}
+def app_deployment(name: str, record_dir: Path, label: tuple[str, str] = LABEL) -> str:
+    labels = {label[0]: label[1], "deployment": name}
     return yaml.safe_dump({
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": APPS_NS},
         "spec": {"replicas": 1, "selector": {"matchLabels": {"deployment": name}},
@@ -340,11 +350,11 @@ class Cluster:
         return ssl.create_default_context(cadata=ca + self.op.ca_pem.decode())
 
     async def browser(self, ip: str, **kwargs: Any) -> ScriptedBrowser:
-        """A scripted browser in the client namespace; app.pods.test resolves to ``ip`` (a pod)."""
+        """A scripted browser in the client namespace; both services' hosts resolve to ``ip`` (a pod)."""
         ctx = self.ssl_context()
 
         async def make() -> ScriptedBrowser:
-            return ScriptedBrowser(ctx, resolve={HOST: ip}, **kwargs)
+            return ScriptedBrowser(ctx, resolve={HOST: ip, OTHER_HOST: ip}, **kwargs)
 
         b = await self.client.run(make())
         self.browsers.append(b)
@@ -519,6 +529,40 @@ async def test_a_labelled_pod_is_served_after_login_and_an_unlabelled_one_is_unt
 
     assert await cluster.client.run(direct()) == 200
     assert refused(CLIENT_NETNS, plain_ip, EXPOSED_PORT)  # nothing redirects or listens there
+
+
+async def test_two_deployments_with_different_labels_get_their_own_services(cluster: Cluster) -> None:
+    """A second Deployment labelled for the second service is served that service only: each pod's IP gives the login of its own service and 421 for the other's host."""
+    cluster.kubectl("apply", "-f", "-", input=app_deployment("web-b", cluster.record, OTHER_LABEL))
+    await until("the second Deployment's pod running", lambda: cluster.deployment_pod("web-b"), timeout=120,
+                interval=0.5)  # fmt: skip
+    ips = {"web": cluster.pod_ip(cluster.deployment_pod("web")), "web-b": cluster.pod_ip(cluster.deployment_pod("web-b"))}
+    own = {"web": HOST, "web-b": OTHER_HOST}
+
+    async def answers(ip: str, host: str) -> tuple[int | None, str | None]:
+        b = await cluster.browser(ip, timeout=5.0)
+        return _status(await cluster.client.run(b.get(f"https://{host}/which", follow=False)))
+
+    async def served_b() -> bool:
+        with contextlib.suppress(Exception):
+            return is_login(*await answers(ips["web-b"], OTHER_HOST))
+        return False
+
+    waited = 0.0
+    while not await served_b():
+        waited += 0.5
+        assert waited < 60, cluster.diagnose()
+        await asyncio.sleep(0.5)
+    for deployment, ip in ips.items():
+        for host in (HOST, OTHER_HOST):
+            status, location = await answers(ip, host)
+            if host == own[deployment]:
+                assert is_login(status, location), (deployment, host, status, location)
+                assert f"client_id={'app' if host == HOST else 'other'}" in (location or ""), location
+            else:
+                assert status == 421, (deployment, host, status, location)
+        assert refused(CLIENT_NETNS, ip, APP_PORT)
+    assert all(unauthenticated(rows) == [] for pod, rows in cluster.all_seen().items() if pod != "plain")
 
 
 @dataclass
@@ -718,7 +762,8 @@ async def test_deleting_the_daemonset_removes_every_pod_rule_and_the_cni_plugin(
     cluster.kubectl("-n", SYSTEM_NS, "delete", "daemonset", "enforcer", "--wait=false")
     await until("the enforcer pod gone", lambda: not cluster.enforcer_pods(), timeout=120, interval=0.5)
     report("DaemonSet deleted -> pod gone", time.monotonic() - t)
-    left = {p: tables_in(p) for p in (app_pid(n) for n in (name, "plain")) if p}
+    left = {p: tables_in(p) for p in (app_pid(n) for n in (name, cluster.deployment_pod("web-b"), "plain")) if p}
+    assert len(left) == 3, left
     assert all("inet enforcer" not in tables for tables in left.values()), left
     assert not any("enforcer-cni" in f.read_text() for f in cni.conf_files(cluster.node.cni_conf_dir))
     assert not (cluster.node.cni_bin_dir / cni.PLUGIN_TYPE).exists()
