@@ -18,6 +18,10 @@ hold a NUL) and the netconf as the bytes the runtime wrote, so escaping cannot g
 
 :func:`install` and :func:`uninstall` put the plugin into a node's CNI directories (the
 DaemonSet's hostPath mounts) and take it out again; both write atomically and are idempotent.
+The daemon (pod mode) calls :func:`keep_installed` at every start, once its socket listens, and
+:func:`uninstall_from_node` only at a stop that its stop check calls an uninstall (the DaemonSet
+gone or being deleted). A restart or an upgrade leaves the plugin in place, so pods created
+while no enforcer listens fail their sandbox and are retried by kubelet (fail closed).
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ MAX_REPLY = 512 * 1024
 DEFAULT_SOCKET = Path("/var/run/enforcer/cni.sock")
 PLUGIN_TYPE = "enforcer-cni"
 PLUGIN_IN_IMAGE = Path("/opt/enforcer/cni/enforcer-cni")
+NODE_CONF_DIR = Path("/host/etc/cni/net.d")
+"""Where pod mode's DaemonSet mounts the node's CNI configuration directory (components/pod-mode)."""
+NODE_BIN_DIR = Path("/host/opt/cni/bin")
+"""Where pod mode's DaemonSet mounts the node's CNI plugin directory (components/pod-mode)."""
 NETNS_ROOTS: tuple[Path, ...] = (Path("/proc"), Path("/var/run/netns"), Path("/run/netns"))
 """Where a pod's network namespace may be: runtimes pin it under /var/run/netns, or give /proc/<pid>/ns/net."""
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
@@ -602,3 +610,38 @@ def uninstall(conf_dir: Path, bin_dir: Path) -> list[Path]:
         (bin_dir / PLUGIN_TYPE).unlink()
         changed.append(bin_dir / PLUGIN_TYPE)
     return changed
+
+
+async def keep_installed(
+    socket_path: Path, conf_dir: Path = NODE_CONF_DIR, bin_dir: Path = NODE_BIN_DIR, *,
+    binary: Path = PLUGIN_IN_IMAGE, retry: float = 5.0,
+) -> InstallResult | None:
+    """Install the plugin on the node (:func:`install`), retrying every ``retry`` seconds while the
+    node has no CNI configuration yet; None, with a warning, when the node's directories are not
+    mounted (no first-packet protection: pods are then found by the ``/proc`` scan only)."""
+    if not os.path.isdir(conf_dir) or not os.path.isdir(bin_dir):  # noqa: ASYNC240 (two stat calls, once)
+        log.warning("cni: %s or %s not mounted: the CNI plugin is not installed, so a new pod may answer "
+                    "before the enforcer serves it (mount the node's CNI directories: components/pod-mode)",
+                    conf_dir, bin_dir)  # fmt: skip
+        return None
+    while True:
+        try:
+            result = await asyncio.to_thread(install, conf_dir, bin_dir, binary=binary, socket_path=socket_path)
+        except (InstallError, OSError) as exc:
+            log.error("cni: cannot install the plugin (retried in %gs): %s", retry, exc)
+            await asyncio.sleep(retry)
+            continue
+        log.info("cni: plugin in %s (%s)", result.conf_file,
+                 "installed" if result.conf_changed or result.binary_changed else "already installed")
+        return result
+
+
+def uninstall_from_node(conf_dir: Path = NODE_CONF_DIR, bin_dir: Path = NODE_BIN_DIR) -> list[Path]:
+    """The uninstall's half of :func:`keep_installed`: :func:`uninstall` where the directories are mounted."""
+    if not conf_dir.is_dir():
+        return []
+    try:
+        return uninstall(conf_dir, bin_dir)
+    except OSError as exc:
+        log.error("cni: could not remove the plugin from %s: %s", conf_dir, exc)
+        return []

@@ -27,6 +27,7 @@ import ssl
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -340,20 +341,35 @@ class Daemon:
             log.error("the definitions with the new node tags were not applied (%s); the set in force stays", outcome)
 
     def _stop_check(self) -> StopCheck | None:
-        """With ``kubernetes.daemonSet``: the question asked at a stop (an uninstall?)."""
+        """With ``kubernetes.daemonSet``: the question asked at a stop (an uninstall?), asked of
+        the API server once per stop (the host's table, the pods' and the CNI plugin share it)."""
         kube = self.settings.model.kubernetes
         if kube is None or kube.daemonSet is None or kube.namespace is None:
             return None
         namespace, name, kubeconfig, limit = kube.namespace, kube.daemonSet, kube.kubeconfig, kube.timeout
+        answer: list[StopDecision] = []
 
         async def check() -> StopDecision:
             from enforcer.config import kubernetes  # noqa: PLC0415 (only on a Kubernetes node)
 
-            verdict = await kubernetes.stop_verdict(namespace, name, kubeconfig, limit)
-            log.info("stop: %s", verdict.why)
-            return verdict
+            if not answer:
+                answer.append(await kubernetes.stop_verdict(namespace, name, kubeconfig, limit))
+                log.info("stop: %s", answer[0].why)
+            return answer[0]
 
         return check
+
+    async def _is_uninstall(self) -> bool:
+        """At a stop: does the stop check (the host attachment's) call it an uninstall? Without
+        one, or with ``redirect.keepBlockOnStop`` off (tables go at every stop anyway): no."""
+        host = next((a for a in self.attachments if isinstance(a, HostAttachment)), None)
+        if host is None or host.stop_check is None or not self.settings.model.redirect.keepBlockOnStop:
+            return False
+        try:
+            return (await host.stop_check()).uninstall
+        except Exception:
+            log.exception("the stop check failed; keeping the pods' tables and the CNI plugin (fail closed)")
+            return False
 
     async def _load_definitions(
         self, resources: contextlib.AsyncExitStack, outgoing: SocketFactory | None
@@ -509,12 +525,28 @@ class Daemon:
 
     async def _detach_pods(self) -> None:
         """At stop (after the drain): each pod's listener and pool closed, then its table kept
-        or removed as the host's (:meth:`PodAttachment.remove`), then its namespace let go."""
+        or removed as the host's (:meth:`PodAttachment.remove`), then its namespace let go.
+        An uninstall (the stop check: the DaemonSet gone or being deleted) releases every pod
+        (its table removed) and takes the CNI plugin out of the node's configuration; a restart
+        or an upgrade keeps both (fail closed: new pods wait for the next enforcer)."""
+        kube = self.settings.model.kubernetes
+        pod_mode = self.owns_host and kube is not None and kube.pods.enabled
+        uninstall = await self._is_uninstall() if self._pods or pod_mode else False
         for key, pod in reversed(list(self._pods.items())):
             del self._pods[key]
             await self._close_pod(pod)
-            await pod.attachment.remove()
+            if uninstall:
+                try:
+                    await pod.attachment.release()
+                except Exception:
+                    log.exception("%s: its table could not be removed at the uninstall", pod.attachment.name)
+            else:
+                await pod.attachment.remove()
             pod.attachment.close()
+        if uninstall and pod_mode:
+            from enforcer.run import cni  # noqa: PLC0415 (pod mode only)
+
+            await asyncio.to_thread(cni.uninstall_from_node)
 
     def _make_server(self) -> server_mod.Server:
         """The HTTP server behind every listener (and the lean path, if enabled)."""
@@ -617,9 +649,18 @@ class Daemon:
         server = cni.CniServer(controller, kube.pods.cniSocket)
         await server.start()
         try:
+            self._spawn(self._install_cni(kube.pods.cniSocket), "cni-install")
             await controller.run()
         finally:
             await server.close()
+
+    @staticmethod
+    async def _install_cni(socket_path: Path) -> None:
+        """The chained CNI plugin into the node's configuration, once our socket listens
+        (idempotent; retried while the node has none; removed only by an uninstall)."""
+        from enforcer.run import cni  # noqa: PLC0415 (pod mode only)
+
+        await cni.keep_installed(socket_path)
 
     async def _reconcile_pods(self, controller: PodController) -> None:
         try:

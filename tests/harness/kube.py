@@ -766,7 +766,9 @@ state = "{w}/containerd/state"
   restrict_oom_score_adj = true
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
-  netns_mounts_under_state_dir = true
+  # pod namespaces under /var/run/netns (containerd's default, where a real node has them and where
+  # pod mode's DaemonSet mounts them from); _remove_pod_netns removes any a crash leaves there
+  netns_mounts_under_state_dir = false
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
