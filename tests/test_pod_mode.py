@@ -215,7 +215,7 @@ def _daemon(tmp_path: Path, uninstall: bool, asked: list[int]) -> tuple[Daemon, 
     (tmp_path / "d.yaml").write_text("")
     cfg = tmp_path / "enforcer.yaml"
     cfg.write_text(yaml.safe_dump({
-        "stateDir": str(tmp_path / "state"), "definitions": [{"file": "d.yaml"}], "allowNoServices": True,
+        "stateDir": str(tmp_path / "state"), "logsDir": str(tmp_path / "logs"), "definitions": [{"file": "d.yaml"}], "allowNoServices": True,
         "sessions": {"store": "memory"}, "redirect": {"enabled": True, "table": "podmodetest"},
     }))  # fmt: skip
     settings = settings_mod.load_settings(cfg)
