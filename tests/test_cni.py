@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from enforcer.run import cni
 from enforcer.run.cni import CniError, CniEvent, CniServer, FrameError, InstallError
 from tests.harness.kube import Node
+from tests.harness.prereq import missing
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / "deploy" / "cni" / "enforcer-cni.c"
@@ -334,7 +335,7 @@ def test_install_refuses_what_it_cannot_chain_into(
 def plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The plugin, built from deploy/cni with gcc -static (as scripts/image does), warnings as errors."""
     if shutil.which("gcc") is None:
-        pytest.skip("gcc is missing (run scripts/setup)")
+        missing("gcc (scripts/setup installs it)")
     out = tmp_path_factory.mktemp("cni") / "enforcer-cni"
     subprocess.run(
         ["gcc", "-static", "-Os", "-s", "-Wall", "-Wextra", "-Wconversion", "-Werror", "-o", str(out), str(SOURCE)],

@@ -31,6 +31,7 @@ from enforcer.net.pods import PodNetns, find_pod_netns, parse_start_time, pod_ui
 from enforcer.net.sockopt import SO_MARK, redirected_destination
 from enforcer.run.attach import Attachment, PodAttachment, build_pod_redirect
 from tests.harness.netns import Hosts, connect, ip, refused, require_root, veth_hosts
+from tests.harness.prereq import missing
 from tests.harness.redirector import FakeRedirector
 from tests.harness.seed import SERVICE, SPEC
 
@@ -258,7 +259,7 @@ def test_scan_without_ptrace_says_why() -> None:
     """Without CAP_SYS_PTRACE the namespace of another user's process cannot be opened, and the scan says so."""
     require_root()
     if shutil.which("setpriv") is None:
-        pytest.skip("needs setpriv (util-linux)")
+        missing("setpriv (util-linux, part of Debian's base system)")
     uid = str(uuid.uuid4())
     with namespace(f"ppod-np-{P}", "10.99.0.21/32") as ns, sleeper(ns, user=65534) as pid:
         script = (
