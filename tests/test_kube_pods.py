@@ -520,6 +520,8 @@ async def test_a_labelled_pod_is_served_after_login_and_an_unlabelled_one_is_unt
     assert unauthenticated(cluster.seen(name)) == []
 
     await until("the unlabelled pod's app", lambda: app_pid("plain"), timeout=120)
+    # The app runs before the kubelet reports the pod's IP in its status.
+    await until("the unlabelled pod's IP", lambda: cluster.pod_ip("plain"), timeout=60, interval=0.2)
     plain_ip = cluster.pod_ip("plain")
     assert "inet enforcer" not in tables_in(app_pid("plain") or 0)
 
