@@ -2,10 +2,17 @@
 
 This enforcer's own tags, listener, state and log directories, definition sources, sessions,
 redirect and limits. Unknown keys are errors (with a did-you-mean).
+
+``include:`` names drop-in files (globs, relative to the config's folder) merged over the file
+in order: mappings merge key by key, anything else (a list, a scalar) replaces. A problem with a
+value that came from a drop-in names that drop-in (:func:`read_settings`). This lets kustomize
+components each add one ConfigMap key (``enforcer.pod-mode.yaml``, ``enforcer.sessions.yaml``)
+instead of rewriting the whole ``enforcer.yaml``.
 """
 
 from __future__ import annotations
 
+import glob
 import ipaddress
 import os
 import re
@@ -415,6 +422,9 @@ class LimitsModel(_Strict):
 class DaemonModel(_Strict):
     """``enforcer.yaml``."""
 
+    include: str | list[str] = Field(default_factory=list)
+    """Drop-in files merged over this one, in order (globs relative to its folder); read by
+    :func:`read_settings`, kept here so the key is known and documented."""
     tags: list[Tag] = Field(default_factory=list)
     listen: ListenModel = Field(default_factory=ListenModel)
     admin: AdminModel = Field(default_factory=AdminModel)
@@ -490,6 +500,116 @@ def read_settings(path: Path) -> tuple[Settings | None, list[ConfigIssue]]:
     if len(docs) != 1 or not isinstance(docs[0].data, Mapping):
         return None, [ConfigIssue(source, "", "must be one YAML mapping", fix="see README: enforcer.yaml")]
     data = dict(docs[0].data)
+    data, provenance, issues = _with_includes(data, path)
+    settings, more = _validated(data, path, source)
+    issues.extend(more)
+    return settings, [_attributed(i, source, provenance) for i in issues]
+
+
+MAX_INCLUDES = 64
+"""Drop-in files one config may pull in (a glob that matches a whole folder by mistake)."""
+
+
+def _with_includes(
+    data: dict[str, object], path: Path
+) -> tuple[dict[str, object], dict[str, str], list[ConfigIssue]]:
+    """``data`` with the files its ``include:`` names merged over it in order, which file set
+    each merged key path (dotted, e.g. ``sessions.redis``), and the problems of the drop-ins."""
+    source = str(path)
+    patterns = data.get("include")
+    if patterns is None:
+        return data, {}, []
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
+        return data, {}, []  # the model reports the bad value, with the key path
+    base = path.parent.resolve()
+    issues: list[ConfigIssue] = []
+    provenance: dict[str, str] = {}
+    seen: set[Path] = {path.resolve()}
+    files: list[Path] = []
+    for i, pattern in enumerate(patterns):
+        full = pattern if os.path.isabs(pattern) else str(base / pattern)
+        if glob.has_magic(pattern):
+            matched = sorted(Path(m) for m in glob.glob(full) if os.path.isfile(m))
+        elif os.path.isfile(full):
+            matched = [Path(full)]
+        else:
+            issues.append(ConfigIssue(source, f"include[{i}]", "no such file", pattern,
+                                      "name an existing file, or a glob such as enforcer.*.yaml (it may match none)"))
+            continue
+        for m in matched:
+            if m.resolve() not in seen:  # the config itself, or a file two globs match: once
+                seen.add(m.resolve())
+                files.append(m)
+    if len(files) > MAX_INCLUDES:
+        issues.append(ConfigIssue(source, "include", f"matches {len(files)} files, more than {MAX_INCLUDES}",
+                                  [str(f) for f in files[:3]], "narrow the glob"))
+        return data, provenance, issues
+    merged = dict(data)
+    for f in files:
+        drop_in = str(f)
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            issues.append(ConfigIssue(drop_in, "", f"cannot read: {getattr(exc, 'strerror', None) or exc}",
+                                      fix=f"fix its permissions, or take it out of include in {source}"))
+            continue
+        docs = parse_documents(text, drop_in)
+        if isinstance(docs, ConfigIssue):
+            issues.append(docs)
+            continue
+        if not docs:
+            continue  # an empty drop-in changes nothing
+        if len(docs) != 1 or not isinstance(docs[0].data, Mapping):
+            issues.append(ConfigIssue(drop_in, "", "must be one YAML mapping (keys of enforcer.yaml)",
+                                      fix="see README: Configure it"))
+            continue
+        extra = dict(docs[0].data)
+        if "include" in extra:
+            issues.append(ConfigIssue(drop_in, "include", "a drop-in cannot include more files", extra["include"],
+                                      f"list every drop-in in include of {source}"))
+            extra.pop("include")
+        merged = _merge(merged, extra, drop_in, "", provenance)
+    return merged, provenance, issues
+
+
+def _merge(
+    into: Mapping[str, object], extra: Mapping[str, object], source: str, prefix: str, provenance: dict[str, str]
+) -> dict[str, object]:
+    """``into`` with ``extra`` over it: mappings merged key by key, anything else replaced;
+    each replaced key path recorded as coming from ``source``."""
+    out = dict(into)
+    for key, value in extra.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        old = out.get(key)
+        if isinstance(value, Mapping) and isinstance(old, Mapping):
+            out[key] = _merge(old, value, source, where, provenance)
+        else:
+            out[key] = value
+            for known in [k for k in provenance if k.startswith(where + ".")]:
+                del provenance[known]  # a replaced mapping: every key below comes from here now
+            provenance[where] = source
+    return out
+
+
+_INDEX = re.compile(r"\[\d+\]")
+
+
+def _attributed(issue: ConfigIssue, main: str, provenance: Mapping[str, str]) -> ConfigIssue:
+    """``issue`` naming the drop-in that set the value at its key path, if one did."""
+    if issue.source != main or not issue.path or not provenance:
+        return issue
+    keys = _INDEX.sub("", issue.path).split(".")
+    for n in range(len(keys), 0, -1):
+        found = provenance.get(".".join(keys[:n]))
+        if found is not None:
+            return ConfigIssue(found, issue.path, issue.message, issue.value, issue.fix)
+    return issue
+
+
+def _validated(data: dict[str, object], path: Path, source: str) -> tuple[Settings | None, list[ConfigIssue]]:
+    """The merged config validated and resolved (see :func:`read_settings`)."""
     issues: list[ConfigIssue] = []
     try:
         model = DaemonModel.model_validate(data)
