@@ -438,6 +438,7 @@ def test_configmap_is_the_agreed_daemon_config(base: list[dict[str, Any]]) -> No
     """enforcer.yaml reads every namespace's custom resources, redirects, keeps state and flows in the mounted host paths and is otherwise a valid daemon config."""
     config = _config(base)
     assert config["definitions"] == [{"kubernetes": {}}]
+    assert config["include"] == ["enforcer.*.yaml"]  # the components' drop-ins (tests/test_shared_sessions.py)
     assert config["redirect"] == {"enabled": True}
     assert config["kubernetes"] == {"daemonSet": "enforcer"}  # node label tags (default) and the uninstall check
     assert (config["stateDir"], config["logsDir"]) == ("/var/lib/enforcer", "/var/log/enforcer")

@@ -22,12 +22,12 @@ import pytest
 import yaml
 
 from enforcer.config import settings as settings_mod
-from enforcer.config.settings import DaemonModel
 from enforcer.http.tls import make_listen_socket
 from enforcer.net.pods import PodNetns
 from enforcer.run import cni
 from enforcer.run.attach import HostAttachment, PodAttachment
 from enforcer.run.daemon import Daemon
+from tests.harness.manifests import read_configmap
 from tests.harness.prereq import missing
 from tests.harness.redirector import FakeRedirector
 
@@ -82,14 +82,8 @@ def pod_spec(objects: list[dict[str, Any]]) -> dict[str, Any]:
     return spec
 
 
-def config(objects: list[dict[str, Any]]) -> str:
-    [cm] = [o for o in objects if o["kind"] == "ConfigMap"]
-    text: str = cm["data"]["enforcer.yaml"]
-    return text
-
-
 def test_the_component_changes_only_what_pod_mode_needs(base: list[dict[str, Any]], pod_mode: list[dict[str, Any]]) -> None:
-    """Base plus component equals the base but for the DaemonSet's hostPID, capabilities and host mounts, the ConfigMap's pods line, and the pods ClusterRole and its binding."""
+    """Base plus component equals the base but for the DaemonSet's hostPID, capabilities and host mounts, the ConfigMap's drop-in enforcer.pod-mode.yaml, and the pods ClusterRole and its binding."""
     by_key = {key(o): o for o in pod_mode}
     for o in base:
         got = copy.deepcopy(by_key.pop(key(o)))
@@ -110,10 +104,8 @@ def test_the_component_changes_only_what_pod_mode_needs(base: list[dict[str, Any
             assert added["/var/run/netns"]["readOnly"] is True
             spec["volumes"] = [v for v in spec["volumes"] if v["name"] in volumes]
         if o["kind"] == "ConfigMap":
-            text = config([got])
-            pods_line = [line for line in text.splitlines() if line.strip().startswith("pods:")]
-            assert len(pods_line) == 1 and "pods: {enabled: true}" in pods_line[0]
-            got["data"]["enforcer.yaml"] = text.replace(pods_line[0] + "\n", "")
+            drop_in = yaml.safe_load(got["data"].pop("enforcer.pod-mode.yaml"))
+            assert drop_in == {"kubernetes": {"pods": {"enabled": True}}}
         assert got == o, key(o)
     assert sorted(by_key) == [("ClusterRole", "", "enforcer-pods"), ("ClusterRoleBinding", "", "enforcer-pods")]
     role = by_key[("ClusterRole", "", "enforcer-pods")]
@@ -123,13 +115,15 @@ def test_the_component_changes_only_what_pod_mode_needs(base: list[dict[str, Any
     assert binding["roleRef"]["name"] == "enforcer-pods"
 
 
-def test_the_component_config_turns_pod_mode_on_and_is_a_valid_daemon_config(pod_mode: list[dict[str, Any]]) -> None:
-    """enforcer.yaml with the component has kubernetes.pods.enabled and validates as a daemon config whose CNI socket is in the mounted /var/run/enforcer."""
-    data = yaml.safe_load(config(pod_mode))
-    assert data["kubernetes"] == {"daemonSet": "enforcer", "pods": {"enabled": True}}
-    model = DaemonModel.model_validate({**data, "definitions": [{"file": "/etc/enforcer/definitions.d"}]})
-    assert model.kubernetes is not None and model.kubernetes.pods.enabled
-    assert model.kubernetes.pods.cniSocket.parent == Path("/var/run/enforcer") == cni.DEFAULT_SOCKET.parent
+def test_the_component_config_turns_pod_mode_on_and_is_a_valid_daemon_config(
+    pod_mode: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ConfigMap with the component, read as the pod reads it (enforcer.yaml and its drop-ins), is a valid daemon config with kubernetes.pods.enabled, the base's uninstall check kept, and its CNI socket in the mounted /var/run/enforcer."""
+    settings, issues = read_configmap(pod_mode, tmp_path / "etc-enforcer", monkeypatch)
+    assert issues == [] and settings is not None
+    kube = settings.model.kubernetes
+    assert kube is not None and kube.pods.enabled and kube.daemonSet == "enforcer"
+    assert kube.pods.cniSocket.parent == Path("/var/run/enforcer") == cni.DEFAULT_SOCKET.parent
     mounts = {m["mountPath"] for m in pod_spec(pod_mode)["containers"][0]["volumeMounts"]}
     assert {str(cni.NODE_CONF_DIR), str(cni.NODE_BIN_DIR)} <= mounts
 

@@ -1,0 +1,62 @@
+"""Render the shipped kustomize manifests (deploy/kubernetes) and read their ConfigMap as the
+daemon in the pod reads it: every key a file in one folder, enforcer.yaml with its drop-ins."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from enforcer.config import settings as settings_mod
+from enforcer.config.issues import ConfigIssue
+from tests.harness.prereq import missing
+
+REPO = Path(__file__).resolve().parents[2]
+KUBERNETES = REPO / "deploy" / "kubernetes"
+BASE = KUBERNETES / "base"
+COMPONENTS = KUBERNETES / "components"
+POD_ENV = {"NODE_NAME": "node-1", "POD_NAMESPACE": "enforcer-system"}
+"""What the downward API gives the enforcer's container (deploy/kubernetes/base/daemonset.yaml)."""
+
+
+def render(path: Path) -> list[dict[str, Any]]:
+    """``kubectl kustomize`` of a folder: its objects."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        missing("kubectl (kubectl kustomize renders the manifests)")
+    done = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+def overlay(d: Path, *components: str) -> Path:
+    """An overlay of the base with the named components, as docs/kubernetes.md shows."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(BASE, d)],
+        "components": [os.path.relpath(COMPONENTS / c, d) for c in components],
+    }))  # fmt: skip
+    return d
+
+
+def one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    [found] = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    return found
+
+
+def read_configmap(
+    objects: list[dict[str, Any]], folder: Path, monkeypatch: Any
+) -> tuple[settings_mod.Settings | None, list[ConfigIssue]]:
+    """The ConfigMap ``enforcer-config`` written out as its volume mounts it (one file per key,
+    in ``folder``) and read as the daemon does, with the pod's downward-API environment."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, text in one(objects, "ConfigMap", "enforcer-config")["data"].items():
+        (folder / key).write_text(text)
+    for name, value in POD_ENV.items():
+        monkeypatch.setenv(name, value)
+    return settings_mod.read_settings(folder / "enforcer.yaml")
