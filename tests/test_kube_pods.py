@@ -43,20 +43,27 @@ import pytest_asyncio
 import yaml
 
 from enforcer import __version__
+from enforcer.http.certs import CertStore
+from enforcer.identity import crypto
 from enforcer.net.ruleset import DEFAULT_MARK
 from enforcer.run import cni
+from tests.harness import fleet
 from tests.harness.browser import Response, ScriptedBrowser
-from tests.harness.kube import CLIENT_NETNS, NODE_IP, NODE_NETNS, POD_CIDR, Node
+from tests.harness.kube import CLIENT_IP, CLIENT_NETNS, NODE_IP, NODE_NETNS, POD_CIDR, Node
 from tests.harness.kube_load import Load, Outage, outage
 from tests.harness.netns import NetnsLoop, connect, refused, require_root
 from tests.harness.op import OPUser, RunningOP, start_op
 from tests.harness.prereq import require_e2e
+from tests.harness.redis import RedisServer
 
 pytestmark = [pytest.mark.root, pytest.mark.e2e, pytest.mark.timeout(2400)]
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_DIR = REPO / "deploy" / "kubernetes" / "base"
 COMPONENT_DIR = REPO / "deploy" / "kubernetes" / "components" / "pod-mode"
+SESSIONS_DIR = REPO / "deploy" / "kubernetes" / "components" / "shared-sessions"
+REDIS_PORT = 6390  # the shared session store: redis-server (TLS, ACL user) on the node's address
+SECOND_NODE_ADMIN = 9091
 SYSTEM_NS = "enforcer-system"
 APPS_NS = "pe2e-apps"  # the custom resources, their Secret and the protected pods (a CR serves its own namespace)
 IMAGE = f"localhost/enforcer-pods-e2e:{__version__}"
@@ -178,26 +185,33 @@ def app_deployment(name: str, record_dir: Path, label: tuple[str, str] = LABEL) 
     })  # fmt: skip
 
 
-def write_overlay(d: Path, config: str, op_ca: bytes, node: Node) -> Path:
-    """Base + pod-mode component; only the image, the ConfigMap and the two CNI hostPaths patched."""
+def write_overlay(d: Path, op_ca: bytes, node: Node, redis_url: str) -> Path:
+    """Base + pod-mode + shared-sessions, as a user writes it: the image reference, a drop-in of
+    the test's own (the OP's CA, the watched namespace, the mark), the sessions drop-in pointing
+    at the test's Redis, and the two CNI hostPaths."""
     d.mkdir(parents=True, exist_ok=True)
     name, tag = IMAGE.rsplit(":", 1)
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
         "resources": [os.path.relpath(BASE_DIR, d)],
-        "components": [os.path.relpath(COMPONENT_DIR, d)],
+        "components": [os.path.relpath(COMPONENT_DIR, d), os.path.relpath(SESSIONS_DIR, d)],
         "images": [{"name": "localhost/enforcer", "newName": name, "newTag": tag}],
         "patches": [{"path": "configmap-patch.yaml"}, {"path": "cni-paths-patch.yaml"}],
     }
-    config = config.rstrip("\n") + f"\noidc: {{caFile: {OP_CA_IN_POD}}}   # the test OP's CA\n"
-    assert "- kubernetes: {}" in config, config
-    config = config.replace("- kubernetes: {}", f"- kubernetes: {{namespaces: [{APPS_NS}]}}")
+    test_config: dict[str, Any] = {
+        "oidc": {"caFile": OP_CA_IN_POD},  # the test OP's CA
+        "definitions": [{"kubernetes": {"namespaces": [APPS_NS]}}],
+    }
     if DEFAULT_MARK & KUBE_MARK_BITS:  # as tests/test_kube_daemonset.py: kubelet's masquerade bit
-        config = config.replace("redirect: {enabled: true}",
-                                f"redirect: {{enabled: true, mark: {hex(DEFAULT_MARK & ~KUBE_MARK_BITS)}}}")
+        test_config["redirect"] = {"enabled": True, "mark": DEFAULT_MARK & ~KUBE_MARK_BITS}
+    shipped = yaml.safe_load((SESSIONS_DIR / "configmap-patch.yaml").read_text())["data"]["enforcer.sessions.yaml"]
+    url_line = re.compile(r"url: rediss://\S+")
+    assert len(url_line.findall(shipped)) == 1, shipped
+    sessions = url_line.sub(f"url: {redis_url}", shipped)
     cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "enforcer-config", "namespace": SYSTEM_NS},
-          "data": {"enforcer.yaml": config, Path(OP_CA_IN_POD).name: op_ca.decode()}}  # fmt: skip
+          "data": {"enforcer.test.yaml": yaml.safe_dump(test_config), "enforcer.sessions.yaml": sessions,
+                   Path(OP_CA_IN_POD).name: op_ca.decode()}}  # fmt: skip
     paths = {"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "enforcer", "namespace": SYSTEM_NS},
              "spec": {"template": {"spec": {"volumes": [
                  {"name": "cni-conf", "hostPath": {"path": str(node.cni_conf_dir), "type": "Directory"}},
@@ -207,6 +221,17 @@ def write_overlay(d: Path, config: str, op_ca: bytes, node: Node) -> Path:
     (d / "configmap-patch.yaml").write_text(yaml.safe_dump(cm, sort_keys=False))
     (d / "cni-paths-patch.yaml").write_text(yaml.safe_dump(paths, sort_keys=False))
     return d
+
+
+def sessions_secret(redis: RedisServer, keys: Path) -> str:
+    """The Secret the shared-sessions component mounts, as its comment says to create it."""
+    assert redis.tls is not None
+    return yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": "enforcer-sessions", "namespace": SYSTEM_NS},
+        "stringData": {"redis-password": redis.password_file.read_text(), "ca.crt": redis.tls.ca_pem().decode(),
+                       "refresh-token-keys": keys.read_text()},
+    })  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the node
@@ -301,6 +326,8 @@ class Cluster:
     workdir: Path
     overlay: Path
     record: Path
+    redis: RedisServer
+    refresh_keys: Path
     browsers: list[ScriptedBrowser] = field(default_factory=list)
 
     def kubectl(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -439,17 +466,18 @@ async def cluster(
                   "post_logout_redirect_uris": [f"{BASE}/"], "token_endpoint_auth_method": "client_secret_basic"}],
         users=USERS, host=NODE_IP, port=OP_PORT, issuer=ISSUER, netns=NODE_NETNS,
     )  # fmt: skip
+    redis = RedisServer(CertStore(work / "redis-ca"), netns=NODE_NETNS, bind=NODE_IP, port=REDIS_PORT)
+    await asyncio.to_thread(redis.start)
+    refresh_keys = work / "refresh-token-keys"
+    refresh_keys.write_text(crypto.new_key_line() + "\n")
     _route("add")
     client = NetnsLoop(CLIENT_NETNS)
-    rendered = [o for o in yaml.safe_load_all(api.kubectl("kustomize", str(BASE_DIR)).stdout) if o]
-    [cm] = [o for o in rendered if o["kind"] == "ConfigMap"]
-    component_config = yaml.safe_load((COMPONENT_DIR / "configmap-patch.yaml").read_text())["data"]["enforcer.yaml"]
-    assert cm["data"]["enforcer.yaml"] != component_config
-    overlay = write_overlay(work / "overlay", component_config, op.ca_pem, kube_node)
-    c = Cluster(kube_node, op, client, work, overlay, record)
+    overlay = write_overlay(work / "overlay", op.ca_pem, kube_node, f"rediss://{NODE_IP}:{REDIS_PORT}")
+    c = Cluster(kube_node, op, client, work, overlay, record, redis, refresh_keys)
     try:
         try:
             api.kubectl("apply", "-f", str(BASE_DIR / "namespace.yaml"), "-f", str(BASE_DIR / "crds.yaml"))
+            api.kubectl("apply", "-f", "-", input=sessions_secret(redis, refresh_keys))
             api.kubectl("wait", "--for=condition=established", "--timeout=60s",
                         "crd/enforcerservices.enforcer.dev", "crd/httpresourcespecs.enforcer.dev")  # fmt: skip
             api.kubectl("apply", "-f", "-", input=custom_resources())
@@ -483,6 +511,7 @@ async def cluster(
             say("[k8s-pods] teardown removed a CNI plugin the uninstall left")
         _route("del")
         await op.stop()
+        redis.stop()
         for d in ours:
             shutil.rmtree(d, ignore_errors=True)
         report("whole module", time.monotonic() - t_module)
@@ -565,6 +594,102 @@ async def test_two_deployments_with_different_labels_get_their_own_services(clus
                 assert status == 421, (deployment, host, status, location)
         assert refused(CLIENT_NETNS, ip, APP_PORT)
     assert all(unauthenticated(rows) == [] for pod, rows in cluster.all_seen().items() if pod != "plain")
+
+
+SECOND_NODE_DEFINITIONS = f"""\
+kind: service
+name: app
+OIDCClientID: app
+OIDCClientSecret: {CLIENT_SECRET}
+OIDCProviderURL: {ISSUER}
+OIDCCallbackURL: {BASE}
+OIDCScopes: [openid, email, profile]
+hosts: [{HOST}]
+port: {APP_PORT}
+exposedPort: {EXPOSED_PORT}
+exposedAPIs: [[httpresourcespec:name=app]]
+---
+kind: httpresourcespec
+name: app
+associatedTags: [httpresourcespec:name=app]
+endpoints:
+  - {{URI: /*, methods: [GET, POST], allowedScopes: [[]]}}
+"""
+
+
+@contextlib.asynccontextmanager
+async def second_node(cluster: Cluster) -> AsyncIterator[fleet.Enforcer]:
+    """Another node's enforcer, as a process in the client's namespace on its address, :443: the
+    same service (from a file), the same Redis and refresh-token keys as the ConfigMap's drop-in,
+    the same CA as the node's enforcer (copied, as docs/kubernetes.md says to do for several
+    nodes), and its own recording app on 127.0.0.1:8080 there."""
+    state = cluster.workdir / "second-node" / "state"
+    (state / "ca").mkdir(parents=True, mode=0o700)
+    for name in ("ca.crt", "ca.key"):
+        shutil.copy2(STATE_DIR / "ca" / name, state / "ca" / name)
+    (state / "definitions.yaml").write_text(SECOND_NODE_DEFINITIONS)
+    redis = cluster.redis
+    assert redis.tls is not None
+    (state / "redis-ca.pem").write_bytes(redis.tls.ca_pem())
+    (state / "enforcer.yaml").write_text(yaml.safe_dump({
+        "listen": {"address": CLIENT_IP, "port": EXPOSED_PORT},
+        "admin": {"address": "127.0.0.1", "port": fleet.ADMIN},
+        "stateDir": str(state), "logsDir": str(state / "logs"),
+        "definitions": [{"file": str(state / "definitions.yaml")}],
+        "oidc": {"caFile": str(cluster.op.ca_file)},
+        "sessions": {"store": "redis", "refreshTokenKeyFile": str(cluster.refresh_keys),
+                     "redis": {"url": f"rediss://{NODE_IP}:{REDIS_PORT}", "username": "enforcer",
+                               "passwordFile": str(redis.password_file), "caFile": str(state / "redis-ca.pem")}},
+    }))  # fmt: skip
+    app = await asyncio.to_thread(
+        subprocess.Popen,
+        ["ip", "netns", "exec", CLIENT_NETNS, sys.executable, str(REPO / "tests/harness/recording_app.py"),
+         str(cluster.record / "second-node.jsonl"), f"app:{APP_PORT}"],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    enforcer = fleet.Enforcer(CLIENT_NETNS, CLIENT_IP, state)
+    try:
+        assert app.stdout is not None and b"ready" in await asyncio.to_thread(app.stdout.readline)
+        enforcer.start()
+        await enforcer.wait_ready(60)
+        yield enforcer
+    finally:
+        await enforcer.stop()
+        app.kill()
+        app.wait()
+        if app.stdout is not None:
+            app.stdout.close()
+
+
+async def test_a_session_made_through_a_pod_is_valid_on_another_nodes_enforcer(cluster: Cluster) -> None:
+    """With the shared-sessions component the pod's session is in Redis: another node's enforcer serves the same browser without a second login, and a logout there ends the session at the pod within 1 s."""
+    ip = cluster.pod_ip(cluster.deployment_pod("web"))
+    at_pod = await cluster.browser(ip)
+    page = await cluster.login(at_pod, "/shared/login")
+    assert page.status == 200, (page.status, page.text[:300])
+    keys = redis_keys(cluster.redis)
+    assert any(k.startswith("enforcer:") for k in keys), keys  # the DaemonSet's enforcer wrote it there
+
+    async with second_node(cluster):
+        elsewhere = await cluster.browser(CLIENT_IP)
+        elsewhere.cookies = at_pod.cookies  # one browser: the same cookie jar, the other node's address
+        page = await cluster.get(elsewhere, "/shared/other-node")
+        assert page.status == 200, (page.status, page.location, page.text[:300])
+        rows = [r for r in cluster.seen("second-node") if r["path"] == "/shared/other-node"]
+        assert rows and dict(rows[0]["headers"]).get("X-Forwarded-User"), rows
+
+        out = await cluster.get(elsewhere, "/oauth2/logout")
+        assert out.status in (302, 303), (out.status, out.text[:300])
+        t = time.monotonic()
+        while not is_login(*_status(await cluster.get(at_pod, "/shared/after-logout"))):
+            assert time.monotonic() - t < 1.5, "the pod's enforcer still serves a session logged out elsewhere"
+            await asyncio.sleep(0.05)
+        report("logout on another node -> refused at the pod", time.monotonic() - t)
+    assert unauthenticated(cluster.seen("second-node")) == []
+
+
+def redis_keys(redis: RedisServer) -> list[str]:
+    return redis.cli("--scan", "--pattern", "enforcer:*").split()
 
 
 @dataclass

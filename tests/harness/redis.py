@@ -36,22 +36,27 @@ class RedisServer:
     ``enforcer`` (password :data:`PASSWORD`, keys and channels ``enforcer:*`` only) and the
     default user off. No persistence: a restart starts empty."""
 
-    def __init__(self, tls: CertStore | None = None) -> None:
+    def __init__(self, tls: CertStore | None = None, *, netns: str | None = None, bind: str = "127.0.0.1",
+                 port: int | None = None) -> None:
+        """``netns``/``bind``/``port``: where the TLS port listens (in that network namespace);
+        the unix socket is a file, so the tests reach it from any namespace."""
         self.dir = Path(tempfile.mkdtemp(prefix="redis-"))
         self.sock = self.dir / "redis.sock"
         self.password_file = self.dir / "password"
         self.password_file.write_text(PASSWORD + "\n")
         self.tls = tls
-        self.port = _free_port() if tls is not None else 0
+        self.netns = netns
+        self.bind = bind
+        self.port = (port or _free_port()) if tls is not None else 0
         lines = [
             "port 0", f"unixsocket {self.sock}", "unixsocketperm 700", f"dir {self.dir}", 'save ""',
             "appendonly no", "user default off",
             f"user enforcer on >{PASSWORD} ~enforcer:* &enforcer:* +@all -@dangerous",
         ]
         if tls is not None:
-            leaf = tls.ensure_leaf("redis", ["localhost"], ["127.0.0.1"])
+            leaf = tls.ensure_leaf("redis", ["localhost"], sorted({"127.0.0.1", bind}))
             (self.dir / "ca.pem").write_bytes(tls.ca_pem())
-            lines += [f"tls-port {self.port}", f"tls-cert-file {leaf.cert}", f"tls-key-file {leaf.key}",
+            lines += [f"bind {bind}", f"tls-port {self.port}", f"tls-cert-file {leaf.cert}", f"tls-key-file {leaf.key}",
                       f"tls-ca-cert-file {self.dir / 'ca.pem'}", "tls-auth-clients no"]
         (self.dir / "redis.conf").write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -63,7 +68,10 @@ class RedisServer:
         return dataclasses.replace(base, **changes)
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", str(self.dir / "redis.conf")], stdout=subprocess.DEVNULL)
+        argv = ["redis-server", str(self.dir / "redis.conf")]
+        if self.netns is not None:
+            argv = ["ip", "netns", "exec", self.netns, *argv]  # exec()s: the PID is redis-server's
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
