@@ -4,10 +4,11 @@ plugin, a real OpenID Provider, and what happens to a pod's traffic from its fir
 the enforcer pod is replaced, when a label goes, when a pod goes, and at an uninstall.
 
 Built once for the module on the session's cluster (tests/harness/kube.py): the image (built by
-``scripts/image``, imported into the node's containerd), the OP on ``https://10.250.0.1:9443`` in
-the node's network namespace, and an overlay in tmp that references deploy/kubernetes/base and
-deploy/kubernetes/components/pod-mode and changes only the image reference, the ConfigMap (the
-OP's CA, the watched namespace) and the two CNI hostPaths: the harness's containerd keeps its CNI
+``scripts/image``, imported into the node's containerd), the OP on ``https://10.250.0.1:9443`` and a
+redis-server (TLS, ACL user; the shared session store) on ``10.250.0.1:6390`` in the node's network
+namespace, and an overlay in tmp that references deploy/kubernetes/base and the components
+pod-mode and shared-sessions and changes only the image reference, the ConfigMap's drop-ins (the
+OP's CA, the watched namespace; the Redis URL), the Secret enforcer-sessions and the two CNI hostPaths: the harness's containerd keeps its CNI
 configuration and plugins in its work directory (``Node.cni_conf_dir`` / ``cni_bin_dir``), not
 in /etc/cni/net.d and /opt/cni/bin. The sample apps run tests/harness/recording_app.py with the
 image's Python, each recording to ``<tmp>/record/<pod name>.jsonl`` (a hostPath). The client
