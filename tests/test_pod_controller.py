@@ -358,6 +358,22 @@ async def test_reconcile_finds_running_pods_by_the_scan_and_follows_the_definiti
     assert [n.uid for n in w.netns.leaked()] == [api.uid]
 
 
+async def test_the_first_reconcile_removes_tables_left_in_pods_nothing_selects(tmp_path: Path) -> None:
+    """At start a running pod no service selects has any table an earlier enforcer left removed (one scan); a pod going away or on the host network is not touched, and later reconciles do not sweep again."""
+    w = _world(tmp_path, _definitions(FRONTEND))
+    web, api = _pod("web", {"app": "frontend"}), _pod("api", {"app": "backend"})
+    leaving = _pod("old", {"app": "backend"}, deleting=True)
+    host = _pod("agent", {"app": "x"}, host_network=True)
+    w.put(web, api, leaving, host)
+    await w.controller.reconcile()
+    assert w.sink.calls == [("add", "pod shop/web", ("frontend",))]
+    assert {pod: r.removed for pod, r in w.redirectors.items()} == {"shop/web": [], "shop/api": ["enforcer"]}
+    assert [n.uid for n in w.netns.leaked()] == [web.uid]
+    w.put(_pod("db", {"app": "db"}))
+    await w.controller.reconcile()
+    assert "shop/db" not in w.redirectors  # swept once, at start: a later pod is never enrolled, so has no table
+
+
 async def test_a_refused_release_is_retried(tmp_path: Path) -> None:
     """When the kernel refuses to remove a released pod's rules, the pod stays known and the release is retried later."""
     w = _world(tmp_path, _definitions(FRONTEND))
@@ -770,6 +786,29 @@ async def test_a_real_pod_is_enrolled_by_its_cni_add_released_by_its_labels_and_
         assert rig.controller.enrolled == {}
         assert await _no_fds_into(web.inode) == []
         assert await rig.table("web") and not await rig.app_answers("web") and await rig.exposed_refused("web")
+
+
+@pytest.mark.root
+async def test_a_table_left_in_a_real_pod_nothing_selects_is_removed_at_start(tmp_path: Path) -> None:
+    """Tables an earlier enforcer left: at the first reconcile the one in a pod no service selects any more is removed (its app answers again); a selected pod's is taken over and a terminating pod's is kept."""
+    async with _rig(tmp_path, [("shop", "web"), ("shop", "stale"), ("shop", "leaving")], (WEB, "app=web", "")) as rig:
+        for name in ("web", "stale", "leaving"):  # as an enforcer that served them and stopped would leave them
+            ip("netns", "exec", rig.pods[name].netns, "nft", "add", "table", "inet", TABLE)
+            ip("netns", "exec", rig.pods[name].netns, "nft", "add", "chain", "inet", TABLE, "in",
+               "{ type filter hook input priority 0; }")
+            ip("netns", "exec", rig.pods[name].netns, "nft", "add", "rule", "inet", TABLE, "in",
+               "tcp dport 8080 iif != lo reject with tcp reset")
+        assert not await rig.app_answers("stale")
+        web, stale, leaving = rig.pods["web"], rig.pods["stale"], rig.pods["leaving"]
+        await rig.source.send("ADDED", web.info({"app": "web"}))
+        await rig.source.send("ADDED", stale.info({"app": "was-web"}))
+        await rig.source.send("ADDED", leaving.info({"app": "was-web"}, deleting=True))
+        await rig.source.send("SYNCED")
+        assert set(rig.controller.enrolled) == {web.uid}
+        assert not await rig.table("stale") and await rig.app_answers("stale")
+        assert await _no_fds_into(stale.inode) == []
+        assert await rig.table("leaving") and not await rig.app_answers("leaving")
+        assert await rig.table("web") and await rig.get("web", "/public/x") == (200, "", b"app web")
 
 
 @pytest.mark.root

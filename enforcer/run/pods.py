@@ -29,6 +29,10 @@ Where a pod's network namespace comes from:
    (:func:`enforcer.net.pods.find_pod_netns`, with its two guards: never the host's namespace,
    and the namespace must hold one of the pod's IPs).
 
+At the first reconcile after start, the tables an earlier enforcer left in running pods that
+nothing selects any more (labels or definitions changed while no enforcer ran) are removed
+(:meth:`PodController._sweep`); else such a pod's ports would refuse for ever.
+
 A served pod going away (``deletionTimestamp`` set, or finished) stays served, its rules in force:
 its app may answer until its containers stop. Pod deleted (watch) or its sandbox torn down (CNI
 DEL): ``remove_attachment(release=False)``, the namespace is going away. Labels no longer
@@ -166,6 +170,7 @@ class PodController:
     make_attachment: MakeAttachment | None = None
     enrolled: dict[str, Enrolled] = field(default_factory=dict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    _swept: bool = False
 
     # -- wiring ---------------------------------------------------------------------------------
 
@@ -285,6 +290,33 @@ class PodController:
         finally:
             for netns in found.values():
                 netns.close()
+        if not self._swept:
+            self._swept = True
+            await self._sweep(pods, definitions)
+
+    async def _sweep(self, pods: Iterable[PodInfo], definitions: definitions_mod.Definitions) -> None:
+        """Once, at the first reconcile: remove the tables an earlier enforcer left in pods that
+        nothing selects any more (their labels or the definitions changed while no enforcer ran),
+        which would otherwise refuse their ports for ever. A pod going away keeps its table (its
+        app may answer until it stops); one found selected again meanwhile is left to its
+        enrolment. One ``/proc`` scan for all of them."""
+        stale = {p.uid: p.ips for p in pods if p.ips and p.uid not in self.enrolled and not p.host_network
+                 and not p.deleting and not services_for(p, definitions)}  # fmt: skip
+        if not stale:
+            return
+        found = (await asyncio.to_thread(self.scan, stale)).found
+        for uid, netns in found.items():
+            async with self._lock(uid):
+                pod, now = self.source.pods.get(uid), self.definitions() or definitions
+                if pod is None or uid in self.enrolled or pod.deleting or services_for(pod, now):
+                    netns.close()
+                    continue
+                attachment = self._attachment(netns, pod, pod_tags(pod))
+                try:
+                    await attachment.release()  # removes the table if one is there, then closes
+                except RedirectError as exc:
+                    attachment.close()
+                    log.error("pod %s: a table an earlier enforcer left cannot be removed: %s", pod, exc)
 
     async def _evaluate(self, pod: PodInfo, netns: PodNetns | None = None) -> None:
         """Enrol, release, re-tag or leave ``pod`` (``netns``: its namespace, found already)."""
