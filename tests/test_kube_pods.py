@@ -799,22 +799,26 @@ async def test_a_new_pod_answers_nothing_unauthenticated_from_its_first_packet(c
     assert cluster.seen("first") == []  # not one request reached the app
 
 
-async def test_the_enforcer_pod_deleted_under_load_lets_nothing_through(cluster: Cluster) -> None:
-    """With the enforcer pod deleted under signed-in and anonymous load on a protected pod, the app never answers unauthenticated, its port stays refused, and service resumes with the new enforcer pod."""
+@pytest.mark.parametrize("how", ["deleted", "rolled"])
+async def test_the_enforcer_pod_deleted_under_load_lets_nothing_through(cluster: Cluster, how: str) -> None:
+    """With the enforcer pod deleted (or replaced by a rolling update) under signed-in and anonymous load on a protected pod, the app never answers unauthenticated, its port stays refused, and service resumes with the new enforcer pod."""
     name = cluster.deployment_pod("web")
     ip = cluster.pod_ip(name)
     user = await cluster.browser(ip, new_connection_per_request=True, timeout=5.0)
-    page = await cluster.login(user, "/delete/login")
+    page = await cluster.login(user, f"/{how}/login")
     assert page.status == 200, (page.status, page.text[:300])
     anon = await cluster.browser(ip, new_connection_per_request=True, timeout=5.0)
-    load = Load(BASE, "delete", user, anon, (ip, APP_PORT))
+    load = Load(BASE, how, user, anon, (ip, APP_PORT))
     old = cluster.ready_enforcer()
     assert old is not None
     task = asyncio.ensure_future(cluster.client.run(load.run(), timeout=600))
     try:
         await asyncio.sleep(2.0)
         at = time.monotonic()
-        cluster.kubectl("-n", SYSTEM_NS, "delete", "pod", old["metadata"]["name"], "--wait=false")
+        if how == "deleted":
+            cluster.kubectl("-n", SYSTEM_NS, "delete", "pod", old["metadata"]["name"], "--wait=false")
+        else:  # an upgrade: the DaemonSet's template changes, its pods are replaced one node at a time
+            cluster.kubectl("-n", SYSTEM_NS, "rollout", "restart", "daemonset/enforcer")
         ready = await until("a new enforcer pod Ready",
                             lambda: cluster.ready_enforcer(not_uid=old["metadata"]["uid"]), timeout=240, interval=0.25)  # fmt: skip
         await until("signed-in requests served again",
@@ -825,9 +829,9 @@ async def test_the_enforcer_pod_deleted_under_load_lets_nothing_through(cluster:
         await task
     o: Outage = outage(load.samples, at)
     users, anons, ports = load.of("user"), load.of("anon"), load.of("port")
-    report("enforcer pod deleted: new pod Ready after", ready)
+    report(f"enforcer pod {how}: new pod Ready after", ready)
     assert o.resumed is not None
-    report("enforcer pod deleted: signed-in requests to the pod served again after", o.resumed,
+    report(f"enforcer pod {how}: signed-in requests to the pod served again after", o.resumed,
            f"(first failure at +{o.first_failure or 0:.1f} s, longest gap {o.longest_gap:.1f} s, {o.failed} failed, "
            f"{len(users)} signed-in / {len(anons)} anonymous requests, {len(ports)} app-port probes)")  # fmt: skip
     assert [s for s in anons if s.status == 200] == []
