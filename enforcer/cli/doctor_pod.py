@@ -119,7 +119,7 @@ def _find_netns(report: Report, pod: PodInfo, scan: Scan, *, selected: bool) -> 
 
 async def _check_table(
     report: Report, settings: settings_mod.Settings, pod: PodInfo, netns: PodNetns, *,
-    services: tuple[definitions_mod.Service, ...], listen_port: int,
+    definitions: definitions_mod.Definitions, services: tuple[definitions_mod.Service, ...], listen_port: int,
 ) -> bool:
     """The live table in the pod's namespace against the intended one; True if it is there."""
     table = settings.model.redirect.table
@@ -155,9 +155,11 @@ async def _check_table(
             report.ok(f"table inet {table} in the pod's namespace matches its services ({len(live.rules)} rules, "
                       f"{packets} packets so far)")
     if live.exists:
+        # a stale table is written in nft syntax as far as it is a table for services of the pod's namespace
+        known = expected or build_pod_redirect(in_namespace(definitions, pod.namespace).catalog, settings, listen_port)
         print(f"live table in net:[{netns.inode}] (nft syntax; `nsenter -t <pid> -n nft list table inet {table}` "
               "shows the same):", file=report.out)
-        print(live.render_nft(expected), file=report.out)
+        print(live.render_nft(known), file=report.out)
     return live.exists
 
 
@@ -196,7 +198,9 @@ async def check_pod(
     if netns is None:
         return
     try:
-        if await _check_table(report, settings, pod, netns, services=services, listen_port=listen_port) and services:
+        present = await _check_table(report, settings, pod, netns, definitions=definitions, services=services,
+                                     listen_port=listen_port)
+        if present and services:
             await asyncio.to_thread(_check_ports, report, netns, services, listen_port)
     finally:
         netns.close()
