@@ -3,7 +3,7 @@
 Each subcommand is a module of its own, loaded only when it is chosen (as git and pip do), so
 ``enforcer flows`` or ``check`` never load the daemon: ``run`` (the daemon), ``check`` (validate
 config and definitions; ``explain`` beside it), ``flows`` (read the flow log), ``doctor`` (check a
-running install, or one pod of pod mode with ``--pod``; also ``rules``), ``reload``, ``block`` /
+running install; also ``rules``; ``--pod``: one pod of pod mode, ``doctor_pod``), ``reload``, ``block`` /
 ``unblock`` (close the protected ports at boot / open them without the daemon; ``journal`` tells
 the system journal), ``certs``, ``demo`` (a local identity provider and app), ``localidp`` (the
 node OpenID Provider the demo and tests use).
