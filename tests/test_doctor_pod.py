@@ -4,7 +4,8 @@ As root, real network namespaces are the pods (an app process on each one's 127.
 address on its loopback), found by the daemon's own ``/proc`` scan with the test's app
 processes as the pods' (the cgroup mapping a node has is faked by ``pod_uid_of``), and a real
 daemon serves the enrolled one through a real ``NamespacedPodAttachment``. Without root: the pods
-the node checks do not apply to, and ``--pod`` without pod mode in the config.
+the node checks do not apply to, and ``--pod`` without pod mode in the config. With the harness's
+real API server (``kube_api``): the whole command, reading the pod as the daemon's client does.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import io
+import json
 import os
 import re
 import subprocess
@@ -39,6 +41,7 @@ from enforcer.net.pods import PodNetns, ScanResult, find_pod_netns
 from enforcer.run.attach import HostAttachment
 from enforcer.run.daemon import Daemon
 from enforcer.run.pods import NamespacedPodAttachment, Scan, pod_tags
+from tests.harness.kube import ControlPlane
 from tests.harness.netns import ip, require_root
 
 P = os.getpid()
@@ -298,3 +301,37 @@ def test_pod_needs_pod_mode_in_the_config(tmp_path: Path, capsys: pytest.Capture
     assert cli.main(["doctor", "-c", str(daemon_cfg), "--pod", "shop/web-1"]) == 2
     err = capsys.readouterr().err
     assert "kubernetes.pods.enabled" in err and "doctor --pod" in err, err
+
+
+@pytest.mark.root
+@pytest.mark.timeout(2400)  # the API server fixture may wait for another session's cluster
+def test_the_cli_reads_the_pod_from_a_real_api_server(
+    tmp_path: Path, kube_api: ControlPlane, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``enforcer doctor --pod`` reads the pod from the API server with the config's kubeconfig: a missing pod and a
+    pod on another node FAIL (exit 1, the other node named), a hostNetwork pod is one warning (exit 0)."""
+    _, doctor_cfg = _write_config(tmp_path)
+    config = yaml.safe_load(doctor_cfg.read_text())
+    config["kubernetes"]["kubeconfig"] = str(kube_api.kubeconfig)
+    doctor_cfg.write_text(yaml.safe_dump(config))
+    ns = f"pdoc-{P}"
+    kube_api.kubectl("create", "namespace", ns)
+    try:
+        kube_api.kubectl("create", "serviceaccount", "web-sa", "-n", ns)
+        pods = [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": {"app": "web"}},
+                 "spec": {"nodeName": node, "hostNetwork": host, "serviceAccountName": "web-sa",
+                          "automountServiceAccountToken": False,
+                          "containers": [{"name": "app", "image": "enforcer.test/none:1", "imagePullPolicy": "Never"}]}}
+                for name, node, host in (("far", "n2", False), ("hostnet", "n1", True))]  # fmt: skip
+        kube_api.kubectl("create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": pods}))
+        for name, code, line in (
+            ("missing", 1, f"FAIL  pod {ns}/missing not found"),
+            ("far", 1, "runs on node n2; this enforcer serves node n1"),
+            ("hostnet", 0, "uses hostNetwork: pod mode does not apply to it"),
+        ):
+            assert cli.main(["doctor", "-c", str(doctor_cfg), "--pod", f"{ns}/{name}"]) == code, name
+            out = capsys.readouterr().out
+            assert line in out, out
+    finally:
+        kube_api.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
