@@ -134,8 +134,9 @@ async def _check_table(
         if live.exists:
             report.warn(f"pod {pod}: a stale table inet {table} in its namespace ({len(live.rules)} rules) although "
                         "no service selects it: its exposed port may refuse and its app port reset clients",
-                        f"the enforcer removes it when it releases the pod; by hand on the node: nsenter -t <pid "
-                        f"of a process of the pod> -n nft delete table inet {table}")
+                        f"the enforcer removes it when it releases the pod, and at its start from running pods "
+                        f"nothing selects (restart the enforcer pod of this node); by hand on the node: nsenter -t "
+                        f"<pid of a process of the pod> -n nft delete table inet {table}")
         else:
             report.ok(f"no table inet {table} in its namespace: untouched")
     elif not live.exists:
