@@ -884,6 +884,38 @@ async def test_a_label_removed_releases_the_pod_and_removes_its_rules(cluster: C
     assert refused(CLIENT_NETNS, ip, APP_PORT)
 
 
+def enforcer_doctor_pod(cluster: Cluster, pod: str) -> subprocess.CompletedProcess[str]:
+    """The README's ``kubectl -n enforcer-system exec daemonset/enforcer -- enforcer doctor --pod <ns>/<pod>``."""
+    done = cluster.kubectl("-n", SYSTEM_NS, "exec", "daemonset/enforcer", "--", "enforcer", "doctor", "--pod",
+                           f"{APPS_NS}/{pod}", check=False, timeout=120)  # fmt: skip
+    say(f"[k8s-pods] $ kubectl -n {SYSTEM_NS} exec daemonset/enforcer -- enforcer doctor --pod {APPS_NS}/{pod}\n"
+        f"{done.stdout}{done.stderr}[exit {done.returncode}]")
+    return done
+
+
+async def test_doctor_shows_what_the_enforcer_added_to_a_pod(cluster: Cluster) -> None:
+    """``enforcer doctor --pod`` run through kubectl exec in the enforcer pod: for the served pod every check is ok (the pod, its service, its namespace, its table listed with counters, the listener and the app port inside it), exit 0; for the unlabelled pod it says no service selects it and its namespace has no table."""
+    name = cluster.deployment_pod("web")
+    done = enforcer_doctor_pod(cluster, name)
+    assert done.returncode == 0, done.stdout + done.stderr
+    inode = netns_inode(app_pid(name) or 0)
+    for line in (f"ok    pod {APPS_NS}/{name} (uid ", "select service(s) app (exposedPort 443",
+                 f"ok    network namespace net:[{inode}]", "ok    table inet enforcer in the pod's namespace matches",
+                 "ok    the enforcer's listener accepts connections on 127.0.0.1:15443 inside the pod",
+                 f"ok    the app answers on 127.0.0.1:{APP_PORT} (app) inside the pod", "redirect to :15443",
+                 "0 failure(s)"):  # fmt: skip
+        assert line in done.stdout, (line, done.stdout)
+    assert re.search(r"counter packets \d+ bytes \d+ redirect to :15443", done.stdout), done.stdout
+    if cluster.pod("plain") is None:  # made by the first test; made again if gone
+        cluster.kubectl("apply", "-f", "-", input=app_pod("plain", cluster.record, {"app": "other"}))
+        await until("the unlabelled pod's IP", lambda: cluster.pod_ip("plain") and app_pid("plain"), timeout=120)
+    done = enforcer_doctor_pod(cluster, "plain")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"warn  pod {APPS_NS}/plain is not selected by any service" in done.stdout, done.stdout
+    assert f"selectors for namespace {APPS_NS}: app: [app=pe2e]" in done.stdout, done.stdout
+    assert "ok    no table inet enforcer in its namespace: untouched" in done.stdout, done.stdout
+
+
 async def test_deleting_the_daemonset_removes_every_pod_rule_and_the_cni_plugin(cluster: Cluster) -> None:
     """kubectl delete of the DaemonSet ends its pod, which removes the table from every served pod's namespace and the plugin from the node's conflist and plugin directory."""
     name = cluster.deployment_pod("web")

@@ -3,10 +3,10 @@
 Each subcommand is a module of its own, loaded only when it is chosen (as git and pip do), so
 ``enforcer flows`` or ``check`` never load the daemon: ``run`` (the daemon), ``check`` (validate
 config and definitions; ``explain`` beside it), ``flows`` (read the flow log), ``doctor`` (check a
-running install; also ``rules``), ``reload``, ``block`` / ``unblock`` (close the protected ports
-at boot / open them without the daemon; ``journal`` tells the system journal), ``certs``,
-``demo`` (a local identity provider and app), ``localidp`` (the node OpenID Provider the demo
-and tests use).
+running install; also ``rules``; ``--pod``: one pod of pod mode, ``doctor_pod``), ``reload``, ``block`` /
+``unblock`` (close the protected ports at boot / open them without the daemon; ``journal`` tells
+the system journal), ``certs``, ``demo`` (a local identity provider and app), ``localidp`` (the
+node OpenID Provider the demo and tests use).
 """
 
 from __future__ import annotations
@@ -34,6 +34,14 @@ def _workers_arg(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'auto'") from None
 
 
+def _pod_arg(text: str) -> tuple[str, str]:
+    """``doctor --pod``: ``NAMESPACE/NAME``."""
+    namespace, sep, name = text.strip().partition("/")
+    if not (sep and namespace and name) or "/" in name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAMESPACE/NAME, e.g. shop/frontend-5d8c9-abcde")
+    return namespace, name
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="enforcer", description="Protect web apps with OpenID Connect and tag policies.")
     p.add_argument("--version", action="version", version=f"enforcer {__version__}")
@@ -57,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="check IdP, certificates, listener and nftables from this host")
     with_config(doctor)
     doctor.add_argument("--rules", action="store_true", help="only print the intended nftables ruleset")
+    doctor.add_argument(
+        "--pod", type=_pod_arg, default=None, metavar="NAMESPACE/NAME",
+        help="pod mode: check one pod of this node (selection, its network namespace, its table, the listener "
+        "and app port inside it)",
+    )
 
     rules = sub.add_parser("rules", help="print the nftables ruleset this config installs (nft syntax)")
     with_config(rules)

@@ -235,5 +235,9 @@ def command(args: argparse.Namespace) -> int:
     """``enforcer doctor``: check IdP, certificates, listener and nftables from this host."""
     if args.rules:
         return rules(args)
+    if getattr(args, "pod", None) is not None:
+        from enforcer.cli import doctor_pod  # noqa: PLC0415 (the Kubernetes client: only with --pod)
+
+        return doctor_pod.command(args)
     settings = settings_mod.load_settings(args.config)
     return asyncio.run(run(settings, load_all_definitions(settings), sys.stdout))

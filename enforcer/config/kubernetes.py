@@ -609,6 +609,16 @@ class _Api:
         body = await self._json(what, resp)
         return list(body.get("items") or []), str((body.get("metadata") or {}).get("resourceVersion", ""))
 
+    async def find_pod(self, namespace: str, name: str, limit: float) -> dict[str, Any] | None:
+        """The pod ``namespace/name`` (None if there is none), by a list in its namespace: the
+        ``list`` the enforcer's ClusterRole grants for pods, no ``get`` needed."""
+        what = f"pod {namespace}/{name}"
+        resp = await self._open(what, limit, functools.partial(self.core.list_namespaced_pod, namespace),
+                                field_selector=f"metadata.name={name}")
+        body = await self._json(what, resp)
+        items = [i for i in body.get("items") or [] if _meta(i).get("name") == name]
+        return items[0] if items else None
+
     async def watch_pods(
         self, field_selector: str, rv: str, seconds: int, limit: float
     ) -> AsyncIterator[dict[str, Any]]:
@@ -1319,6 +1329,9 @@ class PodInfo:
     node: str = ""
     deleting: bool = False
     """``metadata.deletionTimestamp`` is set (or the pod finished: Succeeded/Failed)."""
+    phase: str = field(default="", compare=False)
+    """``status.phase``: ``Pending``, ``Running``, ``Succeeded``, ``Failed`` (``""``: not reported);
+    for ``enforcer doctor --pod``, not compared."""
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}"
@@ -1344,7 +1357,24 @@ def pod_info(obj: Mapping[str, Any]) -> PodInfo | None:
         service_account=str(spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"),
         host_network=bool(spec.get("hostNetwork")), ips=tuple(ips), node=str(spec.get("nodeName") or ""),
         deleting=bool(meta.get("deletionTimestamp")) or status.get("phase") in ("Succeeded", "Failed"),
+        phase=str(status.get("phase") or ""),
     )
+
+
+async def read_pod(namespace: str, name: str, kubeconfig: Path | None, limit: float) -> PodInfo | None:
+    """The pod ``namespace/name`` from the API server, with the daemon's credentials (``kubeconfig``,
+    else the in-cluster service account); None if there is no such pod. Raises KubernetesError
+    when the API server cannot be asked or refuses (within ``limit`` seconds)."""
+    api = await connect(kubeconfig)
+    try:
+        async with asyncio.timeout(limit):
+            obj = await api.find_pod(namespace, name, limit)
+    except TimeoutError:
+        raise KubernetesError(f"pod {namespace}/{name}: no answer from the API server within {limit:g}s") from None
+    finally:
+        with contextlib.suppress(Exception):
+            await api.close()
+    return pod_info(obj) if obj is not None else None
 
 
 OnPod = Callable[[str, PodInfo], Awaitable[None]]
