@@ -47,7 +47,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import aiohttp
 import yaml
@@ -481,6 +481,76 @@ class Backoff:
         self.failures = 0
 
 
+GONE_AFTER_QUIET = 10.0
+"""A watch that lasted longer than this without an event is a healthy quiet one (backoff reset)."""
+
+
+async def keep_watching(
+    min_gap: float,
+    once: Callable[[], Awaitable[int]],
+    *,
+    gone: Callable[[Gone], None],
+    failed: Callable[[KubernetesError, float], None],
+) -> NoReturn:
+    """The loop every list+watch here runs: ``once`` (a list when one is due, then one watch
+    until the server ends it; returns how many events it saw) again and again, never starting
+    more than one per ``min_gap`` (jittered 1-1.5x: many enforcers restarting with an API server
+    do not start their watches in step). A watch the server ends at once without news backs
+    off (a sick server); 410 Gone calls ``gone`` (which asks for a fresh list) and goes on at
+    once; another API error calls ``failed`` with the backoff delay, then waits it. Any other
+    exception ends the loop."""
+    backoff = Backoff()
+    last_start = -min_gap
+    while True:
+        wait = last_start + min_gap * random.uniform(1.0, 1.5) - time.monotonic()  # noqa: S311
+        if wait > 0:
+            await asyncio.sleep(wait)
+        last_start = time.monotonic()
+        try:
+            seen = await once()
+            if seen or time.monotonic() - last_start > GONE_AFTER_QUIET:
+                backoff.reset()
+            else:
+                await asyncio.sleep(backoff.next())
+        except Gone as exc:
+            gone(exc)
+        except KubernetesError as exc:
+            delay = backoff.next()
+            failed(exc, delay)
+            await asyncio.sleep(delay)
+
+
+def raise_watch_error(what: str, obj: Mapping[str, Any]) -> NoReturn:
+    """A watch's ``ERROR`` event as an exception: :class:`Gone` for 410, else KubernetesError."""
+    code = int(obj.get("code", 0) or 0)
+    if code == 410:
+        raise Gone(f"{what}: {obj.get('message', 'Gone')}", 410)
+    raise KubernetesError(f"{what}: watch error {code}: {obj.get('message', '')}", code)
+
+
+async def with_api(
+    kubeconfig: Path | None,
+    run: Callable[[_Api], Awaitable[NoReturn]],
+    unreachable: Callable[[KubernetesError], None] | None = None,
+) -> NoReturn:
+    """Connect (retrying with backoff, ``unreachable`` told of each failure) and ``run`` with
+    the client, closing it when ``run`` ends by an exception."""
+    backoff = Backoff()
+    while True:
+        try:
+            api = await connect(kubeconfig)
+        except KubernetesError as exc:
+            if unreachable is not None:
+                unreachable(exc)
+            log.error("%s", exc)
+            await asyncio.sleep(backoff.next() * 10)
+            continue
+        try:
+            await run(api)
+        finally:
+            await api.close()
+
+
 @dataclass
 class WatchStats:
     """What the source did (for tests, logs and metrics)."""
@@ -908,38 +978,28 @@ class KubernetesSource:
         self._current(stream)
 
     async def _run_stream(self, api: _Api, stream: Stream) -> None:
-        backoff = Backoff()
-        last_start = -self.min_gap
-        while True:
-            wait = last_start + self.min_gap * random.uniform(1.0, 1.5) - time.monotonic()  # noqa: S311
-            if wait > 0:
-                await asyncio.sleep(wait)
-            last_start = time.monotonic()
-            try:
-                if stream.relist or stream.resource_version is None:
-                    stream.relist = False
-                    await self._list(api, stream)
-                    self._dirty.set()
-                    if stream.forbidden:
-                        await asyncio.sleep(self.interval)  # try again later
-                        stream.synced = True
-                        continue
-                assert stream.resource_version is not None
-                seen = await self._watch_once(api, stream)
-                if seen or time.monotonic() - last_start > 10:
-                    backoff.reset()
-                else:
-                    await asyncio.sleep(backoff.next())  # ended at once without news: a sick server
-            except Gone:
-                self._count_error("gone")
-                log.info("%s: resourceVersion too old (410 Gone); listing again", stream)
-                stream.resource_version = None
-            except KubernetesError as exc:
-                self._count_error("api")
-                self._last_error = str(exc)
-                delay = backoff.next()
-                log.warning("%s; retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
+        async def once() -> int:
+            if stream.relist or stream.resource_version is None:
+                stream.relist = False
+                await self._list(api, stream)
+                self._dirty.set()
+                if stream.forbidden:
+                    await asyncio.sleep(self.interval)  # try again later
+                    stream.synced = True
+                    return 1
+            return await self._watch_once(api, stream)
+
+        def gone(exc: Gone) -> None:
+            self._count_error("gone")
+            log.info("%s: resourceVersion too old (410 Gone); listing again", stream)
+            stream.resource_version = None
+
+        def failed(exc: KubernetesError, delay: float) -> None:
+            self._count_error("api")
+            self._last_error = str(exc)
+            log.warning("%s; retrying in %.1fs", exc, delay)
+
+        await keep_watching(self.min_gap, once, gone=gone, failed=failed)
 
     async def _watch_once(self, api: _Api, stream: Stream) -> int:
         """One watch until the server ends it; returns how many events came."""
@@ -954,10 +1014,7 @@ class KubernetesSource:
             kind = event.get("type")
             obj = event.get("object") or {}
             if kind == "ERROR":
-                code = int(obj.get("code", 0) or 0)
-                if code == 410:
-                    raise Gone(f"{stream}: {obj.get('message', 'Gone')}", 410)
-                raise KubernetesError(f"{stream}: watch error {code}: {obj.get('message', '')}", code)
+                raise_watch_error(str(stream), obj)
             rv = _meta(obj).get("resourceVersion")
             if rv:
                 stream.resource_version = str(rv)
@@ -1164,40 +1221,24 @@ class NodeLabels:
     async def watch(self, on_change: OnLabels) -> None:
         """List and watch the Node forever; each change of its labels is persisted, then handed
         to ``on_change``.  A deleted Node keeps the last labels (fail closed)."""
-        backoff = Backoff()
-        last_start = -self.min_gap
-        while True:
-            api: _Api | None = None
-            try:
-                api = await connect(self.kubeconfig)
-            except KubernetesError as exc:
-                log.error("%s", exc)
-                await asyncio.sleep(backoff.next() * 10)
-                continue
-            try:
-                while True:
-                    wait = last_start + self.min_gap * random.uniform(1.0, 1.5) - time.monotonic()  # noqa: S311
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                    last_start = time.monotonic()
-                    try:
-                        if self.resource_version is None:
-                            await self._take(await self._list(api), on_change)
-                        seen = await self._watch_once(api, on_change)
-                        if seen or time.monotonic() - last_start > 10:
-                            backoff.reset()
-                        else:
-                            await asyncio.sleep(backoff.next())
-                    except Gone:
-                        self.stats.gone += 1
-                        self.resource_version = None
-                    except KubernetesError as exc:
-                        self.stats.errors += 1
-                        delay = backoff.next()
-                        log.warning("Node %s: %s; the tags stay; retrying in %.1fs", self.node, exc, delay)
-                        await asyncio.sleep(delay)
-            finally:
-                await api.close()
+
+        async def watching(api: _Api) -> NoReturn:
+            async def once() -> int:
+                if self.resource_version is None:
+                    await self._take(await self._list(api), on_change)
+                return await self._watch_once(api, on_change)
+
+            def gone(exc: Gone) -> None:
+                self.stats.gone += 1
+                self.resource_version = None
+
+            def failed(exc: KubernetesError, delay: float) -> None:
+                self.stats.errors += 1
+                log.warning("Node %s: %s; the tags stay; retrying in %.1fs", self.node, exc, delay)
+
+            await keep_watching(self.min_gap, once, gone=gone, failed=failed)
+
+        await with_api(self.kubeconfig, watching)
 
     async def _watch_once(self, api: _Api, on_change: OnLabels) -> int:
         self.stats.watches += 1
@@ -1208,10 +1249,7 @@ class NodeLabels:
             seen += 1
             kind, obj = event.get("type"), event.get("object") or {}
             if kind == "ERROR":
-                code = int(obj.get("code", 0) or 0)
-                if code == 410:
-                    raise Gone(f"Node {self.node}: {obj.get('message', 'Gone')}", 410)
-                raise KubernetesError(f"Node {self.node}: watch error {code}: {obj.get('message', '')}", code)
+                raise_watch_error(f"Node {self.node}", obj)
             rv = _meta(obj).get("resourceVersion")
             if rv:
                 self.resource_version = str(rv)
@@ -1415,42 +1453,29 @@ class NodePods:
     async def watch(self, on_pod: OnPod, on_synced: OnSynced) -> None:
         """List and watch forever; each list replaces the cache (pods gone meanwhile are handed
         on as DELETED), then ``on_synced``; each watch event updates it, then ``on_pod``."""
-        backoff = Backoff()
-        last_start = -self.min_gap
-        while True:
-            try:
-                api = await connect(self.kubeconfig)
-            except KubernetesError as exc:
+
+        async def watching(api: _Api) -> NoReturn:
+            async def once() -> int:
+                if self.resource_version is None:
+                    await self._list(api, on_pod)
+                    await on_synced()
+                return await self._watch_once(api, on_pod)
+
+            def gone(exc: Gone) -> None:
+                self.stats.gone += 1
+                self.resource_version = None
+
+            def failed(exc: KubernetesError, delay: float) -> None:
+                self.stats.errors += 1
                 self.current = False
-                log.error("%s", exc)
-                await asyncio.sleep(backoff.next() * 10)
-                continue
-            try:
-                while True:
-                    wait = last_start + self.min_gap * random.uniform(1.0, 1.5) - time.monotonic()  # noqa: S311
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                    last_start = time.monotonic()
-                    try:
-                        if self.resource_version is None:
-                            await self._list(api, on_pod)
-                            await on_synced()
-                        seen = await self._watch_once(api, on_pod)
-                        if seen or time.monotonic() - last_start > 10:
-                            backoff.reset()
-                        else:
-                            await asyncio.sleep(backoff.next())
-                    except Gone:
-                        self.stats.gone += 1
-                        self.resource_version = None
-                    except KubernetesError as exc:
-                        self.stats.errors += 1
-                        self.current = False
-                        delay = backoff.next()
-                        log.warning("pods of Node %s: %s; retrying in %.1fs", self.node, exc, delay)
-                        await asyncio.sleep(delay)
-            finally:
-                await api.close()
+                log.warning("pods of Node %s: %s; retrying in %.1fs", self.node, exc, delay)
+
+            await keep_watching(self.min_gap, once, gone=gone, failed=failed)
+
+        def unreachable(exc: KubernetesError) -> None:
+            self.current = False
+
+        await with_api(self.kubeconfig, watching, unreachable)
 
     async def _list(self, api: _Api, on_pod: OnPod) -> None:
         self.stats.lists += 1
@@ -1471,10 +1496,7 @@ class NodePods:
             self.current = True
             kind, obj = event.get("type"), event.get("object") or {}
             if kind == "ERROR":
-                code = int(obj.get("code", 0) or 0)
-                if code == 410:
-                    raise Gone(f"pods of Node {self.node}: {obj.get('message', 'Gone')}", 410)
-                raise KubernetesError(f"pods of Node {self.node}: watch error {code}: {obj.get('message', '')}", code)
+                raise_watch_error(f"pods of Node {self.node}", obj)
             rv = _meta(obj).get("resourceVersion")
             if rv:
                 self.resource_version = str(rv)
