@@ -636,6 +636,25 @@ class _Api:
             raise KubernetesError(f"{stream}: HTTP {resp.status}: {body[:300]}", resp.status, body)
         return resp
 
+    async def _events(
+        self, what: Stream | str, rv: str, seconds: int, limit: float,
+        call: Callable[..., Awaitable[Any]] | None = None, **kwargs: Any,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """One watch (``call``, else the stream's) from ``rv``: its events, one JSON object a
+        line, until the server ends it after ``seconds`` (a silent connection ends 30 s later)."""
+        resp = await self._open(
+            what, aiohttp.ClientTimeout(connect=limit, sock_connect=limit, sock_read=seconds + 30), call,
+            watch=True, resource_version=rv, allow_watch_bookmarks=True, timeout_seconds=seconds, **kwargs,
+        )
+        try:
+            async for line in resp.content:
+                if line.strip():
+                    yield json.loads(line)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            raise KubernetesError(f"{what}: watch: {type(exc).__name__}: {str(exc)[:200]}") from None
+        finally:
+            resp.close()  # a watch cut short leaves its connection in no state to be reused
+
     async def _json(self, what: str, resp: Any) -> dict[str, Any]:
         try:
             body = json.loads(await resp.read())
@@ -655,22 +674,10 @@ class _Api:
         items = [i for i in body.get("items") or [] if _meta(i).get("name") == name]
         return (items[0] if items else None), str((body.get("metadata") or {}).get("resourceVersion", ""))
 
-    async def watch_node(self, name: str, rv: str, seconds: int, limit: float) -> AsyncIterator[dict[str, Any]]:
+    def watch_node(self, name: str, rv: str, seconds: int, limit: float) -> AsyncIterator[dict[str, Any]]:
         """The watch events of the Node named ``name`` from ``rv``, until the server ends the watch."""
-        what = f"Node {name}"
-        resp = await self._open(
-            what, aiohttp.ClientTimeout(connect=limit, sock_connect=limit, sock_read=seconds + 30),
-            self.core.list_node, field_selector=f"metadata.name={name}",
-            watch=True, resource_version=rv, allow_watch_bookmarks=True, timeout_seconds=seconds,
-        )
-        try:
-            async for line in resp.content:
-                if line.strip():
-                    yield json.loads(line)
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            raise KubernetesError(f"{what}: watch: {type(exc).__name__}: {str(exc)[:200]}") from None
-        finally:
-            resp.close()
+        return self._events(f"Node {name}", rv, seconds, limit, self.core.list_node,
+                            field_selector=f"metadata.name={name}")
 
     async def list_pods(self, field_selector: str, limit: float) -> tuple[list[dict[str, Any]], str]:
         """The pods of every namespace matching ``field_selector`` and the list's resourceVersion."""
@@ -689,24 +696,10 @@ class _Api:
         items = [i for i in body.get("items") or [] if _meta(i).get("name") == name]
         return items[0] if items else None
 
-    async def watch_pods(
-        self, field_selector: str, rv: str, seconds: int, limit: float
-    ) -> AsyncIterator[dict[str, Any]]:
+    def watch_pods(self, field_selector: str, rv: str, seconds: int, limit: float) -> AsyncIterator[dict[str, Any]]:
         """The watch events of the pods matching ``field_selector`` from ``rv``."""
-        what = f"pods ({field_selector})"
-        resp = await self._open(
-            what, aiohttp.ClientTimeout(connect=limit, sock_connect=limit, sock_read=seconds + 30),
-            self.core.list_pod_for_all_namespaces, field_selector=field_selector,
-            watch=True, resource_version=rv, allow_watch_bookmarks=True, timeout_seconds=seconds,
-        )
-        try:
-            async for line in resp.content:
-                if line.strip():
-                    yield json.loads(line)
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            raise KubernetesError(f"{what}: watch: {type(exc).__name__}: {str(exc)[:200]}") from None
-        finally:
-            resp.close()
+        return self._events(f"pods ({field_selector})", rv, seconds, limit, self.core.list_pod_for_all_namespaces,
+                            field_selector=field_selector)
 
     async def read_daemon_set(self, namespace: str, name: str, limit: float) -> dict[str, Any]:
         """The DaemonSet ``namespace/name`` (raises KubernetesError with the status: 404, 403, ...)."""
@@ -723,21 +716,9 @@ class _Api:
         items = body.get("items") or []
         return items, str((body.get("metadata") or {}).get("resourceVersion", ""))
 
-    async def watch(self, stream: Stream, rv: str, seconds: int, limit: float) -> AsyncIterator[dict[str, Any]]:
-        resp = await self._open(
-            stream,
-            # the server ends the watch after `seconds`; a silent connection ends sooner
-            aiohttp.ClientTimeout(connect=limit, sock_connect=limit, sock_read=seconds + 30),
-            watch=True, resource_version=rv, allow_watch_bookmarks=True, timeout_seconds=seconds,
-        )
-        try:
-            async for line in resp.content:
-                if line.strip():
-                    yield json.loads(line)
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            raise KubernetesError(f"{stream}: watch: {type(exc).__name__}: {str(exc)[:200]}") from None
-        finally:
-            resp.close()  # a watch cut short leaves its connection in no state to be reused
+    def watch(self, stream: Stream, rv: str, seconds: int, limit: float) -> AsyncIterator[dict[str, Any]]:
+        """The watch events of ``stream`` from ``rv``."""
+        return self._events(stream, rv, seconds, limit)
 
     async def patch_status(self, key: CRKey, body: Mapping[str, object]) -> None:
         await self.custom.patch_namespaced_custom_object_status(
