@@ -20,6 +20,8 @@ import pytest
 import pytest_asyncio
 import yaml
 from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
 
 from enforcer.config import definitions
 from enforcer.config import kubernetes as k8s
@@ -326,6 +328,54 @@ async def test_only_the_api_servers_own_answer_is_an_uninstall(
     assert said in f"{verdict.short} {verdict.why}"
 
 
+def _affinity(*terms: list[dict[str, object]], fields: list[dict[str, object]] | None = None) -> dict[str, object]:
+    built: list[dict[str, object]] = [{"matchExpressions": t} for t in terms]
+    if fields is not None:
+        built.append({"matchFields": fields})
+    return {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": built}}}}
+
+
+NODE_LABELS = {"pool": "web", "cores": "8", ZONE: "a"}
+
+
+@pytest.mark.parametrize(("spec", "excluded"), [
+    ({}, False),
+    ({"nodeSelector": {"pool": "web"}}, False),
+    ({"nodeSelector": {"pool": "db"}}, True),
+    ({"nodeSelector": {"gpu": "yes"}}, True),
+    (_affinity([{"key": "pool", "operator": "In", "values": ["web", "db"]}]), False),
+    (_affinity([{"key": "pool", "operator": "In", "values": ["db"]}]), True),
+    (_affinity([{"key": "pool", "operator": "NotIn", "values": ["web"]}]), True),
+    (_affinity([{"key": "gpu", "operator": "NotIn", "values": ["yes"]}]), False),
+    (_affinity([{"key": "gpu", "operator": "Exists"}]), True),
+    (_affinity([{"key": "gpu", "operator": "DoesNotExist"}]), False),
+    (_affinity([{"key": "cores", "operator": "Gt", "values": ["4"]}]), False),
+    (_affinity([{"key": "cores", "operator": "Lt", "values": ["4"]}]), True),
+    (_affinity([{"key": "cores", "operator": "Gt", "values": ["many"]}]), False),  # cannot be judged: kept
+    (_affinity([{"key": "pool", "operator": "Near", "values": ["web"]}]), False),  # unknown operator: kept
+    (_affinity([{"key": "pool", "operator": "In", "values": ["db"]}],  # OR of terms: the second selects it
+               [{"key": ZONE, "operator": "In", "values": ["a"]}]), False),
+    (_affinity([{"key": "pool", "operator": "In", "values": ["db"]}],
+               [{"key": ZONE, "operator": "In", "values": ["b"]}]), True),
+    (_affinity(fields=[{"key": "metadata.name", "operator": "In", "values": ["node-1"]}]), False),
+    (_affinity(fields=[{"key": "metadata.name", "operator": "NotIn", "values": ["node-1"]}]), True),
+    (_affinity([]), False),  # an empty term: not judged
+])  # fmt: skip
+def test_a_daemonset_excludes_a_node_only_when_its_selector_clearly_does(spec: dict[str, object], excluded: bool) -> None:
+    """excluded_by says why the pod template no longer runs on the node only for a clear nodeSelector or required node affinity mismatch; anything it cannot judge counts as targeted (the rules are kept)."""
+    assert (k8s.excluded_by(spec, "node-1", NODE_LABELS) is not None) is excluded
+
+
+@given(labels=st.dictionaries(st.sampled_from("abcdef"), st.sampled_from(["1", "2"]), max_size=6),
+       selector=st.dictionaries(st.sampled_from("abcdef"), st.sampled_from(["1", "2"]), max_size=3))
+def test_a_node_selector_excludes_exactly_the_nodes_missing_one_of_its_labels(
+    labels: dict[str, str], selector: dict[str, str]
+) -> None:
+    """A nodeSelector excludes a node iff one of its key=value pairs is not among the node's labels."""
+    excluded = k8s.excluded_by({"nodeSelector": selector}, "n", labels) is not None
+    assert excluded is (not selector.items() <= labels.items())
+
+
 def test_the_daemon_asks_only_when_a_daemonset_is_configured(tmp_path: Path) -> None:
     """Daemon._stop_check is None without kubernetes.daemonSet, and a check with it."""
     assert Daemon(_settings(tmp_path, None))._stop_check() is None
@@ -406,6 +456,28 @@ async def test_the_stop_verdict_against_a_real_api_server(kube_api: ControlPlane
         down = await verdict(kubeconfig, limit=1.5)
         assert not down.uninstall and "fail closed" in down.why, down
         assert time.monotonic() - started < 3.0
+
+
+@pytest.mark.root
+async def test_a_daemonset_that_leaves_the_node_is_an_uninstall_there(kube_api: ControlPlane, namespace: str) -> None:
+    """Present with a nodeSelector this Node matches is an update; once the Node's label no longer matches (as the API server has it at the stop) it is an uninstall on that node; without a node name it stays an update."""
+    ns, name, node = namespace, _unique("enforcer"), _unique("knode")
+    kube_api.kubectl("apply", "-f", "-", input=_node(node, {"pool": "web"}))
+    ds = yaml.safe_load(_daemonset(name, ns))
+    ds["spec"]["template"]["spec"]["nodeSelector"] = {"pool": "web"}
+    kube_api.kubectl("apply", "-f", "-", input=yaml.safe_dump(ds))
+    try:
+        targeted = await k8s.stop_verdict(ns, name, kube_api.kubeconfig, 4.0, node)
+        assert not targeted.uninstall and "present" in targeted.short, targeted
+        kube_api.kubectl("label", "node", node, "pool=db", "--overwrite")
+        left = await k8s.stop_verdict(ns, name, kube_api.kubeconfig, 4.0, node)
+        assert left.uninstall and left.short == f"DaemonSet {ns}/{name} left node {node}", left
+        assert "nodeSelector pool=web" in left.why
+        assert not (await k8s.stop_verdict(ns, name, kube_api.kubeconfig, 4.0)).uninstall
+        unknown_node = await k8s.stop_verdict(ns, name, kube_api.kubeconfig, 4.0, _unique("nonode"))
+        assert not unknown_node.uninstall  # a Node the API server does not have: kept
+    finally:
+        kube_api.kubectl("delete", "node", node, "--wait=false", check=False)
 
 
 def _down_kubeconfig(path: Path) -> Path:

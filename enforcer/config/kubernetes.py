@@ -1285,21 +1285,88 @@ class StopVerdict:
     why: str
 
 
-async def stop_verdict(namespace: str, name: str, kubeconfig: Path | None, limit: float) -> StopVerdict:
+def _expression_holds(expr: Mapping[str, Any], value: str | None) -> bool | None:
+    """One ``matchExpressions``/``matchFields`` entry against the node's value for its key (None:
+    no such label); None when the entry cannot be judged (an unknown operator, a bad number)."""
+    op, values = expr.get("operator"), [str(v) for v in expr.get("values") or []]
+    if op == "In":
+        return value is not None and value in values
+    if op == "NotIn":
+        return value is None or value not in values
+    if op == "Exists":
+        return value is not None
+    if op == "DoesNotExist":
+        return value is None
+    if op in ("Gt", "Lt") and len(values) == 1:
+        try:
+            bound = int(values[0])
+            have = int(value) if value is not None else None
+        except ValueError:
+            return None
+        return have is not None and (have > bound if op == "Gt" else have < bound)
+    return None
+
+
+def excluded_by(template_spec: Mapping[str, Any], node: str, labels: Mapping[str, str]) -> str | None:
+    """Why a DaemonSet whose pod template has ``template_spec`` clearly no longer runs on the
+    Node ``node`` with ``labels``: its ``nodeSelector`` or its required node affinity (what the
+    DaemonSet controller checks) excludes it. None when it targets the node, or when that cannot
+    be told for sure (an unknown operator; taints are not judged): the caller keeps its rules."""
+    selector = template_spec.get("nodeSelector")
+    if isinstance(selector, Mapping):
+        for key, want in selector.items():
+            if labels.get(str(key)) != str(want):
+                return f"its nodeSelector {key}={want} does not match this node"
+    affinity = template_spec.get("affinity")
+    node_affinity = affinity.get("nodeAffinity") if isinstance(affinity, Mapping) else None
+    required = (node_affinity.get("requiredDuringSchedulingIgnoredDuringExecution")
+                if isinstance(node_affinity, Mapping) else None)
+    if not isinstance(required, Mapping):
+        return None
+    terms = required.get("nodeSelectorTerms")
+    if not isinstance(terms, list) or not terms:
+        return None
+    for term in terms:
+        if not isinstance(term, Mapping):
+            return None
+        results: list[bool | None] = []
+        for expr in term.get("matchExpressions") or []:
+            results.append(_expression_holds(expr, labels.get(str(expr.get("key")))) if isinstance(expr, Mapping)
+                           else None)
+        for expr in term.get("matchFields") or []:
+            if not isinstance(expr, Mapping) or expr.get("key") != "metadata.name":
+                results.append(None)
+            else:
+                results.append(_expression_holds(expr, node))
+        if not results or None in results or all(results):
+            return None  # this term may select the node (an empty term selects none, but is not judged)
+    return "its required node affinity does not select this node"
+
+
+async def stop_verdict(
+    namespace: str, name: str, kubeconfig: Path | None, limit: float, node: str | None = None
+) -> StopVerdict:
     """Ask the API server for this pod's DaemonSet (Istio's ``ShouldStopCleanup``): gone (404),
     being deleted (``deletionTimestamp``) or our access revoked (401/403: the uninstall removed
-    our RBAC or ServiceAccount) is an uninstall; present is an update or a restart; no answer
-    within ``limit`` seconds keeps the table (fail closed), and so does any answer that is not
-    the API server's (a 404 from a proxy in the way is no uninstall).  Never raises."""
+    our RBAC or ServiceAccount) is an uninstall; present is an update or a restart, unless (with
+    ``node``) its pod template clearly no longer runs on this Node (:func:`excluded_by`, against
+    the Node as the API server has it now): then this node was taken out of it, an uninstall
+    here. No answer within ``limit`` seconds keeps the table (fail closed), and so does any
+    answer that is not the API server's (a 404 from a proxy in the way is no uninstall).  Never
+    raises."""
     where = f"DaemonSet {namespace}/{name}"
     keep = "keeping the table (fail closed)"
     try:
         api = await connect(kubeconfig)
     except KubernetesError as exc:
         return StopVerdict(False, f"{where} not asked", f"{exc}; {keep}")
+    node_obj: dict[str, Any] | None = None
     try:
         async with asyncio.timeout(limit):
             obj = await api.read_daemon_set(namespace, name, limit)
+            if node is not None and not _meta(obj).get("deletionTimestamp"):
+                with contextlib.suppress(KubernetesError):  # the Node unreadable: judged present
+                    node_obj, _ = await api.list_node(node, limit)
     except TimeoutError:
         return StopVerdict(False, f"{where} unknown",
                            f"no answer from the API server within {limit:g}s; {keep}")
@@ -1326,6 +1393,12 @@ async def stop_verdict(namespace: str, name: str, kubeconfig: Path | None, limit
     deleting = _meta(obj).get("deletionTimestamp")
     if deleting:
         return StopVerdict(True, f"{where} being deleted", f"{where} is being deleted (since {deleting}): an uninstall")
+    template = ((obj.get("spec") or {}).get("template") or {}).get("spec") or {}
+    if node is not None and node_obj is not None and isinstance(template, Mapping):
+        why = excluded_by(template, node, _labels(node_obj))
+        if why is not None:
+            return StopVerdict(True, f"{where} left node {node}", f"{where} is present but {why} ({node}): "
+                               "this node was taken out of it, an uninstall here")
     return StopVerdict(False, f"{where} present", f"{where} is present: an update or a restart")
 
 

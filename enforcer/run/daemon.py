@@ -347,13 +347,14 @@ class Daemon:
         if kube is None or kube.daemonSet is None or kube.namespace is None:
             return None
         namespace, name, kubeconfig, limit = kube.namespace, kube.daemonSet, kube.kubeconfig, kube.timeout
+        node = kube.nodeName
         answer: list[StopDecision] = []
 
         async def check() -> StopDecision:
             from enforcer.config import kubernetes  # noqa: PLC0415 (only on a Kubernetes node)
 
             if not answer:
-                answer.append(await kubernetes.stop_verdict(namespace, name, kubeconfig, limit))
+                answer.append(await kubernetes.stop_verdict(namespace, name, kubeconfig, limit, node))
                 log.info("stop: %s", answer[0].why)
             return answer[0]
 
