@@ -471,7 +471,8 @@ def ruleset_ports(ruleset: Ruleset) -> str:
     """The ports a ruleset closes, for a log line: ``exposed port(s) 443, 8443; app port(s) 8080``."""
 
     def ports(chain: str) -> str:
-        found = {int(m.group(1)) for rule in ruleset.rules_of(chain) if (m := _DPORT.search(rule.text))}
+        found = {int(m.group(1)) for rule in ruleset.rules_of(chain)
+                 if not rule.probe and (m := _DPORT.search(rule.text))}
         return ", ".join(map(str, sorted(found))) or "none"
 
     return f"exposed port(s) {ports('prerouting')}; app port(s) {ports('input')}"
