@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from enforcer.config import settings as settings_mod
+from enforcer.config.definitions import Definitions, parse_documents, resolve_definitions
 from enforcer.config.kubernetes import Probe
 from enforcer.flowlog import FlowLog
 from enforcer.http.tls import make_listen_socket
@@ -36,6 +37,7 @@ from enforcer.net.pods import PodNetns, route_source
 from enforcer.run.attach import HostAttachment, PodAttachment
 from enforcer.run.daemon import Daemon
 from tests.harness.netns import connect, ip, refused, require_root
+from tests.harness.redirector import FakeRedirector
 
 P = os.getpid()
 POD_IP, NODE_IP = "10.97.1.1", "10.97.1.2"
@@ -130,23 +132,119 @@ class _QuietDaemon(Daemon):
         return None
 
 
-def _daemon(tmp_path: Path, flows: io.StringIO) -> Daemon:
-    """A daemon whose host listener is on loopback; the pod gets table ``probes<pid>``, service ``a`` on 8080."""
-    (tmp_path / "d.yaml").write_text(yaml.safe_dump_all([
-        {"kind": "service", "name": "a", "OIDCClientID": "a", "OIDCClientSecret": "s",
-         "OIDCProviderURL": "https://127.0.0.1:9/", "OIDCCallbackURL": "https://a.test", "hosts": ["a.test"],
-         "port": APP_PORT, "exposedPort": 443, "selectors": [["app=a"]], "exposedAPIs": [["httpresourcespec:name=open"]]},
-        {"kind": "httpresourcespec", "name": "open", "associatedTags": ["httpresourcespec:name=open"],
-         "endpoints": [{"URI": "/*", "methods": ["GET"], "public": True}]},
-    ]))
+DOCS = [
+    {"kind": "service", "name": "a", "OIDCClientID": "a", "OIDCClientSecret": "s",
+     "OIDCProviderURL": "https://127.0.0.1:9/", "OIDCCallbackURL": "https://a.test", "hosts": ["a.test"],
+     "port": APP_PORT, "exposedPort": 443, "selectors": [["app=a"]], "exposedAPIs": [["httpresourcespec:name=open"]]},
+    {"kind": "httpresourcespec", "name": "open", "associatedTags": ["httpresourcespec:name=open"],
+     "endpoints": [{"URI": "/*", "methods": ["GET"], "public": True}]},
+]
+
+
+def _settings(tmp_path: Path, block: bool = True) -> settings_mod.Settings:
+    """Service ``a`` (app port 8080, selected by ``app=a``) in d.yaml; pods get table ``probes<pid>``."""
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump_all(DOCS))
     cfg = tmp_path / "enforcer.yaml"
     cfg.write_text(yaml.safe_dump({
         "tags": ["node=n1"], "stateDir": str(tmp_path / "state"), "logsDir": str(tmp_path / "logs"),
         "admin": {"address": "127.0.0.1", "port": 0}, "definitions": [{"file": "d.yaml"}],
         "sessions": {"store": "memory"}, "allowNoServices": True, "listen": {"port": 15443},
-        "redirect": {"enabled": True, "table": TABLE, "mark": 0x2322},
+        "redirect": {"enabled": True, "table": TABLE, "mark": 0x2322, "blockAppPort": block},
     }))
-    settings = settings_mod.load_settings(cfg)
+    return settings_mod.load_settings(cfg)
+
+
+def _definitions() -> Definitions:
+    parsed = parse_documents(yaml.safe_dump_all(DOCS), "d.yaml")
+    assert isinstance(parsed, list)
+    return resolve_definitions(parsed, ())
+
+
+@pytest.mark.parametrize(
+    ("probes", "source", "probe_port", "block", "rules", "gated", "warned"),
+    [
+        (PROBES, NODE_IP, PROBE_PORT, True, [f"ip saddr {NODE_IP} tcp dport 8080 counter redirect to :15021"],
+         [8080], "tcpSocket on port 8080"),
+        (PROBES[:1], "fd00:97::2", PROBE_PORT, True, ["ip6 saddr fd00:97::2 tcp dport 8080 counter redirect to :15021"],
+         [8080], ""),
+        (PROBES[:1], None, PROBE_PORT, True, [], [], "no route from the node"),
+        (PROBES[:1], NODE_IP, None, True, [], [], "httpGet HTTP /healthz on port 8080"),
+        ((Probe("app", "readiness", "httpGet", 9090, "/"), Probe("app", "liveness", "grpc", 9091)), NODE_IP,
+         PROBE_PORT, True, [], [], ""),
+        ((Probe("app", "readiness", "httpGet", APP_PORT, "/h", "HTTPS"),), NODE_IP, PROBE_PORT, True, [], [],
+         "httpGet HTTPS /h on port 8080"),
+        (PROBES, NODE_IP, PROBE_PORT, False, [], [], ""),
+    ],
+)
+async def test_which_probes_an_attachment_lets_through(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, probes: tuple[Probe, ...], source: str | None,
+    probe_port: int | None, block: bool, rules: list[str], gated: list[int], warned: str,
+) -> None:
+    """Only plain-HTTP probes of a protected port get a probe rule from the node's route source (v4 or v6) and are
+    gated; other probes of a protected port are reported once; no source, no probe port or no block: no rule."""
+    caplog.set_level(logging.WARNING, logger="enforcer.run.attach")
+    fake, asked = FakeRedirector(), []
+
+    def source_of(address: str) -> str | None:
+        asked.append(address)
+        return source
+
+    attachment = PodAttachment(PodNetns.open("/proc/self/ns/net", uid="u"), _settings(tmp_path, block),
+                               tags=frozenset({"app=a"}), redirector=fake, probes=probes, pod_ips=(POD_IP,),
+                               probe_port=probe_port, source_of=source_of)
+    try:
+        for _ in range(2):
+            await attachment.apply(_definitions())
+        ruleset = fake.applied[-1]
+        assert [r.text for r in ruleset.rules if r.probe] == rules
+        assert sorted(attachment.gated) == gated
+        messages = [r.getMessage() for r in caplog.records]
+        assert len(messages) == (1 if warned else 0) and warned in "".join(messages), messages
+        if rules:
+            assert asked == [POD_IP]  # asked once, kept
+    finally:
+        attachment.close()
+
+
+async def test_a_label_change_re_applies_the_probe_rules(tmp_path: Path) -> None:
+    """When the pod's tags no longer select the service its probe rule and its gated probes go; the undo brings
+    both back."""
+    fake = FakeRedirector()
+    attachment = PodAttachment(PodNetns.open("/proc/self/ns/net", uid="u"), _settings(tmp_path),
+                               tags=frozenset({"app=a"}), redirector=fake, probes=PROBES, pod_ips=(POD_IP,),
+                               probe_port=PROBE_PORT, source_of=lambda _: NODE_IP)
+    try:
+        await attachment.apply(_definitions())
+        assert attachment.wants_probe_gate and sorted(attachment.gated) == [APP_PORT]
+        attachment.tags = frozenset({"app=b"})
+        undo = await attachment.apply(_definitions())
+        assert attachment.gated == {} and not any(r.probe for r in fake.applied[-1].rules)
+        await undo()
+        assert sorted(attachment.gated) == [APP_PORT] and any(r.probe for r in fake.applied[-1].rules)
+        await attachment.release()
+        assert attachment.gated == {}
+    finally:
+        attachment.close()
+
+
+def test_a_pod_without_an_http_probe_or_probe_port_has_no_gate(tmp_path: Path) -> None:
+    """The gate is wanted only with a plain-HTTP probe and a probe port; opening one without a port is refused."""
+    settings = _settings(tmp_path)
+    for probes, port, wanted in ((PROBES, PROBE_PORT, True), (PROBES[3:], PROBE_PORT, False), (PROBES, None, False)):
+        attachment = PodAttachment(PodNetns.open("/proc/self/ns/net", uid="u"), settings, probes=probes,
+                                   probe_port=port)
+        try:
+            assert attachment.wants_probe_gate is wanted
+            if port is None:
+                with pytest.raises(ValueError, match="no probe port"):
+                    attachment.open_probe_socket()
+        finally:
+            attachment.close()
+
+
+def _daemon(tmp_path: Path, flows: io.StringIO) -> Daemon:
+    """A daemon whose host listener is on loopback; the pod gets table ``probes<pid>``, service ``a`` on 8080."""
+    settings = _settings(tmp_path)
     host = HostAttachment(settings, manages_redirect=False, listen_socket=make_listen_socket("127.0.0.1", 0))
     return _QuietDaemon(settings, attachments=[host], flowlog=FlowLog(None, stream=flows))
 

@@ -354,6 +354,7 @@ class PodAttachment:
     """The probes let through now, by protected app port (what the probe gate serves)."""
     _probe_sources: tuple[str, ...] = ()
     _warned: bool = False
+    _no_route_warned: bool = False
     _upstreams: weakref.WeakSet[socket.socket] = field(default_factory=weakref.WeakSet, repr=False)
 
     def __post_init__(self) -> None:
@@ -423,6 +424,9 @@ class PodAttachment:
             found = [await asyncio.to_thread(self.source_of, ip) for ip in self.pod_ips]
             self._probe_sources = tuple(dict.fromkeys(s for s in found if s))
             if not self._probe_sources:
+                if self._no_route_warned:
+                    return [], {}
+                self._no_route_warned = True
                 log.warning("%s: no route from the node to the pod's IPs (%s) names a source address; its "
                             "probes of protected ports are refused", self.name, ", ".join(self.pod_ips) or "none")
                 return [], {}
