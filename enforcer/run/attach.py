@@ -266,6 +266,28 @@ def build_pod_redirect(
     )
 
 
+def gated_probes(
+    probes: Iterable[Probe], services: Iterable[definitions_mod.Service], settings: settings_mod.Settings,
+    probe_port: int | None,
+) -> tuple[dict[int, tuple[Probe, ...]], list[Probe]]:
+    """Of a pod's probes, those of a protected app port: the ones the probe gate lets through (by port;
+    plain-HTTP ``httpGet`` with a probe port) and the ones that cannot pass (reset like any client).
+    ``enforcer doctor --pod`` rebuilds a pod's expected table with it (the source: ``route_source``)."""
+    if not settings.model.redirect.blockAppPort:
+        return {}, []
+    protected = {svc.port for svc in services}
+    gated: dict[int, tuple[Probe, ...]] = {}
+    refused = []
+    for probe in probes:
+        if probe.port is None or probe.port not in protected:
+            continue
+        if probe.gated and probe_port is not None:
+            gated[probe.port] = (*gated.get(probe.port, ()), probe)
+        else:
+            refused.append(probe)
+    return gated, refused
+
+
 def _pod_listen_socket(port: int, mark: int) -> socket.socket:
     """Run inside the pod's namespace: a dual-stack ``[::]`` listener (``0.0.0.0`` where the pod
     has no IPv6), ``SO_REUSEPORT`` so an old and a new enforcer can both bind, marked."""
@@ -399,18 +421,7 @@ class PodAttachment:
         self, services: tuple[definitions_mod.Service, ...]
     ) -> tuple[list[ProbeTarget], dict[int, tuple[Probe, ...]]]:
         """The probe rules for these services' protected ports, and the probes they let through."""
-        if not self.probes or not self.settings.model.redirect.blockAppPort:
-            return [], {}
-        protected = {svc.port for svc in services}
-        gated: dict[int, tuple[Probe, ...]] = {}
-        refused = []
-        for probe in self.probes:
-            if probe.port not in protected:
-                continue
-            if probe.gated and self.probe_port is not None:
-                gated[probe.port] = (*gated.get(probe.port, ()), probe)
-            else:
-                refused.append(probe)
+        gated, refused = gated_probes(self.probes, services, self.settings, self.probe_port)
         if refused and not self._warned:
             self._warned = True
             log.warning(
