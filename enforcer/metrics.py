@@ -165,6 +165,13 @@ class Metrics:
             ["issuer", "outcome"],
             registry=r,
         )
+        self.pod_probes = Counter(
+            "enforcer_pod_probes",
+            "Kubelet probes at a pod's probe gate, by result: passed (the app answered), refused (403, the app "
+            "not contacted), unavailable (503, the app down or silent).",
+            ["result"],
+            registry=r,
+        )
         self.kube_lists = Counter(
             "enforcer_kubernetes_lists",
             "Full lists of a kubernetes source's custom resources or Secrets (start-up, 410 Gone, errors).",

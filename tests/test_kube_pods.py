@@ -916,6 +916,53 @@ async def test_doctor_shows_what_the_enforcer_added_to_a_pod(cluster: Cluster) -
     assert "ok    no table inet enforcer in its namespace: untouched" in done.stdout, done.stdout
 
 
+async def test_a_deployment_with_an_http_readiness_probe_of_its_app_port_becomes_ready(cluster: Cluster) -> None:
+    """A protected Deployment whose readinessProbe is an httpGet of its app port becomes Ready (the kubelet passes the
+    pod's probe gate), while the app port and the probe's own URL stay refused from the client namespace."""
+    name = "web-probe"
+    doc = yaml.safe_load(app_deployment(name, cluster.record))
+    doc["spec"]["template"]["spec"]["containers"][0]["readinessProbe"] = {
+        "httpGet": {"path": "/healthz", "port": APP_PORT}, "periodSeconds": 2}
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(doc))
+
+    def ready() -> bool:
+        out = json.loads(cluster.kubectl("-n", APPS_NS, "get", "deployment", name, "-o", "json").stdout)
+        return bool(out.get("status", {}).get("readyReplicas") == 1)
+
+    try:
+        t = time.monotonic()
+        await until("the probed Deployment Ready", ready, timeout=120, interval=0.5)
+        report("readinessProbe through the probe gate -> Ready", time.monotonic() - t)
+        pod = cluster.deployment_pod(name)
+        ip, pid = cluster.pod_ip(pod), app_pid(pod)
+        assert pid is not None
+        table = subprocess.run(["nsenter", "-t", str(pid), "-n", "nft", "list", "table", "inet", "enforcer"],
+                               capture_output=True, text=True, timeout=20, check=True).stdout
+        say(table)
+        assert "tcp dport 8080 counter" in table and "redirect to :15021" in table, table
+        assert refused(CLIENT_NETNS, ip, APP_PORT)
+
+        async def probe_url() -> str:
+            async with aiohttp.ClientSession() as s:
+                try:
+                    async with s.get(f"http://{ip}:{APP_PORT}/healthz", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                        return f"answered {r.status}"
+                except aiohttp.ClientConnectorError as exc:
+                    return f"refused: {exc}"
+
+        assert (await cluster.client.run(probe_url())).startswith("refused"), "the probe URL answered the client"
+        doctor = enforcer_doctor_pod(cluster, pod)  # the probe rule is part of what doctor expects
+        assert doctor.returncode == 0 and "redirect to :15021" in doctor.stdout, doctor.stdout + doctor.stderr
+        rows = cluster.seen(pod)
+        assert rows and {(r["method"], r["path"]) for r in rows} == {("GET", "/healthz")}, rows
+    finally:
+        cluster.kubectl("-n", APPS_NS, "delete", "deployment", name, "--wait=true", "--timeout=60s", check=False)
+        await until("the probed pods gone", lambda: not cluster.kubectl(
+            "-n", APPS_NS, "get", "pods", "-l", f"deployment={name}", "-o", "name").stdout.strip(), timeout=60)
+        for record in cluster.record.glob(f"{name}-*.jsonl"):  # the kubelet's requests: not users'
+            record.unlink()
+
+
 async def test_deleting_the_daemonset_removes_every_pod_rule_and_the_cni_plugin(cluster: Cluster) -> None:
     """kubectl delete of the DaemonSet ends its pod, which removes the table from every served pod's namespace and the plugin from the node's conflist and plugin directory."""
     name = cluster.deployment_pod("web")

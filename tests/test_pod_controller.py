@@ -30,7 +30,7 @@ from enforcer.config import kubernetes as k8s
 from enforcer.config import settings as settings_mod
 from enforcer.config.definitions import parse_documents, resolve_definitions
 from enforcer.config.issues import ConfigError
-from enforcer.config.kubernetes import NodePods, PodInfo
+from enforcer.config.kubernetes import NodePods, PodInfo, Probe
 from enforcer.flowlog import FlowLog
 from enforcer.http.tls import make_listen_socket
 from enforcer.net import nftables
@@ -394,10 +394,10 @@ async def test_a_refused_release_is_retried(tmp_path: Path) -> None:
 
 
 def test_pods_settings_defaults(tmp_path: Path) -> None:
-    """kubernetes.pods defaults: off elsewhere, port 15443, the plugin's socket, a 5 s lookup wait."""
+    """kubernetes.pods defaults: off elsewhere, port 15443, probe port 15021, the plugin's socket, a 5 s lookup wait."""
     pods = _settings(tmp_path).model.kubernetes.pods  # type: ignore[union-attr]
-    assert (pods.enabled, pods.listenPort, str(pods.cniSocket), pods.lookupWait) == (
-        True, 15443, "/var/run/enforcer/cni.sock", 5.0)
+    assert (pods.enabled, pods.listenPort, pods.probePort, str(pods.cniSocket), pods.lookupWait) == (
+        True, 15443, 15021, "/var/run/enforcer/cni.sock", 5.0)
 
 
 @pytest.mark.parametrize(("pods", "path"), [
@@ -406,6 +406,8 @@ def test_pods_settings_defaults(tmp_path: Path) -> None:
     ({"cniSocket": "/var/run/with space.sock"}, "kubernetes.pods.cniSocket"),
     ({"lookupWait": "30s"}, "kubernetes.pods"),
     ({"listenport": 15443}, "kubernetes.pods.listenport"),
+    ({"probePort": 70000}, "kubernetes.pods.probePort"),
+    ({"probePort": 15443}, "kubernetes.pods"),
 ])
 def test_pods_settings_are_validated(tmp_path: Path, pods: dict[str, object], path: str) -> None:
     """A wrong kubernetes.pods value is refused, naming its key."""
@@ -434,6 +436,58 @@ def test_pod_objects_become_pod_info() -> None:
     assert k8s.pod_info(obj) == PodInfo("u1", "shop", "web", {"app": "frontend"}, "web-sa", False,
                                         ("10.1.0.5", "fd00::5"), "n1", True)
     assert k8s.pod_info({"metadata": {"name": "x", "namespace": "y"}}) is None
+
+
+def _container(name: str = "app", ports: Iterable[tuple[str, int]] = (("http", 8080),), **probes: object) -> dict[str, object]:
+    return {"name": name, "ports": [{"name": n, "containerPort": p} for n, p in ports], **probes}
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({"containers": [_container(readinessProbe={"httpGet": {"path": "/healthz", "port": 8080}})]},
+         [Probe("app", "readiness", "httpGet", 8080, "/healthz")]),
+        ({"containers": [_container(livenessProbe={"httpGet": {"port": "http"}})]},
+         [Probe("app", "liveness", "httpGet", 8080, "/")]),
+        ({"containers": [_container(startupProbe={"httpGet": {"path": "ready?full=1", "port": "8081",
+                                                               "httpHeaders": [{"name": "X-Probe", "value": "1"}]}})]},
+         [Probe("app", "startup", "httpGet", 8081, "/ready?full=1", headers=(("X-Probe", "1"),))]),
+        ({"containers": [_container(readinessProbe={"httpGet": {"path": "/h", "port": 8443, "scheme": "HTTPS"}})]},
+         [Probe("app", "readiness", "httpGet", 8443, "/h", "HTTPS")]),
+        ({"containers": [_container(livenessProbe={"tcpSocket": {"port": "http"}}, readinessProbe={"grpc": {"port": 9090}})]},
+         [Probe("app", "liveness", "tcpSocket", 8080), Probe("app", "readiness", "grpc", 9090)]),
+        ({"containers": [_container(livenessProbe={"httpGet": {"port": "nope"}})]},
+         [Probe("app", "liveness", "httpGet", None, "/")]),
+        ({"containers": [_container(livenessProbe={"exec": {"command": ["true"]}},
+                                    readinessProbe={"httpGet": {"host": "10.0.0.9", "port": 8080}})]}, []),
+        ({"containers": [_container("a", readinessProbe={"httpGet": {"port": 8080}})],
+          "initContainers": [_container("side", [("m", 9100)], restartPolicy="Always",
+                                        livenessProbe={"httpGet": {"port": "m", "path": "/metrics"}})]},
+         [Probe("a", "readiness", "httpGet", 8080), Probe("side", "liveness", "httpGet", 9100, "/metrics")]),
+        ({"containers": [_container(livenessProbe={"httpGet": {"port": True}}, readinessProbe={"httpGet": {"port": 0}},
+                                    startupProbe={"httpGet": {"port": 1.5}}), "junk"]},
+         [Probe("app", k, "httpGet", None) for k in ("liveness", "readiness", "startup")]),
+        ({}, []),
+    ],
+)
+def test_pod_probes_are_parsed(spec: dict[str, object], expected: list[Probe]) -> None:
+    """httpGet, tcpSocket and grpc probes of every container are read with named ports resolved in the container,
+    the request target defaulted and prefixed with /; exec probes and probes of another host are not."""
+    probes = k8s.pod_probes(spec)
+    assert list(probes) == expected
+    assert k8s.pod_info({"metadata": {"uid": "u", "namespace": "n", "name": "p"}, "spec": spec}) == PodInfo(
+        "u", "n", "p", probes=probes)
+
+
+def test_only_plain_http_probes_of_a_known_port_are_gated() -> None:
+    """A probe is gated only as a plain-HTTP httpGet of a resolved port; its text names it for the log."""
+    assert Probe("app", "readiness", "httpGet", 8080, "/healthz").gated
+    assert str(Probe("app", "readiness", "httpGet", 8080, "/healthz")) == (
+        "readinessProbe of container app (httpGet HTTP /healthz on port 8080)")
+    for probe in (Probe("app", "readiness", "httpGet", 8443, scheme="HTTPS"), Probe("app", "liveness", "tcpSocket", 8080),
+                  Probe("app", "liveness", "grpc", 8080), Probe("app", "liveness", "httpGet", None)):
+        assert not probe.gated, probe
+    assert str(Probe("app", "liveness", "tcpSocket", 8080)) == "livenessProbe of container app (tcpSocket on port 8080)"
 
 
 # ---------------------------------------------------------------------------------------------

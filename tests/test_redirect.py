@@ -26,12 +26,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from enforcer.http.tls import make_listen_socket
 from enforcer.net import netns as netns_mod
 from enforcer.net import nftables, ruleset, sockopt
 from enforcer.net.nftables import LiveRule, LiveRuleset, diff
-from enforcer.net.ruleset import RedirectError, RedirectSettings, RedirectTarget, Rule, build_ruleset
+from enforcer.net.ruleset import (
+    ProbeTarget,
+    RedirectError,
+    RedirectSettings,
+    RedirectTarget,
+    Rule,
+    build_ruleset,
+)
 from enforcer.net.sockopt import parse_original_dst
 from tests.harness.netns import Hosts, connect, require_root, veth_hosts
 
@@ -599,3 +608,177 @@ def test_pyroute2s_tc_warnings_stay_out_of_the_log(caplog: pytest.LogCaptureFixt
     with caplog.at_level(logging.DEBUG):
         tc.warning("tcmsg: [Errno 2] No such file or directory: '/proc/net/psched'")
     assert "tcmsg" not in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# kubelet probes of a blocked app port (pod mode)
+
+PROBE_PORT = 15021
+PROBE_SETTINGS = dataclasses.replace(SETTINGS, probe_port=PROBE_PORT)
+
+PROBE_NFT = """\
+table inet enforcer {
+	chain prerouting {
+		type nat hook prerouting priority -101; policy accept;
+		ip saddr 10.244.0.1 tcp dport 8080 counter redirect to :15021  # kubelet probes of private-app
+		ip6 saddr fd00:244::1 tcp dport 8080 counter redirect to :15021  # kubelet probes of private-app
+		fib daddr type local tcp dport 443 counter redirect to :15443  # private-app
+	}
+
+	chain output {
+		type nat hook output priority -101; policy accept;
+		meta mark 0x0000204e counter return  # enforcer's own sockets
+		fib daddr type local tcp dport 443 counter redirect to :15443  # private-app
+	}
+
+	chain input {
+		type filter hook input priority 0; policy accept;
+		iifname != "lo" tcp dport 8080 counter reject with tcp reset  # private-app
+	}
+}
+"""
+
+PROBE_BYTECODE = """\
+inet enforcer prerouting: ip saddr 10.244.0.1 tcp dport 8080 counter redirect to :15021
+  [ meta load nfproto => reg 1 ]
+  [ cmp eq reg 1 0x02 ]
+  [ payload load 4b @ network header + 12 => reg 1 ]
+  [ cmp eq reg 1 0x0af40001 ]
+  [ meta load l4proto => reg 1 ]
+  [ cmp eq reg 1 0x06 ]
+  [ payload load 2b @ transport header + 2 => reg 1 ]
+  [ cmp eq reg 1 0x1f90 ]
+  [ counter ]
+  [ immediate reg 1 0x3aad ]
+  [ redir proto_min reg 1 proto_max reg 1 flags 0x2 ]
+inet enforcer prerouting: ip6 saddr fd00:244::1 tcp dport 8080 counter redirect to :15021
+  [ meta load nfproto => reg 1 ]
+  [ cmp eq reg 1 0x0a ]
+  [ payload load 16b @ network header + 8 => reg 1 ]
+  [ cmp eq reg 1 0xfd000244000000000000000000000001 ]
+  [ meta load l4proto => reg 1 ]
+  [ cmp eq reg 1 0x06 ]
+  [ payload load 2b @ transport header + 2 => reg 1 ]
+  [ cmp eq reg 1 0x1f90 ]
+  [ counter ]
+  [ immediate reg 1 0x3aad ]
+  [ redir proto_min reg 1 proto_max reg 1 flags 0x2 ]
+"""
+
+PROBES = (ProbeTarget(APP_PORT, "10.244.0.1"), ProbeTarget(APP_PORT, "[fd00:244::1]"))
+
+
+def test_probe_rules_render_as_nft_text_and_bytecode() -> None:
+    """A probed, blocked app port gets an ``ip saddr``/``ip6 saddr`` redirect to the probe port, first in
+    prerouting, with nft's own bytecode (checked against ``nft --debug=netlink``); the app port is still reset."""
+    rs = build_ruleset(TARGETS, PROBE_SETTINGS, PROBES)
+    assert rs.render_nft() == PROBE_NFT
+    probe_rules = [r for r in rs.rules if r.probe]
+    assert [r.chain for r in probe_rules] == ["prerouting", "prerouting"]
+    bytecode = "".join(
+        f"inet enforcer {r.chain}: {r.text}\n" + "".join(f"  [ {line} ]\n" for line in r.bytecode())
+        for r in probe_rules
+    )
+    assert bytecode == PROBE_BYTECODE
+    assert build_ruleset(TARGETS, PROBE_SETTINGS, PROBES).block_only().rules == rs.block_only().rules
+
+
+@pytest.mark.parametrize(
+    ("probes", "settings", "expected"),
+    [
+        ((), PROBE_SETTINGS, []),
+        ((ProbeTarget(APP_PORT, "10.244.0.1"),), PROBE_SETTINGS, ["ip saddr 10.244.0.1 tcp dport 8080"]),
+        ((ProbeTarget(APP_PORT, "10.244.0.1"), ProbeTarget(APP_PORT, "::ffff:10.244.0.1")), PROBE_SETTINGS,
+         ["ip saddr 10.244.0.1 tcp dport 8080"]),
+        ((ProbeTarget(9090, "10.244.0.1"),), PROBE_SETTINGS, []),
+        ((ProbeTarget(APP_PORT, "10.244.0.1"),), dataclasses.replace(PROBE_SETTINGS, block_app_port=False), []),
+    ],
+)
+def test_which_probes_get_a_rule(probes: tuple[ProbeTarget, ...], settings: RedirectSettings, expected: list[str]) -> None:
+    """Only a probe of a blocked app port gets a rule, once per (port, source); v4-mapped sources are IPv4."""
+    rs = build_ruleset(TARGETS, settings, probes)
+    assert [r.text.split(" counter")[0] for r in rs.rules if r.probe] == expected
+
+
+@pytest.mark.parametrize(
+    ("probes", "settings", "message"),
+    [
+        (PROBES, SETTINGS, "probes need a probe_port"),
+        (PROBES, dataclasses.replace(SETTINGS, probe_port=70000), "probe_port: 70000 is not a TCP port"),
+        (PROBES, dataclasses.replace(SETTINGS, probe_port=LISTEN), "probe_port 15443 is the listener's port"),
+        (PROBES, dataclasses.replace(SETTINGS, probe_port=443), "an exposed port"),
+        (PROBES, dataclasses.replace(SETTINGS, probe_port=APP_PORT), "an app port"),
+        ((ProbeTarget(0, "10.244.0.1"),), PROBE_SETTINGS, "probe app_port: 0 is not a TCP port"),
+        ((ProbeTarget(APP_PORT, "node"),), PROBE_SETTINGS, "probe of port 8080: address 'node' is not"),
+    ],
+)
+def test_bad_probe_input_is_refused(probes: tuple[ProbeTarget, ...], settings: RedirectSettings, message: str) -> None:
+    """A missing or clashing probe port, a bad probe port or a source that is not an IP raise ValueError."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_ruleset(TARGETS, settings, probes)
+
+
+def test_diff_names_a_missing_probe_rule() -> None:
+    """diff reports a live table without the probe rule, quoting the rule's nft text."""
+    rs = build_ruleset(TARGETS, PROBE_SETTINGS, PROBES[:1])
+    without = _as_live(build_ruleset(TARGETS, PROBE_SETTINGS))
+    assert diff(rs, _as_live(rs)) == []
+    problems = diff(rs, without)
+    assert problems[0].startswith("chain prerouting rule 1 (handle 1) differs from `ip saddr 10.244.0.1 tcp dport 8080")
+    assert problems[-1] == (
+        "chain prerouting rule 2 is missing: `fib daddr type local tcp dport 443 counter redirect to :15443`"
+    )
+
+
+_ports = st.integers(1, 65535)
+
+
+@given(
+    app_ports=st.lists(_ports, min_size=1, max_size=4),
+    probed=st.lists(st.tuples(_ports, st.ip_addresses().map(str)), max_size=6),
+    gate=_ports,
+)
+def test_probe_rules_property(app_ports: list[int], probed: list[tuple[int, str]], gate: int) -> None:
+    """For any services and probes: either ValueError, or exactly one probe rule per distinct (blocked port,
+    source) redirecting to the gate, before every other rule, and every blocked port is still rejected."""
+    targets = [RedirectTarget(f"s{i}", 443, port) for i, port in enumerate(app_ports)]
+    settings = dataclasses.replace(PROBE_SETTINGS, probe_port=gate)
+    probes = [ProbeTarget(port, source) for port, source in probed]
+    try:
+        rs = build_ruleset(targets, settings, probes)
+    except ValueError:
+        assert gate in {LISTEN, 443, *app_ports} or any(p == LISTEN for p in app_ports)
+        return
+    import ipaddress  # noqa: PLC0415
+
+    def norm(text: str) -> str:
+        a = ipaddress.ip_address(text)
+        return str(a.ipv4_mapped) if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped else str(a)
+
+    wanted = {(port, norm(source)) for port, source in probed if port in app_ports}
+    probe_rules = [r for r in rs.rules if r.probe]
+    assert len(probe_rules) == len(wanted)
+    assert rs.rules[: len(probe_rules)] == tuple(probe_rules)
+    assert all(r.text.endswith(f"redirect to :{gate}") for r in probe_rules)
+    assert {r.text.split()[2] for r in probe_rules} == {s for _, s in wanted}
+    assert {int(r.text.split()[5]) for r in rs.rules_of("input")} == set(app_ports)
+
+
+@pytest.mark.root
+async def test_probe_source_lands_on_the_probe_port_others_are_reset(hosts: Hosts) -> None:
+    """With the client's address as the probe source, its connections to the app port (v4, v6) land on the probe
+    port with the app port as original destination; with another source they are reset; loopback reaches the app;
+    the live table reads back equal to the built one."""
+    for sources, lands in (((CLI4, CLI6), True), (("10.99.0.9", "fd00:99::9"), False)):
+        rs = build_ruleset(TARGETS, PROBE_SETTINGS, [ProbeTarget(APP_PORT, s) for s in sources])
+        await nftables.apply(rs, netns=hosts.app)
+        assert diff(rs, await nftables.read_live(netns=hosts.app)) == []
+        with serving(hosts.app, PROBE_PORT, "gate") as gate, serving(hosts.app, APP_PORT, "app") as app:
+            for host in (APP4, APP6):
+                if lands:
+                    assert hello(hosts.cli, host, APP_PORT) == f"gate {host}:{APP_PORT} {host}:{PROBE_PORT}"
+                else:
+                    assert refused(hosts.cli, host, APP_PORT)
+            assert hello(hosts.app, "127.0.0.1", APP_PORT).startswith("app ")
+            assert app.accepted == 1
+            assert gate.accepted == (2 if lands else 0)

@@ -19,7 +19,7 @@ import argparse
 import asyncio
 import socket
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TextIO
 
 from enforcer.cli.check import load_all_definitions
@@ -30,9 +30,13 @@ from enforcer.config import settings as settings_mod
 from enforcer.config.kubernetes import KubernetesError, PodInfo, read_pod
 from enforcer.net import nftables, ruleset
 from enforcer.net.netns import run_in_netns
-from enforcer.net.pods import PodNetns, find_pod_netns
-from enforcer.run.attach import build_pod_redirect
+from enforcer.net.pods import PodNetns, find_pod_netns, route_source
+from enforcer.net.ruleset import ProbeTarget
+from enforcer.run.attach import build_pod_redirect, gated_probes
 from enforcer.run.pods import Scan, in_namespace, pod_tags, services_for
+
+SourceOf = Callable[[str], "str | None"]
+"""The node's source address towards a pod IP (``enforcer.net.pods.route_source``)."""
 
 ENFORCER_PODS = "kubectl -n enforcer-system get pods -l app.kubernetes.io/name=enforcer -o wide"
 
@@ -117,9 +121,23 @@ def _find_netns(report: Report, pod: PodInfo, scan: Scan, *, selected: bool) -> 
     return None
 
 
+def _probe_targets(
+    settings: settings_mod.Settings, pod: PodInfo, services: tuple[definitions_mod.Service, ...],
+    probe_port: int | None, source_of: SourceOf,
+) -> list[ProbeTarget]:
+    """The probe-gate rules the enforcer adds for the pod's plain-HTTP probes of protected ports,
+    from the node's address towards the pod, as the attachment computes them."""
+    gated, _ = gated_probes(pod.probes, services, settings, probe_port)
+    if not gated:
+        return []
+    sources = dict.fromkeys(s for s in map(source_of, pod.ips) if s)
+    return [ProbeTarget(port, source) for port in gated for source in sources]
+
+
 async def _check_table(
     report: Report, settings: settings_mod.Settings, pod: PodInfo, netns: PodNetns, *,
     definitions: definitions_mod.Definitions, services: tuple[definitions_mod.Service, ...], listen_port: int,
+    source_of: SourceOf = route_source,
 ) -> bool:
     """The live table in the pod's namespace against the intended one; True if it is there."""
     table = settings.model.redirect.table
@@ -129,7 +147,10 @@ async def _check_table(
         report.fail(f"cannot read nftables in net:[{netns.inode}]: {exc}",
                     "run doctor in the enforcer container (CAP_SYS_ADMIN, CAP_NET_ADMIN)")
         return False
-    expected = build_pod_redirect(services, settings, listen_port) if services else None
+    kube = settings.model.kubernetes
+    probe_port = kube.pods.probePort if kube is not None else None
+    targets = await asyncio.to_thread(_probe_targets, settings, pod, services, probe_port, source_of)
+    expected = build_pod_redirect(services, settings, listen_port, targets, probe_port) if services else None
     if expected is None:
         if live.exists:
             report.warn(f"pod {pod}: a stale table inet {table} in its namespace ({len(live.rules)} rules) although "
@@ -186,10 +207,11 @@ def _check_ports(
 
 async def check_pod(
     report: Report, settings: settings_mod.Settings, definitions: definitions_mod.Definitions, pod: PodInfo, *,
-    node: str | None, scan: Scan = find_pod_netns,
+    node: str | None, scan: Scan = find_pod_netns, source_of: SourceOf = route_source,
 ) -> None:
     """Every per-pod check after the API read (``pod`` as read; ``node``: this enforcer's Node; ``scan``: the
-    daemon's /proc scan); the namespace found is closed at the end."""
+    daemon's /proc scan; ``source_of``: the node's address towards a pod IP, for its probe rules); the namespace
+    found is closed at the end."""
     if not _check_pod_object(report, pod, node):
         return
     services = _check_selection(report, pod, definitions)
@@ -200,7 +222,7 @@ async def check_pod(
         return
     try:
         present = await _check_table(report, settings, pod, netns, definitions=definitions, services=services,
-                                     listen_port=listen_port)
+                                     listen_port=listen_port, source_of=source_of)
         if present and services:
             await asyncio.to_thread(_check_ports, report, netns, services, listen_port)
     finally:

@@ -1407,9 +1407,94 @@ async def stop_verdict(
 
 
 @dataclass(frozen=True)
+class Probe:
+    """One kubelet probe of a pod's container that connects to the pod (``httpGet``, ``tcpSocket``
+    or ``grpc``; exec probes and probes of another ``host`` never reach the pod's ports).
+
+    ``port``: resolved (a named port through the container's ``ports``; None if it names none).
+    ``target``: the request target the kubelet sends for an ``httpGet`` (``path``, ``/`` by default,
+    with its query). ``headers``: the probe's ``httpHeaders``. Only :attr:`gated` probes (plain HTTP
+    ``httpGet``) can pass the probe gate; the others cannot reach a protected port."""
+
+    container: str
+    kind: str
+    """``liveness``, ``readiness`` or ``startup``."""
+    handler: str
+    """``httpGet``, ``tcpSocket`` or ``grpc``."""
+    port: int | None
+    target: str = "/"
+    scheme: str = "HTTP"
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def gated(self) -> bool:
+        """A plain-HTTP ``httpGet`` of a known port: what the probe gate lets through."""
+        return self.handler == "httpGet" and self.scheme == "HTTP" and self.port is not None
+
+    def __str__(self) -> str:
+        what = f"{self.handler} {self.scheme} {self.target}" if self.handler == "httpGet" else self.handler
+        return f"{self.kind}Probe of container {self.container} ({what} on port {self.port})"
+
+
+_PROBE_KINDS = (("livenessProbe", "liveness"), ("readinessProbe", "readiness"), ("startupProbe", "startup"))
+
+
+def _probe_port(value: object, ports: Mapping[str, int]) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 1 <= value <= 65535 else None
+    if isinstance(value, str):
+        if value.isdigit():
+            return _probe_port(int(value), ports)
+        return ports.get(value)
+    return None
+
+
+def _probe_target(path: object) -> str:
+    """The request target the kubelet sends for ``httpGet.path`` (it prefixes a missing ``/``)."""
+    text = path if isinstance(path, str) else ""
+    return text if text.startswith("/") else f"/{text}"
+
+
+def pod_probes(spec: Mapping[str, Any]) -> tuple[Probe, ...]:
+    """Every container's (and restartable init container's) probes that connect to the pod."""
+    out: list[Probe] = []
+    containers = [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]
+    for container in containers:
+        if not isinstance(container, Mapping):
+            continue
+        name = str(container.get("name") or "")
+        ports = {
+            str(p["name"]): int(p["containerPort"]) for p in container.get("ports") or []
+            if isinstance(p, Mapping) and p.get("name") and isinstance(p.get("containerPort"), int)
+        }
+        for key, kind in _PROBE_KINDS:
+            probe = container.get(key)
+            if not isinstance(probe, Mapping):
+                continue
+            for handler in ("httpGet", "tcpSocket", "grpc"):
+                action = probe.get(handler)
+                if not isinstance(action, Mapping) or action.get("host"):
+                    continue  # another host: the kubelet does not connect to the pod
+                port = _probe_port(action.get("port"), ports)
+                if handler != "httpGet":
+                    out.append(Probe(name, kind, handler, port))
+                    continue
+                headers = tuple(
+                    (str(h.get("name")), str(h.get("value") or "")) for h in action.get("httpHeaders") or []
+                    if isinstance(h, Mapping) and h.get("name")
+                )
+                out.append(Probe(name, kind, handler, port, _probe_target(action.get("path")),
+                                 str(action.get("scheme") or "HTTP").upper(), headers))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class PodInfo:
     """What pod mode needs of a pod object: who it is, its labels, whether it has its own
-    network namespace (not ``hostNetwork``), its IPs, and whether it is going away."""
+    network namespace (not ``hostNetwork``), its IPs, whether it is going away, and the kubelet
+    probes that connect to it."""
 
     uid: str
     namespace: str
@@ -1421,6 +1506,7 @@ class PodInfo:
     node: str = ""
     deleting: bool = False
     """``metadata.deletionTimestamp`` is set (or the pod finished: Succeeded/Failed)."""
+    probes: tuple[Probe, ...] = ()
     phase: str = field(default="", compare=False)
     """``status.phase``: ``Pending``, ``Running``, ``Succeeded``, ``Failed`` (``""``: not reported);
     for ``enforcer doctor --pod``, not compared."""
@@ -1449,6 +1535,7 @@ def pod_info(obj: Mapping[str, Any]) -> PodInfo | None:
         service_account=str(spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"),
         host_network=bool(spec.get("hostNetwork")), ips=tuple(ips), node=str(spec.get("nodeName") or ""),
         deleting=bool(meta.get("deletionTimestamp")) or status.get("phase") in ("Succeeded", "Failed"),
+        probes=pod_probes(spec),
         phase=str(status.get("phase") or ""),
     )
 

@@ -236,6 +236,10 @@ class PodsModel(_Strict):
     listenPort: int = Field(default=15443, ge=1, le=65535)
     """The listener's port inside every served pod (the same on every enforcer: an old and a
     new one overlap on it, and the rules left by one redirect to it). No app may use it."""
+    probePort: int = Field(default=15021, ge=1, le=65535)
+    """The probe gate's port inside every served pod (like Istio's 15021): the kubelet's plain-HTTP
+    ``httpGet`` probes of a protected ``port`` are redirected there from the node's address, and
+    only a ``GET``/``HEAD`` of a probe's own path reaches the app. Not ``listenPort``; no app may use it."""
     cniSocket: Path = Path("/var/run/enforcer/cni.sock")
     """Where the CNI plugin reaches the enforcer (the DaemonSet's hostPath)."""
     lookupWait: Duration = 5.0
@@ -254,6 +258,8 @@ class PodsModel(_Strict):
     def _bounded(self) -> PodsModel:
         if not 0.1 <= self.lookupWait <= 15:
             raise ValueError("lookupWait must be between 100ms and 15s (the plugin gives up after 30s)")
+        if self.probePort == self.listenPort:
+            raise ValueError("probePort must differ from listenPort (the probe gate has a listener of its own)")
         return self
 
 

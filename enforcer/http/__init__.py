@@ -8,4 +8,6 @@ cached session, decide) through the ``gate``, which also runs the login, callbac
 endpoints → ``relay`` (the act both paths share: flow record, failure → reason/page/metric,
 body relay) → ``proxy`` (forward through the ``upstream`` pool, with ``headers`` hygiene) →
 ``pages`` (what the enforcer itself answers). ``scope`` (a pod listener's services and upstream pool).
+``probes``: a pod's probe gate, apart from all that (only the kubelet's plain-HTTP probes of a
+protected port, from the node's address, reach the pod's app through it).
 """

@@ -16,6 +16,11 @@ Docker or the host firewall. Chains:
   never loop back.
 - ``input`` (filter, priority 0): ``iifname != "lo" tcp dport A counter reject with tcp reset``
   per app port (v4 and v6: the table is ``inet``).
+- kubelet probes (pod mode, :class:`ProbeTarget`): first in ``prerouting``,
+  ``ip saddr S tcp dport A counter redirect to :G`` (``ip6 saddr`` for IPv6) for a blocked app
+  port A that has an HTTP probe: the one address S the node uses towards the pod reaches the probe
+  gate on ``settings.probe_port`` G instead of the app (the NAT runs before the input chain, so the
+  reject of A never sees it); everything else to A is still reset.
 
 No system access here: :mod:`enforcer.net.nftables` sends a ruleset to the kernel.
 """
@@ -76,6 +81,8 @@ class Rule:
     text: str
     exprs: tuple[Expr, ...]
     services: tuple[str, ...] = ()
+    probe: bool = False
+    """A kubelet probe's redirect to the probe gate (not an exposed port)."""
 
     def bytecode(self) -> tuple[str, ...]:
         """The rule's expressions in canonical text form (as :func:`read_live` reports them)."""
@@ -157,6 +164,17 @@ class RedirectTarget:
 
 
 @dataclass(frozen=True)
+class ProbeTarget:
+    """A blocked app port that the node's kubelet probes over plain HTTP (pod mode).
+
+    ``source``: the one address the node's connections to the pod come from (its route's
+    preferred source); connections from it to ``app_port`` go to the probe gate."""
+
+    app_port: int
+    source: str
+
+
+@dataclass(frozen=True)
 class RedirectSettings:
     """Where redirected traffic goes and how the table is set up."""
 
@@ -166,6 +184,8 @@ class RedirectSettings:
     block_app_port: bool = True
     nat_priority: int = NAT_PRIORITY
     filter_priority: int = FILTER_PRIORITY
+    probe_port: int | None = None
+    """The probe gate's port (pod mode): where :class:`ProbeTarget` connections are redirected."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +271,22 @@ def _daddr(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[Expr
     )
 
 
+def _saddr(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> tuple[Expr, ...]:
+    if address.version == 4:
+        return (
+            _meta(_META_NFPROTO),
+            _cmp(_CMP_EQ, bytes([socket.AF_INET])),
+            _payload(_PAYLOAD_NETWORK, 12, 4),
+            _cmp(_CMP_EQ, address.packed),
+        )
+    return (
+        _meta(_META_NFPROTO),
+        _cmp(_CMP_EQ, bytes([socket.AF_INET6])),
+        _payload(_PAYLOAD_NETWORK, 8, 16),
+        _cmp(_CMP_EQ, address.packed),
+    )
+
+
 def _counter() -> Expr:
     return Expr("counter")
 
@@ -301,13 +337,30 @@ def _check_port(what: str, port: object) -> int:
     return port
 
 
-def build_ruleset(services: Sequence[RedirectTarget], settings: RedirectSettings) -> Ruleset:
+def _address(what: str, text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        raise ValueError(f"{what}: address {text!r} is not an IPv4 or IPv6 address") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+def build_ruleset(
+    services: Sequence[RedirectTarget], settings: RedirectSettings, probes: Sequence[ProbeTarget] = ()
+) -> Ruleset:
     """The table that redirects every service's exposed port to ``settings.listen_port``.
 
     Pure: no system access. Services sharing an exposed port (and addresses) share a rule; the
     rule remembers their names. Raises ValueError for a port out of range, a mark of 0, a table
     name nft cannot hold, an address that is not an IP, or an exposed/app port equal to the
     listener's port (the redirect or the block would then hit the listener itself).
+
+    ``probes``: kubelet HTTP probes of blocked app ports (pod mode), redirected from their source
+    to ``settings.probe_port`` (required with probes; it must differ from the listener's port and
+    from every exposed and app port). A probe of a port that is not blocked gets no rule: nothing
+    stops the kubelet there.
     """
     listen = _check_port("listen_port", settings.listen_port)
     if not _NAME_RE.match(settings.table):
@@ -332,19 +385,9 @@ def build_ruleset(services: Sequence[RedirectTarget], settings: RedirectSettings
                 f"service {target.name}: exposed_port {exposed} is the listener's own port; "
                 "choose another listen_port"
             )
-        keys: list[ipaddress.IPv4Address | ipaddress.IPv6Address | None] = []
-        for text in target.addresses:
-            try:
-                address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(
-                    text.strip("[]")
-                )
-            except ValueError:
-                raise ValueError(
-                    f"service {target.name}: address {text!r} is not an IPv4 or IPv6 address"
-                ) from None
-            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-                address = address.ipv4_mapped
-            keys.append(address)
+        keys: list[ipaddress.IPv4Address | ipaddress.IPv6Address | None] = [
+            _address(f"service {target.name}", text) for text in target.addresses
+        ]
         for key in keys or [None]:
             names = redirects.setdefault((exposed, key), [])
             if target.name not in names:
@@ -360,6 +403,7 @@ def build_ruleset(services: Sequence[RedirectTarget], settings: RedirectSettings
             if target.name not in names:
                 names.append(target.name)
 
+    probe_rules = _probe_rules(probes, settings, listen, blocks, {port for port, _ in redirects})
     redirect_rules: list[tuple[str, tuple[Expr, ...], tuple[str, ...]]] = []
     for (port, dest), names in redirects.items():
         exprs = _fib_daddr_local()
@@ -375,7 +419,8 @@ def build_ruleset(services: Sequence[RedirectTarget], settings: RedirectSettings
         Chain("prerouting", "nat", "prerouting", settings.nat_priority),
         Chain("output", "nat", "output", settings.nat_priority),
     ]
-    rules = [Rule("prerouting", t, e, n) for t, e, n in redirect_rules]
+    rules = [*probe_rules]
+    rules.extend(Rule("prerouting", t, e, n) for t, e, n in redirect_rules)
     rules.append(
         Rule(
             "output",
@@ -404,6 +449,41 @@ def build_ruleset(services: Sequence[RedirectTarget], settings: RedirectSettings
                 )
             )
     return Ruleset(table=settings.table, chains=tuple(chains), rules=tuple(rules))
+
+
+def _probe_rules(
+    probes: Sequence[ProbeTarget], settings: RedirectSettings, listen: int,
+    blocks: Mapping[int, Sequence[str]], exposed: set[int],
+) -> list[Rule]:
+    """The ``prerouting`` rules that send each probe's source to the probe gate."""
+    if not probes:
+        return []
+    if settings.probe_port is None:
+        raise ValueError("probes need a probe_port (the probe gate's port)")
+    gate = _check_port("probe_port", settings.probe_port)
+    if gate == listen or gate in exposed or gate in blocks:
+        raise ValueError(
+            f"probe_port {gate} is the listener's port, an exposed port or an app port; "
+            "choose another one"
+        )
+    seen: dict[tuple[int, ipaddress.IPv4Address | ipaddress.IPv6Address], None] = {}
+    for probe in probes:
+        port = _check_port("probe app_port", probe.app_port)
+        if port in blocks:
+            seen.setdefault((port, _address(f"probe of port {port}", probe.source)), None)
+    rules = []
+    for port, source in seen:
+        family = "ip" if source.version == 4 else "ip6"
+        rules.append(
+            Rule(
+                "prerouting",
+                f"{family} saddr {source} tcp dport {port} counter redirect to :{gate}",
+                (*_saddr(source), *_tcp_dport(port), _counter(), *_redirect(gate)),
+                (f"kubelet probes of {', '.join(blocks[port])}",),
+                probe=True,
+            )
+        )
+    return rules
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ network namespace (socket, table and upstream sockets all made there, ``Netlink(
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -20,7 +21,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from enforcer.config import definitions as definitions_mod
 from enforcer.config import settings as settings_mod
@@ -30,8 +31,18 @@ from enforcer.flowlog import FlowLog
 from enforcer.http import tls as listener
 from enforcer.net import sockopt
 from enforcer.net.netns import run_in_netns
-from enforcer.net.pods import PodNetns
-from enforcer.net.ruleset import RedirectError, RedirectSettings, RedirectTarget, Ruleset, build_ruleset
+from enforcer.net.pods import PodNetns, route_source
+from enforcer.net.ruleset import (
+    ProbeTarget,
+    RedirectError,
+    RedirectSettings,
+    RedirectTarget,
+    Ruleset,
+    build_ruleset,
+)
+
+if TYPE_CHECKING:
+    from enforcer.config.kubernetes import Probe
 
 log = logging.getLogger(__name__)
 
@@ -239,16 +250,42 @@ class HostAttachment:
 
 
 def build_pod_redirect(
-    services: Iterable[definitions_mod.Service], settings: settings_mod.Settings, listen_port: int
+    services: Iterable[definitions_mod.Service], settings: settings_mod.Settings, listen_port: int,
+    probes: Iterable[ProbeTarget] = (), probe_port: int | None = None,
 ) -> Ruleset:
     """The nftables ruleset inside a pod: as :func:`build_redirect`, but every service's app is the
     pod's own (the upstream is the pod's loopback), so every ``port`` is blocked for non-loopback
-    clients (unless ``redirect.blockAppPort`` is off)."""
+    clients (unless ``redirect.blockAppPort`` is off); ``probes`` (the kubelet's, from the node's
+    address) are redirected to the probe gate on ``probe_port``."""
     r = settings.model.redirect
     return build_ruleset(
         [RedirectTarget(svc.name, svc.exposed_port, svc.port) for svc in services],
-        RedirectSettings(listen_port=listen_port, table=r.table, mark=r.mark, block_app_port=r.blockAppPort),
+        RedirectSettings(listen_port=listen_port, table=r.table, mark=r.mark, block_app_port=r.blockAppPort,
+                         probe_port=probe_port),
+        tuple(probes),
     )
+
+
+def gated_probes(
+    probes: Iterable[Probe], services: Iterable[definitions_mod.Service], settings: settings_mod.Settings,
+    probe_port: int | None,
+) -> tuple[dict[int, tuple[Probe, ...]], list[Probe]]:
+    """Of a pod's probes, those of a protected app port: the ones the probe gate lets through (by port;
+    plain-HTTP ``httpGet`` with a probe port) and the ones that cannot pass (reset like any client).
+    ``enforcer doctor --pod`` rebuilds a pod's expected table with it (the source: ``route_source``)."""
+    if not settings.model.redirect.blockAppPort:
+        return {}, []
+    protected = {svc.port for svc in services}
+    gated: dict[int, tuple[Probe, ...]] = {}
+    refused = []
+    for probe in probes:
+        if probe.port is None or probe.port not in protected:
+            continue
+        if probe.gated and probe_port is not None:
+            gated[probe.port] = (*gated.get(probe.port, ()), probe)
+        else:
+            refused.append(probe)
+    return gated, refused
 
 
 def _pod_listen_socket(port: int, mark: int) -> socket.socket:
@@ -323,6 +360,23 @@ class PodAttachment:
     ruleset: Ruleset | None = None
     """The ruleset this attachment installed (None before the first :meth:`apply`)."""
     services: tuple[definitions_mod.Service, ...] = ()
+    probes: tuple[Probe, ...] = ()
+    """The pod's kubelet probes (``PodInfo.probes``)."""
+    pod_ips: tuple[str, ...] = ()
+    """The pod's IPs: the node's route to each names the source of the kubelet's probes."""
+    probe_port: int | None = None
+    """The probe gate's port inside the pod (``kubernetes.pods.probePort``); None: no gate, the
+    probes of a protected port are reset like any other connection."""
+    source_of: Callable[[str], str | None] = route_source
+    """The address the node's connections to a pod IP come from (its route's source, asked in
+    the daemon's namespace: the node's)."""
+    probe_socket: socket.socket | None = None
+    """The probe gate's listening socket (inside the pod), open while the pod is served."""
+    gated: dict[int, tuple[Probe, ...]] = field(default_factory=dict)
+    """The probes let through now, by protected app port (what the probe gate serves)."""
+    _probe_sources: tuple[str, ...] = ()
+    _warned: bool = False
+    _no_route_warned: bool = False
     _upstreams: weakref.WeakSet[socket.socket] = field(default_factory=weakref.WeakSet, repr=False)
 
     def __post_init__(self) -> None:
@@ -348,16 +402,58 @@ class PodAttachment:
             )
         return self.listen_socket
 
+    @property
+    def wants_probe_gate(self) -> bool:
+        """The pod has a plain-HTTP probe and a probe port: its gate listens while it is served."""
+        return self.probe_port is not None and any(p.gated for p in self.probes)
+
+    def open_probe_socket(self) -> socket.socket:
+        """The probe gate's listening socket inside the pod (as the listener's: ``SO_REUSEPORT``, marked)."""
+        if self.probe_port is None:
+            raise ValueError(f"{self.name}: no probe port")
+        if self.probe_socket is None:
+            self.probe_socket = run_in_netns(
+                self.netns.path, _pod_listen_socket, self.probe_port, self.settings.model.redirect.mark
+            )
+        return self.probe_socket
+
+    async def _probe_targets(
+        self, services: tuple[definitions_mod.Service, ...]
+    ) -> tuple[list[ProbeTarget], dict[int, tuple[Probe, ...]]]:
+        """The probe rules for these services' protected ports, and the probes they let through."""
+        gated, refused = gated_probes(self.probes, services, self.settings, self.probe_port)
+        if refused and not self._warned:
+            self._warned = True
+            log.warning(
+                "%s: %s target(s) a protected port and cannot pass (only plain-HTTP httpGet probes "
+                "pass the probe gate); use an httpGet probe with scheme HTTP or an exec probe",
+                self.name, "; ".join(map(str, refused)),
+            )
+        if not gated:
+            return [], {}
+        if not self._probe_sources:
+            found = [await asyncio.to_thread(self.source_of, ip) for ip in self.pod_ips]
+            self._probe_sources = tuple(dict.fromkeys(s for s in found if s))
+            if not self._probe_sources:
+                if self._no_route_warned:
+                    return [], {}
+                self._no_route_warned = True
+                log.warning("%s: no route from the node to the pod's IPs (%s) names a source address; its "
+                            "probes of protected ports are refused", self.name, ", ".join(self.pod_ips) or "none")
+                return [], {}
+        return [ProbeTarget(port, source) for port in gated for source in self._probe_sources], gated
+
     async def apply(self, definitions: definitions_mod.Definitions) -> Undo:
         services = definitions.for_tags(self.tags) if self.tags is not None else definitions.services
-        previous, previous_services = self.ruleset, self.services
-        ruleset = build_pod_redirect(services, self.settings, self.wanted_port)
+        previous, previous_services, previous_gated = self.ruleset, self.services, self.gated
+        targets, gated = await self._probe_targets(services)
+        ruleset = build_pod_redirect(services, self.settings, self.wanted_port, targets, self.probe_port)
         if ruleset == previous:
-            self.services = services
+            self.services, self.gated = services, gated
             return _nothing_to_undo
         started = time.perf_counter()
         await self._redirector().apply(ruleset)
-        self.ruleset, self.services = ruleset, services
+        self.ruleset, self.services, self.gated = ruleset, services, gated
         if previous is None:
             log.info(
                 "%s: redirect table inet %s applied in its network namespace in %.1f ms (%s)",
@@ -368,7 +464,7 @@ class PodAttachment:
         async def undo() -> None:
             if self.ruleset is ruleset:
                 await self._redirector().apply(previous)
-                self.ruleset, self.services = previous, previous_services
+                self.ruleset, self.services, self.gated = previous, previous_services, previous_gated
 
         return undo
 
@@ -389,7 +485,7 @@ class PodAttachment:
         table = self.settings.model.redirect.table
         removed = await self._redirector().remove(table)
         ports = ruleset_ports(self.ruleset) if self.ruleset is not None else "its ports"
-        self.ruleset, self.services = None, ()
+        self.ruleset, self.services, self.gated = None, (), {}
         self.close()
         if removed:
             log.warning("%s released: redirect table inet %s removed; %s answer without the enforcer now",
@@ -400,6 +496,8 @@ class PodAttachment:
     def close(self) -> None:
         if self.listen_socket is not None:
             self.listen_socket.close()
+        if self.probe_socket is not None:
+            self.probe_socket.close()
         if not self.netns.closed:
             left = self.open_upstreams()
             if left:
@@ -471,7 +569,8 @@ def ruleset_ports(ruleset: Ruleset) -> str:
     """The ports a ruleset closes, for a log line: ``exposed port(s) 443, 8443; app port(s) 8080``."""
 
     def ports(chain: str) -> str:
-        found = {int(m.group(1)) for rule in ruleset.rules_of(chain) if (m := _DPORT.search(rule.text))}
+        found = {int(m.group(1)) for rule in ruleset.rules_of(chain)
+                 if not rule.probe and (m := _DPORT.search(rule.text))}
         return ", ".join(map(str, sorted(found))) or "none"
 
     return f"exposed port(s) {ports('prerouting')}; app port(s) {ports('input')}"

@@ -39,7 +39,7 @@ from enforcer.config.sources import DefinitionsManager, WatchingSource, build_so
 from enforcer.errors import Outcome, Reason
 from enforcer.flow import FlowIds, FlowRecord
 from enforcer.flowlog import FlowLog
-from enforcer.http import accept, certs, fastpath, proxy
+from enforcer.http import accept, certs, fastpath, probes, proxy
 from enforcer.http import server as server_mod
 from enforcer.http import tls as listener
 from enforcer.http.gate import Gate, Runtime
@@ -170,6 +170,8 @@ class _Pod:
     scope: Scope
     upstream: proxy.PodUpstream
     listener: accept.TLSListener | None = None
+    probe_gate: probes.ProbeGate | None = None
+    """Its kubelet probes' gate (a pod with a plain-HTTP probe), open while it is served."""
 
 
 POD_DRAIN_SECONDS = 5.0
@@ -408,7 +410,9 @@ class Daemon:
                 attachment.open()
                 try:
                     await attachment.apply(definitions)
-                    self._pods[id(attachment)] = self._pod(attachment)
+                    pod = self._pod(attachment)
+                    self._pods[id(attachment)] = pod
+                    pod.probe_gate = await self._open_probe_gate(attachment)
                 except BaseException:
                     attachment.close()
                     raise
@@ -423,6 +427,20 @@ class Daemon:
         """A pod's scope: its services and a pool whose sockets are made inside its namespace."""
         upstream = proxy.PodUpstream(**self._upstream_limits(), socket_factory=attachment.socket_factory())
         return _Pod(attachment, Scope(attachment.name, attachment.listen_port, upstream, attachment.services), upstream)
+
+    async def _open_probe_gate(self, attachment: PodAttachment) -> probes.ProbeGate | None:
+        """The pod's probe gate, serving (None when it has no plain-HTTP probe or no probe port)."""
+        if not attachment.wants_probe_gate:
+            return None
+        limits = self.settings.model.limits
+        gate = probes.ProbeGate(
+            attachment.name, attachment.open_probe_socket(), lambda: attachment.gated, attachment.socket_factory(),
+            count=lambda result: self.metrics.pod_probes.labels(result=result).inc(),
+            max_connections=min(16, limits.maxConnectionsPerIP), head_limit=min(8192, limits.maxHeadBytes),
+            timeout=min(probes.TIMEOUT, limits.headerTimeout),
+        )
+        await gate.start()
+        return gate
 
     def _served(self, definitions: definitions_mod.Definitions) -> tuple[definitions_mod.Service, ...]:
         """Every service some attachment serves: the host's (``definitions.services``), then the pods'."""
@@ -461,6 +479,7 @@ class Daemon:
                 await self._serve_more(definitions)
                 pod.listener = self._pod_listener(serving, pod)
                 serving.listeners.append(pod.listener)
+                pod.probe_gate = await self._open_probe_gate(attachment)
                 self.attachments.append(attachment)
             except BaseException:
                 if pod is not None:
@@ -516,6 +535,8 @@ class Daemon:
             pod.listener.close()
             if serving is not None and pod.listener in serving.listeners:
                 serving.listeners.remove(pod.listener)
+        if pod.probe_gate is not None:
+            await pod.probe_gate.close()
         if serving is not None:
             await serving.server.close_scope(pod.scope, drain)
         await pod.upstream.close()

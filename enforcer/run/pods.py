@@ -191,7 +191,8 @@ class PodController:
         kube = self.settings.model.kubernetes
         port = kube.pods.listenPort if kube is not None else None
         return NamespacedPodAttachment(netns, self.settings, tags=tags, port=port, name=f"pod {pod}",
-                                       namespace=pod.namespace)
+                                       namespace=pod.namespace, probes=pod.probes, pod_ips=pod.ips,
+                                       probe_port=kube.pods.probePort if kube is not None else None)
 
     # -- the CNI plugin's events ----------------------------------------------------------------
 
