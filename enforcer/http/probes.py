@@ -110,6 +110,14 @@ def _clean(value: str | bytes) -> bytes:
     return bytes(b for b in data if b >= 0x20 and b != 0x7F)  # no CR, LF or other control bytes
 
 
+def _phrase(status: int) -> str:
+    """The reason phrase of a status line (any phrase will do for an unknown status)."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Status"
+
+
 class ProbeGate:
     """One pod's probe gate on ``sock`` (listening, inside the pod's namespace): see the module
     docstring. ``connect`` makes the app's sockets inside the pod's namespace; ``count`` is told
@@ -156,8 +164,8 @@ class ProbeGate:
             return
         self._tasks.add(task)
         try:
-            status, reason, body, content_type = await self._answer(reader, writer)
-            head = (f"HTTP/1.1 {status} {reason}\r\nContent-Length: {len(body)}\r\n").encode()
+            status, body, content_type = await self._answer(reader, writer)
+            head = (f"HTTP/1.1 {int(status)} {_phrase(status)}\r\nContent-Length: {len(body)}\r\n").encode()
             if content_type:
                 head += b"Content-Type: " + content_type + b"\r\n"
             writer.write(head + b"Connection: close\r\n\r\n" + body)
@@ -170,8 +178,8 @@ class ProbeGate:
 
     async def _answer(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> tuple[int, str, bytes, bytes]:
-        """The answer to one probe connection: (status, reason, body, content type)."""
+    ) -> tuple[int, bytes, bytes]:
+        """The answer to one probe connection: (status, body, content type)."""
         sock = writer.get_extra_info("socket")
         original = sockopt.redirected_destination(sock) if sock is not None else None
         probes = self.routes().get(original[1], ()) if original is not None else ()
@@ -179,20 +187,16 @@ class ProbeGate:
         wanted = next((p for p in probes if head is not None and p.target.encode() == head.target), None)
         if head is None or wanted is None or head.method not in (b"GET", b"HEAD") or original is None:
             self.count("refused")
-            return 403, "Forbidden", b"", b""
+            return HTTPStatus.FORBIDDEN, b"", b""
         try:
             answer = await asyncio.wait_for(self._forward(original[1], head, wanted), self.timeout)
         except (OSError, TimeoutError, httptools.HttpParserError, ValueError) as exc:
             log.debug("%s: probe of port %d: the app did not answer: %s", self.name, original[1], exc)
             self.count("unavailable")
-            return 503, "Service Unavailable", b"", b""
+            return HTTPStatus.SERVICE_UNAVAILABLE, b"", b""
         self.count("passed")
-        try:
-            reason = HTTPStatus(answer.status).phrase
-        except ValueError:
-            reason = "Status"
         body = bytes(answer.body) if head.method == b"GET" else b""
-        return answer.status, reason, body, _clean(answer.content_type)
+        return answer.status, body, _clean(answer.content_type)
 
     async def _read_head(self, reader: asyncio.StreamReader) -> _Head | None:
         """One request head, parsed (None: too big, too slow, cut or malformed)."""
