@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -286,7 +287,6 @@ async def test_wildcard_host(store: CertStore, ca: bytes) -> None:
 
 def test_sni_of_under_uvloop(leaves: Mapping[str, LeafPaths], ca: bytes) -> None:
     """sni_of() also works with uvloop's SSL transport (the daemon may run on uvloop)."""
-    uvloop = pytest.importorskip("uvloop")
 
     async def scenario() -> Reply:
         async with serving(server_ssl_context(leaves, default=None)) as port:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -131,7 +132,6 @@ def test_the_component_config_turns_pod_mode_on_and_is_a_valid_daemon_config(
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
 def test_every_object_with_the_component_validates_offline(pod_mode: list[dict[str, Any]], version: str) -> None:
     """Every built-in object of base plus component passes kubernetes-validate --strict for that Kubernetes version."""
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
     checked = 0
     for o in pod_mode:
         try:

@@ -9,6 +9,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -94,7 +95,6 @@ def test_an_overlay_patching_the_drop_in_sets_its_own_redis(tmp_path: Path, monk
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
 def test_every_object_with_both_components_validates_offline(both: list[dict[str, Any]], version: str) -> None:
     """Every object of base plus pod-mode plus shared-sessions passes kubernetes-validate --strict for that Kubernetes version."""
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
     for o in both:
         try:
             kubernetes_validate.validate(o, version, strict=True)
