@@ -11,14 +11,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate
 import pytest
 import yaml
 
@@ -28,39 +24,15 @@ from enforcer.net.pods import PodNetns
 from enforcer.run import cni
 from enforcer.run.attach import HostAttachment, PodAttachment
 from enforcer.run.daemon import Daemon
-from tests.harness.manifests import read_configmap
-from tests.harness.prereq import missing
+from tests.harness.manifests import BASE, KUBE_VERSIONS, overlay, read_configmap, render, validate_strict
 from tests.harness.redirector import FakeRedirector
 
-REPO = Path(__file__).resolve().parents[1]
-BASE = REPO / "deploy" / "kubernetes" / "base"
-COMPONENT = REPO / "deploy" / "kubernetes" / "components" / "pod-mode"
-KUBE_VERSIONS = ("1.25.0", "1.32.0")
 POD_MODE_MOUNTS = {
     "/host/etc/cni/net.d": ("cni-conf", "/etc/cni/net.d", "Directory"),
     "/host/opt/cni/bin": ("cni-bin", "/opt/cni/bin", "Directory"),
     "/var/run/enforcer": ("run", "/var/run/enforcer", "DirectoryOrCreate"),
     "/var/run/netns": ("netns", "/run/netns", "DirectoryOrCreate"),
 }
-
-
-def render(path: Path) -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        missing("kubectl (kubectl kustomize renders the manifests)")
-    done = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr
-    return [d for d in yaml.safe_load_all(done.stdout) if d]
-
-
-def overlay_with_component(d: Path) -> Path:
-    """An overlay as docs/kubernetes.md says: the base plus the pod-mode component."""
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [os.path.relpath(BASE, d)], "components": [os.path.relpath(COMPONENT, d)],
-    }))  # fmt: skip
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +42,7 @@ def base() -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def pod_mode(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return render(overlay_with_component(tmp_path_factory.mktemp("pod-mode") / "overlay"))
+    return render(overlay(tmp_path_factory.mktemp("pod-mode") / "overlay", "pod-mode"))
 
 
 def key(o: dict[str, Any]) -> tuple[str, str, str]:
@@ -132,14 +104,7 @@ def test_the_component_config_turns_pod_mode_on_and_is_a_valid_daemon_config(
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
 def test_every_object_with_the_component_validates_offline(pod_mode: list[dict[str, Any]], version: str) -> None:
     """Every built-in object of base plus component passes kubernetes-validate --strict for that Kubernetes version."""
-    checked = 0
-    for o in pod_mode:
-        try:
-            kubernetes_validate.validate(o, version, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            pytest.fail(f"{o['kind']} {o['metadata']['name']}: {exc.message} at {list(exc.path)}")
-        checked += 1
-    assert checked == len(pod_mode)
+    validate_strict(pod_mode, version)
 
 
 # ----------------------------------------------------------------------------- the daemon's wiring

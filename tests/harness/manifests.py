@@ -9,6 +9,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
+import pytest
 import yaml
 
 from enforcer.config import settings as settings_mod
@@ -19,6 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 KUBERNETES = REPO / "deploy" / "kubernetes"
 BASE = KUBERNETES / "base"
 COMPONENTS = KUBERNETES / "components"
+KUBE_VERSIONS = ("1.25.0", "1.32.0")
+"""The Kubernetes versions whose schemas the rendered objects are validated against (offline)."""
 POD_ENV = {"NODE_NAME": "node-1", "POD_NAMESPACE": "enforcer-system"}
 """What the downward API gives the enforcer's container (deploy/kubernetes/base/daemonset.yaml)."""
 
@@ -60,3 +64,12 @@ def read_configmap(
     for name, value in POD_ENV.items():
         monkeypatch.setenv(name, value)
     return settings_mod.read_settings(folder / "enforcer.yaml")
+
+
+def validate_strict(objects: list[dict[str, Any]], version: str) -> None:
+    """Every object passes ``kubernetes-validate --strict`` for that Kubernetes version (else the test fails)."""
+    for o in objects:
+        try:
+            kubernetes_validate.validate(o, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{o['kind']} {o['metadata']['name']}: {exc.message} at {list(exc.path)}")
