@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from enforcer.config import definitions as definitions_mod
 from enforcer.config import settings as settings_mod
 from enforcer.config.definitions import parse_documents, resolve_definitions
 from enforcer.config.kubernetes import NodePods, PodInfo
@@ -29,6 +28,7 @@ from enforcer.net.pods import PodNetns, ScanResult
 from enforcer.run.attach import PodAttachment
 from enforcer.run.cni import CniEvent, PodRef
 from enforcer.run.pods import NamespacedPodAttachment, PodController
+from tests.harness.enrolment import FakeSink
 from tests.harness.kube import ControlPlane
 from tests.harness.redirector import FakeRedirector
 from tests.harness.seed import SERVICE, SPEC
@@ -149,26 +149,6 @@ async def test_node_pods_lists_and_watches_only_this_nodes_pods(kube_api: Contro
 
 
 @dataclass
-class RecordingSink:
-    """Serves attachments as the daemon does (apply the definitions in force; the listener is not opened) and
-    records each add and remove."""
-
-    definitions: definitions_mod.Definitions
-    calls: list[tuple[str, str, object]] = field(default_factory=list)
-
-    async def add_attachment(self, attachment: PodAttachment) -> None:
-        await attachment.apply(self.definitions)
-        self.calls.append(("add", attachment.name, tuple(s.name for s in attachment.services)))
-
-    async def remove_attachment(self, attachment: PodAttachment, *, release: bool) -> None:
-        self.calls.append(("remove", attachment.name, release))
-        if release:
-            await attachment.release()
-        else:
-            attachment.close()
-
-
-@dataclass
 class OwnNamespace:
     """Pod "namespaces" that are descriptors on our own: the scan finds every pod asked for and records who."""
 
@@ -194,14 +174,14 @@ class OwnNamespace:
 WEB = {**SERVICE, "name": "web", "port": 8080, "selectors": [["app=web"]]}
 
 
-def _controller(tmp_path: Path, source: NodePods) -> tuple[PodController, RecordingSink, OwnNamespace]:
+def _controller(tmp_path: Path, source: NodePods) -> tuple[PodController, FakeSink, OwnNamespace]:
     cfg = tmp_path / "enforcer.yaml"
     cfg.write_text(yaml.safe_dump({"stateDir": "state", "logsDir": "logs", "definitions": [{"file": "d.yaml"}],
                                    "redirect": {"enabled": True}}))
     settings = settings_mod.load_settings(cfg)
     parsed = parse_documents(yaml.safe_dump_all([WEB, SPEC]), "d.yaml")
     assert isinstance(parsed, list)
-    sink = RecordingSink(resolve_definitions(parsed, ()))
+    sink = FakeSink(resolve_definitions(parsed, ()))
     netns = OwnNamespace()
 
     def make(held: PodNetns, pod: PodInfo, tags: frozenset[str]) -> PodAttachment:

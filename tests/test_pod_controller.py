@@ -41,6 +41,7 @@ from enforcer.run.attach import HostAttachment, PodAttachment
 from enforcer.run.cni import CniEvent, PodRef
 from enforcer.run.daemon import Daemon
 from enforcer.run.pods import NamespacedPodAttachment, PodController, PodUnknown, pod_tags, services_for
+from tests.harness.enrolment import FakeSink
 from tests.harness.fake_op import FakeOP
 from tests.harness.netns import NetnsLoop, ip, require_root
 from tests.harness.redirector import FakeRedirector
@@ -82,29 +83,6 @@ def _add(pod: PodInfo, sandbox: str = "sandbox-1", netns: str = "/var/run/netns/
 
 def _del(pod: PodInfo, sandbox: str = "sandbox-1") -> CniEvent:
     return CniEvent("DEL", sandbox, None, "eth0", PodRef(pod.namespace, pod.name, pod.uid), "1.0.0")
-
-
-@dataclass
-class FakeSink:
-    """Serves attachments as the daemon does (apply the definitions in force, open the listener is
-    skipped: no namespace is entered here) and records every call; refuses adds when told to."""
-
-    definitions: definitions_mod.Definitions
-    calls: list[tuple[str, str, object]] = field(default_factory=list)
-    refuse: bool = False
-
-    async def add_attachment(self, attachment: PodAttachment) -> None:
-        if self.refuse:
-            raise RuntimeError("refused by the fake")
-        await attachment.apply(self.definitions)
-        self.calls.append(("add", attachment.name, tuple(s.name for s in attachment.services)))
-
-    async def remove_attachment(self, attachment: PodAttachment, *, release: bool) -> None:
-        self.calls.append(("remove", attachment.name, release))
-        if release:
-            await attachment.release()
-        else:
-            attachment.close()
 
 
 @dataclass
