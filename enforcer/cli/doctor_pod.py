@@ -189,20 +189,25 @@ def _check_ports(
     report: Report, netns: PodNetns, services: Iterable[definitions_mod.Service], listen_port: int
 ) -> None:
     """From sockets made inside the pod's namespace: the enforcer's listener and each app port on its loopback."""
-    problem = run_in_netns(netns.path, _connects, listen_port)
-    if problem:
-        report.fail(f"the enforcer's listener in the pod (127.0.0.1:{listen_port}): {problem}",
-                    "the enforcer does not serve this pod now: check its log for the pod; restart the enforcer pod")
-    else:
-        report.ok(f"the enforcer's listener accepts connections on 127.0.0.1:{listen_port} inside the pod")
+    _port_line(report, netns, listen_port,
+               ok=f"the enforcer's listener accepts connections on 127.0.0.1:{listen_port} inside the pod",
+               failed=f"the enforcer's listener in the pod (127.0.0.1:{listen_port})",
+               fix="the enforcer does not serve this pod now: check its log for the pod; restart the enforcer pod")
     for port in sorted({s.port for s in services}):
         names = ", ".join(s.name for s in services if s.port == port)
-        problem = run_in_netns(netns.path, _connects, port)
-        if problem:
-            report.fail(f"the app port 127.0.0.1:{port} ({names}) inside the pod: {problem}",
-                        "the app must listen on the pod's loopback (0.0.0.0 or 127.0.0.1) at the service's port")
-        else:
-            report.ok(f"the app answers on 127.0.0.1:{port} ({names}) inside the pod")
+        _port_line(report, netns, port, ok=f"the app answers on 127.0.0.1:{port} ({names}) inside the pod",
+                   failed=f"the app port 127.0.0.1:{port} ({names}) inside the pod",
+                   fix="the app must listen on the pod's loopback (0.0.0.0 or 127.0.0.1) at the service's port")
+
+
+def _port_line(report: Report, netns: PodNetns, port: int, *, ok: str, failed: str, fix: str) -> None:
+    """``ok`` if ``port`` accepts a connection from a socket made inside the pod's namespace, else
+    ``failed: <why>`` with ``fix``."""
+    problem = run_in_netns(netns.path, _connects, port)
+    if problem:
+        report.fail(f"{failed}: {problem}", fix)
+    else:
+        report.ok(ok)
 
 
 async def check_pod(
