@@ -34,7 +34,6 @@ from enforcer.config.kubernetes import NodePods, PodInfo, Probe
 from enforcer.flowlog import FlowLog
 from enforcer.http.tls import make_listen_socket
 from enforcer.net import nftables
-from enforcer.net import pods as net_pods
 from enforcer.net.netns import run_in_netns
 from enforcer.net.pods import PodNetns, ScanResult, find_pod_netns
 from enforcer.run.attach import HostAttachment, PodAttachment
@@ -43,7 +42,7 @@ from enforcer.run.daemon import Daemon
 from enforcer.run.pods import NamespacedPodAttachment, PodController, PodUnknown, pod_tags, services_for
 from tests.harness.enrolment import FakeSink
 from tests.harness.fake_op import FakeOP
-from tests.harness.netns import NetnsLoop, ip, require_root
+from tests.harness.netns import NetnsLoop, ip, no_fds_into, refused_from_here, require_root
 from tests.harness.redirector import FakeRedirector
 from tests.harness.seed import SERVICE, SPEC
 
@@ -678,10 +677,10 @@ class Rig:
 
     async def app_answers(self, pod: str) -> bool:
         """The pod's app port is reachable from the client namespace."""
-        return not await self.client.run(_refused(self.pods[pod].ip, 8080))
+        return not await self.client.run(refused_from_here(self.pods[pod].ip, 8080))
 
     async def exposed_refused(self, pod: str) -> bool:
-        return await self.client.run(_refused(self.pods[pod].ip, 443))
+        return await self.client.run(refused_from_here(self.pods[pod].ip, 443))
 
     async def table(self, pod: str) -> bool:
         return (await nftables.read_live(TABLE, netns=self.pods[pod].path)).exists
@@ -710,25 +709,6 @@ async def _https_get(address: str, ca: bytes, host: str, path: str, cookie: str 
     found = re.search(rb"\r\nLocation: ([^\r]*)", head, re.IGNORECASE)
     cookies = [c.decode().split(";", 1)[0] for c in re.findall(rb"\r\nSet-Cookie: ([^\r]*)", head, re.IGNORECASE)]
     return int(head.split(b" ", 2)[1]), found.group(1).decode() if found else "", body, cookies
-
-
-async def _refused(address: str, port: int) -> bool:
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), 5)
-    except OSError:
-        return True
-    writer.close()
-    return False
-
-
-async def _no_fds_into(inode: int) -> list[str]:
-    """This process's fds into the namespace, once nftables' batch sockets are closed (after RCU)."""
-    for _ in range(300):
-        left = net_pods.fds_into(inode)
-        if not left:
-            return left
-        await asyncio.sleep(0.01)
-    return net_pods.fds_into(inode)
 
 
 @contextlib.asynccontextmanager
@@ -795,7 +775,7 @@ async def test_a_real_pod_is_enrolled_by_its_cni_add_released_by_its_labels_and_
         assert web.uid not in rig.controller.enrolled
         assert not await rig.table("web") and await rig.app_answers("web")
         assert await rig.exposed_refused("web")
-        assert await _no_fds_into(web.inode) == []
+        assert await no_fds_into(web.inode) == []
 
         await rig.source.send("MODIFIED", web.info({"app": "web"}))  # selected again: found by the /proc scan
         assert rig.controller.enrolled[web.uid].sandbox == ""
@@ -816,7 +796,7 @@ async def test_a_real_pod_is_enrolled_by_its_cni_add_released_by_its_labels_and_
 
         await rig.source.send("DELETED", web.info({"app": "web"}, deleting=True))
         assert rig.controller.enrolled == {}
-        assert await _no_fds_into(web.inode) == []
+        assert await no_fds_into(web.inode) == []
         assert await rig.table("web") and not await rig.app_answers("web") and await rig.exposed_refused("web")
 
 
@@ -838,7 +818,7 @@ async def test_a_table_left_in_a_real_pod_nothing_selects_is_removed_at_start(tm
         await rig.source.send("SYNCED")
         assert set(rig.controller.enrolled) == {web.uid}
         assert not await rig.table("stale") and await rig.app_answers("stale")
-        assert await _no_fds_into(stale.inode) == []
+        assert await no_fds_into(stale.inode) == []
         assert await rig.table("leaving") and not await rig.app_answers("leaving")
         assert await rig.table("web") and await rig.get("web", "/public/x") == (200, "", b"app web")
 
@@ -860,7 +840,7 @@ async def test_new_definitions_re_evaluate_the_real_pods(tmp_path: Path) -> None
         rig.daemon.reload()
         await rig.until("api enrolled, web released", lambda: set(rig.controller.enrolled) == {api.uid})
         assert not await rig.table("web") and await rig.app_answers("web")
-        assert await _no_fds_into(web.inode) == []
+        assert await no_fds_into(web.inode) == []
         assert await rig.table("api") and not await rig.app_answers("api")
         assert await rig.get("api", "/public/x") == (200, "", b"app api")
 
@@ -881,7 +861,7 @@ async def test_a_namespaced_service_never_enrols_a_real_pod_of_another_namespace
         assert await rig.table("shop-a") and not await rig.app_answers("shop-a")
         assert await rig.get("shop-a", "/public/x") == (200, "", b"app shop-a")
         assert not await rig.table("shop-b") and await rig.app_answers("shop-b") and await rig.exposed_refused("shop-b")
-        assert await _no_fds_into(b.inode) == []
+        assert await no_fds_into(b.inode) == []
 
         _write_definitions(tmp_path, rig.op, (WEB, "app=shop", ""))
         rig.daemon.reload()
@@ -891,5 +871,5 @@ async def test_a_namespaced_service_never_enrols_a_real_pod_of_another_namespace
 
         await rig.controller.pod_deleted(CniEvent("DEL", "sandbox-1", None, "eth0", PodRef(a.namespace, a.name, a.uid),
                                                   "1.0.0"))  # its sandbox torn down: let go, rules kept
-        assert set(rig.controller.enrolled) == {b.uid} and await _no_fds_into(a.inode) == []
+        assert set(rig.controller.enrolled) == {b.uid} and await no_fds_into(a.inode) == []
         assert await rig.table("shop-a") and await rig.exposed_refused("shop-a") and not await rig.app_answers("shop-a")

@@ -42,13 +42,13 @@ from enforcer.http.server import Server
 from enforcer.http.tls import TLSDispatch, make_listen_socket
 from enforcer.identity.sessions import MemorySessionStore
 from enforcer.metrics import Metrics
-from enforcer.net import nftables, pods
+from enforcer.net import nftables
 from enforcer.net.netns import run_in_netns
 from enforcer.net.pods import PodNetns
 from enforcer.run.attach import HostAttachment, PodAttachment
 from enforcer.run.daemon import Daemon
 from tests.harness.gate import FakeProvider, RecordingFlowLog
-from tests.harness.netns import NetnsLoop, ip, require_root
+from tests.harness.netns import NetnsLoop, ip, no_fds_into, refused_from_here, require_root
 
 P = os.getpid()
 
@@ -414,16 +414,6 @@ async def _started(daemon: Daemon) -> asyncio.Task[int]:
     return task
 
 
-async def _no_fds_into(inode: int) -> list[str]:
-    """This process's fds into the namespace, once nftables' batch sockets are closed (after RCU)."""
-    for _ in range(300):
-        left = pods.fds_into(inode)
-        if not left:
-            return left
-        await asyncio.sleep(0.01)
-    return pods.fds_into(inode)
-
-
 @pytest.mark.root
 async def test_one_daemon_serves_two_pods_each_only_its_own_app(tmp_path: Path) -> None:
     """Two pods added to one serving daemon: each pod's IP reaches its own app only, another pod's Host or SNI is
@@ -472,8 +462,8 @@ async def test_one_daemon_serves_two_pods_each_only_its_own_app(tmp_path: Path) 
             # pod a goes away: its listener, connections and pool close, its table stays (fail closed)
             await daemon.remove_attachment(attachments["a"], release=False)
             assert attachments["a"].netns.closed
-            assert await _no_fds_into(inodes["a"]) == []
-            assert await client.run(_refused_async(POD_IPS["a"][0], 443))
+            assert await no_fds_into(inodes["a"]) == []
+            assert await client.run(refused_from_here(POD_IPS["a"][0], 443))
             live = await nftables.read_live(f"pscope{P}", netns=f"/run/netns/{netns.ns['a']}")
             assert live.exists
             reply = await get("b", "b.test", "b.test")
@@ -481,7 +471,7 @@ async def test_one_daemon_serves_two_pods_each_only_its_own_app(tmp_path: Path) 
 
             # pod b is no longer selected: released, its table removed, the app answers without us
             await daemon.remove_attachment(attachments["b"], release=True)
-            assert await _no_fds_into(inodes["b"]) == []
+            assert await no_fds_into(inodes["b"]) == []
             assert not (await nftables.read_live(f"pscope{P}", netns=f"/run/netns/{netns.ns['b']}")).exists
         finally:
             client.close()
@@ -491,15 +481,6 @@ async def test_one_daemon_serves_two_pods_each_only_its_own_app(tmp_path: Path) 
                 attachment.close()
         assert code == 0
         assert daemon.attachments[1:] == []
-
-
-async def _refused_async(address: str, port: int) -> bool:
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), 5)
-    except OSError:
-        return True
-    writer.close()
-    return False
 
 
 @pytest.mark.root
@@ -525,9 +506,9 @@ async def test_a_pod_given_at_start_is_served_and_let_go_at_stop(tmp_path: Path)
             code = await asyncio.wait_for(task, 30)
         try:
             assert code == 0 and pod.netns.closed
-            assert await _no_fds_into(inode) == []
+            assert await no_fds_into(inode) == []
             assert (await nftables.read_live(f"pscope{P}", netns=path)).exists
-            assert await client.run(_refused_async(POD_IPS["a"][0], 443))
+            assert await client.run(refused_from_here(POD_IPS["a"][0], 443))
         finally:
             client.close()
             pod.close()

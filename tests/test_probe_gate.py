@@ -31,12 +31,11 @@ from enforcer.config.definitions import Definitions, parse_documents, resolve_de
 from enforcer.config.kubernetes import Probe
 from enforcer.flowlog import FlowLog
 from enforcer.http.tls import make_listen_socket
-from enforcer.net import pods
 from enforcer.net.netns import run_in_netns
 from enforcer.net.pods import PodNetns, route_source
 from enforcer.run.attach import HostAttachment, PodAttachment
 from enforcer.run.daemon import Daemon
-from tests.harness.netns import connect, ip, refused, require_root
+from tests.harness.netns import connect, ip, no_fds_into, refused, require_root
 from tests.harness.redirector import FakeRedirector
 
 P = os.getpid()
@@ -283,16 +282,6 @@ def _count(daemon: Daemon, result: str) -> float:
     return float(daemon.metrics.pod_probes.labels(result=result)._value.get())
 
 
-async def _no_fds_into(inode: int) -> list[str]:
-    """This process's fds into the namespace, once nftables' batch sockets are closed (after RCU)."""
-    for _ in range(300):
-        left = pods.fds_into(inode)
-        if not left:
-            return left
-        await asyncio.sleep(0.01)
-    return pods.fds_into(inode)
-
-
 @pytest.mark.root
 async def test_the_kubelets_http_probes_pass_the_gate_and_nothing_else(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -360,7 +349,7 @@ async def test_the_kubelets_http_probes_pass_the_gate_and_nothing_else(
 
             await daemon.remove_attachment(attachment, release=False)
             assert attachment.netns.closed
-            assert await _no_fds_into(inode) == []
+            assert await no_fds_into(inode) == []
             assert await asyncio.to_thread(refused, net.node, POD_IP, APP_PORT)  # fail closed: nobody on the gate
         finally:
             daemon.stop()

@@ -176,3 +176,27 @@ def refused(netns: str, host: str, port: int) -> bool:
     except ConnectionRefusedError:
         return True
     return False
+
+
+async def no_fds_into(inode: int) -> list[str]:
+    """This process's fds into the network namespace ``inode``, once nftables' batch sockets are
+    closed (after RCU): waits up to 3 s for none to remain, then says which remain."""
+    from enforcer.net.pods import fds_into  # noqa: PLC0415 (pod-mode tests only)
+
+    for _ in range(300):
+        left = fds_into(inode)
+        if not left:
+            return left
+        await asyncio.sleep(0.01)
+    return fds_into(inode)
+
+
+async def refused_from_here(address: str, port: int) -> bool:
+    """True if a TCP connection from this loop's namespace to ``address:port`` fails (reset,
+    unreachable, or no answer in 5 s)."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(address, port), 5)
+    except OSError:
+        return True
+    writer.close()
+    return False
