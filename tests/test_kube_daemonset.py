@@ -44,6 +44,19 @@ from enforcer import __version__
 from enforcer.net.ruleset import DEFAULT_MARK
 from tests.harness.browser import Response, ScriptedBrowser
 from tests.harness.kube import CLIENT_NETNS, KUBECTL, NODE_IP, NODE_NETNS, Node
+from tests.harness.kube_e2e import (
+    SELECTOR,
+    SYSTEM_NS,
+    Figures,
+    build_image,
+    client_ssl_context,
+    enforcer_pods,
+    fresh_host_dirs,
+    is_login_at,
+    ready_enforcer,
+    unauthenticated,
+    until,
+)
 from tests.harness.kube_load import Load, Outage, outage
 from tests.harness.netns import NetnsLoop, connect, refused, require_root
 from tests.harness.op import OPUser, RunningOP, start_op
@@ -53,7 +66,6 @@ pytestmark = [pytest.mark.root, pytest.mark.e2e, pytest.mark.timeout(2400)]
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_DIR = REPO / "deploy" / "kubernetes" / "base"
-SYSTEM_NS = "enforcer-system"
 APPS_NS = "e2e-apps"  # the custom resources and their Secret
 APP_POD_NS = "default"
 IMAGE = f"localhost/enforcer-e2e:{__version__}"
@@ -72,27 +84,12 @@ USERS = {
         {"email": "alice@example.com", "email_verified": True, "groups": ["staff"], "preferred_username": "alice"},
     ),
 }
-SELECTOR = "app.kubernetes.io/name=enforcer"
 SHIPPED_SOURCE = "- kubernetes: {}"
 """The shipped ConfigMap's definitions source: every namespace's custom resources."""
 
-TIMINGS: dict[str, float] = {}
 
-
-CAPTURE: list[Any] = []  # pytest's capture manager, set by the module fixture
-
-
-def say(text: str) -> None:
-    """Print past pytest's capture (as ``capsys.disabled()`` does), so the figures show in every run."""
-    capman = CAPTURE[0] if CAPTURE else None
-    with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
-        print(text, file=sys.__stderr__ or sys.stderr, flush=True)
-
-
-def report(name: str, seconds: float, note: str = "") -> None:
-    """Keep a measured figure and print it at once."""
-    TIMINGS[name] = seconds
-    say(f"[k8s-e2e] {name}: {seconds:.2f} s{' ' + note if note else ''}")
+FIGURES = Figures("k8s-e2e")
+say, report = FIGURES.say, FIGURES.report
 
 
 # ----------------------------------------------------------------------------- manifests
@@ -130,6 +127,11 @@ def apps_namespace() -> str:
          "subjects": [{"kind": "ServiceAccount", "name": "enforcer", "namespace": SYSTEM_NS}]},
     ]  # fmt: skip
     return yaml.safe_dump_all(objs)
+
+
+def is_login(status: int | None, location: str | None) -> bool:
+    """A redirect to the test OP's authorization endpoint (a login challenge)."""
+    return is_login_at(ISSUER, status, location)
 
 
 def custom_resources() -> str:
@@ -224,18 +226,6 @@ def flows() -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-async def until(what: str, check: Callable[[], object], timeout: float = 60.0, interval: float = 0.2) -> float:
-    """Poll ``check`` (in a thread) until it is true; the seconds it took."""
-    start = time.monotonic()
-    while True:
-        with contextlib.suppress(Exception):
-            if await asyncio.to_thread(check):
-                return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(interval)
-
-
 @dataclass
 class Cluster:
     """Everything the tests share."""
@@ -253,18 +243,11 @@ class Cluster:
         return self.node.api.kubectl(*args, **kw)
 
     def pods(self) -> list[dict[str, Any]]:
-        out = self.kubectl("-n", SYSTEM_NS, "get", "pods", "-l", SELECTOR, "-o", "json").stdout
-        items: list[dict[str, Any]] = json.loads(out)["items"]
-        return items
+        return enforcer_pods(self.kubectl)
 
     def ready_pod(self, not_uid: str | None = None) -> dict[str, Any] | None:
         """A Ready enforcer pod (other than ``not_uid``), not being deleted."""
-        for p in self.pods():
-            conds = p.get("status", {}).get("conditions", [])
-            ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
-            if ready and p["metadata"]["uid"] != not_uid and not p["metadata"].get("deletionTimestamp"):
-                return p
-        return None
+        return ready_enforcer(self.pods(), not_uid)
 
     def condition(self, kind: str, name: str) -> dict[str, Any]:
         out = json.loads(self.kubectl("-n", APPS_NS, "get", kind, name, "-o", "json").stdout)
@@ -298,10 +281,7 @@ class Cluster:
         return [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
 
     def ssl_context(self) -> Any:
-        import ssl  # noqa: PLC0415
-
-        ca = (STATE_DIR / "ca" / "ca.crt").read_text()
-        return ssl.create_default_context(cadata=ca + self.op.ca_pem.decode())
+        return client_ssl_context(STATE_DIR, self.op.ca_pem)
 
     async def browser(self, **kwargs: Any) -> ScriptedBrowser:
         """A scripted browser in the client namespace; app.k8s.test resolves to the node."""
@@ -322,38 +302,6 @@ class Cluster:
 
     def is_login(self, page: Response) -> bool:
         return is_login(page.status, page.location)
-
-
-def is_login(status: int | None, location: str | None) -> bool:
-    """A redirect to the OP's authorization endpoint (a login challenge)."""
-    return status == 302 and (location or "").startswith(ISSUER + "/auth?")
-
-
-def unauthenticated(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """App requests without an identity header (there must never be one: every path is protected)."""
-    return [r for r in rows if not any(k.lower() == "x-forwarded-user" for k, _ in r["headers"])]
-
-
-def _fresh_host_dirs() -> list[Path]:
-    """The DaemonSet's hostPaths, which this module will create; fail if they are there already."""
-    there = [p for p in (STATE_DIR, LOGS_DIR) if p.exists()]
-    if there:
-        pytest.fail(
-            f"{', '.join(map(str, there))} exist(s) on this machine but were not made by this test: the shipped "
-            "DaemonSet mounts them as hostPaths (the node is this machine). Move them away and run again."
-        )
-    return [STATE_DIR, LOGS_DIR]
-
-
-def _build_image(out: Path) -> Path:
-    start = time.monotonic()
-    done = subprocess.run(
-        [str(REPO / "scripts" / "image"), "--output", str(out), "--name", IMAGE],
-        cwd=out.parent, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False, timeout=1500,
-    )  # fmt: skip
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    report("image build (scripts/image)", time.monotonic() - start, f"{out.stat().st_size / 2**20:.0f} MiB")
-    return out
 
 
 async def _remove_everything(c: Cluster, overlay_applied: bool) -> None:
@@ -381,14 +329,14 @@ async def cluster(
     """The image on the node, the OP, the app pod and the shipped manifests applied (with the CRs)."""
     require_root()
     require_e2e()
-    CAPTURE[:] = [pytestconfig.pluginmanager.getplugin("capturemanager")]
+    FIGURES.capture = pytestconfig.pluginmanager.getplugin("capturemanager")
     t_module = time.monotonic()
-    ours = _fresh_host_dirs()
+    ours = fresh_host_dirs(STATE_DIR, LOGS_DIR)
     work = tmp_path_factory.mktemp("k8s-e2e")
     record = work / "record"
     record.mkdir()
     api = kube_node.api
-    archive = await asyncio.to_thread(_build_image, work / "enforcer-e2e.oci.tar")
+    archive = await asyncio.to_thread(build_image, work / "enforcer-e2e.oci.tar", IMAGE, FIGURES)
     t = time.monotonic()
     assert IMAGE in await asyncio.to_thread(kube_node.import_image, archive)
     report("image import (ctr)", time.monotonic() - t)
@@ -456,7 +404,7 @@ async def cluster(
         for d in ours:
             shutil.rmtree(d, ignore_errors=True)
         report("whole module (fixture start to teardown end)", time.monotonic() - t_module)
-        say("[k8s-e2e] summary: " + json.dumps({k: round(v, 2) for k, v in TIMINGS.items()}))
+        FIGURES.summary()
 
 
 # ----------------------------------------------------------------------------- tests

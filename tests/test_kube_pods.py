@@ -33,7 +33,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,19 @@ from enforcer.run import cni
 from tests.harness import fleet
 from tests.harness.browser import Response, ScriptedBrowser
 from tests.harness.kube import CLIENT_IP, CLIENT_NETNS, NODE_IP, NODE_NETNS, POD_CIDR, Node
+from tests.harness.kube_e2e import (
+    SELECTOR,
+    SYSTEM_NS,
+    Figures,
+    build_image,
+    client_ssl_context,
+    enforcer_pods,
+    fresh_host_dirs,
+    is_login_at,
+    ready_enforcer,
+    unauthenticated,
+    until,
+)
 from tests.harness.kube_load import Load, Outage, outage
 from tests.harness.netns import NetnsLoop, connect, refused, require_root
 from tests.harness.op import OPUser, RunningOP, start_op
@@ -65,7 +78,6 @@ COMPONENT_DIR = REPO / "deploy" / "kubernetes" / "components" / "pod-mode"
 SESSIONS_DIR = REPO / "deploy" / "kubernetes" / "components" / "shared-sessions"
 REDIS_PORT = 6390  # the shared session store: redis-server (TLS, ACL user) on the node's address
 SECOND_NODE_ADMIN = 9091
-SYSTEM_NS = "enforcer-system"
 APPS_NS = "pe2e-apps"  # the custom resources, their Secret and the protected pods (a CR serves its own namespace)
 IMAGE = f"localhost/enforcer-pods-e2e:{__version__}"
 HOST = "app.pods.test"
@@ -88,25 +100,17 @@ USERS = {
         {"email": "alice@example.com", "email_verified": True, "groups": ["staff"], "preferred_username": "alice"},
     ),
 }
-SELECTOR = "app.kubernetes.io/name=enforcer"
 KUBE_MARK_BITS = 0x4000 | 0x8000  # kubelet's KUBE-MARK-MASQ / KUBE-MARK-DROP
-TIMINGS: dict[str, float] = {}
-CAPTURE: list[Any] = []
-
-
-def say(text: str) -> None:
-    """Print past pytest's capture, so the figures show in every run."""
-    capman = CAPTURE[0] if CAPTURE else None
-    with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
-        print(text, file=sys.__stderr__ or sys.stderr, flush=True)
-
-
-def report(name: str, seconds: float, note: str = "") -> None:
-    TIMINGS[name] = seconds
-    say(f"[k8s-pods] {name}: {seconds:.2f} s{' ' + note if note else ''}")
+FIGURES = Figures("k8s-pods")
+say, report = FIGURES.say, FIGURES.report
 
 
 # ----------------------------------------------------------------------------- manifests
+
+
+def is_login(status: int | None, location: str | None) -> bool:
+    """A redirect to the test OP's authorization endpoint (a login challenge)."""
+    return is_login_at(ISSUER, status, location)
 
 
 def custom_resources() -> str:
@@ -297,26 +301,6 @@ def handles(enforcer: int, netns: int, sockets: set[int]) -> list[str]:
     return left
 
 
-async def until(what: str, check: Callable[[], object], timeout: float = 60.0, interval: float = 0.2) -> float:
-    """Poll ``check`` (in a thread) until it is true; the seconds it took."""
-    start = time.monotonic()
-    while True:
-        with contextlib.suppress(Exception):
-            if await asyncio.to_thread(check):
-                return time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(interval)
-
-
-def is_login(status: int | None, location: str | None) -> bool:
-    return status == 302 and (location or "").startswith(ISSUER + "/auth?")
-
-
-def unauthenticated(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in rows if not any(k.lower() == "x-forwarded-user" for k, _ in r["headers"])]
-
-
 @dataclass
 class Cluster:
     """Everything the tests share."""
@@ -335,17 +319,10 @@ class Cluster:
         return self.node.api.kubectl(*args, **kw)
 
     def enforcer_pods(self) -> list[dict[str, Any]]:
-        out = self.kubectl("-n", SYSTEM_NS, "get", "pods", "-l", SELECTOR, "-o", "json").stdout
-        items: list[dict[str, Any]] = json.loads(out)["items"]
-        return items
+        return enforcer_pods(self.kubectl)
 
     def ready_enforcer(self, not_uid: str | None = None) -> dict[str, Any] | None:
-        for p in self.enforcer_pods():
-            conds = p.get("status", {}).get("conditions", [])
-            ready = any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
-            if ready and p["metadata"]["uid"] != not_uid and not p["metadata"].get("deletionTimestamp"):
-                return p
-        return None
+        return ready_enforcer(self.enforcer_pods(), not_uid)
 
     def pod(self, name: str) -> dict[str, Any] | None:
         done = self.kubectl("-n", APPS_NS, "get", "pod", name, "-o", "json", check=False)
@@ -374,8 +351,7 @@ class Cluster:
         return {p.stem: self.seen(p.stem) for p in self.record.glob("*.jsonl")}
 
     def ssl_context(self) -> ssl.SSLContext:
-        ca = (STATE_DIR / "ca" / "ca.crt").read_text()
-        return ssl.create_default_context(cadata=ca + self.op.ca_pem.decode())
+        return client_ssl_context(STATE_DIR, self.op.ca_pem)
 
     async def browser(self, ip: str, **kwargs: Any) -> ScriptedBrowser:
         """A scripted browser in the client namespace; both services' hosts resolve to ``ip`` (a pod)."""
@@ -421,25 +397,6 @@ def _status(page: Response) -> tuple[int | None, str | None]:
     return page.status, page.location
 
 
-def _fresh_host_dirs() -> list[Path]:
-    there = [p for p in (STATE_DIR, LOGS_DIR, RUN_DIR) if p.exists()]
-    if there:
-        pytest.fail(f"{', '.join(map(str, there))} exist(s) on this machine but were not made by this test: the "
-                    "DaemonSet mounts them as hostPaths (the node is this machine). Move them away and run again.")  # fmt: skip
-    return [STATE_DIR, LOGS_DIR, RUN_DIR]
-
-
-def _build_image(out: Path) -> Path:
-    start = time.monotonic()
-    done = subprocess.run(
-        [str(REPO / "scripts" / "image"), "--output", str(out), "--name", IMAGE],
-        cwd=out.parent, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False, timeout=1500,
-    )  # fmt: skip
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    report("image build (scripts/image)", time.monotonic() - start)
-    return out
-
-
 def _route(action: str) -> None:
     subprocess.run(["ip", "-n", CLIENT_NETNS, "route", action, POD_CIDR, "via", NODE_IP], capture_output=True,
                    check=action == "add", timeout=20)  # fmt: skip
@@ -452,14 +409,14 @@ async def cluster(
     """The image on the node, the OP, the DaemonSet with pod mode, the custom resources and the app code."""
     require_root()
     require_e2e()
-    CAPTURE[:] = [pytestconfig.pluginmanager.getplugin("capturemanager")]
+    FIGURES.capture = pytestconfig.pluginmanager.getplugin("capturemanager")
     t_module = time.monotonic()
-    ours = _fresh_host_dirs()
+    ours = fresh_host_dirs(STATE_DIR, LOGS_DIR, RUN_DIR)
     work = tmp_path_factory.mktemp("k8s-pods")
     record = work / "record"
     record.mkdir()
     api = kube_node.api
-    archive = await asyncio.to_thread(_build_image, work / "enforcer-pods-e2e.oci.tar")
+    archive = await asyncio.to_thread(build_image, work / "enforcer-pods-e2e.oci.tar", IMAGE, FIGURES)
     assert IMAGE in await asyncio.to_thread(kube_node.import_image, archive)
     op = await start_op(
         work / "op",
@@ -516,7 +473,7 @@ async def cluster(
         for d in ours:
             shutil.rmtree(d, ignore_errors=True)
         report("whole module", time.monotonic() - t_module)
-        say("[k8s-pods] summary: " + json.dumps({k: round(v, 2) for k, v in TIMINGS.items()}))
+        FIGURES.summary()
 
 
 # ----------------------------------------------------------------------------- tests
