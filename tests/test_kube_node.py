@@ -608,7 +608,8 @@ async def test_the_daemon_follows_its_node_labels_and_uninstalls_with_its_daemon
 async def test_no_labels_ever_means_no_serving_and_no_redirect(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     """With the API server down and no labels ever read, the daemon does not start serving, installs no
-    redirect and says why; with labels persisted from an earlier start it serves their services."""
+    redirect and says why (in its log, and on /readyz while /healthz stays alive so a liveness probe does
+    not restart it); with labels persisted from an earlier start it serves their services."""
     monkeypatch.setenv("NODE_NAME", "node-1")
     settings = _settings(tmp_path, {"kubeconfig": str(_down_kubeconfig(tmp_path / "down.conf")), "timeout": "1s"},
                          redirect={"enabled": True}, admin={"address": "127.0.0.1", "port": 0},
@@ -621,6 +622,16 @@ async def test_no_labels_ever_means_no_serving_and_no_redirect(tmp_path: Path, m
     await asyncio.sleep(4)
     assert not ready.done() and not task.done() and fake.applied == []
     assert "none were ever read here" in caplog.text and "not serving until the labels are known" in caplog.text
+    assert daemon.admin_port
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{daemon.admin_port}/healthz") as r:
+            assert r.status == 200
+        async with http.get(f"http://127.0.0.1:{daemon.admin_port}/readyz") as r:
+            assert r.status == 503
+            why = (await r.json())["problems"]["start-up"]
+            assert why.startswith("waiting for the labels of Node node-1:") and "none were ever read here" in why
+        async with http.post(f"http://127.0.0.1:{daemon.admin_port}/reload") as r:
+            assert r.status == 503 and (await r.json())["outcome"] == "starting"
     k8s.save_labels(settings.state_dir / k8s.NODE_LABELS_FILE, "node-1", {ZONE: "b"})
     await _started(ready, task, 40)
     try:

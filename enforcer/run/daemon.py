@@ -229,6 +229,8 @@ class Daemon:
     """On a Kubernetes node (``kubernetes.nodeLabelTags``): its Node's labels, watched."""
     pod_controller: PodController | None = None
     """Pod mode (``kubernetes.pods.enabled``): enrols this Node's pods by label."""
+    starting: str | None = "starting"
+    """While start-up runs: what it is doing or waiting for (``/readyz`` says it); None after."""
 
     @property
     def owns_host(self) -> bool:
@@ -259,7 +261,10 @@ class Daemon:
         ``resources`` (in reverse), also when a later step fails."""
         s = self.settings.model
         s.stateDir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.owns_host:  # first: a start-up that waits is alive and says why it is not ready
+            resources.push_async_callback((await self._start_admin()).cleanup)
         await self._node_tags()
+        self.starting = "reading the definitions"
         if not self.attachments:
             self.attachments = [HostAttachment(
                 self.settings, manages_redirect=self.owns_host, listen_socket=self.listen_socket,
@@ -280,6 +285,7 @@ class Daemon:
         resources.push_async_callback(self.flowlog.close)
         upstream = proxy.Upstream(**self._upstream_limits(), socket_factory=outgoing)
         resources.push_async_callback(upstream.close)
+        self.starting = "installing the redirect"
         await self._attach(resources, definitions)
         served = self._served(definitions)
         if self._pods:
@@ -303,8 +309,7 @@ class Daemon:
             ),
         )
         server = self._make_server()
-        if self.owns_host:
-            resources.push_async_callback((await self._start_admin(runtime)).cleanup)
+        self.starting = None
         return _Serving(definitions, runtime, store, server, self.tls.context)
 
     async def _node_tags(self) -> None:
@@ -324,10 +329,12 @@ class Daemon:
         backoff = kubernetes.Backoff(base=1.0, cap=30.0)
         origin = ""
         while not origin:
+            self.starting = f"reading the labels of Node {kube.nodeName}"
             try:
                 origin = await self.node_labels.first()
             except kubernetes.KubernetesError as exc:
                 delay = backoff.next()
+                self.starting = f"waiting for the labels of Node {kube.nodeName}: {exc}"
                 log.error("%s: not serving until the labels are known (the redirect table in force stays); "
                           "retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
@@ -895,7 +902,9 @@ class Daemon:
                 log.exception("session housekeeping failed")
             self.trimmer.maybe_trim()  # under steady load the server may never go idle
 
-    async def _start_admin(self, runtime: Runtime) -> web.AppRunner:
+    async def _start_admin(self) -> web.AppRunner:
+        """The loopback admin listener: ``/healthz`` (alive), ``/readyz`` (why not ready, also
+        while start-up waits), ``/metrics`` and ``POST /reload``."""
         s = self.settings.model.admin
         app = web.Application()
 
@@ -907,6 +916,8 @@ class Daemon:
             return web.json_response({"status": "ok"})
 
         async def readyz(_: web.Request) -> web.Response:
+            if self.starting is not None:
+                return web.json_response({"ready": False, "problems": {"start-up": self.starting}}, status=503)
             providers = self.gate.runtime.providers
             problems = {n: p.last_error or "discovery pending" for n, p in providers.items() if p.metadata is None}
             no_service = self._no_service()
@@ -926,6 +937,8 @@ class Daemon:
             return web.json_response({"ready": ok, "problems": problems}, status=200 if ok else 503)
 
         async def reload(_: web.Request) -> web.Response:
+            if self.starting is not None:  # start-up reads every source anyway
+                return web.json_response({"outcome": "starting", "detail": self.starting}, status=503)
             outcome = await self.manager.refresh(reason="admin")
             self._tell_siblings()
             return web.json_response({"outcome": outcome}, status=200 if outcome in ("success", "unchanged") else 409)
