@@ -17,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,3 +226,80 @@ def test_image_is_small(built: Built) -> None:
     size = built.manifest["layers"][0]["size"]
     assert size < MAX_COMPRESSED, f"{size / 2**20:.1f} MiB"
     assert f"{size / 2**20:.1f} MiB compressed" in built.output
+
+
+def readme_push_command() -> str:
+    """The README's `skopeo copy` line (the push to a registry), exactly as printed."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    [line] = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("skopeo copy oci-archive:")]
+    return line
+
+
+def test_the_readme_push_command_pushes_the_archive_to_a_registry(built: Built, tmp_path: Path) -> None:
+    """The README's `skopeo copy` line, run as printed beside the built archive, pushes it to a real registry (Debian's docker-registry over TLS, answering as the printed host in a network namespace of ours), which then serves the same manifest."""
+    for tool in ("skopeo", "docker-registry", "openssl", "ip"):
+        if shutil.which(tool) is None:
+            missing(tool)
+    command = readme_push_command()
+    archive_name = re.search(r"oci-archive:(\S+)", command).group(1)  # type: ignore[union-attr]
+    reference = re.search(r"docker://(\S+)", command).group(1)  # type: ignore[union-attr]
+    host = reference.split("/", 1)[0]
+    assert (built.archive.parent / archive_name) == built.archive, "the README pushes the file it builds"
+    netns = f"enf-registry-{os.getpid()}"
+    # `ip netns exec` bind-mounts /etc/netns/<name>/<entry> over /etc/<entry> for the command only:
+    # the printed host resolves to this namespace's loopback, and skopeo trusts the registry's certificate.
+    etc = Path("/etc/netns") / netns
+    certs = etc / "containers" / "certs.d" / host
+    certs.mkdir(parents=True)
+    try:
+        shutil.copy("/etc/containers/policy.json", etc / "containers" / "policy.json")
+        (etc / "hosts").write_text(f"127.0.0.1 localhost {host}\n")
+        cert, key = tmp_path / "registry.crt", tmp_path / "registry.key"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                        "-subj", f"/CN={host}", "-addext", f"subjectAltName=DNS:{host}", "-days", "1",
+                        "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+        shutil.copy(cert, certs / "ca.crt")
+        config = tmp_path / "registry.yml"
+        config.write_text(json.dumps({
+            "version": 0.1, "log": {"level": "warn"},
+            "storage": {"filesystem": {"rootdirectory": str(tmp_path / "storage")}},
+            "http": {"addr": "127.0.0.1:443", "tls": {"certificate": str(cert), "key": str(key)}},
+        }))
+        subprocess.run(["ip", "netns", "add", netns], check=True)
+        try:
+            subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+            log = (tmp_path / "registry.log").open("wb")
+            registry = subprocess.Popen(["ip", "netns", "exec", netns, "docker-registry", "serve", str(config)],
+                                        stdout=log, stderr=log)
+            log.close()
+            try:
+                _wait_for_registry(netns, host)
+                pushed = subprocess.run(["ip", "netns", "exec", netns, "sh", "-c", command], cwd=built.archive.parent,
+                                        capture_output=True, text=True, check=False, timeout=300)
+                assert pushed.returncode == 0, pushed.stderr[-3000:]
+                inspected = subprocess.run(["ip", "netns", "exec", netns, "skopeo", "inspect", "--raw",
+                                            f"docker://{reference}"], capture_output=True, check=True, timeout=60)
+            finally:
+                registry.terminate()
+                registry.wait(timeout=10)
+        finally:
+            subprocess.run(["ip", "netns", "del", netns], check=False)
+    finally:
+        shutil.rmtree(etc, ignore_errors=True)
+    [descriptor] = built.index["manifests"]
+    served = json.loads(inspected.stdout)
+    assert served["layers"][0]["digest"] == built.manifest["layers"][0]["digest"]
+    assert served["config"]["digest"] == built.manifest["config"]["digest"]
+    assert "sha256:" + hashlib.sha256(inspected.stdout).hexdigest() == descriptor["digest"]
+
+
+def _wait_for_registry(netns: str, host: str) -> None:
+    """Until the registry answers its API root over TLS (a few hundred ms)."""
+    done = None
+    for _ in range(100):
+        done = subprocess.run(["ip", "netns", "exec", netns, "skopeo", "list-tags", f"docker://{host}/none"],
+                              capture_output=True, text=True, check=False, timeout=30)
+        if "connection refused" not in done.stderr:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the registry did not start: {done.stderr[-500:] if done else ''}")
