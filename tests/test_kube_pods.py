@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -756,9 +757,14 @@ async def test_a_new_pod_answers_nothing_unauthenticated_from_its_first_packet(c
     assert cluster.seen("first") == []  # not one request reached the app
 
 
-@pytest.mark.parametrize("how", ["deleted", "rolled"])
+def restarts(pod: dict[str, Any]) -> int:
+    """How often the kubelet restarted the pod's enforcer container."""
+    return sum(int(c.get("restartCount", 0)) for c in pod.get("status", {}).get("containerStatuses", []))
+
+
+@pytest.mark.parametrize("how", ["deleted", "rolled", "killed"])
 async def test_the_enforcer_pod_deleted_under_load_lets_nothing_through(cluster: Cluster, how: str) -> None:
-    """With the enforcer pod deleted (or replaced by a rolling update) under signed-in and anonymous load on a protected pod, the app never answers unauthenticated, its port stays refused, and service resumes with the new enforcer pod."""
+    """With the enforcer pod deleted, replaced by a rolling update, or its process killed with SIGKILL (a crash: no drain, no clean-up; the kubelet restarts the container) under signed-in and anonymous load on a protected pod, the app never answers unauthenticated, its port stays refused, and service resumes with the new enforcer."""
     name = cluster.deployment_pod("web")
     ip = cluster.pod_ip(name)
     user = await cluster.browser(ip, new_connection_per_request=True, timeout=5.0)
@@ -774,10 +780,19 @@ async def test_the_enforcer_pod_deleted_under_load_lets_nothing_through(cluster:
         at = time.monotonic()
         if how == "deleted":
             cluster.kubectl("-n", SYSTEM_NS, "delete", "pod", old["metadata"]["name"], "--wait=false")
-        else:  # an upgrade: the DaemonSet's template changes, its pods are replaced one node at a time
+        elif how == "rolled":  # an upgrade: the DaemonSet's template changes, its pods are replaced one node at a time
             cluster.kubectl("-n", SYSTEM_NS, "rollout", "restart", "daemonset/enforcer")
-        ready = await until("a new enforcer pod Ready",
-                            lambda: cluster.ready_enforcer(not_uid=old["metadata"]["uid"]), timeout=240, interval=0.25)  # fmt: skip
+        else:  # a crash: the daemon process (PID 1 of the container) dies at once
+            [pid] = enforcer_pids()
+            os.kill(pid, signal.SIGKILL)
+        if how == "killed":
+            ready = await until("the enforcer container restarted and Ready",
+                                lambda: (p := cluster.ready_enforcer()) is not None and restarts(p) > restarts(old),
+                                timeout=240, interval=0.25)  # fmt: skip
+        else:
+            ready = await until("a new enforcer pod Ready",
+                                lambda: cluster.ready_enforcer(not_uid=old["metadata"]["uid"]), timeout=240,
+                                interval=0.25)  # fmt: skip
         await until("signed-in requests served again",
                     lambda: (o := outage(load.samples, at)).resumed is not None and o.failed > 0, timeout=90)  # fmt: skip
         await asyncio.sleep(3.0)
