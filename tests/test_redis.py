@@ -92,6 +92,28 @@ async def test_pending_login_is_taken_once_by_any_enforcer(server: RedisServer) 
         assert server.cli("--scan", "--pattern", "enforcer:p:*") == ""
 
 
+async def test_first_use_is_fleet_wide_with_a_native_ttl(server: RedisServer) -> None:
+    """A mark made on one enforcer is a replay on another; it expires by itself when its token would be refused anyway."""
+    async with watched(server.config()) as a, watched(server.config()) as b:
+        now = time.time()
+        assert await a.first_use("logout", "iss\x00client\x00j1", now, now + 180)
+        assert not await b.first_use("logout", "iss\x00client\x00j1", now, now + 180)
+        assert not await a.first_use("logout", "iss\x00client\x00j1", now, now + 180)
+        assert await b.first_use("logout", "iss\x00client\x00j2", now, now + 10**9)
+        ttls = sorted(int(server.cli("PTTL", k)) for k in server.cli("--scan", "--pattern", "enforcer:j:*").split())
+        assert len(ttls) == 2 and 170_000 < ttls[0] <= 180_000 and ttls[1] <= 86_400_000
+        assert "j1" not in server.cli("--scan", "--pattern", "enforcer:j:*")  # stored hashed
+        assert await a.first_use("logout", "late", now, now - 5)  # already past: kept 1 ms
+        await asyncio.sleep(0.01)
+        assert await b.first_use("logout", "late", now, now + 5)
+        server.pause(True)
+        try:
+            with pytest.raises(SessionStoreUnavailable):
+                await a.first_use("logout", "iss\x00client\x00j3", now, now + 180)
+        finally:
+            server.pause(False)
+
+
 @pytest.mark.parametrize(("selector", "ended"), [({"sid": "sid-1"}, {"a1"}), ({"sub": "alice"}, {"a1", "a2"})])
 async def test_delete_matching_ends_exactly_the_named_sessions(
     server: RedisServer, selector: dict[str, str], ended: set[str]
@@ -315,6 +337,37 @@ async def test_logout_on_one_gate_is_refused_on_the_other_within_a_second(server
         assert refused.status == 302 and refused.flow.reason != Reason.SESSION_STORE_UNAVAILABLE
         assert delay < 1.0
         assert len(b.upstream.targets) == 1  # only the request before the logout reached the app
+
+
+async def test_replayed_logout_token_on_another_gate_ends_nothing(server: RedisServer) -> None:
+    """A logout token used on A, replayed on B after the user signed in again: 200 no-store, backchannel_replayed, the new session lives."""
+    async with watched(server.config()) as ra, watched(server.config()) as rb:
+        a, b = FleetRig(ra), FleetRig(rb)
+        b.provider = a.provider
+        b.gate.runtime.providers["app"] = a.provider
+        token = _logout_token(sub="alice")
+        await _sign_in(a, b)
+        first = await _backchannel(a, token)
+        assert first.status == 200 and first.flow.reason == Reason.BACKCHANNEL_LOGOUT
+        cookie = await _sign_in(b, a)
+        replay = await _backchannel(b, token)
+        assert replay.status == 200 and replay.flow.reason == Reason.BACKCHANNEL_REPLAYED
+        assert replay.response.headers["Cache-Control"] == "no-store"
+        served = await b.request("GET", "/private", {"Cookie": cookie, "Accept": "text/html"})
+        assert served.status == 200, served.flow.reason
+        other = await _backchannel(b, _logout_token(sub="alice", jti="j2"))  # a new token still acts
+        assert other.flow.reason == Reason.BACKCHANNEL_LOGOUT
+        gone = await b.request("GET", "/private", {"Cookie": cookie, "Accept": "text/html"})
+        assert gone.status == 302
+
+
+async def test_backchannel_logout_fails_when_redis_cannot_check_the_jti(server: RedisServer) -> None:
+    """Redis down: a valid logout token gets a 503 session_store_unavailable, never an unchecked logout."""
+    async with watched(server.config()) as store:
+        rig = FleetRig(store)
+        server.stop()
+        answer = await _backchannel(rig, _logout_token(sub="alice"))
+        assert answer.status == 503 and answer.flow.reason == Reason.SESSION_STORE_UNAVAILABLE
 
 
 async def test_gate_with_redis_down_never_forwards_an_unknown_session(server: RedisServer) -> None:

@@ -29,12 +29,14 @@ from enforcer.errors import EnforcerError, Reason
 from enforcer.identity.cache import _SessionCache
 from enforcer.identity.cookies import new_handle
 from enforcer.identity.sessions import (
+    USED_KEEP_MAX,
     Session,
     _check_max_sessions,
     _check_selector,
     _handle_key,
     _Lifetime,
     _matches,
+    _used_key,
     _Verdict,
 )
 
@@ -228,7 +230,8 @@ class RedisSessionStore:
       itself at ``min(expires, last_seen + idle_timeout)``; ``u:<id>`` / ``i:<id>`` the keys of
       one user's / one IdP session's sessions (back-channel logout), expiring with the newest;
       ``all`` a sorted set key -> deadline (count, ``max_sessions``); ``p:<hash of state>``
-      a pending login, taken once with ``GETDEL``.
+      a pending login, taken once with ``GETDEL``; ``j:<hash>`` a used logout token's mark
+      (:meth:`first_use`), expiring when the token would be refused anyway.
     * Revocation: a deletion (logout, back-channel logout, eviction) deletes the key and, in
       the same ``MULTI``, publishes the key on the ``revoked`` channel; every enforcer's
       :meth:`watch` drops its cached copy when the message arrives (a few ms).
@@ -651,6 +654,15 @@ class RedisSessionStore:
             args=[expected or "", _encode(renewed)["d"], renewed.id_token, _hex(key)],
         ))
         return bool(written)
+
+    async def first_use(self, kind: str, key: str, now: float, until: float) -> bool:
+        """Mark ``key`` used, fleet-wide: ``SET j:<hash> NX PX`` with a native TTL of ``until
+        - now`` (at most :data:`USED_KEEP_MAX`); False when another call (on any enforcer)
+        marked it first. Redis unreachable: :class:`SessionStoreUnavailable`, never a guess."""
+        self._check_up()
+        ttl_ms = max(1, int(min(until - now, USED_KEEP_MAX) * 1000))
+        jkey = f"{self._prefix}j:{_used_key(kind, key).hex()}"
+        return bool(await self._call("first_use", self._redis.set(jkey, b"1", nx=True, px=ttl_ms)))
 
     def retain_services(self, services: frozenset[str]) -> int:
         """After a reload: forget the cached sessions of services no longer defined."""

@@ -26,12 +26,15 @@ from enforcer.identity.cache import _Compact, _SessionCache
 from enforcer.identity.cookies import new_handle
 from enforcer.identity.sessions import (
     RENEWED_COLUMNS,
+    USED_KEEP_MAX,
+    USED_MAX,
     Session,
     SessionStoreError,
     _check_max_sessions,
     _check_selector,
     _handle_key,
     _Lifetime,
+    _used_key,
     _Verdict,
     renewed_fields,
 )
@@ -83,6 +86,11 @@ CREATE TABLE IF NOT EXISTS refresh_leases (
     key BLOB PRIMARY KEY,          -- a session being refreshed (single flight across workers)
     until REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS used_marks (
+    key BLOB PRIMARY KEY,          -- SHA-256 of a used one-time value (a logout token's jti)
+    until REAL NOT NULL            -- a replay is refused until then
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS used_marks_until ON used_marks (until);
 """
 
 PAGE_CACHE_KIB: Final = 256
@@ -246,6 +254,7 @@ class SQLiteSessionStore:
         max_sessions: int = 100_000,
         cache_size: int = 10_000,
         shared: bool = False,
+        max_used: int = USED_MAX,
     ) -> None:
         """Open (creating if needed) the database at ``path``.
 
@@ -258,6 +267,7 @@ class SQLiteSessionStore:
         self._life = _Lifetime.make(idle_timeout, touch_interval)
         self._path = path
         self._max = max_sessions
+        self._max_used = max(1, max_used)
         self._cache = _SessionCache(cache_size)
         # Bumped on every deletion/recovery; a read-through that overlapped one must not
         # re-insert what it read into the cache (it could be a just-deleted session).
@@ -650,6 +660,7 @@ class SQLiteSessionStore:
             with _transaction(conn):
                 conn.execute("DELETE FROM revocations WHERE at < ?", (now - REVOCATION_KEEP,))
                 conn.execute("DELETE FROM pending_logins WHERE created < ?", (now - PENDING_KEEP,))
+                conn.execute("DELETE FROM used_marks WHERE until <= ?", (now,))
 
         await self._run(prune)
         return n
@@ -752,6 +763,31 @@ class SQLiteSessionStore:
             return row[0] if now - float(row[1]) <= ttl else None
 
         return await self._run(take)
+
+    async def first_use(self, kind: str, key: str, now: float, until: float) -> bool:
+        """Mark ``key`` used until ``until`` (a ``used_marks`` row, seen by every worker);
+        False when it already is. At most ``max_used`` rows: beyond, those nearest their end go
+        (expired ones also go in :meth:`purge_expired`)."""
+        mark = _used_key(kind, key)
+        keep = min(until, now + USED_KEEP_MAX)
+        limit = self._max_used
+
+        def mark_used(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                conn.execute("DELETE FROM used_marks WHERE key = ? AND until <= ?", (mark, now))
+                if not conn.execute("INSERT OR IGNORE INTO used_marks (key, until) VALUES (?, ?)",
+                                    (mark, keep)).rowcount:
+                    return False
+                (total,) = conn.execute("SELECT COUNT(*) FROM used_marks").fetchone()
+                if int(total) > limit:
+                    conn.execute(
+                        "DELETE FROM used_marks WHERE key IN (SELECT key FROM used_marks WHERE key != ? "
+                        "ORDER BY until ASC, key ASC LIMIT ?)",
+                        (mark, int(total) - limit),
+                    )
+                return True
+
+        return await self._run(mark_used)
 
     async def close(self) -> None:
         """Close the connection and stop the worker thread."""
