@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import secrets
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -68,9 +69,16 @@ return 1
 """Slide ``last_seen`` (only forward) and the key's TTL; never re-creates a deleted session."""
 
 
+_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+"""Release a refresh lease only if this holder still owns it (``ARGV[1]``, its random value):
+a holder whose lease expired must not release the next holder's."""
+
 _RENEW: Final = """
 local d = redis.call('HGET', KEYS[1], 'd')
-redis.call('DEL', KEYS[2])
+if redis.call('GET', KEYS[2]) == ARGV[5] then redis.call('DEL', KEYS[2]) end
 if not d then return 0 end
 local data = cjson.decode(d)
 if data['refresh_token'] ~= ARGV[1] then return 0 end
@@ -81,7 +89,10 @@ return 1
 """A refresh's write: if the stored refresh token is still the one the refresh used, replace
 ``d`` (the renewed session, built from the one the lease returned), store the new ID token,
 publish the key (every enforcer drops its cached copy) -- and release the lease (``r:<key>``)
-in any case. One script: atomic."""
+in any case if it still holds this holder's value (``ARGV[5]``). One script: atomic."""
+
+_LEASES_MAX: Final = 10_000
+"""Most leases one store remembers holding; beyond, those past their end are forgotten."""
 
 
 class SessionStoreUnavailable(EnforcerError):
@@ -278,6 +289,10 @@ class RedisSessionStore:
         self._channel = f"{p}revoked".encode()
         self._touch = self._redis.register_script(_TOUCH)
         self._renew = self._redis.register_script(_RENEW)
+        self._release = self._redis.register_script(_RELEASE)
+        self._leases: dict[bytes, tuple[bytes, float]] = {}
+        """The refresh leases this store holds: key -> (its random value in ``r:<key>``, when
+        it ends by the ``clock``). The gate refreshes one session at a time per process."""
         self._clock = clock
         self._on_state = on_state
         self._fresh_until = -1.0
@@ -617,41 +632,54 @@ class RedisSessionStore:
         return int(await self._call("purge", self._redis.zremrangebyscore(self._all, "-inf", now)))
 
     async def refresh_begin(self, handle: str, now: float, lease: float) -> Session | None:
-        """Take the refresh lease of ``handle``'s session (``SET r:<key> NX PX``: one refresh at
-        a time across the fleet) and return the session read from Redis; None when leased or
-        unknown."""
+        """Take the refresh lease of ``handle``'s session (``SET r:<key> <random> NX PX``: one
+        refresh at a time across the fleet; the random value says who holds it) and return the
+        session read from Redis; None when leased or unknown."""
         key = _handle_key(handle)
         if key is None:
             return None
         self._check_up()
         rkey = f"{self._prefix}r:{_hex(key)}"
-        taken = await self._call("lease", self._redis.set(rkey, b"1", nx=True, px=max(1, int(lease * 1000))))
+        owner = secrets.token_hex(16).encode()
+        taken = await self._call("lease", self._redis.set(rkey, owner, nx=True, px=max(1, int(lease * 1000))))
         if not taken:
             return None
+        self._hold(key, owner, lease)
         d, last = await self._call("get", self._redis.hmget(self._skey(key), ["d", "l"]))
         try:
             read = _decode(d, last)
         except (ValueError, TypeError, KeyError):
             read = None
         if read is None:
-            await self._call("lease", self._redis.delete(rkey))
+            await self._call("lease", self._release(keys=[rkey], args=[self._leases.pop(key)[0]]))
         return read
 
+    def _hold(self, key: bytes, owner: bytes, lease: float) -> None:
+        """Remember a lease taken (bounded: an end never called is forgotten after the lease)."""
+        now = self._clock()
+        if len(self._leases) >= _LEASES_MAX:
+            self._leases = {k: v for k, v in self._leases.items() if v[1] > now}
+        self._leases[key] = (owner, now + lease)
+
     async def refresh_end(self, handle: str, expected: str | None, renewed: Session | None) -> bool:
-        """Release the lease; with ``renewed`` (the session :meth:`refresh_begin` returned, with
-        renewed claims), replace the stored one atomically if its refresh token is still
-        ``expected``, and publish the key to every enforcer."""
+        """Release the lease if this store still holds it (its value is still in ``r:<key>``);
+        with ``renewed`` (the session :meth:`refresh_begin` returned, with renewed claims),
+        replace the stored one atomically if its refresh token is still ``expected``, and
+        publish the key to every enforcer."""
         key = _handle_key(handle)
         if key is None:
             return False
         rkey = f"{self._prefix}r:{_hex(key)}"
+        held = self._leases.pop(key, None)
+        owner = held[0] if held is not None else b""
         if renewed is None:
-            await self._call("lease", self._redis.delete(rkey))
+            if held is not None:
+                await self._call("lease", self._release(keys=[rkey], args=[owner]))
             return False
         self._forget([key])
         written = await self._call("renew", self._renew(
             keys=[self._skey(key), rkey, self._channel],
-            args=[expected or "", _encode(renewed)["d"], renewed.id_token, _hex(key)],
+            args=[expected or "", _encode(renewed)["d"], renewed.id_token, _hex(key), owner],
         ))
         return bool(written)
 

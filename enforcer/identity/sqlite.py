@@ -101,6 +101,9 @@ stay cached and a leaf it has to re-read comes from the OS page cache (one ``pre
 PENDING_KEEP: Final = 3600.0
 """Seconds after which an abandoned pending login row is removed (the TTL check is separate)."""
 
+_LEASES_MAX: Final = 10_000
+"""Most refresh leases one store remembers holding; beyond, those past their end are forgotten."""
+
 REVOCATION_KEEP: Final = 600.0
 """Seconds a revocation row is kept for other workers to see (they look at least every request)."""
 
@@ -268,6 +271,9 @@ class SQLiteSessionStore:
         self._path = path
         self._max = max_sessions
         self._max_used = max(1, max_used)
+        self._leases: dict[bytes, float] = {}
+        """The refresh leases this worker holds: key -> the ``until`` it wrote (which says the
+        row is still its own: a later holder writes a later one)."""
         self._cache = _SessionCache(cache_size)
         # Bumped on every deletion/recovery; a read-through that overlapped one must not
         # re-insert what it read into the cache (it could be a just-deleted session).
@@ -683,14 +689,18 @@ class SQLiteSessionStore:
                 taken = conn.execute(
                     "INSERT INTO refresh_leases (key, until) VALUES (?, ?) ON CONFLICT (key) "
                     "DO UPDATE SET until = excluded.until WHERE refresh_leases.until <= ?",
-                    (key, now + lease, now),
+                    (key, until, now),
                 ).rowcount
                 conn.execute("DELETE FROM refresh_leases WHERE until <= ?", (now,))
                 return row if taken else None
 
+        until = now + lease
         row = await self._run(take)
         if row is None:
             return None
+        if len(self._leases) >= _LEASES_MAX:
+            self._leases = {k: u for k, u in self._leases.items() if u > now}
+        self._leases[key] = until
         try:
             return _decode(row)
         except (ValueError, TypeError):
@@ -698,7 +708,8 @@ class SQLiteSessionStore:
             return None
 
     async def refresh_end(self, handle: str, expected: str | None, renewed: Session | None) -> bool:
-        """Release the lease; with ``renewed``, rewrite the session's renewed fields in the same
+        """Release the lease if this worker still holds it (a late end never releases the next
+        holder's); with ``renewed``, rewrite the session's renewed fields in the same
         transaction if its refresh token is still ``expected``, and tell the other workers to
         drop their cached copy (a ``revocations`` row: they read the new one through)."""
         key = _handle_key(handle)
@@ -706,6 +717,7 @@ class SQLiteSessionStore:
             return False
         assignments = ", ".join(f"{c} = ?" for c in RENEWED_COLUMNS)
         fields = renewed_fields(renewed) if renewed is not None else ()
+        until = self._leases.pop(key, None)
 
         def finish(conn: sqlite3.Connection) -> bool:
             with _transaction(conn):
@@ -717,7 +729,8 @@ class SQLiteSessionStore:
                     ).rowcount
                     if written:
                         self._revoke(conn, [key])
-                conn.execute("DELETE FROM refresh_leases WHERE key = ?", (key,))
+                if until is not None:  # only our own lease: its row still holds our end
+                    conn.execute("DELETE FROM refresh_leases WHERE key = ? AND until = ?", (key, until))
                 return bool(written)
 
         written = await self._run(finish)
