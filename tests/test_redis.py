@@ -130,6 +130,21 @@ async def test_delete_matching_ends_exactly_the_named_sessions(
         assert alive == set(handles) - ended
 
 
+async def test_back_channel_indexes_are_only_ever_extended(server: RedisServer) -> None:
+    """A later session ending sooner does not shorten the user's and IdP session's indexes: a back-channel logout still finds the older one."""
+    async with watched(server.config()) as store:
+        long = await store.create(make_session())  # ends in 8 h
+        await store.create(make_session(expires=time.time() + 60))
+        indexes = server.cli("--scan", "--pattern", "enforcer:[ui]:*").split()
+        assert len(indexes) == 2
+        for index in indexes:
+            assert int(server.cli("PTTL", index)) > 7 * 3600 * 1000, index
+        await store.create(make_session(expires=time.time() + 9 * 3600))
+        assert all(int(server.cli("PTTL", i)) > 8.5 * 3600 * 1000 for i in indexes)  # extended
+        assert await store.delete_matching(issuer=ISSUER, sid="sid-1") == 3
+        assert await store.get(long, "app", time.time()) is None
+
+
 async def test_max_sessions_evicts_the_session_nearest_its_end(server: RedisServer) -> None:
     """Beyond max_sessions the session closest to its deadline goes, on every enforcer."""
     async with watched(server.config(), max_sessions=2) as store:

@@ -69,6 +69,21 @@ return 1
 """Slide ``last_seen`` (only forward) and the key's TTL; never re-creates a deleted session."""
 
 
+_INDEX: Final = """
+redis.call('SADD', KEYS[1], ARGV[1])
+local at = tonumber(ARGV[2])
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl >= 0 then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + pttl >= at then return 0 end
+end
+redis.call('PEXPIREAT', KEYS[1], at)
+return 1
+"""
+"""Add a session key to a back-channel index (``u:``/``i:``) and extend the index's TTL to
+``ARGV[2]`` (unix ms) -- never shorten it: the index must outlive every session it names.
+(Compares ``PTTL`` with Redis' own clock: ``PEXPIREAT ... GT`` needs Redis 7.)"""
+
 _RELEASE: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -239,7 +254,8 @@ class RedisSessionStore:
     * Keys (all under ``key_prefix``): ``s:<hex SHA-256(handle)>`` a hash per session (``d``
       the session as JSON, ``t`` the raw ID token, ``l`` last_seen) that Redis expires by
       itself at ``min(expires, last_seen + idle_timeout)``; ``u:<id>`` / ``i:<id>`` the keys of
-      one user's / one IdP session's sessions (back-channel logout), expiring with the newest;
+      one user's / one IdP session's sessions (back-channel logout), expiring with the one
+      that ends last (a TTL only ever extended);
       ``all`` a sorted set key -> deadline (count, ``max_sessions``); ``p:<hash of state>``
       a pending login, taken once with ``GETDEL``; ``j:<hash>`` a used logout token's mark
       (:meth:`first_use`), expiring when the token would be refused anyway.
@@ -290,6 +306,7 @@ class RedisSessionStore:
         self._touch = self._redis.register_script(_TOUCH)
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)
+        self._index = self._redis.register_script(_INDEX)
         self._leases: dict[bytes, tuple[bytes, float]] = {}
         """The refresh leases this store holds: key -> (its random value in ``r:<key>``, when
         it ends by the ``clock``). The gate refreshes one session at a time per process."""
@@ -456,8 +473,7 @@ class RedisSessionStore:
         if session.sid is not None:
             indexes.append(f"{self._prefix}i:{_index_id(session.issuer, session.sid)}")
         for index in indexes:
-            pipe.sadd(index, hexkey)
-            pipe.pexpireat(index, index_ms)
+            await self._index(keys=[index], args=[hexkey, index_ms], client=pipe)  # (queued: EVALSHA)
         pipe.zadd(self._all, {hexkey: deadline})
         pipe.zcard(self._all)
         results = await self._call("create", pipe.execute())
