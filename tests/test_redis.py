@@ -92,6 +92,25 @@ async def test_pending_login_is_taken_once_by_any_enforcer(server: RedisServer) 
         assert server.cli("--scan", "--pattern", "enforcer:p:*") == ""
 
 
+async def test_pending_logins_expire_with_the_login_timeout_and_are_capped_fleet_wide(server: RedisServer) -> None:
+    """Pending logins live for the login timeout, not an hour, and beyond max_pending (across enforcers) the oldest go."""
+    async with watched(server.config()) as a, watched(server.config()) as b:
+        now = time.time()
+        for i in range(5):
+            await (a, b)[i % 2].put_pending(f"state-{i}", f"data-{i}", now + i, max_pending=3, ttl=600)
+        keys = server.cli("--scan", "--pattern", "enforcer:p:*").split()
+        assert len(keys) == 3
+        assert all(590_000 < int(server.cli("PTTL", k)) <= 600_000 for k in keys)
+        assert int(server.cli("ZCARD", "enforcer:pending")) == 3
+        assert 590_000 < int(server.cli("PTTL", "enforcer:pending")) <= 600_000
+        taken = [await (b, a)[i % 2].take_pending(f"state-{i}", now + 10, 600) for i in range(5)]
+        assert taken == [None, None, "data-2", "data-3", "data-4"]
+        assert int(server.cli("ZCARD", "enforcer:pending")) == 0  # taken ones leave the index too
+        await a.put_pending("ended", "x", now - 700, max_pending=3, ttl=600)
+        await a.put_pending("fresh", "y", now, max_pending=3, ttl=600)  # drops the ended one from the index
+        assert server.cli("ZRANGE", "enforcer:pending", "0", "-1").count("enforcer:p:") == 1
+
+
 async def test_first_use_is_fleet_wide_with_a_native_ttl(server: RedisServer) -> None:
     """A mark made on one enforcer is a replay on another; it expires by itself when its token would be refused anyway."""
     async with watched(server.config()) as a, watched(server.config()) as b:

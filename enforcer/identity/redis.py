@@ -46,7 +46,24 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 PENDING_KEEP: Final = 3600
-"""Seconds a pending login is kept in Redis (its TTL check, ``loginTimeout``, is separate)."""
+"""Seconds a pending login is kept in Redis when the caller names no ``ttl`` (``loginTimeout``)."""
+
+_PUT_PENDING: Final = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[3], KEYS[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[5])
+if excess > 0 then
+  local old = redis.call('ZPOPMIN', KEYS[2], excess)
+  for i = 1, #old, 2 do redis.call('DEL', old[i]) end
+end
+return 1
+"""
+"""Store a pending login (``KEYS[1]``, TTL ``ARGV[2]`` ms) and index it in ``KEYS[2]`` (a sorted
+set of pending keys by creation, ``ARGV[3]``): entries older than ``ARGV[4]`` (ended) leave the
+index; beyond ``ARGV[5]`` (``max_pending``, fleet-wide) the oldest pending logins are deleted.
+One script: atomic. (The deleted keys are all under the prefix: no Redis Cluster here.)"""
 
 PING_INTERVAL: Final = 0.25
 """How often the watcher confirms its subscription is live (a PING through it)."""
@@ -257,8 +274,10 @@ class RedisSessionStore:
       one user's / one IdP session's sessions (back-channel logout), expiring with the one
       that ends last (a TTL only ever extended);
       ``all`` a sorted set key -> deadline (count, ``max_sessions``); ``p:<hash of state>``
-      a pending login, taken once with ``GETDEL``; ``j:<hash>`` a used logout token's mark
-      (:meth:`first_use`), expiring when the token would be refused anyway.
+      a pending login, taken once with ``GETDEL``, expiring after the login timeout, and
+      ``pending`` a sorted set of them by creation (``max_pending``, fleet-wide); ``j:<hash>``
+      a used logout token's mark (:meth:`first_use`), expiring when the token would be
+      refused anyway.
     * Revocation: a deletion (logout, back-channel logout, eviction) deletes the key and, in
       the same ``MULTI``, publishes the key on the ``revoked`` channel; every enforcer's
       :meth:`watch` drops its cached copy when the message arrives (a few ms).
@@ -307,6 +326,8 @@ class RedisSessionStore:
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)
         self._index = self._redis.register_script(_INDEX)
+        self._put_pending = self._redis.register_script(_PUT_PENDING)
+        self._pending = f"{p}pending"
         self._leases: dict[bytes, tuple[bytes, float]] = {}
         """The refresh leases this store holds: key -> (its random value in ``r:<key>``, when
         it ends by the ``clock``). The gate refreshes one session at a time per process."""
@@ -717,18 +738,29 @@ class RedisSessionStore:
     def _pkey(self, state: str) -> str:
         return f"{self._prefix}p:{hashlib.sha256(state.encode('utf-8', 'surrogatepass')).hexdigest()}"
 
-    async def put_pending(self, state: str, data: str, created: float, *, max_pending: int) -> None:
-        """Remember a pending login under ``state`` for every enforcer (Redis expires it;
-        ``max_pending`` is left to Redis' memory limit)."""
+    async def put_pending(
+        self, state: str, data: str, created: float, *, max_pending: int, ttl: float | None = None
+    ) -> None:
+        """Remember a pending login under ``state`` for every enforcer: Redis expires it after
+        ``ttl`` (the login timeout) and keeps at most ``max_pending`` fleet-wide (the oldest go)."""
         self._check_up()
+        keep = PENDING_KEEP if ttl is None else ttl
         value = json.dumps([created, data], separators=(",", ":"))
-        await self._call("put_pending", self._redis.set(self._pkey(state), value, ex=PENDING_KEEP))
+        await self._call("put_pending", self._put_pending(
+            keys=[self._pkey(state), self._pending],
+            args=[value, max(1, int(keep * 1000)), repr(float(created)), repr(float(created - keep)),
+                  max(1, max_pending)],
+        ))
 
     async def take_pending(self, state: str, now: float, ttl: float) -> str | None:
         """Consume the pending login for ``state`` once (``GETDEL``, atomic across the fleet);
         None when unknown or older than ``ttl`` seconds."""
         self._check_up()
-        raw = await self._call("take_pending", self._redis.getdel(self._pkey(state)))
+        pkey = self._pkey(state)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.getdel(pkey)
+        pipe.zrem(self._pending, pkey)
+        raw, _ = await self._call("take_pending", pipe.execute())
         if raw is None:
             return None
         try:

@@ -149,8 +149,11 @@ class FleetStore(Protocol):
         """Follow the other enforcers' revocations until cancelled."""
         ...
 
-    async def put_pending(self, state: str, data: str, created: float, *, max_pending: int) -> None:
-        """Keep a pending login where every enforcer can take it (the callback may land elsewhere)."""
+    async def put_pending(
+        self, state: str, data: str, created: float, *, max_pending: int, ttl: float | None = None
+    ) -> None:
+        """Keep a pending login where every enforcer can take it (the callback may land
+        elsewhere), for ``ttl`` seconds (the login timeout), at most ``max_pending`` fleet-wide."""
         ...
 
     async def take_pending(self, state: str, now: float, ttl: float) -> str | None:

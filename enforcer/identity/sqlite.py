@@ -744,8 +744,11 @@ class SQLiteSessionStore:
             at = time.time()
             conn.executemany("INSERT INTO revocations (key, at) VALUES (?, ?)", [(k, at) for k in keys])
 
-    async def put_pending(self, state: str, data: str, created: float, *, max_pending: int) -> None:
-        """Remember a pending login under its ``state`` (the oldest go beyond ``max_pending``)."""
+    async def put_pending(
+        self, state: str, data: str, created: float, *, max_pending: int, ttl: float | None = None
+    ) -> None:
+        """Remember a pending login under its ``state`` (the oldest go beyond ``max_pending``;
+        ``ttl`` is checked when it is taken, and abandoned rows go in :meth:`purge_expired`)."""
 
         def put(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
