@@ -214,6 +214,7 @@ class Reason(enum.StrEnum):
     LOGOUT = "logout"
     LOGOUT_CONFIRM = "logout_confirm"
     BACKCHANNEL_LOGOUT = "backchannel_logout"
+    BACKCHANNEL_REPLAYED = "backchannel_replayed"
     BACKCHANNEL_METHOD = "backchannel_method"
     BACKCHANNEL_CONTENT_TYPE = "backchannel_content_type"
     BACKCHANNEL_TOO_LARGE = "backchannel_too_large"

@@ -1944,16 +1944,23 @@ async def test_P_BCL_02_P_BCL_03_invalid_logout_tokens_are_400(env: Env, case: s
 
 @pytest.mark.usefixtures("op_identity")
 async def test_P_BCL_04_P_BCL_05_replay_and_unknown_sid(env: Env) -> None:
-    """P-BCL-04 / P-BCL-05: replaying a used token, or naming an unknown sid, is a harmless 200."""
+    """P-BCL-04 / P-BCL-05: a replayed sub-only token (same jti) is a no-store 200 that ends nothing, not even the user's newer session; an unknown sid is a harmless 200."""
     b = await logged_in(env, "u-e", "sid-e")
+    again: ScriptedBrowser | None = None
     try:
-        token = env.op.logout_token(sid="sid-e", overrides={"sub": "u-e"})
-        assert (await bcl_post(env, form(token))).status == 200
+        token = env.op.logout_token(overrides={"sub": "u-e", "sid": DELETE})
         assert (await bcl_post(env, form(token))).status == 200
         assert not await is_live(env, b)
+        again = await logged_in(env, "u-e", "sid-e2")
+        replay = await bcl_post(env, form(token))
+        assert replay.status == 200 and replay.headers["Cache-Control"] == "no-store"
+        assert await is_live(env, again), "a replayed logout token ends the user's new session"
+        assert env.flow_reasons("/oauth2/logout/backchannel")[-2:] == ["backchannel_logout", "backchannel_replayed"]
         assert (await bcl_post(env, form(env.op.logout_token(sid="never-seen")))).status == 200
     finally:
         await b.close()
+        if again is not None:
+            await again.close()
 
 
 @pytest.mark.parametrize(("method", "body", "ctype", "status"), [

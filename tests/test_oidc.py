@@ -598,7 +598,9 @@ class _FakePendingBackend:
     def __init__(self) -> None:
         self.rows: dict[str, tuple[str, float]] = {}
 
-    async def put_pending(self, state: str, data: str, created: float, *, max_pending: int) -> None:
+    async def put_pending(
+        self, state: str, data: str, created: float, *, max_pending: int, ttl: float | None = None
+    ) -> None:
         self.rows[state] = (data, created)
 
     async def take_pending(self, state: str, now: float, ttl: float) -> str | None:

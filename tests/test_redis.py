@@ -92,6 +92,47 @@ async def test_pending_login_is_taken_once_by_any_enforcer(server: RedisServer) 
         assert server.cli("--scan", "--pattern", "enforcer:p:*") == ""
 
 
+async def test_pending_logins_expire_with_the_login_timeout_and_are_capped_fleet_wide(server: RedisServer) -> None:
+    """Pending logins live for the login timeout, not an hour, and beyond max_pending (across enforcers) the oldest go."""
+    async with watched(server.config()) as a, watched(server.config()) as b:
+        now = time.time()
+        for i in range(5):
+            await (a, b)[i % 2].put_pending(f"state-{i}", f"data-{i}", now + i, max_pending=3, ttl=600)
+        keys = server.cli("--scan", "--pattern", "enforcer:p:*").split()
+        assert len(keys) == 3
+        assert all(590_000 < int(server.cli("PTTL", k)) <= 600_000 for k in keys)
+        assert int(server.cli("ZCARD", "enforcer:pending")) == 3
+        assert 590_000 < int(server.cli("PTTL", "enforcer:pending")) <= 600_000
+        taken = [await (b, a)[i % 2].take_pending(f"state-{i}", now + 10, 600) for i in range(5)]
+        assert taken == [None, None, "data-2", "data-3", "data-4"]
+        assert int(server.cli("ZCARD", "enforcer:pending")) == 0  # taken ones leave the index too
+        await a.put_pending("ended", "x", now - 700, max_pending=3, ttl=600)
+        await a.put_pending("fresh", "y", now, max_pending=3, ttl=600)  # drops the ended one from the index
+        assert server.cli("ZRANGE", "enforcer:pending", "0", "-1").count("enforcer:p:") == 1
+
+
+async def test_first_use_is_fleet_wide_with_a_native_ttl(server: RedisServer) -> None:
+    """A mark made on one enforcer is a replay on another; it expires by itself when its token would be refused anyway."""
+    async with watched(server.config()) as a, watched(server.config()) as b:
+        now = time.time()
+        assert await a.first_use("logout", "iss\x00client\x00j1", now, now + 180)
+        assert not await b.first_use("logout", "iss\x00client\x00j1", now, now + 180)
+        assert not await a.first_use("logout", "iss\x00client\x00j1", now, now + 180)
+        assert await b.first_use("logout", "iss\x00client\x00j2", now, now + 10**9)
+        ttls = sorted(int(server.cli("PTTL", k)) for k in server.cli("--scan", "--pattern", "enforcer:j:*").split())
+        assert len(ttls) == 2 and 170_000 < ttls[0] <= 180_000 and ttls[1] <= 86_400_000
+        assert "j1" not in server.cli("--scan", "--pattern", "enforcer:j:*")  # stored hashed
+        assert await a.first_use("logout", "late", now, now - 5)  # already past: kept 1 ms
+        await asyncio.sleep(0.01)
+        assert await b.first_use("logout", "late", now, now + 5)
+        server.pause(True)
+        try:
+            with pytest.raises(SessionStoreUnavailable):
+                await a.first_use("logout", "iss\x00client\x00j3", now, now + 180)
+        finally:
+            server.pause(False)
+
+
 @pytest.mark.parametrize(("selector", "ended"), [({"sid": "sid-1"}, {"a1"}), ({"sub": "alice"}, {"a1", "a2"})])
 async def test_delete_matching_ends_exactly_the_named_sessions(
     server: RedisServer, selector: dict[str, str], ended: set[str]
@@ -106,6 +147,21 @@ async def test_delete_matching_ends_exactly_the_named_sessions(
         assert await store.delete_matching(issuer=ISSUER, **selector) == len(ended)
         alive = {n for n, h in handles.items() if await store.get(h, "app", time.time()) is not None}
         assert alive == set(handles) - ended
+
+
+async def test_back_channel_indexes_are_only_ever_extended(server: RedisServer) -> None:
+    """A later session ending sooner does not shorten the user's and IdP session's indexes: a back-channel logout still finds the older one."""
+    async with watched(server.config()) as store:
+        long = await store.create(make_session())  # ends in 8 h
+        await store.create(make_session(expires=time.time() + 60))
+        indexes = server.cli("--scan", "--pattern", "enforcer:[ui]:*").split()
+        assert len(indexes) == 2
+        for index in indexes:
+            assert int(server.cli("PTTL", index)) > 7 * 3600 * 1000, index
+        await store.create(make_session(expires=time.time() + 9 * 3600))
+        assert all(int(server.cli("PTTL", i)) > 8.5 * 3600 * 1000 for i in indexes)  # extended
+        assert await store.delete_matching(issuer=ISSUER, sid="sid-1") == 3
+        assert await store.get(long, "app", time.time()) is None
 
 
 async def test_max_sessions_evicts_the_session_nearest_its_end(server: RedisServer) -> None:
@@ -315,6 +371,37 @@ async def test_logout_on_one_gate_is_refused_on_the_other_within_a_second(server
         assert refused.status == 302 and refused.flow.reason != Reason.SESSION_STORE_UNAVAILABLE
         assert delay < 1.0
         assert len(b.upstream.targets) == 1  # only the request before the logout reached the app
+
+
+async def test_replayed_logout_token_on_another_gate_ends_nothing(server: RedisServer) -> None:
+    """A logout token used on A, replayed on B after the user signed in again: 200 no-store, backchannel_replayed, the new session lives."""
+    async with watched(server.config()) as ra, watched(server.config()) as rb:
+        a, b = FleetRig(ra), FleetRig(rb)
+        b.provider = a.provider
+        b.gate.runtime.providers["app"] = a.provider
+        token = _logout_token(sub="alice")
+        await _sign_in(a, b)
+        first = await _backchannel(a, token)
+        assert first.status == 200 and first.flow.reason == Reason.BACKCHANNEL_LOGOUT
+        cookie = await _sign_in(b, a)
+        replay = await _backchannel(b, token)
+        assert replay.status == 200 and replay.flow.reason == Reason.BACKCHANNEL_REPLAYED
+        assert replay.response.headers["Cache-Control"] == "no-store"
+        served = await b.request("GET", "/private", {"Cookie": cookie, "Accept": "text/html"})
+        assert served.status == 200, served.flow.reason
+        other = await _backchannel(b, _logout_token(sub="alice", jti="j2"))  # a new token still acts
+        assert other.flow.reason == Reason.BACKCHANNEL_LOGOUT
+        gone = await b.request("GET", "/private", {"Cookie": cookie, "Accept": "text/html"})
+        assert gone.status == 302
+
+
+async def test_backchannel_logout_fails_when_redis_cannot_check_the_jti(server: RedisServer) -> None:
+    """Redis down: a valid logout token gets a 503 session_store_unavailable, never an unchecked logout."""
+    async with watched(server.config()) as store:
+        rig = FleetRig(store)
+        server.stop()
+        answer = await _backchannel(rig, _logout_token(sub="alice"))
+        assert answer.status == 503 and answer.flow.reason == Reason.SESSION_STORE_UNAVAILABLE
 
 
 async def test_gate_with_redis_down_never_forwards_an_unknown_session(server: RedisServer) -> None:

@@ -301,6 +301,25 @@ async def test_sqlite_store_lease_is_shared_between_workers(tmp_path: Path) -> N
 # ------------------------------------------------------------------ the gate at the fake OP
 
 
+async def test_sqlite_late_end_does_not_release_the_next_holders_lease(tmp_path: Path) -> None:
+    """A worker whose lease ran out ends late: the next holder's lease stays, though the write over the expected token happens."""
+    a = SQLiteSessionStore(tmp_path / "s.db", idle_timeout=3600, shared=True)
+    b = SQLiteSessionStore(tmp_path / "s.db", idle_timeout=3600, shared=True)
+    try:
+        handle = await a.create(SESSION)
+        stored = await a.refresh_begin(handle, NOW, 10)
+        assert stored is not None
+        assert await b.refresh_begin(handle, NOW + 11, 10) is not None  # a's lease ran out
+        renewed = dataclasses.replace(stored, refresh_token="sealed-new")
+        assert await a.refresh_end(handle, "sealed-old", renewed)  # late: still a compare-and-set write
+        assert await a.refresh_begin(handle, NOW + 12, 10) is None  # b's lease stays
+        assert not await b.refresh_end(handle, "sealed-old", renewed)
+        assert await a.refresh_begin(handle, NOW + 13, 10) is not None  # released by its holder
+    finally:
+        await a.close()
+        await b.close()
+
+
 def _definitions(service: dict[str, Any], spec: dict[str, Any]) -> Definitions:
     parsed = parse_documents(yaml.safe_dump_all([{**SERVICE, **service}, spec]), "defs.yaml")
     assert isinstance(parsed, list)
@@ -533,7 +552,7 @@ async def test_redis_store_lease_and_atomic_write_reach_every_enforcer(redis_ser
         renewed = dataclasses.replace(stored, tags=frozenset({"groups=ops"}), refresh_token="sealed-new",
                                       claims_expire=now + 400, id_token="new.id.token")
         assert not await b.refresh_end(handle, "sealed-other", renewed)  # not the stored token: no write
-        assert await a.refresh_begin(handle, now, 10) is not None  # ... but the lease was released
+        assert await b.refresh_begin(handle, now, 10) is None  # ... and A's lease is not B's to release
         assert await a.refresh_end(handle, "sealed-old", renewed)
         assert await until(lambda: b.get_cached(handle, "app", now) is None, 1.0) <= 1.0
         got = await b.get(handle, "app", now)
@@ -544,3 +563,21 @@ async def test_redis_store_lease_and_atomic_write_reach_every_enforcer(redis_ser
         assert await a.refresh_begin("junk", now, 10) is None and not await a.refresh_end("junk", None, None)
         assert not await a.refresh_end(handle, "sealed-new", renewed)  # gone: nothing re-created
         assert await a.get(handle, "app", now) is None
+
+
+async def test_redis_late_end_does_not_release_the_next_holders_lease(redis_server: RedisServer) -> None:
+    """A holder whose lease expired ends late: the next holder's lease (another random value) stays; the compare-and-set write still applies."""
+    async with watched(redis_server.config()) as a, watched(redis_server.config()) as b:
+        now = time.time()
+        handle = await a.create(redis_session(refresh_token="sealed-old", claims_expire=now + 10))
+        stored = await a.refresh_begin(handle, now, 0.05)
+        assert stored is not None
+        await asyncio.sleep(0.1)  # a's lease expires in Redis
+        assert await b.refresh_begin(handle, now, 10) is not None
+        assert not await a.refresh_end(handle, None, None)  # late, nothing to write
+        assert await a.refresh_begin(handle, now, 10) is None  # b's lease stays
+        renewed = dataclasses.replace(stored, refresh_token="sealed-new")
+        assert await a.refresh_end(handle, "sealed-old", renewed)  # late write: the token still matches
+        assert await a.refresh_begin(handle, now, 10) is None  # ... and b's lease still stays
+        assert not await b.refresh_end(handle, "sealed-old", renewed)  # rotated by a: no write, released
+        assert await a.refresh_begin(handle, now, 10) is not None

@@ -504,6 +504,38 @@ async def test_max_sessions_evicts_least_recently_seen(make_store: StoreFactory)
         assert await store.get(kept, "app", T0 + 110) is not None
 
 
+async def test_first_use_marks_a_key_once_until_its_end(make_store: StoreFactory) -> None:
+    """A key is marked once (a replay is False) until its end, per kind; at most max_used marks are kept."""
+    store = make_store(max_used=2)
+    assert await store.first_use("logout", "iss\x00j1", T0, T0 + 120)
+    assert not await store.first_use("logout", "iss\x00j1", T0 + 119, T0 + 300)  # a replay, even later
+    assert await store.first_use("other", "iss\x00j1", T0, T0 + 120)  # another kind
+    assert await store.first_use("logout", "iss\x00j1", T0 + 120, T0 + 1000)  # its mark has ended
+    assert await store.first_use("logout", "iss\x00j2", T0 + 121, T0 + 2000)
+    assert await store.first_use("logout", "iss\x00j3", T0 + 122, T0 + 3000)  # bounded: j1's mark goes
+    assert await store.first_use("logout", "iss\x00j1", T0 + 123, T0 + 1000)
+    assert not await store.first_use("logout", "iss\x00j3", T0 + 124, T0 + 3000)
+    await store.purge_expired(T0 + 3000)
+    assert await store.first_use("logout", "iss\x00j3", T0 + 3000, T0 + 3100)
+
+
+async def test_sqlite_first_use_is_shared_by_workers_and_purged(tmp_path: Path) -> None:
+    """A mark made by one worker is a replay for another; purge_expired drops ended marks from the file."""
+    a = SQLiteSessionStore(tmp_path / "sessions.db", idle_timeout=IDLE, shared=True)
+    b = SQLiteSessionStore(tmp_path / "sessions.db", idle_timeout=IDLE, shared=True)
+    try:
+        assert await a.first_use("logout", "iss\x00j1", T0, T0 + 120)
+        assert not await b.first_use("logout", "iss\x00j1", T0 + 1, T0 + 120)
+        assert await b.first_use("logout", "iss\x00j2", T0, T0 + 1e9)  # capped at USED_KEEP_MAX
+        await a.purge_expired(T0 + 121)
+        with sqlite3.connect(tmp_path / "sessions.db") as conn:
+            rows = conn.execute("SELECT until FROM used_marks").fetchall()
+        assert rows == [(T0 + sessions.USED_KEEP_MAX,)]
+    finally:
+        await a.close()
+        await b.close()
+
+
 @pytest.mark.parametrize(
     "kwargs", [{"idle_timeout": 0}, {"touch_interval": -1}, {"max_sessions": 0}]
 )

@@ -194,6 +194,7 @@ REASON_TITLES: dict[str, str] = {
     Reason.LOGOUT: "Signed out",
     Reason.LOGOUT_CONFIRM: "Sign out",
     Reason.BACKCHANNEL_LOGOUT: "Signed out",
+    Reason.BACKCHANNEL_REPLAYED: "Signed out",
     Reason.BACKCHANNEL_METHOD: "Logout refused",
     Reason.BACKCHANNEL_CONTENT_TYPE: "Logout refused",
     Reason.BACKCHANNEL_TOO_LARGE: "Logout refused",

@@ -180,7 +180,9 @@ class TransactionStore:
 class PendingBackend(Protocol):
     """Where :class:`SharedTransactionStore` keeps pending logins (the SQLite session store)."""
 
-    async def put_pending(self, state: str, data: str, created: float, *, max_pending: int) -> None: ...
+    async def put_pending(
+        self, state: str, data: str, created: float, *, max_pending: int, ttl: float | None = None
+    ) -> None: ...
 
     async def take_pending(self, state: str, now: float, ttl: float) -> str | None: ...
 
@@ -196,7 +198,7 @@ class SharedTransactionStore:
 
     async def add(self, txn: LoginTransaction) -> None:
         data = json.dumps(dataclasses.asdict(txn), separators=(",", ":"))
-        await self.backend.put_pending(txn.state, data, txn.created, max_pending=self.max_pending)
+        await self.backend.put_pending(txn.state, data, txn.created, max_pending=self.max_pending, ttl=self.ttl)
 
     async def pop(self, state: str, now: float) -> LoginTransaction | None:
         data = await self.backend.take_pending(state, now, self.ttl)

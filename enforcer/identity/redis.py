@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import secrets
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -29,12 +30,14 @@ from enforcer.errors import EnforcerError, Reason
 from enforcer.identity.cache import _SessionCache
 from enforcer.identity.cookies import new_handle
 from enforcer.identity.sessions import (
+    USED_KEEP_MAX,
     Session,
     _check_max_sessions,
     _check_selector,
     _handle_key,
     _Lifetime,
     _matches,
+    _used_key,
     _Verdict,
 )
 
@@ -43,7 +46,24 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 PENDING_KEEP: Final = 3600
-"""Seconds a pending login is kept in Redis (its TTL check, ``loginTimeout``, is separate)."""
+"""Seconds a pending login is kept in Redis when the caller names no ``ttl`` (``loginTimeout``)."""
+
+_PUT_PENDING: Final = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[4])
+redis.call('ZADD', KEYS[2], ARGV[3], KEYS[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+local excess = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[5])
+if excess > 0 then
+  local old = redis.call('ZPOPMIN', KEYS[2], excess)
+  for i = 1, #old, 2 do redis.call('DEL', old[i]) end
+end
+return 1
+"""
+"""Store a pending login (``KEYS[1]``, TTL ``ARGV[2]`` ms) and index it in ``KEYS[2]`` (a sorted
+set of pending keys by creation, ``ARGV[3]``): entries older than ``ARGV[4]`` (ended) leave the
+index; beyond ``ARGV[5]`` (``max_pending``, fleet-wide) the oldest pending logins are deleted.
+One script: atomic. (The deleted keys are all under the prefix: no Redis Cluster here.)"""
 
 PING_INTERVAL: Final = 0.25
 """How often the watcher confirms its subscription is live (a PING through it)."""
@@ -66,9 +86,31 @@ return 1
 """Slide ``last_seen`` (only forward) and the key's TTL; never re-creates a deleted session."""
 
 
+_INDEX: Final = """
+redis.call('SADD', KEYS[1], ARGV[1])
+local at = tonumber(ARGV[2])
+local pttl = redis.call('PTTL', KEYS[1])
+if pttl >= 0 then
+  local t = redis.call('TIME')
+  if tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + pttl >= at then return 0 end
+end
+redis.call('PEXPIREAT', KEYS[1], at)
+return 1
+"""
+"""Add a session key to a back-channel index (``u:``/``i:``) and extend the index's TTL to
+``ARGV[2]`` (unix ms) -- never shorten it: the index must outlive every session it names.
+(Compares ``PTTL`` with Redis' own clock: ``PEXPIREAT ... GT`` needs Redis 7.)"""
+
+_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+"""Release a refresh lease only if this holder still owns it (``ARGV[1]``, its random value):
+a holder whose lease expired must not release the next holder's."""
+
 _RENEW: Final = """
 local d = redis.call('HGET', KEYS[1], 'd')
-redis.call('DEL', KEYS[2])
+if redis.call('GET', KEYS[2]) == ARGV[5] then redis.call('DEL', KEYS[2]) end
 if not d then return 0 end
 local data = cjson.decode(d)
 if data['refresh_token'] ~= ARGV[1] then return 0 end
@@ -79,7 +121,10 @@ return 1
 """A refresh's write: if the stored refresh token is still the one the refresh used, replace
 ``d`` (the renewed session, built from the one the lease returned), store the new ID token,
 publish the key (every enforcer drops its cached copy) -- and release the lease (``r:<key>``)
-in any case. One script: atomic."""
+in any case if it still holds this holder's value (``ARGV[5]``). One script: atomic."""
+
+_LEASES_MAX: Final = 10_000
+"""Most leases one store remembers holding; beyond, those past their end are forgotten."""
 
 
 class SessionStoreUnavailable(EnforcerError):
@@ -226,9 +271,13 @@ class RedisSessionStore:
     * Keys (all under ``key_prefix``): ``s:<hex SHA-256(handle)>`` a hash per session (``d``
       the session as JSON, ``t`` the raw ID token, ``l`` last_seen) that Redis expires by
       itself at ``min(expires, last_seen + idle_timeout)``; ``u:<id>`` / ``i:<id>`` the keys of
-      one user's / one IdP session's sessions (back-channel logout), expiring with the newest;
+      one user's / one IdP session's sessions (back-channel logout), expiring with the one
+      that ends last (a TTL only ever extended);
       ``all`` a sorted set key -> deadline (count, ``max_sessions``); ``p:<hash of state>``
-      a pending login, taken once with ``GETDEL``.
+      a pending login, taken once with ``GETDEL``, expiring after the login timeout, and
+      ``pending`` a sorted set of them by creation (``max_pending``, fleet-wide); ``j:<hash>``
+      a used logout token's mark (:meth:`first_use`), expiring when the token would be
+      refused anyway.
     * Revocation: a deletion (logout, back-channel logout, eviction) deletes the key and, in
       the same ``MULTI``, publishes the key on the ``revoked`` channel; every enforcer's
       :meth:`watch` drops its cached copy when the message arrives (a few ms).
@@ -275,6 +324,13 @@ class RedisSessionStore:
         self._channel = f"{p}revoked".encode()
         self._touch = self._redis.register_script(_TOUCH)
         self._renew = self._redis.register_script(_RENEW)
+        self._release = self._redis.register_script(_RELEASE)
+        self._index = self._redis.register_script(_INDEX)
+        self._put_pending = self._redis.register_script(_PUT_PENDING)
+        self._pending = f"{p}pending"
+        self._leases: dict[bytes, tuple[bytes, float]] = {}
+        """The refresh leases this store holds: key -> (its random value in ``r:<key>``, when
+        it ends by the ``clock``). The gate refreshes one session at a time per process."""
         self._clock = clock
         self._on_state = on_state
         self._fresh_until = -1.0
@@ -438,8 +494,7 @@ class RedisSessionStore:
         if session.sid is not None:
             indexes.append(f"{self._prefix}i:{_index_id(session.issuer, session.sid)}")
         for index in indexes:
-            pipe.sadd(index, hexkey)
-            pipe.pexpireat(index, index_ms)
+            await self._index(keys=[index], args=[hexkey, index_ms], client=pipe)  # (queued: EVALSHA)
         pipe.zadd(self._all, {hexkey: deadline})
         pipe.zcard(self._all)
         results = await self._call("create", pipe.execute())
@@ -614,43 +669,65 @@ class RedisSessionStore:
         return int(await self._call("purge", self._redis.zremrangebyscore(self._all, "-inf", now)))
 
     async def refresh_begin(self, handle: str, now: float, lease: float) -> Session | None:
-        """Take the refresh lease of ``handle``'s session (``SET r:<key> NX PX``: one refresh at
-        a time across the fleet) and return the session read from Redis; None when leased or
-        unknown."""
+        """Take the refresh lease of ``handle``'s session (``SET r:<key> <random> NX PX``: one
+        refresh at a time across the fleet; the random value says who holds it) and return the
+        session read from Redis; None when leased or unknown."""
         key = _handle_key(handle)
         if key is None:
             return None
         self._check_up()
         rkey = f"{self._prefix}r:{_hex(key)}"
-        taken = await self._call("lease", self._redis.set(rkey, b"1", nx=True, px=max(1, int(lease * 1000))))
+        owner = secrets.token_hex(16).encode()
+        taken = await self._call("lease", self._redis.set(rkey, owner, nx=True, px=max(1, int(lease * 1000))))
         if not taken:
             return None
+        self._hold(key, owner, lease)
         d, last = await self._call("get", self._redis.hmget(self._skey(key), ["d", "l"]))
         try:
             read = _decode(d, last)
         except (ValueError, TypeError, KeyError):
             read = None
         if read is None:
-            await self._call("lease", self._redis.delete(rkey))
+            await self._call("lease", self._release(keys=[rkey], args=[self._leases.pop(key)[0]]))
         return read
 
+    def _hold(self, key: bytes, owner: bytes, lease: float) -> None:
+        """Remember a lease taken (bounded: an end never called is forgotten after the lease)."""
+        now = self._clock()
+        if len(self._leases) >= _LEASES_MAX:
+            self._leases = {k: v for k, v in self._leases.items() if v[1] > now}
+        self._leases[key] = (owner, now + lease)
+
     async def refresh_end(self, handle: str, expected: str | None, renewed: Session | None) -> bool:
-        """Release the lease; with ``renewed`` (the session :meth:`refresh_begin` returned, with
-        renewed claims), replace the stored one atomically if its refresh token is still
-        ``expected``, and publish the key to every enforcer."""
+        """Release the lease if this store still holds it (its value is still in ``r:<key>``);
+        with ``renewed`` (the session :meth:`refresh_begin` returned, with renewed claims),
+        replace the stored one atomically if its refresh token is still ``expected``, and
+        publish the key to every enforcer."""
         key = _handle_key(handle)
         if key is None:
             return False
         rkey = f"{self._prefix}r:{_hex(key)}"
+        held = self._leases.pop(key, None)
+        owner = held[0] if held is not None else b""
         if renewed is None:
-            await self._call("lease", self._redis.delete(rkey))
+            if held is not None:
+                await self._call("lease", self._release(keys=[rkey], args=[owner]))
             return False
         self._forget([key])
         written = await self._call("renew", self._renew(
             keys=[self._skey(key), rkey, self._channel],
-            args=[expected or "", _encode(renewed)["d"], renewed.id_token, _hex(key)],
+            args=[expected or "", _encode(renewed)["d"], renewed.id_token, _hex(key), owner],
         ))
         return bool(written)
+
+    async def first_use(self, kind: str, key: str, now: float, until: float) -> bool:
+        """Mark ``key`` used, fleet-wide: ``SET j:<hash> NX PX`` with a native TTL of ``until
+        - now`` (at most :data:`USED_KEEP_MAX`); False when another call (on any enforcer)
+        marked it first. Redis unreachable: :class:`SessionStoreUnavailable`, never a guess."""
+        self._check_up()
+        ttl_ms = max(1, int(min(until - now, USED_KEEP_MAX) * 1000))
+        jkey = f"{self._prefix}j:{_used_key(kind, key).hex()}"
+        return bool(await self._call("first_use", self._redis.set(jkey, b"1", nx=True, px=ttl_ms)))
 
     def retain_services(self, services: frozenset[str]) -> int:
         """After a reload: forget the cached sessions of services no longer defined."""
@@ -661,18 +738,29 @@ class RedisSessionStore:
     def _pkey(self, state: str) -> str:
         return f"{self._prefix}p:{hashlib.sha256(state.encode('utf-8', 'surrogatepass')).hexdigest()}"
 
-    async def put_pending(self, state: str, data: str, created: float, *, max_pending: int) -> None:
-        """Remember a pending login under ``state`` for every enforcer (Redis expires it;
-        ``max_pending`` is left to Redis' memory limit)."""
+    async def put_pending(
+        self, state: str, data: str, created: float, *, max_pending: int, ttl: float | None = None
+    ) -> None:
+        """Remember a pending login under ``state`` for every enforcer: Redis expires it after
+        ``ttl`` (the login timeout) and keeps at most ``max_pending`` fleet-wide (the oldest go)."""
         self._check_up()
+        keep = PENDING_KEEP if ttl is None else ttl
         value = json.dumps([created, data], separators=(",", ":"))
-        await self._call("put_pending", self._redis.set(self._pkey(state), value, ex=PENDING_KEEP))
+        await self._call("put_pending", self._put_pending(
+            keys=[self._pkey(state), self._pending],
+            args=[value, max(1, int(keep * 1000)), repr(float(created)), repr(float(created - keep)),
+                  max(1, max_pending)],
+        ))
 
     async def take_pending(self, state: str, now: float, ttl: float) -> str | None:
         """Consume the pending login for ``state`` once (``GETDEL``, atomic across the fleet);
         None when unknown or older than ``ttl`` seconds."""
         self._check_up()
-        raw = await self._call("take_pending", self._redis.getdel(self._pkey(state)))
+        pkey = self._pkey(state)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.getdel(pkey)
+        pipe.zrem(self._pending, pkey)
+        raw, _ = await self._call("take_pending", pipe.execute())
         if raw is None:
             return None
         try:

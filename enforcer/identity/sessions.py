@@ -24,7 +24,7 @@ import hashlib
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
 
 from enforcer.errors import EnforcerError, Reason
 from enforcer.identity.cookies import _HANDLE_RE, HANDLE_LENGTH, new_handle
@@ -122,6 +122,12 @@ class SessionStore(Protocol):
         token is still ``expected`` -- and drop every cached copy. True when written."""
         ...
 
+    async def first_use(self, kind: str, key: str, now: float, until: float) -> bool:
+        """Mark ``key`` (of ``kind``: e.g. ``logout`` for a logout token's issuer, client and
+        ``jti``) as used until ``until``: True the first time, False while it is marked (a
+        replay), across every worker and enforcer sharing the store. The marks are bounded."""
+        ...
+
     def retain_services(self, services: frozenset[str]) -> int:
         """After a reload: let go of in-process state kept for services no longer defined;
         return how many cached sessions were dropped (stored ones expire as usual)."""
@@ -143,13 +149,29 @@ class FleetStore(Protocol):
         """Follow the other enforcers' revocations until cancelled."""
         ...
 
-    async def put_pending(self, state: str, data: str, created: float, *, max_pending: int) -> None:
-        """Keep a pending login where every enforcer can take it (the callback may land elsewhere)."""
+    async def put_pending(
+        self, state: str, data: str, created: float, *, max_pending: int, ttl: float | None = None
+    ) -> None:
+        """Keep a pending login where every enforcer can take it (the callback may land
+        elsewhere), for ``ttl`` seconds (the login timeout), at most ``max_pending`` fleet-wide."""
         ...
 
     async def take_pending(self, state: str, now: float, ttl: float) -> str | None:
         """Take a pending login once, fleet-wide."""
         ...
+
+
+USED_MAX: Final = 100_000
+"""Most replay marks (:meth:`SessionStore.first_use`) the memory and SQLite stores keep;
+beyond it those nearest their end go first (Redis keeps each until its own TTL)."""
+
+USED_KEEP_MAX: Final = 86_400.0
+"""Longest a replay mark is kept, whatever ``until`` the caller asks for."""
+
+
+def _used_key(kind: str, key: str) -> bytes:
+    """What a replay mark is stored under: SHA-256 of ``kind`` and ``key`` (never the key itself)."""
+    return hashlib.sha256(f"{kind}\x00{key}".encode("utf-8", "surrogatepass")).digest()
 
 
 def _handle_key(handle: str) -> bytes | None:
@@ -242,13 +264,17 @@ class MemorySessionStore:
     """
 
     def __init__(
-        self, *, idle_timeout: float, touch_interval: float = 60.0, max_sessions: int = 100_000
+        self, *, idle_timeout: float, touch_interval: float = 60.0, max_sessions: int = 100_000,
+        max_used: int = USED_MAX,
     ) -> None:
         _check_max_sessions(max_sessions)
+        self._max_used = max(1, max_used)
         self._life = _Lifetime.make(idle_timeout, touch_interval)
         self._max = max_sessions
         self._sessions: OrderedDict[bytes, Session] = OrderedDict()
         self._leases: dict[bytes, float] = {}
+        self._used: OrderedDict[bytes, float] = OrderedDict()
+        """Replay marks -> until, oldest first (:meth:`first_use`)."""
 
     async def create(self, session: Session) -> str:
         """Store ``session`` under a new random handle and return that handle."""
@@ -323,6 +349,7 @@ class MemorySessionStore:
         ]
         for key in doomed:
             del self._sessions[key]
+        self._used = OrderedDict((k, t) for k, t in self._used.items() if t > now)
         return len(doomed)
 
     async def refresh_begin(self, handle: str, now: float, lease: float) -> Session | None:
@@ -350,6 +377,18 @@ class MemorySessionStore:
             current, tags=renewed.tags, email=renewed.email, username=renewed.username,
             id_token=renewed.id_token, refresh_token=renewed.refresh_token, claims_expire=renewed.claims_expire,
         )
+        return True
+
+    async def first_use(self, kind: str, key: str, now: float, until: float) -> bool:
+        """Mark ``key`` used until ``until`` (at most :data:`USED_KEEP_MAX`); False when it
+        already is. At most ``max_used`` marks: beyond, the oldest go."""
+        mark = _used_key(kind, key)
+        if self._used.get(mark, float("-inf")) > now:
+            return False
+        self._used.pop(mark, None)
+        while len(self._used) >= self._max_used:
+            self._used.popitem(last=False)
+        self._used[mark] = min(until, now + USED_KEEP_MAX)
         return True
 
     def retain_services(self, services: frozenset[str]) -> int:

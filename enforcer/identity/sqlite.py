@@ -26,12 +26,15 @@ from enforcer.identity.cache import _Compact, _SessionCache
 from enforcer.identity.cookies import new_handle
 from enforcer.identity.sessions import (
     RENEWED_COLUMNS,
+    USED_KEEP_MAX,
+    USED_MAX,
     Session,
     SessionStoreError,
     _check_max_sessions,
     _check_selector,
     _handle_key,
     _Lifetime,
+    _used_key,
     _Verdict,
     renewed_fields,
 )
@@ -83,6 +86,11 @@ CREATE TABLE IF NOT EXISTS refresh_leases (
     key BLOB PRIMARY KEY,          -- a session being refreshed (single flight across workers)
     until REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS used_marks (
+    key BLOB PRIMARY KEY,          -- SHA-256 of a used one-time value (a logout token's jti)
+    until REAL NOT NULL            -- a replay is refused until then
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS used_marks_until ON used_marks (until);
 """
 
 PAGE_CACHE_KIB: Final = 256
@@ -92,6 +100,9 @@ stay cached and a leaf it has to re-read comes from the OS page cache (one ``pre
 
 PENDING_KEEP: Final = 3600.0
 """Seconds after which an abandoned pending login row is removed (the TTL check is separate)."""
+
+_LEASES_MAX: Final = 10_000
+"""Most refresh leases one store remembers holding; beyond, those past their end are forgotten."""
 
 REVOCATION_KEEP: Final = 600.0
 """Seconds a revocation row is kept for other workers to see (they look at least every request)."""
@@ -246,6 +257,7 @@ class SQLiteSessionStore:
         max_sessions: int = 100_000,
         cache_size: int = 10_000,
         shared: bool = False,
+        max_used: int = USED_MAX,
     ) -> None:
         """Open (creating if needed) the database at ``path``.
 
@@ -258,6 +270,10 @@ class SQLiteSessionStore:
         self._life = _Lifetime.make(idle_timeout, touch_interval)
         self._path = path
         self._max = max_sessions
+        self._max_used = max(1, max_used)
+        self._leases: dict[bytes, float] = {}
+        """The refresh leases this worker holds: key -> the ``until`` it wrote (which says the
+        row is still its own: a later holder writes a later one)."""
         self._cache = _SessionCache(cache_size)
         # Bumped on every deletion/recovery; a read-through that overlapped one must not
         # re-insert what it read into the cache (it could be a just-deleted session).
@@ -650,6 +666,7 @@ class SQLiteSessionStore:
             with _transaction(conn):
                 conn.execute("DELETE FROM revocations WHERE at < ?", (now - REVOCATION_KEEP,))
                 conn.execute("DELETE FROM pending_logins WHERE created < ?", (now - PENDING_KEEP,))
+                conn.execute("DELETE FROM used_marks WHERE until <= ?", (now,))
 
         await self._run(prune)
         return n
@@ -672,14 +689,18 @@ class SQLiteSessionStore:
                 taken = conn.execute(
                     "INSERT INTO refresh_leases (key, until) VALUES (?, ?) ON CONFLICT (key) "
                     "DO UPDATE SET until = excluded.until WHERE refresh_leases.until <= ?",
-                    (key, now + lease, now),
+                    (key, until, now),
                 ).rowcount
                 conn.execute("DELETE FROM refresh_leases WHERE until <= ?", (now,))
                 return row if taken else None
 
+        until = now + lease
         row = await self._run(take)
         if row is None:
             return None
+        if len(self._leases) >= _LEASES_MAX:
+            self._leases = {k: u for k, u in self._leases.items() if u > now}
+        self._leases[key] = until
         try:
             return _decode(row)
         except (ValueError, TypeError):
@@ -687,7 +708,8 @@ class SQLiteSessionStore:
             return None
 
     async def refresh_end(self, handle: str, expected: str | None, renewed: Session | None) -> bool:
-        """Release the lease; with ``renewed``, rewrite the session's renewed fields in the same
+        """Release the lease if this worker still holds it (a late end never releases the next
+        holder's); with ``renewed``, rewrite the session's renewed fields in the same
         transaction if its refresh token is still ``expected``, and tell the other workers to
         drop their cached copy (a ``revocations`` row: they read the new one through)."""
         key = _handle_key(handle)
@@ -695,6 +717,7 @@ class SQLiteSessionStore:
             return False
         assignments = ", ".join(f"{c} = ?" for c in RENEWED_COLUMNS)
         fields = renewed_fields(renewed) if renewed is not None else ()
+        until = self._leases.pop(key, None)
 
         def finish(conn: sqlite3.Connection) -> bool:
             with _transaction(conn):
@@ -706,7 +729,8 @@ class SQLiteSessionStore:
                     ).rowcount
                     if written:
                         self._revoke(conn, [key])
-                conn.execute("DELETE FROM refresh_leases WHERE key = ?", (key,))
+                if until is not None:  # only our own lease: its row still holds our end
+                    conn.execute("DELETE FROM refresh_leases WHERE key = ? AND until = ?", (key, until))
                 return bool(written)
 
         written = await self._run(finish)
@@ -720,8 +744,11 @@ class SQLiteSessionStore:
             at = time.time()
             conn.executemany("INSERT INTO revocations (key, at) VALUES (?, ?)", [(k, at) for k in keys])
 
-    async def put_pending(self, state: str, data: str, created: float, *, max_pending: int) -> None:
-        """Remember a pending login under its ``state`` (the oldest go beyond ``max_pending``)."""
+    async def put_pending(
+        self, state: str, data: str, created: float, *, max_pending: int, ttl: float | None = None
+    ) -> None:
+        """Remember a pending login under its ``state`` (the oldest go beyond ``max_pending``;
+        ``ttl`` is checked when it is taken, and abandoned rows go in :meth:`purge_expired`)."""
 
         def put(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
@@ -752,6 +779,31 @@ class SQLiteSessionStore:
             return row[0] if now - float(row[1]) <= ttl else None
 
         return await self._run(take)
+
+    async def first_use(self, kind: str, key: str, now: float, until: float) -> bool:
+        """Mark ``key`` used until ``until`` (a ``used_marks`` row, seen by every worker);
+        False when it already is. At most ``max_used`` rows: beyond, those nearest their end go
+        (expired ones also go in :meth:`purge_expired`)."""
+        mark = _used_key(kind, key)
+        keep = min(until, now + USED_KEEP_MAX)
+        limit = self._max_used
+
+        def mark_used(conn: sqlite3.Connection) -> bool:
+            with _transaction(conn):
+                conn.execute("DELETE FROM used_marks WHERE key = ? AND until <= ?", (mark, now))
+                if not conn.execute("INSERT OR IGNORE INTO used_marks (key, until) VALUES (?, ?)",
+                                    (mark, keep)).rowcount:
+                    return False
+                (total,) = conn.execute("SELECT COUNT(*) FROM used_marks").fetchone()
+                if int(total) > limit:
+                    conn.execute(
+                        "DELETE FROM used_marks WHERE key IN (SELECT key FROM used_marks WHERE key != ? "
+                        "ORDER BY until ASC, key ASC LIMIT ?)",
+                        (mark, int(total) - limit),
+                    )
+                return True
+
+        return await self._run(mark_used)
 
     async def close(self) -> None:
         """Close the connection and stop the worker thread."""
