@@ -23,7 +23,7 @@ from enforcer.config.settings import DaemonModel
 from enforcer.errors import Reason
 from enforcer.http.certs import CertStore
 from enforcer.identity import login
-from enforcer.identity.redis import RedisSessionStore, SessionStoreUnavailable
+from enforcer.identity.redis import RedisConfig, RedisSessionStore, SessionStoreUnavailable
 from enforcer.run import stores
 from tests.harness.gate import CLIENT_ID, ISSUER, NOW, Answer, GateRig, sign
 from tests.harness.prereq import require
@@ -208,6 +208,43 @@ async def test_tls_and_acl_user(tmp_path: Path) -> None:
     finally:
         srv.stop()
         shutil.rmtree(srv.dir, ignore_errors=True)
+
+
+async def test_tls_refuses_a_certificate_for_another_name(tmp_path: Path) -> None:
+    """rediss:// to a real TLS redis-server whose certificate (from the trusted CA) names another host fails the hostname check, by name and by IP."""
+    srv = RedisServer(tls=CertStore(tmp_path / "state"), cert_names=("other.example",))
+    srv.start()
+    try:
+        for url in (f"rediss://localhost:{srv.port}", f"rediss://127.0.0.1:{srv.port}"):
+            store = RedisSessionStore(srv.config(url=url), idle_timeout=3600)
+            try:
+                with pytest.raises(SessionStoreUnavailable, match=r"(?i)hostname mismatch|doesn't match|not valid for"):
+                    await store.check()
+            finally:
+                await store.close()
+    finally:
+        srv.stop()
+        shutil.rmtree(srv.dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [RedisConfig(url="rediss://localhost:6380"), RedisConfig(sentinels=(("127.0.0.1", 26379),), tls=True)],
+)
+async def test_tls_clients_ask_for_hostname_verification(config: RedisConfig) -> None:
+    """The rediss:// and Sentinel TLS clients pass ssl_check_hostname=True and required certificates to redis-py themselves (its 5.x default is no hostname check)."""
+    client = config.client()
+    try:
+        pools = [client.connection_pool]
+        manager = getattr(client.connection_pool, "sentinel_manager", None)  # the Sentinels' own clients
+        pools += [s.connection_pool for s in manager.sentinels] if manager is not None else []
+        for pool in pools:
+            assert pool.connection_kwargs["ssl_check_hostname"] is True
+            assert pool.connection_kwargs["ssl_cert_reqs"] == "required"
+    finally:
+        await client.aclose()
+        if manager is not None:
+            await manager.aclose()
 
 
 # ------------------------------------------------------------------ config and daemon

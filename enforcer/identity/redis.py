@@ -133,7 +133,8 @@ class RedisConfig:
             "retry": Retry(NoBackoff(), 0),
             "decode_responses": False,
         }
-        ssl_opts: dict[str, Any] = {}
+        # the certificate must name the host connected to: redis-py 5.x does not check it unless told
+        ssl_opts: dict[str, Any] = {"ssl_check_hostname": True, "ssl_cert_reqs": "required"}
         if self.ca_file is not None:
             ssl_opts["ssl_ca_certs"] = str(self.ca_file)
         if self.url is not None:
