@@ -294,6 +294,39 @@ def test_redis_url_options_that_override_settings_are_refused(tmp_path: Path, qu
     assert issue.path == "sessions.redis" and query.partition("=")[0] in issue.message
 
 
+@pytest.mark.parametrize(
+    ("redis", "in_url"),
+    [("url: 'rediss://:pw@h:6379/0', db: 3", 0), ("url: 'redis://h/1?db=2', db: 1", 2),
+     ("url: 'unix:///run/redis.sock?db=4', db: 2", 4)],
+)
+def test_redis_db_conflicting_with_the_url_is_refused(tmp_path: Path, redis: str, in_url: int) -> None:
+    """sessions.redis.db with a different database in the URL (redis-py would use the URL's) is refused at sessions.redis.db, naming both values and the fix."""
+    issue = _first_issue(tmp_path, f"sessions: {{store: redis, redis: {{{redis}}}}}\n")
+    assert issue.path == "sessions.redis.db" and issue.value != in_url
+    assert f"database {in_url} of url" in issue.message and "pw" not in str(issue)
+    assert issue.fix.startswith("give the database once") and f"db: {issue.value}" in issue.fix
+
+
+@pytest.mark.parametrize(
+    ("redis", "db"),
+    [("url: 'rediss://h:6379/5'", 0), ("url: 'rediss://h:6379/5', db: 5", 5), ("url: 'rediss://h:6379', db: 7", 7),
+     ("url: 'rediss://h:6379/', db: 7", 7), ("url: 'unix:///run/redis.sock', db: 2", 2)],
+)
+def test_redis_db_given_once_is_accepted(tmp_path: Path, redis: str, db: int) -> None:
+    """A database in the URL alone, in db alone, or the same in both, is accepted."""
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text(f"definitions: [{{file: d.yaml}}]\nsessions: {{store: redis, redis: {{{redis}}}}}\n")
+    r = settings_mod.load_settings(cfg).model.sessions.redis
+    assert r is not None and r.db == db
+
+
+@pytest.mark.parametrize("url", ["rediss://h:6379/zero", "rediss://h:6379/?db=x"])
+def test_redis_url_database_that_is_not_a_number_is_refused(tmp_path: Path, url: str) -> None:
+    """A URL database that is not a number (redis-py ignores a path, fails on a query) is refused at sessions.redis."""
+    issue = _first_issue(tmp_path, f"sessions: {{store: redis, redis: {{url: '{url}'}}}}\n")
+    assert issue.path == "sessions.redis" and "not a database number" in issue.message
+
+
 def _first_issue(tmp_path: Path, daemon_yaml: str) -> issues_mod.ConfigIssue:
     """The first issue load_settings reports for this daemon config (after a definitions line)."""
     cfg = tmp_path / "enforcer.yaml"
