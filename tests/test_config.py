@@ -247,13 +247,84 @@ def test_session_secret_files_are_relative_to_the_config(tmp_path: Path) -> None
     cfg.write_text(
         "definitions: [{file: defs.yaml}]\n"
         "sessions: {store: redis, refreshTokenKeyFile: keys/refresh,\n"
-        "           redis: {url: 'redis://127.0.0.1:6379', passwordFile: secrets/redis, caFile: ca.pem}}\n"
+        "           redis: {url: 'rediss://127.0.0.1:6379', passwordFile: secrets/redis, caFile: ca.pem}}\n"
     )
     sessions = settings_mod.load_settings(cfg).model.sessions
     assert sessions.refreshTokenKeyFile == tmp_path / "keys" / "refresh"
     assert sessions.redis is not None
     assert sessions.redis.passwordFile == tmp_path / "secrets" / "redis"
     assert sessions.redis.caFile == tmp_path / "ca.pem"
+
+
+@pytest.mark.parametrize(
+    ("redis", "key", "value", "fix"),
+    [
+        ("url: 'redis://h:6379', tls: true", "tls", True, "use url: rediss://h:6379"),
+        ("url: 'redis://:pw@h:6379/1', caFile: ca.pem", "caFile", "ca.pem", "use url: rediss://:***@h:6379/1"),
+        ("url: 'unix:///run/redis.sock', tls: true", "tls", True, "remove tls"),
+        ("url: 'unix:///run/redis.sock', caFile: ca.pem", "caFile", "ca.pem", "remove caFile"),
+    ],
+)
+def test_redis_tls_settings_without_rediss_are_refused(
+    tmp_path: Path, redis: str, key: str, value: object, fix: str
+) -> None:
+    """sessions.redis.tls or caFile with a redis:// or unix:// URL (redis-py would connect in plaintext) is refused at its key path, with the value, the URL (password hidden) and the fix."""
+    issue = _first_issue(tmp_path, f"sessions: {{store: redis, redis: {{{redis}}}}}\n")
+    assert issue.path == f"sessions.redis.{key}" and issue.value == value
+    assert "plaintext" in issue.message and "pw" not in str(issue)
+    assert issue.fix.startswith(fix)
+
+
+@pytest.mark.parametrize(
+    "redis",
+    ["url: 'rediss://h:6379', tls: true, caFile: ca.pem", "url: 'redis://h:6379', tls: false",
+     "sentinels: ['10.0.0.1:26379'], tls: true, caFile: ca.pem"],
+)
+def test_redis_tls_settings_that_take_effect_are_accepted(tmp_path: Path, redis: str) -> None:
+    """tls/caFile with a rediss:// URL or with Sentinels, and tls: false with redis://, are accepted."""
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text(f"definitions: [{{file: d.yaml}}]\nsessions: {{store: redis, redis: {{{redis}}}}}\n")
+    assert settings_mod.load_settings(cfg).model.sessions.redis is not None
+
+
+@pytest.mark.parametrize("query", ["ssl_cert_reqs=none", "ssl_check_hostname=false", "socket_timeout=30&db=1"])
+def test_redis_url_options_that_override_settings_are_refused(tmp_path: Path, query: str) -> None:
+    """A sessions.redis.url query option other than db (redis-py lets it win over TLS checks and timeout) is refused at sessions.redis."""
+    issue = _first_issue(tmp_path, f"sessions: {{store: redis, redis: {{url: 'rediss://h:6379/?{query}'}}}}\n")
+    assert issue.path == "sessions.redis" and query.partition("=")[0] in issue.message
+
+
+@pytest.mark.parametrize(
+    ("redis", "in_url"),
+    [("url: 'rediss://:pw@h:6379/0', db: 3", 0), ("url: 'redis://h/1?db=2', db: 1", 2),
+     ("url: 'unix:///run/redis.sock?db=4', db: 2", 4)],
+)
+def test_redis_db_conflicting_with_the_url_is_refused(tmp_path: Path, redis: str, in_url: int) -> None:
+    """sessions.redis.db with a different database in the URL (redis-py would use the URL's) is refused at sessions.redis.db, naming both values and the fix."""
+    issue = _first_issue(tmp_path, f"sessions: {{store: redis, redis: {{{redis}}}}}\n")
+    assert issue.path == "sessions.redis.db" and issue.value != in_url
+    assert f"database {in_url} of url" in issue.message and "pw" not in str(issue)
+    assert issue.fix.startswith("give the database once") and f"db: {issue.value}" in issue.fix
+
+
+@pytest.mark.parametrize(
+    ("redis", "db"),
+    [("url: 'rediss://h:6379/5'", 0), ("url: 'rediss://h:6379/5', db: 5", 5), ("url: 'rediss://h:6379', db: 7", 7),
+     ("url: 'rediss://h:6379/', db: 7", 7), ("url: 'unix:///run/redis.sock', db: 2", 2)],
+)
+def test_redis_db_given_once_is_accepted(tmp_path: Path, redis: str, db: int) -> None:
+    """A database in the URL alone, in db alone, or the same in both, is accepted."""
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text(f"definitions: [{{file: d.yaml}}]\nsessions: {{store: redis, redis: {{{redis}}}}}\n")
+    r = settings_mod.load_settings(cfg).model.sessions.redis
+    assert r is not None and r.db == db
+
+
+@pytest.mark.parametrize("url", ["rediss://h:6379/zero", "rediss://h:6379/?db=x"])
+def test_redis_url_database_that_is_not_a_number_is_refused(tmp_path: Path, url: str) -> None:
+    """A URL database that is not a number (redis-py ignores a path, fails on a query) is refused at sessions.redis."""
+    issue = _first_issue(tmp_path, f"sessions: {{store: redis, redis: {{url: '{url}'}}}}\n")
+    assert issue.path == "sessions.redis" and "not a database number" in issue.message
 
 
 def _first_issue(tmp_path: Path, daemon_yaml: str) -> issues_mod.ConfigIssue:

@@ -23,7 +23,7 @@ from enforcer.config.settings import DaemonModel
 from enforcer.errors import Reason
 from enforcer.http.certs import CertStore
 from enforcer.identity import login
-from enforcer.identity.redis import RedisSessionStore, SessionStoreUnavailable
+from enforcer.identity.redis import RedisConfig, RedisSessionStore, SessionStoreUnavailable
 from enforcer.run import stores
 from tests.harness.gate import CLIENT_ID, ISSUER, NOW, Answer, GateRig, sign
 from tests.harness.prereq import require
@@ -264,6 +264,116 @@ async def test_tls_and_acl_user(tmp_path: Path) -> None:
     finally:
         srv.stop()
         shutil.rmtree(srv.dir, ignore_errors=True)
+
+
+async def test_tls_refuses_a_certificate_for_another_name(tmp_path: Path) -> None:
+    """rediss:// to a real TLS redis-server whose certificate (from the trusted CA) names another host fails the hostname check, by name and by IP."""
+    srv = RedisServer(tls=CertStore(tmp_path / "state"), cert_names=("other.example",))
+    srv.start()
+    try:
+        for url in (f"rediss://localhost:{srv.port}", f"rediss://127.0.0.1:{srv.port}"):
+            store = RedisSessionStore(srv.config(url=url), idle_timeout=3600)
+            try:
+                with pytest.raises(SessionStoreUnavailable, match=r"(?i)hostname mismatch|doesn't match|not valid for"):
+                    await store.check()
+            finally:
+                await store.close()
+    finally:
+        srv.stop()
+        shutil.rmtree(srv.dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [RedisConfig(url="rediss://localhost:6380"), RedisConfig(sentinels=(("127.0.0.1", 26379),), tls=True)],
+)
+async def test_tls_clients_ask_for_hostname_verification(config: RedisConfig) -> None:
+    """The rediss:// and Sentinel TLS clients pass ssl_check_hostname=True and required certificates to redis-py themselves (its 5.x default is no hostname check)."""
+    client = config.client()
+    try:
+        pools = [client.connection_pool]
+        manager = getattr(client.connection_pool, "sentinel_manager", None)  # the Sentinels' own clients
+        pools += [s.connection_pool for s in manager.sentinels] if manager is not None else []
+        for pool in pools:
+            assert pool.connection_kwargs["ssl_check_hostname"] is True
+            assert pool.connection_kwargs["ssl_cert_reqs"] == "required"
+    finally:
+        await client.aclose()
+        if manager is not None:
+            await manager.aclose()
+
+
+_FULL = "~enforcer:* &enforcer:* +@all -@dangerous"
+_LACKING = {
+    "nokeys": ("~other:* &enforcer:* +@all -@dangerous", "use keys enforcer:*", "~enforcer:*"),
+    "nozset": (f"{_FULL} -zpopmin", "use keys enforcer:*", "+zpopmin"),
+    "nomulti": (f"{_FULL} -multi", "use keys enforcer:*", "+multi"),
+    "noscripting": (f"{_FULL} -@scripting", "load and run its Lua scripts", "+script|load"),
+    "noevalsha": (f"{_FULL} -evalsha", "load and run its Lua scripts", "+evalsha"),
+    "nochannels": ("~enforcer:* resetchannels +@all -@dangerous", "publish on channel enforcer:revoked",
+                   "&enforcer:*"),
+    "otherchannel": ("~enforcer:* &enforcer:other +@all -@dangerous", "publish on channel enforcer:revoked",
+                     "&enforcer:*"),
+    "nopublish": (f"{_FULL} -publish", "publish on channel enforcer:revoked", "+publish"),
+    "nosubscribe": (f"{_FULL} -subscribe", "subscribe to channel enforcer:revoked", "+subscribe"),
+    "nounsubscribe": (f"{_FULL} -unsubscribe", "subscribe to channel enforcer:revoked", "+unsubscribe"),
+}
+
+
+@pytest.fixture(scope="module")
+def acl_server() -> Iterator[RedisServer]:
+    srv = RedisServer(acl_users={name: rules for name, (rules, _, _) in _LACKING.items()})
+    srv.start()
+    yield srv
+    srv.stop()
+    shutil.rmtree(srv.dir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("user", sorted(_LACKING))
+async def test_check_names_each_missing_acl_right(acl_server: RedisServer, user: str) -> None:
+    """check() with a real ACL user lacking one right the daemon uses (keys, a data command, MULTI, scripting, EVALSHA, the revocation channel, PUBLISH, SUBSCRIBE, UNSUBSCRIBE) fails naming what it may not do and the ACL rule that grants it."""
+    _, what, grant = _LACKING[user]
+    store = RedisSessionStore(acl_server.config(username=user), idle_timeout=3600)
+    try:
+        with pytest.raises(SessionStoreUnavailable) as exc:
+            await store.check()
+    finally:
+        await store.close()
+    assert f"the ACL user {user!r} may not {what}" in str(exc.value)
+    assert f"grant it with {grant} " in str(exc.value) and "user " + user + " on >PASSWORD" in str(exc.value)
+    assert acl_server.cli("--scan", "--pattern", "enforcer:probe*") == ""  # the probe keys are gone
+
+
+async def test_doctor_names_the_missing_channel_right(acl_server: RedisServer, tmp_path: Path) -> None:
+    """doctor with an ACL user without channels (Redis 7's resetchannels default) fails the session store line naming the channel and &enforcer:*, where before it said the user may read and write."""
+    import io  # noqa: PLC0415
+
+    from enforcer.cli import doctor  # noqa: PLC0415
+    from enforcer.config.settings import Settings  # noqa: PLC0415
+
+    r = {"url": f"unix://{acl_server.sock}", "username": "nochannels", "timeout": "200ms",
+         "passwordFile": str(acl_server.password_file)}
+    settings = Settings(path=tmp_path / "enforcer.yaml", model=DaemonModel.model_validate(
+        {"definitions": [{"file": "/x"}], "sessions": {"store": "redis", "redis": r}}))
+    report = doctor.Report(io.StringIO())
+    await doctor._check_sessions(report, settings)
+    assert report.failures == 1
+    assert "may not publish on channel enforcer:revoked" in report.lines[0] and "&enforcer:*" in report.lines[0]
+
+
+async def test_check_passes_with_the_documented_acl_line_and_changes_nothing(server: RedisServer) -> None:
+    """check() as the README's ACL user passes, leaves no key behind and drops nothing from a running watcher's cache but the probe."""
+    async with watched(server.config()) as store:
+        handle = await store.create(make_session())
+        before = sorted(server.cli("--scan", "--pattern", "enforcer:*").split())
+        checker = RedisSessionStore(server.config(), idle_timeout=3600)
+        try:
+            assert await checker.check() == "ok"
+        finally:
+            await checker.close()
+        assert sorted(server.cli("--scan", "--pattern", "enforcer:*").split()) == before
+        await asyncio.sleep(0.05)  # the probe's revocation message has arrived
+        assert store.get_cached(handle, "app", time.time()) is not None
 
 
 # ------------------------------------------------------------------ config and daemon

@@ -6,12 +6,14 @@ On the real cluster: tests/test_kube_pods.py (the pod-mode module runs with this
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from enforcer.run import stores
 from tests.harness.manifests import BASE, KUBE_VERSIONS, one, overlay, read_configmap, render, validate_strict
 
 MOUNT = Path("/etc/enforcer-sessions")
@@ -88,6 +90,22 @@ def test_an_overlay_patching_the_drop_in_sets_its_own_redis(tmp_path: Path, monk
     assert issues == [] and settings is not None
     assert settings.model.sessions.redis is not None and settings.model.sessions.redis.url == "redis://10.0.0.5:6379/2"
     assert settings.model.listen.port == 8443 and settings.model.kubernetes is not None
+
+
+async def test_a_db_in_enforcer_yaml_is_the_database_the_client_uses(
+    sessions_only: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sessions.redis.db set in enforcer.yaml under the component's drop-in is the database the Redis client selects (the drop-in's URL names none, so nothing overrides or conflicts with it)."""
+    objects = copy.deepcopy(sessions_only)
+    cm = one(objects, "ConfigMap", "enforcer-config")
+    assert "sessions:" not in cm["data"]["enforcer.yaml"]
+    cm["data"]["enforcer.yaml"] += "sessions: {redis: {db: 3}}\n"
+    settings, issues = read_configmap(objects, tmp_path / "etc", monkeypatch)
+    assert issues == [] and settings is not None and settings.model.sessions.redis is not None
+    config = dataclasses.replace(stores.redis_config(settings.model.sessions.redis), password_file=None)
+    client = config.client()  # (not connected: the Secret's files are not here)
+    assert client.connection_pool.connection_kwargs["db"] == 3
+    await client.aclose()
 
 
 @pytest.mark.parametrize("version", KUBE_VERSIONS)

@@ -261,7 +261,8 @@ def command(args: argparse.Namespace) -> int:
         print(f"  FAIL sessions: Redis: {store}")
         return 1
     if store == "ok":
-        print("  sessions: Redis reachable, the ACL user may read and write")
+        print("  sessions: Redis reachable; the ACL user has every right the daemon uses (its keys and commands, "
+              "its scripts, publish and subscribe on its revocation channel)")
     return 0
 
 

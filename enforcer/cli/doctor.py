@@ -174,14 +174,16 @@ async def _check_redirect(
 
 
 async def _check_sessions(report: Report, settings: settings_mod.Settings) -> None:
-    """With ``sessions.store: redis``: connect, authenticate and use a probe key as the daemon would."""
+    """With ``sessions.store: redis``: connect, authenticate and use every right the daemon needs
+    (probe keys, its scripts, its revocation channel), as the daemon would."""
     answer = await check_session_store(settings.model)
     if answer is None:
         return
     r = settings.model.sessions.redis
     where, prefix = ((r.url or ", ".join(r.sentinels)), r.keyPrefix) if r is not None else ("?", "")
     if answer == "ok":
-        report.ok(f"session store Redis {where}: reachable, the ACL user may read and write {prefix}*")
+        report.ok(f"session store Redis {where}: reachable; the ACL user has every right the daemon uses "
+                  f"(keys {prefix}*, its commands and scripts, publish and subscribe on {prefix}revoked)")
     else:
         report.fail(f"session store Redis {where}: {answer}",
                     "check sessions.redis (url or sentinels, username, passwordFile, caFile) and Redis' ACL")

@@ -133,6 +133,7 @@ def _issues_from_validation(
         last = next((p for p in reversed(loc) if isinstance(p, str)), "")
         keys = ".".join(p for p in loc if isinstance(p, str))
         fix = fixes.get(keys) or fixes.get(str(last), "")
+        fix = str((err.get("ctx") or {}).get("fix") or fix)  # a validator's own fix (PydanticCustomError)
         msg = err["msg"].removeprefix("Value error, ")
         value = _value_at(data, loc)
         if err["type"] == "extra_forbidden":

@@ -16,6 +16,7 @@ import glob
 import ipaddress
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,11 @@ from typing import Literal
 from pydantic import (
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from enforcer.config.cpus import MAX_WORKERS, resolve_workers
 from enforcer.config.definitions import (
@@ -114,12 +117,55 @@ class RedisModel(_Strict):
     the same ACL user), ``none`` (Sentinels without authentication, Redis's default), or
     ``{username, passwordFile}`` of their own."""
 
+    @field_validator("tls", "caFile")
+    @classmethod
+    def _tls_needs_rediss(cls, value: object, info: ValidationInfo) -> object:
+        """``tls``/``caFile`` with a ``redis://`` or ``unix://`` URL: refused, not ignored (redis-py
+        applies TLS options to ``rediss://`` only, so the connection would be plaintext)."""
+        url = info.data.get("url")
+        if not value or not isinstance(url, str) or not url.startswith(("redis://", "unix://")):
+            return value
+        shown = _url_shown(url)
+        fix = (f"use url: rediss://{shown.removeprefix('redis://')} for TLS (the server needs a tls-port), "
+               f"or remove {info.field_name} for plaintext") if url.startswith("redis://") else (
+               f"remove {info.field_name} (a unix socket is local: no TLS), or use url: rediss://host:port")
+        raise PydanticCustomError(
+            "redis_tls_without_rediss",
+            "is ignored with url {url}: the connection would be plaintext (TLS options apply to rediss:// only)",
+            {"url": shown, "fix": fix},
+        )
+
+    @field_validator("db")
+    @classmethod
+    def _db_once(cls, value: int, info: ValidationInfo) -> int:
+        """``db`` and a different database in the URL: refused, not ignored (redis-py lets the
+        URL's win). Only a ``db`` given in the file is checked (a default is never validated)."""
+        url = info.data.get("url")
+        in_url = _url_db(url) if isinstance(url, str) else None
+        if not isinstance(in_url, int) or in_url == value:
+            return value
+        shown = _url_shown(url) if isinstance(url, str) else ""
+        raise PydanticCustomError(
+            "redis_db_twice",
+            "conflicts with database {in_url} of url {url}: the URL's database would be used, this one ignored",
+            {"in_url": in_url, "url": shown,
+             "fix": f"give the database once: remove db (database {in_url} of the URL is used), "
+                    f"or take it out of the url and keep db: {value}"},
+        )
+
     @model_validator(mode="after")
     def _one_place(self) -> RedisModel:
         if (self.url is None) == (not self.sentinels):
             raise ValueError("give exactly one of url: redis://... or sentinels: [host:port, ...]")
         if self.url is not None and not self.url.startswith(_REDIS_SCHEMES):
             raise ValueError("url must start with redis://, rediss:// or unix://")
+        if self.url is not None and (options := sorted(set(urllib.parse.parse_qs(
+                urllib.parse.urlsplit(self.url).query)) - {"db"})):
+            # redis-py lets them win over these settings (ssl_cert_reqs=none, ssl_check_hostname=false, ...)
+            raise ValueError(f"url options {', '.join(options)} are not taken: they would override "
+                             "sessions.redis (TLS checks, timeout); give the keys of sessions.redis instead")
+        if self.url is not None and isinstance(problem := _url_db(self.url), str):
+            raise ValueError(problem)
         for entry in self.sentinels:
             if not _SENTINEL.match(entry):
                 raise ValueError(f"sentinel {entry!r} is not host:port")
@@ -128,6 +174,31 @@ class RedisModel(_Strict):
         if not 0.1 <= self.staleness <= 60:
             raise ValueError("staleness must be between 100ms and 60s")
         return self
+
+
+def _url_db(url: str) -> int | str | None:
+    """The database a Redis URL names, as redis-py reads it (``?db=N``, else a ``redis(s)://``
+    path ``/N``), None for none, or what is wrong with it."""
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qs(parts.query).get("db")
+    if query:
+        text, where = query[0], "?db="
+    elif parts.scheme in ("redis", "rediss") and parts.path.strip("/"):
+        text, where = urllib.parse.unquote(parts.path).replace("/", ""), "path /"
+    else:
+        return None
+    if not text.isascii() or not text.isdigit():
+        return f"url {where}{text} is not a database number: redis-py would ignore it (give /0 to /15, or none)"
+    return int(text)
+
+
+def _url_shown(url: str) -> str:
+    """``url`` without a password, fit for a message."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return parts._replace(netloc=user + parts.netloc.rpartition("@")[2]).geturl()
 
 
 class SessionsModel(_Strict):

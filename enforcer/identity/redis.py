@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import secrets
 import sys
 import time
@@ -24,7 +25,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 from enforcer.errors import EnforcerError, Reason
 from enforcer.identity.cache import _SessionCache
@@ -178,7 +180,8 @@ class RedisConfig:
             "retry": Retry(NoBackoff(), 0),
             "decode_responses": False,
         }
-        ssl_opts: dict[str, Any] = {}
+        # the certificate must name the host connected to: redis-py 5.x does not check it unless told
+        ssl_opts: dict[str, Any] = {"ssl_check_hostname": True, "ssl_cert_reqs": "required"}
         if self.ca_file is not None:
             ssl_opts["ssl_ca_certs"] = str(self.ca_file)
         if self.url is not None:
@@ -774,8 +777,11 @@ class RedisSessionStore:
     # -- life cycle ----------------------------------------------------------------------------
 
     async def check(self) -> str:
-        """``enforcer check``/``doctor``: PING, then write, read and delete a probe key under the
-        prefix (so the ACL user's rights are tested too); ``"ok"`` or SessionStoreUnavailable."""
+        """``enforcer check``/``doctor``: use every right the daemon needs, as the daemon does --
+        PING; the data commands on probe keys under the prefix (one ``MULTI``); ``SCRIPT LOAD``
+        of its scripts and ``EVALSHA`` of each on probe keys; ``PUBLISH``, ``SUBSCRIBE``, a PING
+        through the subscription and ``UNSUBSCRIBE`` on the revocation channel. ``"ok"``, or
+        SessionStoreUnavailable naming the right the ACL user lacks and the ACL rule granting it."""
         try:
             await self._call("ping", self._redis.ping())
         except SessionStoreUnavailable as exc:
@@ -783,10 +789,98 @@ class RedisSessionStore:
                 raise SessionStoreUnavailable(await self._why_no_master()) from exc
             raise
         probe = f"{self._prefix}probe:{new_handle()[:16]}"
-        await self._call("write", self._redis.set(probe, b"1", ex=10))
-        if await self._call("read", self._redis.getdel(probe)) != b"1":
-            raise SessionStoreUnavailable("Redis did not return the probe key")
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            (f"use keys {self._prefix}* (the session commands, in MULTI)", lambda: self._check_data(probe)),
+            ("load and run its Lua scripts (SCRIPT LOAD, EVALSHA)", lambda: self._check_scripts(probe)),
+            (f"publish on channel {self._channel.decode()}",
+             lambda: self._call("publish", self._redis.publish(self._channel, _hex(probe.encode())))),
+            (f"subscribe to channel {self._channel.decode()}", self._check_subscribe),
+        ]
+        for what, step in steps:
+            try:
+                await step()
+            except SessionStoreUnavailable as exc:
+                cause = exc.__cause__
+                if isinstance(cause, NoPermissionError):
+                    raise SessionStoreUnavailable(self._missing_right(what, str(cause))) from exc
+                if isinstance(cause, ResponseError) and "EXEC without MULTI" in str(cause):
+                    # (redis-py drops MULTI's own refusal; EXEC's error is what is left of it)
+                    why = f"{cause}: the user has no permissions to run the 'multi' command"
+                    raise SessionStoreUnavailable(self._missing_right(what, why)) from exc
+                raise
         return "ok"
+
+    async def _check_data(self, probe: str) -> None:
+        """Every data command the store sends, on probe keys (they are gone afterwards)."""
+        h, s, z = f"{probe}:h", f"{probe}:s", f"{probe}:z"
+        at_ms = int(time.time() * 1000) + 10_000
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(probe, b"1", ex=10, nx=True)
+        pipe.getdel(probe)
+        pipe.hset(h, mapping={"d": b"1"})
+        pipe.hmget(h, ["d"])
+        pipe.pexpireat(h, at_ms)
+        pipe.sadd(s, b"1")
+        pipe.smembers(s)
+        pipe.srem(s, b"1")
+        pipe.zadd(z, {b"1": 1.0})
+        pipe.zadd(z, {b"1": 2.0}, xx=True)
+        pipe.zcard(z)
+        pipe.zpopmin(z, 1)
+        pipe.zrem(z, b"1")
+        pipe.zremrangebyscore(z, "-inf", 0)
+        pipe.delete(h, s, z)
+        results = await self._call("write", pipe.execute())
+        if results[1] != b"1" or results[3] != [b"1"]:
+            raise SessionStoreUnavailable("Redis did not return the probe keys")
+
+    async def _check_scripts(self, probe: str) -> None:
+        """``SCRIPT LOAD`` every script the store registered, then ``EVALSHA`` each the way the
+        store calls it, on keys that do not exist (both return at once, changing nothing)."""
+        scripts = [v for v in vars(self).values() if isinstance(v, AsyncScript)]
+        for script in scripts:
+            await self._call("script load", self._redis.script_load(script.script))
+        await self._call("evalsha", self._redis.evalsha(
+            self._touch.sha, 2, f"{probe}:s", f"{probe}:z", "0", "0", "0", "0"))
+        await self._call("evalsha", self._redis.evalsha(
+            self._renew.sha, 3, f"{probe}:s", f"{probe}:r", self._channel, "", "", "", ""))
+
+    async def _check_subscribe(self) -> None:
+        """Subscribe to the revocation channel as the watcher does, PING through it, unsubscribe."""
+        pubsub = self._redis.pubsub()
+        try:
+            await self._call("subscribe", pubsub.subscribe(self._channel))
+            await self._call("subscribe", self._next_message(pubsub, "subscribe"))
+            await self._call("ping", pubsub.ping(b"check"))
+            await self._call("ping", self._next_message(pubsub, "pong"))
+            await self._call("unsubscribe", pubsub.unsubscribe(self._channel))
+            await self._call("unsubscribe", self._next_message(pubsub, "unsubscribe"))
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    @staticmethod
+    async def _next_message(pubsub: Any, kind: str) -> None:
+        """Wait for the subscription's next ``kind`` message (a refusal raises its error)."""
+        while True:
+            message = await pubsub.get_message(timeout=1.0)
+            if message is not None and message["type"] == kind:
+                return
+
+    def _missing_right(self, what: str, text: str) -> str:
+        """What the ACL user may not do (``text``: Redis's refusal, 6 or 7 wording), and the ACL
+        rule that grants it."""
+        user = self.config.username or "default"
+        command = re.search(r"run the '([^']+)' command", text)
+        p = self._prefix
+        if command is not None:
+            grant = f"+{command.group(1)}"
+        elif "channel" in text:
+            grant = f"&{p}*"
+        else:
+            grant = f"~{p}*"
+        return (f"the ACL user {user!r} may not {what} ({text}); grant it with {grant} -- the ACL line for the "
+                f"daemon: user {user} on >PASSWORD ~{p}* &{p}* +@all -@dangerous")
 
     async def _why_no_master(self) -> str:
         """Why the Sentinels gave no master, asking each: not one answered (and why), none

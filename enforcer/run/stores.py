@@ -34,8 +34,9 @@ def redis_config(r: settings_mod.RedisModel) -> redis_store.RedisConfig:
 
 
 async def check_session_store(s: settings_mod.DaemonModel) -> str | None:
-    """``enforcer check``/``doctor``: with ``store: redis``, connect as the daemon would and
-    write, read and delete a probe key: ``"ok"`` or why not. None for the local stores."""
+    """``enforcer check``/``doctor``: with ``store: redis``, connect as the daemon would and use
+    every right it needs (:meth:`RedisSessionStore.check`): ``"ok"`` or why not (the missing
+    right and the ACL rule granting it). None for the local stores."""
     if s.sessions.store != "redis" or s.sessions.redis is None:
         return None
     from enforcer.identity import redis as redis_store  # noqa: PLC0415  (redis-py: ~5 MiB RSS; only with Redis)

@@ -37,9 +37,13 @@ class RedisServer:
     default user off. No persistence: a restart starts empty."""
 
     def __init__(self, tls: CertStore | None = None, *, netns: str | None = None, bind: str = "127.0.0.1",
-                 port: int | None = None) -> None:
+                 port: int | None = None, cert_names: tuple[str, ...] | None = None,
+                 acl_users: dict[str, str] | None = None) -> None:
         """``netns``/``bind``/``port``: where the TLS port listens (in that network namespace);
-        the unix socket is a file, so the tests reach it from any namespace."""
+        the unix socket is a file, so the tests reach it from any namespace. ``cert_names``: the
+        only names of its TLS certificate (default: localhost and the listening addresses).
+        ``acl_users``: more ACL users, name -> rules (``~keys &channels +commands``), each with
+        the password :data:`PASSWORD`."""
         self.dir = Path(tempfile.mkdtemp(prefix="redis-"))
         self.sock = self.dir / "redis.sock"
         self.password_file = self.dir / "password"
@@ -52,9 +56,11 @@ class RedisServer:
             "port 0", f"unixsocket {self.sock}", "unixsocketperm 700", f"dir {self.dir}", 'save ""',
             "appendonly no", "user default off",
             f"user enforcer on >{PASSWORD} ~enforcer:* &enforcer:* +@all -@dangerous",
+            *(f"user {name} on >{PASSWORD} {rules}" for name, rules in (acl_users or {}).items()),
         ]
         if tls is not None:
-            leaf = tls.ensure_leaf("redis", ["localhost"], sorted({"127.0.0.1", bind}))
+            leaf = (tls.ensure_leaf("redis", ["localhost"], sorted({"127.0.0.1", bind})) if cert_names is None
+                    else tls.ensure_leaf("redis-named", list(cert_names)))
             (self.dir / "ca.pem").write_bytes(tls.ca_pem())
             lines += [f"bind {bind}", f"tls-port {self.port}", f"tls-cert-file {leaf.cert}", f"tls-key-file {leaf.key}",
                       f"tls-ca-cert-file {self.dir / 'ca.pem'}", "tls-auth-clients no"]
