@@ -233,6 +233,51 @@ def flow_reasons(stack: Fleet, ids: set[str]) -> dict[str, str]:
     return {f["flow_id"]: f["reason"] for e in stack.enforcers for f in e.flows() if f["flow_id"] in ids}
 
 
+async def test_logout_while_redis_hangs_is_replayed_to_the_whole_fleet(
+    stack: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A logout at one enforcer while Redis hangs clears the cookie and that enforcer refuses the session at once; once Redis answers, every enforcer refuses it (the owed delete), and the flow record and the log say so."""
+    browser = await stack.browser()
+    direct = await Direct.open(stack)
+    try:
+        assert (await login(stack, browser, "/before-hung-logout")).status == 200
+        cookie = await cookie_of(browser)
+        for i in range(3):
+            assert (await direct.get(i, f"/warm/hung-logout/{i}", cookie)).status == 200
+        stack.redis.pause(True)
+        try:
+            out = await direct.get(0, "/oauth2/logout", cookie)
+            after = await direct.get(0, "/after-hung-logout", cookie)
+        finally:
+            stack.redis.pause(False)
+        resumed = time.monotonic()
+        while [(up, status) for up, status, _ in await store_states(stack)] != [(1.0, 200)] * 3:
+            assert time.monotonic() - resumed < 10, await store_states(stack)
+            await asyncio.sleep(0.05)
+        up_after = time.monotonic() - resumed
+        refused = [await direct.get(i, f"/after-redis-back/{i}", cookie) for i in range(3)]
+    finally:
+        await stack.client.run(browser.close())
+        await direct.close()
+    with capsys.disabled():
+        print(f"\n[fleet] logout with Redis hung: answered {out.status}; every enforcer up and refusing it "
+              f"{up_after * 1000:.0f} ms after Redis answered again")
+    assert out.status == 200 and "reaches every server as soon as it is back" in out.text, out.text[:300]
+    assert any(c.startswith(f"{COOKIE}=;") and "Max-Age=0" in c for c in out.set_cookies), out.set_cookies
+    assert after.status != 200
+    for page in refused:
+        assert is_login(page, stack), (page.status, page.location)
+    assert not [r for r in stack.seen() if r["path"] in ("/after-hung-logout",) or r["path"].startswith("/after-redis-back/")]
+    flow_id = out.headers.get("X-Enforcer-Flow", "")
+    deadline = time.monotonic() + 3
+    while not (flows := [f for f in stack.enforcers[0].flows() if f["flow_id"] == flow_id]):
+        assert time.monotonic() < deadline, "the logout's flow record is missing"
+        await asyncio.sleep(0.1)
+    assert (flows[0]["decision"], flows[0]["reason"]) == ("logout", "session_store_unavailable"), flows
+    log = stack.enforcers[0].tail()
+    assert "logout while the session store (Redis) is unavailable" in log and "logout(s) owed" in log, log
+
+
 @pytest.mark.parametrize("how", ["stopped", "hung"])
 async def test_redis_down_fails_closed_and_service_resumes_when_it_returns(
     stack: Fleet, how: str, capsys: pytest.CaptureFixture[str]
