@@ -223,60 +223,182 @@ async def test_logout_on_one_enforcer_is_enforced_by_the_others_within_1s(
         assert len(flows) == 1 and flows[0]["client"].startswith(HUB4), flows
 
 
-async def test_redis_down_fails_closed_and_service_resumes_when_it_returns(
+async def store_states(stack: Fleet) -> list[tuple[float | None, int, dict[str, Any]]]:
+    """Each enforcer's ``enforcer_session_store_up`` and /readyz (status, problems)."""
+    return list(await asyncio.gather(*(asyncio.to_thread(e.store_state) for e in stack.enforcers)))
+
+
+def flow_reasons(stack: Fleet, ids: set[str]) -> dict[str, str]:
+    """The reason each enforcer recorded for the flows ``ids`` (flow logs flush every 200 ms)."""
+    return {f["flow_id"]: f["reason"] for e in stack.enforcers for f in e.flows() if f["flow_id"] in ids}
+
+
+async def test_logout_while_redis_hangs_is_replayed_to_the_whole_fleet(
     stack: Fleet, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Redis stopped under load: no request with a session an enforcer has not cached (or no session) reaches the app, cached ones stop within the staleness bound; Redis restarted: service resumes with no enforcer restarted."""
+    """A logout at one enforcer while Redis hangs clears the cookie and that enforcer refuses the session at once; once Redis answers, every enforcer refuses it (the owed delete), and the flow record and the log say so."""
+    browser = await stack.browser()
+    direct = await Direct.open(stack)
+    try:
+        assert (await login(stack, browser, "/before-hung-logout")).status == 200
+        cookie = await cookie_of(browser)
+        for i in range(3):
+            assert (await direct.get(i, f"/warm/hung-logout/{i}", cookie)).status == 200
+        stack.redis.pause(True)
+        try:
+            out = await direct.get(0, "/oauth2/logout", cookie)
+            after = await direct.get(0, "/after-hung-logout", cookie)
+        finally:
+            stack.redis.pause(False)
+        resumed = time.monotonic()
+        while [(up, status) for up, status, _ in await store_states(stack)] != [(1.0, 200)] * 3:
+            assert time.monotonic() - resumed < 10, await store_states(stack)
+            await asyncio.sleep(0.05)
+        up_after = time.monotonic() - resumed
+        refused = [await direct.get(i, f"/after-redis-back/{i}", cookie) for i in range(3)]
+    finally:
+        await stack.client.run(browser.close())
+        await direct.close()
+    with capsys.disabled():
+        print(f"\n[fleet] logout with Redis hung: answered {out.status}; every enforcer up and refusing it "
+              f"{up_after * 1000:.0f} ms after Redis answered again")
+    assert out.status == 200 and "reaches every server as soon as it is back" in out.text, out.text[:300]
+    assert any(c.startswith(f"{COOKIE}=;") and "Max-Age=0" in c for c in out.set_cookies), out.set_cookies
+    assert after.status != 200
+    for page in refused:
+        assert is_login(page, stack), (page.status, page.location)
+    assert not [r for r in stack.seen() if r["path"] in ("/after-hung-logout",) or r["path"].startswith("/after-redis-back/")]
+    flow_id = out.headers.get("X-Enforcer-Flow", "")
+    deadline = time.monotonic() + 3
+    while not (flows := [f for f in stack.enforcers[0].flows() if f["flow_id"] == flow_id]):
+        assert time.monotonic() < deadline, "the logout's flow record is missing"
+        await asyncio.sleep(0.1)
+    assert (flows[0]["decision"], flows[0]["reason"]) == ("logout", "session_store_unavailable"), flows
+    log = stack.enforcers[0].tail()
+    assert "logout while the session store (Redis) is unavailable" in log and "logout(s) owed" in log, log
+
+
+@pytest.mark.parametrize("how", ["stopped", "hung"])
+async def test_redis_down_fails_closed_and_service_resumes_when_it_returns(
+    stack: Fleet, how: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Redis stopped (or hung: SIGSTOP) under load from several clients: every enforcer reports it (metric 0, /readyz 503 naming sessions), a valid session it has not cached then gets 503 session_store_unavailable, no request without a valid session reaches the app, cached ones stop within the staleness bound; Redis back: metric 1, ready, service resumes with no enforcer restarted."""
     pids = [e.proc.pid for e in stack.enforcers if e.proc is not None]
     alice = await stack.browser()
     other = await stack.browser(HOST4[0])  # logs in on enforcer 1 only: 2 and 3 never cache it
+    loaders = [await stack.browser(new_connection_per_request=True) for _ in range(6)]
     direct = await Direct.open(stack)
+    stop = asyncio.Event()
+    load_answers: dict[str, list[int]] = {"known": [], "bogus": [], "anon": []}
     try:
-        assert (await login(stack, alice, "/before-redis-stop")).status == 200
+        assert (await login(stack, alice, f"/before-redis-{how}")).status == 200
         known = await cookie_of(alice)
         for i in range(3):
-            assert (await direct.get(i, f"/warm/redis/{i}", known)).status == 200
-        other_page = await login(stack, other, "/other-login")
+            assert (await direct.get(i, f"/warm/redis/{how}/{i}", known)).status == 200
+        other_page = await login(stack, other, f"/other-login-{how}")
         assert other_page.status == 200, other_page.location
         uncached = await cookie_of(other)
         bogus = f"{COOKIE}={secrets.token_urlsafe(32)}"
+        assert [(up, status) for up, status, _ in await store_states(stack)] == [(1.0, 200)] * 3
 
-        stack.redis.stop()
+        async def load() -> None:
+            """Six clients through HAProxy, each a new connection per request, two of each: the
+            cached session, a well-formed unknown cookie, no cookie (each client its own cookie
+            jar: a browser's jar replaces a Cookie header given)."""
+            kinds = {"known": {"Cookie": known}, "bogus": {"Cookie": bogus}, "anon": {}}
+
+            async def client(w: int, kind: str, browser: ScriptedBrowser) -> None:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    page = await browser.request("GET", f"{BASE}/load-{kind}/{w}/{n}", follow=False,
+                                                 headers=kinds[kind])
+                    load_answers[kind].append(page.status)
+
+            await asyncio.gather(*(client(w, list(kinds)[w % 3], b) for w, b in enumerate(loaders)))
+
+        async def stopper() -> None:
+            stop.set()
+
+        task = asyncio.ensure_future(stack.client.run(load(), timeout=120))
+        await asyncio.sleep(0.3)
+        if how == "stopped":
+            stack.redis.stop()
+        else:
+            stack.redis.pause(True)
         stopped = time.monotonic()
         last_served: list[float] = []
-        answers: dict[str, list[int]] = {"uncached": [], "bogus": []}
-        while time.monotonic() - stopped < 2.5:
+        seen: dict[int, float] = {}  # enforcer -> when its metric said 0 (and /readyz 503 named sessions)
+        down_states: dict[int, tuple[float | None, int, dict[str, Any]]] = {}
+        uncached_seen: list[tuple[int, Response]] = []
+        bogus_answers: list[int] = []
+        while time.monotonic() - stopped < 2.5 or len(seen) < 3:
+            assert time.monotonic() - stopped < 8, f"not every enforcer reported the outage: {seen}"
+            for i, state in enumerate(await store_states(stack)):
+                if i not in seen and state[0] == 0.0:
+                    seen[i], down_states[i] = time.monotonic() - stopped, state
             for i in range(3):
-                if (await direct.get(i, f"/known/{i}", known)).status == 200:
-                    last_served.append(time.monotonic() - stopped)
-                answers["bogus"].append((await direct.get(i, f"/bogus/{i}", bogus)).status)
+                sent = time.monotonic() - stopped
+                if (await direct.get(i, f"/known/{how}/{i}", known)).status == 200:
+                    last_served.append(sent)
+                bogus_answers.append((await direct.get(i, f"/bogus/{how}/{i}", bogus)).status)
             for i in (1, 2):
-                answers["uncached"].append((await direct.get(i, f"/uncached/{i}", uncached)).status)
-        outage_seen = [r["path"] for r in stack.seen() if r["path"].startswith(("/bogus/", "/uncached/"))]
+                was_seen = i in seen
+                page = await direct.get(i, f"/uncached/{how}/{i}", uncached)
+                if was_seen:
+                    uncached_seen.append((i, page))
+        await stack.client.run(stopper())
+        await task
+        outage_paths = [r["path"] for r in stack.seen()
+                        if r["path"].startswith(("/bogus/", "/uncached/", "/load-bogus/", "/load-anon/"))]
 
-        stack.redis.start()
+        if how == "stopped":
+            stack.redis.start()
+        else:
+            stack.redis.pause(False)
         restarted = time.monotonic()
         resumed: dict[int, float] = {}
         while len(resumed) < 3 and time.monotonic() - restarted < 15:
             for i in set(range(3)) - set(resumed):
-                if (await direct.get(i, f"/resumed/{i}", known)).status == 200:
+                if (await direct.get(i, f"/resumed/{how}/{i}", known)).status == 200:
                     resumed[i] = time.monotonic() - restarted
             await asyncio.sleep(0.02)
-        uncached_after = [(await direct.get(i, f"/uncached-after/{i}", uncached)).status for i in (1, 2)]
-        through_lb = await stack.client.run(alice.get(BASE + "/after-redis", follow=False))
+        up_states = await store_states(stack)
+        uncached_after = [(await direct.get(i, f"/uncached-after/{how}/{i}", uncached)).status for i in (1, 2)]
+        through_lb = await stack.client.run(alice.get(f"{BASE}/after-redis-{how}", follow=False))
     finally:
-        for b in (alice, other):
+        if not stop.is_set():
+            await stack.client.run(stopper())
+        if stack.redis.proc is None:
+            stack.redis.start()
+        else:
+            stack.redis.pause(False)
+        for b in (alice, other, *loaders):
             await stack.client.run(b.close())
         await direct.close()
+    ids = {page.headers.get("X-Enforcer-Flow", "") for _, page in uncached_seen}
+    deadline = time.monotonic() + 3
+    while len(reasons := flow_reasons(stack, ids)) < len(ids):
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
     with capsys.disabled():
-        print(f"\n[fleet] Redis down: cached session served until {max(last_served, default=0) * 1000:.0f} ms after "
-              f"the stop; answers without a usable session: { {k: sorted(set(v)) for k, v in answers.items()} }; "
+        print(f"\n[fleet] Redis {how}: reported down after (ms) { {HOST4[i]: round(t * 1000) for i, t in seen.items()} }; "
+              f"cached session served until {max(last_served, default=0) * 1000:.0f} ms; load answers "
+              f"{ {k: {s: v.count(s) for s in sorted(set(v))} for k, v in load_answers.items()} }; "
               f"Redis back: served again after (ms) { {HOST4[i]: round(t * 1000) for i, t in resumed.items()} }")
-    assert outage_seen == []
-    assert answers["uncached"] and set(answers["uncached"]) <= {302, 503}, answers
-    assert set(answers["bogus"]) <= {302, 503}, answers
-    assert max(last_served, default=0) <= 1.3  # staleness 1 s (+ the time one round of requests takes)
+    for i, (_, status, problems) in down_states.items():
+        assert status == 503 and "sessions" in problems, (HOST4[i], status, problems)
+    assert uncached_seen and {p.status for _, p in uncached_seen} == {503}, [(i, p.status) for i, p in uncached_seen]
+    assert all("Sign-in unavailable" in p.text for _, p in uncached_seen)
+    assert set(reasons.values()) == {"session_store_unavailable"} and len(reasons) == len(ids), reasons
+    assert outage_paths == []
+    assert set(bogus_answers) <= {302, 503}, bogus_answers
+    assert load_answers["known"] and set(load_answers["known"]) <= {200, 503}, load_answers  # never a 302
+    assert set(load_answers["bogus"]) <= {302, 503} and set(load_answers["anon"]) <= {302, 503}, load_answers
+    assert max(last_served, default=0) <= 1.3  # staleness 1 s (+ one round of requests)
     assert sorted(resumed) == [0, 1, 2], resumed
+    assert [(up, status) for up, status, _ in up_states] == [(1.0, 200)] * 3, up_states
     assert uncached_after == [200, 200]
     assert through_lb.status == 200
     assert [e.proc.pid for e in stack.enforcers if e.proc is not None] == pids  # no enforcer restarted

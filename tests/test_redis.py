@@ -20,10 +20,11 @@ from typing import Any
 import pytest
 
 from enforcer.config.settings import DaemonModel
-from enforcer.errors import Reason
+from enforcer.errors import Outcome, Reason
 from enforcer.http.certs import CertStore
 from enforcer.identity import login
 from enforcer.identity.redis import RedisConfig, RedisSessionStore, SessionStoreUnavailable
+from enforcer.identity.sessions import LogoutOwed
 from enforcer.run import stores
 from tests.harness.gate import CLIENT_ID, ISSUER, NOW, Answer, GateRig, sign
 from tests.harness.prereq import require
@@ -532,6 +533,114 @@ async def test_gate_with_redis_down_never_forwards_an_unknown_session(server: Re
         again = await rig.request("GET", "/private", {"Accept": "text/html"})
         assert again.status == 302
 
+
+
+def _persist(server: RedisServer) -> None:
+    """Restart ``server`` with an RDB snapshot at SIGTERM, so a stop and start keeps its sessions."""
+    server.stop()
+    conf = server.dir / "redis.conf"
+    conf.write_text(conf.read_text().replace('save ""', "save 3600 1"))
+    server.start()
+
+
+def _outage(server: RedisServer, how: str) -> None:
+    """Freeze Redis (SIGSTOP: connections hang) or stop it (SIGTERM: it snapshots and exits)."""
+    if how == "sigstop":
+        server.pause(True)
+        return
+    assert server.proc is not None
+    server.proc.terminate()
+    server.proc.wait()
+    server.proc = None
+
+
+def _recover(server: RedisServer, how: str) -> None:
+    if how == "sigstop":
+        server.pause(False)
+    else:
+        server.start()
+
+
+async def test_logout_owed_while_redis_is_frozen_is_refused_here_and_sent_before_up(server: RedisServer) -> None:
+    """pop with Redis frozen raises LogoutOwed; this store refuses the session even after Redis is back, and its watcher deletes it before reporting up."""
+    states: list[tuple[bool, str]] = []
+    store = RedisSessionStore(server.config(), idle_timeout=3600,
+                              on_state=lambda up: states.append((up, server.cli("DBSIZE"))))
+    try:
+        async with watched(server.config()) as other:
+            handle = await other.create(make_session())
+            kept = await other.create(make_session(sub="bob", sid="sid-2"))
+            assert await store.get(handle, "app", time.time()) is not None
+            server.pause(True)
+            try:
+                with pytest.raises(LogoutOwed) as info:
+                    await store.pop(handle, "app", time.time())
+                assert info.value.reason is Reason.SESSION_STORE_UNAVAILABLE
+                assert await store.get(handle, "app", time.time()) is None  # at once, without Redis
+                with pytest.raises(LogoutOwed):  # a second logout is owed at once (no Redis wait)
+                    async with asyncio.timeout(0.05):
+                        await store.pop(handle, "app", time.time())
+            finally:
+                server.pause(False)
+            # Redis is back, the delete not sent yet (no watcher): still refused here, alive in Redis
+            assert await until(other.fresh, 5.0) < 5.0
+            assert await other.get(handle, "app", time.time()) is not None
+            assert await store.get(handle, "app", time.time()) is None
+            task = asyncio.create_task(store.watch())
+            try:
+                assert await until(lambda: store.problem is None, 5.0) < 5.0
+                await until(lambda: other.get_cached(handle, "app", time.time()) is None, 2.0)
+                assert await other.get(handle, "app", time.time()) is None
+                assert await store.get(handle, "app", time.time()) is None
+                assert await store.get(kept, "app", time.time()) is not None
+            finally:
+                await store.close()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    finally:
+        await store.close()
+    # reported up only after the delete: Redis then held `kept` and its two indexes (u:, i:) and `all`
+    assert states and states[-1][0] is True and states[-1][1] == server.cli("DBSIZE")
+
+
+@pytest.mark.parametrize("outage", ["sigstop", "sigterm"])
+async def test_logout_while_redis_is_down_clears_the_cookie_and_is_replayed(server: RedisServer, outage: str) -> None:
+    """Logout on A with Redis frozen or stopped: the cookie is cleared, A refuses the session at once, and B refuses it once Redis is back (A's owed delete) while another session survives."""
+    if outage == "sigterm":
+        _persist(server)
+    async with watched(server.config()) as ra, watched(server.config()) as rb:
+        a, b = FleetRig(ra), FleetRig(rb)
+        b.provider = a.provider
+        b.gate.runtime.providers["app"] = a.provider
+        cookie = await _sign_in(a, b)
+        control = await _sign_in(b, a)
+        for rig in (a, b):
+            for c in (cookie, control):
+                answer = await rig.request("GET", "/private", {"Cookie": c, "Accept": "text/html"})
+                assert answer.status == 200, answer.flow.reason
+        handle = cookie.split("=", 1)[1]
+        _outage(server, outage)
+        try:
+            out = await a.request("POST", "/oauth2/logout", {"Cookie": cookie, "Origin": "https://app.example.com"})
+            assert out.status == 200
+            assert (out.flow.decision, out.flow.reason) == (Outcome.LOGOUT, Reason.SESSION_STORE_UNAVAILABLE)
+            assert out.cookie("__Host-enforcer-app") == "" and any("Max-Age=0" in c for c in out.set_cookies())
+            assert b"reaches every server as soon as it is back" in out.response.body  # type: ignore[attr-defined]
+            assert await ra.get(handle, "app", a.now) is None  # refused here at once
+            again = await a.request("GET", "/private", {"Cookie": cookie, "Accept": "text/html"})
+            assert again.status != 200 and len(a.upstream.targets) == 2
+            assert await until(lambda: not ra.fresh() and not rb.fresh(), 3.0) < 3.0  # both saw the outage
+        finally:
+            _recover(server, outage)
+        assert await until(lambda: ra.fresh() and rb.fresh(), 5.0) < 5.0
+        await until(lambda: rb.get_cached(handle, "app", b.now) is None, 2.0)
+        refused = await b.request("GET", "/private", {"Cookie": cookie, "Accept": "text/html"})
+        assert refused.status == 302 and refused.flow.reason != Reason.SESSION_STORE_UNAVAILABLE
+        for rig in (a, b):  # the session not logged out survived the outage (so the delete was replayed)
+            answer = await rig.request("GET", "/private", {"Cookie": control, "Accept": "text/html"})
+            assert answer.status == 200, answer.flow.reason
+        assert len(b.upstream.targets) == 3
 
 
 async def test_check_and_doctor_test_the_connection(server: RedisServer, tmp_path: Path) -> None:

@@ -655,11 +655,25 @@ class Gate:
         cookie_name = cookies_mod.session_cookie_name(service.name)
         found, handle = cookies_mod.find_cookie(request.headers.getall("Cookie", []), cookie_name)
         current = None
+        clear = [cookies_mod.clear_cookie_header(cookie_name)]
         if found is cookies_mod.CookieLookup.FOUND and handle:
-            current = await self.store.pop(handle, service.name, self.clock())
+            try:
+                current = await self.store.pop(handle, service.name, self.clock())
+            except sessions.LogoutOwed:
+                # fail closed, nothing lost: the store refuses the session here already and sends
+                # the deletion to the fleet when it answers again (it logged that); no ID token to
+                # end the IdP session with, so say what happened instead
+                flow.record(decision=Outcome.LOGOUT, reason=Reason.SESSION_STORE_UNAVAILABLE)
+                return pages.info_page(
+                    "Signed out",
+                    "<p>You are signed out of this application.</p><p>The session store is unavailable "
+                    "right now: your sign-out is recorded and reaches every server as soon as it is back. "
+                    "You may still be signed in at your identity provider.</p>"
+                    f"<p><a href='{html.escape(service.origin, quote=True)}/'>Sign in again</a></p>",
+                    set_cookies=clear,
+                )
         if current is not None:
             flow.user, flow.email = current.sub, current.email
-        clear = [cookies_mod.clear_cookie_header(cookie_name)]
         metadata = self._provider(service).metadata
         if current is not None and metadata is not None and metadata.end_session_endpoint:
             end_session = login.end_session_url(

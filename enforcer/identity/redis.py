@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -33,6 +33,7 @@ from enforcer.identity.cache import _SessionCache
 from enforcer.identity.cookies import new_handle
 from enforcer.identity.sessions import (
     USED_KEEP_MAX,
+    LogoutOwed,
     Session,
     _check_max_sessions,
     _check_selector,
@@ -72,6 +73,9 @@ PING_INTERVAL: Final = 0.25
 
 _RECONNECT_MAX: Final = 1.0
 """Longest wait between two attempts to reach Redis again."""
+
+_REPLAY_BATCH: Final = 1000
+"""Owed logouts sent to Redis in one ``MULTI`` when it answers again."""
 
 _FLUSH: Final = b"*"
 """A revocation message meaning "forget every cached session" (none sent today; accepted)."""
@@ -295,6 +299,12 @@ class RedisSessionStore:
       watcher hears from Redis again calls fail at once; a session not in a fresh cache is
       never served. Once the watcher subscribes again the whole cache is dropped (revocations
       may have been missed), and service resumes by itself.
+    * A logout while Redis is away is not lost: :meth:`pop` keeps the key in a local tombstone
+      (``_owed``: this enforcer refuses the session at once, even once Redis is back) and
+      raises :class:`~enforcer.identity.sessions.LogoutOwed` (the gate clears the cookie); the
+      watcher sends the owed delete+publish as soon as Redis answers a PING, before it reports
+      the store up again. At most ``max_sessions`` are owed (beyond: the plain 503); they live
+      in this process only (a restart before Redis returns loses them: the cookie is cleared).
     * Per request: a fresh cache hit is a ``time.monotonic()`` comparison plus the SQLite
       store's cache lookup; a miss is one ``HMGET``; a due touch one script call.
     """
@@ -344,6 +354,9 @@ class RedisSessionStore:
         """Why Redis is unavailable now, or None (``/readyz``, the metric)."""
         self._down = False
         """A call failed and the watcher has not heard from Redis since: calls fail at once."""
+        self._owed: dict[bytes, None] = {}
+        """Keys of sessions logged out while Redis was away (oldest first): refused here, and
+        deleted in Redis by the watcher before it reports the store up (see the class docstring)."""
         self._closed = False
 
     # -- state ---------------------------------------------------------------------------------
@@ -456,10 +469,34 @@ class RedisSessionStore:
                 if message["type"] == "pong":
                     if message["data"] == token:
                         answered = True
+                        if self._owed:
+                            await self._replay_owed()
                         self._fresh_until = sent + staleness
                         self._set_problem(None)
                 elif message["type"] == "message":
                     self._revoked(message["data"])
+
+    async def _replay_owed(self) -> None:
+        """Send the deletions :meth:`pop` owes (delete + publish, in batches); each batch leaves
+        the tombstone only once Redis took it. Raises SessionStoreUnavailable."""
+        keys = list(self._owed)
+        for i in range(0, len(keys), _REPLAY_BATCH):
+            batch = keys[i:i + _REPLAY_BATCH]
+            await self._delete_keys(batch)
+            for key in batch:
+                self._owed.pop(key, None)
+        log.warning("sent %d logout(s) owed to the session store (Redis) since it was unavailable", len(keys))
+
+    def _owe(self, key: bytes, why: str) -> NoReturn:
+        """A logout Redis did not take: refuse the session here from now on and owe its deletion
+        (:class:`LogoutOwed`); beyond ``max_sessions`` owed, the plain SessionStoreUnavailable."""
+        if key not in self._owed and len(self._owed) >= self._max:
+            log.warning("logout not taken: Redis unavailable and %d logouts already owed to it", len(self._owed))
+            raise SessionStoreUnavailable(why)
+        self._owed[key] = None
+        log.warning("logout while the session store (Redis) is unavailable (%s): the session is refused here at "
+                    "once; its deletion is sent when Redis answers (%d owed)", why, len(self._owed))
+        raise LogoutOwed(f"logout owed to Redis: {why}")
 
     def _revoked(self, data: bytes) -> None:
         if data == _FLUSH:
@@ -541,8 +578,8 @@ class RedisSessionStore:
         """The live session for ``handle`` on ``service``, or None; slides ``last_seen``.
         Raises :class:`SessionStoreUnavailable` when it would need Redis and Redis is away."""
         key = _handle_key(handle)
-        if key is None:
-            return None
+        if key is None or (self._owed and key in self._owed):
+            return None  # (logged out while Redis was away: refused until Redis confirms the delete)
         session = self._cache.peek(key) if self.fresh() else None
         if session is not None and self._life.verdict(session, service, now) is _Verdict.EXPIRED:
             # another enforcer may have slid last_seen since we cached it: ask Redis
@@ -605,18 +642,23 @@ class RedisSessionStore:
 
     async def pop(self, handle: str, service: str, now: float) -> Session | None:
         """Delete the session for ``handle`` everywhere; return it, raw ID token included, if
-        it was live for ``service``."""
+        it was live for ``service``. Redis away: :class:`LogoutOwed` (the deletion is owed)."""
         key = _handle_key(handle)
         if key is None:
             return None
         self._forget([key])
+        if self._down:
+            self._owe(key, self.problem or "Redis unavailable")
         skey = self._skey(key)
         pipe = self._redis.pipeline(transaction=True)
         pipe.hmget(skey, ["d", "l", "t"])
         pipe.delete(skey)
         pipe.zrem(self._all, _hex(key))
         self._publish(pipe, [key])
-        results = await self._call("pop", pipe.execute())
+        try:
+            results = await self._call("pop", pipe.execute())
+        except SessionStoreUnavailable as exc:
+            self._owe(key, str(exc))
         try:
             session = _decode(*results[0])
         except (ValueError, TypeError, KeyError):
@@ -916,6 +958,9 @@ class RedisSessionStore:
         self._closed = True
         self._fresh_until = -1.0
         self._cache.clear()
+        if self._owed:
+            log.warning("closing with %d logout(s) still owed to the session store (Redis): their cookies were "
+                        "cleared, but the sessions stay valid in Redis until they expire", len(self._owed))
         with contextlib.suppress(Exception):
             await self._redis.aclose()
         pool = getattr(self._redis, "connection_pool", None)

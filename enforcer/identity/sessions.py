@@ -174,6 +174,15 @@ def _used_key(kind: str, key: str) -> bytes:
     return hashlib.sha256(f"{kind}\x00{key}".encode("utf-8", "surrogatepass")).digest()
 
 
+class LogoutOwed(EnforcerError):
+    """:meth:`SessionStore.pop` could not reach a shared store: the store already refuses the
+    session in this process and sends the deletion when it answers again (fail closed, the
+    logout is not lost); the caller clears the cookie and says so."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.SESSION_STORE_UNAVAILABLE, 503, message)
+
+
 def _handle_key(handle: str) -> bytes | None:
     """SHA-256 of a well-formed handle, or None. Shape first: junk is never hashed."""
     if len(handle) != HANDLE_LENGTH or not _HANDLE_RE.fullmatch(handle):

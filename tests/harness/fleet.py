@@ -178,6 +178,15 @@ class Enforcer:
             proc.kill()
             return proc.wait()
 
+    def store_state(self) -> tuple[float | None, int, dict[str, Any]]:
+        """What this enforcer says of its session store: ``enforcer_session_store_up`` on
+        /metrics (None if absent), and /readyz's status and problems."""
+        _, metrics = admin_get(self.netns, "/metrics")
+        up = next((float(line.split()[1]) for line in metrics.decode().splitlines()
+                   if line.startswith("enforcer_session_store_up ")), None)
+        status, body = admin_get(self.netns, "/readyz")
+        return up, status, json.loads(body).get("problems", {})
+
     def flows(self) -> list[dict[str, Any]]:
         path = self.state / "logs" / "flows.jsonl"
         if not path.exists():
@@ -224,8 +233,17 @@ class Redis:
             time.sleep(0.02)
         raise RuntimeError("redis-server did not start")
 
+    def pause(self, paused: bool) -> None:
+        """SIGSTOP / SIGCONT: a Redis that keeps its connections and never answers (``ip netns
+        exec`` exec()s: the PID is redis-server's)."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         proc, self.proc = self.proc, None
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)  # a paused one cannot act on SIGTERM
         if proc is not None and proc.poll() is None:
             proc.send_signal(sig)
             try:
