@@ -5,7 +5,7 @@ in the hub namespace::
 
     client  10.98.0.2 ──┐
     host 1  10.98.0.11 ─┤  br0 in the hub, 10.98.0.1: HAProxy :443 (TCP, round-robin over the
-    host 2  10.98.0.12 ─┤  three enforcers' :443), redis-server :6379 (ACL user, AOF), the node
+    host 2  10.98.0.12 ─┤  three enforcers' :443), redis-server :6379 (ACL user, RDB), the node
     host 3  10.98.0.13 ─┘  OpenID Provider :8443, the recording app :8080
 
 Each host runs ``python -m enforcer run`` on ``0.0.0.0:443`` (admin on its own loopback) with
