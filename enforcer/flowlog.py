@@ -17,7 +17,6 @@ import asyncio
 import collections
 import contextlib
 import errno
-import functools
 import itertools
 import logging
 import os
@@ -106,7 +105,7 @@ class FlowLog:
         self._echo = (
             None if echo is None
             else _EchoBuffer(echo, PIPE_BUF if echo_shared else ECHO_CHUNK, self._hard_cap, self._echo_failed,
-                             self._count_dropped)
+                             on_dropped)
         )
         self._echoed = 0
         """How many lines at the head of ``_buffer`` the echo already has (0 without one)."""
@@ -297,7 +296,7 @@ class _EchoBuffer:
 
     def __init__(
         self, echo: Echo, chunk: int, hard_cap: int,
-        on_error: Callable[[BaseException], None], on_dropped: Callable[[int], None],
+        on_error: Callable[[BaseException], None], on_dropped: Callable[[int], None] | None,
     ) -> None:
         self.lines: collections.deque[str] = collections.deque()
         self._echo = echo
@@ -325,7 +324,8 @@ class _EchoBuffer:
                 for _ in range(excess):
                     lines.popleft()
             self.dropped += excess
-            self._on_dropped(excess)
+            if self._on_dropped is not None:
+                self._on_dropped(excess)
 
     def flush(self) -> None:
         """Write whole-line chunks until all is out or the reader takes no more (no blocking)."""
@@ -356,44 +356,58 @@ class _EchoBuffer:
                 return  # the reader took part: the rest waits for the next flush
 
 
-def open_stdout(fd: int = 1) -> Echo:
-    """An :data:`Echo` for standard output that never blocks and leaves ``fd`` itself unchanged.
+class StdoutEcho:
+    """Standard output as an :data:`Echo` that never blocks and leaves ``fd`` itself unchanged.
 
     A pipe, FIFO or terminal (a container runtime gives a pipe) is opened again through
     ``/proc/self/fd``: a new open file description of its own, non-blocking, so ``fd`` and
     whatever shares its description (standard error after ``2>&1``) stay blocking. A socket
     (systemd's journal) is written with ``MSG_DONTWAIT``; a regular file with plain writes,
-    which do not stall on a reader. Raises ``OSError`` when ``fd`` is not open.
+    which do not stall on a reader. Without ``/proc`` (or with a pipe that has no reader yet)
+    a write waits for ``poll`` to say there is room and takes at most :data:`PIPE_BUF` bytes.
     """
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError as exc:
-        raise OSError(exc.errno, f"flowLogStdout: standard output (fd {fd}) is not open") from None
-    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+
+    def __init__(self, fd: int = 1) -> None:
+        """Raises ``OSError`` naming ``flowLogStdout`` when ``fd`` is not open."""
         try:
-            own = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_APPEND | os.O_CLOEXEC)
-        except OSError:  # no /proc, or a pipe without a reader: ask poll() before each write
-            return _PolledWriter(os.dup(fd))
-        return functools.partial(os.write, own)
-    if stat.S_ISSOCK(mode):
-        return functools.partial(_send_nowait, socket.socket(fileno=os.dup(fd)))
-    return functools.partial(os.write, os.dup(fd))
-
-
-def _send_nowait(sock: socket.socket, data: bytes) -> int:
-    return sock.send(data, socket.MSG_DONTWAIT)
-
-
-class _PolledWriter:
-    """Writes at most :data:`PIPE_BUF` bytes to a blocking descriptor, and only when ``poll``
-    says it has room for them, so the write does not wait."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._poll = select.poll()
-        self._poll.register(fd, select.POLLOUT)
+            mode = os.fstat(fd).st_mode
+        except OSError as exc:
+            raise OSError(exc.errno, f"flowLogStdout: standard output (fd {fd}) is not open") from None
+        self._sock: socket.socket | None = None
+        self._poll: select.poll | None = None
+        if stat.S_ISSOCK(mode):
+            self._sock = socket.socket(fileno=os.dup(fd))
+            self._fd = -1
+            return
+        if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+            try:
+                self._fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_APPEND | os.O_CLOEXEC)
+            except OSError:
+                self._fd = os.dup(fd)
+                self._poll = select.poll()
+                self._poll.register(self._fd, select.POLLOUT)
+            return
+        self._fd = os.dup(fd)
 
     def __call__(self, data: bytes) -> int:
-        if not self._poll.poll(0):
-            raise BlockingIOError(errno.EAGAIN, "the reader is behind")
-        return os.write(self._fd, data[:PIPE_BUF])
+        """Write some of ``data`` now; ``BlockingIOError`` when the reader has no room."""
+        if self._sock is not None:
+            return self._sock.send(data, socket.MSG_DONTWAIT)
+        if self._poll is not None:
+            if not self._poll.poll(0):
+                raise BlockingIOError(errno.EAGAIN, "the reader is behind")
+            data = data[:PIPE_BUF]
+        return os.write(self._fd, data)
+
+    def close(self) -> None:
+        """Close this echo's own descriptor (``fd`` stays open)."""
+        if self._sock is not None:
+            self._sock.close()
+        elif self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def open_stdout(fd: int = 1) -> Echo:
+    """The process's standard output as an :data:`Echo` (:class:`StdoutEcho`)."""
+    return StdoutEcho(fd)
