@@ -51,6 +51,9 @@ tear or mix with another process's writes to the same pipe."""
 ECHO_CHUNK = 1 << 16
 """Bytes per write to an echo only this process writes to (a pipe holds 64 KiB by default)."""
 
+ECHO_CLOSE_WAIT = 1.0
+"""Seconds ``close`` waits for a reader that is behind to take the echo's last lines."""
+
 # --------------------------------------------------------------------------------------------
 # Writer
 
@@ -151,11 +154,24 @@ class FlowLog:
             self._open()
 
     async def close(self) -> None:
-        """Flush everything still buffered and close the file; stops ``run``."""
+        """Flush everything still buffered and close the file; stops ``run``. The echo's reader
+        gets up to :data:`ECHO_CLOSE_WAIT` seconds to take the rest; what it leaves is counted
+        as dropped and logged."""
         self._closed = True
         self._wake.set()
         self._flush()
         self._close_fd()
+        echo = self._echo
+        if echo is None or not echo.lines:
+            return
+        deadline = self._monotonic() + ECHO_CLOSE_WAIT
+        while echo.behind and echo.lines and self._monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            echo.flush()
+        if echo.lines:
+            left = len(echo.lines)
+            echo.drop_all()
+            log.error("flow log <stdout>: %d lines not taken by the reader at the stop, dropped", left)
 
     def flush(self) -> None:
         """Write everything buffered now (synchronously); errors are counted, not raised."""
@@ -308,6 +324,8 @@ class _EchoBuffer:
         """Bytes of ``lines[0]`` already written (a line longer than a chunk, or a partial write)."""
         self.written = 0
         self.dropped = 0
+        self.behind = False
+        """The last flush stopped because the reader had no room (not for an error)."""
 
     def extend(self, new: Iterable[str]) -> None:
         """Queue lines; beyond the hard cap the oldest whole ones go (counted)."""
@@ -327,9 +345,19 @@ class _EchoBuffer:
             if self._on_dropped is not None:
                 self._on_dropped(excess)
 
+    def drop_all(self) -> None:
+        """Give up on every queued line (counted), e.g. at the stop."""
+        left = len(self.lines)
+        self.lines.clear()
+        self._offset = 0
+        self.dropped += left
+        if left and self._on_dropped is not None:
+            self._on_dropped(left)
+
     def flush(self) -> None:
         """Write whole-line chunks until all is out or the reader takes no more (no blocking)."""
         lines = self.lines
+        self.behind = False
         while lines:
             size = len(lines[0]) - self._offset
             count = 1
@@ -342,6 +370,7 @@ class _EchoBuffer:
             try:
                 done = self._echo(data)
             except BlockingIOError:
+                self.behind = True
                 return  # the reader is behind: the lines wait (up to the hard cap)
             except (OSError, ValueError) as exc:  # EPIPE: no reader; ValueError: a closed stream
                 self._on_error(exc)
@@ -353,6 +382,7 @@ class _EchoBuffer:
                 self.written += 1
             self._offset = done
             if not whole:
+                self.behind = True
                 return  # the reader took part: the rest waits for the next flush
 
 

@@ -622,8 +622,29 @@ async def test_a_stdout_without_a_reader_counts_errors_and_never_raises() -> Non
     finally:
         echo.close()
         os.close(w)
-    assert len(errors) == 2 == flog.write_errors
-    assert len(stream.getvalue().splitlines()) == 2 and flog.echo_pending == 2
+    assert len(errors) == 2 == flog.write_errors  # close() does not wait for a reader that is gone
+    assert len(stream.getvalue().splitlines()) == 2
+    assert (flog.echo_pending, flog.echo_dropped) == (0, 2)
+
+
+async def test_close_gives_a_slow_reader_a_moment_then_counts_what_is_left(caplog: pytest.LogCaptureFixture) -> None:
+    """At close() a reader that is behind gets ECHO_CLOSE_WAIT to take the last lines; what it leaves is dropped, counted and logged."""
+    for reads_soon in (True, False):
+        echo = CountingEcho(room=0)
+        drops: list[int] = []
+        flog = FlowLog(None, stream=io.StringIO(), echo=echo, on_dropped=drops.append)
+        for i in range(3):
+            flog.write(make(path=f"/{i}"))
+        if reads_soon:
+            asyncio.get_running_loop().call_later(0.1, setattr, echo, "room", 1 << 30)
+        started = time.monotonic()
+        await flog.close()
+        if reads_soon:
+            assert echo.text.count("\n") == 3 and drops == [] and time.monotonic() - started < 0.5
+        else:
+            assert echo.writes == [] and drops == [3] and flog.echo_dropped == 3
+            assert time.monotonic() - started >= 0.9
+            assert "3 lines not taken by the reader at the stop" in caplog.text
 
 
 def test_open_stdout_of_a_closed_descriptor_names_the_setting() -> None:
