@@ -630,3 +630,69 @@ def test_default_redirect_mark_avoids_the_bits_node_networks_use() -> None:
 
     assert settings_mod.RedirectModel().mark == DEFAULT_MARK
     assert DEFAULT_MARK & (0xC000 | 0x0F00 | 0xFFFF0000) == 0
+
+
+# ---------------------------------------------------------------------------
+# flows in the container log (flowLogStdout), metrics a Prometheus can scrape (metrics:)
+
+
+def _settings(tmp_path: Path, daemon_yaml: str) -> settings_mod.Settings:
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text("definitions: [{file: d.yaml}]\n" + daemon_yaml)
+    return settings_mod.load_settings(cfg)
+
+
+@pytest.mark.parametrize(("daemon_yaml", "stdout"), [("", False), ("flowLogStdout: true\n", True),
+                                                      ("flowLogStdout: false\n", False)])
+def test_flow_log_stdout_is_off_unless_set_and_keeps_the_file(tmp_path: Path, daemon_yaml: str, stdout: bool) -> None:
+    """flowLogStdout is off by default; on or off, the flow log file stays where flowLog/logsDir say."""
+    settings = _settings(tmp_path, daemon_yaml + f"logsDir: {tmp_path}/logs\n")
+    assert settings.model.flowLogStdout is stdout
+    assert settings.flow_log == tmp_path / "logs" / "flows.jsonl"
+
+
+def test_flow_log_stdout_must_be_a_boolean(tmp_path: Path) -> None:
+    """A flowLogStdout that is not true/false is an error at its key with its own hint."""
+    issue = _first_issue(tmp_path, "flowLogStdout: sometimes\n")
+    assert issue.path == "flowLogStdout"
+    assert "standard output" in issue.fix
+
+
+@pytest.mark.parametrize(
+    ("daemon_yaml", "expected"),
+    [
+        ("", None),
+        ("metrics: {}\n", ("::", 9091)),
+        ("metrics: {address: 0.0.0.0, port: 9100}\n", ("0.0.0.0", 9100)),
+        ("metrics: {address: 10.0.0.5}\n", ("10.0.0.5", 9091)),
+        ("metrics: {address: 127.0.0.1, port: 0}\n", ("127.0.0.1", 0)),
+    ],
+)
+def test_metrics_listener_is_opt_in_and_may_bind_any_address(
+    tmp_path: Path, daemon_yaml: str, expected: tuple[str, int] | None
+) -> None:
+    """Without metrics: there is no metrics-only listener; with it, any IP address (not only loopback) and port 9091 by default."""
+    metrics = _settings(tmp_path, daemon_yaml).model.metrics
+    assert (None if metrics is None else (metrics.address, metrics.port)) == expected
+
+
+@pytest.mark.parametrize(
+    ("daemon_yaml", "path", "needle"),
+    [
+        ("metrics: {address: node-1}\n", "metrics.address", "IP address"),
+        ("metrics: {port: 70000}\n", "metrics.port", ""),
+        ("metrics: {adress: 0.0.0.0}\n", "metrics.adress", "did you mean 'address'?"),
+        ("metrics: {address: 0.0.0.0, reload: true}\n", "metrics.reload", "known keys"),
+    ],
+)
+def test_metrics_listener_errors_name_the_key(tmp_path: Path, daemon_yaml: str, path: str, needle: str) -> None:
+    """A bad metrics: key is an error at its key path (there is no reload: to turn on)."""
+    issue = _first_issue(tmp_path, daemon_yaml)
+    assert issue.path == path
+    assert needle in issue.message + issue.fix, issue
+
+
+def test_admin_stays_loopback_when_metrics_are_exposed(tmp_path: Path) -> None:
+    """Exposing metrics does not loosen admin: a non-loopback admin address is still refused."""
+    issue = _first_issue(tmp_path, "metrics: {address: 0.0.0.0}\nadmin: {address: 0.0.0.0}\n")
+    assert issue.path == "admin.address" and "loopback" in issue.message

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import json
 import logging
+import signal
 import socket
 import ssl
 import statistics
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,8 +23,10 @@ import yaml
 
 from enforcer.config import definitions as definitions_mod
 from enforcer.config import settings as config_mod
+from enforcer.errors import Outcome, Reason
+from enforcer.flow import FlowRecord
 from enforcer.flowlog import FlowLog
-from enforcer.http.tls import make_listen_socket
+from enforcer.http.tls import PortInUseError, make_listen_socket
 from enforcer.identity import sessions, sqlite
 from enforcer.metrics import Metrics
 from enforcer.run.daemon import Daemon, build_providers
@@ -319,3 +327,146 @@ async def test_no_service_for_this_enforcer_is_loud_unless_allowed(
         assert status == 503
         assert "no service applies" in body["problems"]["services"]
         assert any("no service applies" in m and "allowNoServices" in m for m in errors)
+
+
+# -- flows in the container log, metrics a Prometheus can scrape --------------------------------
+
+_DEFINITION = (
+    "kind: service\nname: app\nOIDCClientID: c\nOIDCClientSecret: s\n"
+    "OIDCProviderURL: https://127.0.0.1:9/\nOIDCCallbackURL: https://app.test\n"
+    "hosts: [app.test]\nport: 9\nexposedAPIs: [[api=x]]\n"
+)
+
+
+def _metrics_daemon(tmp_path: Path, metrics_yaml: str) -> Daemon:
+    """A daemon on loopback (its IdP unreachable) whose enforcer.yaml has ``metrics_yaml``."""
+    (tmp_path / "d.yaml").write_text(_DEFINITION)
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text(f"stateDir: {tmp_path}/state\nadmin: {{address: 127.0.0.1, port: 0}}\n{metrics_yaml}"
+                   "definitions: [{file: d.yaml}]\nsessions: {store: memory}\n")
+    return UnsignalledDaemon(
+        config_mod.load_settings(cfg), listen_socket=make_listen_socket("127.0.0.1", 0),
+        flowlog=FlowLog(None, stream=io.StringIO()),
+    )
+
+
+async def test_the_metrics_listener_answers_only_get_metrics(tmp_path: Path) -> None:
+    """metrics: opens a second listener where GET /metrics answers (no user, e-mail or sub in it) and every
+    other path or method, /reload above all, is 404; admin still reloads; the listener closes with the daemon."""
+    daemon = _metrics_daemon(tmp_path, "metrics: {address: 127.0.0.1, port: 0}\n")
+    task = await _start(daemon)
+    rec = FlowRecord.begin(flow_id="f" * 16, client="192.0.2.1:5", sni="app.test", host="app.test",
+                           method="GET", path="/private/alice", now=time.time(), service="app")
+    rec.record(decision=Outcome.ALLOW, reason=Reason.ALLOWED, user="sub-alice-123", email="alice@example.com")
+    daemon.metrics.observe_flow(rec.finish(now=time.time(), status=200))
+    base = f"http://127.0.0.1:{daemon.metrics_port}"
+    try:
+        assert daemon.metrics_port not in (0, daemon.admin_port)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base + "/metrics") as r:
+                status, body = r.status, await r.text()
+            refused = {}
+            for method, path in (("POST", "/reload"), ("GET", "/reload"), ("GET", "/healthz"), ("GET", "/readyz"),
+                                 ("POST", "/metrics"), ("DELETE", "/metrics"), ("GET", "/"), ("GET", "/metrics/x")):
+                async with http.request(method, base + path) as r:
+                    refused[f"{method} {path}"] = r.status
+            async with http.post(f"http://127.0.0.1:{daemon.admin_port}/reload") as r:
+                admin_reload = r.status
+    finally:
+        daemon.stop()
+        assert await asyncio.wait_for(task, 5) == 0
+    assert status == 200 and 'enforcer_requests_total{decision="allow",reason="allowed",service="app"} 1.0' in body
+    for identity in ("sub-alice-123", "alice@example.com", "alice", "192.0.2.1", "/private"):
+        assert identity not in body
+    assert set(refused.values()) == {404}, refused
+    assert admin_reload == 200
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", daemon.metrics_port)
+
+
+async def test_without_metrics_there_is_no_second_listener(tmp_path: Path) -> None:
+    """Without metrics: only the loopback admin listener serves /metrics."""
+    daemon = _metrics_daemon(tmp_path, "")
+    task = await _start(daemon)
+    try:
+        assert daemon.metrics_port == 0
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{daemon.admin_port}/metrics") as r:
+            assert r.status == 200
+    finally:
+        daemon.stop()
+        assert await asyncio.wait_for(task, 5) == 0
+
+
+async def test_a_metrics_port_in_use_stops_the_start_naming_it_and_closes_admin(tmp_path: Path) -> None:
+    """A taken metrics port fails the start with an error naming metrics.port, and the admin listener is closed again."""
+    taken = make_listen_socket("127.0.0.1", 0)
+    try:
+        port = taken.getsockname()[1]
+        daemon = _metrics_daemon(tmp_path, f"metrics: {{address: 127.0.0.1, port: {port}}}\n")
+        try:
+            with pytest.raises(PortInUseError, match=r"metrics\.port"):
+                await asyncio.wait_for(daemon.run(), 10)
+        finally:
+            assert daemon.listen_socket is not None
+            daemon.listen_socket.close()  # never handed to a listener: the start stopped before
+    finally:
+        taken.close()
+    assert daemon.admin_port != 0
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", daemon.admin_port)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_daemon_started_with_flow_log_stdout_writes_flow_json_to_stdout(tmp_path: Path) -> None:
+    """`enforcer run` with flowLogStdout: true writes each flow record, the file's line, as one JSON line with
+    flow_id to its stdout; its own log lines go to stderr; SIGTERM still exits 0."""
+    (tmp_path / "d.yaml").write_text(_DEFINITION)
+    listen, admin = _free_port(), _free_port()
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text(f"listen: {{address: 127.0.0.1, port: {listen}}}\nadmin: {{address: 127.0.0.1, port: {admin}}}\n"
+                   f"stateDir: {tmp_path}/state\nlogsDir: {tmp_path}/logs\ndefinitions: [{{file: d.yaml}}]\n"
+                   "sessions: {store: memory}\nflowLogStdout: true\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "enforcer", "run", "-c", str(cfg), "--log-level", "info"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(proc.stdout.readline, b"")), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # until the listener accepts
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]  # type: ignore[union-attr]
+            try:
+                raw = socket.create_connection(("127.0.0.1", listen), timeout=5)
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.1)
+        client = ssl.create_default_context()
+        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+        with raw, contextlib.suppress(ssl.SSLError, OSError):
+            client.wrap_socket(raw, server_hostname="unknown.test")  # refused: a flow record unknown_sni
+        while not any(b'"unknown_sni"' in line for line in out):
+            assert time.monotonic() < deadline, out
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(20)
+        reader.join(10)
+        err = proc.stderr.read().decode()  # type: ignore[union-attr]
+        proc.stdout.close()  # type: ignore[union-attr]
+        proc.stderr.close()  # type: ignore[union-attr]
+    assert code == 0, err[-2000:]
+    records = [json.loads(line) for line in out]  # stdout: flow records only, one JSON object a line
+    assert records and all(set(r) >= {"time", "flow_id", "decision", "reason"} for r in records)
+    [flow] = [r for r in records if r["reason"] == "unknown_sni"]
+    assert flow["sni"] == "unknown.test"
+    file_lines = (tmp_path / "logs" / "flows.jsonl").read_bytes().splitlines()
+    assert [line.rstrip(b"\n") for line in out] == file_lines  # the same lines as the file, in the same order
+    assert " INFO enforcer.run.daemon: stopped" in err, err[-2000:]
+    assert not any(line.startswith("{") for line in err.splitlines())  # the daemon's own log: stderr, never JSON

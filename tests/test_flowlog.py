@@ -32,7 +32,7 @@ from enforcer.cli.flows import (
 )
 from enforcer.errors import Outcome, Reason
 from enforcer.flow import FlowIds, FlowRecord
-from enforcer.flowlog import FILE_MODE, FlowLog
+from enforcer.flowlog import FILE_MODE, PIPE_BUF, FlowLog, StdoutEcho, open_stdout
 from tests.harness.prereq import require
 
 T0 = 1_714_564_800.123  # 2024-05-01T12:00:00.123Z
@@ -421,6 +421,239 @@ def test_needs_path_or_stream() -> None:
         FlowLog(None)
     with pytest.raises(ValueError, match="exactly one"):
         FlowLog(Path("x"), stream=io.StringIO())
+
+
+# -- echo to standard output (flowLogStdout) ---------------------------------------------------
+
+
+class CountingEcho:
+    """An echo that takes at most ``room`` bytes in total (then EAGAIN) and records each write."""
+
+    def __init__(self, room: int = 1 << 30) -> None:
+        self.room = room
+        self.writes: list[bytes] = []
+
+    def __call__(self, data: bytes) -> int:
+        if self.room <= 0:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        taken = data[: self.room]
+        self.room -= len(taken)
+        self.writes.append(taken)
+        return len(taken)
+
+    @property
+    def text(self) -> str:
+        return b"".join(self.writes).decode("ascii")
+
+
+def _read_all(fd: int) -> bytes:
+    """Everything a non-blocking reader can take from ``fd`` now."""
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_echo_gets_the_file_lines_in_the_same_flush(tmp_path: Path) -> None:
+    """With an echo, write() still makes no I/O; one flush puts the same lines in the file and, in one write, on the echo."""
+    target = tmp_path / "flows.jsonl"
+    echo = CountingEcho()
+    flog = FlowLog(target, echo=echo)
+    recs = [make(path=f"/{i}") for i in range(3)]
+    for rec in recs:
+        flog.write(rec)
+    assert not target.exists() and echo.writes == []
+    flog.flush()
+    assert len(echo.writes) == 1
+    assert echo.text == target.read_text() == "".join(r.to_json() + "\n" for r in recs)
+    flog.flush()  # nothing new: nothing written again
+    assert len(echo.writes) == 1 and flog.echo_written == 3 and flog.written == 3
+
+
+@pytest.mark.parametrize(("shared", "most"), [(True, PIPE_BUF), (False, 1 << 16)])
+def test_echo_chunks_are_whole_lines_and_pipe_atomic_when_shared(shared: bool, most: int) -> None:
+    """A flush writes the echo in chunks of whole lines: at most PIPE_BUF bytes when workers share the pipe, else up to 64 KiB."""
+    echo = CountingEcho()
+    flog = FlowLog(None, stream=io.StringIO(), echo=echo, echo_shared=shared)
+    recs = [make(path=f"/{i}") for i in range(100)]
+    for rec in recs:
+        flog.write(rec)
+    flog.flush()
+    assert echo.text == "".join(r.to_json() + "\n" for r in recs)
+    assert all(len(w) <= most and w.endswith(b"\n") for w in echo.writes)
+    assert (len(echo.writes) > 1) == shared  # 100 lines: ~45 KB
+
+
+def test_a_partial_echo_write_resumes_mid_line() -> None:
+    """A reader that takes part of a line gets the rest at the next flush: the echo's text is every line, whole, once."""
+    first = make(path="/0").to_json() + "\n"
+    echo = CountingEcho(room=len(first) + 7)
+    flog = FlowLog(None, stream=io.StringIO(), echo=echo)
+    recs = [make(path=f"/{i}") for i in range(4)]
+    for rec in recs:
+        flog.write(rec)
+    flog.flush()
+    assert (flog.echo_written, flog.echo_pending) == (1, 3)
+    echo.room = 1 << 30
+    flog.flush()
+    assert echo.text == "".join(r.to_json() + "\n" for r in recs)
+    assert flog.echo_pending == 0 and flog.echo_dropped == 0
+
+
+def test_echo_hard_cap_drops_the_oldest_but_never_a_begun_line() -> None:
+    """While the reader stalls the echo keeps hard_cap lines, dropping the oldest (counted) but not one it began to write."""
+    lines = [make(path=f"/{i}").to_json() + "\n" for i in range(30)]
+    echo = CountingEcho(room=len(lines[0]) + 5)
+    drops: list[int] = []
+    flog = FlowLog(None, stream=io.StringIO(), echo=echo, max_buffer=5, hard_cap=10, on_dropped=drops.append)
+    for i in range(30):
+        flog.write(FlowRecord.from_dict(json.loads(lines[i])))
+        flog.flush()
+    assert flog.echo_pending == 10 and flog.echo_dropped == 19 == sum(drops) and flog.dropped == 0
+    echo.room = 1 << 30
+    flog.flush()
+    assert echo.text == lines[0] + lines[1] + "".join(lines[21:])  # /1 was begun: it stays whole
+
+
+def test_the_file_failing_does_not_hold_up_the_echo() -> None:
+    """A failing file keeps its lines (dropping beyond the cap) while the echo writes every line at once."""
+    stream = FailingStream()
+    echo = CountingEcho()
+    flog = FlowLog(None, stream=stream, max_buffer=5, hard_cap=10, echo=echo)
+    recs = [make(path=f"/{i}") for i in range(25)]
+    for rec in recs:
+        flog.write(rec)
+        flog.flush()
+    assert echo.text == "".join(r.to_json() + "\n" for r in recs)
+    assert (flog.dropped, flog.echo_dropped, flog.pending) == (15, 0, 10)
+    stream.broken = False
+    flog.flush()
+    assert [json.loads(x)["path"] for x in stream.getvalue().splitlines()] == [f"/{i}" for i in range(15, 25)]
+    assert echo.text.count("\n") == 25  # the recovered file lines are not echoed twice
+
+
+def test_a_record_dropped_before_any_flush_counts_once() -> None:
+    """More than hard_cap records between two flushes: the oldest are lost for file and echo alike, counted once."""
+    echo = CountingEcho()
+    drops: list[int] = []
+    flog = FlowLog(None, stream=io.StringIO(), max_buffer=10, hard_cap=10, echo=echo, on_dropped=drops.append)
+    for i in range(25):
+        flog.write(make(path=f"/{i}"))
+    flog.flush()
+    assert sum(drops) == 15 == flog.dropped and flog.echo_dropped == 0
+    assert [json.loads(x)["path"] for x in echo.text.splitlines()] == [f"/{i}" for i in range(15, 25)]
+
+
+def _stalled(kind: str) -> tuple[int, int]:
+    """(write end, read end) of a pipe or a stream socket pair nobody reads yet."""
+    if kind == "pipe":
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        return w, r
+    import socket  # noqa: PLC0415
+
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    return a.detach(), b.detach()
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket"])
+def test_a_stalled_stdout_never_blocks_and_keeps_the_newest_lines(kind: str) -> None:
+    """Standard output nobody reads (a stalled containerd pipe, a stalled journal socket) never blocks a flush:
+    the file gets every line, the echo keeps the newest hard_cap lines, and whatever the reader gets is whole lines."""
+    w, r = _stalled(kind)
+    echo = StdoutEcho(w)
+    try:
+        assert os.get_blocking(w)  # our own non-blocking description (pipe) or MSG_DONTWAIT (socket)
+        drops: list[int] = []
+        stream = io.StringIO()
+        flog = FlowLog(None, stream=stream, max_buffer=500, hard_cap=500, echo=echo, on_dropped=drops.append)
+        done = threading.Event()
+
+        def flood() -> None:
+            for i in range(3000):  # ~1 MB: far more than a pipe (64 KiB) or a socket buffer holds
+                flog.write(make(path=f"/{i}"))
+                if i % 100 == 99:
+                    flog.flush()
+            done.set()
+
+        thread = threading.Thread(target=flood, daemon=True)
+        started = time.monotonic()
+        thread.start()
+        thread.join(20)
+        assert done.is_set(), "a flush blocked on the stalled reader"
+        elapsed = time.monotonic() - started
+        assert len(stream.getvalue().splitlines()) == 3000
+        assert flog.echo_pending == 500 and flog.echo_dropped == sum(drops) > 0
+        out = _read_all(r)
+        while flog.echo_pending:  # the reader wakes up: the rest follows, flush by flush
+            flog.flush()
+            out += _read_all(r)
+        got = out.decode("ascii").splitlines()
+        paths = [json.loads(line)["path"] for line in got]  # every line whole JSON
+        assert paths[-499:] == [f"/{i}" for i in range(2501, 3000)]  # (the 500th: a line begun, kept whole)
+        assert paths == sorted(paths, key=lambda p: int(p[1:])) and len(set(paths)) == len(paths)
+        assert len(paths) + flog.echo_dropped == 3000
+        print(f"{kind}: 3000 records with a stalled reader in {elapsed * 1000:.0f} ms, {flog.echo_dropped} dropped")
+    finally:
+        echo.close()
+        os.close(w)
+        os.close(r)
+
+
+async def test_a_stdout_without_a_reader_counts_errors_and_never_raises() -> None:
+    """A pipe whose reader is gone (EPIPE) counts a write error per flush; records, the file and close() go on."""
+    r, w = os.pipe()
+    os.close(r)
+    echo = StdoutEcho(w)  # no reader: /proc cannot reopen it, so the poll()-first writer
+    errors: list[int] = []
+    stream = io.StringIO()
+    flog = FlowLog(None, stream=stream, echo=echo, on_write_error=lambda: errors.append(1))
+    try:
+        flog.write(make())
+        flog.flush()
+        flog.write(make())
+        await flog.close()
+    finally:
+        echo.close()
+        os.close(w)
+    assert len(errors) == 2 == flog.write_errors  # close() does not wait for a reader that is gone
+    assert len(stream.getvalue().splitlines()) == 2
+    assert (flog.echo_pending, flog.echo_dropped) == (0, 2)
+
+
+async def test_close_gives_a_slow_reader_a_moment_then_counts_what_is_left(caplog: pytest.LogCaptureFixture) -> None:
+    """At close() a reader that is behind gets ECHO_CLOSE_WAIT to take the last lines; what it leaves is dropped, counted and logged."""
+    for reads_soon in (True, False):
+        echo = CountingEcho(room=0)
+        drops: list[int] = []
+        flog = FlowLog(None, stream=io.StringIO(), echo=echo, on_dropped=drops.append)
+        for i in range(3):
+            flog.write(make(path=f"/{i}"))
+        if reads_soon:
+            asyncio.get_running_loop().call_later(0.1, setattr, echo, "room", 1 << 30)
+        started = time.monotonic()
+        await flog.close()
+        if reads_soon:
+            assert echo.text.count("\n") == 3 and drops == [] and time.monotonic() - started < 0.5
+        else:
+            assert echo.writes == [] and drops == [3] and flog.echo_dropped == 3
+            assert time.monotonic() - started >= 0.9
+            assert "3 lines not taken by the reader at the stop" in caplog.text
+
+
+def test_open_stdout_of_a_closed_descriptor_names_the_setting() -> None:
+    """Standard output that is not open is an OSError naming flowLogStdout."""
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    with pytest.raises(OSError, match="flowLogStdout"):
+        open_stdout(w)
 
 
 # -- reader -----------------------------------------------------------------------------------

@@ -79,6 +79,25 @@ class AdminModel(_Strict):
         return v
 
 
+class MetricsModel(_Strict):
+    """``metrics:``: a second listener serving only ``GET /metrics``, for a Prometheus that cannot
+    reach the loopback admin listener (a hostNetwork pod's 127.0.0.1 is the node's). Off unless
+    set; it exposes counts labelled by service, decision, reason and source, never a user, client
+    or path, and has no ``/reload``."""
+
+    address: str = "::"
+    port: int = Field(default=9091, ge=0, le=65535)
+
+    @field_validator("address")
+    @classmethod
+    def _ip(cls, v: str) -> str:
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError("an IP address, e.g. '::' (every address) or the node's 10.0.0.5") from None
+        return v
+
+
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 _SENTINEL = re.compile(r"^\[?[A-Za-z0-9.:-]+\]?:[0-9]{1,5}$")
 
@@ -517,6 +536,12 @@ class DaemonModel(_Strict):
     uninstall check at a stop."""
     denyPage: DenyPageModel = Field(default_factory=DenyPageModel)
     flowLog: Path | None = None  # default: <logsDir>/flows.jsonl
+    flowLogStdout: bool = False
+    """Also write each flow record, the same JSON line as in ``flowLog``, to standard output (a
+    container's log): in the file's flush, never blocking (a stalled reader loses the oldest
+    lines beyond the buffer's cap, counted). The daemon's own log goes to standard error."""
+    metrics: MetricsModel | None = None
+    """The metrics-only listener (:class:`MetricsModel`); None: /metrics only on ``admin``."""
     allowNoServices: bool = False
     """Whether running with no service for this enforcer is intended: else ``enforcer check``
     fails (exit 2) and the daemon logs an error and keeps ``/readyz`` not ready."""

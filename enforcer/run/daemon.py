@@ -38,7 +38,7 @@ from enforcer.config import settings as settings_mod
 from enforcer.config.sources import DefinitionsManager, WatchingSource, build_sources
 from enforcer.errors import Outcome, Reason
 from enforcer.flow import FlowIds, FlowRecord
-from enforcer.flowlog import FlowLog
+from enforcer.flowlog import FlowLog, open_stdout
 from enforcer.http import accept, certs, fastpath, probes, proxy
 from enforcer.http import server as server_mod
 from enforcer.http import tls as listener
@@ -201,6 +201,8 @@ class Daemon:
     ready: bool = False
     listen_port: int = 0
     admin_port: int = 0
+    metrics_port: int = 0
+    """The metrics-only listener's port (``metrics:``), 0 without one."""
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _group: asyncio.TaskGroup | None = None
@@ -281,6 +283,7 @@ class Daemon:
                 self.settings.flow_log,
                 on_dropped=self.metrics.flowlog_dropped.inc,
                 on_write_error=self.metrics.flowlog_write_errors.inc,
+                echo=open_stdout() if s.flowLogStdout else None, echo_shared=self.role != "single",
             )
         resources.push_async_callback(self.flowlog.close)
         upstream = proxy.Upstream(**self._upstream_limits(), socket_factory=outgoing)
@@ -904,13 +907,19 @@ class Daemon:
 
     async def _start_admin(self) -> web.AppRunner:
         """The loopback admin listener: ``/healthz`` (alive), ``/readyz`` (why not ready, also
-        while start-up waits), ``/metrics`` and ``POST /reload``."""
+        while start-up waits), ``/metrics`` and ``POST /reload``; with ``metrics:`` also the
+        metrics-only listener (``GET /metrics``, anything else 404), closed with it."""
         s = self.settings.model.admin
         app = web.Application()
 
         async def metrics(_: web.Request) -> web.Response:
             body, ctype = self.metrics.render()
             return web.Response(body=body, headers={"Content-Type": ctype})
+
+        async def metrics_only(request: web.Request) -> web.Response:
+            if request.method in ("GET", "HEAD") and request.path == "/metrics":
+                return await metrics(request)
+            raise web.HTTPNotFound
 
         async def healthz(_: web.Request) -> web.Response:
             return web.json_response({"status": "ok"})
@@ -943,6 +952,13 @@ class Daemon:
             self._tell_siblings()
             return web.json_response({"outcome": outcome}, status=200 if outcome in ("success", "unchanged") else 409)
 
+        exposed_runners: list[web.AppRunner] = []
+
+        async def close_exposed(_: web.Application) -> None:
+            for exposed_runner in exposed_runners:
+                await exposed_runner.cleanup()
+
+        app.on_cleanup.append(close_exposed)
         app.router.add_post("/reload", reload)
         app.router.add_get("/metrics", metrics)
         app.router.add_get("/healthz", healthz)
@@ -953,6 +969,23 @@ class Daemon:
         self.admin_port = sock.getsockname()[1]
         site = web.SockSite(runner, sock)
         await site.start()
+        exposed = self.settings.model.metrics
+        if exposed is None:
+            return runner
+        only = web.Application()
+        only.router.add_route("*", "/{path:.*}", metrics_only)
+        only_runner = web.AppRunner(only, access_log=None)
+        try:
+            await only_runner.setup()
+            only_sock = listener.make_listen_socket(exposed.address, exposed.port, setting="metrics.port")
+            self.metrics_port = only_sock.getsockname()[1]
+            await web.SockSite(only_runner, only_sock).start()
+        except BaseException:
+            await only_runner.cleanup()
+            await runner.cleanup()
+            raise
+
+        exposed_runners.append(only_runner)
         return runner
 
 
