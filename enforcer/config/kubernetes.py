@@ -25,8 +25,12 @@ How a set of custom resources becomes definitions:
   jittered exponential backoff on errors, at most one watch start per stream per second, so an
   API server restart causes no storm; Secrets per namespace holding custom resources, never
   cluster-wide, as the RBAC grants them) and pushes each accepted set to
-  :meth:`DefinitionsManager.push`; it writes the ``Accepted`` condition to the ``status``
-  subresource only when it differs, and an Event when a custom resource is rejected.
+  :meth:`DefinitionsManager.push`.  A change of ``status`` only (``metadata.generation``, or a
+  Secret's data, unchanged) is not judged again.
+* One enforcer of the cluster reports: the holder of the Lease ``enforcer-status`` in its own
+  namespace (:class:`StatusLease`; every node still judges and enforces on its own).  It writes
+  the ``Accepted`` condition to the ``status`` subresource only when it differs, and an Event
+  when a custom resource is rejected.
 """
 
 from __future__ import annotations
