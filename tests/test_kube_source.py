@@ -497,9 +497,8 @@ async def _until(what: str, check: Callable[[], object], timeout: float = 20.0) 
 _counter = iter(range(1, 1000))
 
 
-@pytest_asyncio.fixture
-async def watched(kube_api: ControlPlane, tmp_path: Path) -> AsyncIterator[Watched]:
-    """A fresh namespace with a Secret, an HTTPResourceSpec and an EnforcerService, and a running watch on it."""
+def _namespace_with_crs(kube_api: ControlPlane) -> str:
+    """A fresh namespace holding a Secret, an HTTPResourceSpec and an EnforcerService (the CRDs installed)."""
     crds = SHIPPED_CRDS.read_text() if SHIPPED_CRDS.exists() else CRDS
     kube_api.kubectl("apply", "-f", "-", input=crds)
     kube_api.kubectl("wait", "--for=condition=established", "crd/enforcerservices.enforcer.dev",
@@ -508,6 +507,13 @@ async def watched(kube_api: ControlPlane, tmp_path: Path) -> AsyncIterator[Watch
     kube_api.kubectl("create", "namespace", ns)
     kube_api.kubectl("apply", "-f", "-", input=_secret(ns, "first-secret") + "---\n" + _manifest(spec_cr(), ns)
                      + "---\n" + _manifest(service_cr(), ns))
+    return ns
+
+
+@pytest_asyncio.fixture
+async def watched(kube_api: ControlPlane, tmp_path: Path) -> AsyncIterator[Watched]:
+    """A fresh namespace with a Secret, an HTTPResourceSpec and an EnforcerService, and a running watch on it."""
+    ns = _namespace_with_crs(kube_api)
     settings = _settings(tmp_path, {"kubernetes": {"namespaces": [ns], "kubeconfig": str(kube_api.kubeconfig)}})
     applied: list[definitions.Definitions] = []
 
@@ -607,6 +613,172 @@ async def test_a_restart_keeps_the_last_accepted_version_of_a_cr_invalid_by_then
             assert svc is not None and svc.callback_url == "https://app.example.com/oauth2/callback"
         finally:
             await restarted.stop()
+
+
+@pytest.mark.root
+async def test_a_status_only_change_is_not_judged_again_and_the_reporter_restores_its_verdict(
+    watched: Watched,
+) -> None:
+    """A status written by someone else (generation unchanged) wakes no judgement; the reporter
+    puts its verdict back; a spec change is judged (the counter counts)."""
+    await _until("accepted", lambda: watched.condition("esvc", "private-app").get("status") == "True")
+    await asyncio.sleep(1.0)  # our own status writes' MODIFIED events have come (and judged nothing)
+    judged, pushes = watched.source.stats.judgements, watched.source.stats.pushes
+    forged = {"type": "Accepted", "status": "False", "reason": "Invalid", "message": "forged", "observedGeneration": 1,
+              "lastTransitionTime": "2024-01-01T00:00:00Z"}
+    watched.api.kubectl("patch", "esvc", "private-app", "-n", watched.ns, "--subresource=status", "--type=merge",
+                        "-p", json.dumps({"status": {"conditions": [forged]}}))
+    await _until("the verdict restored", lambda: watched.condition("esvc", "private-app").get("status") == "True")
+    await asyncio.sleep(1.0)
+    assert (watched.source.stats.judgements, watched.source.stats.pushes) == (judged, pushes)
+    watched.apply(_manifest(service_cr(port=8081), watched.ns))
+    await _until("a spec change judged", lambda: watched.source.stats.judgements > judged)
+
+
+@dataclass
+class Reporter:
+    """One enforcer's KubernetesSource (a "node") watching with report=True, and its task."""
+
+    source: k8s.KubernetesSource
+    task: asyncio.Task[None]
+
+    @property
+    def holds(self) -> bool:
+        return self.source.lease is not None and self.source.lease.held
+
+    async def stop(self) -> None:
+        """Stop it as a stopping enforcer does (the watch cancelled: it releases the Lease)."""
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+@contextlib.asynccontextmanager
+async def _reporters(kube_api: ControlPlane, ns: str, *names: str, duration: float) -> AsyncIterator[list[Reporter]]:
+    """One watching, reporting source per name on the real API server, electing in ``ns``."""
+
+    async def push(docs: Sequence[RawDocument]) -> str:
+        return "success"
+
+    out = []
+    for name in names:
+        source = k8s.KubernetesSource(namespaces=(ns,), kubeconfig=kube_api.kubeconfig, lease_namespace=ns,
+                                      identity=name, lease_duration=duration)
+        out.append(Reporter(source, asyncio.create_task(source.watch(push, report=True))))
+    try:
+        yield out
+    finally:
+        for r in out:
+            await r.stop()
+
+
+def _rejections(api: ControlPlane, ns: str, name: str) -> list[dict[str, Any]]:
+    events = json.loads(api.kubectl("get", "events", "-n", ns, "--field-selector",
+                                    f"involvedObject.name={name}", "-o", "json").stdout)
+    return [e for e in events["items"] if e["reason"] == "Invalid"]
+
+
+def _condition(api: ControlPlane, ns: str, kind: str, name: str) -> dict[str, Any]:
+    out = json.loads(api.kubectl("get", kind, name, "-n", ns, "-o", "json").stdout)
+    return next((c for c in (out.get("status") or {}).get("conditions") or [] if c.get("type") == "Accepted"), {})
+
+
+@pytest.mark.root
+async def test_two_enforcers_write_one_status_and_one_event_per_rejection(kube_api: ControlPlane) -> None:
+    """Two nodes on one API server: one holds the Lease; a rejected CR gets one status patch and
+    one Event in all, while both judge it and keep its last accepted version."""
+    ns = _namespace_with_crs(kube_api)
+    async with _reporters(kube_api, ns, "node-a", "node-b", duration=6.0) as nodes:
+        await _until("one holder", lambda: sum(n.holds for n in nodes) == 1)
+        await _until("accepted", lambda: _condition(kube_api, ns, "esvc", "private-app").get("status") == "True")
+        await _until("both judged", lambda: all(n.source.stats.judgements for n in nodes))
+        await asyncio.sleep(1.0)
+        before = [(n.source.stats.status_writes, n.source.stats.events_created) for n in nodes]
+        kube_api.kubectl("apply", "-f", "-", input=_manifest(
+            service_cr(OIDCCallbackURL="https://elsewhere.example.com"), ns))
+        await _until("the rejection", lambda: _condition(kube_api, ns, "esvc", "private-app").get("status") == "False")
+        key = k8s.CRKey("EnforcerService", ns, "private-app")
+        await _until("both judged it", lambda: all(
+            key in n.source._verdicts and not n.source._verdicts[key][0].accepted for n in nodes))
+        await asyncio.sleep(2.0)  # time for a second writer, if there were one
+        writes = [n.source.stats.status_writes - b[0] for n, b in zip(nodes, before, strict=True)]
+        events = [n.source.stats.events_created - b[1] for n, b in zip(nodes, before, strict=True)]
+        assert sorted(writes) == [0, 1] and sorted(events) == [0, 1]
+        assert len(_rejections(kube_api, ns, "private-app")) == 1
+        holder = next(n for n in nodes if n.holds)
+        assert holder.source.stats.status_writes - before[nodes.index(holder)][0] == 1
+        assert sum(n.holds for n in nodes) == 1
+
+
+@pytest.mark.root
+async def test_when_the_holder_stops_the_other_takes_over_and_reports(kube_api: ControlPlane) -> None:
+    """The holder stopping releases the Lease: the other node holds it within the lease duration
+    and writes the next rejection's status and Event."""
+    ns = _namespace_with_crs(kube_api)
+    duration = 6.0
+    async with _reporters(kube_api, ns, "node-a", "node-b", duration=duration) as nodes:
+        await _until("one holder", lambda: sum(n.holds for n in nodes) == 1)
+        await _until("accepted", lambda: _condition(kube_api, ns, "esvc", "private-app").get("status") == "True")
+        holder, other = sorted(nodes, key=lambda n: not n.holds)
+        await holder.stop()
+        started = time.monotonic()
+        await _until("taken over", lambda: other.holds, timeout=duration)
+        took = time.monotonic() - started
+        kube_api.kubectl("apply", "-f", "-", input=_manifest(
+            service_cr(OIDCCallbackURL="https://elsewhere.example.com"), ns))
+        await _until("the rejection", lambda: _condition(kube_api, ns, "esvc", "private-app").get("status") == "False")
+        await _until("its Event", lambda: other.source.stats.events_created == 1)
+        assert took < duration and len(_rejections(kube_api, ns, "private-app")) == 1
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    ("version", "at_once"),
+    [("0.0.1", True), (k8s.__version__, False), ("99.0.0", False), ("unknown", False)],
+    ids=["older", "same", "newer", "unknown"],
+)
+async def test_a_lease_left_by_a_crashed_holder_is_taken_after_it_expires_or_at_once_from_an_older_version(
+    kube_api: ControlPlane, version: str, at_once: bool,
+) -> None:
+    """A Lease its holder no longer renews is taken over once it has gone a lease duration
+    unrenewed (by the taker's own clock), and at once when the holder runs an older version."""
+    ns = f"klease-{os.getpid()}-{next(_counter)}"
+    kube_api.kubectl("create", "namespace", ns)
+    duration = 3.0
+    kube_api.kubectl("apply", "-f", "-", input=yaml.safe_dump({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": k8s.LEASE_NAME, "namespace": ns, "annotations": {k8s.VERSION_ANNOTATION: version}},
+        "spec": {"holderIdentity": "crashed-node", "leaseDurationSeconds": int(duration),
+                 "renewTime": "2024-01-01T00:00:00.000000Z"},  # its clock is not trusted: ours counts
+    }))
+    lease = k8s.StatusLease(ns, "node-b", duration=duration)
+    api = await k8s.connect(kube_api.kubeconfig)
+    started = time.monotonic()
+    task = asyncio.create_task(lease.run(api, lambda: None))
+    try:
+        await _until("taken", lambda: lease.held, timeout=duration * 3)
+        took = time.monotonic() - started
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await api.close()
+    spec = json.loads(kube_api.kubectl("get", "lease", k8s.LEASE_NAME, "-n", ns, "-o", "json").stdout)["spec"]
+    assert spec["holderIdentity"] == "node-b" and spec["leaseTransitions"] == 1
+    if at_once:
+        assert took < 1.0
+    else:
+        assert duration <= took <= duration * 4 / 3 + 1.0
+
+
+@pytest.mark.parametrize(
+    ("mine", "theirs", "expected"),
+    [("0.2.0", "0.1.9", True), ("0.1.0", "0.1.0", False), ("0.1.0", "0.2.0", False), ("1.0.0rc1", "0.9.9", True),
+     ("0.2.0", "", False), ("dev", "0.1.0", False)],
+)
+def test_only_a_strictly_newer_release_takes_the_lease_at_once(mine: str, theirs: str, expected: bool) -> None:
+    """Versions compare by major.minor.patch; an unknown version never counts as older or newer."""
+    assert k8s.newer(mine, theirs) is expected
 
 
 def _restart_apiserver(api: ControlPlane) -> float:

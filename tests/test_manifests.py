@@ -470,7 +470,7 @@ def _rules(role: dict[str, Any]) -> set[tuple[str, str, str, str]]:
 
 
 def test_rbac_grants_exactly_the_agreed_verbs(overlay: list[dict[str, Any]]) -> None:
-    """The ClusterRole reads the two CRDs, patches their status, writes Events and reads and watches Nodes; the Roles get its DaemonSet and read Secrets in enforcer-system and demo only."""
+    """The ClusterRole reads the two CRDs, patches their status, writes Events and reads and watches Nodes; the Roles get its DaemonSet, keep the status Lease and read Secrets in enforcer-system (and demo) only."""
     assert _rules(one(overlay, "ClusterRole", "enforcer")) == {
         *{("enforcer.dev", r, v, "") for r in ("enforcerservices", "httpresourcespecs") for v in ("get", "list", "watch")},
         ("enforcer.dev", "enforcerservices/status", "patch", ""),
@@ -479,8 +479,16 @@ def test_rbac_grants_exactly_the_agreed_verbs(overlay: list[dict[str, Any]]) -> 
         ("", "events", "patch", ""),
         *{("", "nodes", v, "") for v in ("get", "list", "watch")},
     }
-    assert _rules(one(overlay, "Role", "enforcer", "enforcer-system")) == {("apps", "daemonsets", "get", "enforcer")}
+    assert _rules(one(overlay, "Role", "enforcer", "enforcer-system")) == {
+        ("apps", "daemonsets", "get", "enforcer"),
+        ("coordination.k8s.io", "leases", "create", ""),
+        ("coordination.k8s.io", "leases", "get", "enforcer-status"),
+        ("coordination.k8s.io", "leases", "update", "enforcer-status"),
+    }
     roles = [o for o in overlay if o["kind"] in ("Role", "ClusterRole")]
+    leases = {(o["kind"], o["metadata"].get("namespace")) for o in roles
+              if any("leases" in r["resources"] for r in o["rules"])}
+    assert leases == {("Role", "enforcer-system")}  # no Lease of any other namespace
     secrets = {o["metadata"].get("namespace") for o in roles if any("secrets" in r["resources"] for r in o["rules"])}
     assert secrets == {"enforcer-system", "demo"}
     for namespace in ("enforcer-system", "demo"):

@@ -25,8 +25,12 @@ How a set of custom resources becomes definitions:
   jittered exponential backoff on errors, at most one watch start per stream per second, so an
   API server restart causes no storm; Secrets per namespace holding custom resources, never
   cluster-wide, as the RBAC grants them) and pushes each accepted set to
-  :meth:`DefinitionsManager.push`; it writes the ``Accepted`` condition to the ``status``
-  subresource only when it differs, and an Event when a custom resource is rejected.
+  :meth:`DefinitionsManager.push`.  A change of ``status`` only (``metadata.generation``, or a
+  Secret's data, unchanged) is not judged again.
+* One enforcer of the cluster reports: the holder of the Lease ``enforcer-status`` in its own
+  namespace (:class:`StatusLease`; every node still judges and enforces on its own).  It writes
+  the ``Accepted`` condition to the ``status`` subresource only when it differs, and an Event
+  when a custom resource is rejected.
 """
 
 from __future__ import annotations
@@ -52,8 +56,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import aiohttp
 import yaml
 
+from enforcer import __version__
 from enforcer.config.definitions import RawDocument, resolve_definitions
 from enforcer.config.issues import ConfigError, ConfigIssue
+from enforcer.config.settings import SERVICE_ACCOUNT_NAMESPACE
 from enforcer.config.sources import LKG_SOURCE_MARK, SourceError
 
 if TYPE_CHECKING:
@@ -561,6 +567,8 @@ class WatchStats:
     gone: int = 0
     events: int = 0
     pushes: int = 0
+    judgements: int = 0
+    """How often the custom resources were judged (a status-only change is not judged again)."""
     status_writes: int = 0
     events_created: int = 0
 
@@ -729,6 +737,35 @@ class _Api:
     async def create_event(self, namespace: str, body: Mapping[str, object]) -> None:
         await self.core.create_namespaced_event(namespace, body)
 
+    def _leases(self) -> Any:
+        from kubernetes_asyncio import client  # noqa: PLC0415 (loaded with _Api already)
+
+        return client.CoordinationV1Api(self.client)
+
+    async def read_lease(self, namespace: str, name: str, limit: float) -> dict[str, Any] | None:
+        """The Lease ``namespace/name``, or None when there is none (404)."""
+        what = f"Lease {namespace}/{name}"
+        try:
+            read = functools.partial(self._leases().read_namespaced_lease, name, namespace)
+            resp = await self._open(what, limit, read)
+        except KubernetesError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return await self._json(what, resp)
+
+    async def write_lease(self, namespace: str, body: Mapping[str, Any], limit: float) -> dict[str, Any]:
+        """Create the Lease (``body`` without a resourceVersion) or replace it (with the one read:
+        409 Conflict when another enforcer wrote it meanwhile); the Lease as written."""
+        name = str(body["metadata"]["name"])
+        leases = self._leases()
+        if body["metadata"].get("resourceVersion"):
+            call = functools.partial(leases.replace_namespaced_lease, name, namespace, body)
+        else:
+            call = functools.partial(leases.create_namespaced_lease, namespace, body)
+        what = f"Lease {namespace}/{name}"
+        return await self._json(what, await self._open(what, limit, call))
+
     async def close(self) -> None:
         await self.client.close()
 
@@ -747,6 +784,171 @@ async def connect(kubeconfig: Path | None) -> _Api:
         where = kubeconfig or "the in-cluster service account"
         raise KubernetesError(f"cannot load the Kubernetes credentials from {where}: {exc}") from None
     return _Api(client.ApiClient(configuration))
+
+
+# ---------------------------------------------------------------------------------------------
+# one reporter per cluster: the holder of a Lease writes status and Events
+
+LEASE_NAME = "enforcer-status"
+VERSION_ANNOTATION = "enforcer.dev/version"
+"""On the Lease: the holder's enforcer version (a newer version takes the Lease over at once)."""
+
+
+def release_of(version: str) -> tuple[int, int, int] | None:
+    """``major.minor.patch`` of a version string (``0.2.0``, ``1.4.2rc1``), None if it has none."""
+    found = re.match(r"^v?(\d+)\.(\d+)\.(\d+)", version.strip())
+    return (int(found[1]), int(found[2]), int(found[3])) if found else None
+
+
+def newer(mine: str, theirs: str) -> bool:
+    """Whether ``mine`` is a strictly newer release than ``theirs`` (unknown versions never are)."""
+    a, b = release_of(mine), release_of(theirs)
+    return a is not None and b is not None and a > b
+
+
+def _micro_now() -> str:
+    """A Lease's MicroTime: RFC 3339 with microseconds."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class StatusLease:
+    """Which of a cluster's enforcers writes the custom resources' status and Events: the holder
+    of the ``coordination.k8s.io/v1`` Lease ``namespace/name`` (as client-go's leader election
+    does). The holder renews it every third of ``duration``; another enforcer takes it over
+    when the holder has not renewed it for ``duration`` by its own clock (no clock skew counts),
+    when the holder released it at a stop, or at once when the holder runs an older enforcer
+    version (the ``enforcer.dev/version`` annotation), so that during a rolling upgrade the new
+    version's verdicts show.  The holder stops reporting when it could not renew within two
+    thirds of ``duration``, before anyone may take over.  Judging and enforcing never depend on
+    it: only reporting does."""
+
+    namespace: str
+    identity: str
+    name: str = LEASE_NAME
+    duration: float = 15.0
+    version: str = field(default_factory=lambda: __version__)
+    timeout: float = 5.0
+    holder: str = ""
+    """The holder as last read ("" when free or unknown)."""
+    held_until: float = 0.0
+    """time.monotonic() until which this enforcer holds it for sure."""
+    acquired: int = 0
+    """How often this enforcer took it (for tests and logs)."""
+    _observed: tuple[str, str] | None = None
+    _observed_at: float = 0.0
+
+    @property
+    def held(self) -> bool:
+        return self.holder == self.identity and time.monotonic() < self.held_until
+
+    def _body(self, old: Mapping[str, Any] | None, now: str) -> dict[str, Any]:
+        spec = (old or {}).get("spec") or {}
+        ours = spec.get("holderIdentity") == self.identity
+        meta: dict[str, Any] = {"name": self.name, "namespace": self.namespace,
+                                "annotations": {VERSION_ANNOTATION: self.version}}
+        if old is not None:
+            meta["resourceVersion"] = _meta(old).get("resourceVersion")
+        transitions = int(spec.get("leaseTransitions") or 0)
+        return {
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": meta,
+            "spec": {
+                "holderIdentity": self.identity,
+                "leaseDurationSeconds": max(1, round(self.duration)),
+                "acquireTime": spec.get("acquireTime") if ours and spec.get("acquireTime") else now,
+                "renewTime": now,
+                "leaseTransitions": transitions if ours or old is None else transitions + 1,
+            },
+        }
+
+    async def attempt(self, api: _Api) -> None:
+        """Read the Lease once; renew it if ours, take it if free, expired or held by an older
+        version (raises KubernetesError: the caller retries)."""
+        started = time.monotonic()
+        obj = await api.read_lease(self.namespace, self.name, self.timeout)
+        if obj is not None:
+            spec = obj.get("spec") or {}
+            holder = str(spec.get("holderIdentity") or "")
+            record = (holder, str(_meta(obj).get("resourceVersion", "")))
+            if record != self._observed:
+                self._observed, self._observed_at = record, started
+            self.holder = holder
+            duration = float(spec.get("leaseDurationSeconds") or self.duration)
+            theirs = str((_meta(obj).get("annotations") or {}).get(VERSION_ANNOTATION, ""))
+            why = ("ours" if holder == self.identity else "free" if not holder
+                   else "expired" if started - self._observed_at > duration
+                   else f"held by an older version ({theirs})" if newer(self.version, theirs) else None)
+            if why is None:
+                return
+        else:
+            why = "none yet"
+        try:
+            written = await api.write_lease(self.namespace, self._body(obj, _micro_now()), self.timeout)
+        except KubernetesError as exc:
+            if exc.status == 409:  # another enforcer wrote it first: it holds it
+                self.holder = ""
+                return
+            raise
+        if self.holder != self.identity or not self.held:
+            self.acquired += 1
+            log.warning("Lease %s/%s taken (%s): this enforcer (%s) writes the custom resources' status and "
+                        "Events", self.namespace, self.name, why, self.identity)
+        self.holder = self.identity
+        self._observed, self._observed_at = (self.identity, str(_meta(written).get("resourceVersion", ""))), started
+        self.held_until = started + self.duration * 2 / 3
+
+    async def run(self, api: _Api, gained: Callable[[], None]) -> NoReturn:
+        """Hold or wait for the Lease forever; ``gained`` is called each time it is taken."""
+        while True:
+            was = self.held
+            try:
+                await self.attempt(api)
+            except KubernetesError as exc:
+                log.warning("Lease %s/%s: %s", self.namespace, self.name, exc)
+            if self.held and not was:
+                gained()
+            elif was and not self.held:
+                log.warning("Lease %s/%s lost to %s: this enforcer stops reporting", self.namespace, self.name,
+                            self.holder or "nobody yet")
+            await asyncio.sleep(self.duration / 3 * random.uniform(0.8, 1.0))  # noqa: S311
+
+    async def release(self, api: _Api) -> None:
+        """At a stop: free the Lease if held, so another enforcer takes it over at once (never raises)."""
+        if not self.held:
+            return
+        self.held_until = 0.0
+        try:
+            async with asyncio.timeout(2):
+                obj = await api.read_lease(self.namespace, self.name, 2)
+                if obj is None or (obj.get("spec") or {}).get("holderIdentity") != self.identity:
+                    return
+                body = self._body(obj, _micro_now())
+                body["spec"].update(holderIdentity="", leaseDurationSeconds=1)
+                await api.write_lease(self.namespace, body, 2)
+        except Exception as exc:  # a stop must not fail on it: the Lease expires anyway
+            log.warning("Lease %s/%s not released (%s: %s); it expires", self.namespace, self.name,
+                        type(exc).__name__, exc)
+
+
+def default_identity() -> str:
+    """Who this enforcer is in the Lease: its pod (``POD_NAME``), else its node, else the host name."""
+    for name in ("POD_NAME", "NODE_NAME"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    return socket.gethostname()
+
+
+def default_lease_namespace() -> str | None:
+    """Where the Lease is: the enforcer's namespace (``POD_NAMESPACE``, else its service
+    account's), None outside a pod."""
+    namespace = os.environ.get("POD_NAMESPACE", "").strip()
+    if namespace:
+        return namespace
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
 
 
 Push = Callable[[Sequence[RawDocument]], Awaitable[str]]
@@ -779,7 +981,18 @@ class KubernetesSource:
     stats: WatchStats = field(default_factory=WatchStats)
     metrics: Metrics | None = None
     """Where the stats are also counted (``enforcer_kubernetes_*``), if anywhere."""
+    lease_namespace: str | None = field(default_factory=default_lease_namespace)
+    """Where the reporters' Lease is (the enforcer's own namespace); None (outside a pod, not
+    given): no election, a reporting source always reports."""
+    identity: str = field(default_factory=default_identity)
+    lease_duration: float = 15.0
+    lease: StatusLease | None = None
+    """Made from the three above: the election of the one reporter of the cluster."""
     streams: list[Stream] = field(default_factory=list)
+    _verdicts: dict[CRKey, tuple[Verdict, int]] = field(default_factory=dict)
+    """The last judgement: each custom resource's verdict and the generation it judged."""
+    _rejudge: bool = True
+    _asked_to_report: bool = False
     _accepted: dict[CRKey, Mapping[str, object]] = field(default_factory=dict)
     _pending: dict[CRKey, Mapping[str, object]] = field(default_factory=dict)
     _watching: bool = False
@@ -789,6 +1002,9 @@ class KubernetesSource:
 
     def __post_init__(self) -> None:
         self.name = self.name or source_name(self.namespaces)
+        if self.lease is None and self.lease_namespace:
+            self.lease = StatusLease(self.lease_namespace, self.identity, duration=self.lease_duration,
+                                     timeout=self.timeout)
         if self.namespaces:
             self.streams = [Stream(r, ns) for ns in self.namespaces for r in (*(k.kind for k in KINDS), "Secret")]
         else:
@@ -881,6 +1097,12 @@ class KubernetesSource:
             if self.last_known_good is not None:
                 self._accepted = {**accepted_from_lkg(self.last_known_good), **self._accepted}
         docs, verdicts = judge(current, self._accepted, validator(allow_http_loopback_idp=self.allow_http_loopback_idp))
+        self.stats.judgements += 1
+        generations = {
+            CRKey(s.resource, ns, name): _generation(obj)
+            for s in self.streams if s.resource != "Secret" for (ns, name), obj in s.items.items()
+        }
+        self._verdicts = {k: (v, generations.get(k, 0)) for k, v in verdicts.items()}
         keys = {str(r.key): r.key for r in current}
         self._pending = {keys[d.source]: d.data for d in docs if isinstance(d.data, dict)}
         if self.metrics is not None:
@@ -912,11 +1134,22 @@ class KubernetesSource:
 
     # -- watching ----------------------------------------------------------------------------
 
+    @property
+    def reporting(self) -> bool:
+        """Whether this source writes status and Events now: asked to (``report``) and, with an
+        election, the holder of the Lease."""
+        return self._asked_to_report and (self.lease is None or self.lease.held)
+
     async def watch(self, push: Push, *, report: bool = True) -> None:
-        """List, watch and push forever; with ``report``, write each custom resource's status and
-        Events (one enforcer process per node reports)."""
+        """List, watch and push forever; with ``report``, stand for the Lease and, while holding
+        it (or with no Lease namespace), write each custom resource's status and Events."""
         self._watching = True
+        self._asked_to_report = report
+        self._rejudge = True
         self._dirty.set()  # judge and report once what poll() listed
+        if report and self.lease is None:
+            log.warning("%s: no namespace for the status Lease (POD_NAMESPACE): reporting without an election, "
+                        "as if this were the only enforcer", self.name)
         backoff = Backoff()
         try:
             while True:
@@ -933,9 +1166,15 @@ class KubernetesSource:
                 try:
                     async with asyncio.TaskGroup() as group:
                         tasks = {id(s): group.create_task(self._run_stream(api, s)) for s in self.streams}
-                        group.create_task(self._reconcile(api, push, report, group, tasks))
+                        group.create_task(self._reconcile(api, push, group, tasks))
+                        if report and self.lease is not None:
+                            group.create_task(self.lease.run(api, self._dirty.set))  # taken: report
                 finally:
-                    await api.close()
+                    try:
+                        if self.lease is not None:
+                            await self.lease.release(api)
+                    finally:
+                        await api.close()
         finally:
             self._watching = False
 
@@ -963,6 +1202,7 @@ class KubernetesSource:
             if stream.relist or stream.resource_version is None:
                 stream.relist = False
                 await self._list(api, stream)
+                self._rejudge = True
                 self._dirty.set()
                 if stream.forbidden:
                     await asyncio.sleep(self.interval)  # try again later
@@ -1007,14 +1247,23 @@ class KubernetesSource:
             if kind == "DELETED":
                 stream.items.pop(where, None)
             elif kind in ("ADDED", "MODIFIED"):
+                old = stream.items.get(where)
                 stream.items[where] = obj
+                if old is not None and _judged_part(stream, old) == _judged_part(stream, obj):
+                    # a status-only change (ours, another enforcer's): nothing to judge again; the
+                    # reporter checks that the status still says its verdict
+                    if self.reporting:
+                        self._dirty.set()
+                    continue
+            self._rejudge = True
             self._dirty.set()
         self._current(stream)  # the server ended the watch: nothing was missed
         return seen
 
     async def _reconcile(
-        self, api: _Api, push: Push, report: bool, group: asyncio.TaskGroup, tasks: dict[int, asyncio.Task[None]],
+        self, api: _Api, push: Push, group: asyncio.TaskGroup, tasks: dict[int, asyncio.Task[None]],
     ) -> None:
+        """Judge and push when a custom resource or Secret changed; report when holding the Lease."""
         host = socket.gethostname()
         while True:
             await self._dirty.wait()
@@ -1029,26 +1278,32 @@ class KubernetesSource:
                 tasks[id(stream)] = group.create_task(self._run_stream(api, stream))
             if not all(s.synced for s in self.streams):
                 continue
-            docs, verdicts = self.evaluate()
-            self.stats.pushes += 1
-            outcome = await push(docs)
-            if outcome in ("success", "unchanged"):
-                self._commit()
-            else:
-                log.error("%s: the manager did not take the custom resources (%s)", self.name, outcome)
-            if report:
-                await self._report(api, verdicts, host)
+            if self._rejudge:
+                self._rejudge = False
+                docs, _ = self.evaluate()
+                self.stats.pushes += 1
+                outcome = await push(docs)
+                if outcome in ("success", "unchanged"):
+                    self._commit()
+                else:
+                    log.error("%s: the manager did not take the custom resources (%s)", self.name, outcome)
+            if self.reporting:
+                await self._report(api, host)
 
-    async def _report(self, api: _Api, verdicts: Mapping[CRKey, Verdict], host: str) -> None:
+    async def _report(self, api: _Api, host: str) -> None:
+        """Write each verdict of the last judgement where the status does not say it yet, and an
+        Event for each rejection written (a custom resource changed since is judged again first)."""
         now = now_rfc3339()
         objects = {
             CRKey(s.resource, ns, name): obj
             for s in self.streams if s.resource != "Secret" for (ns, name), obj in s.items.items()
         }
-        for key, verdict in verdicts.items():
+        for key, (verdict, generation) in list(self._verdicts.items()):
             obj = objects.get(key)
-            if obj is None:
+            if obj is None or _generation(obj) != generation:
                 continue
+            if not self.reporting:
+                return  # the Lease was lost meanwhile
             patch = status_patch(obj, verdict, now)
             if patch is None:
                 continue
@@ -1064,6 +1319,21 @@ class KubernetesSource:
                 log.warning("%s: cannot write its status or event: %s", key, str(exc)[:300])
             except Exception as exc:  # a dropped connection while reporting; the watch recovers
                 log.warning("%s: cannot write its status or event: %s: %s", key, type(exc).__name__, exc)
+
+
+def _generation(obj: Mapping[str, Any]) -> int:
+    value = _meta(obj).get("generation")
+    return value if isinstance(value, int) else 0
+
+
+def _judged_part(stream: Stream, obj: Mapping[str, Any]) -> object:
+    """What of an object a judgement reads: a Secret's type and data; a custom resource's
+    ``metadata.generation`` (the API server raises it with each ``spec`` change, never for
+    ``status``), or its spec when it has none."""
+    if stream.resource == "Secret":
+        return obj.get("type"), obj.get("data")
+    generation = _meta(obj).get("generation")
+    return ("generation", generation) if isinstance(generation, int) else ("spec", obj.get("spec"))
 
 
 class SecretView(Mapping[tuple[str, str], SecretState]):
