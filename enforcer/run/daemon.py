@@ -660,7 +660,7 @@ class Daemon:
         if self.owns_host and kube is not None and kube.pods.enabled:
             self._spawn(self._run_pods(), "pods")
         for src in self.manager.sources:
-            if isinstance(src, WatchingSource):  # Kubernetes custom resources: one reporter per host
+            if isinstance(src, WatchingSource):  # custom resources: the host stands for the status Lease
                 self._spawn(src.watch(functools.partial(self.manager.push, origin=src.name), report=self.owns_host),
                             f"definitions-watch {src.name}")
 
