@@ -26,7 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import MasterNotFoundError, Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoPermissionError, RedisError, ResponseError
+from redis.exceptions import NoPermissionError, ReadOnlyError, RedisError, ResponseError
 
 from enforcer.errors import EnforcerError, Reason
 from enforcer.identity.cache import _SessionCache
@@ -69,7 +69,12 @@ index; beyond ``ARGV[5]`` (``max_pending``, fleet-wide) the oldest pending login
 One script: atomic. (The deleted keys are all under the prefix: no Redis Cluster here.)"""
 
 PING_INTERVAL: Final = 0.25
-"""How often the watcher confirms its subscription is live (a PING through it)."""
+"""How often the watcher sends a heartbeat (a write echoed through its subscription)."""
+
+_HEARTBEAT: Final = b"hb:"
+"""The start of a heartbeat message on the revocation channel (``hb:<enforcer id>:<seq>``):
+never a revocation (those are hex session keys, ``,`` and ``*``), so every enforcer tells one
+from a revocation by its first bytes and ignores the others'."""
 
 _RECONNECT_MAX: Final = 1.0
 """Longest wait between two attempts to reach Redis again."""
@@ -214,6 +219,18 @@ def _first_line(path: Path | None) -> str | None:
     return text.splitlines()[0] if text else ""
 
 
+def _refused_write(exc: BaseException) -> str | None:
+    """What a write's refusal means, for the problem ``/readyz`` shows; None if ``exc`` is not one."""
+    text = str(exc)
+    if "NOREPLICAS" in text:
+        return ("the master refused the write: fewer good replicas than its min-replicas-to-write, so it may be "
+                "cut off from them (a partition) and no longer the master the fleet writes to")
+    if isinstance(exc, ReadOnlyError) or "READONLY" in text or "previous master is now a" in text:
+        return ("READONLY: the node reached is a replica, not the master (a failover in progress, or a "
+                "stale master address)")
+    return None
+
+
 def _hex(key: bytes) -> str:
     return key.hex()
 
@@ -288,12 +305,21 @@ class RedisSessionStore:
     * Revocation: a deletion (logout, back-channel logout, eviction) deletes the key and, in
       the same ``MULTI``, publishes the key on the ``revoked`` channel; every enforcer's
       :meth:`watch` drops its cached copy when the message arrives (a few ms).
-    * Staleness bound: the cache answers only while it is *fresh*: :meth:`watch` sends a PING
-      through its subscription every :data:`PING_INTERVAL`; the PONG comes back after every
-      message published before the PING, so when it arrives the cache has applied every
-      revocation made before the PING was sent, and it is trusted until ``staleness`` after
-      that. So a revocation on any enforcer is enforced everywhere within ``staleness``
-      (default 1 s), whatever happens to the connection.
+    * Staleness bound: the cache answers only while it is *fresh*. Every
+      :data:`PING_INTERVAL` :meth:`watch` sends a *heartbeat* on the command connection, one
+      ``MULTI``: ``SET hb:<enforcer id> <seq> PX <2 x staleness>`` and ``PUBLISH`` of
+      ``hb:<enforcer id>:<seq>`` on the revocation channel. When the subscription receives
+      that message, the cache has applied every revocation made before the heartbeat was sent,
+      on the node that took the heartbeat's write, and it is trusted until ``staleness`` after
+      the send. So freshness proves three things: the node the commands reach accepted a write
+      (a replica refuses it: ``READONLY``; a master cut off from its replicas too, with
+      ``min-replicas-to-write``: ``NOREPLICAS``), the subscription listens to that same node
+      (or to a replica of it, which receives its publications in order), and every revocation
+      published there before the send was delivered. A heartbeat refused or not back within
+      ``staleness`` ends freshness at once (refused) or at ``staleness`` (lost), and the store
+      reports the problem. So a revocation written to the master the fleet writes to is
+      enforced everywhere within ``staleness`` (default 1 s), whatever happens to the
+      connections or to which node they reach.
     * Fail closed: a Redis call that fails or exceeds ``timeout`` raises
       :class:`SessionStoreUnavailable` (503, ``session_store_unavailable``), and until the
       watcher hears from Redis again calls fail at once; a session not in a fresh cache is
@@ -318,9 +344,13 @@ class RedisSessionStore:
         max_sessions: int = 100_000,
         cache_size: int = 10_000,
         client: aioredis.Redis | None = None,
+        subscriber: aioredis.Redis | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_state: Callable[[bool], None] | None = None,
     ) -> None:
+        """``client``: the commands' client (default: from ``config``); ``subscriber``: the
+        client whose connection the watcher subscribes on (default: ``client``; another one
+        only to test that a subscription on another node is never trusted)."""
         _check_max_sessions(max_sessions)
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
@@ -331,10 +361,17 @@ class RedisSessionStore:
         # Any: redis-py types pipeline commands as awaitables and replies as unions of
         # everything; replies are checked where they are used.
         self._redis: Any = client if client is not None else config.client()
+        self._subscriber: Any = subscriber if subscriber is not None else self._redis
+        self.ident = secrets.token_hex(8)
+        """This store's id in its heartbeats (random: one per process and store)."""
         p = config.key_prefix
         self._prefix = p
         self._all = f"{p}all"
         self._channel = f"{p}revoked".encode()
+        self._hb_key = f"{p}hb:{self.ident}"
+        self._hb_message = _HEARTBEAT + f"{self.ident}:".encode()
+        self._beats = 0
+        """Heartbeats of this store heard back through its subscription (the watcher's backoff)."""
         self._touch = self._redis.register_script(_TOUCH)
         self._renew = self._redis.register_script(_RENEW)
         self._release = self._redis.register_script(_RELEASE)
@@ -400,6 +437,8 @@ class RedisSessionStore:
                 return await aw
         except (RedisError, OSError, TimeoutError) as exc:
             problem = f"{what}: {type(exc).__name__}: {exc}".rstrip(": ")
+            if (why := _refused_write(exc)) is not None:
+                problem = f"{problem} ({why})"
             if isinstance(exc, MasterNotFoundError):  # (its text holds each Sentinel client's repr)
                 problem = (f"{what}: no usable master {self.config.sentinel_master!r} from the Sentinels "
                            "(sessions.redis.sentinelMaster; the master may be down, or the Sentinels "
@@ -417,16 +456,17 @@ class RedisSessionStore:
     # -- the watcher ---------------------------------------------------------------------------
 
     async def watch(self) -> None:
-        """Run until :meth:`close`: subscribe to revocations, apply them, keep the cache fresh;
-        reconnect (with a short backoff) whenever Redis goes away. Never raises."""
+        """Run until :meth:`close`: subscribe to revocations, apply them, keep the cache fresh
+        with heartbeats; reconnect (with a short backoff) whenever Redis goes away or a
+        heartbeat fails. Never raises."""
         delay = 0.05
         while not self._closed:
-            pubsub = self._redis.pubsub()
+            pubsub = self._subscriber.pubsub()
+            beats = self._beats
             try:
                 await self._call("subscribe", pubsub.subscribe(self._channel))
                 # revocations may have been missed while we were not subscribed
                 self._forget_all()
-                delay = 0.05
                 await self._listen(pubsub)
             except SessionStoreUnavailable:
                 pass
@@ -439,42 +479,76 @@ class RedisSessionStore:
                 self._fresh_until = -1.0
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+            if self._beats > beats:  # it worked for a while: try again soon
+                delay = 0.05
             if not self.closed():
                 await asyncio.sleep(delay)
             delay = min(delay * 2, _RECONNECT_MAX)
 
+    async def _heartbeat(self, seq: int) -> bytes:
+        """Send heartbeat ``seq`` on the command connection -- ``MULTI; SET hb:<id> <seq> PX
+        <2 x staleness>; PUBLISH <revocation channel> hb:<id>:<seq>; EXEC`` -- and return the
+        message the subscription must receive. The ``SET`` makes it a write: a replica refuses
+        it (``READONLY``), and so does a master with fewer good replicas than its
+        ``min-replicas-to-write``; refused, nothing is published. Raises SessionStoreUnavailable
+        (the problem naming the refusal)."""
+        message = self._hb_message + str(seq).encode()
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.set(self._hb_key, seq, px=max(1, int(self.config.staleness * 2000)))
+        pipe.publish(self._channel, message)
+        await self._call("heartbeat", pipe.execute())
+        return message
+
     async def _listen(self, pubsub: Any) -> None:
+        """Heartbeat every :data:`PING_INTERVAL` and apply revocations; the cache is fresh until
+        ``staleness`` after the send of each heartbeat the subscription receives back.
+
+        Why that proves every earlier revocation applied: Redis runs commands one at a time, and
+        a ``PUBLISH`` appends the message to each subscriber connection's output buffer as it
+        runs; a connection's buffer is sent in order over one TCP stream. A revocation whose
+        ``EXEC`` finished before our heartbeat was sent ran on that node before our ``EXEC``, so
+        its message is ahead of our heartbeat in our subscription's buffer (on a replica
+        subscribed to: in the replication stream, which it applies in order). So when our
+        heartbeat arrives, every such revocation arrived before it and :meth:`_revoked` ran."""
         staleness = self.config.staleness
-        n = 0
+        seq = 0
         while not self._closed:
-            n += 1
-            token = str(n).encode()
+            seq += 1
             sent = self._clock()
-            await self._call("ping", pubsub.ping(token))
-            next_ping = sent + PING_INTERVAL
+            beat = await self._heartbeat(seq)
+            next_beat = sent + PING_INTERVAL
             answered = False
             while True:
-                wait = next_ping - self._clock()
+                wait = next_beat - self._clock()
                 if answered and wait <= 0:
                     break
                 if not answered and self._clock() - sent > staleness:
-                    raise SessionStoreUnavailable(f"no answer from Redis within {staleness:g}s")
+                    raise SessionStoreUnavailable(self._lost(staleness))
                 wait = max(wait, 0.01)
                 message = await self._call(
                     "listen", pubsub.get_message(ignore_subscribe_messages=True, timeout=wait),
                     limit=wait + self.config.timeout,
                 )
-                if message is None:
+                if message is None or message["type"] != "message":
                     continue
-                if message["type"] == "pong":
-                    if message["data"] == token:
-                        answered = True
-                        if self._owed:
-                            await self._replay_owed()
-                        self._fresh_until = sent + staleness
-                        self._set_problem(None)
-                elif message["type"] == "message":
-                    self._revoked(message["data"])
+                data = message["data"]
+                if data == beat:
+                    answered = True
+                    self._beats += 1
+                    if self._owed:
+                        await self._replay_owed()
+                    self._fresh_until = sent + staleness
+                    self._set_problem(None)
+                elif not data.startswith(_HEARTBEAT):  # (another enforcer's heartbeat: not ours to act on)
+                    self._revoked(data)
+
+    def _lost(self, staleness: float) -> str:
+        """The problem when a heartbeat Redis took did not come back through the subscription."""
+        problem = (f"heartbeat: the write was taken but its message did not come back through the subscription "
+                   f"within {staleness:g}s (sessions.redis.staleness): Redis too slow, or the subscription is "
+                   "on another node than the commands (a failover)")
+        self._set_problem(problem)
+        return problem
 
     async def _replay_owed(self) -> None:
         """Send the deletions :meth:`pop` owes (delete + publish, in batches); each batch leaves
@@ -499,6 +573,7 @@ class RedisSessionStore:
         raise LogoutOwed(f"logout owed to Redis: {why}")
 
     def _revoked(self, data: bytes) -> None:
+        """Drop the cached sessions a revocation message names (``*``: all of them)."""
         if data == _FLUSH:
             self._forget_all()
             return
@@ -836,7 +911,8 @@ class RedisSessionStore:
             ("load and run its Lua scripts (SCRIPT LOAD, EVALSHA)", lambda: self._check_scripts(probe)),
             (f"publish on channel {self._channel.decode()}",
              lambda: self._call("publish", self._redis.publish(self._channel, _hex(probe.encode())))),
-            (f"subscribe to channel {self._channel.decode()}", self._check_subscribe),
+            (f"subscribe to channel {self._channel.decode()} (and see a heartbeat: SET {self._hb_key} and "
+             "PUBLISH in MULTI, come back through it)", self._check_subscribe),
         ]
         for what, step in steps:
             try:
@@ -888,13 +964,15 @@ class RedisSessionStore:
             self._renew.sha, 3, f"{probe}:s", f"{probe}:r", self._channel, "", "", "", ""))
 
     async def _check_subscribe(self) -> None:
-        """Subscribe to the revocation channel as the watcher does, PING through it, unsubscribe."""
-        pubsub = self._redis.pubsub()
+        """Subscribe to the revocation channel as the watcher does, send a heartbeat and see it
+        come back through the subscription, delete its key, unsubscribe."""
+        pubsub = self._subscriber.pubsub()
         try:
             await self._call("subscribe", pubsub.subscribe(self._channel))
             await self._call("subscribe", self._next_message(pubsub, "subscribe"))
-            await self._call("ping", pubsub.ping(b"check"))
-            await self._call("ping", self._next_message(pubsub, "pong"))
+            beat = await self._heartbeat(0)
+            await self._call("heartbeat", self._next_message(pubsub, "message", beat))
+            await self._call("heartbeat", self._redis.delete(self._hb_key))
             await self._call("unsubscribe", pubsub.unsubscribe(self._channel))
             await self._call("unsubscribe", self._next_message(pubsub, "unsubscribe"))
         finally:
@@ -902,11 +980,12 @@ class RedisSessionStore:
                 await pubsub.aclose()
 
     @staticmethod
-    async def _next_message(pubsub: Any, kind: str) -> None:
-        """Wait for the subscription's next ``kind`` message (a refusal raises its error)."""
+    async def _next_message(pubsub: Any, kind: str, data: bytes | None = None) -> None:
+        """Wait for the subscription's next ``kind`` message (with ``data``, that one; a
+        refusal raises its error)."""
         while True:
             message = await pubsub.get_message(timeout=1.0)
-            if message is not None and message["type"] == kind:
+            if message is not None and message["type"] == kind and data in (None, message["data"]):
                 return
 
     def _missing_right(self, what: str, text: str) -> str:
@@ -961,8 +1040,9 @@ class RedisSessionStore:
         if self._owed:
             log.warning("closing with %d logout(s) still owed to the session store (Redis): their cookies were "
                         "cleared, but the sessions stay valid in Redis until they expire", len(self._owed))
-        with contextlib.suppress(Exception):
-            await self._redis.aclose()
+        for client in {id(c): c for c in (self._redis, self._subscriber)}.values():
+            with contextlib.suppress(Exception):
+                await client.aclose()
         pool = getattr(self._redis, "connection_pool", None)
         if isinstance(pool, SentinelConnectionPool):
             with contextlib.suppress(Exception):
