@@ -23,7 +23,7 @@ from enforcer.config.settings import DaemonModel
 from enforcer.errors import Outcome, Reason
 from enforcer.http.certs import CertStore
 from enforcer.identity import login
-from enforcer.identity.redis import RedisConfig, RedisSessionStore, SessionStoreUnavailable
+from enforcer.identity.redis import PING_INTERVAL, RedisConfig, RedisSessionStore, SessionStoreUnavailable
 from enforcer.identity.sessions import LogoutOwed
 from enforcer.run import stores
 from tests.harness.gate import CLIENT_ID, ISSUER, NOW, Answer, GateRig, sign
@@ -193,6 +193,60 @@ async def test_revocation_reaches_the_other_cache_within_the_bound(server: Redis
             assert await b.get(handle, "app", time.time()) is None
         print(f"revocation delay (pub/sub) pop={delays[0] * 1000:.1f} ms, back-channel={delays[1] * 1000:.1f} ms")
         assert max(delays) < STALENESS
+
+
+@pytest.mark.parametrize(("subscribed_to", "trusted"), [("the commands' node", True), ("another node", False)])
+async def test_cache_is_trusted_only_when_the_subscription_is_on_the_commands_node(
+    server: RedisServer, subscribed_to: str, trusted: bool
+) -> None:
+    """The watcher's subscription on another redis-server than its commands (as after a failover) never makes the cache fresh, and the problem says why; on the same node it does."""
+    other = RedisServer()
+    other.start()
+    node = server if trusted else other
+    store = RedisSessionStore(server.config(), idle_timeout=3600, subscriber=node.config().client())
+    task = asyncio.create_task(store.watch())
+    try:
+        took = await until(store.fresh, STALENESS + 3 * PING_INTERVAL)
+        print(f"subscribed to {subscribed_to}: fresh after {took * 1000:.0f} ms"
+              if took <= STALENESS + 3 * PING_INTERVAL else f"subscribed to {subscribed_to}: never fresh")
+        assert (took < STALENESS) is trusted
+        if trusted:
+            assert store.problem is None
+        else:
+            assert store.problem is not None and "did not come back through the subscription" in store.problem
+            with pytest.raises(SessionStoreUnavailable):  # fails closed, at once
+                await store.create(make_session())
+    finally:
+        await store.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        other.stop()
+        shutil.rmtree(other.dir, ignore_errors=True)
+
+
+async def test_other_enforcers_heartbeats_are_ignored(server: RedisServer) -> None:
+    """A store hears the other enforcers' heartbeats on the revocation channel and drops nothing for them: its cache and its epoch stay as they were."""
+    async with watched(server.config()) as a, watched(server.config()) as b:
+        handle = await a.create(make_session())
+        assert await b.get(handle, "app", time.time()) is not None
+        epoch, beats = b._epoch, b._beats
+        seen: list[bytes] = []
+        client = server.config().client()
+        pubsub = client.pubsub()
+        await pubsub.subscribe(a._channel)
+        try:
+            deadline = time.monotonic() + 4 * PING_INTERVAL
+            while time.monotonic() < deadline:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
+                if message is not None:
+                    seen.append(message["data"])
+        finally:
+            await pubsub.aclose()
+            await client.aclose()
+        assert any(m.startswith(f"hb:{a.ident}:".encode()) for m in seen)  # a's heartbeats reached b's channel
+        assert b._beats > beats and b._epoch == epoch
+        assert b.get_cached(handle, "app", time.time()) is not None
 
 
 async def test_unresponsive_redis_fails_closed_and_recovers(server: RedisServer) -> None:

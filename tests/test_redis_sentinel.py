@@ -7,25 +7,30 @@ Each test group starts its own master, replica and Sentinels on loopback ports (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 import yaml
+from redis.exceptions import ResponseError
 
 from enforcer.cli import doctor
 from enforcer.config.settings import DaemonModel, Settings, load_settings
 from enforcer.errors import Reason
 from enforcer.http.certs import CertStore
-from enforcer.identity.redis import RedisSessionStore, SessionStoreUnavailable
+from enforcer.identity.redis import PING_INTERVAL, RedisSessionStore, SessionStoreUnavailable
 from enforcer.run import stores
 from tests.harness.gate import ISSUER
 from tests.harness.prereq import require
-from tests.harness.redis import STALENESS, SentinelGroup, make_session, until, watched
+from tests.harness.redis import ADMIN_PASSWORD, STALENESS, SentinelGroup, make_session, until, watched
 
 
 @pytest.fixture(autouse=True)
@@ -163,6 +168,77 @@ async def test_failover_fails_closed_then_resumes_by_itself(sentinels: int) -> N
             assert await store.count() == 2
     finally:
         g.stop()
+
+
+@pytest.mark.parametrize("outage", ["sigstop", "sigkill"])
+async def test_a_master_cut_off_from_its_replica_stops_the_cache_and_resumes(outage: str) -> None:
+    """A master with min-replicas-to-write 1 whose only replica is frozen or killed still answers PING and reads, but refuses the heartbeat's write: the cached session is refused (503) within one heartbeat interval of the first refused write, /readyz's problem names min-replicas-to-write, and with the replica back it is served again by itself."""
+    g = SentinelGroup(sentinels=1)
+    master, replica = g.ports
+    probe = aioredis.Redis(host="127.0.0.1", port=master, username="admin", password=ADMIN_PASSWORD,
+                           socket_timeout=0.5)
+    try:
+        g.start()
+        g.cli(master, "CONFIG", "SET", "min-replicas-to-write", "1")
+        g.cli(master, "CONFIG", "SET", "min-replicas-max-lag", "1")
+        async with watched(g.config()) as store:
+            handle = await store.create(make_session())
+            assert store.get_cached(handle, "app", time.time()) is not None
+            if outage == "sigstop":
+                os.kill(g.procs[replica].pid, signal.SIGSTOP)
+            else:
+                g.kill(replica)
+            began = time.monotonic()
+            refused_at = stale_at = None
+            while time.monotonic() - began < 15 and (refused_at is None or stale_at is None):
+                if stale_at is None and store.get_cached(handle, "app", time.time()) is None:
+                    stale_at = time.monotonic()
+                if refused_at is None:
+                    try:
+                        await probe.set("enforcer:probe", b"1", px=1000)
+                    except ResponseError as exc:
+                        assert "NOREPLICAS" in str(exc)
+                        refused_at = time.monotonic()
+                await asyncio.sleep(0.01)
+            assert refused_at is not None and stale_at is not None, "the master kept taking writes, or the cache fresh"
+            assert await probe.ping() and await probe.exists("enforcer:nothing") == 0  # it still answers PING and reads
+            print(f"\nreplica {outage}: master refuses writes after {(refused_at - began) * 1000:.0f} ms, cached "
+                  f"session refused {(stale_at - refused_at) * 1000:.0f} ms after that; problem: {store.problem}")
+            assert stale_at - refused_at <= STALENESS + PING_INTERVAL
+            with pytest.raises(SessionStoreUnavailable) as info:
+                await store.get(handle, "app", time.time())
+            assert info.value.reason is Reason.SESSION_STORE_UNAVAILABLE and info.value.status == 503
+            assert store.problem is not None and "min-replicas-to-write" in store.problem
+            await asyncio.sleep(STALENESS)  # PINGs through the subscription still answer: still refused
+            assert not store.fresh() and store.get_cached(handle, "app", time.time()) is None
+            if outage == "sigstop":
+                os.kill(g.procs[replica].pid, signal.SIGCONT)
+            else:
+                g.start_node(replica)
+            back = await until(store.fresh, 15.0)
+            print(f"replica back: store fresh again after {back * 1000:.0f} ms")
+            assert back < 15.0 and store.problem is None
+            assert await store.get(handle, "app", time.time()) is not None
+    finally:
+        await probe.aclose()
+        g.stop()
+
+
+async def test_commands_on_a_replica_never_make_the_cache_fresh(group: SentinelGroup) -> None:
+    """A store whose URL names the replica (subscription and commands both there) is never fresh: the heartbeat's write is refused, and /readyz's problem says READONLY."""
+    replica = next(p for p in group.ports if p != group.master_port())
+    config = group.config(sentinels=(), url=f"redis://127.0.0.1:{replica}")
+    store = RedisSessionStore(config, idle_timeout=3600)
+    task = asyncio.create_task(store.watch())
+    try:
+        assert await until(store.fresh, STALENESS + 2 * PING_INTERVAL) > STALENESS + 2 * PING_INTERVAL
+        print(f"commands on the replica: {store.problem}")
+        assert store.problem is not None and "READONLY" in store.problem
+    finally:
+        await store.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def test_tls_through_the_sentinel(tmp_path: Path) -> None:

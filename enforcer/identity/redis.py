@@ -224,10 +224,10 @@ def _refused_write(exc: BaseException) -> str | None:
     text = str(exc)
     if "NOREPLICAS" in text:
         return ("the master refused the write: fewer good replicas than its min-replicas-to-write, so it may be "
-                "cut off from them (a partition) and no longer the master the fleet writes to")
+                "cut off from them by a partition and no longer the master the fleet writes to")
     if isinstance(exc, ReadOnlyError) or "READONLY" in text or "previous master is now a" in text:
-        return ("READONLY: the node reached is a replica, not the master (a failover in progress, or a "
-                "stale master address)")
+        return ("READONLY: the node reached is a replica, not the master: a failover in progress, or a "
+                "stale master address")
     return None
 
 
