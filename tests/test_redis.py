@@ -225,26 +225,28 @@ async def test_cache_is_trusted_only_when_the_subscription_is_on_the_commands_no
         shutil.rmtree(other.dir, ignore_errors=True)
 
 
-async def test_other_enforcers_heartbeats_are_ignored(server: RedisServer) -> None:
-    """A store hears the other enforcers' heartbeats on the revocation channel and drops nothing for them: its cache and its epoch stay as they were."""
+async def test_heartbeats_go_to_each_enforcers_own_channel_and_others_are_ignored(server: RedisServer) -> None:
+    """Each store publishes its heartbeats on its own channel only (the revocation channel carries none, so a fleet of N costs O(N) deliveries), and a heartbeat that does reach the revocation channel (another version) changes nothing: the cache and the epoch stay as they were."""
     async with watched(server.config()) as a, watched(server.config()) as b:
         handle = await a.create(make_session())
         assert await b.get(handle, "app", time.time()) is not None
         epoch, beats = b._epoch, b._beats
-        seen: list[bytes] = []
+        seen: dict[bytes, list[bytes]] = {a._channel: [], a._hb_channel: []}
         client = server.config().client()
         pubsub = client.pubsub()
-        await pubsub.subscribe(a._channel)
+        await pubsub.subscribe(a._channel, a._hb_channel)
         try:
+            await client.publish(a._channel, b"hb:0123456789abcdef:1")  # an old version's heartbeat
             deadline = time.monotonic() + 4 * PING_INTERVAL
             while time.monotonic() < deadline:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05)
                 if message is not None:
-                    seen.append(message["data"])
+                    seen[message["channel"]].append(message["data"])
         finally:
             await pubsub.aclose()
             await client.aclose()
-        assert any(m.startswith(f"hb:{a.ident}:".encode()) for m in seen)  # a's heartbeats reached b's channel
+        assert seen[a._channel] == [b"hb:0123456789abcdef:1"]  # none of a's (or b's) own heartbeats
+        assert any(m.startswith(f"hb:{a.ident}:".encode()) for m in seen[a._hb_channel])
         assert b._beats > beats and b._epoch == epoch
         assert b.get_cached(handle, "app", time.time()) is not None
 

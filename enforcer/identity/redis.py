@@ -72,9 +72,11 @@ PING_INTERVAL: Final = 0.25
 """How often the watcher sends a heartbeat (a write echoed through its subscription)."""
 
 _HEARTBEAT: Final = b"hb:"
-"""The start of a heartbeat message on the revocation channel (``hb:<enforcer id>:<seq>``):
-never a revocation (those are hex session keys, ``,`` and ``*``), so every enforcer tells one
-from a revocation by its first bytes and ignores the others'."""
+"""The start of a heartbeat message (``hb:<enforcer id>:<seq>``), published on the enforcer's
+own heartbeat channel (``<prefix>hb:<enforcer id>``), never on the revocation channel: each
+heartbeat reaches one subscriber, so a fleet of N costs Redis O(N) deliveries, not O(N^2). Never
+a revocation either (those are hex session keys, ``,`` and ``*``): a heartbeat that reaches the
+revocation channel anyway (another version) is told apart by its first bytes and ignored."""
 
 _RECONNECT_MAX: Final = 1.0
 """Longest wait between two attempts to reach Redis again."""
@@ -308,7 +310,8 @@ class RedisSessionStore:
     * Staleness bound: the cache answers only while it is *fresh*. Every
       :data:`PING_INTERVAL` :meth:`watch` sends a *heartbeat* on the command connection, one
       ``MULTI``: ``SET hb:<enforcer id> <seq> PX <2 x staleness>`` and ``PUBLISH`` of
-      ``hb:<enforcer id>:<seq>`` on the revocation channel. When the subscription receives
+      ``hb:<enforcer id>:<seq>`` on its own channel ``hb:<enforcer id>``, which its
+      subscription listens to beside the revocation channel. When the subscription receives
       that message, the cache has applied every revocation made before the heartbeat was sent,
       on the node that took the heartbeat's write, and it is trusted until ``staleness`` after
       the send. So freshness proves three things: the node the commands reach accepted a write
@@ -369,6 +372,8 @@ class RedisSessionStore:
         self._all = f"{p}all"
         self._channel = f"{p}revoked".encode()
         self._hb_key = f"{p}hb:{self.ident}"
+        self._hb_channel = self._hb_key.encode()
+        """This store's heartbeat channel, to which only its own subscription listens."""
         self._hb_message = _HEARTBEAT + f"{self.ident}:".encode()
         self._beats = 0
         """Heartbeats of this store heard back through its subscription (the watcher's backoff)."""
@@ -464,7 +469,7 @@ class RedisSessionStore:
             pubsub = self._subscriber.pubsub()
             beats = self._beats
             try:
-                await self._call("subscribe", pubsub.subscribe(self._channel))
+                await self._call("subscribe", pubsub.subscribe(self._channel, self._hb_channel))
                 # revocations may have been missed while we were not subscribed
                 self._forget_all()
                 await self._listen(pubsub)
@@ -487,7 +492,7 @@ class RedisSessionStore:
 
     async def _heartbeat(self, seq: int) -> bytes:
         """Send heartbeat ``seq`` on the command connection -- ``MULTI; SET hb:<id> <seq> PX
-        <2 x staleness>; PUBLISH <revocation channel> hb:<id>:<seq>; EXEC`` -- and return the
+        <2 x staleness>; PUBLISH hb:<id> hb:<id>:<seq>; EXEC`` (its own channel) -- and return the
         message the subscription must receive. The ``SET`` makes it a write: a replica refuses
         it (``READONLY``), and so does a master with fewer good replicas than its
         ``min-replicas-to-write``; refused, nothing is published. Raises SessionStoreUnavailable
@@ -495,7 +500,7 @@ class RedisSessionStore:
         message = self._hb_message + str(seq).encode()
         pipe = self._redis.pipeline(transaction=True)
         pipe.set(self._hb_key, seq, px=max(1, int(self.config.staleness * 2000)))
-        pipe.publish(self._channel, message)
+        pipe.publish(self._hb_channel, message)
         await self._call("heartbeat", pipe.execute())
         return message
 
@@ -505,7 +510,8 @@ class RedisSessionStore:
 
         Why that proves every earlier revocation applied: Redis runs commands one at a time, and
         a ``PUBLISH`` appends the message to each subscriber connection's output buffer as it
-        runs; a connection's buffer is sent in order over one TCP stream. A revocation whose
+        runs; a connection's buffer is sent in order over one TCP stream, whichever of the
+        connection's channels (revocations, our heartbeats) a message is on. A revocation whose
         ``EXEC`` finished before our heartbeat was sent ran on that node before our ``EXEC``, so
         its message is ahead of our heartbeat in our subscription's buffer (on a replica
         subscribed to: in the replication stream, which it applies in order). So when our
@@ -532,14 +538,16 @@ class RedisSessionStore:
                 if message is None or message["type"] != "message":
                     continue
                 data = message["data"]
-                if data == beat:
+                if message["channel"] == self._hb_channel:
+                    if data != beat:  # (an earlier heartbeat's echo, late: the next one decides)
+                        continue
                     answered = True
                     self._beats += 1
                     if self._owed:
                         await self._replay_owed()
                     self._fresh_until = sent + staleness
                     self._set_problem(None)
-                elif not data.startswith(_HEARTBEAT):  # (another enforcer's heartbeat: not ours to act on)
+                elif not data.startswith(_HEARTBEAT):  # (a heartbeat here comes from another version: ignored)
                     self._revoked(data)
 
     def _lost(self, staleness: float) -> str:
@@ -968,13 +976,15 @@ class RedisSessionStore:
         come back through the subscription, delete its key, unsubscribe."""
         pubsub = self._subscriber.pubsub()
         try:
-            await self._call("subscribe", pubsub.subscribe(self._channel))
-            await self._call("subscribe", self._next_message(pubsub, "subscribe"))
+            await self._call("subscribe", pubsub.subscribe(self._channel, self._hb_channel))
+            for _ in range(2):
+                await self._call("subscribe", self._next_message(pubsub, "subscribe"))
             beat = await self._heartbeat(0)
             await self._call("heartbeat", self._next_message(pubsub, "message", beat))
             await self._call("heartbeat", self._redis.delete(self._hb_key))
-            await self._call("unsubscribe", pubsub.unsubscribe(self._channel))
-            await self._call("unsubscribe", self._next_message(pubsub, "unsubscribe"))
+            await self._call("unsubscribe", pubsub.unsubscribe(self._channel, self._hb_channel))
+            for _ in range(2):
+                await self._call("unsubscribe", self._next_message(pubsub, "unsubscribe"))
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
