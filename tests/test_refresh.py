@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import os
 import shutil
 import time
@@ -534,6 +535,36 @@ async def test_unreadable_refresh_token_ends_the_session(rig: Rig) -> None:
     rig.skew = 11
     answer = await rig.request("/private")
     assert answer.status == 302 and not rig.op.refresh_requests()
+
+
+async def test_a_rotated_key_file_is_picked_up_and_old_tokens_are_resealed(rig: Rig, tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """A key file rewritten with a new key first is picked up without a restart: the token sealed with the old key still opens and is re-sealed with the new one at its refresh, after which the old key can go; a file that stops parsing keeps the keys in force."""
+    keys = tmp_path / "refresh.keys"
+    old = keys.read_text().strip()
+    await rig.sign_in()
+    first = await rig.stored()
+    assert first is not None and first.refresh_token is not None
+    assert not rig.gate.reload_keys()  # unchanged: not re-read
+    new = crypto.new_key_line()
+    keys.write_text(f"{new}\n{old}\n")
+    assert rig.gate.reload_keys()
+    new_id = crypto.key_id(crypto.parse_keys(new)[0])
+    assert first.refresh_token.split(".")[1] != new_id
+    rig.skew = 11  # the claims have expired: the next request refreshes them
+    assert (await rig.request("/private")).status == 200
+    resealed = await rig.stored()
+    assert resealed is not None and resealed.refresh_token is not None
+    assert resealed.refresh_token.split(".")[1] == new_id
+    keys.write_text(f"{new}\n")  # the old key removed
+    assert rig.gate.reload_keys()
+    rig.skew = 22
+    assert (await rig.request("/private")).status == 200
+    assert len(rig.op.refresh_requests()) == 2
+    keys.write_text("not a key\n")
+    with caplog.at_level(logging.ERROR):
+        assert not rig.gate.reload_keys()
+    assert "cannot be used" in caplog.text and rig.gate.cipher is not None and rig.gate.cipher.current == new_id
 
 
 # ------------------------------------------------------------------ the Redis store's lease

@@ -186,6 +186,8 @@ class Gate:
         self.header_rule = headers_mod.HeaderRule(s.limits.stripHeaders)
         self._callback_inflight: set[str] = set()
         key_file = s.sessions.refreshTokenKeyFile
+        self._key_file = key_file
+        self._key_stamp = crypto.file_stamp(key_file) if key_file is not None else None
         self.cipher = crypto.TokenCipher.from_file(key_file) if key_file is not None else None
         """Seals refresh tokens; None: no refresh token is kept (and claims are never refreshed)."""
         self.refresh_margin = s.sessions.refreshMargin
@@ -199,6 +201,28 @@ class Gate:
         )
 
     # ------------------------------------------------------------------ entry
+
+    def reload_keys(self) -> bool:
+        """Re-read ``sessions.refreshTokenKeyFile`` if it changed since it was read (a key
+        rotation: the new key first, the old ones after it): from now on tokens are sealed with
+        the new key and those sealed with a listed old key still open (re-sealed at their next
+        refresh). A file that no longer reads or holds no usable key keeps the keys in force,
+        logged once per change. Returns whether the keys were replaced."""
+        if self._key_file is None:
+            return False
+        stamp = crypto.file_stamp(self._key_file)
+        if stamp == self._key_stamp:
+            return False
+        self._key_stamp = stamp
+        try:
+            cipher = crypto.TokenCipher.from_file(self._key_file)
+        except crypto.KeyFileError as exc:
+            log.error("sessions.refreshTokenKeyFile changed but cannot be used (%s); the keys in force stay", exc)
+            return False
+        self.cipher = cipher
+        log.info("sessions.refreshTokenKeyFile re-read: %d key(s); new refresh tokens are sealed with key %s",
+                 cipher.key_count, cipher.current)
+        return True
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Handle one request; exactly one flow record is written, whatever happens."""

@@ -62,6 +62,16 @@ def new_key_line() -> str:
     return base64.urlsafe_b64encode(os.urandom(KEY_BYTES)).decode()
 
 
+def file_stamp(path: Path) -> tuple[int, int, int, int] | None:
+    """What changes when a key file is replaced or rewritten (device, inode, mtime, size; the
+    target of a symlink, as Kubernetes updates a mounted Secret), or None if it cannot be read."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 class TokenCipher:
     """Seals and opens refresh tokens with the keys of one key file (newest first)."""
 
@@ -70,6 +80,15 @@ class TokenCipher:
             raise KeyFileError("no key")
         self._by_id = {key_id(k): AESGCM(k) for k in reversed(keys)}
         self._current = key_id(keys[0])
+
+    @property
+    def current(self) -> str:
+        """The id of the key new tokens are sealed with (the file's first)."""
+        return self._current
+
+    @property
+    def key_count(self) -> int:
+        return len(self._by_id)
 
     @classmethod
     def from_file(cls, path: Path) -> TokenCipher:

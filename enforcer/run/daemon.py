@@ -175,6 +175,9 @@ class _Pod:
 
 
 POD_DRAIN_SECONDS = 5.0
+
+KEY_FILE_CHECK = 30.0
+"""Seconds between two looks at the refresh-token key file (a stat; re-read only when changed)."""
 """In-flight requests of a pod being removed get this long (the pod is going away)."""
 
 
@@ -654,6 +657,8 @@ class Daemon:
         if self.owns_host:
             self._spawn(self._housekeeping(serving.store), "housekeeping")
         self._spawn(self.manager.run(), "definitions")
+        if self.settings.model.sessions.refreshTokenKeyFile is not None:
+            self._spawn(self._watch_keys(), "refresh-token-keys")
         if self.node_labels is not None:
             self._spawn(self.node_labels.watch(self._node_labels_changed), "node-labels")
         kube = self.settings.model.kubernetes
@@ -795,8 +800,17 @@ class Daemon:
                 os.kill(os.getppid(), RELOAD_SIBLINGS)
 
     def reload(self) -> None:
-        """Re-read every definitions source now (SIGHUP, `enforcer reload`)."""
+        """Re-read every definitions source now (SIGHUP, `enforcer reload`), and the refresh-token
+        key file if it changed."""
+        self.gate.reload_keys()
         self.manager.trigger()
+
+    async def _watch_keys(self) -> None:
+        """Pick up a rotated ``sessions.refreshTokenKeyFile`` without a restart or a signal (a
+        Kubernetes Secret volume changes under the running pod): every :data:`KEY_FILE_CHECK`."""
+        while True:
+            await asyncio.sleep(KEY_FILE_CHECK)
+            self.gate.reload_keys()
 
     async def _apply(self, definitions: definitions_mod.Definitions, reason: str) -> None:
         """Swap in a validated set: redirect rules, then certificates, then the request path.
