@@ -244,6 +244,15 @@ class Cluster:
         assert command in readme_commands(), f"the README does not print {command!r}"
         argv = shlex.split(command)
         assert argv[0] == "kubectl", command
+        if " | " in command:  # a pipeline: run by a shell, as the reader would, kubectl with our kubeconfig
+            assert "deploy/" not in command, command
+            done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True,
+                                  stdin=subprocess.DEVNULL, timeout=kw.get("timeout", 120), check=False,
+                                  env={**os.environ, "KUBECONFIG": str(self.node.api.kubeconfig)})  # fmt: skip
+            if kw.get("check", True) and done.returncode != 0:
+                raise RuntimeError(f"{command} failed ({done.returncode}): {done.stderr.strip()}")
+            PRINTED_RAN.add(command)
+            return done
         args = [str(self.overlay) if a == EXAMPLE else str(REPO / a) if a.startswith("deploy/") else a
                 for a in argv[1:]]  # fmt: skip
         done = self.kubectl(*args, **kw)
@@ -475,9 +484,17 @@ async def test_a_client_logs_in_and_reaches_the_host_network_app(cluster: Cluste
     )
     (flow,) = [f for f in flows() if f["path"] == "/hello-k8s" and f["status"] == 200]
     assert (flow["service"], flow["destination"], flow["decision"]) == ("app", f"{NODE_IP}:443", "allow")
-    # the daemon's own log (not the flows: they go to the hostPath file only) through the API server
-    logs = cluster.printed("kubectl -n enforcer-system logs daemonset/enforcer").stdout
+    # the pod's output through the API server, split as the README prints it: the flows, the daemon's log
+    await until("the flow in the pod's output", lambda: "/hello-k8s" in cluster.kubectl(
+        "-n", SYSTEM_NS, "logs", "ds/enforcer").stdout, timeout=30)  # fmt: skip
+    flow_lines = cluster.printed(
+        "kubectl -n enforcer-system logs ds/enforcer | jq -cR 'fromjson? | select(.flow_id)'").stdout.splitlines()
+    logged = [json.loads(line) for line in flow_lines]
+    assert logged and all(f["flow_id"] for f in logged), flow_lines[-5:]
+    assert any(f["path"] == "/hello-k8s" and f["status"] == 200 for f in logged), flow_lines[-5:]
+    logs = cluster.printed("""kubectl -n enforcer-system logs ds/enforcer | grep -v '^{"time":'""").stdout
     assert "definitions applied" in logs and "app" in logs, logs[-2000:]
+    assert "flow_id" not in logs, logs[-2000:]
     # the flows read inside the pod: a method the HTTPResourceSpec does not allow is denied
     refused_delete = await cluster.client.run(browser.request("DELETE", BASE + "/denied-k8s", follow=False))
     assert refused_delete.status == 403, refused_delete.status
