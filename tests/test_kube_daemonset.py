@@ -7,11 +7,14 @@ Built once for the module on the session's cluster (tests/harness/kube.py): the 
 ``https://10.250.0.1:9443`` in the node's network namespace, a hostNetwork pod running
 tests/harness/recording_app.py on :8080 (from a ConfigMap, with the image's Python; it records
 to a hostPath file in this module's tmp directory), and an overlay in tmp that references
-deploy/kubernetes/base and changes only the image reference, plus a patch of the ConfigMap
-(the OP's CA for ``oidc.caFile``). The tests run in file order; each leaves the DaemonSet
-serving for the next, except test_deleting_the_daemonset_..., after which the last two tests
-re-install it and check two bugs this test found once (Secrets read cluster-wide against the
-per-namespace RBAC; a default SO_MARK with kubelet's masquerade bit) stay fixed.
+deploy/kubernetes/overlays/example and changes only the image reference, plus a patch of the
+ConfigMap (the OP's CA for ``oidc.caFile``). The README's install and removal are run exactly as
+printed (:meth:`Cluster.printed`: that overlay stands for the example's path), on a cluster
+without anything of the enforcer; the last test fails if a cluster command the README prints
+was not run. The tests run in file order; each leaves the DaemonSet serving for the next, except
+test_the_printed_removal_..., after which the next test installs again as printed and checks
+that a bug this test found once (Secrets read cluster-wide against the per-namespace RBAC)
+stays fixed.
 
 The node's /var/lib/enforcer and /var/log/enforcer are the DaemonSet's hostPaths: the module
 refuses to run if they exist already (not made by it) and removes them afterwards. Timings are
@@ -25,6 +28,8 @@ import contextlib
 import datetime
 import json
 import os
+import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -61,12 +66,15 @@ from tests.harness.kube_load import Load, Outage, outage
 from tests.harness.netns import NetnsLoop, connect, refused, require_root
 from tests.harness.op import OPUser, RunningOP, start_op
 from tests.harness.prereq import require_e2e
+from tests.test_manifests import RUN_ELSEWHERE, readme_commands
 
 pytestmark = [pytest.mark.root, pytest.mark.e2e, pytest.mark.timeout(2400)]
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_DIR = REPO / "deploy" / "kubernetes" / "base"
-APPS_NS = "e2e-apps"  # the custom resources and their Secret
+APPS_NS = "demo"  # the README's sample namespace: the custom resources and their Secrets
+EXAMPLE = "deploy/kubernetes/overlays/example"
+"""The README's overlay path: :meth:`Cluster.printed` runs our overlay of it instead."""
 APP_POD_NS = "default"
 IMAGE = f"localhost/enforcer-e2e:{__version__}"
 HOST = "app.k8s.test"
@@ -113,22 +121,6 @@ def service_cr(**spec: Any) -> dict[str, Any]:
             "metadata": {"name": "app", "namespace": APPS_NS}, "spec": body}  # fmt: skip
 
 
-def apps_namespace() -> str:
-    """The namespace of the sample app's custom resources and the Role that lets the enforcer read
-    its Secrets (as overlays/example/secrets-demo.yaml, applied with the DaemonSet)."""
-    objs: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": APPS_NS}},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-         "metadata": {"name": "enforcer-secrets", "namespace": APPS_NS},
-         "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-         "metadata": {"name": "enforcer-secrets", "namespace": APPS_NS},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "enforcer-secrets"},
-         "subjects": [{"kind": "ServiceAccount", "name": "enforcer", "namespace": SYSTEM_NS}]},
-    ]  # fmt: skip
-    return yaml.safe_dump_all(objs)
-
-
 def is_login(status: int | None, location: str | None) -> bool:
     """A redirect to the test OP's authorization endpoint (a login challenge)."""
     return is_login_at(ISSUER, status, location)
@@ -173,14 +165,14 @@ def app_pod(record_dir: Path) -> str:
 
 
 def write_overlay(d: Path, base_config: str, op_ca: bytes) -> Path:
-    """An overlay of the shipped base that changes the image reference and patches the ConfigMap only."""
+    """An overlay of the README's example overlay that changes the image reference and patches the ConfigMap only."""
     d.mkdir(parents=True, exist_ok=True)
     name, tag = IMAGE.rsplit(":", 1)
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
-        "resources": [os.path.relpath(BASE_DIR, d)],
-        "images": [{"name": "localhost/enforcer", "newName": name, "newTag": tag}],
+        "resources": [os.path.relpath(REPO / EXAMPLE, d)],
+        "images": [{"name": "registry.example.com/enforcer", "newName": name, "newTag": tag}],
         "patches": [{"path": "configmap-patch.yaml"}],
     }
     config = base_config.rstrip("\n") + f"\noidc: {{caFile: {OP_CA_IN_POD}}}   # the test OP's CA\n"
@@ -226,6 +218,10 @@ def flows() -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+PRINTED_RAN: set[str] = set()
+"""The README's commands :meth:`Cluster.printed` ran (the last test checks that none is missing)."""
+
+
 @dataclass
 class Cluster:
     """Everything the tests share."""
@@ -241,6 +237,27 @@ class Cluster:
 
     def kubectl(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
         return self.node.api.kubectl(*args, **kw)
+
+    def printed(self, command: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        """Run a command the README's Kubernetes section prints, exactly as printed from the repository
+        root (the example overlay's path: our overlay of it, which swaps the image reference only)."""
+        assert command in readme_commands(), f"the README does not print {command!r}"
+        argv = shlex.split(command)
+        assert argv[0] == "kubectl", command
+        if " | " in command:  # a pipeline: run by a shell, as the reader would, kubectl with our kubeconfig
+            assert "deploy/" not in command, command
+            done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True,
+                                  stdin=subprocess.DEVNULL, timeout=kw.get("timeout", 120), check=False,
+                                  env={**os.environ, "KUBECONFIG": str(self.node.api.kubeconfig)})  # fmt: skip
+            if kw.get("check", True) and done.returncode != 0:
+                raise RuntimeError(f"{command} failed ({done.returncode}): {done.stderr.strip()}")
+            PRINTED_RAN.add(command)
+            return done
+        args = [str(self.overlay) if a == EXAMPLE else str(REPO / a) if a.startswith("deploy/") else a
+                for a in argv[1:]]  # fmt: skip
+        done = self.kubectl(*args, **kw)
+        PRINTED_RAN.add(command)
+        return done
 
     def pods(self) -> list[dict[str, Any]]:
         return enforcer_pods(self.kubectl)
@@ -304,13 +321,31 @@ class Cluster:
         return is_login(page.status, page.location)
 
 
+async def install_as_printed(c: Cluster) -> None:
+    """The README's install after `kubectl create namespace demo`: the overlay, the rollout, the sample's
+    client Secret and its custom resources, each command exactly as printed."""
+    c.printed("kubectl kustomize deploy/kubernetes/overlays/example")
+    c.printed("kubectl apply -k deploy/kubernetes/overlays/example")
+    c.printed("kubectl -n enforcer-system rollout status daemonset/enforcer", timeout=200)
+    c.printed("kubectl -n demo create secret generic private-app-oidc --from-literal=client-secret='<the secret>'")
+    c.printed("kubectl apply -f deploy/kubernetes/overlays/example/demo.yaml")
+
+
+REMOVAL = (
+    "kubectl -n enforcer-system delete daemonset enforcer --cascade=foreground --wait",
+    "kubectl delete -k deploy/kubernetes/overlays/example --ignore-not-found",
+    "kubectl delete namespace demo",
+)
+"""The README's removal, in its order."""
+
+
 async def _remove_everything(c: Cluster, overlay_applied: bool) -> None:
-    """Undo the module's objects on the cluster, wait for the enforcer pods to be gone."""
-    c.kubectl("delete", "namespace", APPS_NS, "--ignore-not-found", "--wait=false", check=False)
+    """Undo the module's objects on the cluster with the README's removal (each step allowed to find
+    its objects gone already), then the app pod; wait for the enforcer pods and namespaces to be gone."""
     c.kubectl("-n", APP_POD_NS, "delete", "pod,configmap", "recording-app", "--ignore-not-found", "--grace-period=1",
               check=False)  # fmt: skip
-    if overlay_applied:
-        c.kubectl("delete", "-k", str(c.overlay), "--ignore-not-found", "--wait=false", check=False)
+    for command in REMOVAL if overlay_applied else REMOVAL[-1:]:
+        c.printed(command, check=False, timeout=180)
     with contextlib.suppress(AssertionError):
         await until("the enforcer pods gone", lambda: not c.pods(), timeout=90, interval=1)
     with contextlib.suppress(AssertionError):
@@ -326,7 +361,7 @@ async def _remove_everything(c: Cluster, overlay_applied: bool) -> None:
 async def cluster(
     kube_node: Node, tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
 ) -> AsyncIterator[Cluster]:
-    """The image on the node, the OP, the app pod and the shipped manifests applied (with the CRs)."""
+    """The image on the node, the OP, the app pod, the README's install run as printed, and the custom resources."""
     require_root()
     require_e2e()
     FIGURES.capture = pytestconfig.pluginmanager.getplugin("capturemanager")
@@ -361,17 +396,18 @@ async def cluster(
             kube_node.wait_pod_ready(APP_POD_NS, "recording-app", timeout=120)
             report("app pod Ready", time.monotonic() - t)
 
-            # as docs/kubernetes.md says: the namespace and the CRDs first, then a server-side dry run of the rest
-            api.kubectl("apply", "-f", str(BASE_DIR / "namespace.yaml"), "-f", str(BASE_DIR / "crds.yaml"))
-            api.kubectl("wait", "--for=condition=established", "--timeout=60s",
-                        "crd/enforcerservices.enforcer.dev", "crd/httpresourcespecs.enforcer.dev")  # fmt: skip
-            c.dry_run = api.kubectl("apply", "--dry-run=server", "-k", str(overlay), check=False)
-            api.kubectl("apply", "-f", "-", input=apps_namespace())
-            t = time.monotonic()
+            # the server-side dry run needs the namespaces: made for it and deleted, so the install below
+            # starts from a cluster without anything of the enforcer
             applied = True
-            api.kubectl("apply", "-k", str(overlay))
-            api.kubectl("-n", SYSTEM_NS, "rollout", "status", "daemonset/enforcer", "--timeout=180s", timeout=200)
-            report("DaemonSet apply -> rollout status (pod Ready)", time.monotonic() - t)
+            c.printed("kubectl create namespace demo")
+            api.kubectl("create", "namespace", SYSTEM_NS)
+            c.dry_run = api.kubectl("apply", "--dry-run=server", "-k", str(overlay), check=False)
+            api.kubectl("delete", "namespace", SYSTEM_NS, "--wait", timeout=150)
+            assert "enforcer" not in api.kubectl("get", "crd", "-o", "name").stdout
+
+            t = time.monotonic()
+            await install_as_printed(c)
+            report("README install (apply -k -> rollout status, pod Ready)", time.monotonic() - t)
 
             t = time.monotonic()
             api.kubectl("apply", "-f", "-", input=custom_resources())
@@ -396,7 +432,7 @@ async def cluster(
         client.close()
         await _remove_everything(c, applied)
         left = nft_table()
-        if left:  # the uninstall did not remove it: leave the node as we found it
+        if left:  # leave the node as we found it, then fail: the printed removal must not leave it
             subprocess.run(["ip", "netns", "exec", NODE_NETNS, "nft", "delete", "table", "inet", "enforcer"],
                            capture_output=True, check=False)  # fmt: skip
         await op.stop()
@@ -405,6 +441,8 @@ async def cluster(
             shutil.rmtree(d, ignore_errors=True)
         report("whole module (fixture start to teardown end)", time.monotonic() - t_module)
         FIGURES.summary()
+        if left:
+            pytest.fail(f"the README's removal left table inet enforcer on the node:\n{left}")
 
 
 # ----------------------------------------------------------------------------- tests
@@ -446,10 +484,57 @@ async def test_a_client_logs_in_and_reaches_the_host_network_app(cluster: Cluste
     )
     (flow,) = [f for f in flows() if f["path"] == "/hello-k8s" and f["status"] == 200]
     assert (flow["service"], flow["destination"], flow["decision"]) == ("app", f"{NODE_IP}:443", "allow")
-    # the daemon's own log (not the flows: they go to the hostPath file only) through the API server
-    logs = cluster.kubectl("-n", SYSTEM_NS, "logs", "daemonset/enforcer").stdout
+    # the pod's output through the API server, split as the README prints it: the flows, the daemon's log
+    await until("the flow in the pod's output", lambda: "/hello-k8s" in cluster.kubectl(
+        "-n", SYSTEM_NS, "logs", "ds/enforcer").stdout, timeout=30)  # fmt: skip
+    flow_lines = cluster.printed(
+        "kubectl -n enforcer-system logs ds/enforcer | jq -cR 'fromjson? | select(.flow_id)'").stdout.splitlines()
+    logged = [json.loads(line) for line in flow_lines]
+    assert logged and all(f["flow_id"] for f in logged), flow_lines[-5:]
+    assert any(f["path"] == "/hello-k8s" and f["status"] == 200 for f in logged), flow_lines[-5:]
+    logs = cluster.printed("""kubectl -n enforcer-system logs ds/enforcer | grep -v '^{"time":'""").stdout
     assert "definitions applied" in logs and "app" in logs, logs[-2000:]
+    assert "flow_id" not in logs, logs[-2000:]
+    # the flows read inside the pod: a method the HTTPResourceSpec does not allow is denied
+    refused_delete = await cluster.client.run(browser.request("DELETE", BASE + "/denied-k8s", follow=False))
+    assert refused_delete.status == 403, refused_delete.status
+    await until("the denied flow record on the node", lambda: any(f["path"] == "/denied-k8s" for f in flows()),
+                timeout=30)  # fmt: skip
+    denied = cluster.printed("kubectl -n enforcer-system exec daemonset/enforcer -- enforcer flows --denied --since 1h")
+    assert "/denied-k8s" in denied.stdout and "/hello-k8s" not in denied.stdout, (denied.stdout[-2000:],
+                                                                                  denied.stderr[-2000:])
     assert unauthenticated(cluster.seen()) == []
+
+
+async def test_the_printed_status_commands_show_each_custom_resource(cluster: Cluster) -> None:
+    """kubectl get esvc,hrs -A lists the sample's and the test's custom resources with their Accepted column, and kubectl describe shows the sample's condition, as the README prints them."""
+    listed = cluster.printed("kubectl get esvc,hrs -A").stdout
+    assert "ACCEPTED" in listed and "REASON" in listed, listed
+    for kind in ("enforcerservice.enforcer.dev/", "httpresourcespec.enforcer.dev/"):
+        for name in ("app", "private-app"):
+            assert f"{kind}{name} " in listed, listed
+    described = cluster.printed("kubectl -n demo describe esvc private-app").stdout
+    assert re.search(r"^Name:\s+private-app$", described, re.MULTILINE), described
+    assert re.search(r"^\s+Type:\s+Accepted$", described, re.MULTILINE), described
+    # The sample's IdP (idp.example.com) does not exist here: a pod that starts with it in force is
+    # never Ready (/readyz waits for every IdP's discovery), which the restarts below need.
+    cluster.kubectl("delete", "-f", str(REPO / EXAMPLE / "demo.yaml"))
+
+
+async def test_kubectl_refuses_a_typoed_field_and_the_server_would_prune_it(cluster: Cluster) -> None:
+    """On the 1.20 API server with the shipped CRDs, kubectl apply (strict validation, its default) refuses an EnforcerService with a typo'd field and names it; with validation off the server would accept it with the field pruned."""
+    typo = service_cr()
+    typo["metadata"]["name"] = "typo"
+    typo["spec"]["exposedPorts"] = typo["spec"].pop("exposedPort")
+    refused_apply = cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(typo), check=False)
+    say(f"[k8s-e2e] kubectl apply of a typo'd field: rc {refused_apply.returncode}: {refused_apply.stderr.strip()}")
+    assert refused_apply.returncode != 0 and "exposedPorts" in refused_apply.stderr, refused_apply
+    assert "typo" not in cluster.kubectl("-n", APPS_NS, "get", "esvc", "-o", "name").stdout
+    lax = cluster.kubectl("apply", "--validate=false", "--dry-run=server", "-o", "yaml", "-f", "-",
+                          input=yaml.safe_dump(typo), check=False)  # fmt: skip
+    assert lax.returncode == 0, lax.stderr
+    stored = yaml.safe_load(lax.stdout)["spec"]
+    assert "exposedPorts" not in stored and "exposedPort" not in stored, stored
 
 
 async def test_an_invalid_change_is_refused_with_its_key_path_and_the_last_version_serves(cluster: Cluster) -> None:
@@ -642,26 +727,41 @@ async def test_deleting_the_enforcer_service_removes_its_protection(cluster: Clu
     assert unauthenticated(cluster.seen()) == []
 
 
-async def test_deleting_the_daemonset_removes_its_rules(cluster: Cluster) -> None:
-    """kubectl delete of the DaemonSet ends its pod, and the pod's uninstall removes table inet enforcer from the node."""
+async def test_the_printed_removal_leaves_no_rules_and_no_blocked_port(cluster: Cluster) -> None:
+    """The README's removal run as printed: the DaemonSet deleted in the foreground ends its pod, whose stop sees it being deleted and removes table inet enforcer; then the rest goes and the app port answers again."""
     assert "inet enforcer" in nft_tables()
+    assert refused(CLIENT_NETNS, NODE_IP, APP_PORT)
     t = time.monotonic()
-    cluster.kubectl("-n", SYSTEM_NS, "delete", "daemonset", "enforcer", "--wait=false")
-    await until("the enforcer pod gone", lambda: not cluster.pods(), timeout=120, interval=0.5)
-    report("DaemonSet deleted -> pod gone", time.monotonic() - t)
+    cluster.printed(REMOVAL[0], timeout=180)
+    report("README removal: DaemonSet deleted (foreground, --wait)", time.monotonic() - t)
+    assert not cluster.pods(), "--wait returned before the pods were gone"
     tables = nft_tables()
     assert "inet enforcer" not in tables, tables
+    stops = [f for f in flows() if f.get("method") == "STOP"]
+    assert stops and stops[-1]["reason"] == "ports_unblocked", stops[-1:]
+    assert f"DaemonSet {SYSTEM_NS}/enforcer being deleted" in stops[-1]["endpoint"], stops[-1]
+    t = time.monotonic()
+    for command in REMOVAL[1:]:
+        cluster.printed(command, timeout=180)
+    report("README removal: the rest (delete -k, namespace demo)", time.monotonic() - t)
+    assert "enforcer" not in cluster.kubectl("get", "crd", "-o", "name").stdout
+    assert cluster.kubectl("get", "namespace", SYSTEM_NS, check=False).returncode != 0
+    tables = nft_tables()
+    assert "inet enforcer" not in tables, tables
+    connect(CLIENT_NETNS, NODE_IP, APP_PORT).close()  # not blocked any more (no request sent: nothing recorded)
+    assert refused(CLIENT_NETNS, NODE_IP, 443)  # nothing redirects :443 any more
 
 
 async def test_the_shipped_source_accepts_a_cr_in_a_namespace_with_the_documented_role(cluster: Cluster) -> None:
-    """With the shipped definitions source (every namespace) and the per-namespace Secrets Role the docs prescribe, the EnforcerService stays accepted and served."""
-    # after the DaemonSet's deletion (the test before): back as the fixture made it (a no-op if it is there)
-    cluster.kubectl("apply", "-k", str(cluster.overlay))
-    cluster.kubectl("-n", SYSTEM_NS, "rollout", "status", "daemonset/enforcer", "--timeout=120s", timeout=150)
+    """After the removal, the README's install as printed brings the enforcer back; with the shipped definitions source (every namespace) and the per-namespace Secrets Role of the example overlay, the EnforcerService is accepted and served."""
+    cluster.printed("kubectl create namespace demo")
+    await install_as_printed(cluster)
+    cluster.kubectl("apply", "-f", "-", input=custom_resources())
     with contextlib.suppress(AssertionError):  # a rejection comes within a second of the start
         await until("a verdict", lambda: cluster.condition("esvc", "app").get("status") == "False", timeout=10)
-    cond = cluster.condition("esvc", "app")
-    assert cond.get("status") == "True", cond
+    await until("EnforcerService app Accepted", lambda: cluster.condition("esvc", "app").get("status") == "True",
+                timeout=30)  # fmt: skip
+    await until("the redirect of :443", lambda: "dport 443" in nft_table())
     browser = await cluster.browser()
     assert cluster.is_login(await cluster.get(browser, "/shipped-source"))
 
@@ -690,3 +790,12 @@ def test_the_default_socket_mark_passes_the_kubelets_rules(kube_node: Node) -> N
         listener.wait()
         if listener.stdout is not None:
             listener.stdout.close()
+
+
+def test_every_cluster_command_the_readme_prints_was_run(request: pytest.FixtureRequest) -> None:
+    """Each command of the README's Kubernetes section (but the few tests/test_manifests.py lists with what happens to them instead) was run as printed by this module."""
+    module_tests = [i for i in request.session.items if isinstance(i, pytest.Function) and i.module is request.module]
+    if len(module_tests) < len([n for n in dir(request.module) if n.startswith("test_")]):
+        pytest.skip("only the whole module runs every printed command")
+    missing_ = [c for c in readme_commands() if c not in RUN_ELSEWHERE and c not in PRINTED_RAN]
+    assert missing_ == [], f"printed in the README, not run here: {missing_}"

@@ -279,8 +279,9 @@ def _status(code: int, reason: str, name: str | None = "enforcer") -> str:
     ("status", "body", "uninstall", "said"),
     [
         (404, _status(404, "NotFound"), True, "deleted"),
-        (401, _status(401, "Unauthorized", None), True, "access revoked"),
-        (403, _status(403, "Forbidden"), True, "access revoked"),
+        (401, _status(401, "Unauthorized", None), False, "credentials (HTTP 401)"),  # a token expired or rotated
+        (401, _status(401, "Unauthorized"), False, "credentials (HTTP 401)"),  # even naming it
+        (403, _status(403, "Forbidden"), True, "access revoked"),  # our RBAC removed: only an uninstall does
         (404, "404 page not found", False, "a proxy's answer"),  # not the API server
         (404, _status(404, "NotFound", "other"), False, "a proxy's answer"),  # not our DaemonSet
         (403, _status(403, "Forbidden", "other"), False, "a proxy's answer"),
@@ -298,7 +299,7 @@ def _status(code: int, reason: str, name: str | None = "enforcer") -> str:
 async def test_only_the_api_servers_own_answer_is_an_uninstall(
     tmp_path: Path, status: int, body: str, uninstall: bool, said: str,
 ) -> None:
-    """404/401/403 mean an uninstall only as the API server's Status naming our DaemonSet; anything else keeps."""
+    """A 404 or 403 means an uninstall only as the API server's Status naming our DaemonSet; a 401 and anything else keeps the table and says how to open the ports by hand."""
     seen: list[str] = []
 
     async def answer(request: web.Request) -> web.Response:
@@ -326,6 +327,27 @@ async def test_only_the_api_servers_own_answer_is_an_uninstall(
     assert seen == ["/apis/apps/v1/namespaces/enforcer-system/daemonsets/enforcer"]
     assert verdict.uninstall is uninstall, verdict
     assert said in f"{verdict.short} {verdict.why}"
+    if not uninstall and "present" not in verdict.short:
+        assert "nft delete table inet enforcer" in verdict.why and "--cascade=foreground" in verdict.why, verdict
+
+
+@given(code=st.sampled_from([200, 401, 403, 404, 410, 500]),
+       reason=st.sampled_from(["NotFound", "Unauthorized", "Forbidden", "Gone", "InternalError", None]),
+       named=st.sampled_from(["enforcer", "other", None]), status_code=st.sampled_from([None, 0]))
+def test_only_a_404_or_403_naming_the_daemonset_is_an_uninstall_refusal(
+    code: int, reason: str | None, named: str | None, status_code: int | None
+) -> None:
+    """refusal() returns a reason exactly for the API server's 404 NotFound or 403 Forbidden Status naming our DaemonSet (its code agreeing with the HTTP status): never for a 401."""
+    body: dict[str, object] = {"kind": "Status", "status": "Failure", "code": code if status_code is None else status_code}
+    if reason is not None:
+        body["reason"] = reason
+    if named is not None:
+        body["details"] = {"name": named, "kind": "daemonsets"}
+    got = k8s.refusal(code, json.dumps(body), "enforcer")
+    expected = (status_code is None and named == "enforcer"
+                and (code, reason) in ((404, "NotFound"), (403, "Forbidden")))
+    assert (got is not None) is expected, (code, reason, named, status_code, got)
+    assert got in (None, reason)
 
 
 def _affinity(*terms: list[dict[str, object]], fields: list[dict[str, object]] | None = None) -> dict[str, object]:
@@ -420,8 +442,8 @@ def namespace(kube_api: ControlPlane) -> str:
 @pytest.mark.root
 async def test_the_stop_verdict_against_a_real_api_server(kube_api: ControlPlane, namespace: str,
                                                           tmp_path: Path) -> None:
-    """Absent (404) or being deleted is an uninstall, present an update; a revoked identity (401) or access (403)
-    an uninstall; an unreachable API server keeps the table within the time limit."""
+    """Absent (404) or being deleted is an uninstall, present an update; revoked access (403) an uninstall, but
+    refused credentials (401: an expired or rotated token) keep the table, as an unreachable API server does within the time limit."""
     ns, name, admin = namespace, _unique("enforcer"), kube_api.kubeconfig
 
     async def verdict(kubeconfig: Path = admin, limit: float = 4.0) -> k8s.StopVerdict:
@@ -434,7 +456,7 @@ async def test_the_stop_verdict_against_a_real_api_server(kube_api: ControlPlane
     assert not present.uninstall and "present" in present.short
     revoked = await verdict(write_kubeconfig(tmp_path / "bad.conf", server=kube_api.server, ca_file=kube_api.ca_file,
                                              token="not-a-token", user="nobody"))
-    assert revoked.uninstall and "401" in revoked.why
+    assert not revoked.uninstall and "401" in revoked.why and "fail closed" in revoked.why, revoked
     forbidden = await verdict(write_kubeconfig(tmp_path / "kcm.conf", server=kube_api.server,
                                                ca_file=kube_api.ca_file, token=kube_api.tokens["scheduler"],
                                                user="scheduler"))

@@ -1529,8 +1529,12 @@ def _labels(obj: Mapping[str, Any]) -> dict[str, str]:
 
 def refusal(status: int, body: str, name: str) -> str | None:
     """The ``reason`` of the API server's ``Status`` answer refusing a request for the object
-    ``name`` (``NotFound``, ``Unauthorized``, ``Forbidden``), or None when ``body`` is not such
-    an answer (an answer from something else in the way, e.g. a proxy's bare 404)."""
+    ``name`` when it tells that this pod's DaemonSet is gone for it: ``NotFound`` naming it (deleted)
+    or ``Forbidden`` naming it (the pod's RBAC removed, which only an uninstall does). None for
+    anything else: an answer from something else in the way (a proxy's bare 404), a ``Status``
+    naming another object, and ``Unauthorized`` (401: the credentials themselves were refused, as
+    when a token expires or its signing key is rotated during a rolling update, so it says nothing
+    about the DaemonSet)."""
     try:
         data = json.loads(body)
     except ValueError:
@@ -1540,9 +1544,15 @@ def refusal(status: int, body: str, name: str) -> str | None:
     reason = data.get("reason")
     details = data.get("details")
     named = isinstance(details, dict) and details.get("name") == name
-    if (reason == "NotFound" and named) or reason == "Unauthorized" or (reason == "Forbidden" and named):
+    if named and (status, reason) in ((404, "NotFound"), (403, "Forbidden")):
         return str(reason)
     return None
+
+
+CLEAN_UP_BY_HAND = ("if the enforcer is being removed, delete its DaemonSet first and wait (`kubectl -n {namespace} "
+                    "delete daemonset {name} --cascade=foreground --wait`), or open this node's ports by hand: "
+                    "`nft delete table inet enforcer` on the node")
+"""What a kept verdict that is not "present" tells the operator (README *Run it on Kubernetes*, Remove)."""
 
 
 @dataclass(frozen=True)
@@ -1616,16 +1626,17 @@ def excluded_by(template_spec: Mapping[str, Any], node: str, labels: Mapping[str
 async def stop_verdict(
     namespace: str, name: str, kubeconfig: Path | None, limit: float, node: str | None = None
 ) -> StopVerdict:
-    """Ask the API server for this pod's DaemonSet (Istio's ``ShouldStopCleanup``): gone (404),
-    being deleted (``deletionTimestamp``) or our access revoked (401/403: the uninstall removed
-    our RBAC or ServiceAccount) is an uninstall; present is an update or a restart, unless (with
+    """Ask the API server for this pod's DaemonSet (Istio's ``ShouldStopCleanup``): gone (404
+    naming it), being deleted (``deletionTimestamp``) or our RBAC removed (403 naming it) is an
+    uninstall; a 401 is not (our credentials refused: an expired or rotated token during an
+    update must not open the node's ports); present is an update or a restart, unless (with
     ``node``) its pod template clearly no longer runs on this Node (:func:`excluded_by`, against
     the Node as the API server has it now): then this node was taken out of it, an uninstall
     here. No answer within ``limit`` seconds keeps the table (fail closed), and so does any
     answer that is not the API server's (a 404 from a proxy in the way is no uninstall).  Never
     raises."""
     where = f"DaemonSet {namespace}/{name}"
-    keep = "keeping the table (fail closed)"
+    keep = f"keeping the table (fail closed); {CLEAN_UP_BY_HAND.format(namespace=namespace, name=name)}"
     try:
         api = await connect(kubeconfig)
     except KubernetesError as exc:
@@ -1644,11 +1655,15 @@ async def stop_verdict(
         reason = refusal(exc.status, exc.body, name)
         if reason == "NotFound":
             return StopVerdict(True, f"{where} deleted", f"{where} is gone: an uninstall")
-        if reason in ("Unauthorized", "Forbidden"):
+        if reason == "Forbidden":
             return StopVerdict(True, f"{where}: access revoked",
-                               f"the API server refuses to show {where} (HTTP {exc.status} {reason}): the uninstall "
-                               "removed this pod's ServiceAccount or RBAC")
-        if exc.status in (401, 403, 404):
+                               f"the API server forbids this pod to read {where} (HTTP 403 Forbidden): the "
+                               "uninstall removed this pod's RBAC")
+        if exc.status == 401:
+            return StopVerdict(False, f"{where} unknown",
+                               f"the API server refuses this pod's credentials (HTTP 401): an expired or rotated "
+                               f"token says nothing about {where}; {keep}")
+        if exc.status in (403, 404):
             return StopVerdict(False, f"{where} unknown", f"HTTP {exc.status} without the API server's Status for "
                                f"{where} (a proxy's answer?); {keep}")
         return StopVerdict(False, f"{where} unknown", f"cannot ask for {where}: {exc}; {keep}")
