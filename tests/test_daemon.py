@@ -329,6 +329,39 @@ async def test_no_service_for_this_enforcer_is_loud_unless_allowed(
         assert any("no service applies" in m and "allowNoServices" in m for m in errors)
 
 
+@pytest.mark.parametrize("mode", ["required", "reported"])
+async def test_an_unreachable_idp_holds_readiness_only_when_required(tmp_path: Path, mode: str) -> None:
+    """A service whose IdP cannot be reached makes /readyz 503 naming it by default (admin.identityProviders: required); with `reported` it is named under `degraded` in a 200, so one custom resource's broken IdP cannot hold back a node's readiness."""
+    unreachable = {**SERVICE, "selectors": [["app=x"]], "OIDCProviderURL": "https://127.0.0.1:9/idp"}
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump_all([unreachable, SPEC]))
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text(f"tags: [app=x]\nstateDir: {tmp_path}/state\n"
+                   f"admin: {{address: 127.0.0.1, port: 0, identityProviders: {mode}}}\n"
+                   "definitions: [{file: d.yaml}]\nsessions: {store: memory}\n")
+    daemon = UnsignalledDaemon(
+        config_mod.load_settings(cfg), listen_socket=make_listen_socket("127.0.0.1", 0),
+        flowlog=FlowLog(None, stream=io.StringIO()),
+    )
+    task = await _start(daemon)
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(50):  # until the first discovery attempt failed
+                async with http.get(f"http://127.0.0.1:{daemon.admin_port}/readyz") as r:
+                    status, body = r.status, await r.json()
+                if "discovery pending" not in json.dumps(body):
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 5)
+    name = unreachable["name"]
+    if mode == "required":
+        assert status == 503 and not body["ready"] and "127.0.0.1:9" in body["problems"][name]
+    else:
+        assert (status, body["ready"], body["problems"]) == (200, True, {})
+        assert "127.0.0.1:9" in body["degraded"][name]
+
+
 # -- flows in the container log, metrics a Prometheus can scrape --------------------------------
 
 _DEFINITION = (

@@ -449,7 +449,7 @@ def test_configmap_is_the_agreed_daemon_config(base: list[dict[str, Any]]) -> No
     assert config["redirect"] == {"enabled": True}
     assert config["kubernetes"] == {"daemonSet": "enforcer"}  # node label tags (default) and the uninstall check
     assert (config["stateDir"], config["logsDir"]) == ("/var/lib/enforcer", "/var/log/enforcer")
-    assert config["admin"] == {"address": "127.0.0.1", "port": 9090}
+    assert config["admin"] == {"address": "127.0.0.1", "port": 9090, "identityProviders": "reported"}
     # (the kubernetes source is validated by its own model; the rest by the daemon's)
     DaemonModel.model_validate({**config, "definitions": [{"file": "/etc/enforcer/definitions.d"}]})
 

@@ -67,6 +67,12 @@ class AdminModel(_Strict):
 
     address: str = "127.0.0.1"
     port: int = Field(default=9090, ge=0, le=65535)
+    identityProviders: Literal["required", "reported"] = "required"
+    """Whether ``/readyz`` waits for every service's IdP (discovery and keys): ``required``
+    (one enforcer's own services), or ``reported``: named under ``degraded`` in a 200 answer
+    (Kubernetes, where any namespace's custom resource may name an unreachable IdP, which must
+    not hold back the node's readiness or a rolling update). Logins of such a service answer
+    ``idp_unavailable`` either way."""
 
     @field_validator("address")
     @classmethod

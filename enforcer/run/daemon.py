@@ -942,7 +942,9 @@ class Daemon:
             if self.starting is not None:
                 return web.json_response({"ready": False, "problems": {"start-up": self.starting}}, status=503)
             providers = self.gate.runtime.providers
-            problems = {n: p.last_error or "discovery pending" for n, p in providers.items() if p.metadata is None}
+            idps = {n: p.last_error or "discovery pending" for n, p in providers.items() if p.metadata is None}
+            reported = self.settings.model.admin.identityProviders == "reported"
+            problems = {} if reported else idps
             no_service = self._no_service()
             if no_service:
                 problems["services"] = no_service
@@ -956,8 +958,11 @@ class Daemon:
                 waiting = self._workers_not_ready()
                 if waiting:
                     problems["workers"] = waiting
-            ok = self.ready and not problems
-            return web.json_response({"ready": ok, "problems": problems}, status=200 if ok else 503)
+            ok = (reported or self.ready) and not problems
+            body: dict[str, object] = {"ready": ok, "problems": problems}
+            if reported:
+                body["degraded"] = idps
+            return web.json_response(body, status=200 if ok else 503)
 
         async def reload(_: web.Request) -> web.Response:
             if self.starting is not None:  # start-up reads every source anyway
