@@ -113,10 +113,12 @@ async def test_pending_logins_expire_with_the_login_timeout_and_are_capped_fleet
 
 
 async def test_first_use_is_fleet_wide_with_a_native_ttl(server: RedisServer) -> None:
-    """A mark made on one enforcer is a replay on another; it expires by itself when its token would be refused anyway."""
+    """A mark made on one enforcer is a replay on another (and was_used says so there); it expires by itself when its token would be refused anyway."""
     async with watched(server.config()) as a, watched(server.config()) as b:
         now = time.time()
+        assert not await b.was_used("logout", "iss\x00client\x00j1", now)
         assert await a.first_use("logout", "iss\x00client\x00j1", now, now + 180)
+        assert await b.was_used("logout", "iss\x00client\x00j1", now)
         assert not await b.first_use("logout", "iss\x00client\x00j1", now, now + 180)
         assert not await a.first_use("logout", "iss\x00client\x00j1", now, now + 180)
         assert await b.first_use("logout", "iss\x00client\x00j2", now, now + 10**9)
@@ -560,6 +562,45 @@ async def test_replayed_logout_token_on_another_gate_ends_nothing(server: RedisS
         assert other.flow.reason == Reason.BACKCHANNEL_LOGOUT
         gone = await b.request("GET", "/private", {"Cookie": cookie, "Accept": "text/html"})
         assert gone.status == 302
+
+
+class _DeleteFailsOnce:
+    """The real store, whose first ``delete_matching`` fails as if Redis went away mid-request."""
+
+    def __init__(self, store: RedisSessionStore) -> None:
+        self._store = store
+        self.failed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def delete_matching(self, **match: Any) -> int:
+        if not self.failed:
+            self.failed = True
+            raise SessionStoreUnavailable("delete_matching: ConnectionError: gone (test)")
+        ended: int = await self._store.delete_matching(**match)
+        return ended
+
+
+async def test_a_backchannel_logout_that_fails_midway_stays_usable_for_the_retry(server: RedisServer) -> None:
+    """Redis failing between the replay check and the deletion: a 503, the session still alive, and the IdP's retry of the same token ends it (the jti is marked only once its sessions ended); a third delivery is a replay."""
+    async with watched(server.config()) as ra, watched(server.config()) as rb:
+        a, b = FleetRig(ra), FleetRig(rb)
+        b.provider = a.provider
+        b.gate.runtime.providers["app"] = a.provider
+        cookie = await _sign_in(a, b)
+        handle = cookie.split("=", 1)[1]
+        a.gate.store = _DeleteFailsOnce(ra)  # type: ignore[assignment]
+        token = _logout_token(sub="alice")
+        first = await _backchannel(a, token)
+        assert first.status == 503 and first.flow.reason == Reason.SESSION_STORE_UNAVAILABLE
+        assert (await b.request("GET", "/private", {"Cookie": cookie, "Accept": "text/html"})).status == 200
+        retry = await _backchannel(a, token)
+        assert retry.status == 200 and retry.flow.reason == Reason.BACKCHANNEL_LOGOUT
+        await until(lambda: rb.get_cached(handle, "app", b.now) is None, 2.0)
+        assert (await b.request("GET", "/private", {"Cookie": cookie, "Accept": "text/html"})).status == 302
+        again = await _backchannel(a, token)
+        assert again.status == 200 and again.flow.reason == Reason.BACKCHANNEL_REPLAYED
 
 
 async def test_backchannel_logout_fails_when_redis_cannot_check_the_jti(server: RedisServer) -> None:

@@ -505,9 +505,12 @@ async def test_max_sessions_evicts_least_recently_seen(make_store: StoreFactory)
 
 
 async def test_first_use_marks_a_key_once_until_its_end(make_store: StoreFactory) -> None:
-    """A key is marked once (a replay is False) until its end, per kind; at most max_used marks are kept."""
+    """A key is marked once (a replay is False, and was_used says it is marked) until its end, per kind; at most max_used marks are kept."""
     store = make_store(max_used=2)
+    assert not await store.was_used("logout", "iss\x00j1", T0)
     assert await store.first_use("logout", "iss\x00j1", T0, T0 + 120)
+    assert await store.was_used("logout", "iss\x00j1", T0 + 119) and not await store.was_used("other", "iss\x00j1", T0)
+    assert not await store.was_used("logout", "iss\x00j1", T0 + 120)  # its mark has ended
     assert not await store.first_use("logout", "iss\x00j1", T0 + 119, T0 + 300)  # a replay, even later
     assert await store.first_use("other", "iss\x00j1", T0, T0 + 120)  # another kind
     assert await store.first_use("logout", "iss\x00j1", T0 + 120, T0 + 1000)  # its mark has ended

@@ -759,12 +759,14 @@ class Gate:
             code = exc.reason
             log.info("back-channel logout refused for service %s: %s (flow %s)", service.name, code, flow.flow_id)
             return answer(400, code, "invalid_request")
-        # One effect per token (P-BCL-04): its jti is marked, fleet-wide, before anything ends and
-        # until the token would be refused anyway; a store that cannot tell fails the request.
+        # One effect per token (P-BCL-04): a token whose jti is marked (fleet-wide) ends nothing.
+        # The mark is made only once its sessions have ended, so a failure on the way (503) leaves
+        # the token usable for the IdP's retry: a logout is never lost to its own mark. A store
+        # that cannot tell fails the request.
         claims = verified.claims
         until = min(float(claims["exp"]), float(claims["iat"]) + s.maxIdTokenAge) + s.leeway
         jti = f"{service.issuer}\x00{service.client_id}\x00{claims['jti']}"
-        if not await self.store.first_use("logout", jti, self.clock(), until):
+        if await self.store.was_used("logout", jti, self.clock()):
             if sub is not None:
                 flow.user = sub
             log.info("back-channel logout for service %s: a replayed logout token, nothing ended (flow %s)",
@@ -772,6 +774,7 @@ class Gate:
             return answer(200, Reason.BACKCHANNEL_REPLAYED)
         # With a sid only that IdP session ends; with only a sub every session of the user.
         ended = await self.store.delete_matching(issuer=service.issuer, sub=sub, sid=sid)
+        await self.store.first_use("logout", jti, self.clock(), until)
         if sub is not None:
             flow.user = sub
         log.info("back-channel logout for service %s ended %d session(s) (flow %s)", service.name, ended,

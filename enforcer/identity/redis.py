@@ -857,6 +857,13 @@ class RedisSessionStore:
         jkey = f"{self._prefix}j:{_used_key(kind, key).hex()}"
         return bool(await self._call("first_use", self._redis.set(jkey, b"1", nx=True, px=ttl_ms)))
 
+    async def was_used(self, kind: str, key: str, now: float) -> bool:
+        """Whether ``key`` is marked used on any enforcer (``EXISTS j:<hash>``; Redis expires the
+        mark). Redis unreachable: :class:`SessionStoreUnavailable`."""
+        self._check_up()
+        jkey = f"{self._prefix}j:{_used_key(kind, key).hex()}"
+        return bool(await self._call("was_used", self._redis.exists(jkey)))
+
     def retain_services(self, services: frozenset[str]) -> int:
         """After a reload: forget the cached sessions of services no longer defined."""
         return self._cache.retain_services(services)

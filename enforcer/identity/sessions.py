@@ -128,6 +128,10 @@ class SessionStore(Protocol):
         replay), across every worker and enforcer sharing the store. The marks are bounded."""
         ...
 
+    async def was_used(self, kind: str, key: str, now: float) -> bool:
+        """Whether ``key`` is marked used (:meth:`first_use`) at ``now``; changes nothing."""
+        ...
+
     def retain_services(self, services: frozenset[str]) -> int:
         """After a reload: let go of in-process state kept for services no longer defined;
         return how many cached sessions were dropped (stored ones expire as usual)."""
@@ -399,6 +403,10 @@ class MemorySessionStore:
             self._used.popitem(last=False)
         self._used[mark] = min(until, now + USED_KEEP_MAX)
         return True
+
+    async def was_used(self, kind: str, key: str, now: float) -> bool:
+        """Whether ``key`` is marked used at ``now``."""
+        return self._used.get(_used_key(kind, key), float("-inf")) > now
 
     def retain_services(self, services: frozenset[str]) -> int:
         """Nothing to let go: the memory store interns nothing per service (its sessions are the store)."""

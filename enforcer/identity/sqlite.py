@@ -805,6 +805,16 @@ class SQLiteSessionStore:
 
         return await self._run(mark_used)
 
+    async def was_used(self, kind: str, key: str, now: float) -> bool:
+        """Whether ``key`` has a ``used_marks`` row that has not ended at ``now``."""
+        mark = _used_key(kind, key)
+
+        def look(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT 1 FROM used_marks WHERE key = ? AND until > ?", (mark, now)).fetchone()
+            return row is not None
+
+        return await self._run(look)
+
     async def close(self) -> None:
         """Close the connection and stop the worker thread."""
 
