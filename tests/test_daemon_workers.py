@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -24,7 +25,8 @@ import pytest
 import pytest_asyncio
 
 from tests.harness.e2e_stack import HOST, Stack, start_stack, stop_stack
-from tests.harness.prereq import require_e2e
+from tests.harness.prereq import require, require_e2e
+from tests.harness.redis import RedisServer
 
 pytestmark = pytest.mark.e2e
 
@@ -254,6 +256,35 @@ def test_two_workers_need_the_shared_session_store(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "--workers" in done.stderr and "sessions.store: sqlite" in done.stderr
+
+
+async def test_two_workers_share_sessions_through_redis(tmp_path: Path) -> None:
+    """With sessions.store: redis two workers are allowed and act as two enforcers of a fleet: logins complete whichever worker answers, the session works on both, and a logout on one is refused by both."""
+    require_e2e()
+    require(shutil.which("redis-server") is not None, "redis-server (scripts/setup)")
+    redis = RedisServer()
+    redis.start()
+    extra = (f"sessions:\n  store: redis\n  redis: {{url: 'unix://{redis.sock}', username: enforcer, "
+             f"passwordFile: {redis.password_file}}}\n")
+    stack = await start_stack(tmp_path / "stack", run_args=("--workers", "2"), extra_config=extra)
+    try:
+        assert stack.process is not None
+        pids = children(stack.process.pid)
+        assert len(pids) == 2, pids
+        async with stack.browser(new_connection_per_request=True) as b:
+            assert (await stack.login(b, "alice", "/hello")).status == 200
+            cookie = b.cookies.get(COOKIE)
+            assert cookie is not None
+            old = f"{COOKIE}={cookie.value}"
+            assert await fresh_gets(stack, old) == [200] * ROUNDS
+            assert redis.cli("--scan", "--pattern", "enforcer:s:*").split()  # the session lives in Redis
+            r = await b.get(stack.base + "/oauth2/logout", follow=False)
+            assert r.status == 302
+        assert set(await fresh_gets(stack, old)) == {302}
+    finally:
+        await stop_stack(stack)
+        redis.stop()
+        shutil.rmtree(redis.dir, ignore_errors=True)
 
 
 def _free_port() -> int:

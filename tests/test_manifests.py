@@ -37,6 +37,7 @@ from enforcer.config.definitions import (
 from enforcer.config.settings import DaemonModel
 from enforcer.run.daemon import DRAIN_SECONDS
 from tests.harness import seed
+from tests.harness.manifests import RUN_ELSEWHERE, readme_commands
 from tests.harness.prereq import missing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -508,32 +509,10 @@ def test_rbac_grants_exactly_the_agreed_verbs(overlay: list[dict[str, Any]]) -> 
 
 # ---------------------------------------------------------------- the README's commands
 
-README_SECTION = "Run it on Kubernetes"
 E2E = REPO / "tests" / "test_kube_daemonset.py"
 """The cluster module: it runs each cluster command the section prints, exactly as printed (its
 ``Cluster.printed``; only the example overlay's path stands for its own overlay of it, which swaps
 the image reference), and its last test fails if one of them did not run."""
-RUN_ELSEWHERE = {
-    "sudo scripts/image --output enforcer-0.1.0.oci.tar":
-        "tests/test_image.py runs it as printed (as root, without sudo) in a temporary directory",
-    "skopeo copy oci-archive:enforcer-0.1.0.oci.tar docker://registry.example.com/enforcer:0.1.0":
-        "not run: it needs a registry (the cluster modules import the archive into containerd instead)",
-    "sudo tail -f /var/log/enforcer/flows.jsonl":
-        "not run: it follows the node's file forever (tests/test_kube_daemonset.py reads that file)",
-}
-"""The section's commands the cluster module does not run, and what happens to each instead."""
-
-
-def readme_commands() -> list[str]:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text.split(f"\n## {README_SECTION}\n", 1)[1].split("\n## ", 1)[0]
-    commands = []
-    for body in re.findall(r"^```sh\n(.*?)^```", section, re.MULTILINE | re.DOTALL):
-        for line in body.replace("\\\n", " ").splitlines():
-            command = re.sub(r"\s+#.*$", "", line).strip()
-            if command:
-                commands.append(command)
-    return commands
 
 
 def test_readme_kubernetes_commands_are_all_accounted_for() -> None:

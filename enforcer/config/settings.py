@@ -861,17 +861,18 @@ def _absolute_paths(model: DaemonModel, base: Path) -> DaemonModel:
 
 
 def check_workers(settings: Settings, workers: int, where: str) -> None:
-    """Several serving processes must share sessions and pending logins, and a kubernetes
-    source runs in one process only (raises ConfigError)."""
+    """Several serving processes must share sessions and pending logins (SQLite or Redis: each
+    worker then has its own Redis client, cache and revocation watcher, like one enforcer of a
+    fleet), and a kubernetes source runs in one process only (raises ConfigError)."""
     issues = []
-    if workers > 1 and settings.model.sessions.store != "sqlite":
+    if workers > 1 and settings.model.sessions.store == "memory":
         issues.append(
             ConfigIssue(
                 str(settings.path),
                 where,
                 f"{workers} workers cannot share the in-memory session store (sessions.store: memory)",
                 workers,
-                "use sessions.store: sqlite (the default) or a single worker",
+                "use sessions.store: sqlite (the default) or redis, or a single worker",
             )
         )
     if workers > 1 and any(s.kubernetes is not None for s in settings.model.definitions):

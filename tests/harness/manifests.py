@@ -4,6 +4,7 @@ daemon in the pod reads it: every key a file in one folder, enforcer.yaml with i
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -73,3 +74,29 @@ def validate_strict(objects: list[dict[str, Any]], version: str) -> None:
             kubernetes_validate.validate(o, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{o['kind']} {o['metadata']['name']}: {exc.message} at {list(exc.path)}")
+
+
+# ---------------------------------------------------------------- the README's commands
+
+README_SECTION = "Run it on Kubernetes"
+RUN_ELSEWHERE = {
+    "sudo scripts/image --output enforcer-0.1.0.oci.tar":
+        "tests/test_image.py runs it as printed (as root, without sudo) in a temporary directory",
+    "skopeo copy oci-archive:enforcer-0.1.0.oci.tar docker://registry.example.com/enforcer:0.1.0":
+        "tests/test_image.py runs it as printed against a real registry answering as that host",
+    "sudo tail -f /var/log/enforcer/flows.jsonl":
+        "not run: it follows the node's file forever (tests/test_kube_daemonset.py reads that file)",
+}
+"""The section's commands the cluster module does not run, and what happens to each instead."""
+
+
+def readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split(f"\n## {README_SECTION}\n", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for body in re.findall(r"^```sh\n(.*?)^```", section, re.MULTILINE | re.DOTALL):
+        for line in body.replace("\\\n", " ").splitlines():
+            command = re.sub(r"\s+#.*$", "", line).strip()
+            if command:
+                commands.append(command)
+    return commands
