@@ -362,6 +362,32 @@ async def test_an_unreachable_idp_holds_readiness_only_when_required(tmp_path: P
         assert "127.0.0.1:9" in body["degraded"][name]
 
 
+async def test_reloads_with_an_unreachable_idp_keep_one_discovery_loop(tmp_path: Path) -> None:
+    """Each reload replaces the discovery loop of the set it replaced: with an IdP that never answers, five reloads leave one loop retrying it, not six."""
+    unreachable = {**SERVICE, "selectors": [["app=x"]], "OIDCProviderURL": "https://127.0.0.1:9/idp"}
+    defs = tmp_path / "d.yaml"
+    defs.write_text(yaml.safe_dump_all([unreachable, SPEC]))
+    cfg = tmp_path / "enforcer.yaml"
+    cfg.write_text(f"tags: [app=x]\nstateDir: {tmp_path}/state\nadmin: {{address: 127.0.0.1, port: 0}}\n"
+                   "definitions: [{file: d.yaml}]\nsessions: {store: memory}\n")
+    daemon = UnsignalledDaemon(
+        config_mod.load_settings(cfg), listen_socket=make_listen_socket("127.0.0.1", 0),
+        flowlog=FlowLog(None, stream=io.StringIO()),
+    )
+    task = await _start(daemon)
+    try:
+        for n in range(5):
+            endpoint = {"URI": f"/v{n}/*", "methods": ["GET"], "allowedScopes": [["groups=staff"]]}
+            defs.write_text(yaml.safe_dump_all([unreachable, {**SPEC, "endpoints": [endpoint, *SPEC["endpoints"]]}]))
+            assert await daemon.manager.refresh(reason="test") == "success"
+        await asyncio.sleep(0)
+        loops = [t for t in asyncio.all_tasks() if t.get_name() == "discovery" and not t.done()]
+        assert len(loops) == 1, loops
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 5)
+
+
 # -- flows in the container log, metrics a Prometheus can scrape --------------------------------
 
 _DEFINITION = (

@@ -234,6 +234,8 @@ class Daemon:
     """On a Kubernetes node (``kubernetes.nodeLabelTags``): its Node's labels, watched."""
     pod_controller: PodController | None = None
     """Pod mode (``kubernetes.pods.enabled``): enrols this Node's pods by label."""
+    _warming: asyncio.Task[None] | None = None
+    """The discovery loop of the runtime in force (:meth:`_discover`)."""
     starting: str | None = "starting"
     """While start-up runs: what it is doing or waiting for (``/readyz`` says it); None after."""
 
@@ -514,7 +516,7 @@ class Daemon:
         if providers.keys() != old.providers.keys():
             runtime = Runtime(definitions, providers)
             self.gate.runtime = runtime
-            self._spawn(self._warm_up(runtime), "discovery")
+            self._discover(runtime)
         for pod in self._pods.values():
             pod.scope.serve(pod.attachment.services)
 
@@ -650,7 +652,7 @@ class Daemon:
     def _start_tasks(self, serving: _Serving) -> None:
         assert self.flowlog is not None
         self._spawn(self.flowlog.run(), "flowlog")
-        self._spawn(self._warm_up(serving.runtime), "discovery")
+        self._discover(serving.runtime)
         if isinstance(serving.store, sessions.FleetStore):
             self.metrics.session_store_up.set(0)
             self._spawn(serving.store.watch(), "session-store-watch")
@@ -754,14 +756,22 @@ class Daemon:
         await serving.server.shutdown(seconds)
         self.trimmer.close()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None] | None:
         """Run ``coro`` in the daemon's TaskGroup: if it fails, the daemon stops with an error."""
         if self._group is None:  # stopping: nothing new starts
             coro.close()
-            return
+            return None
         task = self._group.create_task(self._owned(coro, name), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _discover(self, runtime: Runtime) -> None:
+        """Warm up ``runtime``'s providers, in place of the warm-up of the runtime it replaced: one
+        discovery loop at a time, however many reloads an unreachable IdP sees."""
+        if self._warming is not None:
+            self._warming.cancel()
+        self._warming = self._spawn(self._warm_up(runtime), "discovery")
 
     async def _owned(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         try:
@@ -844,7 +854,7 @@ class Daemon:
         dropped = self.gate.store.retain_services(frozenset(svc.name for svc in served))
         if dropped:
             log.info("reload: forgot %d cached session(s) of services no longer defined", dropped)
-        self._spawn(self._warm_up(runtime), "discovery")
+        self._discover(runtime)
         if self.role == "single":
             sd_notify(f"STATUS={status_text(definitions)}")
         log.info(
