@@ -273,3 +273,42 @@ def test_rate_limit_off_and_bounded() -> None:
     for i in range(1000):
         assert limit.allow(f"10.0.{i // 256}.{i % 256}")
     assert len(limit._buckets) <= 100
+
+
+async def _slow(request: web.BaseRequest) -> web.StreamResponse:
+    await asyncio.sleep(0.5 if request.path == "/slow" else 0)
+    return web.Response(text="ok")
+
+
+async def test_a_stop_closes_idle_keepalive_connections_at_once_and_lets_a_request_finish(tmp_path: Path) -> None:
+    """At a stop an idle keep-alive connection is closed at once (it does not hold the drain for its whole time), while a request in flight is answered first; the drain then ends without waiting for its limit."""
+    store = CertStore(tmp_path)
+    leaf = store.ensure_leaf("app", ["app.test"])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(leaf.cert, leaf.key)
+    client = ssl.create_default_context(cadata=store.ca_pem().decode())
+    server = server_mod.Server(_slow, header_timeout=5, body_timeout=5, keepalive_timeout=60)
+    sock = socket.create_server(("127.0.0.1", 0))
+    listener = accept.TLSListener(server, sock, ctx, 5)
+    port = sock.getsockname()[1]
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="app.test")
+
+    idle_r, idle_w = await connect()
+    idle_w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await asyncio.wait_for(idle_r.readuntil(b"ok"), 5)).startswith(b"HTTP/1.1 200")  # now idle, kept alive
+    busy_r, busy_w = await connect()
+    busy_w.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    await asyncio.sleep(0.1)  # the slow request is in flight
+    listener.close()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await server.shutdown(20)
+    took = loop.time() - started
+    answer = await asyncio.wait_for(busy_r.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"ok")
+    assert await asyncio.wait_for(idle_r.read(), 5) == b""  # closed by the server
+    assert took < 3, f"the drain took {took:.1f} s"
+    for w in (idle_w, busy_w):
+        w.close()

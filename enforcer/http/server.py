@@ -648,6 +648,10 @@ class Server(web.Server):
             await asyncio.sleep(0.02)
         for conn in list(self.fast_connections):
             conn.abort()
+        # aiohttp's connections: idle keep-alive ones close now, busy ones after their answer
+        # (aiohttp's runner does this first; without it each idle connection holds the drain
+        # for its whole time, and a stop or an upgrade refuses for that long)
+        self.pre_shutdown()
         await super().shutdown(max(0.0, deadline - loop.time()) if timeout is not None else None)
 
 
