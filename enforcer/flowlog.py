@@ -301,8 +301,6 @@ class FlowLog:
             self._on_dropped(n)
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # Echo: the same lines to standard output, never blocking
 

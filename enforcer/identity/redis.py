@@ -331,7 +331,7 @@ class RedisSessionStore:
     * A logout while Redis is away is not lost: :meth:`pop` keeps the key in a local tombstone
       (``_owed``: this enforcer refuses the session at once, even once Redis is back) and
       raises :class:`~enforcer.identity.sessions.LogoutOwed` (the gate clears the cookie); the
-      watcher sends the owed delete+publish as soon as Redis answers a PING, before it reports
+      watcher sends the owed delete+publish as soon as a heartbeat comes back, before it reports
       the store up again. At most ``max_sessions`` are owed (beyond: the plain 503); they live
       in this process only (a restart before Redis returns loses them: the cookie is cleared).
     * Per request: a fresh cache hit is a ``time.monotonic()`` comparison plus the SQLite
@@ -854,15 +854,17 @@ class RedisSessionStore:
         marked it first. Redis unreachable: :class:`SessionStoreUnavailable`, never a guess."""
         self._check_up()
         ttl_ms = max(1, int(min(until - now, USED_KEEP_MAX) * 1000))
-        jkey = f"{self._prefix}j:{_used_key(kind, key).hex()}"
-        return bool(await self._call("first_use", self._redis.set(jkey, b"1", nx=True, px=ttl_ms)))
+        return bool(await self._call("first_use", self._redis.set(self._jkey(kind, key), b"1", nx=True, px=ttl_ms)))
 
     async def was_used(self, kind: str, key: str, now: float) -> bool:
         """Whether ``key`` is marked used on any enforcer (``EXISTS j:<hash>``; Redis expires the
         mark). Redis unreachable: :class:`SessionStoreUnavailable`."""
         self._check_up()
-        jkey = f"{self._prefix}j:{_used_key(kind, key).hex()}"
-        return bool(await self._call("was_used", self._redis.exists(jkey)))
+        return bool(await self._call("was_used", self._redis.exists(self._jkey(kind, key))))
+
+    def _jkey(self, kind: str, key: str) -> str:
+        """Where a used-key mark lives: ``j:<hash>`` (:func:`_used_key`: never the key itself)."""
+        return f"{self._prefix}j:{_used_key(kind, key).hex()}"
 
     def retain_services(self, services: frozenset[str]) -> int:
         """After a reload: forget the cached sessions of services no longer defined."""

@@ -175,10 +175,10 @@ class _Pod:
 
 
 POD_DRAIN_SECONDS = 5.0
+"""In-flight requests of a pod being removed get this long (the pod is going away)."""
 
 KEY_FILE_CHECK = 30.0
 """Seconds between two looks at the refresh-token key file (a stat; re-read only when changed)."""
-"""In-flight requests of a pod being removed get this long (the pod is going away)."""
 
 
 @dataclass
@@ -270,6 +270,8 @@ class Daemon:
         s.stateDir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if self.owns_host:  # first: a start-up that waits is alive and says why it is not ready
             resources.push_async_callback((await self._start_admin()).cleanup)
+            if s.metrics is not None:
+                resources.push_async_callback((await self._start_metrics(s.metrics)).cleanup)
         await self._node_tags()
         self.starting = "reading the definitions"
         if not self.attachments:
@@ -929,21 +931,36 @@ class Daemon:
                 log.exception("session housekeeping failed")
             self.trimmer.maybe_trim()  # under steady load the server may never go idle
 
-    async def _start_admin(self) -> web.AppRunner:
-        """The loopback admin listener: ``/healthz`` (alive), ``/readyz`` (why not ready, also
-        while start-up waits), ``/metrics`` and ``POST /reload``; with ``metrics:`` also the
-        metrics-only listener (``GET /metrics``, anything else 404), closed with it."""
-        s = self.settings.model.admin
-        app = web.Application()
+    async def _metrics(self, _: web.Request) -> web.Response:
+        body, ctype = self.metrics.render()
+        return web.Response(body=body, headers={"Content-Type": ctype})
 
-        async def metrics(_: web.Request) -> web.Response:
-            body, ctype = self.metrics.render()
-            return web.Response(body=body, headers={"Content-Type": ctype})
+    async def _start_metrics(self, exposed: settings_mod.MetricsModel) -> web.AppRunner:
+        """The metrics-only listener (``metrics:``): ``GET /metrics``, anything else 404."""
 
         async def metrics_only(request: web.Request) -> web.Response:
             if request.method in ("GET", "HEAD") and request.path == "/metrics":
-                return await metrics(request)
+                return await self._metrics(request)
             raise web.HTTPNotFound
+
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", metrics_only)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            sock = listener.make_listen_socket(exposed.address, exposed.port, setting="metrics.port")
+            self.metrics_port = sock.getsockname()[1]
+            await web.SockSite(runner, sock).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        return runner
+
+    async def _start_admin(self) -> web.AppRunner:
+        """The loopback admin listener: ``/healthz`` (alive), ``/readyz`` (why not ready, also
+        while start-up waits), ``/metrics`` and ``POST /reload``."""
+        s = self.settings.model.admin
+        app = web.Application()
 
         async def healthz(_: web.Request) -> web.Response:
             return web.json_response({"status": "ok"})
@@ -981,15 +998,8 @@ class Daemon:
             self._tell_siblings()
             return web.json_response({"outcome": outcome}, status=200 if outcome in ("success", "unchanged") else 409)
 
-        exposed_runners: list[web.AppRunner] = []
-
-        async def close_exposed(_: web.Application) -> None:
-            for exposed_runner in exposed_runners:
-                await exposed_runner.cleanup()
-
-        app.on_cleanup.append(close_exposed)
         app.router.add_post("/reload", reload)
-        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         runner = web.AppRunner(app, access_log=None)
@@ -998,23 +1008,6 @@ class Daemon:
         self.admin_port = sock.getsockname()[1]
         site = web.SockSite(runner, sock)
         await site.start()
-        exposed = self.settings.model.metrics
-        if exposed is None:
-            return runner
-        only = web.Application()
-        only.router.add_route("*", "/{path:.*}", metrics_only)
-        only_runner = web.AppRunner(only, access_log=None)
-        try:
-            await only_runner.setup()
-            only_sock = listener.make_listen_socket(exposed.address, exposed.port, setting="metrics.port")
-            self.metrics_port = only_sock.getsockname()[1]
-            await web.SockSite(only_runner, only_sock).start()
-        except BaseException:
-            await only_runner.cleanup()
-            await runner.cleanup()
-            raise
-
-        exposed_runners.append(only_runner)
         return runner
 
 
