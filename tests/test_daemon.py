@@ -329,19 +329,27 @@ async def test_no_service_for_this_enforcer_is_loud_unless_allowed(
         assert any("no service applies" in m and "allowNoServices" in m for m in errors)
 
 
-@pytest.mark.parametrize("mode", ["required", "reported"])
-async def test_an_unreachable_idp_holds_readiness_only_when_required(tmp_path: Path, mode: str) -> None:
-    """A service whose IdP cannot be reached makes /readyz 503 naming it by default (admin.identityProviders: required); with `reported` it is named under `degraded` in a 200, so one custom resource's broken IdP cannot hold back a node's readiness."""
-    unreachable = {**SERVICE, "selectors": [["app=x"]], "OIDCProviderURL": "https://127.0.0.1:9/idp"}
-    (tmp_path / "d.yaml").write_text(yaml.safe_dump_all([unreachable, SPEC]))
+UNREACHABLE = {**SERVICE, "selectors": [["app=x"]], "OIDCProviderURL": "https://127.0.0.1:9/idp"}
+"""A service whose IdP never answers (the discard port on loopback: refused at once)."""
+
+
+def _unreachable_idp_daemon(tmp_path: Path, admin: str = "") -> Daemon:
+    """A daemon serving :data:`UNREACHABLE` from ``tmp_path/d.yaml`` (``admin``: more keys of ``admin:``)."""
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump_all([UNREACHABLE, SPEC]))
     cfg = tmp_path / "enforcer.yaml"
     cfg.write_text(f"tags: [app=x]\nstateDir: {tmp_path}/state\n"
-                   f"admin: {{address: 127.0.0.1, port: 0, identityProviders: {mode}}}\n"
+                   f"admin: {{address: 127.0.0.1, port: 0{', ' + admin if admin else ''}}}\n"
                    "definitions: [{file: d.yaml}]\nsessions: {store: memory}\n")
-    daemon = UnsignalledDaemon(
+    return UnsignalledDaemon(
         config_mod.load_settings(cfg), listen_socket=make_listen_socket("127.0.0.1", 0),
         flowlog=FlowLog(None, stream=io.StringIO()),
     )
+
+
+@pytest.mark.parametrize("mode", ["required", "reported"])
+async def test_an_unreachable_idp_holds_readiness_only_when_required(tmp_path: Path, mode: str) -> None:
+    """A service whose IdP cannot be reached makes /readyz 503 naming it by default (admin.identityProviders: required); with `reported` it is named under `degraded` in a 200, so one custom resource's broken IdP cannot hold back a node's readiness."""
+    daemon = _unreachable_idp_daemon(tmp_path, f"identityProviders: {mode}")
     task = await _start(daemon)
     try:
         async with aiohttp.ClientSession() as http:
@@ -354,7 +362,7 @@ async def test_an_unreachable_idp_holds_readiness_only_when_required(tmp_path: P
     finally:
         daemon.stop()
         await asyncio.wait_for(task, 5)
-    name = unreachable["name"]
+    name = UNREACHABLE["name"]
     if mode == "required":
         assert status == 503 and not body["ready"] and "127.0.0.1:9" in body["problems"][name]
     else:
@@ -364,21 +372,13 @@ async def test_an_unreachable_idp_holds_readiness_only_when_required(tmp_path: P
 
 async def test_reloads_with_an_unreachable_idp_keep_one_discovery_loop(tmp_path: Path) -> None:
     """Each reload replaces the discovery loop of the set it replaced: with an IdP that never answers, five reloads leave one loop retrying it, not six."""
-    unreachable = {**SERVICE, "selectors": [["app=x"]], "OIDCProviderURL": "https://127.0.0.1:9/idp"}
+    daemon = _unreachable_idp_daemon(tmp_path)
     defs = tmp_path / "d.yaml"
-    defs.write_text(yaml.safe_dump_all([unreachable, SPEC]))
-    cfg = tmp_path / "enforcer.yaml"
-    cfg.write_text(f"tags: [app=x]\nstateDir: {tmp_path}/state\nadmin: {{address: 127.0.0.1, port: 0}}\n"
-                   "definitions: [{file: d.yaml}]\nsessions: {store: memory}\n")
-    daemon = UnsignalledDaemon(
-        config_mod.load_settings(cfg), listen_socket=make_listen_socket("127.0.0.1", 0),
-        flowlog=FlowLog(None, stream=io.StringIO()),
-    )
     task = await _start(daemon)
     try:
         for n in range(5):
             endpoint = {"URI": f"/v{n}/*", "methods": ["GET"], "allowedScopes": [["groups=staff"]]}
-            defs.write_text(yaml.safe_dump_all([unreachable, {**SPEC, "endpoints": [endpoint, *SPEC["endpoints"]]}]))
+            defs.write_text(yaml.safe_dump_all([UNREACHABLE, {**SPEC, "endpoints": [endpoint, *SPEC["endpoints"]]}]))
             assert await daemon.manager.refresh(reason="test") == "success"
         await asyncio.sleep(0)
         loops = [t for t in asyncio.all_tasks() if t.get_name() == "discovery" and not t.done()]
